@@ -1,0 +1,364 @@
+//! config: the job's settings (stored in the manifest) and one S3 client per side.
+//!
+//! Each side (source, destination) has its own endpoint, region, profile and checksum
+//! settings. Credentials are never stored: they come from the standard AWS chain of each side
+//! (environment, shared config and credentials files, profiles, assume-role), via aws-config.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::AfterDeserializationInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A configuration error: bad input that the user must fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A location is not of the form `s3://BUCKET[/PREFIX]`.
+    #[error("invalid location {0:?}: expected s3://BUCKET[/PREFIX]")]
+    BadLocation(String),
+    /// An option has a value outside its range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which side of the job a client or an error belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The bucket that is read.
+    Source,
+    /// The bucket that is written.
+    Dest,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Dest => "dest",
+        })
+    }
+}
+
+/// A bucket and an optional key prefix: `s3://BUCKET[/PREFIX]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix (may be empty); kept byte for byte.
+    pub prefix: String,
+}
+
+impl Location {
+    /// Parses `s3://BUCKET[/PREFIX]`.
+    pub fn parse(s: &str) -> Result<Location, ConfigError> {
+        let rest = s
+            .strip_prefix("s3://")
+            .ok_or_else(|| ConfigError::BadLocation(s.to_string()))?;
+        let (bucket, prefix) = match rest.split_once('/') {
+            Some((b, p)) => (b, p),
+            None => (rest, ""),
+        };
+        if bucket.is_empty() || bucket.len() > 255 {
+            return Err(ConfigError::BadLocation(s.to_string()));
+        }
+        Ok(Location {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        Ok(())
+    }
+}
+
+/// When the SDK computes request checksums (many S3-compatible servers reject the default
+/// aws-chunked uploads with trailing checksums; `when-required` avoids them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChecksumCalculation {
+    /// The SDK default: compute a checksum whenever the operation supports one.
+    #[default]
+    WhenSupported,
+    /// Only when the operation requires one.
+    WhenRequired,
+}
+
+/// How one side is reached. Stored in the manifest (no secrets in here).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideConfig {
+    /// Custom endpoint URL (S3-compatible stores, local emulators).
+    pub endpoint: Option<String>,
+    /// Region; falls back to the profile's or the environment's, then `us-east-1`.
+    pub region: Option<String>,
+    /// AWS config profile name.
+    pub profile: Option<String>,
+    /// Path-style addressing.
+    pub path_style: bool,
+    /// Request checksum calculation.
+    #[serde(default)]
+    pub checksum_calculation: ChecksumCalculation,
+}
+
+/// Which versions the job replicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selection {
+    /// Only keys under this prefix (keys keep their names).
+    pub prefix: String,
+    /// Replicate delete markers.
+    pub delete_markers: bool,
+    /// Only each key's current version.
+    pub latest_only: bool,
+}
+
+/// How versions are copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// Server-side when both sides use the same endpoint, streaming otherwise.
+    #[default]
+    Auto,
+    /// CopyObject / UploadPartCopy issued with the destination's credentials.
+    ServerSide,
+    /// GET with the source client, upload with the destination client.
+    Stream,
+}
+
+/// Options of the copy stage that a migration needs; stored with the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyOptions {
+    /// Server-side, streaming, or chosen by the endpoints.
+    pub mode: CopyMode,
+    /// Objects of this size or more are copied in parts.
+    pub multipart_threshold: u64,
+    /// Part size when the source's own layout is unknown or not uniform.
+    pub part_size: u64,
+    /// Storage class at the destination (default: the source version's).
+    pub storage_class: Option<String>,
+    /// Server-side encryption at the destination (`AES256` or `aws:kms`).
+    pub sse: Option<String>,
+    /// KMS key for `aws:kms`.
+    pub sse_kms_key_id: Option<String>,
+    /// Canned ACL at the destination (e.g. `bucket-owner-full-control`).
+    pub acl: Option<String>,
+}
+
+/// Default multipart threshold: 64 MiB.
+pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
+/// Default part size: 16 MiB.
+pub const DEFAULT_PART_SIZE: u64 = 16 * 1024 * 1024;
+/// The largest object a single CopyObject can copy (5 GiB).
+pub const MAX_COPY_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
+/// The smallest part S3 accepts (except the last one).
+pub const MIN_PART: u64 = 5 * 1024 * 1024;
+/// The largest part S3 accepts.
+pub const MAX_PART: u64 = 5 * 1024 * 1024 * 1024;
+/// The most parts one upload may have.
+pub const MAX_PARTS: u64 = 10_000;
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            mode: CopyMode::Auto,
+            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
+            part_size: DEFAULT_PART_SIZE,
+            storage_class: None,
+            sse: None,
+            sse_kms_key_id: None,
+            acl: None,
+        }
+    }
+}
+
+impl CopyOptions {
+    /// Checks the values against S3's limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.part_size < MIN_PART || self.part_size > MAX_PART {
+            return Err(ConfigError::Invalid(format!(
+                "--part-size must be between 5 MiB and 5 GiB, got {}",
+                self.part_size
+            )));
+        }
+        if self.multipart_threshold == 0 {
+            return Err(ConfigError::Invalid(
+                "--multipart-threshold must be positive".into(),
+            ));
+        }
+        if let Some(sse) = &self.sse {
+            if sse != "AES256" && sse != "aws:kms" {
+                return Err(ConfigError::Invalid(format!(
+                    "--sse must be AES256 or aws:kms, got {sse:?}"
+                )));
+            }
+        }
+        if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
+            return Err(ConfigError::Invalid(
+                "--sse-kms-key-id needs --sse aws:kms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything `plan` stores so that `run` needs only the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSettings {
+    /// What is read.
+    pub source: Location,
+    /// Where it goes.
+    pub dest: Location,
+    /// How the source is reached.
+    pub source_side: SideConfig,
+    /// How the destination is reached.
+    pub dest_side: SideConfig,
+    /// Which versions.
+    pub selection: Selection,
+    /// How they are copied.
+    pub copy: CopyOptions,
+}
+
+impl JobSettings {
+    /// The parts of the job that define its tasks: a manifest planned with other values
+    /// cannot be continued with these.
+    pub fn identity_differs(&self, other: &JobSettings) -> Option<String> {
+        if self.source != other.source {
+            return Some(format!(
+                "source {} (manifest has {})",
+                self.source, other.source
+            ));
+        }
+        if self.dest != other.dest {
+            return Some(format!(
+                "destination {} (manifest has {})",
+                self.dest, other.dest
+            ));
+        }
+        if self.selection != other.selection {
+            return Some(format!(
+                "selection {:?} (manifest has {:?})",
+                self.selection, other.selection
+            ));
+        }
+        None
+    }
+
+    /// The destination key of a source key: the destination prefix followed by the key.
+    pub fn dest_key(&self, key: &str) -> String {
+        format!("{}{}", self.dest.prefix, key)
+    }
+
+    /// Whether copies go server-side (the destination reads the source itself).
+    pub fn server_side(&self) -> bool {
+        match self.copy.mode {
+            CopyMode::ServerSide => true,
+            CopyMode::Stream => false,
+            CopyMode::Auto => {
+                self.source_side.endpoint == self.dest_side.endpoint
+                    && self.source_side.profile == self.dest_side.profile
+            }
+        }
+    }
+}
+
+/// Builds the S3 client of one side from the standard AWS chain plus the side's options.
+///
+/// Retries are configured in exactly one layer: the SDK's own retries are disabled here, and
+/// every call goes through [`crate::retry`], which classifies errors and retries with backon.
+pub async fn build_client(side: &SideConfig) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(profile) = &side.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(region) = &side.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &side.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let sdk = loader.load().await;
+    let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build(),
+        )
+        .force_path_style(side.path_style)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .request_checksum_calculation(match side.checksum_calculation {
+            ChecksumCalculation::WhenSupported => RequestChecksumCalculation::WhenSupported,
+            ChecksumCalculation::WhenRequired => RequestChecksumCalculation::WhenRequired,
+        });
+    if sdk.region().is_none() {
+        b = b.region(Region::new("us-east-1"));
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
+
+/// An interceptor that keeps the raw body of the last response it saw.
+///
+/// Used where the SDK's parsed output loses information (the interleaving of versions and
+/// delete markers in `ListObjectVersions`) or where a server's answer does not parse
+/// (a `GetBucketVersioning` body with the wrong root element).
+#[derive(Clone, Debug, Default)]
+pub struct RawBody(Arc<Mutex<Option<Bytes>>>);
+
+impl RawBody {
+    /// Takes the captured body, if any.
+    pub fn take(&self) -> Option<Bytes> {
+        self.0.lock().expect("raw body lock").take()
+    }
+}
+
+impl Intercept for RawBody {
+    fn name(&self) -> &'static str {
+        "RawBody"
+    }
+
+    fn read_after_deserialization(
+        &self,
+        context: &AfterDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let body = context
+            .response()
+            .body()
+            .bytes()
+            .map(Bytes::copy_from_slice);
+        *self.0.lock().expect("raw body lock") = body;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_locations() {
+        let l = Location::parse("s3://b/a/b c").unwrap();
+        assert_eq!(l.bucket, "b");
+        assert_eq!(l.prefix, "a/b c");
+        assert_eq!(Location::parse("s3://b").unwrap().prefix, "");
+        assert!(Location::parse("b/x").is_err());
+        assert!(Location::parse("s3:///x").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! s3-backfill: batch replication and backfill of every S3 object version.
+//!
+//! The pipeline, one module per stage: [`cli`] (arguments) → [`config`] (settings and one
+//! client per side) → [`lister`] (ListObjectVersions into the manifest) → [`manifest`] (the
+//! SQLite job file, the only SQL) → [`copier`] (scheduler and copy strategies) →
+//! [`report`] / [`verify`]. [`retry`] classifies errors and retries them in one place;
+//! [`job`] wires the stages into commands.
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod copier;
+pub mod job;
+pub mod lister;
+pub mod manifest;
+pub mod report;
+pub mod retry;
+pub mod verify;
