@@ -114,7 +114,47 @@ fn etags_comparable(s: &Entry, d: &Entry) -> bool {
     }
 }
 
+/// Whether a history's order between versions and delete markers rests on a tie: two
+/// neighbours of different kinds with the same last-modified second (servers that do not
+/// interleave them in listings leave that order unknown).
+fn order_is_ambiguous(h: &[Entry]) -> bool {
+    h.windows(2).any(|w| {
+        w[0].is_delete_marker != w[1].is_delete_marker && w[0].last_modified == w[1].last_modified
+    })
+}
+
 fn compare(source: &[Entry], dest: &[Entry]) -> Option<String> {
+    if order_is_ambiguous(source) || order_is_ambiguous(dest) {
+        // Compare what is certain: the object versions in order, the number of delete
+        // markers, and the kind of the current entry.
+        let sv: Vec<Entry> = source
+            .iter()
+            .filter(|e| !e.is_delete_marker)
+            .cloned()
+            .collect();
+        let dv: Vec<Entry> = dest
+            .iter()
+            .filter(|e| !e.is_delete_marker)
+            .cloned()
+            .collect();
+        if let Some(d) = compare_in_order(&sv, &dv) {
+            return Some(d);
+        }
+        let (sm, dm) = (source.len() - sv.len(), dest.len() - dv.len());
+        if sm != dm {
+            return Some(format!(
+                "{sm} delete markers at source, {dm} at destination"
+            ));
+        }
+        if source.last().map(|e| e.is_delete_marker) != dest.last().map(|e| e.is_delete_marker) {
+            return Some("the current entry differs in kind".into());
+        }
+        return None;
+    }
+    compare_in_order(source, dest)
+}
+
+fn compare_in_order(source: &[Entry], dest: &[Entry]) -> Option<String> {
     if source.len() != dest.len() {
         return Some(format!(
             "source has {} versions to copy, destination has {}",

@@ -146,6 +146,20 @@ pub(crate) struct TaskCtx<'a> {
     retries: AtomicU64,
     /// Unix seconds when this task's first attempt of this run started.
     started_at: i64,
+    /// For version id `null`: whether it is the key's current version, so that requests
+    /// may leave the version id out (some servers reject `versionId=null` on GET and HEAD).
+    null_is_current: AtomicBool,
+}
+
+impl TaskCtx<'_> {
+    /// The version id to send on GET/HEAD/tagging requests of the source version.
+    fn version_arg(&self) -> Option<String> {
+        if self.task.version_id == "null" && self.null_is_current.load(Ordering::Relaxed) {
+            None
+        } else {
+            Some(self.task.version_id.clone())
+        }
+    }
 }
 
 /// The replication engine of one run.
@@ -502,6 +516,7 @@ impl Copier {
                 recorded: &recorded,
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
+                null_is_current: AtomicBool::new(true),
             };
             // A task left in progress by an earlier process is in doubt: was it copied?
             if task.state == State::InProgress {

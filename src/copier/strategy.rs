@@ -198,7 +198,7 @@ impl Copier {
     fn reader(&self) -> (&aws_sdk_s3::Client, Side) {
         // Server-side copies read the source with the destination's credentials.
         if self.server_side() {
-            (&self.dest, Side::Dest)
+            (&self.dest, Side::Source)
         } else {
             (&self.source, Side::Source)
         }
@@ -210,24 +210,29 @@ impl Copier {
         part_number: Option<i32>,
     ) -> Result<HeadObjectOutput, S3Error> {
         let (client, side) = self.reader();
-        let side = if side == Side::Dest && !self.server_side() {
-            Side::Dest
-        } else {
-            Side::Source
+        let head = || async {
+            self.call(t, || async {
+                client
+                    .head_object()
+                    .bucket(&self.settings.source.bucket)
+                    .key(&t.task.key)
+                    .set_version_id(t.version_arg())
+                    .checksum_mode(ChecksumMode::Enabled)
+                    .set_part_number(part_number)
+                    .send()
+                    .await
+                    .map_err(|e| classify(side, "HeadObject", true, e))
+            })
+            .await
         };
-        self.call(t, || async {
-            client
-                .head_object()
-                .bucket(&self.settings.source.bucket)
-                .key(&t.task.key)
-                .version_id(&t.task.version_id)
-                .checksum_mode(ChecksumMode::Enabled)
-                .set_part_number(part_number)
-                .send()
-                .await
-                .map_err(|e| classify(side, "HeadObject", true, e))
-        })
-        .await
+        let h = head().await?;
+        if t.version_arg().is_none() && h.version_id().is_some_and(|v| v != "null") {
+            // The null version is not the current one: name it explicitly from now on.
+            t.null_is_current
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            return head().await;
+        }
+        Ok(h)
     }
 
     async fn source_tags(&self, t: &TaskCtx<'_>) -> Result<String, S3Error> {
@@ -238,7 +243,7 @@ impl Copier {
                     .get_object_tagging()
                     .bucket(&self.settings.source.bucket)
                     .key(&t.task.key)
-                    .version_id(&t.task.version_id)
+                    .set_version_id(t.version_arg())
                     .send()
                     .await
                     .map_err(|e| classify(Side::Source, "GetObjectTagging", true, e))
@@ -389,7 +394,7 @@ impl Copier {
                 .get_object()
                 .bucket(&self.settings.source.bucket)
                 .key(&t.task.key)
-                .version_id(&t.task.version_id)
+                .set_version_id(t.version_arg())
                 .set_range(range.map(|(a, b)| format!("bytes={a}-{b}")))
                 .send()
                 .await

@@ -1,0 +1,280 @@
+//! End to end against a real S3 server (moto): plan → run → status, version histories,
+//! bodies, metadata and tags compared as a user would.
+
+mod support;
+
+use support::*;
+
+fn corpus_key(i: usize) -> String {
+    match i % 4 {
+        0 => format!("data/{i:04}.bin"),
+        1 => format!("data/sub dir/{i:04} file.txt"),
+        2 => format!("logs/{i:04}+plus%pct.log"),
+        _ => format!("top-{i:04}"),
+    }
+}
+
+/// Round 1: every key gets a first version (some with headers, metadata and tags, some empty);
+/// round 2: a second version; round 3: delete markers on some keys; round 4: a third version
+/// on some keys (some of them after their delete marker).
+fn corpus(n: usize) -> Vec<Vec<Op>> {
+    let mut keys: Vec<String> = (0..n).map(corpus_key).collect();
+    keys.extend(odd_keys());
+    let mut r1 = Vec::new();
+    let mut r2 = Vec::new();
+    let mut r3 = Vec::new();
+    let mut r4 = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        r1.push(if i % 5 == 0 {
+            Op::Put {
+                key: k.clone(),
+                body: format!("first {k}").into_bytes(),
+                content_type: Some("application/x-test".into()),
+                cache_control: Some("max-age=60".into()),
+                metadata: vec![("origin".into(), format!("v1-{i}"))],
+                tagging: Some(format!("team=data&n={i}")),
+            }
+        } else if i % 7 == 0 {
+            Op::put(k, Vec::new())
+        } else {
+            Op::put(k, format!("first {k}"))
+        });
+        r2.push(Op::Put {
+            key: k.clone(),
+            body: format!("second {k} {}", "y".repeat(i % 50)).into_bytes(),
+            content_type: Some("text/plain".into()),
+            cache_control: None,
+            metadata: vec![("rev".into(), "2".into())],
+            tagging: if i % 3 == 0 {
+                Some("rev=2".into())
+            } else {
+                None
+            },
+        });
+        if i % 4 == 1 {
+            r3.push(Op::Delete { key: k.clone() });
+        }
+        if i % 3 == 0 {
+            r4.push(Op::put(k, format!("third {k}")));
+        }
+    }
+    vec![r1, r2, r3, r4]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicates_every_version_and_delete_marker() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    seed(&c, &src, corpus(300)).await;
+    let (_d, m) = manifest();
+    let mut args = vec![
+        "replicate".to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+        "--delete-markers".into(),
+        "--concurrency".into(),
+        "16".into(),
+        "--no-progress".into(),
+    ];
+    args.extend(sides(&ep, &ep));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    expect_code(&o, 0);
+
+    let checked = assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    assert!(checked > 600, "only {checked} versions compared");
+
+    let st = status(&m);
+    let sh = histories(&c, &src, "").await;
+    let entries: usize = sh.values().map(Vec::len).sum();
+    let markers: usize = sh.values().flatten().filter(|v| v.delete_marker).count();
+    assert!(markers > 50, "the corpus has delete markers");
+    assert_eq!(st["total"], entries as u64);
+    assert_eq!(st["done"], entries as u64);
+    assert_eq!(st["pending"], 0);
+    assert_eq!(st["failed"], 0);
+    assert_eq!(st["listing_complete"], true);
+    assert_eq!(st["bytes_done"], st["bytes_total"]);
+
+    // The tool's own verification agrees.
+    let o = run(&["verify", "--manifest", m.to_str().unwrap()]);
+    expect_code(&o, 0);
+
+    // Running again finds nothing to do and copies nothing twice.
+    let o = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
+    expect_code(&o, 0);
+    let after = histories(&c, &dst, "").await;
+    let n: usize = after.values().map(Vec::len).sum();
+    assert_eq!(n, entries, "no version was copied twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_selection_skips_delete_markers() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    seed(&c, &src, corpus(24)).await;
+    let (_d, m) = manifest();
+    let mut args = vec![
+        "plan".to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}/mirror/"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+        "--no-progress".into(),
+    ];
+    args.extend(sides(&ep, &ep));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    expect_code(&o, 0);
+    let st = status(&m);
+    assert_eq!(st["pending"], st["total"]);
+    assert_eq!(st["done"], 0);
+
+    let o = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
+    expect_code(&o, 0);
+    assert_replica(&c, &src, &c, &dst, "mirror/", "", no_markers).await;
+    let st = status(&m);
+    assert_eq!(st["delete_markers"], 0);
+    assert_eq!(st["done"], st["total"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_only_with_prefix_into_unversioned_bucket() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, false).await;
+    seed(&c, &src, corpus(24)).await;
+    let (_d, m) = manifest();
+    let mut args = vec![
+        "replicate".to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}/copy/"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+        "--prefix".into(),
+        "data/".into(),
+        "--latest-only".into(),
+        "--no-progress".into(),
+    ];
+    args.extend(sides(&ep, &ep));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    expect_code(&o, 0);
+    let n = assert_replica(&c, &src, &c, &dst, "copy/", "data/", latest_only).await;
+    assert!(n > 5);
+    // Nothing outside the prefix was copied.
+    let all_dest = histories(&c, &dst, "").await;
+    assert!(all_dest.keys().all(|k| k.starts_with("copy/data/")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unversioned_source_with_null_version_ids() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, false).await;
+    create_bucket(&c, &dst, true).await;
+    let round: Vec<Op> = (0..20)
+        .map(|i| Op::put(&corpus_key(i), format!("only {i}")))
+        .chain(odd_keys().iter().map(|k| Op::put(k, k.as_bytes().to_vec())))
+        .collect();
+    seed(&c, &src, vec![round]).await;
+    let (_d, m) = manifest();
+    let mut args = vec![
+        "replicate".to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+        "--no-progress".into(),
+    ];
+    args.extend(sides(&ep, &ep));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    expect_code(&o, 0);
+    let n = assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    assert_eq!(n, 20 + odd_keys().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_unversioned_destination_for_several_versions() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, false).await;
+    seed(
+        &c,
+        &src,
+        vec![vec![Op::put("a", "1")], vec![Op::put("a", "2")]],
+    )
+    .await;
+    let (_d, m) = manifest();
+    let mut args = vec![
+        "plan".to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+    ];
+    args.extend(sides(&ep, &ep));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    expect_code(&o, 2);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--latest-only"), "{err}");
+    assert!(err.contains("versioning"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_one_line_and_exit_2() {
+    let ep = endpoint();
+    let (_d, m) = manifest();
+    let missing = bucket("missing");
+    let mut args = vec![
+        "plan".to_string(),
+        "--source".into(),
+        format!("s3://{missing}"),
+        "--dest".into(),
+        format!("s3://{missing}"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+    ];
+    args.extend(sides(&ep, &ep));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    expect_code(&o, 2);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("error: source:"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!err.contains("panicked"));
+
+    let o = run(&["run", "--manifest", "/nonexistent/dir/job.db"]);
+    expect_code(&o, 2);
+    let o = run(&[
+        "plan",
+        "--source",
+        "bucket-without-scheme",
+        "--dest",
+        "s3://x",
+        "--manifest",
+        m.to_str().unwrap(),
+    ]);
+    expect_code(&o, 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("s3://BUCKET"));
+}
