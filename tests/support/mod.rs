@@ -72,7 +72,8 @@ pub fn start_moto() -> String {
         log = log.display(),
         pid = std::process::id()
     );
-    Command::new("sh")
+    // The watchdog shell stops the server when this process goes away; nobody waits for it.
+    let watchdog = Command::new("sh")
         .arg("-c")
         .arg(script)
         .stdin(Stdio::null())
@@ -85,6 +86,7 @@ pub fn start_moto() -> String {
                 bin.display()
             )
         });
+    std::mem::forget(watchdog);
     let endpoint = format!("http://127.0.0.1:{port}");
     wait_until_up(&endpoint);
     endpoint
