@@ -585,8 +585,7 @@ pub fn finish_run(s: &RunSummary, manifest: &Path) -> i32 {
         s.retries
     );
     if let Some(why) = &s.aborted {
-        eprintln!("{why}");
-        eprintln!("run stopped: {line}");
+        eprintln!("run stopped: {why} ({line})");
         return 1;
     }
     if s.interrupted {

@@ -135,7 +135,8 @@ pub fn classify_code(code: Option<&str>, status: Option<u16>, reads_source: bool
         if RETRYABLE_CODES.contains(&c) {
             return ErrorClass::Retryable;
         }
-        if reads_source && (c == "NoSuchKey" || c == "NoSuchVersion") {
+        // HEAD answers carry no body: the SDK names a 404 `NotFound`.
+        if reads_source && (c == "NoSuchKey" || c == "NoSuchVersion" || c == "NotFound") {
             return ErrorClass::SourceGone;
         }
     }
@@ -192,13 +193,18 @@ where
         _ => {
             let status = err.raw_response().map(|r| r.status().as_u16());
             let code = err.code().map(str::to_string);
-            let message = err
-                .message()
-                .map(str::to_string)
-                .unwrap_or_else(|| match &code {
-                    Some(_) => String::new(),
-                    None => "no error details in the response".into(),
-                });
+            let message =
+                err.message()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| match (&code, status) {
+                        (Some(_), _) => String::new(),
+                        // HEAD answers have no body: say what the status means.
+                        (None, Some(403)) => "access denied".into(),
+                        (None, Some(404)) => "not found".into(),
+                        (None, Some(400)) => "bad request".into(),
+                        (None, Some(s)) if s >= 500 => "server error".into(),
+                        (None, _) => "no error details in the response".into(),
+                    });
             let class = classify_code(code.as_deref(), status, reads_source);
             S3Error {
                 side,

@@ -182,8 +182,12 @@ pub struct Copier {
     bytes: AtomicU64,
     retries: AtomicU64,
     aborted: std::sync::Mutex<Option<String>>,
+    last_error: std::sync::Mutex<Option<String>>,
     bar: ProgressBar,
 }
+
+/// Failures printed as they happen; the rest are only in the manifest and the report.
+const MAX_FAILURES_SHOWN: u64 = 10;
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -231,6 +235,7 @@ impl Copier {
             bytes: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             aborted: std::sync::Mutex::new(None),
+            last_error: std::sync::Mutex::new(None),
             bar,
         })
     }
@@ -447,16 +452,26 @@ impl Copier {
                 }
             }
             Outcome::Failed { error, .. } => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                let line = format!(
-                    "failed: {} version {}: {error}",
-                    show_key(&task.key),
-                    task.version_id
-                );
-                if self.bar.is_hidden() {
-                    tracing::warn!("{line}");
-                } else {
-                    self.bar.println(line);
+                let n = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                *self.last_error.lock().expect("last error lock") = Some(error.to_string());
+                // The first failures are shown as they happen; all are in the manifest.
+                let line = match n {
+                    1..=MAX_FAILURES_SHOWN => Some(format!(
+                        "failed: {} version {}: {error}",
+                        show_key(&task.key),
+                        task.version_id
+                    )),
+                    n if n == MAX_FAILURES_SHOWN + 1 => Some(
+                        "more tasks failed: see `s3-backfill report` for all of them".to_string(),
+                    ),
+                    _ => None,
+                };
+                if let Some(line) = line {
+                    if self.bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        self.bar.println(line);
+                    }
                 }
             }
             Outcome::Skipped { .. } => {
@@ -485,8 +500,14 @@ impl Copier {
         let th = self.threshold;
         if finished >= th.min_tasks.max(1) && (failed as f64) * 100.0 > th.percent * finished as f64
         {
+            let last = self
+                .last_error
+                .lock()
+                .expect("last error lock")
+                .clone()
+                .unwrap_or_default();
             self.abort(format!(
-                "stopped early: {failed} of the first {finished} tasks failed (more than {}%); fix the cause, then `run --retry-failed`",
+                "stopped early: {failed} of the first {finished} tasks failed (more than {}%), last error: {last}; fix the cause, then `run --retry-failed`",
                 th.percent
             ));
         }

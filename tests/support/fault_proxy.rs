@@ -99,6 +99,9 @@ pub struct FaultConfig {
     pub faults: Vec<Fault>,
     /// How long [`Fault::Delay`] sleeps before forwarding.
     pub delay: Duration,
+    /// Requests whose path starts with this (e.g. `/bucket/private/`) are always answered
+    /// 403 AccessDenied: a permanent error, as a bucket policy denying a prefix would give.
+    pub deny_path_prefix: Option<String>,
 }
 
 /// Counters of a running [`FaultProxy`], shared with the proxy thread.
@@ -136,6 +139,7 @@ struct Shared {
     upstream: SocketAddr,
     faults: Vec<Fault>,
     delay: Duration,
+    deny: Option<String>,
     rate_bits: AtomicU64,
     rng: Mutex<StdRng>,
     stats: Arc<FaultStats>,
@@ -263,6 +267,7 @@ fn spawn_proxy_thread(
         upstream,
         faults: cfg.faults,
         delay: cfg.delay,
+        deny: cfg.deny_path_prefix,
         rate_bits: AtomicU64::new(clamp_rate(cfg.rate).to_bits()),
         rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
         stats: Arc::new(FaultStats::default()),
@@ -405,6 +410,16 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, BoxError> {
     shared.stats.requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(deny) = &shared.deny {
+        if req.uri().path().starts_with(deny.as_str()) {
+            let _ = req.into_body().collect().await;
+            return Ok(s3_error(
+                StatusCode::FORBIDDEN,
+                "AccessDenied",
+                "Access Denied",
+            ));
+        }
+    }
     let fault = shared.draw();
     if let Some(f) = fault {
         shared.stats.record(f);
