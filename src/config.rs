@@ -264,15 +264,14 @@ impl JobSettings {
         format!("{}{}", self.dest.prefix, key)
     }
 
-    /// Whether copies go server-side (the destination reads the source itself).
+    /// Whether copies start server-side (the destination reads the source itself).
     pub fn server_side(&self) -> bool {
         match self.copy.mode {
             CopyMode::ServerSide => true,
             CopyMode::Stream => false,
-            CopyMode::Auto => {
-                self.source_side.endpoint == self.dest_side.endpoint
-                    && self.source_side.profile == self.dest_side.profile
-            }
+            // Same endpoint: try server-side; the copier falls back to streaming if the
+            // destination's credentials may not read the source.
+            CopyMode::Auto => self.source_side.endpoint == self.dest_side.endpoint,
         }
     }
 }

@@ -99,6 +99,7 @@ async fn replicates_identically_through_injected_faults() {
             faults: Fault::ALL.to_vec(),
             delay: Duration::from_millis(150),
             deny_path_prefix: None,
+            deny_key_id: None,
         },
     )
     .await
@@ -191,6 +192,7 @@ async fn permanent_errors_fail_or_skip_while_the_rest_completes() {
             faults: vec![],
             delay: Duration::ZERO,
             deny_path_prefix: Some(format!("/{src}/private/")),
+            deny_key_id: None,
         },
     )
     .await
@@ -282,4 +284,93 @@ async fn failure_threshold_stops_a_job_whose_destination_is_missing() {
 /// Seeds in one-second rounds (see support::seed).
 async fn seed_rounds(c: &aws_sdk_s3::Client, b: &str, rounds: Vec<Vec<Op>>) {
     seed(c, b, rounds).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let r1 = (0..10)
+        .map(|i| Op::put(&format!("k{i}"), format!("a{i}")))
+        .collect();
+    let r2 = (0..10)
+        .map(|i| Op::put(&format!("k{i}"), format!("b{i}")))
+        .collect();
+    seed_rounds(&c, &src, vec![r1, r2]).await;
+
+    // Two accounts: the destination's key may not read the source bucket.
+    let proxy = FaultProxy::start(
+        upstream(&ep),
+        FaultConfig {
+            seed: 1,
+            rate: 0.0,
+            faults: vec![],
+            delay: Duration::ZERO,
+            deny_path_prefix: Some(format!("/{src}/")),
+            deny_key_id: Some("DESTKEY".into()),
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    let creds = dir.path().join("credentials");
+    std::fs::write(
+        &config,
+        "[profile src]\nregion = us-east-1\n[profile dst]\nregion = us-east-1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &creds,
+        "[src]\naws_access_key_id = SOURCEKEY\naws_secret_access_key = s1\n\
+         [dst]\naws_access_key_id = DESTKEY\naws_secret_access_key = s2\n",
+    )
+    .unwrap();
+    let m = dir.path().join("job.db");
+    let pe = proxy.endpoint();
+    let o = cmd(&[
+        "replicate",
+        "--source",
+        &format!("s3://{src}"),
+        "--dest",
+        &format!("s3://{dst}"),
+        "--manifest",
+        m.to_str().unwrap(),
+        "--source-profile",
+        "src",
+        "--dest-profile",
+        "dst",
+        "--source-endpoint",
+        &pe,
+        "--dest-endpoint",
+        &pe,
+        "--path-style",
+        "--no-progress",
+    ])
+    .env_remove("AWS_ACCESS_KEY_ID")
+    .env_remove("AWS_SECRET_ACCESS_KEY")
+    .env("AWS_CONFIG_FILE", &config)
+    .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+    .output()
+    .unwrap();
+    expect_code(&o, 0);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.matches("streaming through this machine").count(),
+        1,
+        "said once: {err}"
+    );
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    let db = rusqlite::Connection::open(&m).unwrap();
+    let streamed: i64 = db
+        .query_row(
+            "SELECT count(*) FROM tasks WHERE copy_method = 'stream'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(streamed, 20);
 }

@@ -183,6 +183,7 @@ pub struct Copier {
     retries: AtomicU64,
     aborted: std::sync::Mutex<Option<String>>,
     last_error: std::sync::Mutex<Option<String>>,
+    stream_fallback: AtomicBool,
     bar: ProgressBar,
 }
 
@@ -236,12 +237,36 @@ impl Copier {
             retries: AtomicU64::new(0),
             aborted: std::sync::Mutex::new(None),
             last_error: std::sync::Mutex::new(None),
+            stream_fallback: AtomicBool::new(false),
             bar,
         })
     }
 
     fn server_side(&self) -> bool {
-        self.settings.server_side()
+        self.settings.server_side() && !self.stream_fallback.load(Ordering::Relaxed)
+    }
+
+    /// In `auto` mode, a server-side copy denied access (the destination's credentials may
+    /// not read the source) switches the job to streaming, said once. Returns whether the
+    /// failed copy should be tried again by streaming.
+    fn fall_back_to_stream(&self, e: &S3Error) -> bool {
+        let auto = self.settings.copy.mode == crate::config::CopyMode::Auto;
+        let denied = e.class == ErrorClass::Fatal
+            && (e.status == Some(403) || e.code.as_deref() == Some("AccessDenied"));
+        if !(auto && denied) {
+            return false;
+        }
+        if !self.stream_fallback.swap(true, Ordering::Relaxed) {
+            let line = format!(
+                "server-side copy was denied ({e}); streaming through this machine from now on"
+            );
+            if self.bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                self.bar.println(line);
+            }
+        }
+        true
     }
 
     /// Asks the run to stop taking new tasks; tasks in flight finish.
@@ -434,9 +459,12 @@ impl Copier {
 
     async fn copy_task(&self, t: &TaskCtx<'_>) -> Result<Copied, S3Error> {
         if t.task.is_delete_marker {
-            self.delete_marker(t).await
-        } else {
-            self.copy_version(t).await
+            return self.delete_marker(t).await;
+        }
+        let server_side = self.server_side();
+        match self.copy_version(t).await {
+            Err(e) if server_side && self.fall_back_to_stream(&e) => self.copy_version(t).await,
+            r => r,
         }
     }
 
@@ -481,9 +509,12 @@ impl Copier {
         }
         if !matches!(outcome, Outcome::Requeued) {
             self.bar.inc(1);
+            let bytes = self.bytes.load(Ordering::Relaxed);
+            let secs = self.bar.elapsed().as_secs_f64().max(0.001);
             self.bar.set_message(format!(
-                "{} copied",
-                HumanBytes(self.bytes.load(Ordering::Relaxed))
+                "{} copied, {}/s",
+                HumanBytes(bytes),
+                HumanBytes((bytes as f64 / secs) as u64)
             ));
         }
         self.writer.send(Update::Finished {

@@ -102,6 +102,10 @@ pub struct FaultConfig {
     /// Requests whose path starts with this (e.g. `/bucket/private/`) are always answered
     /// 403 AccessDenied: a permanent error, as a bucket policy denying a prefix would give.
     pub deny_path_prefix: Option<String>,
+    /// With [`FaultConfig::deny_path_prefix`]: deny only requests signed with this access key
+    /// id, on that path or copying from it (`x-amz-copy-source`), as when one account's
+    /// credentials may not read another account's bucket.
+    pub deny_key_id: Option<String>,
 }
 
 /// Counters of a running [`FaultProxy`], shared with the proxy thread.
@@ -140,6 +144,7 @@ struct Shared {
     faults: Vec<Fault>,
     delay: Duration,
     deny: Option<String>,
+    deny_key_id: Option<String>,
     rate_bits: AtomicU64,
     rng: Mutex<StdRng>,
     stats: Arc<FaultStats>,
@@ -268,6 +273,7 @@ fn spawn_proxy_thread(
         faults: cfg.faults,
         delay: cfg.delay,
         deny: cfg.deny_path_prefix,
+        deny_key_id: cfg.deny_key_id,
         rate_bits: AtomicU64::new(clamp_rate(cfg.rate).to_bits()),
         rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
         stats: Arc::new(FaultStats::default()),
@@ -411,7 +417,21 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, BoxError> {
     shared.stats.requests.fetch_add(1, Ordering::SeqCst);
     if let Some(deny) = &shared.deny {
-        if req.uri().path().starts_with(deny.as_str()) {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let copy_source = format!("/{}", header("x-amz-copy-source").trim_start_matches('/'));
+        let on_path =
+            req.uri().path().starts_with(deny.as_str()) || copy_source.starts_with(deny.as_str());
+        let signer_matches = match &shared.deny_key_id {
+            Some(id) => header("authorization").contains(&format!("Credential={id}/")),
+            None => true,
+        };
+        if on_path && signer_matches {
             let _ = req.into_body().collect().await;
             return Ok(s3_error(
                 StatusCode::FORBIDDEN,
