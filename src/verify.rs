@@ -109,7 +109,9 @@ impl<'a> Histories<'a> {
 
 fn etags_comparable(s: &Entry, d: &Entry) -> bool {
     match (&s.etag, &d.etag) {
-        (Some(se), Some(de)) => !se.contains('-') || de.contains('-'),
+        // Multipart ETags depend on the part layout, which a copy may change (a source of
+        // uneven parts): only plain MD5 ETags are compared, elsewhere sizes decide.
+        (Some(se), Some(de)) => !se.contains('-') && !de.contains('-'),
         _ => false,
     }
 }
@@ -277,6 +279,11 @@ pub async fn verify(
         let s = selected(settings, s);
         let mut d = d;
         d.reverse();
+        if settings.copy.sse.as_deref() == Some("aws:kms") {
+            for e in d.iter_mut() {
+                e.etag = None;
+            }
+        }
         if s.is_empty() && d.is_empty() {
             continue;
         }
@@ -318,5 +325,7 @@ mod tests {
         assert!(compare(&[v("1", 1, "a")], &[]).is_some());
         // A multipart source copied with another layout: sizes decide.
         assert!(compare(&[v("1", 9, "a-2")], &[v("x", 9, "b")]).is_none());
+        assert!(compare(&[v("1", 9, "a")], &[v("x", 9, "b-2")]).is_none());
+        assert!(compare(&[v("1", 9, "a-2")], &[v("x", 9, "b-3")]).is_none());
     }
 }
