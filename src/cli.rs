@@ -162,9 +162,6 @@ pub struct ExecArgs {
     /// Seconds that requests in flight may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub grace_period: u64,
-    /// No progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
 }
 
 /// Arguments of `run`.
@@ -191,29 +188,17 @@ pub struct RunArgs {
     /// Copy-stage knobs.
     #[command(flatten)]
     pub exec: ExecArgs,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Arguments of `replicate`: those of `plan`, then the copy-stage knobs.
 #[derive(Debug, Args, Clone)]
 pub struct ReplicateArgs {
-    /// The source: s3://BUCKET.
-    #[arg(long, value_name = "S3URL")]
-    pub source: String,
-    /// The destination: s3://BUCKET[/PREFIX].
-    #[arg(long, value_name = "S3URL")]
-    pub dest: String,
-    /// The manifest file (created if missing).
-    #[arg(long, value_name = "FILE")]
-    pub manifest: PathBuf,
-    /// How each side is reached.
+    /// What `plan` takes.
     #[command(flatten)]
-    pub sides: SideArgs,
-    /// Which versions.
-    #[command(flatten)]
-    pub selection: SelectionArgs,
-    /// How they are copied.
-    #[command(flatten)]
-    pub copy: CopyArgs,
+    pub plan: PlanArgs,
     /// Put failed tasks back in the queue first.
     #[arg(long)]
     pub retry_failed: bool,
@@ -223,29 +208,17 @@ pub struct ReplicateArgs {
 }
 
 impl ReplicateArgs {
-    /// The `plan` half.
-    pub fn plan(&self) -> PlanArgs {
-        PlanArgs {
-            source: self.source.clone(),
-            dest: self.dest.clone(),
-            manifest: self.manifest.clone(),
-            sides: self.sides.clone(),
-            selection: self.selection.clone(),
-            copy: self.copy.clone(),
-            no_progress: self.exec.no_progress,
-        }
-    }
-
     /// The `run` half.
     pub fn run(&self) -> RunArgs {
         RunArgs {
-            manifest: self.manifest.clone(),
+            manifest: self.plan.manifest.clone(),
             retry_failed: self.retry_failed,
             source_endpoint: None,
             dest_endpoint: None,
             source_profile: None,
             dest_profile: None,
             exec: self.exec.clone(),
+            no_progress: self.plan.no_progress,
         }
     }
 }

@@ -348,7 +348,7 @@ pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
     Ok(PlanOutcome::default())
 }
 
-fn run_options(e: &ExecArgs) -> RunOptions {
+fn run_options(e: &ExecArgs, no_progress: bool) -> RunOptions {
     RunOptions {
         concurrency: e.concurrency as usize,
         part_concurrency: e.part_concurrency as usize,
@@ -362,7 +362,7 @@ fn run_options(e: &ExecArgs) -> RunOptions {
             min_tasks: e.failure_threshold_min_tasks,
             percent: e.failure_threshold_percent,
         },
-        progress: show_progress(e.no_progress),
+        progress: show_progress(no_progress),
     }
 }
 
@@ -395,7 +395,7 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
         let n = m.retry_failed()?;
         eprintln!("{n} failed tasks put back in the queue");
     }
-    let opts = run_options(&args.exec);
+    let opts = run_options(&args.exec, args.no_progress);
     let (source, dest) = clients(&settings).await;
     let policy = preflight_policy();
     let limiter = Limiter::new(4, None);

@@ -47,7 +47,7 @@ async fn dispatch(cmd: Command) -> i32 {
             Err(e) => fail(e),
         },
         Command::Replicate(a) => {
-            if let Err(e) = job::plan(&a.plan()).await {
+            if let Err(e) = job::plan(&a.plan).await {
                 return fail(e);
             }
             let r = a.run();
