@@ -407,7 +407,13 @@ impl Copier {
             .rposition(|e| t.recorded.contains(&e.version_id))
             .map(|i| i + 1)
             .unwrap_or(0);
-        let source_etag = t.task.etag.as_deref().filter(|e| !e.contains('-'));
+        // A single-request copy keeps a plain MD5 ETag; a multipart one makes its own.
+        let source_etag = t
+            .task
+            .etag
+            .as_deref()
+            .filter(|e| !e.contains('-'))
+            .filter(|_| !self.goes_multipart(t.task.size, self.server_side()));
         let etag_comparable = self.settings.copy.sse.as_deref() != Some("aws:kms");
         for e in &history[after_recorded..] {
             if t.recorded.contains(&e.version_id) {
@@ -593,7 +599,13 @@ impl Copier {
                         );
                         continue;
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        if self.goes_multipart(task.size, self.server_side()) {
+                            if let Err(e) = self.abort_uploads_of_key(&ctx).await {
+                                tracing::warn!("could not list uploads of {:?}: {e}", task.key);
+                            }
+                        }
+                    }
                     Err(e) => {
                         // Cannot tell; copying now could make a duplicate. Leave it in doubt.
                         self.bar.println(format!(

@@ -68,15 +68,61 @@ pub struct SourceAttrs {
     pub tag_count: i32,
 }
 
+/// The checksums the code reads, in this order, wherever a response carries them.
+const ALGORITHMS: [ChecksumAlgorithm; 5] = [
+    ChecksumAlgorithm::Crc32,
+    ChecksumAlgorithm::Crc32C,
+    ChecksumAlgorithm::Crc64Nvme,
+    ChecksumAlgorithm::Sha1,
+    ChecksumAlgorithm::Sha256,
+];
+
+/// The destination's checksum of the source's algorithm, from a response's checksum fields
+/// given in [`ALGORITHMS`] order.
+fn pick_checksum(
+    a: &SourceAttrs,
+    values: [Option<&str>; 5],
+) -> Option<(ChecksumAlgorithm, String)> {
+    let (alg, _) = a.checksum.as_ref()?;
+    let i = ALGORITHMS.iter().position(|x| x == alg)?;
+    values[i].map(|v| (alg.clone(), v.to_string()))
+}
+
+/// Sets what the destination version carries over from the source (content headers, user
+/// metadata, tags, storage class, encryption, ACL, checksum algorithm, object lock) on a
+/// PutObject or CreateMultipartUpload request.
+macro_rules! with_attrs {
+    ($req:expr, $copier:expr, $a:expr, $tags:expr, $sse:expr, $kms:expr) => {
+        $req.set_content_type($a.content_type.clone())
+            .set_cache_control($a.cache_control.clone())
+            .set_content_disposition($a.content_disposition.clone())
+            .set_content_encoding($a.content_encoding.clone())
+            .set_content_language($a.content_language.clone())
+            .set_expires($a.expires)
+            .set_metadata(Some($a.metadata.clone()).filter(|m| !m.is_empty()))
+            .set_tagging(Some($tags.clone()).filter(|s| !s.is_empty()))
+            .set_storage_class($copier.dest_storage_class($a))
+            .set_server_side_encryption($sse.clone())
+            .set_ssekms_key_id($kms.clone())
+            .set_acl($copier.dest_acl())
+            .set_checksum_algorithm($a.checksum.as_ref().map(|c| c.0.clone()))
+            .set_object_lock_mode($a.lock_mode.clone())
+            .set_object_lock_retain_until_date($a.lock_until)
+            .set_object_lock_legal_hold_status($a.legal_hold.clone())
+    };
+}
+
 fn checksum_of(h: &HeadObjectOutput) -> Option<(ChecksumAlgorithm, String)> {
-    let pick = [
-        (ChecksumAlgorithm::Crc32, h.checksum_crc32()),
-        (ChecksumAlgorithm::Crc32C, h.checksum_crc32_c()),
-        (ChecksumAlgorithm::Crc64Nvme, h.checksum_crc64_nvme()),
-        (ChecksumAlgorithm::Sha1, h.checksum_sha1()),
-        (ChecksumAlgorithm::Sha256, h.checksum_sha256()),
+    let values = [
+        h.checksum_crc32(),
+        h.checksum_crc32_c(),
+        h.checksum_crc64_nvme(),
+        h.checksum_sha1(),
+        h.checksum_sha256(),
     ];
-    pick.into_iter()
+    ALGORITHMS
+        .into_iter()
+        .zip(values)
         .find_map(|(a, v)| v.map(|v| (a, v.to_string())))
 }
 
@@ -288,14 +334,24 @@ impl Copier {
             ));
         }
         let attrs = SourceAttrs::from_head(&head);
-        let multipart =
-            attrs.size >= self.settings.copy.multipart_threshold || attrs.size > MAX_COPY_OBJECT;
-        let copied = match (self.server_side(), multipart) {
+        let server_side = self.server_side();
+        let multipart = self.goes_multipart(attrs.size, server_side);
+        let copied = match (server_side, multipart) {
             (true, false) => self.copy_object(t, &attrs).await?,
             (false, false) => self.stream_put(t, &attrs).await?,
             (server_side, true) => self.multipart(t, &attrs, server_side).await?,
         };
         Ok(copied)
+    }
+
+    /// Whether a version of `size` bytes is copied in parts: at or above the threshold, above
+    /// 5 GiB (CopyObject's limit), and when streaming above one part, so that memory stays
+    /// within about one part per request in flight whatever the object sizes.
+    pub(super) fn goes_multipart(&self, size: u64, server_side: bool) -> bool {
+        let c = &self.settings.copy;
+        size >= c.multipart_threshold
+            || size > MAX_COPY_OBJECT
+            || (!server_side && size > c.part_size)
     }
 
     fn verify_checksum(
@@ -351,17 +407,16 @@ impl Copier {
                     .await
                     .map(|o| {
                         let r = o.copy_object_result();
-                        let ck = a.checksum.as_ref().and_then(|(alg, _)| {
-                            let v = r.and_then(|r| match alg {
-                                ChecksumAlgorithm::Crc32 => r.checksum_crc32(),
-                                ChecksumAlgorithm::Crc32C => r.checksum_crc32_c(),
-                                ChecksumAlgorithm::Crc64Nvme => r.checksum_crc64_nvme(),
-                                ChecksumAlgorithm::Sha1 => r.checksum_sha1(),
-                                ChecksumAlgorithm::Sha256 => r.checksum_sha256(),
-                                _ => None,
-                            });
-                            v.map(|v| (alg.clone(), v.to_string()))
-                        });
+                        let ck = pick_checksum(
+                            a,
+                            [
+                                r.and_then(|r| r.checksum_crc32()),
+                                r.and_then(|r| r.checksum_crc32_c()),
+                                r.and_then(|r| r.checksum_crc64_nvme()),
+                                r.and_then(|r| r.checksum_sha1()),
+                                r.and_then(|r| r.checksum_sha256()),
+                            ],
+                        );
                         (o.version_id().map(str::to_string), ck)
                     })
                     .map_err(|e| classify(Side::Dest, "CopyObject", true, e))
@@ -448,42 +503,27 @@ impl Copier {
         let (sse, kms) = self.dest_sse(a);
         let out = self
             .commit_write(t, "PutObject", || async {
-                self.dest
+                let req = self
+                    .dest
                     .put_object()
                     .bucket(&self.settings.dest.bucket)
                     .key(t.dest_key)
                     .body(ByteStream::from(body.clone()))
-                    .content_md5(&md5)
-                    .set_content_type(a.content_type.clone())
-                    .set_cache_control(a.cache_control.clone())
-                    .set_content_disposition(a.content_disposition.clone())
-                    .set_content_encoding(a.content_encoding.clone())
-                    .set_content_language(a.content_language.clone())
-                    .set_expires(a.expires)
-                    .set_metadata(Some(a.metadata.clone()).filter(|m| !m.is_empty()))
-                    .set_tagging(Some(tags.clone()).filter(|s| !s.is_empty()))
-                    .set_storage_class(self.dest_storage_class(a))
-                    .set_server_side_encryption(sse.clone())
-                    .set_ssekms_key_id(kms.clone())
-                    .set_acl(self.dest_acl())
-                    .set_checksum_algorithm(a.checksum.as_ref().map(|c| c.0.clone()))
-                    .set_object_lock_mode(a.lock_mode.clone())
-                    .set_object_lock_retain_until_date(a.lock_until)
-                    .set_object_lock_legal_hold_status(a.legal_hold.clone())
+                    .content_md5(&md5);
+                with_attrs!(req, self, a, tags, sse, kms)
                     .send()
                     .await
                     .map(|o| {
-                        let ck = a.checksum.as_ref().and_then(|(alg, _)| {
-                            let v = match alg {
-                                ChecksumAlgorithm::Crc32 => o.checksum_crc32(),
-                                ChecksumAlgorithm::Crc32C => o.checksum_crc32_c(),
-                                ChecksumAlgorithm::Crc64Nvme => o.checksum_crc64_nvme(),
-                                ChecksumAlgorithm::Sha1 => o.checksum_sha1(),
-                                ChecksumAlgorithm::Sha256 => o.checksum_sha256(),
-                                _ => None,
-                            };
-                            v.map(|v| (alg.clone(), v.to_string()))
-                        });
+                        let ck = pick_checksum(
+                            a,
+                            [
+                                o.checksum_crc32(),
+                                o.checksum_crc32_c(),
+                                o.checksum_crc64_nvme(),
+                                o.checksum_sha1(),
+                                o.checksum_sha256(),
+                            ],
+                        );
                         (o.version_id().map(str::to_string), ck)
                     })
                     .map_err(|e| classify(Side::Dest, "PutObject", false, e))
@@ -536,26 +576,12 @@ impl Copier {
         // Uploads left behind for this key by an ambiguous earlier attempt are aborted first.
         let created = self
             .call(t, || async {
-                self.dest
+                let req = self
+                    .dest
                     .create_multipart_upload()
                     .bucket(&self.settings.dest.bucket)
-                    .key(t.dest_key)
-                    .set_content_type(a.content_type.clone())
-                    .set_cache_control(a.cache_control.clone())
-                    .set_content_disposition(a.content_disposition.clone())
-                    .set_content_encoding(a.content_encoding.clone())
-                    .set_content_language(a.content_language.clone())
-                    .set_expires(a.expires)
-                    .set_metadata(Some(a.metadata.clone()).filter(|m| !m.is_empty()))
-                    .set_tagging(Some(tags.clone()).filter(|s| !s.is_empty()))
-                    .set_storage_class(self.dest_storage_class(a))
-                    .set_server_side_encryption(sse.clone())
-                    .set_ssekms_key_id(kms.clone())
-                    .set_acl(self.dest_acl())
-                    .set_checksum_algorithm(a.checksum.as_ref().map(|c| c.0.clone()))
-                    .set_object_lock_mode(a.lock_mode.clone())
-                    .set_object_lock_retain_until_date(a.lock_until)
-                    .set_object_lock_legal_hold_status(a.legal_hold.clone())
+                    .key(t.dest_key);
+                with_attrs!(req, self, a, tags, sse, kms)
                     .send()
                     .await
                     .map_err(|e| classify(Side::Dest, "CreateMultipartUpload", false, e))
@@ -734,6 +760,31 @@ impl Copier {
             .set_checksum_sha1(out.checksum_sha1().map(str::to_string))
             .set_checksum_sha256(out.checksum_sha256().map(str::to_string))
             .build())
+    }
+
+    /// Aborts every open multipart upload of exactly `dest_key` (an in-doubt task may have
+    /// created one whose id never reached the manifest). Relies on the job's assumption that
+    /// nothing else writes to its destination keys.
+    pub(super) async fn abort_uploads_of_key(&self, t: &TaskCtx<'_>) -> Result<(), S3Error> {
+        let out = self
+            .call(t, || async {
+                self.dest
+                    .list_multipart_uploads()
+                    .bucket(&self.settings.dest.bucket)
+                    .prefix(t.dest_key)
+                    .send()
+                    .await
+                    .map_err(|e| classify(Side::Dest, "ListMultipartUploads", false, e))
+            })
+            .await?;
+        for u in out.uploads() {
+            if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                if k == t.dest_key {
+                    self.abort_upload(k, id).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Aborts a destination multipart upload (best effort; a missing upload is fine).
