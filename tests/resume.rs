@@ -1,0 +1,534 @@
+//! Resumable checkpoint (issue 3): a job killed anywhere (`kill -9` during `plan` or `run`),
+//! interrupted with Ctrl-C, or started twice ends with an exact replica and an honest
+//! manifest; manifests of another job or of a newer s3-backfill are refused.
+//!
+//! Knobs of `crash_anywhere_then_resume` (both optional):
+//! - `S3_BACKFILL_CRASH_KEYS`: keys in its corpus (default 150, so that the whole test stays
+//!   under a minute on a 2-core machine; each key has 2 to 4 entries: versions and delete
+//!   markers). The issue's by-hand acceptance figure is 1,500 keys (4,250 entries, several
+//!   listing pages, so that `plan` kills can land after some pages were checkpointed; about
+//!   5 minutes on 2 cores):
+//!   `S3_BACKFILL_CRASH_KEYS=1500 cargo test --test resume crash_anywhere -- --nocapture`.
+//! - `S3_BACKFILL_CRASH_SEED`: the seed of the kill moments (default fixed; printed with
+//!   `--nocapture` or on failure, so that a failing sequence can be replayed).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::*;
+
+const DEFAULT_CRASH_KEYS: usize = 150;
+const DEFAULT_CRASH_SEED: u64 = 0x5eed_0003;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} does not parse")),
+        _ => default,
+    }
+}
+
+fn key_name(i: usize) -> String {
+    match i % 3 {
+        0 => format!("data/{i:05}.bin"),
+        1 => format!("logs/dir with space/{i:05}+plus.log"),
+        _ => format!("k-{i:05}"),
+    }
+}
+
+/// Round 1 and 2: two versions of every key (some empty, sizes vary); round 3: a delete
+/// marker on every third key; round 4: a third version on every other key (on some keys
+/// after their delete marker, so the current entry is a version again).
+fn corpus(n: usize) -> Vec<Vec<Op>> {
+    let mut rounds = vec![Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..n {
+        let k = key_name(i);
+        rounds[0].push(if i % 7 == 0 {
+            Op::put(&k, Vec::new())
+        } else {
+            Op::put(&k, format!("v1 {k}"))
+        });
+        rounds[1].push(Op::Put {
+            key: k.clone(),
+            body: format!("v2 {k} {}", "z".repeat(i % 40)).into_bytes(),
+            content_type: Some("text/plain".into()),
+            cache_control: None,
+            metadata: vec![("rev".into(), "2".into())],
+            tagging: if i % 4 == 0 {
+                Some(format!("rev=2&i={i}"))
+            } else {
+                None
+            },
+        });
+        if i % 3 == 1 {
+            rounds[2].push(Op::Delete { key: k.clone() });
+        }
+        if i % 2 == 0 {
+            rounds[3].push(Op::put(&k, format!("v3 {k}")));
+        }
+    }
+    rounds
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `plan` arguments copying every version and delete marker from `src` to `dst`.
+fn plan_args(ep: &str, src: &str, dst: &str, m: &Path) -> Vec<String> {
+    let mut a = vec![
+        "plan".to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}"),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+        "--delete-markers".into(),
+        "--no-progress".into(),
+    ];
+    a.extend(sides(ep, ep));
+    a
+}
+
+fn run_args(m: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "run".to_string(),
+        "--manifest".into(),
+        m.to_str().unwrap().into(),
+        "--concurrency".into(),
+        "8".into(),
+        "--no-progress".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Starts the binary as a child process; its standard error is kept for diagnostics.
+fn spawn(args: &[String]) -> Child {
+    cmd(&strs(args))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn s3-backfill")
+}
+
+/// Waits for the child to exit, at most `limit`; None when it is still running.
+async fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Lets the child run for `after`, then kills it with SIGKILL (unless it finished first).
+/// Returns whether the kill happened, and the child's output.
+async fn kill_after(mut child: Child, after: Duration) -> (bool, Output) {
+    let exited = wait_until(&mut child, after).await.is_some();
+    if !exited {
+        child.kill().expect("SIGKILL");
+    }
+    (!exited, child.wait_with_output().expect("wait"))
+}
+
+/// Waits for the child (at most two minutes) and returns its output.
+async fn finish(mut child: Child) -> Output {
+    if wait_until(&mut child, Duration::from_secs(120))
+        .await
+        .is_none()
+    {
+        child.kill().ok();
+        let o = child.wait_with_output().expect("wait");
+        panic!(
+            "s3-backfill did not finish within two minutes\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// Polls `status --json` until `ready` holds for it (a run has visibly started copying).
+async fn wait_status(m: &Path, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let st = status(m);
+        if ready(&st) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn num(st: &serde_json::Value, field: &str) -> u64 {
+    st[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has no {field}: {st}"))
+}
+
+/// Every task done, none open or failed, and the total is what the source holds.
+fn assert_all_done(m: &Path, source_entries: usize) {
+    let st = status(m);
+    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+    assert_eq!(num(&st, "done"), num(&st, "total"), "{st}");
+    assert_eq!(num(&st, "pending"), 0, "{st}");
+    assert_eq!(num(&st, "in_progress"), 0, "{st}");
+    assert_eq!(num(&st, "failed"), 0, "{st}");
+    assert_eq!(st["listing_complete"], true, "{st}");
+}
+
+/// Versions and delete markers in a bucket, all keys together.
+async fn entry_count(c: &aws_sdk_s3::Client, bucket: &str) -> usize {
+    histories(c, bucket, "").await.values().map(Vec::len).sum()
+}
+
+/// Asserts an exact replica (every version and delete marker, in order, same content) and
+/// that the destination holds exactly as many entries as the source: nothing copied twice.
+async fn assert_exact_replica(c: &aws_sdk_s3::Client, src: &str, dst: &str) -> usize {
+    let checked = assert_replica(c, src, c, dst, "", "", all).await;
+    let (s, d) = (entry_count(c, src).await, entry_count(c, dst).await);
+    assert_eq!(
+        d, s,
+        "the destination has {d} versions and delete markers, the source {s}"
+    );
+    checked
+}
+
+/// Creates a source seeded with `corpus(n)` and an empty destination, both versioned.
+async fn buckets_with_corpus(c: &aws_sdk_s3::Client, tag: &str, n: usize) -> (String, String) {
+    let (src, dst) = (bucket(&format!("{tag}-src")), bucket(&format!("{tag}-dst")));
+    create_bucket(c, &src, true).await;
+    create_bucket(c, &dst, true).await;
+    seed(c, &src, corpus(n)).await;
+    (src, dst)
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn lock_path(m: &Path) -> PathBuf {
+    let mut p = m.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// The acceptance test of issue 3: 12 SIGKILLs at random moments of `plan` and `run`, then
+/// one `run` to the end gives an exact replica, no duplicate, and a manifest all done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_anywhere_then_resume() {
+    let keys: usize = env_or("S3_BACKFILL_CRASH_KEYS", DEFAULT_CRASH_KEYS);
+    let seed_value: u64 = env_or("S3_BACKFILL_CRASH_SEED", DEFAULT_CRASH_SEED);
+    println!("crash_anywhere_then_resume: S3_BACKFILL_CRASH_KEYS={keys} S3_BACKFILL_CRASH_SEED={seed_value}");
+    let mut rng = StdRng::seed_from_u64(seed_value);
+    let test_start = Instant::now();
+
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = buckets_with_corpus(&c, "crash", keys).await;
+    let source_entries = entry_count(&c, &src).await;
+    println!(
+        "seeded {source_entries} versions and delete markers in {:?}",
+        test_start.elapsed()
+    );
+    let (_d, m) = manifest();
+    let plan = plan_args(&ep, &src, &dst, &m);
+    let mut kills = 0;
+
+    // `plan`, killed three times. An uninterrupted `plan` takes about 0.2 s to start, then
+    // lists about 5 ms per key on moto (0.8 s for 150 keys, 8 s for 1,500 in pages of
+    // 1,000 entries): the kill moments spread over that, so that they land before, during
+    // and after the listing (with many keys, also after some pages were checkpointed).
+    let plan_window = 600 + 5 * keys as u64;
+    for i in 0..3 {
+        let at = Duration::from_millis(rng.random_range(20..=plan_window));
+        let (killed, o) = kill_after(spawn(&plan), at).await;
+        kills += killed as u32;
+        if !killed {
+            expect_code(&o, 0);
+        }
+        // Where the kill landed (the manifest may not even have a job yet).
+        let st = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
+        println!(
+            "plan #{i}: killed at {at:?}: {killed}; {}{}",
+            String::from_utf8_lossy(&st.stdout).trim(),
+            String::from_utf8_lossy(&st.stderr).trim()
+        );
+        let complete = serde_json::from_slice::<serde_json::Value>(&st.stdout)
+            .is_ok_and(|st| st["listing_complete"] == true);
+        if !complete {
+            // An unfinished listing is not copied from: `run` says to finish the plan.
+            let o = run(&strs(&run_args(&m, &[])));
+            expect_code(&o, 2);
+            assert!(stderr_of(&o).contains("plan"), "{}", stderr_of(&o));
+        }
+    }
+    // Then to the end of the listing: no entry lost or listed twice.
+    let o = finish(spawn(&plan)).await;
+    expect_code(&o, 0);
+    let st = status(&m);
+    assert_eq!(st["listing_complete"], true, "{st}");
+    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+
+    // `run`, killed nine times.
+    let run = run_args(&m, &[]);
+    let mut done_before = num(&st, "done");
+    for i in 0..9 {
+        let at = Duration::from_millis(rng.random_range(50..=1500));
+        let (killed, o) = kill_after(spawn(&run), at).await;
+        kills += killed as u32;
+        if !killed {
+            expect_code(&o, 0);
+        }
+        // The manifest stays readable, its total never changes, and done never goes back.
+        let st = status(&m);
+        println!("run #{i}: killed at {at:?}: {killed}; {st}");
+        assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+        assert_eq!(num(&st, "failed"), 0, "{st}");
+        let done = num(&st, "done");
+        assert!(
+            done >= done_before,
+            "done went back from {done_before} to {done}"
+        );
+        done_before = done;
+    }
+    println!("{kills} of 12 processes killed before they finished");
+    assert!(kills > 0, "no process was killed: nothing was tested");
+
+    // One uninterrupted run finishes the job.
+    let o = finish(spawn(&run)).await;
+    expect_code(&o, 0);
+    println!("last run: {}", stderr_of(&o).trim());
+
+    let checked = assert_exact_replica(&c, &src, &dst).await;
+    assert!(checked >= 2 * keys, "only {checked} versions compared");
+    assert_all_done(&m, source_entries);
+    println!("crash_anywhere_then_resume took {:?}", test_start.elapsed());
+}
+
+/// Ctrl-C: requests in flight finish, no new task starts, the process exits non-zero with a
+/// one-line summary, and the manifest has nothing left in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_and_exits_nonzero() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = buckets_with_corpus(&c, "sigint", 60).await;
+    let source_entries = entry_count(&c, &src).await;
+    let (_d, m) = manifest();
+    expect_code(&run(&strs(&plan_args(&ep, &src, &dst, &m))), 0);
+
+    // Slow enough that it cannot finish before the signal.
+    let grace = Duration::from_secs(20);
+    let mut child = spawn(&run_args(
+        &m,
+        &[
+            "--max-rps",
+            "40",
+            "--grace-period",
+            &grace.as_secs().to_string(),
+        ],
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_status(&m, "the run to copy something", |st| num(st, "done") > 0).await;
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on the pid of a child that has not been waited for.
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(r, 0, "kill(SIGINT) failed");
+    let exited = wait_until(&mut child, grace + Duration::from_secs(10)).await;
+    let took = signalled.elapsed();
+    let o = child.wait_with_output().expect("wait");
+    let err = stderr_of(&o);
+    assert!(exited.is_some(), "still running {took:?} after SIGINT");
+    assert!(
+        took < grace,
+        "took {took:?} to stop: in-flight requests were not drained within the grace period\n{err}"
+    );
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "exit code of an interrupted run\n{err}"
+    );
+
+    let st = status(&m);
+    assert_eq!(num(&st, "in_progress"), 0, "{st}");
+    assert_eq!(num(&st, "failed"), 0, "{st}");
+    let done = num(&st, "done");
+    assert!(
+        done > 0 && num(&st, "pending") > 0,
+        "the run should have stopped part-way: {st}"
+    );
+    assert_eq!(done + num(&st, "pending"), source_entries as u64, "{st}");
+    let summary: Vec<&str> = err.lines().filter(|l| l.contains("interrupted")).collect();
+    assert_eq!(summary.len(), 1, "one summary line:\n{err}");
+    assert!(
+        summary[0].contains(&format!("{done} done")),
+        "the summary agrees with the manifest ({done} done): {}",
+        summary[0]
+    );
+
+    let o = run(&strs(&run_args(&m, &[])));
+    expect_code(&o, 0);
+    assert_exact_replica(&c, &src, &dst).await;
+    assert_all_done(&m, source_entries);
+}
+
+/// One process per manifest: a second `run` is refused while the first holds the lock, but
+/// the lock of a killed process does not block the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_process_is_refused_and_stale_lock_is_not() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = buckets_with_corpus(&c, "lock", 40).await;
+    let source_entries = entry_count(&c, &src).await;
+    let (_d, m) = manifest();
+    expect_code(&run(&strs(&plan_args(&ep, &src, &dst, &m))), 0);
+
+    let first = spawn(&run_args(&m, &["--max-rps", "20"]));
+    wait_status(&m, "the first run to start copying", |st| {
+        num(st, "done") + num(st, "in_progress") > 0
+    })
+    .await;
+
+    let o = run(&strs(&run_args(&m, &[])));
+    expect_code(&o, 2);
+    let err = stderr_of(&o);
+    assert!(err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", first.id())),
+        "names the process holding the manifest ({}): {err}",
+        first.id()
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    // `status` does not need the lock.
+    let o = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
+    expect_code(&o, 0);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+
+    let (killed, _) = kill_after(first, Duration::ZERO).await;
+    assert!(killed, "the first run finished before it was killed");
+    assert!(lock_path(&m).exists(), "the dead process's lock file stays");
+    let st = status(&m);
+    assert!(
+        num(&st, "pending") > 0,
+        "the first run was not finished: {st}"
+    );
+
+    let o = run(&strs(&run_args(&m, &[])));
+    expect_code(&o, 0);
+    assert_exact_replica(&c, &src, &dst).await;
+    assert_all_done(&m, source_entries);
+}
+
+/// A manifest belongs to one job: `plan` with other arguments is refused, `plan` with the
+/// same ones after a complete listing has nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_plan_is_refused() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = buckets_with_corpus(&c, "mismatch", 8).await;
+    let other = bucket("mismatch-other");
+    create_bucket(&c, &other, true).await;
+    let (_d, m) = manifest();
+    let plan = plan_args(&ep, &src, &dst, &m);
+    expect_code(&run(&strs(&plan)), 0);
+    let planned = status(&m);
+
+    let mut other_dest = plan_args(&ep, &src, &other, &m);
+    let o = run(&strs(&other_dest));
+    expect_code(&o, 2);
+    let err = stderr_of(&o);
+    assert!(err.contains("belongs to another job"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+
+    let mut with_prefix = plan.clone();
+    with_prefix.extend(["--prefix".to_string(), "data/".into()]);
+    let o = run(&strs(&with_prefix));
+    expect_code(&o, 2);
+    assert!(
+        stderr_of(&o).contains("belongs to another job"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    other_dest.retain(|a| a != "--delete-markers");
+    other_dest[4] = format!("s3://{dst}");
+    let o = run(&strs(&other_dest));
+    expect_code(&o, 2);
+    assert!(
+        stderr_of(&o).contains("belongs to another job"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    let o = run(&strs(&plan));
+    expect_code(&o, 0);
+    let err = stderr_of(&o);
+    assert!(err.contains("already complete"), "{err}");
+    assert_eq!(status(&m), planned, "the manifest did not change");
+
+    // The refused plans changed nothing: the job still copies to its own destination.
+    expect_code(&run(&strs(&run_args(&m, &[]))), 0);
+    assert_exact_replica(&c, &src, &dst).await;
+    assert_eq!(
+        entry_count(&c, &other).await,
+        0,
+        "nothing went to the other bucket"
+    );
+}
+
+/// A manifest written by a newer build is refused with a clear message, and left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_is_refused() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = buckets_with_corpus(&c, "schema", 3).await;
+    let (_d, m) = manifest();
+    expect_code(&run(&strs(&plan_args(&ep, &src, &dst, &m))), 0);
+    {
+        let db = rusqlite::Connection::open(&m).unwrap();
+        db.pragma_update(None, "user_version", 99).unwrap();
+    }
+
+    let status_cmd = ["status", "--manifest", m.to_str().unwrap(), "--json"];
+    for (what, o) in [
+        ("status", run(&status_cmd)),
+        ("run", run(&strs(&run_args(&m, &[])))),
+        ("plan", run(&strs(&plan_args(&ep, &src, &dst, &m)))),
+    ] {
+        expect_code(&o, 2);
+        let err = stderr_of(&o);
+        assert!(err.contains("schema version 99"), "{what}: {err}");
+        assert!(err.contains("newer"), "{what}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{what}: one clear line: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{what} printed {:?}", o.stdout);
+    }
+
+    let db = rusqlite::Connection::open(&m).unwrap();
+    let v: i64 = db
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 99, "the manifest was left as it was");
+    assert_eq!(entry_count(&c, &dst).await, 0, "nothing was copied");
+}
