@@ -17,8 +17,18 @@ use crate::config::{JobSettings, RawBody, Side};
 use crate::manifest::{Listing, Manifest, ManifestError, NewTask};
 use crate::retry::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
 
-/// Entries per listing page.
+/// Entries per listing page (S3's maximum).
 pub const PAGE_SIZE: i32 = 1000;
+
+/// Entries per page that `plan` asks for: [`PAGE_SIZE`], or `S3_BACKFILL_LIST_PAGE_SIZE`
+/// (1 to 1000) for tests and for servers that page less.
+pub fn page_size() -> i32 {
+    std::env::var("S3_BACKFILL_LIST_PAGE_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|n| (1..=PAGE_SIZE).contains(n))
+        .unwrap_or(PAGE_SIZE)
+}
 
 /// Why listing stopped.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +319,7 @@ pub async fn list_into(
     let prefix = sel.prefix.clone();
     // The last selected key of the previous page, for the versioning check.
     let mut last_selected: Option<(String, u64)> = None;
+    let page_size = page_size();
     while !cp.complete {
         let page = list_page(
             client,
@@ -317,7 +328,7 @@ pub async fn list_into(
             &prefix,
             cp.key_marker.as_deref(),
             cp.version_marker.as_deref(),
-            PAGE_SIZE,
+            page_size,
             policy,
             limiter,
             retries,

@@ -114,6 +114,8 @@ fn run_args(m: &Path, extra: &[&str]) -> Vec<String> {
 /// Starts the binary as a child process; its standard error is kept for diagnostics.
 fn spawn(args: &[String]) -> Child {
     cmd(&strs(args))
+        // Small listing pages, so that kills land between committed pages too.
+        .env("S3_BACKFILL_LIST_PAGE_SIZE", "20")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -531,4 +533,60 @@ async fn newer_schema_is_refused() {
         .unwrap();
     assert_eq!(v, 99, "the manifest was left as it was");
     assert_eq!(entry_count(&c, &dst).await, 0, "nothing was copied");
+}
+
+/// A `plan` killed after some listing pages were committed continues from its checkpoint:
+/// the second `plan` says it resumed, and the manifest ends with every source entry once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_plan_resumes_from_its_checkpoint() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = buckets_with_corpus(&c, "plancp", 60).await;
+    let source_entries = entry_count(&c, &src).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("job.db");
+    let plan = plan_args(&ep, &src, &dst, &m);
+    let mut child = cmd(&strs(&plan))
+        .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill it as soon as a page is committed, before the listing is complete.
+    let start = Instant::now();
+    let mut killed_mid_listing = false;
+    while start.elapsed() < Duration::from_secs(30) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if m.exists() {
+            let o = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
+            if o.status.success() {
+                let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                if num(&st, "listed_entries") > 0 && st["listing_complete"] == false {
+                    child.kill().unwrap();
+                    killed_mid_listing = true;
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = child.wait();
+    assert!(killed_mid_listing, "plan finished before a kill could land");
+    let st = status(&m);
+    assert!(num(&st, "total") < source_entries as u64, "{st}");
+
+    let o = cmd(&strs(&plan))
+        .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
+        .output()
+        .unwrap();
+    expect_code(&o, 0);
+    assert!(stderr_of(&o).contains("resumed"), "{}", stderr_of(&o));
+    let st = status(&m);
+    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+    assert_eq!(num(&st, "listed_entries"), source_entries as u64, "{st}");
+    expect_code(&run(&strs(&run_args(&m, &[]))), 0);
+    assert_exact_replica(&c, &src, &dst).await;
+    assert_all_done(&m, source_entries);
 }
