@@ -281,6 +281,13 @@ impl JobSettings {
 /// Retries are configured in exactly one layer: the SDK's own retries are disabled here, and
 /// every call goes through [`crate::retry`], which classifies errors and retries with backon.
 pub async fn build_client(side: &SideConfig) -> aws_sdk_s3::Client {
+    build_side_client(side).await.0
+}
+
+/// Like [`build_client`], and also returns the endpoint URL the client really uses: the
+/// side's own option, else one set in the environment or in the profile (`endpoint_url`,
+/// `AWS_ENDPOINT_URL_S3`, ...), else None (the provider's default endpoint).
+pub async fn build_side_client(side: &SideConfig) -> (aws_sdk_s3::Client, Option<String>) {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     if let Some(profile) = &side.profile {
         loader = loader.profile_name(profile);
@@ -292,6 +299,23 @@ pub async fn build_client(side: &SideConfig) -> aws_sdk_s3::Client {
         loader = loader.endpoint_url(endpoint);
     }
     let sdk = loader.load().await;
+    // The same precedence as `aws_sdk_s3::config::Builder::from(&SdkConfig)`.
+    let endpoint = if sdk.get_origin("endpoint_url").is_client_config() {
+        sdk.endpoint_url().map(str::to_string)
+    } else {
+        sdk.service_config()
+            .and_then(|c| {
+                c.load_config(
+                    aws_types::service_config::ServiceConfigKey::builder()
+                        .service_id("S3")
+                        .env("AWS_ENDPOINT_URL")
+                        .profile("endpoint_url")
+                        .build()
+                        .expect("every field is set"),
+                )
+            })
+            .or_else(|| sdk.endpoint_url().map(str::to_string))
+    };
     let mut b = aws_sdk_s3::config::Builder::from(&sdk)
         .retry_config(RetryConfig::disabled())
         .timeout_config(
@@ -308,7 +332,7 @@ pub async fn build_client(side: &SideConfig) -> aws_sdk_s3::Client {
     if sdk.region().is_none() {
         b = b.region(Region::new("us-east-1"));
     }
-    aws_sdk_s3::Client::from_conf(b.build())
+    (aws_sdk_s3::Client::from_conf(b.build()), endpoint)
 }
 
 /// An interceptor that keeps the raw body of the last response it saw.

@@ -14,8 +14,8 @@ use crate::cli::{
     CopyArgs, ExecArgs, PlanArgs, ReportArgs, RunArgs, SideArgs, StatusArgs, VerifyArgs,
 };
 use crate::config::{
-    build_client, ConfigError, CopyOptions, JobSettings, Location, RawBody, Selection, Side,
-    SideConfig,
+    build_client, build_side_client, ConfigError, CopyOptions, JobSettings, Location, RawBody,
+    Selection, Side, SideConfig,
 };
 use crate::copier::{copy_bar, Copier, FailureThreshold, RunOptions, RunSummary};
 use crate::lister::{list_into, ListError};
@@ -396,7 +396,12 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
         eprintln!("{n} failed tasks put back in the queue");
     }
     let opts = run_options(&args.exec, args.no_progress);
-    let (source, dest) = clients(&settings).await;
+    // `auto` compares the endpoints the clients really reach: two profiles that each set
+    // their own `endpoint_url` are two providers, even though no endpoint option was given.
+    let (source, source_endpoint) = build_side_client(&settings.source_side).await;
+    let (dest, dest_endpoint) = build_side_client(&settings.dest_side).await;
+    settings.source_side.endpoint = source_endpoint;
+    settings.dest_side.endpoint = dest_endpoint;
     let policy = preflight_policy();
     let limiter = Limiter::new(4, None);
     let dest_versioned =

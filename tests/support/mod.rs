@@ -549,3 +549,188 @@ pub fn odd_keys() -> Vec<String> {
         format!("odd/long-{}", "x".repeat(890)),
     ]
 }
+
+/// Deterministic pseudo-random bytes (incompressible test bodies).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// Headers, metadata and tags given to an upload.
+#[derive(Clone, Debug, Default)]
+pub struct Headers {
+    /// Content-Type.
+    pub content_type: Option<String>,
+    /// Cache-Control.
+    pub cache_control: Option<String>,
+    /// User metadata.
+    pub metadata: Vec<(String, String)>,
+    /// Tags, as `k=v&k2=v2`.
+    pub tagging: Option<String>,
+}
+
+/// The multipart ETag S3 computes for these parts: `"md5(md5(p1)‖…‖md5(pN))-N"`.
+pub fn multipart_etag(parts: &[&[u8]]) -> String {
+    use md5::{Digest, Md5};
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend_from_slice(&Md5::digest(p));
+    }
+    format!("\"{}-{}\"", hex::encode(Md5::digest(&all)), parts.len())
+}
+
+/// Uploads `body` with CreateMultipartUpload / UploadPart / CompleteMultipartUpload, cut in
+/// parts of the given sizes (the last size repeats until the body is used up), and returns
+/// the new version id and ETag.
+pub async fn put_multipart(
+    c: &Client,
+    bucket: &str,
+    key: &str,
+    body: &[u8],
+    part_sizes: &[usize],
+    h: &Headers,
+) -> (String, String) {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let mut req = c
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .set_content_type(h.content_type.clone())
+        .set_cache_control(h.cache_control.clone())
+        .set_tagging(h.tagging.clone());
+    for (k, v) in &h.metadata {
+        req = req.metadata(k, v);
+    }
+    let created = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create upload {key:?}: {e:?}"));
+    let upload_id = created.upload_id().unwrap().to_string();
+    let mut bounds = Vec::new();
+    let mut start = 0usize;
+    let mut sizes = part_sizes.iter();
+    let mut size = *part_sizes.first().expect("a part size");
+    while start < body.len() || bounds.is_empty() {
+        size = sizes.next().copied().unwrap_or(size);
+        let end = (start + size).min(body.len());
+        bounds.push((start, end));
+        start = end;
+    }
+    let parts: Vec<CompletedPart> = stream::iter(bounds.into_iter().enumerate())
+        .map(|(i, (a, b))| {
+            let upload_id = &upload_id;
+            async move {
+                let n = i as i32 + 1;
+                let out = c
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(n)
+                    .body(ByteStream::from(body[a..b].to_vec()))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("upload part {n} of {key:?}: {e:?}"));
+                CompletedPart::builder()
+                    .part_number(n)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                    .build()
+            }
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    let done = c
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("complete upload {key:?}: {e:?}"));
+    (
+        done.version_id().unwrap_or("null").to_string(),
+        done.e_tag().unwrap_or_default().to_string(),
+    )
+}
+
+/// The multipart uploads in progress in a bucket, as (key, upload id).
+pub async fn open_uploads(c: &Client, bucket: &str) -> Vec<(String, String)> {
+    let r = c
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("list multipart uploads");
+    r.uploads()
+        .iter()
+        .map(|u| {
+            (
+                u.key().unwrap_or_default().to_string(),
+                u.upload_id().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// One row of the manifest's `tasks` table, as the tests read it.
+#[derive(Clone, Debug)]
+pub struct TaskRow {
+    /// Source key.
+    pub key: String,
+    /// Source version id.
+    pub version_id: String,
+    /// pending, in_progress, done, failed or skipped.
+    pub state: String,
+    /// How it was copied.
+    pub copy_method: Option<String>,
+    /// Part size of a multipart copy.
+    pub part_size: Option<i64>,
+    /// Parts of a multipart copy.
+    pub parts: Option<i64>,
+    /// Whether the multipart ETag was preserved (0/1).
+    pub etag_preserved: Option<i64>,
+    /// Upload in progress.
+    pub upload_id: Option<String>,
+}
+
+/// Every task of a manifest, read-only, in id order.
+pub fn manifest_tasks(path: &Path) -> Vec<TaskRow> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the manifest read-only");
+    let mut stmt = conn
+        .prepare(
+            "SELECT key, version_id, state, copy_method, part_size, parts, etag_preserved,
+             upload_id FROM tasks ORDER BY id",
+        )
+        .expect("prepare");
+    stmt.query_map([], |r| {
+        Ok(TaskRow {
+            key: r.get(0)?,
+            version_id: r.get(1)?,
+            state: r.get(2)?,
+            copy_method: r.get(3)?,
+            part_size: r.get(4)?,
+            parts: r.get(5)?,
+            etag_preserved: r.get(6)?,
+            upload_id: r.get(7)?,
+        })
+    })
+    .expect("query tasks")
+    .collect::<Result<Vec<_>, _>>()
+    .expect("read tasks")
+}
+
+/// `args` as the `&str` slice that [`run`] and [`cmd`] take.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}

@@ -1,0 +1,351 @@
+//! Multipart sources against moto: server-side multipart copies keep the source's part
+//! layout (so the multipart ETag is preserved), headers, metadata and tags; failed and
+//! killed copies leave no multipart upload behind.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const MIB: usize = 1024 * 1024;
+
+fn job_args(verb: &str, src: &str, dst: &str, manifest: &std::path::Path) -> Vec<String> {
+    let ep = endpoint();
+    let mut a = vec![
+        verb.to_string(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dst}"),
+        "--manifest".into(),
+        manifest.to_str().unwrap().into(),
+        "--multipart-threshold".into(),
+        "5MiB".into(),
+        "--part-size".into(),
+        "5MiB".into(),
+        "--delete-markers".into(),
+        "--no-progress".into(),
+    ];
+    a.extend(sides(&ep, &ep));
+    a
+}
+
+fn rich(i: usize) -> Headers {
+    Headers {
+        content_type: Some(format!("application/x-part-{i}")),
+        cache_control: Some(format!("max-age={}", 60 * (i + 1))),
+        metadata: vec![
+            ("origin".into(), format!("multipart-{i}")),
+            ("rev".into(), i.to_string()),
+        ],
+        tagging: Some(format!("kind=multipart&rev={i}")),
+    }
+}
+
+/// Waits (up to 60 s) until the bucket has a multipart upload in progress.
+async fn wait_for_upload(c: &aws_sdk_s3::Client, bucket: &str) -> Vec<(String, String)> {
+    let start = Instant::now();
+    loop {
+        let u = open_uploads(c, bucket).await;
+        if !u.is_empty() {
+            return u;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no multipart upload started at the destination"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_sources_keep_layout_etag_and_metadata() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+
+    // Round 1: first versions; round 2: second versions; round 3: a delete marker.
+    let uniform = [("big/twelve", 12 * MIB), ("big/sixteen", 16 * MIB)];
+    let mut uniform_versions = Vec::new();
+    for round in 0..2 {
+        seed(
+            &c,
+            &src,
+            vec![vec![
+                Op::put("small/a", format!("small a {round}")),
+                Op::Put {
+                    key: "small/b".into(),
+                    body: format!("small b {round}").into_bytes(),
+                    content_type: Some("text/plain".into()),
+                    cache_control: Some("no-cache".into()),
+                    metadata: vec![("rev".into(), round.to_string())],
+                    tagging: Some(format!("rev={round}")),
+                },
+            ]],
+        )
+        .await;
+        for (n, (key, size)) in uniform.iter().enumerate() {
+            let body = pseudo_random(*size, (round * 10 + n) as u64);
+            let parts: Vec<&[u8]> = body.chunks(5 * MIB).collect();
+            let (v, etag) =
+                put_multipart(&c, &src, key, &body, &[5 * MIB], &rich(round * 10 + n)).await;
+            assert_eq!(parts.len(), size.div_ceil(5 * MIB));
+            assert_eq!(
+                etag,
+                multipart_etag(&parts),
+                "the source is a multipart upload"
+            );
+            uniform_versions.push((key.to_string(), v, parts.len()));
+        }
+        if round == 0 {
+            // A source whose parts are not of one size: 6 MiB, 5 MiB, 7 MiB.
+            let body = pseudo_random(18 * MIB, 99);
+            let (_, etag) = put_multipart(
+                &c,
+                &src,
+                "uneven/18m",
+                &body,
+                &[6 * MIB, 5 * MIB, 7 * MIB],
+                &rich(99),
+            )
+            .await;
+            let parts = [
+                &body[..6 * MIB],
+                &body[6 * MIB..11 * MIB],
+                &body[11 * MIB..],
+            ];
+            assert_eq!(etag, multipart_etag(&parts));
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    seed(
+        &c,
+        &src,
+        vec![vec![Op::Delete {
+            key: "small/a".into(),
+        }]],
+    )
+    .await;
+
+    let (_d, m) = manifest();
+    let o = run(&strs(&job_args("replicate", &src, &dst, &m)));
+    expect_code(&o, 0);
+
+    // Bodies, headers, metadata, tags and ETags (support::content compares all of them).
+    let checked = assert_replica(&c, &src, &c, &dst, "", "big/", all).await;
+    assert_eq!(checked, 4);
+    let checked = assert_replica(&c, &src, &c, &dst, "", "small/", all).await;
+    assert_eq!(checked, 4);
+    // The uneven source is copied byte for byte with its headers, metadata and tags; its
+    // ETag cannot be kept with parts of one size.
+    let sv = &histories(&c, &src, "uneven/").await["uneven/18m"];
+    let dv = &histories(&c, &dst, "uneven/").await["uneven/18m"];
+    assert_eq!((sv.len(), dv.len()), (1, 1));
+    let a = content(&c, &src, "uneven/18m", &sv[0].version_id).await;
+    let b = content(&c, &dst, "uneven/18m", &dv[0].version_id).await;
+    assert!(
+        a.body == b.body,
+        "the uneven source's body differs at the destination"
+    );
+    assert_eq!(
+        (&a.content_type, &a.cache_control, &a.metadata, &a.tags),
+        (&b.content_type, &b.cache_control, &b.metadata, &b.tags)
+    );
+    assert!(
+        open_uploads(&c, &dst).await.is_empty(),
+        "no multipart upload is left at the destination"
+    );
+
+    let tasks = manifest_tasks(&m);
+    assert!(tasks.iter().all(|t| t.state == "done"), "{tasks:?}");
+    for (key, v, parts) in &uniform_versions {
+        let t = tasks
+            .iter()
+            .find(|t| &t.key == key && &t.version_id == v)
+            .unwrap_or_else(|| panic!("no task for {key} {v}"));
+        assert_eq!(t.copy_method.as_deref(), Some("multipart-copy"), "{t:?}");
+        assert_eq!(t.etag_preserved, Some(1), "{t:?}");
+        assert_eq!(t.part_size, Some(5 * MIB as i64), "{t:?}");
+        assert_eq!(t.parts, Some(*parts as i64), "{t:?}");
+        assert!(t.upload_id.is_none(), "{t:?}");
+    }
+    // The manifest tells the truth about the uneven source's ETag.
+    let t = tasks.iter().find(|t| t.key == "uneven/18m").unwrap();
+    assert_eq!(t.copy_method.as_deref(), Some("multipart-copy"), "{t:?}");
+    assert_eq!(t.etag_preserved, Some((a.etag == b.etag) as i64), "{t:?}");
+    // Its 6/5/7 MiB layout is not uniform: it is copied in 5 MiB parts instead.
+    assert_eq!(t.etag_preserved, Some(0), "{t:?}");
+    assert_eq!(t.parts, Some(4), "{t:?}");
+    for t in tasks.iter().filter(|t| t.key.starts_with("small/")) {
+        assert!(
+            matches!(t.copy_method.as_deref(), Some("copy" | "delete-marker")),
+            "{t:?}"
+        );
+    }
+    let st = status(&m);
+    assert_eq!(st["etag_preserved"], 4);
+    assert_eq!(st["done"], st["total"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_version_deleted_before_run_is_skipped_without_upload() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let b1 = pseudo_random(12 * MIB, 1);
+    let (v1, _) = put_multipart(&c, &src, "gone", &b1, &[5 * MIB], &rich(1)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let b2 = pseudo_random(12 * MIB, 2);
+    let (v2, _) = put_multipart(&c, &src, "gone", &b2, &[5 * MIB], &rich(2)).await;
+    seed(&c, &src, vec![vec![Op::put("kept", "kept")]]).await;
+
+    let (_d, m) = manifest();
+    let o = run(&strs(&job_args("plan", &src, &dst, &m)));
+    expect_code(&o, 0);
+    c.delete_object()
+        .bucket(&src)
+        .key("gone")
+        .version_id(&v1)
+        .send()
+        .await
+        .expect("delete the first version");
+    let o = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
+    expect_code(&o, 0);
+
+    let tasks = manifest_tasks(&m);
+    let t1 = tasks.iter().find(|t| t.version_id == v1).unwrap();
+    assert_eq!(t1.state, "skipped", "{t1:?}");
+    assert!(t1.upload_id.is_none(), "{t1:?}");
+    let t2 = tasks.iter().find(|t| t.version_id == v2).unwrap();
+    assert_eq!(t2.state, "done", "{t2:?}");
+    assert_eq!(t2.etag_preserved, Some(1), "{t2:?}");
+    assert_eq!(status(&m)["skipped"], 1);
+    assert!(open_uploads(&c, &dst).await.is_empty());
+    // What is left at the source is replicated exactly.
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_version_deleted_during_multipart_copy_aborts_the_upload() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let body = pseudo_random(100 * MIB, 7);
+    let (v, _) = put_multipart(&c, &src, "vanishing", &body, &[5 * MIB], &rich(7)).await;
+    drop(body);
+
+    let (_d, m) = manifest();
+    let o = run(&strs(&job_args("plan", &src, &dst, &m)));
+    expect_code(&o, 0);
+    let child = cmd(&[
+        "run",
+        "--manifest",
+        m.to_str().unwrap(),
+        "--part-concurrency",
+        "1",
+        "--max-attempts",
+        "2",
+        "--no-progress",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn run");
+    // As soon as the copy has started, the source version goes away under it.
+    wait_for_upload(&c, &dst).await;
+    c.delete_object()
+        .bucket(&src)
+        .key("vanishing")
+        .version_id(&v)
+        .send()
+        .await
+        .expect("delete the source version");
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("wait for run");
+    expect_code(&o, 0);
+    let tasks = manifest_tasks(&m);
+    assert_eq!(tasks[0].state, "skipped", "{tasks:?}");
+    assert!(tasks[0].upload_id.is_none(), "{tasks:?}");
+    assert!(
+        open_uploads(&c, &dst).await.is_empty(),
+        "the failed copy aborted its upload"
+    );
+    assert!(histories(&c, &dst, "").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_multipart_copy_then_run_again() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    for round in 0..2 {
+        for (n, key) in ["kill/a", "kill/b"].iter().enumerate() {
+            let body = pseudo_random(40 * MIB, (round * 10 + n) as u64 + 1000);
+            put_multipart(&c, &src, key, &body, &[5 * MIB], &rich(round * 10 + n)).await;
+        }
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+    seed(&c, &src, vec![vec![Op::put("kill/small", "small")]]).await;
+
+    let (_d, m) = manifest();
+    let o = run(&strs(&job_args("plan", &src, &dst, &m)));
+    expect_code(&o, 0);
+    let mut child = cmd(&[
+        "run",
+        "--manifest",
+        m.to_str().unwrap(),
+        "--part-concurrency",
+        "1",
+        "--no-progress",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn run");
+    wait_for_upload(&c, &dst).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().expect("SIGKILL run");
+    let status_after_kill = child.wait().expect("reap run");
+    assert!(!status_after_kill.success());
+    let left = open_uploads(&c, &dst).await;
+    let tasks = manifest_tasks(&m);
+    assert!(
+        tasks.iter().any(|t| t.state != "done"),
+        "the kill came before the end: {tasks:?}"
+    );
+    // Every upload left open is one the manifest knows about.
+    for (_, u) in &left {
+        assert!(
+            tasks
+                .iter()
+                .any(|t| t.upload_id.as_deref() == Some(u.as_str())),
+            "upload {u} is not in the manifest: {tasks:?}"
+        );
+    }
+
+    let o = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
+    expect_code(&o, 0);
+    assert!(
+        open_uploads(&c, &dst).await.is_empty(),
+        "no orphaned multipart upload"
+    );
+    let n = assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    assert_eq!(n, 5);
+    let st = status(&m);
+    assert_eq!(st["done"], st["total"]);
+    let tasks = manifest_tasks(&m);
+    assert!(tasks.iter().all(|t| t.upload_id.is_none()), "{tasks:?}");
+}
