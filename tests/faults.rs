@@ -25,22 +25,6 @@ fn upstream(ep: &str) -> SocketAddr {
     ep.trim_start_matches("http://").parse().unwrap()
 }
 
-fn plan_args(src: &str, dst: &str, m: &std::path::Path, ep: &str) -> Vec<String> {
-    let mut a = vec![
-        "plan".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--delete-markers".into(),
-        "--no-progress".into(),
-    ];
-    a.extend(sides(ep, ep));
-    a
-}
-
 fn run_through(m: &std::path::Path, proxy: &str, extra: &[&str]) -> std::process::Output {
     let mut a = vec![
         "run",
@@ -54,10 +38,6 @@ fn run_through(m: &std::path::Path, proxy: &str, extra: &[&str]) -> std::process
     ];
     a.extend_from_slice(extra);
     run(&a)
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +69,7 @@ async fn replicates_identically_through_injected_faults() {
     seed_rounds(&c, &src, vec![r1, r2, r3]).await;
 
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_args(&src, &dst, &m, &ep))), 0);
+    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
 
     let proxy = FaultProxy::start(
         upstream(&ep),
@@ -162,7 +142,7 @@ async fn permanent_errors_fail_or_skip_while_the_rest_completes() {
     round.push(Op::put("gone/soon", "bye"));
     seed_rounds(&c, &src, vec![round]).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_args(&src, &dst, &m, &ep))), 0);
+    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
 
     // A version deleted between plan and run is skipped (source gone), not failed.
     let v = c
@@ -257,7 +237,7 @@ async fn failure_threshold_stops_a_job_whose_destination_is_missing() {
     let round = (0..80).map(|i| Op::put(&format!("k{i:03}"), "x")).collect();
     seed_rounds(&c, &src, vec![round]).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_args(&src, &dst, &m, &ep))), 0);
+    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
     c.delete_bucket().bucket(&dst).send().await.unwrap();
 
     let o = run(&[

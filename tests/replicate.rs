@@ -70,21 +70,16 @@ async fn replicates_every_version_and_delete_marker() {
     create_bucket(&c, &dst, true).await;
     seed(&c, &src, corpus(300)).await;
     let (_d, m) = manifest();
-    let mut args = vec![
-        "replicate".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--delete-markers".into(),
-        "--concurrency".into(),
-        "16".into(),
-        "--no-progress".into(),
-    ];
-    args.extend(sides(&ep, &ep));
-    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = job(
+        "replicate",
+        &src,
+        &dst,
+        &m,
+        &ep,
+        &ep,
+        &["--delete-markers", "--concurrency", "16", "--no-progress"],
+    );
+    let o = run(&strs(&args));
     expect_code(&o, 0);
 
     let checked = assert_replica(&c, &src, &c, &dst, "", "", all).await;
@@ -123,18 +118,16 @@ async fn default_selection_skips_delete_markers() {
     create_bucket(&c, &dst, true).await;
     seed(&c, &src, corpus(24)).await;
     let (_d, m) = manifest();
-    let mut args = vec![
-        "plan".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}/mirror/"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--no-progress".into(),
-    ];
-    args.extend(sides(&ep, &ep));
-    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = job(
+        "plan",
+        &src,
+        &format!("{dst}/mirror/"),
+        &m,
+        &ep,
+        &ep,
+        &["--no-progress"],
+    );
+    let o = run(&strs(&args));
     expect_code(&o, 0);
     let st = status(&m);
     assert_eq!(st["pending"], st["total"]);
@@ -157,21 +150,16 @@ async fn latest_only_with_prefix_into_unversioned_bucket() {
     create_bucket(&c, &dst, false).await;
     seed(&c, &src, corpus(24)).await;
     let (_d, m) = manifest();
-    let mut args = vec![
-        "replicate".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}/copy/"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--prefix".into(),
-        "data/".into(),
-        "--latest-only".into(),
-        "--no-progress".into(),
-    ];
-    args.extend(sides(&ep, &ep));
-    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = job(
+        "replicate",
+        &src,
+        &format!("{dst}/copy/"),
+        &m,
+        &ep,
+        &ep,
+        &["--prefix", "data/", "--latest-only", "--no-progress"],
+    );
+    let o = run(&strs(&args));
     expect_code(&o, 0);
     let n = assert_replica(&c, &src, &c, &dst, "copy/", "data/", latest_only).await;
     assert!(n > 5);
@@ -193,18 +181,8 @@ async fn unversioned_source_with_null_version_ids() {
         .collect();
     seed(&c, &src, vec![round]).await;
     let (_d, m) = manifest();
-    let mut args = vec![
-        "replicate".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--no-progress".into(),
-    ];
-    args.extend(sides(&ep, &ep));
-    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = job("replicate", &src, &dst, &m, &ep, &ep, &["--no-progress"]);
+    let o = run(&strs(&args));
     expect_code(&o, 0);
     let n = assert_replica(&c, &src, &c, &dst, "", "", all).await;
     assert_eq!(n, 20 + odd_keys().len());
@@ -224,17 +202,8 @@ async fn refuses_unversioned_destination_for_several_versions() {
     )
     .await;
     let (_d, m) = manifest();
-    let mut args = vec![
-        "plan".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-    ];
-    args.extend(sides(&ep, &ep));
-    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = job("plan", &src, &dst, &m, &ep, &ep, &[]);
+    let o = run(&strs(&args));
     expect_code(&o, 2);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--latest-only"), "{err}");
@@ -247,17 +216,8 @@ async fn bad_input_is_one_line_and_exit_2() {
     let ep = endpoint();
     let (_d, m) = manifest();
     let missing = bucket("missing");
-    let mut args = vec![
-        "plan".to_string(),
-        "--source".into(),
-        format!("s3://{missing}"),
-        "--dest".into(),
-        format!("s3://{missing}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-    ];
-    args.extend(sides(&ep, &ep));
-    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = job("plan", &missing, &missing, &m, &ep, &ep, &[]);
+    let o = run(&strs(&args));
     expect_code(&o, 2);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.starts_with("error: source:"), "{err}");

@@ -77,27 +77,6 @@ fn corpus(n: usize) -> Vec<Vec<Op>> {
     rounds
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// `plan` arguments copying every version and delete marker from `src` to `dst`.
-fn plan_args(ep: &str, src: &str, dst: &str, m: &Path) -> Vec<String> {
-    let mut a = vec![
-        "plan".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--delete-markers".into(),
-        "--no-progress".into(),
-    ];
-    a.extend(sides(ep, ep));
-    a
-}
-
 fn run_args(m: &Path, extra: &[&str]) -> Vec<String> {
     let mut a = vec![
         "run".to_string(),
@@ -250,7 +229,7 @@ async fn crash_anywhere_then_resume() {
         test_start.elapsed()
     );
     let (_d, m) = manifest();
-    let plan = plan_args(&ep, &src, &dst, &m);
+    let plan = plan_all(&src, &dst, &m, &ep);
     let mut kills = 0;
 
     // `plan`, killed three times. An uninterrupted `plan` takes about 0.2 s to start, then
@@ -333,7 +312,7 @@ async fn sigint_drains_and_exits_nonzero() {
     let (src, dst) = buckets_with_corpus(&c, "sigint", 60).await;
     let source_entries = entry_count(&c, &src).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_args(&ep, &src, &dst, &m))), 0);
+    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
 
     // Slow enough that it cannot finish before the signal.
     let grace = Duration::from_secs(20);
@@ -400,7 +379,7 @@ async fn second_process_is_refused_and_stale_lock_is_not() {
     let (src, dst) = buckets_with_corpus(&c, "lock", 40).await;
     let source_entries = entry_count(&c, &src).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_args(&ep, &src, &dst, &m))), 0);
+    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
 
     let first = spawn(&run_args(&m, &["--max-rps", "20"]));
     wait_status(&m, "the first run to start copying", |st| {
@@ -449,11 +428,11 @@ async fn mismatched_plan_is_refused() {
     let other = bucket("mismatch-other");
     create_bucket(&c, &other, true).await;
     let (_d, m) = manifest();
-    let plan = plan_args(&ep, &src, &dst, &m);
+    let plan = plan_all(&src, &dst, &m, &ep);
     expect_code(&run(&strs(&plan)), 0);
     let planned = status(&m);
 
-    let mut other_dest = plan_args(&ep, &src, &other, &m);
+    let mut other_dest = plan_all(&src, &other, &m, &ep);
     let o = run(&strs(&other_dest));
     expect_code(&o, 2);
     let err = stderr_of(&o);
@@ -503,7 +482,7 @@ async fn newer_schema_is_refused() {
     let c = client(&ep);
     let (src, dst) = buckets_with_corpus(&c, "schema", 3).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_args(&ep, &src, &dst, &m))), 0);
+    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
     {
         let db = rusqlite::Connection::open(&m).unwrap();
         db.pragma_update(None, "user_version", 99).unwrap();
@@ -513,7 +492,7 @@ async fn newer_schema_is_refused() {
     for (what, o) in [
         ("status", run(&status_cmd)),
         ("run", run(&strs(&run_args(&m, &[])))),
-        ("plan", run(&strs(&plan_args(&ep, &src, &dst, &m)))),
+        ("plan", run(&strs(&plan_all(&src, &dst, &m, &ep)))),
     ] {
         expect_code(&o, 2);
         let err = stderr_of(&o);
@@ -545,7 +524,7 @@ async fn killed_plan_resumes_from_its_checkpoint() {
     let source_entries = entry_count(&c, &src).await;
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("job.db");
-    let plan = plan_args(&ep, &src, &dst, &m);
+    let plan = plan_all(&src, &dst, &m, &ep);
     let mut child = cmd(&strs(&plan))
         .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
         .stdout(Stdio::piped())

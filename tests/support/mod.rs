@@ -734,3 +734,41 @@ pub fn manifest_tasks(path: &Path) -> Vec<TaskRow> {
 pub fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
+
+/// The arguments of a `plan` or `replicate` from `s3://src` to `s3://dest` (`dest` may carry
+/// a prefix) with manifest `m`, each side on its endpoint, followed by `extra`.
+pub fn job(
+    command: &str,
+    src: &str,
+    dest: &str,
+    m: &Path,
+    source_ep: &str,
+    dest_ep: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        command.into(),
+        "--source".into(),
+        format!("s3://{src}"),
+        "--dest".into(),
+        format!("s3://{dest}"),
+        "--manifest".into(),
+        m.to_str().expect("utf-8 path").into(),
+    ];
+    a.extend(sides(source_ep, dest_ep));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `plan` of every version and delete marker, one endpoint for both sides, no progress bar.
+pub fn plan_all(src: &str, dst: &str, m: &Path, ep: &str) -> Vec<String> {
+    job(
+        "plan",
+        src,
+        dst,
+        m,
+        ep,
+        ep,
+        &["--delete-markers", "--no-progress"],
+    )
+}
