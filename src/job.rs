@@ -72,6 +72,17 @@ impl From<ListError> for JobError {
 /// operating system releases it when the process dies, so a stale lock never blocks.
 pub struct ManifestLock {
     _file: File,
+    lock_path: PathBuf,
+    manifest: PathBuf,
+}
+
+impl Drop for ManifestLock {
+    fn drop(&mut self) {
+        // A plan that failed before creating its manifest leaves nothing behind.
+        if !self.manifest.exists() {
+            let _ = std::fs::remove_file(&self.lock_path);
+        }
+    }
 }
 
 /// Takes the manifest's lock or explains who holds it.
@@ -90,7 +101,11 @@ pub fn lock_manifest(path: &Path) -> Result<ManifestLock, JobError> {
         Ok(()) => {
             let _ = f.set_len(0);
             let _ = writeln!(f, "{}", std::process::id());
-            Ok(ManifestLock { _file: f })
+            Ok(ManifestLock {
+                _file: f,
+                lock_path,
+                manifest: path.to_path_buf(),
+            })
         }
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
@@ -265,31 +280,33 @@ pub struct PlanOutcome {
 pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
     let settings = settings_from(args)?;
     let _lock = lock_manifest(&args.manifest)?;
-    let mut m = Manifest::open(&args.manifest, true)?;
-    if let Some(stored) = m.settings()? {
-        if let Some(diff) = settings.identity_differs(&stored) {
-            return Err(JobError::Usage(format!(
-                "manifest {} belongs to another job: this plan has {diff}; use a new --manifest, or the same arguments to continue it",
-                args.manifest.display()
-            )));
-        }
-        if stored != settings {
-            m.store_settings(&settings)?;
-        }
+    // An existing manifest is checked first; a new one is only created once both buckets
+    // answered, so a mistyped bucket leaves no manifest behind.
+    let existing = if args.manifest.exists() {
+        Some(Manifest::open(&args.manifest, false)?)
     } else {
-        m.store_settings(&settings)?;
-    }
-    let cp = m.listing()?;
-    if cp.complete {
-        let c = m.counts()?;
-        eprintln!(
-            "listing already complete: {} tasks in {}; nothing to do (use `run`)",
-            c.total,
-            args.manifest.display()
-        );
-        return Ok(PlanOutcome {
-            already_complete: true,
-        });
+        None
+    };
+    if let Some(m) = &existing {
+        if let Some(stored) = m.settings()? {
+            if let Some(diff) = settings.identity_differs(&stored) {
+                return Err(JobError::Usage(format!(
+                    "manifest {} belongs to another job: this plan has {diff}; use a new --manifest, or the same arguments to continue it",
+                    args.manifest.display()
+                )));
+            }
+        }
+        if m.listing()?.complete {
+            let c = m.counts()?;
+            eprintln!(
+                "listing already complete: {} tasks in {}; nothing to do (use `run`)",
+                c.total,
+                args.manifest.display()
+            );
+            return Ok(PlanOutcome {
+                already_complete: true,
+            });
+        }
     }
     let policy = preflight_policy();
     let limiter = Limiter::new(4, None);
@@ -304,6 +321,15 @@ pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
     .await?;
     let dest_versioned =
         probe_bucket(&dest, Side::Dest, &settings.dest.bucket, &policy, &limiter).await?;
+    let mut m = match existing {
+        Some(m) => m,
+        None => Manifest::open(&args.manifest, true)?,
+    };
+    if m.settings()?.as_ref() != Some(&settings) {
+        // New, or the same job with other side or copy options (e.g. a moved endpoint).
+        m.store_settings(&settings)?;
+    }
+    let cp = m.listing()?;
     let bar = if show_progress(args.no_progress) {
         let b = ProgressBar::new_spinner();
         b.set_style(

@@ -13,7 +13,9 @@ fn main() {
         .with_target(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("S3_BACKFILL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // The SDK's own warnings (e.g. every credential provider it tried) are noise
+                // next to the one-line errors this tool prints: only its errors show.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,s3_backfill=warn")),
         )
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()

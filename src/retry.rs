@@ -170,13 +170,23 @@ where
             S3Error::other(side, op, ErrorClass::Retryable, "timed out".into())
         }
         SdkError::DispatchFailure(d) => {
+            let message = dispatch_message(&err);
+            if message.to_ascii_lowercase().contains("credential") || is_identity_error(&err) {
+                // No credentials could be resolved: a configuration error, not a network one.
+                return S3Error::other(
+                    side,
+                    op,
+                    ErrorClass::Fatal,
+                    format!("no usable credentials for the {side} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --{side}-profile): {message}"),
+                );
+            }
             // Connection refused, reset, DNS, TLS: the request may or may not have arrived.
             let class = if d.is_user() {
                 ErrorClass::Fatal
             } else {
                 ErrorClass::Retryable
             };
-            S3Error::other(side, op, class, dispatch_message(&err))
+            S3Error::other(side, op, class, message)
         }
         SdkError::ResponseError(r) => {
             // A response that could not be read or parsed (truncated body, reset mid-body).
@@ -218,6 +228,19 @@ where
     }
 }
 
+/// Whether any cause in the chain is a failed credentials lookup.
+fn is_identity_error<E: std::error::Error + 'static>(err: &E) -> bool {
+    let mut src = err.source();
+    while let Some(s) = src {
+        let text = format!("{s:?}");
+        if text.contains("CredentialsNotLoaded") || text.contains("ProviderError") {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 fn dispatch_message<E: std::error::Error + 'static>(err: &E) -> String {
     // The innermost cause is the useful part ("Connection refused", "connection reset").
     let mut msg = String::from("could not send the request");
@@ -228,8 +251,10 @@ fn dispatch_message<E: std::error::Error + 'static>(err: &E) -> String {
         src = s.source();
     }
     if let Some(l) = last {
+        // Some causes span lines (e.g. every credential provider tried): keep one line.
+        let l: Vec<&str> = l.lines().map(str::trim).filter(|x| !x.is_empty()).collect();
         msg.push_str(": ");
-        msg.push_str(&l);
+        msg.push_str(&l.join("; "));
     }
     msg
 }

@@ -224,6 +224,24 @@ async fn bad_input_is_one_line_and_exit_2() {
     assert!(err.contains("does not exist"), "{err}");
     assert!(!err.contains("panicked"));
 
+    assert!(!m.exists(), "a failed plan leaves no manifest behind");
+
+    // No credentials at all: one line that says so, exit 2.
+    let src = bucket("nocreds");
+    let args = job("plan", &src, &src, &m, &ep, &ep, &[]);
+    let o = cmd(&strs(&args))
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    expect_code(&o, 2);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no usable credentials for the source"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
     let o = run(&["run", "--manifest", "/nonexistent/dir/job.db"]);
     expect_code(&o, 2);
     let o = run(&[
