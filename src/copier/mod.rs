@@ -257,16 +257,20 @@ impl Copier {
             return false;
         }
         if !self.stream_fallback.swap(true, Ordering::Relaxed) {
-            let line = format!(
+            self.say(format!(
                 "server-side copy was denied ({e}); streaming through this machine from now on"
-            );
-            if self.bar.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                self.bar.println(line);
-            }
+            ));
         }
         true
+    }
+
+    /// Prints one line to standard error, above the progress bar when there is one.
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
     }
 
     /// Asks the run to stop taking new tasks; tasks in flight finish.
@@ -501,11 +505,7 @@ impl Copier {
                     _ => None,
                 };
                 if let Some(line) = line {
-                    if self.bar.is_hidden() {
-                        eprintln!("{line}");
-                    } else {
-                        self.bar.println(line);
-                    }
+                    self.say(line);
                 }
             }
             Outcome::Skipped { .. } => {
@@ -608,7 +608,7 @@ impl Copier {
                     }
                     Err(e) => {
                         // Cannot tell; copying now could make a duplicate. Leave it in doubt.
-                        self.bar.println(format!(
+                        self.say(format!(
                             "in doubt, left for the next run: {} version {}: {e}",
                             show_key(&task.key),
                             task.version_id
