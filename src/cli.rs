@@ -263,6 +263,9 @@ pub struct VerifyArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// No progress display.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Parses a byte size: `5242880`, `5MiB`, `5M`, `1GiB`, `64KiB`.

@@ -582,15 +582,36 @@ pub async fn verify_cmd(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
         settings.dest_side.endpoint = Some(e.clone());
     }
     let (source, dest) = clients(&settings).await;
+    let bar = if show_progress(args.no_progress) {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} verifying [{elapsed_precise}] {pos} keys ({per_sec}) {msg}",
+            )
+            .expect("template"),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    } else {
+        ProgressBar::hidden()
+    };
     let r = verify(
         &settings,
         &source,
         &dest,
         &RetryPolicy::default(),
         &Limiter::new(2, None),
+        |r| {
+            bar.set_position(r.keys);
+            bar.set_message(format!(
+                "{} versions, {} differ",
+                r.versions, r.mismatched_keys
+            ));
+        },
     )
-    .await?;
-    Ok(r)
+    .await;
+    bar.finish_and_clear();
+    Ok(r?)
 }
 
 /// Prints a run's one-line summary to standard error and returns the exit code.

@@ -216,13 +216,15 @@ fn selected(settings: &JobSettings, mut entries: Vec<Entry>) -> Vec<Entry> {
     entries
 }
 
-/// Compares the destination with the source under the job's settings.
+/// Compares the destination with the source under the job's settings. `progress` sees the
+/// report after each key (for a progress display).
 pub async fn verify(
     settings: &JobSettings,
     source: &Client,
     dest: &Client,
     policy: &RetryPolicy,
     limiter: &Limiter,
+    mut progress: impl FnMut(&VerifyReport),
 ) -> Result<VerifyReport, ListError> {
     let mut src = Histories {
         client: source,
@@ -289,6 +291,7 @@ pub async fn verify(
         }
         report.keys += 1;
         report.versions += s.len() as u64;
+        progress(&report);
         if let Some(detail) = compare(&s, &d) {
             report.mismatched_keys += 1;
             if report.mismatches.len() < 1000 {
