@@ -334,7 +334,7 @@ pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
         let b = ProgressBar::new_spinner();
         b.set_style(
             ProgressStyle::with_template(
-                "{spinner} listing [{elapsed_precise}] {pos} versions and delete markers ({per_sec}) {msg}",
+                "{spinner} listing [{elapsed_precise}] {human_pos} versions and delete markers ({per_sec}) {msg}",
             )
             .expect("template"),
         );

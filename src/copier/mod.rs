@@ -518,7 +518,8 @@ impl Copier {
             let bytes = self.bytes.load(Ordering::Relaxed);
             let secs = self.bar.elapsed().as_secs_f64().max(0.001);
             self.bar.set_message(format!(
-                "{} copied, {}/s",
+                "{:.0} tasks/s, {} copied, {}/s",
+                self.bar.position() as f64 / secs,
                 HumanBytes(bytes),
                 HumanBytes((bytes as f64 / secs) as u64)
             ));
@@ -740,7 +741,7 @@ pub fn copy_bar(show: bool, total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} copying [{elapsed_precise}] {bar:30} {pos}/{len} tasks ({per_sec}, ETA {eta}) {msg}",
+            "{spinner} copying [{elapsed_precise}] {bar:30} {pos}/{len} tasks, ETA {eta}: {msg}",
         )
         .expect("template")
         .progress_chars("=> "),
