@@ -269,6 +269,12 @@ pub struct VerifyArgs {
 }
 
 /// Parses a byte size: `5242880`, `5MiB`, `5M`, `1GiB`, `64KiB`.
+///
+/// ```
+/// use s3_backfill::cli::parse_size;
+/// assert_eq!(parse_size("16MiB"), Ok(16 * 1024 * 1024));
+/// assert!(parse_size("16 apples").is_err());
+/// ```
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());

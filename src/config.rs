@@ -61,6 +61,14 @@ pub struct Location {
 
 impl Location {
     /// Parses `s3://BUCKET[/PREFIX]`.
+    ///
+    /// ```
+    /// use s3_backfill::config::Location;
+    /// let l = Location::parse("s3://archive/2024/raw data/").unwrap();
+    /// assert_eq!(l.bucket, "archive");
+    /// assert_eq!(l.prefix, "2024/raw data/");
+    /// assert!(Location::parse("archive").is_err());
+    /// ```
     pub fn parse(s: &str) -> Result<Location, ConfigError> {
         let rest = s
             .strip_prefix("s3://")

@@ -187,6 +187,14 @@ pub struct Layout {
 
 /// Chooses the part layout: the source's own when it is uniform and known, else `preferred`
 /// grown as needed to stay within 10,000 parts.
+///
+/// ```
+/// use s3_backfill::copier::choose_layout;
+/// const MIB: u64 = 1024 * 1024;
+/// // A 12 MiB source uploaded in 3 parts of 5 MiB keeps its layout (and so its ETag).
+/// let l = choose_layout(12 * MIB, 16 * MIB, Some((5 * MIB, 3)));
+/// assert_eq!((l.part_size, l.parts, l.preserves_etag), (5 * MIB, 3, true));
+/// ```
 pub fn choose_layout(size: u64, preferred: u64, source_layout: Option<(u64, u64)>) -> Layout {
     if let Some((first, n)) = source_layout {
         let uniform = n >= 1
