@@ -256,3 +256,69 @@ async fn bad_input_is_one_line_and_exit_2() {
     expect_code(&o, 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("s3://BUCKET"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksums_and_storage_class_survive_both_copy_paths() {
+    use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, StorageClass};
+    let ep = endpoint();
+    let c = client(&ep);
+    let src = bucket("src");
+    create_bucket(&c, &src, true).await;
+    for (key, alg) in [
+        ("crc32", ChecksumAlgorithm::Crc32),
+        ("sha256", ChecksumAlgorithm::Sha256),
+    ] {
+        c.put_object()
+            .bucket(&src)
+            .key(key)
+            .body(aws_sdk_s3::primitives::ByteStream::from(
+                format!("body of {key}").into_bytes(),
+            ))
+            .checksum_algorithm(alg)
+            .storage_class(StorageClass::StandardIa)
+            .send()
+            .await
+            .unwrap();
+    }
+    for mode in ["server-side", "stream"] {
+        let dst = bucket("dst");
+        create_bucket(&c, &dst, true).await;
+        let (_d, m) = manifest();
+        let args = job(
+            "replicate",
+            &src,
+            &dst,
+            &m,
+            &ep,
+            &ep,
+            &["--copy-mode", mode, "--no-progress"],
+        );
+        expect_code(&run(&strs(&args)), 0);
+        for key in ["crc32", "sha256"] {
+            let head = |b: String| {
+                let c = c.clone();
+                async move {
+                    c.head_object()
+                        .bucket(b)
+                        .key(key)
+                        .checksum_mode(ChecksumMode::Enabled)
+                        .send()
+                        .await
+                        .unwrap()
+                }
+            };
+            let (s, d) = (head(src.clone()).await, head(dst.clone()).await);
+            assert_eq!(s.checksum_crc32(), d.checksum_crc32(), "{mode} {key}");
+            assert_eq!(s.checksum_sha256(), d.checksum_sha256(), "{mode} {key}");
+            assert!(
+                s.checksum_crc32().is_some() || s.checksum_sha256().is_some(),
+                "the source has a checksum"
+            );
+            assert_eq!(
+                d.storage_class(),
+                Some(&StorageClass::StandardIa),
+                "{mode} {key}"
+            );
+        }
+    }
+}
