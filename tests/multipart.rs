@@ -349,3 +349,99 @@ async fn killed_during_multipart_copy_then_run_again() {
     let tasks = manifest_tasks(&m);
     assert!(tasks.iter().all(|t| t.upload_id.is_none()), "{tasks:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_checksum_is_kept_and_checked() {
+    use aws_sdk_s3::primitives::ByteStream;
+    use aws_sdk_s3::types::{
+        ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart,
+    };
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    // 2 parts of 5 MiB and a 1 MiB tail, with CRC32 checksums.
+    let body = pseudo_random(11 * MIB, 42);
+    let up = c
+        .create_multipart_upload()
+        .bucket(&src)
+        .key("ck/big")
+        .checksum_algorithm(ChecksumAlgorithm::Crc32)
+        .send()
+        .await
+        .unwrap();
+    let id = up.upload_id().unwrap();
+    let mut parts = Vec::new();
+    for (n, chunk) in body.chunks(5 * MIB).enumerate() {
+        let n = n as i32 + 1;
+        let p = c
+            .upload_part()
+            .bucket(&src)
+            .key("ck/big")
+            .upload_id(id)
+            .part_number(n)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .body(ByteStream::from(chunk.to_vec()))
+            .send()
+            .await
+            .unwrap();
+        parts.push(
+            CompletedPart::builder()
+                .part_number(n)
+                .set_e_tag(p.e_tag().map(str::to_string))
+                .set_checksum_crc32(p.checksum_crc32().map(str::to_string))
+                .build(),
+        );
+    }
+    c.complete_multipart_upload()
+        .bucket(&src)
+        .key("ck/big")
+        .upload_id(id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let (_d, m) = manifest();
+    let args = job(
+        "replicate",
+        &src,
+        &dst,
+        &m,
+        &ep,
+        &ep,
+        &[
+            "--multipart-threshold",
+            "5MiB",
+            "--part-size",
+            "5MiB",
+            "--no-progress",
+        ],
+    );
+    expect_code(&run(&strs(&args)), 0);
+    let head = |b: String| {
+        let c = c.clone();
+        async move {
+            c.head_object()
+                .bucket(b)
+                .key("ck/big")
+                .checksum_mode(ChecksumMode::Enabled)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let (s, d) = (head(src.clone()).await, head(dst.clone()).await);
+    assert!(s.checksum_crc32().is_some(), "the source has a CRC32");
+    assert_eq!(s.checksum_crc32(), d.checksum_crc32());
+    assert_eq!(s.e_tag(), d.e_tag());
+    let got = content(&c, &dst, "ck/big", d.version_id().unwrap()).await;
+    assert_eq!(got.body, body);
+    let t = manifest_tasks(&m);
+    assert_eq!(t[0].copy_method.as_deref(), Some("multipart-copy"));
+}

@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart, MetadataDirective,
-    ObjectCannedAcl, ObjectLockLegalHoldStatus, ObjectLockMode, ServerSideEncryption, StorageClass,
-    TaggingDirective,
+    ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
+    MetadataDirective, ObjectCannedAcl, ObjectLockLegalHoldStatus, ObjectLockMode,
+    ServerSideEncryption, StorageClass, TaggingDirective,
 };
 use base64::Engine;
 use bytes::Bytes;
@@ -64,6 +64,9 @@ pub struct SourceAttrs {
     pub legal_hold: Option<ObjectLockLegalHoldStatus>,
     /// Checksum algorithm and value, when the source has one.
     pub checksum: Option<(ChecksumAlgorithm, String)>,
+    /// Whether that checksum covers the whole object (`FULL_OBJECT`) or its parts
+    /// (`COMPOSITE`), when the server says.
+    pub checksum_type: Option<ChecksumType>,
     /// Tag count.
     pub tag_count: i32,
 }
@@ -146,6 +149,7 @@ impl SourceAttrs {
             lock_until: h.object_lock_retain_until_date().cloned(),
             legal_hold: h.object_lock_legal_hold_status().cloned(),
             checksum: checksum_of(h),
+            checksum_type: h.checksum_type().cloned(),
             tag_count: h.tag_count().unwrap_or(0),
         }
     }
@@ -596,7 +600,13 @@ impl Copier {
                     .dest
                     .create_multipart_upload()
                     .bucket(&self.settings.dest.bucket)
-                    .key(t.dest_key);
+                    .key(t.dest_key)
+                    // A whole-object checksum at the source stays one at the destination.
+                    .set_checksum_type(
+                        a.checksum_type
+                            .clone()
+                            .filter(|c| *c == ChecksumType::FullObject),
+                    );
                 with_attrs!(req, self, a, tags, sse, kms)
                     .send()
                     .await
@@ -689,6 +699,8 @@ impl Copier {
             (Some(d), Some(s)) => Some(d == s),
             _ => None,
         };
+        self.verify_multipart_checksum(t, a, version.as_deref(), layout)
+            .await?;
         Ok(Copied {
             dest_version_id: version,
             method: if server_side {
@@ -700,6 +712,50 @@ impl Copier {
             parts: Some(layout.parts),
             etag_preserved: etag_preserved.or(Some(layout.preserves_etag)),
         })
+    }
+
+    /// After a multipart copy, compares the destination's checksum with the source's where
+    /// they are comparable: both over the whole object, or both composite over the same
+    /// part layout. Elsewhere (composite over another layout) the values differ by design.
+    async fn verify_multipart_checksum(
+        &self,
+        t: &TaskCtx<'_>,
+        a: &SourceAttrs,
+        version: Option<&str>,
+        layout: Layout,
+    ) -> Result<(), S3Error> {
+        let Some((alg, source_value)) = &a.checksum else {
+            return Ok(());
+        };
+        let h = self
+            .call(t, || async {
+                self.dest
+                    .head_object()
+                    .bucket(&self.settings.dest.bucket)
+                    .key(t.dest_key)
+                    .set_version_id(version.map(str::to_string))
+                    .checksum_mode(ChecksumMode::Enabled)
+                    .send()
+                    .await
+                    .map_err(|e| classify(Side::Dest, "HeadObject", false, e))
+            })
+            .await?;
+        let Some((dest_alg, dest_value)) = checksum_of(&h) else {
+            return Ok(());
+        };
+        let composite = |v: &str| v.contains('-');
+        let comparable = *alg == dest_alg
+            && composite(source_value) == composite(&dest_value)
+            && (!composite(source_value) || layout.preserves_etag);
+        if comparable {
+            self.verify_checksum(
+                t,
+                "CompleteMultipartUpload",
+                a,
+                Some((dest_alg, dest_value)),
+            )?;
+        }
+        Ok(())
     }
 
     async fn upload_part_copy(
