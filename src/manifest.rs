@@ -36,7 +36,7 @@ pub enum ManifestError {
     #[error("manifest {0} has schema version {1}, newer than this s3-backfill understands ({SCHEMA_VERSION}); use a newer s3-backfill")]
     TooNew(String, i64),
     /// The file is not a manifest (or has no job in it).
-    #[error("{0} is not an s3-backfill manifest (no job settings in it); create one with `s3-backfill plan`")]
+    #[error("{0} is not an s3-backfill manifest; create one with `s3-backfill plan`")]
     NotAManifest(String),
     /// The manifest does not exist.
     #[error("manifest {0} does not exist; create it with `s3-backfill plan`")]
@@ -362,7 +362,10 @@ impl Manifest {
         let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => ManifestError::NotAManifest(p.clone()),
+                _ => sql(e),
+            })?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql)?;
         let version: i64 = conn
@@ -983,6 +986,17 @@ mod tests {
         assert!(matches!(
             Manifest::open(&path, false),
             Err(ManifestError::TooNew(_, 99))
+        ));
+    }
+
+    #[test]
+    fn refuses_files_that_are_not_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "this is not a database, just some text ".repeat(200)).unwrap();
+        assert!(matches!(
+            Manifest::open(&path, false),
+            Err(ManifestError::NotAManifest(_))
         ));
     }
 
