@@ -356,8 +356,10 @@ pub async fn list_into(
                 let n = match &last_selected {
                     Some((k, n)) if *k == e.key => n + 1,
                     _ => {
+                        // Only the first key of a resumed listing can have tasks from
+                        // before the restart.
                         if last_selected.is_none() && stats.resumed {
-                            manifest_count(manifest, &e.key)? + 1
+                            manifest.count_key(&e.key)? + 1
                         } else {
                             1
                         }
@@ -410,11 +412,6 @@ pub async fn list_into(
         on_page(&cp);
     }
     Ok(stats)
-}
-
-/// Only the first key of a resumed listing can have tasks from before the restart.
-fn manifest_count(m: &Manifest, key: &str) -> Result<u64, ManifestError> {
-    m.count_key(key)
 }
 
 /// Keeps a key's text readable in one line of output.

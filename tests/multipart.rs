@@ -40,6 +40,7 @@ fn rich(i: usize) -> Headers {
             ("rev".into(), i.to_string()),
         ],
         tagging: Some(format!("kind=multipart&rev={i}")),
+        checksum: None,
     }
 }
 
@@ -352,10 +353,7 @@ async fn killed_during_multipart_copy_then_run_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_checksum_is_kept_and_checked() {
-    use aws_sdk_s3::primitives::ByteStream;
-    use aws_sdk_s3::types::{
-        ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart,
-    };
+    use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode};
     let ep = endpoint();
     let c = client(&ep);
     let (src, dst) = (bucket("src"), bucket("dst"));
@@ -363,49 +361,11 @@ async fn multipart_checksum_is_kept_and_checked() {
     create_bucket(&c, &dst, true).await;
     // 2 parts of 5 MiB and a 1 MiB tail, with CRC32 checksums.
     let body = pseudo_random(11 * MIB, 42);
-    let up = c
-        .create_multipart_upload()
-        .bucket(&src)
-        .key("ck/big")
-        .checksum_algorithm(ChecksumAlgorithm::Crc32)
-        .send()
-        .await
-        .unwrap();
-    let id = up.upload_id().unwrap();
-    let mut parts = Vec::new();
-    for (n, chunk) in body.chunks(5 * MIB).enumerate() {
-        let n = n as i32 + 1;
-        let p = c
-            .upload_part()
-            .bucket(&src)
-            .key("ck/big")
-            .upload_id(id)
-            .part_number(n)
-            .checksum_algorithm(ChecksumAlgorithm::Crc32)
-            .body(ByteStream::from(chunk.to_vec()))
-            .send()
-            .await
-            .unwrap();
-        parts.push(
-            CompletedPart::builder()
-                .part_number(n)
-                .set_e_tag(p.e_tag().map(str::to_string))
-                .set_checksum_crc32(p.checksum_crc32().map(str::to_string))
-                .build(),
-        );
-    }
-    c.complete_multipart_upload()
-        .bucket(&src)
-        .key("ck/big")
-        .upload_id(id)
-        .multipart_upload(
-            CompletedMultipartUpload::builder()
-                .set_parts(Some(parts))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let crc32 = Headers {
+        checksum: Some(ChecksumAlgorithm::Crc32),
+        ..Headers::default()
+    };
+    put_multipart(&c, &src, "ck/big", &body, &[5 * MIB], &crc32).await;
 
     let (_d, m) = manifest();
     let args = job(

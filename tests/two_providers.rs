@@ -57,6 +57,7 @@ async fn seed_corpus(c: &Client, bucket: &str) -> usize {
                 cache_control: Some("public, max-age=3600".into()),
                 metadata: vec![("part-size".into(), "5MiB".into())],
                 tagging: Some(format!("big=yes&round={round}")),
+                checksum: None,
             };
             let body = pseudo_random(12 * MIB + 17, round as u64);
             put_multipart(c, bucket, "mp/twice", &body, &[5 * MIB], &h).await;

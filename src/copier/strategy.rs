@@ -253,12 +253,13 @@ fn md5_hex(b: &[u8]) -> String {
 }
 
 impl Copier {
-    fn reader(&self) -> (&aws_sdk_s3::Client, Side) {
-        // Server-side copies read the source with the destination's credentials.
+    /// The client that reads the source: server-side copies read it with the destination's
+    /// credentials (errors still concern the source).
+    fn reader(&self) -> &aws_sdk_s3::Client {
         if self.server_side() {
-            (&self.dest, Side::Source)
+            &self.dest
         } else {
-            (&self.source, Side::Source)
+            &self.source
         }
     }
 
@@ -267,7 +268,7 @@ impl Copier {
         t: &TaskCtx<'_>,
         part_number: Option<i32>,
     ) -> Result<HeadObjectOutput, S3Error> {
-        let (client, side) = self.reader();
+        let client = self.reader();
         let head = || async {
             self.call(t, || async {
                 client
@@ -279,7 +280,7 @@ impl Copier {
                     .set_part_number(part_number)
                     .send()
                     .await
-                    .map_err(|e| classify(side, "HeadObject", true, e))
+                    .map_err(|e| classify(Side::Source, "HeadObject", true, e))
             })
             .await
         };
@@ -294,7 +295,7 @@ impl Copier {
     }
 
     async fn source_tags(&self, t: &TaskCtx<'_>) -> Result<String, S3Error> {
-        let (client, _) = self.reader();
+        let client = self.reader();
         let out = self
             .call(t, || async {
                 client

@@ -569,6 +569,8 @@ pub struct Headers {
     pub metadata: Vec<(String, String)>,
     /// Tags, as `k=v&k2=v2`.
     pub tagging: Option<String>,
+    /// A checksum algorithm for the upload and each of its parts.
+    pub checksum: Option<aws_sdk_s3::types::ChecksumAlgorithm>,
 }
 
 /// The multipart ETag S3 computes for these parts: `"md5(md5(p1)‖…‖md5(pN))-N"`.
@@ -599,7 +601,8 @@ pub async fn put_multipart(
         .key(key)
         .set_content_type(h.content_type.clone())
         .set_cache_control(h.cache_control.clone())
-        .set_tagging(h.tagging.clone());
+        .set_tagging(h.tagging.clone())
+        .set_checksum_algorithm(h.checksum.clone());
     for (k, v) in &h.metadata {
         req = req.metadata(k, v);
     }
@@ -629,6 +632,7 @@ pub async fn put_multipart(
                     .key(key)
                     .upload_id(upload_id)
                     .part_number(n)
+                    .set_checksum_algorithm(h.checksum.clone())
                     .body(ByteStream::from(body[a..b].to_vec()))
                     .send()
                     .await
