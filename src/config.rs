@@ -31,24 +31,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Which side of the job a client or an error belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    /// The bucket that is read.
-    Source,
-    /// The bucket that is written.
-    Dest,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Source => "source",
-            Side::Dest => "dest",
-        })
-    }
-}
+pub use crate::s3::Side;
 
 /// A bucket and an optional key prefix: `s3://BUCKET[/PREFIX]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,7 +270,7 @@ impl JobSettings {
 /// Builds the S3 client of one side from the standard AWS chain plus the side's options.
 ///
 /// Retries are configured in exactly one layer: the SDK's own retries are disabled here, and
-/// every call goes through [`crate::retry`], which classifies errors and retries with backon.
+/// every call goes through [`crate::s3::retry`], which classifies errors and retries with backon.
 pub async fn build_client(side: &SideConfig) -> aws_sdk_s3::Client {
     build_side_client(side).await.0
 }

@@ -21,7 +21,7 @@ use crate::copier::{copy_bar, Copier, FailureThreshold, RunOptions, RunSummary};
 use crate::lister::{list_into, ListError};
 use crate::manifest::{Manifest, ManifestError};
 use crate::report;
-use crate::retry::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
+use crate::s3::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
 use crate::verify::{verify, VerifyReport};
 
 /// Why a command could not do its work. Each maps to an exit code and prints as one line.

@@ -3,7 +3,7 @@
 //! The pipeline, one module per stage: [`cli`] (arguments) → [`config`] (settings and one
 //! client per side) → [`lister`] (ListObjectVersions into the manifest) → [`manifest`] (the
 //! SQLite job file, the only SQL) → [`copier`] (scheduler and copy strategies) →
-//! [`report`] / [`verify`]. [`retry`] classifies errors and retries them in one place;
+//! [`report`] / [`verify`]. [`s3`] is the S3 access layer (errors, the one retry loop);
 //! [`job`] wires the stages into commands.
 
 #![warn(missing_docs)]
@@ -15,5 +15,5 @@ pub mod job;
 pub mod lister;
 pub mod manifest;
 pub mod report;
-pub mod retry;
+pub mod s3;
 pub mod verify;

@@ -15,7 +15,7 @@ use quick_xml::Reader;
 
 use crate::config::{JobSettings, RawBody, Side};
 use crate::manifest::{Listing, Manifest, ManifestError, NewTask};
-use crate::retry::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
+use crate::s3::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
 
 /// Entries per listing page (S3's maximum).
 pub const PAGE_SIZE: i32 = 1000;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::config::{JobSettings, Side};
 use crate::lister::{list_page, Entry, ListError};
-use crate::retry::{Limiter, RetryPolicy};
+use crate::s3::{Limiter, RetryPolicy};
 
 /// One key whose histories differ.
 #[derive(Clone, Debug, Serialize)]

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::config::{JobSettings, Side};
 use crate::lister::{list_page, show_key, Entry, ListError};
 use crate::manifest::{KeyGroup, Outcome, State, Task, Update, Writer};
-use crate::retry::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
+use crate::s3::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
 
 /// Seconds of clock difference tolerated between this machine and the destination when
 /// deciding whether a destination version was written by an attempt (see reconciliation).

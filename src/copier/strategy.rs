@@ -6,7 +6,7 @@
 //! - streaming: ranged GETs with the source client, `PutObject` or `UploadPart` with the
 //!   destination client; at most one part per request slot is held in memory.
 //!
-//! Every request goes through [`crate::retry::with_retry`], except the one that creates the
+//! Every request goes through [`crate::s3::with_retry`], except the one that creates the
 //! destination version (`CopyObject`, `PutObject`, `CompleteMultipartUpload`): that one is
 //! retried by [`super::Copier::commit_write`], which first checks whether an attempt that
 //! failed ambiguously took effect, so a retry never makes a second version.
@@ -27,7 +27,7 @@ use md5::{Digest, Md5};
 
 use super::{Copied, Copier, TaskCtx};
 use crate::config::{Side, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
-use crate::retry::{classify, ErrorClass, S3Error};
+use crate::s3::{classify, ErrorClass, S3Error};
 
 /// What the destination must carry over from the source version.
 #[derive(Clone, Debug, Default)]

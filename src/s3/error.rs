@@ -1,21 +1,15 @@
-//! retry: the one place that classifies S3 errors, retries them with backoff (backon), and
-//! bounds the requests in flight (AIMD on throttling, optional requests-per-second cap).
+//! s3::error: every S3 failure as one typed, classified value ([`S3Error`]), and the one place
+//! that turns an SDK error into it. Classes decide what happens next: retry, slow down, fail,
+//! skip (the source version is gone), or skip as archived (restore first).
 //!
-//! The SDK's own retries are disabled (see [`crate::config::build_client`]): this module is
-//! the only retry layer, so attempts never multiply.
+//! May call: the SDK's error types only.
 
 use std::fmt;
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use backon::{ExponentialBuilder, Retryable};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
-use crate::config::Side;
+use super::types::Side;
 
 /// What kind of failure an error is, which decides what happens next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +23,9 @@ pub enum ErrorClass {
     SourceGone,
     /// Will not go away by retrying (access denied, invalid request, missing bucket).
     Fatal,
+    /// The source version is in an archive storage class (GLACIER, DEEP_ARCHIVE): it must be
+    /// restored before it can be read; the task is skipped with that reason.
+    Archived,
 }
 
 impl ErrorClass {
@@ -44,6 +41,7 @@ impl ErrorClass {
             ErrorClass::Throttled => "throttled",
             ErrorClass::SourceGone => "source-gone",
             ErrorClass::Fatal => "fatal",
+            ErrorClass::Archived => "archived",
         }
     }
 }
@@ -259,194 +257,6 @@ fn dispatch_message<E: std::error::Error + 'static>(err: &E) -> String {
     msg
 }
 
-/// The retry schedule: exponential backoff with jitter, a cap and a maximum of attempts.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    /// Attempts per request, the first included.
-    pub max_attempts: usize,
-    /// The first delay.
-    pub min_delay: Duration,
-    /// The longest delay.
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 8,
-            min_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(20),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The backon schedule for this policy.
-    pub fn backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_max_times(self.max_attempts.saturating_sub(1))
-            .with_jitter()
-    }
-}
-
-/// Bounds the requests in flight for the whole job. The bound starts at `max`, halves on
-/// throttling (at most once per window), grows back by one per bound-many successes, and
-/// never leaves `1..=max`. An optional pacer caps requests per second.
-#[derive(Debug)]
-pub struct Limiter {
-    state: Mutex<LimitState>,
-    notify: Notify,
-    pacer: Option<Mutex<Instant>>,
-    interval: Duration,
-    throttles: AtomicU64,
-}
-
-#[derive(Debug)]
-struct LimitState {
-    in_flight: usize,
-    limit: f64,
-    max: usize,
-    last_cut: Option<Instant>,
-}
-
-/// A request slot; released on drop.
-#[derive(Debug)]
-pub struct Permit<'a> {
-    limiter: &'a Limiter,
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        let mut s = self.limiter.state.lock().expect("limiter lock");
-        s.in_flight -= 1;
-        drop(s);
-        self.limiter.notify.notify_waiters();
-    }
-}
-
-impl Limiter {
-    /// A limiter for at most `max` requests in flight and at most `max_rps` per second.
-    pub fn new(max: usize, max_rps: Option<f64>) -> Limiter {
-        let max = max.max(1);
-        let (pacer, interval) = match max_rps {
-            Some(r) if r > 0.0 => (
-                Some(Mutex::new(Instant::now())),
-                Duration::from_secs_f64(1.0 / r),
-            ),
-            _ => (None, Duration::ZERO),
-        };
-        Limiter {
-            state: Mutex::new(LimitState {
-                in_flight: 0,
-                limit: max as f64,
-                max,
-                last_cut: None,
-            }),
-            notify: Notify::new(),
-            pacer,
-            interval,
-            throttles: AtomicU64::new(0),
-        }
-    }
-
-    /// Waits for a request slot (and for the pacer, if any).
-    pub async fn acquire(&self) -> Permit<'_> {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut s = self.state.lock().expect("limiter lock");
-                if (s.in_flight as f64) < s.limit.floor().max(1.0) {
-                    s.in_flight += 1;
-                    break;
-                }
-            }
-            notified.await;
-        }
-        if let Some(p) = &self.pacer {
-            let at = {
-                let mut next = p.lock().expect("pacer lock");
-                let now = Instant::now();
-                let at = (*next).max(now);
-                *next = at + self.interval;
-                at
-            };
-            tokio::time::sleep_until(at.into()).await;
-        }
-        Permit { limiter: self }
-    }
-
-    /// Records a success: additive increase.
-    pub fn on_success(&self) {
-        let mut s = self.state.lock().expect("limiter lock");
-        let max = s.max as f64;
-        if s.limit < max {
-            s.limit = (s.limit + 1.0 / s.limit.max(1.0)).min(max);
-            drop(s);
-            self.notify.notify_waiters();
-        }
-    }
-
-    /// Records a throttling answer: multiplicative decrease, once per 500 ms at most.
-    pub fn on_throttle(&self) {
-        self.throttles.fetch_add(1, Ordering::Relaxed);
-        let mut s = self.state.lock().expect("limiter lock");
-        let now = Instant::now();
-        if s.last_cut
-            .is_none_or(|t| now.duration_since(t) > Duration::from_millis(500))
-        {
-            s.limit = (s.limit / 2.0).max(1.0);
-            s.last_cut = Some(now);
-        }
-    }
-
-    /// The current bound on requests in flight.
-    pub fn current_limit(&self) -> usize {
-        self.state.lock().expect("limiter lock").limit.floor() as usize
-    }
-
-    /// How many throttling answers were seen.
-    pub fn throttles(&self) -> u64 {
-        self.throttles.load(Ordering::Relaxed)
-    }
-}
-
-/// Runs one S3 request with a slot from `limiter`, retrying retryable errors per `policy`.
-/// `retries` is incremented once per retry. The request closure is called once per attempt.
-pub async fn with_retry<T, F, Fut>(
-    policy: &RetryPolicy,
-    limiter: &Limiter,
-    retries: &AtomicU64,
-    f: F,
-) -> Result<T, S3Error>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<T, S3Error>>,
-{
-    let attempt = || async {
-        let _permit = limiter.acquire().await;
-        let r = f().await;
-        match &r {
-            Ok(_) => limiter.on_success(),
-            Err(e) if e.class == ErrorClass::Throttled => limiter.on_throttle(),
-            Err(_) => {}
-        }
-        r
-    };
-    attempt
-        .retry(policy.backoff())
-        .sleep(tokio::time::sleep)
-        .when(|e: &S3Error| e.is_retryable())
-        .notify(|e: &S3Error, d: Duration| {
-            retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("retrying in {d:?} after: {e}");
-        })
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,67 +289,5 @@ mod tests {
             classify_code(Some("NoSuchBucket"), Some(404), true),
             ErrorClass::Fatal
         );
-    }
-
-    #[tokio::test]
-    async fn retries_until_success_and_counts() {
-        let policy = RetryPolicy {
-            max_attempts: 5,
-            min_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(2),
-        };
-        let limiter = Limiter::new(4, None);
-        let retries = AtomicU64::new(0);
-        let calls = AtomicU64::new(0);
-        let r = with_retry(&policy, &limiter, &retries, || async {
-            let n = calls.fetch_add(1, Ordering::Relaxed);
-            if n < 2 {
-                Err(S3Error::other(
-                    Side::Source,
-                    "GetObject",
-                    ErrorClass::Throttled,
-                    "slow".into(),
-                ))
-            } else {
-                Ok(n)
-            }
-        })
-        .await;
-        assert_eq!(r.unwrap(), 2);
-        assert_eq!(retries.load(Ordering::Relaxed), 2);
-        assert_eq!(limiter.throttles(), 2);
-        assert!(limiter.current_limit() < 4);
-    }
-
-    #[tokio::test]
-    async fn fatal_is_not_retried() {
-        let policy = RetryPolicy::default();
-        let limiter = Limiter::new(2, None);
-        let retries = AtomicU64::new(0);
-        let calls = AtomicU64::new(0);
-        let r: Result<(), _> = with_retry(&policy, &limiter, &retries, || async {
-            calls.fetch_add(1, Ordering::Relaxed);
-            Err(S3Error::other(
-                Side::Dest,
-                "CopyObject",
-                ErrorClass::Fatal,
-                "denied".into(),
-            ))
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls.load(Ordering::Relaxed), 1);
-        assert_eq!(retries.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn limiter_stays_in_bounds() {
-        let l = Limiter::new(8, None);
-        for _ in 0..100 {
-            l.on_success();
-        }
-        assert_eq!(l.current_limit(), 8);
-        l.on_throttle();
-        assert_eq!(l.current_limit(), 4);
     }
 }

@@ -1,0 +1,335 @@
+//! s3::types: the records the access layer hands to the stages above it, independent of the
+//! SDK: which side a request is for, one listed version, and what a write carries.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Which side of the job a client or an error belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The bucket that is read.
+    Source,
+    /// The bucket that is written.
+    Dest,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Dest => "dest",
+        })
+    }
+}
+
+/// One entry of a `ListObjectVersions` listing: an object version or a delete marker. The
+/// single listing record used by the lister, the manifest, reconciliation and verify.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    /// The key, decoded, byte-exact.
+    pub key: String,
+    /// The version id (`null` for objects written before versioning).
+    pub version_id: String,
+    /// A delete marker rather than an object version.
+    pub is_delete_marker: bool,
+    /// The current entry of its key.
+    pub is_latest: bool,
+    /// Size in bytes (0 for delete markers).
+    pub size: u64,
+    /// ETag, quotes included.
+    pub etag: Option<String>,
+    /// Last-modified as listed (ISO 8601).
+    pub last_modified: Option<String>,
+    /// Storage class as listed.
+    pub storage_class: Option<String>,
+    /// Checksum algorithm as listed (`CRC32`, `SHA256`, ...), when the server lists one.
+    pub checksum_algorithm: Option<String>,
+}
+
+/// One object (or one version of it) in a bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key, byte-exact.
+    pub key: String,
+    /// Version id; None for the current version (some servers reject `versionId=null`).
+    pub version_id: Option<String>,
+}
+
+impl ObjectRef {
+    /// The current version of `key` (a destination to write, or a source read unversioned).
+    pub fn key(bucket: &str, key: &str) -> ObjectRef {
+        ObjectRef {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            version_id: None,
+        }
+    }
+
+    /// One version of `key`.
+    pub fn version(bucket: &str, key: &str, version_id: &str) -> ObjectRef {
+        ObjectRef {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            version_id: Some(version_id.to_string()),
+        }
+    }
+}
+
+/// A checksum algorithm S3 supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChecksumAlgorithm {
+    /// CRC-32.
+    Crc32,
+    /// CRC-32C.
+    Crc32c,
+    /// CRC-64/NVME.
+    Crc64Nvme,
+    /// SHA-1.
+    Sha1,
+    /// SHA-256.
+    Sha256,
+}
+
+impl ChecksumAlgorithm {
+    /// Every algorithm, in the order responses are read.
+    pub const ALL: [ChecksumAlgorithm; 5] = [
+        ChecksumAlgorithm::Crc32,
+        ChecksumAlgorithm::Crc32c,
+        ChecksumAlgorithm::Crc64Nvme,
+        ChecksumAlgorithm::Sha1,
+        ChecksumAlgorithm::Sha256,
+    ];
+
+    /// S3's name (`CRC32`, `CRC32C`, `CRC64NVME`, `SHA1`, `SHA256`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChecksumAlgorithm::Crc32 => "CRC32",
+            ChecksumAlgorithm::Crc32c => "CRC32C",
+            ChecksumAlgorithm::Crc64Nvme => "CRC64NVME",
+            ChecksumAlgorithm::Sha1 => "SHA1",
+            ChecksumAlgorithm::Sha256 => "SHA256",
+        }
+    }
+
+    /// Parses S3's name, case-insensitively.
+    pub fn parse(s: &str) -> Option<ChecksumAlgorithm> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// A checksum as S3 reports it: the algorithm, the base64 value (`…-N` when composite over N
+/// parts) and whether it covers the whole object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checksum {
+    /// The algorithm.
+    pub algorithm: ChecksumAlgorithm,
+    /// The value as S3 sends it.
+    pub value: String,
+    /// `FULL_OBJECT` (true) or `COMPOSITE`/unknown (false).
+    pub full_object: bool,
+}
+
+impl Checksum {
+    /// Whether the value is composite (a checksum of part checksums).
+    pub fn is_composite(&self) -> bool {
+        self.value.contains('-')
+    }
+
+    /// The first checksum present among `values` (given in [`ChecksumAlgorithm::ALL`] order).
+    pub fn first_of(values: [Option<&str>; 5], full_object: bool) -> Option<Checksum> {
+        ChecksumAlgorithm::ALL
+            .into_iter()
+            .zip(values)
+            .find_map(|(algorithm, v)| {
+                v.map(|v| Checksum {
+                    algorithm,
+                    value: v.to_string(),
+                    full_object,
+                })
+            })
+    }
+}
+
+/// Server-side encryption of an object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encryption {
+    /// SSE-S3 (`AES256`).
+    SseS3,
+    /// SSE-KMS with an optional key id.
+    SseKms(Option<String>),
+    /// DSSE-KMS with an optional key id.
+    DsseKms(Option<String>),
+    /// SSE-C: the object cannot be read without the customer's key.
+    SseC,
+}
+
+impl Encryption {
+    /// Whether an object with this encryption has an MD5 ETag (SSE-S3 or none: yes; KMS, SSE-C: no).
+    pub fn keeps_md5_etag(enc: Option<&Encryption>) -> bool {
+        matches!(enc, None | Some(Encryption::SseS3))
+    }
+}
+
+/// Object lock settings of a version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// `GOVERNANCE` or `COMPLIANCE`.
+    pub mode: Option<String>,
+    /// Retain-until date (unix seconds).
+    pub retain_until: Option<i64>,
+    /// Legal hold on.
+    pub legal_hold: bool,
+}
+
+impl ObjectLock {
+    /// Whether there is anything to set.
+    pub fn is_empty(&self) -> bool {
+        self.mode.is_none() && self.retain_until.is_none() && !self.legal_hold
+    }
+}
+
+/// What a HEAD of one version says, and what a copy carries over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectHead {
+    /// The version id the server answered with.
+    pub version_id: Option<String>,
+    /// The version is a delete marker.
+    pub delete_marker: bool,
+    /// Size in bytes (of the part, for a HEAD with a part number).
+    pub size: u64,
+    /// ETag, quotes included.
+    pub etag: Option<String>,
+    /// Content headers: Content-Type, Cache-Control, Content-Disposition, Content-Encoding,
+    /// Content-Language, Expires (as sent).
+    pub content: ContentHeaders,
+    /// User metadata.
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Storage class (None is STANDARD).
+    pub storage_class: Option<String>,
+    /// Encryption.
+    pub encryption: Option<Encryption>,
+    /// Object lock settings.
+    pub lock: ObjectLock,
+    /// Checksum, when the server keeps one.
+    pub checksum: Option<Checksum>,
+    /// Number of tags.
+    pub tag_count: u32,
+    /// Parts count (for a HEAD with a part number of a multipart object).
+    pub parts_count: Option<u64>,
+    /// An archived object (GLACIER, DEEP_ARCHIVE) not restored.
+    pub archived: bool,
+    /// Replication status header (`x-amz-replication-status`), when present.
+    pub replication_status: Option<String>,
+}
+
+/// The standard content headers of an object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContentHeaders {
+    /// Content-Type.
+    pub content_type: Option<String>,
+    /// Cache-Control.
+    pub cache_control: Option<String>,
+    /// Content-Disposition.
+    pub content_disposition: Option<String>,
+    /// Content-Encoding.
+    pub content_encoding: Option<String>,
+    /// Content-Language.
+    pub content_language: Option<String>,
+    /// Expires, as an HTTP date.
+    pub expires: Option<String>,
+}
+
+/// What a write (CopyObject, PutObject, CreateMultipartUpload) sets on the new version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteAttrs {
+    /// Replace content headers and metadata with these (CopyObject: MetadataDirective
+    /// REPLACE). When false, a CopyObject copies them from the source (COPY).
+    pub replace_metadata: bool,
+    /// Content headers.
+    pub content: ContentHeaders,
+    /// User metadata (the stamp included, when on).
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Tags, URL-encoded (`k=v&k2=v2`); CopyObject copies the source's when None.
+    pub tagging: Option<String>,
+    /// Storage class.
+    pub storage_class: Option<String>,
+    /// Encryption.
+    pub encryption: Option<Encryption>,
+    /// Canned ACL.
+    pub acl: Option<String>,
+    /// Checksum algorithm the destination computes.
+    pub checksum_algorithm: Option<ChecksumAlgorithm>,
+    /// Whole-object checksum for a multipart upload.
+    pub full_object_checksum: bool,
+    /// Object lock settings.
+    pub lock: ObjectLock,
+    /// Content-MD5 of the body (PutObject).
+    pub content_md5: Option<String>,
+}
+
+/// The answer to a write that created a destination version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteResult {
+    /// The new version's id, when the server says (RGW's CopyObject does not).
+    pub version_id: Option<String>,
+    /// The new version's ETag.
+    pub etag: Option<String>,
+    /// The new version's checksum, when the answer carries one.
+    pub checksum: Option<Checksum>,
+}
+
+/// One uploaded part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartResult {
+    /// Part number (1-based).
+    pub number: i32,
+    /// The part's ETag.
+    pub etag: Option<String>,
+    /// The part's checksum.
+    pub checksum: Option<Checksum>,
+}
+
+/// What a bucket probe learns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketFacts {
+    /// The bucket's region (HeadBucket's `x-amz-bucket-region`), when the server says.
+    pub region: Option<String>,
+    /// Versioning is enabled.
+    pub versioned: bool,
+    /// Object lock is enabled on the bucket.
+    pub object_lock: bool,
+}
+
+/// One page of a versions listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VersionPage {
+    /// Versions and delete markers, each key's history newest first.
+    pub entries: Vec<VersionEntry>,
+    /// More pages follow.
+    pub truncated: bool,
+    /// Key marker of the next page.
+    pub next_key_marker: Option<String>,
+    /// Version id marker of the next page.
+    pub next_version_marker: Option<String>,
+}
+
+/// Where a listing page starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListFrom {
+    /// Bucket.
+    pub bucket: String,
+    /// Only keys under this prefix.
+    pub prefix: String,
+    /// Start after this key (and version) marker.
+    pub key_marker: Option<String>,
+    /// Version id marker.
+    pub version_marker: Option<String>,
+    /// Entries per page (1..=1000).
+    pub max_keys: i32,
+}
