@@ -1,10 +1,19 @@
-//! cli: the command-line arguments, and nothing else.
+//! cli: the command-line arguments, validated into settings next to the flags that give
+//! them (a bad value is one line and exit 2, before anything runs).
+//!
+//! May call: config (the settings it builds) and the s3 layer's option types.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ChecksumCalculation, CopyMode};
+use crate::config::{
+    ChecksumCalculation, ConfigError, CopyMode, CopyOptions, JobSettings, Location, Selection,
+    SideConfig, Sse,
+};
+use crate::copier::{FailureThreshold, RunOptions};
+use crate::s3::{RetryPolicy, Timeouts};
 
 /// Batch replication and backfill of every S3 object version, resumable from a SQLite manifest.
 #[derive(Debug, Parser)]
@@ -95,15 +104,38 @@ pub struct CopyArgs {
     /// Storage class at the destination (default: the source version's).
     #[arg(long, value_name = "CLASS")]
     pub storage_class: Option<String>,
-    /// Server-side encryption at the destination: AES256 or aws:kms.
-    #[arg(long, value_name = "ALG")]
-    pub sse: Option<String>,
+    /// Server-side encryption at the destination.
+    #[arg(long, value_enum, value_name = "ALG")]
+    pub sse: Option<Sse>,
     /// KMS key id for --sse aws:kms.
     #[arg(long, value_name = "KEY")]
     pub sse_kms_key_id: Option<String>,
     /// Canned ACL at the destination (e.g. bucket-owner-full-control across accounts).
     #[arg(long, value_name = "ACL")]
     pub acl: Option<String>,
+    /// Do not stamp destination versions with their source version id (user metadata
+    /// `s3-backfill-source-version`): metadata stays byte-identical, and reconciliation after a
+    /// crash matches by size, ETag and time instead of exactly (see the README).
+    #[arg(long)]
+    pub no_stamp: bool,
+}
+
+impl CopyArgs {
+    /// The copy options these flags give, checked against S3's limits.
+    pub fn options(&self) -> Result<CopyOptions, ConfigError> {
+        let o = CopyOptions {
+            mode: self.copy_mode,
+            multipart_threshold: self.multipart_threshold,
+            part_size: self.part_size,
+            storage_class: self.storage_class.clone(),
+            sse: self.sse,
+            sse_kms_key_id: self.sse_kms_key_id.clone(),
+            acl: self.acl.clone(),
+            stamp: !self.no_stamp,
+        };
+        o.validate()?;
+        Ok(o)
+    }
 }
 
 /// Arguments of `plan`.
@@ -130,6 +162,50 @@ pub struct PlanArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+impl SideArgs {
+    /// The settings of one side.
+    pub fn side(&self, source: bool) -> SideConfig {
+        let pick = |s: &Option<String>, d: &Option<String>| if source { s.clone() } else { d.clone() };
+        SideConfig {
+            endpoint: pick(&self.source_endpoint, &self.dest_endpoint),
+            region: pick(&self.source_region, &self.dest_region),
+            profile: pick(&self.source_profile, &self.dest_profile),
+            path_style: self.path_style,
+            checksum_calculation: if source {
+                self.source_checksum_calculation
+            } else {
+                self.dest_checksum_calculation
+            }
+            .unwrap_or_default(),
+        }
+    }
+}
+
+impl PlanArgs {
+    /// The job settings these arguments describe.
+    pub fn settings(&self) -> Result<JobSettings, ConfigError> {
+        let source = Location::parse(&self.source)?;
+        if !source.prefix.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "--source takes a bucket only ({}); select keys with --prefix",
+                self.source
+            )));
+        }
+        Ok(JobSettings {
+            source,
+            dest: Location::parse(&self.dest)?,
+            source_side: self.sides.side(true),
+            dest_side: self.sides.side(false),
+            selection: Selection {
+                prefix: self.selection.prefix.clone().unwrap_or_default(),
+                delete_markers: self.selection.delete_markers,
+                latest_only: self.selection.latest_only,
+            },
+            copy: self.copy.options()?,
+        })
+    }
 }
 
 /// Knobs of the copy stage (not stored: each run chooses).
@@ -162,6 +238,37 @@ pub struct ExecArgs {
     /// Seconds that requests in flight may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub grace_period: u64,
+    /// Seconds one request attempt may take, answer and body included (then it is retried).
+    #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub request_timeout: u64,
+}
+
+impl ExecArgs {
+    /// The run options these knobs give.
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            concurrency: self.concurrency as usize,
+            part_concurrency: self.part_concurrency as usize,
+            policy: RetryPolicy {
+                max_attempts: self.max_attempts as usize,
+                min_delay: Duration::from_millis(self.retry_min_delay_ms),
+                max_delay: Duration::from_millis(self.retry_max_delay_ms.max(self.retry_min_delay_ms)),
+            },
+            max_rps: self.max_rps,
+            failure_threshold: FailureThreshold {
+                min_tasks: self.failure_threshold_min_tasks,
+                percent: self.failure_threshold_percent,
+            },
+        }
+    }
+
+    /// Per-attempt time limits.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            attempt: Duration::from_secs(self.request_timeout),
+            ..Timeouts::default()
+        }
+    }
 }
 
 /// Arguments of `run`.
@@ -170,9 +277,14 @@ pub struct RunArgs {
     /// The manifest written by `plan`.
     #[arg(long, value_name = "FILE")]
     pub manifest: PathBuf,
-    /// Put failed tasks back in the queue first.
-    #[arg(long)]
+    /// Put failed tasks back in the queue first (each is checked against the destination
+    /// before it is written again).
+    #[arg(long, conflicts_with = "skip_failed")]
     pub retry_failed: bool,
+    /// Give up on failed tasks: record them as skipped (with their last error), so their
+    /// keys' later versions are copied.
+    #[arg(long)]
+    pub skip_failed: bool,
     /// Reach the source through another endpoint than the one planned (e.g. a proxy).
     #[arg(long, value_name = "URL")]
     pub source_endpoint: Option<String>,
@@ -213,6 +325,7 @@ impl ReplicateArgs {
         RunArgs {
             manifest: self.plan.manifest.clone(),
             retry_failed: self.retry_failed,
+            skip_failed: false,
             source_endpoint: None,
             dest_endpoint: None,
             source_profile: None,
@@ -240,12 +353,21 @@ pub struct ReportArgs {
     /// The manifest.
     #[arg(long, value_name = "FILE")]
     pub manifest: PathBuf,
-    /// csv (one line per failed or skipped task, after a header) or json.
-    #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
-    pub format: String,
+    /// csv (one line per failed, skipped or blocked task, after a header) or json.
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: ReportFormat,
     /// Write to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+}
+
+/// The formats of `report`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// A header, then one line per failed, skipped or blocked task.
+    Csv,
+    /// One JSON object: the job, the counts, the problems.
+    Json,
 }
 
 /// Arguments of `verify`.

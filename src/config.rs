@@ -5,20 +5,10 @@
 //! (environment, shared config and credentials files, profiles, assume-role), via aws-config.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region};
-use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::context::AfterDeserializationInterceptorContextRef;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::config_bag::ConfigBag;
-use aws_smithy_types::retry::RetryConfig;
-use aws_smithy_types::timeout::TimeoutConfig;
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+use crate::s3::VersionEntry;
 
 /// A configuration error: bad input that the user must fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +109,47 @@ pub struct Selection {
     pub latest_only: bool,
 }
 
+impl Selection {
+    /// Whether a listed entry is part of the job (the one selection rule: the lister and
+    /// verify both ask here).
+    ///
+    /// ```
+    /// use s3_backfill::config::Selection;
+    /// use s3_backfill::s3::VersionEntry;
+    /// let marker = VersionEntry { is_delete_marker: true, ..Default::default() };
+    /// assert!(!Selection::default().selects(&marker));
+    /// let sel = Selection { delete_markers: true, ..Default::default() };
+    /// assert!(sel.selects(&marker));
+    /// ```
+    pub fn selects(&self, e: &VersionEntry) -> bool {
+        if !e.key.starts_with(&self.prefix) {
+            return false;
+        }
+        if self.latest_only {
+            e.is_latest && !e.is_delete_marker
+        } else {
+            self.delete_markers || !e.is_delete_marker
+        }
+    }
+}
+
+/// Server-side encryption asked for at the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Sse {
+    /// SSE-S3.
+    #[serde(rename = "AES256")]
+    #[value(name = "AES256")]
+    Aes256,
+    /// SSE-KMS.
+    #[serde(rename = "aws:kms")]
+    #[value(name = "aws:kms")]
+    AwsKms,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// How versions are copied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -143,12 +174,16 @@ pub struct CopyOptions {
     pub part_size: u64,
     /// Storage class at the destination (default: the source version's).
     pub storage_class: Option<String>,
-    /// Server-side encryption at the destination (`AES256` or `aws:kms`).
-    pub sse: Option<String>,
+    /// Server-side encryption at the destination.
+    pub sse: Option<Sse>,
     /// KMS key for `aws:kms`.
     pub sse_kms_key_id: Option<String>,
     /// Canned ACL at the destination (e.g. `bucket-owner-full-control`).
     pub acl: Option<String>,
+    /// Stamp every destination version with the source version id in its user metadata
+    /// (exact reconciliation; see the README). Off: metadata byte-identical.
+    #[serde(default = "yes")]
+    pub stamp: bool,
 }
 
 /// Default multipart threshold: 64 MiB.
@@ -174,6 +209,7 @@ impl Default for CopyOptions {
             sse: None,
             sse_kms_key_id: None,
             acl: None,
+            stamp: true,
         }
     }
 }
@@ -192,14 +228,7 @@ impl CopyOptions {
                 "--multipart-threshold must be positive".into(),
             ));
         }
-        if let Some(sse) = &self.sse {
-            if sse != "AES256" && sse != "aws:kms" {
-                return Err(ConfigError::Invalid(format!(
-                    "--sse must be AES256 or aws:kms, got {sse:?}"
-                )));
-            }
-        }
-        if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
+        if self.sse_kms_key_id.is_some() && self.sse != Some(Sse::AwsKms) {
             return Err(ConfigError::Invalid(
                 "--sse-kms-key-id needs --sse aws:kms".into(),
             ));
@@ -264,101 +293,6 @@ impl JobSettings {
             // destination's credentials may not read the source.
             CopyMode::Auto => self.source_side.endpoint == self.dest_side.endpoint,
         }
-    }
-}
-
-/// Builds the S3 client of one side from the standard AWS chain plus the side's options.
-///
-/// Retries are configured in exactly one layer: the SDK's own retries are disabled here, and
-/// every call goes through [`crate::s3::retry`], which classifies errors and retries with backon.
-pub async fn build_client(side: &SideConfig) -> aws_sdk_s3::Client {
-    build_side_client(side).await.0
-}
-
-/// Like [`build_client`], and also returns the endpoint URL the client really uses: the
-/// side's own option, else one set in the environment or in the profile (`endpoint_url`,
-/// `AWS_ENDPOINT_URL_S3`, ...), else None (the provider's default endpoint).
-pub async fn build_side_client(side: &SideConfig) -> (aws_sdk_s3::Client, Option<String>) {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(profile) = &side.profile {
-        loader = loader.profile_name(profile);
-    }
-    if let Some(region) = &side.region {
-        loader = loader.region(Region::new(region.clone()));
-    }
-    if let Some(endpoint) = &side.endpoint {
-        loader = loader.endpoint_url(endpoint);
-    }
-    let sdk = loader.load().await;
-    // The same precedence as `aws_sdk_s3::config::Builder::from(&SdkConfig)`.
-    let endpoint = if sdk.get_origin("endpoint_url").is_client_config() {
-        sdk.endpoint_url().map(str::to_string)
-    } else {
-        sdk.service_config()
-            .and_then(|c| {
-                c.load_config(
-                    aws_types::service_config::ServiceConfigKey::builder()
-                        .service_id("S3")
-                        .env("AWS_ENDPOINT_URL")
-                        .profile("endpoint_url")
-                        .build()
-                        .expect("every field is set"),
-                )
-            })
-            .or_else(|| sdk.endpoint_url().map(str::to_string))
-    };
-    let mut b = aws_sdk_s3::config::Builder::from(&sdk)
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .build(),
-        )
-        .force_path_style(side.path_style)
-        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .request_checksum_calculation(match side.checksum_calculation {
-            ChecksumCalculation::WhenSupported => RequestChecksumCalculation::WhenSupported,
-            ChecksumCalculation::WhenRequired => RequestChecksumCalculation::WhenRequired,
-        });
-    if sdk.region().is_none() {
-        b = b.region(Region::new("us-east-1"));
-    }
-    (aws_sdk_s3::Client::from_conf(b.build()), endpoint)
-}
-
-/// An interceptor that keeps the raw body of the last response it saw.
-///
-/// Used where the SDK's parsed output loses information (the interleaving of versions and
-/// delete markers in `ListObjectVersions`) or where a server's answer does not parse
-/// (a `GetBucketVersioning` body with the wrong root element).
-#[derive(Clone, Debug, Default)]
-pub struct RawBody(Arc<Mutex<Option<Bytes>>>);
-
-impl RawBody {
-    /// Takes the captured body, if any.
-    pub fn take(&self) -> Option<Bytes> {
-        self.0.lock().expect("raw body lock").take()
-    }
-}
-
-impl Intercept for RawBody {
-    fn name(&self) -> &'static str {
-        "RawBody"
-    }
-
-    fn read_after_deserialization(
-        &self,
-        context: &AfterDeserializationInterceptorContextRef<'_>,
-        _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let body = context
-            .response()
-            .body()
-            .bytes()
-            .map(Bytes::copy_from_slice);
-        *self.0.lock().expect("raw body lock") = body;
-        Ok(())
     }
 }
 

@@ -1,28 +1,26 @@
-//! job: the commands (`plan`, `run`, `status`, `report`, `verify`), wiring the stages
-//! together: arguments → settings → clients → lister → manifest → copier → report/verify.
+//! job: the commands (`plan`, `run`, `status`, `report`, `verify`), each a short script of
+//! stages: arguments → settings → clients → lister → manifest → copier → report/verify.
+//! It owns the manifest lock, bucket probes before work starts, and signal handling.
+//!
+//! May call: every stage.
 
 use std::fs::File;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_s3::Client;
-use indicatif::{ProgressBar, ProgressStyle};
-
-use crate::cli::{
-    CopyArgs, ExecArgs, PlanArgs, ReportArgs, RunArgs, SideArgs, StatusArgs, VerifyArgs,
-};
-use crate::config::{
-    build_client, build_side_client, ConfigError, CopyOptions, JobSettings, Location, RawBody,
-    Selection, Side, SideConfig,
-};
-use crate::copier::{copy_bar, Copier, FailureThreshold, RunOptions, RunSummary};
-use crate::lister::{list_into, ListError};
+use crate::cli::{PlanArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, VerifyArgs};
+use crate::config::{ConfigError, JobSettings, SideConfig};
+use crate::copier::{Copier, DestFacts, RunSummary};
+use crate::lister::{ListError, Lister};
 use crate::manifest::{Manifest, ManifestError};
-use crate::report;
-use crate::s3::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
-use crate::verify::{verify, VerifyReport};
+use crate::s3::{
+    build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
+    Side, Timeouts,
+};
+use crate::verify::{Verifier, VerifyReport};
+use crate::{report, ui};
 
 /// Why a command could not do its work. Each maps to an exit code and prints as one line.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +53,17 @@ impl JobError {
             _ => 3,
         }
     }
+
+    /// The one line printed for this error, with a hint where one helps.
+    pub fn line(&self) -> String {
+        match self {
+            JobError::S3(s) => match ui::checksum_hint(s) {
+                Some(h) => format!("error: {self} ({h})"),
+                None => format!("error: {self}"),
+            },
+            _ => format!("error: {self}"),
+        }
+    }
 }
 
 impl From<ListError> for JobError {
@@ -62,14 +71,20 @@ impl From<ListError> for JobError {
         match e {
             ListError::S3(e) => JobError::S3(e),
             ListError::Manifest(m) => JobError::Manifest(m),
-            ListError::NeedsVersioning(m) => JobError::Usage(m),
-            ListError::Parse(m) => JobError::Other(m),
+            ListError::Refused(m) => JobError::Usage(m),
         }
     }
 }
 
-/// An exclusive lock on a manifest, held by a file lock beside it (`JOB.db.lock`). The
-/// operating system releases it when the process dies, so a stale lock never blocks.
+impl From<S3Error> for JobError {
+    fn from(e: S3Error) -> Self {
+        JobError::S3(e)
+    }
+}
+
+/// An exclusive lock on a manifest, held by a file lock beside it (`JOB.db.lock`, mode
+/// 0600). The operating system releases it when the process dies, so a stale lock never
+/// blocks.
 pub struct ManifestLock {
     _file: File,
     lock_path: PathBuf,
@@ -90,11 +105,11 @@ pub fn lock_manifest(path: &Path) -> Result<ManifestLock, JobError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
-    let mut f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
+    let mut opts = File::options();
+    opts.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
         .open(&lock_path)
         .map_err(|e| JobError::Usage(format!("cannot open lock {}: {e}", lock_path.display())))?;
     match f.try_lock() {
@@ -122,83 +137,7 @@ pub fn lock_manifest(path: &Path) -> Result<ManifestLock, JobError> {
     }
 }
 
-fn side_config(
-    endpoint: &Option<String>,
-    region: &Option<String>,
-    profile: &Option<String>,
-    a: &SideArgs,
-    source: bool,
-) -> SideConfig {
-    SideConfig {
-        endpoint: endpoint.clone(),
-        region: region.clone(),
-        profile: profile.clone(),
-        path_style: a.path_style,
-        checksum_calculation: if source {
-            a.source_checksum_calculation
-        } else {
-            a.dest_checksum_calculation
-        }
-        .unwrap_or_default(),
-    }
-}
-
-fn copy_options(c: &CopyArgs) -> Result<CopyOptions, ConfigError> {
-    let o = CopyOptions {
-        mode: c.copy_mode,
-        multipart_threshold: c.multipart_threshold,
-        part_size: c.part_size,
-        storage_class: c.storage_class.clone(),
-        sse: c.sse.clone(),
-        sse_kms_key_id: c.sse_kms_key_id.clone(),
-        acl: c.acl.clone(),
-    };
-    o.validate()?;
-    Ok(o)
-}
-
-/// The job settings that `plan` arguments describe.
-pub fn settings_from(args: &PlanArgs) -> Result<JobSettings, JobError> {
-    let source = Location::parse(&args.source)?;
-    if !source.prefix.is_empty() {
-        return Err(JobError::Usage(format!(
-            "--source takes a bucket only ({}); select keys with --prefix",
-            args.source
-        )));
-    }
-    let dest = Location::parse(&args.dest)?;
-    let s = &args.sides;
-    Ok(JobSettings {
-        source,
-        dest,
-        source_side: side_config(
-            &s.source_endpoint,
-            &s.source_region,
-            &s.source_profile,
-            s,
-            true,
-        ),
-        dest_side: side_config(&s.dest_endpoint, &s.dest_region, &s.dest_profile, s, false),
-        selection: Selection {
-            prefix: args.selection.prefix.clone().unwrap_or_default(),
-            delete_markers: args.selection.delete_markers,
-            latest_only: args.selection.latest_only,
-        },
-        copy: copy_options(&args.copy)?,
-    })
-}
-
-/// Whether progress bars are drawn: asked for, and standard error is a terminal.
-fn show_progress(no_progress: bool) -> bool {
-    !no_progress && std::io::stderr().is_terminal()
-}
-
-async fn clients(s: &JobSettings) -> (Client, Client) {
-    let source = build_client(&s.source_side).await;
-    let dest = build_client(&s.dest_side).await;
-    (source, dest)
-}
-
+/// The error of a bucket probe, said for a person.
 fn bucket_error(side: Side, bucket: &str, e: S3Error) -> JobError {
     let what = match (e.status, e.code.as_deref()) {
         (_, Some("NoSuchBucket")) | (Some(404), _) => format!("bucket {bucket} does not exist"),
@@ -214,88 +153,73 @@ fn bucket_error(side: Side, bucket: &str, e: S3Error) -> JobError {
     JobError::S3(S3Error { message: what, ..e })
 }
 
-/// Checks that a bucket answers, then returns whether versioning is enabled on it.
-async fn probe_bucket(
-    client: &Client,
-    side: Side,
-    bucket: &str,
-    policy: &RetryPolicy,
-    limiter: &Limiter,
-) -> Result<bool, JobError> {
-    let retries = AtomicU64::new(0);
-    with_retry(policy, limiter, &retries, || async {
-        client
-            .head_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .map_err(|e| classify(side, "HeadBucket", false, e))
-    })
-    .await
-    .map_err(|e| bucket_error(side, bucket, e))?;
-    let status = with_retry(policy, limiter, &retries, || async {
-        let raw = RawBody::default();
-        match client
-            .get_bucket_versioning()
-            .bucket(bucket)
-            .customize()
-            .interceptor(raw.clone())
-            .send()
-            .await
-        {
-            Ok(o) => Ok(o.status().map(|s| s.as_str().to_string())),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().is_success()) => {
-                // Some servers (moto) answer with another root element; read <Status> from
-                // the raw body instead of failing.
-                Ok(raw.take().and_then(|b| {
-                    let s = String::from_utf8_lossy(&b);
-                    let start = s.find("<Status>")? + "<Status>".len();
-                    let end = s[start..].find("</Status>")? + start;
-                    Some(s[start..end].to_string())
-                }))
-            }
-            Err(e) => Err(classify(side, "GetBucketVersioning", false, e)),
-        }
-    })
-    .await
-    .map_err(|e| bucket_error(side, bucket, e))?;
-    Ok(status.as_deref() == Some("Enabled"))
+fn preflight() -> Retrier {
+    Retrier::new(
+        RetryPolicy {
+            max_attempts: 4,
+            ..RetryPolicy::default()
+        },
+        Limiter::new(4, None),
+    )
 }
 
-fn preflight_policy() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 4,
-        ..RetryPolicy::default()
+/// Builds a side's client and probes its bucket. A bucket in another region than the one
+/// asked for (S3 answers 301 naming it) is probed again in its own region, which is kept in
+/// `side` so that `run` reads it there too.
+async fn open_side(
+    which: Side,
+    side: &mut SideConfig,
+    bucket: &str,
+    timeouts: Timeouts,
+) -> Result<(SdkClient, BucketFacts), JobError> {
+    let retrier = preflight();
+    let retries = Default::default();
+    let (client, _) = build(which, side, timeouts).await;
+    match retrier.call(&retries, || client.probe_bucket(bucket)).await {
+        Ok(facts) => {
+            if side.region.is_none() {
+                side.region = facts.region.clone();
+            }
+            Ok((client, facts))
+        }
+        Err(e) if e.status == Some(301) && e.bucket_region.is_some() => {
+            side.region = e.bucket_region.clone();
+            let (client, _) = build(which, side, timeouts).await;
+            let facts = retrier
+                .call(&retries, || client.probe_bucket(bucket))
+                .await
+                .map_err(|e| bucket_error(which, bucket, e))?;
+            Ok((client, facts))
+        }
+        Err(e) => Err(bucket_error(which, bucket, e)),
     }
 }
 
-/// What `plan` did.
-#[derive(Debug, Default)]
-pub struct PlanOutcome {
-    /// The listing was already complete.
-    pub already_complete: bool,
+/// An existing manifest of this job, checked: None when there is none yet.
+fn existing_manifest(args: &PlanArgs, settings: &JobSettings) -> Result<Option<Manifest>, JobError> {
+    if !args.manifest.exists() {
+        return Ok(None);
+    }
+    let m = Manifest::open(&args.manifest, false)?;
+    if let Some(stored) = m.settings()? {
+        if let Some(diff) = settings.identity_differs(&stored) {
+            return Err(JobError::Usage(format!(
+                "manifest {} belongs to another job: this plan has {diff}; use a new --manifest, or the same arguments to continue it",
+                args.manifest.display()
+            )));
+        }
+    }
+    Ok(Some(m))
 }
 
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
-pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
-    let settings = settings_from(args)?;
+pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
+    let mut settings = args.settings()?;
     let _lock = lock_manifest(&args.manifest)?;
-    // An existing manifest is checked first; a new one is only created once both buckets
-    // answered, so a mistyped bucket leaves no manifest behind.
-    let existing = if args.manifest.exists() {
-        Some(Manifest::open(&args.manifest, false)?)
-    } else {
-        None
-    };
+    // A new manifest is only created once both buckets answered, so a mistyped bucket
+    // leaves no manifest behind.
+    let existing = existing_manifest(args, &settings)?;
     if let Some(m) = &existing {
-        if let Some(stored) = m.settings()? {
-            if let Some(diff) = settings.identity_differs(&stored) {
-                return Err(JobError::Usage(format!(
-                    "manifest {} belongs to another job: this plan has {diff}; use a new --manifest, or the same arguments to continue it",
-                    args.manifest.display()
-                )));
-            }
-        }
         if m.listing()?.complete {
             let c = m.counts()?;
             eprintln!(
@@ -303,24 +227,14 @@ pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
                 c.total,
                 args.manifest.display()
             );
-            return Ok(PlanOutcome {
-                already_complete: true,
-            });
+            return Ok(());
         }
     }
-    let policy = preflight_policy();
-    let limiter = Limiter::new(4, None);
-    let (source, dest) = clients(&settings).await;
-    probe_bucket(
-        &source,
-        Side::Source,
-        &settings.source.bucket,
-        &policy,
-        &limiter,
-    )
-    .await?;
-    let dest_versioned =
-        probe_bucket(&dest, Side::Dest, &settings.dest.bucket, &policy, &limiter).await?;
+    let timeouts = Timeouts::default();
+    let (source, _) =
+        open_side(Side::Source, &mut settings.source_side, &settings.source.bucket, timeouts).await?;
+    let (_, dest) =
+        open_side(Side::Dest, &mut settings.dest_side, &settings.dest.bucket, timeouts).await?;
     let mut m = match existing {
         Some(m) => m,
         None => Manifest::open(&args.manifest, true)?,
@@ -329,33 +243,15 @@ pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
         // New, or the same job with other side or copy options (e.g. a moved endpoint).
         m.store_settings(&settings)?;
     }
-    let cp = m.listing()?;
-    let bar = if show_progress(args.no_progress) {
-        let b = ProgressBar::new_spinner();
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} listing [{elapsed_precise}] {human_pos} versions and delete markers ({per_sec}) {msg}",
-            )
-            .expect("template"),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b.set_position(cp.entries);
-        b
-    } else {
-        ProgressBar::hidden()
+    let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let lister = Lister {
+        client: &source,
+        settings: &settings,
+        retrier: &retrier,
+        dest_versioned: dest.versioned || settings.selection.latest_only,
     };
-    let retries = AtomicU64::new(0);
-    let stats = list_into(
-        &source,
-        &settings,
-        &mut m,
-        dest_versioned || settings.selection.latest_only,
-        &RetryPolicy::default(),
-        &Limiter::new(1, None),
-        &retries,
-        |cp| bar.set_position(cp.entries),
-    )
-    .await;
+    let stats = lister.list_into(&mut m, |cp| bar.set_position(cp.entries)).await;
     bar.finish_and_clear();
     let stats = stats?;
     let c = m.counts()?;
@@ -365,31 +261,74 @@ pub async fn plan(args: &PlanArgs) -> Result<PlanOutcome, JobError> {
         c.delete_markers,
         indicatif::HumanBytes(c.bytes_total),
         c.listed_entries,
-        if stats.resumed {
-            " (listing resumed from its checkpoint)"
-        } else {
-            ""
-        }
+        if stats.resumed { " (listing resumed from its checkpoint)" } else { "" }
     );
-    Ok(PlanOutcome::default())
+    Ok(())
 }
 
-fn run_options(e: &ExecArgs, no_progress: bool) -> RunOptions {
-    RunOptions {
-        concurrency: e.concurrency as usize,
-        part_concurrency: e.part_concurrency as usize,
-        policy: RetryPolicy {
-            max_attempts: e.max_attempts as usize,
-            min_delay: Duration::from_millis(e.retry_min_delay_ms),
-            max_delay: Duration::from_millis(e.retry_max_delay_ms.max(e.retry_min_delay_ms)),
-        },
-        max_rps: e.max_rps,
-        failure_threshold: FailureThreshold {
-            min_tasks: e.failure_threshold_min_tasks,
-            percent: e.failure_threshold_percent,
-        },
-        progress: show_progress(no_progress),
+/// The stored settings with this run's overrides of endpoints and profiles.
+fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
+    let mut settings = m.require_settings()?;
+    let set = |slot: &mut Option<String>, v: &Option<String>| {
+        if v.is_some() {
+            slot.clone_from(v);
+        }
+    };
+    set(&mut settings.source_side.endpoint, &args.source_endpoint);
+    set(&mut settings.dest_side.endpoint, &args.dest_endpoint);
+    set(&mut settings.source_side.profile, &args.source_profile);
+    set(&mut settings.dest_side.profile, &args.dest_profile);
+    if !m.listing()?.complete {
+        return Err(JobError::Usage(format!(
+            "the listing of {} is not complete; run `plan` again with the same arguments to finish it",
+            args.manifest.display()
+        )));
     }
+    Ok(settings)
+}
+
+/// Puts failed tasks back, or gives up on them, as the run's flags ask.
+fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
+    if args.retry_failed {
+        let n = m.retry_failed()?;
+        eprintln!("{n} failed tasks put back in the queue");
+    }
+    if args.skip_failed {
+        let n = m.skip_failed()?;
+        eprintln!("{n} failed tasks recorded as skipped; their keys' later versions will be copied");
+    }
+    Ok(())
+}
+
+/// Both clients of a run, and what it knows of the destination. `auto` compares the
+/// endpoints the clients really reach: two profiles that each set their own `endpoint_url`
+/// are two providers, even though no endpoint option was given.
+async fn run_clients(settings: &mut JobSettings, timeouts: Timeouts) -> Result<((SdkClient, SdkClient), DestFacts), JobError> {
+    let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
+    let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
+    settings.source_side.endpoint = source_endpoint;
+    settings.dest_side.endpoint = dest_endpoint;
+    let retrier = preflight();
+    let facts = match retrier
+        .call(&Default::default(), || dest.probe_bucket(&settings.dest.bucket))
+        .await
+    {
+        Ok(f) => DestFacts {
+            versioned: f.versioned,
+            object_lock: f.object_lock,
+        },
+        // A missing or unreadable destination is left to the tasks and the failure
+        // threshold, which stop the job with the error.
+        Err(e) if e.class == ErrorClass::Fatal => {
+            eprintln!("warning: {}", bucket_error(Side::Dest, &settings.dest.bucket, e));
+            DestFacts {
+                versioned: true,
+                object_lock: false,
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(((source, dest), facts))
 }
 
 /// `run`: copies the manifest's open tasks. Handles SIGINT/SIGTERM: the first stops taking
@@ -398,67 +337,31 @@ fn run_options(e: &ExecArgs, no_progress: bool) -> RunOptions {
 pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
     let _lock = lock_manifest(&args.manifest)?;
     let m = Manifest::open(&args.manifest, false)?;
-    let mut settings = m.require_settings()?;
-    if let Some(e) = &args.source_endpoint {
-        settings.source_side.endpoint = Some(e.clone());
-    }
-    if let Some(e) = &args.dest_endpoint {
-        settings.dest_side.endpoint = Some(e.clone());
-    }
-    if let Some(p) = &args.source_profile {
-        settings.source_side.profile = Some(p.clone());
-    }
-    if let Some(p) = &args.dest_profile {
-        settings.dest_side.profile = Some(p.clone());
-    }
-    if !m.listing()?.complete {
-        return Err(JobError::Usage(format!(
-            "the listing of {} is not complete; run `plan` again with the same arguments to finish it",
-            args.manifest.display()
-        )));
-    }
-    if args.retry_failed {
-        let n = m.retry_failed()?;
-        eprintln!("{n} failed tasks put back in the queue");
-    }
-    let opts = run_options(&args.exec, args.no_progress);
-    // `auto` compares the endpoints the clients really reach: two profiles that each set
-    // their own `endpoint_url` are two providers, even though no endpoint option was given.
-    let (source, source_endpoint) = build_side_client(&settings.source_side).await;
-    let (dest, dest_endpoint) = build_side_client(&settings.dest_side).await;
-    settings.source_side.endpoint = source_endpoint;
-    settings.dest_side.endpoint = dest_endpoint;
-    let policy = preflight_policy();
-    let limiter = Limiter::new(4, None);
-    let dest_versioned =
-        probe_bucket(&dest, Side::Dest, &settings.dest.bucket, &policy, &limiter).await;
-    let dest_versioned = match dest_versioned {
-        Ok(v) => v,
-        // A missing or unreadable destination is left to the tasks and the failure
-        // threshold, which stop the job with the error.
-        Err(JobError::S3(e)) if e.class == ErrorClass::Fatal => {
-            eprintln!("warning: {e}");
-            true
-        }
-        Err(e) => return Err(e),
-    };
-    if !dest_versioned && !settings.selection.latest_only && m.has_multi_version_key()? {
+    let mut settings = run_settings(&m, args)?;
+    requeue(&m, args)?;
+    let (clients, facts) = run_clients(&mut settings, args.exec.timeouts()).await?;
+    if !facts.versioned && !settings.selection.latest_only && m.has_multi_version_key()? {
         return Err(JobError::Usage(format!(
             "dest: bucket {} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it",
             settings.dest.bucket
         )));
     }
     let counts = m.counts()?;
-    let open = counts.pending + counts.in_progress;
     let uploads = m.open_uploads()?;
-    let writer = m.into_writer();
-    let bar = copy_bar(opts.progress, open);
-    let copier = Copier::new(settings, source, dest, writer, dest_versioned, &opts, bar);
+    let bar = ui::copy_bar(ui::show_progress(args.no_progress), counts.pending + counts.in_progress);
+    let opts = args.exec.run_options();
+    let copier = Copier::new(settings, clients, facts, m.into_writer(), &opts, bar);
     copier.abort_leftover_uploads(uploads).await;
+    let summary = run_until_signal(&copier, opts.concurrency, args.exec.grace_period).await;
+    copier.flush().await;
+    Ok(summary)
+}
 
-    let signals = {
+/// Runs the copier; the first signal stops new tasks, the grace period bounds the wait.
+async fn run_until_signal<C: S3Client>(copier: &Arc<Copier<C>>, concurrency: usize, grace: u64) -> RunSummary {
+    let grace = Duration::from_secs(grace);
+    let mut signals = {
         let copier = copier.clone();
-        let grace = Duration::from_secs(args.exec.grace_period);
         tokio::spawn(async move {
             wait_signal().await;
             eprintln!(
@@ -475,45 +378,32 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
             }
         })
     };
-    let mut signals = signals;
-    let mut run = Box::pin(copier.clone().run(opts.concurrency));
+    let mut run = Box::pin(copier.clone().run(concurrency));
     // The signal task ends only when a signal arrived and the grace period ran out.
     let summary = tokio::select! {
-        s = &mut run => Some(s),
-        _ = &mut signals => None,
-    };
-    let summary = match summary {
-        Some(s) => s,
-        None => {
+        s = &mut run => s,
+        _ = &mut signals => {
             eprintln!("grace period over: abandoning requests still in flight");
-            drop(run);
-            RunSummary {
-                interrupted: true,
-                ..RunSummary::default()
-            }
+            RunSummary { interrupted: true, ..RunSummary::default() }
         }
     };
     signals.abort();
     let _ = signals.await;
-    copier.flush().await;
-    drop(copier);
-    Ok(summary)
+    summary
 }
 
 async fn wait_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+}
+
+/// The manifest's counts after a run, for its summary line.
+pub fn counts_after(manifest: &Path) -> Option<crate::manifest::Counts> {
+    Manifest::open(manifest, false).and_then(|m| m.counts()).ok()
 }
 
 /// `status`: counts and progress (works while a run is in progress).
@@ -522,22 +412,18 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     let settings = m.require_settings()?;
     let c = m.counts()?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&c).map_err(|e| JobError::Other(e.to_string()))?
-        );
+        println!("{}", serde_json::to_string(&c).map_err(|e| JobError::Other(e.to_string()))?);
     } else {
         println!("{}", report::status_text(&settings, &c));
     }
     Ok(())
 }
 
-/// `report`: the completion report (CSV or JSON).
+/// `report`: the completion report (CSV or JSON), streamed from the manifest.
 pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let settings = m.require_settings()?;
     let counts = m.counts()?;
-    let problems = m.problems(usize::MAX >> 1)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(File::create(p).map_err(|e| {
             JobError::Usage(format!("cannot write {}: {e}", p.display()))
@@ -545,23 +431,35 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
         None => Box::new(std::io::stdout().lock()),
     };
     let io = |e: std::io::Error| JobError::Other(format!("writing the report: {e}"));
-    if args.format == "json" {
-        let r = report::Report {
-            job: &settings,
-            counts: &counts,
-            problems: &problems,
-        };
-        serde_json::to_writer_pretty(&mut out, &r).map_err(|e| JobError::Other(e.to_string()))?;
-        writeln!(out).map_err(io)?;
-    } else {
-        report::write_csv(&mut out, &settings, &problems).map_err(io)?;
+    match args.format {
+        ReportFormat::Json => {
+            let problems = m.problems(usize::MAX >> 1)?;
+            let r = report::Report { job: &settings, counts: &counts, problems: &problems };
+            serde_json::to_writer_pretty(&mut out, &r).map_err(|e| JobError::Other(e.to_string()))?;
+            writeln!(out).map_err(io)?;
+        }
+        ReportFormat::Csv => {
+            let mut failed: Option<ManifestError> = None;
+            report::write_csv(&mut out, &settings, |row| {
+                m.for_each_problem(|p| row(p)).map_err(|e| {
+                    let text = e.to_string();
+                    failed = Some(e);
+                    std::io::Error::other(text)
+                })
+            })
+            .map_err(|e| match failed.take() {
+                Some(m) => JobError::Manifest(m),
+                None => io(e),
+            })?;
+        }
     }
     out.flush().map_err(io)?;
     if args.output.is_some() {
         eprintln!(
-            "{} done, {} failed, {} skipped, {} pending of {} tasks",
+            "{} done, {} failed, {} blocked, {} skipped, {} pending of {} tasks",
             counts.done,
             counts.failed,
+            counts.blocked,
             counts.skipped,
             counts.pending + counts.in_progress,
             counts.total
@@ -570,110 +468,27 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `verify`: compares the destination with the source; Ok(true) when they match.
-pub async fn verify_cmd(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
-    let m = Manifest::open(&args.manifest, false)?;
-    let mut settings = m.require_settings()?;
-    drop(m);
+/// `verify`: compares the destination with the source.
+pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
+    let mut settings = Manifest::open(&args.manifest, false)?.require_settings()?;
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }
     if let Some(e) = &args.dest_endpoint {
         settings.dest_side.endpoint = Some(e.clone());
     }
-    let (source, dest) = clients(&settings).await;
-    let bar = if show_progress(args.no_progress) {
-        let b = ProgressBar::new_spinner();
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} verifying [{elapsed_precise}] {pos} keys ({per_sec}) {msg}",
-            )
-            .expect("template"),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let r = verify(
-        &settings,
-        &source,
-        &dest,
-        &RetryPolicy::default(),
-        &Limiter::new(2, None),
-        |r| {
+    let timeouts = Timeouts::default();
+    let (source, _) = build(Side::Source, &settings.source_side, timeouts).await;
+    let (dest, _) = build(Side::Dest, &settings.dest_side, timeouts).await;
+    let bar = ui::verify_spinner(ui::show_progress(args.no_progress));
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(2, None));
+    let verifier = Verifier { settings: &settings, source: &source, dest: &dest, retrier: &retrier };
+    let r = verifier
+        .run(|r| {
             bar.set_position(r.keys);
-            bar.set_message(format!(
-                "{} versions, {} differ",
-                r.versions, r.mismatched_keys
-            ));
-        },
-    )
-    .await;
+            bar.set_message(format!("{} versions, {} differ", r.versions, r.mismatched_keys));
+        })
+        .await;
     bar.finish_and_clear();
     Ok(r?)
-}
-
-/// Prints a run's one-line summary to standard error and returns the exit code.
-pub fn finish_run(s: &RunSummary, manifest: &Path) -> i32 {
-    let counts = Manifest::open(manifest, false).and_then(|m| m.counts());
-    let left = counts
-        .as_ref()
-        .map(|c| {
-            format!(
-                ", {} failed and {} open in the manifest",
-                c.failed,
-                c.pending + c.in_progress
-            )
-        })
-        .unwrap_or_default();
-    let line = format!(
-        "{} done ({} reconciled), {} failed, {} skipped, {} copied, {} retries{left}",
-        s.done,
-        s.reconciled,
-        s.failed,
-        s.skipped,
-        indicatif::HumanBytes(s.bytes),
-        s.retries
-    );
-    if let Some(why) = &s.aborted {
-        eprintln!("run stopped: {why} ({line})");
-        return 1;
-    }
-    if s.interrupted {
-        eprintln!("run interrupted: {line}; run again to continue");
-        return 130;
-    }
-    eprintln!("run finished: {line}");
-    match counts {
-        Ok(c) if c.failed > 0 => 1,
-        Ok(c) if c.pending + c.in_progress > 0 => 1,
-        Ok(_) => 0,
-        Err(_) => 3,
-    }
-}
-
-/// The one line printed for an error, with a hint where one helps.
-pub fn error_line(e: &JobError) -> String {
-    match e {
-        JobError::S3(s) => match checksum_hint(s) {
-            Some(h) => format!("error: {e} ({h})"),
-            None => format!("error: {e}"),
-        },
-        _ => format!("error: {e}"),
-    }
-}
-
-/// A hint for checksum-related rejections from S3-compatible servers.
-pub fn checksum_hint(e: &S3Error) -> Option<&'static str> {
-    let m = e.message.to_ascii_lowercase();
-    if m.contains("chunked")
-        || m.contains("trailer")
-        || m.contains("x-amz-checksum")
-        || m.contains("x-amz-content-sha256")
-    {
-        Some("the server may not accept the SDK's streaming checksums: try --source-checksum-calculation when-required / --dest-checksum-calculation when-required")
-    } else {
-        None
-    }
 }

@@ -1,10 +1,11 @@
 //! s3-backfill: batch replication and backfill of every S3 object version.
 //!
-//! The pipeline, one module per stage: [`cli`] (arguments) → [`config`] (settings and one
-//! client per side) → [`lister`] (ListObjectVersions into the manifest) → [`manifest`] (the
-//! SQLite job file, the only SQL) → [`copier`] (scheduler and copy strategies) →
-//! [`report`] / [`verify`]. [`s3`] is the S3 access layer (errors, the one retry loop);
-//! [`job`] wires the stages into commands.
+//! The pipeline, one module per stage: [`cli`] (arguments validated into settings) →
+//! [`config`] (the job's settings) → [`lister`] (ListObjectVersions into the manifest) →
+//! [`manifest`] (the SQLite job file, the only SQL) → [`copier`] (scheduler, reconciliation,
+//! copy strategies) → [`report`] / [`verify`]. [`s3`] is the S3 access layer (the client
+//! trait, error classification, the one retry loop); [`ui`] is what a person sees; [`job`]
+//! wires the stages into commands.
 
 #![warn(missing_docs)]
 
@@ -16,4 +17,5 @@ pub mod lister;
 pub mod manifest;
 pub mod report;
 pub mod s3;
+pub mod ui;
 pub mod verify;

@@ -1,10 +1,11 @@
-//! The s3-backfill command: parses arguments, runs one command, maps the result to an exit
-//! code (0 all done, 1 some tasks failed or mismatched, 2 bad input or configuration,
-//! 3 other errors, 130 interrupted) and prints errors as one line.
+//! The s3-backfill command: parses arguments, runs one command, and decides the exit code in
+//! one place (0 all done, 1 some tasks failed, blocked or mismatched, 2 bad input or
+//! configuration, 3 other errors, 130 interrupted); errors print as one line.
 
 use clap::Parser;
 use s3_backfill::cli::{Cli, Command};
-use s3_backfill::job::{self, error_line, JobError};
+use s3_backfill::job::{self, JobError};
+use s3_backfill::ui;
 
 fn main() {
     let cli = Cli::parse();
@@ -33,65 +34,33 @@ fn main() {
     std::process::exit(code);
 }
 
-fn fail(e: JobError) -> i32 {
-    eprintln!("{}", error_line(&e));
-    e.exit_code()
+fn code<T>(r: Result<T, JobError>, ok: impl FnOnce(T) -> i32) -> i32 {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => {
+            eprintln!("{}", e.line());
+            e.exit_code()
+        }
+    }
 }
 
 async fn dispatch(cmd: Command) -> i32 {
     match cmd {
-        Command::Plan(a) => match job::plan(&a).await {
-            Ok(_) => 0,
-            Err(e) => fail(e),
-        },
-        Command::Run(a) => match job::run(&a).await {
-            Ok(s) => job::finish_run(&s, &a.manifest),
-            Err(e) => fail(e),
-        },
+        Command::Plan(a) => code(job::plan(&a).await, |_| 0),
+        Command::Run(a) => code(job::run(&a).await, |s| {
+            ui::finish_run(&s, job::counts_after(&a.manifest).as_ref())
+        }),
         Command::Replicate(a) => {
             if let Err(e) = job::plan(&a.plan).await {
-                return fail(e);
+                return code::<()>(Err(e), |_| 0);
             }
             let r = a.run();
-            match job::run(&r).await {
-                Ok(s) => job::finish_run(&s, &r.manifest),
-                Err(e) => fail(e),
-            }
+            code(job::run(&r).await, |s| {
+                ui::finish_run(&s, job::counts_after(&r.manifest).as_ref())
+            })
         }
-        Command::Status(a) => match job::status(&a) {
-            Ok(()) => 0,
-            Err(e) => fail(e),
-        },
-        Command::Report(a) => match job::report(&a) {
-            Ok(()) => 0,
-            Err(e) => fail(e),
-        },
-        Command::Verify(a) => match job::verify_cmd(&a).await {
-            Ok(r) => {
-                if a.json {
-                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                } else {
-                    for m in &r.mismatches {
-                        println!("mismatch: {:?}: {}", m.key, m.detail);
-                    }
-                    println!(
-                        "verified {} keys, {} versions: {}",
-                        r.keys,
-                        r.versions,
-                        if r.ok() {
-                            "destination matches source".to_string()
-                        } else {
-                            format!("{} keys differ", r.mismatched_keys)
-                        }
-                    );
-                }
-                if r.ok() {
-                    0
-                } else {
-                    1
-                }
-            }
-            Err(e) => fail(e),
-        },
+        Command::Status(a) => code(job::status(&a), |_| 0),
+        Command::Report(a) => code(job::report(&a), |_| 0),
+        Command::Verify(a) => code(job::verify(&a).await, |r| ui::print_verify(&r, a.json)),
     }
 }

@@ -1,5 +1,7 @@
-//! report: `status` (counts and progress) and the completion report (summary plus every
-//! failed or skipped task), read from the manifest.
+//! report: `status` (counts and progress) and the completion report (the summary plus every
+//! failed, skipped or blocked task), read from the manifest and written as it streams.
+//!
+//! May call: the manifest (its records) and config.
 
 use std::io::Write;
 
@@ -21,12 +23,14 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
     } else {
         format!("in progress ({} entries so far)", c.listed_entries)
     };
+    let requests: Vec<String> = c.requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
     format!(
         "job: {} -> {}\n\
          listing: {listing}\n\
-         tasks: {} total ({} delete markers): {} done, {} pending, {} in progress, {} failed, {} skipped ({pct:.1}% finished)\n\
+         tasks: {} total ({} delete markers): {} done, {} pending, {} in progress, {} failed, {} blocked behind a failure, {} skipped ({} archived) ({pct:.1}% finished)\n\
          bytes: {} of {} copied\n\
-         retries: {}",
+         retries: {}\n\
+         requests: {}",
         settings.source,
         settings.dest,
         c.total,
@@ -35,10 +39,13 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
         c.pending,
         c.in_progress,
         c.failed,
+        c.blocked,
         c.skipped,
+        c.archived,
         HumanBytes(c.bytes_done),
         HumanBytes(c.bytes_total),
         c.retries,
+        if requests.is_empty() { "none yet".to_string() } else { requests.join(", ") },
     )
 }
 
@@ -49,46 +56,41 @@ pub struct Report<'a> {
     pub job: &'a JobSettings,
     /// The counts.
     pub counts: &'a Counts,
-    /// Failed and skipped tasks.
+    /// Failed, skipped and blocked tasks.
     pub problems: &'a [Problem],
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) || s.starts_with(' ') || s.ends_with(' ') {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// Writes the report as CSV: a header, then one line per failed or skipped task
-/// (bucket, key, version id, state, error class, code, HTTP status, message), like
-/// S3 Batch Operations' completion report.
-pub fn write_csv(
-    out: &mut dyn Write,
+/// Writes CSV: a header, then one line per failed, skipped or blocked task (bucket, key,
+/// version id, state, error class, code, HTTP status, attempts, message). Rows come from
+/// `rows`, which calls back once per problem, so the report streams.
+pub fn write_csv<W: Write>(
+    out: W,
     settings: &JobSettings,
-    problems: &[Problem],
+    rows: impl FnOnce(&mut dyn FnMut(Problem) -> std::io::Result<()>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "bucket,key,version_id,state,error_class,error_code,http_status,attempts,message"
-    )?;
-    for p in problems {
-        writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},{}",
-            csv_field(&settings.source.bucket),
-            csv_field(&p.key),
-            csv_field(&p.version_id),
-            p.state.as_str(),
-            csv_field(p.error_class.as_deref().unwrap_or("")),
-            csv_field(p.error_code.as_deref().unwrap_or("")),
-            p.http_status.map(|s| s.to_string()).unwrap_or_default(),
-            p.attempts,
-            csv_field(p.message.as_deref().unwrap_or("")),
-        )?;
-    }
-    Ok(())
+    let mut w = csv::Writer::from_writer(out);
+    let io = |e: csv::Error| std::io::Error::other(e.to_string());
+    w.write_record([
+        "bucket", "key", "version_id", "state", "error_class", "error_code", "http_status",
+        "attempts", "message",
+    ])
+    .map_err(io)?;
+    let bucket = settings.source.bucket.as_str();
+    rows(&mut |p: Problem| {
+        w.write_record([
+            bucket,
+            &p.key,
+            &p.version_id,
+            &p.state,
+            p.error_class.as_deref().unwrap_or(""),
+            p.error_code.as_deref().unwrap_or(""),
+            &p.http_status.map(|s| s.to_string()).unwrap_or_default(),
+            &p.attempts.to_string(),
+            p.message.as_deref().unwrap_or(""),
+        ])
+        .map_err(io)
+    })?;
+    w.flush()
 }
 
 #[cfg(test)]
@@ -97,8 +99,30 @@ mod tests {
 
     #[test]
     fn quotes_csv() {
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("plain"), "plain");
+        let settings: JobSettings = serde_json::from_str(
+            r#"{"source":{"bucket":"b","prefix":""},"dest":{"bucket":"d","prefix":""},
+            "source_side":{"endpoint":null,"region":null,"profile":null,"path_style":false},
+            "dest_side":{"endpoint":null,"region":null,"profile":null,"path_style":false},
+            "selection":{"prefix":"","delete_markers":false,"latest_only":false},
+            "copy":{"mode":"auto","multipart_threshold":1,"part_size":5242880,"storage_class":null,"sse":null,"sse_kms_key_id":null,"acl":null}}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write_csv(&mut out, &settings, |f| {
+            f(Problem {
+                key: "a,b \"c\"".into(),
+                version_id: "v1".into(),
+                state: "failed".into(),
+                error_class: Some("fatal".into()),
+                error_code: Some("AccessDenied".into()),
+                http_status: Some(403),
+                message: Some("line".into()),
+                attempts: 2,
+            })
+        })
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("b,\"a,b \"\"c\"\"\",v1,failed,fatal,AccessDenied,403,2,line"), "{text}");
+        assert!(settings.copy.stamp, "old settings without the field keep the stamp on");
     }
 }

@@ -1,17 +1,23 @@
 //! verify: checks the destination against the source, key by key and version by version.
 //!
-//! Both buckets are listed in key order and merged as they stream in, so memory holds one
-//! key's history at a time. A key matches when its destination history, oldest first, has
-//! the same kinds (version or delete marker), sizes and ETags as the source's selected history.
+//! Both buckets are walked in key order (the s3 layer's [`Versions`]) and merged as they
+//! stream in, so memory holds one key's history at a time. A key matches when its
+//! destination history, oldest first, has the same kinds (version or delete marker), sizes
+//! and ETags as the source's selected history. ETags are compared only where both sides'
+//! encryption keeps them MD5s: a differing pair is HEADed, and KMS or SSE-C objects are
+//! compared by size alone.
+//!
+//! May call: the s3 layer.
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 
-use aws_sdk_s3::Client;
 use serde::Serialize;
 
-use crate::config::{JobSettings, Side};
-use crate::lister::{list_page, Entry, ListError};
-use crate::s3::{Limiter, RetryPolicy};
+use crate::config::{JobSettings, Sse};
+use crate::s3::{
+    Encryption, ListFrom, ObjectRef, Retrier, S3Client, S3Error, VersionEntry, Versions,
+};
 
 /// One key whose histories differ.
 #[derive(Clone, Debug, Serialize)]
@@ -42,72 +48,59 @@ impl VerifyReport {
     }
 }
 
-/// Streams a bucket's listing as one key's history (oldest first) at a time.
-struct Histories<'a> {
-    client: &'a Client,
-    side: Side,
-    bucket: &'a str,
-    prefix: String,
+/// Streams a bucket's listing as one key's history at a time (newest first, as listed),
+/// with the destination prefix taken off the keys.
+struct Histories<'a, C: S3Client> {
+    walk: Versions<'a, C>,
     strip: usize,
-    buf: std::collections::VecDeque<Entry>,
-    key_marker: Option<String>,
-    version_marker: Option<String>,
-    done: bool,
-    policy: &'a RetryPolicy,
-    limiter: &'a Limiter,
+    buf: VecDeque<VersionEntry>,
     retries: AtomicU64,
 }
 
-impl<'a> Histories<'a> {
-    async fn fill(&mut self) -> Result<(), ListError> {
-        while self.buf.is_empty() && !self.done {
-            let page = list_page(
-                self.client,
-                self.side,
-                self.bucket,
-                &self.prefix,
-                self.key_marker.as_deref(),
-                self.version_marker.as_deref(),
-                1000,
-                self.policy,
-                self.limiter,
-                &self.retries,
-            )
-            .await?;
-            self.done = !page.truncated;
-            self.key_marker = page.next_key_marker;
-            self.version_marker = page.next_version_marker;
+impl<'a, C: S3Client> Histories<'a, C> {
+    fn new(client: &'a C, retrier: &'a Retrier, bucket: &str, prefix: String, strip: usize) -> Self {
+        let from = ListFrom {
+            bucket: bucket.to_string(),
+            prefix,
+            max_keys: 1000,
+            ..Default::default()
+        };
+        Histories {
+            walk: Versions::new(client, retrier, from),
+            strip,
+            buf: VecDeque::new(),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    async fn peek_key(&mut self) -> Result<Option<String>, S3Error> {
+        while self.buf.is_empty() {
+            let Some(page) = self.walk.next_page(&self.retries).await? else {
+                break;
+            };
+            let strip = self.strip;
             self.buf.extend(page.entries.into_iter().map(|mut e| {
-                e.key = e.key[self.strip.min(e.key.len())..].to_string();
+                e.key = e.key[strip.min(e.key.len())..].to_string();
                 e
             }));
         }
-        Ok(())
-    }
-
-    async fn peek_key(&mut self) -> Result<Option<String>, ListError> {
-        self.fill().await?;
         Ok(self.buf.front().map(|e| e.key.clone()))
     }
 
     /// The next key's entries, newest first as listed.
-    async fn next(&mut self) -> Result<Option<(String, Vec<Entry>)>, ListError> {
+    async fn next(&mut self) -> Result<Option<(String, Vec<VersionEntry>)>, S3Error> {
         let Some(key) = self.peek_key().await? else {
             return Ok(None);
         };
         let mut out = Vec::new();
-        loop {
-            self.fill().await?;
-            match self.buf.front() {
-                Some(e) if e.key == key => out.push(self.buf.pop_front().expect("front")),
-                _ => break,
-            }
+        while self.peek_key().await?.as_deref() == Some(key.as_str()) {
+            out.push(self.buf.pop_front().expect("peeked"));
         }
         Ok(Some((key, out)))
     }
 }
 
-fn etags_comparable(s: &Entry, d: &Entry) -> bool {
+fn etags_comparable(s: &VersionEntry, d: &VersionEntry) -> bool {
     match (&s.etag, &d.etag) {
         // Multipart ETags depend on the part layout, which a copy may change (a source of
         // uneven parts): only plain MD5 ETags are compared, elsewhere sizes decide.
@@ -119,22 +112,22 @@ fn etags_comparable(s: &Entry, d: &Entry) -> bool {
 /// Whether a history's order between versions and delete markers rests on a tie: two
 /// neighbours of different kinds with the same last-modified second (servers that do not
 /// interleave them in listings leave that order unknown).
-fn order_is_ambiguous(h: &[Entry]) -> bool {
+fn order_is_ambiguous(h: &[VersionEntry]) -> bool {
     h.windows(2).any(|w| {
         w[0].is_delete_marker != w[1].is_delete_marker && w[0].last_modified == w[1].last_modified
     })
 }
 
-fn compare(source: &[Entry], dest: &[Entry]) -> Option<String> {
+fn compare(source: &[VersionEntry], dest: &[VersionEntry]) -> Option<String> {
     if order_is_ambiguous(source) || order_is_ambiguous(dest) {
         // Compare what is certain: the object versions in order, the number of delete
         // markers, and the kind of the current entry.
-        let sv: Vec<Entry> = source
+        let sv: Vec<VersionEntry> = source
             .iter()
             .filter(|e| !e.is_delete_marker)
             .cloned()
             .collect();
-        let dv: Vec<Entry> = dest
+        let dv: Vec<VersionEntry> = dest
             .iter()
             .filter(|e| !e.is_delete_marker)
             .cloned()
@@ -156,7 +149,7 @@ fn compare(source: &[Entry], dest: &[Entry]) -> Option<String> {
     compare_in_order(source, dest)
 }
 
-fn compare_in_order(source: &[Entry], dest: &[Entry]) -> Option<String> {
+fn compare_in_order(source: &[VersionEntry], dest: &[VersionEntry]) -> Option<String> {
     if source.len() != dest.len() {
         return Some(format!(
             "source has {} versions to copy, destination has {}",
@@ -202,112 +195,101 @@ fn compare_in_order(source: &[Entry], dest: &[Entry]) -> Option<String> {
     None
 }
 
-/// Selects and orders a source key's entries (listed newest first) as the job replicates them.
-fn selected(settings: &JobSettings, mut entries: Vec<Entry>) -> Vec<Entry> {
-    let sel = &settings.selection;
-    entries.retain(|e| {
-        if sel.latest_only {
-            e.is_latest && !e.is_delete_marker
-        } else {
-            sel.delete_markers || !e.is_delete_marker
-        }
-    });
-    entries.reverse();
-    entries
+/// Both sides of a verification.
+pub struct Verifier<'a, C: S3Client> {
+    /// The job.
+    pub settings: &'a JobSettings,
+    /// Reads the source.
+    pub source: &'a C,
+    /// Reads the destination.
+    pub dest: &'a C,
+    /// Retries and bounds requests.
+    pub retrier: &'a Retrier,
 }
 
-/// Compares the destination with the source under the job's settings. `progress` sees the
-/// report after each key (for a progress display).
-pub async fn verify(
-    settings: &JobSettings,
-    source: &Client,
-    dest: &Client,
-    policy: &RetryPolicy,
-    limiter: &Limiter,
-    mut progress: impl FnMut(&VerifyReport),
-) -> Result<VerifyReport, ListError> {
-    let mut src = Histories {
-        client: source,
-        side: Side::Source,
-        bucket: &settings.source.bucket,
-        prefix: settings.selection.prefix.clone(),
-        strip: 0,
-        buf: Default::default(),
-        key_marker: None,
-        version_marker: None,
-        done: false,
-        policy,
-        limiter,
-        retries: AtomicU64::new(0),
-    };
-    let mut dst = Histories {
-        client: dest,
-        side: Side::Dest,
-        bucket: &settings.dest.bucket,
-        prefix: format!("{}{}", settings.dest.prefix, settings.selection.prefix),
-        strip: settings.dest.prefix.len(),
-        buf: Default::default(),
-        key_marker: None,
-        version_marker: None,
-        done: false,
-        policy,
-        limiter,
-        retries: AtomicU64::new(0),
-    };
-    let mut report = VerifyReport::default();
-    loop {
-        let sk = src.peek_key().await?;
-        let dk = dst.peek_key().await?;
-        let (key, s, d) = match (sk, dk) {
-            (None, None) => break,
-            (Some(s), Some(d)) if s == d => {
-                let (k, se) = src.next().await?.expect("peeked");
-                let (_, de) = dst.next().await?.expect("peeked");
-                (k, se, de)
+impl<C: S3Client> Verifier<'_, C> {
+    /// Compares the destination with the source. `progress` sees the report after each key.
+    pub async fn run(&self, mut progress: impl FnMut(&VerifyReport)) -> Result<VerifyReport, S3Error> {
+        let s = self.settings;
+        let mut src = Histories::new(self.source, self.retrier, &s.source.bucket, s.selection.prefix.clone(), 0);
+        let dest_prefix = format!("{}{}", s.dest.prefix, s.selection.prefix);
+        let mut dst = Histories::new(self.dest, self.retrier, &s.dest.bucket, dest_prefix, s.dest.prefix.len());
+        let mut report = VerifyReport::default();
+        loop {
+            let (sk, dk) = (src.peek_key().await?, dst.peek_key().await?);
+            let take_src = matches!((&sk, &dk), (Some(a), Some(b)) if a <= b) || dk.is_none();
+            let take_dst = matches!((&sk, &dk), (Some(a), Some(b)) if b <= a) || sk.is_none();
+            if sk.is_none() && dk.is_none() {
+                break;
             }
-            (Some(s), Some(d)) if s < d => {
-                let (k, se) = src.next().await?.expect("peeked");
-                (k, se, Vec::new())
+            let (mut key, mut se, mut de) = (String::new(), Vec::new(), Vec::new());
+            if take_src {
+                (key, se) = src.next().await?.expect("peeked");
             }
-            (Some(_), None) => {
-                let (k, se) = src.next().await?.expect("peeked");
-                (k, se, Vec::new())
+            if take_dst {
+                (key, de) = dst.next().await?.expect("peeked");
             }
-            _ => {
-                let (k, de) = dst.next().await?.expect("peeked");
-                (k, Vec::new(), de)
+            se.retain(|e| s.selection.selects(e));
+            se.reverse();
+            de.reverse();
+            if se.is_empty() && de.is_empty() {
+                continue;
             }
-        };
-        let s = selected(settings, s);
-        let mut d = d;
-        d.reverse();
-        if settings.copy.sse.as_deref() == Some("aws:kms") {
-            for e in d.iter_mut() {
-                e.etag = None;
+            self.blank_incomparable_etags(&key, &mut se, &mut de).await?;
+            report.keys += 1;
+            report.versions += se.len() as u64;
+            progress(&report);
+            if let Some(detail) = compare(&se, &de) {
+                report.mismatched_keys += 1;
+                if report.mismatches.len() < 1000 {
+                    report.mismatches.push(Mismatch { key, detail });
+                }
             }
         }
-        if s.is_empty() && d.is_empty() {
-            continue;
-        }
-        report.keys += 1;
-        report.versions += s.len() as u64;
-        progress(&report);
-        if let Some(detail) = compare(&s, &d) {
-            report.mismatched_keys += 1;
-            if report.mismatches.len() < 1000 {
-                report.mismatches.push(Mismatch { key, detail });
-            }
-        }
+        Ok(report)
     }
-    Ok(report)
+
+    /// Where a pair of plain ETags differs, HEADs both versions: an encryption that does not
+    /// keep MD5 ETags (KMS, DSSE, SSE-C) on either side makes the pair compared by size.
+    async fn blank_incomparable_etags(
+        &self,
+        key: &str,
+        se: &mut [VersionEntry],
+        de: &mut [VersionEntry],
+    ) -> Result<(), S3Error> {
+        if self.settings.copy.sse == Some(Sse::AwsKms) {
+            de.iter_mut().for_each(|e| e.etag = None);
+        }
+        if se.len() != de.len() {
+            return Ok(());
+        }
+        let retries = AtomicU64::new(0);
+        for (a, b) in se.iter_mut().zip(de.iter_mut()) {
+            if a.is_delete_marker || b.is_delete_marker || !etags_comparable(a, b) || a.etag == b.etag {
+                continue;
+            }
+            let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
+            let dkey = self.settings.dest_key(key);
+            let dref = ObjectRef::version(&self.settings.dest.bucket, &dkey, &b.version_id);
+            let sh = self.retrier.call(&retries, || self.source.head_object(&sref, None)).await?;
+            let dh = self.retrier.call(&retries, || self.dest.head_object(&dref, None)).await?;
+            if !Encryption::keeps_md5_etag(sh.encryption.as_ref())
+                || !Encryption::keeps_md5_etag(dh.encryption.as_ref())
+            {
+                a.etag = None;
+                b.etag = None;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn v(id: &str, size: u64, etag: &str) -> Entry {
-        Entry {
+    fn v(id: &str, size: u64, etag: &str) -> VersionEntry {
+        VersionEntry {
             key: "k".into(),
             version_id: id.into(),
             size,
@@ -318,7 +300,7 @@ mod tests {
 
     #[test]
     fn compares_histories() {
-        let dm = Entry {
+        let dm = VersionEntry {
             is_delete_marker: true,
             ..v("m", 0, "")
         };

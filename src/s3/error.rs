@@ -61,6 +61,9 @@ pub struct S3Error {
     pub status: Option<u16>,
     /// A human-readable message (never contains credentials).
     pub message: String,
+    /// The bucket's region, when the answer named it (`x-amz-bucket-region`, e.g. with a 301
+    /// for a request signed for another region).
+    pub bucket_region: Option<String>,
 }
 
 impl fmt::Display for S3Error {
@@ -91,6 +94,7 @@ impl S3Error {
             code: None,
             status: None,
             message,
+            bucket_region: None,
         }
     }
 
@@ -137,9 +141,15 @@ pub fn classify_code(code: Option<&str>, status: Option<u16>, reads_source: bool
         if reads_source && (c == "NoSuchKey" || c == "NoSuchVersion" || c == "NotFound") {
             return ErrorClass::SourceGone;
         }
+        // An archived (GLACIER, DEEP_ARCHIVE) version that is not restored.
+        if reads_source && c == "InvalidObjectState" {
+            return ErrorClass::Archived;
+        }
     }
     match status {
         Some(429) | Some(503) => ErrorClass::Throttled,
+        // The server does not implement the operation: retrying cannot help.
+        Some(501) => ErrorClass::Fatal,
         Some(s) if s >= 500 => ErrorClass::Retryable,
         Some(408) => ErrorClass::Retryable,
         Some(404) if reads_source && code.is_none() => ErrorClass::SourceGone,
@@ -196,6 +206,7 @@ where
                 code: None,
                 status,
                 message: "response could not be read (connection cut or body truncated)".into(),
+                bucket_region: None,
             }
         }
         _ => {
@@ -210,10 +221,16 @@ where
                         (None, Some(403)) => "access denied".into(),
                         (None, Some(404)) => "not found".into(),
                         (None, Some(400)) => "bad request".into(),
+                        (None, Some(301)) => "the bucket is in another region".into(),
+                        (None, Some(501)) => "not implemented by this server".into(),
                         (None, Some(s)) if s >= 500 => "server error".into(),
                         (None, _) => "no error details in the response".into(),
                     });
             let class = classify_code(code.as_deref(), status, reads_source);
+            let bucket_region = err
+                .raw_response()
+                .and_then(|r| r.headers().get("x-amz-bucket-region"))
+                .map(str::to_string);
             S3Error {
                 side,
                 op,
@@ -221,6 +238,7 @@ where
                 code,
                 status,
                 message,
+                bucket_region,
             }
         }
     }

@@ -1,15 +1,27 @@
 //! s3: the S3 access layer. Everything that talks to S3 lives here: building one client per
 //! side, the operations the project uses behind one trait ([`S3Client`], the seam that tests
-//! replace with an in-process fake), the versions stream, bucket probes, server quirks, error
-//! classification and the one retry loop. Its operations return [`S3Error`]; the stages above
-//! never convert errors back and forth.
+//! replace with the in-process [`fake::FakeS3`]), the versions walk, bucket probes, server
+//! quirks, error classification and the one retry loop. Its operations return [`S3Error`];
+//! the stages above never convert errors back and forth.
 //!
-//! May call: the AWS SDK, `config` (for a side's settings). Nothing else of the crate.
+//! May call: the AWS SDK, and `config` for a side's settings. Nothing else of the crate.
 
+pub mod client;
 pub mod error;
+pub mod fake;
+pub mod list;
 pub mod retry;
 pub mod types;
 
+pub use client::{build, copy_source, tagging_string, RequestCounts, S3Client, SdkClient, Timeouts};
 pub use error::{classify, classify_code, ErrorClass, S3Error};
-pub use retry::{with_retry, Limiter, Permit, RetryPolicy};
-pub use types::{Side, VersionEntry};
+pub use list::{parse_page, Versions};
+pub use retry::{Limiter, Permit, Retrier, RetryPolicy, Written};
+pub use types::{
+    BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom, ObjectHead,
+    ObjectLock, ObjectRef, PartResult, show_key, Side, VersionEntry, VersionPage, WriteAttrs, WriteResult,
+};
+
+/// The user-metadata key of the destination stamp: the source version id a destination
+/// version was copied from (header `x-amz-meta-s3-backfill-source-version`).
+pub const STAMP_KEY: &str = "s3-backfill-source-version";

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::ExponentialBuilder;
 use tokio::sync::Notify;
 
 use super::error::{ErrorClass, S3Error};
@@ -169,37 +169,110 @@ impl Limiter {
     }
 }
 
-/// Runs one S3 request with a slot from `limiter`, retrying retryable errors per `policy`.
-/// `retries` is incremented once per retry. The request closure is called once per attempt.
-pub async fn with_retry<T, F, Fut>(
-    policy: &RetryPolicy,
-    limiter: &Limiter,
-    retries: &AtomicU64,
-    f: F,
-) -> Result<T, S3Error>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<T, S3Error>>,
-{
-    let attempt = || async {
-        let _permit = limiter.acquire().await;
-        let r = f().await;
-        match &r {
-            Ok(_) => limiter.on_success(),
-            Err(e) if e.class == ErrorClass::Throttled => limiter.on_throttle(),
-            Err(_) => {}
+/// The result of a write retried by [`Retrier::write`].
+#[derive(Debug)]
+pub enum Written<T, A> {
+    /// This call's own attempt succeeded.
+    Done(T),
+    /// An earlier attempt that failed ambiguously had in fact succeeded: the reconcile hook
+    /// found its result, and no second write was made.
+    Adopted(A),
+}
+
+/// The one retry loop: every S3 request of a job goes through it. It takes a slot from the
+/// job's [`Limiter`], retries retryable errors on the policy's schedule, and lowers the
+/// requests in flight on throttling. A write that is not idempotent (it creates a destination
+/// version) calls a reconcile hook before each repeat: if the failed attempt took effect
+/// after all, the hook returns what it created and the loop stops.
+#[derive(Debug)]
+pub struct Retrier {
+    /// The schedule.
+    pub policy: RetryPolicy,
+    /// The bound on requests in flight.
+    pub limiter: Limiter,
+}
+
+impl Retrier {
+    /// A retrier with this schedule and bound.
+    pub fn new(policy: RetryPolicy, limiter: Limiter) -> Retrier {
+        Retrier { policy, limiter }
+    }
+
+    /// An idempotent request (reads, part uploads, aborts): simply repeated.
+    pub async fn call<T, F, Fut>(&self, retries: &AtomicU64, f: F) -> Result<T, S3Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, S3Error>>,
+    {
+        let no_hook = || async { Ok::<Option<()>, S3Error>(None) };
+        match self.run(retries, true, f, no_hook).await? {
+            Written::Done(v) => Ok(v),
+            Written::Adopted(()) => unreachable!("idempotent calls have no reconcile hook"),
         }
-        r
-    };
-    attempt
-        .retry(policy.backoff())
-        .sleep(tokio::time::sleep)
-        .when(|e: &S3Error| e.is_retryable())
-        .notify(|e: &S3Error, d: Duration| {
+    }
+
+    /// A write that is not idempotent: `before_retry` runs before every repeat and may adopt
+    /// what an ambiguous failure created.
+    pub async fn write<T, A, F, Fut, H, HFut>(
+        &self,
+        retries: &AtomicU64,
+        f: F,
+        before_retry: H,
+    ) -> Result<Written<T, A>, S3Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, S3Error>>,
+        H: FnMut() -> HFut,
+        HFut: Future<Output = Result<Option<A>, S3Error>>,
+    {
+        self.run(retries, false, f, before_retry).await
+    }
+
+    async fn run<T, A, F, Fut, H, HFut>(
+        &self,
+        retries: &AtomicU64,
+        idempotent: bool,
+        f: F,
+        mut before_retry: H,
+    ) -> Result<Written<T, A>, S3Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, S3Error>>,
+        H: FnMut() -> HFut,
+        HFut: Future<Output = Result<Option<A>, S3Error>>,
+    {
+        let mut delays = backon::BackoffBuilder::build(self.policy.backoff());
+        loop {
+            let r = {
+                let _permit = self.limiter.acquire().await;
+                f().await
+            };
+            let e = match r {
+                Ok(v) => {
+                    self.limiter.on_success();
+                    return Ok(Written::Done(v));
+                }
+                Err(e) => e,
+            };
+            if e.class == ErrorClass::Throttled {
+                self.limiter.on_throttle();
+            }
+            if !e.is_retryable() {
+                return Err(e);
+            }
+            let Some(delay) = delays.next() else {
+                return Err(e);
+            };
             retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("retrying in {d:?} after: {e}");
-        })
-        .await
+            tracing::debug!("retrying in {delay:?} after: {e}");
+            tokio::time::sleep(delay).await;
+            if !idempotent {
+                if let Some(a) = before_retry().await? {
+                    return Ok(Written::Adopted(a));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -214,10 +287,10 @@ mod tests {
             min_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(2),
         };
-        let limiter = Limiter::new(4, None);
+        let r4 = Retrier::new(policy, Limiter::new(4, None));
         let retries = AtomicU64::new(0);
         let calls = AtomicU64::new(0);
-        let r = with_retry(&policy, &limiter, &retries, || async {
+        let r = r4.call(&retries, || async {
             let n = calls.fetch_add(1, Ordering::Relaxed);
             if n < 2 {
                 Err(S3Error::other(
@@ -233,17 +306,17 @@ mod tests {
         .await;
         assert_eq!(r.unwrap(), 2);
         assert_eq!(retries.load(Ordering::Relaxed), 2);
-        assert_eq!(limiter.throttles(), 2);
-        assert!(limiter.current_limit() < 4);
+        assert_eq!(r4.limiter.throttles(), 2);
+        assert!(r4.limiter.current_limit() < 4);
     }
 
     #[tokio::test]
     async fn fatal_is_not_retried() {
         let policy = RetryPolicy::default();
-        let limiter = Limiter::new(2, None);
+        let r2 = Retrier::new(policy, Limiter::new(2, None));
         let retries = AtomicU64::new(0);
         let calls = AtomicU64::new(0);
-        let r: Result<(), _> = with_retry(&policy, &limiter, &retries, || async {
+        let r: Result<(), _> = r2.call(&retries, || async {
             calls.fetch_add(1, Ordering::Relaxed);
             Err(S3Error::other(
                 Side::Dest,

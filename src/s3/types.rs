@@ -1,6 +1,7 @@
 //! s3::types: the records the access layer hands to the stages above it, independent of the
 //! SDK: which side a request is for, one listed version, and what a write carries.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -332,4 +333,17 @@ pub struct ListFrom {
     pub version_marker: Option<String>,
     /// Entries per page (1..=1000).
     pub max_keys: i32,
+}
+
+/// Keeps a key's text readable in one line of output.
+pub fn show_key(key: &str) -> Cow<'_, str> {
+    if key.chars().any(|c| c.is_control()) || key.len() > 200 {
+        let mut s: String = key.chars().take(200).collect::<String>();
+        if key.len() > 200 {
+            s.push('…');
+        }
+        Cow::Owned(format!("{s:?}"))
+    } else {
+        Cow::Borrowed(key)
+    }
 }

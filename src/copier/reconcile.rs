@@ -1,0 +1,202 @@
+//! copier::reconcile: what an earlier or ambiguous attempt left at the destination.
+//!
+//! A write that may have happened (the process died, or the answer was lost) is looked for
+//! before the task is written again. Under the job's assumption (nothing else writes its
+//! destination keys), the destination versions of a key newer than the newest one recorded
+//! for its done tasks can only come from attempts at the key's first open task.
+//!
+//! - Object versions, stamp on (default): a candidate is adopted only when its user metadata
+//!   carries the stamp naming this source version: exact on every server.
+//! - Object versions, `--no-stamp`: a candidate of the same size (and ETag, where both are
+//!   MD5s of a single-part copy) written after the attempt started, less the clock skew.
+//! - Delete markers carry no metadata: the first delete marker after the last recorded
+//!   version (and, for a key with nothing recorded, written after the attempt started).
+//!
+//! Also learns a new version's id when the write's answer omits it (RGW's CopyObject).
+//!
+//! May call: the s3 layer.
+
+
+use super::scheduler::TaskCtx;
+use super::{Copier, CLOCK_SKEW_SECS};
+use crate::s3::{
+    show_key, Encryption, ListFrom, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry,
+    Versions, STAMP_KEY,
+};
+
+/// Candidates HEADed at most when looking for a stamped version.
+const MAX_STAMP_CANDIDATES: usize = 16;
+
+/// Parses S3's `2026-01-02T03:04:05.000Z` into unix seconds.
+fn parse_s3_time(s: &str) -> Option<i64> {
+    aws_smithy_types::DateTime::from_str(s, aws_smithy_types::date_time::Format::DateTime)
+        .ok()
+        .map(|d| d.secs())
+}
+
+impl<C: S3Client> Copier<C> {
+    /// Before a task with an earlier attempt is written again: its destination version, if
+    /// an attempt created one (then it is adopted), and otherwise the multipart uploads an
+    /// attempt may have left open are aborted.
+    pub(super) async fn reconcile_earlier_attempt(
+        &self,
+        ctx: &TaskCtx<'_>,
+    ) -> Result<Option<Option<String>>, S3Error> {
+        let since = ctx.task.started_at.unwrap_or(0);
+        if let Some(v) = self.find_written(ctx, since).await? {
+            return Ok(Some(v));
+        }
+        if !ctx.task.is_delete_marker {
+            self.abort_uploads_of_key(ctx).await?;
+        }
+        Ok(None)
+    }
+
+    /// The destination version an attempt at this task created, if any (see the module
+    /// header for the rules). `since` is when the attempt started (unix seconds).
+    pub(super) async fn find_written(
+        &self,
+        ctx: &TaskCtx<'_>,
+        since: i64,
+    ) -> Result<Option<Option<String>>, S3Error> {
+        if !self.dest_facts.versioned {
+            // An unversioned destination is overwritten by the next attempt: nothing to adopt.
+            return Ok(None);
+        }
+        let history = self.dest_history(ctx).await?;
+        let newest_recorded = history
+            .iter()
+            .rposition(|e| ctx.recorded.contains(&e.version_id));
+        let candidates = &history[newest_recorded.map_or(0, |i| i + 1)..];
+        let recent = |e: &VersionEntry| {
+            e.last_modified
+                .as_deref()
+                .and_then(parse_s3_time)
+                .is_none_or(|lm| lm >= since - CLOCK_SKEW_SECS)
+        };
+        if ctx.task.is_delete_marker {
+            let found = candidates
+                .iter()
+                .find(|e| e.is_delete_marker && (newest_recorded.is_some() || recent(e)));
+            return Ok(found.map(|e| Some(e.version_id.clone())));
+        }
+        let versions = candidates.iter().filter(|e| !e.is_delete_marker);
+        if self.settings.copy.stamp {
+            for e in versions.take(MAX_STAMP_CANDIDATES) {
+                let head = self.dest_head(ctx, Some(&e.version_id)).await?;
+                if stamped_for(&head, &ctx.task.version_id) {
+                    return Ok(Some(Some(e.version_id.clone())));
+                }
+            }
+            return Ok(None);
+        }
+        let found = versions
+            .filter(|e| recent(e) && e.size == ctx.task.size)
+            .find(|e| self.etag_matches(ctx, e));
+        Ok(found.map(|e| Some(e.version_id.clone())))
+    }
+
+    /// Whether a destination version's ETag fits the task (only single-part copies of
+    /// unencrypted or SSE-S3 sources keep the source's MD5 ETag; elsewhere size decides).
+    fn etag_matches(&self, ctx: &TaskCtx<'_>, e: &VersionEntry) -> bool {
+        let plain = |s: &str| !s.contains('-');
+        let comparable = self.settings.copy.sse.is_none()
+            && ctx.task.size < self.settings.copy.multipart_threshold;
+        match (&ctx.task.etag, &e.etag) {
+            (Some(s), Some(d)) if comparable && plain(s) && plain(d) => s == d,
+            _ => true,
+        }
+    }
+
+    /// The destination's entries of exactly this task's key, oldest first.
+    async fn dest_history(&self, ctx: &TaskCtx<'_>) -> Result<Vec<VersionEntry>, S3Error> {
+        let from = ListFrom {
+            bucket: ctx.dest.bucket.clone(),
+            prefix: ctx.dest.key.clone(),
+            max_keys: 1000,
+            ..Default::default()
+        };
+        Versions::new(&self.dest, &self.retrier, from)
+            .history_of(&ctx.dest.key, &ctx.retries)
+            .await
+    }
+
+    async fn dest_head(
+        &self,
+        ctx: &TaskCtx<'_>,
+        version: Option<&str>,
+    ) -> Result<ObjectHead, S3Error> {
+        let obj = ObjectRef {
+            version_id: version.map(str::to_string),
+            ..ctx.dest.clone()
+        };
+        self.retrier
+            .call(&ctx.retries, || self.dest.head_object(&obj, None))
+            .await
+    }
+
+    /// The id of the version a successful write just created, when its answer did not say:
+    /// the key's newest entry (nothing else writes the key); an object version is HEADed
+    /// and its stamp checked, a delete marker is read from the key's listing.
+    pub(super) async fn learn_version(
+        &self,
+        ctx: &TaskCtx<'_>,
+        answered: Option<String>,
+    ) -> Result<Option<String>, S3Error> {
+        if answered.is_some() || !self.dest_facts.versioned {
+            return Ok(answered);
+        }
+        if ctx.task.is_delete_marker {
+            let history = self.dest_history(ctx).await?;
+            return Ok(history
+                .last()
+                .filter(|e| e.is_delete_marker)
+                .map(|e| e.version_id.clone()));
+        }
+        let head = self.dest_head(ctx, None).await?;
+        if self.settings.copy.stamp && !stamped_for(&head, &ctx.task.version_id) {
+            return Err(S3Error::other(
+                self.dest.side(),
+                "HeadObject",
+                crate::s3::ErrorClass::Fatal,
+                format!(
+                    "the current version of {} is not the one just written (is something else writing the destination?)",
+                    show_key(&ctx.dest.key)
+                ),
+            ));
+        }
+        Ok(head.version_id)
+    }
+
+    /// Aborts every open multipart upload of exactly this task's destination key (an
+    /// attempt may have opened one whose id never reached the manifest).
+    pub(super) async fn abort_uploads_of_key(&self, ctx: &TaskCtx<'_>) -> Result<(), S3Error> {
+        let uploads = self
+            .retrier
+            .call(&ctx.retries, || {
+                self.dest.list_uploads(&ctx.dest.bucket, &ctx.dest.key)
+            })
+            .await?;
+        for (key, id) in uploads.into_iter().filter(|(k, _)| *k == ctx.dest.key) {
+            let obj = ObjectRef::key(&ctx.dest.bucket, &key);
+            self.retrier
+                .call(&ctx.retries, || self.dest.abort_multipart(&obj, &id))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a destination version carries the stamp of this source version.
+fn stamped_for(head: &ObjectHead, source_version: &str) -> bool {
+    head.metadata.get(STAMP_KEY).map(String::as_str) == Some(source_version)
+}
+
+/// Whether an object's ETag is an MD5 of its bytes (not for KMS or SSE-C encryption).
+pub(super) fn md5_etag(head: &ObjectHead) -> bool {
+    Encryption::keeps_md5_etag(head.encryption.as_ref())
+        && head.etag.as_deref().is_some_and(|e| {
+            let e = e.trim_matches('"');
+            e.len() == 32 && !e.contains('-')
+        })
+}

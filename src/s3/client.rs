@@ -1,0 +1,973 @@
+//! s3::client: the seam. [`S3Client`] names every S3 operation the project uses, in the
+//! project's own records; [`SdkClient`] implements it with aws-sdk-s3 (one per side, built
+//! from the standard AWS chain by [`build`]), and `s3::fake` implements it in memory for
+//! in-process tests. Requests are counted per operation.
+//!
+//! Server quirks handled here, once: RGW's 411 for bodiless PUTs (UploadPartCopy), moto's
+//! GetBucketVersioning root element, servers without tagging (no tags, said once), checksum
+//! headers only when the side allows them (`when-required`), per-attempt timeouts.
+//!
+//! May call: the AWS SDK and config; nothing else of the crate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart, EncodingType,
+    MetadataDirective, ObjectCannedAcl, ObjectLockEnabled, ObjectLockLegalHoldStatus,
+    ObjectLockMode, ServerSideEncryption, StorageClass, TaggingDirective,
+};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    AfterDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextMut,
+};
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::date_time::Format;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use aws_smithy_types::DateTime;
+use bytes::Bytes;
+
+use super::error::{classify, ErrorClass, S3Error};
+use super::list::parse_page;
+use super::types::{
+    BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom, ObjectHead,
+    ObjectLock, ObjectRef, PartResult, Side, VersionPage, WriteAttrs, WriteResult,
+};
+use crate::config::{ChecksumCalculation, SideConfig};
+
+/// The S3 operations the project uses. Each returns a classified [`S3Error`]; none retries
+/// (the caller's [`super::retry::Retrier`] does).
+pub trait S3Client: Send + Sync + 'static {
+    /// Which side this client serves (named in its errors).
+    fn side(&self) -> Side;
+    /// Requests sent so far, per operation.
+    fn requests(&self) -> &RequestCounts;
+    /// One page of `ListObjectVersions`, each key's history newest first.
+    fn list_versions(
+        &self,
+        from: &ListFrom,
+    ) -> impl Future<Output = Result<VersionPage, S3Error>> + Send;
+    /// HEAD of one version (of one part of it, with `part`).
+    fn head_object(
+        &self,
+        obj: &ObjectRef,
+        part: Option<i32>,
+    ) -> impl Future<Output = Result<ObjectHead, S3Error>> + Send;
+    /// The bytes of one version, or of the inclusive range `(first, last)`.
+    fn get_object(
+        &self,
+        obj: &ObjectRef,
+        range: Option<(u64, u64)>,
+    ) -> impl Future<Output = Result<Bytes, S3Error>> + Send;
+    /// The tags of one version, URL-encoded (`k=v&k2=v2`); empty when none.
+    fn get_tagging(&self, obj: &ObjectRef) -> impl Future<Output = Result<String, S3Error>> + Send;
+    /// Server-side copy of `src` to `dest` (the client's credentials read the source).
+    fn copy_object(
+        &self,
+        dest: &ObjectRef,
+        src: &ObjectRef,
+        attrs: &WriteAttrs,
+    ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
+    /// Uploads one object in one request.
+    fn put_object(
+        &self,
+        dest: &ObjectRef,
+        body: Bytes,
+        attrs: &WriteAttrs,
+    ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
+    /// Deletes the current version of `dest` (a delete marker in a versioned bucket).
+    fn delete_object(
+        &self,
+        dest: &ObjectRef,
+    ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
+    /// Opens a multipart upload; returns its id.
+    fn create_multipart(
+        &self,
+        dest: &ObjectRef,
+        attrs: &WriteAttrs,
+    ) -> impl Future<Output = Result<String, S3Error>> + Send;
+    /// Copies the inclusive byte range of `src` as part `n`.
+    fn upload_part_copy(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        src: &ObjectRef,
+        range: (u64, u64),
+    ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
+    /// Uploads part `n` with its Content-MD5 (base64).
+    fn upload_part(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: Bytes,
+        md5: &str,
+        algorithm: Option<ChecksumAlgorithm>,
+    ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
+    /// Completes a multipart upload with its parts, in order.
+    fn complete_multipart(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        parts: &[PartResult],
+    ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
+    /// Aborts a multipart upload (a missing upload is not an error).
+    fn abort_multipart(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), S3Error>> + Send;
+    /// Open multipart uploads under `prefix`: (key, upload id).
+    fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<(String, String)>, S3Error>> + Send;
+    /// Checks that the bucket answers; learns its region, versioning and object lock.
+    fn probe_bucket(
+        &self,
+        bucket: &str,
+    ) -> impl Future<Output = Result<BucketFacts, S3Error>> + Send;
+}
+
+/// The operations counted, in the order `status` shows them.
+pub const OPERATIONS: [&str; 15] = [
+    "ListObjectVersions",
+    "HeadObject",
+    "GetObject",
+    "GetObjectTagging",
+    "CopyObject",
+    "PutObject",
+    "DeleteObject",
+    "CreateMultipartUpload",
+    "UploadPartCopy",
+    "UploadPart",
+    "CompleteMultipartUpload",
+    "AbortMultipartUpload",
+    "ListMultipartUploads",
+    "HeadBucket",
+    "GetBucketVersioning",
+];
+
+/// Requests sent, per operation (every attempt counts).
+#[derive(Debug, Default)]
+pub struct RequestCounts([AtomicU64; OPERATIONS.len()]);
+
+impl RequestCounts {
+    /// Counts one request of `op` (an entry of [`OPERATIONS`]; others are not counted).
+    pub fn count(&self, op: &str) {
+        if let Some(i) = OPERATIONS.iter().position(|o| *o == op) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts so far, by operation, leaving out zeros.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        OPERATIONS
+            .iter()
+            .zip(&self.0)
+            .map(|(o, n)| (*o, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// The total of all operations.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Time limits of one request attempt.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Connecting.
+    pub connect: Duration,
+    /// One attempt, from sending to the whole answer (bodies of GETs included).
+    pub attempt: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            attempt: Duration::from_secs(120),
+        }
+    }
+}
+
+/// [`S3Client`] over aws-sdk-s3.
+#[derive(Clone, Debug)]
+pub struct SdkClient {
+    inner: aws_sdk_s3::Client,
+    side: Side,
+    checksums: ChecksumCalculation,
+    timeouts: Timeouts,
+    counts: Arc<RequestCounts>,
+    no_tagging: Arc<AtomicBool>,
+}
+
+/// Builds the client of one side from the standard AWS chain plus the side's options, and
+/// returns the endpoint URL it really uses (the side's option, else one from the
+/// environment or the profile's `endpoint_url`, else None: the provider's default).
+///
+/// The SDK's own retries are off: [`super::retry::Retrier`] is the only retry layer.
+pub async fn build(side: Side, cfg: &SideConfig, timeouts: Timeouts) -> (SdkClient, Option<String>) {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(profile) = &cfg.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(region) = &cfg.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &cfg.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let sdk = loader.load().await;
+    let endpoint = effective_endpoint(&sdk);
+    let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(timeouts.connect)
+                .operation_attempt_timeout(timeouts.attempt)
+                .build(),
+        )
+        .force_path_style(cfg.path_style)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .request_checksum_calculation(match cfg.checksum_calculation {
+            ChecksumCalculation::WhenSupported => RequestChecksumCalculation::WhenSupported,
+            ChecksumCalculation::WhenRequired => RequestChecksumCalculation::WhenRequired,
+        })
+        .interceptor(ZeroLengthBody);
+    if sdk.region().is_none() {
+        b = b.region(Region::new("us-east-1"));
+    }
+    let client = SdkClient {
+        inner: aws_sdk_s3::Client::from_conf(b.build()),
+        side,
+        checksums: cfg.checksum_calculation,
+        timeouts,
+        counts: Arc::new(RequestCounts::default()),
+        no_tagging: Arc::new(AtomicBool::new(false)),
+    };
+    (client, endpoint)
+}
+
+/// The endpoint URL the SDK will use: the same precedence as
+/// `aws_sdk_s3::config::Builder::from(&SdkConfig)`.
+fn effective_endpoint(sdk: &aws_config::SdkConfig) -> Option<String> {
+    if sdk.get_origin("endpoint_url").is_client_config() {
+        return sdk.endpoint_url().map(str::to_string);
+    }
+    sdk.service_config()
+        .and_then(|c| {
+            c.load_config(
+                aws_types::service_config::ServiceConfigKey::builder()
+                    .service_id("S3")
+                    .env("AWS_ENDPOINT_URL")
+                    .profile("endpoint_url")
+                    .build()
+                    .expect("every field is set"),
+            )
+        })
+        .or_else(|| sdk.endpoint_url().map(str::to_string))
+}
+
+/// Adds `Content-Length: 0` to bodiless PUT and POST requests that lack it: RGW answers
+/// them (e.g. UploadPartCopy) with 411 MissingContentLength.
+#[derive(Debug)]
+struct ZeroLengthBody;
+
+impl Intercept for ZeroLengthBody {
+    fn name(&self) -> &'static str {
+        "ZeroLengthBody"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let req = context.request_mut();
+        let bodiless = req.body().bytes().is_some_and(|b| b.is_empty());
+        if (req.method() == "PUT" || req.method() == "POST")
+            && bodiless
+            && req.headers().get("content-length").is_none()
+            && req.headers().get("transfer-encoding").is_none()
+        {
+            req.headers_mut().insert("content-length", "0");
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the raw body of the last response: the interleaving of versions and delete markers
+/// in `ListObjectVersions`, and `GetBucketVersioning` bodies with another root element (moto).
+#[derive(Clone, Debug, Default)]
+struct RawBody(Arc<Mutex<Option<Bytes>>>);
+
+impl RawBody {
+    fn take(&self) -> Option<Bytes> {
+        self.0.lock().expect("raw body lock").take()
+    }
+}
+
+impl Intercept for RawBody {
+    fn name(&self) -> &'static str {
+        "RawBody"
+    }
+
+    fn read_after_deserialization(
+        &self,
+        context: &AfterDeserializationInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let body = context
+            .response()
+            .body()
+            .bytes()
+            .map(Bytes::copy_from_slice);
+        *self.0.lock().expect("raw body lock") = body;
+        Ok(())
+    }
+}
+
+fn http_date(s: &Option<String>) -> Option<DateTime> {
+    s.as_deref()
+        .and_then(|s| DateTime::from_str(s, Format::HttpDate).ok())
+}
+
+fn sse_headers(e: &Option<Encryption>) -> (Option<ServerSideEncryption>, Option<String>) {
+    match e {
+        Some(Encryption::SseS3) => (Some(ServerSideEncryption::Aes256), None),
+        Some(Encryption::SseKms(k)) => (Some(ServerSideEncryption::AwsKms), k.clone()),
+        Some(Encryption::DsseKms(k)) => (Some(ServerSideEncryption::AwsKmsDsse), k.clone()),
+        // SSE-C objects are refused before any write.
+        Some(Encryption::SseC) | None => (None, None),
+    }
+}
+
+fn sdk_algorithm(a: ChecksumAlgorithm) -> aws_sdk_s3::types::ChecksumAlgorithm {
+    use aws_sdk_s3::types::ChecksumAlgorithm as A;
+    match a {
+        ChecksumAlgorithm::Crc32 => A::Crc32,
+        ChecksumAlgorithm::Crc32c => A::Crc32C,
+        ChecksumAlgorithm::Crc64Nvme => A::Crc64Nvme,
+        ChecksumAlgorithm::Sha1 => A::Sha1,
+        ChecksumAlgorithm::Sha256 => A::Sha256,
+    }
+}
+
+fn lock_date(secs: Option<i64>) -> Option<DateTime> {
+    secs.map(DateTime::from_secs)
+}
+
+fn metadata_map(m: &BTreeMap<String, String>) -> Option<HashMap<String, String>> {
+    (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// Sets what a new destination version carries (content headers, metadata, tags, storage
+/// class, encryption, ACL, checksum algorithm, object lock) on a write request builder.
+macro_rules! with_attrs {
+    ($req:expr, $client:expr, $a:expr) => {{
+        let (sse, kms) = sse_headers(&$a.encryption);
+        $req.set_content_type($a.content.content_type.clone())
+            .set_cache_control($a.content.cache_control.clone())
+            .set_content_disposition($a.content.content_disposition.clone())
+            .set_content_encoding($a.content.content_encoding.clone())
+            .set_content_language($a.content.content_language.clone())
+            .set_expires(http_date(&$a.content.expires))
+            .set_metadata(metadata_map(&$a.metadata))
+            .set_tagging($a.tagging.clone().filter(|t| !t.is_empty()))
+            .set_storage_class($a.storage_class.as_deref().map(StorageClass::from))
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms)
+            .set_acl($a.acl.as_deref().map(ObjectCannedAcl::from))
+            .set_checksum_algorithm($client.algorithm($a.checksum_algorithm))
+            .set_object_lock_mode($a.lock.mode.as_deref().map(ObjectLockMode::from))
+            .set_object_lock_retain_until_date(lock_date($a.lock.retain_until))
+            .set_object_lock_legal_hold_status(
+                $a.lock.legal_hold.then_some(ObjectLockLegalHoldStatus::On),
+            )
+    }};
+}
+
+fn head_record(h: &HeadObjectOutput) -> ObjectHead {
+    let full = h.checksum_type() == Some(&ChecksumType::FullObject);
+    let checksum = Checksum::first_of(
+        [
+            h.checksum_crc32(),
+            h.checksum_crc32_c(),
+            h.checksum_crc64_nvme(),
+            h.checksum_sha1(),
+            h.checksum_sha256(),
+        ],
+        full,
+    );
+    let storage_class = h.storage_class().map(|c| c.as_str().to_string());
+    let restored = h
+        .restore()
+        .is_some_and(|r| r.contains("ongoing-request=\"false\""));
+    let archived = (matches!(storage_class.as_deref(), Some("GLACIER" | "DEEP_ARCHIVE"))
+        && !restored)
+        || h.archive_status().is_some();
+    let encryption = if h.sse_customer_algorithm().is_some() {
+        Some(Encryption::SseC)
+    } else {
+        match h.server_side_encryption() {
+            Some(ServerSideEncryption::Aes256) => Some(Encryption::SseS3),
+            Some(ServerSideEncryption::AwsKms) => {
+                Some(Encryption::SseKms(h.ssekms_key_id().map(str::to_string)))
+            }
+            Some(ServerSideEncryption::AwsKmsDsse) => {
+                Some(Encryption::DsseKms(h.ssekms_key_id().map(str::to_string)))
+            }
+            _ => None,
+        }
+    };
+    ObjectHead {
+        version_id: h.version_id().map(str::to_string),
+        delete_marker: h.delete_marker() == Some(true),
+        size: h.content_length().unwrap_or(0).max(0) as u64,
+        etag: h.e_tag().map(str::to_string),
+        content: ContentHeaders {
+            content_type: h.content_type().map(str::to_string),
+            cache_control: h.cache_control().map(str::to_string),
+            content_disposition: h.content_disposition().map(str::to_string),
+            content_encoding: h.content_encoding().map(str::to_string),
+            content_language: h.content_language().map(str::to_string),
+            expires: h.expires_string().map(str::to_string),
+        },
+        metadata: h
+            .metadata()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default(),
+        storage_class,
+        encryption,
+        lock: ObjectLock {
+            mode: h.object_lock_mode().map(|m| m.as_str().to_string()),
+            retain_until: h.object_lock_retain_until_date().map(|d| d.secs()),
+            legal_hold: h.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On),
+        },
+        checksum,
+        tag_count: h.tag_count().unwrap_or(0).max(0) as u32,
+        parts_count: h.parts_count().map(|n| n.max(0) as u64),
+        archived,
+        replication_status: h.replication_status().map(|s| s.as_str().to_string()),
+    }
+}
+
+/// URL-encodes `bucket/key?versionId=v` for `x-amz-copy-source` (everything but unreserved
+/// characters and '/').
+///
+/// ```
+/// use s3_backfill::s3::{copy_source, ObjectRef};
+/// let src = ObjectRef::version("b", "a b/c+d%?#é", "null");
+/// assert_eq!(copy_source(&src), "b/a%20b/c%2Bd%25%3F%23%C3%A9?versionId=null");
+/// ```
+pub fn copy_source(src: &ObjectRef) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
+    let key = percent_encoding::utf8_percent_encode(&src.key, SET);
+    match &src.version_id {
+        Some(v) => format!(
+            "{}/{key}?versionId={}",
+            src.bucket,
+            percent_encoding::utf8_percent_encode(v, SET)
+        ),
+        None => format!("{}/{key}", src.bucket),
+    }
+}
+
+/// Tags as a URL-encoded query string (`k=v&k2=v2`).
+pub fn tagging_string(tags: &[(String, String)]) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    tags.iter()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                percent_encoding::utf8_percent_encode(k, SET),
+                percent_encoding::utf8_percent_encode(v, SET)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl SdkClient {
+    /// The SDK client underneath (for tests and tools that need an operation not listed).
+    pub fn sdk(&self) -> &aws_sdk_s3::Client {
+        &self.inner
+    }
+
+    fn err<E>(&self, op: &'static str, reads_source: bool, e: aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>) -> S3Error
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        classify(self.side, op, reads_source, e)
+    }
+
+    /// A checksum algorithm header, unless this side computes checksums only when required.
+    fn algorithm(
+        &self,
+        a: Option<ChecksumAlgorithm>,
+    ) -> Option<aws_sdk_s3::types::ChecksumAlgorithm> {
+        match self.checksums {
+            ChecksumCalculation::WhenSupported => a.map(sdk_algorithm),
+            ChecksumCalculation::WhenRequired => None,
+        }
+    }
+
+    async fn bucket_versioning(&self, bucket: &str) -> Result<bool, S3Error> {
+        self.counts.count("GetBucketVersioning");
+        let raw = RawBody::default();
+        let status = match self
+            .inner
+            .get_bucket_versioning()
+            .bucket(bucket)
+            .customize()
+            .interceptor(raw.clone())
+            .send()
+            .await
+        {
+            Ok(o) => o.status().map(|s| s.as_str().to_string()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().is_success()) => {
+                // moto answers with another root element: read <Status> from the raw body.
+                raw.take().and_then(|b| {
+                    let s = String::from_utf8_lossy(&b);
+                    let start = s.find("<Status>")? + "<Status>".len();
+                    let end = s[start..].find("</Status>")? + start;
+                    Some(s[start..end].to_string())
+                })
+            }
+            Err(e) => return Err(self.err("GetBucketVersioning", false, e)),
+        };
+        Ok(status.as_deref() == Some("Enabled"))
+    }
+
+    async fn bucket_object_lock(&self, bucket: &str) -> bool {
+        // Not counted as a job request: a probe that many servers do not implement.
+        match self
+            .inner
+            .get_object_lock_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+        {
+            Ok(o) => o
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&ObjectLockEnabled::Enabled),
+            Err(_) => false,
+        }
+    }
+}
+
+fn part_record(n: i32, etag: Option<&str>, values: [Option<&str>; 5]) -> PartResult {
+    PartResult {
+        number: n,
+        etag: etag.map(str::to_string),
+        checksum: Checksum::first_of(values, false),
+    }
+}
+
+impl S3Client for SdkClient {
+    fn side(&self) -> Side {
+        self.side
+    }
+
+    fn requests(&self) -> &RequestCounts {
+        &self.counts
+    }
+
+    async fn list_versions(&self, from: &ListFrom) -> Result<VersionPage, S3Error> {
+        const OP: &str = "ListObjectVersions";
+        self.counts.count(OP);
+        let raw = RawBody::default();
+        self.inner
+            .list_object_versions()
+            .bucket(&from.bucket)
+            .max_keys(from.max_keys)
+            .encoding_type(EncodingType::Url)
+            .set_prefix(Some(from.prefix.clone()).filter(|p| !p.is_empty()))
+            .set_key_marker(from.key_marker.clone())
+            .set_version_id_marker(from.version_marker.clone())
+            .customize()
+            .interceptor(raw.clone())
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        let body = raw.take().ok_or_else(|| {
+            S3Error::other(self.side, OP, ErrorClass::Retryable, "no response body".into())
+        })?;
+        parse_page(&body).map_err(|m| S3Error::other(self.side, OP, ErrorClass::Retryable, m))
+    }
+
+    async fn head_object(&self, obj: &ObjectRef, part: Option<i32>) -> Result<ObjectHead, S3Error> {
+        self.counts.count("HeadObject");
+        let h = self
+            .inner
+            .head_object()
+            .bucket(&obj.bucket)
+            .key(&obj.key)
+            .set_version_id(obj.version_id.clone())
+            .checksum_mode(ChecksumMode::Enabled)
+            .set_part_number(part)
+            .send()
+            .await
+            .map_err(|e| self.err("HeadObject", true, e))?;
+        Ok(head_record(&h))
+    }
+
+    async fn get_object(&self, obj: &ObjectRef, range: Option<(u64, u64)>) -> Result<Bytes, S3Error> {
+        const OP: &str = "GetObject";
+        self.counts.count(OP);
+        let read = async {
+            let out = self
+                .inner
+                .get_object()
+                .bucket(&obj.bucket)
+                .key(&obj.key)
+                .set_version_id(obj.version_id.clone())
+                .set_range(range.map(|(a, b)| format!("bytes={a}-{b}")))
+                .send()
+                .await
+                .map_err(|e| self.err(OP, true, e))?;
+            let body = out.body.collect().await.map_err(|e| {
+                S3Error::other(self.side, OP, ErrorClass::Retryable, format!("body read failed: {e}"))
+            })?;
+            Ok(body.into_bytes())
+        };
+        // The SDK's attempt timeout ends with the headers: the body gets its own.
+        tokio::time::timeout(self.timeouts.attempt, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(S3Error::other(self.side, OP, ErrorClass::Retryable, "timed out reading the body".into()))
+            })
+    }
+
+    async fn get_tagging(&self, obj: &ObjectRef) -> Result<String, S3Error> {
+        const OP: &str = "GetObjectTagging";
+        if self.no_tagging.load(Ordering::Relaxed) {
+            return Ok(String::new());
+        }
+        self.counts.count(OP);
+        match self
+            .inner
+            .get_object_tagging()
+            .bucket(&obj.bucket)
+            .key(&obj.key)
+            .set_version_id(obj.version_id.clone())
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let tags: Vec<(String, String)> = out
+                    .tag_set()
+                    .iter()
+                    .map(|t| (t.key().to_string(), t.value().to_string()))
+                    .collect();
+                Ok(tagging_string(&tags))
+            }
+            Err(e) => {
+                let e = self.err(OP, true, e);
+                if e.status == Some(501) || e.code.as_deref() == Some("NotImplemented") {
+                    if !self.no_tagging.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("the {} server does not implement object tagging: versions are copied without tags", self.side);
+                    }
+                    return Ok(String::new());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_object(&self, dest: &ObjectRef, src: &ObjectRef, attrs: &WriteAttrs) -> Result<WriteResult, S3Error> {
+        const OP: &str = "CopyObject";
+        self.counts.count(OP);
+        let req = self
+            .inner
+            .copy_object()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .copy_source(copy_source(src));
+        let req = if attrs.replace_metadata {
+            with_attrs!(req.metadata_directive(MetadataDirective::Replace), self, attrs)
+        } else {
+            let (sse, kms) = sse_headers(&attrs.encryption);
+            req.metadata_directive(MetadataDirective::Copy)
+                .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
+                .set_server_side_encryption(sse)
+                .set_ssekms_key_id(kms)
+                .set_acl(attrs.acl.as_deref().map(ObjectCannedAcl::from))
+                .set_checksum_algorithm(self.algorithm(attrs.checksum_algorithm))
+                .set_object_lock_mode(attrs.lock.mode.as_deref().map(ObjectLockMode::from))
+                .set_object_lock_retain_until_date(lock_date(attrs.lock.retain_until))
+                .set_object_lock_legal_hold_status(
+                    attrs.lock.legal_hold.then_some(ObjectLockLegalHoldStatus::On),
+                )
+        };
+        let req = match &attrs.tagging {
+            Some(t) => req.tagging_directive(TaggingDirective::Replace).tagging(t),
+            None => req.tagging_directive(TaggingDirective::Copy),
+        };
+        let o = req.send().await.map_err(|e| self.err(OP, true, e))?;
+        let r = o.copy_object_result();
+        Ok(WriteResult {
+            version_id: o.version_id().map(str::to_string),
+            etag: r.and_then(|r| r.e_tag()).map(str::to_string),
+            checksum: Checksum::first_of(
+                [
+                    r.and_then(|r| r.checksum_crc32()),
+                    r.and_then(|r| r.checksum_crc32_c()),
+                    r.and_then(|r| r.checksum_crc64_nvme()),
+                    r.and_then(|r| r.checksum_sha1()),
+                    r.and_then(|r| r.checksum_sha256()),
+                ],
+                false,
+            ),
+        })
+    }
+
+    async fn put_object(&self, dest: &ObjectRef, body: Bytes, attrs: &WriteAttrs) -> Result<WriteResult, S3Error> {
+        const OP: &str = "PutObject";
+        self.counts.count(OP);
+        let req = self
+            .inner
+            .put_object()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .body(ByteStream::from(body))
+            .set_content_md5(attrs.content_md5.clone());
+        let o = with_attrs!(req, self, attrs)
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        Ok(WriteResult {
+            version_id: o.version_id().map(str::to_string),
+            etag: o.e_tag().map(str::to_string),
+            checksum: Checksum::first_of(
+                [
+                    o.checksum_crc32(),
+                    o.checksum_crc32_c(),
+                    o.checksum_crc64_nvme(),
+                    o.checksum_sha1(),
+                    o.checksum_sha256(),
+                ],
+                false,
+            ),
+        })
+    }
+
+    async fn delete_object(&self, dest: &ObjectRef) -> Result<WriteResult, S3Error> {
+        const OP: &str = "DeleteObject";
+        self.counts.count(OP);
+        let o = self
+            .inner
+            .delete_object()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        Ok(WriteResult {
+            version_id: o.version_id().map(str::to_string),
+            ..WriteResult::default()
+        })
+    }
+
+    async fn create_multipart(&self, dest: &ObjectRef, attrs: &WriteAttrs) -> Result<String, S3Error> {
+        const OP: &str = "CreateMultipartUpload";
+        self.counts.count(OP);
+        let req = self
+            .inner
+            .create_multipart_upload()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .set_checksum_type(
+                (attrs.full_object_checksum && self.algorithm(attrs.checksum_algorithm).is_some())
+                    .then_some(ChecksumType::FullObject),
+            );
+        let o = with_attrs!(req, self, attrs)
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        o.upload_id().map(str::to_string).ok_or_else(|| {
+            S3Error::other(self.side, OP, ErrorClass::Retryable, "the answer has no upload id".into())
+        })
+    }
+
+    async fn upload_part_copy(&self, dest: &ObjectRef, upload_id: &str, n: i32, src: &ObjectRef, range: (u64, u64)) -> Result<PartResult, S3Error> {
+        const OP: &str = "UploadPartCopy";
+        self.counts.count(OP);
+        let o = self
+            .inner
+            .upload_part_copy()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .upload_id(upload_id)
+            .part_number(n)
+            .copy_source(copy_source(src))
+            .copy_source_range(format!("bytes={}-{}", range.0, range.1))
+            .send()
+            .await
+            .map_err(|e| self.err(OP, true, e))?;
+        let r = o.copy_part_result();
+        Ok(part_record(
+            n,
+            r.and_then(|r| r.e_tag()),
+            [
+                r.and_then(|r| r.checksum_crc32()),
+                r.and_then(|r| r.checksum_crc32_c()),
+                r.and_then(|r| r.checksum_crc64_nvme()),
+                r.and_then(|r| r.checksum_sha1()),
+                r.and_then(|r| r.checksum_sha256()),
+            ],
+        ))
+    }
+
+    async fn upload_part(&self, dest: &ObjectRef, upload_id: &str, n: i32, body: Bytes, md5: &str, algorithm: Option<ChecksumAlgorithm>) -> Result<PartResult, S3Error> {
+        const OP: &str = "UploadPart";
+        self.counts.count(OP);
+        let o = self
+            .inner
+            .upload_part()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .upload_id(upload_id)
+            .part_number(n)
+            .content_md5(md5)
+            .set_checksum_algorithm(self.algorithm(algorithm))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        Ok(part_record(
+            n,
+            o.e_tag(),
+            [
+                o.checksum_crc32(),
+                o.checksum_crc32_c(),
+                o.checksum_crc64_nvme(),
+                o.checksum_sha1(),
+                o.checksum_sha256(),
+            ],
+        ))
+    }
+
+    async fn complete_multipart(&self, dest: &ObjectRef, upload_id: &str, parts: &[PartResult]) -> Result<WriteResult, S3Error> {
+        const OP: &str = "CompleteMultipartUpload";
+        self.counts.count(OP);
+        let parts: Vec<CompletedPart> = parts.iter().map(completed_part).collect();
+        let o = self
+            .inner
+            .complete_multipart_upload()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        Ok(WriteResult {
+            version_id: o.version_id().map(str::to_string),
+            etag: o.e_tag().map(str::to_string),
+            checksum: None,
+        })
+    }
+
+    async fn abort_multipart(&self, dest: &ObjectRef, upload_id: &str) -> Result<(), S3Error> {
+        const OP: &str = "AbortMultipartUpload";
+        self.counts.count(OP);
+        match self
+            .inner
+            .abort_multipart_upload()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = self.err(OP, false, e);
+                if e.code.as_deref() == Some("NoSuchUpload") || e.status == Some(404) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn list_uploads(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, String)>, S3Error> {
+        const OP: &str = "ListMultipartUploads";
+        self.counts.count(OP);
+        let o = self
+            .inner
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .map_err(|e| self.err(OP, false, e))?;
+        Ok(o.uploads()
+            .iter()
+            .filter_map(|u| Some((u.key()?.to_string(), u.upload_id()?.to_string())))
+            .collect())
+    }
+
+    async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
+        self.counts.count("HeadBucket");
+        let head = self
+            .inner
+            .head_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| self.err("HeadBucket", false, e))?;
+        Ok(BucketFacts {
+            region: head.bucket_region().map(str::to_string),
+            versioned: self.bucket_versioning(bucket).await?,
+            object_lock: self.bucket_object_lock(bucket).await,
+        })
+    }
+}
+
+fn completed_part(p: &PartResult) -> CompletedPart {
+    let mut b = CompletedPart::builder()
+        .part_number(p.number)
+        .set_e_tag(p.etag.clone());
+    if let Some(c) = &p.checksum {
+        let v = Some(c.value.clone());
+        b = match c.algorithm {
+            ChecksumAlgorithm::Crc32 => b.set_checksum_crc32(v),
+            ChecksumAlgorithm::Crc32c => b.set_checksum_crc32_c(v),
+            ChecksumAlgorithm::Crc64Nvme => b.set_checksum_crc64_nvme(v),
+            ChecksumAlgorithm::Sha1 => b.set_checksum_sha1(v),
+            ChecksumAlgorithm::Sha256 => b.set_checksum_sha256(v),
+        };
+    }
+    b.build()
+}

@@ -1,0 +1,308 @@
+//! s3::list: `ListObjectVersions` pages read from the raw XML (the SDK's parsed output splits
+//! versions and delete markers into two lists and so loses their order within a key), and
+//! [`Versions`], the one paginated walk used by the lister, reconciliation and verify.
+//!
+//! May call: the layer's client trait and retry loop.
+
+use std::sync::atomic::AtomicU64;
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use super::client::S3Client;
+use super::error::{ErrorClass, S3Error};
+use super::retry::Retrier;
+use super::types::{ListFrom, VersionEntry, VersionPage};
+
+fn url_decode(s: &str) -> String {
+    // S3's `encoding-type=url` is form encoding: '+' is a space, '%2B' a plus.
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn named_entity(name: &[u8]) -> Option<char> {
+    Some(match name {
+        b"amp" => '&',
+        b"lt" => '<',
+        b"gt" => '>',
+        b"quot" => '"',
+        b"apos" => '\'',
+        _ => return None,
+    })
+}
+
+/// Parses a `ListVersionsResult` body, keeping the order of versions and delete markers.
+pub fn parse_page(xml: &[u8]) -> Result<VersionPage, String> {
+    let mut reader = Reader::from_reader(xml);
+    reader.config_mut().trim_text(false);
+    let mut buf = Vec::new();
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut text = String::new();
+    let mut page = VersionPage::default();
+    let mut entry: Option<VersionEntry> = None;
+    let mut url_encoded = false;
+    let mut saw_root = false;
+    loop {
+        let ev = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| format!("at byte {}: {e}", reader.buffer_position()))?;
+        match ev {
+            Event::Start(e) => {
+                let name = e.local_name().as_ref().to_vec();
+                if path.is_empty() {
+                    if name != b"ListVersionsResult" {
+                        return Err(format!(
+                            "unexpected root element {}",
+                            String::from_utf8_lossy(&name)
+                        ));
+                    }
+                    saw_root = true;
+                }
+                if path.len() == 1 && (name == b"Version" || name == b"DeleteMarker") {
+                    entry = Some(VersionEntry {
+                        is_delete_marker: name == b"DeleteMarker",
+                        ..Default::default()
+                    });
+                }
+                path.push(name);
+                text.clear();
+            }
+            Event::Empty(_) => {}
+            Event::Text(t) => {
+                let s = t.decode().map_err(|e| e.to_string())?;
+                text.push_str(&s);
+            }
+            Event::CData(t) => {
+                text.push_str(&String::from_utf8_lossy(&t));
+            }
+            Event::GeneralRef(r) => {
+                if let Some(c) = r.resolve_char_ref().map_err(|e| e.to_string())? {
+                    text.push(c);
+                } else if let Some(c) = named_entity(&r) {
+                    text.push(c);
+                } else {
+                    return Err(format!("unknown entity &{};", String::from_utf8_lossy(&r)));
+                }
+            }
+            Event::End(_) => {
+                let name = path.pop().unwrap_or_default();
+                let value = std::mem::take(&mut text);
+                match (path.len(), entry.as_mut()) {
+                    (1, _) => match name.as_slice() {
+                        b"Version" | b"DeleteMarker" => {
+                            if let Some(e) = entry.take() {
+                                page.entries.push(e);
+                            }
+                        }
+                        b"IsTruncated" => page.truncated = value == "true",
+                        b"NextKeyMarker" => page.next_key_marker = Some(value),
+                        b"NextVersionIdMarker" => page.next_version_marker = Some(value),
+                        b"EncodingType" => url_encoded = value.eq_ignore_ascii_case("url"),
+                        _ => {}
+                    },
+                    (2, Some(e)) => match name.as_slice() {
+                        b"Key" => e.key = value,
+                        b"VersionId" => e.version_id = value,
+                        b"IsLatest" => e.is_latest = value == "true",
+                        b"Size" => {
+                            e.size = value
+                                .trim()
+                                .parse()
+                                .map_err(|_| format!("bad Size {value:?}"))?
+                        }
+                        b"ETag" => e.etag = Some(value),
+                        b"LastModified" => e.last_modified = Some(value),
+                        b"StorageClass" => e.storage_class = Some(value),
+                        b"ChecksumAlgorithm" => e.checksum_algorithm = Some(value),
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    if !saw_root {
+        return Err("empty response".into());
+    }
+    if url_encoded {
+        for e in &mut page.entries {
+            e.key = url_decode(&e.key);
+        }
+        if let Some(k) = &mut page.next_key_marker {
+            *k = url_decode(k);
+        }
+    }
+    order_histories(&mut page.entries);
+    for e in &page.entries {
+        if e.version_id.is_empty() {
+            return Err(format!("entry for key {:?} has no VersionId", e.key));
+        }
+    }
+    Ok(page)
+}
+
+/// Puts each key's entries in history order, newest first: the current entry, then by
+/// last-modified descending, and in the server's order where those tie.
+///
+/// AWS interleaves versions and delete markers in that order already, so this changes
+/// nothing there. Some S3-compatible servers (moto) send all versions before all delete
+/// markers; this restores the interleaving wherever last-modified (1-second resolution) and
+/// the current-version flag tell it. Keys keep the server's (binary UTF-8) order.
+fn order_histories(entries: &mut [VersionEntry]) {
+    entries.sort_by(|a, b| {
+        a.key
+            .as_bytes()
+            .cmp(b.key.as_bytes())
+            .then(b.is_latest.cmp(&a.is_latest))
+            .then(b.last_modified.cmp(&a.last_modified))
+    });
+}
+
+
+/// A walk over the versions of a bucket (or of one prefix), one page at a time, with
+/// retries. A page that says it is truncated but names no next marker, or a marker that does
+/// not advance, is an error (a server bug that would otherwise loop forever).
+pub struct Versions<'a, C: S3Client> {
+    client: &'a C,
+    retrier: &'a Retrier,
+    from: ListFrom,
+    done: bool,
+    /// Pages read so far.
+    pub pages: u64,
+}
+
+impl<'a, C: S3Client> Versions<'a, C> {
+    /// A walk starting at `from` (its markers, if any, are where a checkpoint left off).
+    pub fn new(client: &'a C, retrier: &'a Retrier, from: ListFrom) -> Self {
+        Versions {
+            client,
+            retrier,
+            from,
+            done: false,
+            pages: 0,
+        }
+    }
+
+    /// Where the next page starts (for checkpoints).
+    pub fn position(&self) -> (&Option<String>, &Option<String>) {
+        (&self.from.key_marker, &self.from.version_marker)
+    }
+
+    /// The next page, or None at the end. `retries` counts retries spent.
+    pub async fn next_page(&mut self, retries: &AtomicU64) -> Result<Option<VersionPage>, S3Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let from = self.from.clone();
+        let page = self
+            .retrier
+            .call(retries, || self.client.list_versions(&from))
+            .await?;
+        self.pages += 1;
+        if !page.truncated {
+            self.done = true;
+            return Ok(Some(page));
+        }
+        let stuck = |why: String| {
+            S3Error::other(
+                self.client.side(),
+                "ListObjectVersions",
+                ErrorClass::Fatal,
+                format!("the server's listing of bucket {} {why}", self.from.bucket),
+            )
+        };
+        let Some(k) = page.next_key_marker.clone() else {
+            return Err(stuck("says it is truncated but names no next key marker".into()));
+        };
+        if self.from.key_marker.as_deref() == Some(k.as_str())
+            && self.from.version_marker == page.next_version_marker
+        {
+            return Err(stuck(format!("does not advance past key {k:?}")));
+        }
+        self.from.key_marker = Some(k);
+        self.from.version_marker = page.next_version_marker.clone();
+        Ok(Some(page))
+    }
+
+    /// Every version and delete marker of exactly `key` (under a prefix walk of that key),
+    /// oldest first.
+    pub async fn history_of(mut self, key: &str, retries: &AtomicU64) -> Result<Vec<VersionEntry>, S3Error> {
+        let mut out = Vec::new();
+        while let Some(page) = self.next_page(retries).await? {
+            let mut past = false;
+            for e in page.entries {
+                if e.key == key {
+                    out.push(e);
+                } else if e.key.as_str() > key {
+                    past = true;
+                }
+            }
+            if past {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_interleaving_and_decodes() {
+        let xml = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListVersionsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix></Prefix><KeyMarker></KeyMarker><VersionIdMarker></VersionIdMarker><NextKeyMarker>a%2Bb+c</NextKeyMarker><NextVersionIdMarker>v3</NextVersionIdMarker><MaxKeys>3</MaxKeys><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated>
+<Version><Key>a%2Bb+c</Key><VersionId>v3</VersionId><IsLatest>true</IsLatest><LastModified>2026-01-01T00:00:01.000Z</LastModified><ETag>&quot;abc&quot;</ETag><Size>5</Size><Owner><ID>x</ID></Owner><StorageClass>STANDARD</StorageClass></Version>
+<DeleteMarker><Key>a%2Bb+c</Key><VersionId>v2</VersionId><IsLatest>false</IsLatest><LastModified>2026-01-01T00:00:01.000Z</LastModified></DeleteMarker>
+<Version><Key>a%2Bb+c</Key><VersionId>v1</VersionId><IsLatest>false</IsLatest><ETag>"d"</ETag><Size>0</Size></Version>
+</ListVersionsResult>"#;
+        let p = parse_page(xml).unwrap();
+        assert!(p.truncated);
+        assert_eq!(p.next_key_marker.as_deref(), Some("a+b c"));
+        let kinds: Vec<_> = p
+            .entries
+            .iter()
+            .map(|e| (e.version_id.as_str(), e.is_delete_marker))
+            .collect();
+        assert_eq!(kinds, [("v3", false), ("v2", true), ("v1", false)]);
+        assert_eq!(p.entries[0].key, "a+b c");
+        assert_eq!(p.entries[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(p.entries[0].size, 5);
+    }
+
+    #[test]
+    fn restores_interleaving_from_times() {
+        // moto's shape: all versions first, then all delete markers.
+        let xml = b"<ListVersionsResult><IsTruncated>false</IsTruncated>\
+<Version><Key>a</Key><VersionId>v2</VersionId><IsLatest>true</IsLatest><LastModified>2026-01-01T00:00:03.000Z</LastModified><Size>1</Size></Version>\
+<Version><Key>a</Key><VersionId>v1</VersionId><IsLatest>false</IsLatest><LastModified>2026-01-01T00:00:01.000Z</LastModified><Size>1</Size></Version>\
+<Version><Key>b</Key><VersionId>w1</VersionId><IsLatest>false</IsLatest><LastModified>2026-01-01T00:00:01.000Z</LastModified><Size>1</Size></Version>\
+<DeleteMarker><Key>a</Key><VersionId>m1</VersionId><IsLatest>false</IsLatest><LastModified>2026-01-01T00:00:02.000Z</LastModified></DeleteMarker>\
+<DeleteMarker><Key>b</Key><VersionId>m2</VersionId><IsLatest>true</IsLatest><LastModified>2026-01-01T00:00:01.000Z</LastModified></DeleteMarker>\
+</ListVersionsResult>";
+        let p = parse_page(xml).unwrap();
+        let ids: Vec<_> = p.entries.iter().map(|e| e.version_id.as_str()).collect();
+        assert_eq!(ids, ["v2", "m1", "v1", "m2", "w1"]);
+    }
+
+    #[test]
+    fn raw_keys_without_encoding_type() {
+        let xml = b"<ListVersionsResult><IsTruncated>false</IsTruncated><Version><Key>a b+c%d&amp;&#9;</Key><VersionId>null</VersionId><IsLatest>true</IsLatest><Size>1</Size></Version></ListVersionsResult>";
+        let p = parse_page(xml).unwrap();
+        assert_eq!(p.entries[0].key, "a b+c%d&\t");
+        assert!(!p.truncated);
+    }
+
+    #[test]
+    fn rejects_other_roots() {
+        assert!(parse_page(b"<Error><Code>X</Code></Error>").is_err());
+        assert!(parse_page(b"").is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! ui: what a person sees: progress bars and spinners (drawn only on a terminal), the
+//! one-line run summary and its exit code, the verify report, error lines with hints.
+//!
+//! May call: indicatif; the records of manifest, copier, verify and the s3 layer it prints.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+use crate::copier::RunSummary;
+use crate::manifest::Counts;
+use crate::s3::S3Error;
+use crate::verify::VerifyReport;
+
+/// Whether progress is drawn: asked for, and standard error is a terminal.
+pub fn show_progress(no_progress: bool) -> bool {
+    !no_progress && std::io::stderr().is_terminal()
+}
+
+fn spinner(show: bool, template: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new_spinner();
+    b.set_style(ProgressStyle::with_template(template).expect("template"));
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
+}
+
+/// The listing spinner of `plan`: entries listed, rate.
+pub fn list_spinner(show: bool, already: u64) -> ProgressBar {
+    let b = spinner(
+        show,
+        "{spinner} listing [{elapsed_precise}] {human_pos} versions and delete markers ({per_sec}) {msg}",
+    );
+    b.set_position(already);
+    b
+}
+
+/// The copy bar of `run`: tasks, ETA, rate, bytes.
+pub fn copy_bar(show: bool, total: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} copying [{elapsed_precise}] {bar:30} {pos}/{len} tasks, ETA {eta}: {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// The verify spinner: keys, rate, differences.
+pub fn verify_spinner(show: bool) -> ProgressBar {
+    spinner(
+        show,
+        "{spinner} verifying [{elapsed_precise}] {pos} keys ({per_sec}) {msg}",
+    )
+}
+
+/// Prints a run's one-line summary to standard error and returns the exit code: 0 every
+/// task done; 1 some failed, blocked or still open, or stopped early; 130 interrupted.
+pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
+    let left = counts
+        .map(|c| {
+            format!(
+                ", {} failed, {} blocked and {} open in the manifest",
+                c.failed,
+                c.blocked,
+                c.pending + c.in_progress
+            )
+        })
+        .unwrap_or_default();
+    let line = format!(
+        "{} done ({} reconciled), {} failed, {} skipped, {} copied, {} requests, {} retries{left}",
+        s.done,
+        s.reconciled,
+        s.failed,
+        s.skipped,
+        HumanBytes(s.bytes),
+        s.requests,
+        s.retries
+    );
+    if let Some(why) = &s.aborted {
+        eprintln!("run stopped: {why} ({line})");
+        return 1;
+    }
+    if s.interrupted {
+        eprintln!("run interrupted: {line}; run again to continue");
+        return 130;
+    }
+    eprintln!("run finished: {line}");
+    match counts {
+        Some(c) if c.failed > 0 || c.pending + c.in_progress > 0 => {
+            if c.failed > 0 {
+                eprintln!("see `s3-backfill report` for the failed tasks; then `run --retry-failed` (or `--skip-failed`)");
+            }
+            1
+        }
+        Some(_) => 0,
+        None => 3,
+    }
+}
+
+/// Prints a verification and returns the exit code (0 match, 1 differences).
+pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+    } else {
+        for m in &r.mismatches {
+            println!("mismatch: {:?}: {}", m.key, m.detail);
+        }
+        let verdict = if r.ok() {
+            "destination matches source".to_string()
+        } else {
+            format!("{} keys differ", r.mismatched_keys)
+        };
+        println!("verified {} keys, {} versions: {verdict}", r.keys, r.versions);
+    }
+    if r.ok() {
+        0
+    } else {
+        1
+    }
+}
+
+/// A hint for checksum-related rejections from S3-compatible servers.
+pub fn checksum_hint(e: &S3Error) -> Option<&'static str> {
+    let m = e.message.to_ascii_lowercase();
+    if m.contains("chunked")
+        || m.contains("trailer")
+        || m.contains("x-amz-checksum")
+        || m.contains("x-amz-content-sha256")
+    {
+        Some("the server may not accept the SDK's streaming checksums: try --source-checksum-calculation when-required / --dest-checksum-calculation when-required")
+    } else {
+        None
+    }
+}
