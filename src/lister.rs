@@ -374,14 +374,17 @@ pub async fn list_into(
                 last_selected = Some((e.key.clone(), n));
             }
             tasks.push(NewTask {
-                key: e.key.clone(),
-                version_id: e.version_id.clone(),
-                is_delete_marker: e.is_delete_marker,
-                is_latest: e.is_latest,
-                size: e.size,
-                etag: e.etag.clone(),
-                last_modified: e.last_modified.clone(),
-                storage_class: e.storage_class.clone(),
+                entry: crate::s3::VersionEntry {
+                    key: e.key.clone(),
+                    version_id: e.version_id.clone(),
+                    is_delete_marker: e.is_delete_marker,
+                    is_latest: e.is_latest,
+                    size: e.size,
+                    etag: e.etag.clone(),
+                    last_modified: e.last_modified.clone(),
+                    storage_class: e.storage_class.clone(),
+                    checksum_algorithm: None,
+                },
                 history_pos: pos,
             });
         }

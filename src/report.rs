@@ -80,7 +80,7 @@ pub fn write_csv(
             csv_field(&settings.source.bucket),
             csv_field(&p.key),
             csv_field(&p.version_id),
-            p.state.as_str(),
+            p.state,
             csv_field(p.error_class.as_deref().unwrap_or("")),
             csv_field(p.error_code.as_deref().unwrap_or("")),
             p.http_status.map(|s| s.to_string()).unwrap_or_default(),

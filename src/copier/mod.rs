@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{JobSettings, Side};
 use crate::lister::{list_page, show_key, Entry, ListError};
-use crate::manifest::{KeyGroup, Outcome, State, Task, Update, Writer};
+use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update, Writer};
 use crate::s3::{classify, with_retry, ErrorClass, Limiter, RetryPolicy, S3Error};
 
 /// Seconds of clock difference tolerated between this machine and the destination when
@@ -111,7 +111,7 @@ pub struct RunSummary {
 #[derive(Clone, Debug)]
 pub(crate) struct Copied {
     dest_version_id: Option<String>,
-    method: &'static str,
+    method: CopyMethod,
     part_size: Option<u64>,
     parts: Option<u64>,
     etag_preserved: Option<bool>,
@@ -121,7 +121,7 @@ impl Copied {
     fn adopted(v: Option<String>) -> Copied {
         Copied {
             dest_version_id: v,
-            method: "reconciled",
+            method: CopyMethod::Reconciled,
             part_size: None,
             parts: None,
             etag_preserved: None,
@@ -459,7 +459,7 @@ impl Copier {
             Write::Adopted(v) => Copied::adopted(v),
             Write::Done(v) => Copied {
                 dest_version_id: v,
-                method: "delete-marker",
+                method: CopyMethod::DeleteMarker,
                 part_size: None,
                 parts: None,
                 etag_preserved: None,
@@ -482,7 +482,7 @@ impl Copier {
         match &outcome {
             Outcome::Done { method, .. } => {
                 self.done.fetch_add(1, Ordering::Relaxed);
-                if *method == "reconciled" {
+                if *method == CopyMethod::Reconciled {
                     self.reconciled.fetch_add(1, Ordering::Relaxed);
                 }
                 if !task.is_delete_marker {
@@ -524,10 +524,12 @@ impl Copier {
                 HumanBytes((bytes as f64 / secs) as u64)
             ));
         }
-        self.writer.send(Update::Finished {
+        if let Err(e) = self.writer.send(Update::Finished {
             id: task.id,
             outcome,
-        });
+        }) {
+            self.abort(format!("manifest: {e}"));
+        }
         self.check_threshold();
     }
 
@@ -591,7 +593,7 @@ impl Copier {
                             task,
                             Outcome::Done {
                                 dest_version_id: v,
-                                method: "reconciled",
+                                method: CopyMethod::Reconciled,
                                 part_size: None,
                                 parts: None,
                                 etag_preserved: None,
@@ -653,6 +655,7 @@ impl Copier {
                     self.finish(
                         task,
                         Outcome::Skipped {
+                            class: ErrorClass::SourceGone,
                             reason: format!("source version is gone: {e}"),
                             retries,
                         },
@@ -673,12 +676,14 @@ impl Copier {
             if let Some(u) = &t.upload_id {
                 let key = self.settings.dest_key(&t.key);
                 self.abort_upload(&key, u).await;
-                self.writer.send(Update::Upload {
+                if let Err(e) = self.writer.send(Update::Upload {
                     id: t.id,
                     upload_id: None,
                     part_size: None,
                     parts: None,
-                });
+                }) {
+                    self.abort(format!("manifest: {e}"));
+                }
             }
         }
     }
@@ -686,10 +691,10 @@ impl Copier {
     /// Runs every open task until done, stopped, or aborted.
     pub async fn run(self: Arc<Self>, key_concurrency: usize) -> RunSummary {
         let mut set = JoinSet::new();
-        let mut after: Option<String> = None;
+        let mut after: i64 = 0;
         let batch = 256;
         'outer: while !self.stopping() {
-            let groups = match self.writer.next_key_groups(after.clone(), batch).await {
+            let groups = match self.writer.next_key_groups(after, batch).await {
                 Ok(g) => g,
                 Err(e) => {
                     self.abort(format!("manifest: {e}"));
@@ -699,7 +704,7 @@ impl Copier {
             if groups.is_empty() {
                 break;
             }
-            after = groups.last().map(|g| g.key.clone());
+            after = groups.last().map_or(after, |g| g.key_id);
             for g in groups {
                 while set.len() >= key_concurrency.max(1) {
                     set.join_next().await;

@@ -27,6 +27,7 @@ use md5::{Digest, Md5};
 
 use super::{Copied, Copier, TaskCtx};
 use crate::config::{Side, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
+use crate::manifest::CopyMethod;
 use crate::s3::{classify, ErrorClass, S3Error};
 
 /// What the destination must carry over from the source version.
@@ -441,7 +442,7 @@ impl Copier {
                 self.verify_checksum(t, "CopyObject", a, ck)?;
                 Ok(Copied {
                     dest_version_id: version,
-                    method: "copy",
+                    method: CopyMethod::Copy,
                     part_size: None,
                     parts: None,
                     etag_preserved: None,
@@ -548,7 +549,7 @@ impl Copier {
                 self.verify_checksum(t, "PutObject", a, ck)?;
                 Ok(Copied {
                     dest_version_id: version,
-                    method: "stream",
+                    method: CopyMethod::Stream,
                     part_size: None,
                     parts: None,
                     etag_preserved: None,
@@ -686,7 +687,8 @@ impl Copier {
                     .map_err(|e| classify(Side::Dest, "CompleteMultipartUpload", false, e))
             })
             .await?;
-        self.writer.send(crate::manifest::Update::Upload {
+        // A stopped writer is seen (and stops the run) at the task's next durable update.
+        let _ = self.writer.send(crate::manifest::Update::Upload {
             id: t.task.id,
             upload_id: None,
             part_size: None,
@@ -705,9 +707,9 @@ impl Copier {
         Ok(Copied {
             dest_version_id: version,
             method: if server_side {
-                "multipart-copy"
+                CopyMethod::MultipartCopy
             } else {
-                "multipart-stream"
+                CopyMethod::MultipartStream
             },
             part_size: Some(layout.part_size),
             parts: Some(layout.parts),
