@@ -167,7 +167,8 @@ pub struct PlanArgs {
 impl SideArgs {
     /// The settings of one side.
     pub fn side(&self, source: bool) -> SideConfig {
-        let pick = |s: &Option<String>, d: &Option<String>| if source { s.clone() } else { d.clone() };
+        let pick =
+            |s: &Option<String>, d: &Option<String>| if source { s.clone() } else { d.clone() };
         SideConfig {
             endpoint: pick(&self.source_endpoint, &self.dest_endpoint),
             region: pick(&self.source_region, &self.dest_region),
@@ -252,7 +253,9 @@ impl ExecArgs {
             policy: RetryPolicy {
                 max_attempts: self.max_attempts as usize,
                 min_delay: Duration::from_millis(self.retry_min_delay_ms),
-                max_delay: Duration::from_millis(self.retry_max_delay_ms.max(self.retry_min_delay_ms)),
+                max_delay: Duration::from_millis(
+                    self.retry_max_delay_ms.max(self.retry_min_delay_ms),
+                ),
             },
             max_rps: self.max_rps,
             failure_threshold: FailureThreshold {

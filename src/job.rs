@@ -196,7 +196,10 @@ async fn open_side(
 }
 
 /// An existing manifest of this job, checked: None when there is none yet.
-fn existing_manifest(args: &PlanArgs, settings: &JobSettings) -> Result<Option<Manifest>, JobError> {
+fn existing_manifest(
+    args: &PlanArgs,
+    settings: &JobSettings,
+) -> Result<Option<Manifest>, JobError> {
     if !args.manifest.exists() {
         return Ok(None);
     }
@@ -231,10 +234,20 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         }
     }
     let timeouts = Timeouts::default();
-    let (source, _) =
-        open_side(Side::Source, &mut settings.source_side, &settings.source.bucket, timeouts).await?;
-    let (_, dest) =
-        open_side(Side::Dest, &mut settings.dest_side, &settings.dest.bucket, timeouts).await?;
+    let (source, _) = open_side(
+        Side::Source,
+        &mut settings.source_side,
+        &settings.source.bucket,
+        timeouts,
+    )
+    .await?;
+    let (_, dest) = open_side(
+        Side::Dest,
+        &mut settings.dest_side,
+        &settings.dest.bucket,
+        timeouts,
+    )
+    .await?;
     let mut m = match existing {
         Some(m) => m,
         None => Manifest::open(&args.manifest, true)?,
@@ -251,7 +264,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         retrier: &retrier,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
-    let stats = lister.list_into(&mut m, |cp| bar.set_position(cp.entries)).await;
+    let stats = lister
+        .list_into(&mut m, |cp| bar.set_position(cp.entries))
+        .await;
     bar.finish_and_clear();
     let stats = stats?;
     let c = m.counts()?;
@@ -261,7 +276,11 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         c.delete_markers,
         indicatif::HumanBytes(c.bytes_total),
         c.listed_entries,
-        if stats.resumed { " (listing resumed from its checkpoint)" } else { "" }
+        if stats.resumed {
+            " (listing resumed from its checkpoint)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -295,7 +314,9 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
     }
     if args.skip_failed {
         let n = m.skip_failed()?;
-        eprintln!("{n} failed tasks recorded as skipped; their keys' later versions will be copied");
+        eprintln!(
+            "{n} failed tasks recorded as skipped; their keys' later versions will be copied"
+        );
     }
     Ok(())
 }
@@ -303,14 +324,19 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
 /// Both clients of a run, and what it knows of the destination. `auto` compares the
 /// endpoints the clients really reach: two profiles that each set their own `endpoint_url`
 /// are two providers, even though no endpoint option was given.
-async fn run_clients(settings: &mut JobSettings, timeouts: Timeouts) -> Result<((SdkClient, SdkClient), DestFacts), JobError> {
+async fn run_clients(
+    settings: &mut JobSettings,
+    timeouts: Timeouts,
+) -> Result<((SdkClient, SdkClient), DestFacts), JobError> {
     let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
     settings.source_side.endpoint = source_endpoint;
     settings.dest_side.endpoint = dest_endpoint;
     let retrier = preflight();
     let facts = match retrier
-        .call(&Default::default(), || dest.probe_bucket(&settings.dest.bucket))
+        .call(&Default::default(), || {
+            dest.probe_bucket(&settings.dest.bucket)
+        })
         .await
     {
         Ok(f) => DestFacts {
@@ -320,7 +346,10 @@ async fn run_clients(settings: &mut JobSettings, timeouts: Timeouts) -> Result<(
         // A missing or unreadable destination is left to the tasks and the failure
         // threshold, which stop the job with the error.
         Err(e) if e.class == ErrorClass::Fatal => {
-            eprintln!("warning: {}", bucket_error(Side::Dest, &settings.dest.bucket, e));
+            eprintln!(
+                "warning: {}",
+                bucket_error(Side::Dest, &settings.dest.bucket, e)
+            );
             DestFacts {
                 versioned: true,
                 object_lock: false,
@@ -348,7 +377,10 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
     }
     let counts = m.counts()?;
     let uploads = m.open_uploads()?;
-    let bar = ui::copy_bar(ui::show_progress(args.no_progress), counts.pending + counts.in_progress);
+    let bar = ui::copy_bar(
+        ui::show_progress(args.no_progress),
+        counts.pending + counts.in_progress,
+    );
     let opts = args.exec.run_options();
     let copier = Copier::new(settings, clients, facts, m.into_writer(), &opts, bar);
     copier.abort_leftover_uploads(uploads).await;
@@ -358,7 +390,11 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
 }
 
 /// Runs the copier; the first signal stops new tasks, the grace period bounds the wait.
-async fn run_until_signal<C: S3Client>(copier: &Arc<Copier<C>>, concurrency: usize, grace: u64) -> RunSummary {
+async fn run_until_signal<C: S3Client>(
+    copier: &Arc<Copier<C>>,
+    concurrency: usize,
+    grace: u64,
+) -> RunSummary {
     let grace = Duration::from_secs(grace);
     let mut signals = {
         let copier = copier.clone();
@@ -403,7 +439,9 @@ async fn wait_signal() {
 
 /// The manifest's counts after a run, for its summary line.
 pub fn counts_after(manifest: &Path) -> Option<crate::manifest::Counts> {
-    Manifest::open(manifest, false).and_then(|m| m.counts()).ok()
+    Manifest::open(manifest, false)
+        .and_then(|m| m.counts())
+        .ok()
 }
 
 /// `status`: counts and progress (works while a run is in progress).
@@ -412,7 +450,10 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     let settings = m.require_settings()?;
     let c = m.counts()?;
     if args.json {
-        println!("{}", serde_json::to_string(&c).map_err(|e| JobError::Other(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string(&c).map_err(|e| JobError::Other(e.to_string()))?
+        );
     } else {
         println!("{}", report::status_text(&settings, &c));
     }
@@ -434,14 +475,19 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     match args.format {
         ReportFormat::Json => {
             let problems = m.problems(usize::MAX >> 1)?;
-            let r = report::Report { job: &settings, counts: &counts, problems: &problems };
-            serde_json::to_writer_pretty(&mut out, &r).map_err(|e| JobError::Other(e.to_string()))?;
+            let r = report::Report {
+                job: &settings,
+                counts: &counts,
+                problems: &problems,
+            };
+            serde_json::to_writer_pretty(&mut out, &r)
+                .map_err(|e| JobError::Other(e.to_string()))?;
             writeln!(out).map_err(io)?;
         }
         ReportFormat::Csv => {
             let mut failed: Option<ManifestError> = None;
             report::write_csv(&mut out, &settings, |row| {
-                m.for_each_problem(|p| row(p)).map_err(|e| {
+                m.for_each_problem(row).map_err(|e| {
                     let text = e.to_string();
                     failed = Some(e);
                     std::io::Error::other(text)
@@ -482,11 +528,19 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let (dest, _) = build(Side::Dest, &settings.dest_side, timeouts).await;
     let bar = ui::verify_spinner(ui::show_progress(args.no_progress));
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(2, None));
-    let verifier = Verifier { settings: &settings, source: &source, dest: &dest, retrier: &retrier };
+    let verifier = Verifier {
+        settings: &settings,
+        source: &source,
+        dest: &dest,
+        retrier: &retrier,
+    };
     let r = verifier
         .run(|r| {
             bar.set_position(r.keys);
-            bar.set_message(format!("{} versions, {} differ", r.versions, r.mismatched_keys));
+            bar.set_message(format!(
+                "{} versions, {} differ",
+                r.versions, r.mismatched_keys
+            ));
         })
         .await;
     bar.finish_and_clear();

@@ -23,7 +23,11 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
     } else {
         format!("in progress ({} entries so far)", c.listed_entries)
     };
-    let requests: Vec<String> = c.requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
+    let requests: Vec<String> = c
+        .requests
+        .iter()
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
     format!(
         "job: {} -> {}\n\
          listing: {listing}\n\
@@ -71,8 +75,15 @@ pub fn write_csv<W: Write>(
     let mut w = csv::Writer::from_writer(out);
     let io = |e: csv::Error| std::io::Error::other(e.to_string());
     w.write_record([
-        "bucket", "key", "version_id", "state", "error_class", "error_code", "http_status",
-        "attempts", "message",
+        "bucket",
+        "key",
+        "version_id",
+        "state",
+        "error_class",
+        "error_code",
+        "http_status",
+        "attempts",
+        "message",
     ])
     .map_err(io)?;
     let bucket = settings.source.bucket.as_str();
@@ -122,7 +133,13 @@ mod tests {
         })
         .unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("b,\"a,b \"\"c\"\"\",v1,failed,fatal,AccessDenied,403,2,line"), "{text}");
-        assert!(settings.copy.stamp, "old settings without the field keep the stamp on");
+        assert!(
+            text.contains("b,\"a,b \"\"c\"\"\",v1,failed,fatal,AccessDenied,403,2,line"),
+            "{text}"
+        );
+        assert!(
+            settings.copy.stamp,
+            "old settings without the field keep the stamp on"
+        );
     }
 }

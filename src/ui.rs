@@ -120,7 +120,10 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
         } else {
             format!("{} keys differ", r.mismatched_keys)
         };
-        println!("verified {} keys, {} versions: {verdict}", r.keys, r.versions);
+        println!(
+            "verified {} keys, {} versions: {verdict}",
+            r.keys, r.versions
+        );
     }
     if r.ok() {
         0

@@ -58,7 +58,13 @@ struct Histories<'a, C: S3Client> {
 }
 
 impl<'a, C: S3Client> Histories<'a, C> {
-    fn new(client: &'a C, retrier: &'a Retrier, bucket: &str, prefix: String, strip: usize) -> Self {
+    fn new(
+        client: &'a C,
+        retrier: &'a Retrier,
+        bucket: &str,
+        prefix: String,
+        strip: usize,
+    ) -> Self {
         let from = ListFrom {
             bucket: bucket.to_string(),
             prefix,
@@ -209,11 +215,26 @@ pub struct Verifier<'a, C: S3Client> {
 
 impl<C: S3Client> Verifier<'_, C> {
     /// Compares the destination with the source. `progress` sees the report after each key.
-    pub async fn run(&self, mut progress: impl FnMut(&VerifyReport)) -> Result<VerifyReport, S3Error> {
+    pub async fn run(
+        &self,
+        mut progress: impl FnMut(&VerifyReport),
+    ) -> Result<VerifyReport, S3Error> {
         let s = self.settings;
-        let mut src = Histories::new(self.source, self.retrier, &s.source.bucket, s.selection.prefix.clone(), 0);
+        let mut src = Histories::new(
+            self.source,
+            self.retrier,
+            &s.source.bucket,
+            s.selection.prefix.clone(),
+            0,
+        );
         let dest_prefix = format!("{}{}", s.dest.prefix, s.selection.prefix);
-        let mut dst = Histories::new(self.dest, self.retrier, &s.dest.bucket, dest_prefix, s.dest.prefix.len());
+        let mut dst = Histories::new(
+            self.dest,
+            self.retrier,
+            &s.dest.bucket,
+            dest_prefix,
+            s.dest.prefix.len(),
+        );
         let mut report = VerifyReport::default();
         loop {
             let (sk, dk) = (src.peek_key().await?, dst.peek_key().await?);
@@ -235,7 +256,8 @@ impl<C: S3Client> Verifier<'_, C> {
             if se.is_empty() && de.is_empty() {
                 continue;
             }
-            self.blank_incomparable_etags(&key, &mut se, &mut de).await?;
+            self.blank_incomparable_etags(&key, &mut se, &mut de)
+                .await?;
             report.keys += 1;
             report.versions += se.len() as u64;
             progress(&report);
@@ -265,14 +287,24 @@ impl<C: S3Client> Verifier<'_, C> {
         }
         let retries = AtomicU64::new(0);
         for (a, b) in se.iter_mut().zip(de.iter_mut()) {
-            if a.is_delete_marker || b.is_delete_marker || !etags_comparable(a, b) || a.etag == b.etag {
+            if a.is_delete_marker
+                || b.is_delete_marker
+                || !etags_comparable(a, b)
+                || a.etag == b.etag
+            {
                 continue;
             }
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
             let dkey = self.settings.dest_key(key);
             let dref = ObjectRef::version(&self.settings.dest.bucket, &dkey, &b.version_id);
-            let sh = self.retrier.call(&retries, || self.source.head_object(&sref, None)).await?;
-            let dh = self.retrier.call(&retries, || self.dest.head_object(&dref, None)).await?;
+            let sh = self
+                .retrier
+                .call(&retries, || self.source.head_object(&sref, None))
+                .await?;
+            let dh = self
+                .retrier
+                .call(&retries, || self.dest.head_object(&dref, None))
+                .await?;
             if !Encryption::keeps_md5_etag(sh.encryption.as_ref())
                 || !Encryption::keeps_md5_etag(dh.encryption.as_ref())
             {

@@ -117,10 +117,7 @@ impl Control {
     }
 
     fn abort(&self, why: String) {
-        self.aborted
-            .lock()
-            .expect("abort lock")
-            .get_or_insert(why);
+        self.aborted.lock().expect("abort lock").get_or_insert(why);
         self.stop();
     }
 
@@ -179,9 +176,9 @@ impl<C: S3Client> Copier<C> {
         self.control.stop();
     }
 
-    /// The limiter's current bound on requests in flight (it halves on throttling).
-    pub fn current_limit(&self) -> usize {
-        self.retrier.limiter.current_limit()
+    /// The lowest bound on requests in flight this run reached (it halves on throttling).
+    pub fn lowest_limit(&self) -> usize {
+        self.retrier.limiter.lowest_limit()
     }
 
     /// Sends the requests made since the last call to the manifest's per-operation totals.

@@ -16,7 +16,6 @@
 //!
 //! May call: the s3 layer.
 
-
 use super::scheduler::TaskCtx;
 use super::{Copier, CLOCK_SKEW_SECS};
 use crate::s3::{

@@ -24,9 +24,7 @@ use md5::{Digest, Md5};
 use super::reconcile::md5_etag;
 use super::scheduler::TaskCtx;
 use super::Copier;
-use crate::config::{
-    CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART,
-};
+use crate::config::{CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
     show_key, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult, S3Client, S3Error,
@@ -61,7 +59,12 @@ pub enum CopyPlan {
 /// assert_eq!(choose_plan(false, 20 << 20, false, &opts), CopyPlan::MultipartStream);
 /// assert_eq!(choose_plan(true, 0, true, &opts), CopyPlan::DeleteMarker);
 /// ```
-pub fn choose_plan(is_delete_marker: bool, size: u64, server_side: bool, c: &CopyOptions) -> CopyPlan {
+pub fn choose_plan(
+    is_delete_marker: bool,
+    size: u64,
+    server_side: bool,
+    c: &CopyOptions,
+) -> CopyPlan {
     if is_delete_marker {
         return CopyPlan::DeleteMarker;
     }
@@ -226,7 +229,11 @@ impl<C: S3Client> Copier<C> {
 
     /// HEAD of the source version with the source's client; a version that cannot be copied
     /// is said here: gone (now a delete marker), archived, or SSE-C encrypted.
-    async fn head_source(&self, ctx: &TaskCtx<'_>, part: Option<i32>) -> Result<ObjectHead, S3Error> {
+    async fn head_source(
+        &self,
+        ctx: &TaskCtx<'_>,
+        part: Option<i32>,
+    ) -> Result<ObjectHead, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let head = self
             .retrier
@@ -234,10 +241,23 @@ impl<C: S3Client> Copier<C> {
             .await?;
         let side = self.source.side();
         if head.delete_marker {
-            return Err(S3Error::other(side, "HeadObject", ErrorClass::SourceGone, "the version is a delete marker now".into()));
+            return Err(S3Error::other(
+                side,
+                "HeadObject",
+                ErrorClass::SourceGone,
+                "the version is a delete marker now".into(),
+            ));
         }
         if head.archived {
-            return Err(S3Error::other(side, "HeadObject", ErrorClass::Archived, format!("storage class {}", head.storage_class.as_deref().unwrap_or("archive"))));
+            return Err(S3Error::other(
+                side,
+                "HeadObject",
+                ErrorClass::Archived,
+                format!(
+                    "storage class {}",
+                    head.storage_class.as_deref().unwrap_or("archive")
+                ),
+            ));
         }
         if head.encryption == Some(Encryption::SseC) {
             return Err(fatal(side, "HeadObject", "the version is SSE-C encrypted: it cannot be read without the customer's key, which s3-backfill does not take".into()));
@@ -316,13 +336,23 @@ impl<C: S3Client> Copier<C> {
     }
 
     async fn delete_marker(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
-        Ok(match self.write_version(ctx, || self.dest.delete_object(&ctx.dest)).await? {
-            Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
-            Wrote::New(_, v) => Copied::single(v, CopyMethod::DeleteMarker),
-        })
+        Ok(
+            match self
+                .write_version(ctx, || self.dest.delete_object(&ctx.dest))
+                .await?
+            {
+                Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
+                Wrote::New(_, v) => Copied::single(v, CopyMethod::DeleteMarker),
+            },
+        )
     }
 
-    async fn copy_object(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, attrs: &WriteAttrs) -> Result<Copied, S3Error> {
+    async fn copy_object(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        attrs: &WriteAttrs,
+    ) -> Result<Copied, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let wrote = self
             .write_version(ctx, || self.dest.copy_object(&ctx.dest, &src, attrs))
@@ -337,14 +367,24 @@ impl<C: S3Client> Copier<C> {
     }
 
     /// Reads `expect` bytes of the source version (the whole of it, or one range).
-    async fn get_range(&self, ctx: &TaskCtx<'_>, range: Option<(u64, u64)>, expect: u64) -> Result<Bytes, S3Error> {
+    async fn get_range(
+        &self,
+        ctx: &TaskCtx<'_>,
+        range: Option<(u64, u64)>,
+        expect: u64,
+    ) -> Result<Bytes, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let side = self.source.side();
         self.retrier
             .call(&ctx.retries, || async {
                 let b = self.source.get_object(&src, range).await?;
                 if b.len() as u64 != expect {
-                    return Err(S3Error::other(side, "GetObject", ErrorClass::Retryable, format!("expected {expect} bytes, got {}", b.len())));
+                    return Err(S3Error::other(
+                        side,
+                        "GetObject",
+                        ErrorClass::Retryable,
+                        format!("expected {expect} bytes, got {}", b.len()),
+                    ));
                 }
                 Ok(b)
             })
@@ -352,7 +392,12 @@ impl<C: S3Client> Copier<C> {
     }
 
     /// The source's tags, when it has some or the server does not say how many.
-    async fn tags_for(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, server_side: bool) -> Result<Option<String>, S3Error> {
+    async fn tags_for(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        server_side: bool,
+    ) -> Result<Option<String>, S3Error> {
         if server_side && head.tag_count == 0 {
             return Ok(None);
         }
@@ -364,16 +409,31 @@ impl<C: S3Client> Copier<C> {
         Ok(Some(tags).filter(|t| !t.is_empty()))
     }
 
-    async fn stream_put(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, mut attrs: WriteAttrs) -> Result<Copied, S3Error> {
+    async fn stream_put(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        mut attrs: WriteAttrs,
+    ) -> Result<Copied, S3Error> {
         let body = self.get_range(ctx, None, head.size).await?;
         // End-to-end integrity: an MD5 ETag must match the bytes read.
-        if md5_etag(head) && head.etag.as_deref().map(|e| e.trim_matches('"')) != Some(&hex::encode(Md5::digest(&body))) {
-            return Err(S3Error::other(self.source.side(), "GetObject", ErrorClass::Retryable, "the bytes read do not match the source ETag".into()));
+        if md5_etag(head)
+            && head.etag.as_deref().map(|e| e.trim_matches('"'))
+                != Some(&hex::encode(Md5::digest(&body)))
+        {
+            return Err(S3Error::other(
+                self.source.side(),
+                "GetObject",
+                ErrorClass::Retryable,
+                "the bytes read do not match the source ETag".into(),
+            ));
         }
         attrs.tagging = self.tags_for(ctx, head, false).await?;
         attrs.content_md5 = Some(md5_b64(&body));
         let wrote = self
-            .write_version(ctx, || self.dest.put_object(&ctx.dest, body.clone(), &attrs))
+            .write_version(ctx, || {
+                self.dest.put_object(&ctx.dest, body.clone(), &attrs)
+            })
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
@@ -403,22 +463,42 @@ impl<C: S3Client> Copier<C> {
         Some((first, n))
     }
 
-    async fn multipart(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, mut attrs: WriteAttrs, server_side: bool) -> Result<Copied, S3Error> {
-        let layout = choose_layout(head.size, self.settings.copy.part_size, self.source_layout(ctx, head).await);
+    async fn multipart(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        mut attrs: WriteAttrs,
+        server_side: bool,
+    ) -> Result<Copied, S3Error> {
+        let layout = choose_layout(
+            head.size,
+            self.settings.copy.part_size,
+            self.source_layout(ctx, head).await,
+        );
         attrs.tagging = self.tags_for(ctx, head, server_side).await?;
         let upload_id = self
             .retrier
-            .call(&ctx.retries, || self.dest.create_multipart(&ctx.dest, &attrs))
+            .call(&ctx.retries, || {
+                self.dest.create_multipart(&ctx.dest, &attrs)
+            })
             .await?;
-        self.record_upload(ctx, Some(upload_id.clone()), Some(layout)).await?;
-        let result = self.parts_and_complete(ctx, head, layout, &upload_id, server_side).await;
+        self.record_upload(ctx, Some(upload_id.clone()), Some(layout))
+            .await?;
+        let result = self
+            .parts_and_complete(ctx, head, layout, &upload_id, server_side)
+            .await;
         if result.is_err() {
             let aborted = self
                 .retrier
-                .call(&ctx.retries, || self.dest.abort_multipart(&ctx.dest, &upload_id))
+                .call(&ctx.retries, || {
+                    self.dest.abort_multipart(&ctx.dest, &upload_id)
+                })
                 .await;
             if let Err(e) = aborted {
-                tracing::warn!("could not abort upload {upload_id} of {}: {e}", show_key(&ctx.dest.key));
+                tracing::warn!(
+                    "could not abort upload {upload_id} of {}: {e}",
+                    show_key(&ctx.dest.key)
+                );
             }
         }
         // Closed either way (completed, or aborted: a leftover is aborted by reconciliation).
@@ -426,7 +506,14 @@ impl<C: S3Client> Copier<C> {
         result
     }
 
-    async fn parts_and_complete(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, layout: Layout, upload_id: &str, server_side: bool) -> Result<Copied, S3Error> {
+    async fn parts_and_complete(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        layout: Layout,
+        upload_id: &str,
+        server_side: bool,
+    ) -> Result<Copied, S3Error> {
         let parts: Vec<PartResult> = stream::iter(1..=layout.parts)
             .map(|n| {
                 let first = (n - 1) * layout.part_size;
@@ -437,7 +524,9 @@ impl<C: S3Client> Copier<C> {
             .try_collect()
             .await?;
         let wrote = self
-            .write_version(ctx, || self.dest.complete_multipart(&ctx.dest, upload_id, &parts))
+            .write_version(ctx, || {
+                self.dest.complete_multipart(&ctx.dest, upload_id, &parts)
+            })
             .await?;
         let (version, etag) = match wrote {
             Wrote::Adopted(v) => (v, None),
@@ -447,41 +536,76 @@ impl<C: S3Client> Copier<C> {
             (Some(d), Some(s)) => Some(d == s),
             _ => Some(layout.preserves_etag),
         };
-        self.check_multipart_checksum(ctx, head, version.as_deref(), layout).await?;
+        self.check_multipart_checksum(ctx, head, version.as_deref(), layout)
+            .await?;
         Ok(Copied {
             dest_version_id: version,
-            method: if server_side { CopyMethod::MultipartCopy } else { CopyMethod::MultipartStream },
+            method: if server_side {
+                CopyMethod::MultipartCopy
+            } else {
+                CopyMethod::MultipartStream
+            },
             part_size: Some(layout.part_size),
             parts: Some(layout.parts),
             etag_preserved,
         })
     }
 
-    async fn part(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, upload_id: &str, n: i32, range: (u64, u64), server_side: bool) -> Result<PartResult, S3Error> {
+    async fn part(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        upload_id: &str,
+        n: i32,
+        range: (u64, u64),
+        server_side: bool,
+    ) -> Result<PartResult, S3Error> {
         if server_side {
             let src = ctx.source(&self.settings.source.bucket);
             return self
                 .retrier
-                .call(&ctx.retries, || self.dest.upload_part_copy(&ctx.dest, upload_id, n, &src, range))
+                .call(&ctx.retries, || {
+                    self.dest
+                        .upload_part_copy(&ctx.dest, upload_id, n, &src, range)
+                })
                 .await;
         }
-        let body = self.get_range(ctx, Some(range), range.1 - range.0 + 1).await?;
+        let body = self
+            .get_range(ctx, Some(range), range.1 - range.0 + 1)
+            .await?;
         let md5 = md5_b64(&body);
         let alg = head.checksum.as_ref().map(|c| c.algorithm);
         self.retrier
-            .call(&ctx.retries, || self.dest.upload_part(&ctx.dest, upload_id, n, body.clone(), &md5, alg))
+            .call(&ctx.retries, || {
+                self.dest
+                    .upload_part(&ctx.dest, upload_id, n, body.clone(), &md5, alg)
+            })
             .await
     }
 
     /// Compares the destination's checksum in a write's answer with the source's, where both
     /// are of the same algorithm.
-    fn check_checksum(&self, ctx: &TaskCtx<'_>, op: &'static str, head: &ObjectHead, r: &WriteResult) -> Result<(), S3Error> {
+    fn check_checksum(
+        &self,
+        ctx: &TaskCtx<'_>,
+        op: &'static str,
+        head: &ObjectHead,
+        r: &WriteResult,
+    ) -> Result<(), S3Error> {
         if let (Some(s), Some(d)) = (&head.checksum, &r.checksum) {
             if s.algorithm == d.algorithm && s.value != d.value {
-                return Err(fatal(self.dest.side(), op, format!(
-                    "checksum mismatch for {} version {}: source {} {}, destination {}",
-                    show_key(&ctx.task.key), ctx.task.version_id, s.algorithm.as_str(), s.value, d.value
-                )));
+                return Err(fatal(
+                    self.dest.side(),
+                    op,
+                    format!(
+                        "checksum mismatch for {} version {}: source {} {}, destination {}",
+                        show_key(&ctx.task.key),
+                        ctx.task.version_id,
+                        s.algorithm.as_str(),
+                        s.value,
+                        d.value
+                    ),
+                ));
             }
         }
         Ok(())
@@ -490,12 +614,24 @@ impl<C: S3Client> Copier<C> {
     /// After a multipart copy, compares the destination's checksum with the source's where
     /// they are comparable: both over the whole object, or both composite over the same part
     /// layout. Elsewhere (composite over another layout) the values differ by design.
-    async fn check_multipart_checksum(&self, ctx: &TaskCtx<'_>, head: &ObjectHead, version: Option<&str>, layout: Layout) -> Result<(), S3Error> {
+    async fn check_multipart_checksum(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        version: Option<&str>,
+        layout: Layout,
+    ) -> Result<(), S3Error> {
         let Some(source) = &head.checksum else {
             return Ok(());
         };
-        let dest = crate::s3::ObjectRef { version_id: version.map(str::to_string), ..ctx.dest.clone() };
-        let h = self.retrier.call(&ctx.retries, || self.dest.head_object(&dest, None)).await?;
+        let dest = crate::s3::ObjectRef {
+            version_id: version.map(str::to_string),
+            ..ctx.dest.clone()
+        };
+        let h = self
+            .retrier
+            .call(&ctx.retries, || self.dest.head_object(&dest, None))
+            .await?;
         let Some(d) = &h.checksum else {
             return Ok(());
         };
@@ -503,13 +639,21 @@ impl<C: S3Client> Copier<C> {
             && source.is_composite() == d.is_composite()
             && (!source.is_composite() || layout.preserves_etag);
         if comparable {
-            let r = WriteResult { checksum: Some(d.clone()), ..WriteResult::default() };
+            let r = WriteResult {
+                checksum: Some(d.clone()),
+                ..WriteResult::default()
+            };
             self.check_checksum(ctx, "CompleteMultipartUpload", head, &r)?;
         }
         Ok(())
     }
 
-    async fn record_upload(&self, ctx: &TaskCtx<'_>, upload_id: Option<String>, layout: Option<Layout>) -> Result<(), S3Error> {
+    async fn record_upload(
+        &self,
+        ctx: &TaskCtx<'_>,
+        upload_id: Option<String>,
+        layout: Option<Layout>,
+    ) -> Result<(), S3Error> {
         let u = Update::Upload {
             id: ctx.task.id,
             upload_id,
@@ -542,7 +686,10 @@ mod tests {
         assert_eq!((l.part_size, l.parts, l.preserves_etag), (5 * MIB, 3, true));
         // Not uniform: 3 parts of 5 MiB cannot hold 16 MiB.
         let l = choose_layout(16 * MIB, 8 * MIB, Some((5 * MIB, 3)));
-        assert_eq!((l.part_size, l.parts, l.preserves_etag), (8 * MIB, 2, false));
+        assert_eq!(
+            (l.part_size, l.parts, l.preserves_etag),
+            (8 * MIB, 2, false)
+        );
     }
 
     #[test]
@@ -562,7 +709,10 @@ mod tests {
     #[test]
     fn plans() {
         let c = CopyOptions::default();
-        assert_eq!(choose_plan(false, 6 << 30, true, &c), CopyPlan::MultipartCopy);
+        assert_eq!(
+            choose_plan(false, 6 << 30, true, &c),
+            CopyPlan::MultipartCopy
+        );
         assert_eq!(choose_plan(false, 10 << 20, false, &c), CopyPlan::Stream);
     }
 }

@@ -19,12 +19,24 @@ const DST: &str = "dst";
 
 fn settings() -> JobSettings {
     JobSettings {
-        source: Location { bucket: SRC.into(), prefix: String::new() },
-        dest: Location { bucket: DST.into(), prefix: String::new() },
+        source: Location {
+            bucket: SRC.into(),
+            prefix: String::new(),
+        },
+        dest: Location {
+            bucket: DST.into(),
+            prefix: String::new(),
+        },
         source_side: SideConfig::default(),
         dest_side: SideConfig::default(),
-        selection: Selection { delete_markers: true, ..Selection::default() },
-        copy: CopyOptions { mode: CopyMode::ServerSide, ..CopyOptions::default() },
+        selection: Selection {
+            delete_markers: true,
+            ..Selection::default()
+        },
+        copy: CopyOptions {
+            mode: CopyMode::ServerSide,
+            ..CopyOptions::default()
+        },
     }
 }
 
@@ -54,19 +66,35 @@ async fn plan(server: &FakeServer, path: &Path) {
     m.store_settings(&s).unwrap();
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = server.client(Side::Source);
-    let lister = Lister { client: &client, settings: &s, retrier: &retrier, dest_versioned: true };
+    let lister = Lister {
+        client: &client,
+        settings: &s,
+        retrier: &retrier,
+        dest_versioned: true,
+    };
     lister.list_into(&mut m, |_| {}).await.unwrap();
 }
 
-/// One `run` over the manifest; returns its summary and the limiter's bound at the end.
+/// One `run` over the manifest; returns its summary and the lowest bound on requests in
+/// flight it reached.
 async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, usize) {
     let m = Manifest::open(path, false).unwrap();
-    let facts = DestFacts { versioned: true, object_lock: false };
+    let facts = DestFacts {
+        versioned: true,
+        object_lock: false,
+    };
     let clients = (server.client(Side::Source), server.client(Side::Dest));
-    let copier = Copier::new(settings(), clients, facts, m.into_writer(), &o, ProgressBar::hidden());
+    let copier = Copier::new(
+        settings(),
+        clients,
+        facts,
+        m.into_writer(),
+        &o,
+        ProgressBar::hidden(),
+    );
     let summary = Arc::clone(&copier).run(o.concurrency).await;
     copier.flush().await;
-    let limit = copier.current_limit();
+    let limit = copier.lowest_limit();
     drop(copier);
     (summary, limit)
 }
@@ -89,7 +117,10 @@ fn dest_stamps(server: &FakeServer, key: &str) -> Vec<String> {
 
 /// Every task of key `k`, oldest first.
 fn tasks(path: &Path) -> Vec<crate::manifest::Task> {
-    Manifest::open(path, false).unwrap().tasks_of_key("k").unwrap()
+    Manifest::open(path, false)
+        .unwrap()
+        .tasks_of_key("k")
+        .unwrap()
 }
 
 fn all_tasks_done(path: &Path) -> crate::manifest::Counts {
@@ -109,11 +140,21 @@ async fn lost_answer_after_the_server_acted_is_adopted_not_copied_twice() {
     s.fail_after("CopyObject", Some("k"), 1, 1, FaultKind::LostAnswer);
     plan(&s, &path).await;
     let (summary, _) = run(&s, &path, opts()).await;
-    assert_eq!(dest_stamps(&s, "k"), [v1, v2], "one copy of each source version, in order");
+    assert_eq!(
+        dest_stamps(&s, "k"),
+        [v1, v2],
+        "one copy of each source version, in order"
+    );
     assert_eq!((summary.done, summary.reconciled), (2, 1));
     let dest_ids: Vec<_> = s.history(DST, "k").into_iter().map(|v| v.id).collect();
-    let recorded: Vec<_> = tasks(&path).into_iter().map(|t| t.dest_version_id.expect("dest version id")).collect();
-    assert_eq!(recorded, dest_ids, "every done task names its own destination version");
+    let recorded: Vec<_> = tasks(&path)
+        .into_iter()
+        .map(|t| t.dest_version_id.expect("dest version id"))
+        .collect();
+    assert_eq!(
+        recorded, dest_ids,
+        "every done task names its own destination version"
+    );
 }
 
 #[tokio::test]
@@ -128,11 +169,19 @@ async fn reconciliation_adopts_only_the_copy_of_that_source_version() {
     let t = tasks(&path);
     s.put(DST, "k", b"same", &[(STAMP_KEY, &v1)]);
     let w = Manifest::open(&path, false).unwrap().into_writer();
-    w.send_durable(Update::Started { id: t[0].id, at: 0 }).await.unwrap();
-    w.send_durable(Update::Started { id: t[1].id, at: 0 }).await.unwrap();
+    w.send_durable(Update::Started { id: t[0].id, at: 0 })
+        .await
+        .unwrap();
+    w.send_durable(Update::Started { id: t[1].id, at: 0 })
+        .await
+        .unwrap();
     w.close();
     let (summary, _) = run(&s, &path, opts()).await;
-    assert_eq!(dest_stamps(&s, "k"), [v1, v2], "v1's copy adopted for v1 only; v2 copied");
+    assert_eq!(
+        dest_stamps(&s, "k"),
+        [v1, v2],
+        "v1's copy adopted for v1 only; v2 copied"
+    );
     assert_eq!((summary.done, summary.reconciled), (2, 1));
 }
 
@@ -144,12 +193,20 @@ async fn throttling_halves_the_requests_in_flight() {
     for i in 0..20 {
         s.put(SRC, &format!("k{i:02}"), b"x", &[]);
     }
-    s.fail("HeadObject", None, 4, FaultKind::Before(ErrorClass::Throttled, 503));
+    s.fail(
+        "HeadObject",
+        None,
+        4,
+        FaultKind::Before(ErrorClass::Throttled, 503),
+    );
     plan(&s, &path).await;
     let (summary, limit) = run(&s, &path, opts()).await;
     assert_eq!(summary.done, 20);
     assert!(summary.throttles >= 4, "{summary:?}");
-    assert!(limit < opts().concurrency, "bound {limit} should be below 8 after throttling");
+    assert!(
+        limit < opts().concurrency,
+        "bound {limit} should be below 8 after throttling"
+    );
     assert_eq!(all_tasks_done(&path).done, 20);
 }
 
@@ -162,19 +219,28 @@ async fn a_failed_version_blocks_its_key_across_runs_until_skipped() {
     let _v2 = s.put(SRC, "k", b"2", &[]);
     let v3 = s.put(SRC, "k", b"3", &[]);
     // The second HEAD of key k (version 2) is denied for good.
-    s.fail_after("HeadObject", Some("k"), 1, 1, FaultKind::Before(ErrorClass::Fatal, 403));
+    s.fail_after(
+        "HeadObject",
+        Some("k"),
+        1,
+        1,
+        FaultKind::Before(ErrorClass::Fatal, 403),
+    );
     plan(&s, &path).await;
     let (first, _) = run(&s, &path, opts()).await;
     assert_eq!((first.done, first.failed, first.blocked), (1, 1, 1));
-    assert_eq!(dest_stamps(&s, "k"), [v1.clone()]);
+    assert_eq!(dest_stamps(&s, "k"), std::slice::from_ref(&v1));
     // A second run keeps the order: version 3 still waits behind version 2.
     let (second, _) = run(&s, &path, opts()).await;
     assert_eq!((second.done, second.blocked), (0, 1));
     let c = all_tasks_done(&path);
     assert_eq!((c.failed, c.blocked), (1, 1));
-    assert_eq!(dest_stamps(&s, "k"), [v1.clone()]);
+    assert_eq!(dest_stamps(&s, "k"), std::slice::from_ref(&v1));
     // The user gives up on version 2: version 3 follows.
-    assert_eq!(Manifest::open(&path, false).unwrap().skip_failed().unwrap(), 1);
+    assert_eq!(
+        Manifest::open(&path, false).unwrap().skip_failed().unwrap(),
+        1
+    );
     let (third, _) = run(&s, &path, opts()).await;
     assert_eq!(third.done, 1);
     assert_eq!(dest_stamps(&s, "k"), [v1, v3]);
@@ -190,7 +256,12 @@ async fn retry_failed_reconciles_before_writing_again() {
     let v1 = s.put(SRC, "k", b"1", &[]);
     // Every attempt's answer is lost, but the first write happened.
     s.fail("CopyObject", Some("k"), 100, FaultKind::LostAnswer);
-    s.fail("ListObjectVersions", Some("k"), 100, FaultKind::Before(ErrorClass::Retryable, 500));
+    s.fail(
+        "ListObjectVersions",
+        Some("k"),
+        100,
+        FaultKind::Before(ErrorClass::Retryable, 500),
+    );
     plan(&s, &path).await;
     let (first, _) = run(&s, &path, opts()).await;
     assert_eq!(first.failed, 1);
@@ -198,7 +269,10 @@ async fn retry_failed_reconciles_before_writing_again() {
     assert!(written >= 1);
     // The server recovers; the retried task finds its copy instead of writing another.
     s.clear_faults();
-    Manifest::open(&path, false).unwrap().retry_failed().unwrap();
+    Manifest::open(&path, false)
+        .unwrap()
+        .retry_failed()
+        .unwrap();
     let (second, _) = run(&s, &path, opts()).await;
     assert_eq!(second.done, 1);
     assert_eq!(second.reconciled, 1);
@@ -223,7 +297,11 @@ async fn archived_versions_are_skipped_with_their_reason_and_do_not_block() {
     let m = Manifest::open(&path, false).unwrap();
     let p = m.problems(10).unwrap();
     assert_eq!(p[0].error_class.as_deref(), Some("archived"));
-    assert!(p[0].message.as_deref().unwrap_or("").contains("restore first"));
+    assert!(p[0]
+        .message
+        .as_deref()
+        .unwrap_or("")
+        .contains("restore first"));
 }
 
 #[tokio::test]
@@ -240,8 +318,14 @@ async fn delete_markers_and_versions_keep_their_order() {
     plan(&s, &path).await;
     let (summary, _) = run(&s, &path, opts()).await;
     assert_eq!(summary.done, 5);
-    assert_eq!(dest_stamps(&s, "k"), [a, "DM".into(), "DM".into(), b, "DM".into()]);
-    let open = Manifest::open(&path, false).unwrap().next_key_groups(0, 10).unwrap();
+    assert_eq!(
+        dest_stamps(&s, "k"),
+        [a, "DM".into(), "DM".into(), b, "DM".into()]
+    );
+    let open = Manifest::open(&path, false)
+        .unwrap()
+        .next_key_groups(0, 10)
+        .unwrap();
     assert!(open.is_empty(), "nothing left open");
     let methods: Vec<_> = tasks(&path).iter().map(|t| t.state).collect();
     assert_eq!(methods, [State::Done; 5]);

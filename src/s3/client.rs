@@ -222,7 +222,11 @@ pub struct SdkClient {
 /// environment or the profile's `endpoint_url`, else None: the provider's default).
 ///
 /// The SDK's own retries are off: [`super::retry::Retrier`] is the only retry layer.
-pub async fn build(side: Side, cfg: &SideConfig, timeouts: Timeouts) -> (SdkClient, Option<String>) {
+pub async fn build(
+    side: Side,
+    cfg: &SideConfig,
+    timeouts: Timeouts,
+) -> (SdkClient, Option<String>) {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     if let Some(profile) = &cfg.profile {
         loader = loader.profile_name(profile);
@@ -521,7 +525,12 @@ impl SdkClient {
         &self.inner
     }
 
-    fn err<E>(&self, op: &'static str, reads_source: bool, e: aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>) -> S3Error
+    fn err<E>(
+        &self,
+        op: &'static str,
+        reads_source: bool,
+        e: aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>,
+    ) -> S3Error
     where
         E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -575,10 +584,11 @@ impl SdkClient {
             .send()
             .await
         {
-            Ok(o) => o
-                .object_lock_configuration()
-                .and_then(|c| c.object_lock_enabled())
-                == Some(&ObjectLockEnabled::Enabled),
+            Ok(o) => {
+                o.object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    == Some(&ObjectLockEnabled::Enabled)
+            }
             Err(_) => false,
         }
     }
@@ -619,7 +629,12 @@ impl S3Client for SdkClient {
             .await
             .map_err(|e| self.err(OP, false, e))?;
         let body = raw.take().ok_or_else(|| {
-            S3Error::other(self.side, OP, ErrorClass::Retryable, "no response body".into())
+            S3Error::other(
+                self.side,
+                OP,
+                ErrorClass::Retryable,
+                "no response body".into(),
+            )
         })?;
         parse_page(&body).map_err(|m| S3Error::other(self.side, OP, ErrorClass::Retryable, m))
     }
@@ -640,7 +655,11 @@ impl S3Client for SdkClient {
         Ok(head_record(&h))
     }
 
-    async fn get_object(&self, obj: &ObjectRef, range: Option<(u64, u64)>) -> Result<Bytes, S3Error> {
+    async fn get_object(
+        &self,
+        obj: &ObjectRef,
+        range: Option<(u64, u64)>,
+    ) -> Result<Bytes, S3Error> {
         const OP: &str = "GetObject";
         self.counts.count(OP);
         let read = async {
@@ -655,7 +674,12 @@ impl S3Client for SdkClient {
                 .await
                 .map_err(|e| self.err(OP, true, e))?;
             let body = out.body.collect().await.map_err(|e| {
-                S3Error::other(self.side, OP, ErrorClass::Retryable, format!("body read failed: {e}"))
+                S3Error::other(
+                    self.side,
+                    OP,
+                    ErrorClass::Retryable,
+                    format!("body read failed: {e}"),
+                )
             })?;
             Ok(body.into_bytes())
         };
@@ -663,7 +687,12 @@ impl S3Client for SdkClient {
         tokio::time::timeout(self.timeouts.attempt, read)
             .await
             .unwrap_or_else(|_| {
-                Err(S3Error::other(self.side, OP, ErrorClass::Retryable, "timed out reading the body".into()))
+                Err(S3Error::other(
+                    self.side,
+                    OP,
+                    ErrorClass::Retryable,
+                    "timed out reading the body".into(),
+                ))
             })
     }
 
@@ -703,7 +732,12 @@ impl S3Client for SdkClient {
         }
     }
 
-    async fn copy_object(&self, dest: &ObjectRef, src: &ObjectRef, attrs: &WriteAttrs) -> Result<WriteResult, S3Error> {
+    async fn copy_object(
+        &self,
+        dest: &ObjectRef,
+        src: &ObjectRef,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
         const OP: &str = "CopyObject";
         self.counts.count(OP);
         let req = self
@@ -713,7 +747,11 @@ impl S3Client for SdkClient {
             .key(&dest.key)
             .copy_source(copy_source(src));
         let req = if attrs.replace_metadata {
-            with_attrs!(req.metadata_directive(MetadataDirective::Replace), self, attrs)
+            with_attrs!(
+                req.metadata_directive(MetadataDirective::Replace),
+                self,
+                attrs
+            )
         } else {
             let (sse, kms) = sse_headers(&attrs.encryption);
             req.metadata_directive(MetadataDirective::Copy)
@@ -725,7 +763,10 @@ impl S3Client for SdkClient {
                 .set_object_lock_mode(attrs.lock.mode.as_deref().map(ObjectLockMode::from))
                 .set_object_lock_retain_until_date(lock_date(attrs.lock.retain_until))
                 .set_object_lock_legal_hold_status(
-                    attrs.lock.legal_hold.then_some(ObjectLockLegalHoldStatus::On),
+                    attrs
+                        .lock
+                        .legal_hold
+                        .then_some(ObjectLockLegalHoldStatus::On),
                 )
         };
         let req = match &attrs.tagging {
@@ -750,7 +791,12 @@ impl S3Client for SdkClient {
         })
     }
 
-    async fn put_object(&self, dest: &ObjectRef, body: Bytes, attrs: &WriteAttrs) -> Result<WriteResult, S3Error> {
+    async fn put_object(
+        &self,
+        dest: &ObjectRef,
+        body: Bytes,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
         const OP: &str = "PutObject";
         self.counts.count(OP);
         let req = self
@@ -797,7 +843,11 @@ impl S3Client for SdkClient {
         })
     }
 
-    async fn create_multipart(&self, dest: &ObjectRef, attrs: &WriteAttrs) -> Result<String, S3Error> {
+    async fn create_multipart(
+        &self,
+        dest: &ObjectRef,
+        attrs: &WriteAttrs,
+    ) -> Result<String, S3Error> {
         const OP: &str = "CreateMultipartUpload";
         self.counts.count(OP);
         let req = self
@@ -814,11 +864,23 @@ impl S3Client for SdkClient {
             .await
             .map_err(|e| self.err(OP, false, e))?;
         o.upload_id().map(str::to_string).ok_or_else(|| {
-            S3Error::other(self.side, OP, ErrorClass::Retryable, "the answer has no upload id".into())
+            S3Error::other(
+                self.side,
+                OP,
+                ErrorClass::Retryable,
+                "the answer has no upload id".into(),
+            )
         })
     }
 
-    async fn upload_part_copy(&self, dest: &ObjectRef, upload_id: &str, n: i32, src: &ObjectRef, range: (u64, u64)) -> Result<PartResult, S3Error> {
+    async fn upload_part_copy(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        src: &ObjectRef,
+        range: (u64, u64),
+    ) -> Result<PartResult, S3Error> {
         const OP: &str = "UploadPartCopy";
         self.counts.count(OP);
         let o = self
@@ -847,7 +909,15 @@ impl S3Client for SdkClient {
         ))
     }
 
-    async fn upload_part(&self, dest: &ObjectRef, upload_id: &str, n: i32, body: Bytes, md5: &str, algorithm: Option<ChecksumAlgorithm>) -> Result<PartResult, S3Error> {
+    async fn upload_part(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: Bytes,
+        md5: &str,
+        algorithm: Option<ChecksumAlgorithm>,
+    ) -> Result<PartResult, S3Error> {
         const OP: &str = "UploadPart";
         self.counts.count(OP);
         let o = self
@@ -876,7 +946,12 @@ impl S3Client for SdkClient {
         ))
     }
 
-    async fn complete_multipart(&self, dest: &ObjectRef, upload_id: &str, parts: &[PartResult]) -> Result<WriteResult, S3Error> {
+    async fn complete_multipart(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        parts: &[PartResult],
+    ) -> Result<WriteResult, S3Error> {
         const OP: &str = "CompleteMultipartUpload";
         self.counts.count(OP);
         let parts: Vec<CompletedPart> = parts.iter().map(completed_part).collect();
@@ -886,7 +961,11 @@ impl S3Client for SdkClient {
             .bucket(&dest.bucket)
             .key(&dest.key)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;
@@ -921,7 +1000,11 @@ impl S3Client for SdkClient {
         }
     }
 
-    async fn list_uploads(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, String)>, S3Error> {
+    async fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, S3Error> {
         const OP: &str = "ListMultipartUploads";
         self.counts.count(OP);
         let o = self

@@ -153,13 +153,27 @@ impl FakeServer {
             ..ObjectHead::default()
         };
         let mut s = self.state.lock().expect("fake lock");
-        s.write(bucket, key, Bytes::copy_from_slice(body), head, String::new(), false)
+        s.write(
+            bucket,
+            key,
+            Bytes::copy_from_slice(body),
+            head,
+            String::new(),
+            false,
+        )
     }
 
     /// Writes a delete marker directly (seeding); returns its version id.
     pub fn delete(&self, bucket: &str, key: &str) -> String {
         let mut s = self.state.lock().expect("fake lock");
-        s.write(bucket, key, Bytes::new(), ObjectHead::default(), String::new(), true)
+        s.write(
+            bucket,
+            key,
+            Bytes::new(),
+            ObjectHead::default(),
+            String::new(),
+            true,
+        )
     }
 
     /// Sets the storage class of one stored version (e.g. GLACIER: archived).
@@ -202,7 +216,14 @@ impl FakeServer {
     }
 
     /// Like [`FakeServer::fail`], after letting `skip` matching calls pass.
-    pub fn fail_after(&self, op: &'static str, key: Option<&str>, skip: u32, times: u32, kind: FaultKind) {
+    pub fn fail_after(
+        &self,
+        op: &'static str,
+        key: Option<&str>,
+        skip: u32,
+        times: u32,
+        kind: FaultKind,
+    ) {
         let mut s = self.state.lock().expect("fake lock");
         s.faults.push(Fault {
             op,
@@ -243,7 +264,15 @@ impl Server {
         Some(f.kind.clone())
     }
 
-    fn write(&mut self, bucket: &str, key: &str, body: Bytes, mut head: ObjectHead, tags: String, dm: bool) -> String {
+    fn write(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        body: Bytes,
+        mut head: ObjectHead,
+        tags: String,
+        dm: bool,
+    ) -> String {
         self.next_id += 1;
         self.clock += 1;
         let (id, clock) = (format!("v{:06}", self.next_id), self.clock);
@@ -255,7 +284,15 @@ impl Server {
         head.version_id = Some(id.clone());
         head.delete_marker = dm;
         head.tag_count = tags.split('&').filter(|t| !t.is_empty()).count() as u32;
-        let v = FakeVersion { id: id.clone(), delete_marker: dm, body, etag, head, tags, written_at: clock };
+        let v = FakeVersion {
+            id: id.clone(),
+            delete_marker: dm,
+            body,
+            etag,
+            head,
+            tags,
+            written_at: clock,
+        };
         let h = b.keys.entry(key.to_string()).or_default();
         if !b.versioned {
             h.clear();
@@ -264,7 +301,12 @@ impl Server {
         id
     }
 
-    fn find_mut(&mut self, bucket: &str, key: &str, version: Option<&str>) -> Option<&mut FakeVersion> {
+    fn find_mut(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        version: Option<&str>,
+    ) -> Option<&mut FakeVersion> {
         let h = self.buckets.get_mut(bucket)?.keys.get_mut(key)?;
         match version {
             Some(v) => h.iter_mut().find(|x| x.id == v),
@@ -283,26 +325,49 @@ impl Server {
 
 impl FakeS3 {
     /// Runs one operation: counts it, applies an injected fault, else answers with `f`.
-    fn op<T>(&self, op: &'static str, key: &str, f: impl FnOnce(&mut Server) -> Result<T, S3Error>) -> Result<T, S3Error> {
+    fn op<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        f: impl FnOnce(&mut Server) -> Result<T, S3Error>,
+    ) -> Result<T, S3Error> {
         self.counts.count(op);
         self.server.calls.fetch_add(1, Ordering::Relaxed);
         let mut s = self.server.state.lock().expect("fake lock");
         match s.take_fault(op, key) {
-            Some(FaultKind::Before(class, status)) => Err(err(self.side, op, class, status, "Injected")),
+            Some(FaultKind::Before(class, status)) => {
+                Err(err(self.side, op, class, status, "Injected"))
+            }
             Some(FaultKind::LostAnswer) => {
                 f(&mut s)?;
-                Err(S3Error::other(self.side, op, ErrorClass::Retryable, "connection reset after the server acted".into()))
+                Err(S3Error::other(
+                    self.side,
+                    op,
+                    ErrorClass::Retryable,
+                    "connection reset after the server acted".into(),
+                ))
             }
             None => f(&mut s),
         }
     }
 
-    fn source_version<'a>(&self, s: &'a Server, op: &'static str, obj: &ObjectRef) -> Result<&'a FakeVersion, S3Error> {
+    fn source_version<'a>(
+        &self,
+        s: &'a Server,
+        op: &'static str,
+        obj: &ObjectRef,
+    ) -> Result<&'a FakeVersion, S3Error> {
         let v = s
             .find(&obj.bucket, &obj.key, obj.version_id.as_deref())
             .ok_or_else(|| err(self.side, op, ErrorClass::SourceGone, 404, "NoSuchVersion"))?;
         if v.head.archived && op != "HeadObject" {
-            return Err(err(self.side, op, ErrorClass::Archived, 403, "InvalidObjectState"));
+            return Err(err(
+                self.side,
+                op,
+                ErrorClass::Archived,
+                403,
+                "InvalidObjectState",
+            ));
         }
         Ok(v)
     }
@@ -335,7 +400,11 @@ fn entry(key: &str, v: &FakeVersion, latest: bool) -> VersionEntry {
         is_latest: latest,
         size: v.body.len() as u64,
         etag: (!v.delete_marker).then(|| v.etag.clone()),
-        last_modified: Some(format!("2026-01-01T00:{:02}:{:02}.000Z", (v.written_at / 60) % 60, v.written_at % 60)),
+        last_modified: Some(format!(
+            "2026-01-01T00:{:02}:{:02}.000Z",
+            (v.written_at / 60) % 60,
+            v.written_at % 60
+        )),
         storage_class: v.head.storage_class.clone(),
         checksum_algorithm: None,
     }
@@ -352,7 +421,15 @@ impl S3Client for FakeS3 {
 
     async fn list_versions(&self, from: &ListFrom) -> Result<VersionPage, S3Error> {
         self.op("ListObjectVersions", &from.prefix, |s| {
-            let b = s.buckets.get(&from.bucket).ok_or_else(|| err(self.side, "ListObjectVersions", ErrorClass::Fatal, 404, "NoSuchBucket"))?;
+            let b = s.buckets.get(&from.bucket).ok_or_else(|| {
+                err(
+                    self.side,
+                    "ListObjectVersions",
+                    ErrorClass::Fatal,
+                    404,
+                    "NoSuchBucket",
+                )
+            })?;
             let mut all = Vec::new();
             for (k, h) in b.keys.range(from.prefix.clone()..) {
                 if !k.starts_with(&from.prefix) {
@@ -363,8 +440,14 @@ impl S3Client for FakeS3 {
                 }
             }
             let start = match (&from.key_marker, &from.version_marker) {
-                (Some(k), Some(v)) if !v.is_empty() => all.iter().position(|e| e.key == *k && e.version_id == *v).map_or(0, |i| i + 1),
-                (Some(k), _) => all.iter().position(|e| e.key.as_str() > k.as_str()).unwrap_or(all.len()),
+                (Some(k), Some(v)) if !v.is_empty() => all
+                    .iter()
+                    .position(|e| e.key == *k && e.version_id == *v)
+                    .map_or(0, |i| i + 1),
+                (Some(k), _) => all
+                    .iter()
+                    .position(|e| e.key.as_str() > k.as_str())
+                    .unwrap_or(all.len()),
                 _ => 0,
             };
             let end = (start + from.max_keys.max(1) as usize).min(all.len());
@@ -383,7 +466,13 @@ impl S3Client for FakeS3 {
         self.op("HeadObject", &obj.key, |s| {
             let v = self.source_version(s, "HeadObject", obj)?;
             if v.delete_marker {
-                return Err(err(self.side, "HeadObject", ErrorClass::SourceGone, 404, "NotFound"));
+                return Err(err(
+                    self.side,
+                    "HeadObject",
+                    ErrorClass::SourceGone,
+                    404,
+                    "NotFound",
+                ));
             }
             let mut h = v.head.clone();
             if part.is_some() {
@@ -393,7 +482,11 @@ impl S3Client for FakeS3 {
         })
     }
 
-    async fn get_object(&self, obj: &ObjectRef, range: Option<(u64, u64)>) -> Result<Bytes, S3Error> {
+    async fn get_object(
+        &self,
+        obj: &ObjectRef,
+        range: Option<(u64, u64)>,
+    ) -> Result<Bytes, S3Error> {
         self.op("GetObject", &obj.key, |s| {
             let v = self.source_version(s, "GetObject", obj)?;
             Ok(match range {
@@ -404,75 +497,178 @@ impl S3Client for FakeS3 {
     }
 
     async fn get_tagging(&self, obj: &ObjectRef) -> Result<String, S3Error> {
-        self.op("GetObjectTagging", &obj.key, |s| Ok(self.source_version(s, "GetObjectTagging", obj)?.tags.clone()))
+        self.op("GetObjectTagging", &obj.key, |s| {
+            Ok(self
+                .source_version(s, "GetObjectTagging", obj)?
+                .tags
+                .clone())
+        })
     }
 
-    async fn copy_object(&self, dest: &ObjectRef, src: &ObjectRef, attrs: &WriteAttrs) -> Result<WriteResult, S3Error> {
+    async fn copy_object(
+        &self,
+        dest: &ObjectRef,
+        src: &ObjectRef,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
         let omit = self.server.omit_copy_version.load(Ordering::Relaxed);
         self.op("CopyObject", &dest.key, |s| {
             let v = self.source_version(s, "CopyObject", src)?.clone();
             let head = head_from_attrs(attrs, Some(&v.head));
             let tags = attrs.tagging.clone().unwrap_or(v.tags);
             let id = s.write(&dest.bucket, &dest.key, v.body, head, tags, false);
-            Ok(WriteResult { version_id: (!omit).then_some(id), etag: Some(v.etag), checksum: None })
+            Ok(WriteResult {
+                version_id: (!omit).then_some(id),
+                etag: Some(v.etag),
+                checksum: None,
+            })
         })
     }
 
-    async fn put_object(&self, dest: &ObjectRef, body: Bytes, attrs: &WriteAttrs) -> Result<WriteResult, S3Error> {
+    async fn put_object(
+        &self,
+        dest: &ObjectRef,
+        body: Bytes,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
         self.op("PutObject", &dest.key, |s| {
             let etag = quoted_md5(&body);
-            let id = s.write(&dest.bucket, &dest.key, body, head_from_attrs(attrs, None), attrs.tagging.clone().unwrap_or_default(), false);
-            Ok(WriteResult { version_id: Some(id), etag: Some(etag), checksum: None })
+            let id = s.write(
+                &dest.bucket,
+                &dest.key,
+                body,
+                head_from_attrs(attrs, None),
+                attrs.tagging.clone().unwrap_or_default(),
+                false,
+            );
+            Ok(WriteResult {
+                version_id: Some(id),
+                etag: Some(etag),
+                checksum: None,
+            })
         })
     }
 
     async fn delete_object(&self, dest: &ObjectRef) -> Result<WriteResult, S3Error> {
         self.op("DeleteObject", &dest.key, |s| {
-            let id = s.write(&dest.bucket, &dest.key, Bytes::new(), ObjectHead::default(), String::new(), true);
-            Ok(WriteResult { version_id: Some(id), ..WriteResult::default() })
+            let id = s.write(
+                &dest.bucket,
+                &dest.key,
+                Bytes::new(),
+                ObjectHead::default(),
+                String::new(),
+                true,
+            );
+            Ok(WriteResult {
+                version_id: Some(id),
+                ..WriteResult::default()
+            })
         })
     }
 
-    async fn create_multipart(&self, dest: &ObjectRef, attrs: &WriteAttrs) -> Result<String, S3Error> {
+    async fn create_multipart(
+        &self,
+        dest: &ObjectRef,
+        attrs: &WriteAttrs,
+    ) -> Result<String, S3Error> {
         self.op("CreateMultipartUpload", &dest.key, |s| {
             s.next_id += 1;
             let id = format!("upload-{}", s.next_id);
             let b = s.buckets.entry(dest.bucket.clone()).or_default();
-            b.uploads.insert(id.clone(), Upload { key: dest.key.clone(), attrs: attrs.clone(), parts: BTreeMap::new() });
+            b.uploads.insert(
+                id.clone(),
+                Upload {
+                    key: dest.key.clone(),
+                    attrs: attrs.clone(),
+                    parts: BTreeMap::new(),
+                },
+            );
             Ok(id)
         })
     }
 
-    async fn upload_part_copy(&self, dest: &ObjectRef, upload_id: &str, n: i32, src: &ObjectRef, range: (u64, u64)) -> Result<PartResult, S3Error> {
+    async fn upload_part_copy(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        src: &ObjectRef,
+        range: (u64, u64),
+    ) -> Result<PartResult, S3Error> {
         self.op("UploadPartCopy", &dest.key, |s| {
-            let body = self.source_version(s, "UploadPartCopy", src)?.body.slice(range.0 as usize..range.1 as usize + 1);
+            let body = self
+                .source_version(s, "UploadPartCopy", src)?
+                .body
+                .slice(range.0 as usize..range.1 as usize + 1);
             add_part(s, self.side, dest, upload_id, n, body)
         })
     }
 
-    async fn upload_part(&self, dest: &ObjectRef, upload_id: &str, n: i32, body: Bytes, _md5: &str, _alg: Option<ChecksumAlgorithm>) -> Result<PartResult, S3Error> {
-        self.op("UploadPart", &dest.key, |s| add_part(s, self.side, dest, upload_id, n, body))
+    async fn upload_part(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: Bytes,
+        _md5: &str,
+        _alg: Option<ChecksumAlgorithm>,
+    ) -> Result<PartResult, S3Error> {
+        self.op("UploadPart", &dest.key, |s| {
+            add_part(s, self.side, dest, upload_id, n, body)
+        })
     }
 
-    async fn complete_multipart(&self, dest: &ObjectRef, upload_id: &str, parts: &[PartResult]) -> Result<WriteResult, S3Error> {
+    async fn complete_multipart(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        parts: &[PartResult],
+    ) -> Result<WriteResult, S3Error> {
         self.op("CompleteMultipartUpload", &dest.key, |s| {
             let b = s.buckets.entry(dest.bucket.clone()).or_default();
-            let up = b.uploads.remove(upload_id).ok_or_else(|| err(self.side, "CompleteMultipartUpload", ErrorClass::Fatal, 404, "NoSuchUpload"))?;
+            let up = b.uploads.remove(upload_id).ok_or_else(|| {
+                err(
+                    self.side,
+                    "CompleteMultipartUpload",
+                    ErrorClass::Fatal,
+                    404,
+                    "NoSuchUpload",
+                )
+            })?;
             let mut body = Vec::new();
             let mut digests = Vec::new();
             for p in parts {
-                let part = up.parts.get(&p.number).ok_or_else(|| err(self.side, "CompleteMultipartUpload", ErrorClass::Fatal, 400, "InvalidPart"))?;
+                let part = up.parts.get(&p.number).ok_or_else(|| {
+                    err(
+                        self.side,
+                        "CompleteMultipartUpload",
+                        ErrorClass::Fatal,
+                        400,
+                        "InvalidPart",
+                    )
+                })?;
                 body.extend_from_slice(part);
                 digests.extend_from_slice(&Md5::digest(part));
             }
             let etag = format!("\"{}-{}\"", hex::encode(Md5::digest(&digests)), parts.len());
             let tags = up.attrs.tagging.clone().unwrap_or_default();
-            let id = s.write(&dest.bucket, &up.key, Bytes::from(body), head_from_attrs(&up.attrs, None), tags, false);
+            let id = s.write(
+                &dest.bucket,
+                &up.key,
+                Bytes::from(body),
+                head_from_attrs(&up.attrs, None),
+                tags,
+                false,
+            );
             if let Some(v) = s.find_mut(&dest.bucket, &up.key, Some(&id)) {
                 v.etag = etag.clone();
                 v.head.etag = Some(etag.clone());
             }
-            Ok(WriteResult { version_id: Some(id), etag: Some(etag), checksum: None })
+            Ok(WriteResult {
+                version_id: Some(id),
+                etag: Some(etag),
+                checksum: None,
+            })
         })
     }
 
@@ -485,23 +681,53 @@ impl S3Client for FakeS3 {
         })
     }
 
-    async fn list_uploads(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, String)>, S3Error> {
+    async fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, S3Error> {
         self.op("ListMultipartUploads", prefix, |s| {
-            Ok(s.buckets.get(bucket).map(|b| {
-                b.uploads.iter().filter(|(_, u)| u.key.starts_with(prefix)).map(|(id, u)| (u.key.clone(), id.clone())).collect()
-            }).unwrap_or_default())
+            Ok(s.buckets
+                .get(bucket)
+                .map(|b| {
+                    b.uploads
+                        .iter()
+                        .filter(|(_, u)| u.key.starts_with(prefix))
+                        .map(|(id, u)| (u.key.clone(), id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default())
         })
     }
 
     async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
         self.op("HeadBucket", bucket, |s| {
-            let b = s.buckets.get(bucket).ok_or_else(|| err(self.side, "HeadBucket", ErrorClass::Fatal, 404, "NoSuchBucket"))?;
-            Ok(BucketFacts { region: None, versioned: b.versioned, object_lock: false })
+            let b = s.buckets.get(bucket).ok_or_else(|| {
+                err(
+                    self.side,
+                    "HeadBucket",
+                    ErrorClass::Fatal,
+                    404,
+                    "NoSuchBucket",
+                )
+            })?;
+            Ok(BucketFacts {
+                region: None,
+                versioned: b.versioned,
+                object_lock: false,
+            })
         })
     }
 }
 
-fn add_part(s: &mut Server, side: Side, dest: &ObjectRef, upload_id: &str, n: i32, body: Bytes) -> Result<PartResult, S3Error> {
+fn add_part(
+    s: &mut Server,
+    side: Side,
+    dest: &ObjectRef,
+    upload_id: &str,
+    n: i32,
+    body: Bytes,
+) -> Result<PartResult, S3Error> {
     let up = s
         .buckets
         .get_mut(&dest.bucket)
@@ -509,5 +735,9 @@ fn add_part(s: &mut Server, side: Side, dest: &ObjectRef, upload_id: &str, n: i3
         .ok_or_else(|| err(side, "UploadPart", ErrorClass::Fatal, 404, "NoSuchUpload"))?;
     let etag = quoted_md5(&body);
     up.parts.insert(n, body);
-    Ok(PartResult { number: n, etag: Some(etag), checksum: None })
+    Ok(PartResult {
+        number: n,
+        etag: Some(etag),
+        checksum: None,
+    })
 }

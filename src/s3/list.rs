@@ -163,7 +163,6 @@ fn order_histories(entries: &mut [VersionEntry]) {
     });
 }
 
-
 /// A walk over the versions of a bucket (or of one prefix), one page at a time, with
 /// retries. A page that says it is truncated but names no next marker, or a marker that does
 /// not advance, is an error (a server bug that would otherwise loop forever).
@@ -217,7 +216,9 @@ impl<'a, C: S3Client> Versions<'a, C> {
             )
         };
         let Some(k) = page.next_key_marker.clone() else {
-            return Err(stuck("says it is truncated but names no next key marker".into()));
+            return Err(stuck(
+                "says it is truncated but names no next key marker".into(),
+            ));
         };
         if self.from.key_marker.as_deref() == Some(k.as_str())
             && self.from.version_marker == page.next_version_marker
@@ -231,7 +232,11 @@ impl<'a, C: S3Client> Versions<'a, C> {
 
     /// Every version and delete marker of exactly `key` (under a prefix walk of that key),
     /// oldest first.
-    pub async fn history_of(mut self, key: &str, retries: &AtomicU64) -> Result<Vec<VersionEntry>, S3Error> {
+    pub async fn history_of(
+        mut self,
+        key: &str,
+        retries: &AtomicU64,
+    ) -> Result<Vec<VersionEntry>, S3Error> {
         let mut out = Vec::new();
         while let Some(page) = self.next_page(retries).await? {
             let mut past = false;

@@ -13,13 +13,16 @@ pub mod list;
 pub mod retry;
 pub mod types;
 
-pub use client::{build, copy_source, tagging_string, RequestCounts, S3Client, SdkClient, Timeouts};
+pub use client::{
+    build, copy_source, tagging_string, RequestCounts, S3Client, SdkClient, Timeouts,
+};
 pub use error::{classify, classify_code, ErrorClass, S3Error};
 pub use list::{parse_page, Versions};
 pub use retry::{Limiter, Permit, Retrier, RetryPolicy, Written};
 pub use types::{
-    BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom, ObjectHead,
-    ObjectLock, ObjectRef, PartResult, show_key, Side, VersionEntry, VersionPage, WriteAttrs, WriteResult,
+    show_key, BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom,
+    ObjectHead, ObjectLock, ObjectRef, PartResult, Side, VersionEntry, VersionPage, WriteAttrs,
+    WriteResult,
 };
 
 /// The user-metadata key of the destination stamp: the source version id a destination

@@ -64,6 +64,7 @@ struct LimitState {
     limit: f64,
     max: usize,
     last_cut: Option<Instant>,
+    lowest: f64,
 }
 
 /// A request slot; released on drop.
@@ -98,6 +99,7 @@ impl Limiter {
                 limit: max as f64,
                 max,
                 last_cut: None,
+                lowest: max as f64,
             }),
             notify: Notify::new(),
             pacer,
@@ -155,7 +157,13 @@ impl Limiter {
         {
             s.limit = (s.limit / 2.0).max(1.0);
             s.last_cut = Some(now);
+            s.lowest = s.lowest.min(s.limit);
         }
+    }
+
+    /// The lowest bound on requests in flight reached so far.
+    pub fn lowest_limit(&self) -> usize {
+        self.state.lock().expect("limiter lock").lowest.floor() as usize
     }
 
     /// The current bound on requests in flight.
@@ -290,20 +298,21 @@ mod tests {
         let r4 = Retrier::new(policy, Limiter::new(4, None));
         let retries = AtomicU64::new(0);
         let calls = AtomicU64::new(0);
-        let r = r4.call(&retries, || async {
-            let n = calls.fetch_add(1, Ordering::Relaxed);
-            if n < 2 {
-                Err(S3Error::other(
-                    Side::Source,
-                    "GetObject",
-                    ErrorClass::Throttled,
-                    "slow".into(),
-                ))
-            } else {
-                Ok(n)
-            }
-        })
-        .await;
+        let r = r4
+            .call(&retries, || async {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                if n < 2 {
+                    Err(S3Error::other(
+                        Side::Source,
+                        "GetObject",
+                        ErrorClass::Throttled,
+                        "slow".into(),
+                    ))
+                } else {
+                    Ok(n)
+                }
+            })
+            .await;
         assert_eq!(r.unwrap(), 2);
         assert_eq!(retries.load(Ordering::Relaxed), 2);
         assert_eq!(r4.limiter.throttles(), 2);
@@ -316,16 +325,17 @@ mod tests {
         let r2 = Retrier::new(policy, Limiter::new(2, None));
         let retries = AtomicU64::new(0);
         let calls = AtomicU64::new(0);
-        let r: Result<(), _> = r2.call(&retries, || async {
-            calls.fetch_add(1, Ordering::Relaxed);
-            Err(S3Error::other(
-                Side::Dest,
-                "CopyObject",
-                ErrorClass::Fatal,
-                "denied".into(),
-            ))
-        })
-        .await;
+        let r: Result<(), _> = r2
+            .call(&retries, || async {
+                calls.fetch_add(1, Ordering::Relaxed);
+                Err(S3Error::other(
+                    Side::Dest,
+                    "CopyObject",
+                    ErrorClass::Fatal,
+                    "denied".into(),
+                ))
+            })
+            .await;
         assert!(r.is_err());
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         assert_eq!(retries.load(Ordering::Relaxed), 0);

@@ -1,0 +1,524 @@
+//! manifest: the SQLite file that is the job's only memory, and the only code that touches SQL.
+//!
+//! One file holds the job's settings, the listing checkpoints, and one row per task (a source
+//! version or delete marker, per destination) with its state; see `schema` for the tables.
+//! WAL mode with `synchronous=FULL`: a committed transaction survives a crash or a power loss.
+//! A listed page and its checkpoint are committed together, and a replayed page is ignored.
+//! During `run`, every write goes through one writer thread ([`Writer`]) that groups queued
+//! updates into one transaction; once a commit fails the writer stops and every later call
+//! says so ([`ManifestError::WriterGone`]). Files are created readable by their owner only.
+//!
+//! Layout: `codec` (compact encodings, task ids), `schema` (tables, triggers), `migrate`
+//! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
+//! `writer` (updates and the writer thread).
+//!
+//! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
+
+mod codec;
+mod migrate;
+mod pages;
+mod read;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::config::JobSettings;
+
+pub use writer::{Outcome, Update, Writer};
+
+/// The schema version this build writes and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// A manifest that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// SQLite failed.
+    #[error("manifest {path}: {source}")]
+    Sql {
+        /// The manifest file.
+        path: String,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer s3-backfill.
+    #[error("manifest {0} has schema version {1}, newer than this s3-backfill understands ({SCHEMA_VERSION}); use a newer s3-backfill")]
+    TooNew(String, i64),
+    /// The file is not a manifest (or has no job in it).
+    #[error("{0} is not an s3-backfill manifest; create one with `s3-backfill plan`")]
+    NotAManifest(String),
+    /// The manifest does not exist.
+    #[error("manifest {0} does not exist; create it with `s3-backfill plan`")]
+    Missing(String),
+    /// The stored settings do not parse.
+    #[error("manifest {0}: stored job settings are unreadable: {1}")]
+    BadSettings(String, String),
+    /// The writer thread stopped (a commit failed, or it was closed).
+    #[error("manifest writer stopped: {0}")]
+    WriterGone(String),
+    /// A row holds a value this build does not know (never read as something else).
+    #[error(
+        "manifest {0}: unknown value {1} in a task row; was it written by a newer s3-backfill?"
+    )]
+    BadState(String, String),
+    /// An older manifest cannot be migrated.
+    #[error("manifest {0} cannot be migrated to schema version {SCHEMA_VERSION}: {1}; plan the job again with a new --manifest")]
+    Migration(String, String),
+    /// A limit of the file's layout was reached.
+    #[error("manifest {0}: {1}")]
+    Limit(String, String),
+    /// A file operation failed (creating the manifest, writing problems out).
+    #[error("manifest {path}: {what}: {source}")]
+    Io {
+        /// The manifest file.
+        path: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, ManifestError>;
+
+/// A task's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Not started.
+    Pending,
+    /// Started; if the process died, in doubt until reconciled against the destination.
+    InProgress,
+    /// Copied; the destination version id is recorded.
+    Done,
+    /// Gave up after retries or on a fatal error.
+    Failed,
+    /// Nothing to copy (the source version is gone or archived), or skipped by the user.
+    Skipped,
+}
+
+impl State {
+    /// Every state, in code order.
+    const ALL: [State; 5] = [
+        State::Pending,
+        State::InProgress,
+        State::Done,
+        State::Failed,
+        State::Skipped,
+    ];
+
+    /// The state's name (`pending`, `in_progress`, `done`, `failed`, `skipped`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::InProgress => "in_progress",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Skipped => "skipped",
+        }
+    }
+
+    /// Parses a state's name; an unknown name is an error, never a default.
+    pub fn parse(s: &str) -> std::result::Result<State, String> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown task state {s:?}"))
+    }
+
+    /// The code stored in the manifest (open states are below 2).
+    fn code(self) -> i64 {
+        match self {
+            State::Pending => 0,
+            State::InProgress => 1,
+            State::Done => 2,
+            State::Failed => 3,
+            State::Skipped => 4,
+        }
+    }
+
+    fn of_code(code: i64) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.code() == code)
+    }
+}
+
+/// How a task was copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMethod {
+    /// One CopyObject.
+    Copy,
+    /// UploadPartCopy parts.
+    MultipartCopy,
+    /// GET and PutObject.
+    Stream,
+    /// GET and UploadPart parts.
+    MultipartStream,
+    /// A delete marker was written.
+    DeleteMarker,
+    /// Found already copied by reconciliation.
+    Reconciled,
+}
+
+impl CopyMethod {
+    /// Every method, in code order.
+    const ALL: [CopyMethod; 6] = [
+        CopyMethod::Copy,
+        CopyMethod::MultipartCopy,
+        CopyMethod::Stream,
+        CopyMethod::MultipartStream,
+        CopyMethod::DeleteMarker,
+        CopyMethod::Reconciled,
+    ];
+
+    /// The method's name as reports show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMethod::Copy => "copy",
+            CopyMethod::MultipartCopy => "multipart-copy",
+            CopyMethod::Stream => "stream",
+            CopyMethod::MultipartStream => "multipart-stream",
+            CopyMethod::DeleteMarker => "delete-marker",
+            CopyMethod::Reconciled => "reconciled",
+        }
+    }
+
+    fn code(self) -> i64 {
+        CopyMethod::ALL
+            .iter()
+            .position(|m| *m == self)
+            .map_or(0, |i| i as i64 + 1)
+    }
+
+    fn of_name(name: &str) -> Option<CopyMethod> {
+        CopyMethod::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+}
+
+/// One listed entry with its place in the key's history (0 = newest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTask {
+    /// The entry as listed.
+    pub entry: crate::s3::VersionEntry,
+    /// Position in the key's history: 0 is the newest.
+    pub history_pos: u64,
+}
+
+/// A task as the copier needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Task id (a key's tasks share one id range; see `codec`).
+    pub id: i64,
+    /// The source key.
+    pub key: String,
+    /// The source version id.
+    pub version_id: String,
+    /// A delete marker.
+    pub is_delete_marker: bool,
+    /// The key's current entry when listed.
+    pub is_latest: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// Source ETag, as listed.
+    pub etag: Option<String>,
+    /// Last-modified, as listed (ISO 8601).
+    pub last_modified: Option<String>,
+    /// Source storage class, as listed.
+    pub storage_class: Option<String>,
+    /// Source checksum algorithm, as listed.
+    pub checksum_algorithm: Option<String>,
+    /// Current state.
+    pub state: State,
+    /// Attempts so far (one per start).
+    pub attempts: i64,
+    /// The destination version id, once known.
+    pub dest_version_id: Option<String>,
+    /// When the last attempt started (unix seconds).
+    pub started_at: Option<i64>,
+    /// An open multipart upload at the destination.
+    pub upload_id: Option<String>,
+    /// This task streams (its server-side copy was denied); kept across runs.
+    pub stream_only: bool,
+    /// The class of its last error, if any.
+    pub error_class: Option<String>,
+}
+
+/// All tasks of one key, oldest first.
+#[derive(Clone, Debug)]
+pub struct KeyGroup {
+    /// The key's id.
+    pub key_id: i64,
+    /// The source key.
+    pub key: String,
+    /// The key's tasks, oldest version first (every state).
+    pub tasks: Vec<Task>,
+}
+
+/// A listing checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Where the next page starts (key marker), if any page was listed.
+    pub key_marker: Option<String>,
+    /// Where the next page starts (version id marker).
+    pub version_marker: Option<String>,
+    /// The listing reached its end.
+    pub complete: bool,
+    /// Pages listed.
+    pub pages: u64,
+    /// Entries seen (selected or not).
+    pub entries: u64,
+    /// The last key seen (for history positions).
+    pub last_key: Option<String>,
+    /// Entries of `last_key` seen so far.
+    pub last_key_seen: u64,
+}
+
+/// Task counts as `status` shows them (`status --json` is exactly this).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    /// Every task.
+    pub total: u64,
+    /// Not started.
+    pub pending: u64,
+    /// Started, not finished.
+    pub in_progress: u64,
+    /// Copied.
+    pub done: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Open tasks of keys whose older task failed (they wait).
+    pub blocked: u64,
+    /// Skipped because the source version is archived.
+    pub archived: u64,
+    /// Bytes of all object versions.
+    pub bytes_total: u64,
+    /// Bytes of done object versions.
+    pub bytes_done: u64,
+    /// Delete markers among the tasks.
+    pub delete_markers: u64,
+    /// Retries spent on all tasks.
+    pub retries: u64,
+    /// Attempts started on all tasks.
+    pub attempts: u64,
+    /// Done tasks whose multipart ETag was preserved.
+    pub etag_preserved: u64,
+    /// Done tasks without a recorded destination version id.
+    pub done_without_dest_version: u64,
+    /// Every listing part is complete.
+    pub listing_complete: bool,
+    /// Versions and delete markers seen by the listing (selected or not).
+    pub listed_entries: u64,
+    /// S3 requests per operation, all runs.
+    pub requests: std::collections::BTreeMap<String, u64>,
+}
+
+/// A failed, skipped or blocked task, for reports.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    /// Source key.
+    pub key: String,
+    /// Source version id.
+    pub version_id: String,
+    /// `failed`, `skipped` or `blocked`.
+    pub state: String,
+    /// Error class.
+    pub error_class: Option<String>,
+    /// S3 error code.
+    pub error_code: Option<String>,
+    /// HTTP status.
+    pub http_status: Option<i64>,
+    /// The message (for a blocked task: which failed version it waits for).
+    pub message: Option<String>,
+    /// Attempts made.
+    pub attempts: i64,
+}
+
+/// An open connection to a manifest file.
+pub struct Manifest {
+    conn: Connection,
+    path: String,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Creates `path` readable and writable by its owner only (before SQLite opens it).
+fn create_private(path: &Path, p: &str) -> Result<()> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    match o.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(ManifestError::Io {
+            path: p.to_string(),
+            what: "cannot create the file",
+            source: e,
+        }),
+    }
+}
+
+/// Makes the manifest and its -wal and -shm files private to their owner, whatever the
+/// umask was (SQLite creates -wal/-shm with the database's mode; this makes sure).
+fn make_private(path: &Path) {
+    #[cfg(unix)]
+    for suffix in ["", "-wal", "-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.permissions().mode() & 0o077 != 0 {
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+impl Manifest {
+    /// Opens an existing manifest (migrating a v1 file), or creates it (mode 0600) when
+    /// `create` is true.
+    pub fn open(path: &Path, create: bool) -> Result<Manifest> {
+        let p = path.display().to_string();
+        if !path.exists() {
+            if !create {
+                return Err(ManifestError::Missing(p));
+            }
+            create_private(path, &p)?;
+        }
+        let sql = |source| ManifestError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+        // Only takes effect in a new, empty file.
+        conn.pragma_update(None, "page_size", schema::PAGE_SIZE)
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => ManifestError::NotAManifest(p.clone()),
+                _ => sql(e),
+            })?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(sql)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let mut m = Manifest { conn, path: p };
+        m.prepare_schema(path, create)?;
+        Ok(m)
+    }
+
+    /// Creates the schema in a new file, migrates a v1 file, refuses newer or foreign ones.
+    fn prepare_schema(&mut self, path: &Path, create: bool) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| self.sql(e))?;
+        match version {
+            SCHEMA_VERSION => Ok(()),
+            v if v > SCHEMA_VERSION => Err(ManifestError::TooNew(self.path.clone(), v)),
+            1 => {
+                migrate::from_v1(&mut self.conn, &self.path)?;
+                make_private(path);
+                Ok(())
+            }
+            0 => {
+                let tables: i64 = self
+                    .conn
+                    .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                    .map_err(|e| self.sql(e))?;
+                if tables > 0 || !create {
+                    return Err(ManifestError::NotAManifest(self.path.clone()));
+                }
+                let p = self.path.clone();
+                let sql = |source| ManifestError::Sql {
+                    path: p.clone(),
+                    source,
+                };
+                let tx = self.conn.transaction().map_err(sql)?;
+                schema::create(&tx).map_err(sql)?;
+                tx.commit().map_err(sql)?;
+                make_private(path);
+                Ok(())
+            }
+            v => Err(ManifestError::Migration(
+                self.path.clone(),
+                format!("unknown schema version {v}"),
+            )),
+        }
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> ManifestError {
+        ManifestError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The manifest's path as given.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The stored job settings, if `plan` stored them.
+    pub fn settings(&self) -> Result<Option<JobSettings>> {
+        let s: Option<String> = self
+            .conn
+            .query_row("SELECT settings FROM job WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        match s {
+            None => Ok(None),
+            Some(s) => serde_json::from_str(&s)
+                .map(Some)
+                .map_err(|e| ManifestError::BadSettings(self.path.clone(), e.to_string())),
+        }
+    }
+
+    /// The stored settings; an error when there are none.
+    pub fn require_settings(&self) -> Result<JobSettings> {
+        self.settings()?
+            .ok_or_else(|| ManifestError::NotAManifest(self.path.clone()))
+    }
+
+    /// Stores (or replaces) the job settings, and the job's destination as destination 0.
+    pub fn store_settings(&self, s: &JobSettings) -> Result<()> {
+        let json = serde_json::to_string(s)
+            .map_err(|e| ManifestError::BadSettings(self.path.clone(), e.to_string()))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
+        tx.execute(
+            "INSERT INTO job (id, settings, created_at) VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET settings = excluded.settings",
+            params![json, now_secs()],
+        )
+        .map_err(|e| self.sql(e))?;
+        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix)
+            .map_err(|e| self.sql(e))?;
+        tx.commit().map_err(|e| self.sql(e))
+    }
+
+    /// Starts the writer thread that owns this connection for the rest of a run.
+    pub fn into_writer(self) -> Writer {
+        writer::start(self)
+    }
+}

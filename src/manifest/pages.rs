@@ -1,0 +1,264 @@
+//! manifest::pages: what the plan stage writes and asks. A listed page and the checkpoint
+//! after it are one transaction; a replayed page (or entry) is recognised and ignored, so
+//! the listing can resume from any committed checkpoint.
+//!
+//! May call: `codec`, the types of `manifest`.
+
+use std::collections::HashSet;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::codec::{
+    etag_value, key_hash, key_range, name_value, task_id, time_value, CHECKSUMS, DELETE_MARKER,
+    LATEST, SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
+};
+use super::{Listing, Manifest, ManifestError, NewTask, Result};
+
+/// The largest key id whose task ids fit in 63 bits.
+const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
+
+/// The key being inserted, and what is needed to recognise a replayed entry of it.
+struct KeyCursor {
+    key: String,
+    key_id: i64,
+    next_seq: i64,
+    /// The key had tasks before this page.
+    existed: bool,
+    /// The (refresh, history_pos) of its newest-inserted task before this page.
+    last: Option<(i64, i64)>,
+    /// Version ids known to have a task (this page's, plus stored ones once loaded).
+    seen: HashSet<String>,
+    loaded: bool,
+}
+
+/// The id of `key`, if it is stored.
+pub(super) fn find_key(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT k.id, k.key FROM key_hashes h JOIN keys k ON k.id = h.key_id WHERE h.hash = ?1",
+    )?;
+    let mut rows = stmt.query([key_hash(key)])?;
+    while let Some(r) = rows.next()? {
+        if r.get_ref(1)?.as_str()? == key {
+            return Ok(Some(r.get(0)?));
+        }
+    }
+    Ok(None)
+}
+
+/// Stores a new key and returns its id.
+pub(super) fn add_key(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("INSERT INTO keys (key) VALUES (?1)")?
+        .execute([key])?;
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached("INSERT INTO key_hashes (hash, key_id) VALUES (?1, ?2)")?
+        .execute(params![key_hash(key), id])?;
+    Ok(id)
+}
+
+impl KeyCursor {
+    fn open(conn: &Connection, key: &str, path: &str) -> Result<KeyCursor> {
+        let sql = |source| ManifestError::Sql {
+            path: path.to_string(),
+            source,
+        };
+        let found = find_key(conn, key).map_err(sql)?;
+        let key_id = match found {
+            Some(id) => id,
+            None => add_key(conn, key).map_err(sql)?,
+        };
+        if key_id > MAX_KEY_ID {
+            return Err(ManifestError::Limit(
+                path.to_string(),
+                format!("more than {MAX_KEY_ID} keys"),
+            ));
+        }
+        let (lo, hi) = key_range(key_id);
+        let last: Option<(i64, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT id, refresh, history_pos FROM task WHERE id BETWEEN ?1 AND ?2
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([lo, hi], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(sql)?;
+        Ok(KeyCursor {
+            key: key.to_string(),
+            key_id,
+            next_seq: last.map_or(0, |(id, _, _)| (id & SEQ_MASK) + 1),
+            existed: last.is_some(),
+            last: last.map(|(_, r, p)| (r, p)),
+            seen: HashSet::new(),
+            loaded: false,
+        })
+    }
+
+    /// Whether the key already has a task for this entry (a replayed page).
+    fn has(&mut self, conn: &Connection, t: &NewTask, generation: i64) -> rusqlite::Result<bool> {
+        if self.seen.contains(&t.entry.version_id) {
+            return Ok(true);
+        }
+        if !self.existed {
+            return Ok(false);
+        }
+        // Entries after the last stored one in the same listing are new: no lookup.
+        if let Some((refresh, pos)) = self.last {
+            if refresh == generation && t.history_pos as i64 > pos {
+                return Ok(false);
+            }
+        }
+        if !self.loaded {
+            let (lo, hi) = key_range(self.key_id);
+            let mut stmt = conn.prepare_cached(
+                "SELECT version_id FROM task WHERE id BETWEEN ?1 AND ?2 AND dest = 0",
+            )?;
+            let versions = stmt.query_map([lo, hi], |r| r.get::<_, String>(0))?;
+            for v in versions {
+                self.seen.insert(v?);
+            }
+            self.loaded = true;
+        }
+        Ok(self.seen.contains(&t.entry.version_id))
+    }
+}
+
+fn insert_task(conn: &Connection, id: i64, generation: i64, t: &NewTask) -> rusqlite::Result<()> {
+    let e = &t.entry;
+    let flags =
+        if e.is_delete_marker { DELETE_MARKER } else { 0 } | if e.is_latest { LATEST } else { 0 };
+    conn.prepare_cached(
+        "INSERT INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
+         last_modified, storage_class, checksum_algorithm)
+         VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        id,
+        generation,
+        t.history_pos as i64,
+        e.version_id,
+        flags,
+        e.size as i64,
+        etag_value(e.etag.as_deref()),
+        time_value(e.last_modified.as_deref()),
+        name_value(STORAGE_CLASSES, e.storage_class.as_deref()),
+        name_value(CHECKSUMS, e.checksum_algorithm.as_deref()),
+    ])?;
+    Ok(())
+}
+
+fn store_checkpoint(conn: &Connection, partition: i64, cp: &Listing) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE partitions SET key_marker = ?2, version_marker = ?3, complete = ?4, pages = ?5,
+         entries = ?6, last_key = ?7, last_key_seen = ?8 WHERE id = ?1",
+    )?
+    .execute(params![
+        partition,
+        cp.key_marker,
+        cp.version_marker,
+        cp.complete,
+        cp.pages as i64,
+        cp.entries as i64,
+        cp.last_key,
+        cp.last_key_seen as i64
+    ])?;
+    Ok(())
+}
+
+impl Manifest {
+    /// The listing checkpoint (of partition 0, the whole bucket).
+    pub fn listing(&self) -> Result<Listing> {
+        self.conn
+            .prepare_cached(
+                "SELECT key_marker, version_marker, complete, pages, entries, last_key,
+                 last_key_seen FROM partitions WHERE id = 0",
+            )
+            .and_then(|mut s| {
+                s.query_row([], |r| {
+                    Ok(Listing {
+                        key_marker: r.get(0)?,
+                        version_marker: r.get(1)?,
+                        complete: r.get(2)?,
+                        pages: r.get::<_, i64>(3)? as u64,
+                        entries: r.get::<_, i64>(4)? as u64,
+                        last_key: r.get(5)?,
+                        last_key_seen: r.get::<_, i64>(6)? as u64,
+                    })
+                })
+            })
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Writes one listed page and the checkpoint after it, in one transaction. Entries that
+    /// already have a task (a replayed page) are ignored.
+    pub fn insert_page(&mut self, tasks: &[NewTask], checkpoint: &Listing) -> Result<()> {
+        let path = self.path.clone();
+        let sql = |source| ManifestError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let generation: i64 = tx
+            .prepare_cached("SELECT max(generation) FROM refreshes")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(sql)?;
+        let (mut added, mut second) = (0i64, 0i64);
+        let mut cur: Option<KeyCursor> = None;
+        for t in tasks {
+            let c = match cur.take() {
+                Some(c) if c.key == t.entry.key => cur.insert(c),
+                _ => cur.insert(KeyCursor::open(&tx, &t.entry.key, &path)?),
+            };
+            if c.has(&tx, t, generation).map_err(sql)? {
+                continue;
+            }
+            if c.next_seq > SEQ_MASK {
+                return Err(ManifestError::Limit(
+                    path.clone(),
+                    format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
+                ));
+            }
+            insert_task(&tx, task_id(c.key_id, c.next_seq), generation, t).map_err(sql)?;
+            second += i64::from(c.next_seq == 1);
+            c.next_seq += 1;
+            c.seen.insert(t.entry.version_id.clone());
+            added += 1;
+        }
+        store_checkpoint(&tx, 0, checkpoint).map_err(sql)?;
+        if added > 0 {
+            tx.prepare_cached("UPDATE refreshes SET tasks = tasks + ?1 WHERE generation = ?2")
+                .and_then(|mut s| s.execute([added, generation]))
+                .map_err(sql)?;
+        }
+        if second > 0 {
+            tx.prepare_cached("UPDATE totals SET multi_task_keys = multi_task_keys + ?1")
+                .and_then(|mut s| s.execute([second]))
+                .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// How many tasks a key has.
+    pub fn count_key(&self, key: &str) -> Result<u64> {
+        let Some(id) = find_key(&self.conn, key).map_err(|e| self.sql(e))? else {
+            return Ok(0);
+        };
+        let (lo, hi) = key_range(id);
+        self.conn
+            .prepare_cached("SELECT count(*) FROM task WHERE id BETWEEN ?1 AND ?2")
+            .and_then(|mut s| s.query_row([lo, hi], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Whether some key has more than one task (a versioned destination is then needed).
+    pub fn has_multi_version_key(&self) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT multi_task_keys > 0 FROM totals WHERE id = 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| self.sql(e))
+    }
+}

@@ -1,0 +1,449 @@
+//! manifest::read: tasks as the copier needs them (keys with open tasks, in key-id order;
+//! open uploads), the counts `status` shows (kept counters, never a scan of tasks), the
+//! problems a report lists (failed, skipped and blocked tasks, streamed), and the two ways
+//! a user resolves failed tasks (`--retry-failed`, `--skip-failed`).
+//!
+//! May call: `codec`, the types of `manifest`.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, Row};
+
+use super::codec::{
+    class_of, etag_text, key_of, key_range, name_text, time_text, BLOCK_BITS, CHECKSUMS,
+    DELETE_MARKER, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY,
+};
+use super::{Counts, KeyGroup, Manifest, ManifestError, Problem, Result, State, Task};
+
+/// Task rows with their key and open upload, decoded by [`task_from_row`].
+fn task_select(cond: &str, order: &str) -> String {
+    format!(
+        "SELECT t.id, t.version_id, t.flags, t.size, t.etag, t.last_modified,
+         t.storage_class, t.checksum_algorithm, t.state, t.attempts, t.dest_version_id,
+         t.started_at, u.upload_id, t.error_class, k.key
+         FROM task t JOIN keys k ON k.id = t.id >> {SEQ_BITS}
+         LEFT JOIN uploads u ON u.task = t.id
+         WHERE {cond} {order}"
+    )
+}
+
+/// Oldest first: earlier listings first, then the end of each key's history first.
+const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
+
+/// A row of [`task_select`]; the inner error names a value this build cannot read.
+fn task_from_row(r: &Row<'_>) -> rusqlite::Result<std::result::Result<Task, String>> {
+    let flags: i64 = r.get(2)?;
+    let state: i64 = r.get(8)?;
+    let class: Option<i64> = r.get(13)?;
+    let decoded = (|| {
+        let state = State::of_code(state).ok_or_else(|| format!("state {state}"))?;
+        let error_class = match class {
+            None => None,
+            Some(c) => Some(
+                class_of(c)
+                    .ok_or_else(|| format!("error class {c}"))?
+                    .as_str()
+                    .to_string(),
+            ),
+        };
+        Ok((state, error_class))
+    })();
+    let (state, error_class) = match decoded {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e)),
+    };
+    let texts = (|| {
+        Ok::<_, String>((
+            etag_text(r.get_ref(4).map_err(|e| e.to_string())?)?,
+            time_text(r.get_ref(5).map_err(|e| e.to_string())?)?,
+            name_text(
+                STORAGE_CLASSES,
+                "storage class",
+                r.get_ref(6).map_err(|e| e.to_string())?,
+            )?,
+            name_text(
+                CHECKSUMS,
+                "checksum algorithm",
+                r.get_ref(7).map_err(|e| e.to_string())?,
+            )?,
+        ))
+    })();
+    let (etag, last_modified, storage_class, checksum_algorithm) = match texts {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(Task {
+        id: r.get(0)?,
+        key: r.get(14)?,
+        version_id: r.get(1)?,
+        is_delete_marker: flags & DELETE_MARKER != 0,
+        is_latest: flags & LATEST != 0,
+        size: r.get::<_, i64>(3)? as u64,
+        etag,
+        last_modified,
+        storage_class,
+        checksum_algorithm,
+        state,
+        attempts: r.get(9)?,
+        dest_version_id: r.get(10)?,
+        started_at: r.get(11)?,
+        upload_id: r.get(12)?,
+        stream_only: flags & STREAM_ONLY != 0,
+        error_class,
+    }))
+}
+
+/// The statements `counts()` runs (tests check that none scans the tasks).
+pub(super) const COUNTERS_SQL: &str = "SELECT state, tasks, bytes, delete_markers, attempts,
+    etag_preserved, archived, no_dest_version FROM counters";
+pub(super) const TOTALS_SQL: &str = "SELECT retries FROM totals WHERE id = 1";
+pub(super) const PARTITIONS_SQL: &str =
+    "SELECT min(complete), coalesce(sum(entries), 0) FROM partitions";
+pub(super) const REQUESTS_SQL: &str = "SELECT op, count FROM requests";
+pub(super) const FAILED_SQL: &str = "SELECT id, dest, refresh, history_pos FROM task
+    WHERE state >= 3 AND state = 3 ORDER BY id";
+pub(super) const WAITING_SQL: &str = "SELECT count(*) FROM task
+    WHERE id BETWEEN ?1 AND ?2 AND dest = ?3 AND state < 2
+    AND (refresh > ?4 OR (refresh = ?4 AND history_pos < ?5))";
+/// The statements `next_key_groups()` runs to find keys.
+pub(super) const OPEN_BLOCKS_SQL: &str =
+    "SELECT block FROM open_blocks WHERE block >= ?1 AND open > 0 ORDER BY block";
+pub(super) const NEXT_OPEN_SQL: &str =
+    "SELECT id FROM task WHERE id BETWEEN ?1 AND ?2 AND state < 2 ORDER BY id LIMIT 1";
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Manifest {
+    /// Runs a task query and decodes its rows; an unknown value is [`ManifestError::BadState`].
+    fn tasks_where(&self, cond: &str, order: &str, args: &[i64]) -> Result<Vec<Task>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&task_select(cond, order))
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), task_from_row)
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            match row.map_err(|e| self.sql(e))? {
+                Ok(t) => out.push(t),
+                Err(bad) => return Err(ManifestError::BadState(self.path.clone(), bad)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every task of one key, oldest first (empty for a key the manifest does not hold).
+    pub fn tasks_of_key(&self, key: &str) -> Result<Vec<Task>> {
+        let Some(id) = super::pages::find_key(&self.conn, key).map_err(|e| self.sql(e))? else {
+            return Ok(Vec::new());
+        };
+        let (lo, hi) = key_range(id);
+        self.tasks_where("t.id BETWEEN ?1 AND ?2", OLDEST_FIRST, &[lo, hi])
+    }
+
+    /// Tasks with an open multipart upload recorded (left by a killed run).
+    pub fn open_uploads(&self) -> Result<Vec<Task>> {
+        self.tasks_where("u.upload_id IS NOT NULL", "ORDER BY t.id", &[])
+    }
+
+    /// The next `limit` keys after key id `after_key_id` that have open (pending or
+    /// in-progress) tasks, in key-id order, each with all of its tasks, oldest first.
+    pub fn next_key_groups(&self, after_key_id: i64, limit: usize) -> Result<Vec<KeyGroup>> {
+        let ids = self
+            .open_keys_after(after_key_id, limit)
+            .map_err(|e| self.sql(e))?;
+        let mut groups = Vec::with_capacity(ids.len());
+        for key_id in ids {
+            let (lo, hi) = key_range(key_id);
+            let tasks = self.tasks_where("t.id BETWEEN ?1 AND ?2", OLDEST_FIRST, &[lo, hi])?;
+            let key = match tasks.first() {
+                Some(t) => t.key.clone(),
+                None => continue,
+            };
+            groups.push(KeyGroup { key_id, key, tasks });
+        }
+        Ok(groups)
+    }
+
+    /// Ids of the next keys with open tasks: blocks of keys without open tasks are skipped
+    /// (`open_blocks`), and within a block each key costs one index seek.
+    fn open_keys_after(&self, after_key_id: i64, limit: usize) -> rusqlite::Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        let start = after_key_id.max(0) + 1;
+        let mut blocks = self.conn.prepare_cached(OPEN_BLOCKS_SQL)?;
+        let mut next_open = self.conn.prepare_cached(NEXT_OPEN_SQL)?;
+        let mut rows = blocks.query([start >> BLOCK_BITS])?;
+        while let Some(r) = rows.next()? {
+            if ids.len() >= limit {
+                break;
+            }
+            let block: i64 = r.get(0)?;
+            let mut from = start.max(block << BLOCK_BITS);
+            let last = ((block + 1) << BLOCK_BITS) - 1;
+            while ids.len() < limit && from <= last {
+                let hit: Option<i64> = next_open
+                    .query_row([key_range(from).0, key_range(last).1], |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                let Some(id) = hit else { break };
+                ids.push(key_of(id));
+                from = key_of(id) + 1;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Counts for `status`, from the kept counters (no scan of tasks).
+    pub fn counts(&self) -> Result<Counts> {
+        self.read_counts().map_err(|e| self.sql(e))
+    }
+
+    fn read_counts(&self) -> rusqlite::Result<Counts> {
+        let mut c = Counts::default();
+        let mut stmt = self.conn.prepare_cached(COUNTERS_SQL)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let n = count(r.get(1)?);
+            let bytes = count(r.get(2)?);
+            c.total += n;
+            c.bytes_total += bytes;
+            c.delete_markers += count(r.get(3)?);
+            c.attempts += count(r.get(4)?);
+            c.etag_preserved += count(r.get(5)?);
+            match State::of_code(r.get(0)?) {
+                Some(State::Pending) => c.pending = n,
+                Some(State::InProgress) => c.in_progress = n,
+                Some(State::Done) => {
+                    c.done = n;
+                    c.bytes_done = bytes;
+                    c.done_without_dest_version = count(r.get(7)?);
+                }
+                Some(State::Failed) => c.failed = n,
+                Some(State::Skipped) => {
+                    c.skipped = n;
+                    c.archived = count(r.get(6)?);
+                }
+                None => {}
+            }
+        }
+        c.retries = self
+            .conn
+            .prepare_cached(TOTALS_SQL)?
+            .query_row([], |r| r.get(0).map(count))?;
+        let (complete, entries): (bool, i64) = self
+            .conn
+            .prepare_cached(PARTITIONS_SQL)?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        c.listing_complete = complete;
+        c.listed_entries = count(entries);
+        let mut stmt = self.conn.prepare_cached(REQUESTS_SQL)?;
+        let requests = stmt.query_map([], |r| Ok((r.get(0)?, count(r.get(1)?))))?;
+        c.requests = requests.collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+        c.blocked = blocked(&self.conn)?;
+        Ok(c)
+    }
+
+    /// Failed, skipped and blocked tasks, in key order (each key oldest first), at most
+    /// `limit`.
+    pub fn problems(&self, limit: usize) -> Result<Vec<Problem>> {
+        let mut out = Vec::new();
+        self.walk_problems(|p| {
+            if out.len() >= limit {
+                return Ok(false);
+            }
+            out.push(p);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Streams every failed, skipped and blocked task to `f`, in key order (each key
+    /// oldest first). Memory does not grow with the number of problems.
+    pub fn for_each_problem(
+        &self,
+        mut f: impl FnMut(Problem) -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.walk_problems(|p| f(p).map(|()| true))
+    }
+
+    /// Walks the problems until `f` returns false.
+    fn walk_problems(&self, mut f: impl FnMut(Problem) -> std::io::Result<bool>) -> Result<()> {
+        let mut keys = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT DISTINCT id >> {SEQ_BITS} FROM task WHERE state >= 3 ORDER BY 1"
+            ))
+            .map_err(|e| self.sql(e))?;
+        let mut rows = keys.query([]).map_err(|e| self.sql(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.sql(e))? {
+            let key_id: i64 = r.get(0).map_err(|e| self.sql(e))?;
+            if !self.key_problems(key_id, &mut f)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The problems of one key, oldest first; false when `f` asked to stop.
+    fn key_problems(
+        &self,
+        key_id: i64,
+        f: &mut impl FnMut(Problem) -> std::io::Result<bool>,
+    ) -> Result<bool> {
+        let sql = |e| self.sql(e);
+        let key: String = self
+            .conn
+            .prepare_cached("SELECT key FROM keys WHERE id = ?1")
+            .and_then(|mut s| s.query_row([key_id], |r| r.get(0)))
+            .map_err(sql)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT t.version_id, t.state, t.error_class, t.attempts, t.dest, e.code,
+                 e.http_status, e.message
+                 FROM task t LEFT JOIN errors e ON e.task = t.id
+                 WHERE t.id BETWEEN ?1 AND ?2 {OLDEST_FIRST}"
+            ))
+            .map_err(sql)?;
+        let (lo, hi) = key_range(key_id);
+        let mut rows = stmt.query([lo, hi]).map_err(sql)?;
+        // Per destination: the oldest failed version, which later open tasks wait for.
+        let mut failed: BTreeMap<i64, String> = BTreeMap::new();
+        while let Some(r) = rows.next().map_err(sql)? {
+            let code: i64 = r.get(1).map_err(sql)?;
+            let state = State::of_code(code).ok_or_else(|| {
+                ManifestError::BadState(self.path.clone(), format!("state {code}"))
+            })?;
+            let version_id: String = r.get(0).map_err(sql)?;
+            let dest: i64 = r.get(4).map_err(sql)?;
+            let class: Option<i64> = r.get(2).map_err(sql)?;
+            let error_class = match class {
+                None => None,
+                Some(c) => Some(class_of(c).ok_or_else(|| {
+                    ManifestError::BadState(self.path.clone(), format!("error class {c}"))
+                })?),
+            };
+            let mut p = Problem {
+                key: key.clone(),
+                version_id: version_id.clone(),
+                state: state.as_str().to_string(),
+                error_class: error_class.map(|c| c.as_str().to_string()),
+                error_code: r.get(5).map_err(sql)?,
+                http_status: r.get(6).map_err(sql)?,
+                message: r.get(7).map_err(sql)?,
+                attempts: r.get(3).map_err(sql)?,
+            };
+            match state {
+                State::Failed => {
+                    failed.entry(dest).or_insert(version_id);
+                }
+                State::Skipped => {}
+                State::Pending | State::InProgress => match failed.get(&dest) {
+                    Some(v) => {
+                        p.state = "blocked".into();
+                        p.error_class = None;
+                        p.error_code = None;
+                        p.http_status = None;
+                        p.message = Some(format!(
+                            "waits for the older version {v} of this key, which failed; resolve it with `run --retry-failed` or `run --skip-failed`"
+                        ));
+                    }
+                    None => continue,
+                },
+                State::Done => continue,
+            }
+            let go_on = f(p).map_err(|source| ManifestError::Io {
+                path: self.path.clone(),
+                what: "writing problems out",
+                source,
+            })?;
+            if !go_on {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Puts failed tasks back in the queue (attempts kept, so they are reconciled before
+    /// being written again); returns how many.
+    pub fn retry_failed(&self) -> Result<usize> {
+        self.conn
+            .prepare_cached("UPDATE task SET state = 0 WHERE state >= 3 AND state = 3")
+            .and_then(|mut s| s.execute([]))
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Marks failed tasks skipped, with the reason "skipped by --skip-failed after: <last
+    /// error>"; the keys they blocked continue. Returns how many.
+    pub fn skip_failed(&self) -> Result<usize> {
+        let run = || -> rusqlite::Result<usize> {
+            let tx = self.conn.unchecked_transaction()?;
+            tx.execute(
+                "INSERT INTO errors (task, message)
+                 SELECT id, 'skipped by --skip-failed (no error was recorded)' FROM task
+                 WHERE state >= 3 AND state = 3
+                 ON CONFLICT (task) DO UPDATE
+                 SET message = 'skipped by --skip-failed after: ' || coalesce(message, '?')",
+                [],
+            )?;
+            let n = tx.execute(
+                "UPDATE task SET state = 4 WHERE state >= 3 AND state = 3",
+                [],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        };
+        run().map_err(|e| self.sql(e))
+    }
+}
+
+/// Open tasks of keys whose older task failed (per destination), derived from the failed
+/// tasks (few, indexed): for each key, those newer than its oldest failed task.
+fn blocked(conn: &Connection) -> rusqlite::Result<u64> {
+    let mut failed = conn.prepare_cached(FAILED_SQL)?;
+    let mut rows = failed.query([])?;
+    // The oldest failed task per (key, destination) of the current key.
+    let mut oldest: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    let mut key: Option<i64> = None;
+    let mut total = 0;
+    while let Some(r) = rows.next()? {
+        let (id, dest, refresh, pos): (i64, i64, i64, i64) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        if key != Some(key_of(id)) {
+            if let Some(k) = key {
+                total += waiting(conn, k, &oldest)?;
+            }
+            oldest.clear();
+            key = Some(key_of(id));
+        }
+        let e = oldest.entry(dest).or_insert((refresh, pos));
+        if (refresh, -pos) < (e.0, -e.1) {
+            *e = (refresh, pos);
+        }
+    }
+    if let Some(k) = key {
+        total += waiting(conn, k, &oldest)?;
+    }
+    Ok(total)
+}
+
+/// Open tasks of key `key_id` newer than the given oldest failed task per destination.
+fn waiting(
+    conn: &Connection,
+    key_id: i64,
+    oldest: &BTreeMap<i64, (i64, i64)>,
+) -> rusqlite::Result<u64> {
+    let (lo, hi) = key_range(key_id);
+    let mut stmt = conn.prepare_cached(WAITING_SQL)?;
+    let mut n = 0;
+    for (dest, (refresh, pos)) in oldest {
+        n += stmt.query_row([lo, hi, *dest, *refresh, *pos], |r| r.get(0).map(count))?;
+    }
+    Ok(n)
+}

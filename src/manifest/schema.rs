@@ -1,0 +1,260 @@
+//! manifest::schema: the v2 tables, indexes, triggers and the readable `tasks` view, and the
+//! code that creates them in an empty file (or in a v1 file being migrated).
+//!
+//! Size: each key is stored once (`keys`), found by its hash (`key_hashes`); a key's tasks
+//! are one range of task ids, so no index repeats a key or lists the tasks of a key. States,
+//! methods and classes are small integers (their names are in `names`). Counters for
+//! `status` are kept by triggers as tasks change, so reading them never scans tasks.
+//!
+//! May call: `codec` (constants and names).
+
+use rusqlite::{params, Connection};
+
+use super::codec::{
+    class_code, BLOCK_BITS, CHECKSUMS, DELETE_MARKER, ERROR_CLASSES, ETAG_CHECKED, ETAG_PRESERVED,
+    SEQ_BITS, STORAGE_CLASSES,
+};
+use super::{CopyMethod, State};
+use crate::s3::ErrorClass;
+
+/// Page size of new manifests (larger pages waste less per row).
+pub(super) const PAGE_SIZE: i64 = 8192;
+
+/// The tables. `{SEQ}` and `{BLOCK}` are replaced by the task id layout (see `codec`).
+const TABLES: &str = "
+CREATE TABLE job (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    settings TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+-- Where tasks are copied to. 0 is the job's own destination; replication rules add more.
+CREATE TABLE destinations (
+    id INTEGER PRIMARY KEY,
+    bucket TEXT NOT NULL,
+    prefix TEXT NOT NULL DEFAULT '',
+    options TEXT -- JSON: what a replication rule decides for this destination
+);
+-- Listing checkpoints, one per disjoint part of the key space (0: the whole bucket).
+CREATE TABLE partitions (
+    id INTEGER PRIMARY KEY,
+    start_key TEXT, -- the part's first key (inclusive); NULL: the bucket's start
+    end_key TEXT, -- the part's end (exclusive); NULL: the bucket's end
+    key_marker TEXT,
+    version_marker TEXT,
+    complete INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    entries INTEGER NOT NULL DEFAULT 0,
+    last_key TEXT,
+    last_key_seen INTEGER NOT NULL DEFAULT 0
+);
+-- Listings that added tasks: 0 is `plan`, then one per refresh.
+CREATE TABLE refreshes (
+    generation INTEGER PRIMARY KEY,
+    started_at INTEGER,
+    tasks INTEGER NOT NULL DEFAULT 0
+);
+-- Every source key, once.
+CREATE TABLE keys (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL
+);
+-- Keys by the 64-bit FNV-1a hash of their bytes (a collision costs one text comparison).
+CREATE TABLE key_hashes (
+    hash INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    PRIMARY KEY (hash, key_id)
+) WITHOUT ROWID;
+-- One task per source version (or delete marker) per destination.
+-- id = key id << {SEQ} | number of the task within its key: a key's tasks are one id range.
+CREATE TABLE task (
+    id INTEGER PRIMARY KEY,
+    dest INTEGER NOT NULL DEFAULT 0, -- destinations.id
+    refresh INTEGER NOT NULL DEFAULT 0, -- refreshes.generation of the listing that added it
+    history_pos INTEGER NOT NULL, -- place in its key's history in that listing, 0 = newest
+    version_id TEXT NOT NULL,
+    flags INTEGER NOT NULL DEFAULT 0, -- 1 delete marker, 2 latest, 4 stream only,
+                                      -- 8 ETag compared, 16 ETag preserved
+    size INTEGER NOT NULL,
+    etag BLOB, -- 16 bytes for an MD5 ETag, else the text as listed
+    last_modified, -- unix seconds when listed as YYYY-MM-DDTHH:MM:SS.000Z, else the text
+    storage_class, -- names(storage_class) code, else the text
+    checksum_algorithm, -- names(checksum) code, else the text
+    state INTEGER NOT NULL DEFAULT 0, -- names(state)
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_class INTEGER, -- names(error_class) of the last error
+    started_at INTEGER, -- unix seconds of the last attempt's start
+    dest_version_id TEXT,
+    method INTEGER -- names(method)
+);
+-- Failed and skipped tasks (few): problems, blocked keys, --retry-failed, --skip-failed.
+CREATE INDEX task_problems ON task (state) WHERE state >= 3;
+-- Multipart copies: the upload still open (aborted after a crash) and the layout used.
+CREATE TABLE uploads (
+    task INTEGER PRIMARY KEY REFERENCES task (id) DEFERRABLE INITIALLY DEFERRED,
+    upload_id TEXT,
+    part_size INTEGER,
+    parts INTEGER
+);
+-- The last error of a task (failed, skipped, or retried).
+CREATE TABLE errors (
+    task INTEGER PRIMARY KEY REFERENCES task (id) DEFERRABLE INITIALLY DEFERRED,
+    code TEXT,
+    http_status INTEGER,
+    message TEXT
+);
+-- Kept by the triggers: one row per state.
+CREATE TABLE counters (
+    state INTEGER PRIMARY KEY,
+    tasks INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    delete_markers INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    etag_preserved INTEGER NOT NULL DEFAULT 0,
+    archived INTEGER NOT NULL DEFAULT 0,
+    no_dest_version INTEGER NOT NULL DEFAULT 0
+);
+-- Kept by the code: retries spent, keys with more than one task.
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    retries INTEGER NOT NULL DEFAULT 0,
+    multi_task_keys INTEGER NOT NULL DEFAULT 0
+);
+-- Kept by the triggers: open (pending or in-progress) tasks per block of 2^{BLOCK} key ids.
+CREATE TABLE open_blocks (
+    block INTEGER PRIMARY KEY,
+    open INTEGER NOT NULL
+);
+-- S3 requests per operation, all runs.
+CREATE TABLE requests (
+    op TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+-- What the small integer codes mean.
+CREATE TABLE names (
+    kind TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (kind, code)
+) WITHOUT ROWID;
+";
+
+/// The counter columns a task adds to its state's row (`R` is NEW or OLD).
+const COUNTED: &str = "tasks = tasks {S} 1, bytes = bytes {S} R.size,
+        delete_markers = delete_markers {S} (R.flags & {DM}),
+        attempts = attempts {S} R.attempts,
+        etag_preserved = etag_preserved {S} ((R.flags & {EP}) = {EP}),
+        archived = archived {S} (R.error_class IS {AR}),
+        no_dest_version = no_dest_version {S} (R.dest_version_id IS NULL)";
+
+/// Triggers keeping `counters` and `open_blocks`.
+const TRIGGERS: &str = "
+CREATE TRIGGER task_added AFTER INSERT ON task BEGIN
+    UPDATE counters SET {ADD_NEW} WHERE state = NEW.state;
+    INSERT INTO open_blocks (block, open) SELECT NEW.id >> {BLOCKSHIFT}, 1 WHERE NEW.state < 2
+        ON CONFLICT (block) DO UPDATE SET open = open + 1;
+END;
+CREATE TRIGGER task_changed
+AFTER UPDATE OF state, attempts, size, flags, error_class, dest_version_id ON task BEGIN
+    UPDATE counters SET {SUB_OLD} WHERE state = OLD.state;
+    UPDATE counters SET {ADD_NEW} WHERE state = NEW.state;
+    INSERT INTO open_blocks (block, open)
+        SELECT NEW.id >> {BLOCKSHIFT}, (NEW.state < 2) - (OLD.state < 2)
+        WHERE (NEW.state < 2) <> (OLD.state < 2)
+        ON CONFLICT (block) DO UPDATE SET open = open + excluded.open;
+END;
+CREATE TRIGGER task_removed AFTER DELETE ON task BEGIN
+    UPDATE counters SET {SUB_OLD} WHERE state = OLD.state;
+    UPDATE open_blocks SET open = open - 1 WHERE block = OLD.id >> {BLOCKSHIFT} AND OLD.state < 2;
+END;
+";
+
+/// One readable row per task, for people (`sqlite3 job.db 'select * from tasks'`) and tests.
+const VIEW: &str = "
+CREATE VIEW tasks AS
+SELECT t.id AS id, k.key AS key, t.dest AS dest, t.refresh AS refresh,
+    t.history_pos AS history_pos, t.version_id AS version_id,
+    t.flags & 1 AS is_delete_marker, (t.flags >> 1) & 1 AS is_latest,
+    (t.flags >> 2) & 1 AS stream_only, t.size AS size,
+    CASE WHEN typeof(t.etag) = 'blob' THEN '\"' || lower(hex(t.etag)) || '\"' ELSE t.etag END
+        AS etag,
+    CASE WHEN typeof(t.last_modified) = 'integer'
+        THEN strftime('%Y-%m-%dT%H:%M:%S.000Z', t.last_modified, 'unixepoch')
+        ELSE t.last_modified END AS last_modified,
+    coalesce((SELECT name FROM names WHERE kind = 'storage_class' AND code = t.storage_class),
+        t.storage_class) AS storage_class,
+    coalesce((SELECT name FROM names WHERE kind = 'checksum' AND code = t.checksum_algorithm),
+        t.checksum_algorithm) AS checksum_algorithm,
+    (SELECT name FROM names WHERE kind = 'state' AND code = t.state) AS state,
+    t.attempts AS attempts,
+    (SELECT name FROM names WHERE kind = 'error_class' AND code = t.error_class) AS error_class,
+    e.code AS error_code, e.http_status AS http_status, e.message AS last_error,
+    t.started_at AS started_at, t.dest_version_id AS dest_version_id,
+    (SELECT name FROM names WHERE kind = 'method' AND code = t.method) AS copy_method,
+    CASE WHEN t.flags & 8 THEN (t.flags >> 4) & 1 END AS etag_preserved,
+    u.upload_id AS upload_id, u.part_size AS part_size, u.parts AS parts
+FROM task t JOIN keys k ON k.id = t.id >> {SEQ}
+LEFT JOIN uploads u ON u.task = t.id LEFT JOIN errors e ON e.task = t.id;
+";
+
+/// The full v2 schema text, with the id layout filled in.
+pub(super) fn schema_sql() -> String {
+    let counted = |sign: &str, row: &str| {
+        COUNTED
+            .replace("{S}", sign)
+            .replace("R.", &format!("{row}."))
+            .replace("{DM}", &DELETE_MARKER.to_string())
+            .replace("{EP}", &(ETAG_CHECKED | ETAG_PRESERVED).to_string())
+            .replace("{AR}", &class_code(ErrorClass::Archived).to_string())
+    };
+    format!("{TABLES}{TRIGGERS}{VIEW}")
+        .replace("{ADD_NEW}", &counted("+", "NEW"))
+        .replace("{SUB_OLD}", &counted("-", "OLD"))
+        .replace("{BLOCKSHIFT}", &(SEQ_BITS + BLOCK_BITS).to_string())
+        .replace("{BLOCK}", &BLOCK_BITS.to_string())
+        .replace("{SEQ}", &SEQ_BITS.to_string())
+}
+
+/// Creates the v2 schema and its fixed rows in `conn` (inside the caller's transaction).
+pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(&schema_sql())?;
+    conn.execute_batch(
+        "INSERT INTO partitions (id) VALUES (0);
+         INSERT INTO refreshes (generation, started_at, tasks) VALUES (0, NULL, 0);
+         INSERT INTO totals (id) VALUES (1);",
+    )?;
+    let mut counter = conn.prepare("INSERT INTO counters (state) VALUES (?1)")?;
+    for s in State::ALL {
+        counter.execute([s.code()])?;
+    }
+    let mut name = conn.prepare("INSERT INTO names (kind, code, name) VALUES (?1, ?2, ?3)")?;
+    for s in State::ALL {
+        name.execute(params!["state", s.code(), s.as_str()])?;
+    }
+    for m in CopyMethod::ALL {
+        name.execute(params!["method", m.code(), m.as_str()])?;
+    }
+    for (code, c) in ERROR_CLASSES {
+        name.execute(params!["error_class", code, c.as_str()])?;
+    }
+    for (kind, table) in [("storage_class", STORAGE_CLASSES), ("checksum", CHECKSUMS)] {
+        for (i, n) in table.iter().enumerate() {
+            name.execute(params![kind, i as i64 + 1, n])?;
+        }
+    }
+    conn.pragma_update(None, "user_version", super::SCHEMA_VERSION)
+}
+
+/// Records (or updates) destination `id`'s bucket and prefix.
+pub(super) fn store_destination(
+    conn: &Connection,
+    id: i64,
+    bucket: &str,
+    prefix: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO destinations (id, bucket, prefix) VALUES (?1, ?2, ?3)
+         ON CONFLICT (id) DO UPDATE SET bucket = excluded.bucket, prefix = excluded.prefix",
+    )?
+    .execute(params![id, bucket, prefix])
+    .map(|_| ())
+}

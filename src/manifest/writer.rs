@@ -1,0 +1,410 @@
+//! manifest::writer: the single writer of a running job. One thread owns the connection,
+//! applies queued [`Update`]s with cached statements, and commits them in groups (one
+//! transaction per group). Reads of the next keys are answered in order with the updates
+//! queued before them. If a group fails (its COMMIT included), it is rolled back and the
+//! writer stops: every later call returns [`ManifestError::WriterGone`] with the cause, so a
+//! run stops instead of going on with updates that are not kept.
+//!
+//! May call: `codec`, `read` (next key groups), the types of `manifest`.
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection};
+use tokio::sync::oneshot;
+
+use super::codec::{class_code, etag_flags, ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY};
+use super::{CopyMethod, KeyGroup, Manifest, ManifestError, Result, State};
+use crate::s3::{ErrorClass, S3Error};
+
+/// How a finished task ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Copied (or found copied by reconciliation).
+    Done {
+        /// The destination's version id (None for an unversioned destination, or unknown).
+        dest_version_id: Option<String>,
+        /// How it was copied.
+        method: CopyMethod,
+        /// Part size of a multipart copy.
+        part_size: Option<u64>,
+        /// Part count of a multipart copy.
+        parts: Option<u64>,
+        /// Whether the destination ETag equals the source's (multipart).
+        etag_preserved: Option<bool>,
+        /// Retries spent.
+        retries: u64,
+    },
+    /// Gave up.
+    Failed {
+        /// The last error.
+        error: S3Error,
+        /// Retries spent.
+        retries: u64,
+    },
+    /// Nothing to copy.
+    Skipped {
+        /// Why: `SourceGone`, `Archived`, or `Fatal` (skipped by the user).
+        class: ErrorClass,
+        /// The reason shown in reports.
+        reason: String,
+        /// Retries spent.
+        retries: u64,
+    },
+    /// Back to pending (reconciliation found it was not copied, or the run stopped).
+    Requeued,
+}
+
+/// A change sent to the writer.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// An attempt starts: in progress, one more attempt, its start time.
+    Started {
+        /// Task id.
+        id: i64,
+        /// Unix seconds.
+        at: i64,
+    },
+    /// A multipart upload was opened (Some) or closed (None) at the destination.
+    Upload {
+        /// Task id.
+        id: i64,
+        /// The upload id.
+        upload_id: Option<String>,
+        /// Part size chosen.
+        part_size: Option<u64>,
+        /// Part count.
+        parts: Option<u64>,
+    },
+    /// The task ended.
+    Finished {
+        /// Task id.
+        id: i64,
+        /// How.
+        outcome: Outcome,
+    },
+    /// This task streams from now on (its server-side copy was denied); kept across runs.
+    StreamOnly {
+        /// Task id.
+        id: i64,
+    },
+    /// The destination version id of a done task, learned later (e.g. by a HEAD).
+    DestVersion {
+        /// Task id.
+        id: i64,
+        /// The destination version id.
+        dest_version_id: String,
+    },
+    /// Requests made, per S3 operation, added to the job's totals.
+    Requests {
+        /// (operation, count) pairs.
+        counts: Vec<(&'static str, u64)>,
+    },
+}
+
+enum Msg {
+    Update(Update, Option<oneshot::Sender<()>>),
+    Flush(oneshot::Sender<()>),
+    NextKeys {
+        after: i64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<KeyGroup>>>,
+    },
+}
+
+/// The single writer of a running job (see the module header). Dropping it (or
+/// [`Writer::close`]) commits what is queued.
+pub struct Writer {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    /// Why the writer stopped, once it did.
+    stopped: Arc<Mutex<Option<String>>>,
+}
+
+/// Starts the writer thread for `m`.
+pub(super) fn start(m: Manifest) -> Writer {
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let stopped = Arc::new(Mutex::new(None));
+    let flag = stopped.clone();
+    let thread = std::thread::Builder::new()
+        .name("manifest-writer".into())
+        .spawn(move || writer_loop(m, rx, flag))
+        .expect("spawn the manifest writer thread");
+    Writer {
+        tx,
+        thread: Some(thread),
+        stopped,
+    }
+}
+
+impl Writer {
+    fn stop_reason(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn gone(&self) -> ManifestError {
+        ManifestError::WriterGone(self.stop_reason().unwrap_or_else(|| "it was closed".into()))
+    }
+
+    fn queue(&self, msg: Msg) -> Result<()> {
+        if let Some(why) = self.stop_reason() {
+            return Err(ManifestError::WriterGone(why));
+        }
+        self.tx.send(msg).map_err(|_| self.gone())
+    }
+
+    /// Queues an update; it is committed with the next group. An error once the writer has
+    /// stopped (a commit failed): the run must stop.
+    pub fn send(&self, u: Update) -> Result<()> {
+        self.queue(Msg::Update(u, None))
+    }
+
+    /// Queues an update and waits until it is committed.
+    pub async fn send_durable(&self, u: Update) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Msg::Update(u, Some(tx)))?;
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// The next key groups after key id `after_key_id` (see [`Manifest::next_key_groups`]),
+    /// read after every update queued before this call.
+    pub async fn next_key_groups(&self, after_key_id: i64, limit: usize) -> Result<Vec<KeyGroup>> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Msg::NextKeys {
+            after: after_key_id,
+            limit,
+            reply: tx,
+        })?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Msg::Flush(tx))?;
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// Commits what is queued and stops the thread.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Updates applied per transaction at most.
+const GROUP: usize = 2000;
+
+fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<String>>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP {
+            match rx.try_recv() {
+                Ok(msg) => batch.push(msg),
+                Err(_) => break,
+            }
+        }
+        let mut acks = Vec::new();
+        let mut reads = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            m.conn.execute_batch("BEGIN IMMEDIATE")?;
+            for msg in batch {
+                match msg {
+                    Msg::Update(u, ack) => {
+                        apply(&m.conn, &u)?;
+                        acks.extend(ack);
+                    }
+                    Msg::Flush(ack) => acks.push(ack),
+                    Msg::NextKeys {
+                        after,
+                        limit,
+                        reply,
+                    } => reads.push((reply, m.next_key_groups(after, limit))),
+                }
+            }
+            m.conn.execute_batch("COMMIT")
+        })();
+        if let Err(e) = result {
+            // Nothing of the group is kept: stop, so that no later update is applied on top
+            // of lost ones. Dropped acks and the closed channel tell every caller.
+            let _ = m.conn.execute_batch("ROLLBACK");
+            let why = format!("manifest {}: {e}", m.path);
+            tracing::error!("{why}");
+            *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+            for (reply, _) in reads {
+                let _ = reply.send(Err(ManifestError::WriterGone(why.clone())));
+            }
+            return;
+        }
+        for a in acks {
+            let _ = a.send(());
+        }
+        for (reply, r) in reads {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
+    match u {
+        Update::Started { id, at } => conn
+            .prepare_cached(
+                "UPDATE task SET state = ?2, attempts = attempts + 1, started_at = ?3
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, State::InProgress.code(), at])
+            .map(drop),
+        Update::Upload {
+            id,
+            upload_id,
+            part_size,
+            parts,
+        } => conn
+            .prepare_cached(
+                "INSERT INTO uploads (task, upload_id, part_size, parts) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (task) DO UPDATE SET upload_id = excluded.upload_id,
+                 part_size = coalesce(excluded.part_size, part_size),
+                 parts = coalesce(excluded.parts, parts)",
+            )?
+            .execute(params![
+                id,
+                upload_id,
+                part_size.map(|v| v as i64),
+                parts.map(|v| v as i64)
+            ])
+            .map(drop),
+        Update::Finished { id, outcome } => finish(conn, *id, outcome),
+        Update::StreamOnly { id } => conn
+            .prepare_cached("UPDATE task SET flags = flags | ?2 WHERE id = ?1")?
+            .execute(params![id, STREAM_ONLY])
+            .map(drop),
+        Update::DestVersion {
+            id,
+            dest_version_id,
+        } => conn
+            .prepare_cached("UPDATE task SET dest_version_id = ?2 WHERE id = ?1")?
+            .execute(params![id, dest_version_id])
+            .map(drop),
+        Update::Requests { counts } => {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO requests (op, count) VALUES (?1, ?2)
+                 ON CONFLICT (op) DO UPDATE SET count = count + excluded.count",
+            )?;
+            for (op, n) in counts {
+                stmt.execute(params![op, *n as i64])?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
+    let retries = match outcome {
+        Outcome::Done {
+            dest_version_id,
+            method,
+            part_size,
+            parts,
+            etag_preserved,
+            retries,
+        } => {
+            conn.prepare_cached(
+                "UPDATE task SET state = ?2, dest_version_id = ?3, method = ?4,
+                 flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                State::Done.code(),
+                dest_version_id,
+                method.code(),
+                !(ETAG_CHECKED | ETAG_PRESERVED),
+                etag_flags(*etag_preserved)
+            ])?;
+            conn.prepare_cached("DELETE FROM errors WHERE task = ?1")?
+                .execute([id])?;
+            if part_size.is_some() || parts.is_some() {
+                let u = Update::Upload {
+                    id,
+                    upload_id: None,
+                    part_size: *part_size,
+                    parts: *parts,
+                };
+                apply(conn, &u)?;
+            } else {
+                close_upload(conn, id)?;
+            }
+            *retries
+        }
+        Outcome::Failed { error, retries } => {
+            let status = error.status.map(i64::from);
+            set_ended(conn, id, State::Failed, error.class)?;
+            record_error(conn, id, error.code.as_deref(), status, &error.to_string())?;
+            *retries
+        }
+        Outcome::Skipped {
+            class,
+            reason,
+            retries,
+        } => {
+            set_ended(conn, id, State::Skipped, *class)?;
+            record_error(conn, id, None, None, reason)?;
+            *retries
+        }
+        Outcome::Requeued => {
+            conn.prepare_cached("UPDATE task SET state = ?2 WHERE id = ?1")?
+                .execute(params![id, State::Pending.code()])?;
+            0
+        }
+    };
+    if retries > 0 {
+        conn.prepare_cached("UPDATE totals SET retries = retries + ?1 WHERE id = 1")?
+            .execute([retries as i64])?;
+    }
+    Ok(())
+}
+
+fn set_ended(conn: &Connection, id: i64, state: State, class: ErrorClass) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE task SET state = ?2, error_class = ?3 WHERE id = ?1")?
+        .execute(params![id, state.code(), class_code(class)])?;
+    close_upload(conn, id)
+}
+
+fn close_upload(conn: &Connection, id: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE uploads SET upload_id = NULL WHERE task = ?1 AND upload_id IS NOT NULL",
+    )?
+    .execute([id])
+    .map(drop)
+}
+
+fn record_error(
+    conn: &Connection,
+    id: i64,
+    code: Option<&str>,
+    status: Option<i64>,
+    message: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO errors (task, code, http_status, message) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (task) DO UPDATE SET code = excluded.code,
+         http_status = excluded.http_status, message = excluded.message",
+    )?
+    .execute(params![id, code, status, message])
+    .map(drop)
+}
