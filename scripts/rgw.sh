@@ -122,7 +122,7 @@ memstore device bytes = ${RGW_MEMSTORE_BYTES:-6442450944}
 ms bind port min = $osd
 ms bind port max = $((osd + OSD_PORTS - 1))
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$rgw
+rgw frontends = beast endpoint=127.0.0.1:$rgw tcp_nodelay=1
 rgw data = $dir/rgw
 rgw crypt require ssl = false
 EOF
@@ -247,7 +247,7 @@ cmd_start() {
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
   [ ! -e "$dir/pids" ] || die "$dir already holds a cluster (stop it first)"
-  rm -rf "$dir/mon" "$dir/osd" "$dir/rgw" "$dir/run"
+  rm -rf "$dir/mon" "$dir/osd" "$dir/rgw" "$dir/run" "$dir/monmap"
   mkdir -p "$dir/mon" "$dir/osd" "$dir/rgw" "$dir/run"
   : >"$dir/pids"
   START_DIR="$dir"
@@ -297,7 +297,7 @@ cmd_stop() {
     fi
   done <"$dir/pids"
   rm -f "$dir/pids" "$dir/endpoint"
-  rm -rf "$dir/mon" "$dir/osd" "$dir/rgw" "$dir/run"
+  rm -rf "$dir/mon" "$dir/osd" "$dir/rgw" "$dir/run" "$dir/monmap"
 }
 
 case "${1:-}" in

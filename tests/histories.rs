@@ -152,16 +152,32 @@ async fn production_histories_replicate_exactly() {
     let written = seed_histories(&c, &src).await;
     let source = histories(&c, &src, "").await;
     let entries: usize = source.values().map(Vec::len).sum();
-    assert_eq!(entries, written, "the source holds what was written");
-    let kinds: Vec<bool> = source["markers/between"]
-        .iter()
-        .map(|v| v.delete_marker)
-        .collect();
-    assert_eq!(
-        kinds,
-        [false, true, true, true, false],
-        "the source's history"
-    );
+    let markers = source
+        .values()
+        .flatten()
+        .filter(|v| v.delete_marker)
+        .count();
+    let kinds = |key: &str| -> Vec<bool> { source[key].iter().map(|v| v.delete_marker).collect() };
+    match server() {
+        Server::Moto => {
+            assert_eq!(entries, written, "the source holds what was written");
+            assert_eq!(kinds("markers/three"), [false, true, true, true]);
+            assert_eq!(kinds("markers/between"), [false, true, true, true, false]);
+        }
+        Server::Rgw => {
+            // RGW 16.2 writes no delete marker over a delete marker: a DeleteObject on a key
+            // whose current entry is a marker answers 204 and changes nothing, so a run of
+            // markers cannot exist in an RGW bucket (and cannot be written to one).
+            println!("rgw: each run of 3 delete markers is stored as one");
+            assert_eq!(entries, written - 4, "the source holds what was written");
+            assert_eq!(kinds("markers/three"), [false, true]);
+            assert_eq!(kinds("markers/between"), [false, true, false]);
+        }
+    }
+    assert_eq!(kinds("empty/six"), [false; 6]);
+    assert_eq!(kinds("null/behind-marker"), [false, true]);
+    assert_eq!(source["null/behind-marker"][0].version_id, "null");
+    assert_eq!(source["null/overwritten"][0].version_id, "null");
     assert_eq!(source["null/current"][0].version_id, "null");
 
     let (_d, m) = manifest();
@@ -173,11 +189,16 @@ async fn production_histories_replicate_exactly() {
         "5MiB",
     ]);
     let o = job.replicate();
+    // Shown when the test fails: what the job says about itself.
+    println!("replicate: {}", stderr_of(&o));
+    println!("status: {:?}", job.status());
+    let report = job.report(&["--format", "csv"]);
+    println!("report:\n{}", String::from_utf8_lossy(&report.stdout));
     expect_code(&o, 0);
 
     // Count, order, bodies, metadata (without the stamp), tags and ETags, multipart ones too.
     let checked = assert_replica(&c, &src, &c, &dst, "", "", all).await;
-    assert_eq!(checked, entries - 7, "every object version compared");
+    assert_eq!(checked, entries - markers, "every object version compared");
     let dest = histories(&c, &dst, "").await;
     let dest_entries: usize = dest.values().map(Vec::len).sum();
     assert_eq!(dest_entries, entries, "as many entries at both ends");
@@ -193,7 +214,7 @@ async fn production_histories_replicate_exactly() {
         st.blocked,
     );
     assert_eq!(open, (0, 0, 0, 0, 0), "{st:?}");
-    assert_eq!(st.delete_markers, 7, "{st:?}");
+    assert_eq!(st.delete_markers, markers as u64, "{st:?}");
     assert_eq!(st.etag_preserved, 2, "both multipart ETags kept: {st:?}");
 
     let tasks = job.tasks();

@@ -304,10 +304,23 @@ pub async fn put_multipart(
         .send()
         .await
         .unwrap_or_else(|e| panic!("complete upload {key:?}: {e:?}"));
-    (
-        done.version_id().unwrap_or("null").to_string(),
-        done.e_tag().unwrap_or_default().to_string(),
-    )
+    let version = done.version_id().unwrap_or("null").to_string();
+    let etag = match done.e_tag() {
+        Some(e) if !e.is_empty() => e.to_string(),
+        // RGW 16.2 answers CompleteMultipartUpload with an empty <ETag/>: ask HEAD.
+        _ => c
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .version_id(&version)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("head {key:?} {version}: {e:?}"))
+            .e_tag()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    (version, etag)
 }
 
 /// The multipart uploads in progress in a bucket, as (key, upload id).
