@@ -1,6 +1,7 @@
 //! Server-side multipart copy throughput: one 256 MiB object (uploaded with 8 MiB parts, so
 //! 32 `UploadPartCopy` requests) copied by `s3-backfill run` at part concurrency 1, 4 and 16,
-//! against a moto server this bench starts. Prints MiB/s; asserts nothing about speed.
+//! against the S3 server this bench starts (moto, or Ceph RGW with
+//! `S3_BACKFILL_TEST_SERVER=rgw`). Prints MiB/s; asserts nothing about speed.
 //!
 //! Run with `cargo bench --bench multipart_copy`.
 
@@ -27,7 +28,7 @@ fn main() {
 }
 
 async fn bench() {
-    let ep = start_moto();
+    let ep = endpoint();
     let c = client(&ep);
     let src = bucket("bench-src");
     create_bucket(&c, &src, true).await;
@@ -43,41 +44,26 @@ async fn bench() {
     .await;
     drop(body);
     println!(
-        "multipart_copy: server-side copy of a {} MiB object ({} parts of {} MiB, ETag {etag}), moto at {ep}",
+        "multipart_copy: server-side copy of a {} MiB object ({} parts of {} MiB, ETag {etag}), {} at {ep}",
         SIZE / MIB,
         SIZE / SOURCE_PART,
-        SOURCE_PART / MIB
+        SOURCE_PART / MIB,
+        server().name()
     );
     for pc in [1u32, 4, 16] {
         let dst = bucket(&format!("bench-dst-{pc}"));
         create_bucket(&c, &dst, true).await;
         let (_d, m) = manifest();
-        let mut plan = vec![
-            "plan".to_string(),
-            "--source".into(),
-            format!("s3://{src}"),
-            "--dest".into(),
-            format!("s3://{dst}"),
-            "--manifest".into(),
-            m.to_str().unwrap().into(),
-            "--copy-mode".into(),
-            "server-side".into(),
-            "--multipart-threshold".into(),
-            "5MiB".into(),
-            "--no-progress".into(),
-        ];
-        plan.extend(sides(&ep, &ep));
-        expect_code(&run(&strs(&plan)), 0);
+        let job = Job::new(&src, &dst, &m).endpoint(&ep).extra(&[
+            "--copy-mode",
+            "server-side",
+            "--multipart-threshold",
+            "5MiB",
+        ]);
+        expect_code(&job.plan(), 0);
         let pcs = pc.to_string();
         let started = Instant::now();
-        let o = run(&[
-            "run",
-            "--manifest",
-            m.to_str().unwrap(),
-            "--part-concurrency",
-            &pcs,
-            "--no-progress",
-        ]);
+        let o = job.run(&["--part-concurrency", &pcs]);
         let secs = started.elapsed().as_secs_f64();
         expect_code(&o, 0);
         let tasks = manifest_tasks(&m);
@@ -98,7 +84,7 @@ async fn bench() {
             SIZE / MIB,
             tasks[0].parts.unwrap_or_default()
         );
-        // Free moto's memory before the next round.
+        // Free the server's memory before the next round.
         c.delete_object()
             .bucket(&dst)
             .key("big.bin")

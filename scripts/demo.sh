@@ -1,24 +1,54 @@
 #!/usr/bin/env bash
-# The local demo: installs and starts a local S3 (moto), seeds a versioned bucket with
-# versions, delete markers and odd keys, replicates it with s3-backfill, shows status and
-# verifies the destination against the source. Everything stays on 127.0.0.1.
+# The local demo: installs and starts a local S3 server (moto; or Ceph RGW with
+# DEMO_SERVER=rgw), seeds a versioned bucket with versions, delete markers and odd keys,
+# replicates it with s3-backfill, shows status and verifies the destination against the
+# source. Everything stays on 127.0.0.1, and the server stops when the demo ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PORT="${DEMO_PORT:-4599}"
-EP="http://127.0.0.1:$PORT"
+SERVER="${DEMO_SERVER:-moto}"
 WORK="$(mktemp -d)"
-bash scripts/setup-moto.sh
-cargo build --quiet
+STEPS=6
+step() { echo "== [$1/$STEPS] $2"; }
+
+cleanup() {
+  if [ -n "${MOTO:-}" ]; then kill "$MOTO" 2>/dev/null || true; fi
+  if [ "$SERVER" = rgw ]; then bash scripts/rgw.sh stop "$WORK/rgw" >/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+step 1 "installing the local S3 server ($SERVER) if needed"
+bash scripts/setup-moto.sh # the seeding below uses boto3 from moto's .venv
+if [ "$SERVER" = rgw ]; then bash scripts/rgw.sh install; fi
+
+step 2 "building s3-backfill (the first build takes ~7 min on 2 cores; later builds take seconds)"
+cargo build
 BIN=target/debug/s3-backfill
 
-.venv/bin/moto_server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
-MOTO=$!
-trap 'kill $MOTO 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null "$EP" && break; sleep 0.1; done
+step 3 "starting $SERVER on 127.0.0.1"
+case "$SERVER" in
+  moto)
+    PORT="${DEMO_PORT:-4599}"
+    EP="http://127.0.0.1:$PORT"
+    .venv/bin/moto_server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
+    MOTO=$!
+    for _ in $(seq 100); do curl -s -o /dev/null "$EP" && break; sleep 0.1; done
+    ;;
+  rgw)
+    # A single-node cluster (~3 s); the watchdog stops it if this script is killed.
+    EP="$(bash scripts/rgw.sh start "$WORK/rgw" --owner $$ | tail -n 1)"
+    ;;
+  *)
+    echo "DEMO_SERVER=$SERVER: expected moto or rgw" >&2
+    exit 2
+    ;;
+esac
+echo "S3 endpoint: $EP"
 
-export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+# The user scripts/rgw.sh creates; moto accepts any keys.
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 
-echo "== seeding s3://demo-source (versioned) on $EP"
+step 4 "seeding s3://demo-source (versioned): 3 rounds of versions and delete markers"
 .venv/bin/python - "$EP" <<'PY'
 import sys, time, boto3
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1")
@@ -37,11 +67,13 @@ for rnd in range(3):
 print(f"{len(keys)} keys, 3 rounds of versions and delete markers")
 PY
 
-echo "== replicate s3://demo-source -> s3://demo-dest/backup/"
+step 5 "replicate s3://demo-source -> s3://demo-dest/backup/ (plan, then run)"
 "$BIN" replicate --source s3://demo-source --dest s3://demo-dest/backup/ \
   --manifest "$WORK/job.db" --source-endpoint "$EP" --dest-endpoint "$EP" --path-style \
   --delete-markers --concurrency 16
-echo "== status"
+echo "-- status"
 "$BIN" status --manifest "$WORK/job.db"
-echo "== verify"
+
+step 6 "verify: both buckets listed, every key's history compared"
 "$BIN" verify --manifest "$WORK/job.db"
+echo "== done: the replica is identical (the server stops now)"

@@ -1,5 +1,5 @@
 //! Retries, throttling and faults (issue 6): a fault-injecting proxy between s3-backfill and
-//! moto answers a seeded share of requests with 503 SlowDown, 500, connection resets before
+//! the S3 server under test (moto or Ceph RGW) answers a seeded share of requests with 503 SlowDown, 500, connection resets before
 //! and after forwarding, truncated bodies and delays.
 //!
 //! Knobs for runs by hand: `S3_BACKFILL_FAULT_KEYS` (keys in the corpus, default 120; the
@@ -25,19 +25,18 @@ fn upstream(ep: &str) -> SocketAddr {
     ep.trim_start_matches("http://").parse().unwrap()
 }
 
-fn run_through(m: &std::path::Path, proxy: &str, extra: &[&str]) -> std::process::Output {
-    let mut a = vec![
-        "run",
-        "--manifest",
-        m.to_str().unwrap(),
-        "--source-endpoint",
-        proxy,
-        "--dest-endpoint",
-        proxy,
-        "--no-progress",
-    ];
+/// The job of this file: every version and delete marker, one endpoint for both sides.
+fn job_of(src: &str, dst: &str, m: &std::path::Path, ep: &str) -> Job {
+    Job::new(src, dst, m)
+        .endpoint(ep)
+        .extra(&["--delete-markers"])
+}
+
+/// `run` of the job with both sides through the proxy, then `extra`.
+fn run_through(job: &Job, proxy: &str, extra: &[&str]) -> std::process::Output {
+    let mut a = vec!["--source-endpoint", proxy, "--dest-endpoint", proxy];
     a.extend_from_slice(extra);
-    run(&a)
+    job.run(&a)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +68,8 @@ async fn replicates_identically_through_injected_faults() {
     seed_rounds(&c, &src, vec![r1, r2, r3]).await;
 
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
 
     let proxy = FaultProxy::start(
         upstream(&ep),
@@ -85,7 +85,7 @@ async fn replicates_identically_through_injected_faults() {
     .await
     .unwrap();
     let o = run_through(
-        &m,
+        &job,
         &proxy.endpoint(),
         &[
             "--concurrency",
@@ -119,12 +119,9 @@ async fn replicates_identically_through_injected_faults() {
     };
     assert_eq!(count(&sh), count(&dh), "no duplicates at the destination");
 
-    let st = status(&m);
-    assert_eq!(st["done"], st["total"]);
-    assert!(
-        st["retries"].as_u64().unwrap() > 0,
-        "status reports the retries: {st}"
-    );
+    let st = job.status();
+    assert_eq!(st.done, st.total, "{st:?}");
+    assert!(st.retries > 0, "status reports the retries: {st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +139,8 @@ async fn permanent_errors_fail_or_skip_while_the_rest_completes() {
     round.push(Op::put("gone/soon", "bye"));
     seed_rounds(&c, &src, vec![round]).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
 
     // A version deleted between plan and run is skipped (source gone), not failed.
     let v = c
@@ -177,22 +175,14 @@ async fn permanent_errors_fail_or_skip_while_the_rest_completes() {
     )
     .await
     .unwrap();
-    let o = run_through(&m, &proxy.endpoint(), &["--retry-min-delay-ms", "5"]);
+    let o = run_through(&job, &proxy.endpoint(), &["--retry-min-delay-ms", "5"]);
     expect_code(&o, 1);
 
-    let st = status(&m);
-    assert_eq!(st["failed"], 12);
-    assert_eq!(st["skipped"], 1);
-    assert_eq!(st["done"], 12);
+    let st = job.status();
+    assert_eq!((st.failed, st.skipped, st.done), (12, 1, 12), "{st:?}");
 
     // The report names each failed task with its code and status.
-    let o = run(&[
-        "report",
-        "--manifest",
-        m.to_str().unwrap(),
-        "--format",
-        "csv",
-    ]);
+    let o = job.report(&["--format", "csv"]);
     expect_code(&o, 0);
     let csv = String::from_utf8_lossy(&o.stdout);
     let failed: Vec<&str> = csv.lines().filter(|l| l.contains(",failed,")).collect();
@@ -214,17 +204,9 @@ async fn permanent_errors_fail_or_skip_while_the_rest_completes() {
 
     // Once the cause is fixed, --retry-failed finishes the job.
     drop(proxy);
-    let o = run(&[
-        "run",
-        "--manifest",
-        m.to_str().unwrap(),
-        "--retry-failed",
-        "--no-progress",
-    ]);
-    expect_code(&o, 0);
-    let st = status(&m);
-    assert_eq!(st["done"], 24);
-    assert_eq!(st["failed"], 0);
+    expect_code(&job.run(&["--retry-failed"]), 0);
+    let st = job.status();
+    assert_eq!((st.done, st.failed), (24, 0), "{st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,28 +219,19 @@ async fn failure_threshold_stops_a_job_whose_destination_is_missing() {
     let round = (0..80).map(|i| Op::put(&format!("k{i:03}"), "x")).collect();
     seed_rounds(&c, &src, vec![round]).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
     c.delete_bucket().bucket(&dst).send().await.unwrap();
 
-    let o = run(&[
-        "run",
-        "--manifest",
-        m.to_str().unwrap(),
-        "--no-progress",
-        "--concurrency",
-        "2",
-        "--failure-threshold-min-tasks",
-        "10",
-    ]);
+    let o = job.run(&["--concurrency", "2", "--failure-threshold-min-tasks", "10"]);
     expect_code(&o, 1);
     let err = String::from_utf8_lossy(&o.stderr);
     let last = err.trim().lines().last().unwrap_or_default();
     assert!(last.contains("stopped early"), "{err}");
     assert!(last.contains("NoSuchBucket"), "{err}");
-    let st = status(&m);
-    let failed = st["failed"].as_u64().unwrap();
-    assert!((10..40).contains(&failed), "stopped early: {st}");
-    assert!(st["pending"].as_u64().unwrap() > 30, "{st}");
+    let st = job.status();
+    assert!((10..40).contains(&st.failed), "stopped early: {st:?}");
+    assert!(st.pending > 30, "{st:?}");
 }
 
 /// Seeds in one-second rounds (see support::seed).
@@ -266,13 +239,18 @@ async fn seed_rounds(c: &aws_sdk_s3::Client, b: &str, rounds: Vec<Vec<Op>>) {
     seed(c, b, rounds).await;
 }
 
+/// Two accounts: the destination's key may not read the source bucket, so server-side copies
+/// are denied (403) and `auto` streams each version through this machine instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
     let ep = endpoint();
-    let c = client(&ep);
+    // The destination belongs to the second account (on RGW a user of another tenant, whose
+    // copy source would name a bucket of its own tenant: the proxy answers 403 first, as a
+    // bucket policy of the source would).
+    let (c, dc) = (client(&ep), second_account(&ep));
     let (src, dst) = (bucket("src"), bucket("dst"));
     create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
+    create_bucket(&dc, &dst, true).await;
     let r1 = (0..10)
         .map(|i| Op::put(&format!("k{i}"), format!("a{i}")))
         .collect();
@@ -281,7 +259,6 @@ async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
         .collect();
     seed_rounds(&c, &src, vec![r1, r2]).await;
 
-    // Two accounts: the destination's key may not read the source bucket.
     let proxy = FaultProxy::start(
         upstream(&ep),
         FaultConfig {
@@ -290,7 +267,7 @@ async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
             faults: vec![],
             delay: Duration::ZERO,
             deny_path_prefix: Some(format!("/{src}/")),
-            deny_key_id: Some("DESTKEY".into()),
+            deny_key_id: Some(SECOND_KEY_ID.into()),
         },
     )
     .await
@@ -305,37 +282,27 @@ async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
     .unwrap();
     std::fs::write(
         &creds,
-        "[src]\naws_access_key_id = SOURCEKEY\naws_secret_access_key = s1\n\
-         [dst]\naws_access_key_id = DESTKEY\naws_secret_access_key = s2\n",
+        format!(
+            "[src]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n\
+             [dst]\naws_access_key_id = {SECOND_KEY_ID}\naws_secret_access_key = {SECOND_SECRET}\n"
+        ),
     )
     .unwrap();
     let m = dir.path().join("job.db");
     let pe = proxy.endpoint();
-    let o = cmd(&[
-        "replicate",
-        "--source",
-        &format!("s3://{src}"),
-        "--dest",
-        &format!("s3://{dst}"),
-        "--manifest",
-        m.to_str().unwrap(),
-        "--source-profile",
-        "src",
-        "--dest-profile",
-        "dst",
+    let job = Job::new(&src, &dst, &m).profiles("src", "dst").extra(&[
         "--source-endpoint",
         &pe,
         "--dest-endpoint",
         &pe,
-        "--path-style",
-        "--no-progress",
-    ])
-    .env_remove("AWS_ACCESS_KEY_ID")
-    .env_remove("AWS_SECRET_ACCESS_KEY")
-    .env("AWS_CONFIG_FILE", &config)
-    .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
-    .output()
-    .unwrap();
+    ]);
+    let o = cmd(&strs(&job.replicate_args()))
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_CONFIG_FILE", &config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+        .output()
+        .unwrap();
     expect_code(&o, 0);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
@@ -343,14 +310,11 @@ async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
         1,
         "said once: {err}"
     );
-    assert_replica(&c, &src, &c, &dst, "", "", all).await;
-    let db = rusqlite::Connection::open(&m).unwrap();
-    let streamed: i64 = db
-        .query_row(
-            "SELECT count(*) FROM tasks WHERE copy_method = 'stream'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    assert_replica(&c, &src, &dc, &dst, "", "", all).await;
+    let streamed = job
+        .tasks()
+        .iter()
+        .filter(|t| t.copy_method.as_deref() == Some("stream"))
+        .count();
     assert_eq!(streamed, 20);
 }

@@ -1,4 +1,4 @@
-//! Multipart sources against moto: server-side multipart copies keep the source's part
+//! Multipart sources against the S3 server under test (moto or Ceph RGW): server-side multipart copies keep the source's part
 //! layout (so the multipart ETag is preserved), headers, metadata and tags; failed and
 //! killed copies leave no multipart upload behind.
 
@@ -10,25 +10,15 @@ use support::*;
 
 const MIB: usize = 1024 * 1024;
 
-fn job_args(verb: &str, src: &str, dst: &str, manifest: &std::path::Path) -> Vec<String> {
-    let ep = endpoint();
-    let mut a = vec![
-        verb.to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        manifest.to_str().unwrap().into(),
-        "--multipart-threshold".into(),
-        "5MiB".into(),
-        "--part-size".into(),
-        "5MiB".into(),
-        "--delete-markers".into(),
-        "--no-progress".into(),
-    ];
-    a.extend(sides(&ep, &ep));
-    a
+/// The job of this file: 5 MiB parts, every version and delete marker.
+fn job_of(src: &str, dst: &str, m: &std::path::Path) -> Job {
+    Job::new(src, dst, m).endpoint(&endpoint()).extra(&[
+        "--multipart-threshold",
+        "5MiB",
+        "--part-size",
+        "5MiB",
+        "--delete-markers",
+    ])
 }
 
 fn rich(i: usize) -> Headers {
@@ -120,7 +110,7 @@ async fn multipart_sources_keep_layout_etag_and_metadata() {
             ];
             assert_eq!(etag, multipart_etag(&parts));
         }
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        pace().await;
     }
     seed(
         &c,
@@ -132,8 +122,8 @@ async fn multipart_sources_keep_layout_etag_and_metadata() {
     .await;
 
     let (_d, m) = manifest();
-    let o = run(&strs(&job_args("replicate", &src, &dst, &m)));
-    expect_code(&o, 0);
+    let job = job_of(&src, &dst, &m);
+    expect_code(&job.replicate(), 0);
 
     // Bodies, headers, metadata, tags and ETags (support::content compares all of them).
     let checked = assert_replica(&c, &src, &c, &dst, "", "big/", all).await;
@@ -186,9 +176,9 @@ async fn multipart_sources_keep_layout_etag_and_metadata() {
             "{t:?}"
         );
     }
-    let st = status(&m);
-    assert_eq!(st["etag_preserved"], 4);
-    assert_eq!(st["done"], st["total"]);
+    let st = job.status();
+    assert_eq!(st.etag_preserved, 4, "{st:?}");
+    assert_eq!(st.done, st.total, "{st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,14 +190,14 @@ async fn source_version_deleted_before_run_is_skipped_without_upload() {
     create_bucket(&c, &dst, true).await;
     let b1 = pseudo_random(12 * MIB, 1);
     let (v1, _) = put_multipart(&c, &src, "gone", &b1, &[5 * MIB], &rich(1)).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    pace().await;
     let b2 = pseudo_random(12 * MIB, 2);
     let (v2, _) = put_multipart(&c, &src, "gone", &b2, &[5 * MIB], &rich(2)).await;
     seed(&c, &src, vec![vec![Op::put("kept", "kept")]]).await;
 
     let (_d, m) = manifest();
-    let o = run(&strs(&job_args("plan", &src, &dst, &m)));
-    expect_code(&o, 0);
+    let job = job_of(&src, &dst, &m);
+    expect_code(&job.plan(), 0);
     c.delete_object()
         .bucket(&src)
         .key("gone")
@@ -215,8 +205,7 @@ async fn source_version_deleted_before_run_is_skipped_without_upload() {
         .send()
         .await
         .expect("delete the first version");
-    let o = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
-    expect_code(&o, 0);
+    expect_code(&job.run(&[]), 0);
 
     let tasks = manifest_tasks(&m);
     let t1 = tasks.iter().find(|t| t.version_id == v1).unwrap();
@@ -225,7 +214,7 @@ async fn source_version_deleted_before_run_is_skipped_without_upload() {
     let t2 = tasks.iter().find(|t| t.version_id == v2).unwrap();
     assert_eq!(t2.state, "done", "{t2:?}");
     assert_eq!(t2.etag_preserved, Some(1), "{t2:?}");
-    assert_eq!(status(&m)["skipped"], 1);
+    assert_eq!(job.status().skipped, 1);
     assert!(open_uploads(&c, &dst).await.is_empty());
     // What is left at the source is replicated exactly.
     assert_replica(&c, &src, &c, &dst, "", "", all).await;
@@ -243,18 +232,14 @@ async fn source_version_deleted_during_multipart_copy_aborts_the_upload() {
     drop(body);
 
     let (_d, m) = manifest();
-    let o = run(&strs(&job_args("plan", &src, &dst, &m)));
-    expect_code(&o, 0);
-    let child = cmd(&[
-        "run",
-        "--manifest",
-        m.to_str().unwrap(),
+    let job = job_of(&src, &dst, &m);
+    expect_code(&job.plan(), 0);
+    let child = cmd(&strs(&job.run_args(&[
         "--part-concurrency",
         "1",
         "--max-attempts",
         "2",
-        "--no-progress",
-    ])
+    ])))
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()
@@ -296,26 +281,19 @@ async fn killed_during_multipart_copy_then_run_again() {
             put_multipart(&c, &src, key, &body, &[5 * MIB], &rich(round * 10 + n)).await;
         }
         if round == 0 {
-            tokio::time::sleep(Duration::from_millis(1100)).await;
+            pace().await;
         }
     }
     seed(&c, &src, vec![vec![Op::put("kill/small", "small")]]).await;
 
     let (_d, m) = manifest();
-    let o = run(&strs(&job_args("plan", &src, &dst, &m)));
-    expect_code(&o, 0);
-    let mut child = cmd(&[
-        "run",
-        "--manifest",
-        m.to_str().unwrap(),
-        "--part-concurrency",
-        "1",
-        "--no-progress",
-    ])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .expect("spawn run");
+    let job = job_of(&src, &dst, &m);
+    expect_code(&job.plan(), 0);
+    let mut child = cmd(&strs(&job.run_args(&["--part-concurrency", "1"])))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn run");
     wait_for_upload(&c, &dst).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().expect("SIGKILL run");
@@ -337,17 +315,16 @@ async fn killed_during_multipart_copy_then_run_again() {
         );
     }
 
-    let o = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
-    expect_code(&o, 0);
+    expect_code(&job.run(&[]), 0);
     assert!(
         open_uploads(&c, &dst).await.is_empty(),
         "no orphaned multipart upload"
     );
     let n = assert_replica(&c, &src, &c, &dst, "", "", all).await;
     assert_eq!(n, 5);
-    let st = status(&m);
-    assert_eq!(st["done"], st["total"]);
-    let tasks = manifest_tasks(&m);
+    let st = job.status();
+    assert_eq!(st.done, st.total, "{st:?}");
+    let tasks = job.tasks();
     assert!(tasks.iter().all(|t| t.upload_id.is_none()), "{tasks:?}");
 }
 
@@ -368,22 +345,13 @@ async fn multipart_checksum_is_kept_and_checked() {
     put_multipart(&c, &src, "ck/big", &body, &[5 * MIB], &crc32).await;
 
     let (_d, m) = manifest();
-    let args = job(
-        "replicate",
-        &src,
-        &dst,
-        &m,
-        &ep,
-        &ep,
-        &[
-            "--multipart-threshold",
-            "5MiB",
-            "--part-size",
-            "5MiB",
-            "--no-progress",
-        ],
-    );
-    expect_code(&run(&strs(&args)), 0);
+    let job = Job::new(&src, &dst, &m).endpoint(&ep).extra(&[
+        "--multipart-threshold",
+        "5MiB",
+        "--part-size",
+        "5MiB",
+    ]);
+    expect_code(&job.replicate(), 0);
     let head = |b: String| {
         let c = c.clone();
         async move {
@@ -397,7 +365,11 @@ async fn multipart_checksum_is_kept_and_checked() {
         }
     };
     let (s, d) = (head(src.clone()).await, head(dst.clone()).await);
-    assert!(s.checksum_crc32().is_some(), "the source has a CRC32");
+    assert_eq!(
+        s.checksum_crc32().is_some(),
+        keeps_checksums(),
+        "the source's CRC32"
+    );
     assert_eq!(s.checksum_crc32(), d.checksum_crc32());
     assert_eq!(s.e_tag(), d.e_tag());
     let got = content(&c, &dst, "ck/big", d.version_id().unwrap()).await;

@@ -77,17 +77,18 @@ fn corpus(n: usize) -> Vec<Vec<Op>> {
     rounds
 }
 
-fn run_args(m: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "run".to_string(),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--concurrency".into(),
-        "8".into(),
-        "--no-progress".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+/// The job of this file: every version and delete marker, one endpoint for both sides.
+fn job_of(src: &str, dst: &str, m: &Path, ep: &str) -> Job {
+    Job::new(src, dst, m)
+        .endpoint(ep)
+        .extra(&["--delete-markers"])
+}
+
+/// `run` of the job with 8 requests in flight, then `extra`.
+fn run_args(job: &Job, extra: &[&str]) -> Vec<String> {
+    let mut a = vec!["--concurrency", "8"];
+    a.extend_from_slice(extra);
+    job.run_args(&a)
 }
 
 /// Starts the binary as a child process; its standard error is kept for diagnostics.
@@ -142,7 +143,7 @@ async fn finish(mut child: Child) -> Output {
 }
 
 /// Polls `status --json` until `ready` holds for it (a run has visibly started copying).
-async fn wait_status(m: &Path, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+async fn wait_status(m: &Path, what: &str, ready: impl Fn(&Status) -> bool) {
     let start = Instant::now();
     loop {
         let st = status(m);
@@ -151,32 +152,21 @@ async fn wait_status(m: &Path, what: &str, ready: impl Fn(&serde_json::Value) ->
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}: {st}"
+            "timed out waiting for {what}: {st:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn num(st: &serde_json::Value, field: &str) -> u64 {
-    st[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("status has no {field}: {st}"))
-}
-
 /// Every task done, none open or failed, and the total is what the source holds.
 fn assert_all_done(m: &Path, source_entries: usize) {
     let st = status(m);
-    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
-    assert_eq!(num(&st, "done"), num(&st, "total"), "{st}");
-    assert_eq!(num(&st, "pending"), 0, "{st}");
-    assert_eq!(num(&st, "in_progress"), 0, "{st}");
-    assert_eq!(num(&st, "failed"), 0, "{st}");
-    assert_eq!(st["listing_complete"], true, "{st}");
-}
-
-/// Versions and delete markers in a bucket, all keys together.
-async fn entry_count(c: &aws_sdk_s3::Client, bucket: &str) -> usize {
-    histories(c, bucket, "").await.values().map(Vec::len).sum()
+    assert_eq!(st.total, source_entries as u64, "{st:?}");
+    assert_eq!(st.done, st.total, "{st:?}");
+    assert_eq!(st.pending, 0, "{st:?}");
+    assert_eq!(st.in_progress, 0, "{st:?}");
+    assert_eq!(st.failed, 0, "{st:?}");
+    assert!(st.listing_complete, "{st:?}");
 }
 
 /// Asserts an exact replica (every version and delete marker, in order, same content) and
@@ -198,10 +188,6 @@ async fn buckets_with_corpus(c: &aws_sdk_s3::Client, tag: &str, n: usize) -> (St
     create_bucket(c, &dst, true).await;
     seed(c, &src, corpus(n)).await;
     (src, dst)
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn lock_path(m: &Path) -> PathBuf {
@@ -229,14 +215,20 @@ async fn crash_anywhere_then_resume() {
         test_start.elapsed()
     );
     let (_d, m) = manifest();
-    let plan = plan_all(&src, &dst, &m, &ep);
+    let job = job_of(&src, &dst, &m, &ep);
+    let plan = job.plan_args();
     let mut kills = 0;
 
     // `plan`, killed three times. An uninterrupted `plan` takes about 0.2 s to start, then
     // lists about 5 ms per key on moto (0.8 s for 150 keys, 8 s for 1,500 in pages of
-    // 1,000 entries): the kill moments spread over that, so that they land before, during
-    // and after the listing (with many keys, also after some pages were checkpointed).
-    let plan_window = 600 + 5 * keys as u64;
+    // 1,000 entries) and about 1 ms per key on RGW in pages of 20: the kill moments spread
+    // over that, so that they land before, during and after the listing (with many keys,
+    // also after some pages were checkpointed).
+    let per_key_ms = match server() {
+        Server::Moto => 5,
+        Server::Rgw => 1,
+    };
+    let plan_window = 600 + per_key_ms * keys as u64;
     for i in 0..3 {
         let at = Duration::from_millis(rng.random_range(20..=plan_window));
         let (killed, o) = kill_after(spawn(&plan), at).await;
@@ -251,11 +243,10 @@ async fn crash_anywhere_then_resume() {
             String::from_utf8_lossy(&st.stdout).trim(),
             String::from_utf8_lossy(&st.stderr).trim()
         );
-        let complete = serde_json::from_slice::<serde_json::Value>(&st.stdout)
-            .is_ok_and(|st| st["listing_complete"] == true);
+        let complete = try_status(&m).is_some_and(|st| st.listing_complete);
         if !complete {
             // An unfinished listing is not copied from: `run` says to finish the plan.
-            let o = run(&strs(&run_args(&m, &[])));
+            let o = run(&strs(&run_args(&job, &[])));
             expect_code(&o, 2);
             assert!(stderr_of(&o).contains("plan"), "{}", stderr_of(&o));
         }
@@ -264,12 +255,12 @@ async fn crash_anywhere_then_resume() {
     let o = finish(spawn(&plan)).await;
     expect_code(&o, 0);
     let st = status(&m);
-    assert_eq!(st["listing_complete"], true, "{st}");
-    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+    assert!(st.listing_complete, "{st:?}");
+    assert_eq!(st.total, source_entries as u64, "{st:?}");
 
     // `run`, killed nine times.
-    let run = run_args(&m, &[]);
-    let mut done_before = num(&st, "done");
+    let run = run_args(&job, &[]);
+    let mut done_before = st.done;
     for i in 0..9 {
         let at = Duration::from_millis(rng.random_range(50..=1500));
         let (killed, o) = kill_after(spawn(&run), at).await;
@@ -279,10 +270,10 @@ async fn crash_anywhere_then_resume() {
         }
         // The manifest stays readable, its total never changes, and done never goes back.
         let st = status(&m);
-        println!("run #{i}: killed at {at:?}: {killed}; {st}");
-        assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
-        assert_eq!(num(&st, "failed"), 0, "{st}");
-        let done = num(&st, "done");
+        println!("run #{i}: killed at {at:?}: {killed}; {st:?}");
+        assert_eq!(st.total, source_entries as u64, "{st:?}");
+        assert_eq!(st.failed, 0, "{st:?}");
+        let done = st.done;
         assert!(
             done >= done_before,
             "done went back from {done_before} to {done}"
@@ -312,12 +303,13 @@ async fn sigint_drains_and_exits_nonzero() {
     let (src, dst) = buckets_with_corpus(&c, "sigint", 60).await;
     let source_entries = entry_count(&c, &src).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
 
     // Slow enough that it cannot finish before the signal.
     let grace = Duration::from_secs(20);
     let mut child = spawn(&run_args(
-        &m,
+        &job,
         &[
             "--max-rps",
             "40",
@@ -326,7 +318,7 @@ async fn sigint_drains_and_exits_nonzero() {
         ],
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    wait_status(&m, "the run to copy something", |st| num(st, "done") > 0).await;
+    wait_status(&m, "the run to copy something", |st| st.done > 0).await;
     let signalled = Instant::now();
     // SAFETY: kill(2) on the pid of a child that has not been waited for.
     let r = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -348,14 +340,14 @@ async fn sigint_drains_and_exits_nonzero() {
     );
 
     let st = status(&m);
-    assert_eq!(num(&st, "in_progress"), 0, "{st}");
-    assert_eq!(num(&st, "failed"), 0, "{st}");
-    let done = num(&st, "done");
+    assert_eq!(st.in_progress, 0, "{st:?}");
+    assert_eq!(st.failed, 0, "{st:?}");
+    let done = st.done;
     assert!(
-        done > 0 && num(&st, "pending") > 0,
-        "the run should have stopped part-way: {st}"
+        done > 0 && st.pending > 0,
+        "the run should have stopped part-way: {st:?}"
     );
-    assert_eq!(done + num(&st, "pending"), source_entries as u64, "{st}");
+    assert_eq!(done + st.pending, source_entries as u64, "{st:?}");
     let summary: Vec<&str> = err.lines().filter(|l| l.contains("interrupted")).collect();
     assert_eq!(summary.len(), 1, "one summary line:\n{err}");
     assert!(
@@ -364,7 +356,7 @@ async fn sigint_drains_and_exits_nonzero() {
         summary[0]
     );
 
-    let o = run(&strs(&run_args(&m, &[])));
+    let o = run(&strs(&run_args(&job, &[])));
     expect_code(&o, 0);
     assert_exact_replica(&c, &src, &dst).await;
     assert_all_done(&m, source_entries);
@@ -379,15 +371,16 @@ async fn second_process_is_refused_and_stale_lock_is_not() {
     let (src, dst) = buckets_with_corpus(&c, "lock", 40).await;
     let source_entries = entry_count(&c, &src).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
 
-    let first = spawn(&run_args(&m, &["--max-rps", "20"]));
+    let first = spawn(&run_args(&job, &["--max-rps", "20"]));
     wait_status(&m, "the first run to start copying", |st| {
-        num(st, "done") + num(st, "in_progress") > 0
+        st.done + st.in_progress > 0
     })
     .await;
 
-    let o = run(&strs(&run_args(&m, &[])));
+    let o = run(&strs(&run_args(&job, &[])));
     expect_code(&o, 2);
     let err = stderr_of(&o);
     assert!(err.contains("in use"), "{err}");
@@ -400,19 +393,16 @@ async fn second_process_is_refused_and_stale_lock_is_not() {
     // `status` does not need the lock.
     let o = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
     expect_code(&o, 0);
-    let st: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
-    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
+    let st: Status = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(st.total, source_entries as u64, "{st:?}");
 
     let (killed, _) = kill_after(first, Duration::ZERO).await;
     assert!(killed, "the first run finished before it was killed");
     assert!(lock_path(&m).exists(), "the dead process's lock file stays");
     let st = status(&m);
-    assert!(
-        num(&st, "pending") > 0,
-        "the first run was not finished: {st}"
-    );
+    assert!(st.pending > 0, "the first run was not finished: {st:?}");
 
-    let o = run(&strs(&run_args(&m, &[])));
+    let o = run(&strs(&run_args(&job, &[])));
     expect_code(&o, 0);
     assert_exact_replica(&c, &src, &dst).await;
     assert_all_done(&m, source_entries);
@@ -428,20 +418,17 @@ async fn mismatched_plan_is_refused() {
     let other = bucket("mismatch-other");
     create_bucket(&c, &other, true).await;
     let (_d, m) = manifest();
-    let plan = plan_all(&src, &dst, &m, &ep);
-    expect_code(&run(&strs(&plan)), 0);
-    let planned = status(&m);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
+    let planned = job.status();
 
-    let mut other_dest = plan_all(&src, &other, &m, &ep);
-    let o = run(&strs(&other_dest));
+    let o = job_of(&src, &other, &m, &ep).plan();
     expect_code(&o, 2);
     let err = stderr_of(&o);
     assert!(err.contains("belongs to another job"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
 
-    let mut with_prefix = plan.clone();
-    with_prefix.extend(["--prefix".to_string(), "data/".into()]);
-    let o = run(&strs(&with_prefix));
+    let o = job.clone().extra(&["--prefix", "data/"]).plan();
     expect_code(&o, 2);
     assert!(
         stderr_of(&o).contains("belongs to another job"),
@@ -449,9 +436,8 @@ async fn mismatched_plan_is_refused() {
         stderr_of(&o)
     );
 
-    other_dest.retain(|a| a != "--delete-markers");
-    other_dest[4] = format!("s3://{dst}");
-    let o = run(&strs(&other_dest));
+    // The same buckets without --delete-markers.
+    let o = Job::new(&src, &dst, &m).endpoint(&ep).plan();
     expect_code(&o, 2);
     assert!(
         stderr_of(&o).contains("belongs to another job"),
@@ -459,14 +445,14 @@ async fn mismatched_plan_is_refused() {
         stderr_of(&o)
     );
 
-    let o = run(&strs(&plan));
+    let o = job.plan();
     expect_code(&o, 0);
     let err = stderr_of(&o);
     assert!(err.contains("already complete"), "{err}");
-    assert_eq!(status(&m), planned, "the manifest did not change");
+    assert_eq!(job.status(), planned, "the manifest did not change");
 
     // The refused plans changed nothing: the job still copies to its own destination.
-    expect_code(&run(&strs(&run_args(&m, &[]))), 0);
+    expect_code(&run(&strs(&run_args(&job, &[]))), 0);
     assert_exact_replica(&c, &src, &dst).await;
     assert_eq!(
         entry_count(&c, &other).await,
@@ -482,7 +468,8 @@ async fn newer_schema_is_refused() {
     let c = client(&ep);
     let (src, dst) = buckets_with_corpus(&c, "schema", 3).await;
     let (_d, m) = manifest();
-    expect_code(&run(&strs(&plan_all(&src, &dst, &m, &ep))), 0);
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
     {
         let db = rusqlite::Connection::open(&m).unwrap();
         db.pragma_update(None, "user_version", 99).unwrap();
@@ -491,8 +478,8 @@ async fn newer_schema_is_refused() {
     let status_cmd = ["status", "--manifest", m.to_str().unwrap(), "--json"];
     for (what, o) in [
         ("status", run(&status_cmd)),
-        ("run", run(&strs(&run_args(&m, &[])))),
-        ("plan", run(&strs(&plan_all(&src, &dst, &m, &ep)))),
+        ("run", run(&strs(&run_args(&job, &[])))),
+        ("plan", job.plan()),
     ] {
         expect_code(&o, 2);
         let err = stderr_of(&o);
@@ -524,7 +511,8 @@ async fn killed_plan_resumes_from_its_checkpoint() {
     let source_entries = entry_count(&c, &src).await;
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("job.db");
-    let plan = plan_all(&src, &dst, &m, &ep);
+    let job = job_of(&src, &dst, &m, &ep);
+    let plan = job.plan_args();
     let mut child = cmd(&strs(&plan))
         .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
         .stdout(Stdio::piped())
@@ -539,10 +527,8 @@ async fn killed_plan_resumes_from_its_checkpoint() {
             break;
         }
         if m.exists() {
-            let o = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
-            if o.status.success() {
-                let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                if num(&st, "listed_entries") > 0 && st["listing_complete"] == false {
+            if let Some(st) = try_status(&m) {
+                if st.listed_entries > 0 && !st.listing_complete {
                     child.kill().unwrap();
                     killed_mid_listing = true;
                     break;
@@ -554,7 +540,7 @@ async fn killed_plan_resumes_from_its_checkpoint() {
     let _ = child.wait();
     assert!(killed_mid_listing, "plan finished before a kill could land");
     let st = status(&m);
-    assert!(num(&st, "total") < source_entries as u64, "{st}");
+    assert!(st.total < source_entries as u64, "{st:?}");
 
     let o = cmd(&strs(&plan))
         .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
@@ -563,9 +549,9 @@ async fn killed_plan_resumes_from_its_checkpoint() {
     expect_code(&o, 0);
     assert!(stderr_of(&o).contains("resumed"), "{}", stderr_of(&o));
     let st = status(&m);
-    assert_eq!(num(&st, "total"), source_entries as u64, "{st}");
-    assert_eq!(num(&st, "listed_entries"), source_entries as u64, "{st}");
-    expect_code(&run(&strs(&run_args(&m, &[]))), 0);
+    assert_eq!(st.total, source_entries as u64, "{st:?}");
+    assert_eq!(st.listed_entries, source_entries as u64, "{st:?}");
+    expect_code(&run(&strs(&run_args(&job, &[]))), 0);
     assert_exact_replica(&c, &src, &dst).await;
     assert_all_done(&m, source_entries);
 }

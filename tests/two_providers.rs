@@ -1,21 +1,16 @@
-//! Two providers: two moto servers stand for two S3 providers (two endpoints, two sets of
-//! credentials). Copies stream (GET from one, upload to the other), explicitly or because
-//! `auto` sees two endpoints or two profiles.
+//! Two providers: two servers of the kind under test (two moto servers, or two Ceph RGW
+//! clusters) stand for two S3 providers (two endpoints, two sets of credentials). Copies
+//! stream (GET from one, upload to the other), explicitly or because `auto` sees two
+//! endpoints or two profiles.
 
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use support::*;
 
 const MIB: usize = 1024 * 1024;
-
-fn second_endpoint() -> String {
-    static EP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    EP.get_or_init(start_moto).clone()
-}
 
 /// Versions, delete markers, multipart objects (5 MiB parts, two versions of one key),
 /// headers, metadata and tags. Returns the number of object versions.
@@ -67,30 +62,23 @@ async fn seed_corpus(c: &Client, bucket: &str) -> usize {
                 put_multipart(c, bucket, "mp/once", &body, &[5 * MIB], &h).await;
                 versions += 1;
             }
-            tokio::time::sleep(Duration::from_millis(1100)).await;
+            pace().await;
         }
     }
     versions
 }
 
-fn replicate_args(src: &str, dst: &str, m: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "replicate".to_string(),
-        "--source".into(),
-        format!("s3://{src}"),
-        "--dest".into(),
-        format!("s3://{dst}"),
-        "--manifest".into(),
-        m.to_str().unwrap().into(),
-        "--multipart-threshold".into(),
-        "5MiB".into(),
-        "--part-size".into(),
-        "5MiB".into(),
-        "--delete-markers".into(),
-        "--no-progress".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+/// The job of this file: 5 MiB parts, delete markers, then `extra`.
+fn two_sided(src: &str, dst: &str, m: &Path, extra: &[&str]) -> Job {
+    Job::new(src, dst, m)
+        .extra(&[
+            "--multipart-threshold",
+            "5MiB",
+            "--part-size",
+            "5MiB",
+            "--delete-markers",
+        ])
+        .extra(extra)
 }
 
 /// Every task is done and was streamed (never a server-side copy); the multipart ones kept
@@ -130,21 +118,18 @@ async fn two_provider_job(extra: &[&str]) {
     assert!(dc.head_bucket().bucket(&src).send().await.is_err());
 
     let (_d, m) = manifest();
-    let mut args = replicate_args(&src, &dst, &m, extra);
-    args.extend(sides(&ep1, &ep2));
-    let o = run(&strs(&args));
-    expect_code(&o, 0);
+    let job = two_sided(&src, &dst, &m, extra).endpoints(&ep1, &ep2);
+    expect_code(&job.replicate(), 0);
 
     let n = assert_replica(&sc, &src, &dc, &dst, "", "", all).await;
     assert_eq!(n, versions);
     assert!(open_uploads(&dc, &dst).await.is_empty());
     assert_streamed(&m);
-    let st = status(&m);
-    assert_eq!(st["done"], st["total"]);
-    assert!(st["delete_markers"].as_u64().unwrap() >= 4, "{st}");
+    let st = job.status();
+    assert_eq!(st.done, st.total, "{st:?}");
+    assert!(st.delete_markers >= 4, "{st:?}");
 
-    let o = run(&["verify", "--manifest", m.to_str().unwrap()]);
-    expect_code(&o, 0);
+    expect_code(&job.verify(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,8 +142,8 @@ async fn auto_mode_streams_when_endpoints_differ() {
     two_provider_job(&[]).await;
 }
 
-/// Writes an AWS config file and a credentials file with profiles `src` and `dst` (and
-/// `nokeys`, which has an endpoint but no credentials).
+/// Writes an AWS config file and a credentials file with profiles `src` (the first account)
+/// and `dst` (the second account) (and `nokeys`, which has an endpoint but no credentials).
 fn write_profiles(dir: &Path, ep1: &str, ep2: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let config = dir.join("config");
     let credentials = dir.join("credentials");
@@ -173,8 +158,10 @@ fn write_profiles(dir: &Path, ep1: &str, ep2: &str) -> (std::path::PathBuf, std:
     .unwrap();
     std::fs::write(
         &credentials,
-        "[src]\naws_access_key_id = AKIASOURCEPROFILE\naws_secret_access_key = source-secret\n\n\
-         [dst]\naws_access_key_id = AKIADESTPROFILE\naws_secret_access_key = dest-secret\n",
+        format!(
+            "[src]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n\n\
+             [dst]\naws_access_key_id = {SECOND_KEY_ID}\naws_secret_access_key = {SECOND_SECRET}\n"
+        ),
     )
     .unwrap();
     (config, credentials)
@@ -198,7 +185,8 @@ fn profile_cmd(args: &[String], config: &Path, credentials: &Path) -> std::proce
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profiles_give_each_side_its_credentials_and_endpoint() {
     let (ep1, ep2) = (endpoint(), second_endpoint());
-    let (sc, dc) = (client(&ep1), client(&ep2));
+    // The destination belongs to the second account (on RGW a user of another tenant).
+    let (sc, dc) = (client(&ep1), second_account(&ep2));
     let (src, dst) = (bucket("src"), bucket("dst"));
     create_bucket(&sc, &src, true).await;
     create_bucket(&dc, &dst, true).await;
@@ -209,17 +197,9 @@ async fn profiles_give_each_side_its_credentials_and_endpoint() {
     // A profile without credentials cannot reach the source: the keys come from the
     // profiles, not from anywhere else.
     let (_d0, m0) = manifest();
-    let mut args = replicate_args(&src, &dst, &m0, &[]);
-    args.extend(
-        [
-            "--source-profile",
-            "nokeys",
-            "--dest-profile",
-            "dst",
-            "--path-style",
-        ]
-        .map(String::from),
-    );
+    let args = two_sided(&src, &dst, &m0, &[])
+        .profiles("nokeys", "dst")
+        .replicate_args();
     let o = profile_cmd(&args, &config, &credentials);
     assert!(
         !o.status.success(),
@@ -230,17 +210,9 @@ async fn profiles_give_each_side_its_credentials_and_endpoint() {
     // Endpoints, regions and keys all come from the profiles; `auto` streams because the
     // sides use different profiles.
     let (_d, m) = manifest();
-    let mut args = replicate_args(&src, &dst, &m, &[]);
-    args.extend(
-        [
-            "--source-profile",
-            "src",
-            "--dest-profile",
-            "dst",
-            "--path-style",
-        ]
-        .map(String::from),
-    );
+    let args = two_sided(&src, &dst, &m, &[])
+        .profiles("src", "dst")
+        .replicate_args();
     let o = profile_cmd(&args, &config, &credentials);
     expect_code(&o, 0);
     let n = assert_replica(&sc, &src, &dc, &dst, "", "", all).await;
@@ -252,8 +224,9 @@ async fn profiles_give_each_side_its_credentials_and_endpoint() {
     let raw = std::fs::read(&m).unwrap();
     let text = String::from_utf8_lossy(&raw);
     assert!(text.contains("\"profile\":\"src\""), "profile names stored");
-    assert!(!text.contains("source-secret") && !text.contains("AKIASOURCEPROFILE"));
-    assert!(!text.contains("dest-secret") && !text.contains("AKIADESTPROFILE"));
+    for secret in [KEY_ID, SECRET, SECOND_KEY_ID, SECOND_SECRET] {
+        assert!(!text.contains(secret), "the manifest holds {secret:?}");
+    }
 
     // `verify` reaches each side through its profile too.
     let o = profile_cmd(
