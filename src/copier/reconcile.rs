@@ -137,20 +137,24 @@ impl<C: S3Client> Copier<C> {
     /// The id of the version a successful write just created, when its answer did not say:
     /// the key's newest entry (nothing else writes the key); an object version is HEADed
     /// and its stamp checked, a delete marker is read from the key's listing.
+    /// Also returns the HEAD it made, if any.
     pub(super) async fn learn_version(
         &self,
         ctx: &TaskCtx<'_>,
         answered: Option<String>,
-    ) -> Result<Option<String>, S3Error> {
+    ) -> Result<(Option<String>, Option<ObjectHead>), S3Error> {
         if answered.is_some() || !self.dest_facts.versioned {
-            return Ok(answered);
+            return Ok((answered, None));
         }
         if ctx.task.is_delete_marker {
+            // RGW writes no delete marker over a delete marker (its answer names none): a
+            // run of markers becomes one, whose id the tasks of the run share.
             let history = self.dest_history(ctx).await?;
-            return Ok(history
+            let id = history
                 .last()
                 .filter(|e| e.is_delete_marker)
-                .map(|e| e.version_id.clone()));
+                .map(|e| e.version_id.clone());
+            return Ok((id, None));
         }
         let head = self.dest_head(ctx, None).await?;
         if self.settings.copy.stamp && !stamped_for(&head, &ctx.task.version_id) {
@@ -164,7 +168,16 @@ impl<C: S3Client> Copier<C> {
                 ),
             ));
         }
-        Ok(head.version_id)
+        Ok((head.version_id.clone(), Some(head)))
+    }
+
+    /// The HEAD of one destination version of this task's key (None: the current one).
+    pub(super) async fn dest_version_head(
+        &self,
+        ctx: &TaskCtx<'_>,
+        version: Option<&str>,
+    ) -> Result<ObjectHead, S3Error> {
+        self.dest_head(ctx, version).await
     }
 
     /// Aborts every open multipart upload of exactly this task's destination key (an

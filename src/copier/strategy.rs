@@ -162,8 +162,9 @@ impl Copied {
 
 /// What a version-creating write ended with.
 enum Wrote {
-    /// This run's write: the answer, and the new version's id.
-    New(WriteResult, Option<String>),
+    /// This run's write: the answer, the new version's id, and its HEAD when one was needed
+    /// to learn the id.
+    New(WriteResult, Option<String>, Option<ObjectHead>),
     /// An ambiguous earlier attempt had written it: its version id.
     Adopted(Option<String>),
 }
@@ -328,8 +329,8 @@ impl<C: S3Client> Copier<C> {
         let hook = || self.find_written(ctx, ctx.started_at);
         match self.retrier.write(&ctx.retries, f, hook).await? {
             Written::Done(r) => {
-                let v = self.learn_version(ctx, r.version_id.clone()).await?;
-                Ok(Wrote::New(r, v))
+                let (v, head) = self.learn_version(ctx, r.version_id.clone()).await?;
+                Ok(Wrote::New(r, v, head))
             }
             Written::Adopted(v) => Ok(Wrote::Adopted(v)),
         }
@@ -342,7 +343,7 @@ impl<C: S3Client> Copier<C> {
                 .await?
             {
                 Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
-                Wrote::New(_, v) => Copied::single(v, CopyMethod::DeleteMarker),
+                Wrote::New(_, v, _) => Copied::single(v, CopyMethod::DeleteMarker),
             },
         )
     }
@@ -359,8 +360,9 @@ impl<C: S3Client> Copier<C> {
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
-            Wrote::New(r, v) => {
+            Wrote::New(r, v, dest_head) => {
                 self.check_checksum(ctx, "CopyObject", head, &r)?;
+                self.keep_tags(ctx, head, v.as_deref(), dest_head).await?;
                 Copied::single(v, CopyMethod::Copy)
             }
         })
@@ -437,7 +439,7 @@ impl<C: S3Client> Copier<C> {
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
-            Wrote::New(r, v) => {
+            Wrote::New(r, v, _) => {
                 self.check_checksum(ctx, "PutObject", head, &r)?;
                 Copied::single(v, CopyMethod::Stream)
             }
@@ -528,10 +530,18 @@ impl<C: S3Client> Copier<C> {
                 self.dest.complete_multipart(&ctx.dest, upload_id, &parts)
             })
             .await?;
-        let (version, etag) = match wrote {
+        let (version, mut etag) = match wrote {
             Wrote::Adopted(v) => (v, None),
-            Wrote::New(r, v) => (v, r.etag),
+            Wrote::New(r, v, _) => (v, r.etag),
         };
+        if etag.is_none() {
+            // The answer had no ETag (RGW): read it, and check that tags given at
+            // CreateMultipartUpload were kept.
+            let dest_head = self.dest_version_head(ctx, version.as_deref()).await?;
+            etag = dest_head.etag.clone();
+            self.keep_tags(ctx, head, version.as_deref(), Some(dest_head))
+                .await?;
+        }
         let etag_preserved = match (&etag, &head.etag) {
             (Some(d), Some(s)) => Some(d == s),
             _ => Some(layout.preserves_etag),
@@ -580,6 +590,34 @@ impl<C: S3Client> Copier<C> {
                 self.dest
                     .upload_part(&ctx.dest, upload_id, n, body.clone(), &md5, alg)
             })
+            .await
+    }
+
+    /// Puts the source's tags on a new version whose HEAD shows fewer of them: some servers
+    /// drop tags on some writes (RGW 16.2: CopyObject with MetadataDirective REPLACE, and tags
+    /// given at CreateMultipartUpload). Only checked where a HEAD was made anyway.
+    async fn keep_tags(
+        &self,
+        ctx: &TaskCtx<'_>,
+        src: &ObjectHead,
+        version: Option<&str>,
+        dest: Option<ObjectHead>,
+    ) -> Result<(), S3Error> {
+        let Some(dest) = dest else { return Ok(()) };
+        if src.tag_count == 0 || dest.tag_count >= src.tag_count {
+            return Ok(());
+        }
+        let source = ctx.source(&self.settings.source.bucket);
+        let tags = self
+            .retrier
+            .call(&ctx.retries, || self.source.get_tagging(&source))
+            .await?;
+        let obj = crate::s3::ObjectRef {
+            version_id: version.map(str::to_string),
+            ..ctx.dest.clone()
+        };
+        self.retrier
+            .call(&ctx.retries, || self.dest.put_tagging(&obj, &tags))
             .await
     }
 

@@ -566,6 +566,25 @@ impl S3Client for FakeS3 {
         })
     }
 
+    async fn put_tagging(&self, obj: &ObjectRef, tagging: &str) -> Result<(), S3Error> {
+        self.op("PutObjectTagging", &obj.key, |s| {
+            let v = s
+                .find_mut(&obj.bucket, &obj.key, obj.version_id.as_deref())
+                .ok_or_else(|| {
+                    err(
+                        self.side,
+                        "PutObjectTagging",
+                        ErrorClass::Fatal,
+                        404,
+                        "NoSuchVersion",
+                    )
+                })?;
+            v.tags = tagging.to_string();
+            v.head.tag_count = tagging.split('&').filter(|t| !t.is_empty()).count() as u32;
+            Ok(())
+        })
+    }
+
     async fn create_multipart(
         &self,
         dest: &ObjectRef,

@@ -130,11 +130,22 @@ pub fn parse_page(xml: &[u8]) -> Result<VersionPage, String> {
         return Err("empty response".into());
     }
     if url_encoded {
+        let raw_marker = page.next_key_marker.clone();
+        let mut marker_is_raw_key = false;
         for e in &mut page.entries {
+            marker_is_raw_key |= raw_marker.as_deref() == Some(e.key.as_str());
             e.key = url_decode(&e.key);
         }
+        // AWS encodes NextKeyMarker like the keys; RGW sends it as it is. A marker that is
+        // one of the page's keys as decoded (and not as sent) was not encoded: taking it
+        // for encoded would start the next page elsewhere and lose or repeat entries.
+        let marker_is_decoded_key = raw_marker
+            .as_deref()
+            .is_some_and(|m| page.entries.iter().any(|e| e.key == m));
         if let Some(k) = &mut page.next_key_marker {
-            *k = url_decode(k);
+            if marker_is_raw_key || !marker_is_decoded_key {
+                *k = url_decode(k);
+            }
         }
     }
     order_histories(&mut page.entries);
@@ -303,6 +314,27 @@ mod tests {
         let p = parse_page(xml).unwrap();
         assert_eq!(p.entries[0].key, "a b+c%d&\t");
         assert!(!p.truncated);
+    }
+
+    #[test]
+    fn a_marker_sent_unencoded_is_kept() {
+        // RGW: keys encoded, NextKeyMarker not. The key `a%41` must not become `aA`.
+        let xml = b"<ListVersionsResult><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated>\
+<NextKeyMarker>a%41</NextKeyMarker><NextVersionIdMarker>v1</NextVersionIdMarker>\
+<Version><Key>a%2541</Key><VersionId>v1</VersionId><IsLatest>false</IsLatest><Size>1</Size></Version>\
+</ListVersionsResult>";
+        let p = parse_page(xml).unwrap();
+        assert_eq!(p.entries[0].key, "a%41");
+        assert_eq!(p.next_key_marker.as_deref(), Some("a%41"));
+        // AWS: the marker is encoded like the keys.
+        let xml = b"<ListVersionsResult><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated>\
+<NextKeyMarker>a%2541</NextKeyMarker><NextVersionIdMarker>v1</NextVersionIdMarker>\
+<Version><Key>a%2541</Key><VersionId>v1</VersionId><IsLatest>false</IsLatest><Size>1</Size></Version>\
+</ListVersionsResult>";
+        assert_eq!(
+            parse_page(xml).unwrap().next_key_marker.as_deref(),
+            Some("a%41")
+        );
     }
 
     #[test]
