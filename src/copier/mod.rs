@@ -139,6 +139,7 @@ pub struct Copier<C: S3Client> {
     progress: progress::Progress,
     requests_sent: Mutex<BTreeMap<&'static str, u64>>,
     lock_warned: AtomicBool,
+    stream_said: AtomicBool,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -168,6 +169,7 @@ impl<C: S3Client> Copier<C> {
             progress: progress::Progress::new(bar, opts.failure_threshold),
             requests_sent: Mutex::new(BTreeMap::new()),
             lock_warned: AtomicBool::new(false),
+            stream_said: AtomicBool::new(false),
         })
     }
 

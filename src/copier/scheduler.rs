@@ -154,7 +154,14 @@ impl<C: S3Client> Copier<C> {
             return Step::Stopped;
         }
         if ctx.task.attempts > 0 {
-            match self.reconcile_earlier_attempt(ctx).await {
+            let found = match self.reconcile_earlier_attempt(ctx).await {
+                Ok(Some(v)) => self
+                    .repair_adopted(ctx, v.as_deref())
+                    .await
+                    .map(|_| Some(v)),
+                other => other,
+            };
+            match found {
                 Ok(Some(v)) => return Step::Finished(adopted(v)),
                 Ok(None) => {}
                 Err(e) => {

@@ -207,11 +207,13 @@ impl<C: S3Client> Copier<C> {
         if self.settings.copy.mode != CopyMode::Auto || !denied {
             return false;
         }
-        self.progress.say(format!(
-            "server-side copy of {} version {} was denied ({e}); streaming it through this machine",
-            show_key(&ctx.task.key),
-            ctx.task.version_id
-        ));
+        if !self.stream_said.swap(true, Ordering::Relaxed) {
+            self.progress.say(format!(
+                "server-side copy was denied ({e}); streaming through this machine each task it is denied for (first: {} version {}; decided per task and kept in the manifest)",
+                show_key(&ctx.task.key),
+                ctx.task.version_id
+            ));
+        }
         self.send(Update::StreamOnly { id: ctx.task.id });
         true
     }
@@ -332,8 +334,30 @@ impl<C: S3Client> Copier<C> {
                 let (v, head) = self.learn_version(ctx, r.version_id.clone()).await?;
                 Ok(Wrote::New(r, v, head))
             }
-            Written::Adopted(v) => Ok(Wrote::Adopted(v)),
+            Written::Adopted(v) => {
+                self.repair_adopted(ctx, v.as_deref()).await?;
+                Ok(Wrote::Adopted(v))
+            }
         }
+    }
+
+    /// An adopted version was written by an attempt that may have died before putting back
+    /// tags the server dropped (see [`Copier::keep_tags`]): they are checked now.
+    pub(super) async fn repair_adopted(
+        &self,
+        ctx: &TaskCtx<'_>,
+        version: Option<&str>,
+    ) -> Result<(), S3Error> {
+        if ctx.task.is_delete_marker || version.is_none() {
+            return Ok(());
+        }
+        let src = match self.head_source(ctx, None).await {
+            Ok(h) => h,
+            // Gone or unreadable now: nothing to compare with; the copy itself is adopted.
+            Err(_) => return Ok(()),
+        };
+        let dest = self.dest_version_head(ctx, version).await?;
+        self.keep_tags(ctx, &src, version, Some(dest)).await
     }
 
     async fn delete_marker(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
