@@ -164,7 +164,7 @@ impl Copied {
 enum Wrote {
     /// This run's write: the answer, the new version's id, and its HEAD when one was needed
     /// to learn the id.
-    New(WriteResult, Option<String>, Option<ObjectHead>),
+    New(WriteResult, Option<String>, Option<Box<ObjectHead>>),
     /// An ambiguous earlier attempt had written it: its version id.
     Adopted(Option<String>),
 }
@@ -332,7 +332,7 @@ impl<C: S3Client> Copier<C> {
         match self.retrier.write(&ctx.retries, f, hook).await? {
             Written::Done(r) => {
                 let (v, head) = self.learn_version(ctx, r.version_id.clone()).await?;
-                Ok(Wrote::New(r, v, head))
+                Ok(Wrote::New(r, v, head.map(Box::new)))
             }
             Written::Adopted(v) => {
                 self.repair_adopted(ctx, v.as_deref()).await?;
@@ -386,7 +386,8 @@ impl<C: S3Client> Copier<C> {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
             Wrote::New(r, v, dest_head) => {
                 self.check_checksum(ctx, "CopyObject", head, &r)?;
-                self.keep_tags(ctx, head, v.as_deref(), dest_head).await?;
+                self.keep_tags(ctx, head, v.as_deref(), dest_head.map(|h| *h))
+                    .await?;
                 Copied::single(v, CopyMethod::Copy)
             }
         })
