@@ -7,8 +7,8 @@
 //!
 //! - Object versions, stamp on (default): a candidate is adopted only when its user metadata
 //!   carries the stamp naming this source version: exact on every server.
-//! - Object versions, `--no-stamp`: a candidate of the same size (and ETag, where both are
-//!   MD5s of a single-part copy) written after the attempt started, less the clock skew.
+//! - Object versions, `--no-stamp`: the first candidate of the same size written after the
+//!   attempt started, less the clock skew (ETags are not compared: encryption changes them).
 //! - Delete markers carry no metadata: the first delete marker after the last recorded
 //!   version (and, for a key with nothing recorded, written after the attempt started).
 //!
@@ -89,22 +89,13 @@ impl<C: S3Client> Copier<C> {
             }
             return Ok(None);
         }
+        // Without the stamp: size and write time. ETags are not compared: a KMS-encrypted
+        // copy's ETag is not the source's, and the position after the last recorded version
+        // already tells the attempts of this task apart from the key's other versions.
         let found = versions
             .filter(|e| recent(e) && e.size == ctx.task.size)
-            .find(|e| self.etag_matches(ctx, e));
+            .next();
         Ok(found.map(|e| Some(e.version_id.clone())))
-    }
-
-    /// Whether a destination version's ETag fits the task (only single-part copies of
-    /// unencrypted or SSE-S3 sources keep the source's MD5 ETag; elsewhere size decides).
-    fn etag_matches(&self, ctx: &TaskCtx<'_>, e: &VersionEntry) -> bool {
-        let plain = |s: &str| !s.contains('-');
-        let comparable = self.settings.copy.sse.is_none()
-            && ctx.task.size < self.settings.copy.multipart_threshold;
-        match (&ctx.task.etag, &e.etag) {
-            (Some(s), Some(d)) if comparable && plain(s) && plain(d) => s == d,
-            _ => true,
-        }
     }
 
     /// The destination's entries of exactly this task's key, oldest first.

@@ -298,27 +298,19 @@ impl<C: S3Client> Copier<C> {
         }
     }
 
-    /// Object lock settings to send: none for a destination without object lock (said once
-    /// per run), and no retention that has already expired.
+    /// Object lock settings to send (see [`lock_to_send`]); the first version whose settings
+    /// are dropped for a destination without object lock is said, once per run.
     fn lock_settings(&self, lock: &ObjectLock) -> ObjectLock {
-        if lock.is_empty() {
-            return ObjectLock::default();
+        if !lock.is_empty()
+            && !self.dest_facts.object_lock
+            && !self.lock_warned.swap(true, Ordering::Relaxed)
+        {
+            self.progress.say(format!(
+                "warning: bucket {} has no object lock: versions are copied without their lock settings",
+                self.settings.dest.bucket
+            ));
         }
-        if !self.dest_facts.object_lock {
-            if !self.lock_warned.swap(true, Ordering::Relaxed) {
-                self.progress.say(format!(
-                    "warning: bucket {} has no object lock: versions are copied without their lock settings",
-                    self.settings.dest.bucket
-                ));
-            }
-            return ObjectLock::default();
-        }
-        let expired = lock.retain_until.is_some_and(|t| t <= now_secs());
-        ObjectLock {
-            mode: lock.mode.clone().filter(|_| !expired),
-            retain_until: lock.retain_until.filter(|_| !expired),
-            legal_hold: lock.legal_hold,
-        }
+        lock_to_send(lock, self.dest_facts.object_lock, now_secs())
     }
 
     /// A write that creates the destination version, retried with reconciliation before
@@ -730,6 +722,21 @@ impl<C: S3Client> Copier<C> {
     }
 }
 
+/// The object lock settings a copy sends: none for a destination without object lock, and
+/// no retention that has already expired at `now` (S3 refuses a retain-until date in the
+/// past); a legal hold is kept.
+pub fn lock_to_send(lock: &ObjectLock, dest_has_lock: bool, now: i64) -> ObjectLock {
+    if !dest_has_lock || lock.is_empty() {
+        return ObjectLock::default();
+    }
+    let expired = lock.retain_until.is_some_and(|t| t <= now);
+    ObjectLock {
+        mode: lock.mode.clone().filter(|_| !expired),
+        retain_until: lock.retain_until.filter(|_| !expired),
+        legal_hold: lock.legal_hold,
+    }
+}
+
 /// Parts count encoded in a multipart ETag (`"…-N"`).
 fn etag_parts(etag: Option<&str>) -> Option<u64> {
     let e = etag?.trim_matches('"');
@@ -767,6 +774,25 @@ mod tests {
     fn reads_parts_from_etags() {
         assert_eq!(etag_parts(Some("\"abc-12\"")), Some(12));
         assert_eq!(etag_parts(Some("\"abc\"")), None);
+    }
+
+    #[test]
+    fn lock_settings_drop_expired_retention_and_locks_the_destination_cannot_take() {
+        let lock = ObjectLock {
+            mode: Some("GOVERNANCE".into()),
+            retain_until: Some(100),
+            legal_hold: true,
+        };
+        assert_eq!(lock_to_send(&lock, true, 50), lock, "kept while it runs");
+        let expired = lock_to_send(&lock, true, 100);
+        assert_eq!(
+            (expired.mode, expired.retain_until, expired.legal_hold),
+            (None, None, true)
+        );
+        assert!(
+            lock_to_send(&lock, false, 50).is_empty(),
+            "destination without object lock"
+        );
     }
 
     #[test]

@@ -330,3 +330,63 @@ async fn delete_markers_and_versions_keep_their_order() {
     let methods: Vec<_> = tasks(&path).iter().map(|t| t.state).collect();
     assert_eq!(methods, [State::Done; 5]);
 }
+
+#[tokio::test]
+async fn plan_refuses_destination_keys_longer_than_s3_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server();
+    s.put(SRC, &"k".repeat(1000), b"x", &[]);
+    let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
+    let mut settings = settings();
+    settings.dest.prefix = "a-rather-long-archive-prefix/".into();
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let client = s.client(Side::Source);
+    let lister = Lister {
+        client: &client,
+        settings: &settings,
+        retrier: &retrier,
+        dest_versioned: true,
+    };
+    let e = lister
+        .list_into(&mut m, |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1029 bytes") && e.contains("longer than S3's 1024"),
+        "{e}"
+    );
+    assert_eq!(
+        m.counts().unwrap().total,
+        0,
+        "nothing of the page was written"
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server();
+    for i in 0..5 {
+        s.put(SRC, &format!("k{i}"), b"x", &[]);
+    }
+    s.truncate_without_markers(true);
+    let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
+    std::env::set_var("S3_BACKFILL_LIST_PAGE_SIZE", "2");
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let client = s.client(Side::Source);
+    let settings = settings();
+    let lister = Lister {
+        client: &client,
+        settings: &settings,
+        retrier: &retrier,
+        dest_versioned: true,
+    };
+    let e = lister
+        .list_into(&mut m, |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    std::env::remove_var("S3_BACKFILL_LIST_PAGE_SIZE");
+    assert!(e.contains("names no next key marker"), "{e}");
+}

@@ -307,5 +307,14 @@ mod tests {
             classify_code(Some("NoSuchBucket"), Some(404), true),
             ErrorClass::Fatal
         );
+        // A server that does not implement an operation: fatal at once, not retried.
+        assert_eq!(
+            classify_code(Some("NotImplemented"), Some(501), false),
+            ErrorClass::Fatal
+        );
+        assert_eq!(
+            classify_code(Some("InvalidObjectState"), Some(403), true),
+            ErrorClass::Archived
+        );
     }
 }

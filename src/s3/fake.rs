@@ -89,6 +89,7 @@ struct Server {
 pub struct FakeServer {
     state: Arc<Mutex<Server>>,
     omit_copy_version: Arc<AtomicBool>,
+    no_markers: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
 }
 
@@ -232,6 +233,11 @@ impl FakeServer {
             remaining: times,
             kind,
         });
+    }
+
+    /// Makes truncated listing pages name no next markers (a server bug).
+    pub fn truncate_without_markers(&self, on: bool) {
+        self.no_markers.store(on, Ordering::Relaxed);
     }
 
     /// Removes every injected fault.
@@ -420,6 +426,7 @@ impl S3Client for FakeS3 {
     }
 
     async fn list_versions(&self, from: &ListFrom) -> Result<VersionPage, S3Error> {
+        let no_markers = self.server.no_markers.load(Ordering::Relaxed);
         self.op("ListObjectVersions", &from.prefix, |s| {
             let b = s.buckets.get(&from.bucket).ok_or_else(|| {
                 err(
@@ -452,7 +459,10 @@ impl S3Client for FakeS3 {
             };
             let end = (start + from.max_keys.max(1) as usize).min(all.len());
             let truncated = end < all.len();
-            let last = all.get(end.wrapping_sub(1)).filter(|_| truncated).cloned();
+            let last = all
+                .get(end.wrapping_sub(1))
+                .filter(|_| truncated && !no_markers)
+                .cloned();
             Ok(VersionPage {
                 entries: all[start..end].to_vec(),
                 truncated,
