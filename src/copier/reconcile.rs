@@ -92,9 +92,8 @@ impl<C: S3Client> Copier<C> {
         // Without the stamp: size and write time. ETags are not compared: a KMS-encrypted
         // copy's ETag is not the source's, and the position after the last recorded version
         // already tells the attempts of this task apart from the key's other versions.
-        let found = versions
-            .filter(|e| recent(e) && e.size == ctx.task.size)
-            .next();
+        let mut versions = versions;
+        let found = versions.find(|e| recent(e) && e.size == ctx.task.size);
         Ok(found.map(|e| Some(e.version_id.clone())))
     }
 
