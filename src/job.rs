@@ -215,6 +215,21 @@ fn existing_manifest(
     Ok(Some(m))
 }
 
+/// Whether the manifest's listing is already complete (said in one line).
+fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, JobError> {
+    let Some(m) = m else { return Ok(false) };
+    if !m.listing()?.complete {
+        return Ok(false);
+    }
+    let c = m.counts()?;
+    eprintln!(
+        "listing already complete: {} tasks in {}; nothing to do (use `run`)",
+        c.total,
+        path.display()
+    );
+    Ok(true)
+}
+
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let mut settings = args.settings()?;
@@ -222,16 +237,8 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     // A new manifest is only created once both buckets answered, so a mistyped bucket
     // leaves no manifest behind.
     let existing = existing_manifest(args, &settings)?;
-    if let Some(m) = &existing {
-        if m.listing()?.complete {
-            let c = m.counts()?;
-            eprintln!(
-                "listing already complete: {} tasks in {}; nothing to do (use `run`)",
-                c.total,
-                args.manifest.display()
-            );
-            return Ok(());
-        }
+    if listing_done(existing.as_ref(), &args.manifest)? {
+        return Ok(());
     }
     let timeouts = Timeouts::default();
     let (source, _) = open_side(

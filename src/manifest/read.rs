@@ -30,6 +30,7 @@ fn task_select(cond: &str, order: &str) -> String {
 /// Oldest first: earlier listings first, then the end of each key's history first.
 const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
 
+// Long on purpose: one line per stored column, read in order; splitting it would only scatter the column list.
 /// A row of [`task_select`]; the inner error names a value this build cannot read.
 fn task_from_row(r: &Row<'_>) -> rusqlite::Result<std::result::Result<Task, String>> {
     let flags: i64 = r.get(2)?;
@@ -290,6 +291,7 @@ impl Manifest {
         Ok(())
     }
 
+    // Long on purpose: one pass over a key's tasks that decides failed, skipped and blocked rows together.
     /// The problems of one key, oldest first; false when `f` asked to stop.
     fn key_problems(
         &self,

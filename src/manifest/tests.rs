@@ -151,6 +151,7 @@ fn single_version_keys_do_not_need_versioning() {
     assert!(!m.has_multi_version_key().unwrap());
 }
 
+// Long on purpose: a test that reads as one scenario from set-up to the checks.
 #[test]
 fn listed_fields_read_back_exactly() {
     let (_d, path, mut m) = new_manifest();
@@ -277,6 +278,7 @@ fn settings_round_trip_and_name_destination_zero() {
     assert_eq!(dest, ("dst".to_string(), "out/".to_string()));
 }
 
+// Long on purpose: a test that reads as one scenario from set-up to the checks.
 #[tokio::test]
 async fn writer_commits_updates() {
     let (_d, path, mut m) = new_manifest();
@@ -393,6 +395,7 @@ fn open_uploads_are_listed_until_closed() {
     assert!(m.open_uploads().unwrap().is_empty());
 }
 
+// Long on purpose: a test that reads as one scenario from set-up to the checks.
 /// The kept counters equal a full recount after every kind of change.
 #[test]
 fn counters_match_a_recount() {
@@ -529,6 +532,7 @@ fn check_recount(m: &Manifest) {
     assert_eq!(all_keys(m).len() as i64, open_keys);
 }
 
+// Long on purpose: a test that reads as one scenario from set-up to the checks.
 #[test]
 fn a_failed_version_blocks_the_later_ones_until_resolved() {
     let (_d, path, mut m) = new_manifest();
@@ -905,6 +909,7 @@ fn v1_manifests_are_migrated_on_open() {
     );
 }
 
+// Long on purpose: a test that reads as one scenario from set-up to the checks.
 fn check_migrated_tasks(m: &Manifest) {
     let g = all_keys(m);
     let keys: Vec<&str> = g.iter().map(|g| g.key.as_str()).collect();

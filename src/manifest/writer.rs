@@ -314,6 +314,7 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
     }
 }
 
+// Long on purpose: one arm per outcome, each a single statement with its counter changes.
 fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
     let retries = match outcome {
         Outcome::Done {

@@ -416,6 +416,7 @@ macro_rules! with_attrs {
     }};
 }
 
+// Long on purpose: one field per response header of HeadObject.
 fn head_record(h: &HeadObjectOutput) -> ObjectHead {
     let full = h.checksum_type() == Some(&ChecksumType::FullObject);
     let checksum = Checksum::first_of(

@@ -157,6 +157,7 @@ pub fn classify_code(code: Option<&str>, status: Option<u16>, reads_source: bool
     }
 }
 
+// Long on purpose: one arm per kind of SDK failure, each building its error in place.
 /// Classifies an SDK error into an [`S3Error`].
 pub fn classify<E>(
     side: Side,

@@ -33,6 +33,7 @@ fn named_entity(name: &[u8]) -> Option<char> {
     })
 }
 
+// Long on purpose: a single pass over the XML events, whose state (path, entry, text) the arms share.
 /// Parses a `ListVersionsResult` body, keeping the order of versions and delete markers.
 pub fn parse_page(xml: &[u8]) -> Result<VersionPage, String> {
     let mut reader = Reader::from_reader(xml);
