@@ -15,5 +15,6 @@ pub mod job;
 pub mod lister;
 pub mod manifest;
 pub mod report;
+pub mod rules;
 pub mod s3;
 pub mod verify;
