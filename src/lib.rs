@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod config;
 pub mod copier;
+pub mod filters;
 pub mod job;
 pub mod lister;
 pub mod manifest;
