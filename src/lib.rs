@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod copier;
 pub mod filters;
+pub mod inputs;
 pub mod job;
 pub mod lister;
 pub mod manifest;
