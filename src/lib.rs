@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod aws_report;
 pub mod cli;
 pub mod config;
 pub mod copier;

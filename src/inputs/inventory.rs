@@ -77,6 +77,15 @@ impl Fetch for LocalFetch {
     }
 
     fn open(&self, key: &str) -> io::Result<File> {
+        let escapes = Path::new(key)
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)));
+        if escapes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the key leaves the inventory's directory",
+            ));
+        }
         File::open(self.resolve(key))
     }
 }
@@ -261,7 +270,11 @@ impl<F: Fetch> Inventory<F> {
         f.rewind()
             .map_err(|e| InputError::file(&name, e.to_string()))?;
         match self.manifest.format {
-            FileFormat::Csv => Ok(Source::Csv(CsvRows::new(name, f, &self.manifest.columns))),
+            FileFormat::Csv => Ok(Source::Csv(Box::new(CsvRows::new(
+                name,
+                f,
+                &self.manifest.columns,
+            )))),
             FileFormat::Parquet => Ok(Source::Parquet(ParquetRows::open(name, f)?)),
         }
     }
@@ -357,7 +370,7 @@ impl Place {
 type RowRead = Result<(String, Place, VersionEntry), InputError>;
 
 enum Source {
-    Csv(CsvRows),
+    Csv(Box<CsvRows>),
     Parquet(ParquetRows),
 }
 

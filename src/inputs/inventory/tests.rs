@@ -304,7 +304,7 @@ fn parquet_inventory_gives_the_same_entries_as_csv() {
 
 #[test]
 fn history_order_is_latest_first_then_newest_first() {
-    let mut rows = vec![
+    let mut rows = [
         object("k", "old", false, T0, 1),
         object("k", "new", false, T0 + 2, 1),
         marker("k", "dm", true, T0 + 1),
@@ -462,4 +462,14 @@ fn data_files_are_found_beside_a_manifest_copied_alone() {
     )
     .unwrap();
     assert_eq!(read_all(&flat.join("manifest.json")).unwrap(), histories());
+}
+
+#[test]
+fn local_fetch_refuses_keys_that_leave_the_inventory() {
+    let dir = tempfile::tempdir().unwrap();
+    let fetch = LocalFetch::near(&dir.path().join("manifest.json"));
+    for key in ["../outside.csv.gz", "/etc/hostname", "a/../../b"] {
+        let err = fetch.open(key).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{key}");
+    }
 }
