@@ -4,7 +4,9 @@
 //! client per side) → [`lister`] (ListObjectVersions into the manifest) → [`manifest`] (the
 //! SQLite job file, the only SQL) → [`copier`] (scheduler and copy strategies) →
 //! [`report`] / [`verify`]. [`s3`] is the S3 access layer (errors, the one retry loop);
-//! [`job`] wires the stages into commands.
+//! [`job`] wires the stages into commands. S3 Batch Replication's own inputs and outputs:
+//! [`rules`] (replication configurations), [`filters`] (manifest filters), [`inputs`] (CSV
+//! manifests, S3 Inventory) and [`aws_report`] (the completion report in AWS's shape).
 
 #![warn(missing_docs)]
 

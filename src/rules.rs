@@ -397,7 +397,11 @@ impl Rule {
         if !facts.key.starts_with(self.key_prefix()) {
             return false;
         }
-        let have = facts.tags.unwrap_or(&[]);
+        // Delete markers carry no tags, whatever the caller passes.
+        let have = match facts.tags {
+            Some(t) if !facts.is_delete_marker => t,
+            _ => &[],
+        };
         self.tags()
             .iter()
             .all(|t| have.iter().any(|(k, v)| *k == t.key && *v == t.value))

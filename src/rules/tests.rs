@@ -205,6 +205,18 @@ fn single_tag_rule_sends_to_its_own_destination_and_never_delete_markers() {
 }
 
 #[test]
+fn a_delete_marker_never_matches_a_tag_rule_even_with_tags_passed() {
+    let cfg = json(fixture!("tags-and.json"));
+    let blue = tags(&[("project", "blue"), ("keep", "yes")]);
+    let d = cfg.decide(&VersionFacts {
+        tags: Some(&blue),
+        ..marker("docs/a.txt")
+    });
+    // blue-docs (priority 3) would win for an object; for a delete marker "rest" decides.
+    assert_eq!(summary(&d), vec![row("replica", "rest", Some("STANDARD"))]);
+}
+
+#[test]
 fn sse_kms_objects_only_through_rules_that_opt_in() {
     let cfg = json(fixture!("kms.json"));
     assert!(cfg.needs_encryption(), "rule \"plain\" leaves SSE-KMS out");
