@@ -5,17 +5,24 @@
 //! [`manifest`] (the SQLite job file, the only SQL) → [`copier`] (scheduler, reconciliation,
 //! copy strategies) → [`report`] / [`verify`]. [`s3`] is the S3 access layer (the client
 //! trait, error classification, the one retry loop); [`ui`] is what a person sees; [`job`]
-//! wires the stages into commands.
+//! wires the stages into commands. S3 Batch Replication's own inputs and outputs (not yet
+//! wired to the commands): [`rules`] (replication configurations), [`filters`] (manifest
+//! filters), [`inputs`] (CSV manifests, S3 Inventory) and [`aws_report`] (the completion
+//! report in AWS's shape).
 
 #![warn(missing_docs)]
 
+pub mod aws_report;
 pub mod cli;
 pub mod config;
 pub mod copier;
+pub mod filters;
+pub mod inputs;
 pub mod job;
 pub mod lister;
 pub mod manifest;
 pub mod report;
+pub mod rules;
 pub mod s3;
 pub mod ui;
 pub mod verify;
