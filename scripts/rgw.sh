@@ -133,6 +133,8 @@ EOF
 spawn() {
   local dir="$1" name="$2"
   shift 2
+  # The watchdog (or a `stop`) ended the cluster while it was starting: start nothing more.
+  [ -e "$dir/pids" ] || die "stopped while starting"
   setsid "$@" -c "$dir/ceph.conf" -f >"$dir/$name.out" 2>&1 </dev/null 9>&- &
   echo "$! $name" >>"$dir/pids"
 }
