@@ -54,7 +54,7 @@ async fn replicates_identically_through_injected_faults() {
     // Every fifth key has two identical empty versions (one ETag for both), as real buckets
     // hold: a lost answer must not make one of them stand for the other.
     let body = |i: usize, round: &str, k: &str| -> Vec<u8> {
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             Vec::new()
         } else {
             format!("{round} {k} {}", "z".repeat(k.len())).into_bytes()

@@ -76,7 +76,7 @@ fn second_version(i: usize, k: &str) -> Op {
         content_type: Some("text/plain".into()),
         cache_control: None,
         metadata: vec![("rev".into(), "2".into())],
-        tagging: if i % 4 == 0 {
+        tagging: if i.is_multiple_of(4) {
             Some(format!("rev=2&i={i}"))
         } else {
             None
