@@ -21,8 +21,10 @@ step 1 "installing the local S3 server ($SERVER) if needed"
 bash scripts/setup-moto.sh # the seeding below uses boto3 from moto's .venv
 if [ "$SERVER" = rgw ]; then bash scripts/rgw.sh install; fi
 
-step 2 "building s3-backfill (the first build takes ~7 min on 2 cores; later builds take seconds)"
-cargo build
+step 2 "building s3-backfill and its tests (the first build takes about 10 min on 2 cores; later builds take seconds)"
+# The build the tests use (cargo builds dependencies with other features for a plain
+# `cargo build`), so that scripts/test.sh does not build everything a second time.
+cargo test --no-run
 BIN=target/debug/s3-backfill
 
 step 3 "starting $SERVER on 127.0.0.1"

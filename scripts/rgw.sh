@@ -133,6 +133,8 @@ EOF
 spawn() {
   local dir="$1" name="$2"
   shift 2
+  # The watchdog (or a `stop`) ended the cluster while it was starting: start nothing more.
+  [ -e "$dir/pids" ] || die "stopped while starting"
   setsid "$@" -c "$dir/ceph.conf" -f >"$dir/$name.out" 2>&1 </dev/null 9>&- &
   echo "$! $name" >>"$dir/pids"
 }
@@ -215,10 +217,13 @@ warm_up() {
   s3 -X DELETE "$ep/$b"
 }
 
+# Polls every 0.5 s; ends by itself once the cluster is stopped (DIR/pids gone).
 start_watchdog() {
-  local dir="$1" owner="$2"
-  setsid bash -c "while kill -0 $owner 2>/dev/null && [ -e '$dir/pids' ]; do sleep 0.5; done
-    [ -e '$dir/pids' ] && exec bash '$SELF' stop '$dir'" >"$dir/watchdog.out" 2>&1 </dev/null &
+  local dir="$1" owner="$2" q_dir q_self
+  printf -v q_dir %q "$dir"
+  printf -v q_self %q "$SELF"
+  setsid bash -c "while kill -0 $owner 2>/dev/null && [ -e $q_dir/pids ]; do sleep 0.5; done
+    [ -e $q_dir/pids ] && exec bash $q_self stop $q_dir" >"$dir/watchdog.out" 2>&1 </dev/null &
 }
 
 # On a failed start: stop what did start, and say where the logs are.
