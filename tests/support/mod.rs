@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod mem_s3;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
