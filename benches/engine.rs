@@ -130,6 +130,17 @@ struct Measured {
     code: Option<i32>,
 }
 
+/// CPU time used so far by this process (the in-process server and the bench).
+fn own_cpu() -> Duration {
+    // SAFETY: plain FFI call filling a zeroed struct on the stack.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 fn tv(t: libc::timeval) -> Duration {
     Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
 }
@@ -244,17 +255,18 @@ fn bench_size(n: usize) -> Result<Row, String> {
     let plan = step("plan", &plan_args, dir.path(), n, "versions/s")?;
     let manifest_bytes = manifest_size();
     let before = mem.request_counts();
-    let run_args = [
-        "run",
-        "--manifest",
-        &m,
-        "--concurrency",
-        "64",
-        "--no-progress",
-    ];
+    let server_cpu = own_cpu();
+    #[rustfmt::skip]
+    let run_args = ["run", "--manifest", &m, "--concurrency", "64", "--no-progress"];
     let run = step("run", &run_args, dir.path(), n, "tasks/s")?;
     let during = deltas(&before, &mem.request_counts());
     let requests_per_task = during.iter().map(|(_, c)| *c).sum::<u64>() as f64 / n as f64;
+    let server_cpu = own_cpu().saturating_sub(server_cpu);
+    println!(
+        "  server     CPU {:.2} s during run ({:.3} ms per entry; in-process mem-s3, not in the figures above)",
+        server_cpu.as_secs_f64(),
+        server_cpu.as_secs_f64() * 1000.0 / n as f64
+    );
     print_requests(&before, &during, n);
     let copied = mem.count(DEST);
     println!(
@@ -264,14 +276,9 @@ fn bench_size(n: usize) -> Result<Row, String> {
         manifest_size() as f64 / 1048576.0
     );
     println!("  destination {copied} of {n} entries\n");
-    Ok(Row {
-        n,
-        plan,
-        run,
-        manifest_bytes,
-        requests_per_task,
-        copied,
-    })
+    #[rustfmt::skip]
+    let row = Row { n, plan, run, manifest_bytes, requests_per_task, copied };
+    Ok(row)
 }
 
 fn print_step(name: &str, m: &Measured, n: usize, unit: &str) {

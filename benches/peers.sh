@@ -143,7 +143,7 @@ run_rclone() {
     RCLONE_CONFIG_RGW_SECRET_ACCESS_KEY="$SECRET" RCLONE_CONFIG_RGW_ENDPOINT="$EP" \
     RCLONE_CONFIG_RGW_REGION=us-east-1 \
     rclone copy "rgw:$SRC" "rgw:$dst" --transfers "$CONC" --checkers "$CONC" \
-    --s3-no-check-bucket --no-traverse
+    --s3-no-check-bucket
   report rclone "$out" "$dst" "$(rclone version 2>/dev/null | head -n 1)"
 }
 
