@@ -11,7 +11,7 @@
 //! seconds), and the server counts requests per [`Op`].
 //!
 //! Operations: ListBuckets, CreateBucket, DeleteBucket, HeadBucket, GetBucketLocation,
-//! Get/PutBucketVersioning, ListObjectVersions, ListObjectsV2, ListMultipartUploads,
+//! Get/PutBucketVersioning, ListObjectVersions, ListObjects(V2), ListMultipartUploads,
 //! DeleteObjects, HeadObject, GetObject (versionId, Range, partNumber), PutObject,
 //! CopyObject (URL-encoded source, versionId, metadata and tagging directives, source
 //! conditions), DeleteObject, Get/Put/DeleteObjectTagging, Create/UploadPart/UploadPartCopy/
@@ -87,6 +87,7 @@ pub enum Op {
     PutBucketVersioning,
     ListObjectVersions,
     ListObjectsV2,
+    ListObjects,
     ListMultipartUploads,
     DeleteObjects,
     HeadObject,
@@ -108,7 +109,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in declaration order.
-    pub const ALL: [Op; 25] = [
+    pub const ALL: [Op; 26] = [
         Op::ListBuckets,
         Op::CreateBucket,
         Op::DeleteBucket,
@@ -118,6 +119,7 @@ impl Op {
         Op::PutBucketVersioning,
         Op::ListObjectVersions,
         Op::ListObjectsV2,
+        Op::ListObjects,
         Op::ListMultipartUploads,
         Op::DeleteObjects,
         Op::HeadObject,
@@ -160,12 +162,19 @@ impl Op {
             Method::GET if r.has("versions") => Op::ListObjectVersions,
             Method::GET if r.has("uploads") => Op::ListMultipartUploads,
             Method::GET if r.q("list-type") == Some("2") => Op::ListObjectsV2,
+            Method::GET if !r.has("list-type") && Self::listing_params(r) => Op::ListObjects,
             Method::PUT if r.has("versioning") => Op::PutBucketVersioning,
             Method::PUT if plain => Op::CreateBucket,
             Method::POST if r.has("delete") => Op::DeleteObjects,
             Method::DELETE if plain => Op::DeleteBucket,
             _ => Op::Unsupported,
         }
+    }
+
+    /// Whether a bucket GET carries only ListObjects (v1) parameters.
+    fn listing_params(r: &Req) -> bool {
+        let known = ["prefix", "delimiter", "marker", "max-keys", "encoding-type"];
+        r.query.iter().all(|(n, _)| known.contains(&n.as_str()))
     }
 
     fn object_op(r: &Req) -> Op {
@@ -904,6 +913,7 @@ fn dispatch(s: &State, op: Op, r: &Req) -> Res {
         Op::PutBucketVersioning => put_versioning(s, r),
         Op::ListObjectVersions => list_versions(s, r),
         Op::ListObjectsV2 => list_objects_v2(s, r),
+        Op::ListObjects => list_objects_v1(s, r),
         Op::ListMultipartUploads => list_uploads(s, r),
         Op::DeleteObjects => delete_objects(s, r),
         Op::HeadObject | Op::GetObject => get_object(s, r, op == Op::HeadObject),
@@ -1269,6 +1279,42 @@ fn list_objects_v2(s: &State, r: &Req) -> Res {
                 xml,
                 "<IsTruncated>true</IsTruncated><NextContinuationToken>{}</NextContinuationToken>",
                 xml_escape(&next)
+            );
+        }
+        None => xml.push_str("<IsTruncated>false</IsTruncated>"),
+    }
+    xml.push_str(&body);
+    xml.push_str("</ListBucketResult>");
+    Answer::ok().xml(xml)
+}
+
+/// ListObjects (v1): as ListObjectsV2, resumed after `marker`; `NextMarker` is given when
+/// truncated (the last key or common prefix shown).
+fn list_objects_v1(s: &State, r: &Req) -> Res {
+    let b = s.bucket(&r.bucket)?;
+    let a = ListArgs::of(r, "max-keys")?;
+    let marker = r.q("marker").unwrap_or_default();
+    let mut body = String::new();
+    // A marker that is a common prefix resumes after everything under it.
+    let resume = match a.delimiter.as_deref() {
+        _ if marker.is_empty() => None,
+        Some(d) if marker.ends_with(d) => Some(format!("P:{marker}")),
+        _ => Some(format!("K:{marker}")),
+    };
+    let (_, next) = {
+        let keys = b.keys.lock().unwrap_or_else(|e| e.into_inner());
+        walk_current(&keys, &a, resume.as_deref(), true, &mut body)
+    };
+    let mut xml = format!("{XML_DECL}<ListBucketResult xmlns=\"{XMLNS}\">");
+    a.head(&mut xml, &r.bucket);
+    let _ = write!(xml, "<Marker>{}</Marker>", a.show(marker));
+    match next {
+        Some(next) => {
+            let last = next.get(2..).unwrap_or_default();
+            let _ = write!(
+                xml,
+                "<IsTruncated>true</IsTruncated><NextMarker>{}</NextMarker>",
+                a.show(last)
             );
         }
         None => xml.push_str("<IsTruncated>false</IsTruncated>"),
