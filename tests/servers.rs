@@ -253,8 +253,7 @@ async fn a_stall_holds_the_connection_until_the_client_leaves() {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(b"GET /b/src HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
+        s.set_read_timeout(Some(STALL_WAIT)).unwrap();
         let mut buf = [0u8; 16];
         let r = s.read(&mut buf);
         (r.map_err(|e| e.kind()), stats.stalls_open())
