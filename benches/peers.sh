@@ -125,8 +125,8 @@ run_backfill() {
   timed backfill-run "$out" "${common[@]}" run --manifest "$WORK/peers.db" \
     --concurrency "$CONC" --no-progress
   report s3-backfill "$out" "$dst" "$("$BIN" --version 2>/dev/null | head -n 1)"
-  awk '{ printf "%s %.2f s wall, %.2f s CPU, %.1f MiB; ", (NR == 1 ? "plan" : "run"), $1, $2 + $3, $4 / 1024 }
-    END { print "" }' "$out" >"$WORK/s3-backfill.detail"
+  awk '{ printf "%s%s %.2f s wall, %.2f s CPU, %.1f MiB", (NR == 1 ? "" : "; "),
+    (NR == 1 ? "plan" : "run"), $1, $2 + $3, $4 / 1024 } END { print "" }' "$out" >"$WORK/s3-backfill.detail"
 }
 
 run_rclone() {
@@ -161,7 +161,7 @@ run_s3sync() {
     --source-endpoint-url "$EP" --target-endpoint-url "$EP" \
     --source-force-path-style --target-force-path-style \
     --server-side-copy --worker-size "$CONC" "s3://$SRC" "s3://$dst"
-  report s3sync "$out" "$dst" "$(s3sync --version 2>/dev/null | head -n 1)"
+  report s3sync "$out" "$dst" "$(s3sync --version 2>/dev/null | awk 'NR == 1 { print $1, $2 }')"
 }
 
 # Sums a tool's figures (one line per process) into one result line.
