@@ -17,6 +17,7 @@ pub use history::*;
 pub use job::*;
 #[allow(unused_imports)]
 pub use server::*;
+pub mod mem_s3;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

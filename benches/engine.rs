@@ -1,0 +1,342 @@
+//! Engine ceiling: the real `s3-backfill` binary, `plan` then `run`, against the in-process
+//! S3 server of `tests/support/mem_s3.rs`, which answers at once from memory. So the figures
+//! are the engine's own cost: listing into the SQLite manifest, scheduling, the SDK's
+//! per-request pipeline, manifest updates.
+//!
+//! For each size N (default 10,000 and 100,000 entries; `ENGINE_BENCH_TASKS=1000000` adds a
+//! size, a comma list adds several) the source bucket is seeded without HTTP: 40-byte keys,
+//! 1-3 versions per key, a delete marker on top of every tenth key, bodies of a few bytes.
+//! Then `plan --delete-markers` and `run --concurrency 64` run as child processes; each is
+//! measured by `wait4` (wall time, user+system CPU, peak RSS). Printed: plan versions/s, run
+//! tasks/s, CPU ms per task, peak RSS, manifest bytes (per row), requests per task by
+//! operation (counted by the server), and whether the destination holds every entry.
+//! Figures are printed, never asserted.
+//!
+//! Run with `cargo bench --bench engine`.
+
+#[path = "../tests/support/mem_s3.rs"]
+mod mem_s3;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mem_s3::{MemS3, Op, Seed};
+
+const SOURCE: &str = "bench-src";
+const DEST: &str = "bench-dst";
+const KEY_LEN: usize = 40;
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("engine: skipped (run it with `cargo bench --bench engine`)");
+        return;
+    }
+    let mut sizes = vec![10_000usize, 100_000];
+    if let Ok(v) = std::env::var("ENGINE_BENCH_TASKS") {
+        for n in v
+            .split(',')
+            .filter_map(|s| s.trim().replace('_', "").parse().ok())
+        {
+            if !sizes.contains(&n) {
+                sizes.push(n);
+            }
+        }
+    }
+    print_machine();
+    let mut rows = Vec::new();
+    for n in sizes {
+        match bench_size(n) {
+            Ok(row) => rows.push(row),
+            Err(e) => println!("N = {n}: bench failed: {e}"),
+        }
+    }
+    print_summary(&rows);
+}
+
+fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "engine bench: {cores} cores ({cpu}); binary {}",
+        binary().display()
+    );
+    println!("server: in-process mem-s3 (2 worker threads), answers from memory\n");
+}
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_s3-backfill"))
+}
+
+/// A 40-byte key for key number `i`.
+fn key(i: usize) -> String {
+    let k = format!("data/{:08x}/{i:026}", splitmix(i as u64) as u32);
+    debug_assert_eq!(k.len(), KEY_LEN);
+    k
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// What seeding put in the source.
+struct Seeded {
+    keys: usize,
+    markers: usize,
+}
+
+/// Seeds exactly `n` entries: 1-3 versions per key, a delete marker on top of every tenth.
+fn seed(mem: &MemS3, n: usize) -> Seeded {
+    let (mut left, mut keys, mut markers) = (n, 0usize, 0usize);
+    while left > 0 {
+        let i = keys;
+        let versions = 1 + (splitmix(i as u64 ^ 0xABCD) % 3) as usize;
+        let mut history: Vec<Seed> = (0..versions)
+            .map(|v| Seed::Put(Bytes::from(format!("v{v} of {i}"))))
+            .collect();
+        if i % 10 == 9 {
+            history.push(Seed::DeleteMarker);
+        }
+        history.truncate(left);
+        markers += history
+            .iter()
+            .filter(|s| matches!(s, Seed::DeleteMarker))
+            .count();
+        left -= history.len();
+        mem.seed(SOURCE, &key(i), history);
+        keys += 1;
+    }
+    Seeded { keys, markers }
+}
+
+/// One child process's cost.
+struct Measured {
+    wall: Duration,
+    cpu: Duration,
+    max_rss_kib: i64,
+    code: Option<i32>,
+}
+
+/// CPU time used so far by this process (the in-process server and the bench).
+fn own_cpu() -> Duration {
+    // SAFETY: plain FFI call filling a zeroed struct on the stack.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// Runs the binary with `args`, output to `log`, and measures it with `wait4`.
+fn measured(args: &[&str], log: &Path) -> std::io::Result<Measured> {
+    let out = File::create(log)?;
+    let start = Instant::now();
+    let child = Command::new(binary())
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: plain FFI calls with pointers to live stack values; the child is ours and is
+    // waited for only here (the `Child` is dropped without waiting).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let wall = start.elapsed();
+    drop(child);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Ok(Measured {
+        wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss,
+        code,
+    })
+}
+
+/// One line of the summary.
+struct Row {
+    n: usize,
+    plan: Measured,
+    run: Measured,
+    manifest_bytes: u64,
+    requests_per_task: f64,
+    copied: usize,
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n    ")
+}
+
+/// Runs one step of the binary, prints its line (and its output's tail when it failed).
+fn step(name: &str, args: &[&str], dir: &Path, n: usize, unit: &str) -> Result<Measured, String> {
+    let log = dir.join(format!("{name}.log"));
+    let m = measured(args, &log).map_err(|e| format!("{name}: {e}"))?;
+    print_step(name, &m, n, unit);
+    if m.code != Some(0) {
+        println!("    {name} output:\n    {}", tail(&log));
+    }
+    Ok(m)
+}
+
+/// Requests per operation between two counts of the server.
+fn deltas(before: &[(Op, u64)], after: &[(Op, u64)]) -> Vec<(Op, u64)> {
+    after
+        .iter()
+        .map(|(op, c)| {
+            let earlier = before.iter().find(|(o, _)| o == op).map_or(0, |(_, c)| *c);
+            (*op, c - earlier)
+        })
+        .filter(|(_, c)| *c > 0)
+        .collect()
+}
+
+/// Seeds, plans and runs one size; prints its block.
+fn bench_size(n: usize) -> Result<Row, String> {
+    let mem = MemS3::start().map_err(|e| format!("cannot start mem-s3: {e}"))?;
+    let t = Instant::now();
+    let seeded = seed(&mem, n);
+    mem.create_bucket(DEST, true);
+    println!(
+        "N = {n} entries ({} keys, {} delete markers), seeded in {:.2} s",
+        seeded.keys,
+        seeded.markers,
+        t.elapsed().as_secs_f64()
+    );
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let manifest = dir.path().join("bench.db");
+    let manifest_size = || file_size(&manifest) + file_size(&dir.path().join("bench.db-wal"));
+    let m = manifest.to_string_lossy().to_string();
+    let ep = mem.endpoint();
+    let (src, dst) = (format!("s3://{SOURCE}"), format!("s3://{DEST}"));
+    #[rustfmt::skip]
+    let plan_args = [
+        "plan", "--source", &src, "--dest", &dst, "--manifest", &m, "--source-endpoint", &ep,
+        "--dest-endpoint", &ep, "--path-style", "--delete-markers",
+    ];
+    let plan = step("plan", &plan_args, dir.path(), n, "versions/s")?;
+    let manifest_bytes = manifest_size();
+    let before = mem.request_counts();
+    let server_cpu = own_cpu();
+    #[rustfmt::skip]
+    let run_args = ["run", "--manifest", &m, "--concurrency", "64", "--no-progress"];
+    let run = step("run", &run_args, dir.path(), n, "tasks/s")?;
+    let during = deltas(&before, &mem.request_counts());
+    let requests_per_task = during.iter().map(|(_, c)| *c).sum::<u64>() as f64 / n as f64;
+    let server_cpu = own_cpu().saturating_sub(server_cpu);
+    println!(
+        "  server     CPU {:.2} s during run ({:.3} ms per entry; in-process mem-s3, not in the figures above)",
+        server_cpu.as_secs_f64(),
+        server_cpu.as_secs_f64() * 1000.0 / n as f64
+    );
+    print_requests(&before, &during, n);
+    let copied = mem.count(DEST);
+    println!(
+        "  manifest   {:.1} MiB after plan ({:.0} bytes per entry), {:.1} MiB after run",
+        manifest_bytes as f64 / 1048576.0,
+        manifest_bytes as f64 / n as f64,
+        manifest_size() as f64 / 1048576.0
+    );
+    println!("  destination {copied} of {n} entries\n");
+    #[rustfmt::skip]
+    let row = Row { n, plan, run, manifest_bytes, requests_per_task, copied };
+    Ok(row)
+}
+
+fn print_step(name: &str, m: &Measured, n: usize, unit: &str) {
+    let secs = m.wall.as_secs_f64().max(1e-9);
+    println!(
+        "  {name:<5} {:>7.2} s {:>10.0} {unit:<11} CPU {:>6.2} s ({:.3} ms per entry)  peak RSS {:>6.1} MiB  exit {}",
+        secs,
+        n as f64 / secs,
+        m.cpu.as_secs_f64(),
+        m.cpu.as_secs_f64() * 1000.0 / n as f64,
+        m.max_rss_kib as f64 / 1024.0,
+        m.code.map_or("signal".to_string(), |c| c.to_string())
+    );
+}
+
+/// Requests by operation: `plan`'s, then `run`'s per entry.
+fn print_requests(plan: &[(Op, u64)], run: &[(Op, u64)], n: usize) {
+    let plan: Vec<String> = plan.iter().map(|(op, c)| format!("{op:?} {c}")).collect();
+    let run: Vec<String> = run
+        .iter()
+        .map(|(op, c)| format!("{op:?} {:.2} ({c})", *c as f64 / n as f64))
+        .collect();
+    println!("  requests   plan: {}", plan.join(", "));
+    println!("  requests   run, per entry: {}", run.join(", "));
+}
+
+fn print_summary(rows: &[Row]) {
+    println!("summary (entries = tasks; CPU and RSS of the s3-backfill process)");
+    println!(
+        "{:>9} | {:>12} {:>11} {:>9} | {:>9} {:>11} {:>9} | {:>10} {:>9} | {:>8}",
+        "entries",
+        "plan ver/s",
+        "plan ms/ver",
+        "plan RSS",
+        "run tsk/s",
+        "run ms/task",
+        "run RSS",
+        "manifest",
+        "B/entry",
+        "req/task"
+    );
+    for r in rows {
+        let rate = |m: &Measured| r.n as f64 / m.wall.as_secs_f64().max(1e-9);
+        let ms = |m: &Measured| m.cpu.as_secs_f64() * 1000.0 / r.n as f64;
+        let mib = |m: &Measured| format!("{:.1} MiB", m.max_rss_kib as f64 / 1024.0);
+        println!(
+            "{:>9} | {:>12.0} {:>11.3} {:>9} | {:>9.0} {:>11.3} {:>9} | {:>6.1} MiB {:>9.0} | {:>8.2}{}",
+            r.n,
+            rate(&r.plan),
+            ms(&r.plan),
+            mib(&r.plan),
+            rate(&r.run),
+            ms(&r.run),
+            mib(&r.run),
+            r.manifest_bytes as f64 / 1048576.0,
+            r.manifest_bytes as f64 / r.n as f64,
+            r.requests_per_task,
+            if r.copied == r.n { "" } else { "  (destination incomplete!)" }
+        );
+    }
+}
