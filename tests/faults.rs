@@ -329,3 +329,98 @@ async fn auto_mode_falls_back_to_streaming_when_server_side_copy_is_denied() {
         .count();
     assert_eq!(streamed, 20);
 }
+
+/// A small versioned corpus in `src`: `n` keys with two versions each.
+async fn small_corpus(c: &aws_sdk_s3::Client, src: &str, n: usize) {
+    let names: Vec<String> = (0..n).map(|i| format!("r/{i:03} a+b")).collect();
+    let round = |tag: &str| -> Vec<Op> {
+        names
+            .iter()
+            .map(|k| Op::put(k, format!("{tag} {k}").into_bytes()))
+            .collect()
+    };
+    seed_rounds(c, src, vec![round("one"), round("two")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_in_another_region_is_found_at_plan_and_read_there() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    small_corpus(&c, &src, 12).await;
+    // The proxy plays AWS for the source: its bucket lives in eu-west-1, and a request
+    // signed for another region gets S3's 301 naming it.
+    let proxy = FaultProxy::start(upstream(&ep), FaultConfig::default())
+        .await
+        .unwrap();
+    proxy.set_bucket_region(&src, "eu-west-1");
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m)
+        .endpoints(&proxy.endpoint(), &ep)
+        .extra(&["--delete-markers"]);
+    expect_code(&job.plan(), 0);
+    let after_plan = proxy.stats().redirects();
+    assert!(after_plan >= 1, "the source was first asked in us-east-1");
+    expect_code(&job.run(&[]), 0);
+    assert_eq!(
+        proxy.stats().redirects(),
+        after_plan,
+        "run reads the source in its own region: no request is redirected"
+    );
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_accepts_and_stalls_is_timed_out_and_retried() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    small_corpus(&c, &src, 10).await;
+    let (_d, m) = manifest();
+    let job = job_of(&src, &dst, &m, &ep);
+    expect_code(&job.plan(), 0);
+    // A quarter of the requests hang, before or after the server acted.
+    let proxy = FaultProxy::start(
+        upstream(&ep),
+        FaultConfig {
+            seed: 3,
+            rate: 0.25,
+            faults: vec![Fault::Stall, Fault::StallAfterForward],
+            ..FaultConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let o = run_through(
+        &job,
+        &proxy.endpoint(),
+        &[
+            "--request-timeout",
+            "2",
+            "--max-attempts",
+            "12",
+            "--retry-min-delay-ms",
+            "5",
+            "--retry-max-delay-ms",
+            "50",
+        ],
+    );
+    let stats = proxy.stats();
+    expect_code(&o, 0);
+    assert!(stats.injected_of(Fault::Stall) > 0);
+    assert!(stats.injected_of(Fault::StallAfterForward) > 0);
+    drop(proxy);
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    let count = |h: std::collections::BTreeMap<String, Vec<Ver>>| -> usize {
+        h.values().map(Vec::len).sum()
+    };
+    assert_eq!(
+        count(histories(&c, &src, "").await),
+        count(histories(&c, &dst, "").await),
+        "a write that stalled after the server acted was adopted, not copied twice"
+    );
+}
