@@ -3,11 +3,10 @@
 //! manifest; manifests of another job or of a newer s3-backfill are refused.
 //!
 //! Knobs of `crash_anywhere_then_resume` (both optional):
-//! - `S3_BACKFILL_CRASH_KEYS`: keys in its corpus (default 150, so that the whole test stays
-//!   under a minute on a 2-core machine; each key has 2 to 4 entries: versions and delete
-//!   markers). The issue's by-hand acceptance figure is 1,500 keys (4,250 entries, several
-//!   listing pages, so that `plan` kills can land after some pages were checkpointed; about
-//!   5 minutes on 2 cores):
+//! - `S3_BACKFILL_CRASH_KEYS`: keys in its corpus (default 1,000, issue 10's acceptance
+//!   figure: 2,833 entries, several listing pages, so that `plan` kills can land after some
+//!   pages were checkpointed; about 2 minutes on RGW and 4 on moto on 2 cores; each key has 2
+//!   to 4 entries: versions and delete markers). Larger by hand:
 //!   `S3_BACKFILL_CRASH_KEYS=1500 cargo test --test resume crash_anywhere -- --nocapture`.
 //! - `S3_BACKFILL_CRASH_SEED`: the seed of the kill moments (default fixed; printed with
 //!   `--nocapture` or on failure, so that a failing sequence can be replayed).
@@ -22,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::*;
 
-const DEFAULT_CRASH_KEYS: usize = 150;
+const DEFAULT_CRASH_KEYS: usize = 1000;
 const DEFAULT_CRASH_SEED: u64 = 0x5eed_0003;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
