@@ -391,7 +391,7 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
     let opts = args.exec.run_options();
     let copier = Copier::new(settings, clients, facts, m.into_writer(), &opts, bar);
     copier.abort_leftover_uploads(uploads).await;
-    let summary = run_until_signal(&copier, opts.concurrency, args.exec.grace_period).await;
+    let summary = run_until_signal(&copier, args.exec.grace_period).await;
     copier.flush().await;
     Ok(summary)
 }
@@ -421,7 +421,7 @@ async fn run_until_signal<C: S3Client>(
             }
         })
     };
-    let mut run = Box::pin(copier.clone().run(concurrency));
+    let mut run = Box::pin(copier.clone().run());
     // The signal task ends only when a signal arrived and the grace period ran out.
     let summary = tokio::select! {
         s = &mut run => s,

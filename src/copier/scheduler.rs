@@ -64,8 +64,9 @@ enum Step {
 }
 
 impl<C: S3Client> Copier<C> {
-    /// Runs every open task until done, stopped, or aborted.
-    pub async fn run(self: Arc<Self>, key_concurrency: usize) -> RunSummary {
+    /// Runs every open task until done, stopped, or aborted. At most `concurrency` keys are
+    /// in progress at once (each has at least one request in flight when it runs).
+    pub async fn run(self: Arc<Self>) -> RunSummary {
         let mut set = JoinSet::new();
         let mut after = 0i64;
         'outer: while !self.control.stopping() {
@@ -80,7 +81,7 @@ impl<C: S3Client> Copier<C> {
             after = last.key_id;
             self.record_requests();
             for g in groups {
-                while set.len() >= key_concurrency.max(1) {
+                while set.len() >= self.key_concurrency {
                     set.join_next().await;
                 }
                 if self.control.stopping() {

@@ -92,7 +92,7 @@ async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, us
         &o,
         ProgressBar::hidden(),
     );
-    let summary = Arc::clone(&copier).run(o.concurrency).await;
+    let summary = Arc::clone(&copier).run().await;
     copier.flush().await;
     let limit = copier.lowest_limit();
     drop(copier);
