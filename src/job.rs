@@ -397,11 +397,7 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
 }
 
 /// Runs the copier; the first signal stops new tasks, the grace period bounds the wait.
-async fn run_until_signal<C: S3Client>(
-    copier: &Arc<Copier<C>>,
-    concurrency: usize,
-    grace: u64,
-) -> RunSummary {
+async fn run_until_signal<C: S3Client>(copier: &Arc<Copier<C>>, grace: u64) -> RunSummary {
     let grace = Duration::from_secs(grace);
     let mut signals = {
         let copier = copier.clone();
