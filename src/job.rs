@@ -549,3 +549,24 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     bar.finish_and_clear();
     Ok(r?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_file_is_private_and_held_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("job.db");
+        let lock = lock_manifest(&m).unwrap();
+        let mode = std::fs::metadata(dir.path().join("job.db.lock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "key names are private: lock {mode:o}");
+        let second = lock_manifest(&m).err().expect("a second holder is refused");
+        assert_eq!(second.exit_code(), 2);
+        drop(lock);
+    }
+}

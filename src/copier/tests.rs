@@ -390,3 +390,35 @@ async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
     std::env::remove_var("S3_BACKFILL_LIST_PAGE_SIZE");
     assert!(e.contains("names no next key marker"), "{e}");
 }
+
+#[tokio::test]
+async fn an_sse_c_version_fails_with_its_reason_and_blocks_only_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"secret", &[]);
+    s.put(SRC, "k", b"later", &[]);
+    let other = s.put(SRC, "other", b"fine", &[]);
+    s.set_encryption(SRC, "k", &v1, crate::s3::Encryption::SseC);
+    plan(&s, &path).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.failed, summary.blocked), (1, 1, 1));
+    assert_eq!(dest_stamps(&s, "other"), [other]);
+    assert!(
+        s.history(DST, "k").is_empty(),
+        "nothing of k is written out of order"
+    );
+    let p = Manifest::open(&path, false).unwrap().problems(10).unwrap();
+    let failed = p
+        .iter()
+        .find(|p| p.state == "failed")
+        .expect("a failed row");
+    assert!(
+        failed.message.as_deref().unwrap_or("").contains("SSE-C"),
+        "{failed:?}"
+    );
+    assert!(
+        p.iter().any(|p| p.state == "blocked"),
+        "the later version is listed as blocked"
+    );
+}

@@ -1114,3 +1114,45 @@ fn completed_part(p: &PartResult) -> CompletedPart {
     }
     b.build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checksum_headers_respect_when_required() {
+        let side = |checksum_calculation| SideConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            checksum_calculation,
+            ..SideConfig::default()
+        };
+        let (c, _) = build(
+            Side::Dest,
+            &side(ChecksumCalculation::WhenRequired),
+            Timeouts::default(),
+        )
+        .await;
+        assert_eq!(c.algorithm(Some(ChecksumAlgorithm::Crc32)), None);
+        let (c, _) = build(
+            Side::Dest,
+            &side(ChecksumCalculation::WhenSupported),
+            Timeouts::default(),
+        )
+        .await;
+        assert_eq!(
+            c.algorithm(Some(ChecksumAlgorithm::Crc32)),
+            Some(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+        );
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        let tags = vec![
+            ("team".to_string(), "a b+c".to_string()),
+            ("n".to_string(), "1".to_string()),
+        ];
+        assert_eq!(parse_tagging(&tagging_string(&tags)), tags);
+        assert!(parse_tagging("").is_empty());
+    }
+}

@@ -186,6 +186,20 @@ impl FakeServer {
         }
     }
 
+    /// Sets the encryption of one stored version (e.g. SSE-C: unreadable without its key).
+    pub fn set_encryption(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: &str,
+        enc: super::types::Encryption,
+    ) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(v) = s.find_mut(bucket, key, Some(version)) {
+            v.head.encryption = Some(enc);
+        }
+    }
+
     /// A key's history, oldest first.
     pub fn history(&self, bucket: &str, key: &str) -> Vec<FakeVersion> {
         let s = self.state.lock().expect("fake lock");
