@@ -11,6 +11,7 @@ use super::codec::{
     class_code_of_name, etag_flags, etag_value, name_value, task_id, time_value, DELETE_MARKER,
     LATEST, SEQ_MASK, STORAGE_CLASSES,
 };
+use super::schema::{Counted, Tally};
 use super::{pages, schema, CopyMethod, ManifestError, Result, State};
 use crate::config::JobSettings;
 
@@ -121,6 +122,7 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
     let mut key: Option<(String, i64)> = None;
     let mut seq = 0;
     let (mut tasks, mut retries, mut multi) = (0i64, 0i64, 0i64);
+    let mut tally = Tally::default();
     while let Some(r) = rows.next().map_err(sql)? {
         let t = v1_task(r).map_err(sql)?;
         match &key {
@@ -136,12 +138,13 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
             return Err(ManifestError::Migration(path.to_string(), why));
         }
         let key_id = key.as_ref().map_or(0, |(_, id)| *id);
-        insert_v1_task(conn, task_id(key_id, seq), &t)
+        insert_v1_task(conn, task_id(key_id, seq), &t, &mut tally)
             .map_err(|why| ManifestError::Migration(path.to_string(), why))?;
         tasks += 1;
         retries += t.retries;
         multi += i64::from(seq == 1);
     }
+    tally.store(conn).map_err(sql)?;
     conn.execute(
         "UPDATE totals SET retries = ?1, multi_task_keys = ?2 WHERE id = 1",
         params![retries, multi],
@@ -156,7 +159,12 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
 }
 
 /// Inserts one v1 task under its new id; the error says which value cannot be kept.
-fn insert_v1_task(conn: &Connection, id: i64, t: &V1Task) -> std::result::Result<(), String> {
+fn insert_v1_task(
+    conn: &Connection,
+    id: i64,
+    t: &V1Task,
+    tally: &mut Tally,
+) -> std::result::Result<(), String> {
     let state = State::parse(&t.state).map_err(|e| format!("task {}: {e}", t.id))?;
     let class = match &t.error_class {
         None => None,
@@ -175,7 +183,7 @@ fn insert_v1_task(conn: &Connection, id: i64, t: &V1Task) -> std::result::Result
     };
     let db = |e: rusqlite::Error| format!("task {}: {e}", t.id);
     conn.prepare_cached(
-        "INSERT INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
+        "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
          last_modified, storage_class, checksum_algorithm, state, attempts, error_class,
          started_at, dest_version_id, method)
          VALUES (?1, 0, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10, ?11, ?12, ?13, ?14)",
@@ -199,6 +207,15 @@ fn insert_v1_task(conn: &Connection, id: i64, t: &V1Task) -> std::result::Result
         ])
     })
     .map_err(db)?;
+    let counted = Counted {
+        state: state.code(),
+        size: t.size,
+        flags: t.flags,
+        attempts: t.attempts,
+        error_class: class,
+        has_dest_version: t.dest_version_id.is_some(),
+    };
+    tally.add(id, &counted);
     if t.error != (None, None, None) {
         conn.prepare_cached(
             "INSERT INTO errors (task, code, http_status, message) VALUES (?1, ?2, ?3, ?4)",

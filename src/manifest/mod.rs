@@ -407,8 +407,9 @@ impl Manifest {
             path: p.clone(),
             source,
         };
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
+        // One thread at a time uses a connection (`Connection` is not `Sync`): no mutexes.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
         // Only takes effect in a new, empty file.
         conn.pragma_update(None, "page_size", schema::PAGE_SIZE)

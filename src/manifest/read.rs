@@ -365,7 +365,7 @@ impl Manifest {
     /// being written again); returns how many.
     pub fn retry_failed(&self) -> Result<usize> {
         self.conn
-            .prepare_cached("UPDATE task SET state = 0 WHERE state >= 3 AND state = 3")
+            .prepare_cached("UPDATE OR ROLLBACK task SET state = 0 WHERE state >= 3 AND state = 3")
             .and_then(|mut s| s.execute([]))
             .map_err(|e| self.sql(e))
     }
@@ -384,7 +384,7 @@ impl Manifest {
                 [],
             )?;
             let n = tx.execute(
-                "UPDATE task SET state = 4 WHERE state >= 3 AND state = 3",
+                "UPDATE OR ROLLBACK task SET state = 4 WHERE state >= 3 AND state = 3",
                 [],
             )?;
             tx.commit()?;

@@ -400,7 +400,7 @@ fn counters_match_a_recount() {
     for k in 0..40 {
         for v in 0..(k % 3 + 1) {
             let mut t = task(&format!("key{k:03}"), &format!("v{v}"), v);
-            t.entry.size = (k * 100 + v) as u64;
+            t.entry.size = k * 100 + v;
             t.entry.is_delete_marker = k % 7 == 0 && v == 0;
             page.push(t);
         }

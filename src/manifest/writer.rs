@@ -265,7 +265,7 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
     match u {
         Update::Started { id, at } => conn
             .prepare_cached(
-                "UPDATE task SET state = ?2, attempts = attempts + 1, started_at = ?3
+                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts + 1, started_at = ?3
                  WHERE id = ?1",
             )?
             .execute(params![id, State::InProgress.code(), at])
@@ -291,14 +291,14 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
             .map(drop),
         Update::Finished { id, outcome } => finish(conn, *id, outcome),
         Update::StreamOnly { id } => conn
-            .prepare_cached("UPDATE task SET flags = flags | ?2 WHERE id = ?1")?
+            .prepare_cached("UPDATE OR ROLLBACK task SET flags = flags | ?2 WHERE id = ?1")?
             .execute(params![id, STREAM_ONLY])
             .map(drop),
         Update::DestVersion {
             id,
             dest_version_id,
         } => conn
-            .prepare_cached("UPDATE task SET dest_version_id = ?2 WHERE id = ?1")?
+            .prepare_cached("UPDATE OR ROLLBACK task SET dest_version_id = ?2 WHERE id = ?1")?
             .execute(params![id, dest_version_id])
             .map(drop),
         Update::Requests { counts } => {
@@ -325,7 +325,7 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
             retries,
         } => {
             conn.prepare_cached(
-                "UPDATE task SET state = ?2, dest_version_id = ?3, method = ?4,
+                "UPDATE OR ROLLBACK task SET state = ?2, dest_version_id = ?3, method = ?4,
                  flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
             )?
             .execute(params![
@@ -367,7 +367,7 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
             *retries
         }
         Outcome::Requeued => {
-            conn.prepare_cached("UPDATE task SET state = ?2 WHERE id = ?1")?
+            conn.prepare_cached("UPDATE OR ROLLBACK task SET state = ?2 WHERE id = ?1")?
                 .execute(params![id, State::Pending.code()])?;
             0
         }
@@ -380,7 +380,7 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
 }
 
 fn set_ended(conn: &Connection, id: i64, state: State, class: ErrorClass) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE task SET state = ?2, error_class = ?3 WHERE id = ?1")?
+    conn.prepare_cached("UPDATE OR ROLLBACK task SET state = ?2, error_class = ?3 WHERE id = ?1")?
         .execute(params![id, state.code(), class_code(class)])?;
     close_upload(conn, id)
 }
