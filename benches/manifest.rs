@@ -172,21 +172,19 @@ fn run(path: &Path, rt: &tokio::runtime::Runtime) -> (usize, Duration) {
     (updates, took)
 }
 
-fn bench(dir: &Path, n: usize, rt: &tokio::runtime::Runtime) {
-    let path = dir.join(format!("bench-{n}.db"));
-    let _ = std::fs::remove_file(&path);
-    let (rows, took) = plan(&path, n);
-    let planned = file_size(&path);
-    let m = Manifest::open(&path, false).expect("open");
+/// Plans `n` tasks, then reads and measures the manifest as `status` and `run` would.
+fn bench_plan(path: &Path, n: usize) -> usize {
+    let (rows, took) = plan(path, n);
+    let planned = file_size(path);
+    let start = Instant::now();
+    let generated: usize = pages(n).map(|p| p.len()).sum();
+    let generation = start.elapsed();
+    let m = Manifest::open(path, false).expect("open");
     let mut total = 0;
     let counts = median(11, || total = m.counts().expect("counts").total);
     let next = median(11, || {
         m.next_key_groups(0, 256).expect("next keys");
     });
-    drop(m);
-    let start = Instant::now();
-    let generated: usize = pages(n).map(|p| p.len()).sum();
-    let generation = start.elapsed();
     println!("manifest bench: {rows} tasks ({total} counted)");
     println!(
         "  plan: {:.0} rows/s through insert_page (1000-row pages, one commit each), {:.1} s",
@@ -199,30 +197,29 @@ fn bench(dir: &Path, n: usize, rt: &tokio::runtime::Runtime) {
         generated as f64 / generation.as_secs_f64()
     );
     println!(
-        "  size after plan: {:.1} bytes per task row ({} bytes)",
-        planned as f64 / rows as f64,
-        planned
+        "  size after plan: {:.1} bytes per task row ({planned} bytes)",
+        planned as f64 / rows as f64
     );
-    println!(
-        "  counts(): {:.3} ms (median of 11)",
-        counts.as_secs_f64() * 1e3
-    );
+    println!("  counts(): {:.3} ms (median of 11)", ms(counts));
     println!(
         "  next_key_groups(0, 256): {:.3} ms (median of 11)",
-        next.as_secs_f64() * 1e3
+        ms(next)
     );
-    let (updates, took) = run(&path, rt);
-    let done = file_size(&path);
-    let m = Manifest::open(&path, false).expect("open");
+    rows
+}
+
+/// Runs every task through the writer and measures the finished manifest.
+fn bench_run(path: &Path, rows: usize, rt: &tokio::runtime::Runtime) {
+    let (updates, took) = run(path, rt);
+    let done = file_size(path);
+    let m = Manifest::open(path, false).expect("open");
     let c = m.counts().expect("counts");
     let counts = median(11, || {
         m.counts().expect("counts");
     });
-    drop(m);
     println!(
-        "  run: {:.0} updates/s through the writer ({} started + finished, {:.1} s), {} done",
+        "  run: {:.0} updates/s through the writer ({updates} started + finished, {:.1} s), {} done",
         updates as f64 / took.as_secs_f64(),
-        updates,
         took.as_secs_f64(),
         c.done
     );
@@ -230,9 +227,12 @@ fn bench(dir: &Path, n: usize, rt: &tokio::runtime::Runtime) {
         "  size after run: {:.1} bytes per task row (done, with destination version ids)",
         done as f64 / rows as f64
     );
-    println!("  counts() when done: {:.3} ms", counts.as_secs_f64() * 1e3);
+    println!("  counts() when done: {:.3} ms", ms(counts));
     println!("  peak RSS so far: {:.1} MiB", peak_rss_mib());
-    let _ = std::fs::remove_file(&path);
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn main() {
@@ -260,6 +260,9 @@ fn main() {
         .build()
         .expect("runtime");
     for n in sizes {
-        bench(dir.path(), n, &rt);
+        let path = dir.path().join(format!("bench-{n}.db"));
+        let rows = bench_plan(&path, n);
+        bench_run(&path, rows, &rt);
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -158,13 +158,8 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Inserts one v1 task under its new id; the error says which value cannot be kept.
-fn insert_v1_task(
-    conn: &Connection,
-    id: i64,
-    t: &V1Task,
-    tally: &mut Tally,
-) -> std::result::Result<(), String> {
+/// The v2 codes of a v1 task's state, error class and copy method.
+fn v1_codes(t: &V1Task) -> std::result::Result<(State, Option<i64>, Option<i64>), String> {
     let state = State::parse(&t.state).map_err(|e| format!("task {}: {e}", t.id))?;
     let class = match &t.error_class {
         None => None,
@@ -181,10 +176,21 @@ fn insert_v1_task(
                 .code(),
         ),
     };
+    Ok((state, class, method))
+}
+
+/// Inserts one v1 task under its new id; the error says which value cannot be kept.
+fn insert_v1_task(
+    conn: &Connection,
+    id: i64,
+    t: &V1Task,
+    tally: &mut Tally,
+) -> std::result::Result<(), String> {
+    let (state, class, method) = v1_codes(t)?;
     let db = |e: rusqlite::Error| format!("task {}: {e}", t.id);
     conn.prepare_cached(
-        "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
-         last_modified, storage_class, checksum_algorithm, state, attempts, error_class,
+        "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size,
+         etag, last_modified, storage_class, checksum_algorithm, state, attempts, error_class,
          started_at, dest_version_id, method)
          VALUES (?1, 0, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
@@ -216,19 +222,22 @@ fn insert_v1_task(
         has_dest_version: t.dest_version_id.is_some(),
     };
     tally.add(id, &counted);
+    insert_v1_details(conn, id, t).map_err(db)
+}
+
+/// A v1 task's error and multipart upload, in their v2 tables.
+fn insert_v1_details(conn: &Connection, id: i64, t: &V1Task) -> rusqlite::Result<()> {
     if t.error != (None, None, None) {
         conn.prepare_cached(
             "INSERT INTO errors (task, code, http_status, message) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .and_then(|mut s| s.execute(params![id, t.error.0, t.error.1, t.error.2]))
-        .map_err(db)?;
+        )?
+        .execute(params![id, t.error.0, t.error.1, t.error.2])?;
     }
     if t.upload != (None, None, None) {
         conn.prepare_cached(
             "INSERT INTO uploads (task, upload_id, part_size, parts) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .and_then(|mut s| s.execute(params![id, t.upload.0, t.upload.1, t.upload.2]))
-        .map_err(db)?;
+        )?
+        .execute(params![id, t.upload.0, t.upload.1, t.upload.2])?;
     }
     Ok(())
 }

@@ -316,39 +316,8 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
 
 fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
     let retries = match outcome {
-        Outcome::Done {
-            dest_version_id,
-            method,
-            part_size,
-            parts,
-            etag_preserved,
-            retries,
-        } => {
-            conn.prepare_cached(
-                "UPDATE OR ROLLBACK task SET state = ?2, dest_version_id = ?3, method = ?4,
-                 flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
-            )?
-            .execute(params![
-                id,
-                State::Done.code(),
-                dest_version_id,
-                method.code(),
-                !(ETAG_CHECKED | ETAG_PRESERVED),
-                etag_flags(*etag_preserved)
-            ])?;
-            conn.prepare_cached("DELETE FROM errors WHERE task = ?1")?
-                .execute([id])?;
-            if part_size.is_some() || parts.is_some() {
-                let u = Update::Upload {
-                    id,
-                    upload_id: None,
-                    part_size: *part_size,
-                    parts: *parts,
-                };
-                apply(conn, &u)?;
-            } else {
-                close_upload(conn, id)?;
-            }
+        Outcome::Done { retries, .. } => {
+            finish_done(conn, id, outcome)?;
             *retries
         }
         Outcome::Failed { error, retries } => {
@@ -377,6 +346,46 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
             .execute([retries as i64])?;
     }
     Ok(())
+}
+
+/// A copied task: done, its destination version and method, no error, its upload closed
+/// (the layout of a multipart copy kept).
+fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
+    let Outcome::Done {
+        dest_version_id,
+        method,
+        part_size,
+        parts,
+        etag_preserved,
+        ..
+    } = outcome
+    else {
+        return Ok(());
+    };
+    conn.prepare_cached(
+        "UPDATE OR ROLLBACK task SET state = ?2, dest_version_id = ?3, method = ?4,
+         flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        State::Done.code(),
+        dest_version_id,
+        method.code(),
+        !(ETAG_CHECKED | ETAG_PRESERVED),
+        etag_flags(*etag_preserved)
+    ])?;
+    conn.prepare_cached("DELETE FROM errors WHERE task = ?1")?
+        .execute([id])?;
+    if part_size.is_none() && parts.is_none() {
+        return close_upload(conn, id);
+    }
+    let layout = Update::Upload {
+        id,
+        upload_id: None,
+        part_size: *part_size,
+        parts: *parts,
+    };
+    apply(conn, &layout)
 }
 
 fn set_ended(conn: &Connection, id: i64, state: State, class: ErrorClass) -> rusqlite::Result<()> {
