@@ -3,7 +3,7 @@
 //! it is left exactly as it was. A value v1 could not have written (an unknown state,
 //! method or error class) stops the migration with a one-line reason.
 //!
-//! May call: `codec`, `schema`, `pages` (key storage), the types of `manifest`.
+//! May call: `codec`, `schema`, `keys`, the types of `manifest`.
 
 use rusqlite::{params, Connection, Row, TransactionBehavior};
 
@@ -11,8 +11,9 @@ use super::codec::{
     class_code_of_name, etag_flags, etag_value, name_value, task_id, time_value, DELETE_MARKER,
     LATEST, SEQ_MASK, STORAGE_CLASSES,
 };
+use super::keys::Keys;
 use super::schema::{Counted, Tally};
-use super::{pages, schema, CopyMethod, ManifestError, Result, State};
+use super::{schema, CopyMethod, ManifestError, Result, State};
 use crate::config::JobSettings;
 
 /// One v1 task row.
@@ -123,12 +124,13 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
     let mut seq = 0;
     let (mut tasks, mut retries, mut multi) = (0i64, 0i64, 0i64);
     let mut tally = Tally::default();
+    let mut keys = Keys::load(conn).map_err(sql)?;
     while let Some(r) = rows.next().map_err(sql)? {
         let t = v1_task(r).map_err(sql)?;
         match &key {
             Some((k, _)) if *k == t.key => seq += 1,
             _ => {
-                let id = pages::add_key(conn, &t.key).map_err(sql)?;
+                let id = keys.add(conn, &t.key).map_err(sql)?;
                 key = Some((t.key.clone(), id));
                 seq = 0;
             }

@@ -8,13 +8,15 @@
 //! updates into one transaction; once a commit fails the writer stops and every later call
 //! says so ([`ManifestError::WriterGone`]). Files are created readable by their owner only.
 //!
-//! Layout: `codec` (compact encodings, task ids), `schema` (tables, triggers), `migrate`
+//! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
+//! in sorted runs), `schema` (tables, triggers), `migrate`
 //! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
 //! `writer` (updates and the writer thread).
 //!
 //! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
 
 mod codec;
+mod keys;
 mod migrate;
 mod pages;
 mod read;

@@ -2,16 +2,17 @@
 //! after it are one transaction; a replayed page (or entry) is recognised and ignored, so
 //! the listing can resume from any committed checkpoint.
 //!
-//! May call: `codec`, the types of `manifest`.
+//! May call: `codec`, `keys`, `schema` (insert counts), the types of `manifest`.
 
 use std::collections::HashSet;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::codec::{
-    etag_value, key_hash, key_range, name_value, task_id, time_value, CHECKSUMS, DELETE_MARKER,
-    LATEST, SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
+    etag_value, key_range, name_value, task_id, time_value, CHECKSUMS, DELETE_MARKER, LATEST,
+    SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
 };
+use super::keys::{find_key, Keys};
 use super::schema::{Counted, Tally};
 use super::{Listing, Manifest, ManifestError, NewTask, Result, State};
 
@@ -32,39 +33,15 @@ struct KeyCursor {
     loaded: bool,
 }
 
-/// The id of `key`, if it is stored.
-pub(super) fn find_key(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT k.id, k.key FROM key_hashes h JOIN keys k ON k.id = h.key_id WHERE h.hash = ?1",
-    )?;
-    let mut rows = stmt.query([key_hash(key)])?;
-    while let Some(r) = rows.next()? {
-        if r.get_ref(1)?.as_str()? == key {
-            return Ok(Some(r.get(0)?));
-        }
-    }
-    Ok(None)
-}
-
-/// Stores a new key and returns its id.
-pub(super) fn add_key(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached("INSERT INTO keys (key) VALUES (?1)")?
-        .execute([key])?;
-    let id = conn.last_insert_rowid();
-    conn.prepare_cached("INSERT INTO key_hashes (hash, key_id) VALUES (?1, ?2)")?
-        .execute(params![key_hash(key), id])?;
-    Ok(id)
-}
-
 impl KeyCursor {
     /// The cursor of `key`, stored now if it is new.
-    fn open(conn: &Connection, key: &str, path: &str) -> Result<KeyCursor> {
+    fn open(conn: &Connection, keys: &mut Keys, key: &str, path: &str) -> Result<KeyCursor> {
         let sql = |source| ManifestError::Sql {
             path: path.to_string(),
             source,
         };
-        let Some(key_id) = find_key(conn, key).map_err(sql)? else {
-            let key_id = add_key(conn, key).map_err(sql)?;
+        let Some(key_id) = keys.find(conn, key).map_err(sql)? else {
+            let key_id = keys.add(conn, key).map_err(sql)?;
             if key_id > MAX_KEY_ID {
                 let why = format!("more than {MAX_KEY_ID} keys");
                 return Err(ManifestError::Limit(path.to_string(), why));
@@ -232,10 +209,11 @@ impl Manifest {
         let (mut added, mut second) = (0i64, 0i64);
         let mut cur: Option<KeyCursor> = None;
         let mut tally = Tally::default();
+        let mut keys = Keys::load(&tx).map_err(sql)?;
         for t in tasks {
             let c = match cur.take() {
                 Some(c) if c.key == t.entry.key => cur.insert(c),
-                _ => cur.insert(KeyCursor::open(&tx, &t.entry.key, &path)?),
+                _ => cur.insert(KeyCursor::open(&tx, &mut keys, &t.entry.key, &path)?),
             };
             if c.has(&tx, t, generation).map_err(sql)? {
                 continue;

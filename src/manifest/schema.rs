@@ -1,8 +1,9 @@
 //! manifest::schema: the v2 tables, indexes, triggers and the readable `tasks` view, and the
 //! code that creates them in an empty file (or in a v1 file being migrated).
 //!
-//! Size: each key is stored once (`keys`), found by its hash (`key_hashes`); a key's tasks
-//! are one range of task ids, so no index repeats a key or lists the tasks of a key. States,
+//! Size: each key is stored once (`keys`), found by a search in its sorted run (`key_runs`,
+//! see `keys`); a key's tasks are one range of task ids, so no index repeats a key or lists
+//! the tasks of a key. States,
 //! methods and classes are small integers (their names are in `names`). Counters for
 //! `status` are kept by triggers as tasks change, so reading them never scans tasks.
 //!
@@ -55,17 +56,17 @@ CREATE TABLE refreshes (
     started_at INTEGER,
     tasks INTEGER NOT NULL DEFAULT 0
 );
--- Every source key, once.
+-- Every source key, once, with ids in the order they were listed.
 CREATE TABLE keys (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL
 );
--- Keys by the 64-bit FNV-1a hash of their bytes (a collision costs one text comparison).
-CREATE TABLE key_hashes (
-    hash INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    PRIMARY KEY (hash, key_id)
-) WITHOUT ROWID;
+-- Id ranges of `keys` in which the key text increases (a sorted listing is one run): a key
+-- is found by a binary search in each run, without an index.
+CREATE TABLE key_runs (
+    first_id INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 -- One task per source version (or delete marker) per destination.
 -- id = key id << {SEQ} | number of the task within its key: a key's tasks are one id range.
 CREATE TABLE task (

@@ -143,6 +143,40 @@ fn a_key_continued_on_the_next_page_keeps_its_order_and_replays_are_ignored() {
 }
 
 #[test]
+fn keys_listed_out_of_order_are_stored_once_and_found() {
+    let (_d, _p, mut m) = new_manifest();
+    let pages = [
+        vec![task("b", "1", 0), task("d", "1", 0), task("f", "1", 0)],
+        vec![task("a", "1", 0), task("c", "1", 0)],
+        vec![task("e", "1", 0), task("g", "1", 0), task("c", "2", 1)],
+    ];
+    for p in &pages {
+        m.insert_page(p, &Listing::default()).unwrap();
+    }
+    for p in &pages {
+        m.insert_page(p, &Listing::default()).unwrap();
+    }
+    assert_eq!(m.counts().unwrap().total, 8);
+    for (k, n) in [
+        ("a", 1),
+        ("b", 1),
+        ("c", 2),
+        ("d", 1),
+        ("e", 1),
+        ("f", 1),
+        ("g", 1),
+    ] {
+        assert_eq!(m.count_key(k).unwrap(), n, "{k}");
+    }
+    let keys: i64 = m
+        .conn
+        .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys, 7, "each key stored once");
+    assert_eq!(all_keys(&m).len(), 7);
+}
+
+#[test]
 fn single_version_keys_do_not_need_versioning() {
     let (_d, _p, mut m) = new_manifest();
     m.insert_page(&[task("a", "1", 0), task("b", "1", 0)], &Listing::default())
