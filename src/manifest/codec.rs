@@ -1,5 +1,5 @@
 //! manifest::codec: how values are stored compactly and read back exactly. Task ids (a key's
-//! tasks are one id range), the key hash, the small integer codes (states, copy methods,
+//! tasks are one id range), the small integer codes (states, copy methods,
 //! error classes, storage classes, checksum algorithms), MD5 ETags as 16 bytes and listing
 //! times as unix seconds. Every encoding falls back to the text as given, so nothing listed
 //! is ever changed by storing it.
@@ -30,17 +30,6 @@ pub(super) fn key_of(task_id: i64) -> i64 {
 /// The first and last possible task id of a key.
 pub(super) fn key_range(key_id: i64) -> (i64, i64) {
     (key_id << SEQ_BITS, (key_id << SEQ_BITS) | SEQ_MASK)
-}
-
-/// 64-bit FNV-1a of the key's bytes, as SQLite stores it (a signed integer). Stable across
-/// builds and platforms; collisions only cost a comparison of the key text.
-pub(super) fn key_hash(key: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h as i64
 }
 
 /// Task flag: a delete marker.
@@ -321,7 +310,5 @@ mod tests {
         assert_eq!(key_of(hi), 7);
         assert_eq!(task_id(7, 3), lo + 3);
         assert_eq!(key_of(hi + 1), 8);
-        assert_ne!(key_hash("a"), key_hash("b"));
-        assert_eq!(key_hash(""), 0xcbf2_9ce4_8422_2325_u64 as i64);
     }
 }

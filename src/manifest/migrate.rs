@@ -3,7 +3,7 @@
 //! it is left exactly as it was. A value v1 could not have written (an unknown state,
 //! method or error class) stops the migration with a one-line reason.
 //!
-//! May call: `codec`, `schema`, `pages` (key storage), the types of `manifest`.
+//! May call: `codec`, `schema`, `keys`, the types of `manifest`.
 
 use rusqlite::{params, Connection, Row, TransactionBehavior};
 
@@ -11,7 +11,9 @@ use super::codec::{
     class_code_of_name, etag_flags, etag_value, name_value, task_id, time_value, DELETE_MARKER,
     LATEST, SEQ_MASK, STORAGE_CLASSES,
 };
-use super::{pages, schema, CopyMethod, ManifestError, Result, State};
+use super::keys::Keys;
+use super::schema::{Counted, Tally};
+use super::{schema, CopyMethod, ManifestError, Result, State};
 use crate::config::JobSettings;
 
 /// One v1 task row.
@@ -121,12 +123,14 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
     let mut key: Option<(String, i64)> = None;
     let mut seq = 0;
     let (mut tasks, mut retries, mut multi) = (0i64, 0i64, 0i64);
+    let mut tally = Tally::default();
+    let mut keys = Keys::load(conn).map_err(sql)?;
     while let Some(r) = rows.next().map_err(sql)? {
         let t = v1_task(r).map_err(sql)?;
         match &key {
             Some((k, _)) if *k == t.key => seq += 1,
             _ => {
-                let id = pages::add_key(conn, &t.key).map_err(sql)?;
+                let id = keys.add(conn, &t.key).map_err(sql)?;
                 key = Some((t.key.clone(), id));
                 seq = 0;
             }
@@ -136,12 +140,13 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
             return Err(ManifestError::Migration(path.to_string(), why));
         }
         let key_id = key.as_ref().map_or(0, |(_, id)| *id);
-        insert_v1_task(conn, task_id(key_id, seq), &t)
+        insert_v1_task(conn, task_id(key_id, seq), &t, &mut tally)
             .map_err(|why| ManifestError::Migration(path.to_string(), why))?;
         tasks += 1;
         retries += t.retries;
         multi += i64::from(seq == 1);
     }
+    tally.store(conn).map_err(sql)?;
     conn.execute(
         "UPDATE totals SET retries = ?1, multi_task_keys = ?2 WHERE id = 1",
         params![retries, multi],
@@ -155,8 +160,8 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Inserts one v1 task under its new id; the error says which value cannot be kept.
-fn insert_v1_task(conn: &Connection, id: i64, t: &V1Task) -> std::result::Result<(), String> {
+/// The v2 codes of a v1 task's state, error class and copy method.
+fn v1_codes(t: &V1Task) -> std::result::Result<(State, Option<i64>, Option<i64>), String> {
     let state = State::parse(&t.state).map_err(|e| format!("task {}: {e}", t.id))?;
     let class = match &t.error_class {
         None => None,
@@ -173,10 +178,21 @@ fn insert_v1_task(conn: &Connection, id: i64, t: &V1Task) -> std::result::Result
                 .code(),
         ),
     };
+    Ok((state, class, method))
+}
+
+/// Inserts one v1 task under its new id; the error says which value cannot be kept.
+fn insert_v1_task(
+    conn: &Connection,
+    id: i64,
+    t: &V1Task,
+    tally: &mut Tally,
+) -> std::result::Result<(), String> {
+    let (state, class, method) = v1_codes(t)?;
     let db = |e: rusqlite::Error| format!("task {}: {e}", t.id);
     conn.prepare_cached(
-        "INSERT INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
-         last_modified, storage_class, checksum_algorithm, state, attempts, error_class,
+        "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size,
+         etag, last_modified, storage_class, checksum_algorithm, state, attempts, error_class,
          started_at, dest_version_id, method)
          VALUES (?1, 0, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
@@ -199,19 +215,31 @@ fn insert_v1_task(conn: &Connection, id: i64, t: &V1Task) -> std::result::Result
         ])
     })
     .map_err(db)?;
+    let counted = Counted {
+        state: state.code(),
+        size: t.size,
+        flags: t.flags,
+        attempts: t.attempts,
+        error_class: class,
+        has_dest_version: t.dest_version_id.is_some(),
+    };
+    tally.add(id, &counted);
+    insert_v1_details(conn, id, t).map_err(db)
+}
+
+/// A v1 task's error and multipart upload, in their v2 tables.
+fn insert_v1_details(conn: &Connection, id: i64, t: &V1Task) -> rusqlite::Result<()> {
     if t.error != (None, None, None) {
         conn.prepare_cached(
             "INSERT INTO errors (task, code, http_status, message) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .and_then(|mut s| s.execute(params![id, t.error.0, t.error.1, t.error.2]))
-        .map_err(db)?;
+        )?
+        .execute(params![id, t.error.0, t.error.1, t.error.2])?;
     }
     if t.upload != (None, None, None) {
         conn.prepare_cached(
             "INSERT INTO uploads (task, upload_id, part_size, parts) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .and_then(|mut s| s.execute(params![id, t.upload.0, t.upload.1, t.upload.2]))
-        .map_err(db)?;
+        )?
+        .execute(params![id, t.upload.0, t.upload.1, t.upload.2])?;
     }
     Ok(())
 }

@@ -8,13 +8,15 @@
 //! updates into one transaction; once a commit fails the writer stops and every later call
 //! says so ([`ManifestError::WriterGone`]). Files are created readable by their owner only.
 //!
-//! Layout: `codec` (compact encodings, task ids), `schema` (tables, triggers), `migrate`
+//! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
+//! in sorted runs), `schema` (tables, triggers), `migrate`
 //! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
 //! `writer` (updates and the writer thread).
 //!
 //! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
 
 mod codec;
+mod keys;
 mod migrate;
 mod pages;
 mod read;
@@ -407,8 +409,9 @@ impl Manifest {
             path: p.clone(),
             source,
         };
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
+        // One thread at a time uses a connection (`Connection` is not `Sync`): no mutexes.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
         // Only takes effect in a new, empty file.
         conn.pragma_update(None, "page_size", schema::PAGE_SIZE)

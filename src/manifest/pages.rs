@@ -2,17 +2,19 @@
 //! after it are one transaction; a replayed page (or entry) is recognised and ignored, so
 //! the listing can resume from any committed checkpoint.
 //!
-//! May call: `codec`, the types of `manifest`.
+//! May call: `codec`, `keys`, `schema` (insert counts), the types of `manifest`.
 
 use std::collections::HashSet;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::codec::{
-    etag_value, key_hash, key_range, name_value, task_id, time_value, CHECKSUMS, DELETE_MARKER,
-    LATEST, SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
+    etag_value, key_range, name_value, task_id, time_value, CHECKSUMS, DELETE_MARKER, LATEST,
+    SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
 };
-use super::{Listing, Manifest, ManifestError, NewTask, Result};
+use super::keys::{find_key, Keys};
+use super::schema::{Counted, Tally};
+use super::{Listing, Manifest, ManifestError, NewTask, Result, State};
 
 /// The largest key id whose task ids fit in 63 bits.
 const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
@@ -31,47 +33,21 @@ struct KeyCursor {
     loaded: bool,
 }
 
-/// The id of `key`, if it is stored.
-pub(super) fn find_key(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT k.id, k.key FROM key_hashes h JOIN keys k ON k.id = h.key_id WHERE h.hash = ?1",
-    )?;
-    let mut rows = stmt.query([key_hash(key)])?;
-    while let Some(r) = rows.next()? {
-        if r.get_ref(1)?.as_str()? == key {
-            return Ok(Some(r.get(0)?));
-        }
-    }
-    Ok(None)
-}
-
-/// Stores a new key and returns its id.
-pub(super) fn add_key(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached("INSERT INTO keys (key) VALUES (?1)")?
-        .execute([key])?;
-    let id = conn.last_insert_rowid();
-    conn.prepare_cached("INSERT INTO key_hashes (hash, key_id) VALUES (?1, ?2)")?
-        .execute(params![key_hash(key), id])?;
-    Ok(id)
-}
-
 impl KeyCursor {
-    fn open(conn: &Connection, key: &str, path: &str) -> Result<KeyCursor> {
+    /// The cursor of `key`, stored now if it is new.
+    fn open(conn: &Connection, keys: &mut Keys, key: &str, path: &str) -> Result<KeyCursor> {
         let sql = |source| ManifestError::Sql {
             path: path.to_string(),
             source,
         };
-        let found = find_key(conn, key).map_err(sql)?;
-        let key_id = match found {
-            Some(id) => id,
-            None => add_key(conn, key).map_err(sql)?,
+        let Some(key_id) = keys.find(conn, key).map_err(sql)? else {
+            let key_id = keys.add(conn, key).map_err(sql)?;
+            if key_id > MAX_KEY_ID {
+                let why = format!("more than {MAX_KEY_ID} keys");
+                return Err(ManifestError::Limit(path.to_string(), why));
+            }
+            return Ok(KeyCursor::new(key, key_id, 0, None));
         };
-        if key_id > MAX_KEY_ID {
-            return Err(ManifestError::Limit(
-                path.to_string(),
-                format!("more than {MAX_KEY_ID} keys"),
-            ));
-        }
         let (lo, hi) = key_range(key_id);
         let last: Option<(i64, i64, i64)> = conn
             .prepare_cached(
@@ -83,15 +59,25 @@ impl KeyCursor {
                     .optional()
             })
             .map_err(sql)?;
-        Ok(KeyCursor {
+        let next_seq = last.map_or(0, |(id, _, _)| (id & SEQ_MASK) + 1);
+        Ok(KeyCursor::new(
+            key,
+            key_id,
+            next_seq,
+            last.map(|(_, r, p)| (r, p)),
+        ))
+    }
+
+    fn new(key: &str, key_id: i64, next_seq: i64, last: Option<(i64, i64)>) -> KeyCursor {
+        KeyCursor {
             key: key.to_string(),
             key_id,
-            next_seq: last.map_or(0, |(id, _, _)| (id & SEQ_MASK) + 1),
+            next_seq,
             existed: last.is_some(),
-            last: last.map(|(_, r, p)| (r, p)),
+            last,
             seen: HashSet::new(),
             loaded: false,
-        })
+        }
     }
 
     /// Whether the key already has a task for this entry (a replayed page).
@@ -123,12 +109,18 @@ impl KeyCursor {
     }
 }
 
-fn insert_task(conn: &Connection, id: i64, generation: i64, t: &NewTask) -> rusqlite::Result<()> {
+fn insert_task(
+    conn: &Connection,
+    id: i64,
+    generation: i64,
+    t: &NewTask,
+    tally: &mut Tally,
+) -> rusqlite::Result<()> {
     let e = &t.entry;
     let flags =
         if e.is_delete_marker { DELETE_MARKER } else { 0 } | if e.is_latest { LATEST } else { 0 };
     conn.prepare_cached(
-        "INSERT INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
+        "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
          last_modified, storage_class, checksum_algorithm)
          VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
@@ -144,6 +136,15 @@ fn insert_task(conn: &Connection, id: i64, generation: i64, t: &NewTask) -> rusq
         name_value(STORAGE_CLASSES, e.storage_class.as_deref()),
         name_value(CHECKSUMS, e.checksum_algorithm.as_deref()),
     ])?;
+    let counted = Counted {
+        state: State::Pending.code(),
+        size: e.size as i64,
+        flags,
+        attempts: 0,
+        error_class: None,
+        has_dest_version: false,
+    };
+    tally.add(id, &counted);
     Ok(())
 }
 
@@ -207,10 +208,12 @@ impl Manifest {
             .map_err(sql)?;
         let (mut added, mut second) = (0i64, 0i64);
         let mut cur: Option<KeyCursor> = None;
+        let mut tally = Tally::default();
+        let mut keys = Keys::load(&tx).map_err(sql)?;
         for t in tasks {
             let c = match cur.take() {
                 Some(c) if c.key == t.entry.key => cur.insert(c),
-                _ => cur.insert(KeyCursor::open(&tx, &t.entry.key, &path)?),
+                _ => cur.insert(KeyCursor::open(&tx, &mut keys, &t.entry.key, &path)?),
             };
             if c.has(&tx, t, generation).map_err(sql)? {
                 continue;
@@ -221,12 +224,14 @@ impl Manifest {
                     format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
                 ));
             }
-            insert_task(&tx, task_id(c.key_id, c.next_seq), generation, t).map_err(sql)?;
+            let id = task_id(c.key_id, c.next_seq);
+            insert_task(&tx, id, generation, t, &mut tally).map_err(sql)?;
             second += i64::from(c.next_seq == 1);
             c.next_seq += 1;
             c.seen.insert(t.entry.version_id.clone());
             added += 1;
         }
+        tally.store(&tx).map_err(sql)?;
         store_checkpoint(&tx, 0, checkpoint).map_err(sql)?;
         if added > 0 {
             tx.prepare_cached("UPDATE refreshes SET tasks = tasks + ?1 WHERE generation = ?2")

@@ -30,68 +30,63 @@ fn task_select(cond: &str, order: &str) -> String {
 /// Oldest first: earlier listings first, then the end of each key's history first.
 const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
 
-// Long on purpose: one line per stored column, read in order; splitting it would only scatter the column list.
-/// A row of [`task_select`]; the inner error names a value this build cannot read.
-fn task_from_row(r: &Row<'_>) -> rusqlite::Result<std::result::Result<Task, String>> {
+/// Why a row could not be read: SQLite failed, or a value this build does not know.
+enum RowError {
+    Sql(rusqlite::Error),
+    Bad(String),
+}
+
+impl From<rusqlite::Error> for RowError {
+    fn from(e: rusqlite::Error) -> RowError {
+        RowError::Sql(e)
+    }
+}
+
+impl Manifest {
+    fn row_error(&self, e: RowError) -> ManifestError {
+        match e {
+            RowError::Sql(e) => self.sql(e),
+            RowError::Bad(what) => ManifestError::BadState(self.path.clone(), what),
+        }
+    }
+}
+
+fn state_of(code: i64) -> std::result::Result<State, RowError> {
+    State::of_code(code).ok_or_else(|| RowError::Bad(format!("state {code}")))
+}
+
+fn class_name(code: Option<i64>) -> std::result::Result<Option<String>, RowError> {
+    code.map(|c| {
+        class_of(c)
+            .map(|c| c.as_str().to_string())
+            .ok_or_else(|| RowError::Bad(format!("error class {c}")))
+    })
+    .transpose()
+}
+
+/// A row of [`task_select`].
+fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
     let flags: i64 = r.get(2)?;
-    let state: i64 = r.get(8)?;
-    let class: Option<i64> = r.get(13)?;
-    let decoded = (|| {
-        let state = State::of_code(state).ok_or_else(|| format!("state {state}"))?;
-        let error_class = match class {
-            None => None,
-            Some(c) => Some(
-                class_of(c)
-                    .ok_or_else(|| format!("error class {c}"))?
-                    .as_str()
-                    .to_string(),
-            ),
-        };
-        Ok((state, error_class))
-    })();
-    let (state, error_class) = match decoded {
-        Ok(d) => d,
-        Err(e) => return Ok(Err(e)),
-    };
-    let texts = (|| {
-        Ok::<_, String>((
-            etag_text(r.get_ref(4).map_err(|e| e.to_string())?)?,
-            time_text(r.get_ref(5).map_err(|e| e.to_string())?)?,
-            name_text(
-                STORAGE_CLASSES,
-                "storage class",
-                r.get_ref(6).map_err(|e| e.to_string())?,
-            )?,
-            name_text(
-                CHECKSUMS,
-                "checksum algorithm",
-                r.get_ref(7).map_err(|e| e.to_string())?,
-            )?,
-        ))
-    })();
-    let (etag, last_modified, storage_class, checksum_algorithm) = match texts {
-        Ok(t) => t,
-        Err(e) => return Ok(Err(e)),
-    };
-    Ok(Ok(Task {
+    let bad = RowError::Bad;
+    Ok(Task {
         id: r.get(0)?,
         key: r.get(14)?,
         version_id: r.get(1)?,
         is_delete_marker: flags & DELETE_MARKER != 0,
         is_latest: flags & LATEST != 0,
         size: r.get::<_, i64>(3)? as u64,
-        etag,
-        last_modified,
-        storage_class,
-        checksum_algorithm,
-        state,
+        etag: etag_text(r.get_ref(4)?).map_err(bad)?,
+        last_modified: time_text(r.get_ref(5)?).map_err(bad)?,
+        storage_class: name_text(STORAGE_CLASSES, "storage class", r.get_ref(6)?).map_err(bad)?,
+        checksum_algorithm: name_text(CHECKSUMS, "checksum", r.get_ref(7)?).map_err(bad)?,
+        state: state_of(r.get(8)?)?,
         attempts: r.get(9)?,
         dest_version_id: r.get(10)?,
         started_at: r.get(11)?,
         upload_id: r.get(12)?,
         stream_only: flags & STREAM_ONLY != 0,
-        error_class,
-    }))
+        error_class: class_name(r.get(13)?)?,
+    })
 }
 
 /// The statements `counts()` runs (tests check that none scans the tasks).
@@ -119,26 +114,21 @@ fn count(v: i64) -> u64 {
 impl Manifest {
     /// Runs a task query and decodes its rows; an unknown value is [`ManifestError::BadState`].
     fn tasks_where(&self, cond: &str, order: &str, args: &[i64]) -> Result<Vec<Task>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&task_select(cond, order))
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args), task_from_row)
-            .map_err(|e| self.sql(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            match row.map_err(|e| self.sql(e))? {
-                Ok(t) => out.push(t),
-                Err(bad) => return Err(ManifestError::BadState(self.path.clone(), bad)),
+        let run = || -> std::result::Result<Vec<Task>, RowError> {
+            let mut stmt = self.conn.prepare_cached(&task_select(cond, order))?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(task_from_row(r)?);
             }
-        }
-        Ok(out)
+            Ok(out)
+        };
+        run().map_err(|e| self.row_error(e))
     }
 
     /// Every task of one key, oldest first (empty for a key the manifest does not hold).
     pub fn tasks_of_key(&self, key: &str) -> Result<Vec<Task>> {
-        let Some(id) = super::pages::find_key(&self.conn, key).map_err(|e| self.sql(e))? else {
+        let Some(id) = super::keys::find_key(&self.conn, key).map_err(|e| self.sql(e))? else {
             return Ok(Vec::new());
         };
         let (lo, hi) = key_range(id);
@@ -291,8 +281,7 @@ impl Manifest {
         Ok(())
     }
 
-    // Long on purpose: one pass over a key's tasks that decides failed, skipped and blocked rows together.
-    /// The problems of one key, oldest first; false when `f` asked to stop.
+    /// The problems of one key, oldest first, streamed; false when `f` asked to stop.
     fn key_problems(
         &self,
         key_id: i64,
@@ -318,48 +307,8 @@ impl Manifest {
         // Per destination: the oldest failed version, which later open tasks wait for.
         let mut failed: BTreeMap<i64, String> = BTreeMap::new();
         while let Some(r) = rows.next().map_err(sql)? {
-            let code: i64 = r.get(1).map_err(sql)?;
-            let state = State::of_code(code).ok_or_else(|| {
-                ManifestError::BadState(self.path.clone(), format!("state {code}"))
-            })?;
-            let version_id: String = r.get(0).map_err(sql)?;
-            let dest: i64 = r.get(4).map_err(sql)?;
-            let class: Option<i64> = r.get(2).map_err(sql)?;
-            let error_class = match class {
-                None => None,
-                Some(c) => Some(class_of(c).ok_or_else(|| {
-                    ManifestError::BadState(self.path.clone(), format!("error class {c}"))
-                })?),
-            };
-            let mut p = Problem {
-                key: key.clone(),
-                version_id: version_id.clone(),
-                state: state.as_str().to_string(),
-                error_class: error_class.map(|c| c.as_str().to_string()),
-                error_code: r.get(5).map_err(sql)?,
-                http_status: r.get(6).map_err(sql)?,
-                message: r.get(7).map_err(sql)?,
-                attempts: r.get(3).map_err(sql)?,
-            };
-            match state {
-                State::Failed => {
-                    failed.entry(dest).or_insert(version_id);
-                }
-                State::Skipped => {}
-                State::Pending | State::InProgress => match failed.get(&dest) {
-                    Some(v) => {
-                        p.state = "blocked".into();
-                        p.error_class = None;
-                        p.error_code = None;
-                        p.http_status = None;
-                        p.message = Some(format!(
-                            "waits for the older version {v} of this key, which failed; resolve it with `run --retry-failed` or `run --skip-failed`"
-                        ));
-                    }
-                    None => continue,
-                },
-                State::Done => continue,
-            }
+            let problem = problem_from_row(r, &key, &mut failed).map_err(|e| self.row_error(e))?;
+            let Some(p) = problem else { continue };
             let go_on = f(p).map_err(|source| ManifestError::Io {
                 path: self.path.clone(),
                 what: "writing problems out",
@@ -376,7 +325,7 @@ impl Manifest {
     /// being written again); returns how many.
     pub fn retry_failed(&self) -> Result<usize> {
         self.conn
-            .prepare_cached("UPDATE task SET state = 0 WHERE state >= 3 AND state = 3")
+            .prepare_cached("UPDATE OR ROLLBACK task SET state = 0 WHERE state >= 3 AND state = 3")
             .and_then(|mut s| s.execute([]))
             .map_err(|e| self.sql(e))
     }
@@ -395,7 +344,7 @@ impl Manifest {
                 [],
             )?;
             let n = tx.execute(
-                "UPDATE task SET state = 4 WHERE state >= 3 AND state = 3",
+                "UPDATE OR ROLLBACK task SET state = 4 WHERE state >= 3 AND state = 3",
                 [],
             )?;
             tx.commit()?;
@@ -448,4 +397,44 @@ fn waiting(
         n += stmt.query_row([lo, hi, *dest, *refresh, *pos], |r| r.get(0).map(count))?;
     }
     Ok(n)
+}
+
+/// The problem a task row of one key shows, if any: failed, skipped, or blocked (open and
+/// newer than the oldest failed task of its destination, recorded in `failed`).
+fn problem_from_row(
+    r: &Row<'_>,
+    key: &str,
+    failed: &mut BTreeMap<i64, String>,
+) -> std::result::Result<Option<Problem>, RowError> {
+    let state = state_of(r.get(1)?)?;
+    let version_id: String = r.get(0)?;
+    let dest: i64 = r.get(4)?;
+    let mut p = Problem {
+        key: key.to_string(),
+        version_id: version_id.clone(),
+        state: state.as_str().to_string(),
+        error_class: class_name(r.get(2)?)?,
+        error_code: r.get(5)?,
+        http_status: r.get(6)?,
+        message: r.get(7)?,
+        attempts: r.get(3)?,
+    };
+    match state {
+        State::Failed => {
+            failed.entry(dest).or_insert(version_id);
+        }
+        State::Skipped => {}
+        State::Done => return Ok(None),
+        State::Pending | State::InProgress => {
+            let Some(v) = failed.get(&dest) else {
+                return Ok(None);
+            };
+            p.state = "blocked".into();
+            (p.error_class, p.error_code, p.http_status) = (None, None, None);
+            p.message = Some(format!(
+                "waits for the older version {v} of this key, which failed; resolve it with `run --retry-failed` or `run --skip-failed`"
+            ));
+        }
+    }
+    Ok(Some(p))
 }

@@ -1,12 +1,15 @@
 //! manifest::schema: the v2 tables, indexes, triggers and the readable `tasks` view, and the
 //! code that creates them in an empty file (or in a v1 file being migrated).
 //!
-//! Size: each key is stored once (`keys`), found by its hash (`key_hashes`); a key's tasks
-//! are one range of task ids, so no index repeats a key or lists the tasks of a key. States,
+//! Size: each key is stored once (`keys`), found by a search in its sorted run (`key_runs`,
+//! see `keys`); a key's tasks are one range of task ids, so no index repeats a key or lists
+//! the tasks of a key. States,
 //! methods and classes are small integers (their names are in `names`). Counters for
 //! `status` are kept by triggers as tasks change, so reading them never scans tasks.
 //!
 //! May call: `codec` (constants and names).
+
+use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection};
 
@@ -53,17 +56,17 @@ CREATE TABLE refreshes (
     started_at INTEGER,
     tasks INTEGER NOT NULL DEFAULT 0
 );
--- Every source key, once.
+-- Every source key, once, with ids in the order they were listed.
 CREATE TABLE keys (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL
 );
--- Keys by the 64-bit FNV-1a hash of their bytes (a collision costs one text comparison).
-CREATE TABLE key_hashes (
-    hash INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    PRIMARY KEY (hash, key_id)
-) WITHOUT ROWID;
+-- Id ranges of `keys` in which the key text increases (a sorted listing is one run): a key
+-- is found by a binary search in each run, without an index.
+CREATE TABLE key_runs (
+    first_id INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 -- One task per source version (or delete marker) per destination.
 -- id = key id << {SEQ} | number of the task within its key: a key's tasks are one id range.
 CREATE TABLE task (
@@ -102,7 +105,7 @@ CREATE TABLE errors (
     http_status INTEGER,
     message TEXT
 );
--- Kept by the triggers: one row per state.
+-- Kept by the triggers and by the code that inserts tasks: one row per state.
 CREATE TABLE counters (
     state INTEGER PRIMARY KEY,
     tasks INTEGER NOT NULL DEFAULT 0,
@@ -119,10 +122,12 @@ CREATE TABLE totals (
     retries INTEGER NOT NULL DEFAULT 0,
     multi_task_keys INTEGER NOT NULL DEFAULT 0
 );
--- Kept by the triggers: open (pending or in-progress) tasks per block of 2^{BLOCK} key ids.
+-- Kept like counters: open (pending or in-progress) tasks per block of 2^{BLOCK} key ids.
+-- (No NOT NULL on `open`: the triggers' upsert could then abort, and every task write would
+-- need a statement journal.)
 CREATE TABLE open_blocks (
     block INTEGER PRIMARY KEY,
-    open INTEGER NOT NULL
+    open INTEGER
 );
 -- S3 requests per operation, all runs.
 CREATE TABLE requests (
@@ -146,13 +151,9 @@ const COUNTED: &str = "tasks = tasks {S} 1, bytes = bytes {S} R.size,
         archived = archived {S} (R.error_class IS {AR}),
         no_dest_version = no_dest_version {S} (R.dest_version_id IS NULL)";
 
-/// Triggers keeping `counters` and `open_blocks`.
+/// Triggers keeping `counters` and `open_blocks` as tasks change or go. Inserted tasks are
+/// counted by the code that inserts them ([`Tally`]): once per page, not once per row.
 const TRIGGERS: &str = "
-CREATE TRIGGER task_added AFTER INSERT ON task BEGIN
-    UPDATE counters SET {ADD_NEW} WHERE state = NEW.state;
-    INSERT INTO open_blocks (block, open) SELECT NEW.id >> {BLOCKSHIFT}, 1 WHERE NEW.state < 2
-        ON CONFLICT (block) DO UPDATE SET open = open + 1;
-END;
 CREATE TRIGGER task_changed
 AFTER UPDATE OF state, attempts, size, flags, error_class, dest_version_id ON task BEGIN
     UPDATE counters SET {SUB_OLD} WHERE state = OLD.state;
@@ -257,4 +258,69 @@ pub(super) fn store_destination(
     )?
     .execute(params![id, bucket, prefix])
     .map(|_| ())
+}
+
+/// What an inserted task adds to the counters.
+pub(super) struct Counted {
+    /// State code.
+    pub state: i64,
+    pub size: i64,
+    pub flags: i64,
+    pub attempts: i64,
+    /// Error class code.
+    pub error_class: Option<i64>,
+    pub has_dest_version: bool,
+}
+
+/// What inserted tasks add to `counters` and `open_blocks`, stored once per transaction by
+/// the code that inserts (the triggers count updates and deletes).
+#[derive(Default)]
+pub(super) struct Tally {
+    /// Per state: tasks, bytes, delete markers, attempts, ETags preserved, archived, tasks
+    /// without a destination version id (the columns of `counters`).
+    states: BTreeMap<i64, [i64; 7]>,
+    /// Open tasks per block of keys.
+    blocks: BTreeMap<i64, i64>,
+}
+
+impl Tally {
+    /// Counts task `id`, just inserted.
+    pub(super) fn add(&mut self, id: i64, t: &Counted) {
+        let preserved = ETAG_CHECKED | ETAG_PRESERVED;
+        let c = self.states.entry(t.state).or_default();
+        c[0] += 1;
+        c[1] += t.size;
+        c[2] += t.flags & DELETE_MARKER;
+        c[3] += t.attempts;
+        c[4] += i64::from(t.flags & preserved == preserved);
+        c[5] += i64::from(t.error_class == Some(class_code(ErrorClass::Archived)));
+        c[6] += i64::from(!t.has_dest_version);
+        if t.state < State::Done.code() {
+            *self
+                .blocks
+                .entry(id >> (SEQ_BITS + BLOCK_BITS))
+                .or_default() += 1;
+        }
+    }
+
+    /// Adds what was counted to the stored counters.
+    pub(super) fn store(&self, conn: &Connection) -> rusqlite::Result<()> {
+        let mut counters = conn.prepare_cached(
+            "UPDATE counters SET tasks = tasks + ?2, bytes = bytes + ?3,
+             delete_markers = delete_markers + ?4, attempts = attempts + ?5,
+             etag_preserved = etag_preserved + ?6, archived = archived + ?7,
+             no_dest_version = no_dest_version + ?8 WHERE state = ?1",
+        )?;
+        for (state, c) in &self.states {
+            counters.execute(params![state, c[0], c[1], c[2], c[3], c[4], c[5], c[6]])?;
+        }
+        let mut blocks = conn.prepare_cached(
+            "INSERT INTO open_blocks (block, open) VALUES (?1, ?2)
+             ON CONFLICT (block) DO UPDATE SET open = open + excluded.open",
+        )?;
+        for (block, n) in &self.blocks {
+            blocks.execute([block, n])?;
+        }
+        Ok(())
+    }
 }

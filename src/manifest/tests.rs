@@ -144,6 +144,40 @@ fn a_key_continued_on_the_next_page_keeps_its_order_and_replays_are_ignored() {
 }
 
 #[test]
+fn keys_listed_out_of_order_are_stored_once_and_found() {
+    let (_d, _p, mut m) = new_manifest();
+    let pages = [
+        vec![task("b", "1", 0), task("d", "1", 0), task("f", "1", 0)],
+        vec![task("a", "1", 0), task("c", "1", 0)],
+        vec![task("e", "1", 0), task("g", "1", 0), task("c", "2", 1)],
+    ];
+    for p in &pages {
+        m.insert_page(p, &Listing::default()).unwrap();
+    }
+    for p in &pages {
+        m.insert_page(p, &Listing::default()).unwrap();
+    }
+    assert_eq!(m.counts().unwrap().total, 8);
+    for (k, n) in [
+        ("a", 1),
+        ("b", 1),
+        ("c", 2),
+        ("d", 1),
+        ("e", 1),
+        ("f", 1),
+        ("g", 1),
+    ] {
+        assert_eq!(m.count_key(k).unwrap(), n, "{k}");
+    }
+    let keys: i64 = m
+        .conn
+        .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys, 7, "each key stored once");
+    assert_eq!(all_keys(&m).len(), 7);
+}
+
+#[test]
 fn single_version_keys_do_not_need_versioning() {
     let (_d, _p, mut m) = new_manifest();
     m.insert_page(&[task("a", "1", 0), task("b", "1", 0)], &Listing::default())
@@ -151,6 +185,7 @@ fn single_version_keys_do_not_need_versioning() {
     assert!(!m.has_multi_version_key().unwrap());
 }
 
+// One entry per encoding (compact, text fallback, none); checked field by field.
 // Long on purpose: a test that reads as one scenario from set-up to the checks.
 #[test]
 fn listed_fields_read_back_exactly() {
@@ -278,6 +313,7 @@ fn settings_round_trip_and_name_destination_zero() {
     assert_eq!(dest, ("dst".to_string(), "out/".to_string()));
 }
 
+// One run's updates in order, each checked where it takes effect.
 // Long on purpose: a test that reads as one scenario from set-up to the checks.
 #[tokio::test]
 async fn writer_commits_updates() {
@@ -395,8 +431,8 @@ fn open_uploads_are_listed_until_closed() {
     assert!(m.open_uploads().unwrap().is_empty());
 }
 
-// Long on purpose: a test that reads as one scenario from set-up to the checks.
-/// The kept counters equal a full recount after every kind of change.
+/// The kept counters equal a full recount after every kind of change (a long script of
+/// changes, checked after each step).
 #[test]
 fn counters_match_a_recount() {
     let (_d, path, mut m) = new_manifest();
@@ -532,10 +568,9 @@ fn check_recount(m: &Manifest) {
     assert_eq!(all_keys(m).len() as i64, open_keys);
 }
 
-// Long on purpose: a test that reads as one scenario from set-up to the checks.
-#[test]
-fn a_failed_version_blocks_the_later_ones_until_resolved() {
-    let (_d, path, mut m) = new_manifest();
+/// Key `k` with v1 done, v2 failed (AccessDenied), v3 and v4 pending; key `other` pending.
+fn key_with_a_failed_version() -> (tempfile::TempDir, PathBuf, Manifest, Vec<i64>) {
+    let (d, path, mut m) = new_manifest();
     let page = vec![
         task("k", "v4", 0),
         task("k", "v3", 1),
@@ -545,6 +580,10 @@ fn a_failed_version_blocks_the_later_ones_until_resolved() {
     ];
     m.insert_page(&page, &Listing::default()).unwrap();
     let ids = ids_of(&m, "k"); // v1, v2, v3, v4
+    let failed = Outcome::Failed {
+        error: error("AccessDenied", 403),
+        retries: 1,
+    };
     write_all(
         &path,
         vec![
@@ -556,13 +595,16 @@ fn a_failed_version_blocks_the_later_ones_until_resolved() {
             Update::Started { id: ids[1], at: 1 },
             Update::Finished {
                 id: ids[1],
-                outcome: Outcome::Failed {
-                    error: error("AccessDenied", 403),
-                    retries: 1,
-                },
+                outcome: failed,
             },
         ],
     );
+    (d, path, m, ids)
+}
+
+#[test]
+fn a_failed_version_blocks_the_later_ones() {
+    let (_d, _p, m, _ids) = key_with_a_failed_version();
     let c = m.counts().unwrap();
     assert_eq!((c.failed, c.blocked, c.pending), (1, 2, 3));
     let mut seen = Vec::new();
@@ -587,7 +629,11 @@ fn a_failed_version_blocks_the_later_ones_until_resolved() {
     let k = g.iter().find(|g| g.key == "k").unwrap();
     assert_eq!(k.tasks[1].state, State::Failed);
     assert_eq!(k.tasks[1].error_class.as_deref(), Some("fatal"));
+}
 
+#[test]
+fn retry_failed_queues_the_failed_version_again() {
+    let (_d, _p, m, _ids) = key_with_a_failed_version();
     assert_eq!(m.retry_failed().unwrap(), 1);
     let c = m.counts().unwrap();
     assert_eq!((c.failed, c.blocked, c.pending), (0, 0, 4));
@@ -598,23 +644,21 @@ fn a_failed_version_blocks_the_later_ones_until_resolved() {
         (State::Pending, 1),
         "attempts kept"
     );
+    assert_eq!(m.retry_failed().unwrap(), 0);
+}
 
-    write_all(
-        &path,
-        vec![Update::Finished {
-            id: ids[1],
-            outcome: Outcome::Failed {
-                error: error("AccessDenied", 403),
-                retries: 0,
-            },
-        }],
-    );
+#[test]
+fn skip_failed_records_why_and_unblocks_the_key() {
+    let (_d, _p, m, _ids) = key_with_a_failed_version();
     assert_eq!(m.skip_failed().unwrap(), 1);
     let c = m.counts().unwrap();
-    assert_eq!((c.failed, c.skipped, c.blocked), (0, 1, 0));
+    assert_eq!((c.failed, c.skipped, c.blocked, c.pending), (0, 1, 0, 3));
     let p = m.problems(10).unwrap();
     assert_eq!(p.len(), 1);
-    assert_eq!(p[0].state, "skipped");
+    assert_eq!(
+        (p[0].version_id.as_str(), p[0].state.as_str()),
+        ("v2", "skipped")
+    );
     let msg = p[0].message.as_deref().unwrap();
     assert!(
         msg.starts_with("skipped by --skip-failed after: dest: CopyObject failed (AccessDenied"),
@@ -909,6 +953,7 @@ fn v1_manifests_are_migrated_on_open() {
     );
 }
 
+// Every kind of v1 value, checked one by one.
 // Long on purpose: a test that reads as one scenario from set-up to the checks.
 fn check_migrated_tasks(m: &Manifest) {
     let g = all_keys(m);

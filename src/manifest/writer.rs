@@ -265,7 +265,7 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
     match u {
         Update::Started { id, at } => conn
             .prepare_cached(
-                "UPDATE task SET state = ?2, attempts = attempts + 1, started_at = ?3
+                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts + 1, started_at = ?3
                  WHERE id = ?1",
             )?
             .execute(params![id, State::InProgress.code(), at])
@@ -291,14 +291,14 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
             .map(drop),
         Update::Finished { id, outcome } => finish(conn, *id, outcome),
         Update::StreamOnly { id } => conn
-            .prepare_cached("UPDATE task SET flags = flags | ?2 WHERE id = ?1")?
+            .prepare_cached("UPDATE OR ROLLBACK task SET flags = flags | ?2 WHERE id = ?1")?
             .execute(params![id, STREAM_ONLY])
             .map(drop),
         Update::DestVersion {
             id,
             dest_version_id,
         } => conn
-            .prepare_cached("UPDATE task SET dest_version_id = ?2 WHERE id = ?1")?
+            .prepare_cached("UPDATE OR ROLLBACK task SET dest_version_id = ?2 WHERE id = ?1")?
             .execute(params![id, dest_version_id])
             .map(drop),
         Update::Requests { counts } => {
@@ -317,39 +317,8 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
 // Long on purpose: one arm per outcome, each a single statement with its counter changes.
 fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
     let retries = match outcome {
-        Outcome::Done {
-            dest_version_id,
-            method,
-            part_size,
-            parts,
-            etag_preserved,
-            retries,
-        } => {
-            conn.prepare_cached(
-                "UPDATE task SET state = ?2, dest_version_id = ?3, method = ?4,
-                 flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
-            )?
-            .execute(params![
-                id,
-                State::Done.code(),
-                dest_version_id,
-                method.code(),
-                !(ETAG_CHECKED | ETAG_PRESERVED),
-                etag_flags(*etag_preserved)
-            ])?;
-            conn.prepare_cached("DELETE FROM errors WHERE task = ?1")?
-                .execute([id])?;
-            if part_size.is_some() || parts.is_some() {
-                let u = Update::Upload {
-                    id,
-                    upload_id: None,
-                    part_size: *part_size,
-                    parts: *parts,
-                };
-                apply(conn, &u)?;
-            } else {
-                close_upload(conn, id)?;
-            }
+        Outcome::Done { retries, .. } => {
+            finish_done(conn, id, outcome)?;
             *retries
         }
         Outcome::Failed { error, retries } => {
@@ -368,7 +337,7 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
             *retries
         }
         Outcome::Requeued => {
-            conn.prepare_cached("UPDATE task SET state = ?2 WHERE id = ?1")?
+            conn.prepare_cached("UPDATE OR ROLLBACK task SET state = ?2 WHERE id = ?1")?
                 .execute(params![id, State::Pending.code()])?;
             0
         }
@@ -380,8 +349,48 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
     Ok(())
 }
 
+/// A copied task: done, its destination version and method, no error, its upload closed
+/// (the layout of a multipart copy kept).
+fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
+    let Outcome::Done {
+        dest_version_id,
+        method,
+        part_size,
+        parts,
+        etag_preserved,
+        ..
+    } = outcome
+    else {
+        return Ok(());
+    };
+    conn.prepare_cached(
+        "UPDATE OR ROLLBACK task SET state = ?2, dest_version_id = ?3, method = ?4,
+         flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        State::Done.code(),
+        dest_version_id,
+        method.code(),
+        !(ETAG_CHECKED | ETAG_PRESERVED),
+        etag_flags(*etag_preserved)
+    ])?;
+    conn.prepare_cached("DELETE FROM errors WHERE task = ?1")?
+        .execute([id])?;
+    if part_size.is_none() && parts.is_none() {
+        return close_upload(conn, id);
+    }
+    let layout = Update::Upload {
+        id,
+        upload_id: None,
+        part_size: *part_size,
+        parts: *parts,
+    };
+    apply(conn, &layout)
+}
+
 fn set_ended(conn: &Connection, id: i64, state: State, class: ErrorClass) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE task SET state = ?2, error_class = ?3 WHERE id = ?1")?
+    conn.prepare_cached("UPDATE OR ROLLBACK task SET state = ?2, error_class = ?3 WHERE id = ?1")?
         .execute(params![id, state.code(), class_code(class)])?;
     close_upload(conn, id)
 }
