@@ -390,6 +390,29 @@ fn metadata_map(m: &BTreeMap<String, String>) -> Option<HashMap<String, String>>
     (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
+/// The five checksum fields of an SDK answer (or of an optional part of one, with `in`),
+/// in [`ChecksumAlgorithm::ALL`] order.
+macro_rules! checksum_fields {
+    (in $o:expr) => {
+        [
+            $o.and_then(|r| r.checksum_crc32()),
+            $o.and_then(|r| r.checksum_crc32_c()),
+            $o.and_then(|r| r.checksum_crc64_nvme()),
+            $o.and_then(|r| r.checksum_sha1()),
+            $o.and_then(|r| r.checksum_sha256()),
+        ]
+    };
+    ($o:expr) => {
+        [
+            $o.checksum_crc32(),
+            $o.checksum_crc32_c(),
+            $o.checksum_crc64_nvme(),
+            $o.checksum_sha1(),
+            $o.checksum_sha256(),
+        ]
+    };
+}
+
 /// Sets what a new destination version carries (content headers, metadata, tags, storage
 /// class, encryption, ACL, checksum algorithm, object lock) on a write request builder.
 macro_rules! with_attrs {
@@ -419,16 +442,7 @@ macro_rules! with_attrs {
 // Long on purpose: one field per response header of HeadObject.
 fn head_record(h: &HeadObjectOutput) -> ObjectHead {
     let full = h.checksum_type() == Some(&ChecksumType::FullObject);
-    let checksum = Checksum::first_of(
-        [
-            h.checksum_crc32(),
-            h.checksum_crc32_c(),
-            h.checksum_crc64_nvme(),
-            h.checksum_sha1(),
-            h.checksum_sha256(),
-        ],
-        full,
-    );
+    let checksum = Checksum::first_of(checksum_fields!(h), full);
     let storage_class = h.storage_class().map(|c| c.as_str().to_string());
     let restored = h
         .restore()
@@ -813,16 +827,7 @@ impl S3Client for SdkClient {
         Ok(WriteResult {
             version_id: o.version_id().map(str::to_string),
             etag: r.and_then(|r| r.e_tag()).map(str::to_string),
-            checksum: Checksum::first_of(
-                [
-                    r.and_then(|r| r.checksum_crc32()),
-                    r.and_then(|r| r.checksum_crc32_c()),
-                    r.and_then(|r| r.checksum_crc64_nvme()),
-                    r.and_then(|r| r.checksum_sha1()),
-                    r.and_then(|r| r.checksum_sha256()),
-                ],
-                false,
-            ),
+            checksum: Checksum::first_of(checksum_fields!(in r), false),
         })
     }
 
@@ -848,16 +853,7 @@ impl S3Client for SdkClient {
         Ok(WriteResult {
             version_id: o.version_id().map(str::to_string),
             etag: o.e_tag().map(str::to_string),
-            checksum: Checksum::first_of(
-                [
-                    o.checksum_crc32(),
-                    o.checksum_crc32_c(),
-                    o.checksum_crc64_nvme(),
-                    o.checksum_sha1(),
-                    o.checksum_sha256(),
-                ],
-                false,
-            ),
+            checksum: Checksum::first_of(checksum_fields!(o), false),
         })
     }
 
@@ -934,13 +930,7 @@ impl S3Client for SdkClient {
         Ok(part_record(
             n,
             r.and_then(|r| r.e_tag()),
-            [
-                r.and_then(|r| r.checksum_crc32()),
-                r.and_then(|r| r.checksum_crc32_c()),
-                r.and_then(|r| r.checksum_crc64_nvme()),
-                r.and_then(|r| r.checksum_sha1()),
-                r.and_then(|r| r.checksum_sha256()),
-            ],
+            checksum_fields!(in r),
         ))
     }
 
@@ -968,17 +958,7 @@ impl S3Client for SdkClient {
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;
-        Ok(part_record(
-            n,
-            o.e_tag(),
-            [
-                o.checksum_crc32(),
-                o.checksum_crc32_c(),
-                o.checksum_crc64_nvme(),
-                o.checksum_sha1(),
-                o.checksum_sha256(),
-            ],
-        ))
+        Ok(part_record(n, o.e_tag(), checksum_fields!(o)))
     }
 
     async fn complete_multipart(
