@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use indicatif::ProgressBar;
-use tokio::sync::Notify;
 
 use crate::config::JobSettings;
 use crate::manifest::{Update, Writer};
@@ -41,6 +40,14 @@ use crate::s3::{Limiter, Retrier, RetryPolicy, S3Client};
 /// Seconds of clock difference tolerated between this machine and the destination when
 /// deciding whether a destination delete marker was written by an attempt (reconciliation).
 pub const CLOCK_SKEW_SECS: i64 = 300;
+
+/// This machine's clock, in unix seconds.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
 
 /// Stop the job early when too many tasks fail (as S3 Batch Operations does).
 #[derive(Clone, Copy, Debug)]
@@ -102,14 +109,12 @@ pub struct DestFacts {
 #[derive(Debug, Default)]
 struct Control {
     stopping: AtomicBool,
-    notify: Notify,
     aborted: Mutex<Option<String>>,
 }
 
 impl Control {
     fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
     }
 
     fn stopping(&self) -> bool {

@@ -19,8 +19,7 @@
 use super::scheduler::TaskCtx;
 use super::{Copier, CLOCK_SKEW_SECS};
 use crate::s3::{
-    show_key, Encryption, ListFrom, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry,
-    Versions, STAMP_KEY,
+    show_key, ListFrom, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry, Versions, STAMP_KEY,
 };
 
 /// Candidates HEADed at most when looking for a stamped version.
@@ -110,7 +109,8 @@ impl<C: S3Client> Copier<C> {
             .await
     }
 
-    async fn dest_head(
+    /// The HEAD of one destination version of this task's key (None: the current one).
+    pub(super) async fn dest_head(
         &self,
         ctx: &TaskCtx<'_>,
         version: Option<&str>,
@@ -161,15 +161,6 @@ impl<C: S3Client> Copier<C> {
         Ok((head.version_id.clone(), Some(head)))
     }
 
-    /// The HEAD of one destination version of this task's key (None: the current one).
-    pub(super) async fn dest_version_head(
-        &self,
-        ctx: &TaskCtx<'_>,
-        version: Option<&str>,
-    ) -> Result<ObjectHead, S3Error> {
-        self.dest_head(ctx, version).await
-    }
-
     /// Aborts every open multipart upload of exactly this task's destination key (an
     /// attempt may have opened one whose id never reached the manifest).
     pub(super) async fn abort_uploads_of_key(&self, ctx: &TaskCtx<'_>) -> Result<(), S3Error> {
@@ -192,13 +183,4 @@ impl<C: S3Client> Copier<C> {
 /// Whether a destination version carries the stamp of this source version.
 fn stamped_for(head: &ObjectHead, source_version: &str) -> bool {
     head.metadata.get(STAMP_KEY).map(String::as_str) == Some(source_version)
-}
-
-/// Whether an object's ETag is an MD5 of its bytes (not for KMS or SSE-C encryption).
-pub(super) fn md5_etag(head: &ObjectHead) -> bool {
-    Encryption::keeps_md5_etag(head.encryption.as_ref())
-        && head.etag.as_deref().is_some_and(|e| {
-            let e = e.trim_matches('"');
-            e.len() == 32 && !e.contains('-')
-        })
 }

@@ -13,19 +13,12 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 use super::strategy::Copied;
-use super::{Copier, RunSummary};
+use super::{now_secs, Copier, RunSummary};
 use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update};
 use crate::s3::{show_key, ErrorClass, ObjectRef, S3Client, S3Error};
 
 /// Keys read from the manifest at a time.
 const KEY_BATCH: usize = 256;
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 /// One task being copied, with what reconciliation needs.
 pub(super) struct TaskCtx<'a> {
@@ -261,29 +254,13 @@ fn outcome_of_error(error: S3Error) -> Outcome {
     }
 }
 
-fn with_retries(o: Outcome, n: u64) -> Outcome {
-    match o {
-        Outcome::Done {
-            dest_version_id,
-            method,
-            part_size,
-            parts,
-            etag_preserved,
-            ..
-        } => Outcome::Done {
-            dest_version_id,
-            method,
-            part_size,
-            parts,
-            etag_preserved,
-            retries: n,
-        },
-        Outcome::Failed { error, .. } => Outcome::Failed { error, retries: n },
-        Outcome::Skipped { class, reason, .. } => Outcome::Skipped {
-            class,
-            reason,
-            retries: n,
-        },
-        Outcome::Requeued => Outcome::Requeued,
+/// The outcome with the retries this run spent on its task.
+fn with_retries(mut o: Outcome, n: u64) -> Outcome {
+    match &mut o {
+        Outcome::Done { retries, .. }
+        | Outcome::Failed { retries, .. }
+        | Outcome::Skipped { retries, .. } => *retries = n,
+        Outcome::Requeued => {}
     }
+    o
 }

@@ -21,9 +21,8 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
-use super::reconcile::md5_etag;
 use super::scheduler::TaskCtx;
-use super::Copier;
+use super::{now_secs, Copier};
 use crate::config::{CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
@@ -171,13 +170,6 @@ enum Wrote {
 
 fn md5_b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(b))
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn fatal(side: crate::s3::Side, op: &'static str, message: String) -> S3Error {
@@ -348,7 +340,7 @@ impl<C: S3Client> Copier<C> {
             // Gone or unreadable now: nothing to compare with; the copy itself is adopted.
             Err(_) => return Ok(()),
         };
-        let dest = self.dest_version_head(ctx, version).await?;
+        let dest = self.dest_head(ctx, version).await?;
         self.keep_tags(ctx, &src, version, Some(dest)).await
     }
 
@@ -554,7 +546,7 @@ impl<C: S3Client> Copier<C> {
         if etag.is_none() {
             // The answer had no ETag (RGW): read it, and check that tags given at
             // CreateMultipartUpload were kept.
-            let dest_head = self.dest_version_head(ctx, version.as_deref()).await?;
+            let dest_head = self.dest_head(ctx, version.as_deref()).await?;
             etag = dest_head.etag.clone();
             self.keep_tags(ctx, head, version.as_deref(), Some(dest_head))
                 .await?;
@@ -735,6 +727,15 @@ pub fn lock_to_send(lock: &ObjectLock, dest_has_lock: bool, now: i64) -> ObjectL
         retain_until: lock.retain_until.filter(|_| !expired),
         legal_hold: lock.legal_hold,
     }
+}
+
+/// Whether an object's ETag is an MD5 of its bytes (not for KMS or SSE-C encryption).
+pub(super) fn md5_etag(head: &ObjectHead) -> bool {
+    Encryption::keeps_md5_etag(head.encryption.as_ref())
+        && head.etag.as_deref().is_some_and(|e| {
+            let e = e.trim_matches('"');
+            e.len() == 32 && !e.contains('-')
+        })
 }
 
 /// Parts count encoded in a multipart ETag (`"…-N"`).

@@ -564,11 +564,6 @@ pub fn tagging_string(tags: &[(String, String)]) -> String {
 }
 
 impl SdkClient {
-    /// The SDK client underneath (for tests and tools that need an operation not listed).
-    pub fn sdk(&self) -> &aws_sdk_s3::Client {
-        &self.inner
-    }
-
     fn err<E>(
         &self,
         op: &'static str,

@@ -101,6 +101,11 @@ pub struct FakeS3 {
     counts: Arc<RequestCounts>,
 }
 
+/// Tags in a URL-encoded tag string.
+fn tag_count(tags: &str) -> u32 {
+    tags.split('&').filter(|t| !t.is_empty()).count() as u32
+}
+
 fn quoted_md5(b: &[u8]) -> String {
     format!("\"{}\"", hex::encode(Md5::digest(b)))
 }
@@ -303,7 +308,7 @@ impl Server {
         head.etag = Some(etag.clone());
         head.version_id = Some(id.clone());
         head.delete_marker = dm;
-        head.tag_count = tags.split('&').filter(|t| !t.is_empty()).count() as u32;
+        head.tag_count = tag_count(&tags);
         let v = FakeVersion {
             id: id.clone(),
             delete_marker: dm,
@@ -604,7 +609,7 @@ impl S3Client for FakeS3 {
                     )
                 })?;
             v.tags = tagging.to_string();
-            v.head.tag_count = tagging.split('&').filter(|t| !t.is_empty()).count() as u32;
+            v.head.tag_count = tag_count(tagging);
             Ok(())
         })
     }
