@@ -31,7 +31,7 @@ pub enum Command {
     Plan(PlanArgs),
     /// Copy the manifest's open tasks to the destination.
     Run(RunArgs),
-    /// Plan, then run.
+    /// Plan and run at once: copies each key as soon as its whole history is listed.
     Replicate(ReplicateArgs),
     /// Show the manifest's counts and progress.
     Status(StatusArgs),

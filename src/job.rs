@@ -1,6 +1,7 @@
-//! job: the commands (`plan`, `run`, `status`, `report`, `verify`), each a short script of
-//! stages: arguments → settings → clients → lister → manifest → copier → report/verify.
-//! It owns the manifest lock, bucket probes before work starts, and signal handling.
+//! job: the commands (`plan`, `run`, `replicate`, `status`, `report`, `verify`), each a
+//! short script of stages: arguments → settings → clients → lister → manifest → copier →
+//! report/verify. It owns the manifest lock, bucket probes before work starts, signal
+//! handling, and the lister running beside the copier (copy while listing).
 //!
 //! May call: every stage.
 
@@ -10,9 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{PlanArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, VerifyArgs};
+use indicatif::ProgressBar;
+use tokio::sync::watch;
+
+use crate::cli::{
+    PlanArgs, ReplicateArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, VerifyArgs,
+};
 use crate::config::{ConfigError, JobSettings, SideConfig};
-use crate::copier::{Copier, DestFacts, RunSummary};
+use crate::copier::{Copier, DestFacts, ListingState, RunSummary};
 use crate::lister::{ListError, Lister};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
@@ -230,16 +236,15 @@ fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, JobError> {
     Ok(true)
 }
 
-/// `plan`: lists the source into the manifest (resuming an unfinished listing).
-pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let mut settings = args.settings()?;
-    let _lock = lock_manifest(&args.manifest)?;
-    // A new manifest is only created once both buckets answered, so a mistyped bucket
-    // leaves no manifest behind.
-    let existing = existing_manifest(args, &settings)?;
-    if listing_done(existing.as_ref(), &args.manifest)? {
-        return Ok(());
-    }
+/// Before a listing: both buckets probed (a new manifest is only created once both
+/// answered, so a mistyped bucket leaves no manifest behind), then the manifest opened or
+/// created with the job's settings stored. Returns it, the settings (with the regions
+/// found), the source client and what the destination is.
+async fn prepare_listing(
+    args: &PlanArgs,
+    mut settings: JobSettings,
+    existing: Option<Manifest>,
+) -> Result<(Manifest, JobSettings, SdkClient, BucketFacts), JobError> {
     let timeouts = Timeouts::default();
     let (source, _) = open_side(
         Side::Source,
@@ -255,7 +260,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         timeouts,
     )
     .await?;
-    let mut m = match existing {
+    let m = match existing {
         Some(m) => m,
         None => Manifest::open(&args.manifest, true)?,
     };
@@ -263,6 +268,18 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         // New, or the same job with other side or copy options (e.g. a moved endpoint).
         m.store_settings(&settings)?;
     }
+    Ok((m, settings, source, dest))
+}
+
+/// `plan`: lists the source into the manifest (resuming an unfinished listing).
+pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
+    let settings = args.settings()?;
+    let _lock = lock_manifest(&args.manifest)?;
+    let existing = existing_manifest(args, &settings)?;
+    if listing_done(existing.as_ref(), &args.manifest)? {
+        return Ok(());
+    }
+    let (mut m, settings, source, dest) = prepare_listing(args, settings, existing).await?;
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let lister = Lister {
@@ -292,6 +309,24 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     Ok(())
 }
 
+/// `replicate`: `plan`'s checks and manifest, then a `run` that copies while the listing
+/// goes on (a key once its whole history is listed), under one lock. Killed anywhere, the
+/// next `replicate` (or `run`) continues both.
+pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
+    let plan = &args.plan;
+    let settings = plan.settings()?;
+    let _lock = lock_manifest(&plan.manifest)?;
+    let existing = existing_manifest(plan, &settings)?;
+    let complete = match &existing {
+        Some(m) => m.listing_progress()?.complete,
+        None => false,
+    };
+    if !complete {
+        prepare_listing(plan, settings, existing).await?;
+    }
+    run_locked(&args.run()).await
+}
+
 /// The stored settings with this run's overrides of endpoints and profiles.
 fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
     let mut settings = m.require_settings()?;
@@ -304,12 +339,6 @@ fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
     set(&mut settings.dest_side.endpoint, &args.dest_endpoint);
     set(&mut settings.source_side.profile, &args.source_profile);
     set(&mut settings.dest_side.profile, &args.dest_profile);
-    if !m.listing()?.complete {
-        return Err(JobError::Usage(format!(
-            "the listing of {} is not complete; run `plan` again with the same arguments to finish it",
-            args.manifest.display()
-        )));
-    }
     Ok(settings)
 }
 
@@ -367,16 +396,25 @@ async fn run_clients(
     Ok(((source, dest), facts))
 }
 
-/// `run`: copies the manifest's open tasks. Handles SIGINT/SIGTERM: the first stops taking
-/// new tasks and lets requests in flight finish (bounded by the grace period); the second
-/// exits at once (the next run reconciles what was in flight).
+/// `run`: copies the manifest's open tasks; on an unfinished listing, it lists the rest
+/// too (with the job's stored settings), copying while it lists. Handles SIGINT/SIGTERM:
+/// the first stops taking new tasks (and stops the listing) and lets requests in flight
+/// finish (bounded by the grace period); the second exits at once (the next run reconciles
+/// what was in flight).
 pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
     let _lock = lock_manifest(&args.manifest)?;
+    run_locked(args).await
+}
+
+/// `run` once the manifest is locked.
+async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let mut settings = run_settings(&m, args)?;
     requeue(&m, args)?;
     let (clients, facts) = run_clients(&mut settings, args.exec.timeouts()).await?;
-    if !facts.versioned && !settings.selection.latest_only && m.has_multi_version_key()? {
+    let latest_only = settings.selection.latest_only;
+    // Keys listed from here on are checked by the lister, page by page.
+    if !facts.versioned && !latest_only && m.has_multi_version_key()? {
         return Err(JobError::Usage(format!(
             "dest: bucket {} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it",
             settings.dest.bucket
@@ -384,20 +422,156 @@ pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
     }
     let counts = m.counts()?;
     let uploads = m.open_uploads()?;
-    let bar = ui::copy_bar(
-        ui::show_progress(args.no_progress),
-        counts.pending + counts.in_progress,
-    );
+    let listing = !m.listing_progress()?.complete;
+    let show = ui::show_progress(args.no_progress);
+    let open = counts.pending + counts.in_progress;
+    let bar = match listing {
+        true => ui::live_copy_bar(show, open),
+        false => ui::copy_bar(show, open),
+    };
+    let source = clients.0.clone();
     let opts = args.exec.run_options();
-    let copier = Copier::new(settings, clients, facts, m.into_writer(), &opts, bar);
+    let copier = Copier::new(
+        settings.clone(),
+        clients,
+        facts,
+        m.into_writer(),
+        &opts,
+        bar.clone(),
+    );
     copier.abort_leftover_uploads(uploads).await;
-    let summary = run_until_signal(&copier, args.exec.grace_period).await;
+    let grace = args.exec.grace_period;
+    let result = if listing {
+        let live = LiveListing {
+            path: &args.manifest,
+            settings: &settings,
+            source: &source,
+            dest_versioned: facts.versioned || latest_only,
+            bar,
+        };
+        run_until_signal(&copier, grace, copy_while_listing(&copier, live)).await
+    } else {
+        run_until_signal(&copier, grace, async { Ok(copier.clone().run().await) }).await
+    };
     copier.flush().await;
-    Ok(summary)
+    result.unwrap_or_else(|| {
+        Ok(RunSummary {
+            interrupted: true,
+            ..RunSummary::default()
+        })
+    })
 }
 
-/// Runs the copier; the first signal stops new tasks, the grace period bounds the wait.
-async fn run_until_signal<C: S3Client>(copier: &Arc<Copier<C>>, grace: u64) -> RunSummary {
+/// What a listing beside a run needs, and the bar that shows both.
+pub(crate) struct LiveListing<'a, C> {
+    /// The manifest (the lister commits its pages through a connection of its own).
+    pub(crate) path: &'a Path,
+    /// The job.
+    pub(crate) settings: &'a JobSettings,
+    /// Reads the source.
+    pub(crate) source: &'a C,
+    /// Whether the destination keeps versions (else a key with several is refused).
+    pub(crate) dest_versioned: bool,
+    /// The run's bar: its length grows with each page's tasks.
+    pub(crate) bar: ProgressBar,
+}
+
+/// Lists the rest of the source while the copier copies what is listed. The lister commits
+/// each page with its checkpoint on its own connection (SQLite serializes it with the
+/// copier's writer); each commit wakes the scheduler. A stop of the run stops the listing;
+/// a listing error stops the run and is returned.
+pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
+    copier: &Arc<Copier<C>>,
+    live: LiveListing<'_, C>,
+) -> Result<RunSummary, JobError> {
+    let mut lm = Manifest::open(live.path, false)?;
+    let monitor = Manifest::open(live.path, false)?;
+    let (tx, rx) = watch::channel(ListingState::default());
+    let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let lister = Lister {
+        client: live.source,
+        settings: live.settings,
+        retrier: &retrier,
+        dest_versioned: live.dest_versioned,
+    };
+    let mut bar = LiveBar::new(&monitor, live.bar);
+    let listed = tokio::select! {
+        r = lister.list_into(&mut lm, |_| {
+            tx.send_modify(|s| s.pages += 1);
+            bar.page();
+        }) => Some(r),
+        _ = copier.until_stopped() => None,
+    };
+    let complete = matches!(listed, Some(Ok(_)))
+        && lm.listing_progress().is_ok_and(|p| p.complete);
+    tx.send_modify(|s| {
+        s.finished = true;
+        s.complete = complete;
+    });
+    bar.listed(complete);
+    let error = match listed {
+        Some(Err(e)) => {
+            let e = JobError::from(e);
+            copier.abort(format!("listing: {e}"));
+            Some(e)
+        }
+        _ => None,
+    };
+    let summary = scheduler
+        .await
+        .map_err(|e| JobError::Other(format!("the copy scheduler failed: {e}")))?;
+    error.map_or(Ok(summary), Err)
+}
+
+/// The copy bar while listing: its length grows with the tasks each page adds, its prefix
+/// says how far the listing is. Reads the manifest's counters only when the bar is drawn.
+struct LiveBar<'a> {
+    monitor: &'a Manifest,
+    bar: ProgressBar,
+    total: Option<u64>,
+}
+
+impl<'a> LiveBar<'a> {
+    fn new(monitor: &'a Manifest, bar: ProgressBar) -> LiveBar<'a> {
+        let mut b = LiveBar {
+            monitor,
+            bar,
+            total: None,
+        };
+        b.page();
+        b
+    }
+
+    /// After a committed page.
+    fn page(&mut self) {
+        if self.bar.is_hidden() {
+            return;
+        }
+        let Ok(c) = self.monitor.counts() else { return };
+        if let Some(before) = self.total {
+            self.bar.inc_length(c.total.saturating_sub(before));
+        }
+        self.total = Some(c.total);
+        self.bar.set_prefix(format!("{} listed", c.listed_entries));
+    }
+
+    /// Once the lister stopped.
+    fn listed(&mut self, complete: bool) {
+        self.page();
+        if complete {
+            self.bar.set_prefix("complete");
+        }
+    }
+}
+
+/// Runs `work` (the copier's run) until it ends, or until a signal asked it to stop and
+/// the grace period ran out (None). The first signal stops new tasks.
+async fn run_until_signal<C: S3Client, T>(
+    copier: &Arc<Copier<C>>,
+    grace: u64,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
     let grace = Duration::from_secs(grace);
     let mut signals = {
         let copier = copier.clone();
@@ -417,18 +591,18 @@ async fn run_until_signal<C: S3Client>(copier: &Arc<Copier<C>>, grace: u64) -> R
             }
         })
     };
-    let mut run = Box::pin(copier.clone().run());
+    let work = std::pin::pin!(work);
     // The signal task ends only when a signal arrived and the grace period ran out.
-    let summary = tokio::select! {
-        s = &mut run => s,
+    let out = tokio::select! {
+        s = work => Some(s),
         _ = &mut signals => {
             eprintln!("grace period over: abandoning requests still in flight");
-            RunSummary { interrupted: true, ..RunSummary::default() }
+            None
         }
     };
     signals.abort();
     let _ = signals.await;
-    summary
+    out
 }
 
 async fn wait_signal() {

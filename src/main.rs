@@ -50,15 +50,9 @@ async fn dispatch(cmd: Command) -> i32 {
         Command::Run(a) => code(job::run(&a).await, |s| {
             ui::finish_run(&s, job::counts_after(&a.manifest).as_ref())
         }),
-        Command::Replicate(a) => {
-            if let Err(e) = job::plan(&a.plan).await {
-                return code::<()>(Err(e), |_| 0);
-            }
-            let r = a.run();
-            code(job::run(&r).await, |s| {
-                ui::finish_run(&s, job::counts_after(&r.manifest).as_ref())
-            })
-        }
+        Command::Replicate(a) => code(job::replicate(&a).await, |s| {
+            ui::finish_run(&s, job::counts_after(&a.plan.manifest).as_ref())
+        }),
         Command::Status(a) => code(job::status(&a), |_| 0),
         Command::Report(a) => code(job::report(&a), |_| 0),
         Command::Verify(a) => code(job::verify(&a).await, |r| ui::print_verify(&r, a.json)),

@@ -55,6 +55,24 @@ pub fn copy_bar(show: bool, total: u64) -> ProgressBar {
     bar
 }
 
+/// The copy bar of a run that lists as it copies: its length grows with each listed page,
+/// its prefix says how far the listing is.
+pub fn live_copy_bar(show: bool, total: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} copying [{elapsed_precise}] {bar:30} {pos}/{len} tasks (listing: {prefix}): {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 /// The verify spinner: keys, rate, differences.
 pub fn verify_spinner(show: bool) -> ProgressBar {
     spinner(

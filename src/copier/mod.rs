@@ -2,7 +2,8 @@
 //!
 //! - [`scheduler`]: reads keys from the manifest in batches (memory does not grow with the
 //!   job), runs keys in parallel and each key's versions one at a time, oldest first; a failed
-//!   version blocks its key's later versions in this and every later run.
+//!   version blocks its key's later versions in this and every later run. It can run beside
+//!   a listing ([`ListingState`]): a key is copied once its whole history is listed.
 //! - [`reconcile`]: finds what an in-doubt write created at the destination (adopted instead
 //!   of written again) and aborts multipart uploads it left.
 //! - [`strategy`]: the copy plan (a pure choice) and how each plan is carried out:
@@ -25,6 +26,7 @@ mod strategy;
 mod tests;
 
 pub use progress::RunSummary;
+pub use scheduler::ListingState;
 pub use strategy::{choose_layout, choose_plan, CopyPlan, Layout};
 
 use std::collections::BTreeMap;
@@ -110,11 +112,28 @@ pub struct DestFacts {
 struct Control {
     stopping: AtomicBool,
     aborted: Mutex<Option<String>>,
+    /// Wakes those waiting for the stop (a listing beside the run, the scheduler's wait).
+    stopped: tokio::sync::Notify,
 }
 
 impl Control {
     fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.stopped.notify_waiters();
+    }
+
+    /// Returns once the run is asked to stop.
+    async fn until_stopped(&self) {
+        loop {
+            let notified = self.stopped.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read: a stop in between still wakes it.
+            notified.as_mut().enable();
+            if self.stopping() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -183,6 +202,17 @@ impl<C: S3Client> Copier<C> {
     /// Asks the run to stop taking new tasks; tasks in flight finish.
     pub fn stop(&self) {
         self.control.stop();
+    }
+
+    /// Stops the run for a reason outside the copier (e.g. the listing beside it failed):
+    /// no new tasks; the summary says why.
+    pub fn abort(&self, why: String) {
+        self.control.abort(why);
+    }
+
+    /// Returns once the run is asked to stop (a signal, an abort, the failure threshold).
+    pub async fn until_stopped(&self) {
+        self.control.until_stopped().await;
     }
 
     /// The lowest bound on requests in flight this run reached (it halves on throttling).

@@ -89,6 +89,12 @@ impl Progress {
         self.blocked.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Forgets the blocked tasks counted so far (a last walk over every key counts them
+    /// afresh).
+    pub(super) fn reset_blocked(&self) {
+        self.blocked.store(0, Ordering::Relaxed);
+    }
+
     /// Counts a finished task. Returns why the run must stop, when the failure threshold
     /// is crossed.
     pub(super) fn finished(&self, task: &Task, outcome: &Outcome) -> Option<String> {

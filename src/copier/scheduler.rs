@@ -4,12 +4,21 @@
 //! every later one, until the user retries it (`run --retry-failed`) or skips it
 //! (`run --skip-failed`): the destination's history is never written out of order.
 //!
+//! Beside a listing ([`Copier::run_beside_listing`]), the walk copies the keys of committed
+//! pages as they arrive. A key the manifest marks `listing_open` (the last key of an
+//! unfinished listing part: its older versions may be on the next page) is deferred and
+//! read again once more pages are committed; when the walk runs out of keys it waits for
+//! the next page. Once the listing is complete, and every key in flight finished, it walks
+//! once more from the first key: that catches tasks a listing added to keys already walked
+//! (a refresh), and counts the blocked tasks afresh. Each key is in flight at most once.
+//!
 //! May call: the s3 layer and the manifest (through the copier's writer).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::strategy::Copied;
@@ -56,34 +65,186 @@ enum Step {
     Stopped,
 }
 
+/// What the scheduler knows of a listing that runs beside it, sent by whoever drives the
+/// lister after each committed page and once more when it stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListingState {
+    /// Pages committed so far (a new page may have closed an open key).
+    pub pages: u64,
+    /// The lister stopped: no more pages come in this run.
+    pub finished: bool,
+    /// It stopped because the listing is complete (every history is listed).
+    pub complete: bool,
+}
+
+/// A deferred key that stays open for good in this run (the listing stopped short).
+const NEVER: u64 = u64::MAX;
+
+/// The walk over the manifest's keys: its position, the keys in flight, the deferred keys.
+struct Walk {
+    set: JoinSet<()>,
+    /// Keys up to this id were read by the walk.
+    after: i64,
+    /// Open keys read and not copied yet: key id -> pages committed when last read.
+    deferred: BTreeMap<i64, u64>,
+}
+
+impl Walk {
+    fn new() -> Walk {
+        Walk {
+            set: JoinSet::new(),
+            after: 0,
+            deferred: BTreeMap::new(),
+        }
+    }
+
+    /// Waits for every key in flight.
+    async fn drain(&mut self) {
+        while self.set.join_next().await.is_some() {}
+    }
+}
+
 impl<C: S3Client> Copier<C> {
     /// Runs every open task until done, stopped, or aborted. At most `concurrency` keys are
     /// in progress at once (each has at least one request in flight when it runs).
     pub async fn run(self: Arc<Self>) -> RunSummary {
-        let mut set = JoinSet::new();
-        let mut after = 0i64;
-        'outer: while !self.control.stopping() {
-            let groups = match self.writer.next_key_groups(after, KEY_BATCH).await {
-                Ok(g) => g,
-                Err(e) => {
-                    self.control.abort(format!("manifest: {e}"));
-                    break;
+        let mut walk = Walk::new();
+        while self.next_batch(&mut walk, NEVER).await == Some(true) {}
+        walk.drain().await;
+        self.summary()
+    }
+
+    /// Runs the open tasks while a listing goes on beside it (`listing` says when pages are
+    /// committed), then, once the listing is complete, walks once more from the first key.
+    /// Ends when everything listed is done, or the run stops; keys still open when the
+    /// listing stopped short are left for the next run.
+    pub async fn run_beside_listing(
+        self: Arc<Self>,
+        mut listing: watch::Receiver<ListingState>,
+    ) -> RunSummary {
+        let mut walk = Walk::new();
+        let complete = self.live_pass(&mut walk, &mut listing).await;
+        walk.drain().await;
+        if complete && !self.control.stopping() {
+            // Every key of the first pass has finished: none is in flight twice.
+            self.progress.reset_blocked();
+            let mut sweep = Walk::new();
+            while self.next_batch(&mut sweep, NEVER).await == Some(true) {}
+            sweep.drain().await;
+        }
+        self.summary()
+    }
+
+    /// The walk while listing: returns whether it ended with a complete listing.
+    async fn live_pass(
+        self: &Arc<Self>,
+        walk: &mut Walk,
+        listing: &mut watch::Receiver<ListingState>,
+    ) -> bool {
+        loop {
+            // Read before the manifest: a page committed after this wakes the wait below.
+            let state = *listing.borrow_and_update();
+            if !self.revisit(walk, state).await {
+                return false;
+            }
+            match self.next_batch(walk, state.pages).await {
+                None => return false,
+                Some(true) => continue,
+                Some(false) if state.finished => return state.complete,
+                Some(false) => {}
+            }
+            tokio::select! {
+                r = listing.changed() => {
+                    if r.is_err() && !listing.borrow().finished {
+                        return false;
+                    }
                 }
-            };
-            let Some(last) = groups.last() else { break };
-            after = last.key_id;
-            self.record_requests();
-            for g in groups {
-                while set.len() >= self.key_concurrency {
-                    set.join_next().await;
-                }
-                if self.control.stopping() {
-                    break 'outer;
-                }
-                set.spawn(self.clone().key_worker(g));
+                _ = self.control.until_stopped() => return false,
             }
         }
-        while set.join_next().await.is_some() {}
+    }
+
+    /// Reads the next keys of the walk: spawns each one whose history is listed, defers the
+    /// open ones (stamped with `pages`). Some(false) when there are no more keys now, None
+    /// when the run stops.
+    async fn next_batch(self: &Arc<Self>, walk: &mut Walk, pages: u64) -> Option<bool> {
+        if self.control.stopping() {
+            return None;
+        }
+        let groups = match self.writer.next_key_groups(walk.after, KEY_BATCH).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.control.abort(format!("manifest: {e}"));
+                return None;
+            }
+        };
+        let Some(last) = groups.last() else {
+            return Some(false);
+        };
+        walk.after = last.key_id;
+        self.record_requests();
+        for g in groups {
+            if g.listing_open {
+                walk.deferred.insert(g.key_id, pages);
+            } else if !self.spawn_key(&mut walk.set, g).await {
+                return None;
+            }
+        }
+        Some(true)
+    }
+
+    /// Reads again the deferred keys that more pages may have closed; spawns the closed
+    /// ones. False when the run stops.
+    async fn revisit(self: &Arc<Self>, walk: &mut Walk, state: ListingState) -> bool {
+        let due: Vec<i64> = walk
+            .deferred
+            .iter()
+            .filter(|(_, stamp)| **stamp < state.pages || (state.finished && **stamp != NEVER))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let group = match self.writer.next_key_groups(id - 1, 1).await {
+                Ok(g) => g.into_iter().next().filter(|g| g.key_id == id),
+                Err(e) => {
+                    self.control.abort(format!("manifest: {e}"));
+                    return false;
+                }
+            };
+            match group {
+                Some(g) if g.listing_open => {
+                    let stamp = if state.finished { NEVER } else { state.pages };
+                    walk.deferred.insert(id, stamp);
+                }
+                Some(g) => {
+                    walk.deferred.remove(&id);
+                    if !self.spawn_key(&mut walk.set, g).await {
+                        return false;
+                    }
+                }
+                // Nothing open any more.
+                None => {
+                    walk.deferred.remove(&id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Starts a key's worker once fewer than `concurrency` keys are in flight; false when
+    /// the run stops first.
+    async fn spawn_key(self: &Arc<Self>, set: &mut JoinSet<()>, g: KeyGroup) -> bool {
+        while set.len() >= self.key_concurrency {
+            set.join_next().await;
+        }
+        if self.control.stopping() {
+            return false;
+        }
+        set.spawn(self.clone().key_worker(g));
+        true
+    }
+
+    /// The run's summary, once every key worker finished.
+    fn summary(&self) -> RunSummary {
         self.record_requests();
         let mut s = self.progress.summary();
         s.throttles = self.retrier.limiter.throttles();

@@ -263,6 +263,23 @@ pub struct KeyGroup {
     pub key: String,
     /// The key's tasks, oldest version first (every state).
     pub tasks: Vec<Task>,
+    /// The key is the last key of an unfinished listing part when read: older versions of
+    /// it may still come on the next page, so its tasks must wait (copying them now could
+    /// write its history out of order).
+    pub listing_open: bool,
+}
+
+/// Where the listing stands, over all of its parts (rows of `partitions`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListingProgress {
+    /// Every part reached its end.
+    pub complete: bool,
+    /// The last key of each unfinished part (its history may go on on the next page).
+    pub open_keys: Vec<String>,
+    /// Entries seen, all parts.
+    pub entries: u64,
+    /// Pages listed, all parts.
+    pub pages: u64,
 }
 
 /// A listing checkpoint.

@@ -1,7 +1,9 @@
-//! manifest::read: tasks as the copier needs them (keys with open tasks, in key-id order;
-//! open uploads), the counts `status` shows (kept counters, never a scan of tasks), the
-//! problems a report lists (failed, skipped and blocked tasks, streamed), and the two ways
-//! a user resolves failed tasks (`--retry-failed`, `--skip-failed`).
+//! manifest::read: tasks as the copier needs them (keys with open tasks, in key-id order,
+//! each saying whether the listing may still add to its history; open uploads), where the
+//! listing stands over all its parts, the counts `status` shows (kept counters, never a
+//! scan of tasks), the problems a report lists (failed, skipped and blocked tasks,
+//! streamed), and the two ways a user resolves failed tasks (`--retry-failed`,
+//! `--skip-failed`).
 //!
 //! May call: `codec`, the types of `manifest`.
 
@@ -13,7 +15,9 @@ use super::codec::{
     class_of, etag_text, key_of, key_range, name_text, time_text, BLOCK_BITS, CHECKSUMS,
     DELETE_MARKER, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY,
 };
-use super::{Counts, KeyGroup, Manifest, ManifestError, Problem, Result, State, Task};
+use super::{
+    Counts, KeyGroup, ListingProgress, Manifest, ManifestError, Problem, Result, State, Task,
+};
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
 fn task_select(cond: &str, order: &str) -> String {
@@ -95,6 +99,9 @@ pub(super) const COUNTERS_SQL: &str = "SELECT state, tasks, bytes, delete_marker
 pub(super) const TOTALS_SQL: &str = "SELECT retries FROM totals WHERE id = 1";
 pub(super) const PARTITIONS_SQL: &str =
     "SELECT min(complete), coalesce(sum(entries), 0) FROM partitions";
+/// Every listing part's state (`listing_progress()`).
+pub(super) const LISTING_PROGRESS_SQL: &str =
+    "SELECT complete, last_key, entries, pages FROM partitions ORDER BY id";
 pub(super) const REQUESTS_SQL: &str = "SELECT op, count FROM requests";
 pub(super) const FAILED_SQL: &str = "SELECT id, dest, refresh, history_pos FROM task
     WHERE state >= 3 AND state = 3 ORDER BY id";
@@ -141,8 +148,17 @@ impl Manifest {
     }
 
     /// The next `limit` keys after key id `after_key_id` that have open (pending or
-    /// in-progress) tasks, in key-id order, each with all of its tasks, oldest first.
+    /// in-progress) tasks, in key-id order, each with all of its tasks, oldest first, and
+    /// whether its history may go on on a page not yet listed (read in the same snapshot).
     pub fn next_key_groups(&self, after_key_id: i64, limit: usize) -> Result<Vec<KeyGroup>> {
+        // One snapshot for the listing's open keys and the tasks (a page committed between
+        // the two reads could otherwise leave a key's newest tasks looking complete). The
+        // writer thread calls this inside its own transaction.
+        let tx = match self.conn.is_autocommit() {
+            true => Some(self.conn.unchecked_transaction().map_err(|e| self.sql(e))?),
+            false => None,
+        };
+        let open_keys = self.listing_progress()?.open_keys;
         let ids = self
             .open_keys_after(after_key_id, limit)
             .map_err(|e| self.sql(e))?;
@@ -154,9 +170,47 @@ impl Manifest {
                 Some(t) => t.key.clone(),
                 None => continue,
             };
-            groups.push(KeyGroup { key_id, key, tasks });
+            let listing_open = open_keys.contains(&key);
+            groups.push(KeyGroup {
+                key_id,
+                key,
+                tasks,
+                listing_open,
+            });
+        }
+        if let Some(tx) = tx {
+            tx.finish().map_err(|e| self.sql(e))?;
         }
         Ok(groups)
+    }
+
+    /// Where the listing stands, over every part (all rows of `partitions`): complete when
+    /// every part is; the last key of each unfinished part is open (its older versions may
+    /// come on the part's next page, so it must not be copied yet).
+    pub fn listing_progress(&self) -> Result<ListingProgress> {
+        let read = || -> rusqlite::Result<ListingProgress> {
+            let mut stmt = self.conn.prepare_cached(LISTING_PROGRESS_SQL)?;
+            let mut rows = stmt.query([])?;
+            let mut p = ListingProgress {
+                complete: true,
+                ..ListingProgress::default()
+            };
+            let mut parts = 0;
+            while let Some(r) = rows.next()? {
+                parts += 1;
+                let complete: bool = r.get(0)?;
+                p.complete &= complete;
+                p.entries += count(r.get(2)?);
+                p.pages += count(r.get(3)?);
+                if let (false, Some(k)) = (complete, r.get::<_, Option<String>>(1)?) {
+                    p.open_keys.push(k);
+                }
+            }
+            // A manifest without any part has not started listing.
+            p.complete &= parts > 0;
+            Ok(p)
+        };
+        read().map_err(|e| self.sql(e))
     }
 
     /// Ids of the next keys with open tasks: blocks of keys without open tasks are skipped

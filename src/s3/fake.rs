@@ -91,6 +91,8 @@ pub struct FakeServer {
     omit_copy_version: Arc<AtomicBool>,
     no_markers: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
+    /// Listing pages: (entries at most, 0 = as asked; milliseconds each page takes).
+    paging: Arc<Mutex<(usize, u64)>>,
 }
 
 /// A client of a [`FakeServer`] for one side.
@@ -257,6 +259,12 @@ impl FakeServer {
     /// Makes truncated listing pages name no next markers (a server bug).
     pub fn truncate_without_markers(&self, on: bool) {
         self.no_markers.store(on, Ordering::Relaxed);
+    }
+
+    /// Listing pages hold `entries` at most (0: as many as asked) and each takes `delay_ms`
+    /// (a slow listing beside a fast copy).
+    pub fn page_listing(&self, entries: usize, delay_ms: u64) {
+        *self.paging.lock().expect("fake paging lock") = (entries, delay_ms);
     }
 
     /// Removes every injected fault.
@@ -446,6 +454,14 @@ impl S3Client for FakeS3 {
 
     async fn list_versions(&self, from: &ListFrom) -> Result<VersionPage, S3Error> {
         let no_markers = self.server.no_markers.load(Ordering::Relaxed);
+        let (most, delay) = *self.server.paging.lock().expect("fake paging lock");
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let page = match most {
+            0 => from.max_keys.max(1) as usize,
+            n => n.min(from.max_keys.max(1) as usize),
+        };
         self.op("ListObjectVersions", &from.prefix, |s| {
             let b = s.buckets.get(&from.bucket).ok_or_else(|| {
                 err(
@@ -476,7 +492,7 @@ impl S3Client for FakeS3 {
                     .unwrap_or(all.len()),
                 _ => 0,
             };
-            let end = (start + from.max_keys.max(1) as usize).min(all.len());
+            let end = (start + page).min(all.len());
             let truncated = end < all.len();
             let last = all
                 .get(end.wrapping_sub(1))
