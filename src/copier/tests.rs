@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::ProgressBar;
+use tokio::sync::watch;
 
-use super::{Copier, DestFacts, RunOptions, RunSummary};
+use super::{Copier, DestFacts, ListingState, RunOptions, RunSummary};
 use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig};
 use crate::lister::Lister;
-use crate::manifest::{Manifest, State, Update};
-use crate::s3::fake::{FakeServer, FaultKind};
-use crate::s3::{ErrorClass, Limiter, Retrier, RetryPolicy, Side, STAMP_KEY};
+use crate::manifest::{Listing, Manifest, NewTask, State, Update};
+use crate::s3::fake::{FakeS3, FakeServer, FaultKind};
+use crate::s3::{
+    ErrorClass, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, Side, STAMP_KEY,
+};
 
 const SRC: &str = "src";
 const DST: &str = "dst";
@@ -75,23 +78,28 @@ async fn plan(server: &FakeServer, path: &Path) {
     lister.list_into(&mut m, |_| {}).await.unwrap();
 }
 
-/// One `run` over the manifest; returns its summary and the lowest bound on requests in
-/// flight it reached.
-async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, usize) {
+/// A copier over the manifest at `path` (its writer thread holds a connection).
+fn copier(server: &FakeServer, path: &Path, o: &RunOptions) -> Arc<Copier<FakeS3>> {
     let m = Manifest::open(path, false).unwrap();
     let facts = DestFacts {
         versioned: true,
         object_lock: false,
     };
     let clients = (server.client(Side::Source), server.client(Side::Dest));
-    let copier = Copier::new(
+    Copier::new(
         settings(),
         clients,
         facts,
         m.into_writer(),
-        &o,
+        o,
         ProgressBar::hidden(),
-    );
+    )
+}
+
+/// One `run` over the manifest; returns its summary and the lowest bound on requests in
+/// flight it reached.
+async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, usize) {
+    let copier = copier(server, path, &o);
     let summary = Arc::clone(&copier).run().await;
     copier.flush().await;
     let limit = copier.lowest_limit();
@@ -421,4 +429,172 @@ async fn an_sse_c_version_fails_with_its_reason_and_blocks_only_its_key() {
         p.iter().any(|p| p.state == "blocked"),
         "the later version is listed as blocked"
     );
+}
+
+/// Every entry of the source in listing order (each key newest first), with its place in
+/// its key's history, as the lister would write them.
+async fn listed(s: &FakeServer) -> Vec<NewTask> {
+    let from = ListFrom {
+        bucket: SRC.into(),
+        prefix: String::new(),
+        key_marker: None,
+        version_marker: None,
+        max_keys: 1000,
+    };
+    let page = s.client(Side::Source).list_versions(&from).await.unwrap();
+    let mut out: Vec<NewTask> = Vec::new();
+    for e in page.entries {
+        let pos = match out.last() {
+            Some(t) if t.entry.key == e.key => t.history_pos + 1,
+            _ => 0,
+        };
+        out.push(NewTask {
+            entry: e,
+            history_pos: pos,
+        });
+    }
+    out
+}
+
+/// The checkpoint after `tasks` (the whole listing so far).
+fn checkpoint(tasks: &[NewTask], pages: u64, complete: bool) -> Listing {
+    let last = tasks.last().unwrap();
+    Listing {
+        key_marker: Some(last.entry.key.clone()),
+        version_marker: Some(last.entry.version_id.clone()),
+        complete,
+        pages,
+        entries: tasks.len() as u64,
+        last_key: Some(last.entry.key.clone()),
+        last_key_seen: last.history_pos + 1,
+    }
+}
+
+/// The source's version ids of `key`, oldest first, delete markers as "DM" (the shape of
+/// [`dest_stamps`]).
+fn source_history(s: &FakeServer, key: &str) -> Vec<String> {
+    s.history(SRC, key)
+        .iter()
+        .map(|v| match v.delete_marker {
+            true => "DM".to_string(),
+            false => v.id.clone(),
+        })
+        .collect()
+}
+
+/// Waits until `ready` holds (the copier works in other tasks).
+async fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_copied_only_once_its_whole_history_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "a", b"a", &[]);
+    for i in 0..4 {
+        s.put(SRC, "k", format!("k{i}").as_bytes(), &[]);
+    }
+    s.put(SRC, "z", b"z", &[]);
+    let entries = listed(&s).await;
+    let mut lister = Manifest::open(&path, true).unwrap();
+    lister.store_settings(&settings()).unwrap();
+    // The first page ends inside k's history: its two oldest versions are not listed yet.
+    let (first, rest) = entries.split_at(3);
+    lister.insert_page(first, &checkpoint(first, 1, false)).unwrap();
+    let progress = lister.listing_progress().unwrap();
+    assert_eq!((progress.complete, progress.open_keys), (false, vec!["k".into()]));
+
+    let copier = copier(&s, &path, &opts());
+    let (tx, rx) = watch::channel(ListingState {
+        pages: 1,
+        ..ListingState::default()
+    });
+    let scheduler = tokio::spawn(Arc::clone(&copier).run_beside_listing(rx));
+    wait_until("a to be copied", || s.history(DST, "a").len() == 1).await;
+    // Time for a wrong copy of k to show (nothing else holds it back).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        s.history(DST, "k").is_empty(),
+        "k was copied before its older versions were listed"
+    );
+
+    lister.insert_page(rest, &checkpoint(&entries, 2, true)).unwrap();
+    tx.send_modify(|st| {
+        *st = ListingState {
+            pages: 2,
+            finished: true,
+            complete: true,
+        }
+    });
+    let summary = scheduler.await.unwrap();
+    copier.flush().await;
+    assert_eq!((summary.done, summary.failed), (6, 0));
+    for key in ["a", "k", "z"] {
+        assert_eq!(dest_stamps(&s, key), source_history(&s, key), "{key}");
+    }
+    assert!(lister.listing_progress().unwrap().open_keys.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let keys: Vec<String> = (0..16).map(|i| format!("k{i:02}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        for v in 0..=(i % 4) {
+            s.put(SRC, k, format!("{k} v{v}").as_bytes(), &[]);
+        }
+        if i % 5 == 1 {
+            s.delete(SRC, k);
+        }
+    }
+    // Two entries a page, each page slow: keys span pages, copies overlap the listing.
+    s.page_listing(2, 10);
+    let m = Manifest::open(&path, true).unwrap();
+    m.store_settings(&settings()).unwrap();
+    drop(m);
+    let first_copy = {
+        let path = path.clone();
+        // Whether the listing was complete when the first task was done.
+        tokio::spawn(async move {
+            let m = Manifest::open(&path, false).unwrap();
+            loop {
+                let c = m.counts().unwrap();
+                if c.done > 0 {
+                    return c.listing_complete;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let copier = copier(&s, &path, &opts());
+    let (job, source) = (settings(), s.client(Side::Source));
+    let live = crate::job::LiveListing {
+        path: &path,
+        settings: &job,
+        source: &source,
+        dest_versioned: true,
+        bar: ProgressBar::hidden(),
+    };
+    let summary = crate::job::copy_while_listing(&copier, live).await.unwrap();
+    copier.flush().await;
+    assert!(
+        !first_copy.await.unwrap(),
+        "nothing was copied before the listing ended"
+    );
+    let c = all_tasks_done(&path);
+    assert!(c.listing_complete, "{c:?}");
+    assert_eq!((summary.done, c.done, c.total), (c.total, c.total, 43));
+    for k in &keys {
+        assert_eq!(dest_stamps(&s, k), source_history(&s, k), "{k}");
+    }
 }
