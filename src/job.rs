@@ -503,8 +503,7 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
         }) => Some(r),
         _ = copier.until_stopped() => None,
     };
-    let complete = matches!(listed, Some(Ok(_)))
-        && lm.listing_progress().is_ok_and(|p| p.complete);
+    let complete = matches!(listed, Some(Ok(_))) && lm.listing_progress().is_ok_and(|p| p.complete);
     tx.send_modify(|s| {
         s.finished = true;
         s.complete = complete;

@@ -630,10 +630,16 @@ async fn replicate_killed_while_listing_and_copying() {
         (mid_listing, kills) = (mid_listing + unfinished as u32, kills + killed as u32);
         assert!(st.total <= source_entries as u64, "{st:?}");
         assert_eq!(st.failed, 0, "{st:?}");
-        assert!(st.done >= done_before, "done went back: {done_before} -> {st:?}");
+        assert!(
+            st.done >= done_before,
+            "done went back: {done_before} -> {st:?}"
+        );
         // Every destination entry is a task recorded as started (in doubt) or done.
         let copied = entry_count(&c, &dst).await as u64;
-        assert!(copied <= st.done + st.in_progress, "{copied} copied: {st:?}");
+        assert!(
+            copied <= st.done + st.in_progress,
+            "{copied} copied: {st:?}"
+        );
         done_before = st.done;
     }
     println!("{kills} kills, {mid_listing} while the listing was unfinished");

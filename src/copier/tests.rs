@@ -13,9 +13,7 @@ use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, Sid
 use crate::lister::Lister;
 use crate::manifest::{Listing, Manifest, NewTask, State, Update};
 use crate::s3::fake::{FakeS3, FakeServer, FaultKind};
-use crate::s3::{
-    ErrorClass, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, Side, STAMP_KEY,
-};
+use crate::s3::{ErrorClass, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, Side, STAMP_KEY};
 
 const SRC: &str = "src";
 const DST: &str = "dst";
@@ -508,9 +506,14 @@ async fn a_key_is_copied_only_once_its_whole_history_is_listed() {
     lister.store_settings(&settings()).unwrap();
     // The first page ends inside k's history: its two oldest versions are not listed yet.
     let (first, rest) = entries.split_at(3);
-    lister.insert_page(first, &checkpoint(first, 1, false)).unwrap();
+    lister
+        .insert_page(first, &checkpoint(first, 1, false))
+        .unwrap();
     let progress = lister.listing_progress().unwrap();
-    assert_eq!((progress.complete, progress.open_keys), (false, vec!["k".into()]));
+    assert_eq!(
+        (progress.complete, progress.open_keys),
+        (false, vec!["k".into()])
+    );
 
     let copier = copier(&s, &path, &opts());
     let (tx, rx) = watch::channel(ListingState {
@@ -526,7 +529,9 @@ async fn a_key_is_copied_only_once_its_whole_history_is_listed() {
         "k was copied before its older versions were listed"
     );
 
-    lister.insert_page(rest, &checkpoint(&entries, 2, true)).unwrap();
+    lister
+        .insert_page(rest, &checkpoint(&entries, 2, true))
+        .unwrap();
     tx.send_modify(|st| {
         *st = ListingState {
             pages: 2,
