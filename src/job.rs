@@ -19,7 +19,7 @@ use crate::cli::{
 };
 use crate::config::{ConfigError, JobSettings, SideConfig};
 use crate::copier::{Copier, DestFacts, ListingState, RunSummary};
-use crate::lister::{ListError, Lister};
+use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
     build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
@@ -510,6 +510,10 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     });
     bar.listed(complete);
     let error = match listed {
+        Some(Ok(stats)) => {
+            bar.say_listed(&stats);
+            None
+        }
         Some(Err(e)) => {
             let e = JobError::from(e);
             copier.abort(format!("listing: {e}"));
@@ -553,6 +557,27 @@ impl<'a> LiveBar<'a> {
         }
         self.total = Some(c.total);
         self.bar.set_prefix(format!("{} listed", c.listed_entries));
+    }
+
+    /// The line said once the listing is complete (above the bar when there is one).
+    fn say_listed(&self, stats: &ListStats) {
+        let Ok(c) = self.monitor.counts() else { return };
+        let line = format!(
+            "listing complete: {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",
+            c.total,
+            c.delete_markers,
+            indicatif::HumanBytes(c.bytes_total),
+            c.listed_entries,
+            if stats.resumed {
+                " (resumed from its checkpoint)"
+            } else {
+                ""
+            }
+        );
+        match self.bar.is_hidden() {
+            true => eprintln!("{line}"),
+            false => self.bar.println(line),
+        }
     }
 
     /// Once the lister stopped.
