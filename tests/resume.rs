@@ -668,3 +668,41 @@ async fn replicate_killed_while_listing_and_copying() {
     );
     assert!(tasks.iter().all(|t| t.state == "done"), "{tasks:?}");
 }
+
+/// `replicate` into an unversioned destination copies while it lists, until the listing
+/// meets a key with several versions: then it stops with one line (exit 2), and nothing of
+/// that key was written (its history would have been overwritten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_into_an_unversioned_destination_stops_at_a_key_with_history() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("live-unv-src"), bucket("live-unv-dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, false).await;
+    let mut first: Vec<Op> = (0..6).map(|i| Op::put(&format!("a{i}"), "1")).collect();
+    first.push(Op::put("b", "1"));
+    seed(&c, &src, vec![first, vec![Op::put("b", "2")]]).await;
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    let o = spawn_paged(&job.replicate_args(), 1)
+        .wait_with_output()
+        .unwrap();
+    expect_code(&o, 2);
+    let err = stderr_of(&o);
+    assert!(err.contains("versioning"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    let written = histories(&c, &dst, "").await;
+    assert!(
+        !written.contains_key("b"),
+        "b reached the destination: {written:?}"
+    );
+    // Its newest version was listed on a page of its own, and waited there.
+    let tasks = job.tasks();
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t.key == "b")
+            .all(|t| t.state == "pending"),
+        "{tasks:?}"
+    );
+}
