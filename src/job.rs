@@ -429,6 +429,9 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
         true => ui::live_copy_bar(show, open),
         false => ui::copy_bar(show, open),
     };
+    if listing {
+        m.wait_for_locks_briefly()?;
+    }
     let source = clients.0.clone();
     let opts = args.exec.run_options();
     let copier = Copier::new(
@@ -485,6 +488,7 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     live: LiveListing<'_, C>,
 ) -> Result<RunSummary, JobError> {
     let mut lm = Manifest::open(live.path, false)?;
+    lm.wait_for_locks_briefly()?;
     let monitor = Manifest::open(live.path, false)?;
     let (tx, rx) = watch::channel(ListingState::default());
     let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));

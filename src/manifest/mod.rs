@@ -537,6 +537,18 @@ impl Manifest {
         tx.commit().map_err(|e| self.sql(e))
     }
 
+    /// Waits for a lock held by another connection in short steps (1 ms, for 30 s at most)
+    /// instead of SQLite's growing sleeps (up to 100 ms each): a lister beside a run and
+    /// the run's writer share the file, each taking the lock often and briefly, and a long
+    /// sleep would let one starve the other.
+    pub fn wait_for_locks_briefly(&self) -> Result<()> {
+        fn retry(tries: i32) -> bool {
+            std::thread::sleep(Duration::from_millis(1));
+            tries < 30_000
+        }
+        self.conn.busy_handler(Some(retry)).map_err(|e| self.sql(e))
+    }
+
     /// Starts the writer thread that owns this connection for the rest of a run.
     pub fn into_writer(self) -> Writer {
         writer::start(self)
