@@ -29,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// List every version of the source into a new (or unfinished) manifest.
     Plan(PlanArgs),
-    /// Copy the manifest's open tasks to the destination (listing the rest meanwhile when the plan was cut short).
+    /// Copy the manifest's open tasks, finishing a listing that `plan` left unfinished.
     Run(RunArgs),
     /// Plan and run at once: copies each key as soon as its whole history is listed.
     Replicate(ReplicateArgs),
