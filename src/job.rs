@@ -14,6 +14,7 @@ use crate::cli::{PlanArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, Verify
 use crate::config::{ConfigError, JobSettings, SideConfig};
 use crate::copier::{Copier, DestFacts, RunSummary};
 use crate::lister::{ListError, Lister};
+use crate::select::Selector;
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
     build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
@@ -230,9 +231,93 @@ fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, JobError> {
     Ok(true)
 }
 
+/// `--replication-config source`: the source bucket's own configuration.
+async fn replication_from_source(
+    source: &SdkClient,
+    settings: &mut JobSettings,
+) -> Result<(), JobError> {
+    let bucket = settings.source.bucket.clone();
+    let xml = preflight()
+        .call(&Default::default(), || source.get_bucket_replication(&bucket))
+        .await?;
+    let from = format!("replication configuration of bucket {bucket}");
+    let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
+        .map_err(|e| JobError::Usage(format!("{from}: {e}")))?;
+    crate::cli::use_replication_config(settings, cfg, &from)?;
+    Ok(())
+}
+
+/// The source's client, and destination 0's client and facts; every other destination bucket
+/// of a replication configuration is probed too (the job's destinations are versioned only
+/// when all are).
+async fn plan_clients(
+    settings: &mut JobSettings,
+    source: Option<SdkClient>,
+) -> Result<(SdkClient, SdkClient, BucketFacts), JobError> {
+    let timeouts = Timeouts::default();
+    let source = match source {
+        Some(c) => c,
+        None => {
+            let bucket = settings.source.bucket.clone();
+            open_side(Side::Source, &mut settings.source_side, &bucket, timeouts)
+                .await?
+                .0
+        }
+    };
+    let bucket = settings.dest.bucket.clone();
+    let (dest, mut facts) =
+        open_side(Side::Dest, &mut settings.dest_side, &bucket, timeouts).await?;
+    let mut others: Vec<String> = settings.destinations.iter().map(|d| d.bucket.clone()).collect();
+    others.retain(|b| *b != bucket);
+    others.sort();
+    others.dedup();
+    for b in others {
+        let f = preflight()
+            .call(&Default::default(), || dest.probe_bucket(&b))
+            .await
+            .map_err(|e| bucket_error(Side::Dest, &b, e))?;
+        facts.versioned &= f.versioned;
+    }
+    Ok((source, dest, facts))
+}
+
+/// `plan --dry-run`: lists and selects, prints the tallies, writes nothing.
+async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result<(), JobError> {
+    let (source, dest, _) = plan_clients(&mut settings, source).await?;
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: &settings,
+        source: &source,
+        dest: Some(&dest),
+        retrier: &retrier,
+    };
+    let tally = crate::select::dry_run(&selector, crate::lister::page_size()).await?;
+    for line in tally.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let mut settings = args.settings()?;
+    // `--replication-config source` needs the source bucket before the job is known.
+    let mut source = None;
+    if args.replication_config.as_deref() == Some("source") {
+        let bucket = settings.source.bucket.clone();
+        let (c, _) = open_side(
+            Side::Source,
+            &mut settings.source_side,
+            &bucket,
+            Timeouts::default(),
+        )
+        .await?;
+        replication_from_source(&c, &mut settings).await?;
+        source = Some(c);
+    }
+    if args.dry_run {
+        return dry_run(settings, source).await;
+    }
     let _lock = lock_manifest(&args.manifest)?;
     // A new manifest is only created once both buckets answered, so a mistyped bucket
     // leaves no manifest behind.
@@ -240,21 +325,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     if listing_done(existing.as_ref(), &args.manifest)? {
         return Ok(());
     }
-    let timeouts = Timeouts::default();
-    let (source, _) = open_side(
-        Side::Source,
-        &mut settings.source_side,
-        &settings.source.bucket,
-        timeouts,
-    )
-    .await?;
-    let (_, dest) = open_side(
-        Side::Dest,
-        &mut settings.dest_side,
-        &settings.dest.bucket,
-        timeouts,
-    )
-    .await?;
+    let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
     let mut m = match existing {
         Some(m) => m,
         None => Manifest::open(&args.manifest, true)?,
@@ -265,10 +336,17 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: &settings,
+        source: &source,
+        dest: Some(&dest_client),
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: &source,
         settings: &settings,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
     let stats = lister

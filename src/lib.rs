@@ -24,5 +24,6 @@ pub mod manifest;
 pub mod report;
 pub mod rules;
 pub mod s3;
+pub mod select;
 pub mod ui;
 pub mod verify;

@@ -1,0 +1,269 @@
+//! End to end against a real S3 server (moto or Ceph RGW): a replication configuration with
+//! two rules and two destinations replicates exactly the versions each rule selects, with the
+//! rule's storage class; Batch Replication filters select the right tasks at plan; `plan
+//! --dry-run` writes no manifest; an invalid configuration is refused with one line.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use support::*;
+
+/// One destination entry as a user checks it: delete marker, body and storage class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    delete_marker: bool,
+    body: String,
+    class: String,
+}
+
+fn v(body: &str, class: &str) -> Entry {
+    Entry {
+        delete_marker: false,
+        body: body.into(),
+        class: class.into(),
+    }
+}
+
+fn dm() -> Entry {
+    Entry {
+        delete_marker: true,
+        body: String::new(),
+        class: String::new(),
+    }
+}
+
+/// Every key's history in `bucket`, oldest first, with bodies and storage classes.
+async fn entries(c: &aws_sdk_s3::Client, bucket: &str) -> BTreeMap<String, Vec<Entry>> {
+    let mut out = BTreeMap::new();
+    for (key, hist) in histories(c, bucket, "").await {
+        let mut list = Vec::new();
+        for ver in hist.iter() {
+            if ver.delete_marker {
+                list.push(dm());
+                continue;
+            }
+            let got = c
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .version_id(&ver.version_id)
+                .send()
+                .await
+                .expect("get");
+            let class = got
+                .storage_class()
+                .map_or("STANDARD".to_string(), |s| s.as_str().to_string());
+            let body = got.body.collect().await.expect("body").into_bytes();
+            list.push(v(&String::from_utf8_lossy(&body), &class));
+        }
+        out.insert(key, list);
+    }
+    out
+}
+
+fn put_tagged(key: &str, body: &str, tags: Option<&str>) -> Op {
+    Op::Put {
+        key: key.into(),
+        body: body.as_bytes().to_vec(),
+        content_type: None,
+        cache_control: None,
+        metadata: Vec::new(),
+        tagging: tags.map(str::to_string),
+    }
+}
+
+/// Rule "logs": prefix logs/ to bucket A in STANDARD_IA, delete markers too (priority 2).
+/// Rule "team-x": objects tagged team=x to bucket B in STANDARD, no delete markers.
+fn two_rule_config(a: &str, b: &str) -> String {
+    format!(
+        r#"{{"Role": "arn:aws:iam::123456789012:role/replication",
+  "Rules": [
+    {{"ID": "logs", "Priority": 2, "Status": "Enabled", "Filter": {{"Prefix": "logs/"}},
+      "DeleteMarkerReplication": {{"Status": "Enabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{a}", "StorageClass": "STANDARD_IA"}}}},
+    {{"ID": "team-x", "Priority": 1, "Status": "Enabled",
+      "Filter": {{"Tag": {{"Key": "team", "Value": "x"}}}},
+      "DeleteMarkerReplication": {{"Status": "Disabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{b}", "StorageClass": "STANDARD"}}}},
+    {{"ID": "off", "Priority": 3, "Status": "Disabled", "Filter": {{}},
+      "DeleteMarkerReplication": {{"Status": "Disabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{b}"}}}}
+  ]}}"#
+    )
+}
+
+fn plan_cmd(verb: &str, src: &str, ep: &str, m: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        verb,
+        "--source",
+        &format!("s3://{src}"),
+        "--manifest",
+        m,
+        "--source-endpoint",
+        ep,
+        "--dest-endpoint",
+        ep,
+        "--path-style",
+        "--no-progress",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rules_replicate_their_versions_to_their_destinations() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, a, b) = (bucket("rsrc"), bucket("rdsta"), bucket("rdstb"));
+    for name in [&src, &a, &b] {
+        create_bucket(&c, name, true).await;
+    }
+    let x = Some("team=x");
+    seed(
+        &c,
+        &src,
+        vec![
+            vec![
+                put_tagged("logs/a.txt", "a1", x),
+                put_tagged("docs/b.txt", "b1", x),
+                put_tagged("other/c", "c1", None),
+            ],
+            vec![
+                put_tagged("logs/a.txt", "a2", None),
+                put_tagged("docs/b.txt", "b2", Some("team=y")),
+            ],
+            vec![Op::Delete {
+                key: "logs/a.txt".into(),
+            }],
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("replication.json");
+    std::fs::write(&cfg, two_rule_config(&a, &b)).unwrap();
+    let m = dir.path().join("job.db");
+    let cfg_arg = cfg.to_str().unwrap();
+    let args = plan_cmd(
+        "replicate",
+        &src,
+        &ep,
+        m.to_str().unwrap(),
+        &["--replication-config", cfg_arg],
+    );
+    expect_code(&run(&strs(&args)), 0);
+
+    let got_a = entries(&c, &a).await;
+    let want_a = BTreeMap::from([(
+        "logs/a.txt".to_string(),
+        vec![v("a1", "STANDARD_IA"), v("a2", "STANDARD_IA"), dm()],
+    )]);
+    assert_eq!(got_a, want_a, "bucket A holds rule logs's versions");
+    let got_b = entries(&c, &b).await;
+    let want_b = BTreeMap::from([
+        ("docs/b.txt".to_string(), vec![v("b1", "STANDARD")]),
+        ("logs/a.txt".to_string(), vec![v("a1", "STANDARD")]),
+    ]);
+    assert_eq!(got_b, want_b, "bucket B holds the team=x versions only");
+    let tasks = manifest_tasks(&m);
+    assert_eq!(tasks.len(), 5, "{tasks:?}");
+    assert!(tasks.iter().all(|t| t.state == "done"), "{tasks:?}");
+}
+
+fn count_by_key(m: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for t in manifest_tasks(m) {
+        *out.entry(t.key).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_select_tasks_at_plan_and_dry_run_writes_nothing() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("fsrc"), bucket("fdst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let body = |n: usize| "z".repeat(n);
+    seed(
+        &c,
+        &src,
+        vec![
+            vec![
+                Op::put("f/small.txt", body(1)),
+                Op::put("f/mid.txt", body(100)),
+                Op::put("f/edge.txt", body(10)),
+                Op::put("f/big.txt", body(1000)),
+                Op::put("f/mid.log", body(100)),
+            ],
+            vec![Op::put("f/mid.txt", body(200))],
+        ],
+    )
+    .await;
+    let filters = [
+        "--min-size",
+        "10",
+        "--max-size",
+        "500",
+        "--key-suffix",
+        ".txt",
+        "--created-after",
+        "2000-01-01",
+        "--created-before",
+        "2999-01-01",
+    ];
+    // Dry run: tallies on stdout, no manifest.
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep).extra(&filters);
+    let mut dry = job.plan_args();
+    dry.push("--dry-run".into());
+    let o = run(&strs(&dry));
+    expect_code(&o, 0);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("dry run: 2 tasks (300 bytes)"), "{out}");
+    assert!(!m.exists(), "a dry run writes no manifest");
+    // Plan: the two versions of f/mid.txt only (10 is not above --min-size 10).
+    expect_code(&job.plan(), 0);
+    let want = BTreeMap::from([("f/mid.txt".to_string(), 2)]);
+    assert_eq!(count_by_key(&m), want);
+    // Created after a future date: nothing.
+    let (_d2, m2) = manifest();
+    let late = Job::new(&src, &dst, &m2)
+        .endpoint(&ep)
+        .extra(&["--created-after", "2999-01-01"]);
+    expect_code(&late.plan(), 0);
+    assert!(count_by_key(&m2).is_empty());
+}
+
+#[test]
+fn an_invalid_configuration_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.json");
+    let text = r#"{"Role": "r", "Rules": [
+      {"ID": "one", "Priority": 1, "Status": "Enabled", "Filter": {},
+       "DeleteMarkerReplication": {"Status": "Disabled"},
+       "Destination": {"Bucket": "arn:aws:s3:::a"}},
+      {"ID": "two", "Priority": 1, "Status": "Enabled", "Filter": {"Prefix": "x/"},
+       "DeleteMarkerReplication": {"Status": "Disabled"},
+       "Destination": {"Bucket": "arn:aws:s3:::b"}}]}"#;
+    std::fs::write(&cfg, text).unwrap();
+    let m = dir.path().join("job.db");
+    let o = run(&[
+        "plan",
+        "--source",
+        "s3://src",
+        "--manifest",
+        m.to_str().unwrap(),
+        "--replication-config",
+        cfg.to_str().unwrap(),
+    ]);
+    expect_code(&o, 2);
+    let err = stderr_of(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("rule \"two\"") || err.contains("rule \"one\""), "{err}");
+    assert!(err.contains("riorit"), "names the problem: {err}");
+    assert!(!m.exists(), "no manifest for a refused plan");
+}
