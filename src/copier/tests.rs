@@ -489,7 +489,8 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
         {"ID": "all", "Priority": 1, "Status": "Enabled", "Filter": {},
          "DeleteMarkerReplication": {"Status": "Disabled"},
          "SourceSelectionCriteria": {"SseKmsEncryptedObjects": {"Status": "Enabled"}},
-         "Destination": {"Bucket": "arn:aws:s3:::dst2"}}]}"#,
+         "Destination": {"Bucket": "arn:aws:s3:::dst2",
+           "EncryptionConfiguration": {"ReplicaKmsKeyID": "key-2"}}}]}"#,
     )
     .unwrap();
     let mut st = settings();
@@ -523,6 +524,8 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     assert!(s.history(DST, "docs/k").is_empty());
     let in_dst2: Vec<String> = stamps("dst2", "logs/k").into_iter().map(|x| x.0).collect();
     assert_eq!(in_dst2, vec![v1, v2]);
+    let kms = s.history("dst2", "logs/k")[1].head.encryption.clone();
+    assert_eq!(kms, Some(crate::s3::Encryption::SseKms(Some("key-2".into()))));
     assert_eq!(stamps("dst2", "docs/k").len(), 1);
     assert_eq!(stamps("dst2", "docs/k")[0].0, w);
     let c = all_tasks_done(&path);
