@@ -147,7 +147,11 @@ pub struct PlanArgs {
     #[arg(long, value_name = "S3URL")]
     pub source: String,
     /// The destination: s3://BUCKET[/PREFIX] (not given with --replication-config).
-    #[arg(long, value_name = "S3URL", required_unless_present = "replication_config")]
+    #[arg(
+        long,
+        value_name = "S3URL",
+        required_unless_present = "replication_config"
+    )]
     pub dest: Option<String>,
     /// Destinations from a replication configuration: the JSON given to `aws s3api
     /// put-bucket-replication` (or the XML GetBucketReplication returns), or `source` to read

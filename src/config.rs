@@ -306,7 +306,10 @@ impl JobSettings {
     /// The bucket, prefix and rule options of destination `id` (0 and unknown ids without a
     /// configuration: the job's `dest`).
     pub fn destination(&self, id: i64) -> (&str, &str, Option<&DestOptions>) {
-        match usize::try_from(id).ok().and_then(|i| self.destinations.get(i)) {
+        match usize::try_from(id)
+            .ok()
+            .and_then(|i| self.destinations.get(i))
+        {
             Some(d) => (&d.bucket, &d.prefix, Some(&d.options)),
             None => (&self.dest.bucket, &self.dest.prefix, None),
         }

@@ -14,12 +14,12 @@ use crate::cli::{PlanArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, Verify
 use crate::config::{ConfigError, JobSettings, SideConfig};
 use crate::copier::{Copier, DestFacts, RunSummary};
 use crate::lister::{ListError, Lister};
-use crate::select::Selector;
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
     build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
     Side, Timeouts,
 };
+use crate::select::Selector;
 use crate::verify::{Verifier, VerifyReport};
 use crate::{report, ui};
 
@@ -238,7 +238,9 @@ async fn replication_from_source(
 ) -> Result<(), JobError> {
     let bucket = settings.source.bucket.clone();
     let xml = preflight()
-        .call(&Default::default(), || source.get_bucket_replication(&bucket))
+        .call(&Default::default(), || {
+            source.get_bucket_replication(&bucket)
+        })
         .await?;
     let from = format!("replication configuration of bucket {bucket}");
     let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
@@ -267,7 +269,11 @@ async fn plan_clients(
     let bucket = settings.dest.bucket.clone();
     let (dest, mut facts) =
         open_side(Side::Dest, &mut settings.dest_side, &bucket, timeouts).await?;
-    let mut others: Vec<String> = settings.destinations.iter().map(|d| d.bucket.clone()).collect();
+    let mut others: Vec<String> = settings
+        .destinations
+        .iter()
+        .map(|d| d.bucket.clone())
+        .collect();
     others.retain(|b| *b != bucket);
     others.sort();
     others.dedup();

@@ -11,8 +11,8 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::JobSettings;
 use crate::manifest::{Listing, Manifest, ManifestError, NewTask};
-use crate::select::Selector;
 use crate::s3::{show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, Versions};
+use crate::select::Selector;
 
 /// Entries per listing page (S3's maximum).
 pub const PAGE_SIZE: i32 = 1000;

@@ -346,7 +346,10 @@ impl ReplicationConfig {
             .filter(|(_, r)| r.is_enabled())
             .filter_map(|(pos, r)| {
                 let dest = r.dest_bucket()?.to_string();
-                Some((r.decision(dest, pos, &facts)?, r.replicates_delete_markers()))
+                Some((
+                    r.decision(dest, pos, &facts)?,
+                    r.replicates_delete_markers(),
+                ))
             })
             .collect()
     }

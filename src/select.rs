@@ -222,7 +222,9 @@ impl DryRun {
         )];
         let (mut tasks, mut bytes) = (0, 0);
         for ((bucket, class, rule), (n, b)) in &self.rows {
-            out.push(format!("{bucket:<24} {class:<20} {rule:<16} {n:>10} {b:>14}"));
+            out.push(format!(
+                "{bucket:<24} {class:<20} {rule:<16} {n:>10} {b:>14}"
+            ));
             tasks += n;
             bytes += b;
         }

@@ -263,7 +263,10 @@ fn an_invalid_configuration_is_refused_with_one_line() {
     expect_code(&o, 2);
     let err = stderr_of(&o);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("rule \"two\"") || err.contains("rule \"one\""), "{err}");
+    assert!(
+        err.contains("rule \"two\"") || err.contains("rule \"one\""),
+        "{err}"
+    );
     assert!(err.contains("riorit"), "names the problem: {err}");
     assert!(!m.exists(), "no manifest for a refused plan");
 }

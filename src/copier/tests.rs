@@ -10,10 +10,10 @@ use indicatif::ProgressBar;
 use super::{Copier, DestFacts, RunOptions, RunSummary};
 use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig};
 use crate::lister::Lister;
-use crate::select::Selector;
 use crate::manifest::{Manifest, State, Update};
 use crate::s3::fake::{FakeServer, FaultKind};
 use crate::s3::{ErrorClass, Limiter, Retrier, RetryPolicy, Side, STAMP_KEY};
+use crate::select::Selector;
 
 const SRC: &str = "src";
 const DST: &str = "dst";
@@ -502,7 +502,14 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
         object_lock: false,
     };
     let clients = (s.client(Side::Source), s.client(Side::Dest));
-    let copier = Copier::new(st, clients, facts, m.into_writer(), &opts(), ProgressBar::hidden());
+    let copier = Copier::new(
+        st,
+        clients,
+        facts,
+        m.into_writer(),
+        &opts(),
+        ProgressBar::hidden(),
+    );
     Arc::clone(&copier).run().await;
     copier.flush().await;
     drop(copier);
@@ -525,7 +532,10 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     let in_dst2: Vec<String> = stamps("dst2", "logs/k").into_iter().map(|x| x.0).collect();
     assert_eq!(in_dst2, vec![v1, v2]);
     let kms = s.history("dst2", "logs/k")[1].head.encryption.clone();
-    assert_eq!(kms, Some(crate::s3::Encryption::SseKms(Some("key-2".into()))));
+    assert_eq!(
+        kms,
+        Some(crate::s3::Encryption::SseKms(Some("key-2".into())))
+    );
     assert_eq!(stamps("dst2", "docs/k").len(), 1);
     assert_eq!(stamps("dst2", "docs/k")[0].0, w);
     let c = all_tasks_done(&path);

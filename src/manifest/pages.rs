@@ -97,9 +97,8 @@ impl KeyCursor {
         }
         if !self.loaded {
             let (lo, hi) = key_range(self.key_id);
-            let mut stmt = conn.prepare_cached(
-                "SELECT dest, version_id FROM task WHERE id BETWEEN ?1 AND ?2",
-            )?;
+            let mut stmt = conn
+                .prepare_cached("SELECT dest, version_id FROM task WHERE id BETWEEN ?1 AND ?2")?;
             let versions = stmt.query_map([lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
             for v in versions {
                 self.seen.insert(v?);

@@ -1094,9 +1094,9 @@ impl SdkClient {
             Err(e) if e.raw_response().is_some_and(|r| r.status().is_success()) => {}
             Err(e) => return Err(self.err(OP, false, e)),
         }
-        raw.take().map(|b| b.to_vec()).ok_or_else(|| {
-            S3Error::other(self.side, OP, ErrorClass::Fatal, "empty answer".into())
-        })
+        raw.take()
+            .map(|b| b.to_vec())
+            .ok_or_else(|| S3Error::other(self.side, OP, ErrorClass::Fatal, "empty answer".into()))
     }
 }
 
