@@ -236,6 +236,23 @@ async fn filters_select_tasks_at_plan_and_dry_run_writes_nothing() {
         .extra(&["--created-after", "2999-01-01"]);
     expect_code(&late.plan(), 0);
     assert!(count_by_key(&m2).is_empty());
+    // HEAD filters: nothing here is encrypted; the one .log version is selected as NOT-SSE.
+    let (_d3, m3) = manifest();
+    let enc = Job::new(&src, &dst, &m3).endpoint(&ep).extra(&[
+        "--encryption",
+        "SSE-KMS,NOT-SSE",
+        "--key-suffix",
+        ".log",
+    ]);
+    expect_code(&enc.plan(), 0);
+    let want = BTreeMap::from([("f/mid.log".to_string(), 1)]);
+    assert_eq!(count_by_key(&m3), want);
+    let (_d4, m4) = manifest();
+    let kms = Job::new(&src, &dst, &m4)
+        .endpoint(&ep)
+        .extra(&["--encryption", "SSE-KMS"]);
+    expect_code(&kms.plan(), 0);
+    assert!(count_by_key(&m4).is_empty());
 }
 
 #[test]
@@ -269,4 +286,80 @@ fn an_invalid_configuration_is_refused_with_one_line() {
     );
     assert!(err.contains("riorit"), "names the problem: {err}");
     assert!(!m.exists(), "no manifest for a refused plan");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_buckets_own_configuration_is_read_with_source() {
+    use aws_sdk_s3::types::{
+        DeleteMarkerReplication, DeleteMarkerReplicationStatus, Destination,
+        ReplicationConfiguration, ReplicationRule, ReplicationRuleFilter, ReplicationRuleStatus,
+    };
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("ssrc"), bucket("sdst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    seed(
+        &c,
+        &src,
+        vec![vec![Op::put("keep/x", "x"), Op::put("drop/y", "y")]],
+    )
+    .await;
+    let rule = ReplicationRule::builder()
+        .id("keep")
+        .priority(1)
+        .status(ReplicationRuleStatus::Enabled)
+        // moto keeps ID, Priority, Status and Destination (it answers every rule with an
+        // empty prefix and delete markers disabled): the rule uses only those.
+        .filter(ReplicationRuleFilter::builder().prefix("").build())
+        .delete_marker_replication(
+            DeleteMarkerReplication::builder()
+                .status(DeleteMarkerReplicationStatus::Disabled)
+                .build(),
+        )
+        .destination(
+            Destination::builder()
+                .bucket(format!("arn:aws:s3:::{dst}"))
+                .storage_class(aws_sdk_s3::types::StorageClass::StandardIa)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let cfg = ReplicationConfiguration::builder()
+        .role("arn:aws:iam::123456789012:role/replication")
+        .rules(rule)
+        .build()
+        .unwrap();
+    let put = c
+        .put_bucket_replication()
+        .bucket(&src)
+        .replication_configuration(cfg)
+        .send()
+        .await;
+    if let Err(e) = put {
+        assert_eq!(
+            server(),
+            Server::Rgw,
+            "moto keeps replication configurations: {e:?}"
+        );
+        println!("not run on rgw: PutBucketReplication refused ({e:?})");
+        return;
+    }
+    let (_d, m) = manifest();
+    let m = m.to_str().unwrap();
+    let args = plan_cmd(
+        "replicate",
+        &src,
+        &ep,
+        m,
+        &["--replication-config", "source"],
+    );
+    expect_code(&run(&strs(&args)), 0);
+    let got = entries(&c, &dst).await;
+    let want = BTreeMap::from([
+        ("drop/y".to_string(), vec![v("y", "STANDARD_IA")]),
+        ("keep/x".to_string(), vec![v("x", "STANDARD_IA")]),
+    ]);
+    assert_eq!(got, want);
 }
