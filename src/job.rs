@@ -304,23 +304,28 @@ async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result
     Ok(())
 }
 
+/// The job's settings; with `--replication-config source` also the source's client (the
+/// source bucket's configuration is needed before the job is known).
+async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient>), JobError> {
+    let mut settings = args.settings()?;
+    if args.replication_config.as_deref() != Some("source") {
+        return Ok((settings, None));
+    }
+    let bucket = settings.source.bucket.clone();
+    let (c, _) = open_side(
+        Side::Source,
+        &mut settings.source_side,
+        &bucket,
+        Timeouts::default(),
+    )
+    .await?;
+    replication_from_source(&c, &mut settings).await?;
+    Ok((settings, Some(c)))
+}
+
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let mut settings = args.settings()?;
-    // `--replication-config source` needs the source bucket before the job is known.
-    let mut source = None;
-    if args.replication_config.as_deref() == Some("source") {
-        let bucket = settings.source.bucket.clone();
-        let (c, _) = open_side(
-            Side::Source,
-            &mut settings.source_side,
-            &bucket,
-            Timeouts::default(),
-        )
-        .await?;
-        replication_from_source(&c, &mut settings).await?;
-        source = Some(c);
-    }
+    let (mut settings, source) = plan_settings(args).await?;
     if args.dry_run {
         return dry_run(settings, source).await;
     }

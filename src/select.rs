@@ -196,7 +196,7 @@ impl DryRun {
         for d in dests {
             let (bucket, _, opts) = settings.destination(*d);
             let class = if e.is_delete_marker {
-                "(delete marker)".to_string()
+                "(marker)".to_string()
             } else {
                 opts.and_then(|o| o.storage_class.clone())
                     .or_else(|| settings.copy.storage_class.clone())

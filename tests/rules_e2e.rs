@@ -146,6 +146,29 @@ async fn two_rules_replicate_their_versions_to_their_destinations() {
     std::fs::write(&cfg, two_rule_config(&a, &b)).unwrap();
     let m = dir.path().join("job.db");
     let cfg_arg = cfg.to_str().unwrap();
+    // Dry run: tasks and bytes by destination, storage class and rule.
+    let dry = plan_cmd(
+        "plan",
+        &src,
+        &ep,
+        m.to_str().unwrap(),
+        &["--replication-config", cfg_arg, "--dry-run"],
+    );
+    let o = run(&strs(&dry));
+    expect_code(&o, 0);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() == 5 && (w[0] == a || w[0] == b))
+        .collect();
+    let want: Vec<Vec<&str>> = vec![
+        vec![a.as_str(), "(marker)", "logs", "1", "0"],
+        vec![a.as_str(), "STANDARD_IA", "logs", "2", "4"],
+        vec![b.as_str(), "STANDARD", "team-x", "2", "4"],
+    ];
+    assert_eq!(rows, want, "{out}");
+    assert!(!m.exists(), "a dry run writes no manifest");
     let args = plan_cmd(
         "replicate",
         &src,
