@@ -264,3 +264,75 @@ pub async fn dry_run<C: S3Client>(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Location;
+    use crate::s3::fake::FakeServer;
+    use crate::s3::{Limiter, RetryPolicy, Side};
+
+    fn entry(key: &str, version_id: &str, is_delete_marker: bool) -> VersionEntry {
+        VersionEntry {
+            key: key.into(),
+            version_id: version_id.into(),
+            is_delete_marker,
+            is_latest: true,
+            size: 3,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn tags_are_read_only_for_keys_a_tag_rule_covers() {
+        let server = FakeServer::new();
+        server.create_bucket("src", true);
+        let tagged = server.put("src", "t/a", b"abc", &[]);
+        let plain = server.put("src", "u/b", b"abc", &[]);
+        let client = server.client(Side::Source);
+        let obj = ObjectRef::version("src", "t/a", &tagged);
+        client.put_tagging(&obj, "team=x").await.unwrap();
+        let cfg = ReplicationConfig::from_json(
+            r#"{"Rules": [
+            {"ID": "tagged", "Priority": 2, "Status": "Enabled",
+             "Filter": {"And": {"Prefix": "t/", "Tags": [{"Key": "team", "Value": "x"}]}},
+             "DeleteMarkerReplication": {"Status": "Disabled"},
+             "Destination": {"Bucket": "arn:aws:s3:::b"}},
+            {"ID": "all", "Priority": 1, "Status": "Enabled", "Filter": {},
+             "DeleteMarkerReplication": {"Status": "Disabled"},
+             "Destination": {"Bucket": "arn:aws:s3:::a"}}]}"#,
+        )
+        .unwrap();
+        let mut settings = JobSettings {
+            source: Location::parse("s3://src").unwrap(),
+            dest: Location::parse("s3://unused").unwrap(),
+            source_side: Default::default(),
+            dest_side: Default::default(),
+            selection: Default::default(),
+            copy: Default::default(),
+            filters: Default::default(),
+            replication: None,
+            destinations: Vec::new(),
+        };
+        crate::cli::use_replication_config(&mut settings, cfg, "test").unwrap();
+        let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+        let sel = Selector {
+            settings: &settings,
+            source: &client,
+            dest: None,
+            retrier: &retrier,
+        };
+        let sel = &sel;
+        let get = |e: VersionEntry| async move { sel.destinations(&e).await.unwrap() };
+        assert_eq!(get(entry("t/a", &tagged, false)).await, vec![0, 1]);
+        assert_eq!(get(entry("u/b", &plain, false)).await, vec![1]);
+        assert_eq!(get(entry("u/b", "dm", true)).await, Vec::<i64>::new());
+        let tag_reads = client
+            .requests()
+            .snapshot()
+            .into_iter()
+            .find(|(op, _)| *op == "GetObjectTagging")
+            .map_or(0, |(_, n)| n);
+        assert_eq!(tag_reads, 1, "only t/a is covered by a tag rule");
+    }
+}
