@@ -609,6 +609,13 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
 /// `verify`: compares the destination with the source.
 pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let mut settings = Manifest::open(&args.manifest, false)?.require_settings()?;
+    if settings.replication.is_some() || !settings.filters.is_empty() {
+        // verify compares one destination with the whole selection of the source.
+        return Err(JobError::Usage(format!(
+            "verify does not compare jobs planned with --replication-config or filters yet ({}): it compares one destination with every selected version of the source",
+            args.manifest.display()
+        )));
+    }
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }
