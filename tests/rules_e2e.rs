@@ -309,6 +309,31 @@ fn an_invalid_configuration_is_refused_with_one_line() {
     );
     assert!(err.contains("riorit"), "names the problem: {err}");
     assert!(!m.exists(), "no manifest for a refused plan");
+    // The XML shape too: a tag rule that enables delete-marker replication.
+    let xml = dir.path().join("bad.xml");
+    std::fs::write(
+        &xml,
+        "<ReplicationConfiguration><Role>r</Role><Rule><ID>tagged</ID><Priority>1</Priority>\
+         <Status>Enabled</Status><Filter><Tag><Key>k</Key><Value>v</Value></Tag></Filter>\
+         <DeleteMarkerReplication><Status>Enabled</Status></DeleteMarkerReplication>\
+         <Destination><Bucket>arn:aws:s3:::a</Bucket></Destination></Rule>\
+         </ReplicationConfiguration>",
+    )
+    .unwrap();
+    let o = run(&[
+        "plan",
+        "--source",
+        "s3://src",
+        "--manifest",
+        m.to_str().unwrap(),
+        "--replication-config",
+        xml.to_str().unwrap(),
+    ]);
+    expect_code(&o, 2);
+    let err = stderr_of(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("rule \"tagged\""), "{err}");
+    assert!(!m.exists(), "no manifest for a refused plan");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +391,9 @@ async fn the_source_buckets_own_configuration_is_read_with_source() {
             Server::Rgw,
             "moto keeps replication configurations: {e:?}"
         );
-        println!("not run on rgw: PutBucketReplication refused ({e:?})");
+        use aws_sdk_s3::error::ProvideErrorMetadata;
+        let why = format!("PutBucketReplication refused ({:?})", e.code());
+        unsupported_on(Server::Rgw, &why);
         return;
     }
     let (_d, m) = manifest();
