@@ -413,3 +413,55 @@ async fn the_source_buckets_own_configuration_is_read_with_source() {
     ]);
     assert_eq!(got, want);
 }
+
+/// The "tasks (bytes)" total of a `plan --dry-run` with `extra`.
+fn dry_total(job: &Job, extra: &[&str]) -> String {
+    let mut args = job.plan_args();
+    args.push("--dry-run".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = run(&strs(&args));
+    expect_code(&o, 0);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let total = out
+        .lines()
+        .find(|l| l.starts_with("dry run: "))
+        .unwrap_or("");
+    total
+        .trim_start_matches("dry run: ")
+        .split(" from ")
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_status_reads_the_stamp_of_the_destination() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("psrc"), bucket("pdst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    seed(
+        &c,
+        &src,
+        vec![
+            vec![Op::put("a", "a1"), Op::put("b", "b1")],
+            vec![Op::put("a", "a2!")],
+        ],
+    )
+    .await;
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    assert_eq!(
+        dry_total(&job, &["--replication-status", "NONE"]),
+        "3 tasks (7 bytes)"
+    );
+    expect_code(&job.replicate(), 0);
+    // The current versions are now stamped copies at the destination; a's first is not.
+    let (_d2, m2) = manifest();
+    let again = Job::new(&src, &dst, &m2).endpoint(&ep);
+    let completed = dry_total(&again, &["--replication-status", "COMPLETED"]);
+    assert_eq!(completed, "2 tasks (5 bytes)");
+    let none = dry_total(&again, &["--replication-status", "NONE"]);
+    assert_eq!(none, "1 tasks (2 bytes)");
+}
