@@ -303,6 +303,22 @@ pub struct DestOptions {
 }
 
 impl JobSettings {
+    /// The destinations as `status` names them: `dest`, or every bucket of the replication
+    /// rules.
+    pub fn dest_label(&self) -> String {
+        if self.destinations.is_empty() {
+            return self.dest.to_string();
+        }
+        let mut buckets: Vec<String> = Vec::new();
+        for d in &self.destinations {
+            let b = format!("s3://{}", d.bucket);
+            if !buckets.contains(&b) {
+                buckets.push(b);
+            }
+        }
+        format!("{} (replication rules)", buckets.join(", "))
+    }
+
     /// The bucket, prefix and rule options of destination `id` (0 and unknown ids without a
     /// configuration: the job's `dest`).
     pub fn destination(&self, id: i64) -> (&str, &str, Option<&DestOptions>) {

@@ -190,6 +190,11 @@ async fn two_rules_replicate_their_versions_to_their_destinations() {
         ("logs/a.txt".to_string(), vec![v("a1", "STANDARD")]),
     ]);
     assert_eq!(got_b, want_b, "bucket B holds the team=x versions only");
+    let o = run(&["status", "--manifest", m.to_str().unwrap()]);
+    expect_code(&o, 0);
+    let status = String::from_utf8_lossy(&o.stdout).into_owned();
+    let names = format!("s3://{a}, s3://{b} (replication rules)");
+    assert!(status.contains(&names), "{status}");
     let tasks = manifest_tasks(&m);
     assert_eq!(tasks.len(), 5, "{tasks:?}");
     assert!(tasks.iter().all(|t| t.state == "done"), "{tasks:?}");
