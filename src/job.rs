@@ -20,7 +20,7 @@ use crate::s3::{
     Side, Timeouts,
 };
 use crate::select::Selector;
-use crate::verify::{Verifier, VerifyReport};
+use crate::verify::{Verifier, VerifyError, VerifyReport};
 use crate::{report, ui};
 
 /// Why a command could not do its work. Each maps to an exit code and prints as one line.
@@ -606,16 +606,12 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `verify`: compares the destination with the source.
+/// `verify`: compares the destination with the source (each destination with the versions
+/// the manifest selected for it, for jobs with a replication configuration or filters).
 pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
-    let mut settings = Manifest::open(&args.manifest, false)?.require_settings()?;
-    if settings.replication.is_some() || !settings.filters.is_empty() {
-        // verify compares one destination with the whole selection of the source.
-        return Err(JobError::Usage(format!(
-            "verify does not compare jobs planned with --replication-config or filters yet ({}): it compares one destination with every selected version of the source",
-            args.manifest.display()
-        )));
-    }
+    let manifest = Manifest::open(&args.manifest, false)?;
+    let mut settings = manifest.require_settings()?;
+    let selected = settings.replication.is_some() || !settings.filters.is_empty();
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }
@@ -633,17 +629,26 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
         dest: &dest,
         retrier: &retrier,
     };
-    let r = verifier
-        .run(|r| {
-            bar.set_position(r.keys);
-            bar.set_message(format!(
-                "{} versions, {} differ",
-                r.versions, r.mismatched_keys
-            ));
-        })
-        .await;
+    let show = |r: &VerifyReport| {
+        bar.set_position(r.keys);
+        bar.set_message(format!(
+            "{} versions, {} differ",
+            r.versions, r.mismatched_keys
+        ));
+    };
+    let r = if selected {
+        verifier
+            .run_selected(&manifest, show)
+            .await
+            .map_err(|e| match e {
+                VerifyError::S3(e) => JobError::from(e),
+                VerifyError::Manifest(e) => JobError::Manifest(e),
+            })
+    } else {
+        verifier.run(show).await.map_err(JobError::from)
+    };
     bar.finish_and_clear();
-    Ok(r?)
+    r
 }
 
 #[cfg(test)]
