@@ -306,13 +306,23 @@ async fn filters_select_tasks_at_plan_and_dry_run_writes_nothing() {
     expect_code(&job.plan(), 0);
     let want = BTreeMap::from([("f/mid.txt".to_string(), 2)]);
     assert_eq!(count_by_key(&m), want);
-    // Copied, the filtered job verifies clean: only f/mid.txt's two versions are expected.
+    // The older selected version vanishes before the copy: its task is skipped, and the
+    // filtered job verifies clean (f/mid.txt's newer version expected, the skip explained).
+    let older = histories(&c, &src, "f/mid.txt").await["f/mid.txt"][0].clone();
+    c.delete_object()
+        .bucket(&src)
+        .key("f/mid.txt")
+        .version_id(&older.version_id)
+        .send()
+        .await
+        .expect("delete a source version");
     expect_code(&job.run(&[]), 0);
     let out = verify_out(m.to_str().unwrap(), 0);
-    let line = format!("destination s3://{dst}/: 1 keys, 2 versions, match");
+    let line = format!("destination s3://{dst}/: 1 keys, 1 versions, match; 1 skipped tasks not expected there (1 source-gone; see `report`)");
     assert!(out.contains(&line), "{out}");
     let copied = histories(&c, &dst, "").await;
     assert_eq!(copied.keys().collect::<Vec<_>>(), vec!["f/mid.txt"]);
+    assert_eq!(copied["f/mid.txt"].len(), 1);
     // Created after a future date: nothing.
     let (_d2, m2) = manifest();
     let late = Job::new(&src, &dst, &m2)
