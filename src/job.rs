@@ -25,7 +25,8 @@ use crate::s3::{
     build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
     Side, Timeouts,
 };
-use crate::verify::{Verifier, VerifyReport};
+use crate::select::Selector;
+use crate::verify::{Verifier, VerifyError, VerifyReport};
 use crate::{report, ui};
 
 /// Why a command could not do its work. Each maps to an exit code and prints as one line.
@@ -236,56 +237,149 @@ fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, JobError> {
     Ok(true)
 }
 
-/// Before a listing: both buckets probed (a new manifest is only created once both
-/// answered, so a mistyped bucket leaves no manifest behind), then the manifest opened or
-/// created with the job's settings stored. Returns it, the settings (with the regions
-/// found), the source client and what the destination is.
-async fn prepare_listing(
-    args: &PlanArgs,
-    mut settings: JobSettings,
-    existing: Option<Manifest>,
-) -> Result<(Manifest, JobSettings, SdkClient, BucketFacts), JobError> {
+/// `--replication-config source`: the source bucket's own configuration.
+async fn replication_from_source(
+    source: &SdkClient,
+    settings: &mut JobSettings,
+) -> Result<(), JobError> {
+    let bucket = settings.source.bucket.clone();
+    let xml = preflight()
+        .call(&Default::default(), || {
+            source.get_bucket_replication(&bucket)
+        })
+        .await?;
+    let from = format!("replication configuration of bucket {bucket}");
+    let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
+        .map_err(|e| JobError::Usage(format!("{from}: {e}")))?;
+    crate::cli::use_replication_config(settings, cfg, &from)?;
+    Ok(())
+}
+
+/// The source's client, and destination 0's client and facts; every other destination bucket
+/// of a replication configuration is probed too (the job's destinations are versioned only
+/// when all are).
+async fn plan_clients(
+    settings: &mut JobSettings,
+    source: Option<SdkClient>,
+) -> Result<(SdkClient, SdkClient, BucketFacts), JobError> {
     let timeouts = Timeouts::default();
-    let (source, _) = open_side(
+    let source = match source {
+        Some(c) => c,
+        None => {
+            let bucket = settings.source.bucket.clone();
+            open_side(Side::Source, &mut settings.source_side, &bucket, timeouts)
+                .await?
+                .0
+        }
+    };
+    let bucket = settings.dest.bucket.clone();
+    let (dest, mut facts) =
+        open_side(Side::Dest, &mut settings.dest_side, &bucket, timeouts).await?;
+    let mut others: Vec<String> = settings
+        .destinations
+        .iter()
+        .map(|d| d.bucket.clone())
+        .collect();
+    others.retain(|b| *b != bucket);
+    others.sort();
+    others.dedup();
+    for b in others {
+        let f = preflight()
+            .call(&Default::default(), || dest.probe_bucket(&b))
+            .await
+            .map_err(|e| bucket_error(Side::Dest, &b, e))?;
+        facts.versioned &= f.versioned;
+    }
+    Ok((source, dest, facts))
+}
+
+/// `plan --dry-run`: lists and selects, prints the tallies, writes nothing.
+async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result<(), JobError> {
+    let (source, dest, _) = plan_clients(&mut settings, source).await?;
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: &settings,
+        source: &source,
+        dest: Some(&dest),
+        retrier: &retrier,
+    };
+    let tally = crate::select::dry_run(&selector, crate::lister::page_size()).await?;
+    for line in tally.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The job's settings; with `--replication-config source` also the source's client (the
+/// source bucket's configuration is needed before the job is known).
+async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient>), JobError> {
+    let mut settings = args.settings()?;
+    if args.replication_config.as_deref() != Some("source") {
+        return Ok((settings, None));
+    }
+    let bucket = settings.source.bucket.clone();
+    let (c, _) = open_side(
         Side::Source,
         &mut settings.source_side,
-        &settings.source.bucket,
-        timeouts,
+        &bucket,
+        Timeouts::default(),
     )
     .await?;
-    let (_, dest) = open_side(
-        Side::Dest,
-        &mut settings.dest_side,
-        &settings.dest.bucket,
-        timeouts,
-    )
-    .await?;
+    replication_from_source(&c, &mut settings).await?;
+    Ok((settings, Some(c)))
+}
+
+/// Before a listing: every bucket probed (a new manifest is only created once they
+/// answered, so a mistyped bucket leaves no manifest behind), then the manifest opened or
+/// created with the job's settings stored. Returns it, the settings (with the regions
+/// found), the source client, destination 0's client and what the destinations are.
+async fn prepare_listing(
+    mut settings: JobSettings,
+    source: Option<SdkClient>,
+    existing: Option<Manifest>,
+    path: &Path,
+) -> Result<Prepared, JobError> {
+    let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
     let m = match existing {
         Some(m) => m,
-        None => Manifest::open(&args.manifest, true)?,
+        None => Manifest::open(path, true)?,
     };
     if m.settings()?.as_ref() != Some(&settings) {
         // New, or the same job with other side or copy options (e.g. a moved endpoint).
         m.store_settings(&settings)?;
     }
-    Ok((m, settings, source, dest))
+    Ok((m, settings, source, dest_client, dest))
 }
+
+/// What [`prepare_listing`] returns.
+type Prepared = (Manifest, JobSettings, SdkClient, SdkClient, BucketFacts);
 
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let settings = args.settings()?;
+    let (settings, source) = plan_settings(args).await?;
+    if args.dry_run {
+        return dry_run(settings, source).await;
+    }
     let _lock = lock_manifest(&args.manifest)?;
     let existing = existing_manifest(args, &settings)?;
     if listing_done(existing.as_ref(), &args.manifest)? {
         return Ok(());
     }
-    let (mut m, settings, source, dest) = prepare_listing(args, settings, existing).await?;
+    let (mut m, settings, source, dest_client, dest) =
+        prepare_listing(settings, source, existing, &args.manifest).await?;
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: &settings,
+        source: &source,
+        dest: Some(&dest_client),
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: &source,
         settings: &settings,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
     let stats = lister
@@ -314,7 +408,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
 /// next `replicate` (or `run`) continues both.
 pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
     let plan = &args.plan;
-    let settings = plan.settings()?;
+    let (settings, source) = plan_settings(plan).await?;
     let _lock = lock_manifest(&plan.manifest)?;
     let existing = existing_manifest(plan, &settings)?;
     let complete = match &existing {
@@ -322,7 +416,7 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
         None => false,
     };
     if !complete {
-        prepare_listing(plan, settings, existing).await?;
+        prepare_listing(settings, source, existing, &plan.manifest).await?;
     }
     run_locked(&args.run()).await
 }
@@ -432,7 +526,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     if listing {
         m.wait_for_locks_briefly()?;
     }
-    let source = clients.0.clone();
+    let (source, dest) = (clients.0.clone(), clients.1.clone());
     let opts = args.exec.run_options();
     let copier = Copier::new(
         settings.clone(),
@@ -449,6 +543,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             path: &args.manifest,
             settings: &settings,
             source: &source,
+            dest: &dest,
             dest_versioned: facts.versioned || latest_only,
             bar,
         };
@@ -473,6 +568,8 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) settings: &'a JobSettings,
     /// Reads the source.
     pub(crate) source: &'a C,
+    /// Reads destination 0 (for `--replication-status`).
+    pub(crate) dest: &'a C,
     /// Whether the destination keeps versions (else a key with several is refused).
     pub(crate) dest_versioned: bool,
     /// The run's bar: its length grows with each page's tasks.
@@ -493,10 +590,17 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     let (tx, rx) = watch::channel(ListingState::default());
     let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: live.settings,
+        source: live.source,
+        dest: Some(live.dest),
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: live.source,
         settings: live.settings,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: live.dest_versioned,
     };
     let mut bar = LiveBar::new(&monitor, live.bar);
@@ -719,9 +823,12 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `verify`: compares the destination with the source.
+/// `verify`: compares the destination with the source (each destination with the versions
+/// the manifest selected for it, for jobs with a replication configuration or filters).
 pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
-    let mut settings = Manifest::open(&args.manifest, false)?.require_settings()?;
+    let manifest = Manifest::open(&args.manifest, false)?;
+    let mut settings = manifest.require_settings()?;
+    let selected = settings.replication.is_some() || !settings.filters.is_empty();
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }
@@ -739,17 +846,26 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
         dest: &dest,
         retrier: &retrier,
     };
-    let r = verifier
-        .run(|r| {
-            bar.set_position(r.keys);
-            bar.set_message(format!(
-                "{} versions, {} differ",
-                r.versions, r.mismatched_keys
-            ));
-        })
-        .await;
+    let show = |r: &VerifyReport| {
+        bar.set_position(r.keys);
+        bar.set_message(format!(
+            "{} versions, {} differ",
+            r.versions, r.mismatched_keys
+        ));
+    };
+    let r = if selected {
+        verifier
+            .run_selected(&manifest, show)
+            .await
+            .map_err(|e| match e {
+                VerifyError::S3(e) => JobError::from(e),
+                VerifyError::Manifest(e) => JobError::Manifest(e),
+            })
+    } else {
+        verifier.run(show).await.map_err(JobError::from)
+    };
     bar.finish_and_clear();
-    Ok(r?)
+    r
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ async fn dispatch(cmd: Command) -> i32 {
         Command::Run(a) => code(job::run(&a).await, |s| {
             ui::finish_run(&s, job::counts_after(&a.manifest).as_ref())
         }),
+        // A dry run plans nothing and copies nothing.
+        Command::Replicate(a) if a.plan.dry_run => code(job::plan(&a.plan).await, |_| 0),
         Command::Replicate(a) => code(job::replicate(&a).await, |s| {
             ui::finish_run(&s, job::counts_after(&a.plan.manifest).as_ref())
         }),

@@ -7,14 +7,22 @@
 //! encryption keeps them MD5s: a differing pair is HEADed, and KMS or SSE-C objects are
 //! compared by size alone.
 //!
-//! May call: the s3 layer.
+//! A job planned with a replication configuration or Batch Replication filters is verified
+//! per destination against the manifest's choice ([`Verifier::run_selected`]): for each
+//! destination, a key the manifest gave tasks there must hold exactly the source versions
+//! and delete markers of those tasks, in order (skipped tasks are counted, not expected);
+//! a key without tasks for a destination is not compared there (counted: the destination
+//! may have held it before the job).
+//!
+//! May call: the s3 layer; the manifest's tasks of one key.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::AtomicU64;
 
 use serde::Serialize;
 
 use crate::config::{JobSettings, Sse};
+use crate::manifest::{Manifest, ManifestError, State, Task};
 use crate::s3::{
     Encryption, ListFrom, ObjectRef, Retrier, S3Client, S3Error, VersionEntry, Versions,
 };
@@ -26,6 +34,44 @@ pub struct Mismatch {
     pub key: String,
     /// What differs.
     pub detail: String,
+    /// The destination (`s3://bucket/prefix`), for jobs with several or filtered destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+}
+
+/// One destination of a job verified against the manifest's selection.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DestReport {
+    /// The destination id (the tasks' `dest`).
+    pub id: i64,
+    /// Its bucket.
+    pub bucket: String,
+    /// Its key prefix.
+    pub prefix: String,
+    /// The replication rule that writes there, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Keys with tasks for this destination, compared.
+    pub keys: u64,
+    /// Source versions and delete markers expected there.
+    pub versions: u64,
+    /// Keys that differ there.
+    pub mismatched_keys: u64,
+    /// Skipped tasks (not expected there), by error class.
+    pub skipped: BTreeMap<String, u64>,
+    /// Keys present there without a task for this destination (not compared).
+    pub unselected_keys: u64,
+}
+
+/// Why a verification stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Listing or reading a bucket failed.
+    #[error("{0}")]
+    S3(#[from] S3Error),
+    /// The manifest could not be read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
 }
 
 /// The outcome of a verification.
@@ -39,6 +85,9 @@ pub struct VerifyReport {
     pub mismatches: Vec<Mismatch>,
     /// How many keys differ.
     pub mismatched_keys: u64,
+    /// Per destination (jobs verified against the manifest's selection; empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<DestReport>,
 }
 
 impl VerifyReport {
@@ -103,6 +152,14 @@ impl<'a, C: S3Client> Histories<'a, C> {
             out.push(self.buf.pop_front().expect("peeked"));
         }
         Ok(Some((key, out)))
+    }
+
+    /// The entries of `key` if it is the next key here, else none.
+    async fn take(&mut self, key: &str) -> Result<Vec<VersionEntry>, S3Error> {
+        if self.peek_key().await?.as_deref() != Some(key) {
+            return Ok(Vec::new());
+        }
+        Ok(self.next().await?.map(|(_, e)| e).unwrap_or_default())
     }
 }
 
@@ -256,7 +313,8 @@ impl<C: S3Client> Verifier<'_, C> {
             if se.is_empty() && de.is_empty() {
                 continue;
             }
-            self.blank_incomparable_etags(&key, &mut se, &mut de)
+            let d = (s.dest.bucket.as_str(), s.dest.prefix.as_str());
+            self.blank_incomparable_etags(&key, d, &mut se, &mut de)
                 .await?;
             report.keys += 1;
             report.versions += se.len() as u64;
@@ -264,11 +322,133 @@ impl<C: S3Client> Verifier<'_, C> {
             if let Some(detail) = compare(&se, &de) {
                 report.mismatched_keys += 1;
                 if report.mismatches.len() < 1000 {
-                    report.mismatches.push(Mismatch { key, detail });
+                    report.mismatches.push(Mismatch {
+                        key,
+                        detail,
+                        dest: None,
+                    });
                 }
             }
         }
         Ok(report)
+    }
+
+    /// The destinations a job writes to: its configuration's, or `dest` (id 0).
+    fn targets(&self) -> Vec<DestReport> {
+        let s = self.settings;
+        if s.destinations.is_empty() {
+            return vec![DestReport {
+                bucket: s.dest.bucket.clone(),
+                prefix: s.dest.prefix.clone(),
+                ..Default::default()
+            }];
+        }
+        s.destinations
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DestReport {
+                id: i as i64,
+                bucket: d.bucket.clone(),
+                prefix: d.prefix.clone(),
+                rule: Some(d.options.rule.clone()),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Compares every destination with the source versions the manifest selected for it
+    /// (jobs with a replication configuration or filters). The source and each destination
+    /// are walked in key order together, and the manifest is read one key at a time, so
+    /// memory holds one key's histories and tasks.
+    pub async fn run_selected(
+        &self,
+        manifest: &Manifest,
+        mut progress: impl FnMut(&VerifyReport),
+    ) -> Result<VerifyReport, VerifyError> {
+        let s = self.settings;
+        let mut report = VerifyReport {
+            destinations: self.targets(),
+            ..Default::default()
+        };
+        let (source, retrier) = (self.source, self.retrier);
+        let mut src = Histories::new(
+            source,
+            retrier,
+            &s.source.bucket,
+            s.selection.prefix.clone(),
+            0,
+        );
+        let mut dsts: Vec<Histories<'_, C>> = report
+            .destinations
+            .iter()
+            .map(|t| {
+                let prefix = format!("{}{}", t.prefix, s.selection.prefix);
+                Histories::new(self.dest, retrier, &t.bucket, prefix, t.prefix.len())
+            })
+            .collect();
+        while let Some(key) = next_key(&mut src, &mut dsts).await? {
+            let mut se = src.take(&key).await?;
+            se.reverse();
+            let tasks = manifest.tasks_of_key(&key)?;
+            let mut compared = false;
+            for (i, d) in dsts.iter_mut().enumerate() {
+                let mut de = d.take(&key).await?;
+                de.reverse();
+                compared |= self
+                    .check_dest(&key, &se, de, &tasks, i, &mut report)
+                    .await?;
+            }
+            if compared {
+                report.keys += 1;
+                progress(&report);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Compares destination `i`'s history of `key` with the source entries of its tasks.
+    /// Returns whether the key was compared there (it has tasks for that destination).
+    async fn check_dest(
+        &self,
+        key: &str,
+        se: &[VersionEntry],
+        mut de: Vec<VersionEntry>,
+        tasks: &[Task],
+        i: usize,
+        report: &mut VerifyReport,
+    ) -> Result<bool, S3Error> {
+        let t = &mut report.destinations[i];
+        let mine: Vec<&Task> = tasks.iter().filter(|x| x.dest == t.id).collect();
+        if mine.is_empty() {
+            t.unselected_keys += u64::from(!de.is_empty());
+            return Ok(false);
+        }
+        let (mut expected, gone) = expected_at(se, &mine, t);
+        t.keys += 1;
+        t.versions += expected.len() as u64;
+        report.versions += expected.len() as u64;
+        let (bucket, prefix) = (t.bucket.clone(), t.prefix.clone());
+        let detail = match gone {
+            Some(g) => Some(g),
+            None => {
+                let d = (bucket.as_str(), prefix.as_str());
+                self.blank_incomparable_etags(key, d, &mut expected, &mut de)
+                    .await?;
+                compare(&expected, &de)
+            }
+        };
+        if let Some(detail) = detail {
+            report.destinations[i].mismatched_keys += 1;
+            report.mismatched_keys += 1;
+            if report.mismatches.len() < 1000 {
+                report.mismatches.push(Mismatch {
+                    key: key.to_string(),
+                    detail,
+                    dest: Some(format!("s3://{bucket}/{prefix}")),
+                });
+            }
+        }
+        Ok(true)
     }
 
     /// Where a pair of plain ETags differs, HEADs both versions: an encryption that does not
@@ -276,6 +456,7 @@ impl<C: S3Client> Verifier<'_, C> {
     async fn blank_incomparable_etags(
         &self,
         key: &str,
+        (bucket, prefix): (&str, &str),
         se: &mut [VersionEntry],
         de: &mut [VersionEntry],
     ) -> Result<(), S3Error> {
@@ -295,8 +476,8 @@ impl<C: S3Client> Verifier<'_, C> {
                 continue;
             }
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
-            let dkey = self.settings.dest_key(key);
-            let dref = ObjectRef::version(&self.settings.dest.bucket, &dkey, &b.version_id);
+            let dkey = format!("{prefix}{key}");
+            let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
             let sh = self
                 .retrier
                 .call(&retries, || self.source.head_object(&sref, None))
@@ -314,6 +495,50 @@ impl<C: S3Client> Verifier<'_, C> {
         }
         Ok(())
     }
+}
+
+/// The source entries (oldest first) of a destination's tasks `mine` that are not skipped
+/// (skips are counted in `t`), and a difference if one of them is gone from the source.
+fn expected_at(
+    se: &[VersionEntry],
+    mine: &[&Task],
+    t: &mut DestReport,
+) -> (Vec<VersionEntry>, Option<String>) {
+    let mut wanted = BTreeSet::new();
+    for x in mine {
+        if x.state == State::Skipped {
+            let class = x.error_class.clone().unwrap_or_else(|| "skipped".into());
+            *t.skipped.entry(class).or_default() += 1;
+        } else {
+            wanted.insert(x.version_id.as_str());
+        }
+    }
+    let expected = se
+        .iter()
+        .filter(|e| wanted.contains(e.version_id.as_str()))
+        .cloned()
+        .collect();
+    let gone = wanted
+        .iter()
+        .find(|v| !se.iter().any(|e| e.version_id == **v))
+        .map(|v| format!("version {v} selected for this destination is no longer at the source"));
+    (expected, gone)
+}
+
+/// The smallest next key of the source and the destinations (None when all are done).
+async fn next_key<C: S3Client>(
+    src: &mut Histories<'_, C>,
+    dsts: &mut [Histories<'_, C>],
+) -> Result<Option<String>, S3Error> {
+    let mut best = src.peek_key().await?;
+    for d in dsts.iter_mut() {
+        if let Some(k) = d.peek_key().await? {
+            if best.as_ref().is_none_or(|b| k < *b) {
+                best = Some(k);
+            }
+        }
+    }
+    Ok(best)
 }
 
 #[cfg(test)]
@@ -344,5 +569,47 @@ mod tests {
         assert!(compare(&[v("1", 9, "a-2")], &[v("x", 9, "b")]).is_none());
         assert!(compare(&[v("1", 9, "a")], &[v("x", 9, "b-2")]).is_none());
         assert!(compare(&[v("1", 9, "a-2")], &[v("x", 9, "b-3")]).is_none());
+    }
+
+    fn task(version: &str, state: State, class: Option<&str>) -> Task {
+        Task {
+            id: 0,
+            key: "k".into(),
+            version_id: version.into(),
+            is_delete_marker: false,
+            is_latest: false,
+            size: 1,
+            etag: None,
+            last_modified: None,
+            storage_class: None,
+            checksum_algorithm: None,
+            state,
+            attempts: 0,
+            dest_version_id: None,
+            started_at: None,
+            upload_id: None,
+            stream_only: false,
+            error_class: class.map(str::to_string),
+            dest: 0,
+        }
+    }
+
+    #[test]
+    fn a_destination_expects_its_tasks_source_entries_only() {
+        let se = [v("1", 1, "a"), v("2", 1, "b"), v("3", 1, "c")];
+        let (t1, t3) = (task("1", State::Done, None), task("3", State::Done, None));
+        let t2 = task("2", State::Skipped, Some("archived"));
+        let mut r = DestReport::default();
+        let (exp, gone) = expected_at(&se, &[&t1, &t2, &t3], &mut r);
+        let ids: Vec<&str> = exp.iter().map(|e| e.version_id.as_str()).collect();
+        assert_eq!(ids, ["1", "3"], "the skipped version 2 is not expected");
+        assert!(gone.is_none());
+        assert_eq!(r.skipped.get("archived"), Some(&1));
+        let t9 = task("9", State::Done, None);
+        let (_, gone) = expected_at(&se, &[&t1, &t9], &mut r);
+        assert!(
+            gone.is_some_and(|g| g.contains("version 9")),
+            "a vanished source version is named"
+        );
     }
 }
