@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::cli::{PlanArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, VerifyArgs};
 use crate::config::{ConfigError, JobSettings, SideConfig};
 use crate::copier::{Copier, DestFacts, RunSummary};
+use crate::inputs::plan::{Supplied, SuppliedJob};
 use crate::lister::{ListError, Lister};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
@@ -255,6 +256,10 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         timeouts,
     )
     .await?;
+    if let Some(input) = args.supplied() {
+        let versioned = dest.versioned || settings.selection.latest_only;
+        return plan_supplied(args, &settings, existing, &source, versioned, &input).await;
+    }
     let mut m = match existing {
         Some(m) => m,
         None => Manifest::open(&args.manifest, true)?,
@@ -288,6 +293,43 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         } else {
             ""
         }
+    );
+    Ok(())
+}
+
+/// `plan --from-csv/--from-inventory`: the tasks come from the supplied manifest; the
+/// manifest appears only once complete (see `inputs::plan`).
+async fn plan_supplied(
+    args: &PlanArgs,
+    settings: &JobSettings,
+    existing: Option<Manifest>,
+    source: &SdkClient,
+    dest_versioned: bool,
+    input: &Supplied,
+) -> Result<(), JobError> {
+    if existing.is_some() {
+        return Err(JobError::Usage(format!(
+            "manifest {} exists with an unfinished listing; plan from a supplied manifest into a new --manifest",
+            args.manifest.display()
+        )));
+    }
+    let job = SuppliedJob {
+        client: source,
+        settings,
+        manifest: &args.manifest,
+        dest_versioned,
+    };
+    let p = crate::inputs::plan::plan_supplied(&job, input).await?;
+    let (what, from) = match input {
+        Supplied::Csv(f) => ("CSV rows", f),
+        Supplied::Inventory(f) => ("inventory entries", f),
+    };
+    eprintln!(
+        "planned {} tasks ({} delete markers, {}) from {} {what} of {from}",
+        p.counts.total,
+        p.counts.delete_markers,
+        indicatif::HumanBytes(p.counts.bytes_total),
+        p.rows
     );
     Ok(())
 }
@@ -463,10 +505,110 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `report`: the completion report (CSV or JSON), streamed from the manifest.
+/// `report --format aws`: S3 Batch Operations' completion report, written into a directory,
+/// or built in a scratch directory and uploaded (results first, `manifest.json` last) with the
+/// destination's credentials.
+fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result<(), JobError> {
+    use crate::aws_report::{ReportScope, ReportSpec, DEFAULT_ROWS_PER_FILE};
+    use crate::inputs::fetch::S3Url;
+    let Some(output) = args.output.as_ref().and_then(|o| o.to_str()) else {
+        return Err(JobError::Usage(
+            "report --format aws needs --output DIR|s3://BUCKET[/PREFIX]".into(),
+        ));
+    };
+    let job_id = match &args.job_id {
+        Some(id) => id.clone(),
+        None => args.manifest.file_stem().map_or("job".into(), |s| s.to_string_lossy().into_owned()),
+    };
+    let target = report_target(output);
+    let scratch = tempfile::tempdir().map_err(|e| JobError::Other(format!("scratch directory: {e}")))?;
+    let (dir, bucket, prefix) = match &target {
+        Some((b, p)) => (scratch.path().to_path_buf(), b.clone(), p.clone()),
+        None => (PathBuf::from(output), output.to_string(), String::new()),
+    };
+    let spec = ReportSpec {
+        job_id,
+        scope: match args.report_scope {
+            crate::cli::ReportScopeArg::All => ReportScope::All,
+            crate::cli::ReportScopeArg::Failed => ReportScope::Failed,
+        },
+        created: time::OffsetDateTime::now_utc(),
+        bucket: bucket.clone(),
+        prefix: prefix.clone(),
+        rows_per_file: DEFAULT_ROWS_PER_FILE,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let written = report::write_aws(m, settings, &dir, &spec).map_err(|e| match e {
+        report::AwsReportError::Manifest(m) => JobError::Manifest(m),
+        report::AwsReportError::Write(w) => JobError::Other(format!("writing the report: {w}")),
+    })?;
+    if target.is_some() {
+        let mut keys: Vec<String> = written.files.iter().map(|f| f.key.clone()).collect();
+        keys.push(format!("{prefix}job-{}/manifest.json", spec.job_id));
+        let upload = upload_report(settings, &bucket, &prefix, &dir, &keys);
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(upload))?;
+    }
+    let where_ = match &target {
+        Some(_) => S3Url { bucket, key: format!("{prefix}job-{}/", spec.job_id) }.to_string(),
+        None => written.dir.display().to_string(),
+    };
+    let pending = m.counts()?.pending + m.counts()?.in_progress;
+    eprintln!(
+        "report {where_}: {} succeeded, {} failed{}",
+        written.succeeded,
+        written.failed,
+        if pending > 0 { format!(" ({pending} tasks still pending are not in it)") } else { String::new() }
+    );
+    Ok(())
+}
+
+/// Where `report --format aws` uploads: `s3://BUCKET[/PREFIX]` as (bucket, prefix ending in
+/// `/` or empty); None for a directory.
+fn report_target(output: &str) -> Option<(String, String)> {
+    let rest = output.strip_prefix("s3://")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_end_matches('/');
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Some((bucket.to_string(), prefix))
+}
+
+/// Uploads report files (keys under `prefix`, read from `dir`), in order.
+async fn upload_report(
+    settings: &JobSettings,
+    bucket: &str,
+    prefix: &str,
+    dir: &Path,
+    keys: &[String],
+) -> Result<(), JobError> {
+    let (client, _) = build(Side::Dest, &settings.dest_side, Timeouts::default()).await;
+    let retrier = preflight();
+    for key in keys {
+        let local = dir.join(key.strip_prefix(prefix).unwrap_or(key));
+        let body = std::fs::read(&local)
+            .map_err(|e| JobError::Other(format!("{}: {e}", local.display())))?;
+        let obj = crate::s3::ObjectRef::key(bucket, key);
+        let body = bytes::Bytes::from(body);
+        let attrs = crate::s3::WriteAttrs::default();
+        retrier
+            .call(&Default::default(), || {
+                client.put_object(&obj, body.clone(), &attrs)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// `report`: the completion report (CSV, JSON or AWS-shaped), streamed from the manifest.
 pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let settings = m.require_settings()?;
+    if args.format == ReportFormat::Aws {
+        return report_aws(args, &m, &settings);
+    }
     let counts = m.counts()?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(File::create(p).map_err(|e| {
@@ -487,6 +629,7 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
                 .map_err(|e| JobError::Other(e.to_string()))?;
             writeln!(out).map_err(io)?;
         }
+        ReportFormat::Aws => return report_aws(args, &m, &settings),
         ReportFormat::Csv => {
             let mut failed: Option<ManifestError> = None;
             report::write_csv(&mut out, &settings, |row| {
