@@ -518,10 +518,14 @@ fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result
     };
     let job_id = match &args.job_id {
         Some(id) => id.clone(),
-        None => args.manifest.file_stem().map_or("job".into(), |s| s.to_string_lossy().into_owned()),
+        None => args
+            .manifest
+            .file_stem()
+            .map_or("job".into(), |s| s.to_string_lossy().into_owned()),
     };
     let target = report_target(output);
-    let scratch = tempfile::tempdir().map_err(|e| JobError::Other(format!("scratch directory: {e}")))?;
+    let scratch =
+        tempfile::tempdir().map_err(|e| JobError::Other(format!("scratch directory: {e}")))?;
     let (dir, bucket, prefix) = match &target {
         Some((b, p)) => (scratch.path().to_path_buf(), b.clone(), p.clone()),
         None => (PathBuf::from(output), output.to_string(), String::new()),
@@ -537,7 +541,8 @@ fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result
         prefix: prefix.clone(),
         rows_per_file: DEFAULT_ROWS_PER_FILE,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
     let written = report::write_aws(m, settings, &dir, &spec).map_err(|e| match e {
         report::AwsReportError::Manifest(m) => JobError::Manifest(m),
         report::AwsReportError::Write(w) => JobError::Other(format!("writing the report: {w}")),
@@ -549,7 +554,11 @@ fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result
         tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(upload))?;
     }
     let where_ = match &target {
-        Some(_) => S3Url { bucket, key: format!("{prefix}job-{}/", spec.job_id) }.to_string(),
+        Some(_) => S3Url {
+            bucket,
+            key: format!("{prefix}job-{}/", spec.job_id),
+        }
+        .to_string(),
         None => written.dir.display().to_string(),
     };
     let pending = m.counts()?.pending + m.counts()?.in_progress;
@@ -557,7 +566,11 @@ fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result
         "report {where_}: {} succeeded, {} failed{}",
         written.succeeded,
         written.failed,
-        if pending > 0 { format!(" ({pending} tasks still pending are not in it)") } else { String::new() }
+        if pending > 0 {
+            format!(" ({pending} tasks still pending are not in it)")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -37,7 +37,15 @@ fn planned(m: &Path) -> Planned {
         .unwrap();
     let rows = stmt
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
         })
         .unwrap();
     rows.map(Result::unwrap).collect()
@@ -55,7 +63,9 @@ const KEYS: [&str; 4] = [
 async fn seed_source(c: &Client, src: &str) {
     let del = |k: &str| Op::Delete { key: k.into() };
     let rounds = vec![
-        KEYS.iter().map(|k| Op::put(k, format!("one {k}"))).collect(),
+        KEYS.iter()
+            .map(|k| Op::put(k, format!("one {k}")))
+            .collect(),
         vec![
             Op::put(KEYS[1], "two"),
             del(KEYS[2]),
@@ -104,7 +114,8 @@ async fn inventory_rows(c: &Client, src: &str) -> Vec<Row> {
 }
 
 fn iso(millis: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).unwrap();
+    let t =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).unwrap();
     let f = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
@@ -117,14 +128,28 @@ fn csv_gz(src: &str, rows: &[Row]) -> Vec<u8> {
         .quote_style(csv::QuoteStyle::Always)
         .from_writer(gz);
     for r in rows {
-        let size = if r.marker { String::new() } else { r.size.to_string() };
+        let size = if r.marker {
+            String::new()
+        } else {
+            r.size.to_string()
+        };
         let class = if r.marker { "" } else { "STANDARD" };
         // S3's inventory encoding: URL-encoded, `+` for a space.
         let key = encode_key(&r.key).replace("%20", "+");
         let (latest, marker) = (r.latest.to_string(), r.marker.to_string());
         let etag = r.etag.clone().unwrap_or_default();
-        w.write_record([src, &key, &r.version_id, &latest, &marker, &size, &iso(r.millis), &etag, class])
-            .unwrap();
+        w.write_record([
+            src,
+            &key,
+            &r.version_id,
+            &latest,
+            &marker,
+            &size,
+            &iso(r.millis),
+            &etag,
+            class,
+        ])
+        .unwrap();
     }
     w.into_inner().unwrap().finish().unwrap()
 }
@@ -143,12 +168,16 @@ const PARQUET_SCHEMA: &str = "message s3.inventory {
 fn optional<T: DataType>(col: &mut SerializedColumnWriter<'_>, values: Vec<Option<T::T>>) {
     let defs: Vec<i16> = values.iter().map(|v| i16::from(v.is_some())).collect();
     let present: Vec<T::T> = values.into_iter().flatten().collect();
-    col.typed::<T>().write_batch(&present, Some(&defs), None).unwrap();
+    col.typed::<T>()
+        .write_batch(&present, Some(&defs), None)
+        .unwrap();
 }
 
 fn column(col: &mut SerializedColumnWriter<'_>, index: usize, src: &str, rows: &[Row]) {
     let text = |f: &dyn Fn(&Row) -> Option<String>| -> Vec<Option<ByteArray>> {
-        rows.iter().map(|r| f(r).map(|s| ByteArray::from(s.as_str()))).collect()
+        rows.iter()
+            .map(|r| f(r).map(|s| ByteArray::from(s.as_str())))
+            .collect()
     };
     match index {
         0 | 1 => {
@@ -156,12 +185,17 @@ fn column(col: &mut SerializedColumnWriter<'_>, index: usize, src: &str, rows: &
                 .iter()
                 .map(|r| ByteArray::from(if index == 0 { src } else { r.key.as_str() }))
                 .collect();
-            col.typed::<ByteArrayType>().write_batch(&values, None, None).unwrap();
+            col.typed::<ByteArrayType>()
+                .write_batch(&values, None, None)
+                .unwrap();
         }
         2 => optional::<ByteArrayType>(col, text(&|r| Some(r.version_id.clone()))),
         3 => optional::<BoolType>(col, rows.iter().map(|r| Some(r.latest)).collect()),
         4 => optional::<BoolType>(col, rows.iter().map(|r| Some(r.marker)).collect()),
-        5 => optional::<Int64Type>(col, rows.iter().map(|r| (!r.marker).then_some(r.size)).collect()),
+        5 => optional::<Int64Type>(
+            col,
+            rows.iter().map(|r| (!r.marker).then_some(r.size)).collect(),
+        ),
         6 => optional::<Int64Type>(col, rows.iter().map(|r| Some(r.millis)).collect()),
         _ => optional::<ByteArrayType>(col, text(&|r| r.etag.clone())),
     }
@@ -209,7 +243,10 @@ async fn upload_inventory(
 ) -> String {
     let mut listed = Vec::new();
     for (i, bytes) in files.into_iter().enumerate() {
-        let key = format!("{prefix}/data/part-{i}.{}", if format == "CSV" { "csv.gz" } else { "parquet" });
+        let key = format!(
+            "{prefix}/data/part-{i}.{}",
+            if format == "CSV" { "csv.gz" } else { "parquet" }
+        );
         listed.push(serde_json::json!({
             "key": key, "size": bytes.len(), "MD5checksum": hex::encode(Md5::digest(&bytes)),
         }));
@@ -227,14 +264,28 @@ async fn upload_inventory(
     });
     let text = serde_json::to_vec_pretty(&manifest).unwrap();
     let checksum = hex::encode(Md5::digest(&text)).into_bytes();
-    put(c, inv, &format!("{prefix}/2024-05-02T00-00Z/manifest.checksum"), checksum).await;
-    put(c, inv, &format!("{prefix}/2024-05-02T00-00Z/manifest.json"), text).await;
+    put(
+        c,
+        inv,
+        &format!("{prefix}/2024-05-02T00-00Z/manifest.checksum"),
+        checksum,
+    )
+    .await;
+    put(
+        c,
+        inv,
+        &format!("{prefix}/2024-05-02T00-00Z/manifest.json"),
+        text,
+    )
+    .await;
     format!("s3://{inv}/{prefix}/2024-05-02T00-00Z/manifest.json")
 }
 
 /// A job of the same source and destination with its own manifest in `dir`.
 fn job_in(dir: &Path, name: &str, src: &str, dst: &str, ep: &str) -> Job {
-    Job::new(src, dst, &dir.join(name)).endpoint(ep).extra(&["--delete-markers"])
+    Job::new(src, dst, &dir.join(name))
+        .endpoint(ep)
+        .extra(&["--delete-markers"])
 }
 
 fn plan_with(job: &Job, extra: &[&str]) -> std::process::Output {
@@ -258,18 +309,34 @@ async fn inventories_and_csv_manifests_plan_what_a_listing_plans() {
     expect_code(&listed.plan(), 0);
     let expected = planned(listed.manifest());
     assert_eq!(expected.len(), 10, "{expected:#?}");
-    assert_eq!(expected.iter().filter(|t| t.3 == 1).count(), 3, "three delete markers");
+    assert_eq!(
+        expected.iter().filter(|t| t.3 == 1).count(),
+        3,
+        "three delete markers"
+    );
 
     let rows = inventory_rows(&c, &src).await;
     let half = rows.len() / 2;
     let csv_files = vec![csv_gz(&src, &rows[..half]), csv_gz(&src, &rows[half..])];
     let csv_inv = upload_inventory(&c, &inv, "inv/csv", &src, "CSV", csv_files).await;
-    let pq_inv = upload_inventory(&c, &inv, "inv/pq", &src, "Parquet", vec![parquet(&src, &rows)]).await;
+    let pq_inv = upload_inventory(
+        &c,
+        &inv,
+        "inv/pq",
+        &src,
+        "Parquet",
+        vec![parquet(&src, &rows)],
+    )
+    .await;
     for (name, url) in [("csv-inv.db", &csv_inv), ("pq-inv.db", &pq_inv)] {
         let job = job_in(dir.path(), name, &src, &dst, &ep);
         let o = plan_with(&job, &["--from-inventory", url]);
         expect_code(&o, 0);
-        assert!(stderr_of(&o).contains("planned 10 tasks (3 delete markers"), "{}", stderr_of(&o));
+        assert!(
+            stderr_of(&o).contains("planned 10 tasks (3 delete markers"),
+            "{}",
+            stderr_of(&o)
+        );
         assert_eq!(planned(job.manifest()), expected, "{name}");
         assert!(job.status().listing_complete, "{name}");
     }
@@ -287,7 +354,10 @@ async fn inventories_and_csv_manifests_plan_what_a_listing_plans() {
     assert_eq!(planned(job.manifest()), expected, "--from-csv");
 
     // Without version ids: each key's current entry (the markers too: --delete-markers).
-    let current: String = KEYS.iter().map(|k| format!("{src},{}\n", encode_key(k))).collect();
+    let current: String = KEYS
+        .iter()
+        .map(|k| format!("{src},{}\n", encode_key(k)))
+        .collect();
     std::fs::write(&csv, current).unwrap();
     let job = job_in(dir.path(), "current.db", &src, &dst, &ep);
     expect_code(&plan_with(&job, &["--from-csv", csv.to_str().unwrap()]), 0);
@@ -301,7 +371,10 @@ async fn inventories_and_csv_manifests_plan_what_a_listing_plans() {
     expect_code(&o, 2);
     let err = stderr_of(&o);
     assert!(
-        err.contains(&format!("{}:11: bucket \"other-bucket\" is not the job's source bucket", csv.display())),
+        err.contains(&format!(
+            "{}:11: bucket \"other-bucket\" is not the job's source bucket",
+            csv.display()
+        )),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -339,19 +412,31 @@ fn report_results(dir: &Path, id: &str) -> Vec<std::path::PathBuf> {
 async fn a_failed_tasks_report_plans_the_same_tasks_again() {
     let ep = endpoint();
     let c = client(&ep);
-    let (src, dst) = (bucket("rt-src"), bucket("rt-dst"));
+    let (src, dst, reports) = (bucket("rt-src"), bucket("rt-dst"), bucket("rt-rep"));
     create_bucket(&c, &src, true).await;
     create_bucket(&c, &dst, true).await;
+    create_bucket(&c, &reports, false).await;
     seed_source(&c, &src).await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_in(dir.path(), "job.db", &src, &dst, &ep);
     expect_code(&job.plan(), 0);
     let expected = planned(job.manifest());
     // The destination goes away: every key's oldest task fails, the others block behind it.
-    c.delete_bucket().bucket(&dst).send().await.expect("delete the destination");
+    c.delete_bucket()
+        .bucket(&dst)
+        .send()
+        .await
+        .expect("delete the destination");
     expect_code(&job.run(&["--max-attempts", "1"]), 1);
     let out = dir.path().join("reports");
-    let o = job.report(&["--format", "aws", "--report-scope", "failed", "--output", out.to_str().unwrap()]);
+    let o = job.report(&[
+        "--format",
+        "aws",
+        "--report-scope",
+        "failed",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     expect_code(&o, 0);
     let files = report_results(&out, "job");
     assert_eq!(files.len(), 1);
@@ -362,10 +447,55 @@ async fn a_failed_tasks_report_plans_the_same_tasks_again() {
         *m.entry(code).or_default() += 1;
         m
     });
-    assert_eq!(codes.get("BlockedByFailedOlderVersion"), Some(&(expected.len() - KEYS.len())), "{text}");
+    assert_eq!(
+        codes.get("BlockedByFailedOlderVersion"),
+        Some(&(expected.len() - KEYS.len())),
+        "{text}"
+    );
 
     create_bucket(&c, &dst, true).await;
     let again = job_in(dir.path(), "again.db", &src, &dst, &ep);
-    expect_code(&plan_with(&again, &["--from-csv", files[0].to_str().unwrap()]), 0);
+    expect_code(
+        &plan_with(&again, &["--from-csv", files[0].to_str().unwrap()]),
+        0,
+    );
     assert_eq!(planned(again.manifest()), expected);
+
+    // The same report uploaded to a bucket, and read back from there.
+    let url = format!("s3://{reports}/batch/reports/");
+    let o = job.report(&[
+        "--format",
+        "aws",
+        "--report-scope",
+        "failed",
+        "--output",
+        &url,
+        "--job-id",
+        "j1",
+    ]);
+    expect_code(&o, 0);
+    let m = c
+        .get_object()
+        .bucket(&reports)
+        .key("batch/reports/job-j1/manifest.json")
+        .send()
+        .await;
+    let m: serde_json::Value = serde_json::from_slice(
+        &m.expect("manifest.json uploaded")
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes(),
+    )
+    .unwrap();
+    let key = m["Results"][0]["Key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("batch/reports/job-j1/results/"), "{key}");
+    assert_eq!(m["Results"][0]["Bucket"].as_str(), Some(reports.as_str()));
+    let from_s3 = job_in(dir.path(), "from-s3.db", &src, &dst, &ep);
+    expect_code(
+        &plan_with(&from_s3, &["--from-csv", &format!("s3://{reports}/{key}")]),
+        0,
+    );
+    assert_eq!(planned(from_s3.manifest()), expected);
 }

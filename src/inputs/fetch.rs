@@ -71,7 +71,9 @@ pub async fn download<C: S3Client>(
     url: &S3Url,
     to: &Path,
 ) -> Result<u64, FetchError> {
-    let local = |e: io::Error| FetchError::Local(InputError::file(&to.display().to_string(), e.to_string()));
+    let local = |e: io::Error| {
+        FetchError::Local(InputError::file(&to.display().to_string(), e.to_string()))
+    };
     let retries = AtomicU64::new(0);
     let mut obj = ObjectRef::key(&url.bucket, &url.key);
     let head = retrier
@@ -102,7 +104,10 @@ pub async fn small_object<C: S3Client>(
 ) -> Result<Option<Vec<u8>>, S3Error> {
     let retries = AtomicU64::new(0);
     let obj = ObjectRef::key(&url.bucket, &url.key);
-    match retrier.call(&retries, || client.get_object(&obj, None)).await {
+    match retrier
+        .call(&retries, || client.get_object(&obj, None))
+        .await
+    {
         Ok(b) => Ok(Some(b.to_vec())),
         Err(e) if optional && (e.status == Some(404) || e.code.as_deref() == Some("NoSuchKey")) => {
             Ok(None)
@@ -144,8 +149,14 @@ mod tests {
     #[test]
     fn urls() {
         let u = S3Url::parse("s3://inv/a b/manifest.json").unwrap();
-        assert_eq!((u.bucket.as_str(), u.key.as_str()), ("inv", "a b/manifest.json"));
-        assert_eq!(u.sibling("data/x.csv.gz").to_string(), "s3://inv/data/x.csv.gz");
+        assert_eq!(
+            (u.bucket.as_str(), u.key.as_str()),
+            ("inv", "a b/manifest.json")
+        );
+        assert_eq!(
+            u.sibling("data/x.csv.gz").to_string(),
+            "s3://inv/data/x.csv.gz"
+        );
         assert!(S3Url::parse("s3://inv").is_none());
         assert!(S3Url::parse("s3://inv/").is_none());
         assert!(S3Url::parse("/tmp/manifest.json").is_none());

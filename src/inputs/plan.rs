@@ -34,7 +34,9 @@ use super::InputError;
 use crate::config::JobSettings;
 use crate::lister::{ListError, MAX_KEY_BYTES};
 use crate::manifest::{Counts, Listing, Manifest, NewTask};
-use crate::s3::{show_key, ListFrom, Limiter, Retrier, RetryPolicy, S3Client, VersionEntry, Versions};
+use crate::s3::{
+    show_key, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, VersionEntry, Versions,
+};
 
 /// Keys whose history is read at once (CSV manifests).
 pub const CONCURRENCY: usize = 16;
@@ -127,7 +129,10 @@ pub async fn plan_supplied<C: S3Client>(
         path: PathBuf::from(tmp),
         kept: false,
     };
-    drop(TempManifest { path: tmp.path.clone(), kept: false }); // a leftover of a killed plan
+    drop(TempManifest {
+        path: tmp.path.clone(),
+        kept: false,
+    }); // a leftover of a killed plan
     let dir = job.manifest.parent().filter(|d| !d.as_os_str().is_empty());
     let scratch = Scratch::new(dir.unwrap_or(Path::new("."))).map_err(scratch_err)?;
     let mut m = Manifest::open(&tmp.path, true)?;
@@ -147,7 +152,11 @@ pub async fn plan_supplied<C: S3Client>(
         )));
     }
     std::fs::rename(&tmp.path, job.manifest).map_err(|e| {
-        ListError::Refused(format!("cannot rename {} to {}: {e}", tmp.path.display(), job.manifest.display()))
+        ListError::Refused(format!(
+            "cannot rename {} to {}: {e}",
+            tmp.path.display(),
+            job.manifest.display()
+        ))
     })?;
     tmp.kept = true;
     Ok(Planned { counts, rows })
@@ -298,7 +307,10 @@ fn stage_csv<C: S3Client>(
         let row = row.map_err(refused)?;
         let line = reader.last_line();
         if row.bucket != *bucket {
-            let msg = format!("bucket {:?} is not the job's source bucket {bucket:?}", row.bucket);
+            let msg = format!(
+                "bucket {:?} is not the job's source bucket {bucket:?}",
+                row.bucket
+            );
             return Err(refused(InputError::line(src, line, msg)));
         }
         scratch
@@ -343,11 +355,17 @@ fn choose(
     for row in rows {
         let found = match &row.version_id {
             Some(v) => history.iter().position(|e| e.version_id == *v),
-            None => history.iter().position(|e| e.is_latest).or((!history.is_empty()).then_some(0)),
+            None => history
+                .iter()
+                .position(|e| e.is_latest)
+                .or((!history.is_empty()).then_some(0)),
         };
         let Some(i) = found else {
             let what = match &row.version_id {
-                Some(v) => format!("bucket {bucket} has no version {v} of key {}", show_key(key)),
+                Some(v) => format!(
+                    "bucket {bucket} has no version {v} of key {}",
+                    show_key(key)
+                ),
                 None => format!("bucket {bucket} has no key {}", show_key(key)),
             };
             return Err(refused(InputError::line(src, row.line, what)));

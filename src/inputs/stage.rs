@@ -197,7 +197,10 @@ mod tests {
         ] {
             assert!(s.add_entry(&e).unwrap());
         }
-        assert!(!s.add_entry(&entry("a", "a2", false, "x")).unwrap(), "a repeat");
+        assert!(
+            !s.add_entry(&entry("a", "a2", false, "x")).unwrap(),
+            "a repeat"
+        );
         s.commit().unwrap();
         let mut got = Vec::new();
         s.for_each_history::<()>(|h| {
