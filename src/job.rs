@@ -509,19 +509,10 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
 /// or built in a scratch directory and uploaded (results first, `manifest.json` last) with the
 /// destination's credentials.
 fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result<(), JobError> {
-    use crate::aws_report::{ReportScope, ReportSpec, DEFAULT_ROWS_PER_FILE};
-    use crate::inputs::fetch::S3Url;
     let Some(output) = args.output.as_ref().and_then(|o| o.to_str()) else {
         return Err(JobError::Usage(
             "report --format aws needs --output DIR|s3://BUCKET[/PREFIX]".into(),
         ));
-    };
-    let job_id = match &args.job_id {
-        Some(id) => id.clone(),
-        None => args
-            .manifest
-            .file_stem()
-            .map_or("job".into(), |s| s.to_string_lossy().into_owned()),
     };
     let target = report_target(output);
     let scratch =
@@ -530,49 +521,76 @@ fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result
         Some((b, p)) => (scratch.path().to_path_buf(), b.clone(), p.clone()),
         None => (PathBuf::from(output), output.to_string(), String::new()),
     };
-    let spec = ReportSpec {
-        job_id,
-        scope: match args.report_scope {
-            crate::cli::ReportScopeArg::All => ReportScope::All,
-            crate::cli::ReportScopeArg::Failed => ReportScope::Failed,
-        },
-        created: time::OffsetDateTime::now_utc(),
-        bucket: bucket.clone(),
-        prefix: prefix.clone(),
-        rows_per_file: DEFAULT_ROWS_PER_FILE,
-    };
+    let spec = aws_spec(args, bucket.clone(), prefix.clone())?;
     std::fs::create_dir_all(&dir)
         .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
     let written = report::write_aws(m, settings, &dir, &spec).map_err(|e| match e {
         report::AwsReportError::Manifest(m) => JobError::Manifest(m),
         report::AwsReportError::Write(w) => JobError::Other(format!("writing the report: {w}")),
     })?;
+    let mut place = written.dir.display().to_string();
     if target.is_some() {
         let mut keys: Vec<String> = written.files.iter().map(|f| f.key.clone()).collect();
         keys.push(format!("{prefix}job-{}/manifest.json", spec.job_id));
-        let upload = upload_report(settings, &bucket, &prefix, &dir, &keys);
-        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(upload))?;
+        // Its own thread and runtime: `report` is synchronous, whatever runtime calls it.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| JobError::Other(format!("cannot start the runtime: {e}")))?
+                    .block_on(upload_report(settings, &bucket, &prefix, &dir, &keys))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(JobError::Other("the upload thread failed".into())))
+        })?;
+        place = format!("s3://{bucket}/{prefix}job-{}/", spec.job_id);
     }
-    let where_ = match &target {
-        Some(_) => S3Url {
-            bucket,
-            key: format!("{prefix}job-{}/", spec.job_id),
-        }
-        .to_string(),
-        None => written.dir.display().to_string(),
+    let c = m.counts()?;
+    let pending = c.pending + c.in_progress;
+    let left_out = match pending {
+        0 => String::new(),
+        n => format!(" ({n} tasks still pending are not in it)"),
     };
-    let pending = m.counts()?.pending + m.counts()?.in_progress;
     eprintln!(
-        "report {where_}: {} succeeded, {} failed{}",
-        written.succeeded,
-        written.failed,
-        if pending > 0 {
-            format!(" ({pending} tasks still pending are not in it)")
-        } else {
-            String::new()
-        }
+        "report {place}: {} succeeded, {} failed{left_out}",
+        written.succeeded, written.failed
     );
     Ok(())
+}
+
+/// The AWS-shaped report's spec: job id (`--job-id`, else the manifest's file stem), scope,
+/// and where its manifest says the files are.
+fn aws_spec(
+    args: &ReportArgs,
+    bucket: String,
+    prefix: String,
+) -> Result<crate::aws_report::ReportSpec, JobError> {
+    use crate::aws_report::{ReportScope, ReportSpec, DEFAULT_ROWS_PER_FILE};
+    let job_id = match &args.job_id {
+        Some(id) => id.clone(),
+        None => args
+            .manifest
+            .file_stem()
+            .map_or("job".into(), |s| s.to_string_lossy().into_owned()),
+    };
+    let fits = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if job_id.is_empty() || job_id.starts_with('.') || !job_id.chars().all(fits) {
+        return Err(JobError::Usage(format!(
+            "job id {job_id:?} cannot name a report directory (use letters, digits, '-', '_', '.'; set one with --job-id)"
+        )));
+    }
+    Ok(ReportSpec {
+        job_id,
+        scope: match args.report_scope {
+            crate::cli::ReportScopeArg::All => ReportScope::All,
+            crate::cli::ReportScopeArg::Failed => ReportScope::Failed,
+        },
+        created: time::OffsetDateTime::now_utc(),
+        bucket,
+        prefix,
+        rows_per_file: DEFAULT_ROWS_PER_FILE,
+    })
 }
 
 /// Where `report --format aws` uploads: `s3://BUCKET[/PREFIX]` as (bucket, prefix ending in
