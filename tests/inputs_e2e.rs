@@ -385,6 +385,31 @@ async fn inventories_and_csv_manifests_plan_what_a_listing_plans() {
     expect_code(&o, 2);
     assert!(stderr_of(&o).contains(":1: bucket "), "{}", stderr_of(&o));
     assert!(!job.manifest().exists() && !dir.path().join("bad.db.tmp").exists());
+    // A data file whose MD5 differs from its manifest's: refused, no manifest.
+    let bad = upload_inventory(&c, &inv, "inv/bad", &src, "CSV", vec![b"not it".to_vec()]).await;
+    put(&c, &inv, "inv/bad/data/part-0.csv.gz", csv_gz(&src, &rows)).await;
+    let o = plan_with(&job, &["--from-inventory", &bad]);
+    expect_code(&o, 2);
+    assert!(
+        stderr_of(&o).contains("does not match the manifest's"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(!job.manifest().exists() && !dir.path().join("bad.db.tmp").exists());
+
+    // The listed job copied, then reported whole: every task `succeeded`.
+    expect_code(&listed.run(&[]), 0);
+    let out = dir.path().join("all");
+    let o = listed.report(&["--format", "aws", "--output", out.to_str().unwrap()]);
+    expect_code(&o, 0);
+    let text = std::fs::read_to_string(out.join("job-listed/results/1.csv")).unwrap();
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(",succeeded,200,,Successful"))
+            .count(),
+        10,
+        "{text}"
+    );
 }
 
 /// The results files of an AWS-shaped report under `dir/job-<id>/`, from its manifest.json.
