@@ -281,6 +281,27 @@ async fn upload_inventory(
     format!("s3://{inv}/{prefix}/2024-05-02T00-00Z/manifest.json")
 }
 
+/// A Parquet inventory on the local disk (manifest.json, its checksum and the data file in
+/// one directory); returns the manifest's path.
+fn local_inventory(dir: &Path, src: &str, data: Vec<u8>) -> String {
+    let inv = dir.join("local-inventory");
+    std::fs::create_dir_all(&inv).unwrap();
+    let manifest = serde_json::json!({
+        "sourceBucket": src, "fileFormat": "Parquet", "fileSchema": PARQUET_SCHEMA,
+        "files": [{"key": "inv/data/part-0.parquet", "size": data.len(),
+                   "MD5checksum": hex::encode(Md5::digest(&data))}],
+    });
+    std::fs::write(inv.join("part-0.parquet"), data).unwrap();
+    let text = serde_json::to_vec(&manifest).unwrap();
+    std::fs::write(
+        inv.join("manifest.checksum"),
+        hex::encode(Md5::digest(&text)),
+    )
+    .unwrap();
+    std::fs::write(inv.join("manifest.json"), text).unwrap();
+    inv.join("manifest.json").display().to_string()
+}
+
 /// A job of the same source and destination with its own manifest in `dir`.
 fn job_in(dir: &Path, name: &str, src: &str, dst: &str, ep: &str) -> Job {
     Job::new(src, dst, &dir.join(name))
@@ -328,7 +349,13 @@ async fn inventories_and_csv_manifests_plan_what_a_listing_plans() {
         vec![parquet(&src, &rows)],
     )
     .await;
-    for (name, url) in [("csv-inv.db", &csv_inv), ("pq-inv.db", &pq_inv)] {
+    let local = local_inventory(dir.path(), &src, parquet(&src, &rows));
+    let inventories = [
+        ("csv-inv.db", &csv_inv),
+        ("pq-inv.db", &pq_inv),
+        ("local-inv.db", &local),
+    ];
+    for (name, url) in inventories {
         let job = job_in(dir.path(), name, &src, &dst, &ep);
         let o = plan_with(&job, &["--from-inventory", url]);
         expect_code(&o, 0);

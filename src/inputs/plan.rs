@@ -108,12 +108,18 @@ impl TempManifest {
     }
 }
 
+impl TempManifest {
+    fn remove(&self) {
+        for f in self.files() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 impl Drop for TempManifest {
     fn drop(&mut self) {
         if !self.kept {
-            for f in self.files() {
-                let _ = std::fs::remove_file(f);
-            }
+            self.remove();
         }
     }
 }
@@ -129,10 +135,7 @@ pub async fn plan_supplied<C: S3Client>(
         path: PathBuf::from(tmp),
         kept: false,
     };
-    drop(TempManifest {
-        path: tmp.path.clone(),
-        kept: false,
-    }); // a leftover of a killed plan
+    tmp.remove(); // a leftover of a killed plan
     let dir = job.manifest.parent().filter(|d| !d.as_os_str().is_empty());
     let scratch = Scratch::new(dir.unwrap_or(Path::new("."))).map_err(scratch_err)?;
     let mut m = Manifest::open(&tmp.path, true)?;
@@ -451,4 +454,59 @@ fn stage_inventory<C: S3Client, F: Fetch>(
             .map_err(scratch_err)?;
     }
     scratch.commit().map_err(scratch_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(v: &str, latest: bool, marker: bool) -> VersionEntry {
+        VersionEntry {
+            key: "k".into(),
+            version_id: v.into(),
+            is_latest: latest,
+            is_delete_marker: marker,
+            ..Default::default()
+        }
+    }
+
+    fn row(v: Option<&str>, line: u64) -> StagedRow {
+        StagedRow {
+            version_id: v.map(String::from),
+            line,
+        }
+    }
+
+    #[test]
+    fn rows_pick_versions_at_their_place_in_the_history() {
+        let h = [
+            entry("m3", true, true),
+            entry("v2", false, false),
+            entry("v1", false, false),
+        ];
+        let rows = [row(Some("v1"), 4), row(Some("m3"), 9), row(Some("v1"), 12)];
+        let picked = choose("m.csv", "b", "k", &h, &rows).unwrap();
+        let got: Vec<(&str, u64)> = picked
+            .iter()
+            .map(|(e, p)| (e.version_id.as_str(), *p))
+            .collect();
+        assert_eq!(got, [("m3", 0), ("v1", 2)], "newest first, each once");
+        let current = choose("m.csv", "b", "k", &h, &[row(None, 1)]).unwrap();
+        assert_eq!(
+            current[0].0.version_id, "m3",
+            "no version id: the current entry"
+        );
+    }
+
+    #[test]
+    fn a_version_the_source_lacks_names_the_line() {
+        let h = [entry("v1", true, false)];
+        let err = choose("m.csv", "b", "k", &h, &[row(Some("v9"), 7)]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "m.csv:7: bucket b has no version v9 of key k"
+        );
+        let err = choose("m.csv", "b", "k", &[], &[row(None, 2)]).unwrap_err();
+        assert_eq!(err.to_string(), "m.csv:2: bucket b has no key k");
+    }
 }
