@@ -65,6 +65,7 @@ fn pages(n: usize) -> impl Iterator<Item = Vec<NewTask>> {
                         checksum_algorithm: None,
                     },
                     history_pos: pos as u64,
+                    dest: 0,
                 });
                 made += 1;
             }

@@ -13,6 +13,8 @@ use crate::config::{
     SideConfig, Sse,
 };
 use crate::copier::{FailureThreshold, RunOptions};
+use crate::filters::{self, Filters};
+use crate::rules::ReplicationConfig;
 use crate::s3::{RetryPolicy, Timeouts};
 
 /// Batch replication and backfill of every S3 object version, resumable from a SQLite manifest.
@@ -144,9 +146,30 @@ pub struct PlanArgs {
     /// The source: s3://BUCKET.
     #[arg(long, value_name = "S3URL")]
     pub source: String,
-    /// The destination: s3://BUCKET[/PREFIX].
-    #[arg(long, value_name = "S3URL")]
-    pub dest: String,
+    /// The destination: s3://BUCKET[/PREFIX] (not given with --replication-config).
+    #[arg(
+        long,
+        value_name = "S3URL",
+        required_unless_present = "replication_config"
+    )]
+    pub dest: Option<String>,
+    /// Destinations from a replication configuration: the JSON given to `aws s3api
+    /// put-bucket-replication` (or the XML GetBucketReplication returns), or `source` to read
+    /// the source bucket's own (GetBucketReplication). Each version goes to every destination
+    /// bucket whose matching rule of highest priority selects it, with that rule's storage
+    /// class, owner override and KMS key; one --dest-endpoint/--dest-profile serves them all.
+    /// Costs: tag rules read each version's tags (one GetObjectTagging per version whose key a
+    /// tag rule covers); SSE-KMS objects that a rule leaves out are skipped by `run` after
+    /// its HEAD of the source (no extra request).
+    #[arg(long, value_name = "FILE|source", conflicts_with_all = ["dest", "delete_markers"])]
+    pub replication_config: Option<String>,
+    /// Batch Replication filters.
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// Print what would be copied (tasks and bytes by destination, storage class and rule)
+    /// and write no manifest.
+    #[arg(long)]
+    pub dry_run: bool,
     /// The manifest file (created if missing).
     #[arg(long, value_name = "FILE")]
     pub manifest: PathBuf,
@@ -180,8 +203,8 @@ pub struct PlanArgs {
 
 impl PlanArgs {
     /// The supplied manifest to plan from, if any.
-    pub fn supplied(&self) -> Option<crate::inputs::plan::Supplied> {
-        use crate::inputs::plan::Supplied;
+    pub fn supplied(&self) -> Option<crate::config::Supplied> {
+        use crate::config::Supplied;
         (self.from_csv.clone().map(Supplied::Csv))
             .or_else(|| self.from_inventory.clone().map(Supplied::Inventory))
     }
@@ -207,8 +230,128 @@ impl SideArgs {
     }
 }
 
+/// S3 Batch Replication's manifest filters (stored in the job). Several values of one filter
+/// select any of them; different filters must all hold.
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only versions created after this date or RFC 3339 date-time (2024-05-01, 2024-05-01T12:00:00Z).
+    #[arg(long, value_name = "DATE")]
+    pub created_after: Option<String>,
+    /// Only versions created before this date or date-time.
+    #[arg(long, value_name = "DATE")]
+    pub created_before: Option<String>,
+    /// Only versions larger than SIZE (strictly, as S3).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub min_size: Option<u64>,
+    /// Only versions smaller than SIZE (strictly, as S3).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
+    /// Only versions in one of these storage classes (S3's filter `--storage-class`; named so
+    /// here because --storage-class sets the destination's).
+    #[arg(long, value_name = "CLASS", value_delimiter = ',')]
+    pub source_storage_class: Vec<String>,
+    /// Only keys starting with one of these (repeatable).
+    #[arg(long, value_name = "PREFIX")]
+    pub key_prefix: Vec<String>,
+    /// Only keys ending with one of these (repeatable).
+    #[arg(long, value_name = "SUFFIX")]
+    pub key_suffix: Vec<String>,
+    /// Only keys containing one of these (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    pub key_substring: Vec<String>,
+    /// Only versions with one of these encryptions: SSE-S3, SSE-KMS, DSSE-KMS, SSE-C, NOT-SSE.
+    /// Needs one HEAD of the source per version at plan.
+    #[arg(long, value_name = "ENC", value_delimiter = ',')]
+    pub encryption: Vec<String>,
+    /// Only versions with one of these replication statuses: NONE, FAILED, COMPLETED, REPLICA.
+    /// S3's x-amz-replication-status where the source HEAD shows it; otherwise COMPLETED when
+    /// the destination's current version of the key is s3-backfill's stamped copy of this
+    /// version (user metadata s3-backfill-source-version), else NONE. Needs one HEAD of the
+    /// source per version at plan (and of the destination when S3 sets no status).
+    #[arg(long, value_name = "STATUS", value_delimiter = ',')]
+    pub replication_status: Vec<String>,
+}
+
+impl FilterArgs {
+    /// The filters these flags give, checked.
+    pub fn filters(&self) -> Result<Filters, ConfigError> {
+        let bad = |e: filters::FilterError| ConfigError::Invalid(e.to_string());
+        let instant = |flag, v: &Option<String>| {
+            v.as_deref()
+                .map(|v| filters::parse_instant(flag, v))
+                .transpose()
+        };
+        let f = Filters {
+            created_after: instant("--created-after", &self.created_after).map_err(bad)?,
+            created_before: instant("--created-before", &self.created_before).map_err(bad)?,
+            min_size: self.min_size,
+            max_size: self.max_size,
+            storage_classes: self
+                .source_storage_class
+                .iter()
+                .map(|v| filters::parse_storage_class(v))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            key_prefixes: self.key_prefix.clone(),
+            key_suffixes: self.key_suffix.clone(),
+            key_substrings: self.key_substring.clone(),
+            encryption: self
+                .encryption
+                .iter()
+                .map(|v| filters::parse_encryption(v))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            replication_status: self
+                .replication_status
+                .iter()
+                .map(|v| filters::parse_replication_status(v))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+        };
+        f.validate().map_err(bad)?;
+        Ok(f)
+    }
+}
+
+/// Reads a replication configuration file: JSON, or XML when it starts with `<`.
+pub fn read_replication_config(path: &str) -> Result<ReplicationConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Invalid(format!("--replication-config {path}: {e}")))?;
+    let cfg = if text.trim_start().starts_with('<') {
+        ReplicationConfig::from_xml(text.as_bytes())
+    } else {
+        ReplicationConfig::from_json(&text)
+    };
+    cfg.map_err(|e| ConfigError::Invalid(format!("{path}: {e}")))
+}
+
+/// Makes a validated replication configuration the job's: its rules' destinations become the
+/// job's (destination 0 is also `dest`).
+pub fn use_replication_config(
+    settings: &mut JobSettings,
+    cfg: ReplicationConfig,
+    from: &str,
+) -> Result<(), ConfigError> {
+    cfg.validate()
+        .map_err(|e| ConfigError::Invalid(format!("{from}: {e}")))?;
+    let dests = crate::select::destinations_of(&cfg);
+    let Some(first) = dests.first() else {
+        return Err(ConfigError::Invalid(format!(
+            "{from}: replication configuration: no enabled rule with a destination bucket"
+        )));
+    };
+    settings.dest = Location {
+        bucket: first.bucket.clone(),
+        prefix: String::new(),
+    };
+    settings.destinations = dests;
+    settings.replication = Some(cfg);
+    Ok(())
+}
+
 impl PlanArgs {
-    /// The job settings these arguments describe.
+    /// The job settings these arguments describe (`--replication-config source` is read
+    /// later, from the source bucket).
     pub fn settings(&self) -> Result<JobSettings, ConfigError> {
         let source = Location::parse(&self.source)?;
         if !source.prefix.is_empty() {
@@ -217,9 +360,17 @@ impl PlanArgs {
                 self.source
             )));
         }
-        Ok(JobSettings {
+        let dest = match &self.dest {
+            Some(d) => Location::parse(d)?,
+            // Filled from the replication configuration.
+            None => Location {
+                bucket: String::new(),
+                prefix: String::new(),
+            },
+        };
+        let mut settings = JobSettings {
             source,
-            dest: Location::parse(&self.dest)?,
+            dest,
             source_side: self.sides.side(true),
             dest_side: self.sides.side(false),
             selection: Selection {
@@ -228,7 +379,19 @@ impl PlanArgs {
                 latest_only: self.selection.latest_only,
             },
             copy: self.copy.options()?,
-        })
+            filters: self.filters.filters()?,
+            replication: None,
+            destinations: Vec::new(),
+            supplied: self.supplied(),
+        };
+        match self.replication_config.as_deref() {
+            None | Some("source") => {}
+            Some(path) => {
+                let cfg = read_replication_config(path)?;
+                use_replication_config(&mut settings, cfg, path)?;
+            }
+        }
+        Ok(settings)
     }
 }
 

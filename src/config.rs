@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::filters::Filters;
+use crate::rules::ReplicationConfig;
 use crate::s3::VersionEntry;
 
 /// A configuration error: bad input that the user must fix (exit code 2).
@@ -252,9 +254,106 @@ pub struct JobSettings {
     pub selection: Selection,
     /// How they are copied.
     pub copy: CopyOptions,
+    /// Batch Replication filters (empty: every selected version).
+    #[serde(default, skip_serializing_if = "Filters::is_empty")]
+    pub filters: Filters,
+    /// The replication configuration whose rules choose the destinations (None: `dest` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
+    /// The destinations of a replication configuration, by id (the manifest's `destinations`
+    /// table; a task's `dest` indexes here). Empty: destination 0 is `dest` with `copy`'s options.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<Destination>,
+    /// The manifest the tasks came from instead of a listing (`plan --from-csv` or
+    /// `--from-inventory`); None: the source was listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplied: Option<Supplied>,
+}
+
+/// A manifest the user supplies instead of a listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Supplied {
+    /// A Batch Operations CSV manifest: a path or `s3://BUCKET/KEY`.
+    Csv(String),
+    /// An S3 Inventory `manifest.json`: a path or `s3://BUCKET/KEY`.
+    Inventory(String),
+}
+
+impl std::fmt::Display for Supplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Supplied::Csv(s) => write!(f, "--from-csv {s}"),
+            Supplied::Inventory(s) => write!(f, "--from-inventory {s}"),
+        }
+    }
+}
+
+/// One destination of a replication configuration: a bucket and what the deciding rule says
+/// about the replicas written there (one per enabled rule, so a task's destination also names
+/// its rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix at the destination (replication rules keep keys: empty).
+    #[serde(default)]
+    pub prefix: String,
+    /// What the rule decides (stored as the `destinations.options` JSON).
+    pub options: DestOptions,
+}
+
+/// What a replication rule decides for its destination's replicas.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestOptions {
+    /// The rule (its ID, or `#n` by position).
+    pub rule: String,
+    /// Storage class of the replicas (None: the source version's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    /// Replicas owned by the destination bucket owner (`x-amz-acl: bucket-owner-full-control`).
+    #[serde(default)]
+    pub owner_override: bool,
+    /// KMS key for replicas of SSE-KMS objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<String>,
+    /// The rule replicates delete markers.
+    #[serde(default)]
+    pub delete_markers: bool,
+    /// The rule replicates SSE-KMS objects (else the copier skips them after its HEAD).
+    #[serde(default)]
+    pub sse_kms_allowed: bool,
 }
 
 impl JobSettings {
+    /// The destinations as `status` names them: `dest`, or every bucket of the replication
+    /// rules.
+    pub fn dest_label(&self) -> String {
+        if self.destinations.is_empty() {
+            return self.dest.to_string();
+        }
+        let mut buckets: Vec<String> = Vec::new();
+        for d in &self.destinations {
+            let b = format!("s3://{}", d.bucket);
+            if !buckets.contains(&b) {
+                buckets.push(b);
+            }
+        }
+        format!("{} (replication rules)", buckets.join(", "))
+    }
+
+    /// The bucket, prefix and rule options of destination `id` (0 and unknown ids without a
+    /// configuration: the job's `dest`).
+    pub fn destination(&self, id: i64) -> (&str, &str, Option<&DestOptions>) {
+        match usize::try_from(id)
+            .ok()
+            .and_then(|i| self.destinations.get(i))
+        {
+            Some(d) => (&d.bucket, &d.prefix, Some(&d.options)),
+            None => (&self.dest.bucket, &self.dest.prefix, None),
+        }
+    }
+
     /// The parts of the job that define its tasks: a manifest planned with other values
     /// cannot be continued with these.
     pub fn identity_differs(&self, other: &JobSettings) -> Option<String> {
@@ -276,7 +375,30 @@ impl JobSettings {
                 self.selection, other.selection
             ));
         }
+        if self.filters != other.filters {
+            return Some("other filters".into());
+        }
+        if self.replication != other.replication {
+            return Some("another replication configuration".into());
+        }
+        if self.supplied != other.supplied {
+            let says = |s: &Option<Supplied>| {
+                s.as_ref()
+                    .map_or_else(|| "a listing of the source".to_string(), |s| s.to_string())
+            };
+            return Some(format!(
+                "{} (manifest has {})",
+                says(&self.supplied),
+                says(&other.supplied)
+            ));
+        }
         None
+    }
+
+    /// Whether the job's tasks came from a supplied manifest (`plan --from-csv` or
+    /// `--from-inventory`) rather than a listing: such a job cannot be refreshed by listing.
+    pub fn planned_from_supplied(&self) -> bool {
+        self.supplied.is_some()
     }
 
     /// The destination key of a source key: the destination prefix followed by the key.

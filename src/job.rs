@@ -20,7 +20,8 @@ use crate::s3::{
     build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
     Side, Timeouts,
 };
-use crate::verify::{Verifier, VerifyReport};
+use crate::select::Selector;
+use crate::verify::{Verifier, VerifyError, VerifyReport};
 use crate::{report, ui};
 
 /// Why a command could not do its work. Each maps to an exit code and prints as one line.
@@ -231,9 +232,109 @@ fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, JobError> {
     Ok(true)
 }
 
+/// `--replication-config source`: the source bucket's own configuration.
+async fn replication_from_source(
+    source: &SdkClient,
+    settings: &mut JobSettings,
+) -> Result<(), JobError> {
+    let bucket = settings.source.bucket.clone();
+    let xml = preflight()
+        .call(&Default::default(), || {
+            source.get_bucket_replication(&bucket)
+        })
+        .await?;
+    let from = format!("replication configuration of bucket {bucket}");
+    let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
+        .map_err(|e| JobError::Usage(format!("{from}: {e}")))?;
+    crate::cli::use_replication_config(settings, cfg, &from)?;
+    Ok(())
+}
+
+/// The source's client, and destination 0's client and facts; every other destination bucket
+/// of a replication configuration is probed too (the job's destinations are versioned only
+/// when all are).
+async fn plan_clients(
+    settings: &mut JobSettings,
+    source: Option<SdkClient>,
+) -> Result<(SdkClient, SdkClient, BucketFacts), JobError> {
+    let timeouts = Timeouts::default();
+    let source = match source {
+        Some(c) => c,
+        None => {
+            let bucket = settings.source.bucket.clone();
+            open_side(Side::Source, &mut settings.source_side, &bucket, timeouts)
+                .await?
+                .0
+        }
+    };
+    let bucket = settings.dest.bucket.clone();
+    let (dest, mut facts) =
+        open_side(Side::Dest, &mut settings.dest_side, &bucket, timeouts).await?;
+    let mut others: Vec<String> = settings
+        .destinations
+        .iter()
+        .map(|d| d.bucket.clone())
+        .collect();
+    others.retain(|b| *b != bucket);
+    others.sort();
+    others.dedup();
+    for b in others {
+        let f = preflight()
+            .call(&Default::default(), || dest.probe_bucket(&b))
+            .await
+            .map_err(|e| bucket_error(Side::Dest, &b, e))?;
+        facts.versioned &= f.versioned;
+    }
+    Ok((source, dest, facts))
+}
+
+/// `plan --dry-run`: lists and selects, prints the tallies, writes nothing.
+async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result<(), JobError> {
+    let (source, dest, _) = plan_clients(&mut settings, source).await?;
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: &settings,
+        source: &source,
+        dest: Some(&dest),
+        retrier: &retrier,
+    };
+    let tally = crate::select::dry_run(&selector, crate::lister::page_size()).await?;
+    for line in tally.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The job's settings; with `--replication-config source` also the source's client (the
+/// source bucket's configuration is needed before the job is known).
+async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient>), JobError> {
+    let mut settings = args.settings()?;
+    if args.replication_config.as_deref() != Some("source") {
+        return Ok((settings, None));
+    }
+    let bucket = settings.source.bucket.clone();
+    let (c, _) = open_side(
+        Side::Source,
+        &mut settings.source_side,
+        &bucket,
+        Timeouts::default(),
+    )
+    .await?;
+    replication_from_source(&c, &mut settings).await?;
+    Ok((settings, Some(c)))
+}
+
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let mut settings = args.settings()?;
+    let (mut settings, source) = plan_settings(args).await?;
+    if args.dry_run {
+        if args.supplied().is_some() {
+            return Err(JobError::Usage(
+                "--dry-run lists the source and cannot read --from-csv/--from-inventory; plan into a scratch --manifest and read its `status`".into(),
+            ));
+        }
+        return dry_run(settings, source).await;
+    }
     let _lock = lock_manifest(&args.manifest)?;
     // A new manifest is only created once both buckets answered, so a mistyped bucket
     // leaves no manifest behind.
@@ -241,24 +342,16 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     if listing_done(existing.as_ref(), &args.manifest)? {
         return Ok(());
     }
-    let timeouts = Timeouts::default();
-    let (source, _) = open_side(
-        Side::Source,
-        &mut settings.source_side,
-        &settings.source.bucket,
-        timeouts,
-    )
-    .await?;
-    let (_, dest) = open_side(
-        Side::Dest,
-        &mut settings.dest_side,
-        &settings.dest.bucket,
-        timeouts,
-    )
-    .await?;
+    let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
     if let Some(input) = args.supplied() {
-        let versioned = dest.versioned || settings.selection.latest_only;
-        return plan_supplied(args, &settings, existing, &source, versioned, &input).await;
+        let job = SuppliedJob {
+            client: &source,
+            dest_client: Some(&dest_client),
+            settings: &settings,
+            manifest: &args.manifest,
+            dest_versioned: dest.versioned || settings.selection.latest_only,
+        };
+        return plan_supplied(args, existing, &job, &input).await;
     }
     let mut m = match existing {
         Some(m) => m,
@@ -270,10 +363,17 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let selector = Selector {
+        settings: &settings,
+        source: &source,
+        dest: Some(&dest_client),
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: &source,
         settings: &settings,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
     let stats = lister
@@ -301,10 +401,8 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
 /// manifest appears only once complete (see `inputs::plan`).
 async fn plan_supplied(
     args: &PlanArgs,
-    settings: &JobSettings,
     existing: Option<Manifest>,
-    source: &SdkClient,
-    dest_versioned: bool,
+    job: &SuppliedJob<'_, SdkClient>,
     input: &Supplied,
 ) -> Result<(), JobError> {
     if existing.is_some() {
@@ -313,13 +411,7 @@ async fn plan_supplied(
             args.manifest.display()
         )));
     }
-    let job = SuppliedJob {
-        client: source,
-        settings,
-        manifest: &args.manifest,
-        dest_versioned,
-    };
-    let p = crate::inputs::plan::plan_supplied(&job, input).await?;
+    let p = crate::inputs::plan::plan_supplied(job, input).await?;
     let (what, from) = match input {
         Supplied::Csv(f) => ("CSV rows", f),
         Supplied::Inventory(f) => ("inventory entries", f),
@@ -691,9 +783,12 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `verify`: compares the destination with the source.
+/// `verify`: compares the destination with the source (each destination with the versions
+/// the manifest selected for it, for jobs with a replication configuration or filters).
 pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
-    let mut settings = Manifest::open(&args.manifest, false)?.require_settings()?;
+    let manifest = Manifest::open(&args.manifest, false)?;
+    let mut settings = manifest.require_settings()?;
+    let selected = settings.replication.is_some() || !settings.filters.is_empty();
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }
@@ -711,17 +806,26 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
         dest: &dest,
         retrier: &retrier,
     };
-    let r = verifier
-        .run(|r| {
-            bar.set_position(r.keys);
-            bar.set_message(format!(
-                "{} versions, {} differ",
-                r.versions, r.mismatched_keys
-            ));
-        })
-        .await;
+    let show = |r: &VerifyReport| {
+        bar.set_position(r.keys);
+        bar.set_message(format!(
+            "{} versions, {} differ",
+            r.versions, r.mismatched_keys
+        ));
+    };
+    let r = if selected {
+        verifier
+            .run_selected(&manifest, show)
+            .await
+            .map_err(|e| match e {
+                VerifyError::S3(e) => JobError::from(e),
+                VerifyError::Manifest(e) => JobError::Manifest(e),
+            })
+    } else {
+        verifier.run(show).await.map_err(JobError::from)
+    };
     bar.finish_and_clear();
-    Ok(r?)
+    r
 }
 
 #[cfg(test)]

@@ -5,10 +5,10 @@
 //! [`manifest`] (the SQLite job file, the only SQL) → [`copier`] (scheduler, reconciliation,
 //! copy strategies) → [`report`] / [`verify`]. [`s3`] is the S3 access layer (the client
 //! trait, error classification, the one retry loop); [`ui`] is what a person sees; [`job`]
-//! wires the stages into commands. S3 Batch Replication's own inputs and outputs (not yet
-//! wired to the commands): [`rules`] (replication configurations), [`filters`] (manifest
-//! filters), [`inputs`] (CSV manifests, S3 Inventory) and [`aws_report`] (the completion
-//! report in AWS's shape).
+//! wires the stages into commands. S3 Batch Replication's own inputs and outputs: [`rules`]
+//! (replication configurations) and [`filters`] (manifest filters), applied per listed
+//! version by [`select`]; not yet wired to the commands: [`inputs`] (CSV manifests, S3
+//! Inventory) and [`aws_report`] (the completion report in AWS's shape).
 
 #![warn(missing_docs)]
 
@@ -24,5 +24,6 @@ pub mod manifest;
 pub mod report;
 pub mod rules;
 pub mod s3;
+pub mod select;
 pub mod ui;
 pub mod verify;

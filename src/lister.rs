@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicU64;
 use crate::config::JobSettings;
 use crate::manifest::{Listing, Manifest, ManifestError, NewTask};
 use crate::s3::{show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, Versions};
+use crate::select::Selector;
 
 /// Entries per listing page (S3's maximum).
 pub const PAGE_SIZE: i32 = 1000;
@@ -66,6 +67,8 @@ pub struct Lister<'a, C: S3Client> {
     pub settings: &'a JobSettings,
     /// Retries and bounds requests.
     pub retrier: &'a Retrier,
+    /// Decides which destinations each listed entry goes to.
+    pub selector: &'a Selector<'a, C>,
     /// Whether the destination keeps versions (when it does not, a key with several selected
     /// versions is refused).
     pub dest_versioned: bool,
@@ -103,7 +106,8 @@ impl<C: S3Client> Lister<'_, C> {
             let mut tasks = Vec::with_capacity(page.entries.len());
             for e in page.entries.iter() {
                 let pos = advance(&mut cp, e);
-                if !self.settings.selection.selects(e) {
+                let dests = self.selector.destinations(e).await?;
+                if dests.is_empty() {
                     continue;
                 }
                 self.check_key(e)?;
@@ -113,10 +117,11 @@ impl<C: S3Client> Lister<'_, C> {
                         return Err(self.needs_versioning(manifest, e, n));
                     }
                 }
-                tasks.push(NewTask {
+                tasks.extend(dests.into_iter().map(|dest| NewTask {
                     entry: e.clone(),
                     history_pos: pos,
-                });
+                    dest,
+                }));
             }
             stats.entries += page.entries.len() as u64;
             stats.selected += tasks.len() as u64;

@@ -54,6 +54,9 @@ async fn dispatch(cmd: Command) -> i32 {
             if let Err(e) = job::plan(&a.plan).await {
                 return code::<()>(Err(e), |_| 0);
             }
+            if a.plan.dry_run {
+                return 0;
+            }
             let r = a.run();
             code(job::run(&r).await, |s| {
                 ui::finish_run(&s, job::counts_after(&r.manifest).as_ref())

@@ -43,7 +43,7 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
          retries: {}\n\
          requests: {}",
         settings.source,
-        settings.dest,
+        settings.dest_label(),
         c.total,
         c.delete_markers,
         c.done,

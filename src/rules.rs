@@ -331,6 +331,29 @@ impl ReplicationConfig {
             .collect()
     }
 
+    /// What each enabled rule with a destination decides for the objects it matches, in rule
+    /// order, with whether it replicates delete markers (one job destination per rule).
+    pub fn rule_decisions(&self) -> Vec<(Decision, bool)> {
+        let facts = VersionFacts {
+            key: "",
+            tags: None,
+            is_delete_marker: false,
+            sse_kms: false,
+        };
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_enabled())
+            .filter_map(|(pos, r)| {
+                let dest = r.dest_bucket()?.to_string();
+                Some((
+                    r.decision(dest, pos, &facts)?,
+                    r.replicates_delete_markers(),
+                ))
+            })
+            .collect()
+    }
+
     fn enabled(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter().filter(|r| r.is_enabled())
     }

@@ -11,7 +11,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use crate::copier::RunSummary;
 use crate::manifest::Counts;
 use crate::s3::S3Error;
-use crate::verify::VerifyReport;
+use crate::verify::{DestReport, VerifyReport};
 
 /// Whether progress is drawn: asked for, and standard error is a terminal.
 pub fn show_progress(no_progress: bool) -> bool {
@@ -113,9 +113,17 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
         println!("{}", serde_json::to_string(r).unwrap_or_default());
     } else {
         for m in &r.mismatches {
-            println!("mismatch: {:?}: {}", m.key, m.detail);
+            match &m.dest {
+                Some(d) => println!("mismatch: {d} {:?}: {}", m.key, m.detail),
+                None => println!("mismatch: {:?}: {}", m.key, m.detail),
+            }
         }
-        let verdict = if r.ok() {
+        for d in &r.destinations {
+            println!("{}", dest_verify_line(d));
+        }
+        let verdict = if r.ok() && !r.destinations.is_empty() {
+            "every destination matches the source versions selected for it".to_string()
+        } else if r.ok() {
             "destination matches source".to_string()
         } else {
             format!("{} keys differ", r.mismatched_keys)
@@ -130,6 +138,41 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
     } else {
         1
     }
+}
+
+/// One destination's line of a verification against the manifest's selection.
+fn dest_verify_line(d: &DestReport) -> String {
+    let rule = d
+        .rule
+        .as_ref()
+        .map_or(String::new(), |r| format!(" (rule {r})"));
+    let mut line = format!(
+        "destination s3://{}/{}{rule}: {} keys, {} versions, {}",
+        d.bucket,
+        d.prefix,
+        d.keys,
+        d.versions,
+        if d.mismatched_keys == 0 {
+            "match".to_string()
+        } else {
+            format!("{} keys differ", d.mismatched_keys)
+        }
+    );
+    let skipped: u64 = d.skipped.values().sum();
+    if skipped > 0 {
+        let why: Vec<String> = d.skipped.iter().map(|(c, n)| format!("{n} {c}")).collect();
+        line.push_str(&format!(
+            "; {skipped} skipped tasks not expected there ({}; see `report`)",
+            why.join(", ")
+        ));
+    }
+    if d.unselected_keys > 0 {
+        line.push_str(&format!(
+            "; {} keys there have no task for it (not compared: they may predate the job)",
+            d.unselected_keys
+        ));
+    }
+    line
 }
 
 /// A hint for checksum-related rejections from S3-compatible servers.

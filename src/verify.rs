@@ -7,14 +7,22 @@
 //! encryption keeps them MD5s: a differing pair is HEADed, and KMS or SSE-C objects are
 //! compared by size alone.
 //!
-//! May call: the s3 layer.
+//! A job planned with a replication configuration or Batch Replication filters is verified
+//! per destination against the manifest's choice ([`Verifier::run_selected`]): for each
+//! destination, a key the manifest gave tasks there must hold exactly the source versions
+//! and delete markers of those tasks, in order (skipped tasks are counted, not expected);
+//! a key without tasks for a destination is not compared there (counted: the destination
+//! may have held it before the job).
+//!
+//! May call: the s3 layer; the manifest's tasks of one key.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::AtomicU64;
 
 use serde::Serialize;
 
 use crate::config::{JobSettings, Sse};
+use crate::manifest::{Manifest, ManifestError, State, Task};
 use crate::s3::{
     Encryption, ListFrom, ObjectRef, Retrier, S3Client, S3Error, VersionEntry, Versions,
 };
@@ -26,6 +34,44 @@ pub struct Mismatch {
     pub key: String,
     /// What differs.
     pub detail: String,
+    /// The destination (`s3://bucket/prefix`), for jobs with several or filtered destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+}
+
+/// One destination of a job verified against the manifest's selection.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DestReport {
+    /// The destination id (the tasks' `dest`).
+    pub id: i64,
+    /// Its bucket.
+    pub bucket: String,
+    /// Its key prefix.
+    pub prefix: String,
+    /// The replication rule that writes there, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Keys with tasks for this destination, compared.
+    pub keys: u64,
+    /// Source versions and delete markers expected there.
+    pub versions: u64,
+    /// Keys that differ there.
+    pub mismatched_keys: u64,
+    /// Skipped tasks (not expected there), by error class.
+    pub skipped: BTreeMap<String, u64>,
+    /// Keys present there without a task for this destination (not compared).
+    pub unselected_keys: u64,
+}
+
+/// Why a verification stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Listing or reading a bucket failed.
+    #[error("{0}")]
+    S3(#[from] S3Error),
+    /// The manifest could not be read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
 }
 
 /// The outcome of a verification.
@@ -39,6 +85,9 @@ pub struct VerifyReport {
     pub mismatches: Vec<Mismatch>,
     /// How many keys differ.
     pub mismatched_keys: u64,
+    /// Per destination (jobs verified against the manifest's selection; empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<DestReport>,
 }
 
 impl VerifyReport {
@@ -103,6 +152,14 @@ impl<'a, C: S3Client> Histories<'a, C> {
             out.push(self.buf.pop_front().expect("peeked"));
         }
         Ok(Some((key, out)))
+    }
+
+    /// The entries of `key` if it is the next key here, else none.
+    async fn take(&mut self, key: &str) -> Result<Vec<VersionEntry>, S3Error> {
+        if self.peek_key().await?.as_deref() != Some(key) {
+            return Ok(Vec::new());
+        }
+        Ok(self.next().await?.map(|(_, e)| e).unwrap_or_default())
     }
 }
 
@@ -256,7 +313,8 @@ impl<C: S3Client> Verifier<'_, C> {
             if se.is_empty() && de.is_empty() {
                 continue;
             }
-            self.blank_incomparable_etags(&key, &mut se, &mut de)
+            let d = (s.dest.bucket.as_str(), s.dest.prefix.as_str());
+            self.blank_incomparable_etags(&key, d, &mut se, &mut de)
                 .await?;
             report.keys += 1;
             report.versions += se.len() as u64;
@@ -264,11 +322,152 @@ impl<C: S3Client> Verifier<'_, C> {
             if let Some(detail) = compare(&se, &de) {
                 report.mismatched_keys += 1;
                 if report.mismatches.len() < 1000 {
-                    report.mismatches.push(Mismatch { key, detail });
+                    report.mismatches.push(Mismatch {
+                        key,
+                        detail,
+                        dest: None,
+                    });
                 }
             }
         }
         Ok(report)
+    }
+
+    /// The destinations a job writes to: its configuration's, or `dest` (id 0).
+    fn targets(&self) -> Vec<DestReport> {
+        let s = self.settings;
+        if s.destinations.is_empty() {
+            return vec![DestReport {
+                bucket: s.dest.bucket.clone(),
+                prefix: s.dest.prefix.clone(),
+                ..Default::default()
+            }];
+        }
+        s.destinations
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DestReport {
+                id: i as i64,
+                bucket: d.bucket.clone(),
+                prefix: d.prefix.clone(),
+                rule: Some(d.options.rule.clone()),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Compares every destination with the source versions the manifest selected for it
+    /// (jobs with a replication configuration or filters). The source and each destination
+    /// are walked in key order together, and the manifest is read one key at a time, so
+    /// memory holds one key's histories and tasks.
+    pub async fn run_selected(
+        &self,
+        manifest: &Manifest,
+        mut progress: impl FnMut(&VerifyReport),
+    ) -> Result<VerifyReport, VerifyError> {
+        let s = self.settings;
+        let mut report = VerifyReport {
+            destinations: self.targets(),
+            ..Default::default()
+        };
+        let (source, retrier) = (self.source, self.retrier);
+        let mut src = Histories::new(
+            source,
+            retrier,
+            &s.source.bucket,
+            s.selection.prefix.clone(),
+            0,
+        );
+        let mut dsts: Vec<Histories<'_, C>> = report
+            .destinations
+            .iter()
+            .map(|t| {
+                let prefix = format!("{}{}", t.prefix, s.selection.prefix);
+                Histories::new(self.dest, retrier, &t.bucket, prefix, t.prefix.len())
+            })
+            .collect();
+        while let Some(key) = next_key(&mut src, &mut dsts).await? {
+            let mut se = src.take(&key).await?;
+            se.reverse();
+            let tasks = manifest.tasks_of_key(&key)?;
+            let mut compared = false;
+            for (i, d) in dsts.iter_mut().enumerate() {
+                let mut de = d.take(&key).await?;
+                de.reverse();
+                compared |= self
+                    .check_dest(&key, &se, de, &tasks, i, &mut report)
+                    .await?;
+            }
+            if compared {
+                report.keys += 1;
+                progress(&report);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Compares destination `i`'s history of `key` with the source entries of its tasks.
+    /// Returns whether the key was compared there (it has tasks for that destination).
+    async fn check_dest(
+        &self,
+        key: &str,
+        se: &[VersionEntry],
+        mut de: Vec<VersionEntry>,
+        tasks: &[Task],
+        i: usize,
+        report: &mut VerifyReport,
+    ) -> Result<bool, S3Error> {
+        let t = &mut report.destinations[i];
+        let mine: Vec<&Task> = tasks.iter().filter(|x| x.dest == t.id).collect();
+        if mine.is_empty() {
+            t.unselected_keys += u64::from(!de.is_empty());
+            return Ok(false);
+        }
+        let mut wanted = BTreeSet::new();
+        for x in mine {
+            if x.state == State::Skipped {
+                let class = x.error_class.clone().unwrap_or_else(|| "skipped".into());
+                *t.skipped.entry(class).or_default() += 1;
+            } else {
+                wanted.insert(x.version_id.as_str());
+            }
+        }
+        let mut expected: Vec<VersionEntry> = se
+            .iter()
+            .filter(|e| wanted.contains(e.version_id.as_str()))
+            .cloned()
+            .collect();
+        let gone = wanted
+            .iter()
+            .find(|v| !se.iter().any(|e| e.version_id == **v))
+            .map(|v| {
+                format!("version {v} selected for this destination is no longer at the source")
+            });
+        t.keys += 1;
+        t.versions += expected.len() as u64;
+        report.versions += expected.len() as u64;
+        let (bucket, prefix) = (t.bucket.clone(), t.prefix.clone());
+        let detail = match gone {
+            Some(g) => Some(g),
+            None => {
+                let d = (bucket.as_str(), prefix.as_str());
+                self.blank_incomparable_etags(key, d, &mut expected, &mut de)
+                    .await?;
+                compare(&expected, &de)
+            }
+        };
+        if let Some(detail) = detail {
+            report.destinations[i].mismatched_keys += 1;
+            report.mismatched_keys += 1;
+            if report.mismatches.len() < 1000 {
+                report.mismatches.push(Mismatch {
+                    key: key.to_string(),
+                    detail,
+                    dest: Some(format!("s3://{bucket}/{prefix}")),
+                });
+            }
+        }
+        Ok(true)
     }
 
     /// Where a pair of plain ETags differs, HEADs both versions: an encryption that does not
@@ -276,6 +475,7 @@ impl<C: S3Client> Verifier<'_, C> {
     async fn blank_incomparable_etags(
         &self,
         key: &str,
+        (bucket, prefix): (&str, &str),
         se: &mut [VersionEntry],
         de: &mut [VersionEntry],
     ) -> Result<(), S3Error> {
@@ -295,8 +495,8 @@ impl<C: S3Client> Verifier<'_, C> {
                 continue;
             }
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
-            let dkey = self.settings.dest_key(key);
-            let dref = ObjectRef::version(&self.settings.dest.bucket, &dkey, &b.version_id);
+            let dkey = format!("{prefix}{key}");
+            let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
             let sh = self
                 .retrier
                 .call(&retries, || self.source.head_object(&sref, None))
@@ -314,6 +514,22 @@ impl<C: S3Client> Verifier<'_, C> {
         }
         Ok(())
     }
+}
+
+/// The smallest next key of the source and the destinations (None when all are done).
+async fn next_key<C: S3Client>(
+    src: &mut Histories<'_, C>,
+    dsts: &mut [Histories<'_, C>],
+) -> Result<Option<String>, S3Error> {
+    let mut best = src.peek_key().await?;
+    for d in dsts.iter_mut() {
+        if let Some(k) = d.peek_key().await? {
+            if best.as_ref().is_none_or(|b| k < *b) {
+                best = Some(k);
+            }
+        }
+    }
+    Ok(best)
 }
 
 #[cfg(test)]

@@ -551,3 +551,59 @@ async fn a_failed_tasks_report_plans_the_same_tasks_again() {
     );
     assert_eq!(planned(from_s3.manifest()), expected);
 }
+
+#[tokio::test]
+async fn a_csv_manifest_planned_with_a_size_filter_keeps_the_larger_versions() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("sz-src"), bucket("sz-dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let big = "a body of forty bytes, larger than ten..";
+    let rounds = vec![
+        vec![Op::put("sz/a", "tiny"), Op::put("sz/b", big)],
+        vec![Op::put("sz/a", big), Op::put("sz/b", "small")],
+    ];
+    seed(&c, &src, rounds).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    let mut larger = Vec::new();
+    for (key, history) in histories(&c, &src, "").await {
+        for v in history {
+            text.push_str(&format!("{src},{},{}\n", encode_key(&key), v.version_id));
+            if v.size > 10 {
+                larger.push((key.clone(), v.version_id.clone()));
+            }
+        }
+    }
+    assert_eq!(larger.len(), 2, "one larger version of each key");
+    let csv = dir.path().join("sizes.csv");
+    std::fs::write(&csv, text).unwrap();
+    let job = job_in(dir.path(), "sizes.db", &src, &dst, &ep);
+    let args = ["--from-csv", csv.to_str().unwrap(), "--min-size", "10"];
+    expect_code(&plan_with(&job, &args), 0);
+    let got: Vec<(String, String)> = planned(job.manifest())
+        .into_iter()
+        .map(|t| (t.0, t.1))
+        .collect();
+    assert_eq!(got, larger, "only the versions larger than 10 bytes");
+
+    // The job remembers its manifest: the same plan again does nothing; another is refused.
+    let o = plan_with(&job, &args);
+    expect_code(&o, 0);
+    assert!(stderr_of(&o).contains("nothing to do"), "{}", stderr_of(&o));
+    let o = plan_with(&job, &["--min-size", "10"]);
+    expect_code(&o, 2);
+    assert!(
+        stderr_of(&o).contains("a listing of the source (manifest has --from-csv"),
+        "{}",
+        stderr_of(&o)
+    );
+    expect_code(&job.run(&[]), 0);
+    let copied: Vec<i64> = histories(&c, &dst, "")
+        .await
+        .into_values()
+        .map(|h| h.iter().map(|v| v.size).sum())
+        .collect();
+    assert_eq!(copied, [40, 40], "each key's larger version only");
+}

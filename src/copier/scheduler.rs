@@ -93,7 +93,8 @@ impl<C: S3Client> Copier<C> {
         s
     }
 
-    /// Copies the open tasks of one key, oldest first; stops at a failed one.
+    /// Copies the open tasks of one key, oldest first; a failed one stops the key's later
+    /// tasks to the same destination bucket (other destinations go on).
     async fn key_worker(self: Arc<Self>, group: KeyGroup) {
         let mut recorded: HashSet<String> = group
             .tasks
@@ -101,20 +102,26 @@ impl<C: S3Client> Copier<C> {
             .filter(|t| t.state == State::Done)
             .filter_map(|t| t.dest_version_id.clone())
             .collect();
-        let dest_key = self.settings.dest_key(&group.key);
+        // Destination buckets whose history of this key waits behind a failed version.
+        let mut blocked: HashSet<&str> = HashSet::new();
         for (i, task) in group.tasks.iter().enumerate() {
+            let (bucket, prefix, _) = self.settings.destination(task.dest);
+            if blocked.contains(bucket) {
+                continue;
+            }
             match task.state {
                 State::Done | State::Skipped => continue,
                 State::Failed => {
                     // Later versions wait: copying them would put the history out of order.
-                    self.progress.add_blocked(open_after(&group.tasks, i));
-                    return;
+                    self.progress.add_blocked(self.open_after(&group.tasks, i));
+                    blocked.insert(bucket);
+                    continue;
                 }
                 State::Pending | State::InProgress => {}
             }
             let ctx = TaskCtx {
                 task,
-                dest: ObjectRef::key(&self.settings.dest.bucket, &dest_key),
+                dest: ObjectRef::key(bucket, &format!("{prefix}{}", group.key)),
                 recorded: &recorded,
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
@@ -136,8 +143,8 @@ impl<C: S3Client> Copier<C> {
             }
             self.finish(task, outcome);
             if failed {
-                self.progress.add_blocked(open_after(&group.tasks, i));
-                return;
+                self.progress.add_blocked(self.open_after(&group.tasks, i));
+                blocked.insert(bucket);
             }
         }
     }
@@ -198,7 +205,8 @@ impl<C: S3Client> Copier<C> {
     pub async fn abort_leftover_uploads(&self, tasks: Vec<Task>) {
         for t in tasks {
             let Some(u) = &t.upload_id else { continue };
-            let dest = ObjectRef::key(&self.settings.dest.bucket, &self.settings.dest_key(&t.key));
+            let (bucket, prefix, _) = self.settings.destination(t.dest);
+            let dest = ObjectRef::key(bucket, &format!("{prefix}{}", t.key));
             let retries = AtomicU64::new(0);
             let r = self
                 .retrier
@@ -218,12 +226,17 @@ impl<C: S3Client> Copier<C> {
     }
 }
 
-/// Open tasks after position `i` of a key's tasks (they wait behind a failed one).
-fn open_after(tasks: &[Task], i: usize) -> u64 {
-    tasks[i + 1..]
-        .iter()
-        .filter(|t| matches!(t.state, State::Pending | State::InProgress))
-        .count() as u64
+impl<C: S3Client> Copier<C> {
+    /// Open tasks after position `i` of a key's tasks to the same destination bucket (they
+    /// wait behind a failed one).
+    fn open_after(&self, tasks: &[Task], i: usize) -> u64 {
+        let bucket = self.settings.destination(tasks[i].dest).0;
+        tasks[i + 1..]
+            .iter()
+            .filter(|t| matches!(t.state, State::Pending | State::InProgress))
+            .filter(|t| self.settings.destination(t.dest).0 == bucket)
+            .count() as u64
+    }
 }
 
 fn adopted(dest_version_id: Option<String>) -> Outcome {
@@ -239,6 +252,13 @@ fn adopted(dest_version_id: Option<String>) -> Outcome {
 
 /// Skipped for what cannot be copied (gone, archived), failed for the rest.
 fn outcome_of_error(error: S3Error) -> Outcome {
+    if error.code.as_deref() == Some(super::strategy::NOT_REPLICATED) {
+        return Outcome::Skipped {
+            class: error.class,
+            reason: error.message,
+            retries: 0,
+        };
+    }
     match error.class {
         ErrorClass::SourceGone => Outcome::Skipped {
             class: ErrorClass::SourceGone,

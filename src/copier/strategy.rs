@@ -172,6 +172,10 @@ fn md5_b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(b))
 }
 
+/// The error code of a version its replication rule leaves out (an SSE-KMS object without
+/// `SseKmsEncryptedObjects` enabled): the task is skipped with that reason.
+pub(super) const NOT_REPLICATED: &str = "NotReplicatedByRule";
+
 fn fatal(side: crate::s3::Side, op: &'static str, message: String) -> S3Error {
     S3Error::other(side, op, ErrorClass::Fatal, message)
 }
@@ -212,6 +216,7 @@ impl<C: S3Client> Copier<C> {
 
     async fn copy_version(&self, ctx: &TaskCtx<'_>, server_side: bool) -> Result<Copied, S3Error> {
         let head = self.head_source(ctx, None).await?;
+        self.rule_takes(ctx, &head)?;
         let attrs = self.write_attrs(ctx, &head);
         match choose_plan(false, head.size, server_side, &self.settings.copy) {
             CopyPlan::Copy => self.copy_object(ctx, &head, &attrs).await,
@@ -260,29 +265,64 @@ impl<C: S3Client> Copier<C> {
         Ok(head)
     }
 
-    /// What the destination version carries over from the source version.
+    /// Refuses an SSE-KMS version that the task's replication rule leaves out (known only
+    /// now, from the source HEAD).
+    fn rule_takes(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> Result<(), S3Error> {
+        let Some(rule) = self.settings.destination(ctx.task.dest).2 else {
+            return Ok(());
+        };
+        let kms = matches!(
+            head.encryption,
+            Some(Encryption::SseKms(_) | Encryption::DsseKms(_))
+        );
+        if kms && !rule.sse_kms_allowed {
+            let why = format!(
+                "not replicated: SSE-KMS object, and rule {} does not enable SseKmsEncryptedObjects",
+                rule.rule
+            );
+            let e = fatal(self.source.side(), "HeadObject", why);
+            return Err(S3Error {
+                code: Some(NOT_REPLICATED.into()),
+                ..e
+            });
+        }
+        Ok(())
+    }
+
+    /// What the destination version carries over from the source version; a replication
+    /// rule's storage class, owner override and KMS key come before the job's options.
     fn write_attrs(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> WriteAttrs {
         let c = &self.settings.copy;
+        let rule = self.settings.destination(ctx.task.dest).2;
         let mut metadata: BTreeMap<String, String> = head.metadata.clone();
         if c.stamp {
             metadata.insert(STAMP_KEY.to_string(), ctx.task.version_id.clone());
         }
+        let rule_kms = rule.and_then(|r| r.kms_key.clone());
         let encryption = match c.sse {
             Some(Sse::Aes256) => Some(Encryption::SseS3),
             Some(Sse::AwsKms) => Some(Encryption::SseKms(c.sse_kms_key_id.clone())),
-            None => head.encryption.clone(),
+            None => match (&head.encryption, rule_kms) {
+                (Some(Encryption::SseKms(_) | Encryption::DsseKms(_)), Some(k)) => {
+                    Some(Encryption::SseKms(Some(k)))
+                }
+                (e, _) => e.clone(),
+            },
         };
         WriteAttrs {
             replace_metadata: c.stamp,
             content: head.content.clone(),
             metadata,
             tagging: None,
-            storage_class: c
-                .storage_class
-                .clone()
+            storage_class: rule
+                .and_then(|r| r.storage_class.clone())
+                .or_else(|| c.storage_class.clone())
                 .or_else(|| head.storage_class.clone().filter(|s| s != "STANDARD")),
             encryption,
-            acl: c.acl.clone(),
+            acl: match rule {
+                Some(r) if r.owner_override => Some("bucket-owner-full-control".into()),
+                _ => c.acl.clone(),
+            },
             checksum_algorithm: head.checksum.as_ref().map(|k| k.algorithm),
             full_object_checksum: head.checksum.as_ref().is_some_and(|k| k.full_object),
             lock: self.lock_settings(&head.lock),

@@ -13,6 +13,7 @@ use crate::lister::Lister;
 use crate::manifest::{Manifest, State, Update};
 use crate::s3::fake::{FakeServer, FaultKind};
 use crate::s3::{ErrorClass, Limiter, Retrier, RetryPolicy, Side, STAMP_KEY};
+use crate::select::Selector;
 
 const SRC: &str = "src";
 const DST: &str = "dst";
@@ -37,6 +38,10 @@ fn settings() -> JobSettings {
             mode: CopyMode::ServerSide,
             ..CopyOptions::default()
         },
+        filters: Default::default(),
+        replication: None,
+        destinations: Vec::new(),
+        supplied: None,
     }
 }
 
@@ -66,10 +71,17 @@ async fn plan(server: &FakeServer, path: &Path) {
     m.store_settings(&s).unwrap();
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = server.client(Side::Source);
+    let selector = Selector {
+        settings: &s,
+        source: &client,
+        dest: None,
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: &client,
         settings: &s,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: true,
     };
     lister.list_into(&mut m, |_| {}).await.unwrap();
@@ -341,10 +353,17 @@ async fn plan_refuses_destination_keys_longer_than_s3_allows() {
     settings.dest.prefix = "a-rather-long-archive-prefix/".into();
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = s.client(Side::Source);
+    let selector = Selector {
+        settings: &settings,
+        source: &client,
+        dest: None,
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: &client,
         settings: &settings,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: true,
     };
     let e = lister
@@ -376,10 +395,17 @@ async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = s.client(Side::Source);
     let settings = settings();
+    let selector = Selector {
+        settings: &settings,
+        source: &client,
+        dest: None,
+        retrier: &retrier,
+    };
     let lister = Lister {
         client: &client,
         settings: &settings,
         retrier: &retrier,
+        selector: &selector,
         dest_versioned: true,
     };
     let e = lister
@@ -421,4 +447,98 @@ async fn an_sse_c_version_fails_with_its_reason_and_blocks_only_its_key() {
         p.iter().any(|p| p.state == "blocked"),
         "the later version is listed as blocked"
     );
+}
+
+/// Plans the source into a new manifest at `path` with `s`.
+async fn plan_with(server: &FakeServer, path: &Path, s: &JobSettings) {
+    let mut m = Manifest::open(path, true).unwrap();
+    m.store_settings(s).unwrap();
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let client = server.client(Side::Source);
+    let selector = Selector {
+        settings: s,
+        source: &client,
+        dest: None,
+        retrier: &retrier,
+    };
+    let lister = Lister {
+        client: &client,
+        settings: s,
+        retrier: &retrier,
+        selector: &selector,
+        dest_versioned: true,
+    };
+    lister.list_into(&mut m, |_| {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn rules_send_each_version_to_its_destinations_with_their_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.create_bucket("dst2", true);
+    let v1 = s.put(SRC, "logs/k", b"one", &[]);
+    let v2 = s.put(SRC, "logs/k", b"two", &[]);
+    let w = s.put(SRC, "docs/k", b"doc", &[]);
+    s.set_encryption(SRC, "logs/k", &v2, crate::s3::Encryption::SseKms(None));
+    let cfg = crate::rules::ReplicationConfig::from_json(
+        r#"{"Rules": [
+        {"ID": "logs", "Priority": 2, "Status": "Enabled", "Filter": {"Prefix": "logs/"},
+         "DeleteMarkerReplication": {"Status": "Disabled"},
+         "Destination": {"Bucket": "arn:aws:s3:::dst", "StorageClass": "STANDARD_IA",
+           "AccessControlTranslation": {"Owner": "Destination"}, "Account": "1"}},
+        {"ID": "all", "Priority": 1, "Status": "Enabled", "Filter": {},
+         "DeleteMarkerReplication": {"Status": "Disabled"},
+         "SourceSelectionCriteria": {"SseKmsEncryptedObjects": {"Status": "Enabled"}},
+         "Destination": {"Bucket": "arn:aws:s3:::dst2",
+           "EncryptionConfiguration": {"ReplicaKmsKeyID": "key-2"}}}]}"#,
+    )
+    .unwrap();
+    let mut st = settings();
+    crate::cli::use_replication_config(&mut st, cfg, "test").unwrap();
+    plan_with(&s, &path, &st).await;
+    let m = Manifest::open(&path, false).unwrap();
+    let facts = DestFacts {
+        versioned: true,
+        object_lock: false,
+    };
+    let clients = (s.client(Side::Source), s.client(Side::Dest));
+    let copier = Copier::new(
+        st,
+        clients,
+        facts,
+        m.into_writer(),
+        &opts(),
+        ProgressBar::hidden(),
+    );
+    Arc::clone(&copier).run().await;
+    copier.flush().await;
+    drop(copier);
+
+    let stamps = |bucket: &str, key: &str| -> Vec<(String, Option<String>)> {
+        s.history(bucket, key)
+            .iter()
+            .map(|v| {
+                let stamp = v.head.metadata.get(STAMP_KEY).cloned().unwrap_or_default();
+                (stamp, v.head.storage_class.clone())
+            })
+            .collect()
+    };
+    // Rule "logs" leaves the SSE-KMS version out; rule "all" takes it.
+    assert_eq!(
+        stamps(DST, "logs/k"),
+        vec![(v1.clone(), Some("STANDARD_IA".into()))]
+    );
+    assert!(s.history(DST, "docs/k").is_empty());
+    let in_dst2: Vec<String> = stamps("dst2", "logs/k").into_iter().map(|x| x.0).collect();
+    assert_eq!(in_dst2, vec![v1, v2]);
+    let kms = s.history("dst2", "logs/k")[1].head.encryption.clone();
+    assert_eq!(
+        kms,
+        Some(crate::s3::Encryption::SseKms(Some("key-2".into())))
+    );
+    assert_eq!(stamps("dst2", "docs/k").len(), 1);
+    assert_eq!(stamps("dst2", "docs/k")[0].0, w);
+    let c = all_tasks_done(&path);
+    assert_eq!((c.total, c.done, c.skipped), (5, 4, 1), "{c:?}");
 }

@@ -1,6 +1,7 @@
 //! inputs::plan: `plan --from-csv` and `plan --from-inventory`. Instead of listing the source,
 //! the tasks come from a manifest the user supplies; they take the lister's path from there:
-//! the job's selection (the same call the lister makes), the same refusals (key too long,
+//! the job's selection (the lister's `Selector::destinations`: prefix, filters, replication
+//! rules; a task per destination), the same refusals (key too long,
 //! several versions for an unversioned destination), and `Manifest::insert_page` with each
 //! key's tasks newest first at their place in the key's history.
 //!
@@ -12,13 +13,14 @@
 //!   neither whether a version is the latest nor its place in the history, and it cannot
 //!   read a delete marker.
 //! - Inventory: every row is staged (a scratch SQLite sort, bounded memory), then read back
-//!   key by key in history order. No request to the source.
+//!   key by key in history order. No request to the source, unless the selection needs one
+//!   (HEAD filters, tag rules: as when listing).
 //!
 //! The manifest is built as `JOB.db.tmp` and renamed to `JOB.db` only once complete: a bad
 //! row, a refusal or an error leaves no manifest (and no `.tmp`).
 //!
-//! May call: `inputs` (readers, staging, fetch), the manifest, config, the s3 layer, and the
-//! lister's refusal type and key limit.
+//! May call: `inputs` (readers, staging, fetch), the manifest, config, the s3 layer, `select`,
+//! and the lister's refusal type and key limit.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -37,25 +39,23 @@ use crate::manifest::{Counts, Listing, Manifest, NewTask};
 use crate::s3::{
     show_key, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, VersionEntry, Versions,
 };
+use crate::select::Selector;
 
 /// Keys whose history is read at once (CSV manifests).
 pub const CONCURRENCY: usize = 16;
 /// Tasks per manifest transaction.
 const PAGE: usize = 1000;
 
-/// A manifest the user supplies.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Supplied {
-    /// A Batch Operations CSV manifest: a path or `s3://BUCKET/KEY`.
-    Csv(String),
-    /// An S3 Inventory `manifest.json`: a path or `s3://BUCKET/KEY`.
-    Inventory(String),
-}
+/// A manifest the user supplies (stored in the job's settings).
+pub use crate::config::Supplied;
 
 /// The job a supplied manifest is planned into.
 pub struct SuppliedJob<'a, C: S3Client> {
-    /// Reads the source (histories of CSV keys) and the supplied files in S3.
+    /// Reads the source (histories of CSV keys, HEADs and tags the selection needs) and the
+    /// supplied files in S3.
     pub client: &'a C,
+    /// Reads destination 0 (the selection's `--replication-status` check); None: not read.
+    pub dest_client: Option<&'a C>,
     /// The job.
     pub settings: &'a JobSettings,
     /// The manifest to create (it must not exist).
@@ -140,7 +140,8 @@ pub async fn plan_supplied<C: S3Client>(
     let scratch = Scratch::new(dir.unwrap_or(Path::new("."))).map_err(scratch_err)?;
     let mut m = Manifest::open(&tmp.path, true)?;
     m.store_settings(job.settings)?;
-    let mut em = Emitter::new(&mut m, job);
+    let retrier = retrier();
+    let mut em = Emitter::new(&mut m, job, &retrier);
     let rows = match input {
         Supplied::Csv(src) => plan_csv(job, src, &scratch, &mut em).await?,
         Supplied::Inventory(src) => plan_inventory(job, src, &scratch, &mut em).await?,
@@ -165,30 +166,39 @@ pub async fn plan_supplied<C: S3Client>(
     Ok(Planned { counts, rows })
 }
 
-/// Writes chosen entries into the manifest, a page at a time, as the lister would.
+/// Writes chosen entries into the manifest, a page at a time, as the lister would: the
+/// lister's selector decides each entry's destinations (a task per destination).
 struct Emitter<'a, 'j, C: S3Client> {
     manifest: &'a mut Manifest,
     job: &'a SuppliedJob<'j, C>,
+    selector: Selector<'a, C>,
     cp: Listing,
     page: Vec<NewTask>,
 }
 
 impl<'a, 'j, C: S3Client> Emitter<'a, 'j, C> {
-    fn new(manifest: &'a mut Manifest, job: &'a SuppliedJob<'j, C>) -> Self {
+    fn new(manifest: &'a mut Manifest, job: &'a SuppliedJob<'j, C>, retrier: &'a Retrier) -> Self {
         Emitter {
             manifest,
             job,
+            selector: Selector {
+                settings: job.settings,
+                source: job.client,
+                dest: job.dest_client,
+                retrier,
+            },
             cp: Listing::default(),
             page: Vec::new(),
         }
     }
 
     /// One key's chosen entries, newest first, each with its place in the key's history.
-    fn add_key(&mut self, chosen: Vec<(VersionEntry, u64)>) -> Result<(), ListError> {
+    async fn add_key(&mut self, chosen: Vec<(VersionEntry, u64)>) -> Result<(), ListError> {
         let mut selected = 0u64;
         for (e, pos) in chosen {
             self.cp.entries += 1;
-            if !self.job.settings.selection.selects(&e) {
+            let dests = self.selector.destinations(&e).await?;
+            if dests.is_empty() {
                 continue;
             }
             self.check_key(&e)?;
@@ -200,10 +210,11 @@ impl<'a, 'j, C: S3Client> Emitter<'a, 'j, C> {
                     show_key(&e.key)
                 )));
             }
-            self.page.push(NewTask {
-                entry: e,
+            self.page.extend(dests.into_iter().map(|dest| NewTask {
+                entry: e.clone(),
                 history_pos: pos,
-            });
+                dest,
+            }));
         }
         if self.page.len() >= PAGE {
             self.flush(false)?;
@@ -289,7 +300,8 @@ async fn plan_csv<C: S3Client>(
             .await;
         for (key, h) in keys.iter().zip(histories) {
             let staged = scratch.rows_of(key).map_err(scratch_err)?;
-            em.add_key(choose(src, &job.settings.source.bucket, key, &h?, &staged)?)?;
+            em.add_key(choose(src, &job.settings.source.bucket, key, &h?, &staged)?)
+                .await?;
         }
         after = Some(last);
     }
@@ -398,9 +410,19 @@ async fn plan_inventory<C: S3Client>(
             stage_inventory(job, &inv, scratch)?;
         }
     }
-    scratch
-        .for_each_history(|h: Vec<VersionEntry>| em.add_key(h.into_iter().zip(0..).collect()))
-        .map_err(scratch_err)??;
+    let mut after: Option<String> = None;
+    loop {
+        let batch = scratch
+            .histories_after(after.as_deref(), 4 * CONCURRENCY)
+            .map_err(scratch_err)?;
+        let Some(last) = batch.last().and_then(|h| h.first()).map(|e| e.key.clone()) else {
+            break;
+        };
+        for h in batch {
+            em.add_key(h.into_iter().zip(0..).collect()).await?;
+        }
+        after = Some(last);
+    }
     scratch.entries().map_err(scratch_err)
 }
 

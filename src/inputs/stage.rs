@@ -122,18 +122,21 @@ impl Scratch {
         Ok(n == 1)
     }
 
-    /// Calls `f` with each key's staged entries in history order (newest first), keys in
-    /// key order. Stops at the first error of `f` (the inner result).
-    pub fn for_each_history<E>(
+    /// The staged entries of up to `n` keys after `after` (keys in key order), each key's in
+    /// history order (newest first).
+    pub fn histories_after(
         &self,
-        mut f: impl FnMut(Vec<VersionEntry>) -> Result<(), E>,
-    ) -> rusqlite::Result<Result<(), E>> {
+        after: Option<&str>,
+        n: usize,
+    ) -> rusqlite::Result<Vec<Vec<VersionEntry>>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT key, version_id, latest, lm_text, dm, size, etag, storage_class, checksum
-             FROM entries ORDER BY key, latest DESC, lm DESC, lm_text DESC, version_id",
+             FROM entries WHERE key IN (SELECT DISTINCT key FROM entries
+                 WHERE ?1 IS NULL OR key > ?1 ORDER BY key LIMIT ?2)
+             ORDER BY key, latest DESC, lm DESC, lm_text DESC, version_id",
         )?;
-        let mut rows = stmt.query([])?;
-        let mut history: Vec<VersionEntry> = Vec::new();
+        let mut rows = stmt.query(params![after, n as i64])?;
+        let mut out: Vec<Vec<VersionEntry>> = Vec::new();
         while let Some(r) = rows.next()? {
             let e = VersionEntry {
                 key: r.get(0)?,
@@ -146,17 +149,12 @@ impl Scratch {
                 storage_class: r.get(7)?,
                 checksum_algorithm: r.get(8)?,
             };
-            if history.first().is_some_and(|h| h.key != e.key) {
-                if let Err(e) = f(std::mem::take(&mut history)) {
-                    return Ok(Err(e));
-                }
+            match out.last_mut() {
+                Some(h) if h[0].key == e.key => h.push(e),
+                _ => out.push(vec![e]),
             }
-            history.push(e);
         }
-        if history.is_empty() {
-            return Ok(Ok(()));
-        }
-        Ok(f(history))
+        Ok(out)
     }
 
     /// How many entries are staged.
@@ -202,14 +200,18 @@ mod tests {
             "a repeat"
         );
         s.commit().unwrap();
-        let mut got = Vec::new();
-        s.for_each_history::<()>(|h| {
-            got.push(h.into_iter().map(|e| e.version_id).collect::<Vec<_>>());
-            Ok(())
-        })
-        .unwrap()
-        .unwrap();
+        let ids = |hs: Vec<Vec<VersionEntry>>| {
+            hs.into_iter()
+                .map(|h| h.into_iter().map(|e| e.version_id).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        let got = ids(s.histories_after(None, 10).unwrap());
         assert_eq!(got, [["a3", "a2", "a1"], ["b3", "b2", "b1"]]);
+        let got = ids(s.histories_after(None, 1).unwrap());
+        assert_eq!(got, [["a3", "a2", "a1"]], "one key at a time");
+        let got = ids(s.histories_after(Some("a"), 1).unwrap());
+        assert_eq!(got, [["b3", "b2", "b1"]]);
+        assert!(s.histories_after(Some("b"), 1).unwrap().is_empty());
         assert_eq!(s.entries().unwrap(), 6);
     }
 

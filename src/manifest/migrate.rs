@@ -104,7 +104,7 @@ pub(super) fn from_v1(conn: &mut Connection, path: &str) -> Result<()> {
         .map_err(sql)?;
     // Unreadable settings are reported when they are read, as for any manifest.
     if let Some(s) = settings.and_then(|s| serde_json::from_str::<JobSettings>(&s).ok()) {
-        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix).map_err(sql)?;
+        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix, None).map_err(sql)?;
     }
     copy_tasks(&tx, path)?;
     tx.execute_batch("DROP TABLE v1_tasks; DROP TABLE v1_listing; DROP TABLE v1_job;")

@@ -213,6 +213,8 @@ pub struct NewTask {
     pub entry: crate::s3::VersionEntry,
     /// Position in the key's history: 0 is the newest.
     pub history_pos: u64,
+    /// The destination (`destinations.id`; 0 is the job's `--dest`).
+    pub dest: i64,
 }
 
 /// A task as the copier needs it.
@@ -252,6 +254,8 @@ pub struct Task {
     pub stream_only: bool,
     /// The class of its last error, if any.
     pub error_class: Option<String>,
+    /// The destination (`destinations.id`; 0 is the job's `--dest`).
+    pub dest: i64,
 }
 
 /// All tasks of one key, oldest first.
@@ -515,8 +519,14 @@ impl Manifest {
             params![json, now_secs()],
         )
         .map_err(|e| self.sql(e))?;
-        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix)
+        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix, None)
             .map_err(|e| self.sql(e))?;
+        for (id, d) in s.destinations.iter().enumerate() {
+            let options = serde_json::to_string(&d.options)
+                .map_err(|e| ManifestError::BadSettings(self.path.clone(), e.to_string()))?;
+            schema::store_destination(&tx, id as i64, &d.bucket, &d.prefix, Some(&options))
+                .map_err(|e| self.sql(e))?;
+        }
         tx.commit().map_err(|e| self.sql(e))
     }
 

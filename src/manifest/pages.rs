@@ -28,8 +28,9 @@ struct KeyCursor {
     existed: bool,
     /// The (refresh, history_pos) of its newest-inserted task before this page.
     last: Option<(i64, i64)>,
-    /// Version ids known to have a task (this page's, plus stored ones once loaded).
-    seen: HashSet<String>,
+    /// (destination, version id) known to have a task (this page's, plus stored ones once
+    /// loaded).
+    seen: HashSet<(i64, String)>,
     loaded: bool,
 }
 
@@ -82,7 +83,7 @@ impl KeyCursor {
 
     /// Whether the key already has a task for this entry (a replayed page).
     fn has(&mut self, conn: &Connection, t: &NewTask, generation: i64) -> rusqlite::Result<bool> {
-        if self.seen.contains(&t.entry.version_id) {
+        if self.seen.contains(&(t.dest, t.entry.version_id.clone())) {
             return Ok(true);
         }
         if !self.existed {
@@ -96,16 +97,15 @@ impl KeyCursor {
         }
         if !self.loaded {
             let (lo, hi) = key_range(self.key_id);
-            let mut stmt = conn.prepare_cached(
-                "SELECT version_id FROM task WHERE id BETWEEN ?1 AND ?2 AND dest = 0",
-            )?;
-            let versions = stmt.query_map([lo, hi], |r| r.get::<_, String>(0))?;
+            let mut stmt = conn
+                .prepare_cached("SELECT dest, version_id FROM task WHERE id BETWEEN ?1 AND ?2")?;
+            let versions = stmt.query_map([lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
             for v in versions {
                 self.seen.insert(v?);
             }
             self.loaded = true;
         }
-        Ok(self.seen.contains(&t.entry.version_id))
+        Ok(self.seen.contains(&(t.dest, t.entry.version_id.clone())))
     }
 }
 
@@ -122,7 +122,7 @@ fn insert_task(
     conn.prepare_cached(
         "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
          last_modified, storage_class, checksum_algorithm)
-         VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         id,
@@ -135,6 +135,7 @@ fn insert_task(
         time_value(e.last_modified.as_deref()),
         name_value(STORAGE_CLASSES, e.storage_class.as_deref()),
         name_value(CHECKSUMS, e.checksum_algorithm.as_deref()),
+        t.dest,
     ])?;
     let counted = Counted {
         state: State::Pending.code(),
@@ -228,7 +229,7 @@ impl Manifest {
             insert_task(&tx, id, generation, t, &mut tally).map_err(sql)?;
             second += i64::from(c.next_seq == 1);
             c.next_seq += 1;
-            c.seen.insert(t.entry.version_id.clone());
+            c.seen.insert((t.dest, t.entry.version_id.clone()));
             added += 1;
         }
         tally.store(&tx).map_err(sql)?;

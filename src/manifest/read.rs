@@ -20,7 +20,7 @@ fn task_select(cond: &str, order: &str) -> String {
     format!(
         "SELECT t.id, t.version_id, t.flags, t.size, t.etag, t.last_modified,
          t.storage_class, t.checksum_algorithm, t.state, t.attempts, t.dest_version_id,
-         t.started_at, u.upload_id, t.error_class, k.key
+         t.started_at, u.upload_id, t.error_class, k.key, t.dest
          FROM task t JOIN keys k ON k.id = t.id >> {SEQ_BITS}
          LEFT JOIN uploads u ON u.task = t.id
          WHERE {cond} {order}"
@@ -86,6 +86,7 @@ fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
         upload_id: r.get(12)?,
         stream_only: flags & STREAM_ONLY != 0,
         error_class: class_name(r.get(13)?)?,
+        dest: r.get(15)?,
     })
 }
 

@@ -251,12 +251,14 @@ pub(super) fn store_destination(
     id: i64,
     bucket: &str,
     prefix: &str,
+    options: Option<&str>,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO destinations (id, bucket, prefix) VALUES (?1, ?2, ?3)
-         ON CONFLICT (id) DO UPDATE SET bucket = excluded.bucket, prefix = excluded.prefix",
+        "INSERT INTO destinations (id, bucket, prefix, options) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET bucket = excluded.bucket, prefix = excluded.prefix,
+         options = excluded.options",
     )?
-    .execute(params![id, bucket, prefix])
+    .execute(params![id, bucket, prefix, options])
     .map(|_| ())
 }
 

@@ -25,6 +25,7 @@ fn task(key: &str, v: &str, pos: u64) -> NewTask {
             checksum_algorithm: None,
         },
         history_pos: pos,
+        dest: 0,
     }
 }
 
@@ -36,6 +37,10 @@ fn settings() -> JobSettings {
         dest_side: SideConfig::default(),
         selection: Selection::default(),
         copy: CopyOptions::default(),
+        filters: Default::default(),
+        replication: None,
+        destinations: Vec::new(),
+        supplied: None,
     }
 }
 
@@ -217,6 +222,7 @@ fn listed_fields_read_back_exactly() {
                 checksum_algorithm: sums[i].map(str::to_string),
             },
             history_pos: 0,
+            dest: 0,
         });
     }
     m.insert_page(&entries, &Listing::default()).unwrap();

@@ -1073,6 +1073,33 @@ impl S3Client for SdkClient {
     }
 }
 
+impl SdkClient {
+    /// The bucket's replication configuration as the server sent it (XML), for
+    /// `plan --replication-config source`.
+    pub async fn get_bucket_replication(&self, bucket: &str) -> Result<Vec<u8>, S3Error> {
+        const OP: &str = "GetBucketReplication";
+        self.counts.count(OP);
+        let raw = RawBody::default();
+        let r = self
+            .inner
+            .get_bucket_replication()
+            .bucket(bucket)
+            .customize()
+            .interceptor(raw.clone())
+            .send()
+            .await;
+        match r {
+            Ok(_) => {}
+            // A body the SDK does not parse is read by the caller's own parser.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().is_success()) => {}
+            Err(e) => return Err(self.err(OP, false, e)),
+        }
+        raw.take()
+            .map(|b| b.to_vec())
+            .ok_or_else(|| S3Error::other(self.side, OP, ErrorClass::Fatal, "empty answer".into()))
+    }
+}
+
 fn completed_part(p: &PartResult) -> CompletedPart {
     let mut b = CompletedPart::builder()
         .part_number(p.number)

@@ -302,6 +302,8 @@ pub struct TaskRow {
     pub dest_version_id: Option<String>,
     /// Attempts started.
     pub attempts: i64,
+    /// The destination (`destinations.id`; 0 is the job's --dest).
+    pub dest: i64,
 }
 
 /// Every task of a manifest, read-only, in id order. The one place the tests read the
@@ -313,7 +315,7 @@ pub fn manifest_tasks(path: &Path) -> Vec<TaskRow> {
     let mut stmt = conn
         .prepare(
             "SELECT key, version_id, state, copy_method, part_size, parts, etag_preserved,
-             upload_id, dest_version_id, attempts FROM tasks ORDER BY id",
+             upload_id, dest_version_id, attempts, dest FROM tasks ORDER BY id",
         )
         .expect("prepare");
     stmt.query_map([], |r| {
@@ -328,6 +330,7 @@ pub fn manifest_tasks(path: &Path) -> Vec<TaskRow> {
             upload_id: r.get(7)?,
             dest_version_id: r.get(8)?,
             attempts: r.get(9)?,
+            dest: r.get(10)?,
         })
     })
     .expect("query tasks")
