@@ -305,6 +305,30 @@ async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result
     Ok(())
 }
 
+/// `plan --dry-run --from-csv/--from-inventory`: reads and selects the supplied manifest's
+/// entries, prints the tallies, writes nothing.
+async fn dry_run_supplied(
+    args: &PlanArgs,
+    mut settings: JobSettings,
+    source: Option<SdkClient>,
+    input: &Supplied,
+) -> Result<(), JobError> {
+    let (source, dest, _) = plan_clients(&mut settings, source).await?;
+    let job = SuppliedJob {
+        client: &source,
+        dest_client: Some(&dest),
+        settings: &settings,
+        manifest: &args.manifest,
+        // Not refused in a dry run (as when listing).
+        dest_versioned: true,
+    };
+    let tally = crate::inputs::plan::dry_run_supplied(&job, input).await?;
+    for line in tally.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// The job's settings; with `--replication-config source` also the source's client (the
 /// source bucket's configuration is needed before the job is known).
 async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient>), JobError> {
@@ -328,10 +352,8 @@ async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let (mut settings, source) = plan_settings(args).await?;
     if args.dry_run {
-        if args.supplied().is_some() {
-            return Err(JobError::Usage(
-                "--dry-run lists the source and cannot read --from-csv/--from-inventory; plan into a scratch --manifest and read its `status`".into(),
-            ));
+        if let Some(input) = args.supplied() {
+            return dry_run_supplied(args, settings, source, &input).await;
         }
         return dry_run(settings, source).await;
     }

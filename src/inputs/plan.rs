@@ -39,7 +39,7 @@ use crate::manifest::{Counts, Listing, Manifest, NewTask};
 use crate::s3::{
     show_key, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, VersionEntry, Versions,
 };
-use crate::select::Selector;
+use crate::select::{DryRun, Selector};
 
 /// Keys whose history is read at once (CSV manifests).
 pub const CONCURRENCY: usize = 16;
@@ -136,17 +136,10 @@ pub async fn plan_supplied<C: S3Client>(
         kept: false,
     };
     tmp.remove(); // a leftover of a killed plan
-    let dir = job.manifest.parent().filter(|d| !d.as_os_str().is_empty());
-    let scratch = Scratch::new(dir.unwrap_or(Path::new("."))).map_err(scratch_err)?;
+    let scratch = Scratch::new(scratch_near(job.manifest)).map_err(scratch_err)?;
     let mut m = Manifest::open(&tmp.path, true)?;
     m.store_settings(job.settings)?;
-    let retrier = retrier();
-    let mut em = Emitter::new(&mut m, job, &retrier);
-    let rows = match input {
-        Supplied::Csv(src) => plan_csv(job, src, &scratch, &mut em).await?,
-        Supplied::Inventory(src) => plan_inventory(job, src, &scratch, &mut em).await?,
-    };
-    em.finish()?;
+    let (rows, _) = emit(job, input, &scratch, Some(&mut m)).await?;
     let counts = m.counts()?;
     drop(m);
     if tmp.files()[1].exists() {
@@ -166,10 +159,45 @@ pub async fn plan_supplied<C: S3Client>(
     Ok(Planned { counts, rows })
 }
 
+/// `plan --dry-run` from a supplied manifest: what would be copied (the entries read count as
+/// listed); no manifest is written (`job.manifest` only places the scratch directory).
+pub async fn dry_run_supplied<C: S3Client>(
+    job: &SuppliedJob<'_, C>,
+    input: &Supplied,
+) -> Result<DryRun, ListError> {
+    let scratch = Scratch::new(scratch_near(job.manifest)).map_err(scratch_err)?;
+    Ok(emit(job, input, &scratch, None).await?.1)
+}
+
+/// The directory the scratch sort goes in: the manifest's.
+fn scratch_near(manifest: &Path) -> &Path {
+    let dir = manifest.parent().filter(|d| !d.as_os_str().is_empty());
+    dir.unwrap_or(Path::new("."))
+}
+
+/// Reads the supplied manifest and emits its selected entries into `manifest` (None: a dry
+/// run, tallied instead). Returns the rows read and the tally.
+async fn emit<C: S3Client>(
+    job: &SuppliedJob<'_, C>,
+    input: &Supplied,
+    scratch: &Scratch,
+    manifest: Option<&mut Manifest>,
+) -> Result<(u64, DryRun), ListError> {
+    let retrier = retrier();
+    let mut em = Emitter::new(manifest, job, &retrier);
+    let rows = match input {
+        Supplied::Csv(src) => plan_csv(job, src, scratch, &mut em).await?,
+        Supplied::Inventory(src) => plan_inventory(job, src, scratch, &mut em).await?,
+    };
+    Ok((rows, em.finish()?))
+}
+
 /// Writes chosen entries into the manifest, a page at a time, as the lister would: the
 /// lister's selector decides each entry's destinations (a task per destination).
 struct Emitter<'a, 'j, C: S3Client> {
-    manifest: &'a mut Manifest,
+    /// None: a dry run (tallied in `tally`).
+    manifest: Option<&'a mut Manifest>,
+    tally: DryRun,
     job: &'a SuppliedJob<'j, C>,
     selector: Selector<'a, C>,
     cp: Listing,
@@ -177,9 +205,14 @@ struct Emitter<'a, 'j, C: S3Client> {
 }
 
 impl<'a, 'j, C: S3Client> Emitter<'a, 'j, C> {
-    fn new(manifest: &'a mut Manifest, job: &'a SuppliedJob<'j, C>, retrier: &'a Retrier) -> Self {
+    fn new(
+        manifest: Option<&'a mut Manifest>,
+        job: &'a SuppliedJob<'j, C>,
+        retrier: &'a Retrier,
+    ) -> Self {
         Emitter {
             manifest,
+            tally: DryRun::default(),
             job,
             selector: Selector {
                 settings: job.settings,
@@ -199,6 +232,10 @@ impl<'a, 'j, C: S3Client> Emitter<'a, 'j, C> {
             self.cp.entries += 1;
             let dests = self.selector.destinations(&e).await?;
             if dests.is_empty() {
+                continue;
+            }
+            if self.manifest.is_none() {
+                self.tally.add(self.job.settings, &e, &dests);
                 continue;
             }
             self.check_key(&e)?;
@@ -241,14 +278,18 @@ impl<'a, 'j, C: S3Client> Emitter<'a, 'j, C> {
             self.cp.last_key = Some(last.entry.key.clone());
             self.cp.key_marker = Some(last.entry.key.clone());
         }
-        self.manifest.insert_page(&self.page, &self.cp)?;
+        if let Some(m) = self.manifest.as_deref_mut() {
+            m.insert_page(&self.page, &self.cp)?;
+        }
         self.page.clear();
         Ok(())
     }
 
-    /// The last page, with the listing marked complete.
-    fn finish(mut self) -> Result<(), ListError> {
-        self.flush(true)
+    /// The last page, with the listing marked complete; the dry run's tally.
+    fn finish(mut self) -> Result<DryRun, ListError> {
+        self.flush(true)?;
+        self.tally.listed = self.cp.entries;
+        Ok(self.tally)
     }
 }
 
