@@ -806,11 +806,15 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
 }
 
 /// `verify`: compares the destination with the source (each destination with the versions
-/// the manifest selected for it, for jobs with a replication configuration or filters).
+/// the manifest selected for it, for jobs with a replication configuration, filters or a
+/// supplied manifest).
 pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let manifest = Manifest::open(&args.manifest, false)?;
     let mut settings = manifest.require_settings()?;
-    let selected = settings.replication.is_some() || !settings.filters.is_empty();
+    // A supplied manifest (`--from-csv`/`--from-inventory`) selects too: the keys it names.
+    let selected = settings.replication.is_some()
+        || !settings.filters.is_empty()
+        || settings.planned_from_supplied();
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }

@@ -423,26 +423,7 @@ impl<C: S3Client> Verifier<'_, C> {
             t.unselected_keys += u64::from(!de.is_empty());
             return Ok(false);
         }
-        let mut wanted = BTreeSet::new();
-        for x in mine {
-            if x.state == State::Skipped {
-                let class = x.error_class.clone().unwrap_or_else(|| "skipped".into());
-                *t.skipped.entry(class).or_default() += 1;
-            } else {
-                wanted.insert(x.version_id.as_str());
-            }
-        }
-        let mut expected: Vec<VersionEntry> = se
-            .iter()
-            .filter(|e| wanted.contains(e.version_id.as_str()))
-            .cloned()
-            .collect();
-        let gone = wanted
-            .iter()
-            .find(|v| !se.iter().any(|e| e.version_id == **v))
-            .map(|v| {
-                format!("version {v} selected for this destination is no longer at the source")
-            });
+        let (mut expected, gone) = expected_at(se, &mine, t);
         t.keys += 1;
         t.versions += expected.len() as u64;
         report.versions += expected.len() as u64;
@@ -516,6 +497,34 @@ impl<C: S3Client> Verifier<'_, C> {
     }
 }
 
+/// The source entries (oldest first) of a destination's tasks `mine` that are not skipped
+/// (skips are counted in `t`), and a difference if one of them is gone from the source.
+fn expected_at(
+    se: &[VersionEntry],
+    mine: &[&Task],
+    t: &mut DestReport,
+) -> (Vec<VersionEntry>, Option<String>) {
+    let mut wanted = BTreeSet::new();
+    for x in mine {
+        if x.state == State::Skipped {
+            let class = x.error_class.clone().unwrap_or_else(|| "skipped".into());
+            *t.skipped.entry(class).or_default() += 1;
+        } else {
+            wanted.insert(x.version_id.as_str());
+        }
+    }
+    let expected = se
+        .iter()
+        .filter(|e| wanted.contains(e.version_id.as_str()))
+        .cloned()
+        .collect();
+    let gone = wanted
+        .iter()
+        .find(|v| !se.iter().any(|e| e.version_id == **v))
+        .map(|v| format!("version {v} selected for this destination is no longer at the source"));
+    (expected, gone)
+}
+
 /// The smallest next key of the source and the destinations (None when all are done).
 async fn next_key<C: S3Client>(
     src: &mut Histories<'_, C>,
@@ -560,5 +569,47 @@ mod tests {
         assert!(compare(&[v("1", 9, "a-2")], &[v("x", 9, "b")]).is_none());
         assert!(compare(&[v("1", 9, "a")], &[v("x", 9, "b-2")]).is_none());
         assert!(compare(&[v("1", 9, "a-2")], &[v("x", 9, "b-3")]).is_none());
+    }
+
+    fn task(version: &str, state: State, class: Option<&str>) -> Task {
+        Task {
+            id: 0,
+            key: "k".into(),
+            version_id: version.into(),
+            is_delete_marker: false,
+            is_latest: false,
+            size: 1,
+            etag: None,
+            last_modified: None,
+            storage_class: None,
+            checksum_algorithm: None,
+            state,
+            attempts: 0,
+            dest_version_id: None,
+            started_at: None,
+            upload_id: None,
+            stream_only: false,
+            error_class: class.map(str::to_string),
+            dest: 0,
+        }
+    }
+
+    #[test]
+    fn a_destination_expects_its_tasks_source_entries_only() {
+        let se = [v("1", 1, "a"), v("2", 1, "b"), v("3", 1, "c")];
+        let (t1, t3) = (task("1", State::Done, None), task("3", State::Done, None));
+        let t2 = task("2", State::Skipped, Some("archived"));
+        let mut r = DestReport::default();
+        let (exp, gone) = expected_at(&se, &[&t1, &t2, &t3], &mut r);
+        let ids: Vec<&str> = exp.iter().map(|e| e.version_id.as_str()).collect();
+        assert_eq!(ids, ["1", "3"], "the skipped version 2 is not expected");
+        assert!(gone.is_none());
+        assert_eq!(r.skipped.get("archived"), Some(&1));
+        let t9 = task("9", State::Done, None);
+        let (_, gone) = expected_at(&se, &[&t1, &t9], &mut r);
+        assert!(
+            gone.is_some_and(|g| g.contains("version 9")),
+            "a vanished source version is named"
+        );
     }
 }

@@ -617,4 +617,16 @@ async fn a_csv_manifest_planned_with_a_size_filter_keeps_the_larger_versions() {
         .map(|h| h.iter().map(|v| v.size).sum())
         .collect();
     assert_eq!(copied, [40, 40], "each key's larger version only");
+    expect_code(&job.verify(), 0);
+
+    // One key's current version, no filter: `verify` compares what the manifest selected
+    // (sz/a's current version), not the whole source.
+    let dst2 = bucket("sz-dst2");
+    create_bucket(&c, &dst2, true).await;
+    std::fs::write(&csv, format!("{src},sz/a\n")).unwrap();
+    let one = job_in(dir.path(), "one.db", &src, &dst2, &ep);
+    expect_code(&plan_with(&one, &["--from-csv", csv.to_str().unwrap()]), 0);
+    expect_code(&one.run(&[]), 0);
+    let o = one.verify();
+    expect_code(&o, 0);
 }
