@@ -2,7 +2,9 @@
 //! Inventory built by hand from the source's histories (manifest.json + manifest.checksum,
 //! CSV.gz and Parquet data files, odd keys, versions and delete markers, rows shuffled) and a
 //! Batch Operations CSV manifest each plan exactly the tasks a listing plans; a bad row leaves
-//! no manifest; a failed-tasks report fed back with `--from-csv` plans the same tasks.
+//! no manifest; a failed-tasks report fed back with `--from-csv` plans the same tasks; a CSV
+//! manifest takes the job's filters (`--min-size`, dry run too) and replication rules (a task
+//! per destination), and `verify` compares what it selected.
 
 mod support;
 
@@ -628,5 +630,87 @@ async fn a_csv_manifest_planned_with_a_size_filter_keeps_the_larger_versions() {
     expect_code(&plan_with(&one, &["--from-csv", csv.to_str().unwrap()]), 0);
     expect_code(&one.run(&[]), 0);
     let o = one.verify();
+    expect_code(&o, 0);
+}
+
+/// (key, destination id) of every planned task, in task-id order.
+fn task_dests(m: &Path) -> Vec<(String, i64)> {
+    let conn = rusqlite::Connection::open_with_flags(m, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the manifest");
+    let mut stmt = conn
+        .prepare("SELECT key, dest FROM tasks ORDER BY id")
+        .unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn a_csv_manifest_with_a_replication_configuration_goes_to_each_rules_destination() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, a, b) = (bucket("rc-src"), bucket("rc-a"), bucket("rc-b"));
+    for (name, versioned) in [(&src, true), (&a, true), (&b, true)] {
+        create_bucket(&c, name, versioned).await;
+    }
+    let rounds = vec![
+        vec![Op::put("x/1", "x one"), Op::put("y/1", "y one")],
+        vec![Op::put("x/1", "x two")],
+    ];
+    seed(&c, &src, rounds).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Rule "all" sends everything to A; rule "x" sends x/ to B too.
+    let config = format!(
+        r#"{{"Rules": [
+    {{"ID": "all", "Priority": 1, "Status": "Enabled", "Filter": {{}},
+      "DeleteMarkerReplication": {{"Status": "Disabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{a}"}}}},
+    {{"ID": "x", "Priority": 2, "Status": "Enabled", "Filter": {{"Prefix": "x/"}},
+      "DeleteMarkerReplication": {{"Status": "Disabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{b}"}}}}]}}"#
+    );
+    let config_path = dir.path().join("replication.json");
+    std::fs::write(&config_path, config).unwrap();
+    let mut text = String::new();
+    for (key, history) in histories(&c, &src, "").await {
+        for v in history {
+            text.push_str(&format!("{src},{key},{}\n", v.version_id));
+        }
+    }
+    let csv = dir.path().join("all.csv");
+    std::fs::write(&csv, text).unwrap();
+    let m = dir.path().join("rules.db");
+    let o = run(&[
+        "replicate",
+        "--source",
+        &format!("s3://{src}"),
+        "--manifest",
+        m.to_str().unwrap(),
+        "--source-endpoint",
+        &ep,
+        "--dest-endpoint",
+        &ep,
+        "--path-style",
+        "--no-progress",
+        "--replication-config",
+        config_path.to_str().unwrap(),
+        "--from-csv",
+        csv.to_str().unwrap(),
+    ]);
+    expect_code(&o, 0);
+    let dests = task_dests(&m);
+    let to = |d: i64| dests.iter().filter(|t| t.1 == d).count();
+    assert_eq!(
+        (to(0), to(1)),
+        (3, 2),
+        "A: every version; B: x/1's two {dests:?}"
+    );
+    let versions = |h: BTreeMap<String, Vec<Ver>>| -> Vec<(String, usize)> {
+        h.into_iter().map(|(k, v)| (k, v.len())).collect()
+    };
+    let at_a = versions(histories(&c, &a, "").await);
+    let at_b = versions(histories(&c, &b, "").await);
+    assert_eq!(at_a, [("x/1".to_string(), 2), ("y/1".to_string(), 1)]);
+    assert_eq!(at_b, [("x/1".to_string(), 2)]);
+    let o = run(&["verify", "--manifest", m.to_str().unwrap(), "--no-progress"]);
     expect_code(&o, 0);
 }
