@@ -307,6 +307,17 @@ pub fn write_aws_report(
     spec: &ReportSpec,
     rows: impl IntoIterator<Item = ReportRow>,
 ) -> Result<ReportWritten, ReportError> {
+    write_aws_report_streamed(dir, spec, |emit| rows.into_iter().try_for_each(emit))
+}
+
+/// [`write_aws_report`] for rows pushed by `feed` (e.g. streamed from the manifest): `feed`
+/// calls `emit` once per row and returns its own errors (`E`), into which a write error
+/// converts.
+pub fn write_aws_report_streamed<E: From<ReportError>>(
+    dir: &Path,
+    spec: &ReportSpec,
+    feed: impl FnOnce(&mut dyn FnMut(ReportRow) -> Result<(), ReportError>) -> Result<(), E>,
+) -> Result<ReportWritten, E> {
     let partial = dir.join(format!(".job-{}.partial", spec.job_id));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
@@ -321,14 +332,14 @@ pub fn write_aws_report(
         done: Vec::new(),
     };
     let (mut succeeded, mut failed) = (0u64, 0u64);
-    for row in rows {
+    feed(&mut |row: ReportRow| {
         match row.task_status {
-            TaskStatus::Succeeded if spec.scope == ReportScope::Failed => continue,
+            TaskStatus::Succeeded if spec.scope == ReportScope::Failed => return Ok(()),
             TaskStatus::Succeeded => succeeded += 1,
             TaskStatus::Failed => failed += 1,
         }
-        w.write(&row)?;
-    }
+        w.write(&row)
+    })?;
     w.close(TaskStatus::Succeeded)?;
     w.close(TaskStatus::Failed)?;
     w.done.sort_by_key(|(n, _)| *n);

@@ -185,6 +185,29 @@ pub struct PlanArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Plan from an S3 Batch Operations CSV manifest instead of listing: no header,
+    /// `Bucket,Key[,VersionId]`, keys URL-encoded, every row with a version id or none (none:
+    /// the key's current version); a local file or s3://BUCKET/KEY (read with the source's
+    /// credentials). Costs one ListObjectVersions per distinct key (each row's size, ETag,
+    /// time and place in its key's history). The results CSV of `report --format aws` reads
+    /// as such a manifest.
+    #[arg(long, value_name = "FILE|S3URL", conflicts_with = "from_inventory")]
+    pub from_csv: Option<String>,
+    /// Plan from an S3 Inventory report of all versions instead of listing: its manifest.json
+    /// (local, or s3://BUCKET/.../manifest.json, read with the source's credentials; the
+    /// data files, CSV.gz or Parquet, are checked against their MD5s). No request to the
+    /// source bucket.
+    #[arg(long, value_name = "MANIFEST_JSON")]
+    pub from_inventory: Option<String>,
+}
+
+impl PlanArgs {
+    /// The supplied manifest to plan from, if any.
+    pub fn supplied(&self) -> Option<crate::config::Supplied> {
+        use crate::config::Supplied;
+        (self.from_csv.clone().map(Supplied::Csv))
+            .or_else(|| self.from_inventory.clone().map(Supplied::Inventory))
+    }
 }
 
 impl SideArgs {
@@ -359,6 +382,7 @@ impl PlanArgs {
             filters: self.filters.filters()?,
             replication: None,
             destinations: Vec::new(),
+            supplied: self.supplied(),
         };
         match self.replication_config.as_deref() {
             None | Some("source") => {}
@@ -518,12 +542,32 @@ pub struct ReportArgs {
     /// The manifest.
     #[arg(long, value_name = "FILE")]
     pub manifest: PathBuf,
-    /// csv (one line per failed, skipped or blocked task, after a header) or json.
+    /// csv (one line per failed, skipped or blocked task, after a header), json, or aws (S3
+    /// Batch Operations' completion report: `job-<id>/manifest.json` and
+    /// `job-<id>/results/*.csv` under --output, which it needs).
     #[arg(long, value_enum, default_value = "csv")]
     pub format: ReportFormat,
-    /// Write to this file instead of standard output.
+    /// Write to this file instead of standard output; with --format aws: a directory or
+    /// s3://BUCKET[/PREFIX] (uploaded with the destination's credentials).
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// --format aws: all tasks (copied ones `succeeded`), or failed only (failed, skipped and
+    /// blocked tasks: what was not copied). Pending tasks are in neither.
+    #[arg(long, value_enum, default_value = "all")]
+    pub report_scope: ReportScopeArg,
+    /// --format aws: the job id in `job-<id>` (default: the manifest's file name without
+    /// its extension).
+    #[arg(long, value_name = "ID")]
+    pub job_id: Option<String>,
+}
+
+/// `--report-scope`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportScopeArg {
+    /// Every finished task.
+    All,
+    /// Tasks not copied.
+    Failed,
 }
 
 /// The formats of `report`.
@@ -533,6 +577,8 @@ pub enum ReportFormat {
     Csv,
     /// One JSON object: the job, the counts, the problems.
     Json,
+    /// S3 Batch Operations' completion report (`Report_CSV_20180820`).
+    Aws,
 }
 
 /// Arguments of `verify`.

@@ -264,6 +264,29 @@ pub struct JobSettings {
     /// table; a task's `dest` indexes here). Empty: destination 0 is `dest` with `copy`'s options.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<Destination>,
+    /// The manifest the tasks came from instead of a listing (`plan --from-csv` or
+    /// `--from-inventory`); None: the source was listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplied: Option<Supplied>,
+}
+
+/// A manifest the user supplies instead of a listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Supplied {
+    /// A Batch Operations CSV manifest: a path or `s3://BUCKET/KEY`.
+    Csv(String),
+    /// An S3 Inventory `manifest.json`: a path or `s3://BUCKET/KEY`.
+    Inventory(String),
+}
+
+impl std::fmt::Display for Supplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Supplied::Csv(s) => write!(f, "--from-csv {s}"),
+            Supplied::Inventory(s) => write!(f, "--from-inventory {s}"),
+        }
+    }
 }
 
 /// One destination of a replication configuration: a bucket and what the deciding rule says
@@ -358,7 +381,24 @@ impl JobSettings {
         if self.replication != other.replication {
             return Some("another replication configuration".into());
         }
+        if self.supplied != other.supplied {
+            let says = |s: &Option<Supplied>| {
+                s.as_ref()
+                    .map_or_else(|| "a listing of the source".to_string(), |s| s.to_string())
+            };
+            return Some(format!(
+                "{} (manifest has {})",
+                says(&self.supplied),
+                says(&other.supplied)
+            ));
+        }
         None
+    }
+
+    /// Whether the job's tasks came from a supplied manifest (`plan --from-csv` or
+    /// `--from-inventory`) rather than a listing: such a job cannot be refreshed by listing.
+    pub fn planned_from_supplied(&self) -> bool {
+        self.supplied.is_some()
     }
 
     /// The destination key of a source key: the destination prefix followed by the key.

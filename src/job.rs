@@ -19,6 +19,7 @@ use crate::cli::{
 };
 use crate::config::{ConfigError, JobSettings, SideConfig};
 use crate::copier::{Copier, DestFacts, ListingState, RunSummary};
+use crate::inputs::plan::{Supplied, SuppliedJob};
 use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
@@ -310,6 +311,30 @@ async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result
     Ok(())
 }
 
+/// `plan --dry-run --from-csv/--from-inventory`: reads and selects the supplied manifest's
+/// entries, prints the tallies, writes nothing.
+async fn dry_run_supplied(
+    args: &PlanArgs,
+    mut settings: JobSettings,
+    source: Option<SdkClient>,
+    input: &Supplied,
+) -> Result<(), JobError> {
+    let (source, dest, _) = plan_clients(&mut settings, source).await?;
+    let job = SuppliedJob {
+        client: &source,
+        dest_client: Some(&dest),
+        settings: &settings,
+        manifest: &args.manifest,
+        // Not refused in a dry run (as when listing).
+        dest_versioned: true,
+    };
+    let tally = crate::inputs::plan::dry_run_supplied(&job, input).await?;
+    for line in tally.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// The job's settings; with `--replication-config source` also the source's client (the
 /// source bucket's configuration is needed before the job is known).
 async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient>), JobError> {
@@ -356,14 +381,28 @@ type Prepared = (Manifest, JobSettings, SdkClient, SdkClient, BucketFacts);
 
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let (settings, source) = plan_settings(args).await?;
+    let (mut settings, source) = plan_settings(args).await?;
     if args.dry_run {
+        if let Some(input) = args.supplied() {
+            return dry_run_supplied(args, settings, source, &input).await;
+        }
         return dry_run(settings, source).await;
     }
     let _lock = lock_manifest(&args.manifest)?;
     let existing = existing_manifest(args, &settings)?;
     if listing_done(existing.as_ref(), &args.manifest)? {
         return Ok(());
+    }
+    if let Some(input) = args.supplied() {
+        let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
+        let job = SuppliedJob {
+            client: &source,
+            dest_client: Some(&dest_client),
+            settings: &settings,
+            manifest: &args.manifest,
+            dest_versioned: dest.versioned || settings.selection.latest_only,
+        };
+        return plan_supplied(args, existing, &job, &input).await;
     }
     let (mut m, settings, source, dest_client, dest) =
         prepare_listing(settings, source, existing, &args.manifest).await?;
@@ -408,6 +447,12 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
 /// next `replicate` (or `run`) continues both.
 pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
     let plan = &args.plan;
+    if plan.supplied().is_some() {
+        // A supplied manifest is planned whole (no listing to copy beside), then copied.
+        self::plan(plan).await?;
+        let _lock = lock_manifest(&plan.manifest)?;
+        return run_locked(&args.run()).await;
+    }
     let (settings, source) = plan_settings(plan).await?;
     let _lock = lock_manifest(&plan.manifest)?;
     let existing = existing_manifest(plan, &settings)?;
@@ -419,6 +464,35 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
         prepare_listing(settings, source, existing, &plan.manifest).await?;
     }
     run_locked(&args.run()).await
+}
+
+/// `plan --from-csv/--from-inventory`: the tasks come from the supplied manifest; the
+/// manifest appears only once complete (see `inputs::plan`).
+async fn plan_supplied(
+    args: &PlanArgs,
+    existing: Option<Manifest>,
+    job: &SuppliedJob<'_, SdkClient>,
+    input: &Supplied,
+) -> Result<(), JobError> {
+    if existing.is_some() {
+        return Err(JobError::Usage(format!(
+            "manifest {} exists with an unfinished listing; plan from a supplied manifest into a new --manifest",
+            args.manifest.display()
+        )));
+    }
+    let p = crate::inputs::plan::plan_supplied(job, input).await?;
+    let (what, from) = match input {
+        Supplied::Csv(f) => ("CSV rows", f),
+        Supplied::Inventory(f) => ("inventory entries", f),
+    };
+    eprintln!(
+        "planned {} tasks ({} delete markers, {}) from {} {what} of {from}",
+        p.counts.total,
+        p.counts.delete_markers,
+        indicatif::HumanBytes(p.counts.bytes_total),
+        p.rows
+    );
+    Ok(())
 }
 
 /// The stored settings with this run's overrides of endpoints and profiles.
@@ -769,10 +843,141 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `report`: the completion report (CSV or JSON), streamed from the manifest.
+/// `report --format aws`: S3 Batch Operations' completion report, written into a directory,
+/// or built in a scratch directory and uploaded (results first, `manifest.json` last) with the
+/// destination's credentials.
+fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result<(), JobError> {
+    let Some(output) = args.output.as_ref().and_then(|o| o.to_str()) else {
+        return Err(JobError::Usage(
+            "report --format aws needs --output DIR|s3://BUCKET[/PREFIX]".into(),
+        ));
+    };
+    let target = report_target(output);
+    let scratch =
+        tempfile::tempdir().map_err(|e| JobError::Other(format!("scratch directory: {e}")))?;
+    let (dir, bucket, prefix) = match &target {
+        Some((b, p)) => (scratch.path().to_path_buf(), b.clone(), p.clone()),
+        None => (PathBuf::from(output), output.to_string(), String::new()),
+    };
+    let spec = aws_spec(args, bucket.clone(), prefix.clone())?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let written = report::write_aws(m, settings, &dir, &spec).map_err(|e| match e {
+        report::AwsReportError::Manifest(m) => JobError::Manifest(m),
+        report::AwsReportError::Write(w) => JobError::Other(format!("writing the report: {w}")),
+    })?;
+    let mut place = written.dir.display().to_string();
+    if target.is_some() {
+        let mut keys: Vec<String> = written.files.iter().map(|f| f.key.clone()).collect();
+        keys.push(format!("{prefix}job-{}/manifest.json", spec.job_id));
+        // Its own thread and runtime: `report` is synchronous, whatever runtime calls it.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| JobError::Other(format!("cannot start the runtime: {e}")))?
+                    .block_on(upload_report(settings, &bucket, &prefix, &dir, &keys))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(JobError::Other("the upload thread failed".into())))
+        })?;
+        place = format!("s3://{bucket}/{prefix}job-{}/", spec.job_id);
+    }
+    let c = m.counts()?;
+    let pending = c.pending + c.in_progress;
+    let left_out = match pending {
+        0 => String::new(),
+        n => format!(" ({n} tasks still pending are not in it)"),
+    };
+    eprintln!(
+        "report {place}: {} succeeded, {} failed{left_out}",
+        written.succeeded, written.failed
+    );
+    Ok(())
+}
+
+/// The AWS-shaped report's spec: job id (`--job-id`, else the manifest's file stem), scope,
+/// and where its manifest says the files are.
+fn aws_spec(
+    args: &ReportArgs,
+    bucket: String,
+    prefix: String,
+) -> Result<crate::aws_report::ReportSpec, JobError> {
+    use crate::aws_report::{ReportScope, ReportSpec, DEFAULT_ROWS_PER_FILE};
+    let job_id = match &args.job_id {
+        Some(id) => id.clone(),
+        None => args
+            .manifest
+            .file_stem()
+            .map_or("job".into(), |s| s.to_string_lossy().into_owned()),
+    };
+    let fits = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if job_id.is_empty() || job_id.starts_with('.') || !job_id.chars().all(fits) {
+        return Err(JobError::Usage(format!(
+            "job id {job_id:?} cannot name a report directory (use letters, digits, '-', '_', '.'; set one with --job-id)"
+        )));
+    }
+    Ok(ReportSpec {
+        job_id,
+        scope: match args.report_scope {
+            crate::cli::ReportScopeArg::All => ReportScope::All,
+            crate::cli::ReportScopeArg::Failed => ReportScope::Failed,
+        },
+        created: time::OffsetDateTime::now_utc(),
+        bucket,
+        prefix,
+        rows_per_file: DEFAULT_ROWS_PER_FILE,
+    })
+}
+
+/// Where `report --format aws` uploads: `s3://BUCKET[/PREFIX]` as (bucket, prefix ending in
+/// `/` or empty); None for a directory.
+fn report_target(output: &str) -> Option<(String, String)> {
+    let rest = output.strip_prefix("s3://")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_end_matches('/');
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Some((bucket.to_string(), prefix))
+}
+
+/// Uploads report files (keys under `prefix`, read from `dir`), in order.
+async fn upload_report(
+    settings: &JobSettings,
+    bucket: &str,
+    prefix: &str,
+    dir: &Path,
+    keys: &[String],
+) -> Result<(), JobError> {
+    let (client, _) = build(Side::Dest, &settings.dest_side, Timeouts::default()).await;
+    let retrier = preflight();
+    for key in keys {
+        let local = dir.join(key.strip_prefix(prefix).unwrap_or(key));
+        let body = std::fs::read(&local)
+            .map_err(|e| JobError::Other(format!("{}: {e}", local.display())))?;
+        let obj = crate::s3::ObjectRef::key(bucket, key);
+        let body = bytes::Bytes::from(body);
+        let attrs = crate::s3::WriteAttrs::default();
+        retrier
+            .call(&Default::default(), || {
+                client.put_object(&obj, body.clone(), &attrs)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// `report`: the completion report (CSV, JSON or AWS-shaped), streamed from the manifest.
 pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let settings = m.require_settings()?;
+    if args.format == ReportFormat::Aws {
+        return report_aws(args, &m, &settings);
+    }
     let counts = m.counts()?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(File::create(p).map_err(|e| {
@@ -793,6 +998,7 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
                 .map_err(|e| JobError::Other(e.to_string()))?;
             writeln!(out).map_err(io)?;
         }
+        ReportFormat::Aws => return report_aws(args, &m, &settings),
         ReportFormat::Csv => {
             let mut failed: Option<ManifestError> = None;
             report::write_csv(&mut out, &settings, |row| {
@@ -824,11 +1030,15 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
 }
 
 /// `verify`: compares the destination with the source (each destination with the versions
-/// the manifest selected for it, for jobs with a replication configuration or filters).
+/// the manifest selected for it, for jobs with a replication configuration, filters or a
+/// supplied manifest).
 pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let manifest = Manifest::open(&args.manifest, false)?;
     let mut settings = manifest.require_settings()?;
-    let selected = settings.replication.is_some() || !settings.filters.is_empty();
+    // A supplied manifest (`--from-csv`/`--from-inventory`) selects too: the keys it names.
+    let selected = settings.replication.is_some()
+        || !settings.filters.is_empty()
+        || settings.planned_from_supplied();
     if let Some(e) = &args.source_endpoint {
         settings.source_side.endpoint = Some(e.clone());
     }

@@ -1,15 +1,22 @@
 //! report: `status` (counts and progress) and the completion report (the summary plus every
 //! failed, skipped or blocked task), read from the manifest and written as it streams.
 //!
-//! May call: the manifest (its records) and config.
+//! Also the AWS-shaped report's rows, streamed from the manifest ([`write_aws`]).
+//!
+//! May call: the manifest (its records), config, and `aws_report` (the AWS-shaped writer).
 
 use std::io::Write;
+use std::path::Path;
 
 use indicatif::HumanBytes;
 use serde::Serialize;
 
+use crate::aws_report::{
+    error_code, write_aws_report_streamed, FailureFacts, ReportError, ReportRow, ReportScope,
+    ReportSpec, ReportWritten, TaskStatus,
+};
 use crate::config::JobSettings;
-use crate::manifest::{Counts, Problem};
+use crate::manifest::{Counts, Manifest, ManifestError, Problem, State};
 
 /// Human-readable status lines.
 pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
@@ -102,6 +109,89 @@ pub fn write_csv<W: Write>(
         .map_err(io)
     })?;
     w.flush()
+}
+
+/// Why an AWS-shaped report could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsReportError {
+    /// Reading the manifest failed.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Writing the report failed.
+    #[error(transparent)]
+    Write(#[from] ReportError),
+}
+
+/// The error code of a task that blocks behind a failed older version of its key.
+pub const BLOCKED_CODE: &str = "BlockedByFailedOlderVersion";
+
+/// The report row of a failed, skipped or blocked task: a failure whose code is S3
+/// replication's reason where one fits (see `aws_report::error_code`).
+pub fn problem_row(bucket: &str, p: &Problem) -> ReportRow {
+    let status = p.http_status.and_then(|s| u16::try_from(s).ok());
+    let message = p.message.as_deref().unwrap_or("");
+    let code = if p.state == "blocked" {
+        BLOCKED_CODE.to_string()
+    } else {
+        let facts = FailureFacts::from_stored(
+            p.error_class.as_deref(),
+            p.error_code.as_deref(),
+            status,
+            message,
+        );
+        error_code(&facts)
+    };
+    ReportRow {
+        bucket: bucket.to_string(),
+        key: p.key.clone(),
+        version_id: Some(p.version_id.clone()),
+        task_status: TaskStatus::Failed,
+        error_code: Some(code),
+        http_status: status,
+        message: message.to_string(),
+    }
+}
+
+/// Writes the AWS-shaped report of the manifest's tasks into `dir` (streamed: memory does
+/// not grow with the tasks): done tasks `succeeded` (scope all), failed, skipped and
+/// blocked tasks `failed`. Pending tasks are left out.
+pub fn write_aws(
+    m: &Manifest,
+    settings: &JobSettings,
+    dir: &Path,
+    spec: &ReportSpec,
+) -> Result<ReportWritten, AwsReportError> {
+    let bucket = settings.source.bucket.as_str();
+    write_aws_report_streamed(dir, spec, |emit| {
+        // The manifest's callbacks speak io::Error: a write error waits here.
+        let mut failed: Option<ReportError> = None;
+        let mut push = |row: ReportRow| {
+            emit(row).map_err(|e| {
+                let text = e.to_string();
+                failed = Some(e);
+                std::io::Error::other(text)
+            })
+        };
+        let read = match spec.scope {
+            ReportScope::All => m.for_each_in_state(State::Done, |key, version| {
+                push(ReportRow {
+                    bucket: bucket.to_string(),
+                    key: key.to_string(),
+                    version_id: Some(version.to_string()),
+                    task_status: TaskStatus::Succeeded,
+                    error_code: None,
+                    http_status: None,
+                    message: String::new(),
+                })
+            }),
+            ReportScope::Failed => Ok(()),
+        }
+        .and_then(|()| m.for_each_problem(|p| push(problem_row(bucket, &p))));
+        match (read, failed) {
+            (_, Some(e)) => Err(AwsReportError::Write(e)),
+            (r, None) => r.map_err(AwsReportError::Manifest),
+        }
+    })
 }
 
 #[cfg(test)]

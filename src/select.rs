@@ -313,6 +313,7 @@ mod tests {
             filters: Default::default(),
             replication: None,
             destinations: Vec::new(),
+            supplied: None,
         };
         crate::cli::use_replication_config(&mut settings, cfg, "test").unwrap();
         let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));

@@ -1,7 +1,9 @@
 //! inputs::csv_manifest: the S3 Batch Operations CSV manifest — no header, one object per
 //! line as `Bucket,Key[,VersionId]`, keys URL-encoded (`+` is a space), and either every row
 //! has a version id or none does. Read as a stream with the `csv` crate; the stream ends at the
-//! first bad row, whose error names the file and the line.
+//! first bad row, whose error names the file and the line. The results files of an AWS-shaped
+//! completion report (`Bucket,Key,VersionId,TaskStatus,...`, seven fields with the status
+//! `succeeded` or `failed` fourth) are read as manifests too: their first three fields.
 //!
 //! May call: `inputs` (errors, key decoding). Nothing else of the crate.
 
@@ -28,6 +30,8 @@ pub struct CsvManifest<R: Read> {
     records: csv::StringRecordsIntoIter<R>,
     /// Whether rows carry version ids, and the line that decided it.
     versioned: Option<(bool, u64)>,
+    /// The line of the last row returned.
+    last_line: u64,
     done: bool,
 }
 
@@ -52,6 +56,7 @@ impl<R: Read> CsvManifest<R> {
             name: name.to_string(),
             records,
             versioned: None,
+            last_line: 0,
             done: false,
         }
     }
@@ -61,10 +66,17 @@ impl<R: Read> CsvManifest<R> {
         self.versioned.map(|(v, _)| v)
     }
 
+    /// The line (1-based) of the last row returned.
+    pub fn last_line(&self) -> u64 {
+        self.last_line
+    }
+
     fn row(&mut self, record: &csv::StringRecord) -> Result<ManifestRow, InputError> {
         let line = record.position().map_or(0, |p| p.line());
+        self.last_line = line;
         let bad = |msg: String| InputError::line(&self.name, line, msg);
-        if !(2..=3).contains(&record.len()) {
+        let report_row = record.len() == 7 && matches!(&record[3], "succeeded" | "failed");
+        if !(2..=3).contains(&record.len()) && !report_row {
             return Err(bad(format!(
                 "{} fields, expected Bucket,Key[,VersionId]",
                 record.len()
@@ -216,6 +228,23 @@ mod tests {
             .find_map(Result::err)
             .expect("an error");
         assert_eq!(not_utf8.to_string(), "m.csv:2: not UTF-8");
+    }
+
+    #[test]
+    fn report_rows_read_as_their_first_three_fields() {
+        let mut m = CsvManifest::from_reader(
+            "r.csv",
+            &b"src,a%20b,v1,failed,403,DstPutObjectNotPermitted,\"x, y\"\nsrc,c,v2,succeeded,200,,Successful\n"[..],
+        );
+        assert_eq!(m.next().unwrap().unwrap(), row("src", "a b", Some("v1")));
+        assert_eq!(m.last_line(), 1);
+        assert_eq!(m.next().unwrap().unwrap(), row("src", "c", Some("v2")));
+        assert_eq!(m.last_line(), 2);
+        let err = read("b,k,v,other,1,2,3\n").remove(0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "m.csv:1: 7 fields, expected Bucket,Key[,VersionId]"
+        );
     }
 
     #[test]

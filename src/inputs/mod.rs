@@ -3,10 +3,16 @@
 //! errors that name the file and the line (or row). Also the URL encoding of keys that both
 //! formats (and the AWS-shaped report) use.
 //!
-//! May call: `s3::types` (the listing record). Nothing else of the crate.
+//! Wiring them into `plan` ([`plan`]: staging in a scratch sort file ([`stage`]), files in S3
+//! downloaded by [`fetch`]) is the only part that reaches the manifest and the s3 client.
+//!
+//! May call: `s3::types` (the listing record); `plan`, `fetch` and `stage` say what else.
 
 pub mod csv_manifest;
+pub mod fetch;
 pub mod inventory;
+pub mod plan;
+pub mod stage;
 
 use std::fmt;
 

@@ -376,6 +376,33 @@ impl Manifest {
         Ok(true)
     }
 
+    /// Streams the key and version id of every task in `state`, in id order (the AWS-shaped
+    /// report's `succeeded` rows). A full scan of the tasks: for reports, not for `status`.
+    pub fn for_each_in_state(
+        &self,
+        state: State,
+        mut f: impl FnMut(&str, &str) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let sql = |e| self.sql(e);
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT k.key, t.version_id FROM task t JOIN keys k ON k.id = t.id >> {SEQ_BITS}
+                 WHERE t.state = ?1 ORDER BY t.id"
+            ))
+            .map_err(sql)?;
+        let mut rows = stmt.query([state.code()]).map_err(sql)?;
+        while let Some(r) = rows.next().map_err(sql)? {
+            let (key, version): (String, String) = (r.get(0).map_err(sql)?, r.get(1).map_err(sql)?);
+            f(&key, &version).map_err(|source| ManifestError::Io {
+                path: self.path.clone(),
+                what: "writing tasks out",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Puts failed tasks back in the queue (attempts kept, so they are reconciled before
     /// being written again); returns how many.
     pub fn retry_failed(&self) -> Result<usize> {

@@ -40,6 +40,7 @@ fn settings() -> JobSettings {
         filters: Default::default(),
         replication: None,
         destinations: Vec::new(),
+        supplied: None,
     }
 }
 
