@@ -237,7 +237,13 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     // A new manifest is only created once both buckets answered, so a mistyped bucket
     // leaves no manifest behind.
     let existing = existing_manifest(args, &settings)?;
-    if listing_done(existing.as_ref(), &args.manifest)? {
+    if args.refresh && existing.is_none() {
+        return Err(JobError::Usage(format!(
+            "--refresh catches up an existing job, but {} does not exist; plan it first",
+            args.manifest.display()
+        )));
+    }
+    if !args.refresh && listing_done(existing.as_ref(), &args.manifest)? {
         return Ok(());
     }
     let timeouts = Timeouts::default();
@@ -263,6 +269,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         // New, or the same job with other side or copy options (e.g. a moved endpoint).
         m.store_settings(&settings)?;
     }
+    if args.refresh {
+        begin_refresh(&mut m)?;
+    }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let lister = Lister {
@@ -271,8 +280,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         retrier: &retrier,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
+    let concurrency = args.list_concurrency as usize;
     let stats = lister
-        .list_into(&mut m, |cp| bar.set_position(cp.entries))
+        .list_parallel(&mut m, concurrency, |cp| bar.set_position(cp.entries))
         .await;
     bar.finish_and_clear();
     let stats = stats?;
@@ -288,6 +298,40 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         } else {
             ""
         }
+    );
+    refresh_summary(&m)?;
+    Ok(())
+}
+
+/// `plan --refresh`: starts a new listing generation on a complete listing, or continues
+/// the unfinished one (a killed refresh, or a first listing not finished yet).
+fn begin_refresh(m: &mut Manifest) -> Result<(), JobError> {
+    if let Some(g) = m.start_refresh()? {
+        eprintln!("refresh {g}: listing the source again");
+        return Ok(());
+    }
+    match m.refreshes()?.last().map_or(0, |r| r.generation) {
+        0 => eprintln!("the first listing is not complete: continuing it (nothing to refresh yet)"),
+        g => eprintln!("refresh {g}: continuing its listing from its checkpoint"),
+    }
+    Ok(())
+}
+
+/// After a complete refresh: what it added, and how many tasks' versions are gone.
+fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
+    let all = m.refreshes()?;
+    let Some((last, earlier)) = all.split_last() else {
+        return Ok(());
+    };
+    if last.generation == 0 || !m.listing()?.complete {
+        return Ok(());
+    }
+    let before: u64 = earlier.iter().map(|r| r.tasks).sum();
+    eprintln!(
+        "refresh {}: {} new tasks; {} tasks of earlier listings are no longer in the source (not copied again)",
+        last.generation,
+        last.tasks,
+        before.saturating_sub(last.matched)
     );
     Ok(())
 }
@@ -459,6 +503,9 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
         );
     } else {
         println!("{}", report::status_text(&settings, &c));
+        for r in m.refreshes()?.iter().filter(|r| r.generation > 0) {
+            println!("refresh {}: {} tasks added", r.generation, r.tasks);
+        }
     }
     Ok(())
 }
