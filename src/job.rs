@@ -203,7 +203,8 @@ fn existing_manifest(
     if !args.manifest.exists() {
         return Ok(None);
     }
-    let m = Manifest::open(&args.manifest, false)?;
+    // `create`: a plan killed while creating the file left it empty; this plan creates it.
+    let m = Manifest::open(&args.manifest, true)?;
     if let Some(stored) = m.settings()? {
         if let Some(diff) = settings.identity_differs(&stored) {
             return Err(JobError::Usage(format!(

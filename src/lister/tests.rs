@@ -175,3 +175,39 @@ async fn a_refresh_adds_new_entries_after_the_old_ones() {
         source_histories(&s, &keys)
     );
 }
+
+#[test]
+fn a_refresh_across_pages_adds_only_new_entries() {
+    use crate::manifest::{Listing, NewTask};
+    use crate::s3::VersionEntry;
+    let task = |v: &str, pos: u64| NewTask {
+        entry: VersionEntry {
+            key: "k".into(),
+            version_id: v.into(),
+            ..VersionEntry::default()
+        },
+        history_pos: pos,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
+    let done = Listing {
+        complete: true,
+        ..Listing::default()
+    };
+    m.insert_page(&[task("3", 0), task("2", 1), task("1", 2)], &done)
+        .unwrap();
+    assert_eq!(m.start_refresh().unwrap(), Some(1));
+    // The key's history now spans two pages: a new version, then the old ones.
+    m.insert_page(&[task("4", 0), task("3", 1)], &Listing::default())
+        .unwrap();
+    m.insert_page(&[task("2", 2), task("1", 3)], &done).unwrap();
+    let ids: Vec<String> = m
+        .tasks_of_key("k")
+        .unwrap()
+        .into_iter()
+        .map(|t| t.version_id)
+        .collect();
+    assert_eq!(ids, ["1", "2", "3", "4"], "oldest first, each once");
+    let r = m.refreshes().unwrap();
+    assert_eq!((r[1].tasks, r[1].matched), (1, 3));
+}

@@ -94,9 +94,10 @@ impl KeyCursor {
         if !self.existed {
             return Ok(false);
         }
-        // Entries after the last stored one in the same listing are new: no lookup.
+        // Entries after the last stored one in the first listing are new: no lookup. (A
+        // refresh stores only some of a key's entries: later ones may be stored already.)
         if let Some((refresh, pos)) = self.last {
-            if refresh == generation && t.history_pos as i64 > pos {
+            if generation == 0 && refresh == 0 && t.history_pos as i64 > pos {
                 return Ok(false);
             }
         }
