@@ -287,6 +287,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         .await;
     bar.finish_and_clear();
     let stats = stats?;
+    if let Some(why) = &stats.not_split {
+        eprintln!("note: {why}");
+    }
     let c = m.counts()?;
     eprintln!(
         "planned {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",

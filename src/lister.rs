@@ -69,6 +69,8 @@ pub struct ListStats {
     pub entries: u64,
     /// Entries selected into the manifest in this call.
     pub selected: u64,
+    /// Why the listing was not split as asked, if it was not.
+    pub not_split: Option<String>,
 }
 
 /// The lister of one job.
@@ -129,7 +131,7 @@ impl<C: S3Client> Lister<'_, C> {
             return Ok(stats);
         }
         if concurrency > 1 && before.pages == 0 && manifest.partitions()?.len() == 1 {
-            self.split(manifest, concurrency).await?;
+            stats.not_split = self.split(manifest, concurrency).await?;
         }
         let parts = manifest.partitions()?;
         let mut total = before;
@@ -170,8 +172,13 @@ impl<C: S3Client> Lister<'_, C> {
         Ok(stats)
     }
 
-    /// Splits an unstarted listing into partitions (stored before any page is listed).
-    async fn split(&self, manifest: &mut Manifest, parts: usize) -> Result<(), ListError> {
+    /// Splits an unstarted listing into partitions (stored before any page is listed);
+    /// says why not when the server cannot start a listing exactly at a key.
+    async fn split(
+        &self,
+        manifest: &mut Manifest,
+        parts: usize,
+    ) -> Result<Option<String>, ListError> {
         let starts = split_points(
             self.client,
             self.retrier,
@@ -180,10 +187,16 @@ impl<C: S3Client> Lister<'_, C> {
             parts,
         )
         .await?;
+        let Some(starts) = starts else {
+            return Ok(Some(format!(
+                "the source server does not start a listing exactly after a key marker (moto drops the first entry): bucket {} is listed in one part",
+                self.settings.source.bucket
+            )));
+        };
         if !starts.is_empty() {
             manifest.split_partitions(&starts)?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The walk of a partition, from its checkpoint (or from just before its start).

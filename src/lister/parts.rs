@@ -34,12 +34,22 @@ struct Prober<'a, C: S3Client> {
 }
 
 impl<C: S3Client> Prober<'_, C> {
-    /// The first key under `prefix` after `marker`, and whether any key follows it.
+    /// The first key under `prefix` after `marker`.
     async fn first_after(
         &mut self,
         prefix: &str,
         marker: Option<String>,
     ) -> Result<Option<String>, S3Error> {
+        let first = self.first_entry(prefix, marker).await?;
+        Ok(first.map(|(key, _)| key))
+    }
+
+    /// The first entry (key, version id) under `prefix` after `marker`.
+    async fn first_entry(
+        &mut self,
+        prefix: &str,
+        marker: Option<String>,
+    ) -> Result<Option<(String, String)>, S3Error> {
         self.probes += 1;
         let from = ListFrom {
             bucket: self.bucket.to_string(),
@@ -52,7 +62,22 @@ impl<C: S3Client> Prober<'_, C> {
             .retrier
             .call(&self.retries, || self.client.list_versions(&from))
             .await?;
-        Ok(page.entries.into_iter().next().map(|e| e.key))
+        Ok(page
+            .entries
+            .into_iter()
+            .next()
+            .map(|e| (e.key, e.version_id)))
+    }
+
+    /// Whether a listing from a key marker starts exactly after it, as S3 defines: the first
+    /// entry, listed again from just before its key, comes first again. (moto 5 drops the
+    /// first entry after a key marker given without a version marker.)
+    async fn markers_exact(&mut self, prefix: &str) -> Result<bool, S3Error> {
+        let Some(first) = self.first_entry(prefix, None).await? else {
+            return Ok(true);
+        };
+        let again = self.first_entry(prefix, marker_before(&first.0)).await?;
+        Ok(again.as_ref() == Some(&first))
     }
 
     /// The children of `q` (`q` one character longer, for each key under `q`), in order.
@@ -77,16 +102,17 @@ impl<C: S3Client> Prober<'_, C> {
 }
 
 /// The first keys of the partitions after the first (sorted, at most `parts - 1`), for the
-/// keys under `prefix`; empty when the keys cannot be split (or `parts` is 1).
+/// keys under `prefix`; empty when the keys cannot be split (or `parts` is 1). None when the
+/// server cannot start a listing exactly at a key (see `markers_exact`): one part then.
 pub async fn split_points<C: S3Client>(
     client: &C,
     retrier: &Retrier,
     bucket: &str,
     prefix: &str,
     parts: usize,
-) -> Result<Vec<String>, S3Error> {
+) -> Result<Option<Vec<String>>, S3Error> {
     if parts < 2 {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let mut prober = Prober {
         client,
@@ -95,6 +121,9 @@ pub async fn split_points<C: S3Client>(
         probes: 0,
         retries: AtomicU64::new(0),
     };
+    if !prober.markers_exact(prefix).await? {
+        return Ok(None);
+    }
     // Every child but the first of an expanded prefix starts a range of its own.
     let mut starts = BTreeSet::new();
     let mut queue = VecDeque::from([prefix.to_string()]);
@@ -104,7 +133,7 @@ pub async fn split_points<C: S3Client>(
         starts.extend(children.iter().skip(1).cloned());
         queue.extend(children);
     }
-    Ok(evenly(&starts.into_iter().collect::<Vec<_>>(), parts))
+    Ok(Some(evenly(&starts.into_iter().collect::<Vec<_>>(), parts)))
 }
 
 /// `parts - 1` of the sorted `starts`, spread evenly (all of them when there are fewer).

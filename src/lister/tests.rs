@@ -211,3 +211,26 @@ fn a_refresh_across_pages_adds_only_new_entries() {
     let r = m.refreshes().unwrap();
     assert_eq!((r[1].tasks, r[1].matched), (1, 3));
 }
+
+#[tokio::test]
+async fn split_points_go_deeper_than_one_character() {
+    let s = FakeServer::new();
+    s.create_bucket(SRC, true);
+    for p in 0..10 {
+        for i in 0..10 {
+            s.put(SRC, &format!("p{p:02}/{i:02}.txt"), b"1", &[]);
+        }
+    }
+    for k in ["p", "p03", "a b", "odd/back\\slash", "zz"] {
+        s.put(SRC, k, b"1", &[]);
+    }
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let client = s.client(Side::Source);
+    let starts = super::split_points(&client, &retrier, SRC, "", 4)
+        .await
+        .unwrap()
+        .expect("the fake starts listings exactly");
+    // Ten prefixes under "p0" and four first characters: the ranges split "p0".
+    assert_eq!(starts.len(), 3, "{starts:?}");
+    assert!(starts.iter().all(|s| s.starts_with("p0")), "{starts:?}");
+}
