@@ -274,14 +274,15 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         begin_refresh(&mut m)?;
     }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let concurrency = args.list_concurrency as usize;
+    // One request in flight per listing part.
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(concurrency, None));
     let lister = Lister {
         client: &source,
         settings: &settings,
         retrier: &retrier,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
-    let concurrency = args.list_concurrency as usize;
     let stats = lister
         .list_parallel(&mut m, concurrency, |cp| bar.set_position(cp.entries))
         .await;

@@ -286,3 +286,62 @@ async fn refresh_killed_then_run_catches_up() {
     assert_eq!(entry_count(&c, &dst).await, entry_count(&c, &src).await);
     expect_code(&job.verify(), 0);
 }
+
+/// A measurement, not a check (run by hand, it asserts nothing about time): `plan` versions
+/// per second with `--list-concurrency` 1, 2, 4 and 8, straight to the server and through
+/// a proxy that adds `S3_BACKFILL_LIST_DELAY_MS` (default 20) to every request, as a
+/// server across a network would. `S3_BACKFILL_LIST_BUCKET` names a seeded bucket to list
+/// (else 2,000 keys are seeded):
+/// `S3_BACKFILL_TEST_SERVER=rgw cargo test --test listing speed -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn speed_by_list_concurrency() {
+    use support::fault_proxy::{Fault, FaultConfig, FaultProxy};
+    let ep = endpoint();
+    let c = client(&ep);
+    let src = match std::env::var("S3_BACKFILL_LIST_BUCKET") {
+        Ok(b) if !b.is_empty() => b,
+        _ => {
+            let b = bucket("speed-src");
+            create_bucket(&c, &b, true).await;
+            let keys: Vec<String> = (0..2000).map(|i| format!("{:02}/{i:05}", i % 40)).collect();
+            seed(&c, &b, vec![keys.iter().map(|k| Op::put(k, "x")).collect()]).await;
+            b
+        }
+    };
+    let dst = bucket("speed-dst");
+    create_bucket(&c, &dst, true).await;
+    let entries = entry_count(&c, &src).await;
+    let delay: u64 = std::env::var("S3_BACKFILL_LIST_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let proxy = FaultProxy::start(
+        ep.trim_start_matches("http://").parse().unwrap(),
+        FaultConfig {
+            seed: 1,
+            rate: 1.0,
+            faults: vec![Fault::Delay],
+            delay: Duration::from_millis(delay),
+            ..FaultConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    for (what, via) in [("direct", ep.clone()), ("+delay", proxy.endpoint())] {
+        for n in ["1", "2", "4", "8"] {
+            let (_dir, m) = manifest();
+            let job = Job::new(&src, &dst, &m)
+                .endpoint(&via)
+                .extra(&["--list-concurrency", n]);
+            let start = Instant::now();
+            expect_code(&job.plan(), 0);
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{} {what:>6} {delay} ms: --list-concurrency {n}: {entries} versions in {secs:.2} s, {:.0} versions/s",
+                server().name(),
+                entries as f64 / secs
+            );
+        }
+    }
+}

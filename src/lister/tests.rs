@@ -226,11 +226,18 @@ async fn split_points_go_deeper_than_one_character() {
     }
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = s.client(Side::Source);
-    let starts = super::split_points(&client, &retrier, SRC, "", 4)
+    let four = super::split_points(&client, &retrier, SRC, "", 4)
         .await
         .unwrap()
         .expect("the fake starts listings exactly");
-    // Ten prefixes under "p0" and four first characters: the ranges split "p0".
-    assert_eq!(starts.len(), 3, "{starts:?}");
-    assert!(starts.iter().all(|s| s.starts_with("p0")), "{starts:?}");
+    // The first characters (a, o, p, z) give four parts: no deeper probes.
+    assert_eq!(four, ["o", "p", "z"]);
+    let starts = super::split_points(&client, &retrier, SRC, "", 8)
+        .await
+        .unwrap()
+        .expect("the fake starts listings exactly");
+    // Eight parts: deeper, to the ten prefixes under "p0", which most ranges split.
+    assert_eq!(starts.len(), 7, "{starts:?}");
+    let in_p0 = starts.iter().filter(|s| s.starts_with("p0")).count();
+    assert!(in_p0 >= 5, "{starts:?}");
 }
