@@ -182,6 +182,15 @@ pub struct PlanArgs {
     /// How they are copied.
     #[command(flatten)]
     pub copy: CopyArgs,
+    /// Listings in flight at once: the keys are split into this many disjoint parts (by
+    /// their first characters, found with a few one-entry listings), each listed and
+    /// checkpointed on its own. Chosen when the listing starts; a resumed plan keeps its parts.
+    #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub list_concurrency: u32,
+    /// Catch up a job whose listing is complete: list the source again and add the versions
+    /// and delete markers that appeared since (versions that vanished are counted, not copied).
+    #[arg(long)]
+    pub refresh: bool,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -209,6 +218,9 @@ impl PlanArgs {
             .or_else(|| self.from_inventory.clone().map(Supplied::Inventory))
     }
 }
+
+/// Listings in flight at once by default (`--list-concurrency`), chosen by measurement.
+pub const DEFAULT_LIST_CONCURRENCY: u32 = 4;
 
 impl SideArgs {
     /// The settings of one side.
@@ -486,6 +498,10 @@ pub struct RunArgs {
     /// Use another profile for the destination than the one planned.
     #[arg(long, value_name = "NAME")]
     pub dest_profile: Option<String>,
+    /// Listings in flight at once when the manifest's listing is unfinished (see `plan
+    /// --list-concurrency`; a listing that already started keeps its parts).
+    #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub list_concurrency: u32,
     /// Copy-stage knobs.
     #[command(flatten)]
     pub exec: ExecArgs,
@@ -519,6 +535,7 @@ impl ReplicateArgs {
             dest_endpoint: None,
             source_profile: None,
             dest_profile: None,
+            list_concurrency: self.plan.list_concurrency,
             exec: self.exec.clone(),
             no_progress: self.plan.no_progress,
         }

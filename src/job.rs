@@ -211,7 +211,8 @@ fn existing_manifest(
     if !args.manifest.exists() {
         return Ok(None);
     }
-    let m = Manifest::open(&args.manifest, false)?;
+    // `create`: a plan killed while creating the file left it empty; this plan creates it.
+    let m = Manifest::open(&args.manifest, true)?;
     if let Some(stored) = m.settings()? {
         if let Some(diff) = settings.identity_differs(&stored) {
             return Err(JobError::Usage(format!(
@@ -390,7 +391,8 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     }
     let _lock = lock_manifest(&args.manifest)?;
     let existing = existing_manifest(args, &settings)?;
-    if listing_done(existing.as_ref(), &args.manifest)? {
+    check_refresh(args, existing.as_ref(), &settings)?;
+    if !args.refresh && listing_done(existing.as_ref(), &args.manifest)? {
         return Ok(());
     }
     if let Some(input) = args.supplied() {
@@ -406,8 +408,13 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     }
     let (mut m, settings, source, dest_client, dest) =
         prepare_listing(settings, source, existing, &args.manifest).await?;
+    if args.refresh {
+        begin_refresh(&mut m)?;
+    }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let concurrency = args.list_concurrency as usize;
+    // One request in flight per listing part.
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(concurrency, None));
     let selector = Selector {
         settings: &settings,
         source: &source,
@@ -422,10 +429,13 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
     let stats = lister
-        .list_into(&mut m, |cp| bar.set_position(cp.entries))
+        .list_parallel(&mut m, concurrency, |cp| bar.set_position(cp.entries))
         .await;
     bar.finish_and_clear();
     let stats = stats?;
+    if let Some(why) = &stats.not_split {
+        eprintln!("note: {why}");
+    }
     let c = m.counts()?;
     eprintln!(
         "planned {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",
@@ -438,6 +448,64 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         } else {
             ""
         }
+    );
+    refresh_summary(&m)?;
+    Ok(())
+}
+
+/// Refuses a `--refresh` that cannot be done: no job yet, or a job planned from a supplied
+/// manifest (there is no listing to repeat).
+fn check_refresh(
+    args: &PlanArgs,
+    existing: Option<&Manifest>,
+    settings: &JobSettings,
+) -> Result<(), JobError> {
+    if !args.refresh {
+        return Ok(());
+    }
+    if existing.is_none() {
+        return Err(JobError::Usage(format!(
+            "--refresh catches up an existing job, but {} does not exist; plan it first",
+            args.manifest.display()
+        )));
+    }
+    if settings.planned_from_supplied() {
+        return Err(JobError::Usage(
+            "a job planned from a supplied manifest cannot be refreshed by listing; plan a new job from the new manifest".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `plan --refresh`: starts a new listing generation on a complete listing, or continues
+/// the unfinished one (a killed refresh, or a first listing not finished yet).
+fn begin_refresh(m: &mut Manifest) -> Result<(), JobError> {
+    if let Some(g) = m.start_refresh()? {
+        eprintln!("refresh {g}: listing the source again");
+        return Ok(());
+    }
+    match m.refreshes()?.last().map_or(0, |r| r.generation) {
+        0 => eprintln!("the first listing is not complete: continuing it (nothing to refresh yet)"),
+        g => eprintln!("refresh {g}: continuing its listing from its checkpoint"),
+    }
+    Ok(())
+}
+
+/// After a complete refresh: what it added, and how many tasks' versions are gone.
+fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
+    let all = m.refreshes()?;
+    let Some((last, earlier)) = all.split_last() else {
+        return Ok(());
+    };
+    if last.generation == 0 || !m.listing()?.complete {
+        return Ok(());
+    }
+    let before: u64 = earlier.iter().map(|r| r.tasks).sum();
+    eprintln!(
+        "refresh {}: {} new tasks; {} tasks of earlier listings are no longer in the source (not copied again)",
+        last.generation,
+        last.tasks,
+        before.saturating_sub(last.matched)
     );
     Ok(())
 }
@@ -456,12 +524,16 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
     let (settings, source) = plan_settings(plan).await?;
     let _lock = lock_manifest(&plan.manifest)?;
     let existing = existing_manifest(plan, &settings)?;
+    check_refresh(plan, existing.as_ref(), &settings)?;
     let complete = match &existing {
         Some(m) => m.listing_progress()?.complete,
         None => false,
     };
-    if !complete {
-        prepare_listing(settings, source, existing, &plan.manifest).await?;
+    if !complete || plan.refresh {
+        let (mut m, ..) = prepare_listing(settings, source, existing, &plan.manifest).await?;
+        if plan.refresh {
+            begin_refresh(&mut m)?;
+        }
     }
     run_locked(&args.run()).await
 }
@@ -619,6 +691,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             source: &source,
             dest: &dest,
             dest_versioned: facts.versioned || latest_only,
+            concurrency: args.list_concurrency as usize,
             bar,
         };
         run_until_signal(&copier, grace, copy_while_listing(&copier, live)).await
@@ -646,6 +719,8 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) dest: &'a C,
     /// Whether the destination keeps versions (else a key with several is refused).
     pub(crate) dest_versioned: bool,
+    /// Listing parts walked at once (an unstarted listing is split into this many).
+    pub(crate) concurrency: usize,
     /// The run's bar: its length grows with each page's tasks.
     pub(crate) bar: ProgressBar,
 }
@@ -663,7 +738,8 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     let monitor = Manifest::open(live.path, false)?;
     let (tx, rx) = watch::channel(ListingState::default());
     let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    // One request in flight per listing part.
+    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(live.concurrency, None));
     let selector = Selector {
         settings: live.settings,
         source: live.source,
@@ -679,7 +755,7 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     };
     let mut bar = LiveBar::new(&monitor, live.bar);
     let listed = tokio::select! {
-        r = lister.list_into(&mut lm, |_| {
+        r = lister.list_parallel(&mut lm, live.concurrency, |_| {
             tx.send_modify(|s| s.pages += 1);
             bar.page();
         }) => Some(r),
@@ -839,6 +915,9 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
         );
     } else {
         println!("{}", report::status_text(&settings, &c));
+        for r in m.refreshes()?.iter().filter(|r| r.generation > 0) {
+            println!("refresh {}: {} tasks added", r.generation, r.tasks);
+        }
     }
     Ok(())
 }

@@ -1,17 +1,30 @@
 //! lister: the plan stage. Walks `ListObjectVersions` of the source (through the s3 layer's
 //! [`Versions`] walk) and writes every selected version and delete marker into the manifest,
 //! one page per transaction together with the checkpoint, so a killed `plan` resumes.
+//! With a concurrency above 1, the keys are first split into disjoint partitions (`parts`),
+//! stored in the manifest, and walked at once, each with its own checkpoint; a partition
+//! stops at its end key. A key's versions are all in one partition, so each key's history
+//! positions come from one walk.
 //!
 //! It refuses, before writing anything of a page: a destination key longer than S3 allows,
 //! and several versions of one key for an unversioned destination.
 //!
 //! May call: the s3 layer and the manifest.
 
+mod parts;
+#[cfg(test)]
+mod tests;
+
 use std::sync::atomic::AtomicU64;
 
+use futures::stream::{FuturesUnordered, StreamExt};
+
 use crate::config::JobSettings;
-use crate::manifest::{Listing, Manifest, ManifestError, NewTask};
-use crate::s3::{show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, Versions};
+use crate::manifest::{Listing, Manifest, ManifestError, NewTask, Partition};
+use crate::s3::{
+    show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, VersionPage, Versions,
+};
+pub use parts::{marker_before, split_points};
 use crate::select::Selector;
 
 /// Entries per listing page (S3's maximum).
@@ -57,6 +70,8 @@ pub struct ListStats {
     pub entries: u64,
     /// Entries selected into the manifest in this call.
     pub selected: u64,
+    /// Why the listing was not split as asked, if it was not.
+    pub not_split: Option<String>,
 }
 
 /// The lister of one job.
@@ -74,67 +89,193 @@ pub struct Lister<'a, C: S3Client> {
     pub dest_versioned: bool,
 }
 
+/// The walk of one partition.
+struct PartWalk<'a, C: S3Client> {
+    id: i64,
+    start: Option<String>,
+    end: Option<String>,
+    cp: Listing,
+    walk: Versions<'a, C>,
+    /// The last selected key and how many of its versions were selected (versioning check).
+    last_selected: Option<(String, u64)>,
+    /// The partition continues from a checkpoint.
+    resumed: bool,
+}
+
 impl<C: S3Client> Lister<'_, C> {
-    /// Lists the source into the manifest from its checkpoint on. `on_page` sees the
-    /// checkpoint after each committed page (for progress).
+    /// Lists the source into the manifest from its checkpoints on, one partition at a time.
+    /// `on_page` sees the whole listing's checkpoint after each committed page.
     pub async fn list_into(
         &self,
         manifest: &mut Manifest,
+        on_page: impl FnMut(&Listing),
+    ) -> Result<ListStats, ListError> {
+        self.list_parallel(manifest, 1, on_page).await
+    }
+
+    /// Lists the source into the manifest from its checkpoints on, `concurrency` partitions
+    /// at once. A listing that has not started is first split into (at most) `concurrency`
+    /// partitions, stored before any page; a resumed one keeps its partitions. Pages of
+    /// different partitions are committed one at a time, each with its partition's
+    /// checkpoint. `on_page` sees the whole listing's checkpoint after each committed page.
+    pub async fn list_parallel<'s>(
+        &'s self,
+        manifest: &mut Manifest,
+        concurrency: usize,
         mut on_page: impl FnMut(&Listing),
     ) -> Result<ListStats, ListError> {
-        let mut cp = manifest.listing()?;
+        let before = manifest.listing()?;
         let mut stats = ListStats {
-            already_complete: cp.complete,
-            resumed: cp.pages > 0 && !cp.complete,
+            already_complete: before.complete,
+            resumed: before.pages > 0 && !before.complete,
             ..Default::default()
+        };
+        if before.complete {
+            return Ok(stats);
+        }
+        if concurrency > 1 && before.pages == 0 && manifest.partitions()?.len() == 1 {
+            stats.not_split = self.split(manifest, concurrency).await?;
+        }
+        let parts = manifest.partitions()?;
+        let mut total = before;
+        let mut waiting = parts
+            .into_iter()
+            .filter(|p| !p.listing.complete)
+            .map(|p| self.part_walk(p));
+        let retries = AtomicU64::new(0);
+        let fetch = |mut w: PartWalk<'s, C>| {
+            let retries = &retries;
+            async move {
+                let page = w.walk.next_page(retries).await;
+                (w, page)
+            }
+        };
+        let mut running = FuturesUnordered::new();
+        for w in waiting.by_ref().take(concurrency.max(1)) {
+            running.push(fetch(w));
+        }
+        while let Some((mut w, page)) = running.next().await {
+            let more = match page? {
+                Some(page) => {
+                    let seen = w.cp.entries;
+                    self.take_page(manifest, &mut w, page, &mut stats).await?;
+                    total.pages += 1;
+                    total.entries += w.cp.entries - seen;
+                    on_page(&total);
+                    !w.cp.complete
+                }
+                None => false,
+            };
+            if more {
+                running.push(fetch(w));
+            } else {
+                running.extend(waiting.next().map(fetch));
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Splits an unstarted listing into partitions (stored before any page is listed);
+    /// says why not when the server cannot start a listing exactly at a key.
+    async fn split(
+        &self,
+        manifest: &mut Manifest,
+        parts: usize,
+    ) -> Result<Option<String>, ListError> {
+        let starts = split_points(
+            self.client,
+            self.retrier,
+            &self.settings.source.bucket,
+            &self.settings.selection.prefix,
+            parts,
+        )
+        .await?;
+        let Some(starts) = starts else {
+            return Ok(Some(format!(
+                "the source server does not start a listing exactly after a key marker (moto drops the first entry): bucket {} is listed in one part",
+                self.settings.source.bucket
+            )));
+        };
+        if !starts.is_empty() {
+            manifest.split_partitions(&starts)?;
+        }
+        Ok(None)
+    }
+
+    /// The walk of a partition, from its checkpoint (or from just before its start).
+    fn part_walk<'a>(&'a self, p: Partition) -> PartWalk<'a, C> {
+        let resumed = p.listing.pages > 0;
+        let (key_marker, version_marker) = match &p.listing.key_marker {
+            Some(_) => (
+                p.listing.key_marker.clone(),
+                p.listing.version_marker.clone(),
+            ),
+            None => (p.start_key.as_deref().and_then(marker_before), None),
         };
         let from = ListFrom {
             bucket: self.settings.source.bucket.clone(),
             prefix: self.settings.selection.prefix.clone(),
-            key_marker: cp.key_marker.clone(),
-            version_marker: cp.version_marker.clone(),
+            key_marker,
+            version_marker,
             max_keys: page_size(),
         };
-        let mut walk = Versions::new(self.client, self.retrier, from);
-        let retries = AtomicU64::new(0);
-        // The last selected key and how many of its versions were selected (versioning check).
-        let mut last_selected: Option<(String, u64)> = None;
-        while !cp.complete {
-            let Some(page) = walk.next_page(&retries).await? else {
-                break;
-            };
-            let mut tasks = Vec::with_capacity(page.entries.len());
-            for e in page.entries.iter() {
-                let pos = advance(&mut cp, e);
-                let dests = self.selector.destinations(e).await?;
-                if dests.is_empty() {
-                    continue;
-                }
-                self.check_key(e)?;
-                if !self.dest_versioned {
-                    let n = self.selected_versions(manifest, &mut last_selected, &stats, e)?;
-                    if n > 1 {
-                        return Err(self.needs_versioning(manifest, e, n));
-                    }
-                }
-                tasks.extend(dests.into_iter().map(|dest| NewTask {
-                    entry: e.clone(),
-                    history_pos: pos,
-                    dest,
-                }));
-            }
-            stats.entries += page.entries.len() as u64;
-            stats.selected += tasks.len() as u64;
-            stats.pages += 1;
-            cp.pages += 1;
-            let (km, vm) = walk.position();
-            cp.key_marker = km.clone();
-            cp.version_marker = vm.clone();
-            cp.complete = !page.truncated;
-            manifest.insert_page(&tasks, &cp)?;
-            on_page(&cp);
+        PartWalk {
+            id: p.id,
+            start: p.start_key,
+            end: p.end_key,
+            cp: p.listing,
+            walk: Versions::new(self.client, self.retrier, from),
+            last_selected: None,
+            resumed,
         }
-        Ok(stats)
+    }
+
+    /// Selects a page's entries of the partition and commits them with its checkpoint.
+    async fn take_page(
+        &self,
+        manifest: &mut Manifest,
+        w: &mut PartWalk<'_, C>,
+        page: VersionPage,
+        stats: &mut ListStats,
+    ) -> Result<(), ListError> {
+        let mut tasks = Vec::with_capacity(page.entries.len());
+        let mut past_end = false;
+        for e in page.entries.iter() {
+            if w.start.as_deref().is_some_and(|s| e.key.as_str() < s) {
+                continue;
+            }
+            if w.end.as_deref().is_some_and(|end| e.key.as_str() >= end) {
+                past_end = true;
+                break;
+            }
+            stats.entries += 1;
+            let pos = advance(&mut w.cp, e);
+            let dests = self.selector.destinations(e).await?;
+            if dests.is_empty() {
+                continue;
+            }
+            self.check_key(e)?;
+            if !self.dest_versioned {
+                let n = self.selected_versions(manifest, w, e)?;
+                if n > 1 {
+                    return Err(self.needs_versioning(manifest, e, n));
+                }
+            }
+            tasks.extend(dests.into_iter().map(|dest| NewTask {
+                entry: e.clone(),
+                history_pos: pos,
+                dest,
+            }));
+        }
+        stats.selected += tasks.len() as u64;
+        stats.pages += 1;
+        w.cp.pages += 1;
+        let (km, vm) = w.walk.position();
+        w.cp.key_marker = km.clone();
+        w.cp.version_marker = vm.clone();
+        w.cp.complete = past_end || !page.truncated;
+        manifest.insert_partition_page(w.id, &tasks, &w.cp)?;
+        Ok(())
     }
 
     /// Refuses a destination key longer than S3 allows, naming it.
@@ -154,17 +295,16 @@ impl<C: S3Client> Lister<'_, C> {
     fn selected_versions(
         &self,
         manifest: &Manifest,
-        last: &mut Option<(String, u64)>,
-        stats: &ListStats,
+        w: &mut PartWalk<'_, C>,
         e: &VersionEntry,
     ) -> Result<u64, ListError> {
-        let n = match last {
+        let n = match &w.last_selected {
             Some((k, n)) if *k == e.key => *n + 1,
-            // Only the first key of a resumed listing can have tasks from before the restart.
-            None if stats.resumed => manifest.count_key(&e.key)? + 1,
+            // Only the first key of a resumed partition can have tasks from before the restart.
+            None if w.resumed => manifest.count_key(&e.key)? + 1,
             _ => 1,
         };
-        *last = Some((e.key.clone(), n));
+        w.last_selected = Some((e.key.clone(), n));
         Ok(n)
     }
 

@@ -616,6 +616,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         source: &source,
         dest: &dest,
         dest_versioned: true,
+        concurrency: 1,
         bar: ProgressBar::hidden(),
     };
     let summary = crate::job::copy_while_listing(&copier, live).await.unwrap();

@@ -130,7 +130,7 @@ fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
         match &key {
             Some((k, _)) if *k == t.key => seq += 1,
             _ => {
-                let id = keys.add(conn, &t.key).map_err(sql)?;
+                let id = keys.add(conn, &t.key, None).map_err(sql)?;
                 key = Some((t.key.clone(), id));
                 seq = 0;
             }

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
+pub use pages::{Partition, Refresh};
 pub use writer::{Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).

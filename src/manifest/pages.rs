@@ -36,13 +36,19 @@ struct KeyCursor {
 
 impl KeyCursor {
     /// The cursor of `key`, stored now if it is new.
-    fn open(conn: &Connection, keys: &mut Keys, key: &str, path: &str) -> Result<KeyCursor> {
+    fn open(
+        conn: &Connection,
+        keys: &mut Keys,
+        key: &str,
+        floor: Option<&str>,
+        path: &str,
+    ) -> Result<KeyCursor> {
         let sql = |source| ManifestError::Sql {
             path: path.to_string(),
             source,
         };
         let Some(key_id) = keys.find(conn, key).map_err(sql)? else {
-            let key_id = keys.add(conn, key).map_err(sql)?;
+            let key_id = keys.add(conn, key, floor).map_err(sql)?;
             if key_id > MAX_KEY_ID {
                 let why = format!("more than {MAX_KEY_ID} keys");
                 return Err(ManifestError::Limit(path.to_string(), why));
@@ -89,9 +95,10 @@ impl KeyCursor {
         if !self.existed {
             return Ok(false);
         }
-        // Entries after the last stored one in the same listing are new: no lookup.
+        // Entries after the last stored one in the first listing are new: no lookup. (A
+        // refresh stores only some of a key's entries: later ones may be stored already.)
         if let Some((refresh, pos)) = self.last {
-            if refresh == generation && t.history_pos as i64 > pos {
+            if generation == 0 && refresh == 0 && t.history_pos as i64 > pos {
                 return Ok(false);
             }
         }
@@ -149,6 +156,78 @@ fn insert_task(
     Ok(())
 }
 
+/// What one page added: tasks, keys that got their second task, entries already stored.
+#[derive(Default)]
+struct Added {
+    tasks: i64,
+    second: i64,
+    matched: i64,
+    tally: Tally,
+}
+
+impl Added {
+    fn store(&self, conn: &Connection, generation: i64) -> rusqlite::Result<()> {
+        self.tally.store(conn)?;
+        if self.tasks > 0 {
+            conn.prepare_cached("UPDATE refreshes SET tasks = tasks + ?1 WHERE generation = ?2")?
+                .execute([self.tasks, generation])?;
+        }
+        if self.second > 0 {
+            conn.prepare_cached("UPDATE totals SET multi_task_keys = multi_task_keys + ?1")?
+                .execute([self.second])?;
+        }
+        if self.matched > 0 && generation > 0 {
+            conn.prepare_cached(
+                "INSERT INTO refresh_matched (generation, tasks) VALUES (?2, ?1)
+                 ON CONFLICT (generation) DO UPDATE SET tasks = tasks + excluded.tasks",
+            )?
+            .execute([self.matched, generation])?;
+        }
+        Ok(())
+    }
+}
+
+/// Inserts the tasks of one page that are not stored yet (`floor`: the start of the page's
+/// partition, see `Keys::add`).
+fn insert_tasks(
+    conn: &Connection,
+    tasks: &[NewTask],
+    generation: i64,
+    floor: Option<&str>,
+    path: &str,
+) -> Result<Added> {
+    let sql = |source| ManifestError::Sql {
+        path: path.to_string(),
+        source,
+    };
+    let mut added = Added::default();
+    let mut cur: Option<KeyCursor> = None;
+    let mut keys = Keys::load(conn).map_err(sql)?;
+    for t in tasks {
+        let c = match cur.take() {
+            Some(c) if c.key == t.entry.key => cur.insert(c),
+            _ => cur.insert(KeyCursor::open(conn, &mut keys, &t.entry.key, floor, path)?),
+        };
+        if c.has(conn, t, generation).map_err(sql)? {
+            added.matched += 1;
+            continue;
+        }
+        if c.next_seq > SEQ_MASK {
+            return Err(ManifestError::Limit(
+                path.to_string(),
+                format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
+            ));
+        }
+        let id = task_id(c.key_id, c.next_seq);
+        insert_task(conn, id, generation, t, &mut added.tally).map_err(sql)?;
+        added.second += i64::from(c.next_seq == 1);
+        c.next_seq += 1;
+        c.seen.insert((t.dest, t.entry.version_id.clone()));
+        added.tasks += 1;
+    }
+    Ok(added)
+}
+
 fn store_checkpoint(conn: &Connection, partition: i64, cp: &Listing) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "UPDATE partitions SET key_marker = ?2, version_marker = ?3, complete = ?4, pages = ?5,
@@ -167,33 +246,91 @@ fn store_checkpoint(conn: &Connection, partition: i64, cp: &Listing) -> rusqlite
     Ok(())
 }
 
+/// One disjoint part of the key space, listed on its own, and its checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// Its row id.
+    pub id: i64,
+    /// Its first key (inclusive); None: the start of the job's keys.
+    pub start_key: Option<String>,
+    /// Its end (exclusive); None: the end of the job's keys.
+    pub end_key: Option<String>,
+    /// Where its listing stands.
+    pub listing: Listing,
+}
+
+fn partition_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Partition> {
+    Ok(Partition {
+        id: r.get(0)?,
+        start_key: r.get(1)?,
+        end_key: r.get(2)?,
+        listing: Listing {
+            key_marker: r.get(3)?,
+            version_marker: r.get(4)?,
+            complete: r.get(5)?,
+            pages: r.get::<_, i64>(6)? as u64,
+            entries: r.get::<_, i64>(7)? as u64,
+            last_key: r.get(8)?,
+            last_key_seen: r.get::<_, i64>(9)? as u64,
+        },
+    })
+}
+
+/// One listing generation: `plan` (0) or a refresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refresh {
+    /// Its number (`task.refresh` of the tasks it added).
+    pub generation: i64,
+    /// When it started (unix seconds; None for `plan`).
+    pub started_at: Option<i64>,
+    /// Tasks it added.
+    pub tasks: u64,
+    /// Listed entries that already had a task (a refresh; 0 for `plan`).
+    pub matched: u64,
+}
+
+/// The listing of all partitions together: complete when each is, pages and entries summed,
+/// markers of the first incomplete one (of the only one, when there is one).
+fn aggregate(parts: &[Partition]) -> Listing {
+    if let [only] = parts {
+        return only.listing.clone();
+    }
+    let mut all = parts
+        .iter()
+        .find(|p| !p.listing.complete)
+        .map(|p| p.listing.clone())
+        .unwrap_or_default();
+    all.complete = parts.iter().all(|p| p.listing.complete);
+    all.pages = parts.iter().map(|p| p.listing.pages).sum();
+    all.entries = parts.iter().map(|p| p.listing.entries).sum();
+    all
+}
+
 impl Manifest {
-    /// The listing checkpoint (of partition 0, the whole bucket).
+    /// The listing checkpoint of the whole job (all partitions together, see [`Partition`]).
     pub fn listing(&self) -> Result<Listing> {
-        self.conn
-            .prepare_cached(
-                "SELECT key_marker, version_marker, complete, pages, entries, last_key,
-                 last_key_seen FROM partitions WHERE id = 0",
-            )
-            .and_then(|mut s| {
-                s.query_row([], |r| {
-                    Ok(Listing {
-                        key_marker: r.get(0)?,
-                        version_marker: r.get(1)?,
-                        complete: r.get(2)?,
-                        pages: r.get::<_, i64>(3)? as u64,
-                        entries: r.get::<_, i64>(4)? as u64,
-                        last_key: r.get(5)?,
-                        last_key_seen: r.get::<_, i64>(6)? as u64,
-                    })
-                })
-            })
-            .map_err(|e| self.sql(e))
+        Ok(aggregate(&self.partitions()?))
     }
 
-    /// Writes one listed page and the checkpoint after it, in one transaction. Entries that
-    /// already have a task (a replayed page) are ignored.
-    pub fn insert_page(&mut self, tasks: &[NewTask], checkpoint: &Listing) -> Result<()> {
+    /// The listing partitions, by id (one, the whole bucket, unless `plan` split it).
+    pub fn partitions(&self) -> Result<Vec<Partition>> {
+        self.read_partitions(&self.conn).map_err(|e| self.sql(e))
+    }
+
+    fn read_partitions(&self, conn: &Connection) -> rusqlite::Result<Vec<Partition>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, start_key, end_key, key_marker, version_marker, complete, pages, entries,
+             last_key, last_key_seen FROM partitions ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], partition_from_row)?;
+        rows.collect()
+    }
+
+    /// Splits the job's keys into partitions at `starts` (sorted, each the first key of a
+    /// partition), before anything is listed: partition 0 ends at the first start, the last
+    /// one has no end. Returns false (and changes nothing) when the listing already started
+    /// or was already split: a resumed plan keeps its partitions.
+    pub fn split_partitions(&mut self, starts: &[String]) -> Result<bool> {
         let path = self.path.clone();
         let sql = |source| ManifestError::Sql {
             path: path.clone(),
@@ -203,48 +340,144 @@ impl Manifest {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let generation: i64 = tx
-            .prepare_cached("SELECT max(generation) FROM refreshes")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        let untouched: bool = tx
+            .query_row(
+                "SELECT count(*) = 1 AND max(pages) = 0 AND max(complete) = 0
+                 AND max(end_key) IS NULL AND max(start_key) IS NULL FROM partitions",
+                [],
+                |r| r.get(0),
+            )
             .map_err(sql)?;
-        let (mut added, mut second) = (0i64, 0i64);
-        let mut cur: Option<KeyCursor> = None;
-        let mut tally = Tally::default();
-        let mut keys = Keys::load(&tx).map_err(sql)?;
-        for t in tasks {
-            let c = match cur.take() {
-                Some(c) if c.key == t.entry.key => cur.insert(c),
-                _ => cur.insert(KeyCursor::open(&tx, &mut keys, &t.entry.key, &path)?),
-            };
-            if c.has(&tx, t, generation).map_err(sql)? {
-                continue;
-            }
-            if c.next_seq > SEQ_MASK {
-                return Err(ManifestError::Limit(
-                    path.clone(),
-                    format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
-                ));
-            }
-            let id = task_id(c.key_id, c.next_seq);
-            insert_task(&tx, id, generation, t, &mut tally).map_err(sql)?;
-            second += i64::from(c.next_seq == 1);
-            c.next_seq += 1;
-            c.seen.insert((t.dest, t.entry.version_id.clone()));
-            added += 1;
+        if !untouched || starts.is_empty() || !starts.windows(2).all(|w| w[0] < w[1]) {
+            return Ok(false);
         }
-        tally.store(&tx).map_err(sql)?;
-        store_checkpoint(&tx, 0, checkpoint).map_err(sql)?;
-        if added > 0 {
-            tx.prepare_cached("UPDATE refreshes SET tasks = tasks + ?1 WHERE generation = ?2")
-                .and_then(|mut s| s.execute([added, generation]))
-                .map_err(sql)?;
+        let mut bounds: Vec<Option<&str>> = vec![None];
+        bounds.extend(starts.iter().map(|s| Some(s.as_str())));
+        bounds.push(None);
+        tx.execute("DELETE FROM partitions", []).map_err(sql)?;
+        for (i, w) in bounds.windows(2).enumerate() {
+            tx.execute(
+                "INSERT INTO partitions (id, start_key, end_key) VALUES (?1, ?2, ?3)",
+                params![i as i64, w[0], w[1]],
+            )
+            .map_err(sql)?;
         }
-        if second > 0 {
-            tx.prepare_cached("UPDATE totals SET multi_task_keys = multi_task_keys + ?1")
-                .and_then(|mut s| s.execute([second]))
-                .map_err(sql)?;
-        }
+        tx.commit().map_err(sql)?;
+        Ok(true)
+    }
+
+    /// Writes one listed page and the checkpoint after it, in one transaction (the only
+    /// partition). Entries that already have a task (a replayed page) are ignored.
+    pub fn insert_page(&mut self, tasks: &[NewTask], checkpoint: &Listing) -> Result<()> {
+        self.insert_partition_page(0, tasks, checkpoint)
+    }
+
+    /// Writes one page of partition `partition` and the partition's checkpoint after it, in
+    /// one transaction. Entries that already have a task (a replayed page) are ignored.
+    pub fn insert_partition_page(
+        &mut self,
+        partition: i64,
+        tasks: &[NewTask],
+        checkpoint: &Listing,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let sql = |source| ManifestError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let (generation, floor): (i64, Option<String>) = tx
+            .prepare_cached(
+                "SELECT (SELECT max(generation) FROM refreshes),
+                 (SELECT start_key FROM partitions WHERE id = ?1)",
+            )
+            .and_then(|mut s| s.query_row([partition], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(sql)?;
+        let added = insert_tasks(&tx, tasks, generation, floor.as_deref(), &path)?;
+        store_checkpoint(&tx, partition, checkpoint).map_err(sql)?;
+        added.store(&tx, generation).map_err(sql)?;
         tx.commit().map_err(sql)
+    }
+
+    /// Starts a refresh: a new listing generation over the same partitions, whose new
+    /// entries become tasks of that generation. Returns its number, or None when the
+    /// current listing is not complete (finish it first).
+    pub fn start_refresh(&mut self) -> Result<Option<i64>> {
+        let path = self.path.clone();
+        let sql = |source| ManifestError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let complete: bool = tx
+            .query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))
+            .map_err(sql)?;
+        if !complete {
+            return Ok(None);
+        }
+        let generation: i64 = tx
+            .query_row("SELECT max(generation) + 1 FROM refreshes", [], |r| {
+                r.get(0)
+            })
+            .map_err(sql)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS refresh_matched (
+                 generation INTEGER PRIMARY KEY, -- refreshes.generation
+                 tasks INTEGER NOT NULL -- listed entries that already had a task
+             );
+             UPDATE partitions SET key_marker = NULL, version_marker = NULL, complete = 0,
+                 pages = 0, entries = 0, last_key = NULL, last_key_seen = 0;",
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "INSERT INTO refreshes (generation, started_at, tasks) VALUES (?1, ?2, 0)",
+            params![generation, super::now_secs()],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(Some(generation))
+    }
+
+    /// Every listing generation (0 is `plan`, then one per refresh), oldest first.
+    pub fn refreshes(&self) -> Result<Vec<Refresh>> {
+        let has_matched: bool = self
+            .conn
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'refresh_matched'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql(e))?;
+        let matched = if has_matched {
+            "(SELECT tasks FROM refresh_matched m WHERE m.generation = r.generation)"
+        } else {
+            "NULL"
+        };
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT generation, started_at, tasks, coalesce({matched}, 0) FROM refreshes r
+                 ORDER BY generation"
+            ))
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Refresh {
+                    generation: r.get(0)?,
+                    started_at: r.get(1)?,
+                    tasks: r.get::<_, i64>(2)? as u64,
+                    matched: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql(e))
     }
 
     /// How many tasks a key has.
