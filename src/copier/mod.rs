@@ -146,6 +146,8 @@ pub struct Copier<C: S3Client> {
     requests_sent: Mutex<BTreeMap<&'static str, u64>>,
     lock_warned: AtomicBool,
     stream_said: AtomicBool,
+    /// Whether the source bucket has object lock, read once (see `strategy::one_request`).
+    source_lock: tokio::sync::OnceCell<bool>,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -177,6 +179,7 @@ impl<C: S3Client> Copier<C> {
             requests_sent: Mutex::new(BTreeMap::new()),
             lock_warned: AtomicBool::new(false),
             stream_said: AtomicBool::new(false),
+            source_lock: tokio::sync::OnceCell::new(),
         })
     }
 

@@ -26,7 +26,7 @@ use super::{now_secs, Copier};
 use crate::config::{CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
-    show_key, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult, S3Client, S3Error,
+    show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult, S3Client, S3Error,
     WriteAttrs, WriteResult, Written, STAMP_KEY,
 };
 
@@ -211,6 +211,9 @@ impl<C: S3Client> Copier<C> {
     }
 
     async fn copy_version(&self, ctx: &TaskCtx<'_>, server_side: bool) -> Result<Copied, S3Error> {
+        if server_side && self.one_request(ctx).await {
+            return self.copy_listed(ctx).await;
+        }
         let head = self.head_source(ctx, None).await?;
         let attrs = self.write_attrs(ctx, &head);
         match choose_plan(false, head.size, server_side, &self.settings.copy) {
@@ -220,6 +223,82 @@ impl<C: S3Client> Copier<C> {
             CopyPlan::MultipartStream => self.multipart(ctx, &head, attrs, false).await,
             CopyPlan::DeleteMarker => self.delete_marker(ctx).await,
         }
+    }
+
+    /// Whether this task is copied by one `CopyObject` and no HEAD of the source: nothing a
+    /// HEAD would tell changes the copy. That holds when
+    /// - no stamp is written: the stamp needs MetadataDirective REPLACE, and so the source's
+    ///   metadata and content headers, which only a HEAD gives (COPY carries them as they are);
+    /// - the destination's encryption does not come from the source version (`--sse` given);
+    /// - the listed size takes one `CopyObject`;
+    /// - the listed storage class cannot be archived (GLACIER and DEEP_ARCHIVE: only a HEAD
+    ///   tells whether a version is restored; INTELLIGENT_TIERING: its archive tiers);
+    /// - the source bucket has no object lock (retention and legal hold are per version;
+    ///   read once per run, and an answer that does not tell keeps the HEAD).
+    ///
+    /// Tags (TaggingDirective COPY), metadata and content headers (MetadataDirective COPY)
+    /// are copied by the server; the storage class and checksum algorithm come from the
+    /// listing; a version gone since the listing answers 404 (skipped as gone).
+    async fn one_request(&self, ctx: &TaskCtx<'_>) -> bool {
+        let c = &self.settings.copy;
+        let listed = ctx.task.storage_class.as_deref();
+        if c.stamp
+            || c.sse.is_none()
+            || choose_plan(false, ctx.task.size, true, c) != CopyPlan::Copy
+            || matches!(listed, Some("GLACIER" | "DEEP_ARCHIVE" | "INTELLIGENT_TIERING"))
+        {
+            return false;
+        }
+        !self.source_has_lock().await
+    }
+
+    /// Whether the source bucket has object lock (or cannot tell), read once per run.
+    async fn source_has_lock(&self) -> bool {
+        let probe = || async {
+            let retries = std::sync::atomic::AtomicU64::new(0);
+            let bucket = &self.settings.source.bucket;
+            match self
+                .retrier
+                .call(&retries, || self.source.object_lock_enabled(bucket))
+                .await
+            {
+                Ok(on) => on,
+                Err(e) => {
+                    tracing::warn!("object lock of source bucket {bucket} unknown ({e}): every version is HEADed for its lock settings");
+                    true
+                }
+            }
+        };
+        *self.source_lock.get_or_init(probe).await
+    }
+
+    /// One `CopyObject` from what the listing said (see [`Copier::one_request`]).
+    async fn copy_listed(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
+        let c = &self.settings.copy;
+        let listed = ctx.task.storage_class.clone();
+        let attrs = WriteAttrs {
+            replace_metadata: false,
+            storage_class: c
+                .storage_class
+                .clone()
+                .or_else(|| listed.filter(|s| s != "STANDARD")),
+            encryption: chosen_encryption(c).flatten(),
+            acl: c.acl.clone(),
+            checksum_algorithm: ctx
+                .task
+                .checksum_algorithm
+                .as_deref()
+                .and_then(ChecksumAlgorithm::parse),
+            ..WriteAttrs::default()
+        };
+        let src = ctx.source(&self.settings.source.bucket);
+        let wrote = self
+            .write_version(ctx, || self.dest.copy_object(&ctx.dest, &src, &attrs))
+            .await?;
+        Ok(match wrote {
+            Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
+            Wrote::New(_, v, _) => Copied::single(v, CopyMethod::Copy),
+        })
     }
 
     /// HEAD of the source version with the source's client; a version that cannot be copied
@@ -267,11 +346,7 @@ impl<C: S3Client> Copier<C> {
         if c.stamp {
             metadata.insert(STAMP_KEY.to_string(), ctx.task.version_id.clone());
         }
-        let encryption = match c.sse {
-            Some(Sse::Aes256) => Some(Encryption::SseS3),
-            Some(Sse::AwsKms) => Some(Encryption::SseKms(c.sse_kms_key_id.clone())),
-            None => head.encryption.clone(),
-        };
+        let encryption = chosen_encryption(c).unwrap_or_else(|| head.encryption.clone());
         WriteAttrs {
             replace_metadata: c.stamp,
             content: head.content.clone(),
@@ -726,6 +801,16 @@ pub fn lock_to_send(lock: &ObjectLock, dest_has_lock: bool, now: i64) -> ObjectL
         mode: lock.mode.clone().filter(|_| !expired),
         retain_until: lock.retain_until.filter(|_| !expired),
         legal_hold: lock.legal_hold,
+    }
+}
+
+/// The destination encryption `--sse` chose: None when not given (the source version's is
+/// kept), `Some(None)` for the destination bucket's default.
+fn chosen_encryption(c: &CopyOptions) -> Option<Option<Encryption>> {
+    match c.sse? {
+        Sse::Aes256 => Some(Some(Encryption::SseS3)),
+        Sse::AwsKms => Some(Some(Encryption::SseKms(c.sse_kms_key_id.clone()))),
+        Sse::BucketDefault => Some(None),
     }
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 use indicatif::ProgressBar;
 
 use super::{Copier, DestFacts, RunOptions, RunSummary};
-use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig};
+use crate::config::{
+    CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig, Sse,
+};
 use crate::lister::Lister;
 use crate::manifest::{Manifest, State, Update};
 use crate::s3::fake::{FakeServer, FaultKind};
@@ -59,10 +61,23 @@ fn server() -> FakeServer {
     s
 }
 
+/// The job with one request per small object: no stamp, the destination bucket's default
+/// encryption.
+fn one_request_settings() -> JobSettings {
+    let mut s = settings();
+    s.copy.stamp = false;
+    s.copy.sse = Some(Sse::BucketDefault);
+    s
+}
+
 /// Plans the source into a new manifest at `path`.
 async fn plan(server: &FakeServer, path: &Path) {
+    plan_with(server, path, settings()).await
+}
+
+/// Plans the source into a new manifest at `path` with the job settings `s`.
+async fn plan_with(server: &FakeServer, path: &Path, s: JobSettings) {
     let mut m = Manifest::open(path, true).unwrap();
-    let s = settings();
     m.store_settings(&s).unwrap();
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = server.client(Side::Source);
@@ -84,8 +99,9 @@ async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, us
         object_lock: false,
     };
     let clients = (server.client(Side::Source), server.client(Side::Dest));
+    let stored = m.settings().unwrap().expect("planned");
     let copier = Copier::new(
-        settings(),
+        stored,
         clients,
         facts,
         m.into_writer(),
@@ -421,4 +437,114 @@ async fn an_sse_c_version_fails_with_its_reason_and_blocks_only_its_key() {
         p.iter().any(|p| p.state == "blocked"),
         "the later version is listed as blocked"
     );
+}
+
+/// Requests of `op` the manifest recorded.
+fn requests_of(path: &Path, op: &str) -> u64 {
+    let c = all_tasks_done(path);
+    c.requests.get(op).copied().unwrap_or(0)
+}
+
+/// Bodies and user metadata of a key's versions, oldest first.
+fn bodies_and_metadata(
+    server: &FakeServer,
+    bucket: &str,
+    key: &str,
+) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+    server
+        .history(bucket, key)
+        .into_iter()
+        .map(|v| (v.body.to_vec(), v.head.metadata))
+        .collect()
+}
+
+#[tokio::test]
+async fn without_stamp_a_small_version_costs_one_copy_and_no_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"one", &[("color", "blue")]);
+    s.put(SRC, "k", b"two!", &[("color", "red")]);
+    s.put(SRC, "other", b"x", &[]);
+    plan_with(&s, &path, one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!(summary.done, 3);
+    for key in ["k", "other"] {
+        assert_eq!(
+            bodies_and_metadata(&s, DST, key),
+            bodies_and_metadata(&s, SRC, key),
+            "{key}: same bodies and metadata, in order"
+        );
+    }
+    assert_eq!(requests_of(&path, "HeadObject"), 0);
+    assert_eq!(requests_of(&path, "CopyObject"), 3);
+}
+
+#[tokio::test]
+async fn without_stamp_a_lost_copy_answer_is_adopted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"", &[("n", "1")]);
+    let v2 = s.put(SRC, "k", b"", &[("n", "2")]);
+    s.omit_copy_version_ids(true);
+    s.fail_after("CopyObject", Some("k"), 1, 1, FaultKind::LostAnswer);
+    plan_with(&s, &path, one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.reconciled), (2, 1));
+    assert_eq!(
+        bodies_and_metadata(&s, DST, "k"),
+        bodies_and_metadata(&s, SRC, "k"),
+        "one copy of {v1} and of {v2}, in order"
+    );
+    let dest_ids: Vec<_> = s.history(DST, "k").into_iter().map(|v| v.id).collect();
+    let recorded: Vec<_> = tasks(&path)
+        .into_iter()
+        .map(|t| t.dest_version_id.expect("dest version id"))
+        .collect();
+    assert_eq!(recorded, dest_ids);
+}
+
+#[tokio::test]
+async fn without_stamp_a_killed_runs_copy_is_adopted_and_the_rest_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"same", &[("n", "1")]);
+    s.put(SRC, "k", b"same", &[("n", "2")]);
+    plan_with(&s, &path, one_request_settings()).await;
+    // A killed run: v1 was copied (nothing recorded), v2 had started.
+    let t = tasks(&path);
+    s.put(DST, "k", b"same", &[("n", "1")]);
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    for task in &t {
+        let started = Update::Started {
+            id: task.id,
+            at: super::now_secs(),
+        };
+        w.send_durable(started).await.unwrap();
+    }
+    w.close();
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.reconciled), (2, 1));
+    assert_eq!(
+        bodies_and_metadata(&s, DST, "k"),
+        bodies_and_metadata(&s, SRC, "k")
+    );
+}
+
+#[tokio::test]
+async fn without_stamp_listed_archive_classes_are_headed_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    s.put(SRC, "k", b"new", &[]);
+    s.set_storage_class(SRC, "k", &v1, "GLACIER");
+    plan_with(&s, &path, one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.skipped), (1, 1));
+    assert_eq!(all_tasks_done(&path).archived, 1);
+    assert_eq!(s.history(DST, "k").len(), 1);
+    assert_eq!(requests_of(&path, "HeadObject"), 1, "only the GLACIER version");
 }
