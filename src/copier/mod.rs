@@ -81,7 +81,12 @@ pub struct RunOptions {
     pub max_rps: Option<f64>,
     /// Early stop on failures.
     pub failure_threshold: FailureThreshold,
+    /// Bytes held between GET and upload at most when streaming (see `strategy::Budget`).
+    pub max_memory: u64,
 }
+
+/// Default `--max-memory`: 256 MiB.
+pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -91,6 +96,7 @@ impl Default for RunOptions {
             policy: RetryPolicy::default(),
             max_rps: None,
             failure_threshold: FailureThreshold::default(),
+            max_memory: DEFAULT_MAX_MEMORY,
         }
     }
 }
@@ -148,6 +154,8 @@ pub struct Copier<C: S3Client> {
     stream_said: AtomicBool,
     /// Whether the source bucket has object lock, read once (see `strategy::one_request`).
     source_lock: tokio::sync::OnceCell<bool>,
+    /// Bytes of streamed bodies held at once (see `strategy::Budget`).
+    memory: strategy::Budget,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -180,6 +188,7 @@ impl<C: S3Client> Copier<C> {
             lock_warned: AtomicBool::new(false),
             stream_said: AtomicBool::new(false),
             source_lock: tokio::sync::OnceCell::new(),
+            memory: strategy::Budget::new(opts.max_memory),
         })
     }
 

@@ -30,6 +30,59 @@ use crate::s3::{
     WriteAttrs, WriteResult, Written, STAMP_KEY,
 };
 
+/// Of `--max-memory`, what the program itself keeps (code, runtime, SDK, manifest cache,
+/// connection buffers); the rest is for streamed bodies.
+pub const MEMORY_RESERVE: u64 = 32 * 1024 * 1024;
+
+/// The bytes of streamed bodies held at once, between their GET and their upload: a
+/// semaphore counted in KiB, of `--max-memory` less [`MEMORY_RESERVE`] (at least one
+/// smallest part). A body larger than the whole budget (a part grown past it to stay within
+/// 10,000 parts) takes the whole budget, so it never waits forever.
+#[derive(Debug)]
+pub(super) struct Budget {
+    kib: tokio::sync::Semaphore,
+    total_kib: u32,
+}
+
+impl Budget {
+    pub(super) fn new(max_memory: u64) -> Budget {
+        let bytes = max_memory.saturating_sub(MEMORY_RESERVE).max(MIN_PART);
+        let total_kib = (bytes / 1024).clamp(1, u32::MAX as u64) as u32;
+        Budget {
+            kib: tokio::sync::Semaphore::new(total_kib as usize),
+            total_kib,
+        }
+    }
+
+    /// The budget in bytes.
+    pub(super) fn bytes(&self) -> u64 {
+        self.total_kib as u64 * 1024
+    }
+
+    /// Bytes free now.
+    #[cfg(test)]
+    pub(super) fn available(&self) -> u64 {
+        self.kib.available_permits() as u64 * 1024
+    }
+
+    /// Waits until `bytes` fit; they are given back when the permit is dropped.
+    pub(super) async fn hold(&self, bytes: u64) -> Result<tokio::sync::SemaphorePermit<'_>, S3Error> {
+        let kib = bytes.div_ceil(1024).clamp(1, self.total_kib as u64) as u32;
+        self.kib.acquire_many(kib).await.map_err(|e| {
+            S3Error::other(crate::s3::Side::Source, "GetObject", ErrorClass::Fatal, e.to_string())
+        })
+    }
+}
+
+/// The copy options of a streamed task: parts no larger than the memory budget (and so a
+/// single-request stream no larger either).
+fn capped_for_stream(c: &CopyOptions, budget: u64) -> CopyOptions {
+    CopyOptions {
+        part_size: c.part_size.min(budget).max(MIN_PART),
+        ..c.clone()
+    }
+}
+
 /// How one task is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyPlan {
@@ -216,7 +269,14 @@ impl<C: S3Client> Copier<C> {
         }
         let head = self.head_source(ctx, None).await?;
         let attrs = self.write_attrs(ctx, &head);
-        match choose_plan(false, head.size, server_side, &self.settings.copy) {
+        let capped;
+        let c = if server_side {
+            &self.settings.copy
+        } else {
+            capped = capped_for_stream(&self.settings.copy, self.memory.bytes());
+            &capped
+        };
+        match choose_plan(false, head.size, server_side, c) {
             CopyPlan::Copy => self.copy_object(ctx, &head, &attrs).await,
             CopyPlan::Stream => self.stream_put(ctx, &head, attrs).await,
             CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, true).await,
@@ -501,6 +561,7 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         mut attrs: WriteAttrs,
     ) -> Result<Copied, S3Error> {
+        let _held = self.memory.hold(head.size).await?;
         let body = self.get_range(ctx, None, head.size).await?;
         // End-to-end integrity: an MD5 ETag must match the bytes read.
         if md5_etag(head)
@@ -556,11 +617,16 @@ impl<C: S3Client> Copier<C> {
         mut attrs: WriteAttrs,
         server_side: bool,
     ) -> Result<Copied, S3Error> {
-        let layout = choose_layout(
-            head.size,
-            self.settings.copy.part_size,
-            self.source_layout(ctx, head).await,
-        );
+        let (preferred, source_layout) = if server_side {
+            (self.settings.copy.part_size, self.source_layout(ctx, head).await)
+        } else {
+            // Streamed parts are held in memory: none larger than the budget.
+            let budget = self.memory.bytes();
+            let capped = capped_for_stream(&self.settings.copy, budget).part_size;
+            let own = self.source_layout(ctx, head).await;
+            (capped, own.filter(|(first, _)| *first <= budget))
+        };
+        let layout = choose_layout(head.size, preferred, source_layout);
         attrs.tagging = self.tags_for(ctx, head, server_side).await?;
         let upload_id = self
             .retrier
@@ -664,6 +730,7 @@ impl<C: S3Client> Copier<C> {
                 })
                 .await;
         }
+        let _held = self.memory.hold(range.1 - range.0 + 1).await?;
         let body = self
             .get_range(ctx, Some(range), range.1 - range.0 + 1)
             .await?;

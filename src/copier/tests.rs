@@ -548,3 +548,52 @@ async fn without_stamp_listed_archive_classes_are_headed_and_skipped() {
     assert_eq!(s.history(DST, "k").len(), 1);
     assert_eq!(requests_of(&path, "HeadObject"), 1, "only the GLACIER version");
 }
+
+#[tokio::test]
+async fn streamed_parts_are_cut_to_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    s.put(SRC, "k", &body, &[]);
+    let mut job = settings();
+    job.copy.mode = CopyMode::Stream;
+    job.copy.part_size = 16 * 1024 * 1024;
+    plan_with(&s, &path, job).await;
+    // 40 MiB: 32 for the program, 8 for bodies.
+    let o = RunOptions {
+        max_memory: 40 * 1024 * 1024,
+        ..opts()
+    };
+    let (summary, _) = run(&s, &path, o).await;
+    assert_eq!(summary.done, 1);
+    assert_eq!(s.history(DST, "k")[0].body.as_ref(), &body[..]);
+    let t = &tasks(&path)[0];
+    let (part, parts) = part_layout(&path, t.id);
+    assert_eq!((part, parts), (8 * 1024 * 1024, 3), "16 MiB parts cut to 8");
+}
+
+#[tokio::test]
+async fn the_memory_budget_never_waits_for_more_than_it_has() {
+    let b = super::strategy::Budget::new(40 * 1024 * 1024);
+    assert_eq!(b.bytes(), 8 * 1024 * 1024);
+    let held = b.hold(8 * 1024 * 1024).await.unwrap();
+    assert_eq!(b.available(), 0, "the whole budget is held");
+    drop(held);
+    // A part larger than the budget takes all of it instead of waiting forever.
+    let big = b.hold(100 * 1024 * 1024).await.unwrap();
+    assert_eq!(b.available(), 0);
+    drop(big);
+    assert_eq!(b.available(), 8 * 1024 * 1024);
+}
+
+/// The part size and count recorded for a multipart task.
+fn part_layout(path: &Path, task: i64) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT part_size, parts FROM uploads WHERE task = ?1",
+        [task],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}

@@ -722,15 +722,23 @@ impl S3Client for SdkClient {
                 .send()
                 .await
                 .map_err(|e| self.err(OP, true, e))?;
-            let body = out.body.collect().await.map_err(|e| {
-                S3Error::other(
-                    self.side,
-                    OP,
-                    ErrorClass::Retryable,
-                    format!("body read failed: {e}"),
-                )
-            })?;
-            Ok(body.into_bytes())
+            // Read into one buffer of the announced length: the body is held once (collecting
+            // segments and joining them would hold it twice at the end).
+            let announced = out.content_length().unwrap_or(0).clamp(0, 1 << 33) as usize;
+            let mut buf = bytes::BytesMut::with_capacity(announced);
+            let mut body = out.body;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    S3Error::other(
+                        self.side,
+                        OP,
+                        ErrorClass::Retryable,
+                        format!("body read failed: {e}"),
+                    )
+                })?;
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(buf.freeze())
         };
         // The SDK's attempt timeout ends with the headers: the body gets its own.
         tokio::time::timeout(self.timeouts.attempt, read)
