@@ -56,7 +56,9 @@ fn main() {
         .collect();
     print_machine();
     if !sizes.contains(&1_000_000) {
-        println!("1,000,000 entries: left out (several minutes); ENGINE_BENCH_TASKS=1000000 adds them\n");
+        println!(
+            "1,000,000 entries: left out (several minutes); ENGINE_BENCH_TASKS=1000000 adds them\n"
+        );
     }
     let mut rows = Vec::new();
     for n in sizes {

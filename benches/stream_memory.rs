@@ -106,7 +106,15 @@ async fn bench(case: &Case) {
     for i in 0..case.objects {
         let body = pseudo_random(case.size, i as u64);
         let key = format!("obj-{i:02}");
-        put_multipart(&sc, &src, &key, &body, &[case.source_part], &Headers::default()).await;
+        put_multipart(
+            &sc,
+            &src,
+            &key,
+            &body,
+            &[case.source_part],
+            &Headers::default(),
+        )
+        .await;
     }
     let budget = format!("{}MiB", case.budget_mib);
     println!(

@@ -82,7 +82,11 @@ async fn small_versions_cost_one_copy_and_keep_everything() {
     let copies = st.done - st.delete_markers;
     let r = requests(&m);
     println!("{copies} versions copied; requests: {r:?}");
-    assert_eq!(count(&r, "CopyObject"), copies, "one CopyObject per version");
+    assert_eq!(
+        count(&r, "CopyObject"),
+        copies,
+        "one CopyObject per version"
+    );
     // The source is never HEADed. A server whose CopyObject answer names no version id
     // (RGW) is asked the new version's id with one HEAD of the destination.
     let heads = count(&r, "HeadObject");

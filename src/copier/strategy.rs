@@ -26,8 +26,8 @@ use super::{now_secs, Copier};
 use crate::config::{CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
-    show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult, S3Client, S3Error,
-    WriteAttrs, WriteResult, Written, STAMP_KEY,
+    show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
+    S3Client, S3Error, WriteAttrs, WriteResult, Written, STAMP_KEY,
 };
 
 /// Of `--max-memory`, what the program itself keeps (code, runtime, SDK, manifest cache,
@@ -66,10 +66,18 @@ impl Budget {
     }
 
     /// Waits until `bytes` fit; they are given back when the permit is dropped.
-    pub(super) async fn hold(&self, bytes: u64) -> Result<tokio::sync::SemaphorePermit<'_>, S3Error> {
+    pub(super) async fn hold(
+        &self,
+        bytes: u64,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, S3Error> {
         let kib = bytes.div_ceil(1024).clamp(1, self.total_kib as u64) as u32;
         self.kib.acquire_many(kib).await.map_err(|e| {
-            S3Error::other(crate::s3::Side::Source, "GetObject", ErrorClass::Fatal, e.to_string())
+            S3Error::other(
+                crate::s3::Side::Source,
+                "GetObject",
+                ErrorClass::Fatal,
+                e.to_string(),
+            )
         })
     }
 }
@@ -305,7 +313,10 @@ impl<C: S3Client> Copier<C> {
         if c.stamp
             || c.sse.is_none()
             || choose_plan(false, ctx.task.size, true, c) != CopyPlan::Copy
-            || matches!(listed, Some("GLACIER" | "DEEP_ARCHIVE" | "INTELLIGENT_TIERING"))
+            || matches!(
+                listed,
+                Some("GLACIER" | "DEEP_ARCHIVE" | "INTELLIGENT_TIERING")
+            )
         {
             return false;
         }
@@ -618,7 +629,10 @@ impl<C: S3Client> Copier<C> {
         server_side: bool,
     ) -> Result<Copied, S3Error> {
         let (preferred, source_layout) = if server_side {
-            (self.settings.copy.part_size, self.source_layout(ctx, head).await)
+            (
+                self.settings.copy.part_size,
+                self.source_layout(ctx, head).await,
+            )
         } else {
             // Streamed parts are held in memory: none larger than the budget.
             let budget = self.memory.bytes();

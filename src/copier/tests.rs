@@ -8,9 +8,7 @@ use std::time::Duration;
 use indicatif::ProgressBar;
 
 use super::{Copier, DestFacts, RunOptions, RunSummary};
-use crate::config::{
-    CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig, Sse,
-};
+use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig, Sse};
 use crate::lister::Lister;
 use crate::manifest::{Manifest, State, Update};
 use crate::s3::fake::{FakeServer, FaultKind};
@@ -546,7 +544,11 @@ async fn without_stamp_listed_archive_classes_are_headed_and_skipped() {
     assert_eq!((summary.done, summary.skipped), (1, 1));
     assert_eq!(all_tasks_done(&path).archived, 1);
     assert_eq!(s.history(DST, "k").len(), 1);
-    assert_eq!(requests_of(&path, "HeadObject"), 1, "only the GLACIER version");
+    assert_eq!(
+        requests_of(&path, "HeadObject"),
+        1,
+        "only the GLACIER version"
+    );
 }
 
 #[tokio::test]
