@@ -562,9 +562,9 @@ async fn streamed_parts_are_cut_to_the_memory_budget() {
     job.copy.mode = CopyMode::Stream;
     job.copy.part_size = 16 * 1024 * 1024;
     plan_with(&s, &path, job).await;
-    // 40 MiB: 32 for the program, 8 for bodies.
+    // 56 MiB: 48 for the program, 8 for bodies.
     let o = RunOptions {
-        max_memory: 40 * 1024 * 1024,
+        max_memory: 56 * 1024 * 1024,
         ..opts()
     };
     let (summary, _) = run(&s, &path, o).await;
@@ -577,7 +577,7 @@ async fn streamed_parts_are_cut_to_the_memory_budget() {
 
 #[tokio::test]
 async fn the_memory_budget_never_waits_for_more_than_it_has() {
-    let b = super::strategy::Budget::new(40 * 1024 * 1024);
+    let b = super::strategy::Budget::new(56 * 1024 * 1024);
     assert_eq!(b.bytes(), 8 * 1024 * 1024);
     let held = b.hold(8 * 1024 * 1024).await.unwrap();
     assert_eq!(b.available(), 0, "the whole budget is held");
