@@ -4,7 +4,9 @@
 //! server-side `CopyObject`, a server-side multipart `UploadPartCopy` (parts in parallel,
 //! the source's own part layout when it is uniform, so the multipart ETag is kept), or
 //! streaming (ranged GETs with the source's client, `PutObject` or `UploadPart` with the
-//! destination's; at most one part per request slot held in memory).
+//! destination's; the bytes held between GET and upload bounded by `--max-memory`, see
+//! `Budget`). A small version is copied with one `CopyObject` and no HEAD of the source
+//! where nothing a HEAD would tell changes the copy (see `Copier::one_request`).
 //!
 //! Every request goes through the s3 layer's retry loop; the one that creates the destination
 //! version is a non-idempotent write whose reconcile hook looks for what an ambiguous attempt
@@ -345,7 +347,7 @@ impl<C: S3Client> Copier<C> {
         *self.source_lock.get_or_init(probe).await
     }
 
-    /// One `CopyObject` from what the listing said (see [`Copier::one_request`]).
+    /// One `CopyObject` from what the listing said (see `Copier::one_request`).
     async fn copy_listed(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
         let c = &self.settings.copy;
         let listed = ctx.task.storage_class.clone();
