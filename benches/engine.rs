@@ -4,7 +4,10 @@
 //! per-request pipeline, manifest updates.
 //!
 //! For each size N (default 10,000 and 100,000 entries; `ENGINE_BENCH_TASKS=1000000` adds a
-//! size, a comma list adds several) the source bucket is seeded without HTTP: 40-byte keys,
+//! size, a comma list adds several: 1,000,000 is left out by default because it takes
+//! several minutes on 2 cores) and each copy mode (`ENGINE_BENCH_MODES`, default
+//! `stamp,one-request`: the default job, and `--no-stamp --sse bucket-default`, where a
+//! small version costs one CopyObject) the source bucket is seeded without HTTP: 40-byte keys,
 //! 1-3 versions per key, a delete marker on top of every tenth key, bodies of a few bytes.
 //! Then `plan --delete-markers` and `run --concurrency 64` run as child processes; each is
 //! measured: wall time, user+system CPU (`wait4`), peak RSS (`VmHWM`, see [`measured`]).
@@ -46,16 +49,38 @@ fn main() {
             }
         }
     }
+    let modes: Vec<Mode> = std::env::var("ENGINE_BENCH_MODES")
+        .unwrap_or_else(|_| "stamp,one-request".into())
+        .split(',')
+        .filter_map(|m| MODES.iter().find(|(name, _)| *name == m.trim()).copied())
+        .collect();
     print_machine();
+    if !sizes.contains(&1_000_000) {
+        println!(
+            "1,000,000 entries: left out (several minutes); ENGINE_BENCH_TASKS=1000000 adds them\n"
+        );
+    }
     let mut rows = Vec::new();
     for n in sizes {
-        match bench_size(n) {
-            Ok(row) => rows.push(row),
-            Err(e) => println!("N = {n}: bench failed: {e}"),
+        for &mode in &modes {
+            match bench_size(n, mode) {
+                Ok(row) => rows.push(row),
+                Err(e) => println!("N = {n}, {}: bench failed: {e}", mode.0),
+            }
         }
     }
     print_summary(&rows);
 }
+
+/// A copy mode: its name and the `plan` flags that select it.
+type Mode = (&'static str, &'static [&'static str]);
+
+/// The modes benched: the default job (HEAD + CopyObject per small version, stamp written)
+/// and the one-request job.
+const MODES: [Mode; 2] = [
+    ("stamp", &[]),
+    ("one-request", &["--no-stamp", "--sse", "bucket-default"]),
+];
 
 fn print_machine() {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -211,6 +236,7 @@ fn measured(args: &[&str], log: &Path) -> std::io::Result<Measured> {
 /// One line of the summary.
 struct Row {
     n: usize,
+    mode: &'static str,
     plan: Measured,
     run: Measured,
     manifest_bytes: u64,
@@ -252,15 +278,17 @@ fn deltas(before: &[(Op, u64)], after: &[(Op, u64)]) -> Vec<(Op, u64)> {
 }
 
 /// Seeds, plans and runs one size; prints its block.
-fn bench_size(n: usize) -> Result<Row, String> {
+fn bench_size(n: usize, mode: Mode) -> Result<Row, String> {
     let mem = MemS3::start().map_err(|e| format!("cannot start mem-s3: {e}"))?;
     let t = Instant::now();
     let seeded = seed(&mem, n);
     mem.create_bucket(DEST, true);
     println!(
-        "N = {n} entries ({} keys, {} delete markers), seeded in {:.2} s",
+        "N = {n} entries ({} keys, {} delete markers), mode {} {:?}, seeded in {:.2} s",
         seeded.keys,
         seeded.markers,
+        mode.0,
+        mode.1,
         t.elapsed().as_secs_f64()
     );
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -274,6 +302,7 @@ fn bench_size(n: usize) -> Result<Row, String> {
         "plan", "--source", &src, "--dest", &dst, "--manifest", &m, "--source-endpoint", &ep,
         "--dest-endpoint", &ep, "--path-style", "--delete-markers",
     ];
+    let plan_args: Vec<&str> = plan_args.iter().chain(mode.1).copied().collect();
     let plan = step("plan", &plan_args, dir.path(), n, "versions/s")?;
     let manifest_bytes = manifest_size();
     let before = mem.request_counts();
@@ -299,7 +328,7 @@ fn bench_size(n: usize) -> Result<Row, String> {
     );
     println!("  destination {copied} of {n} entries\n");
     #[rustfmt::skip]
-    let row = Row { n, plan, run, manifest_bytes, requests_per_task, copied };
+    let row = Row { n, mode: mode.0, plan, run, manifest_bytes, requests_per_task, copied };
     Ok(row)
 }
 
@@ -330,8 +359,9 @@ fn print_requests(plan: &[(Op, u64)], run: &[(Op, u64)], n: usize) {
 fn print_summary(rows: &[Row]) {
     println!("summary (entries = tasks; CPU and RSS of the s3-backfill process)");
     println!(
-        "{:>9} | {:>12} {:>11} {:>9} | {:>9} {:>11} {:>9} | {:>10} {:>9} | {:>8}",
+        "{:>9} {:>11} | {:>12} {:>11} {:>9} | {:>9} {:>11} {:>9} | {:>10} {:>9} | {:>8}",
         "entries",
+        "mode",
         "plan ver/s",
         "plan ms/ver",
         "plan RSS",
@@ -347,8 +377,9 @@ fn print_summary(rows: &[Row]) {
         let ms = |m: &Measured| m.cpu.as_secs_f64() * 1000.0 / r.n as f64;
         let mib = |m: &Measured| format!("{:.1} MiB", m.max_rss_kib as f64 / 1024.0);
         println!(
-            "{:>9} | {:>12.0} {:>11.3} {:>9} | {:>9.0} {:>11.3} {:>9} | {:>6.1} MiB {:>9.0} | {:>8.2}{}",
+            "{:>9} {:>11} | {:>12.0} {:>11.3} {:>9} | {:>9.0} {:>11.3} {:>9} | {:>6.1} MiB {:>9.0} | {:>8.2}{}",
             r.n,
+            r.mode,
             rate(&r.plan),
             ms(&r.plan),
             mib(&r.plan),

@@ -7,7 +7,8 @@
 # Settings (environment):
 #   PEERS_SIZE=1024          bytes per object
 #   PEERS_CONCURRENCY=32     requests in flight for every tool
-#   PEERS_TOOLS="s3-backfill rclone s3sync"   which tools to run (missing ones are skipped)
+#   PEERS_TOOLS="s3-backfill s3-backfill-1req rclone s3sync"   which tools to run (missing ones
+#                            are skipped; s3-backfill-1req: --no-stamp --sse bucket-default)
 #   S3_BACKFILL=PATH         the s3-backfill binary (default: target/release/s3-backfill, built when missing)
 #   RGW_SH=PATH              the RGW script (default: scripts/rgw.sh of this repository)
 #   PEERS_DIR=DIR            work directory (default: a fresh temporary one, removed at the end)
@@ -25,7 +26,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 N="${1:-3000}"
 SIZE="${PEERS_SIZE:-1024}"
 CONC="${PEERS_CONCURRENCY:-32}"
-TOOLS="${PEERS_TOOLS:-s3-backfill rclone s3sync}"
+TOOLS="${PEERS_TOOLS:-s3-backfill s3-backfill-1req rclone s3sync}"
 BIN="${S3_BACKFILL:-$ROOT/target/release/s3-backfill}"
 RGW_SH="${RGW_SH:-$ROOT/scripts/rgw.sh}"
 KEY=testing
@@ -114,19 +115,24 @@ timed() {
   fi
 }
 
+# s3-backfill as tool $1 with plan flags $2.. (s3-backfill: the default job, HEAD + CopyObject
+# per object; s3-backfill-1req: --no-stamp --sse bucket-default, one CopyObject per object).
 run_backfill() {
-  local out="$WORK/s3-backfill.figures" dst="peers-backfill"
+  local tool="$1"
+  shift
+  local out="$WORK/$tool.figures" dst="peers-$tool"
   make_bucket "$dst"
   : >"$out"
   local common=(env AWS_ACCESS_KEY_ID="$KEY" AWS_SECRET_ACCESS_KEY="$SECRET" AWS_REGION=us-east-1
     AWS_EC2_METADATA_DISABLED=true "$BIN")
   timed backfill-plan "$out" "${common[@]}" plan --source "s3://$SRC" --dest "s3://$dst" \
-    --manifest "$WORK/peers.db" --source-endpoint "$EP" --dest-endpoint "$EP" --path-style
-  timed backfill-run "$out" "${common[@]}" run --manifest "$WORK/peers.db" \
+    --manifest "$WORK/$tool.db" --source-endpoint "$EP" --dest-endpoint "$EP" --path-style "$@"
+  timed backfill-run "$out" "${common[@]}" run --manifest "$WORK/$tool.db" \
     --concurrency "$CONC" --no-progress
-  report s3-backfill "$out" "$dst" "$("$BIN" --version 2>/dev/null | head -n 1)"
-  awk '{ printf "%s%s %.2f s wall, %.2f s CPU, %.1f MiB", (NR == 1 ? "" : "; "),
-    (NR == 1 ? "plan" : "run"), $1, $2 + $3, $4 / 1024 } END { print "" }' "$out" >"$WORK/s3-backfill.detail"
+  report "$tool" "$out" "$dst" "$("$BIN" --version 2>/dev/null | head -n 1)"
+  awk -v tool="$tool" '{ printf "%s%s %.2f s wall, %.2f s CPU, %.1f MiB", (NR == 1 ? tool ": " : "; "),
+    (NR == 1 ? "plan" : "run"), $1, $2 + $3, $4 / 1024 } END { print "" }' "$out" >>"$WORK/s3-backfill.detail"
+  echo "$tool requests: $("$BIN" status --manifest "$WORK/$tool.db" --json | grep -o '"requests":{[^}]*}')" >>"$WORK/s3-backfill.detail"
 }
 
 run_rclone() {
@@ -192,7 +198,8 @@ have="$(count_objects "$SRC")"
 for tool in $TOOLS; do
   echo "peers: running $tool ($CONC in flight)"
   case "$tool" in
-    s3-backfill) run_backfill ;;
+    s3-backfill) run_backfill s3-backfill ;;
+    s3-backfill-1req) run_backfill s3-backfill-1req --no-stamp --sse bucket-default ;;
     rclone) run_rclone ;;
     s3sync) run_s3sync ;;
     *) echo "peers: unknown tool $tool: skipped" ;;
@@ -203,4 +210,4 @@ echo
 echo "server-side copy of $N x $SIZE B on one Ceph RGW, $CONC in flight; CPU = user+system of the tool's processes"
 printf "%-12s %7s %8s %10s %9s %12s %11s %8s   %s\n" tool objects "wall s" objects/s "CPU s" "CPU ms/obj" "peak MiB" copied version
 cat "$WORK/results"
-[ ! -s "$WORK/s3-backfill.detail" ] || echo "s3-backfill by step: $(cat "$WORK/s3-backfill.detail")"
+[ ! -s "$WORK/s3-backfill.detail" ] || { echo "s3-backfill by step:"; cat "$WORK/s3-backfill.detail"; }

@@ -440,6 +440,22 @@ pub struct ExecArgs {
     /// Seconds one request attempt may take, answer and body included (then it is retried).
     #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub request_timeout: u64,
+    /// Memory for streaming at most, whatever the part size and concurrency: 48MiB are kept
+    /// for the program, the rest bounds the bytes held between GET and upload (parts are
+    /// made smaller to fit). At least 56MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_memory)]
+    pub max_memory: u64,
+}
+
+/// A `--max-memory` size: the program's reserve and one smallest part (5 MiB) at least.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < 56 * 1024 * 1024 {
+        return Err(format!(
+            "--max-memory {s} is below 56MiB (48MiB for the program, 5MiB for the smallest part S3 accepts)"
+        ));
+    }
+    Ok(n)
 }
 
 impl ExecArgs {
@@ -456,6 +472,7 @@ impl ExecArgs {
                 ),
             },
             max_rps: self.max_rps,
+            max_memory: self.max_memory,
             failure_threshold: FailureThreshold {
                 min_tasks: self.failure_threshold_min_tasks,
                 percent: self.failure_threshold_percent,

@@ -146,6 +146,11 @@ pub enum Sse {
     #[serde(rename = "aws:kms")]
     #[value(name = "aws:kms")]
     AwsKms,
+    /// No encryption header: the destination bucket's default encryption applies (the
+    /// source version's own encryption is not carried over, so no HEAD is needed for it).
+    #[serde(rename = "bucket-default")]
+    #[value(name = "bucket-default")]
+    BucketDefault,
 }
 
 fn yes() -> bool {

@@ -83,7 +83,12 @@ pub struct RunOptions {
     pub max_rps: Option<f64>,
     /// Early stop on failures.
     pub failure_threshold: FailureThreshold,
+    /// Bytes held between GET and upload at most when streaming (see `strategy::Budget`).
+    pub max_memory: u64,
 }
+
+/// Default `--max-memory`: 256 MiB.
+pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -93,6 +98,7 @@ impl Default for RunOptions {
             policy: RetryPolicy::default(),
             max_rps: None,
             failure_threshold: FailureThreshold::default(),
+            max_memory: DEFAULT_MAX_MEMORY,
         }
     }
 }
@@ -165,6 +171,10 @@ pub struct Copier<C: S3Client> {
     requests_sent: Mutex<BTreeMap<&'static str, u64>>,
     lock_warned: AtomicBool,
     stream_said: AtomicBool,
+    /// Whether the source bucket has object lock, read once (see `strategy::one_request`).
+    source_lock: tokio::sync::OnceCell<bool>,
+    /// Bytes of streamed bodies held at once (see `strategy::Budget`).
+    memory: strategy::Budget,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -196,6 +206,8 @@ impl<C: S3Client> Copier<C> {
             requests_sent: Mutex::new(BTreeMap::new()),
             lock_warned: AtomicBool::new(false),
             stream_said: AtomicBool::new(false),
+            source_lock: tokio::sync::OnceCell::new(),
+            memory: strategy::Budget::new(opts.max_memory),
         })
     }
 

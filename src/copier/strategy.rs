@@ -4,7 +4,9 @@
 //! server-side `CopyObject`, a server-side multipart `UploadPartCopy` (parts in parallel,
 //! the source's own part layout when it is uniform, so the multipart ETag is kept), or
 //! streaming (ranged GETs with the source's client, `PutObject` or `UploadPart` with the
-//! destination's; at most one part per request slot held in memory).
+//! destination's; the bytes held between GET and upload bounded by `--max-memory`, see
+//! `Budget`). A small version is copied with one `CopyObject` and no HEAD of the source
+//! where nothing a HEAD would tell changes the copy (see `Copier::one_request`).
 //!
 //! Every request goes through the s3 layer's retry loop; the one that creates the destination
 //! version is a non-idempotent write whose reconcile hook looks for what an ambiguous attempt
@@ -26,9 +28,72 @@ use super::{now_secs, Copier};
 use crate::config::{CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
-    show_key, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult, S3Client, S3Error,
-    WriteAttrs, WriteResult, Written, STAMP_KEY,
+    show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
+    S3Client, S3Error, WriteAttrs, WriteResult, Written, STAMP_KEY,
 };
+
+/// Of `--max-memory`, what the program itself keeps (code, runtime, SDK, manifest cache,
+/// connection buffers, allocator slack: measured ~27 MiB idle and up to ~37 MiB more than
+/// the bodies held while streaming, see `benches/stream_memory.rs`); the rest is for
+/// streamed bodies.
+pub const MEMORY_RESERVE: u64 = 48 * 1024 * 1024;
+
+/// The bytes of streamed bodies held at once, between their GET and their upload: a
+/// semaphore counted in KiB, of `--max-memory` less [`MEMORY_RESERVE`] (at least one
+/// smallest part). A body larger than the whole budget (a part grown past it to stay within
+/// 10,000 parts) takes the whole budget, so it never waits forever.
+#[derive(Debug)]
+pub(super) struct Budget {
+    kib: tokio::sync::Semaphore,
+    total_kib: u32,
+}
+
+impl Budget {
+    pub(super) fn new(max_memory: u64) -> Budget {
+        let bytes = max_memory.saturating_sub(MEMORY_RESERVE).max(MIN_PART);
+        let total_kib = (bytes / 1024).clamp(1, u32::MAX as u64) as u32;
+        Budget {
+            kib: tokio::sync::Semaphore::new(total_kib as usize),
+            total_kib,
+        }
+    }
+
+    /// The budget in bytes.
+    pub(super) fn bytes(&self) -> u64 {
+        self.total_kib as u64 * 1024
+    }
+
+    /// Bytes free now.
+    #[cfg(test)]
+    pub(super) fn available(&self) -> u64 {
+        self.kib.available_permits() as u64 * 1024
+    }
+
+    /// Waits until `bytes` fit; they are given back when the permit is dropped.
+    pub(super) async fn hold(
+        &self,
+        bytes: u64,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, S3Error> {
+        let kib = bytes.div_ceil(1024).clamp(1, self.total_kib as u64) as u32;
+        self.kib.acquire_many(kib).await.map_err(|e| {
+            S3Error::other(
+                crate::s3::Side::Source,
+                "GetObject",
+                ErrorClass::Fatal,
+                e.to_string(),
+            )
+        })
+    }
+}
+
+/// The copy options of a streamed task: parts no larger than the memory budget (and so a
+/// single-request stream no larger either).
+fn capped_for_stream(c: &CopyOptions, budget: u64) -> CopyOptions {
+    CopyOptions {
+        part_size: c.part_size.min(budget).max(MIN_PART),
+        ..c.clone()
+    }
+}
 
 /// How one task is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,16 +280,109 @@ impl<C: S3Client> Copier<C> {
     }
 
     async fn copy_version(&self, ctx: &TaskCtx<'_>, server_side: bool) -> Result<Copied, S3Error> {
+        if server_side && self.one_request(ctx).await {
+            return self.copy_listed(ctx).await;
+        }
         let head = self.head_source(ctx, None).await?;
         self.rule_takes(ctx, &head)?;
         let attrs = self.write_attrs(ctx, &head);
-        match choose_plan(false, head.size, server_side, &self.settings.copy) {
+        let capped;
+        let c = if server_side {
+            &self.settings.copy
+        } else {
+            capped = capped_for_stream(&self.settings.copy, self.memory.bytes());
+            &capped
+        };
+        match choose_plan(false, head.size, server_side, c) {
             CopyPlan::Copy => self.copy_object(ctx, &head, &attrs).await,
             CopyPlan::Stream => self.stream_put(ctx, &head, attrs).await,
             CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, true).await,
             CopyPlan::MultipartStream => self.multipart(ctx, &head, attrs, false).await,
             CopyPlan::DeleteMarker => self.delete_marker(ctx).await,
         }
+    }
+
+    /// Whether this task is copied by one `CopyObject` and no HEAD of the source: nothing a
+    /// HEAD would tell changes the copy. That holds when
+    /// - no stamp is written: the stamp needs MetadataDirective REPLACE, and so the source's
+    ///   metadata and content headers, which only a HEAD gives (COPY carries them as they are);
+    /// - the destination's encryption does not come from the source version (`--sse` given);
+    /// - the listed size takes one `CopyObject`;
+    /// - the listed storage class cannot be archived (GLACIER and DEEP_ARCHIVE: only a HEAD
+    ///   tells whether a version is restored; INTELLIGENT_TIERING: its archive tiers);
+    /// - the source bucket has no object lock (retention and legal hold are per version;
+    ///   read once per run, and an answer that does not tell keeps the HEAD).
+    ///
+    /// Tags (TaggingDirective COPY), metadata and content headers (MetadataDirective COPY)
+    /// are copied by the server; the storage class and checksum algorithm come from the
+    /// listing; a version gone since the listing answers 404 (skipped as gone).
+    async fn one_request(&self, ctx: &TaskCtx<'_>) -> bool {
+        let c = &self.settings.copy;
+        let listed = ctx.task.storage_class.as_deref();
+        // A replication rule decides by the source's encryption (SSE-KMS only when it opts
+        // in, its own KMS key): that needs the HEAD.
+        let ruled = self.settings.destination(ctx.task.dest).2.is_some();
+        if c.stamp
+            || ruled
+            || c.sse.is_none()
+            || choose_plan(false, ctx.task.size, true, c) != CopyPlan::Copy
+            || matches!(
+                listed,
+                Some("GLACIER" | "DEEP_ARCHIVE" | "INTELLIGENT_TIERING")
+            )
+        {
+            return false;
+        }
+        !self.source_has_lock().await
+    }
+
+    /// Whether the source bucket has object lock (or cannot tell), read once per run.
+    async fn source_has_lock(&self) -> bool {
+        let probe = || async {
+            let retries = std::sync::atomic::AtomicU64::new(0);
+            let bucket = &self.settings.source.bucket;
+            match self
+                .retrier
+                .call(&retries, || self.source.object_lock_enabled(bucket))
+                .await
+            {
+                Ok(on) => on,
+                Err(e) => {
+                    tracing::warn!("object lock of source bucket {bucket} unknown ({e}): every version is HEADed for its lock settings");
+                    true
+                }
+            }
+        };
+        *self.source_lock.get_or_init(probe).await
+    }
+
+    /// One `CopyObject` from what the listing said (see `Copier::one_request`).
+    async fn copy_listed(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
+        let c = &self.settings.copy;
+        let listed = ctx.task.storage_class.clone();
+        let attrs = WriteAttrs {
+            replace_metadata: false,
+            storage_class: c
+                .storage_class
+                .clone()
+                .or_else(|| listed.filter(|s| s != "STANDARD")),
+            encryption: chosen_encryption(c).flatten(),
+            acl: c.acl.clone(),
+            checksum_algorithm: ctx
+                .task
+                .checksum_algorithm
+                .as_deref()
+                .and_then(ChecksumAlgorithm::parse),
+            ..WriteAttrs::default()
+        };
+        let src = ctx.source(&self.settings.source.bucket);
+        let wrote = self
+            .write_version(ctx, || self.dest.copy_object(&ctx.dest, &src, &attrs))
+            .await?;
+        Ok(match wrote {
+            Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
+            Wrote::New(_, v, _) => Copied::single(v, CopyMethod::Copy),
+        })
     }
 
     /// HEAD of the source version with the source's client; a version that cannot be copied
@@ -299,9 +457,8 @@ impl<C: S3Client> Copier<C> {
             metadata.insert(STAMP_KEY.to_string(), ctx.task.version_id.clone());
         }
         let rule_kms = rule.and_then(|r| r.kms_key.clone());
-        let encryption = match c.sse {
-            Some(Sse::Aes256) => Some(Encryption::SseS3),
-            Some(Sse::AwsKms) => Some(Encryption::SseKms(c.sse_kms_key_id.clone())),
+        let encryption = match chosen_encryption(c) {
+            Some(e) => e,
             None => match (&head.encryption, rule_kms) {
                 (Some(Encryption::SseKms(_) | Encryption::DsseKms(_)), Some(k)) => {
                     Some(Encryption::SseKms(Some(k)))
@@ -466,6 +623,7 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         mut attrs: WriteAttrs,
     ) -> Result<Copied, S3Error> {
+        let _held = self.memory.hold(head.size).await?;
         let body = self.get_range(ctx, None, head.size).await?;
         // End-to-end integrity: an MD5 ETag must match the bytes read.
         if md5_etag(head)
@@ -521,11 +679,19 @@ impl<C: S3Client> Copier<C> {
         mut attrs: WriteAttrs,
         server_side: bool,
     ) -> Result<Copied, S3Error> {
-        let layout = choose_layout(
-            head.size,
-            self.settings.copy.part_size,
-            self.source_layout(ctx, head).await,
-        );
+        let (preferred, source_layout) = if server_side {
+            (
+                self.settings.copy.part_size,
+                self.source_layout(ctx, head).await,
+            )
+        } else {
+            // Streamed parts are held in memory: none larger than the budget.
+            let budget = self.memory.bytes();
+            let capped = capped_for_stream(&self.settings.copy, budget).part_size;
+            let own = self.source_layout(ctx, head).await;
+            (capped, own.filter(|(first, _)| *first <= budget))
+        };
+        let layout = choose_layout(head.size, preferred, source_layout);
         attrs.tagging = self.tags_for(ctx, head, server_side).await?;
         let upload_id = self
             .retrier
@@ -629,6 +795,7 @@ impl<C: S3Client> Copier<C> {
                 })
                 .await;
         }
+        let _held = self.memory.hold(range.1 - range.0 + 1).await?;
         let body = self
             .get_range(ctx, Some(range), range.1 - range.0 + 1)
             .await?;
@@ -766,6 +933,16 @@ pub fn lock_to_send(lock: &ObjectLock, dest_has_lock: bool, now: i64) -> ObjectL
         mode: lock.mode.clone().filter(|_| !expired),
         retain_until: lock.retain_until.filter(|_| !expired),
         legal_hold: lock.legal_hold,
+    }
+}
+
+/// The destination encryption `--sse` chose: None when not given (the source version's is
+/// kept), `Some(None)` for the destination bucket's default.
+fn chosen_encryption(c: &CopyOptions) -> Option<Option<Encryption>> {
+    match c.sse? {
+        Sse::Aes256 => Some(Some(Encryption::SseS3)),
+        Sse::AwsKms => Some(Some(Encryption::SseKms(c.sse_kms_key_id.clone()))),
+        Sse::BucketDefault => Some(None),
     }
 }
 

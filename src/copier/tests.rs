@@ -9,7 +9,7 @@ use indicatif::ProgressBar;
 use tokio::sync::watch;
 
 use super::{Copier, DestFacts, ListingState, RunOptions, RunSummary};
-use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig};
+use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, SideConfig, Sse};
 use crate::lister::Lister;
 use crate::manifest::{Listing, Manifest, NewTask, State, Update};
 use crate::s3::fake::{FakeS3, FakeServer, FaultKind};
@@ -65,6 +65,15 @@ fn server() -> FakeServer {
     s
 }
 
+/// The job with one request per small object: no stamp, the destination bucket's default
+/// encryption.
+fn one_request_settings() -> JobSettings {
+    let mut s = settings();
+    s.copy.stamp = false;
+    s.copy.sse = Some(Sse::BucketDefault);
+    s
+}
+
 /// Plans the source into a new manifest at `path`.
 async fn plan(server: &FakeServer, path: &Path) {
     let mut m = Manifest::open(path, true).unwrap();
@@ -96,8 +105,9 @@ fn copier(server: &FakeServer, path: &Path, o: &RunOptions) -> Arc<Copier<FakeS3
         object_lock: false,
     };
     let clients = (server.client(Side::Source), server.client(Side::Dest));
+    let stored = m.settings().unwrap().expect("planned");
     Copier::new(
-        settings(),
+        stored,
         clients,
         facts,
         m.into_writer(),
@@ -725,4 +735,167 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     assert_eq!(stamps("dst2", "docs/k")[0].0, w);
     let c = all_tasks_done(&path);
     assert_eq!((c.total, c.done, c.skipped), (5, 4, 1), "{c:?}");
+}
+
+/// Requests of `op` the manifest recorded.
+fn requests_of(path: &Path, op: &str) -> u64 {
+    let c = all_tasks_done(path);
+    c.requests.get(op).copied().unwrap_or(0)
+}
+
+/// Bodies and user metadata of a key's versions, oldest first.
+fn bodies_and_metadata(
+    server: &FakeServer,
+    bucket: &str,
+    key: &str,
+) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+    server
+        .history(bucket, key)
+        .into_iter()
+        .map(|v| (v.body.to_vec(), v.head.metadata))
+        .collect()
+}
+
+#[tokio::test]
+async fn without_stamp_a_small_version_costs_one_copy_and_no_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"one", &[("color", "blue")]);
+    s.put(SRC, "k", b"two!", &[("color", "red")]);
+    s.put(SRC, "other", b"x", &[]);
+    plan_with(&s, &path, &one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!(summary.done, 3);
+    for key in ["k", "other"] {
+        assert_eq!(
+            bodies_and_metadata(&s, DST, key),
+            bodies_and_metadata(&s, SRC, key),
+            "{key}: same bodies and metadata, in order"
+        );
+    }
+    assert_eq!(requests_of(&path, "HeadObject"), 0);
+    assert_eq!(requests_of(&path, "CopyObject"), 3);
+}
+
+#[tokio::test]
+async fn without_stamp_a_lost_copy_answer_is_adopted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"", &[("n", "1")]);
+    let v2 = s.put(SRC, "k", b"", &[("n", "2")]);
+    s.omit_copy_version_ids(true);
+    s.fail_after("CopyObject", Some("k"), 1, 1, FaultKind::LostAnswer);
+    plan_with(&s, &path, &one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.reconciled), (2, 1));
+    assert_eq!(
+        bodies_and_metadata(&s, DST, "k"),
+        bodies_and_metadata(&s, SRC, "k"),
+        "one copy of {v1} and of {v2}, in order"
+    );
+    let dest_ids: Vec<_> = s.history(DST, "k").into_iter().map(|v| v.id).collect();
+    let recorded: Vec<_> = tasks(&path)
+        .into_iter()
+        .map(|t| t.dest_version_id.expect("dest version id"))
+        .collect();
+    assert_eq!(recorded, dest_ids);
+}
+
+#[tokio::test]
+async fn without_stamp_a_killed_runs_copy_is_adopted_and_the_rest_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"same", &[("n", "1")]);
+    s.put(SRC, "k", b"same", &[("n", "2")]);
+    plan_with(&s, &path, &one_request_settings()).await;
+    // A killed run: v1 was copied (nothing recorded), v2 had started.
+    let t = tasks(&path);
+    s.put(DST, "k", b"same", &[("n", "1")]);
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    for task in &t {
+        let started = Update::Started {
+            id: task.id,
+            at: super::now_secs(),
+        };
+        w.send_durable(started).await.unwrap();
+    }
+    w.close();
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.reconciled), (2, 1));
+    assert_eq!(
+        bodies_and_metadata(&s, DST, "k"),
+        bodies_and_metadata(&s, SRC, "k")
+    );
+}
+
+#[tokio::test]
+async fn without_stamp_listed_archive_classes_are_headed_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    s.put(SRC, "k", b"new", &[]);
+    s.set_storage_class(SRC, "k", &v1, "GLACIER");
+    plan_with(&s, &path, &one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.skipped), (1, 1));
+    assert_eq!(all_tasks_done(&path).archived, 1);
+    assert_eq!(s.history(DST, "k").len(), 1);
+    assert_eq!(
+        requests_of(&path, "HeadObject"),
+        1,
+        "only the GLACIER version"
+    );
+}
+
+#[tokio::test]
+async fn streamed_parts_are_cut_to_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    s.put(SRC, "k", &body, &[]);
+    let mut job = settings();
+    job.copy.mode = CopyMode::Stream;
+    job.copy.part_size = 16 * 1024 * 1024;
+    plan_with(&s, &path, &job).await;
+    // 56 MiB: 48 for the program, 8 for bodies.
+    let o = RunOptions {
+        max_memory: 56 * 1024 * 1024,
+        ..opts()
+    };
+    let (summary, _) = run(&s, &path, o).await;
+    assert_eq!(summary.done, 1);
+    assert_eq!(s.history(DST, "k")[0].body.as_ref(), &body[..]);
+    let t = &tasks(&path)[0];
+    let (part, parts) = part_layout(&path, t.id);
+    assert_eq!((part, parts), (8 * 1024 * 1024, 3), "16 MiB parts cut to 8");
+}
+
+#[tokio::test]
+async fn the_memory_budget_never_waits_for_more_than_it_has() {
+    let b = super::strategy::Budget::new(56 * 1024 * 1024);
+    assert_eq!(b.bytes(), 8 * 1024 * 1024);
+    let held = b.hold(8 * 1024 * 1024).await.unwrap();
+    assert_eq!(b.available(), 0, "the whole budget is held");
+    drop(held);
+    // A part larger than the budget takes all of it instead of waiting forever.
+    let big = b.hold(100 * 1024 * 1024).await.unwrap();
+    assert_eq!(b.available(), 0);
+    drop(big);
+    assert_eq!(b.available(), 8 * 1024 * 1024);
+}
+
+/// The part size and count recorded for a multipart task.
+fn part_layout(path: &Path, task: i64) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT part_size, parts FROM uploads WHERE task = ?1",
+        [task],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
 }

@@ -145,10 +145,19 @@ pub trait S3Client: Send + Sync + 'static {
         &self,
         bucket: &str,
     ) -> impl Future<Output = Result<BucketFacts, S3Error>> + Send;
+    /// Whether object lock is enabled on the bucket: `Ok(false)` only when the server says
+    /// it is not (or has no object lock at all); an error when it cannot tell (e.g. denied).
+    fn object_lock_enabled(
+        &self,
+        bucket: &str,
+    ) -> impl Future<Output = Result<bool, S3Error>> + Send {
+        let probe = self.probe_bucket(bucket);
+        async move { probe.await.map(|f| f.object_lock) }
+    }
 }
 
 /// The operations counted, in the order `status` shows them.
-pub const OPERATIONS: [&str; 16] = [
+pub const OPERATIONS: [&str; 17] = [
     "ListObjectVersions",
     "HeadObject",
     "GetObject",
@@ -165,6 +174,7 @@ pub const OPERATIONS: [&str; 16] = [
     "ListMultipartUploads",
     "HeadBucket",
     "GetBucketVersioning",
+    "GetObjectLockConfiguration",
 ];
 
 /// Requests sent, per operation (every attempt counts).
@@ -712,15 +722,23 @@ impl S3Client for SdkClient {
                 .send()
                 .await
                 .map_err(|e| self.err(OP, true, e))?;
-            let body = out.body.collect().await.map_err(|e| {
-                S3Error::other(
-                    self.side,
-                    OP,
-                    ErrorClass::Retryable,
-                    format!("body read failed: {e}"),
-                )
-            })?;
-            Ok(body.into_bytes())
+            // Read into one buffer of the announced length: the body is held once (collecting
+            // segments and joining them would hold it twice at the end).
+            let announced = out.content_length().unwrap_or(0).clamp(0, 1 << 33) as usize;
+            let mut buf = bytes::BytesMut::with_capacity(announced);
+            let mut body = out.body;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    S3Error::other(
+                        self.side,
+                        OP,
+                        ErrorClass::Retryable,
+                        format!("body read failed: {e}"),
+                    )
+                })?;
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(buf.freeze())
         };
         // The SDK's attempt timeout ends with the headers: the body gets its own.
         tokio::time::timeout(self.timeouts.attempt, read)
@@ -1056,6 +1074,10 @@ impl S3Client for SdkClient {
             .collect())
     }
 
+    async fn object_lock_enabled(&self, bucket: &str) -> Result<bool, S3Error> {
+        self.object_lock_strict(bucket).await
+    }
+
     async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
         self.counts.count("HeadBucket");
         let head = self
@@ -1097,6 +1119,37 @@ impl SdkClient {
         raw.take()
             .map(|b| b.to_vec())
             .ok_or_else(|| S3Error::other(self.side, OP, ErrorClass::Fatal, "empty answer".into()))
+    }
+
+    /// `GetObjectLockConfiguration`, strict: no configuration (404) or an operation the
+    /// server does not implement mean no object lock; any other error is returned.
+    pub async fn object_lock_strict(&self, bucket: &str) -> Result<bool, S3Error> {
+        const OP: &str = "GetObjectLockConfiguration";
+        self.counts.count(OP);
+        match self
+            .inner
+            .get_object_lock_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(o
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&ObjectLockEnabled::Enabled)),
+            Err(e) => {
+                let e = self.err(OP, false, e);
+                let absent = matches!(e.status, Some(404) | Some(405) | Some(501))
+                    || e.code.as_deref().is_some_and(|c| {
+                        c == "ObjectLockConfigurationNotFoundError" || c == "NotImplemented"
+                    });
+                if absent {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 }
 

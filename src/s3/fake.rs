@@ -127,7 +127,13 @@ fn err(side: Side, op: &'static str, class: ErrorClass, status: u16, code: &str)
 impl FakeServer {
     /// A new, empty server.
     pub fn new() -> FakeServer {
-        FakeServer::default()
+        let s = FakeServer::default();
+        // The clock starts at this machine's time (reconciliation without the stamp
+        // compares write times with when an attempt started).
+        s.state.lock().expect("fake lock").clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        s
     }
 
     /// A client of this server for `side`.
@@ -433,11 +439,9 @@ fn entry(key: &str, v: &FakeVersion, latest: bool) -> VersionEntry {
         is_latest: latest,
         size: v.body.len() as u64,
         etag: (!v.delete_marker).then(|| v.etag.clone()),
-        last_modified: Some(format!(
-            "2026-01-01T00:{:02}:{:02}.000Z",
-            (v.written_at / 60) % 60,
-            v.written_at % 60
-        )),
+        last_modified: aws_smithy_types::DateTime::from_secs(v.written_at)
+            .fmt(aws_smithy_types::date_time::Format::DateTime)
+            .ok(),
         storage_class: v.head.storage_class.clone(),
         checksum_algorithm: None,
     }
