@@ -24,8 +24,8 @@ use crate::manifest::{Listing, Manifest, ManifestError, NewTask, Partition};
 use crate::s3::{
     show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, VersionPage, Versions,
 };
-pub use parts::{marker_before, split_points};
 use crate::select::Selector;
+pub use parts::{marker_before, split_points};
 
 /// Entries per listing page (S3's maximum).
 pub const PAGE_SIZE: i32 = 1000;
