@@ -24,7 +24,8 @@ use s3_backfill::inputs::encode_key;
 use support::*;
 
 /// The planned tasks a user compares: key, version id, place in the key's history, delete
-/// marker, latest, size, ETag; in task-id order (keys in listing order, each newest first).
+/// marker, latest, size, ETag; by key, each newest first (a listing in parts stores keys in the
+/// order its parts' pages were committed, so task ids are not compared).
 type Planned = Vec<(String, String, i64, i64, i64, i64, Option<String>)>;
 
 /// The `tasks` view of a manifest, read-only.
@@ -34,7 +35,7 @@ fn planned(m: &Path) -> Planned {
     let mut stmt = conn
         .prepare(
             "SELECT key, version_id, history_pos, is_delete_marker, is_latest, size, etag
-             FROM tasks ORDER BY id",
+             FROM tasks ORDER BY key, history_pos",
         )
         .unwrap();
     let rows = stmt
