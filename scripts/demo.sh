@@ -69,7 +69,7 @@ for rnd in range(3):
 print(f"{len(keys)} keys, 3 rounds of versions and delete markers")
 PY
 
-step 5 "replicate s3://demo-source -> s3://demo-dest/backup/ (plan, then run)"
+step 5 "replicate s3://demo-source -> s3://demo-dest/backup/ (copying while it lists)"
 "$BIN" replicate --source s3://demo-source --dest s3://demo-dest/backup/ \
   --manifest "$WORK/job.db" --source-endpoint "$EP" --dest-endpoint "$EP" --path-style \
   --delete-markers --concurrency 16
