@@ -106,7 +106,9 @@ impl Body for Swap {
         if root_element(&read) != Some(ROOT) {
             return Poll::Ready(Some(Ok(Frame::data(read))));
         }
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(EMPTY_PAGE.as_bytes())))))
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            EMPTY_PAGE.as_bytes(),
+        )))))
     }
 }
 
