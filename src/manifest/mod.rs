@@ -372,6 +372,9 @@ pub struct Problem {
 pub struct Manifest {
     conn: Connection,
     path: String,
+    /// The key runs as of this connection's last committed page, and the `data_version` they
+    /// were read at (reused while no other connection committed: see `pages`).
+    keys_cache: Option<(keys::Keys, i64)>,
 }
 
 fn now_secs() -> i64 {
@@ -448,7 +451,11 @@ impl Manifest {
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(sql)?;
         conn.set_prepared_statement_cache_capacity(64);
-        let mut m = Manifest { conn, path: p };
+        let mut m = Manifest {
+            conn,
+            path: p,
+            keys_cache: None,
+        };
         m.prepare_schema(path, create)?;
         Ok(m)
     }

@@ -191,6 +191,7 @@ impl Added {
 /// partition, see `Keys::add`).
 fn insert_tasks(
     conn: &Connection,
+    keys: &mut Keys,
     tasks: &[NewTask],
     generation: i64,
     floor: Option<&str>,
@@ -202,11 +203,10 @@ fn insert_tasks(
     };
     let mut added = Added::default();
     let mut cur: Option<KeyCursor> = None;
-    let mut keys = Keys::load(conn).map_err(sql)?;
     for t in tasks {
         let c = match cur.take() {
             Some(c) if c.key == t.entry.key => cur.insert(c),
-            _ => cur.insert(KeyCursor::open(conn, &mut keys, &t.entry.key, floor, path)?),
+            _ => cur.insert(KeyCursor::open(conn, keys, &t.entry.key, floor, path)?),
         };
         if c.has(conn, t, generation).map_err(sql)? {
             added.matched += 1;
@@ -385,21 +385,33 @@ impl Manifest {
             path: path.clone(),
             source,
         };
+        // Taken out: a page that fails leaves no cache behind (its keys were rolled back).
+        let cached = self.keys_cache.take();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let (generation, floor): (i64, Option<String>) = tx
+        let (generation, floor, version): (i64, Option<String>, i64) = tx
             .prepare_cached(
                 "SELECT (SELECT max(generation) FROM refreshes),
-                 (SELECT start_key FROM partitions WHERE id = ?1)",
+                 (SELECT start_key FROM partitions WHERE id = ?1),
+                 (SELECT data_version FROM pragma_data_version)",
             )
-            .and_then(|mut s| s.query_row([partition], |r| Ok((r.get(0)?, r.get(1)?))))
+            .and_then(|mut s| s.query_row([partition], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
             .map_err(sql)?;
-        let added = insert_tasks(&tx, tasks, generation, floor.as_deref(), &path)?;
+        // The runs read for the last page stay right while no other connection committed
+        // (`data_version` changes only then): reading them again per page grew with the
+        // number of runs, one per page and partition.
+        let mut keys = match cached {
+            Some((keys, v)) if v == version => keys,
+            _ => Keys::load(&tx).map_err(sql)?,
+        };
+        let added = insert_tasks(&tx, &mut keys, tasks, generation, floor.as_deref(), &path)?;
         store_checkpoint(&tx, partition, checkpoint).map_err(sql)?;
         added.store(&tx, generation).map_err(sql)?;
-        tx.commit().map_err(sql)
+        tx.commit().map_err(sql)?;
+        self.keys_cache = Some((keys, version));
+        Ok(())
     }
 
     /// Starts a refresh: a new listing generation over the same partitions, whose new

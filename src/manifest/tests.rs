@@ -183,6 +183,38 @@ fn keys_listed_out_of_order_are_stored_once_and_found() {
 }
 
 #[test]
+fn pages_from_two_connections_store_each_key_once() {
+    // A connection that keeps the key runs between its pages must see keys that another
+    // connection stored meanwhile (as two listers on one manifest would).
+    let (_d, path, mut a) = new_manifest();
+    let mut b = Manifest::open(&path, false).unwrap();
+    let cp = Listing::default();
+    a.insert_page(&[task("b", "1", 0), task("d", "1", 0)], &cp)
+        .unwrap();
+    b.insert_page(&[task("f", "1", 0), task("h", "1", 0)], &cp)
+        .unwrap();
+    a.insert_page(&[task("f", "2", 1), task("g", "1", 0)], &cp)
+        .unwrap();
+    b.insert_page(&[task("d", "2", 1), task("g", "2", 1)], &cp)
+        .unwrap();
+    // Replays on both connections are ignored.
+    a.insert_page(&[task("h", "1", 0), task("d", "2", 1)], &cp)
+        .unwrap();
+    b.insert_page(&[task("b", "1", 0), task("f", "2", 1)], &cp)
+        .unwrap();
+    let keys: i64 = a
+        .conn
+        .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(keys, 5, "each key stored once");
+    for (k, n) in [("b", 1), ("d", 2), ("f", 2), ("g", 2), ("h", 1)] {
+        assert_eq!(a.count_key(k).unwrap(), n, "{k}");
+        assert_eq!(b.count_key(k).unwrap(), n, "{k}");
+    }
+    assert_eq!(a.counts().unwrap().total, 8);
+}
+
+#[test]
 fn single_version_keys_do_not_need_versioning() {
     let (_d, _p, mut m) = new_manifest();
     m.insert_page(&[task("a", "1", 0), task("b", "1", 0)], &Listing::default())

@@ -39,6 +39,7 @@ use bytes::Bytes;
 
 use super::error::{classify, ErrorClass, S3Error};
 use super::list::parse_page;
+use super::listing_body::TakeListing;
 use super::types::{
     BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom, ObjectHead,
     ObjectLock, ObjectRef, PartResult, Side, VersionPage, WriteAttrs, WriteResult,
@@ -663,7 +664,7 @@ impl S3Client for SdkClient {
     async fn list_versions(&self, from: &ListFrom) -> Result<VersionPage, S3Error> {
         const OP: &str = "ListObjectVersions";
         self.counts.count(OP);
-        let raw = RawBody::default();
+        let raw = TakeListing::default();
         self.inner
             .list_object_versions()
             .bucket(&from.bucket)

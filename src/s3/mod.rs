@@ -10,6 +10,7 @@ pub mod client;
 pub mod error;
 pub mod fake;
 pub mod list;
+mod listing_body;
 pub mod retry;
 pub mod types;
 
