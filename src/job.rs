@@ -436,18 +436,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     if let Some(why) = &stats.not_split {
         eprintln!("note: {why}");
     }
-    let c = m.counts()?;
     eprintln!(
-        "planned {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",
-        c.total,
-        c.delete_markers,
-        indicatif::HumanBytes(c.bytes_total),
-        c.listed_entries,
-        if stats.resumed {
-            " (listing resumed from its checkpoint)"
-        } else {
-            ""
-        }
+        "{}",
+        ui::listed_line("planned", &m.counts()?, stats.resumed)
     );
     refresh_summary(&m)?;
     Ok(())
@@ -820,18 +811,7 @@ impl<'a> LiveBar<'a> {
     /// The line said once the listing is complete (above the bar when there is one).
     fn say_listed(&self, stats: &ListStats) {
         let Ok(c) = self.monitor.counts() else { return };
-        let line = format!(
-            "listing complete: {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",
-            c.total,
-            c.delete_markers,
-            indicatif::HumanBytes(c.bytes_total),
-            c.listed_entries,
-            if stats.resumed {
-                " (resumed from its checkpoint)"
-            } else {
-                ""
-            }
-        );
+        let line = ui::listed_line("listing complete:", &c, stats.resumed);
         match self.bar.is_hidden() {
             true => eprintln!("{line}"),
             false => self.bar.println(line),

@@ -73,6 +73,23 @@ pub fn live_copy_bar(show: bool, total: u64) -> ProgressBar {
     bar
 }
 
+/// The line that ends a listing: `what` ("planned", "listing complete:") and the tasks in
+/// the manifest.
+pub fn listed_line(what: &str, c: &Counts, resumed: bool) -> String {
+    format!(
+        "{what} {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",
+        c.total,
+        c.delete_markers,
+        HumanBytes(c.bytes_total),
+        c.listed_entries,
+        if resumed {
+            " (listing resumed from its checkpoint)"
+        } else {
+            ""
+        }
+    )
+}
+
 /// The verify spinner: keys, rate, differences.
 pub fn verify_spinner(show: bool) -> ProgressBar {
     spinner(
