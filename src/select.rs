@@ -51,13 +51,9 @@ pub struct Selector<'a, C: S3Client> {
     pub retrier: &'a Retrier,
 }
 
-/// The source version of a listed entry (a current `null` version is read without an id).
+/// The source version of a listed entry (see [`ObjectRef::listed`]).
 fn source_ref(bucket: &str, e: &VersionEntry) -> ObjectRef {
-    if e.version_id == "null" && e.is_latest {
-        ObjectRef::key(bucket, &e.key)
-    } else {
-        ObjectRef::version(bucket, &e.key, &e.version_id)
-    }
+    ObjectRef::listed(bucket, &e.key, &e.version_id, e.is_latest)
 }
 
 impl<C: S3Client> Selector<'_, C> {

@@ -43,15 +43,10 @@ pub(super) struct TaskCtx<'a> {
 }
 
 impl TaskCtx<'_> {
-    /// The source version to read. A `null` version that is its key's current version is
-    /// read without a version id (some servers reject `versionId=null`); any other is named.
+    /// The source version to read (see [`ObjectRef::listed`]).
     pub(super) fn source(&self, bucket: &str) -> ObjectRef {
         let t = self.task;
-        if t.version_id == "null" && t.is_latest {
-            ObjectRef::key(bucket, &t.key)
-        } else {
-            ObjectRef::version(bucket, &t.key, &t.version_id)
-        }
+        ObjectRef::listed(bucket, &t.key, &t.version_id, t.is_latest)
     }
 }
 

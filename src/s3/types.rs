@@ -78,6 +78,17 @@ impl ObjectRef {
             version_id: Some(version_id.to_string()),
         }
     }
+
+    /// A listed source version to read. A `null` version that is its key's current version
+    /// is read without a version id (some servers reject `versionId=null`); any other is
+    /// named.
+    pub fn listed(bucket: &str, key: &str, version_id: &str, is_latest: bool) -> ObjectRef {
+        if version_id == "null" && is_latest {
+            ObjectRef::key(bucket, key)
+        } else {
+            ObjectRef::version(bucket, key, version_id)
+        }
+    }
 }
 
 /// A checksum algorithm S3 supports.
