@@ -627,6 +627,13 @@ impl SdkClient {
 
     async fn bucket_object_lock(&self, bucket: &str) -> bool {
         // Not counted as a job request: a probe that many servers do not implement.
+        self.read_object_lock(bucket).await.unwrap_or(false)
+    }
+
+    /// `GetObjectLockConfiguration`, uncounted: no configuration (404) or an operation the
+    /// server does not implement mean no object lock; any other error is returned.
+    async fn read_object_lock(&self, bucket: &str) -> Result<bool, S3Error> {
+        const OP: &str = "GetObjectLockConfiguration";
         match self
             .inner
             .get_object_lock_configuration()
@@ -634,12 +641,22 @@ impl SdkClient {
             .send()
             .await
         {
-            Ok(o) => {
-                o.object_lock_configuration()
-                    .and_then(|c| c.object_lock_enabled())
-                    == Some(&ObjectLockEnabled::Enabled)
+            Ok(o) => Ok(o
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&ObjectLockEnabled::Enabled)),
+            Err(e) => {
+                let e = self.err(OP, false, e);
+                let absent = matches!(e.status, Some(404) | Some(405) | Some(501))
+                    || e.code.as_deref().is_some_and(|c| {
+                        c == "ObjectLockConfigurationNotFoundError" || c == "NotImplemented"
+                    });
+                if absent {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
             }
-            Err(_) => false,
         }
     }
 }
@@ -1076,7 +1093,8 @@ impl S3Client for SdkClient {
     }
 
     async fn object_lock_enabled(&self, bucket: &str) -> Result<bool, S3Error> {
-        self.object_lock_strict(bucket).await
+        self.counts.count("GetObjectLockConfiguration");
+        self.read_object_lock(bucket).await
     }
 
     async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
@@ -1120,37 +1138,6 @@ impl SdkClient {
         raw.take()
             .map(|b| b.to_vec())
             .ok_or_else(|| S3Error::other(self.side, OP, ErrorClass::Fatal, "empty answer".into()))
-    }
-
-    /// `GetObjectLockConfiguration`, strict: no configuration (404) or an operation the
-    /// server does not implement mean no object lock; any other error is returned.
-    pub async fn object_lock_strict(&self, bucket: &str) -> Result<bool, S3Error> {
-        const OP: &str = "GetObjectLockConfiguration";
-        self.counts.count(OP);
-        match self
-            .inner
-            .get_object_lock_configuration()
-            .bucket(bucket)
-            .send()
-            .await
-        {
-            Ok(o) => Ok(o
-                .object_lock_configuration()
-                .and_then(|c| c.object_lock_enabled())
-                == Some(&ObjectLockEnabled::Enabled)),
-            Err(e) => {
-                let e = self.err(OP, false, e);
-                let absent = matches!(e.status, Some(404) | Some(405) | Some(501))
-                    || e.code.as_deref().is_some_and(|c| {
-                        c == "ObjectLockConfigurationNotFoundError" || c == "NotImplemented"
-                    });
-                if absent {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
     }
 }
 
