@@ -160,6 +160,7 @@ fn run(path: &Path, rt: &tokio::runtime::Runtime) -> (usize, Duration) {
                     parts: None,
                     etag_preserved: None,
                     retries: 0,
+                    to_learn: false,
                 };
                 w.send(Update::Finished { id: t.id, outcome })
                     .expect("send");

@@ -653,6 +653,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     }
     let counts = m.counts()?;
     let uploads = m.open_uploads()?;
+    let to_learn = m.versions_to_learn()?;
     let listing = !m.listing_progress()?.complete;
     let show = ui::show_progress(args.no_progress);
     let open = counts.pending + counts.in_progress;
@@ -674,6 +675,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
         bar.clone(),
     );
     copier.abort_leftover_uploads(uploads).await;
+    copier.learn_leftovers(to_learn);
     let grace = args.exec.grace_period;
     let result = if listing {
         let live = LiveListing {

@@ -589,6 +589,7 @@ mod tests {
             started_at: None,
             upload_id: None,
             stream_only: false,
+            version_to_learn: false,
             error_class: class.map(str::to_string),
             dest: 0,
         }

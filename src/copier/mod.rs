@@ -8,6 +8,8 @@
 //!   of written again) and aborts multipart uploads it left.
 //! - [`strategy`]: the copy plan (a pure choice) and how each plan is carried out:
 //!   server-side `CopyObject`, multipart `UploadPartCopy`, streaming.
+//! - [`learn`]: destination version ids a write's answer left out, learned from listings
+//!   in batches instead of a HEAD per write.
 //! - [`progress`]: counters, the progress bar and the lines printed during a run.
 //!
 //! Crash safety: a task is marked `in_progress` (durably) before its first write request.
@@ -18,6 +20,7 @@
 //!
 //! May call: the s3 layer and the manifest.
 
+mod learn;
 mod progress;
 mod reconcile;
 mod scheduler;
@@ -175,6 +178,8 @@ pub struct Copier<C: S3Client> {
     source_lock: tokio::sync::OnceCell<bool>,
     /// Bytes of streamed bodies held at once (see `strategy::Budget`).
     memory: strategy::Budget,
+    /// Destination version ids to learn from listings (see [`learn`]).
+    learner: learn::Learner,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -208,6 +213,7 @@ impl<C: S3Client> Copier<C> {
             stream_said: AtomicBool::new(false),
             source_lock: tokio::sync::OnceCell::new(),
             memory: strategy::Budget::new(opts.max_memory),
+            learner: learn::Learner::default(),
         })
     }
 

@@ -15,12 +15,13 @@
 //! May call: the s3 layer and the manifest (through the copier's writer).
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::learn::Pending;
 use super::strategy::Copied;
 use super::{now_secs, Copier, RunSummary};
 use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update};
@@ -40,6 +41,10 @@ pub(super) struct TaskCtx<'a> {
     pub(super) retries: AtomicU64,
     /// Unix seconds when this run's first attempt at the task started.
     pub(super) started_at: i64,
+    /// No open task of the key to the same destination comes after this one in this run.
+    pub(super) last_open: bool,
+    /// The new version's id is left to be learned later (see `learn`).
+    pub(super) learn_later: AtomicBool,
 }
 
 impl TaskCtx<'_> {
@@ -106,6 +111,7 @@ impl<C: S3Client> Copier<C> {
         let mut walk = Walk::new();
         while self.next_batch(&mut walk, NEVER).await == Some(true) {}
         walk.drain().await;
+        self.learn_rest().await;
         self.summary()
     }
 
@@ -127,6 +133,7 @@ impl<C: S3Client> Copier<C> {
             while self.next_batch(&mut sweep, NEVER).await == Some(true) {}
             sweep.drain().await;
         }
+        self.learn_rest().await;
         self.summary()
     }
 
@@ -258,6 +265,9 @@ impl<C: S3Client> Copier<C> {
             .filter(|t| t.state == State::Done)
             .filter_map(|t| t.dest_version_id.clone())
             .collect();
+        if !self.learn_before(&group, &mut recorded).await {
+            return;
+        }
         // Destination buckets whose history of this key waits behind a failed version.
         let mut blocked: HashSet<&str> = HashSet::new();
         for (i, task) in group.tasks.iter().enumerate() {
@@ -281,6 +291,10 @@ impl<C: S3Client> Copier<C> {
                 recorded: &recorded,
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
+                last_open: !group.tasks[i + 1..].iter().any(|t| {
+                    t.dest == task.dest && matches!(t.state, State::Pending | State::InProgress)
+                }),
+                learn_later: AtomicBool::new(false),
             };
             let step = self.step(&ctx).await;
             let retries = ctx.retries.load(Ordering::Relaxed);
@@ -290,6 +304,9 @@ impl<C: S3Client> Copier<C> {
                 Step::InDoubt | Step::Stopped => return,
             };
             let failed = matches!(outcome, Outcome::Failed { .. });
+            let learn = matches!(outcome, Outcome::Done { to_learn: true, .. })
+                .then(|| Pending::of(task, bucket, ctx.dest.key.clone()));
+            drop(ctx);
             if let Outcome::Done {
                 dest_version_id: Some(v),
                 ..
@@ -298,6 +315,9 @@ impl<C: S3Client> Copier<C> {
                 recorded.insert(v.clone());
             }
             self.finish(task, outcome);
+            if let Some(p) = learn {
+                self.learn_later(p);
+            }
             if failed {
                 self.progress.add_blocked(self.open_after(&group.tasks, i));
                 blocked.insert(bucket);
@@ -341,7 +361,7 @@ impl<C: S3Client> Copier<C> {
             return Step::Stopped;
         }
         Step::Finished(match self.copy_task(ctx).await {
-            Ok(c) => c.into_outcome(),
+            Ok(c) => c.into_outcome(ctx.learn_later.load(Ordering::Relaxed)),
             Err(e) => outcome_of_error(e),
         })
     }
@@ -403,7 +423,7 @@ fn adopted(dest_version_id: Option<String>) -> Outcome {
         parts: None,
         etag_preserved: None,
     }
-    .into_outcome()
+    .into_outcome(false)
 }
 
 /// Skipped for what cannot be copied (gone, archived), failed for the rest.

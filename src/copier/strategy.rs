@@ -212,8 +212,10 @@ impl Copied {
         }
     }
 
-    pub(super) fn into_outcome(self) -> Outcome {
+    /// Done; `to_learn`: its destination version id is learned later (see `learn`).
+    pub(super) fn into_outcome(self, to_learn: bool) -> Outcome {
         Outcome::Done {
+            to_learn,
             dest_version_id: self.dest_version_id,
             method: self.method,
             part_size: self.part_size,
@@ -377,7 +379,7 @@ impl<C: S3Client> Copier<C> {
         };
         let src = ctx.source(&self.settings.source.bucket);
         let wrote = self
-            .write_version(ctx, || self.dest.copy_object(&ctx.dest, &src, &attrs))
+            .write_version(ctx, true, || self.dest.copy_object(&ctx.dest, &src, &attrs))
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
@@ -503,14 +505,24 @@ impl<C: S3Client> Copier<C> {
     }
 
     /// A write that creates the destination version, retried with reconciliation before
-    /// each repeat; learns the new version's id when the answer omits it.
-    async fn write_version<F, Fut>(&self, ctx: &TaskCtx<'_>, f: F) -> Result<Wrote, S3Error>
+    /// each repeat; learns the new version's id when the answer omits it, now, or later from
+    /// a listing when `later` (the caller needs no HEAD of it) and the task allows it.
+    async fn write_version<F, Fut>(
+        &self,
+        ctx: &TaskCtx<'_>,
+        later: bool,
+        f: F,
+    ) -> Result<Wrote, S3Error>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<WriteResult, S3Error>>,
     {
         let hook = || self.find_written(ctx, ctx.started_at);
         match self.retrier.write(&ctx.retries, f, hook).await? {
+            Written::Done(r) if r.version_id.is_none() && later && self.may_learn_later(ctx) => {
+                ctx.learn_later.store(true, Ordering::Relaxed);
+                Ok(Wrote::New(r, None, None))
+            }
             Written::Done(r) => {
                 let (v, head) = self.learn_version(ctx, r.version_id.clone()).await?;
                 Ok(Wrote::New(r, v, head.map(Box::new)))
@@ -544,7 +556,7 @@ impl<C: S3Client> Copier<C> {
     async fn delete_marker(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
         Ok(
             match self
-                .write_version(ctx, || self.dest.delete_object(&ctx.dest))
+                .write_version(ctx, false, || self.dest.delete_object(&ctx.dest))
                 .await?
             {
                 Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
@@ -561,7 +573,9 @@ impl<C: S3Client> Copier<C> {
     ) -> Result<Copied, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let wrote = self
-            .write_version(ctx, || self.dest.copy_object(&ctx.dest, &src, attrs))
+            .write_version(ctx, head.tag_count == 0, || {
+                self.dest.copy_object(&ctx.dest, &src, attrs)
+            })
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
@@ -640,7 +654,7 @@ impl<C: S3Client> Copier<C> {
         attrs.tagging = self.tags_for(ctx, head, false).await?;
         attrs.content_md5 = Some(md5_b64(&body));
         let wrote = self
-            .write_version(ctx, || {
+            .write_version(ctx, false, || {
                 self.dest.put_object(&ctx.dest, body.clone(), &attrs)
             })
             .await?;
@@ -741,7 +755,7 @@ impl<C: S3Client> Copier<C> {
             .try_collect()
             .await?;
         let wrote = self
-            .write_version(ctx, || {
+            .write_version(ctx, false, || {
                 self.dest.complete_multipart(&ctx.dest, upload_id, &parts)
             })
             .await?;

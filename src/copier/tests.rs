@@ -899,3 +899,116 @@ fn part_layout(path: &Path, task: i64) -> (i64, i64) {
     )
     .unwrap()
 }
+
+/// Every task's recorded destination version id, by key, oldest first.
+fn recorded_ids(path: &Path, key: &str) -> Vec<Option<String>> {
+    Manifest::open(path, false)
+        .unwrap()
+        .tasks_of_key(key)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.dest_version_id)
+        .collect()
+}
+
+fn dest_ids(server: &FakeServer, key: &str) -> Vec<Option<String>> {
+    server
+        .history(DST, key)
+        .into_iter()
+        .map(|v| Some(v.id))
+        .collect()
+}
+
+#[tokio::test]
+async fn version_ids_a_copy_answer_leaves_out_are_learned_from_listings_not_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    // More keys than one batch: one batch is learned during the run, the rest at its end.
+    let keys: Vec<String> = (0..1100).map(|i| format!("data/{i:05}")).collect();
+    for k in &keys {
+        s.put(SRC, k, k.as_bytes(), &[]);
+    }
+    for body in [&b"one"[..], b"two!", b"three"] {
+        s.put(SRC, "multi", body, &[]);
+    }
+    s.put(SRC, "marked", b"gone", &[]);
+    s.delete(SRC, "marked");
+    s.omit_copy_version_ids(true);
+    plan_with(&s, &path, &one_request_settings()).await;
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!(summary.done, 1100 + 3 + 2);
+    for k in keys.iter().chain([&"multi".to_string()]) {
+        assert_eq!(
+            bodies_and_metadata(&s, DST, k),
+            bodies_and_metadata(&s, SRC, k),
+            "{k}"
+        );
+        assert_eq!(recorded_ids(&path, k), dest_ids(&s, k), "{k}: recorded ids");
+    }
+    assert_eq!(recorded_ids(&path, "marked"), dest_ids(&s, "marked"));
+    // A HEAD only for versions with a later version of their key after them ("multi"'s
+    // first two, "marked"'s version); the last versions are learned by a few listings.
+    assert_eq!(requests_of(&path, "HeadObject"), 3);
+    let listings = requests_of(&path, "ListObjectVersions");
+    assert!(listings <= 6, "{listings} listings for 1,102 ids");
+    let m = Manifest::open(&path, false).unwrap();
+    assert!(
+        m.versions_to_learn().unwrap().is_empty(),
+        "nothing left to learn"
+    );
+}
+
+#[tokio::test]
+async fn a_version_id_left_to_learn_by_a_stopped_run_is_learned_before_the_key_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"first", &[]);
+    s.put(SRC, "k", b"second", &[]);
+    s.put(SRC, "j", b"alone", &[]);
+    s.omit_copy_version_ids(true);
+    plan_with(&s, &path, &one_request_settings()).await;
+    // A stopped run copied k's first version and j, and had not learned their ids yet.
+    let (k, j) = (tasks(&path), Manifest::open(&path, false).unwrap());
+    let j = j.tasks_of_key("j").unwrap();
+    s.put(DST, "k", b"first", &[]);
+    s.put(DST, "j", b"alone", &[]);
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    for id in [k[0].id, j[0].id] {
+        w.send(Update::Finished {
+            id,
+            outcome: crate::manifest::Outcome::Done {
+                dest_version_id: None,
+                method: crate::manifest::CopyMethod::Copy,
+                part_size: None,
+                parts: None,
+                etag_preserved: None,
+                retries: 0,
+                to_learn: true,
+            },
+        })
+        .unwrap();
+    }
+    w.close();
+    let left = Manifest::open(&path, false)
+        .unwrap()
+        .versions_to_learn()
+        .unwrap();
+    assert_eq!(left.len(), 2);
+
+    let copier = copier(&s, &path, &opts());
+    copier.learn_leftovers(left);
+    let summary = Arc::clone(&copier).run().await;
+    copier.flush().await;
+    drop(copier);
+    assert_eq!(summary.done, 1);
+    assert_eq!(
+        bodies_and_metadata(&s, DST, "k"),
+        bodies_and_metadata(&s, SRC, "k")
+    );
+    assert_eq!(recorded_ids(&path, "k"), dest_ids(&s, "k"));
+    assert_eq!(recorded_ids(&path, "j"), dest_ids(&s, "j"));
+    let m = Manifest::open(&path, false).unwrap();
+    assert!(m.versions_to_learn().unwrap().is_empty());
+}

@@ -42,6 +42,9 @@ pub(super) const STREAM_ONLY: i64 = 4;
 pub(super) const ETAG_CHECKED: i64 = 8;
 /// Task flag: ... and it was equal.
 pub(super) const ETAG_PRESERVED: i64 = 16;
+/// Task flag: done, and its destination version id is still to be learned from a listing
+/// (the write's answer named none). `schema::TABLES` indexes it by this value.
+pub(super) const VERSION_TO_LEARN: i64 = 32;
 
 /// The flags of a finished copy's ETag comparison.
 pub(super) fn etag_flags(preserved: Option<bool>) -> i64 {

@@ -253,10 +253,17 @@ pub struct Task {
     pub upload_id: Option<String>,
     /// This task streams (its server-side copy was denied); kept across runs.
     pub stream_only: bool,
+    /// Done, and its destination version id is still to be learned from a listing.
+    pub version_to_learn: bool,
     /// The class of its last error, if any.
     pub error_class: Option<String>,
     /// The destination (`destinations.id`; 0 is the job's `--dest`).
     pub dest: i64,
+}
+
+/// The key id of a task id (a task's id is its key's id and its place among the key's tasks).
+pub fn key_id_of_task(task_id: i64) -> i64 {
+    task_id >> codec::SEQ_BITS
 }
 
 /// All tasks of one key, oldest first.

@@ -13,7 +13,7 @@ use rusqlite::{Connection, Row};
 
 use super::codec::{
     class_of, etag_text, key_of, key_range, name_text, time_text, BLOCK_BITS, CHECKSUMS,
-    DELETE_MARKER, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY,
+    DELETE_MARKER, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY, VERSION_TO_LEARN,
 };
 use super::{
     Counts, KeyGroup, ListingProgress, Manifest, ManifestError, Problem, Result, State, Task,
@@ -89,6 +89,7 @@ fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
         started_at: r.get(11)?,
         upload_id: r.get(12)?,
         stream_only: flags & STREAM_ONLY != 0,
+        version_to_learn: flags & VERSION_TO_LEARN != 0,
         error_class: class_name(r.get(13)?)?,
         dest: r.get(15)?,
     })
@@ -146,6 +147,14 @@ impl Manifest {
     /// Tasks with an open multipart upload recorded (left by a killed run).
     pub fn open_uploads(&self) -> Result<Vec<Task>> {
         self.tasks_where("u.upload_id IS NOT NULL", "ORDER BY t.id", &[])
+    }
+
+    /// Done tasks whose destination version id a stopped run left to be learned.
+    pub fn versions_to_learn(&self) -> Result<Vec<Task>> {
+        self.conn
+            .execute_batch(super::schema::LEARN_INDEX)
+            .map_err(|e| self.sql(e))?;
+        self.tasks_where("t.flags & 32 != 0", "ORDER BY t.id", &[])
     }
 
     /// The next `limit` keys after key id `after_key_id` that have open (pending or

@@ -81,6 +81,7 @@ fn done(retries: u64) -> Outcome {
         parts: None,
         etag_preserved: None,
         retries,
+        to_learn: false,
     }
 }
 
@@ -387,12 +388,13 @@ async fn writer_commits_updates() {
             parts: Some(2),
             etag_preserved: Some(true),
             retries: 2,
+            to_learn: false,
         },
     })
     .unwrap();
     w.send(Update::DestVersion {
         id: ids[0],
-        dest_version_id: "d1".into(),
+        dest_version_id: Some("d1".into()),
     })
     .unwrap();
     w.send(Update::Requests {

@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
-use super::codec::{class_code, etag_flags, ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY};
+use super::codec::{
+    class_code, etag_flags, ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
+};
 use super::{CopyMethod, KeyGroup, Manifest, ManifestError, Result, State};
 use crate::s3::{ErrorClass, S3Error};
 
@@ -34,6 +36,9 @@ pub enum Outcome {
         etag_preserved: Option<bool>,
         /// Retries spent.
         retries: u64,
+        /// The write's answer named no version id and its HEAD was left out: the id is
+        /// learned later from a listing (the task's `VERSION_TO_LEARN` flag until then).
+        to_learn: bool,
     },
     /// Gave up.
     Failed {
@@ -88,12 +93,14 @@ pub enum Update {
         /// Task id.
         id: i64,
     },
-    /// The destination version id of a done task, learned later (e.g. by a HEAD).
+    /// The destination version id of a done task, learned later from a listing (None: it
+    /// could not be told; the task stays done without one). Either way it is no longer to
+    /// be learned.
     DestVersion {
         /// Task id.
         id: i64,
         /// The destination version id.
-        dest_version_id: String,
+        dest_version_id: Option<String>,
     },
     /// Requests made, per S3 operation, added to the job's totals.
     Requests {
@@ -298,8 +305,11 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
             id,
             dest_version_id,
         } => conn
-            .prepare_cached("UPDATE OR ROLLBACK task SET dest_version_id = ?2 WHERE id = ?1")?
-            .execute(params![id, dest_version_id])
+            .prepare_cached(
+                "UPDATE OR ROLLBACK task SET dest_version_id = coalesce(?2, dest_version_id),
+                 flags = flags & ?3 WHERE id = ?1",
+            )?
+            .execute(params![id, dest_version_id, !VERSION_TO_LEARN])
             .map(drop),
         Update::Requests { counts } => {
             let mut stmt = conn.prepare_cached(
@@ -358,6 +368,7 @@ fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Resul
         part_size,
         parts,
         etag_preserved,
+        to_learn,
         ..
     } = outcome
     else {
@@ -372,8 +383,8 @@ fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Resul
         State::Done.code(),
         dest_version_id,
         method.code(),
-        !(ETAG_CHECKED | ETAG_PRESERVED),
-        etag_flags(*etag_preserved)
+        !(ETAG_CHECKED | ETAG_PRESERVED | VERSION_TO_LEARN),
+        etag_flags(*etag_preserved) | if *to_learn { VERSION_TO_LEARN } else { 0 }
     ])?;
     conn.prepare_cached("DELETE FROM errors WHERE task = ?1")?
         .execute([id])?;
