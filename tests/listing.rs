@@ -7,6 +7,7 @@
 //! - `plan --refresh` after new writes (new versions, delete markers, new keys), killed once,
 //!   finished, then `run`: exactly the new entries were added, and the destination is an
 //!   exact replica again.
+//! - `seed` on moto: a round that takes over a second is still followed in a later second.
 
 mod support;
 
@@ -252,7 +253,7 @@ async fn refresh_killed_then_run_catches_up() {
     let before = status(&m).total;
 
     if server() == Server::Moto {
-        // Later writes in a later second (moto orders a key's history by its seconds).
+        // Later writes in a later second than the replica's (moto's listings give seconds).
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let (writes, added) = new_writes(&keys);
@@ -291,6 +292,31 @@ async fn refresh_killed_then_run_catches_up() {
     assert_replica(&c, &src, &c, &dst, "", "", all).await;
     assert_eq!(entry_count(&c, &dst).await, entry_count(&c, &src).await);
     expect_code(&job.verify(), 0);
+}
+
+/// `seed` on moto: a round long enough to take over a second (many writes) is still followed
+/// by the next round in a later second, so a key written last in that round and again in the
+/// next two keeps its exact history (a version and a delete marker in one second would be
+/// listed versions first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_keeps_history_after_a_long_round() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let src = bucket("long-round");
+    create_bucket(&c, &src, true).await;
+    let mut long: Vec<Op> = (0..400)
+        .map(|i| Op::put(&format!("filler/{i:03}"), "x"))
+        .collect();
+    long.push(Op::put("last", "v1"));
+    let del = vec![Op::Delete { key: "last".into() }];
+    seed(&c, &src, vec![long, del, vec![Op::put("last", "v2")]]).await;
+    let h = histories(&c, &src, "last").await;
+    let kinds: Vec<bool> = h["last"].iter().map(|v| v.delete_marker).collect();
+    assert_eq!(
+        kinds,
+        [false, true, false],
+        "version, marker, version: {h:?}"
+    );
 }
 
 /// A measurement, not a check (run by hand, it asserts nothing about time): `plan` versions

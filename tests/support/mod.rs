@@ -20,7 +20,7 @@ pub use server::*;
 pub mod mem_s3;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
@@ -121,23 +121,35 @@ impl Op {
     }
 }
 
-/// Applies rounds of writes. On moto, rounds are one second apart, so that the 1-second
-/// last-modified of listings orders every key's history (moto does not interleave versions
-/// and delete markers in its listing XML); on RGW they follow each other at once (it lists
-/// true order). Writes inside a round run concurrently, and no round may write the same key
-/// twice.
+/// Applies rounds of writes. On moto, each round starts in a later second than the one the
+/// previous round ended in, so that the 1-second last-modified of listings orders every key's
+/// history (moto does not interleave versions and delete markers in its listing XML); on RGW
+/// they follow each other at once (it lists true order). Writes inside a round run
+/// concurrently, and no round may write the same key twice.
 pub async fn seed(c: &Client, bucket: &str, rounds: Vec<Vec<Op>>) {
     let n = rounds.len();
     for (i, round) in rounds.into_iter().enumerate() {
-        let started = Instant::now();
         stream::iter(round)
             .for_each_concurrent(16, |op| apply(c, bucket, op))
             .await;
         if i + 1 < n && server() == Server::Moto {
-            let second = Duration::from_millis(1100);
-            tokio::time::sleep(second.saturating_sub(started.elapsed())).await;
+            // Timed from the round's end, not its start: a round that took long (a loaded
+            // machine, many writes) would otherwise be followed within the second of its
+            // last writes.
+            tokio::time::sleep(to_next_second()).await;
         }
     }
+}
+
+/// From now to just past the next whole second of the system clock. moto runs on this
+/// machine and stamps a write with this clock before answering it, so a write sent after
+/// this wait has a later second than every write answered before it.
+fn to_next_second() -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(1) - Duration::from_nanos(u64::from(now.subsec_nanos()))
+        + Duration::from_millis(10)
 }
 
 /// One write of a corpus.
