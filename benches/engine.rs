@@ -34,6 +34,9 @@ const DEST: &str = "bench-dst";
 const KEY_LEN: usize = 40;
 
 fn main() {
+    if let Ok(spec) = std::env::var(FLOOR_ENV) {
+        std::process::exit(sdk_floor_child(&spec));
+    }
     if !std::env::args().any(|a| a == "--bench") {
         println!("engine: skipped (run it with `cargo bench --bench engine`)");
         return;
@@ -188,10 +191,14 @@ fn vm_hwm_kib(pid: libc::pid_t) -> Option<i64> {
 /// spawning process's high-water mark into the child's, so with a million versions in this
 /// process's memory every child would show ~300 MiB it never used.
 fn measured(args: &[&str], log: &Path) -> std::io::Result<Measured> {
+    measured_cmd(Command::new(binary()).args(args), log)
+}
+
+/// [`measured`] for any command.
+fn measured_cmd(cmd: &mut Command, log: &Path) -> std::io::Result<Measured> {
     let out = File::create(log)?;
     let start = Instant::now();
-    let child = Command::new(binary())
-        .args(args)
+    let child = cmd
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
         .env("AWS_REGION", "us-east-1")
@@ -326,7 +333,11 @@ fn bench_size(n: usize, mode: Mode) -> Result<Row, String> {
         manifest_bytes as f64 / n as f64,
         manifest_size() as f64 / 1048576.0
     );
-    println!("  destination {copied} of {n} entries\n");
+    println!("  destination {copied} of {n} entries");
+    if mode.0 == "one-request" {
+        sdk_floor(&ep, seeded.keys, n, dir.path())?;
+    }
+    println!();
     #[rustfmt::skip]
     let row = Row { n, mode: mode.0, plan, run, manifest_bytes, requests_per_task, copied };
     Ok(row)
@@ -391,5 +402,74 @@ fn print_summary(rows: &[Row]) {
             r.requests_per_task,
             if r.copied == r.n { "" } else { "  (destination incomplete!)" }
         );
+    }
+}
+
+/// Set in the child that measures the SDK's floor: "<endpoint> <keys> <calls>".
+const FLOOR_ENV: &str = "ENGINE_BENCH_SDK_FLOOR";
+
+/// The floor under `run`'s figures: as many `CopyObject` calls as the run had entries,
+/// through the project's own client (`s3::build`, the request path `run` uses), 64 in
+/// flight, with no manifest, scheduler or retry loop. Measured in a child process (this
+/// bench binary again), so that its CPU is apart from the in-process server's.
+fn sdk_floor(ep: &str, keys: usize, n: usize, dir: &Path) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let log = dir.join("sdk-floor.log");
+    let mut cmd = Command::new(exe);
+    cmd.env(FLOOR_ENV, format!("{ep} {keys} {n}"));
+    let m = measured_cmd(&mut cmd, &log).map_err(|e| format!("sdk floor: {e}"))?;
+    print_step("sdk  ", &m, n, "copies/s");
+    println!("  (sdk: CopyObject alone through the same client, no engine around it)");
+    if m.code != Some(0) {
+        println!("    sdk floor output:\n    {}", tail(&log));
+    }
+    Ok(())
+}
+
+/// The child of [`sdk_floor`]; returns its exit code.
+fn sdk_floor_child(spec: &str) -> i32 {
+    use futures::{StreamExt, TryStreamExt};
+    use s3_backfill::config::SideConfig;
+    use s3_backfill::s3::{build, ObjectRef, S3Client, Side, Timeouts, WriteAttrs};
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let [ep, keys, n] = parts[..] else {
+        eprintln!("{FLOOR_ENV}: expected \"<endpoint> <keys> <calls>\"");
+        return 2;
+    };
+    let (Ok(keys), Ok(n)) = (keys.parse::<usize>(), n.parse::<usize>()) else {
+        eprintln!("{FLOOR_ENV}: bad numbers in {spec:?}");
+        return 2;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let done = rt.block_on(async {
+        let cfg = SideConfig {
+            endpoint: Some(ep.to_string()),
+            path_style: true,
+            ..SideConfig::default()
+        };
+        let (client, _) = build(Side::Dest, &cfg, Timeouts::default()).await;
+        let attrs = WriteAttrs::default();
+        futures::stream::iter(0..n)
+            .map(|j| {
+                let (client, attrs) = (&client, &attrs);
+                async move {
+                    let src = ObjectRef::key(SOURCE, &key(j % keys));
+                    let dst = ObjectRef::key(DEST, &format!("floor/{j}"));
+                    client.copy_object(&dst, &src, attrs).await
+                }
+            })
+            .buffer_unordered(64)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+    });
+    match done {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sdk floor: {e}");
+            1
+        }
     }
 }

@@ -45,6 +45,8 @@ pub(super) struct TaskCtx<'a> {
     pub(super) last_open: bool,
     /// The new version's id is left to be learned later (see `learn`).
     pub(super) learn_later: AtomicBool,
+    /// Marked in progress when its key was read (`KeyGroup::claimed`): no `Started` needed.
+    pub(super) claimed: bool,
 }
 
 impl TaskCtx<'_> {
@@ -173,7 +175,11 @@ impl<C: S3Client> Copier<C> {
         if self.control.stopping() {
             return None;
         }
-        let groups = match self.writer.next_key_groups(walk.after, KEY_BATCH).await {
+        let claimed = self
+            .writer
+            .claim_key_groups(walk.after, KEY_BATCH, now_secs())
+            .await;
+        let groups = match claimed {
             Ok(g) => g,
             Err(e) => {
                 self.control.abort(format!("manifest: {e}"));
@@ -205,7 +211,7 @@ impl<C: S3Client> Copier<C> {
             .map(|(id, _)| *id)
             .collect();
         for id in due {
-            let group = match self.writer.next_key_groups(id - 1, 1).await {
+            let group = match self.writer.claim_key_groups(id - 1, 1, now_secs()).await {
                 Ok(g) => g.into_iter().next().filter(|g| g.key_id == id),
                 Err(e) => {
                     self.control.abort(format!("manifest: {e}"));
@@ -295,6 +301,7 @@ impl<C: S3Client> Copier<C> {
                     t.dest == task.dest && matches!(t.state, State::Pending | State::InProgress)
                 }),
                 learn_later: AtomicBool::new(false),
+                claimed: group.claimed == Some(task.id),
             };
             let step = self.step(&ctx).await;
             let retries = ctx.retries.load(Ordering::Relaxed);
@@ -356,9 +363,11 @@ impl<C: S3Client> Copier<C> {
             id: ctx.task.id,
             at: ctx.started_at,
         };
-        if let Err(e) = self.writer.send_durable(started).await {
-            self.control.abort(format!("manifest: {e}"));
-            return Step::Stopped;
+        if !ctx.claimed {
+            if let Err(e) = self.writer.send_durable(started).await {
+                self.control.abort(format!("manifest: {e}"));
+                return Step::Stopped;
+            }
         }
         Step::Finished(match self.copy_task(ctx).await {
             Ok(c) => c.into_outcome(ctx.learn_later.load(Ordering::Relaxed)),

@@ -279,6 +279,9 @@ pub struct KeyGroup {
     /// it may still come on the next page, so its tasks must wait (copying them now could
     /// write its history out of order).
     pub listing_open: bool,
+    /// The task marked in progress (durably) when the group was read for a run (see
+    /// [`Writer::claim_key_groups`]): its attempt needs no `Started` of its own.
+    pub claimed: Option<i64>,
 }
 
 /// Where the listing stands, over all of its parts (rows of `partitions`).

@@ -186,6 +186,7 @@ impl Manifest {
                 key,
                 tasks,
                 listing_open,
+                claimed: None,
             });
         }
         if let Some(tx) = tx {

@@ -9,6 +9,7 @@
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
@@ -115,8 +116,17 @@ enum Msg {
     NextKeys {
         after: i64,
         limit: usize,
+        /// Claim each closed group's first task, with this start time.
+        claim_at: Option<i64>,
         reply: oneshot::Sender<Result<Vec<KeyGroup>>>,
     },
+}
+
+impl Msg {
+    /// Someone waits for this message's commit (or answer).
+    fn awaited(&self) -> bool {
+        !matches!(self, Msg::Update(_, None))
+    }
 }
 
 /// The single writer of a running job (see the module header). Dropping it (or
@@ -179,10 +189,34 @@ impl Writer {
     /// The next key groups after key id `after_key_id` (see [`Manifest::next_key_groups`]),
     /// read after every update queued before this call.
     pub async fn next_key_groups(&self, after_key_id: i64, limit: usize) -> Result<Vec<KeyGroup>> {
+        self.read_groups(after_key_id, limit, None).await
+    }
+
+    /// [`Writer::next_key_groups`] for a run that copies them now: in the same transaction,
+    /// the first task a key worker will attempt in each group whose history is listed is
+    /// marked in progress with start time `at` (one attempt more), and named in
+    /// [`KeyGroup::claimed`]. The tasks read keep their state from before the claim. A claim
+    /// whose attempt never comes (a kill, a stop) is reconciled like any attempt in doubt.
+    pub async fn claim_key_groups(
+        &self,
+        after_key_id: i64,
+        limit: usize,
+        at: i64,
+    ) -> Result<Vec<KeyGroup>> {
+        self.read_groups(after_key_id, limit, Some(at)).await
+    }
+
+    async fn read_groups(
+        &self,
+        after: i64,
+        limit: usize,
+        claim_at: Option<i64>,
+    ) -> Result<Vec<KeyGroup>> {
         let (tx, rx) = oneshot::channel();
         self.queue(Msg::NextKeys {
-            after: after_key_id,
+            after,
             limit,
+            claim_at,
             reply: tx,
         })?;
         rx.await.map_err(|_| self.gone())?
@@ -218,15 +252,38 @@ impl Drop for Writer {
 /// Updates applied per transaction at most.
 const GROUP: usize = 2000;
 
-fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<String>>>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < GROUP {
-            match rx.try_recv() {
-                Ok(msg) => batch.push(msg),
-                Err(_) => break,
+/// How long a group that nobody waits for stays open for more updates: fewer commits (each
+/// one syncs the file), at the cost of the last few milliseconds of results when the
+/// process is killed (those tasks are reconciled by the next run).
+const LINGER: Duration = Duration::from_millis(20);
+
+/// The next group: what is queued, and, while nobody waits for any of it, what comes
+/// within [`LINGER`].
+fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
+    let first = rx.recv().ok()?;
+    let mut awaited = first.awaited();
+    let mut batch = vec![first];
+    let until = Instant::now() + LINGER;
+    while batch.len() < GROUP {
+        let msg = match rx.try_recv() {
+            Ok(msg) => msg,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) if awaited => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
             }
-        }
+        };
+        awaited |= msg.awaited();
+        batch.push(msg);
+    }
+    Some(batch)
+}
+
+fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<String>>>) {
+    while let Some(batch) = next_group(&rx) {
         let mut acks = Vec::new();
         let mut reads = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
@@ -241,8 +298,19 @@ fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<S
                     Msg::NextKeys {
                         after,
                         limit,
+                        claim_at,
                         reply,
-                    } => reads.push((reply, m.next_key_groups(after, limit))),
+                    } => {
+                        let read = m.next_key_groups(after, limit);
+                        let read = match (read, claim_at) {
+                            (Ok(mut groups), Some(at)) => {
+                                claim(&m.conn, &mut groups, at)?;
+                                Ok(groups)
+                            }
+                            (read, _) => read,
+                        };
+                        reads.push((reply, read));
+                    }
                 }
             }
             m.conn.execute_batch("COMMIT")
@@ -266,6 +334,28 @@ fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<S
             let _ = reply.send(r);
         }
     }
+}
+
+/// Marks the first task a key worker will attempt in each listed group in progress (see
+/// [`Writer::claim_key_groups`]): the first open task whose destination no failed older
+/// task blocks.
+fn claim(conn: &Connection, groups: &mut [KeyGroup], at: i64) -> rusqlite::Result<()> {
+    for g in groups.iter_mut().filter(|g| !g.listing_open) {
+        let mut blocked = Vec::new();
+        let first = g.tasks.iter().find(|t| match t.state {
+            State::Failed => {
+                blocked.push(t.dest);
+                false
+            }
+            State::Pending | State::InProgress => !blocked.contains(&t.dest),
+            State::Done | State::Skipped => false,
+        });
+        if let Some(t) = first {
+            apply(conn, &Update::Started { id: t.id, at })?;
+            g.claimed = Some(t.id);
+        }
+    }
+    Ok(())
 }
 
 fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
