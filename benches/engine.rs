@@ -456,7 +456,10 @@ fn sdk_floor_child(spec: &str) -> i32 {
             .map(|j| {
                 let (client, attrs) = (&client, &attrs);
                 async move {
-                    let src = ObjectRef::key(SOURCE, &key(j % keys));
+                    // Every tenth key's current entry is a delete marker.
+                    let i = j % keys;
+                    let i = if i % 10 == 9 { i - 1 } else { i };
+                    let src = ObjectRef::key(SOURCE, &key(i));
                     let dst = ObjectRef::key(DEST, &format!("floor/{j}"));
                     client.copy_object(&dst, &src, attrs).await
                 }

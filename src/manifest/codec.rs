@@ -43,7 +43,7 @@ pub(super) const ETAG_CHECKED: i64 = 8;
 /// Task flag: ... and it was equal.
 pub(super) const ETAG_PRESERVED: i64 = 16;
 /// Task flag: done, and its destination version id is still to be learned from a listing
-/// (the write's answer named none). `schema::TABLES` indexes it by this value.
+/// (the write's answer named none). `schema::LEARN_INDEX` indexes it by this value.
 pub(super) const VERSION_TO_LEARN: i64 = 32;
 
 /// The flags of a finished copy's ETag comparison.

@@ -91,8 +91,6 @@ CREATE TABLE task (
 );
 -- Failed and skipped tasks (few): problems, blocked keys, --retry-failed, --skip-failed.
 CREATE INDEX task_problems ON task (state) WHERE state >= 3;
--- Done tasks whose destination version id is still to be learned from a listing (few).
-CREATE INDEX task_to_learn ON task (id) WHERE flags & 32 != 0;
 -- Multipart copies: the upload still open (aborted after a crash) and the layout used.
 CREATE TABLE uploads (
     task INTEGER PRIMARY KEY REFERENCES task (id) DEFERRABLE INITIALLY DEFERRED,
@@ -145,8 +143,9 @@ CREATE TABLE names (
 ) WITHOUT ROWID;
 ";
 
-/// [`TABLES`]' index of the tasks flagged `VERSION_TO_LEARN`, for manifests made before it
-/// (built once, by the first run that needs it).
+/// The index of the tasks flagged `VERSION_TO_LEARN` (few at a time). Created with the first
+/// flag, in the same transaction, so a manifest without it has none (and new manifests do
+/// not carry its page).
 pub(super) const LEARN_INDEX: &str =
     "CREATE INDEX IF NOT EXISTS task_to_learn ON task (id) WHERE flags & 32 != 0;";
 

@@ -257,6 +257,11 @@ const GROUP: usize = 2000;
 /// process is killed (those tasks are reconciled by the next run).
 const LINGER: Duration = Duration::from_millis(20);
 
+/// While a group lingers, the queue is read every `POLL`: the thread sleeps instead of
+/// waiting on the channel, so senders do not wake it for every update, and an update that
+/// is waited for is committed within `POLL`.
+const POLL: Duration = Duration::from_millis(1);
+
 /// The next group: what is queued, and, while nobody waits for any of it, what comes
 /// within [`LINGER`].
 fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
@@ -264,22 +269,22 @@ fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
     let mut awaited = first.awaited();
     let mut batch = vec![first];
     let until = Instant::now() + LINGER;
-    while batch.len() < GROUP {
-        let msg = match rx.try_recv() {
-            Ok(msg) => msg,
-            Err(mpsc::TryRecvError::Disconnected) => break,
-            Err(mpsc::TryRecvError::Empty) if awaited => break,
-            Err(mpsc::TryRecvError::Empty) => {
-                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                    Ok(msg) => msg,
-                    Err(_) => break,
+    loop {
+        while batch.len() < GROUP {
+            match rx.try_recv() {
+                Ok(msg) => {
+                    awaited |= msg.awaited();
+                    batch.push(msg);
                 }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return Some(batch),
             }
-        };
-        awaited |= msg.awaited();
-        batch.push(msg);
+        }
+        if awaited || batch.len() >= GROUP || Instant::now() >= until {
+            return Some(batch);
+        }
+        std::thread::sleep(POLL);
     }
-    Some(batch)
 }
 
 fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<String>>>) {
@@ -464,6 +469,10 @@ fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Resul
     else {
         return Ok(());
     };
+    if *to_learn {
+        conn.prepare_cached(super::schema::LEARN_INDEX)?
+            .execute([])?;
+    }
     conn.prepare_cached(
         "UPDATE OR ROLLBACK task SET state = ?2, dest_version_id = ?3, method = ?4,
          flags = (flags & ?5) | ?6, error_class = NULL WHERE id = ?1",
