@@ -191,10 +191,12 @@ impl<C: S3Client> Copier<C> {
         };
         walk.after = last.key_id;
         self.record_requests();
-        for g in groups {
+        let mut groups = groups.into_iter();
+        while let Some(g) = groups.next() {
             if g.listing_open {
                 walk.deferred.insert(g.key_id, pages);
             } else if !self.spawn_key(&mut walk.set, g).await {
+                groups.for_each(|g| self.release(&g, g.claimed));
                 return None;
             }
         }
@@ -245,10 +247,24 @@ impl<C: S3Client> Copier<C> {
             set.join_next().await;
         }
         if self.control.stopping() {
+            self.release(&g, g.claimed);
             return false;
         }
         set.spawn(self.clone().key_worker(g));
         true
+    }
+
+    /// Gives back the claim on task `id` of a group (see `Writer::claim_key_groups`) when
+    /// its attempt does not come in this run.
+    fn release(&self, g: &KeyGroup, id: Option<i64>) {
+        let Some(t) = id.and_then(|id| g.tasks.iter().find(|t| t.id == id)) else {
+            return;
+        };
+        self.send(Update::Released {
+            id: t.id,
+            state: t.state,
+            started_at: t.started_at,
+        });
     }
 
     /// The run's summary, once every key worker finished.
@@ -272,6 +288,7 @@ impl<C: S3Client> Copier<C> {
             .filter_map(|t| t.dest_version_id.clone())
             .collect();
         if !self.learn_before(&group, &mut recorded).await {
+            self.release(&group, group.claimed);
             return;
         }
         // Destination buckets whose history of this key waits behind a failed version.
@@ -308,7 +325,12 @@ impl<C: S3Client> Copier<C> {
             self.progress.add_retries(retries);
             let outcome = match step {
                 Step::Finished(o) => with_retries(o, retries),
-                Step::InDoubt | Step::Stopped => return,
+                Step::InDoubt | Step::Stopped => {
+                    // Nothing was written for it in this run.
+                    let claimed = group.claimed.filter(|_| ctx.claimed);
+                    self.release(&group, claimed);
+                    return;
+                }
             };
             let failed = matches!(outcome, Outcome::Failed { .. });
             let learn = matches!(outcome, Outcome::Done { to_learn: true, .. })

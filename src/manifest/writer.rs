@@ -71,6 +71,17 @@ pub enum Update {
         /// Unix seconds.
         at: i64,
     },
+    /// A claim whose attempt did not come (the run stopped first, see
+    /// [`Writer::claim_key_groups`]): the task's state and start time from before the claim
+    /// come back, and its attempt is taken back.
+    Released {
+        /// Task id.
+        id: i64,
+        /// Its state before the claim.
+        state: State,
+        /// Its start time before the claim.
+        started_at: Option<i64>,
+    },
     /// A multipart upload was opened (Some) or closed (None) at the destination.
     Upload {
         /// Task id.
@@ -371,6 +382,22 @@ fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
                  WHERE id = ?1",
             )?
             .execute(params![id, State::InProgress.code(), at])
+            .map(drop),
+        Update::Released {
+            id,
+            state,
+            started_at,
+        } => conn
+            .prepare_cached(
+                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts - 1, started_at = ?3
+                 WHERE id = ?1 AND state = ?4",
+            )?
+            .execute(params![
+                id,
+                state.code(),
+                started_at,
+                State::InProgress.code()
+            ])
             .map(drop),
         Update::Upload {
             id,
