@@ -1173,3 +1173,64 @@ async fn writer_stops_after_a_failed_commit() {
     );
     assert!(m.open_uploads().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn claims_mark_each_keys_first_open_task_and_released_claims_restore_it() {
+    let (_d, path, mut m) = new_manifest();
+    m.insert_page(
+        &[
+            task("a", "2", 0),
+            task("a", "1", 1),
+            task("b", "1", 0),
+            task("c", "1", 0),
+        ],
+        &Listing::default(),
+    )
+    .unwrap();
+    let (a, b) = (ids_of(&m, "a"), ids_of(&m, "b"));
+    let w = m.into_writer();
+    // b's task was attempted by an earlier run (in doubt); a's first is done.
+    w.send_durable(Update::Started { id: b[0], at: 7 })
+        .await
+        .unwrap();
+    w.send(Update::Finished {
+        id: a[0],
+        outcome: done(0),
+    })
+    .unwrap();
+    let g = w.claim_key_groups(0, 10, 50).await.unwrap();
+    let claimed: Vec<Option<i64>> = g.iter().map(|g| g.claimed).collect();
+    assert_eq!(claimed[..2], [Some(a[1]), Some(b[0])], "first open task");
+    // The tasks read keep their state from before the claim.
+    assert_eq!(g[1].tasks[0].attempts, 1);
+    assert_eq!(g[1].tasks[0].started_at, Some(7));
+    let again = w.next_key_groups(0, 10).await.unwrap();
+    assert_eq!(again[1].tasks[0].attempts, 2, "one attempt more");
+    assert_eq!(again[1].tasks[0].started_at, Some(50));
+    assert_eq!(again[0].tasks[1].state, State::InProgress);
+    // The run stops before attempting them: the claims are given back.
+    for g in &g {
+        let t = g.tasks.iter().find(|t| Some(t.id) == g.claimed).unwrap();
+        w.send(Update::Released {
+            id: t.id,
+            state: t.state,
+            started_at: t.started_at,
+        })
+        .unwrap();
+    }
+    let after = w.next_key_groups(0, 10).await.unwrap();
+    let before: Vec<_> = g
+        .iter()
+        .flat_map(|g| &g.tasks)
+        .map(|t| (t.id, t.state, t.attempts, t.started_at))
+        .collect();
+    let now: Vec<_> = after
+        .iter()
+        .flat_map(|g| &g.tasks)
+        .map(|t| (t.id, t.state, t.attempts, t.started_at))
+        .collect();
+    assert_eq!(now, before, "every task as it was before the claim");
+    w.close();
+    let c = Manifest::open(&path, false).unwrap().counts().unwrap();
+    assert_eq!((c.pending, c.in_progress, c.done), (2, 1, 1), "{c:?}");
+}
