@@ -69,20 +69,6 @@ fn spawn(args: &[String], page: u32) -> Child {
         .expect("spawn s3-backfill")
 }
 
-/// Lets the child run for `after`, then SIGKILLs it (unless it finished first). Returns
-/// whether the kill happened, and the child's output.
-async fn kill_after(mut child: Child, after: Duration) -> (bool, Output) {
-    let start = Instant::now();
-    while start.elapsed() < after {
-        if child.try_wait().expect("try_wait").is_some() {
-            return (false, child.wait_with_output().expect("wait"));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    child.kill().expect("SIGKILL");
-    (true, child.wait_with_output().expect("wait"))
-}
-
 /// Runs the child to its end and asserts it succeeded.
 fn finish(args: &[String], page: u32) -> Output {
     let o = spawn(args, page).wait_with_output().expect("wait");

@@ -6,8 +6,8 @@
 
 mod support;
 
-use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use support::*;
 
@@ -111,19 +111,6 @@ fn assert_each_task_names_its_own_version(job: &Job) {
         let v = v.unwrap_or_else(|| panic!("no destination version id: {t:?}"));
         assert!(claimed.insert((t.key.clone(), v)), "{t:?}: claimed twice");
     }
-}
-
-/// Lets `run` go for `after`, then SIGKILLs it (unless it finished); whether it was killed.
-async fn kill_after(mut child: Child, after: Duration) -> (bool, Output) {
-    let start = Instant::now();
-    while start.elapsed() < after {
-        if child.try_wait().expect("try_wait").is_some() {
-            return (false, child.wait_with_output().expect("wait"));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    child.kill().expect("SIGKILL");
-    (true, child.wait_with_output().expect("wait"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

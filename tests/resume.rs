@@ -15,7 +15,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -112,30 +112,6 @@ fn spawn_paged(args: &[String], page: u32) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn s3-backfill")
-}
-
-/// Waits for the child to exit, at most `limit`; None when it is still running.
-async fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return Some(s);
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Lets the child run for `after`, then kills it with SIGKILL (unless it finished first).
-/// Returns whether the kill happened, and the child's output.
-async fn kill_after(mut child: Child, after: Duration) -> (bool, Output) {
-    let exited = wait_until(&mut child, after).await.is_some();
-    if !exited {
-        child.kill().expect("SIGKILL");
-    }
-    (!exited, child.wait_with_output().expect("wait"))
 }
 
 /// Waits for the child (at most two minutes) and returns its output.

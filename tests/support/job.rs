@@ -3,7 +3,8 @@
 //! only place the tests read the manifest's SQL).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use super::server::{KEY_ID, SECRET};
 
@@ -336,4 +337,28 @@ pub fn manifest_tasks(path: &Path) -> Vec<TaskRow> {
     .expect("query tasks")
     .collect::<Result<Vec<_>, _>>()
     .expect("read tasks")
+}
+
+/// Waits for the child to exit, at most `limit`; None when it is still running.
+pub async fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Lets the child run for `after`, then kills it with SIGKILL (unless it finished first).
+/// Returns whether the kill happened, and the child's output.
+pub async fn kill_after(mut child: Child, after: Duration) -> (bool, Output) {
+    let exited = wait_until(&mut child, after).await.is_some();
+    if !exited {
+        child.kill().expect("SIGKILL");
+    }
+    (!exited, child.wait_with_output().expect("wait"))
 }
