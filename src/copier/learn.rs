@@ -139,7 +139,7 @@ impl<C: S3Client> Copier<C> {
         for p in run {
             let newest = match found.remove(p.key.as_str()) {
                 Some(e) => Some(e),
-                None => match self.history(&p.bucket, &p.key, &retries).await {
+                None => match self.dest_key_history(&p.bucket, &p.key, &retries).await {
                     Ok(h) => h.last().cloned(),
                     Err(e) => {
                         tracing::warn!("destination version id not learned now: {e}");
@@ -182,24 +182,6 @@ impl<C: S3Client> Copier<C> {
             }
         }
         Ok(found)
-    }
-
-    /// The destination history of one key, oldest first.
-    async fn history(
-        &self,
-        bucket: &str,
-        key: &str,
-        retries: &AtomicU64,
-    ) -> Result<Vec<VersionEntry>, S3Error> {
-        let from = ListFrom {
-            bucket: bucket.to_string(),
-            prefix: key.to_string(),
-            max_keys: 1000,
-            ..Default::default()
-        };
-        Versions::new(&self.dest, &self.retrier, from)
-            .history_of(key, retries)
-            .await
     }
 
     /// Records what the key's newest destination entry says of a pending id.
@@ -248,7 +230,7 @@ impl<C: S3Client> Copier<C> {
         for t in flagged {
             let (bucket, prefix, _) = self.settings.destination(t.dest);
             let p = Pending::of(t, bucket, format!("{prefix}{}", group.key));
-            match self.history(bucket, &p.key, &retries).await {
+            match self.dest_key_history(bucket, &p.key, &retries).await {
                 Ok(h) => {
                     if let Some(v) = self.record_learned(&p, h.last()) {
                         recorded.insert(v);

@@ -16,6 +16,8 @@
 //!
 //! May call: the s3 layer.
 
+use std::sync::atomic::AtomicU64;
+
 use super::scheduler::TaskCtx;
 use super::{Copier, CLOCK_SKEW_SECS};
 use crate::s3::{
@@ -98,14 +100,25 @@ impl<C: S3Client> Copier<C> {
 
     /// The destination's entries of exactly this task's key, oldest first.
     async fn dest_history(&self, ctx: &TaskCtx<'_>) -> Result<Vec<VersionEntry>, S3Error> {
+        self.dest_key_history(&ctx.dest.bucket, &ctx.dest.key, &ctx.retries)
+            .await
+    }
+
+    /// The destination's entries of exactly `key` in `bucket`, oldest first.
+    pub(super) async fn dest_key_history(
+        &self,
+        bucket: &str,
+        key: &str,
+        retries: &AtomicU64,
+    ) -> Result<Vec<VersionEntry>, S3Error> {
         let from = ListFrom {
-            bucket: ctx.dest.bucket.clone(),
-            prefix: ctx.dest.key.clone(),
+            bucket: bucket.to_string(),
+            prefix: key.to_string(),
             max_keys: 1000,
             ..Default::default()
         };
         Versions::new(&self.dest, &self.retrier, from)
-            .history_of(&ctx.dest.key, &ctx.retries)
+            .history_of(key, retries)
             .await
     }
 

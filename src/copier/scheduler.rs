@@ -196,7 +196,7 @@ impl<C: S3Client> Copier<C> {
             if g.listing_open {
                 walk.deferred.insert(g.key_id, pages);
             } else if !self.spawn_key(&mut walk.set, g).await {
-                groups.for_each(|g| self.release(&g, g.claimed));
+                groups.for_each(|g| self.release(&g));
                 return None;
             }
         }
@@ -247,17 +247,17 @@ impl<C: S3Client> Copier<C> {
             set.join_next().await;
         }
         if self.control.stopping() {
-            self.release(&g, g.claimed);
+            self.release(&g);
             return false;
         }
         set.spawn(self.clone().key_worker(g));
         true
     }
 
-    /// Gives back the claim on task `id` of a group (see `Writer::claim_key_groups`) when
-    /// its attempt does not come in this run.
-    fn release(&self, g: &KeyGroup, id: Option<i64>) {
-        let Some(t) = id.and_then(|id| g.tasks.iter().find(|t| t.id == id)) else {
+    /// Gives back a group's claim (see `Writer::claim_key_groups`) when its attempt does
+    /// not come in this run.
+    fn release(&self, g: &KeyGroup) {
+        let Some(t) = g.tasks.iter().find(|t| Some(t.id) == g.claimed) else {
             return;
         };
         self.send(Update::Released {
@@ -288,7 +288,7 @@ impl<C: S3Client> Copier<C> {
             .filter_map(|t| t.dest_version_id.clone())
             .collect();
         if !self.learn_before(&group, &mut recorded).await {
-            self.release(&group, group.claimed);
+            self.release(&group);
             return;
         }
         // Destination buckets whose history of this key waits behind a failed version.
@@ -327,8 +327,9 @@ impl<C: S3Client> Copier<C> {
                 Step::Finished(o) => with_retries(o, retries),
                 Step::InDoubt | Step::Stopped => {
                     // Nothing was written for it in this run.
-                    let claimed = group.claimed.filter(|_| ctx.claimed);
-                    self.release(&group, claimed);
+                    if ctx.claimed {
+                        self.release(&group);
+                    }
                     return;
                 }
             };

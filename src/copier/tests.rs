@@ -174,13 +174,9 @@ async fn lost_answer_after_the_server_acted_is_adopted_not_copied_twice() {
         "one copy of each source version, in order"
     );
     assert_eq!((summary.done, summary.reconciled), (2, 1));
-    let dest_ids: Vec<_> = s.history(DST, "k").into_iter().map(|v| v.id).collect();
-    let recorded: Vec<_> = tasks(&path)
-        .into_iter()
-        .map(|t| t.dest_version_id.expect("dest version id"))
-        .collect();
     assert_eq!(
-        recorded, dest_ids,
+        recorded_ids(&path, "k"),
+        dest_ids(&s, "k"),
         "every done task names its own destination version"
     );
 }
@@ -795,12 +791,7 @@ async fn without_stamp_a_lost_copy_answer_is_adopted_once() {
         bodies_and_metadata(&s, SRC, "k"),
         "one copy of {v1} and of {v2}, in order"
     );
-    let dest_ids: Vec<_> = s.history(DST, "k").into_iter().map(|v| v.id).collect();
-    let recorded: Vec<_> = tasks(&path)
-        .into_iter()
-        .map(|t| t.dest_version_id.expect("dest version id"))
-        .collect();
-    assert_eq!(recorded, dest_ids);
+    assert_eq!(recorded_ids(&path, "k"), dest_ids(&s, "k"));
 }
 
 #[tokio::test]

@@ -458,15 +458,7 @@ impl Manifest {
 
     /// Every listing generation (0 is `plan`, then one per refresh), oldest first.
     pub fn refreshes(&self) -> Result<Vec<Refresh>> {
-        let has_matched: bool = self
-            .conn
-            .query_row(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'refresh_matched'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.sql(e))?;
-        let matched = if has_matched {
+        let matched = if self.has_schema_object("refresh_matched")? {
             "(SELECT tasks FROM refresh_matched m WHERE m.generation = r.generation)"
         } else {
             "NULL"

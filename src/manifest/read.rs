@@ -151,15 +151,8 @@ impl Manifest {
 
     /// Done tasks whose destination version id a stopped run left to be learned.
     pub fn versions_to_learn(&self) -> Result<Vec<Task>> {
-        let indexed: bool = self
-            .conn
-            .query_row(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'task_to_learn'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.sql(e))?;
-        if !indexed {
+        // The index comes with the first flag: without it, no task was ever flagged.
+        if !self.has_schema_object("task_to_learn")? {
             return Ok(Vec::new());
         }
         self.tasks_where("t.flags & 32 != 0", "ORDER BY t.id", &[])
