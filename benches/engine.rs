@@ -20,7 +20,10 @@
 
 #[path = "../tests/support/mem_s3.rs"]
 mod mem_s3;
+#[path = "support/peak_rss.rs"]
+mod peak_rss;
 
+use peak_rss::vm_hwm_kib;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -172,18 +175,6 @@ fn own_cpu() -> Duration {
 
 fn tv(t: libc::timeval) -> Duration {
     Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-}
-
-/// The kernel's high-water mark of a live process's resident memory (`VmHWM`), in KiB.
-fn vm_hwm_kib(pid: libc::pid_t) -> Option<i64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line["VmHWM:".len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Runs the binary with `args`, output to `log`, and measures it: CPU from `wait4`, peak RSS

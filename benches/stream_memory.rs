@@ -17,9 +17,12 @@
 //!
 //! Run with `cargo bench --bench stream_memory`.
 
+#[path = "support/peak_rss.rs"]
+mod peak_rss;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use peak_rss::vm_hwm_kib;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -69,18 +72,6 @@ fn main() {
     for case in &cases {
         rt.block_on(bench(case));
     }
-}
-
-/// The kernel's high-water mark of a live process's resident memory (`VmHWM`), in KiB.
-fn vm_hwm_kib(pid: libc::pid_t) -> Option<i64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line["VmHWM:".len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Waits for a child, polling its `VmHWM`; returns its exit code and peak RSS in KiB.
