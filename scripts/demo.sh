@@ -3,14 +3,34 @@
 # DEMO_SERVER=rgw), seeds a versioned bucket with versions, delete markers and odd keys,
 # replicates it with s3-backfill, shows status and verifies the destination against the
 # source. Everything stays on 127.0.0.1, and the server stops when the demo ends.
+#
+#   bash scripts/demo.sh --keep   the same, but the server keeps running afterwards with the
+#                                 seeded buckets (a playground): the demo prints the environment
+#                                 and commands to try next, and how to stop the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER="${DEMO_SERVER:-moto}"
+KEEP=0
+for arg in "$@"; do
+  case "$arg" in
+    --keep) KEEP=1 ;;
+    *)
+      echo "usage: bash scripts/demo.sh [--keep]" >&2
+      exit 2
+      ;;
+  esac
+done
 WORK="$(mktemp -d)"
+if [ "$KEEP" = 1 ]; then
+  WORK="$PWD/demo"
+  rm -rf "$WORK" && mkdir -p "$WORK"
+fi
 STEPS=6
 step() { echo "== [$1/$STEPS] $2"; }
 
 cleanup() {
+  if [ -n "${TICKER:-}" ]; then kill "$TICKER" 2>/dev/null || true; fi
+  [ "$KEEP" = 1 ] && return
   if [ -n "${MOTO:-}" ]; then kill "$MOTO" 2>/dev/null || true; fi
   if [ "$SERVER" = rgw ]; then bash scripts/rgw.sh stop "$WORK/rgw" >/dev/null || true; fi
   rm -rf "$WORK"
@@ -18,13 +38,24 @@ cleanup() {
 trap cleanup EXIT
 
 step 1 "installing the local S3 server ($SERVER) if needed"
+if [ ! -x .venv/bin/moto_server ]; then
+  echo "installing moto into .venv with pip (about 10-40 s, quiet while it downloads)"
+fi
 bash scripts/setup-moto.sh # the seeding below uses boto3 from moto's .venv
 if [ "$SERVER" = rgw ]; then bash scripts/rgw.sh install; fi
 
-step 2 "building s3-backfill and its tests (the first build takes about 10 min on 2 cores; later builds take seconds)"
+step 2 "building s3-backfill and its tests (the first build takes about 8 min on 2 cores; later builds take seconds)"
 # The build the tests use (cargo builds dependencies with other features for a plain
 # `cargo build`), so that scripts/test.sh does not build everything a second time.
+# cargo says nothing while it compiles and links the crate itself (a few minutes on the
+# first build): a line every 30 s says the build is still going.
+BUILD_START=$SECONDS
+(while sleep 30; do echo "   ... still building ($((SECONDS - BUILD_START)) s so far)"; done) &
+TICKER=$!
 cargo test --no-run
+kill "$TICKER" 2>/dev/null || true
+TICKER=""
+echo "   built in $((SECONDS - BUILD_START)) s"
 BIN=target/debug/s3-backfill
 
 step 3 "starting $SERVER on 127.0.0.1"
@@ -32,13 +63,22 @@ case "$SERVER" in
   moto)
     PORT="${DEMO_PORT:-4599}"
     EP="http://127.0.0.1:$PORT"
-    .venv/bin/moto_server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
+    if [ "$KEEP" = 1 ]; then
+      # Left running after the demo: its own session, so it outlives this script.
+      setsid .venv/bin/moto_server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 < /dev/null &
+    else
+      .venv/bin/moto_server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
+    fi
     MOTO=$!
     for _ in $(seq 100); do curl -s -o /dev/null "$EP" && break; sleep 0.1; done
     ;;
   rgw)
     # A single-node cluster (~3 s); the watchdog stops it if this script is killed.
-    EP="$(bash scripts/rgw.sh start "$WORK/rgw" --owner $$ | tail -n 1)"
+    if [ "$KEEP" = 1 ]; then
+      EP="$(bash scripts/rgw.sh start "$WORK/rgw" | tail -n 1)"
+    else
+      EP="$(bash scripts/rgw.sh start "$WORK/rgw" --owner $$ | tail -n 1)"
+    fi
     ;;
   *)
     echo "DEMO_SERVER=$SERVER: expected moto or rgw" >&2
@@ -78,4 +118,26 @@ echo "-- status"
 
 step 6 "verify: both buckets listed, every key's history compared"
 "$BIN" verify --manifest "$WORK/job.db"
-echo "== done: the replica is identical (the server stops now)"
+if [ "$KEEP" = 0 ]; then
+  echo "== done: the replica is identical (the server stops now)"
+  exit 0
+fi
+case "$SERVER" in
+  moto) STOP="kill $MOTO" ;;
+  rgw) STOP="bash scripts/rgw.sh stop $WORK/rgw" ;;
+esac
+cat <<EOF
+== done: the replica is identical; the server keeps running at $EP
+The job's manifest is $WORK/job.db. Try next, from $PWD:
+
+  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+  B=$BIN EP=$EP
+  \$B status --manifest $WORK/job.db --json
+  \$B plan --source s3://demo-source --dest s3://demo-dest/again/ --manifest $WORK/again.db \\
+     --source-endpoint \$EP --dest-endpoint \$EP --path-style --delete-markers --dry-run
+  \$B replicate --source s3://demo-source --dest s3://demo-dest/again/ --manifest $WORK/again.db \\
+     --source-endpoint \$EP --dest-endpoint \$EP --path-style --delete-markers
+  \$B verify --manifest $WORK/again.db
+
+Stop the server: $STOP
+EOF

@@ -8,7 +8,10 @@ use s3_backfill::job::{self, JobError};
 use s3_backfill::ui;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(usage_error(e)),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -32,6 +35,46 @@ fn main() {
     let code = rt.block_on(dispatch(cli.command));
     drop(rt);
     std::process::exit(code);
+}
+
+/// A clap error: help and version print as clap prints them (exit 0); every usage error is
+/// one line on stderr (exit 2), without clap's usage block and its "try --help" tip.
+fn usage_error(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            0
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("error: a command is needed: plan, run, replicate, status, report or verify (s3-backfill --help lists them)");
+            2
+        }
+        _ => {
+            eprintln!("{}", one_line(&e.to_string()));
+            2
+        }
+    }
+}
+
+/// clap's rendering of an error folded into one line: its message lines joined, the usage
+/// block and the tip left out.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line.trim_end_matches(':'));
+        }
+    }
+    let out = parts.join(": ");
+    if out.starts_with("error:") {
+        out
+    } else {
+        format!("error: {out}")
+    }
 }
 
 fn code<T>(r: Result<T, JobError>, ok: impl FnOnce(T) -> i32) -> i32 {

@@ -182,7 +182,7 @@ impl<C: S3Client> Selector<'_, C> {
 pub struct DryRun {
     /// Listed versions and delete markers.
     pub listed: u64,
-    /// Tasks and bytes per (destination bucket, storage class of the copy, rule).
+    /// Tasks and bytes per (destination `s3://bucket/prefix`, storage class of the copy, rule).
     pub rows: BTreeMap<(String, String, String), (u64, u64)>,
 }
 
@@ -190,7 +190,7 @@ impl DryRun {
     /// Counts one selected version for each of its destinations.
     pub fn add(&mut self, settings: &JobSettings, e: &VersionEntry, dests: &[i64]) {
         for d in dests {
-            let (bucket, _, opts) = settings.destination(*d);
+            let (bucket, prefix, opts) = settings.destination(*d);
             let class = if e.is_delete_marker {
                 "(marker)".to_string()
             } else {
@@ -203,7 +203,7 @@ impl DryRun {
             let size = if e.is_delete_marker { 0 } else { e.size };
             let row = self
                 .rows
-                .entry((bucket.to_string(), class, rule))
+                .entry((format!("s3://{bucket}/{prefix}"), class, rule))
                 .or_default();
             row.0 += 1;
             row.1 += size;
@@ -213,14 +213,12 @@ impl DryRun {
     /// The lines `plan --dry-run` prints: one per row, then the total.
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![format!(
-            "{:<24} {:<20} {:<16} {:>10} {:>14}",
+            "{:<32} {:<20} {:<16} {:>10} {:>14}",
             "destination", "storage class", "rule", "tasks", "bytes"
         )];
         let (mut tasks, mut bytes) = (0, 0);
-        for ((bucket, class, rule), (n, b)) in &self.rows {
-            out.push(format!(
-                "{bucket:<24} {class:<20} {rule:<16} {n:>10} {b:>14}"
-            ));
+        for ((dest, class, rule), (n, b)) in &self.rows {
+            out.push(format!("{dest:<32} {class:<20} {rule:<16} {n:>10} {b:>14}"));
             tasks += n;
             bytes += b;
         }
@@ -331,5 +329,38 @@ mod tests {
             .find(|(op, _)| *op == "GetObjectTagging")
             .map_or(0, |(_, n)| n);
         assert_eq!(tag_reads, 1, "only t/a is covered by a tag rule");
+    }
+
+    #[test]
+    fn dry_run_rows_name_the_destination_with_its_prefix() {
+        let settings = JobSettings {
+            source: Location::parse("s3://src").unwrap(),
+            dest: Location::parse("s3://dst/archive/2024/").unwrap(),
+            source_side: Default::default(),
+            dest_side: Default::default(),
+            selection: Default::default(),
+            copy: Default::default(),
+            filters: Default::default(),
+            replication: None,
+            destinations: Vec::new(),
+            supplied: None,
+        };
+        let mut dry = DryRun::default();
+        dry.listed = 2;
+        dry.add(&settings, &entry("k", "v1", false), &[0]);
+        dry.add(&settings, &entry("k", "dm", true), &[0]);
+        let lines = dry.lines();
+        let rows: Vec<Vec<&str>> = lines[1..3]
+            .iter()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                vec!["s3://dst/archive/2024/", "(marker)", "-", "1", "0"],
+                vec!["s3://dst/archive/2024/", "STANDARD", "-", "1", "3"],
+            ],
+            "{lines:?}"
+        );
     }
 }

@@ -157,15 +157,17 @@ async fn two_rules_replicate_their_versions_to_their_destinations() {
     let o = run(&strs(&dry));
     expect_code(&o, 0);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    // Each destination named as s3://bucket/prefix (rules keep keys at the bucket's root).
+    let (da, db) = (format!("s3://{a}/"), format!("s3://{b}/"));
     let rows: Vec<Vec<&str>> = out
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.len() == 5 && (w[0] == a || w[0] == b))
+        .filter(|w| w.len() == 5 && (w[0] == da || w[0] == db))
         .collect();
     let want: Vec<Vec<&str>> = vec![
-        vec![a.as_str(), "(marker)", "logs", "1", "0"],
-        vec![a.as_str(), "STANDARD_IA", "logs", "2", "4"],
-        vec![b.as_str(), "STANDARD", "team-x", "2", "4"],
+        vec![da.as_str(), "(marker)", "logs", "1", "0"],
+        vec![da.as_str(), "STANDARD_IA", "logs", "2", "4"],
+        vec![db.as_str(), "STANDARD", "team-x", "2", "4"],
     ];
     assert_eq!(rows, want, "{out}");
     assert!(!m.exists(), "a dry run writes no manifest");
