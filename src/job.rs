@@ -813,10 +813,13 @@ impl<'a> LiveBar<'a> {
     /// The line said once the listing is complete (above the bar when there is one).
     fn say_listed(&self, stats: &ListStats) {
         let Ok(c) = self.monitor.counts() else { return };
+        let note = stats.not_split.as_ref().map(|why| format!("note: {why}"));
         let line = ui::listed_line("listing complete:", &c, stats.resumed);
-        match self.bar.is_hidden() {
-            true => eprintln!("{line}"),
-            false => self.bar.println(line),
+        for line in note.into_iter().chain([line]) {
+            match self.bar.is_hidden() {
+                true => eprintln!("{line}"),
+                false => self.bar.println(line),
+            }
         }
     }
 

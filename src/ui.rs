@@ -101,18 +101,21 @@ pub fn verify_spinner(show: bool) -> ProgressBar {
 /// Prints a run's one-line summary to standard error and returns the exit code: 0 every
 /// task done; 1 some failed, blocked or still open, or stopped early; 130 interrupted.
 pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
-    let left = counts
+    let job = counts
         .map(|c| {
             format!(
-                ", {} failed, {} blocked and {} open in the manifest",
+                "; the job: {} of {} tasks done, {} failed, {} blocked, {} skipped, {} open",
+                c.done,
+                c.total,
                 c.failed,
                 c.blocked,
+                c.skipped,
                 c.pending + c.in_progress
             )
         })
         .unwrap_or_default();
     let line = format!(
-        "{} done ({} reconciled), {} failed, {} skipped, {} copied, {} requests, {} retries{left}",
+        "this run: {} done ({} reconciled), {} failed, {} skipped, {} copied, {} requests, {} retries{job}",
         s.done,
         s.reconciled,
         s.failed,
