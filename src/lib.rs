@@ -7,8 +7,8 @@
 //! trait, error classification, the one retry loop); [`ui`] is what a person sees; [`job`]
 //! wires the stages into commands. S3 Batch Replication's own inputs and outputs: [`rules`]
 //! (replication configurations) and [`filters`] (manifest filters), applied per listed
-//! version by [`select`]; not yet wired to the commands: [`inputs`] (CSV manifests, S3
-//! Inventory) and [`aws_report`] (the completion report in AWS's shape).
+//! version by [`select`]; [`inputs`] reads supplied manifests (CSV, S3 Inventory) for `plan`,
+//! and [`aws_report`] writes the completion report in AWS's shape for `report --format aws`.
 
 #![warn(missing_docs)]
 
