@@ -24,6 +24,8 @@ mod schema;
 mod writer;
 
 #[cfg(test)]
+mod refresh_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::Path;

@@ -198,7 +198,11 @@ impl KeyCursor {
     /// Whether a new task of this generation makes the key's second one of it (a key that
     /// gets one new version per refresh needs no versioned destination: each replaces the
     /// last).
-    fn second_of_generation(&mut self, conn: &Connection, generation: i64) -> rusqlite::Result<bool> {
+    fn second_of_generation(
+        &mut self,
+        conn: &Connection,
+        generation: i64,
+    ) -> rusqlite::Result<bool> {
         let n = match self.generation_tasks {
             Some(n) => n,
             None if self.last.is_some_and(|(r, _)| r == generation) => {
@@ -515,9 +519,7 @@ fn newest_per_dest(
         if r.get::<_, Option<String>>(3)?.as_deref() == Some(OUT_OF_ORDER) {
             continue;
         }
-        newest
-            .entry(dest)
-            .or_insert(flags & DELETE_MARKER == 0);
+        newest.entry(dest).or_insert(flags & DELETE_MARKER == 0);
     }
     Ok((newest, next_seq))
 }
@@ -552,7 +554,11 @@ fn finish_refresh(
         let (mut deleted, mut not_deleted) = (0i64, 0i64);
         for (key_id, key) in unlisted {
             let (newest, mut next_seq) = newest_per_dest(conn, key_id).map_err(sql)?;
-            let objects: Vec<i64> = newest.into_iter().filter(|(_, o)| *o).map(|(d, _)| d).collect();
+            let objects: Vec<i64> = newest
+                .into_iter()
+                .filter(|(_, o)| *o)
+                .map(|(d, _)| d)
+                .collect();
             if objects.is_empty() {
                 continue;
             }
@@ -828,7 +834,7 @@ impl Manifest {
             partition,
             &path,
         )?;
-        if outcome.is_some_and(|o| o.tracks_deletions) {
+        if outcome.is_some_and(|o| o.tracks_deletions && !o.finished) {
             mark_listed(&tx, &mut keys, page.keys).map_err(sql)?;
         }
         store_checkpoint(&tx, partition, checkpoint).map_err(sql)?;
@@ -924,7 +930,8 @@ impl Manifest {
                  ORDER BY r.generation"
             ))
             .map_err(|e| self.sql(e))?;
-        let n = |r: &rusqlite::Row<'_>, i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
+        let n =
+            |r: &rusqlite::Row<'_>, i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
         let rows = stmt
             .query_map([], |r| {
                 Ok(Refresh {
