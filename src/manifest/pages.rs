@@ -970,7 +970,7 @@ impl Manifest {
                 .query_row([g], |r| r.get(0))?;
             let mut stmt = self.conn.prepare_cached(
                 "SELECT DISTINCT k.key FROM refresh_gone g JOIN keys k ON k.id = g.key_id
-                 WHERE g.generation = ?1 ORDER BY g.key_id LIMIT ?2",
+                 WHERE g.generation = ?1 ORDER BY k.key LIMIT ?2",
             )?;
             let names = stmt
                 .query_map(params![g, limit as i64], |r| r.get(0))?
