@@ -285,11 +285,7 @@ async fn a_refresh_of_an_unversioned_source_plans_null_versions_changed_in_place
     let a = kinds("a");
     assert_eq!(a.len(), 2, "{a:?}");
     assert_eq!(a[1], ("null".into(), false, etag("a")));
-    assert_eq!(
-        kinds("b")[1].1,
-        true,
-        "the delete is planned after the object"
-    );
+    assert!(kinds("b")[1].1, "the delete is planned after the object");
     assert_eq!(kinds("c").len(), 1);
     let r = m.refreshes().unwrap();
     assert_eq!((r[1].tasks, r[1].matched, r[1].deleted), (2, 1, 0));
