@@ -241,6 +241,7 @@ impl<C: S3Client> Lister<'_, C> {
     ) -> Result<(), ListError> {
         let mut tasks = Vec::with_capacity(page.entries.len());
         let mut keys: Vec<String> = Vec::new();
+        let mut others = Vec::new();
         let mut past_end = false;
         for e in page.entries.iter() {
             if w.start.as_deref().is_some_and(|s| e.key.as_str() < s) {
@@ -257,6 +258,7 @@ impl<C: S3Client> Lister<'_, C> {
             let pos = advance(&mut w.cp, e);
             let dests = self.selector.destinations(e).await?;
             if dests.is_empty() {
+                others.push((e.clone(), pos));
                 continue;
             }
             self.check_key(e)?;
@@ -283,6 +285,7 @@ impl<C: S3Client> Lister<'_, C> {
         let listed = ListedPage {
             tasks: &tasks,
             keys: &keys,
+            others: &others,
             deletes: &deletes,
         };
         manifest.insert_listed_page(w.id, &listed, &w.cp)?;

@@ -4,7 +4,7 @@
 //!
 //! May call: `codec`, `keys`, `schema` (insert counts), the types of `manifest`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -80,9 +80,6 @@ struct KeyCursor {
     /// generation of that task.
     seen: HashMap<Identity, i64>,
     loaded: bool,
-    /// Destinations for which this listing already met an entry of the key with a task of
-    /// an earlier generation: a new entry below it is older than a version already planned.
-    planned_above: BTreeSet<i64>,
     /// Tasks of this generation the key has (None: not counted yet), for `multi_task_keys`.
     generation_tasks: Option<i64>,
 }
@@ -137,9 +134,51 @@ impl KeyCursor {
             last,
             seen: HashMap::new(),
             loaded: false,
-            planned_above: BTreeSet::new(),
             generation_tasks: None,
         }
+    }
+
+    /// The cursor of `key` when it has tasks (a key is never stored for an entry that is
+    /// not selected).
+    fn existing(
+        conn: &Connection,
+        keys: &mut Keys,
+        key: &str,
+    ) -> rusqlite::Result<Option<KeyCursor>> {
+        let Some(key_id) = keys.find(conn, key)? else {
+            return Ok(None);
+        };
+        // Never inserted into (`next_seq` unused); its tasks are loaded when first asked.
+        Ok(Some(KeyCursor {
+            existed: true,
+            ..KeyCursor::new(key, key_id, 0, None)
+        }))
+    }
+
+    /// The destinations for which `e` (listed, not selected now) has a task of a generation
+    /// before `generation`.
+    fn planned_for(
+        &mut self,
+        conn: &Connection,
+        e: &crate::s3::VersionEntry,
+        generation: i64,
+    ) -> rusqlite::Result<Vec<i64>> {
+        let probe = NewTask {
+            entry: e.clone(),
+            history_pos: 0,
+            dest: 0,
+        };
+        // Loads the key's tasks (the answer for destination 0 is read below with the rest).
+        self.task_of(conn, &probe, generation)?;
+        let dests: BTreeSet<i64> = self.seen.keys().map(|id| id.dest).collect();
+        Ok(dests
+            .into_iter()
+            .filter(|d| {
+                self.seen
+                    .get(&Identity::of(*d, e))
+                    .is_some_and(|g| *g < generation)
+            })
+            .collect())
     }
 
     /// The generation of the key's task for this entry, if it has one (a replayed page, or
@@ -221,7 +260,7 @@ impl KeyCursor {
 
 /// What a new task is written as.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Planned {
+enum Plan {
     /// Pending: to be copied.
     Copy,
     /// Skipped at once: it would be written out of order.
@@ -233,15 +272,15 @@ fn insert_task(
     id: i64,
     generation: i64,
     t: &NewTask,
-    planned: Planned,
+    planned: Plan,
     tally: &mut Tally,
 ) -> rusqlite::Result<()> {
     let e = &t.entry;
     let flags =
         if e.is_delete_marker { DELETE_MARKER } else { 0 } | if e.is_latest { LATEST } else { 0 };
     let state = match planned {
-        Planned::Copy => State::Pending,
-        Planned::OutOfOrder => State::Skipped,
+        Plan::Copy => State::Pending,
+        Plan::OutOfOrder => State::Skipped,
     };
     conn.prepare_cached(
         "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
@@ -262,7 +301,7 @@ fn insert_task(
         t.dest,
         state.code(),
     ])?;
-    if planned == Planned::OutOfOrder {
+    if planned == Plan::OutOfOrder {
         conn.prepare_cached("INSERT INTO errors (task, code, message) VALUES (?1, ?2, ?3)")?
             .execute(params![id, OUT_OF_ORDER, OUT_OF_ORDER_WHY])?;
     }
@@ -317,37 +356,66 @@ impl Added {
     }
 }
 
-/// Where a partition's refresh stands within its last key (its history may go on on the
-/// next page): the destinations already met with a planned entry (`planned_above`).
+/// Per destination, the highest place (smallest history position) in a key's history of
+/// this listing at which an entry with a task of an earlier listing was met: a new entry
+/// below it (a larger position) is older than a version already planned.
+type Planned = BTreeMap<i64, i64>;
+
+/// Where a partition's refresh stands within its last listed key (its history may go on on
+/// the next page): what was met of it so far (see [`Planned`]).
 fn open_key_state(
     conn: &Connection,
     partition: i64,
-) -> rusqlite::Result<Option<(String, BTreeSet<i64>)>> {
+) -> rusqlite::Result<Option<(String, Planned)>> {
     let row: Option<(String, String)> = conn
         .prepare_cached("SELECT key, dests FROM refresh_open_key WHERE partition = ?1")?
         .query_row([partition], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(row.map(|(k, d)| (k, d.split(',').filter_map(|x| x.parse().ok()).collect())))
+    Ok(row.map(|(k, d)| {
+        let planned = d
+            .split(',')
+            .filter_map(|x| {
+                let (dest, pos) = x.split_once(':')?;
+                Some((dest.parse().ok()?, pos.parse().ok()?))
+            })
+            .collect();
+        (k, planned)
+    }))
 }
 
-fn store_open_key_state(conn: &Connection, partition: i64, c: &KeyCursor) -> rusqlite::Result<()> {
-    let dests: Vec<String> = c.planned_above.iter().map(|d| d.to_string()).collect();
+fn store_open_key_state(
+    conn: &Connection,
+    partition: i64,
+    key: &str,
+    planned: &Planned,
+) -> rusqlite::Result<()> {
+    let dests: Vec<String> = planned.iter().map(|(d, p)| format!("{d}:{p}")).collect();
     conn.prepare_cached(
         "INSERT INTO refresh_open_key (partition, key, dests) VALUES (?1, ?2, ?3)
          ON CONFLICT (partition) DO UPDATE SET key = excluded.key, dests = excluded.dests",
     )?
-    .execute(params![partition, c.key, dests.join(",")])?;
+    .execute(params![partition, key, dests.join(",")])?;
     Ok(())
 }
 
+/// Records that key `key`'s entry at `pos` has a task of an earlier listing for `dest`.
+fn note_planned(above: &mut HashMap<String, Planned>, key: &str, dest: i64, pos: i64) {
+    let p = above
+        .entry(key.to_string())
+        .or_default()
+        .entry(dest)
+        .or_insert(pos);
+    *p = (*p).min(pos);
+}
+
 /// Inserts the tasks of one page that are not stored yet (`floor`: the start of the page's
-/// partition, see `Keys::add`). In a refresh, an entry below one of its key's planned
-/// entries is stored skipped (out of order); `partition` carries that knowledge across
-/// the partition's pages.
+/// partition, see `Keys::add`). In a refresh, an entry below one of its key's entries that
+/// an earlier listing planned (selected now or not: `others`) is stored skipped (out of
+/// order); `partition` carries that knowledge across the partition's pages.
 fn insert_tasks(
     conn: &Connection,
     keys: &mut Keys,
-    tasks: &[NewTask],
+    page: &ListedPage<'_>,
     generation: i64,
     floor: Option<&str>,
     partition: i64,
@@ -358,26 +426,35 @@ fn insert_tasks(
         source,
     };
     let mut added = Added::default();
-    let mut open_key = match generation {
-        0 => None,
-        _ => open_key_state(conn, partition).map_err(sql)?,
-    };
+    let mut above: HashMap<String, Planned> = HashMap::new();
+    if generation > 0 {
+        if let Some((k, planned)) = open_key_state(conn, partition).map_err(sql)? {
+            above.insert(k, planned);
+        }
+        let mut cur: Option<KeyCursor> = None;
+        for (e, pos) in page.others {
+            let c = match cur.take() {
+                Some(c) if c.key == e.key => Some(c),
+                _ => KeyCursor::existing(conn, keys, &e.key).map_err(sql)?,
+            };
+            let Some(mut c) = c else { continue };
+            for dest in c.planned_for(conn, e, generation).map_err(sql)? {
+                note_planned(&mut above, &e.key, dest, *pos as i64);
+            }
+            cur = Some(c);
+        }
+    }
     let mut cur: Option<KeyCursor> = None;
-    for t in tasks {
+    for t in page.tasks {
         let c = match cur.take() {
             Some(c) if c.key == t.entry.key => cur.insert(c),
-            _ => {
-                let mut c = KeyCursor::open(conn, keys, &t.entry.key, floor, path)?;
-                if let Some((_, dests)) = open_key.take().filter(|(k, _)| *k == c.key) {
-                    c.planned_above = dests;
-                }
-                cur.insert(c)
-            }
+            _ => cur.insert(KeyCursor::open(conn, keys, &t.entry.key, floor, path)?),
         };
+        let pos = t.history_pos as i64;
         if let Some(g) = c.task_of(conn, t, generation).map_err(sql)? {
             added.matched += 1;
             if g < generation {
-                c.planned_above.insert(t.dest);
+                note_planned(&mut above, &c.key, t.dest, pos);
             }
             continue;
         }
@@ -387,26 +464,32 @@ fn insert_tasks(
                 format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
             ));
         }
-        let planned = match generation > 0 && c.planned_above.contains(&t.dest) {
-            true => Planned::OutOfOrder,
-            false => Planned::Copy,
+        let out_of_order = generation > 0
+            && above
+                .get(&c.key)
+                .and_then(|p| p.get(&t.dest))
+                .is_some_and(|p| *p < pos);
+        let planned = match out_of_order {
+            true => Plan::OutOfOrder,
+            false => Plan::Copy,
         };
         let id = task_id(c.key_id, c.next_seq);
         insert_task(conn, id, generation, t, planned, &mut added.tally).map_err(sql)?;
         added.second += i64::from(match (generation, planned) {
             (0, _) => c.next_seq == 1,
-            (_, Planned::Copy) => c.second_of_generation(conn, generation).map_err(sql)?,
-            (_, Planned::OutOfOrder) => false,
+            (_, Plan::Copy) => c.second_of_generation(conn, generation).map_err(sql)?,
+            (_, Plan::OutOfOrder) => false,
         });
-        added.out_of_order += i64::from(planned == Planned::OutOfOrder);
+        added.out_of_order += i64::from(out_of_order);
         c.next_seq += 1;
         c.seen.insert(Identity::of(t.dest, &t.entry), generation);
         added.tasks += 1;
     }
-    // A page without tasks keeps the state: its key's history may go on with selected
-    // entries on a later page (and a key is listed only once per listing).
-    if let Some(c) = cur.as_ref().filter(|_| generation > 0) {
-        store_open_key_state(conn, partition, c).map_err(sql)?;
+    // The page's last listed key may go on on the next page: what was met of it is kept.
+    let last = page.keys.last().or(page.tasks.last().map(|t| &t.entry.key));
+    if let Some(k) = last.filter(|_| generation > 0) {
+        let planned = above.remove(k).unwrap_or_default();
+        store_open_key_state(conn, partition, k, &planned).map_err(sql)?;
     }
     Ok(added)
 }
@@ -452,6 +535,9 @@ pub struct ListedPage<'a> {
     /// Every key the page listed (selected or not), in listing order: keys a refresh of an
     /// unversioned source does not list are deleted.
     pub keys: &'a [String],
+    /// The listed entries not selected, with their place in their key's history: a refresh
+    /// must not write an older entry after one of them that an earlier listing planned.
+    pub others: &'a [(crate::s3::VersionEntry, u64)],
     /// The destinations a delete of a key is replicated to (for keys deleted at an
     /// unversioned source: only called by the page that completes such a refresh).
     pub deletes: &'a dyn Fn(&str) -> Vec<i64>,
@@ -592,8 +678,7 @@ fn finish_refresh(
                     dest,
                 };
                 let id = task_id(key_id, next_seq);
-                insert_task(conn, id, generation, &t, Planned::Copy, &mut added.tally)
-                    .map_err(sql)?;
+                insert_task(conn, id, generation, &t, Plan::Copy, &mut added.tally).map_err(sql)?;
                 next_seq += 1;
                 added.tasks += 1;
                 deleted += 1;
@@ -779,6 +864,7 @@ impl Manifest {
         let page = ListedPage {
             tasks,
             keys: &[],
+            others: &[],
             deletes: &|_| Vec::new(),
         };
         self.insert_listed_page(partition, &page, checkpoint)
@@ -828,7 +914,7 @@ impl Manifest {
         let added = insert_tasks(
             &tx,
             &mut keys,
-            page.tasks,
+            page,
             generation,
             floor.as_deref(),
             partition,

@@ -105,6 +105,7 @@ fn listed(
     let page = ListedPage {
         tasks,
         keys: &keys,
+        others: &[],
         deletes,
     };
     m.insert_listed_page(partition, &page, cp).unwrap();
@@ -370,4 +371,52 @@ fn a_refresh_with_deletions_killed_anywhere_plans_the_same() {
             "killed after page {kill}"
         );
     }
+}
+
+#[test]
+fn an_entry_below_a_planned_one_no_longer_selected_is_out_of_order_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    let mut m = Manifest::open(&path, true).unwrap();
+    // Plan selected v3 (then in the filtered storage class, say) and not v2.
+    m.insert_page(&[version("k", "v3", 0)], &done_listing())
+        .unwrap();
+    assert_eq!(m.start_refresh_of(true).unwrap(), Some(1));
+    // Now v3 is not selected (a lifecycle transition), v2 is: on the next page, after a
+    // restart.
+    let v3 = version("k", "v3", 0).entry;
+    let first = ListedPage {
+        tasks: &[],
+        keys: &["k".to_string()],
+        others: &[(v3, 0)],
+        deletes: &replicated,
+    };
+    m.insert_listed_page(0, &first, &page_listing()).unwrap();
+    drop(m);
+    let mut m = Manifest::open(&path, false).unwrap();
+    listed(
+        &mut m,
+        0,
+        &[version("k", "v2", 1)],
+        &[],
+        &done_listing(),
+        &replicated,
+    );
+    assert_eq!(
+        rows(&m, "k"),
+        [
+            row("v3", false, 0, State::Pending),
+            row("v2", false, 1, State::Skipped)
+        ]
+    );
+    // An entry not selected that was never planned does not hold anything back.
+    assert_eq!(m.start_refresh_of(true).unwrap(), Some(2));
+    let other = ListedPage {
+        tasks: &[version("j", "w1", 1)],
+        keys: &["j".to_string()],
+        others: &[(version("j", "w2", 0).entry, 0)],
+        deletes: &replicated,
+    };
+    m.insert_listed_page(0, &other, &done_listing()).unwrap();
+    assert_eq!(rows(&m, "j"), [row("w1", false, 2, State::Pending)]);
 }
