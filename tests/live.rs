@@ -71,9 +71,9 @@ async fn set_versioning(c: &Client, bucket: &str, status: BucketVersioningStatus
         .expect("set versioning");
 }
 
-/// Runs `plan --refresh` with listing pages of `page` entries, killed once after `kill`
-/// (when given and it did not finish first), then to its end.
-async fn refresh(job: &Job, page: u32, kill: Option<Duration>) -> Output {
+/// Runs `plan --refresh` with listing pages of `page` entries, killed (SIGKILL) after each
+/// of `kills` in turn while it has not finished, then to its end.
+async fn refresh(job: &Job, page: u32, kills: &[Duration]) -> Output {
     let mut args = job.plan_args();
     args.push("--refresh".into());
     let spawn = || {
@@ -84,8 +84,8 @@ async fn refresh(job: &Job, page: u32, kill: Option<Duration>) -> Output {
             .spawn()
             .expect("spawn s3-backfill")
     };
-    if let Some(at) = kill {
-        let (killed, o) = kill_after(spawn(), at).await;
+    for at in kills {
+        let (killed, o) = kill_after(spawn(), *at).await;
         if !killed {
             expect_code(&o, 0);
             return o;
@@ -160,7 +160,8 @@ async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
         put("z", "new"),
     ];
     seed(&c, &src, vec![writes]).await;
-    let o = refresh(&job, 2, Some(Duration::from_millis(300))).await;
+    let kills = [100, 200, 300, 400].map(Duration::from_millis);
+    let o = refresh(&job, 1, &kills).await;
     let said = stderr_of(&o);
     println!("{said}");
     assert!(said.contains("no longer selected or gone"), "{said}");
@@ -173,7 +174,7 @@ async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
     assert_eq!(current_objects(&c, &dst).await, source);
     assert_eq!(deleted_at(&c, &dst).await, ["k3", "k4"]);
     // Nothing more to do: a second refresh finds nothing new, nothing gone.
-    let o = refresh(&job, 1000, None).await;
+    let o = refresh(&job, 1000, &[]).await;
     assert!(stderr_of(&o).contains(": 0 new tasks"), "{}", stderr_of(&o));
     expect_code(&job.run(&[]), 0);
     assert_eq!(job.status().total, st.total);
@@ -230,7 +231,7 @@ async fn suspended_source_null_overwrites_and_deletes_reach_the_destination() {
         put("n1", "null n1"),
     ];
     seed(&c, &src, vec![writes]).await;
-    refresh(&job, 3, None).await;
+    refresh(&job, 3, &[]).await;
     expect_code(&job.run(&[]), 0);
 
     let source = current_objects(&c, &src).await;
@@ -268,7 +269,7 @@ async fn without_delete_markers_deleted_keys_stay_and_status_names_them() {
         put("new", "new"),
     ];
     seed(&c, &src, vec![writes]).await;
-    let o = refresh(&job, 2, None).await;
+    let o = refresh(&job, 2, &[]).await;
     let said = stderr_of(&o);
     assert!(said.contains("2 keys deleted at the source"), "{said}");
     // Two copies to an unversioned destination: each replaces the last.
@@ -523,7 +524,7 @@ async fn a_writer_during_replicate_then_a_refresh_leaves_the_same_histories() {
     expect_code(&o, 0);
     println!("{during} of 8 write rounds ended while replicate ran");
 
-    refresh(&job, 1000, None).await;
+    refresh(&job, 1000, &[]).await;
     let o = job.run(&[]);
     expect_code(&o, 0);
     let source = body_histories(&c, &src).await;
