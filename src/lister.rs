@@ -6,6 +6,10 @@
 //! stops at its end key. A key's versions are all in one partition, so each key's history
 //! positions come from one walk.
 //!
+//! Each page hands the manifest its selected entries, and also every key it listed and the
+//! entries it did not select (a refresh needs them: keys gone from a source without
+//! versioning, entries that would be written out of order; see `manifest::pages`).
+//!
 //! It refuses, before writing anything of a page: a destination key longer than S3 allows,
 //! and several versions of one key for an unversioned destination.
 //!

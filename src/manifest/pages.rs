@@ -2,6 +2,16 @@
 //! after it are one transaction; a replayed page (or entry) is recognised and ignored, so
 //! the listing can resume from any committed checkpoint.
 //!
+//! A refresh (a later listing generation) adds what is new: an entry is known by its
+//! destination and version id, and a `null` version also by its content (ETag, size,
+//! last-modified, delete marker or not), since an unversioned or suspended source replaces
+//! it in place. A new entry below one that an earlier listing planned would be written out of
+//! order: it is stored skipped (`OUT_OF_ORDER`). On a source without versioning, the refresh
+//! records the keys it lists, and the page that completes it plans a delete of each key no
+//! longer listed (or records it as kept, when the job does not replicate deletes). The state
+//! that spans pages (keys listed, the last key's planned places) is stored with them, so a
+//! killed refresh resumes to the same result.
+//!
 //! May call: `codec`, `keys`, `schema` (insert counts), the types of `manifest`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
