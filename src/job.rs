@@ -409,7 +409,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let (mut m, settings, source, dest_client, dest) =
         prepare_listing(settings, source, existing, &args.manifest).await?;
     if args.refresh {
-        begin_refresh(&mut m)?;
+        begin_refresh(&mut m, &source, &settings).await?;
     }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let concurrency = args.list_concurrency as usize;
@@ -469,9 +469,20 @@ fn check_refresh(
 }
 
 /// `plan --refresh`: starts a new listing generation on a complete listing, or continues
-/// the unfinished one (a killed refresh, or a first listing not finished yet).
-fn begin_refresh(m: &mut Manifest) -> Result<(), JobError> {
-    if let Some(g) = m.start_refresh()? {
+/// the unfinished one (a killed refresh, or a first listing not finished yet). Whether the
+/// source's versioning is enabled now decides how a key that is no longer listed is taken
+/// (see [`Manifest::start_refresh_of`]).
+async fn begin_refresh(
+    m: &mut Manifest,
+    source: &SdkClient,
+    settings: &JobSettings,
+) -> Result<(), JobError> {
+    let bucket = &settings.source.bucket;
+    let facts = preflight()
+        .call(&Default::default(), || source.probe_bucket(bucket))
+        .await
+        .map_err(|e| bucket_error(Side::Source, bucket, e))?;
+    if let Some(g) = m.start_refresh_of(facts.versioned)? {
         eprintln!("refresh {g}: listing the source again");
         return Ok(());
     }
@@ -482,7 +493,9 @@ fn begin_refresh(m: &mut Manifest) -> Result<(), JobError> {
     Ok(())
 }
 
-/// After a complete refresh: what it added, and how many tasks' versions are gone.
+/// After a complete refresh: what it added, how many tasks' versions are no longer selected
+/// or gone, what it found deleted at a source without versioning, and what it kept from
+/// being written out of order.
 fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
     let all = m.refreshes()?;
     let Some((last, earlier)) = all.split_last() else {
@@ -493,11 +506,14 @@ fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
     }
     let before: u64 = earlier.iter().map(|r| r.tasks).sum();
     eprintln!(
-        "refresh {}: {} new tasks; {} tasks of earlier listings are no longer in the source (not copied again)",
+        "refresh {}: {} new tasks; {} tasks of earlier listings are no longer selected or gone (not copied again)",
         last.generation,
         last.tasks,
         before.saturating_sub(last.matched)
     );
+    for line in ui::refresh_findings(last) {
+        eprintln!("refresh {}: {line}", last.generation);
+    }
     Ok(())
 }
 
@@ -521,9 +537,10 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
         None => false,
     };
     if !complete || plan.refresh {
-        let (mut m, ..) = prepare_listing(settings, source, existing, &plan.manifest).await?;
+        let (mut m, settings, source, ..) =
+            prepare_listing(settings, source, existing, &plan.manifest).await?;
         if plan.refresh {
-            begin_refresh(&mut m)?;
+            begin_refresh(&mut m, &source, &settings).await?;
         }
     }
     run_locked(&args.run()).await
@@ -902,6 +919,12 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
         println!("{}", report::status_text(&settings, &c));
         for r in m.refreshes()?.iter().filter(|r| r.generation > 0) {
             println!("refresh {}: {} tasks added", r.generation, r.tasks);
+            for line in ui::refresh_findings(r) {
+                println!("refresh {}: {line}", r.generation);
+            }
+        }
+        if let Some(line) = ui::deleted_at_source_line(&c) {
+            println!("{line}");
         }
     }
     Ok(())

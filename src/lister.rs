@@ -6,6 +6,10 @@
 //! stops at its end key. A key's versions are all in one partition, so each key's history
 //! positions come from one walk.
 //!
+//! Each page hands the manifest its selected entries, and also every key it listed and the
+//! entries it did not select (a refresh needs them: keys gone from a source without
+//! versioning, entries that would be written out of order; see `manifest::pages`).
+//!
 //! It refuses, before writing anything of a page: a destination key longer than S3 allows,
 //! and several versions of one key for an unversioned destination.
 //!
@@ -18,9 +22,10 @@ mod tests;
 use std::sync::atomic::AtomicU64;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 
 use crate::config::JobSettings;
-use crate::manifest::{Listing, Manifest, ManifestError, NewTask, Partition};
+use crate::manifest::{ListedPage, Listing, Manifest, ManifestError, NewTask, Partition};
 use crate::s3::{
     show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, VersionPage, Versions,
 };
@@ -239,6 +244,8 @@ impl<C: S3Client> Lister<'_, C> {
         stats: &mut ListStats,
     ) -> Result<(), ListError> {
         let mut tasks = Vec::with_capacity(page.entries.len());
+        let mut keys: Vec<String> = Vec::new();
+        let mut others = Vec::new();
         let mut past_end = false;
         for e in page.entries.iter() {
             if w.start.as_deref().is_some_and(|s| e.key.as_str() < s) {
@@ -249,9 +256,13 @@ impl<C: S3Client> Lister<'_, C> {
                 break;
             }
             stats.entries += 1;
+            if keys.last() != Some(&e.key) {
+                keys.push(e.key.clone());
+            }
             let pos = advance(&mut w.cp, e);
             let dests = self.selector.destinations(e).await?;
             if dests.is_empty() {
+                others.push((e.clone(), pos));
                 continue;
             }
             self.check_key(e)?;
@@ -274,8 +285,34 @@ impl<C: S3Client> Lister<'_, C> {
         w.cp.key_marker = km.clone();
         w.cp.version_marker = vm.clone();
         w.cp.complete = past_end || !page.truncated;
-        manifest.insert_partition_page(w.id, &tasks, &w.cp)?;
+        let deletes = |key: &str| self.delete_destinations(key);
+        let listed = ListedPage {
+            tasks: &tasks,
+            keys: &keys,
+            others: &others,
+            deletes: &deletes,
+        };
+        manifest.insert_listed_page(w.id, &listed, &w.cp)?;
         Ok(())
+    }
+
+    /// The destinations to which the job replicates a delete of `key` (what it would do
+    /// with a delete marker of it): a refresh plans these for keys deleted at a source
+    /// without versioning. Deciding about a delete marker reads nothing (no tags, no HEAD),
+    /// so the selector answers at once; should it ever need a request, the delete is
+    /// recorded as not replicated rather than guessed.
+    fn delete_destinations(&self, key: &str) -> Vec<i64> {
+        let marker = VersionEntry {
+            key: key.to_string(),
+            version_id: "null".into(),
+            is_delete_marker: true,
+            is_latest: true,
+            ..Default::default()
+        };
+        match self.selector.destinations(&marker).now_or_never() {
+            Some(Ok(dests)) => dests,
+            _ => Vec::new(),
+        }
     }
 
     /// Refuses a destination key longer than S3 allows, naming it.

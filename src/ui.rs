@@ -9,7 +9,7 @@ use std::time::Duration;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::copier::RunSummary;
-use crate::manifest::Counts;
+use crate::manifest::{Counts, Refresh};
 use crate::s3::S3Error;
 use crate::verify::{DestReport, VerifyReport};
 
@@ -88,6 +88,52 @@ pub fn listed_line(what: &str, c: &Counts, resumed: bool) -> String {
             ""
         }
     )
+}
+
+/// What a refresh found besides new entries, one line each (none when nothing).
+pub fn refresh_findings(r: &Refresh) -> Vec<String> {
+    let mut out = Vec::new();
+    if r.deleted > 0 {
+        out.push(format!(
+            "{} keys deleted at the source (no longer listed; the source keeps no versions) are deleted at the destination ({} delete tasks)",
+            r.deleted, r.deleted
+        ));
+    }
+    if r.not_deleted > 0 {
+        out.push(format!(
+            "{} keys deleted at the source (no longer listed; the source keeps no versions) stay at the destination: the job does not replicate deletes (--delete-markers)",
+            r.not_deleted
+        ));
+    }
+    if r.out_of_order > 0 {
+        out.push(format!(
+            "{} versions selected after newer versions of their keys were planned are skipped: they would be written out of order (see `report`)",
+            r.out_of_order
+        ));
+    }
+    out
+}
+
+/// The `status` line naming the keys deleted at the source that stay at the destination.
+pub fn deleted_at_source_line(c: &Counts) -> Option<String> {
+    if c.deleted_at_source == 0 {
+        return None;
+    }
+    let more = c.deleted_at_source_keys.len() as u64;
+    let rest = if c.deleted_at_source > more {
+        format!(" and {} more", c.deleted_at_source - more)
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "deleted at the source, kept at the destination (no --delete-markers): {} keys: {}{rest}",
+        c.deleted_at_source,
+        c.deleted_at_source_keys
+            .iter()
+            .map(|k| crate::s3::show_key(k).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 /// The verify spinner: keys, rate, differences.

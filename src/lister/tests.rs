@@ -254,3 +254,39 @@ async fn split_points_go_deeper_than_one_character() {
     let in_p0 = starts.iter().filter(|s| s.starts_with("p0")).count();
     assert!(in_p0 >= 5, "{starts:?}");
 }
+
+#[tokio::test]
+async fn a_refresh_of_an_unversioned_source_plans_null_versions_changed_in_place() {
+    let s = FakeServer::new();
+    s.create_bucket(SRC, false);
+    for k in ["a", "b", "c"] {
+        s.put(SRC, k, format!("one {k}").as_bytes(), &[]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    plan(&s, &path, "", 1).await;
+    // `a` overwritten (the same id `null`, other bytes), `b` replaced by a `null` delete
+    // marker (a suspended bucket's delete), `c` untouched.
+    s.put(SRC, "a", b"two a", &[]);
+    s.delete(SRC, "b");
+    let mut m = Manifest::open(&path, false).unwrap();
+    assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+    drop(m);
+    plan(&s, &path, "", 1).await;
+    let m = Manifest::open(&path, false).unwrap();
+    let kinds = |k: &str| -> Vec<(String, bool, Option<String>)> {
+        m.tasks_of_key(k)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.version_id, t.is_delete_marker, t.etag))
+            .collect()
+    };
+    let etag = |k: &str| s.history(SRC, k).last().map(|v| v.etag.clone());
+    let a = kinds("a");
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert_eq!(a[1], ("null".into(), false, etag("a")));
+    assert!(kinds("b")[1].1, "the delete is planned after the object");
+    assert_eq!(kinds("c").len(), 1);
+    let r = m.refreshes().unwrap();
+    assert_eq!((r[1].tasks, r[1].matched, r[1].deleted), (2, 1, 0));
+}

@@ -24,6 +24,8 @@ mod schema;
 mod writer;
 
 #[cfg(test)]
+mod refresh_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::Path;
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
-pub use pages::{Partition, Refresh};
+pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use writer::{Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
@@ -355,6 +357,17 @@ pub struct Counts {
     pub listed_entries: u64,
     /// S3 requests per operation, all runs.
     pub requests: std::collections::BTreeMap<String, u64>,
+    /// Skipped because a refresh selected them below versions already planned (they would
+    /// have been written out of order).
+    #[serde(default)]
+    pub out_of_order: u64,
+    /// Keys (per destination) that the last refresh found deleted at an unversioned source
+    /// and that stay at the destination (the job does not replicate deletes).
+    #[serde(default)]
+    pub deleted_at_source: u64,
+    /// The first of those keys by name.
+    #[serde(default)]
+    pub deleted_at_source_keys: Vec<String>,
 }
 
 /// A failed, skipped or blocked task, for reports.

@@ -2,15 +2,25 @@
 //! after it are one transaction; a replayed page (or entry) is recognised and ignored, so
 //! the listing can resume from any committed checkpoint.
 //!
+//! A refresh (a later listing generation) adds what is new: an entry is known by its
+//! destination and version id, and a `null` version also by its content (ETag, size,
+//! last-modified, delete marker or not), since an unversioned or suspended source replaces
+//! it in place. A new entry below one that an earlier listing planned would be written out of
+//! order: it is stored skipped (`OUT_OF_ORDER`). On a source without versioning, the refresh
+//! records the keys it lists, and the page that completes it plans a delete of each key no
+//! longer listed (or records it as kept, when the job does not replicate deletes). The state
+//! that spans pages (keys listed, the last key's planned places) is stored with them, so a
+//! killed refresh resumes to the same result.
+//!
 //! May call: `codec`, `keys`, `schema` (insert counts), the types of `manifest`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::codec::{
-    etag_value, key_range, name_value, task_id, time_value, CHECKSUMS, DELETE_MARKER, LATEST,
-    SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
+    etag_text, etag_value, key_range, name_value, task_id, time_text, time_value, CHECKSUMS,
+    DELETE_MARKER, LATEST, SEQ_BITS, SEQ_MASK, STORAGE_CLASSES,
 };
 use super::keys::{find_key, Keys};
 use super::schema::{Counted, Tally};
@@ -18,6 +28,54 @@ use super::{Listing, Manifest, ManifestError, NewTask, Result, State};
 
 /// The largest key id whose task ids fit in 63 bits.
 const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
+
+/// The error code (and the reason) of an entry selected by a refresh below a version of its
+/// key that already has a task: written now, it would become the destination's current
+/// version over newer ones.
+pub const OUT_OF_ORDER: &str = "OutOfOrder";
+const OUT_OF_ORDER_WHY: &str =
+    "selected by a refresh after newer versions were copied: would be written out of order";
+
+/// What identifies a listed entry among a key's tasks: its destination and version id, and
+/// for a `null` version also what identifies its content (ETag, size, last-modified, delete
+/// marker or not): an unversioned or suspended source replaces the `null` version in place,
+/// keeping its id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Identity {
+    dest: i64,
+    version_id: String,
+    content: Option<(Option<String>, i64, Option<String>, bool)>,
+}
+
+impl Identity {
+    fn of(dest: i64, e: &crate::s3::VersionEntry) -> Identity {
+        Identity::new(
+            dest,
+            &e.version_id,
+            e.etag.clone(),
+            e.size as i64,
+            e.last_modified.clone(),
+            e.is_delete_marker,
+        )
+    }
+
+    fn new(
+        dest: i64,
+        version_id: &str,
+        etag: Option<String>,
+        size: i64,
+        last_modified: Option<String>,
+        is_delete_marker: bool,
+    ) -> Identity {
+        let content =
+            (version_id == "null").then_some((etag, size, last_modified, is_delete_marker));
+        Identity {
+            dest,
+            version_id: version_id.to_string(),
+            content,
+        }
+    }
+}
 
 /// The key being inserted, and what is needed to recognise a replayed entry of it.
 struct KeyCursor {
@@ -28,10 +86,12 @@ struct KeyCursor {
     existed: bool,
     /// The (refresh, history_pos) of its newest-inserted task before this page.
     last: Option<(i64, i64)>,
-    /// (destination, version id) known to have a task (this page's, plus stored ones once
-    /// loaded).
-    seen: HashSet<(i64, String)>,
+    /// Entries known to have a task (this page's, plus stored ones once loaded), with the
+    /// generation of that task.
+    seen: HashMap<Identity, i64>,
     loaded: bool,
+    /// Tasks of this generation the key has (None: not counted yet), for `multi_task_keys`.
+    generation_tasks: Option<i64>,
 }
 
 impl KeyCursor {
@@ -82,38 +142,139 @@ impl KeyCursor {
             next_seq,
             existed: last.is_some(),
             last,
-            seen: HashSet::new(),
+            seen: HashMap::new(),
             loaded: false,
+            generation_tasks: None,
         }
     }
 
-    /// Whether the key already has a task for this entry (a replayed page).
-    fn has(&mut self, conn: &Connection, t: &NewTask, generation: i64) -> rusqlite::Result<bool> {
-        if self.seen.contains(&(t.dest, t.entry.version_id.clone())) {
-            return Ok(true);
+    /// The cursor of `key` when it has tasks (a key is never stored for an entry that is
+    /// not selected).
+    fn existing(
+        conn: &Connection,
+        keys: &mut Keys,
+        key: &str,
+    ) -> rusqlite::Result<Option<KeyCursor>> {
+        let Some(key_id) = keys.find(conn, key)? else {
+            return Ok(None);
+        };
+        // Never inserted into (`next_seq` unused); its tasks are loaded when first asked.
+        Ok(Some(KeyCursor {
+            existed: true,
+            ..KeyCursor::new(key, key_id, 0, None)
+        }))
+    }
+
+    /// The destinations for which `e` (listed, not selected now) has a task of a generation
+    /// before `generation`.
+    fn planned_for(
+        &mut self,
+        conn: &Connection,
+        e: &crate::s3::VersionEntry,
+        generation: i64,
+    ) -> rusqlite::Result<Vec<i64>> {
+        let probe = NewTask {
+            entry: e.clone(),
+            history_pos: 0,
+            dest: 0,
+        };
+        // Loads the key's tasks (the answer for destination 0 is read below with the rest).
+        self.task_of(conn, &probe, generation)?;
+        let dests: BTreeSet<i64> = self.seen.keys().map(|id| id.dest).collect();
+        Ok(dests
+            .into_iter()
+            .filter(|d| {
+                self.seen
+                    .get(&Identity::of(*d, e))
+                    .is_some_and(|g| *g < generation)
+            })
+            .collect())
+    }
+
+    /// The generation of the key's task for this entry, if it has one (a replayed page, or
+    /// an entry an earlier listing planned).
+    fn task_of(
+        &mut self,
+        conn: &Connection,
+        t: &NewTask,
+        generation: i64,
+    ) -> rusqlite::Result<Option<i64>> {
+        let id = Identity::of(t.dest, &t.entry);
+        if let Some(g) = self.seen.get(&id) {
+            return Ok(Some(*g));
         }
         if !self.existed {
-            return Ok(false);
+            return Ok(None);
         }
         // Entries after the last stored one in the first listing are new: no lookup. (A
         // refresh stores only some of a key's entries: later ones may be stored already.)
         if let Some((refresh, pos)) = self.last {
             if generation == 0 && refresh == 0 && t.history_pos as i64 > pos {
-                return Ok(false);
+                return Ok(None);
             }
         }
         if !self.loaded {
             let (lo, hi) = key_range(self.key_id);
-            let mut stmt = conn
-                .prepare_cached("SELECT dest, version_id FROM task WHERE id BETWEEN ?1 AND ?2")?;
-            let versions = stmt.query_map([lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            for v in versions {
-                self.seen.insert(v?);
+            let mut stmt = conn.prepare_cached(
+                "SELECT dest, version_id, refresh, flags, size, etag, last_modified FROM task
+                 WHERE id BETWEEN ?1 AND ?2",
+            )?;
+            let mut rows = stmt.query([lo, hi])?;
+            while let Some(r) = rows.next()? {
+                let bad = |what: String| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        what.into(),
+                    )
+                };
+                let flags: i64 = r.get(3)?;
+                let id = Identity::new(
+                    r.get(0)?,
+                    &r.get::<_, String>(1)?,
+                    etag_text(r.get_ref(5)?).map_err(bad)?,
+                    r.get(4)?,
+                    time_text(r.get_ref(6)?).map_err(bad)?,
+                    flags & DELETE_MARKER != 0,
+                );
+                self.seen.insert(id, r.get(2)?);
             }
             self.loaded = true;
         }
-        Ok(self.seen.contains(&(t.dest, t.entry.version_id.clone())))
+        Ok(self.seen.get(&id).copied())
     }
+
+    /// Whether a new task of this generation makes the key's second one of it (a key that
+    /// gets one new version per refresh needs no versioned destination: each replaces the
+    /// last).
+    fn second_of_generation(
+        &mut self,
+        conn: &Connection,
+        generation: i64,
+    ) -> rusqlite::Result<bool> {
+        let n = match self.generation_tasks {
+            Some(n) => n,
+            None if self.last.is_some_and(|(r, _)| r == generation) => {
+                let (lo, hi) = key_range(self.key_id);
+                conn.prepare_cached(
+                    "SELECT count(*) FROM task WHERE id BETWEEN ?1 AND ?2 AND refresh = ?3",
+                )?
+                .query_row([lo, hi, generation], |r| r.get(0))?
+            }
+            None => 0,
+        };
+        self.generation_tasks = Some(n + 1);
+        Ok(n == 1)
+    }
+}
+
+/// What a new task is written as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Pending: to be copied.
+    Copy,
+    /// Skipped at once: it would be written out of order.
+    OutOfOrder,
 }
 
 fn insert_task(
@@ -121,15 +282,20 @@ fn insert_task(
     id: i64,
     generation: i64,
     t: &NewTask,
+    planned: Plan,
     tally: &mut Tally,
 ) -> rusqlite::Result<()> {
     let e = &t.entry;
     let flags =
         if e.is_delete_marker { DELETE_MARKER } else { 0 } | if e.is_latest { LATEST } else { 0 };
+    let state = match planned {
+        Plan::Copy => State::Pending,
+        Plan::OutOfOrder => State::Skipped,
+    };
     conn.prepare_cached(
         "INSERT OR ROLLBACK INTO task (id, dest, refresh, history_pos, version_id, flags, size, etag,
-         last_modified, storage_class, checksum_algorithm)
-         VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         last_modified, storage_class, checksum_algorithm, state)
+         VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12)",
     )?
     .execute(params![
         id,
@@ -143,9 +309,14 @@ fn insert_task(
         name_value(STORAGE_CLASSES, e.storage_class.as_deref()),
         name_value(CHECKSUMS, e.checksum_algorithm.as_deref()),
         t.dest,
+        state.code(),
     ])?;
+    if planned == Plan::OutOfOrder {
+        conn.prepare_cached("INSERT INTO errors (task, code, message) VALUES (?1, ?2, ?3)")?
+            .execute(params![id, OUT_OF_ORDER, OUT_OF_ORDER_WHY])?;
+    }
     let counted = Counted {
-        state: State::Pending.code(),
+        state: state.code(),
         size: e.size as i64,
         flags,
         attempts: 0,
@@ -162,6 +333,7 @@ struct Added {
     tasks: i64,
     second: i64,
     matched: i64,
+    out_of_order: i64,
     tally: Tally,
 }
 
@@ -183,18 +355,80 @@ impl Added {
             )?
             .execute([self.matched, generation])?;
         }
+        if self.out_of_order > 0 {
+            conn.prepare_cached(
+                "UPDATE refresh_outcome SET out_of_order = out_of_order + ?1
+                 WHERE generation = ?2",
+            )?
+            .execute([self.out_of_order, generation])?;
+        }
         Ok(())
     }
 }
 
+/// Per destination, the highest place (smallest history position) in a key's history of
+/// this listing at which an entry with a task of an earlier listing was met: a new entry
+/// below it (a larger position) is older than a version already planned.
+type Planned = BTreeMap<i64, i64>;
+
+/// Where a partition's refresh stands within its last listed key (its history may go on on
+/// the next page): what was met of it so far (see [`Planned`]).
+fn open_key_state(
+    conn: &Connection,
+    partition: i64,
+) -> rusqlite::Result<Option<(String, Planned)>> {
+    let row: Option<(String, String)> = conn
+        .prepare_cached("SELECT key, dests FROM refresh_open_key WHERE partition = ?1")?
+        .query_row([partition], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.map(|(k, d)| {
+        let planned = d
+            .split(',')
+            .filter_map(|x| {
+                let (dest, pos) = x.split_once(':')?;
+                Some((dest.parse().ok()?, pos.parse().ok()?))
+            })
+            .collect();
+        (k, planned)
+    }))
+}
+
+fn store_open_key_state(
+    conn: &Connection,
+    partition: i64,
+    key: &str,
+    planned: &Planned,
+) -> rusqlite::Result<()> {
+    let dests: Vec<String> = planned.iter().map(|(d, p)| format!("{d}:{p}")).collect();
+    conn.prepare_cached(
+        "INSERT INTO refresh_open_key (partition, key, dests) VALUES (?1, ?2, ?3)
+         ON CONFLICT (partition) DO UPDATE SET key = excluded.key, dests = excluded.dests",
+    )?
+    .execute(params![partition, key, dests.join(",")])?;
+    Ok(())
+}
+
+/// Records that key `key`'s entry at `pos` has a task of an earlier listing for `dest`.
+fn note_planned(above: &mut HashMap<String, Planned>, key: &str, dest: i64, pos: i64) {
+    let p = above
+        .entry(key.to_string())
+        .or_default()
+        .entry(dest)
+        .or_insert(pos);
+    *p = (*p).min(pos);
+}
+
 /// Inserts the tasks of one page that are not stored yet (`floor`: the start of the page's
-/// partition, see `Keys::add`).
+/// partition, see `Keys::add`). In a refresh, an entry below one of its key's entries that
+/// an earlier listing planned (selected now or not: `others`) is stored skipped (out of
+/// order); `partition` carries that knowledge across the partition's pages.
 fn insert_tasks(
     conn: &Connection,
     keys: &mut Keys,
-    tasks: &[NewTask],
+    page: &ListedPage<'_>,
     generation: i64,
     floor: Option<&str>,
+    partition: i64,
     path: &str,
 ) -> Result<Added> {
     let sql = |source| ManifestError::Sql {
@@ -202,14 +436,36 @@ fn insert_tasks(
         source,
     };
     let mut added = Added::default();
+    let mut above: HashMap<String, Planned> = HashMap::new();
+    if generation > 0 {
+        if let Some((k, planned)) = open_key_state(conn, partition).map_err(sql)? {
+            above.insert(k, planned);
+        }
+        let mut cur: Option<KeyCursor> = None;
+        for (e, pos) in page.others {
+            let c = match cur.take() {
+                Some(c) if c.key == e.key => Some(c),
+                _ => KeyCursor::existing(conn, keys, &e.key).map_err(sql)?,
+            };
+            let Some(mut c) = c else { continue };
+            for dest in c.planned_for(conn, e, generation).map_err(sql)? {
+                note_planned(&mut above, &e.key, dest, *pos as i64);
+            }
+            cur = Some(c);
+        }
+    }
     let mut cur: Option<KeyCursor> = None;
-    for t in tasks {
+    for t in page.tasks {
         let c = match cur.take() {
             Some(c) if c.key == t.entry.key => cur.insert(c),
             _ => cur.insert(KeyCursor::open(conn, keys, &t.entry.key, floor, path)?),
         };
-        if c.has(conn, t, generation).map_err(sql)? {
+        let pos = t.history_pos as i64;
+        if let Some(g) = c.task_of(conn, t, generation).map_err(sql)? {
             added.matched += 1;
+            if g < generation {
+                note_planned(&mut above, &c.key, t.dest, pos);
+            }
             continue;
         }
         if c.next_seq > SEQ_MASK {
@@ -218,14 +474,242 @@ fn insert_tasks(
                 format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
             ));
         }
+        let out_of_order = generation > 0
+            && above
+                .get(&c.key)
+                .and_then(|p| p.get(&t.dest))
+                .is_some_and(|p| *p < pos);
+        let planned = match out_of_order {
+            true => Plan::OutOfOrder,
+            false => Plan::Copy,
+        };
         let id = task_id(c.key_id, c.next_seq);
-        insert_task(conn, id, generation, t, &mut added.tally).map_err(sql)?;
-        added.second += i64::from(c.next_seq == 1);
+        insert_task(conn, id, generation, t, planned, &mut added.tally).map_err(sql)?;
+        added.second += i64::from(match (generation, planned) {
+            (0, _) => c.next_seq == 1,
+            (_, Plan::Copy) => c.second_of_generation(conn, generation).map_err(sql)?,
+            (_, Plan::OutOfOrder) => false,
+        });
+        added.out_of_order += i64::from(out_of_order);
         c.next_seq += 1;
-        c.seen.insert((t.dest, t.entry.version_id.clone()));
+        c.seen.insert(Identity::of(t.dest, &t.entry), generation);
         added.tasks += 1;
     }
+    // The page's last listed key may go on on the next page: what was met of it is kept.
+    let last = page.keys.last().or(page.tasks.last().map(|t| &t.entry.key));
+    if let Some(k) = last.filter(|_| generation > 0) {
+        let planned = above.remove(k).unwrap_or_default();
+        store_open_key_state(conn, partition, k, &planned).map_err(sql)?;
+    }
     Ok(added)
+}
+
+/// The tables of refreshes, created by the first one (older manifests lack them).
+const REFRESH_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS refresh_matched (
+    generation INTEGER PRIMARY KEY, -- refreshes.generation
+    tasks INTEGER NOT NULL -- listed entries that already had a task
+);
+-- What each refresh found besides new entries.
+CREATE TABLE IF NOT EXISTS refresh_outcome (
+    generation INTEGER PRIMARY KEY, -- refreshes.generation
+    tracks_deletions INTEGER NOT NULL, -- the source was not versioned: unlisted keys are deleted
+    deleted INTEGER NOT NULL DEFAULT 0, -- delete tasks planned for keys deleted at the source
+    not_deleted INTEGER NOT NULL DEFAULT 0, -- keys deleted at the source, delete not replicated
+    out_of_order INTEGER NOT NULL DEFAULT 0, -- entries stored skipped: older than planned ones
+    finished INTEGER NOT NULL DEFAULT 0 -- its listing completed and its deletions were planned
+);
+-- Keys listed by the refresh under way (one that tracks deletions).
+CREATE TABLE IF NOT EXISTS refresh_seen (key_id INTEGER PRIMARY KEY);
+-- Per listing part: its last key with a task so far, and the destinations for which the
+-- refresh met an entry of it that an earlier listing planned.
+CREATE TABLE IF NOT EXISTS refresh_open_key (
+    partition INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    dests TEXT NOT NULL
+);
+-- Keys (per destination) a refresh found deleted at the source whose delete the job does
+-- not replicate.
+CREATE TABLE IF NOT EXISTS refresh_gone (
+    generation INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    dest INTEGER NOT NULL,
+    PRIMARY KEY (generation, key_id, dest)
+) WITHOUT ROWID;
+";
+
+/// One listed page as the lister hands it over.
+pub struct ListedPage<'a> {
+    /// The entries selected, one task each.
+    pub tasks: &'a [NewTask],
+    /// Every key the page listed (selected or not), in listing order: keys a refresh of an
+    /// unversioned source does not list are deleted.
+    pub keys: &'a [String],
+    /// The listed entries not selected, with their place in their key's history: a refresh
+    /// must not write an older entry after one of them that an earlier listing planned.
+    pub others: &'a [(crate::s3::VersionEntry, u64)],
+    /// The destinations a delete of a key is replicated to (for keys deleted at an
+    /// unversioned source: only called by the page that completes such a refresh).
+    pub deletes: &'a dyn Fn(&str) -> Vec<i64>,
+}
+
+/// What is stored of a refresh under way.
+#[derive(Clone, Copy)]
+struct Outcome {
+    tracks_deletions: bool,
+    finished: bool,
+}
+
+/// The refresh's outcome row (created for a refresh that an older s3-backfill started).
+fn refresh_outcome(conn: &Connection, generation: i64) -> rusqlite::Result<Option<Outcome>> {
+    conn.execute_batch(REFRESH_TABLES)?;
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO refresh_outcome (generation, tracks_deletions) VALUES (?1, 0)",
+    )?
+    .execute([generation])?;
+    conn.prepare_cached(
+        "SELECT tracks_deletions, finished FROM refresh_outcome WHERE generation = ?1",
+    )?
+    .query_row([generation], |r| {
+        Ok(Outcome {
+            tracks_deletions: r.get(0)?,
+            finished: r.get(1)?,
+        })
+    })
+    .optional()
+}
+
+/// Records the page's keys (those with tasks) as listed by this refresh.
+fn mark_listed(conn: &Connection, keys: &mut Keys, listed: &[String]) -> rusqlite::Result<()> {
+    let mut last: Option<&String> = None;
+    for k in listed {
+        if last == Some(k) {
+            continue;
+        }
+        last = Some(k);
+        if let Some(id) = keys.find(conn, k)? {
+            conn.prepare_cached("INSERT OR IGNORE INTO refresh_seen (key_id) VALUES (?1)")?
+                .execute([id])?;
+        }
+    }
+    Ok(())
+}
+
+/// Per destination, whether the newest task of key `key_id` (entries stored skipped out of
+/// order aside) is an object version; and the key's next task number.
+fn newest_per_dest(
+    conn: &Connection,
+    key_id: i64,
+) -> rusqlite::Result<(std::collections::BTreeMap<i64, bool>, i64)> {
+    let (lo, hi) = key_range(key_id);
+    let mut stmt = conn.prepare_cached(
+        "SELECT t.id, t.dest, t.flags, e.code FROM task t LEFT JOIN errors e ON e.task = t.id
+         WHERE t.id BETWEEN ?1 AND ?2 ORDER BY t.id DESC",
+    )?;
+    let mut rows = stmt.query([lo, hi])?;
+    let mut newest = std::collections::BTreeMap::new();
+    let mut next_seq = 0;
+    while let Some(r) = rows.next()? {
+        let (id, dest, flags): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        next_seq = next_seq.max((id & SEQ_MASK) + 1);
+        if r.get::<_, Option<String>>(3)?.as_deref() == Some(OUT_OF_ORDER) {
+            continue;
+        }
+        newest.entry(dest).or_insert(flags & DELETE_MARKER == 0);
+    }
+    Ok((newest, next_seq))
+}
+
+/// Ends a refresh whose listing just completed (in the transaction of its last page): when
+/// it tracks deletions, each key it did not list whose newest task (per destination) is an
+/// object version gets a delete task where `deletes` says the delete is replicated, and is
+/// recorded as deleted at the source elsewhere.
+fn finish_refresh(
+    conn: &Connection,
+    generation: i64,
+    tracks_deletions: bool,
+    deletes: &dyn Fn(&str) -> Vec<i64>,
+    path: &str,
+) -> Result<()> {
+    let sql = |source| ManifestError::Sql {
+        path: path.to_string(),
+        source,
+    };
+    if tracks_deletions {
+        let unlisted: Vec<(i64, String)> = conn
+            .prepare(
+                "SELECT id, key FROM keys WHERE id NOT IN (SELECT key_id FROM refresh_seen)
+                 ORDER BY id",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sql)?;
+        let mut added = Added::default();
+        let (mut deleted, mut not_deleted) = (0i64, 0i64);
+        for (key_id, key) in unlisted {
+            let (newest, mut next_seq) = newest_per_dest(conn, key_id).map_err(sql)?;
+            let objects: Vec<i64> = newest
+                .into_iter()
+                .filter(|(_, o)| *o)
+                .map(|(d, _)| d)
+                .collect();
+            if objects.is_empty() {
+                continue;
+            }
+            let replicated = deletes(&key);
+            for dest in objects {
+                if !replicated.contains(&dest) {
+                    conn.prepare_cached(
+                        "INSERT OR IGNORE INTO refresh_gone (generation, key_id, dest)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .and_then(|mut s| s.execute([generation, key_id, dest]))
+                    .map_err(sql)?;
+                    not_deleted += 1;
+                    continue;
+                }
+                if next_seq > SEQ_MASK {
+                    return Err(ManifestError::Limit(
+                        path.to_string(),
+                        format!("key {key:?} has more than {SEQ_MASK} tasks"),
+                    ));
+                }
+                let t = NewTask {
+                    entry: crate::s3::VersionEntry {
+                        key: key.clone(),
+                        version_id: "null".into(),
+                        is_delete_marker: true,
+                        is_latest: true,
+                        ..Default::default()
+                    },
+                    history_pos: 0,
+                    dest,
+                };
+                let id = task_id(key_id, next_seq);
+                insert_task(conn, id, generation, &t, Plan::Copy, &mut added.tally).map_err(sql)?;
+                next_seq += 1;
+                added.tasks += 1;
+                deleted += 1;
+            }
+        }
+        added.store(conn, generation).map_err(sql)?;
+        conn.execute(
+            "UPDATE refresh_outcome SET deleted = deleted + ?1, not_deleted = not_deleted + ?2
+             WHERE generation = ?3",
+            [deleted, not_deleted, generation],
+        )
+        .map_err(sql)?;
+    }
+    conn.execute_batch("DELETE FROM refresh_seen; DELETE FROM refresh_open_key;")
+        .map_err(sql)?;
+    conn.execute(
+        "UPDATE refresh_outcome SET finished = 1 WHERE generation = ?1",
+        [generation],
+    )
+    .map_err(sql)?;
+    Ok(())
 }
 
 fn store_checkpoint(conn: &Connection, partition: i64, cp: &Listing) -> rusqlite::Result<()> {
@@ -287,6 +771,13 @@ pub struct Refresh {
     pub tasks: u64,
     /// Listed entries that already had a task (a refresh; 0 for `plan`).
     pub matched: u64,
+    /// Delete tasks it planned for keys deleted at an unversioned source.
+    pub deleted: u64,
+    /// Keys (per destination) it found deleted at an unversioned source whose delete the job
+    /// does not replicate.
+    pub not_deleted: u64,
+    /// Entries it selected below versions already planned, stored skipped (out of order).
+    pub out_of_order: u64,
 }
 
 /// The listing of all partitions together: complete when each is, pages and entries summed,
@@ -380,6 +871,26 @@ impl Manifest {
         tasks: &[NewTask],
         checkpoint: &Listing,
     ) -> Result<()> {
+        let page = ListedPage {
+            tasks,
+            keys: &[],
+            others: &[],
+            deletes: &|_| Vec::new(),
+        };
+        self.insert_listed_page(partition, &page, checkpoint)
+    }
+
+    /// Writes one listed page of partition `partition` (its tasks, and every key it listed)
+    /// and the partition's checkpoint after it, in one transaction. Entries that already have
+    /// a task (a replayed page) are ignored. The page that completes a refresh's listing
+    /// also plans, in the same transaction, what the refresh found gone (see
+    /// [`Manifest::start_refresh_of`]).
+    pub fn insert_listed_page(
+        &mut self,
+        partition: i64,
+        page: &ListedPage<'_>,
+        checkpoint: &Listing,
+    ) -> Result<()> {
         let path = self.path.clone();
         let sql = |source| ManifestError::Sql {
             path: path.clone(),
@@ -406,9 +917,32 @@ impl Manifest {
             Some((keys, v)) if v == version => keys,
             _ => Keys::load(&tx).map_err(sql)?,
         };
-        let added = insert_tasks(&tx, &mut keys, tasks, generation, floor.as_deref(), &path)?;
+        let outcome = match generation {
+            0 => None,
+            g => refresh_outcome(&tx, g).map_err(sql)?,
+        };
+        let added = insert_tasks(
+            &tx,
+            &mut keys,
+            page,
+            generation,
+            floor.as_deref(),
+            partition,
+            &path,
+        )?;
+        if outcome.is_some_and(|o| o.tracks_deletions && !o.finished) {
+            mark_listed(&tx, &mut keys, page.keys).map_err(sql)?;
+        }
         store_checkpoint(&tx, partition, checkpoint).map_err(sql)?;
         added.store(&tx, generation).map_err(sql)?;
+        if let Some(o) = outcome.filter(|o| !o.finished) {
+            let complete: bool = tx
+                .query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))
+                .map_err(sql)?;
+            if complete {
+                finish_refresh(&tx, generation, o.tracks_deletions, page.deletes, &path)?;
+            }
+        }
         tx.commit().map_err(sql)?;
         self.keys_cache = Some((keys, version));
         Ok(())
@@ -416,8 +950,20 @@ impl Manifest {
 
     /// Starts a refresh: a new listing generation over the same partitions, whose new
     /// entries become tasks of that generation. Returns its number, or None when the
-    /// current listing is not complete (finish it first).
+    /// current listing is not complete (finish it first). Keys that vanish from the listing
+    /// are not looked for (a versioned source: see [`Manifest::start_refresh_of`]).
     pub fn start_refresh(&mut self) -> Result<Option<i64>> {
+        self.start_refresh_of(true)
+    }
+
+    /// Starts a refresh of a source whose versioning is enabled (`source_versioned`) or not.
+    /// On a source without versioning (never enabled, or suspended) a key that the refresh
+    /// no longer lists was deleted: the refresh records the keys it lists, and the page
+    /// that completes it plans a delete of each key no longer listed whose newest task is an
+    /// object version, for the destinations that replicate deletes, and records the others
+    /// as deleted at the source only. (On a versioned source a delete is a listed delete
+    /// marker; versions that vanish were deleted for good, and stay copied.)
+    pub fn start_refresh_of(&mut self, source_versioned: bool) -> Result<Option<i64>> {
         let path = self.path.clone();
         let sql = |source| ManifestError::Sql {
             path: path.clone(),
@@ -438,11 +984,10 @@ impl Manifest {
                 r.get(0)
             })
             .map_err(sql)?;
+        tx.execute_batch(REFRESH_TABLES).map_err(sql)?;
         tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS refresh_matched (
-                 generation INTEGER PRIMARY KEY, -- refreshes.generation
-                 tasks INTEGER NOT NULL -- listed entries that already had a task
-             );
+            "DELETE FROM refresh_seen;
+             DELETE FROM refresh_open_key;
              UPDATE partitions SET key_marker = NULL, version_marker = NULL, complete = 0,
                  pages = 0, entries = 0, last_key = NULL, last_key_seen = 0;",
         )
@@ -450,6 +995,11 @@ impl Manifest {
         tx.execute(
             "INSERT INTO refreshes (generation, started_at, tasks) VALUES (?1, ?2, 0)",
             params![generation, super::now_secs()],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "INSERT INTO refresh_outcome (generation, tracks_deletions) VALUES (?1, ?2)",
+            params![generation, !source_versioned],
         )
         .map_err(sql)?;
         tx.commit().map_err(sql)?;
@@ -463,13 +1013,21 @@ impl Manifest {
         } else {
             "NULL"
         };
+        let outcome = if self.has_schema_object("refresh_outcome")? {
+            "o.deleted, o.not_deleted, o.out_of_order FROM refreshes r
+             LEFT JOIN refresh_outcome o ON o.generation = r.generation"
+        } else {
+            "NULL, NULL, NULL FROM refreshes r"
+        };
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT generation, started_at, tasks, coalesce({matched}, 0) FROM refreshes r
-                 ORDER BY generation"
+                "SELECT r.generation, r.started_at, r.tasks, coalesce({matched}, 0), {outcome}
+                 ORDER BY r.generation"
             ))
             .map_err(|e| self.sql(e))?;
+        let n =
+            |r: &rusqlite::Row<'_>, i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
         let rows = stmt
             .query_map([], |r| {
                 Ok(Refresh {
@@ -477,11 +1035,45 @@ impl Manifest {
                     started_at: r.get(1)?,
                     tasks: r.get::<_, i64>(2)? as u64,
                     matched: r.get::<_, i64>(3)? as u64,
+                    deleted: n(r, 4)?,
+                    not_deleted: n(r, 5)?,
+                    out_of_order: n(r, 6)?,
                 })
             })
             .map_err(|e| self.sql(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.sql(e))
+    }
+
+    /// The keys the last finished refresh found deleted at an unversioned source whose
+    /// delete the job does not replicate: how many (per destination), and the first
+    /// `limit` of them by name.
+    pub fn deleted_at_source(&self, limit: usize) -> Result<(u64, Vec<String>)> {
+        if !self.has_schema_object("refresh_outcome")? {
+            return Ok((0, Vec::new()));
+        }
+        let read = || -> rusqlite::Result<(u64, Vec<String>)> {
+            let last: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT max(generation) FROM refresh_outcome WHERE finished = 1")?
+                .query_row([], |r| r.get(0))?;
+            let Some(g) = last else {
+                return Ok((0, Vec::new()));
+            };
+            let n: i64 = self
+                .conn
+                .prepare_cached("SELECT count(*) FROM refresh_gone WHERE generation = ?1")?
+                .query_row([g], |r| r.get(0))?;
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT DISTINCT k.key FROM refresh_gone g JOIN keys k ON k.id = g.key_id
+                 WHERE g.generation = ?1 ORDER BY k.key LIMIT ?2",
+            )?;
+            let names = stmt
+                .query_map(params![g, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok((n as u64, names))
+        };
+        read().map_err(|e| self.sql(e))
     }
 
     /// How many tasks a key has.

@@ -105,6 +105,11 @@ pub(super) const PARTITIONS_SQL: &str =
 pub(super) const LISTING_PROGRESS_SQL: &str =
     "SELECT complete, last_key, entries, pages FROM partitions ORDER BY id";
 pub(super) const REQUESTS_SQL: &str = "SELECT op, count FROM requests";
+/// Tasks stored skipped as out of order (see `pages::OUT_OF_ORDER`): problems only.
+pub(super) const OUT_OF_ORDER_SQL: &str = "SELECT count(*) FROM task t JOIN errors e
+    ON e.task = t.id WHERE t.state >= 3 AND t.state = 4 AND e.code = 'OutOfOrder'";
+/// Keys deleted at the source that `status` names at most.
+const NAMED_DELETED: usize = 20;
 pub(super) const FAILED_SQL: &str = "SELECT id, dest, refresh, history_pos FROM task
     WHERE state >= 3 AND state = 3 ORDER BY id";
 pub(super) const WAITING_SQL: &str = "SELECT count(*) FROM task
@@ -258,7 +263,9 @@ impl Manifest {
 
     /// Counts for `status`, from the kept counters (no scan of tasks).
     pub fn counts(&self) -> Result<Counts> {
-        self.read_counts().map_err(|e| self.sql(e))
+        let mut c = self.read_counts().map_err(|e| self.sql(e))?;
+        (c.deleted_at_source, c.deleted_at_source_keys) = self.deleted_at_source(NAMED_DELETED)?;
+        Ok(c)
     }
 
     fn read_counts(&self) -> rusqlite::Result<Counts> {
@@ -303,6 +310,10 @@ impl Manifest {
         let requests = stmt.query_map([], |r| Ok((r.get(0)?, count(r.get(1)?))))?;
         c.requests = requests.collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
         c.blocked = blocked(&self.conn)?;
+        c.out_of_order = self
+            .conn
+            .prepare_cached(OUT_OF_ORDER_SQL)?
+            .query_row([], |r| r.get(0).map(count))?;
         Ok(c)
     }
 

@@ -795,6 +795,7 @@ fn counts_and_key_search_read_no_task_scan() {
         read::TOTALS_SQL,
         read::PARTITIONS_SQL,
         read::REQUESTS_SQL,
+        read::OUT_OF_ORDER_SQL,
         read::FAILED_SQL,
         read::WAITING_SQL,
         read::OPEN_BLOCKS_SQL,
