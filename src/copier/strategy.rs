@@ -348,7 +348,8 @@ impl<C: S3Client> Copier<C> {
     /// - the listed storage class cannot be archived (GLACIER and DEEP_ARCHIVE: only a HEAD
     ///   tells whether a version is restored; INTELLIGENT_TIERING: its archive tiers);
     /// - the source bucket has no object lock (retention and legal hold are per version;
-    ///   read once per run, and an answer that does not tell keeps the HEAD).
+    ///   read once per run, and an answer that does not tell keeps the HEAD);
+    /// - the version is not `null` (its HEAD is compared with what was listed).
     ///
     /// Tags (TaggingDirective COPY), metadata and content headers (MetadataDirective COPY)
     /// are copied by the server; the storage class and checksum algorithm come from the
@@ -359,8 +360,12 @@ impl<C: S3Client> Copier<C> {
         // A replication rule decides by the source's encryption (SSE-KMS only when it opts
         // in, its own KMS key): that needs the HEAD.
         let ruled = self.settings.destination(ctx.task.dest).2.is_some();
+        // A `null` version can change under its id: the copy's x-amz-copy-source-if-match
+        // alone would guard it, and moto and RGW 16.2 ignore that header; the HEAD compares.
+        let null = ctx.task.version_id == "null";
         if c.stamp
             || ruled
+            || null
             || c.sse.is_none()
             || choose_plan(false, ctx.task.size, true, c) != CopyPlan::Copy
             || matches!(

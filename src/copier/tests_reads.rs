@@ -117,7 +117,7 @@ async fn an_unversioned_object_overwritten_after_the_plan_fails_named_with_a_hea
 }
 
 #[tokio::test]
-async fn an_unversioned_object_overwritten_after_the_plan_fails_named_in_one_request() {
+async fn an_unversioned_object_overwritten_after_the_plan_fails_named_with_one_request_settings() {
     unversioned_overwrite_fails(one_request_settings()).await;
 }
 
