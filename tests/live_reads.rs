@@ -42,7 +42,7 @@ async fn bodies(c: &Client, b: &str, k: &str) -> Vec<Vec<u8>> {
     let h = histories(c, b, k).await;
     let mut out = Vec::new();
     for v in h.get(k).map(Vec::as_slice).unwrap_or_default() {
-        if !v.is_delete_marker {
+        if !v.delete_marker {
             out.push(content(c, b, k, &v.version_id).await.body);
         }
     }
@@ -137,11 +137,22 @@ async fn a_changed_null_version_of_a_suspended_source_is_a_named_failure() {
 async fn the_website_redirect_location_is_kept_in_every_copy_mode() {
     let ep = endpoint();
     let c = client(&ep);
+    // Seeded without a whole-object CRC32: a multipart copy's composite checksum is another
+    // matter (issue 18), not this test's.
+    let plain = Client::from_conf(
+        c.config()
+            .to_builder()
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .build(),
+    );
     let src = bucket("redir-src");
     create_bucket(&c, &src, true).await;
     let big = pseudo_random(6 * 1024 * 1024, 3);
     for (k, body) in [("small", b"page".to_vec()), ("big", big)] {
-        c.put_object()
+        plain
+            .put_object()
             .bucket(&src)
             .key(k)
             .website_redirect_location(format!("/moved/{k}.html"))
