@@ -5,7 +5,7 @@
 //!   version of an unversioned or suspended source is a named failure, never other bytes;
 //! - `x-amz-website-redirect-location` is carried in every copy mode;
 //! - through injected faults, every replica of a tagged version has its source's tags;
-//! - `verify --deep` finds tags removed from a replica that a plain `verify` cannot see.
+//! - `verify --deep` finds tags changed on a replica that a plain `verify` cannot see.
 
 mod support;
 
@@ -255,7 +255,7 @@ fn job_verify_deep(job: &Job) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_deep_finds_tags_removed_from_a_replica() {
+async fn verify_deep_finds_tags_changed_on_a_replica() {
     let ep = endpoint();
     let c = client(&ep);
     let (src, dst) = (bucket("deep-src"), bucket("deep-dst"));
@@ -281,10 +281,26 @@ async fn verify_deep_finds_tags_removed_from_a_replica() {
     let job = Job::new(&src, &dst, &m).endpoint(&ep);
     expect_code(&job.replicate(), 0);
     expect_code(&job_verify_deep(&job), 0);
-    // Someone removes the replica's tags: same bytes, same listing.
-    c.delete_object_tagging()
+    // Someone changes a value of the replica's tags (as many tags as before: only the sets
+    // differ; RGW 16.2 answers DeleteObjectTagging with success and keeps the tags).
+    let tags = aws_sdk_s3::types::Tagging::builder()
+        .set_tag_set(Some(
+            [("a", "1"), ("b", "3")]
+                .map(|(k, v)| {
+                    aws_sdk_s3::types::Tag::builder()
+                        .key(k)
+                        .value(v)
+                        .build()
+                        .unwrap()
+                })
+                .to_vec(),
+        ))
+        .build()
+        .unwrap();
+    c.put_object_tagging()
         .bucket(&dst)
         .key("tagged")
+        .tagging(tags)
         .send()
         .await
         .unwrap();
