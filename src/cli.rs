@@ -630,6 +630,10 @@ pub struct VerifyArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also compare each version's user metadata, content headers, website redirect and
+    /// tags (one HEAD and one GetObjectTagging per version and side).
+    #[arg(long)]
+    pub deep: bool,
     /// No progress display.
     #[arg(long)]
     pub no_progress: bool,

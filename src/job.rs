@@ -644,6 +644,25 @@ async fn run_clients(
     Ok(((source, dest), facts))
 }
 
+/// The source bucket's versioning, for reading `null` versions (see
+/// `Copier::set_source_facts`); when the probe fails, said, and `null` versions are read by
+/// key (pinned to their listed ETags either way).
+async fn source_facts(source: &SdkClient, bucket: &str) -> BucketFacts {
+    match preflight()
+        .call(&Default::default(), || source.probe_bucket(bucket))
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "warning: {}; null versions are read by key, pinned to their listed ETags",
+                bucket_error(Side::Source, bucket, e)
+            );
+            BucketFacts::default()
+        }
+    }
+}
+
 /// `run`: copies the manifest's open tasks; on an unfinished listing, it lists the rest
 /// too (with the job's stored settings), copying while it lists. Handles SIGINT/SIGTERM:
 /// the first stops taking new tasks (and stops the listing) and lets requests in flight
@@ -691,6 +710,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
         &opts,
         bar.clone(),
     );
+    copier.set_source_facts(&source_facts(&source, &settings.source.bucket).await);
     copier.abort_leftover_uploads(uploads).await;
     copier.learn_leftovers(to_learn);
     let grace = args.exec.grace_period;
@@ -1142,6 +1162,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
         source: &source,
         dest: &dest,
         retrier: &retrier,
+        deep: args.deep,
     };
     let show = |r: &VerifyReport| {
         bar.set_position(r.keys);

@@ -14,6 +14,11 @@
 //! a key without tasks for a destination is not compared there (counted: the destination
 //! may have held it before the job).
 //!
+//! With `deep` (`verify --deep`), each pair of object versions that matches so far is also
+//! compared by what a listing does not show: user metadata (the job's stamp aside),
+//! content headers, the website redirect location and tags, with one HEAD and one
+//! GetObjectTagging per version and side.
+//!
 //! May call: the s3 layer; the manifest's tasks of one key.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -24,7 +29,8 @@ use serde::Serialize;
 use crate::config::{JobSettings, Sse};
 use crate::manifest::{Manifest, ManifestError, State, Task};
 use crate::s3::{
-    Encryption, ListFrom, ObjectRef, Retrier, S3Client, S3Error, VersionEntry, Versions,
+    parse_tagging, Encryption, ListFrom, ObjectHead, ObjectRef, Retrier, S3Client, S3Error,
+    VersionEntry, Versions, STAMP_KEY,
 };
 
 /// One key whose histories differ.
@@ -268,6 +274,8 @@ pub struct Verifier<'a, C: S3Client> {
     pub dest: &'a C,
     /// Retries and bounds requests.
     pub retrier: &'a Retrier,
+    /// Also compare metadata, content headers and tags of each pair of versions.
+    pub deep: bool,
 }
 
 impl<C: S3Client> Verifier<'_, C> {
@@ -319,7 +327,11 @@ impl<C: S3Client> Verifier<'_, C> {
             report.keys += 1;
             report.versions += se.len() as u64;
             progress(&report);
-            if let Some(detail) = compare(&se, &de) {
+            let detail = match compare(&se, &de) {
+                None => self.deep_compare(&key, d, &se, &de).await?,
+                found => found,
+            };
+            if let Some(detail) = detail {
                 report.mismatched_keys += 1;
                 if report.mismatches.len() < 1000 {
                     report.mismatches.push(Mismatch {
@@ -434,7 +446,10 @@ impl<C: S3Client> Verifier<'_, C> {
                 let d = (bucket.as_str(), prefix.as_str());
                 self.blank_incomparable_etags(key, d, &mut expected, &mut de)
                     .await?;
-                compare(&expected, &de)
+                match compare(&expected, &de) {
+                    None => self.deep_compare(key, d, &expected, &de).await?,
+                    found => found,
+                }
             }
         };
         if let Some(detail) = detail {
@@ -449,6 +464,46 @@ impl<C: S3Client> Verifier<'_, C> {
             }
         }
         Ok(true)
+    }
+
+    /// With `deep`: the first difference in metadata, content headers, website redirect or
+    /// tags between the object versions of two histories that otherwise match (paired in
+    /// order).
+    async fn deep_compare(
+        &self,
+        key: &str,
+        (bucket, prefix): (&str, &str),
+        se: &[VersionEntry],
+        de: &[VersionEntry],
+    ) -> Result<Option<String>, S3Error> {
+        if !self.deep {
+            return Ok(None);
+        }
+        let retries = AtomicU64::new(0);
+        let objects = |h: &[VersionEntry]| -> Vec<VersionEntry> {
+            h.iter().filter(|e| !e.is_delete_marker).cloned().collect()
+        };
+        let dkey = format!("{prefix}{key}");
+        for (a, b) in objects(se).iter().zip(objects(de).iter()) {
+            let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
+            let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
+            let r = self.retrier;
+            let sh = r
+                .call(&retries, || self.source.head_object(&sref, None))
+                .await?;
+            let dh = r
+                .call(&retries, || self.dest.head_object(&dref, None))
+                .await?;
+            let st = r.call(&retries, || self.source.get_tagging(&sref)).await?;
+            let dt = r.call(&retries, || self.dest.get_tagging(&dref)).await?;
+            if let Some(what) = head_difference(&sh, &dh).or_else(|| tag_difference(&st, &dt)) {
+                return Ok(Some(format!(
+                    "version {} (destination {}): {what}",
+                    a.version_id, b.version_id
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// Where a pair of plain ETags differs, HEADs both versions: an encryption that does not
@@ -495,6 +550,40 @@ impl<C: S3Client> Verifier<'_, C> {
         }
         Ok(())
     }
+}
+
+/// What differs between a source version's HEAD and its copy's: user metadata (the stamp
+/// aside), content headers, website redirect location.
+fn head_difference(s: &ObjectHead, d: &ObjectHead) -> Option<String> {
+    let mut dm = d.metadata.clone();
+    dm.remove(STAMP_KEY);
+    let mut sm = s.metadata.clone();
+    sm.remove(STAMP_KEY);
+    if sm != dm {
+        return Some(format!("metadata {sm:?} at source, {dm:?} at destination"));
+    }
+    if s.content != d.content {
+        return Some(format!(
+            "content headers {:?} at source, {:?} at destination",
+            s.content, d.content
+        ));
+    }
+    if s.website_redirect != d.website_redirect {
+        return Some(format!(
+            "website redirect {:?} at source, {:?} at destination",
+            s.website_redirect, d.website_redirect
+        ));
+    }
+    None
+}
+
+/// What differs between two tag sets (URL-encoded), order aside.
+fn tag_difference(s: &str, d: &str) -> Option<String> {
+    let mut a = parse_tagging(s);
+    let mut b = parse_tagging(d);
+    a.sort();
+    b.sort();
+    (a != b).then(|| format!("tags {a:?} at source, {b:?} at destination"))
 }
 
 /// The source entries (oldest first) of a destination's tasks `mine` that are not skipped

@@ -174,6 +174,8 @@ pub struct Copier<C: S3Client> {
     requests_sent: Mutex<BTreeMap<&'static str, u64>>,
     lock_warned: AtomicBool,
     stream_said: AtomicBool,
+    /// The source bucket has or had versioning (see [`Copier::set_source_facts`]).
+    source_null_by_id: AtomicBool,
     /// Whether the source bucket has object lock, read once (see `strategy::one_request`).
     source_lock: tokio::sync::OnceCell<bool>,
     /// Bytes of streamed bodies held at once (see `strategy::Budget`).
@@ -211,10 +213,19 @@ impl<C: S3Client> Copier<C> {
             requests_sent: Mutex::new(BTreeMap::new()),
             lock_warned: AtomicBool::new(false),
             stream_said: AtomicBool::new(false),
+            source_null_by_id: AtomicBool::new(false),
             source_lock: tokio::sync::OnceCell::new(),
             memory: strategy::Budget::new(opts.max_memory),
             learner: learn::Learner::default(),
         })
+    }
+
+    /// What the job's probe learned of the source bucket, before the run starts: where it
+    /// has (or had) versioning, a `null` version is read as `versionId=null`; elsewhere (and
+    /// when this is not called) by key. Either way pinned to its listed ETag.
+    pub fn set_source_facts(&self, facts: &crate::s3::BucketFacts) {
+        self.source_null_by_id
+            .store(facts.versioned || facts.suspended, Ordering::Relaxed);
     }
 
     /// Asks the run to stop taking new tasks; tasks in flight finish.

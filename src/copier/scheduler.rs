@@ -47,13 +47,22 @@ pub(super) struct TaskCtx<'a> {
     pub(super) learn_later: AtomicBool,
     /// Marked in progress when its key was read (`KeyGroup::claimed`): no `Started` needed.
     pub(super) claimed: bool,
+    /// The source bucket has or had versioning: a `null` version is named by id (see
+    /// [`ObjectRef::pinned`]).
+    pub(super) null_by_id: bool,
 }
 
 impl TaskCtx<'_> {
-    /// The source version to read (see [`ObjectRef::listed`]).
+    /// The source version to read, pinned to what was listed (see [`ObjectRef::pinned`]).
     pub(super) fn source(&self, bucket: &str) -> ObjectRef {
         let t = self.task;
-        ObjectRef::listed(bucket, &t.key, &t.version_id, t.is_latest)
+        ObjectRef::pinned(
+            bucket,
+            &t.key,
+            &t.version_id,
+            t.etag.as_deref(),
+            self.null_by_id,
+        )
     }
 }
 
@@ -319,6 +328,7 @@ impl<C: S3Client> Copier<C> {
                 }),
                 learn_later: AtomicBool::new(false),
                 claimed: group.claimed == Some(task.id),
+                null_by_id: self.source_null_by_id.load(Ordering::Relaxed),
             };
             let step = self.step(&ctx).await;
             let retries = ctx.retries.load(Ordering::Relaxed);

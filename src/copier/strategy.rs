@@ -239,6 +239,40 @@ fn md5_b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(b))
 }
 
+/// The error code of a source version that changed since it was listed (a `null` version
+/// overwritten or deleted, read pinned to its listed ETag): the task fails with that reason.
+pub(super) const SOURCE_CHANGED: &str = "SourceChanged";
+
+fn changed_message(ctx: &TaskCtx<'_>, now: &str) -> String {
+    let t = ctx.task;
+    format!(
+        "{} version {} changed since it was listed (listed ETag {}, now {now}); not copied: run plan --refresh, then run",
+        show_key(&t.key),
+        t.version_id,
+        t.etag.as_deref().unwrap_or("?"),
+    )
+}
+
+/// A read of the source that failed its ETag precondition (412) is the named failure of a
+/// source version changed since its listing; other errors are returned as they are.
+fn changed_since_listed(ctx: &TaskCtx<'_>, e: S3Error) -> S3Error {
+    let reads_source = matches!(
+        e.op,
+        "HeadObject" | "GetObject" | "CopyObject" | "UploadPartCopy"
+    );
+    let failed_precondition =
+        e.status == Some(412) || e.code.as_deref() == Some("PreconditionFailed");
+    if !reads_source || !failed_precondition || e.code.as_deref() == Some(SOURCE_CHANGED) {
+        return e;
+    }
+    S3Error {
+        class: ErrorClass::Fatal,
+        code: Some(SOURCE_CHANGED.into()),
+        message: changed_message(ctx, "another object (HTTP 412 on its ETag)"),
+        ..e
+    }
+}
+
 /// The error code of a version its replication rule leaves out (an SSE-KMS object without
 /// `SseKmsEncryptedObjects` enabled): the task is skipped with that reason.
 pub(super) const NOT_REPLICATED: &str = "NotReplicatedByRule";
@@ -262,6 +296,7 @@ impl<C: S3Client> Copier<C> {
             }
             r => r,
         }
+        .map_err(|e| changed_since_listed(ctx, e))
     }
 
     fn falls_back_to_stream(&self, ctx: &TaskCtx<'_>, e: &S3Error) -> bool {
@@ -313,7 +348,8 @@ impl<C: S3Client> Copier<C> {
     /// - the listed storage class cannot be archived (GLACIER and DEEP_ARCHIVE: only a HEAD
     ///   tells whether a version is restored; INTELLIGENT_TIERING: its archive tiers);
     /// - the source bucket has no object lock (retention and legal hold are per version;
-    ///   read once per run, and an answer that does not tell keeps the HEAD).
+    ///   read once per run, and an answer that does not tell keeps the HEAD);
+    /// - the version is not `null` (its HEAD is compared with what was listed).
     ///
     /// Tags (TaggingDirective COPY), metadata and content headers (MetadataDirective COPY)
     /// are copied by the server; the storage class and checksum algorithm come from the
@@ -324,8 +360,12 @@ impl<C: S3Client> Copier<C> {
         // A replication rule decides by the source's encryption (SSE-KMS only when it opts
         // in, its own KMS key): that needs the HEAD.
         let ruled = self.settings.destination(ctx.task.dest).2.is_some();
+        // A `null` version can change under its id: the copy's x-amz-copy-source-if-match
+        // alone would guard it, and moto and RGW 16.2 ignore that header; the HEAD compares.
+        let null = ctx.task.version_id == "null";
         if c.stamp
             || ruled
+            || null
             || c.sse.is_none()
             || choose_plan(false, ctx.task.size, true, c) != CopyPlan::Copy
             || matches!(
@@ -422,6 +462,26 @@ impl<C: S3Client> Copier<C> {
         if head.encryption == Some(Encryption::SseC) {
             return Err(fatal(side, "HeadObject", "the version is SSE-C encrypted: it cannot be read without the customer's key, which s3-backfill does not take".into()));
         }
+        // What the HEAD answers must be what was listed (the If-Match sent already asks
+        // that of the ETag; not every server honours it).
+        let t = ctx.task;
+        let other_version = head.version_id.as_deref().filter(|v| *v != t.version_id);
+        let other_etag = match (&t.etag, &head.etag) {
+            (Some(l), Some(h)) if t.version_id == "null" && part.is_none() => {
+                l.trim_matches('"') != h.trim_matches('"')
+            }
+            _ => false,
+        };
+        if other_version.is_some() || other_etag {
+            let now = match other_version {
+                Some(v) => format!("version {v}"),
+                None => format!("ETag {}", head.etag.as_deref().unwrap_or("?")),
+            };
+            return Err(S3Error {
+                code: Some(SOURCE_CHANGED.into()),
+                ..fatal(side, "HeadObject", changed_message(ctx, &now))
+            });
+        }
         Ok(head)
     }
 
@@ -486,6 +546,7 @@ impl<C: S3Client> Copier<C> {
             full_object_checksum: head.checksum.as_ref().is_some_and(|k| k.full_object),
             lock: self.lock_settings(&head.lock),
             content_md5: None,
+            website_redirect: head.website_redirect.clone(),
         }
     }
 
@@ -535,7 +596,10 @@ impl<C: S3Client> Copier<C> {
     }
 
     /// An adopted version was written by an attempt that may have died before putting back
-    /// tags the server dropped (see [`Copier::keep_tags`]): they are checked now.
+    /// tags the server dropped (see [`Copier::keep_tags`]): its tags are compared with the
+    /// source version's now, and put back where they differ. Only a source version gone
+    /// since leaves nothing to compare with (the copy is adopted, said in the log); any other
+    /// error is returned (the task is not done).
     pub(super) async fn repair_adopted(
         &self,
         ctx: &TaskCtx<'_>,
@@ -544,13 +608,17 @@ impl<C: S3Client> Copier<C> {
         if ctx.task.is_delete_marker || version.is_none() {
             return Ok(());
         }
-        let src = match self.head_source(ctx, None).await {
-            Ok(h) => h,
-            // Gone or unreadable now: nothing to compare with; the copy itself is adopted.
-            Err(_) => return Ok(()),
-        };
-        let dest = self.dest_head(ctx, version).await?;
-        self.keep_tags(ctx, &src, version, Some(dest)).await
+        match self.same_tags(ctx, version).await {
+            Err(e) if e.class == ErrorClass::SourceGone && e.side == self.source.side() => {
+                tracing::warn!(
+                    "{} version {}: adopted its copy, but the source version is gone: its tags were not compared ({e})",
+                    show_key(&ctx.task.key),
+                    ctx.task.version_id
+                );
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     async fn delete_marker(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
@@ -581,6 +649,7 @@ impl<C: S3Client> Copier<C> {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
             Wrote::New(r, v, dest_head) => {
                 self.check_checksum(ctx, "CopyObject", head, &r)?;
+                // Also when the answer named the new version and no HEAD of it was made.
                 self.keep_tags(ctx, head, v.as_deref(), dest_head.map(|h| *h))
                     .await?;
                 Copied::single(v, CopyMethod::Copy)
@@ -823,9 +892,10 @@ impl<C: S3Client> Copier<C> {
             .await
     }
 
-    /// Puts the source's tags on a new version whose HEAD shows fewer of them: some servers
-    /// drop tags on some writes (RGW 16.2: CopyObject with MetadataDirective REPLACE, and tags
-    /// given at CreateMultipartUpload). Only checked where a HEAD was made anyway.
+    /// Makes the new version's tags the source version's: some servers drop tags on some
+    /// writes (RGW 16.2: CopyObject with MetadataDirective REPLACE, and tags given at
+    /// CreateMultipartUpload). Nothing to do when neither the source's HEAD nor the new
+    /// version's (when one was made) counts a tag; else the two tag sets are compared.
     async fn keep_tags(
         &self,
         ctx: &TaskCtx<'_>,
@@ -833,12 +903,17 @@ impl<C: S3Client> Copier<C> {
         version: Option<&str>,
         dest: Option<ObjectHead>,
     ) -> Result<(), S3Error> {
-        let Some(dest) = dest else { return Ok(()) };
-        if src.tag_count == 0 || dest.tag_count >= src.tag_count {
+        if src.tag_count == 0 && dest.is_none_or(|d| d.tag_count == 0) {
             return Ok(());
         }
+        self.same_tags(ctx, version).await
+    }
+
+    /// Reads the tags of the source version and of destination `version`, and puts the
+    /// source's on the destination when the two sets differ (order aside).
+    async fn same_tags(&self, ctx: &TaskCtx<'_>, version: Option<&str>) -> Result<(), S3Error> {
         let source = ctx.source(&self.settings.source.bucket);
-        let tags = self
+        let want = self
             .retrier
             .call(&ctx.retries, || self.source.get_tagging(&source))
             .await?;
@@ -846,8 +921,15 @@ impl<C: S3Client> Copier<C> {
             version_id: version.map(str::to_string),
             ..ctx.dest.clone()
         };
+        let have = self
+            .retrier
+            .call(&ctx.retries, || self.dest.get_tagging(&obj))
+            .await?;
+        if same_tag_set(&want, &have) {
+            return Ok(());
+        }
         self.retrier
-            .call(&ctx.retries, || self.dest.put_tagging(&obj, &tags))
+            .call(&ctx.retries, || self.dest.put_tagging(&obj, &want))
             .await
     }
 
@@ -958,6 +1040,15 @@ fn chosen_encryption(c: &CopyOptions) -> Option<Option<Encryption>> {
         Sse::AwsKms => Some(Some(Encryption::SseKms(c.sse_kms_key_id.clone()))),
         Sse::BucketDefault => Some(None),
     }
+}
+
+/// Whether two URL-encoded tag sets hold the same tags, in any order.
+fn same_tag_set(a: &str, b: &str) -> bool {
+    let mut a = crate::s3::parse_tagging(a);
+    let mut b = crate::s3::parse_tagging(b);
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// Whether an object's ETag is an MD5 of its bytes (not for KMS or SSE-C encryption).

@@ -1003,3 +1003,6 @@ async fn a_version_id_left_to_learn_by_a_stopped_run_is_learned_before_the_key_g
     let m = Manifest::open(&path, false).unwrap();
     assert!(m.versions_to_learn().unwrap().is_empty());
 }
+
+#[path = "tests_reads.rs"]
+mod reads;

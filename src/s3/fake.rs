@@ -46,6 +46,8 @@ pub struct FakeVersion {
 #[derive(Debug, Default)]
 struct Bucket {
     versioned: bool,
+    /// Versioning suspended: writes make `null` versions, replacing the key's null version.
+    suspended: bool,
     /// Each key's history, oldest first.
     keys: BTreeMap<String, Vec<FakeVersion>>,
     uploads: BTreeMap<String, Upload>,
@@ -82,6 +84,19 @@ struct Server {
     next_id: u64,
     clock: i64,
     faults: Vec<Fault>,
+    /// Source writes made just before a matching call (see [`FakeServer::overwrite_before`]).
+    overwrites: Vec<Overwrite>,
+}
+
+/// A write another client makes while the job runs, at an exact point.
+#[derive(Clone, Debug)]
+struct Overwrite {
+    op: &'static str,
+    skip: u32,
+    bucket: String,
+    key: String,
+    /// The new bytes; None writes a delete marker.
+    body: Option<Bytes>,
 }
 
 /// The fake server: make clients for each side with [`FakeS3::client`].
@@ -89,6 +104,7 @@ struct Server {
 pub struct FakeServer {
     state: Arc<Mutex<Server>>,
     omit_copy_version: Arc<AtomicBool>,
+    drop_replaced_tags: Arc<AtomicBool>,
     no_markers: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
     /// Listing pages: (entries at most, 0 = as asked; milliseconds each page takes).
@@ -175,6 +191,44 @@ impl FakeServer {
             String::new(),
             false,
         )
+    }
+
+    /// Sets the versioning of a bucket: `Enabled`, `Suspended` (versions written from now on
+    /// are `null`, replacing the key's null version) or anything else (never enabled).
+    pub fn set_versioning(&self, bucket: &str, status: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        let b = s.buckets.entry(bucket.to_string()).or_default();
+        b.versioned = status == "Enabled";
+        b.suspended = status == "Suspended";
+    }
+
+    /// Sets the tags (URL-encoded) of one stored version directly.
+    pub fn set_tags(&self, bucket: &str, key: &str, version: &str, tags: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(v) = s.find_mut(bucket, key, Some(version)) {
+            v.tags = tags.to_string();
+            v.head.tag_count = tag_count(tags);
+        }
+    }
+
+    /// Another writer: just before the `skip + 1`th matching call of `op` (any client, any
+    /// key) is answered, `key` in `bucket` is overwritten with `body` (None: deleted).
+    pub fn overwrite_before(
+        &self,
+        op: &'static str,
+        skip: u32,
+        bucket: &str,
+        key: &str,
+        body: Option<&[u8]>,
+    ) {
+        let mut s = self.state.lock().expect("fake lock");
+        s.overwrites.push(Overwrite {
+            op,
+            skip,
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            body: body.map(Bytes::copy_from_slice),
+        });
     }
 
     /// Writes a delete marker directly (seeding); returns its version id.
@@ -283,6 +337,11 @@ impl FakeServer {
         self.omit_copy_version.store(on, Ordering::Relaxed);
     }
 
+    /// Makes CopyObject with MetadataDirective REPLACE drop the tags (as RGW 16.2 does).
+    pub fn drop_tags_on_replace(&self, on: bool) {
+        self.drop_replaced_tags.store(on, Ordering::Relaxed);
+    }
+
     /// Calls answered so far, all operations.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
@@ -290,6 +349,34 @@ impl FakeServer {
 }
 
 impl Server {
+    /// Makes the overwrites due before this call of `op`.
+    fn overwrite_due(&mut self, op: &str) {
+        let mut due = Vec::new();
+        self.overwrites.retain_mut(|o| {
+            if o.op != op {
+                return true;
+            }
+            if o.skip > 0 {
+                o.skip -= 1;
+                return true;
+            }
+            due.push(o.clone());
+            false
+        });
+        for o in due {
+            let dm = o.body.is_none();
+            let body = o.body.unwrap_or_default();
+            self.write(
+                &o.bucket,
+                &o.key,
+                body,
+                ObjectHead::default(),
+                String::new(),
+                dm,
+            );
+        }
+    }
+
     fn take_fault(&mut self, op: &str, key: &str) -> Option<FaultKind> {
         let f = self
             .faults
@@ -317,6 +404,12 @@ impl Server {
         let (id, clock) = (format!("v{:06}", self.next_id), self.clock);
         let b = self.buckets.entry(bucket.to_string()).or_default();
         let id = if b.versioned { id } else { "null".to_string() };
+        if b.suspended {
+            // The key's null version (or null delete marker) is replaced.
+            if let Some(h) = b.keys.get_mut(key) {
+                h.retain(|v| v.id != "null");
+            }
+        }
         let etag = if dm { String::new() } else { quoted_md5(&body) };
         head.size = body.len() as u64;
         head.etag = Some(etag.clone());
@@ -333,7 +426,7 @@ impl Server {
             written_at: clock,
         };
         let h = b.keys.entry(key.to_string()).or_default();
-        if !b.versioned {
+        if !b.versioned && !b.suspended {
             h.clear();
         }
         h.push(v);
@@ -373,6 +466,7 @@ impl FakeS3 {
         self.counts.count(op);
         self.server.calls.fetch_add(1, Ordering::Relaxed);
         let mut s = self.server.state.lock().expect("fake lock");
+        s.overwrite_due(op);
         match s.take_fault(op, key) {
             Some(FaultKind::Before(class, status)) => {
                 Err(err(self.side, op, class, status, "Injected"))
@@ -399,6 +493,17 @@ impl FakeS3 {
         let v = s
             .find(&obj.bucket, &obj.key, obj.version_id.as_deref())
             .ok_or_else(|| err(self.side, op, ErrorClass::SourceGone, 404, "NoSuchVersion"))?;
+        if let Some(want) = &obj.if_match {
+            if !v.delete_marker && v.etag.trim_matches('"') != want.trim_matches('"') {
+                return Err(err(
+                    self.side,
+                    op,
+                    ErrorClass::Fatal,
+                    412,
+                    "PreconditionFailed",
+                ));
+            }
+        }
         if v.head.archived && op != "HeadObject" {
             return Err(err(
                 self.side,
@@ -427,6 +532,7 @@ fn head_from_attrs(a: &WriteAttrs, from: Option<&ObjectHead>) -> ObjectHead {
     };
     h.storage_class = a.storage_class.clone();
     h.encryption = a.encryption.clone();
+    h.website_redirect = a.website_redirect.clone();
     h.lock = a.lock.clone();
     h
 }
@@ -561,10 +667,15 @@ impl S3Client for FakeS3 {
         attrs: &WriteAttrs,
     ) -> Result<WriteResult, S3Error> {
         let omit = self.server.omit_copy_version.load(Ordering::Relaxed);
+        let drop_tags =
+            attrs.replace_metadata && self.server.drop_replaced_tags.load(Ordering::Relaxed);
         self.op("CopyObject", &dest.key, |s| {
             let v = self.source_version(s, "CopyObject", src)?.clone();
             let head = head_from_attrs(attrs, Some(&v.head));
-            let tags = attrs.tagging.clone().unwrap_or(v.tags);
+            let tags = match drop_tags {
+                true => String::new(),
+                false => attrs.tagging.clone().unwrap_or(v.tags),
+            };
             let id = s.write(&dest.bucket, &dest.key, v.body, head, tags, false);
             Ok(WriteResult {
                 version_id: (!omit).then_some(id),
@@ -782,6 +893,7 @@ impl S3Client for FakeS3 {
             Ok(BucketFacts {
                 region: None,
                 versioned: b.versioned,
+                suspended: b.suspended,
                 object_lock: false,
             })
         })

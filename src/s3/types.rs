@@ -56,8 +56,12 @@ pub struct ObjectRef {
     pub bucket: String,
     /// Key, byte-exact.
     pub key: String,
-    /// Version id; None for the current version (some servers reject `versionId=null`).
+    /// Version id; None for the current version.
     pub version_id: Option<String>,
+    /// Read only while the object's ETag is this one (quotes included): `If-Match` on
+    /// GetObject and HeadObject, `x-amz-copy-source-if-match` on CopyObject and
+    /// UploadPartCopy. A read of a changed object then fails with 412.
+    pub if_match: Option<String>,
 }
 
 impl ObjectRef {
@@ -67,6 +71,7 @@ impl ObjectRef {
             bucket: bucket.to_string(),
             key: key.to_string(),
             version_id: None,
+            if_match: None,
         }
     }
 
@@ -76,18 +81,46 @@ impl ObjectRef {
             bucket: bucket.to_string(),
             key: key.to_string(),
             version_id: Some(version_id.to_string()),
+            if_match: None,
         }
     }
 
-    /// A listed source version to read. A `null` version that is its key's current version
-    /// is read without a version id (some servers reject `versionId=null`); any other is
-    /// named.
+    /// A listed source version to read right after its listing (the selection's HEADs). A
+    /// `null` version that is its key's current version is read without a version id (some
+    /// servers reject `versionId=null` in a bucket that never had versioning); any other is
+    /// named. A copy reads with [`ObjectRef::pinned`] instead.
     pub fn listed(bucket: &str, key: &str, version_id: &str, is_latest: bool) -> ObjectRef {
         if version_id == "null" && is_latest {
             ObjectRef::key(bucket, key)
         } else {
             ObjectRef::version(bucket, key, version_id)
         }
+    }
+
+    /// A listed source version to copy, maybe long after its listing. A version with an id
+    /// is immutable and named by it. A `null` version is not: an overwrite keeps the id
+    /// `null` with other bytes (an unversioned or versioning-suspended bucket), and a newer
+    /// version or delete marker may hide it (a versioned bucket). So a `null` version is
+    /// named `versionId=null` where the bucket has (or had) versioning (`null_by_id`), and
+    /// every read of it is pinned to the listed ETag: a changed object answers 412, never
+    /// other bytes.
+    pub fn pinned(
+        bucket: &str,
+        key: &str,
+        version_id: &str,
+        etag: Option<&str>,
+        null_by_id: bool,
+    ) -> ObjectRef {
+        if version_id != "null" {
+            return ObjectRef::version(bucket, key, version_id);
+        }
+        let mut r = if null_by_id {
+            ObjectRef::version(bucket, key, version_id)
+        } else {
+            ObjectRef::key(bucket, key)
+        };
+        r.if_match = etag.filter(|e| !e.is_empty()).map(str::to_string);
+        r
     }
 }
 
@@ -238,6 +271,8 @@ pub struct ObjectHead {
     pub archived: bool,
     /// Replication status header (`x-amz-replication-status`), when present.
     pub replication_status: Option<String>,
+    /// `x-amz-website-redirect-location`, when set.
+    pub website_redirect: Option<String>,
 }
 
 /// The standard content headers of an object.
@@ -283,6 +318,9 @@ pub struct WriteAttrs {
     pub lock: ObjectLock,
     /// Content-MD5 of the body (PutObject).
     pub content_md5: Option<String>,
+    /// `x-amz-website-redirect-location` (sent in every copy mode: S3 does not carry it
+    /// over by itself).
+    pub website_redirect: Option<String>,
 }
 
 /// The answer to a write that created a destination version.
@@ -314,6 +352,8 @@ pub struct BucketFacts {
     pub region: Option<String>,
     /// Versioning is enabled.
     pub versioned: bool,
+    /// Versioning is suspended (it was enabled once: `null` versions are named by id).
+    pub suspended: bool,
     /// Object lock is enabled on the bucket.
     pub object_lock: bool,
 }
