@@ -86,7 +86,8 @@ pub trait S3Client: Send + Sync + 'static {
         body: Bytes,
         attrs: &WriteAttrs,
     ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
-    /// Deletes the current version of `dest` (a delete marker in a versioned bucket).
+    /// Deletes the current version of `dest` (a delete marker in a versioned bucket), or,
+    /// when `dest.version_id` is given, that version for good.
     fn delete_object(
         &self,
         dest: &ObjectRef,
@@ -598,6 +599,19 @@ impl SdkClient {
         }
     }
 
+    /// The per-request settings of an upload whose body the caller checks with a Content-MD5
+    /// (which SigV4 signs, and the server compares with the bytes it gets): no payload
+    /// signing (a SHA-256 pass over the body), and no checksum of the SDK's own (its CRC32
+    /// default, another pass) unless `kept` asks for one to keep at the destination. One
+    /// hashing pass per byte, the caller's MD5.
+    fn md5_checked(&self, kept: Option<ChecksumAlgorithm>) -> aws_sdk_s3::config::Builder {
+        let b = aws_sdk_s3::config::Builder::default();
+        if self.algorithm(kept).is_some() {
+            return b;
+        }
+        b.request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+    }
+
     async fn bucket_versioning(&self, bucket: &str) -> Result<bool, S3Error> {
         self.counts.count("GetBucketVersioning");
         let raw = RawBody::default();
@@ -877,10 +891,16 @@ impl S3Client for SdkClient {
             .key(&dest.key)
             .body(ByteStream::from(body))
             .set_content_md5(attrs.content_md5.clone());
-        let o = with_attrs!(req, self, attrs)
-            .send()
-            .await
-            .map_err(|e| self.err(OP, false, e))?;
+        let req = with_attrs!(req, self, attrs).customize();
+        let o = match &attrs.content_md5 {
+            Some(_) => req
+                .config_override(self.md5_checked(attrs.checksum_algorithm))
+                .disable_payload_signing(),
+            None => req,
+        }
+        .send()
+        .await
+        .map_err(|e| self.err(OP, false, e))?;
         Ok(WriteResult {
             version_id: o.version_id().map(str::to_string),
             etag: o.e_tag().map(str::to_string),
@@ -896,6 +916,7 @@ impl S3Client for SdkClient {
             .delete_object()
             .bucket(&dest.bucket)
             .key(&dest.key)
+            .set_version_id(dest.version_id.clone())
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;
@@ -986,6 +1007,9 @@ impl S3Client for SdkClient {
             .content_md5(md5)
             .set_checksum_algorithm(self.algorithm(algorithm))
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.md5_checked(algorithm))
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;

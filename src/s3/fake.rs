@@ -600,6 +600,16 @@ impl S3Client for FakeS3 {
 
     async fn delete_object(&self, dest: &ObjectRef) -> Result<WriteResult, S3Error> {
         self.op("DeleteObject", &dest.key, |s| {
+            if let Some(v) = &dest.version_id {
+                let b = s.buckets.entry(dest.bucket.clone()).or_default();
+                if let Some(h) = b.keys.get_mut(&dest.key) {
+                    h.retain(|x| &x.id != v);
+                }
+                return Ok(WriteResult {
+                    version_id: Some(v.clone()),
+                    ..WriteResult::default()
+                });
+            }
             let id = s.write(
                 &dest.bucket,
                 &dest.key,
