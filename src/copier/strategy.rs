@@ -941,19 +941,14 @@ impl<C: S3Client> Copier<C> {
     ) -> Result<Copied, S3Error> {
         let _held = self.memory.hold(head.size).await?;
         let body = self.get_range(ctx, None, head.size).await?;
-        // One MD5 pass: end-to-end integrity (an MD5 ETag must match the bytes read), and
-        // the Content-MD5 the destination checks the upload with.
-        let md5 = Md5::digest(&body);
-        if md5_etag(head)
-            && head.etag.as_deref().map(|e| e.trim_matches('"')) != Some(&hex::encode(md5))
-        {
-            return Err(S3Error::other(
-                self.source.side(),
-                "GetObject",
-                ErrorClass::Retryable,
-                "the bytes read do not match the source ETag".into(),
-            ));
-        }
+        // End-to-end integrity: the destination checks the bytes against a Content-MD5. A
+        // source whose ETag is the MD5 of its bytes gives it (no hashing here: the server
+        // refuses bytes that differ from the source's, BadDigest); other bodies are hashed
+        // once.
+        let md5 = match md5_etag(head).then(|| etag_md5(head)).flatten() {
+            Some(md5) => md5,
+            None => Md5::digest(&body).to_vec(),
+        };
         attrs.tagging = self.tags_for(ctx, head, false).await?;
         attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let wrote = self
@@ -1342,6 +1337,12 @@ pub(super) fn md5_etag(head: &ObjectHead) -> bool {
             let e = e.trim_matches('"');
             e.len() == 32 && !e.contains('-')
         })
+}
+
+/// The 16 bytes of a single-part ETag (the MD5 of the bytes where [`md5_etag`] says so).
+fn etag_md5(head: &ObjectHead) -> Option<Vec<u8>> {
+    let e = head.etag.as_deref()?.trim_matches('"');
+    hex::decode(e).ok().filter(|b| b.len() == 16)
 }
 
 /// Parts count encoded in a multipart ETag (`"…-N"`).
