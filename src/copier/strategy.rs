@@ -1112,7 +1112,10 @@ impl<C: S3Client> Copier<C> {
             .map(|n| {
                 let first = (n - 1) * layout.part_size;
                 let last = (n * layout.part_size).min(head.size).saturating_sub(1);
-                self.part(ctx, head, upload_id, n as i32, (first, last), server_side)
+                let part = (n as i32, (first, last));
+                // Parts of a checked layout are not hashed here: the server's MD5s of what
+                // it received must compose the source's ETag before the upload completes.
+                self.part(ctx, head, upload_id, part, server_side, !checked)
             })
             .buffered(self.part_concurrency)
             .try_collect()
@@ -1165,9 +1168,9 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         head: &ObjectHead,
         upload_id: &str,
-        n: i32,
-        range: (u64, u64),
+        (n, range): (i32, (u64, u64)),
         server_side: bool,
+        content_md5: bool,
     ) -> Result<PartResult, S3Error> {
         if server_side {
             let src = ctx.source(&self.settings.source.bucket);
@@ -1183,12 +1186,12 @@ impl<C: S3Client> Copier<C> {
         let body = self
             .get_range(ctx, Some(range), range.1 - range.0 + 1)
             .await?;
-        let md5 = md5_b64(&body);
+        let md5 = content_md5.then(|| md5_b64(&body));
         let alg = head.checksum.as_ref().map(|c| c.algorithm);
         self.retrier
             .call(&ctx.retries, || {
                 self.dest
-                    .upload_part(&ctx.dest, upload_id, n, body.clone(), &md5, alg)
+                    .upload_part(&ctx.dest, upload_id, n, body.clone(), md5.as_deref(), alg)
             })
             .await
     }

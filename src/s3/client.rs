@@ -113,14 +113,16 @@ pub trait S3Client: Send + Sync + 'static {
         src: &ObjectRef,
         range: (u64, u64),
     ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
-    /// Uploads part `n` with its Content-MD5 (base64).
+    /// Uploads part `n` with its Content-MD5 (base64), or without one where the caller checks
+    /// the parts' ETags (their MD5s, computed by the server) against the source's before
+    /// completing.
     fn upload_part(
         &self,
         dest: &ObjectRef,
         upload_id: &str,
         n: i32,
         body: Bytes,
-        md5: &str,
+        md5: Option<&str>,
         algorithm: Option<ChecksumAlgorithm>,
     ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
     /// Completes a multipart upload with its parts, in order.
@@ -992,7 +994,7 @@ impl S3Client for SdkClient {
         upload_id: &str,
         n: i32,
         body: Bytes,
-        md5: &str,
+        md5: Option<&str>,
         algorithm: Option<ChecksumAlgorithm>,
     ) -> Result<PartResult, S3Error> {
         const OP: &str = "UploadPart";
@@ -1004,7 +1006,7 @@ impl S3Client for SdkClient {
             .key(&dest.key)
             .upload_id(upload_id)
             .part_number(n)
-            .content_md5(md5)
+            .set_content_md5(md5.map(str::to_string))
             .set_checksum_algorithm(self.algorithm(algorithm))
             .body(ByteStream::from(body))
             .customize()

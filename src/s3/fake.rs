@@ -688,7 +688,7 @@ impl S3Client for FakeS3 {
         upload_id: &str,
         n: i32,
         body: Bytes,
-        _md5: &str,
+        _md5: Option<&str>,
         _alg: Option<ChecksumAlgorithm>,
     ) -> Result<PartResult, S3Error> {
         self.op("UploadPart", &dest.key, |s| {
