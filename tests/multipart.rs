@@ -185,6 +185,17 @@ async fn multipart_sources_keep_layout_etag_and_metadata() {
     let st = job.status();
     assert_eq!(st.etag_preserved, 4, "{st:?}");
     assert_eq!(st.done, st.total, "{st:?}");
+    // status counts the changed ETag with its reason.
+    assert_eq!(st.etag_changed, 1, "{st:?}");
+    let reasons: Vec<&String> = st.etag_changes.keys().collect();
+    assert_eq!(reasons.len(), 1, "{st:?}");
+    assert!(reasons[0].contains("part layout"), "{st:?}");
+    let text = run(&["status", "--manifest", m.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("etags: 4 multipart ETags kept, 1 changed"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
