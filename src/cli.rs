@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    ChecksumCalculation, ConfigError, CopyMode, CopyOptions, JobSettings, Location, Selection,
-    SideConfig, Sse,
+    ChecksumCalculation, ConfigError, CopyMode, CopyOptions, JobSettings, LargeCopy, Location,
+    Selection, SideConfig, Sse,
 };
 use crate::copier::{FailureThreshold, RunOptions};
 use crate::filters::{self, Filters};
@@ -120,6 +120,12 @@ pub struct CopyArgs {
     /// crash matches by size, ETag and time instead of exactly (see the README).
     #[arg(long)]
     pub no_stamp: bool,
+    /// Server-side copies of multipart sources: parts (UploadPartCopy in the source's own
+    /// layout: its ETag is kept everywhere), copy-object (one CopyObject up to 5 GiB), or auto
+    /// (parts on AWS; elsewhere one CopyObject while the server keeps multipart ETags, checked
+    /// on the first). Single-part sources up to 5 GiB are always one CopyObject.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub large_copy: LargeCopy,
 }
 
 impl CopyArgs {
@@ -134,6 +140,7 @@ impl CopyArgs {
             sse_kms_key_id: self.sse_kms_key_id.clone(),
             acl: self.acl.clone(),
             stamp: !self.no_stamp,
+            large_copy: self.large_copy,
         };
         o.validate()?;
         Ok(o)

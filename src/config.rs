@@ -170,12 +170,56 @@ pub enum CopyMode {
     Stream,
 }
 
+/// How a server-side copy of a multipart source is made (`--large-copy`). A single-part
+/// source up to 5 GiB is always one `CopyObject` (its MD5 ETag is kept on every server), and
+/// anything above 5 GiB (CopyObject's limit) is copied in parts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LargeCopy {
+    /// By the server: on AWS endpoints (none configured, or `*.amazonaws.com`) `parts`, since
+    /// AWS gives a multipart source copied by CopyObject a new single-part ETag; elsewhere
+    /// `copy-object` while the server keeps multipart ETags (Ceph RGW does, without moving
+    /// data): the first such copy of a run is checked, and if its ETag changed, multipart
+    /// sources are copied in parts for the rest of the run (that first one is copied again
+    /// in parts).
+    #[default]
+    Auto,
+    /// One `CopyObject` for every source up to 5 GiB (fast where the server copies without
+    /// moving data; a server that does not keep multipart ETags gives such copies new ones).
+    CopyObject,
+    /// `UploadPartCopy` in the source's own part layout (read, or inferred from its ETag):
+    /// the multipart ETag is kept on every server.
+    Parts,
+}
+
+/// Whether an endpoint is AWS S3's own: none configured (the SDK's default), or a host
+/// under `amazonaws.com` (`.cn` included).
+///
+/// ```
+/// use s3_backfill::config::is_aws_endpoint;
+/// assert!(is_aws_endpoint(None));
+/// assert!(is_aws_endpoint(Some("https://s3.eu-west-1.amazonaws.com")));
+/// assert!(!is_aws_endpoint(Some("http://127.0.0.1:7480")));
+/// ```
+pub fn is_aws_endpoint(endpoint: Option<&str>) -> bool {
+    let Some(e) = endpoint else { return true };
+    let host = e.split("://").nth(1).unwrap_or(e);
+    let host = host
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn")
+}
+
 /// Options of the copy stage that a migration needs; stored with the job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyOptions {
     /// Server-side, streaming, or chosen by the endpoints.
     pub mode: CopyMode,
-    /// Objects of this size or more are copied in parts.
+    /// Streamed objects of this size or more are copied in parts, unless that would change
+    /// an ETag that can be kept (a single-part source that fits the memory budget is one
+    /// PutObject; a multipart source keeps its layout).
     pub multipart_threshold: u64,
     /// Part size when the source's own layout is unknown or not uniform.
     pub part_size: u64,
@@ -191,6 +235,9 @@ pub struct CopyOptions {
     /// (exact reconciliation; see the README). Off: metadata byte-identical.
     #[serde(default = "yes")]
     pub stamp: bool,
+    /// How server-side copies of multipart sources are made.
+    #[serde(default)]
+    pub large_copy: LargeCopy,
 }
 
 /// Default multipart threshold: 64 MiB.
@@ -217,6 +264,7 @@ impl Default for CopyOptions {
             sse_kms_key_id: None,
             acl: None,
             stamp: true,
+            large_copy: LargeCopy::Auto,
         }
     }
 }

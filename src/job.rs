@@ -929,7 +929,9 @@ pub fn counts_after(manifest: &Path) -> Option<crate::manifest::Counts> {
 pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let settings = m.require_settings()?;
-    let c = m.counts()?;
+    let mut c = m.counts()?;
+    c.etag_changes = m.etag_changes()?;
+    c.etag_changed = c.etag_changes.values().sum();
     if args.json {
         println!(
             "{}",
@@ -1085,7 +1087,9 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     if args.format == ReportFormat::Aws {
         return report_aws(args, &m, &settings);
     }
-    let counts = m.counts()?;
+    let mut counts = m.counts()?;
+    counts.etag_changes = m.etag_changes()?;
+    counts.etag_changed = counts.etag_changes.values().sum();
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(File::create(p).map_err(|e| {
             JobError::Usage(format!("cannot write {}: {e}", p.display()))

@@ -40,6 +40,7 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
          listing: {listing}\n\
          tasks: {} total ({} delete markers): {} done, {} pending, {} in progress, {} failed, {} blocked behind a failure, {} skipped ({} archived) ({pct:.1}% finished)\n\
          bytes: {} of {} copied\n\
+         etags: {}\n\
          retries: {}\n\
          requests: {}",
         settings.source,
@@ -55,9 +56,23 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
         c.archived,
         HumanBytes(c.bytes_done),
         HumanBytes(c.bytes_total),
+        etag_line(c),
         c.retries,
         if requests.is_empty() { "none yet".to_string() } else { requests.join(", ") },
     )
+}
+
+/// What happened to the ETags that were at stake (multipart sources, copies in parts): how
+/// many were kept, how many changed and why.
+fn etag_line(c: &Counts) -> String {
+    let mut s = format!(
+        "{} multipart ETags kept, {} changed",
+        c.etag_preserved, c.etag_changed
+    );
+    for (why, n) in &c.etag_changes {
+        s.push_str(&format!("\n  {n} changed: {why}"));
+    }
+    s
 }
 
 /// The completion report as JSON: settings, counts, problems.

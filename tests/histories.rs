@@ -187,6 +187,8 @@ async fn production_histories_replicate_exactly() {
         "5MiB",
         "--part-size",
         "5MiB",
+        "--large-copy",
+        "parts",
     ]);
     let o = job.replicate();
     // Shown when the test fails: what the job says about itself.

@@ -1,6 +1,9 @@
 //! Multipart sources against the S3 server under test (moto or Ceph RGW): server-side multipart copies keep the source's part
 //! layout (so the multipart ETag is preserved), headers, metadata and tags; failed and
-//! killed copies leave no multipart upload behind.
+//! killed copies leave no multipart upload behind. Copies keep every ETag the source had:
+//! a single-part source above the multipart threshold, multipart sources in 5 MiB and in
+//! 6 MiB parts, server-side (one CopyObject, or parts in the source's layout, read or
+//! inferred where RGW hides it) and streamed between two servers.
 
 mod support;
 
@@ -10,13 +13,16 @@ use support::*;
 
 const MIB: usize = 1024 * 1024;
 
-/// The job of this file: 5 MiB parts, every version and delete marker.
+/// The job of this file: 5 MiB parts, multipart sources copied in parts (not by one
+/// CopyObject, which both servers would allow), every version and delete marker.
 fn job_of(src: &str, dst: &str, m: &std::path::Path) -> Job {
     Job::new(src, dst, m).endpoint(&endpoint()).extra(&[
         "--multipart-threshold",
         "5MiB",
         "--part-size",
         "5MiB",
+        "--large-copy",
+        "parts",
         "--delete-markers",
     ])
 }
@@ -179,6 +185,17 @@ async fn multipart_sources_keep_layout_etag_and_metadata() {
     let st = job.status();
     assert_eq!(st.etag_preserved, 4, "{st:?}");
     assert_eq!(st.done, st.total, "{st:?}");
+    // status counts the changed ETag with its reason.
+    assert_eq!(st.etag_changed, 1, "{st:?}");
+    let reasons: Vec<&String> = st.etag_changes.keys().collect();
+    assert_eq!(reasons.len(), 1, "{st:?}");
+    assert!(reasons[0].contains("part layout"), "{st:?}");
+    let text = run(&["status", "--manifest", m.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("etags: 4 multipart ETags kept, 1 changed"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,5 +392,187 @@ async fn multipart_checksum_is_kept_and_checked() {
     let got = content(&c, &dst, "ck/big", d.version_id().unwrap()).await;
     assert_eq!(got.body, body);
     let t = manifest_tasks(&m);
-    assert_eq!(t[0].copy_method.as_deref(), Some("multipart-copy"));
+    // A composite checksum is kept only by parts in the source's layout; where the server
+    // keeps no checksums (RGW 16.2) one CopyObject keeps the multipart ETag.
+    let method = if keeps_checksums() {
+        "multipart-copy"
+    } else {
+        "copy"
+    };
+    assert_eq!(t[0].copy_method.as_deref(), Some(method), "{t:?}");
+}
+
+/// Sources whose ETags every copy must keep: a single-part source of 20 MiB (above the
+/// 5 MiB threshold and part size of the jobs below), 3 x 5 MiB + 2 MiB in 5 MiB parts, and
+/// 3 x 6 MiB + 1 MiB in 6 MiB parts (5 MiB parts would also make 4 of them: only the right
+/// layout keeps its ETag). Returns each key with its source ETag.
+async fn seed_etag_sources(c: &aws_sdk_s3::Client, bucket: &str) -> Vec<(&'static str, String)> {
+    seed(
+        c,
+        bucket,
+        vec![vec![Op::put("single/20m", pseudo_random(20 * MIB, 200))]],
+    )
+    .await;
+    let mut out = Vec::new();
+    let single = c
+        .head_object()
+        .bucket(bucket)
+        .key("single/20m")
+        .send()
+        .await
+        .expect("head the single-part source");
+    let etag = single.e_tag().unwrap_or_default().to_string();
+    assert!(!etag.contains('-'), "a single-part ETag: {etag}");
+    out.push(("single/20m", etag));
+    for (key, size, part) in [("mp/5m", 17 * MIB, 5 * MIB), ("mp/6m", 19 * MIB, 6 * MIB)] {
+        let body = pseudo_random(size, size as u64);
+        let (_, etag) = put_multipart(c, bucket, key, &body, &[part], &rich(part)).await;
+        let parts: Vec<&[u8]> = body.chunks(part).collect();
+        assert_eq!(etag, multipart_etag(&parts), "{key} is a 4-part upload");
+        assert!(etag.ends_with("-4\""), "{etag}");
+        out.push((key, etag));
+    }
+    out
+}
+
+/// Each source's ETag at the destination (the current version of its key), the body equal.
+async fn assert_etags_kept(
+    sc: &aws_sdk_s3::Client,
+    src: &str,
+    dc: &aws_sdk_s3::Client,
+    dst: &str,
+    sources: &[(&str, String)],
+) {
+    for (key, etag) in sources {
+        let d = dc
+            .head_object()
+            .bucket(dst)
+            .key(*key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("head {key} at the destination: {e:?}"));
+        assert_eq!(d.e_tag(), Some(etag.as_str()), "{key}: the source's ETag");
+        let sv = &histories(sc, src, key).await[*key];
+        let dv = &histories(dc, dst, key).await[*key];
+        // One version each: a copy undone for its ETag (moto's CopyObject of a multipart
+        // source) leaves nothing behind.
+        assert_eq!((sv.len(), dv.len()), (1, 1), "{key}: {dv:?}");
+        let a = content(sc, src, key, &sv[0].version_id).await;
+        let b = content(dc, dst, key, &dv[0].version_id).await;
+        assert!(a.body == b.body, "{key}: the bodies differ");
+    }
+}
+
+/// What the manifest and `status` say about the ETags: all kept, none changed; the
+/// single-part source was one write.
+fn assert_etags_recorded(job: &Job, single_method: &str) {
+    let tasks = job.tasks();
+    assert_eq!(tasks.len(), 3, "{tasks:?}");
+    assert!(tasks.iter().all(|t| t.state == "done"), "{tasks:?}");
+    let single = tasks.iter().find(|t| t.key == "single/20m").unwrap();
+    assert_eq!(
+        single.copy_method.as_deref(),
+        Some(single_method),
+        "{single:?}"
+    );
+    for t in tasks.iter().filter(|t| t.key.starts_with("mp/")) {
+        assert_eq!(t.etag_preserved, Some(1), "{t:?}");
+        assert!(t.upload_id.is_none(), "{t:?}");
+    }
+    let st = job.status();
+    assert_eq!((st.etag_preserved, st.etag_changed), (2, 0), "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_copies_keep_single_part_and_multipart_etags() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let src = bucket("src");
+    create_bucket(&c, &src, true).await;
+    let sources = seed_etag_sources(&c, &src).await;
+
+    // auto: RGW keeps a multipart ETag on CopyObject, so every source up to 5 GiB is one
+    // CopyObject there; moto does not, so the first multipart source's CopyObject is undone
+    // and the copy made in parts (so is every later one). parts: multipart sources in their
+    // own layout (read from moto, inferred and checked on RGW, which hides it: 5 MiB parts
+    // are tried first for the 6 MiB source and do not compose its ETag).
+    let auto_method = match server() {
+        Server::Rgw => "copy",
+        Server::Moto => "multipart-copy",
+    };
+    for (mode, mp_method) in [("auto", auto_method), ("parts", "multipart-copy")] {
+        let dst = bucket("dst");
+        create_bucket(&c, &dst, true).await;
+        let (_d, m) = manifest();
+        let job = Job::new(&src, &dst, &m).endpoint(&ep).extra(&[
+            "--multipart-threshold",
+            "5MiB",
+            "--part-size",
+            "5MiB",
+        ]);
+        // auto is the default.
+        let job = match mode {
+            "auto" => job,
+            _ => job.extra(&["--large-copy", mode]),
+        };
+        let o = job.replicate();
+        println!("{mode}: {}", stderr_of(&o));
+        expect_code(&o, 0);
+        assert_etags_kept(&c, &src, &c, &dst, &sources).await;
+        assert_etags_recorded(&job, "copy");
+        let tasks = job.tasks();
+        for (key, part) in [("mp/5m", 5 * MIB), ("mp/6m", 6 * MIB)] {
+            let t = tasks.iter().find(|t| t.key == key).unwrap();
+            assert_eq!(t.copy_method.as_deref(), Some(mp_method), "{mode}: {t:?}");
+            if mp_method == "multipart-copy" {
+                assert_eq!(
+                    (t.part_size, t.parts),
+                    (Some(part as i64), Some(4)),
+                    "{t:?}"
+                );
+            }
+        }
+        assert!(
+            open_uploads(&c, &dst).await.is_empty(),
+            "{mode}: no upload left"
+        );
+        expect_code(&job.verify(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_copies_keep_single_part_and_multipart_etags() {
+    let (ep1, ep2) = (endpoint(), second_endpoint());
+    let (sc, dc) = (client(&ep1), client(&ep2));
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&sc, &src, true).await;
+    create_bucket(&dc, &dst, true).await;
+    let sources = seed_etag_sources(&sc, &src).await;
+
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoints(&ep1, &ep2).extra(&[
+        "--copy-mode",
+        "stream",
+        "--multipart-threshold",
+        "5MiB",
+        "--part-size",
+        "5MiB",
+    ]);
+    let o = job.replicate();
+    println!("{}", stderr_of(&o));
+    expect_code(&o, 0);
+    assert_etags_kept(&sc, &src, &dc, &dst, &sources).await;
+    // The single-part source fits the memory budget: one PutObject, not 5 MiB parts.
+    assert_etags_recorded(&job, "stream");
+    let tasks = job.tasks();
+    for (key, part) in [("mp/5m", 5 * MIB), ("mp/6m", 6 * MIB)] {
+        let t = tasks.iter().find(|t| t.key == key).unwrap();
+        assert_eq!(t.copy_method.as_deref(), Some("multipart-stream"), "{t:?}");
+        assert_eq!(
+            (t.part_size, t.parts),
+            (Some(part as i64), Some(4)),
+            "{t:?}"
+        );
+    }
+    assert!(open_uploads(&dc, &dst).await.is_empty(), "no upload left");
 }

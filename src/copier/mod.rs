@@ -30,7 +30,10 @@ mod tests;
 
 pub use progress::RunSummary;
 pub use scheduler::ListingState;
-pub use strategy::{choose_layout, choose_plan, CopyPlan, Layout};
+pub use strategy::{
+    choose_layout, choose_plan, composite_etag, infer_part_sizes, CopyPlan, Layout, Route,
+    SourceUpload, MAX_LAYOUT_TRIES,
+};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -176,6 +179,9 @@ pub struct Copier<C: S3Client> {
     stream_said: AtomicBool,
     /// The source bucket has or had versioning (see [`Copier::set_source_facts`]).
     source_null_by_id: AtomicBool,
+    /// Whether the destination's server keeps a multipart source's ETag on CopyObject, as
+    /// this run found (see `strategy::WholeCopy`).
+    whole_copy: strategy::WholeCopy,
     /// Whether the source bucket has object lock, read once (see `strategy::one_request`).
     source_lock: tokio::sync::OnceCell<bool>,
     /// Bytes of streamed bodies held at once (see `strategy::Budget`).
@@ -214,6 +220,7 @@ impl<C: S3Client> Copier<C> {
             lock_warned: AtomicBool::new(false),
             stream_said: AtomicBool::new(false),
             source_null_by_id: AtomicBool::new(false),
+            whole_copy: strategy::WholeCopy::default(),
             source_lock: tokio::sync::OnceCell::new(),
             memory: strategy::Budget::new(opts.max_memory),
             learner: learn::Learner::default(),

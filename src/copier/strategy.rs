@@ -25,7 +25,10 @@ use md5::{Digest, Md5};
 
 use super::scheduler::TaskCtx;
 use super::{now_secs, Copier};
-use crate::config::{CopyMode, CopyOptions, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART};
+use crate::config::{
+    is_aws_endpoint, CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS,
+    MIN_PART,
+};
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
     show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
@@ -110,37 +113,226 @@ pub enum CopyPlan {
     MultipartStream,
 }
 
-/// Chooses the plan: parts at or above the multipart threshold, above 5 GiB (CopyObject's
-/// limit), and when streaming above one part (memory stays within about one part per request
-/// in flight whatever the object sizes).
+/// What a source version's ETag says about how it was uploaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceUpload {
+    /// One PutObject (or a copy of one): its ETag is the MD5 of its bytes, kept by one
+    /// CopyObject or one PutObject of the same bytes.
+    Single,
+    /// A multipart upload of this many parts (`"…-N"`): its ETag is kept by the same part
+    /// boundaries (or by a CopyObject on a server that keeps it).
+    Multipart(u64),
+    /// Neither (an ETag that is not an MD5, e.g. of an SSE-KMS object, or none): a copy
+    /// gets a new ETag whatever its plan.
+    Unknown,
+}
+
+impl SourceUpload {
+    /// Reads an ETag; `md5_kept`: a single-part ETag of this version is an MD5 of its bytes
+    /// (not SSE-KMS or SSE-C encrypted; a listing cannot tell, so it passes true).
+    ///
+    /// ```
+    /// use s3_backfill::copier::SourceUpload;
+    /// let md5 = "\"9e107d9d372bb6826bd81d3542a419d6\"";
+    /// assert_eq!(SourceUpload::of(Some(md5), true), SourceUpload::Single);
+    /// assert_eq!(SourceUpload::of(Some(md5), false), SourceUpload::Unknown);
+    /// assert_eq!(SourceUpload::of(Some("\"9e107d9d372bb6826bd81d3542a419d6-3\""), true), SourceUpload::Multipart(3));
+    /// ```
+    pub fn of(etag: Option<&str>, md5_kept: bool) -> SourceUpload {
+        if let Some(n) = etag_parts(etag).filter(|n| *n >= 1) {
+            return SourceUpload::Multipart(n);
+        }
+        match etag.map(|e| e.trim_matches('"')) {
+            Some(e) if md5_kept && e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                SourceUpload::Single
+            }
+            _ => SourceUpload::Unknown,
+        }
+    }
+}
+
+/// Where a copy's bytes go, and what decides its plan there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Server-side (CopyObject, UploadPartCopy); `whole_multipart`: a multipart source up
+    /// to 5 GiB is copied with one CopyObject (see [`crate::config::LargeCopy`]).
+    ServerSide {
+        /// One CopyObject for a multipart source.
+        whole_multipart: bool,
+    },
+    /// Through this machine; `budget`: the most bytes one body may hold (`--max-memory`).
+    Stream {
+        /// Bytes one body may hold.
+        budget: u64,
+    },
+}
+
+/// Chooses the plan, fidelity first: the source's ETag is kept wherever a plan can keep it.
+///
+/// - Server-side: a single-part source up to 5 GiB is one `CopyObject` (its MD5 ETag is
+///   kept, and servers such as RGW copy it without moving data); a multipart source is
+///   copied in parts (its own layout, see [`Copier::multipart`]) or, with
+///   `whole_multipart`, by one `CopyObject`; above 5 GiB (CopyObject's limit) parts. A
+///   source whose ETag tells nothing ([`SourceUpload::Unknown`]) is copied in parts at or
+///   above `--multipart-threshold`.
+/// - Streamed: a single-part source that fits the memory budget (and 5 GiB) is one
+///   `PutObject`; a multipart source is uploaded in parts; others by size (parts at or
+///   above the threshold or above one part, so memory stays within a part per request).
 ///
 /// ```
 /// use s3_backfill::config::CopyOptions;
-/// use s3_backfill::copier::{choose_plan, CopyPlan};
+/// use s3_backfill::copier::{choose_plan, CopyPlan, Route, SourceUpload};
 /// let opts = CopyOptions::default(); // 64 MiB threshold, 16 MiB parts
-/// assert_eq!(choose_plan(false, 1 << 20, true, &opts), CopyPlan::Copy);
-/// assert_eq!(choose_plan(false, 100 << 20, true, &opts), CopyPlan::MultipartCopy);
-/// assert_eq!(choose_plan(false, 20 << 20, false, &opts), CopyPlan::MultipartStream);
-/// assert_eq!(choose_plan(true, 0, true, &opts), CopyPlan::DeleteMarker);
+/// let server = Route::ServerSide { whole_multipart: false };
+/// let single = SourceUpload::Single;
+/// assert_eq!(choose_plan(false, 1 << 20, single, server, &opts), CopyPlan::Copy);
+/// assert_eq!(choose_plan(false, 100 << 20, single, server, &opts), CopyPlan::Copy);
+/// let three = SourceUpload::Multipart(3);
+/// assert_eq!(choose_plan(false, 100 << 20, three, server, &opts), CopyPlan::MultipartCopy);
+/// let whole = Route::ServerSide { whole_multipart: true };
+/// assert_eq!(choose_plan(false, 100 << 20, three, whole, &opts), CopyPlan::Copy);
+/// let stream = Route::Stream { budget: 64 << 20 };
+/// assert_eq!(choose_plan(false, 20 << 20, single, stream, &opts), CopyPlan::Stream);
+/// assert_eq!(choose_plan(false, 80 << 20, single, stream, &opts), CopyPlan::MultipartStream);
+/// assert_eq!(choose_plan(true, 0, single, server, &opts), CopyPlan::DeleteMarker);
 /// ```
 pub fn choose_plan(
     is_delete_marker: bool,
     size: u64,
-    server_side: bool,
+    source: SourceUpload,
+    route: Route,
     c: &CopyOptions,
 ) -> CopyPlan {
     if is_delete_marker {
         return CopyPlan::DeleteMarker;
     }
-    let parts = size >= c.multipart_threshold
-        || size > MAX_COPY_OBJECT
-        || (!server_side && size > c.part_size);
-    match (server_side, parts) {
-        (true, false) => CopyPlan::Copy,
-        (true, true) => CopyPlan::MultipartCopy,
-        (false, false) => CopyPlan::Stream,
-        (false, true) => CopyPlan::MultipartStream,
+    match route {
+        Route::ServerSide { whole_multipart } => {
+            let parts = size > MAX_COPY_OBJECT
+                || match source {
+                    SourceUpload::Single => false,
+                    SourceUpload::Multipart(_) => !whole_multipart,
+                    SourceUpload::Unknown => size >= c.multipart_threshold,
+                };
+            if parts {
+                CopyPlan::MultipartCopy
+            } else {
+                CopyPlan::Copy
+            }
+        }
+        Route::Stream { budget } => {
+            let parts = match source {
+                SourceUpload::Single => size > budget.min(MAX_COPY_OBJECT),
+                SourceUpload::Multipart(_) => true,
+                SourceUpload::Unknown => {
+                    size >= c.multipart_threshold
+                        || size > MAX_COPY_OBJECT
+                        || size > c.part_size.min(budget)
+                }
+            };
+            if parts {
+                CopyPlan::MultipartStream
+            } else {
+                CopyPlan::Stream
+            }
+        }
     }
+}
+
+/// Part sizes most tools upload with, most common first (AWS CLI and SDKs 8 MiB, rclone and
+/// s3cmd 5/15/16 MiB, MinIO and Hadoop's 10/64/100/128 MiB, ...).
+const COMMON_PART_SIZES_MIB: [u64; 13] = [5, 8, 16, 10, 15, 32, 64, 100, 128, 25, 50, 256, 512];
+
+/// At most this many candidate layouts are tried per source (each try copies the object).
+pub const MAX_LAYOUT_TRIES: usize = 3;
+
+/// The uniform part sizes that cut `size` bytes into exactly `parts` parts (every part but
+/// the last of that size, the last not empty), for a source whose part layout the server does
+/// not show: the common sizes first, then whole MiB from the smallest that fits, then the
+/// equal split (`ceil(size / parts)`), then whole decimal MB. At most 12; empty when none
+/// fits S3's limits.
+///
+/// ```
+/// use s3_backfill::copier::infer_part_sizes;
+/// const MIB: u64 = 1024 * 1024;
+/// // 19 MiB in 4 parts: 5 MiB (5+5+5+4), 6 MiB (6+6+6+1), or 6 MB.
+/// assert_eq!(infer_part_sizes(19 * MIB, 4), vec![5 * MIB, 6 * MIB, 6_000_000]);
+/// ```
+pub fn infer_part_sizes(size: u64, parts: u64) -> Vec<u64> {
+    const MIB: u64 = 1024 * 1024;
+    const MOST: usize = 12;
+    if parts == 0 || size == 0 || parts > MAX_PARTS {
+        return Vec::new();
+    }
+    if parts == 1 {
+        return if size <= MAX_PART {
+            vec![size]
+        } else {
+            Vec::new()
+        };
+    }
+    // (parts - 1) * p < size <= parts * p
+    let lo = size.div_ceil(parts).max(MIN_PART);
+    let hi = ((size - 1) / (parts - 1)).min(MAX_PART);
+    if lo > hi {
+        return Vec::new();
+    }
+    let mut out: Vec<u64> = Vec::new();
+    let add = |p: u64, out: &mut Vec<u64>| {
+        if (lo..=hi).contains(&p) && !out.contains(&p) && out.len() < MOST {
+            out.push(p);
+        }
+    };
+    for m in COMMON_PART_SIZES_MIB {
+        add(m * MIB, &mut out);
+    }
+    let mut m = lo.div_ceil(MIB);
+    while m * MIB <= hi && out.len() < MOST - 2 {
+        add(m * MIB, &mut out);
+        m += 1;
+    }
+    add(lo, &mut out);
+    // Decimal megabytes (some tools count parts in MB).
+    const MB: u64 = 1_000_000;
+    let mut m = lo.div_ceil(MB);
+    while m * MB <= hi && out.len() < MOST {
+        add(m * MB, &mut out);
+        m += 1;
+    }
+    out
+}
+
+/// The ETag S3 gives a multipart upload of these parts: the MD5 of the parts' binary MD5s,
+/// then `-N` (quoted). None if a part's ETag is not an MD5.
+///
+/// ```
+/// use s3_backfill::copier::composite_etag;
+/// let md5 = "\"9e107d9d372bb6826bd81d3542a419d6\"";
+/// let e = composite_etag([Some(md5), Some(md5)]).unwrap();
+/// assert!(e.ends_with("-2\""));
+/// assert_eq!(composite_etag([Some("\"x\"")]), None);
+/// ```
+pub fn composite_etag<'a>(parts: impl IntoIterator<Item = Option<&'a str>>) -> Option<String> {
+    let mut h = Md5::new();
+    let mut n = 0u64;
+    for e in parts {
+        let e = e?.trim_matches('"');
+        let b = hex::decode(e).ok().filter(|b| b.len() == 16)?;
+        h.update(&b);
+        n += 1;
+    }
+    (n > 0).then(|| format!("\"{}-{n}\"", hex::encode(h.finalize())))
+}
+
+/// What this run learned of the destination server: whether it keeps a multipart source's
+/// ETag on CopyObject (`--large-copy auto` on a server other than AWS). Unknown until the first
+/// such copy is checked.
+#[derive(Debug, Default)]
+pub(super) struct WholeCopy(std::sync::atomic::AtomicU8);
+
+impl WholeCopy {
+    const KEEPS: u8 = 1;
+    const CHANGES: u8 = 2;
 }
 
 /// A multipart layout: part size and count.
@@ -330,13 +522,115 @@ impl<C: S3Client> Copier<C> {
             capped = capped_for_stream(&self.settings.copy, self.memory.bytes());
             &capped
         };
-        match choose_plan(false, head.size, server_side, c) {
-            CopyPlan::Copy => self.copy_object(ctx, &head, &attrs).await,
+        let source = SourceUpload::of(head.etag.as_deref(), md5_etag(&head));
+        let route = if server_side {
+            // A multipart source's checksum is composite (of its parts) unless it says it is
+            // of the full object: only a copy in the same parts keeps it.
+            let composite = head.checksum.as_ref().is_some_and(|k| !k.full_object);
+            Route::ServerSide {
+                whole_multipart: !composite && self.whole_multipart(),
+            }
+        } else {
+            Route::Stream {
+                budget: self.memory.bytes(),
+            }
+        };
+        match choose_plan(false, head.size, source, route, c) {
+            CopyPlan::Copy => {
+                let copied = self.copy_object(ctx, &head, &attrs).await?;
+                match source {
+                    SourceUpload::Multipart(_) => self.check_whole_copy(ctx, &head, copied).await,
+                    _ => Ok(copied),
+                }
+            }
             CopyPlan::Stream => self.stream_put(ctx, &head, attrs).await,
             CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, true).await,
             CopyPlan::MultipartStream => self.multipart(ctx, &head, attrs, false).await,
             CopyPlan::DeleteMarker => self.delete_marker(ctx).await,
         }
+    }
+
+    /// Whether a multipart source up to 5 GiB is copied with one CopyObject (see
+    /// [`LargeCopy`]): `auto` says no on AWS, and elsewhere yes until a copy showed that the
+    /// server gives such copies new ETags.
+    fn whole_multipart(&self) -> bool {
+        match self.settings.copy.large_copy {
+            LargeCopy::CopyObject => true,
+            LargeCopy::Parts => false,
+            LargeCopy::Auto => {
+                !is_aws_endpoint(self.settings.dest_side.endpoint.as_deref())
+                    && self.whole_copy.0.load(Ordering::Relaxed) != WholeCopy::CHANGES
+            }
+        }
+    }
+
+    /// After one CopyObject of a multipart source: whether its ETag was kept (read with a
+    /// HEAD of the new version), recorded with the task. In `auto` mode the first answer
+    /// decides the run: kept, CopyObject goes on; changed, this one is copied again in parts
+    /// in place of that copy (its version removed from a versioned destination), and so are
+    /// later multipart sources.
+    async fn check_whole_copy(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        mut copied: Copied,
+    ) -> Result<Copied, S3Error> {
+        if copied.method != CopyMethod::Copy {
+            return Ok(copied);
+        }
+        let dest = self
+            .dest_head(ctx, copied.dest_version_id.as_deref())
+            .await?;
+        let kept = dest.etag.is_some() && dest.etag == head.etag;
+        copied.etag_preserved = Some(kept);
+        let comparable = Encryption::keeps_md5_etag(head.encryption.as_ref())
+            && Encryption::keeps_md5_etag(dest.encryption.as_ref());
+        if self.settings.copy.large_copy != LargeCopy::Auto || !comparable {
+            return Ok(copied);
+        }
+        let learned = if kept {
+            WholeCopy::KEEPS
+        } else {
+            WholeCopy::CHANGES
+        };
+        let before = self.whole_copy.0.swap(learned, Ordering::Relaxed);
+        if kept {
+            return Ok(copied);
+        }
+        if before != WholeCopy::CHANGES {
+            self.progress.say(format!(
+                "the destination server gave a multipart source copied with CopyObject a new ETag ({} version {}: {} became {}): multipart sources are copied in parts in their own layout for the rest of this run (--large-copy parts says so at once)",
+                show_key(&ctx.task.key),
+                ctx.task.version_id,
+                head.etag.as_deref().unwrap_or("-"),
+                dest.etag.as_deref().unwrap_or("-"),
+            ));
+        }
+        // Copied again in parts, in place of the copy whose ETag changed: on a versioned
+        // destination that version is removed first (where it cannot be, e.g. under object
+        // lock, it is kept and counted as changed); an unversioned one is overwritten.
+        if self.dest_facts.versioned {
+            let Some(v) = copied.dest_version_id.clone() else {
+                return Ok(copied);
+            };
+            let obj = crate::s3::ObjectRef {
+                version_id: Some(v),
+                ..ctx.dest.clone()
+            };
+            let removed = self
+                .retrier
+                .call(&ctx.retries, || self.dest.delete_object(&obj))
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(
+                    "{}: the copy whose ETag changed could not be removed ({e}); it is kept",
+                    show_key(&ctx.dest.key)
+                );
+                return Ok(copied);
+            }
+        }
+        let attrs = self.write_attrs(ctx, head);
+        self.multipart(ctx, head, attrs, true).await
     }
 
     /// Whether this task is copied by one `CopyObject` and no HEAD of the source: nothing a
@@ -367,7 +661,15 @@ impl<C: S3Client> Copier<C> {
             || ruled
             || null
             || c.sse.is_none()
-            || choose_plan(false, ctx.task.size, true, c) != CopyPlan::Copy
+            || choose_plan(
+                false,
+                ctx.task.size,
+                SourceUpload::of(ctx.task.etag.as_deref(), true),
+                Route::ServerSide {
+                    whole_multipart: false,
+                },
+                c,
+            ) != CopyPlan::Copy
             || matches!(
                 listed,
                 Some("GLACIER" | "DEEP_ARCHIVE" | "INTELLIGENT_TIERING")
@@ -708,20 +1010,16 @@ impl<C: S3Client> Copier<C> {
     ) -> Result<Copied, S3Error> {
         let _held = self.memory.hold(head.size).await?;
         let body = self.get_range(ctx, None, head.size).await?;
-        // End-to-end integrity: an MD5 ETag must match the bytes read.
-        if md5_etag(head)
-            && head.etag.as_deref().map(|e| e.trim_matches('"'))
-                != Some(&hex::encode(Md5::digest(&body)))
-        {
-            return Err(S3Error::other(
-                self.source.side(),
-                "GetObject",
-                ErrorClass::Retryable,
-                "the bytes read do not match the source ETag".into(),
-            ));
-        }
+        // End-to-end integrity: the destination checks the bytes against a Content-MD5. A
+        // source whose ETag is the MD5 of its bytes gives it (no hashing here: the server
+        // refuses bytes that differ from the source's, BadDigest); other bodies are hashed
+        // once.
+        let md5 = match md5_etag(head).then(|| etag_md5(head)).flatten() {
+            Some(md5) => md5,
+            None => Md5::digest(&body).to_vec(),
+        };
         attrs.tagging = self.tags_for(ctx, head, false).await?;
-        attrs.content_md5 = Some(md5_b64(&body));
+        attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let wrote = self
             .write_version(ctx, false, || {
                 self.dest.put_object(&ctx.dest, body.clone(), &attrs)
@@ -755,6 +1053,13 @@ impl<C: S3Client> Copier<C> {
         Some((first, n))
     }
 
+    /// A multipart copy (server-side or streamed) in the source's own part layout where it
+    /// is known: read from the server (HEAD with partNumber), or, where the server hides it
+    /// (Ceph RGW 16.2 ignores partNumber), inferred from the ETag's part count and the size
+    /// ([`infer_part_sizes`]) and checked before completing: the parts' ETags must compose
+    /// the source's ETag, else the upload is aborted and the next candidate tried (at most
+    /// [`MAX_LAYOUT_TRIES`]). Otherwise, or when none fits, `--part-size` parts (the ETag
+    /// changes; the manifest records it).
     async fn multipart(
         &self,
         ctx: &TaskCtx<'_>,
@@ -762,32 +1067,89 @@ impl<C: S3Client> Copier<C> {
         mut attrs: WriteAttrs,
         server_side: bool,
     ) -> Result<Copied, S3Error> {
-        let (preferred, source_layout) = if server_side {
-            (
-                self.settings.copy.part_size,
-                self.source_layout(ctx, head).await,
-            )
+        // Streamed parts are held in memory: none larger than the budget.
+        let budget = self.memory.bytes();
+        let fits = |part: u64| server_side || part <= budget;
+        let preferred = if server_side {
+            self.settings.copy.part_size
         } else {
-            // Streamed parts are held in memory: none larger than the budget.
-            let budget = self.memory.bytes();
-            let capped = capped_for_stream(&self.settings.copy, budget).part_size;
-            let own = self.source_layout(ctx, head).await;
-            (capped, own.filter(|(first, _)| *first <= budget))
+            capped_for_stream(&self.settings.copy, budget).part_size
         };
-        let layout = choose_layout(head.size, preferred, source_layout);
+        let fallback = choose_layout(head.size, preferred, None);
+        let mut tries: Vec<(Layout, bool)> = Vec::new();
+        match self.source_layout(ctx, head).await {
+            Some(own) if fits(own.0) => {
+                tries.push((choose_layout(head.size, preferred, Some(own)), false))
+            }
+            Some(_) => {}
+            None => {
+                let n = etag_parts(head.etag.as_deref());
+                if let Some(n) = n.filter(|_| Encryption::keeps_md5_etag(head.encryption.as_ref()))
+                {
+                    let sizes = infer_part_sizes(head.size, n);
+                    for part_size in sizes.into_iter().filter(|p| fits(*p)) {
+                        if tries.len() == MAX_LAYOUT_TRIES {
+                            break;
+                        }
+                        let layout = Layout {
+                            part_size,
+                            parts: n,
+                            preserves_etag: true,
+                        };
+                        tries.push((layout, true));
+                    }
+                }
+            }
+        }
+        if tries.iter().all(|(_, checked)| *checked) {
+            tries.push((fallback, false));
+        }
         attrs.tagging = self.tags_for(ctx, head, server_side).await?;
+        for (layout, checked) in tries {
+            let done = self
+                .upload(ctx, head, &attrs, layout, server_side, checked)
+                .await?;
+            if let Some(copied) = done {
+                return Ok(copied);
+            }
+            tracing::info!(
+                "{} version {}: {} parts of {} bytes do not compose its ETag; the next layout is tried",
+                show_key(&ctx.task.key),
+                ctx.task.version_id,
+                layout.parts,
+                layout.part_size
+            );
+        }
+        Err(fatal(
+            self.dest.side(),
+            "CompleteMultipartUpload",
+            "no part layout was left to try".into(),
+        ))
+    }
+
+    /// One multipart upload in `layout`; `checked`: the parts' ETags must compose the
+    /// source's ETag before it is completed, else it is aborted and None returned.
+    async fn upload(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        attrs: &WriteAttrs,
+        layout: Layout,
+        server_side: bool,
+        checked: bool,
+    ) -> Result<Option<Copied>, S3Error> {
         let upload_id = self
             .retrier
             .call(&ctx.retries, || {
-                self.dest.create_multipart(&ctx.dest, &attrs)
+                self.dest.create_multipart(&ctx.dest, attrs)
             })
             .await?;
         self.record_upload(ctx, Some(upload_id.clone()), Some(layout))
             .await?;
         let result = self
-            .parts_and_complete(ctx, head, layout, &upload_id, server_side)
+            .parts_and_complete(ctx, head, layout, &upload_id, server_side, checked)
             .await;
-        if result.is_err() {
+        if !matches!(result, Ok(Some(_))) {
             let aborted = self
                 .retrier
                 .call(&ctx.retries, || {
@@ -813,16 +1175,27 @@ impl<C: S3Client> Copier<C> {
         layout: Layout,
         upload_id: &str,
         server_side: bool,
-    ) -> Result<Copied, S3Error> {
+        checked: bool,
+    ) -> Result<Option<Copied>, S3Error> {
         let parts: Vec<PartResult> = stream::iter(1..=layout.parts)
             .map(|n| {
                 let first = (n - 1) * layout.part_size;
                 let last = (n * layout.part_size).min(head.size).saturating_sub(1);
-                self.part(ctx, head, upload_id, n as i32, (first, last), server_side)
+                let part = (n as i32, (first, last));
+                // Parts of a checked layout are not hashed here: the server's MD5s of what
+                // it received must compose the source's ETag before the upload completes.
+                self.part(ctx, head, upload_id, part, server_side, !checked)
             })
             .buffered(self.part_concurrency)
             .try_collect()
             .await?;
+        if checked {
+            let composite = composite_etag(parts.iter().map(|p| p.etag.as_deref()));
+            let source = head.etag.as_deref().map(|e| e.trim_matches('"'));
+            if composite.as_deref().map(|e| e.trim_matches('"')) != source {
+                return Ok(None);
+            }
+        }
         let wrote = self
             .write_version(ctx, false, || {
                 self.dest.complete_multipart(&ctx.dest, upload_id, &parts)
@@ -846,7 +1219,7 @@ impl<C: S3Client> Copier<C> {
         };
         self.check_multipart_checksum(ctx, head, version.as_deref(), layout)
             .await?;
-        Ok(Copied {
+        Ok(Some(Copied {
             dest_version_id: version,
             method: if server_side {
                 CopyMethod::MultipartCopy
@@ -856,7 +1229,7 @@ impl<C: S3Client> Copier<C> {
             part_size: Some(layout.part_size),
             parts: Some(layout.parts),
             etag_preserved,
-        })
+        }))
     }
 
     async fn part(
@@ -864,9 +1237,9 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         head: &ObjectHead,
         upload_id: &str,
-        n: i32,
-        range: (u64, u64),
+        (n, range): (i32, (u64, u64)),
         server_side: bool,
+        content_md5: bool,
     ) -> Result<PartResult, S3Error> {
         if server_side {
             let src = ctx.source(&self.settings.source.bucket);
@@ -882,12 +1255,12 @@ impl<C: S3Client> Copier<C> {
         let body = self
             .get_range(ctx, Some(range), range.1 - range.0 + 1)
             .await?;
-        let md5 = md5_b64(&body);
+        let md5 = content_md5.then(|| md5_b64(&body));
         let alg = head.checksum.as_ref().map(|c| c.algorithm);
         self.retrier
             .call(&ctx.retries, || {
                 self.dest
-                    .upload_part(&ctx.dest, upload_id, n, body.clone(), &md5, alg)
+                    .upload_part(&ctx.dest, upload_id, n, body.clone(), md5.as_deref(), alg)
             })
             .await
     }
@@ -1060,6 +1433,12 @@ pub(super) fn md5_etag(head: &ObjectHead) -> bool {
         })
 }
 
+/// The 16 bytes of a single-part ETag (the MD5 of the bytes where [`md5_etag`] says so).
+fn etag_md5(head: &ObjectHead) -> Option<Vec<u8>> {
+    let e = head.etag.as_deref()?.trim_matches('"');
+    hex::decode(e).ok().filter(|b| b.len() == 16)
+}
+
 /// Parts count encoded in a multipart ETag (`"…-N"`).
 fn etag_parts(etag: Option<&str>) -> Option<u64> {
     let e = etag?.trim_matches('"');
@@ -1121,10 +1500,151 @@ mod tests {
     #[test]
     fn plans() {
         let c = CopyOptions::default();
+        let server = Route::ServerSide {
+            whole_multipart: false,
+        };
+        let whole = Route::ServerSide {
+            whole_multipart: true,
+        };
+        let (single, three) = (SourceUpload::Single, SourceUpload::Multipart(3));
+        // Above 5 GiB: parts, whatever the source.
         assert_eq!(
-            choose_plan(false, 6 << 30, true, &c),
+            choose_plan(false, 6 << 30, single, whole, &c),
             CopyPlan::MultipartCopy
         );
-        assert_eq!(choose_plan(false, 10 << 20, false, &c), CopyPlan::Stream);
+        // A single-part source up to 5 GiB: one CopyObject, above the threshold too.
+        assert_eq!(
+            choose_plan(false, 5 << 30, single, server, &c),
+            CopyPlan::Copy
+        );
+        // A small multipart source keeps its layout (under the threshold too).
+        assert_eq!(
+            choose_plan(false, 12 << 20, three, server, &c),
+            CopyPlan::MultipartCopy
+        );
+        assert_eq!(
+            choose_plan(false, 12 << 20, three, whole, &c),
+            CopyPlan::Copy
+        );
+        // An ETag that tells nothing: by the threshold.
+        let unknown = SourceUpload::Unknown;
+        assert_eq!(
+            choose_plan(false, 1 << 20, unknown, server, &c),
+            CopyPlan::Copy
+        );
+        assert_eq!(
+            choose_plan(false, 64 << 20, unknown, server, &c),
+            CopyPlan::MultipartCopy
+        );
+        // Streamed: a single-part source that fits the budget is one PutObject.
+        let stream = Route::Stream { budget: 208 << 20 };
+        assert_eq!(
+            choose_plan(false, 10 << 20, single, stream, &c),
+            CopyPlan::Stream
+        );
+        assert_eq!(
+            choose_plan(false, 200 << 20, single, stream, &c),
+            CopyPlan::Stream
+        );
+        assert_eq!(
+            choose_plan(false, 300 << 20, single, stream, &c),
+            CopyPlan::MultipartStream
+        );
+        assert_eq!(
+            choose_plan(false, 12 << 20, three, stream, &c),
+            CopyPlan::MultipartStream
+        );
+        assert_eq!(
+            choose_plan(false, 10 << 20, unknown, stream, &c),
+            CopyPlan::Stream
+        );
+        assert_eq!(
+            choose_plan(false, 20 << 20, unknown, stream, &c),
+            CopyPlan::MultipartStream
+        );
+    }
+
+    #[test]
+    fn reads_source_uploads_from_etags() {
+        let md5 = "\"d41d8cd98f00b204e9800998ecf8427e\"";
+        assert_eq!(SourceUpload::of(Some(md5), true), SourceUpload::Single);
+        assert_eq!(SourceUpload::of(Some(md5), false), SourceUpload::Unknown);
+        assert_eq!(
+            SourceUpload::of(Some("\"d41d8cd98f00b204e9800998ecf8427e-12\""), false),
+            SourceUpload::Multipart(12)
+        );
+        assert_eq!(
+            SourceUpload::of(Some("\"abc\""), true),
+            SourceUpload::Unknown
+        );
+        assert_eq!(SourceUpload::of(None, true), SourceUpload::Unknown);
+    }
+
+    /// Every candidate cuts the size into exactly the part count, within S3's limits.
+    fn fits(size: u64, n: u64, p: u64) -> bool {
+        (n == 1 || p >= MIN_PART) && p <= MAX_PART && (n - 1) * p < size && size <= n * p
+    }
+
+    #[test]
+    fn infers_common_part_sizes_first() {
+        // 3 x 5 MiB + 2 MiB: 5 MiB first (then splits a little above it).
+        let c = infer_part_sizes(17 * MIB, 4);
+        assert_eq!(c[0], 5 * MIB, "{c:?}");
+        assert!(c.iter().all(|p| fits(17 * MIB, 4, *p)), "{c:?}");
+        // 6 MiB parts (3 x 6 MiB + 1 MiB): 5 MiB also gives 4 parts and comes first.
+        assert_eq!(
+            infer_part_sizes(19 * MIB, 4),
+            vec![5 * MIB, 6 * MIB, 6_000_000]
+        );
+        // 128 MiB in 16 parts: 8 MiB (the AWS CLI's) first.
+        let c = infer_part_sizes(128 * MIB, 16);
+        assert_eq!(c[0], 8 * MIB, "{c:?}");
+        assert!(c.iter().all(|p| fits(128 * MIB, 16, *p)), "{c:?}");
+        // 1 GiB in 64 parts of 16 MiB: 16 MiB first, before the whole-MiB sweep.
+        let c = infer_part_sizes(1024 * MIB, 64);
+        assert_eq!(c[0], 16 * MIB, "{c:?}");
+        // An odd total in 2 parts: common sizes in range first, then whole MiB.
+        let c = infer_part_sizes(150 * MIB + 7, 2);
+        assert_eq!(&c[..2], &[100 * MIB, 128 * MIB], "{c:?}");
+        assert!(c.len() <= 12);
+        assert!(c.iter().all(|p| fits(150 * MIB + 7, 2, *p)), "{c:?}");
+    }
+
+    #[test]
+    fn infers_equal_splits_and_refuses_impossible_counts() {
+        // 4 equal parts of 5,500,001 bytes: after the whole MiB that fit, the equal split,
+        // then whole decimal MB.
+        let size = 4 * 5_500_001;
+        let c = infer_part_sizes(size, 4);
+        assert_eq!(c, vec![6 * MIB, 5_500_001, 6_000_000, 7_000_000], "{c:?}");
+        assert!(c.iter().all(|p| fits(size, 4, *p)));
+        // Parts under 5 MiB are not possible (but for the last one).
+        assert!(infer_part_sizes(12 * MIB, 4).is_empty());
+        // One part: the whole object.
+        assert_eq!(infer_part_sizes(3 * MIB, 1), vec![3 * MIB]);
+        assert!(infer_part_sizes(0, 1).is_empty());
+        assert!(infer_part_sizes(MIB, 0).is_empty());
+        assert!(infer_part_sizes(100 * MIB, MAX_PARTS + 1).is_empty());
+    }
+
+    #[test]
+    fn composes_multipart_etags() {
+        let parts = [&b"hello "[..], &b"world"[..]];
+        let etags: Vec<String> = parts
+            .iter()
+            .map(|p| format!("\"{}\"", hex::encode(Md5::digest(p))))
+            .collect();
+        let mut all = Vec::new();
+        for p in parts {
+            all.extend_from_slice(&Md5::digest(p));
+        }
+        let want = format!("\"{}-2\"", hex::encode(Md5::digest(&all)));
+        assert_eq!(
+            composite_etag(etags.iter().map(|e| Some(e.as_str()))),
+            Some(want)
+        );
+        assert_eq!(composite_etag([Some("\"abc\"")]), None);
+        assert_eq!(composite_etag([None]), None);
+        assert_eq!(composite_etag(std::iter::empty()), None);
     }
 }

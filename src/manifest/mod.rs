@@ -347,8 +347,17 @@ pub struct Counts {
     pub retries: u64,
     /// Attempts started on all tasks.
     pub attempts: u64,
-    /// Done tasks whose multipart ETag was preserved.
+    /// Done tasks whose multipart ETag was preserved (tasks where an ETag was at stake: a
+    /// multipart source, or a copy made in parts; a single-part source copied whole keeps its
+    /// ETag and is not counted).
     pub etag_preserved: u64,
+    /// Done tasks (of those) whose destination ETag differs from the source's; filled by
+    /// `status` and `report` from [`Manifest::etag_changes`] (a scan), 0 from `counts()`.
+    #[serde(default)]
+    pub etag_changed: u64,
+    /// Why those ETags changed: reason, count.
+    #[serde(default)]
+    pub etag_changes: std::collections::BTreeMap<String, u64>,
     /// Done tasks without a recorded destination version id.
     pub done_without_dest_version: u64,
     /// Every listing part is complete.

@@ -13,10 +13,12 @@ use rusqlite::{Connection, Row};
 
 use super::codec::{
     class_of, etag_text, key_of, key_range, name_text, time_text, BLOCK_BITS, CHECKSUMS,
-    DELETE_MARKER, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY, VERSION_TO_LEARN,
+    DELETE_MARKER, ETAG_CHECKED, ETAG_PRESERVED, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY,
+    VERSION_TO_LEARN,
 };
 use super::{
-    Counts, KeyGroup, ListingProgress, Manifest, ManifestError, Problem, Result, State, Task,
+    CopyMethod, Counts, KeyGroup, ListingProgress, Manifest, ManifestError, Problem, Result, State,
+    Task,
 };
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
@@ -98,6 +100,18 @@ fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
 /// The statements `counts()` runs (tests check that none scans the tasks).
 pub(super) const COUNTERS_SQL: &str = "SELECT state, tasks, bytes, delete_markers, attempts,
     etag_preserved, archived, no_dest_version FROM counters";
+/// Done tasks whose ETag was compared and differs, by copy method (a scan: not in `counts()`).
+pub(super) const ETAG_CHANGES_SQL: &str = "SELECT method, count(*) FROM task
+    WHERE state = ?1 AND flags & ?2 = ?3 GROUP BY method";
+
+/// Why a task copied this way has another ETag than its source.
+fn etag_change_reason(method: Option<CopyMethod>) -> &'static str {
+    match method {
+        Some(CopyMethod::Copy) => "the server gave a multipart source copied with CopyObject a new ETag (--large-copy parts keeps it)",
+        Some(CopyMethod::MultipartCopy | CopyMethod::MultipartStream) => "copied in parts of --part-size: the source's part layout could not be read or inferred (parts not of one size), or is larger than the memory budget",
+        _ => "the destination gave the copy a new ETag",
+    }
+}
 pub(super) const TOTALS_SQL: &str = "SELECT retries FROM totals WHERE id = 1";
 pub(super) const PARTITIONS_SQL: &str =
     "SELECT min(complete), coalesce(sum(entries), 0) FROM partitions";
@@ -259,6 +273,32 @@ impl Manifest {
             }
         }
         Ok(ids)
+    }
+
+    /// Done tasks whose ETag changed at the destination, by reason (the reason follows from
+    /// how the task was copied); a scan of the tasks, for `status` and `report`.
+    pub fn etag_changes(&self) -> Result<BTreeMap<String, u64>> {
+        let run = || -> rusqlite::Result<BTreeMap<String, u64>> {
+            let mut stmt = self.conn.prepare_cached(ETAG_CHANGES_SQL)?;
+            let mut rows = stmt.query([
+                State::Done.code(),
+                ETAG_CHECKED | ETAG_PRESERVED,
+                ETAG_CHECKED,
+            ])?;
+            let mut out = BTreeMap::new();
+            while let Some(r) = rows.next()? {
+                let method: Option<i64> = r.get(0)?;
+                let n = count(r.get(1)?);
+                let why = etag_change_reason(
+                    CopyMethod::ALL
+                        .into_iter()
+                        .find(|m| Some(m.code()) == method),
+                );
+                *out.entry(why.to_string()).or_insert(0) += n;
+            }
+            Ok(out)
+        };
+        run().map_err(|e| self.sql(e))
     }
 
     /// Counts for `status`, from the kept counters (no scan of tasks).

@@ -86,7 +86,8 @@ pub trait S3Client: Send + Sync + 'static {
         body: Bytes,
         attrs: &WriteAttrs,
     ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
-    /// Deletes the current version of `dest` (a delete marker in a versioned bucket).
+    /// Deletes the current version of `dest` (a delete marker in a versioned bucket), or,
+    /// when `dest.version_id` is given, that version for good.
     fn delete_object(
         &self,
         dest: &ObjectRef,
@@ -112,14 +113,16 @@ pub trait S3Client: Send + Sync + 'static {
         src: &ObjectRef,
         range: (u64, u64),
     ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
-    /// Uploads part `n` with its Content-MD5 (base64).
+    /// Uploads part `n` with its Content-MD5 (base64), or without one where the caller checks
+    /// the parts' ETags (their MD5s, computed by the server) against the source's before
+    /// completing.
     fn upload_part(
         &self,
         dest: &ObjectRef,
         upload_id: &str,
         n: i32,
         body: Bytes,
-        md5: &str,
+        md5: Option<&str>,
         algorithm: Option<ChecksumAlgorithm>,
     ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
     /// Completes a multipart upload with its parts, in order.
@@ -600,6 +603,19 @@ impl SdkClient {
         }
     }
 
+    /// The per-request settings of an upload whose body the caller checks with a Content-MD5
+    /// (which SigV4 signs, and the server compares with the bytes it gets): no payload
+    /// signing (a SHA-256 pass over the body), and no checksum of the SDK's own (its CRC32
+    /// default, another pass) unless `kept` asks for one to keep at the destination. One
+    /// hashing pass per byte, the caller's MD5.
+    fn md5_checked(&self, kept: Option<ChecksumAlgorithm>) -> aws_sdk_s3::config::Builder {
+        let b = aws_sdk_s3::config::Builder::default();
+        if self.algorithm(kept).is_some() {
+            return b;
+        }
+        b.request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+    }
+
     /// The bucket's versioning status as the server says it (`Enabled`, `Suspended`; None:
     /// never enabled).
     async fn bucket_versioning(&self, bucket: &str) -> Result<Option<String>, S3Error> {
@@ -917,10 +933,16 @@ impl S3Client for SdkClient {
             .key(&dest.key)
             .body(ByteStream::from(body))
             .set_content_md5(attrs.content_md5.clone());
-        let o = with_attrs!(req, self, attrs)
-            .send()
-            .await
-            .map_err(|e| self.err(OP, false, e))?;
+        let req = with_attrs!(req, self, attrs).customize();
+        let o = match &attrs.content_md5 {
+            Some(_) => req
+                .config_override(self.md5_checked(attrs.checksum_algorithm))
+                .disable_payload_signing(),
+            None => req,
+        }
+        .send()
+        .await
+        .map_err(|e| self.err(OP, false, e))?;
         Ok(WriteResult {
             version_id: o.version_id().map(str::to_string),
             etag: o.e_tag().map(str::to_string),
@@ -936,6 +958,7 @@ impl S3Client for SdkClient {
             .delete_object()
             .bucket(&dest.bucket)
             .key(&dest.key)
+            .set_version_id(dest.version_id.clone())
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;
@@ -1012,7 +1035,7 @@ impl S3Client for SdkClient {
         upload_id: &str,
         n: i32,
         body: Bytes,
-        md5: &str,
+        md5: Option<&str>,
         algorithm: Option<ChecksumAlgorithm>,
     ) -> Result<PartResult, S3Error> {
         const OP: &str = "UploadPart";
@@ -1024,9 +1047,12 @@ impl S3Client for SdkClient {
             .key(&dest.key)
             .upload_id(upload_id)
             .part_number(n)
-            .content_md5(md5)
+            .set_content_md5(md5.map(str::to_string))
             .set_checksum_algorithm(self.algorithm(algorithm))
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.md5_checked(algorithm))
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;

@@ -711,6 +711,16 @@ impl S3Client for FakeS3 {
 
     async fn delete_object(&self, dest: &ObjectRef) -> Result<WriteResult, S3Error> {
         self.op("DeleteObject", &dest.key, |s| {
+            if let Some(v) = &dest.version_id {
+                let b = s.buckets.entry(dest.bucket.clone()).or_default();
+                if let Some(h) = b.keys.get_mut(&dest.key) {
+                    h.retain(|x| &x.id != v);
+                }
+                return Ok(WriteResult {
+                    version_id: Some(v.clone()),
+                    ..WriteResult::default()
+                });
+            }
             let id = s.write(
                 &dest.bucket,
                 &dest.key,
@@ -789,7 +799,7 @@ impl S3Client for FakeS3 {
         upload_id: &str,
         n: i32,
         body: Bytes,
-        _md5: &str,
+        _md5: Option<&str>,
         _alg: Option<ChecksumAlgorithm>,
     ) -> Result<PartResult, S3Error> {
         self.op("UploadPart", &dest.key, |s| {

@@ -248,6 +248,12 @@ pub struct Status {
     pub attempts: u64,
     /// Done multipart copies that kept the source's ETag.
     pub etag_preserved: u64,
+    /// Done copies whose ETag changed (multipart sources, copies in parts).
+    #[serde(default)]
+    pub etag_changed: u64,
+    /// Why they changed: reason, count.
+    #[serde(default)]
+    pub etag_changes: std::collections::BTreeMap<String, u64>,
     /// The listing is complete.
     pub listing_complete: bool,
     /// Entries seen by the listing.
