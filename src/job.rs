@@ -585,6 +585,12 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
             "{n} failed tasks recorded as skipped; their keys' later versions will be copied"
         );
     }
+    if args.retry_skipped {
+        let n = m.retry_skipped()?;
+        eprintln!(
+            "{n} skipped tasks put back in the queue (versions gone from the source stay skipped)"
+        );
+    }
     Ok(())
 }
 
@@ -1050,11 +1056,7 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     match args.format {
         ReportFormat::Json => {
             let problems = m.problems(usize::MAX >> 1)?;
-            let r = report::Report {
-                job: &settings,
-                counts: &counts,
-                problems: &problems,
-            };
+            let r = report::Report::new(&settings, &counts, &problems);
             serde_json::to_writer_pretty(&mut out, &r)
                 .map_err(|e| JobError::Other(e.to_string()))?;
             writeln!(out).map_err(io)?;

@@ -88,6 +88,17 @@ pub struct RunOptions {
     pub failure_threshold: FailureThreshold,
     /// Bytes held between GET and upload at most when streaming (see `strategy::Budget`).
     pub max_memory: u64,
+    /// Restore archived source versions (`--restore-archived`): None skips them.
+    pub restore: Option<RestoreAsk>,
+}
+
+/// What `--restore-archived DAYS --restore-tier TIER` asks of each archived source version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreAsk {
+    /// Days the restored copy is kept.
+    pub days: u32,
+    /// `Bulk`, `Standard` or `Expedited`.
+    pub tier: String,
 }
 
 /// Default `--max-memory`: 256 MiB.
@@ -102,6 +113,7 @@ impl Default for RunOptions {
             max_rps: None,
             failure_threshold: FailureThreshold::default(),
             max_memory: DEFAULT_MAX_MEMORY,
+            restore: None,
         }
     }
 }
@@ -180,6 +192,8 @@ pub struct Copier<C: S3Client> {
     memory: strategy::Budget,
     /// Destination version ids to learn from listings (see [`learn`]).
     learner: learn::Learner,
+    /// `--restore-archived`.
+    restore: Option<RestoreAsk>,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -214,6 +228,7 @@ impl<C: S3Client> Copier<C> {
             source_lock: tokio::sync::OnceCell::new(),
             memory: strategy::Budget::new(opts.max_memory),
             learner: learn::Learner::default(),
+            restore: opts.restore.clone(),
         })
     }
 

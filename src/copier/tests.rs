@@ -1003,3 +1003,109 @@ async fn a_version_id_left_to_learn_by_a_stopped_run_is_learned_before_the_key_g
     let m = Manifest::open(&path, false).unwrap();
     assert!(m.versions_to_learn().unwrap().is_empty());
 }
+
+/// Options of a run with `--restore-archived 7 --restore-tier Bulk`.
+fn restoring() -> RunOptions {
+    RunOptions {
+        restore: Some(super::RestoreAsk {
+            days: 7,
+            tier: "Bulk".into(),
+        }),
+        ..opts()
+    }
+}
+
+#[tokio::test]
+async fn restore_archived_asks_once_holds_the_key_and_copies_once_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    let v2 = s.put(SRC, "k", b"new", &[]);
+    s.set_storage_class(SRC, "k", &v1, "GLACIER");
+    plan(&s, &path).await;
+
+    let (first, _) = run(&s, &path, restoring()).await;
+    assert_eq!(
+        (first.done, first.skipped, first.restores_pending),
+        (0, 0, 1)
+    );
+    let asked = s.restores();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        (
+            asked[0].version_id.as_deref(),
+            asked[0].days,
+            asked[0].tier.as_str()
+        ),
+        (Some(v1.as_str()), 7, "Bulk")
+    );
+    assert!(
+        s.history(DST, "k").is_empty(),
+        "the newer version waits: copying it first would put the history out of order"
+    );
+    let c = all_tasks_done(&path);
+    assert_eq!(
+        (c.pending, c.restore_pending, c.skipped, c.archived),
+        (2, 1, 0, 0)
+    );
+    assert_eq!(c.requests.get("RestoreObject"), Some(&1));
+
+    // A later run without the flag: the restore is still under way; nothing is asked again.
+    let (second, _) = run(&s, &path, opts()).await;
+    assert_eq!((second.done, second.restores_pending), (0, 1));
+    assert_eq!(s.restores().len(), 1);
+    assert!(s.history(DST, "k").is_empty());
+
+    // With the flag again while in progress: RestoreAlreadyInProgress, still one restore.
+    let (third, _) = run(&s, &path, restoring()).await;
+    assert_eq!((third.done, third.restores_pending), (0, 1));
+    assert_eq!(s.restores().len(), 1);
+
+    s.finish_restore(SRC, "k", &v1);
+    let (last, _) = run(&s, &path, opts()).await;
+    assert_eq!((last.done, last.restores_pending), (2, 0));
+    assert_eq!(dest_stamps(&s, "k"), [v1, v2]);
+    let c = all_tasks_done(&path);
+    assert_eq!((c.done, c.pending, c.restore_pending), (2, 0, 0));
+}
+
+#[tokio::test]
+async fn retry_skipped_copies_an_archived_newest_version_once_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    let v2 = s.put(SRC, "k", b"new", &[]);
+    s.put(SRC, "g", b"gone", &[]);
+    s.set_storage_class(SRC, "k", &v2, "GLACIER");
+    plan(&s, &path).await;
+    // A version deleted after the listing: skipped for good.
+    for op in ["HeadObject", "CopyObject"] {
+        let gone = FaultKind::Before(ErrorClass::SourceGone, 404);
+        s.fail(op, Some("g"), 100, gone);
+    }
+    let (first, _) = run(&s, &path, opts()).await;
+    assert_eq!((first.done, first.skipped), (1, 2));
+    assert_eq!(
+        dest_stamps(&s, "k").first(),
+        Some(&v1),
+        "only the older version: the destination's current version is not the source's"
+    );
+    assert_eq!(dest_stamps(&s, "k").len(), 1);
+    assert_eq!(all_tasks_done(&path).archived, 1);
+
+    s.finish_restore(SRC, "k", &v2);
+    let m = Manifest::open(&path, false).unwrap();
+    assert_eq!(
+        m.retry_skipped().unwrap(),
+        1,
+        "the gone version stays skipped"
+    );
+    drop(m);
+    let (second, _) = run(&s, &path, opts()).await;
+    assert_eq!((second.done, second.skipped), (1, 0));
+    assert_eq!(dest_stamps(&s, "k"), [v1, v2]);
+    let c = all_tasks_done(&path);
+    assert_eq!((c.done, c.skipped, c.archived, c.pending), (2, 1, 0, 0));
+}

@@ -335,6 +335,10 @@ pub struct Counts {
     pub blocked: u64,
     /// Skipped because the source version is archived.
     pub archived: u64,
+    /// Pending until the restore of their archived source version completes
+    /// (`run --restore-archived`).
+    #[serde(default)]
+    pub restore_pending: u64,
     /// Bytes of all object versions.
     pub bytes_total: u64,
     /// Bytes of done object versions.
@@ -376,6 +380,10 @@ pub struct Problem {
     pub message: Option<String>,
     /// Attempts made.
     pub attempts: i64,
+    /// The destination (`destinations.id`; 0 is the job's `--dest`): reports name its
+    /// bucket (`JobSettings::destination`).
+    #[serde(skip)]
+    pub dest: i64,
 }
 
 /// An open connection to a manifest file.

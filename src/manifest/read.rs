@@ -274,7 +274,10 @@ impl Manifest {
             c.attempts += count(r.get(4)?);
             c.etag_preserved += count(r.get(5)?);
             match State::of_code(r.get(0)?) {
-                Some(State::Pending) => c.pending = n,
+                Some(State::Pending) => {
+                    c.pending = n;
+                    c.restore_pending = count(r.get(6)?);
+                }
                 Some(State::InProgress) => c.in_progress = n,
                 Some(State::Done) => {
                     c.done = n;
@@ -387,25 +390,27 @@ impl Manifest {
         Ok(true)
     }
 
-    /// Streams the key and version id of every task in `state`, in id order (the AWS-shaped
-    /// report's `succeeded` rows). A full scan of the tasks: for reports, not for `status`.
+    /// Streams the key, version id and destination of every task in `state`, in id order
+    /// (the AWS-shaped report's `succeeded` rows). A full scan of the tasks: for reports, not
+    /// for `status`.
     pub fn for_each_in_state(
         &self,
         state: State,
-        mut f: impl FnMut(&str, &str) -> std::io::Result<()>,
+        mut f: impl FnMut(&str, &str, i64) -> std::io::Result<()>,
     ) -> Result<()> {
         let sql = |e| self.sql(e);
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT k.key, t.version_id FROM task t JOIN keys k ON k.id = t.id >> {SEQ_BITS}
-                 WHERE t.state = ?1 ORDER BY t.id"
+                "SELECT k.key, t.version_id, t.dest FROM task t
+                 JOIN keys k ON k.id = t.id >> {SEQ_BITS} WHERE t.state = ?1 ORDER BY t.id"
             ))
             .map_err(sql)?;
         let mut rows = stmt.query([state.code()]).map_err(sql)?;
         while let Some(r) = rows.next().map_err(sql)? {
             let (key, version): (String, String) = (r.get(0).map_err(sql)?, r.get(1).map_err(sql)?);
-            f(&key, &version).map_err(|source| ManifestError::Io {
+            let dest: i64 = r.get(2).map_err(sql)?;
+            f(&key, &version, dest).map_err(|source| ManifestError::Io {
                 path: self.path.clone(),
                 what: "writing tasks out",
                 source,
@@ -420,6 +425,23 @@ impl Manifest {
         self.conn
             .prepare_cached("UPDATE OR ROLLBACK task SET state = 0 WHERE state >= 3 AND state = 3")
             .and_then(|mut s| s.execute([]))
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Puts skipped tasks back in the queue, all but those whose source version is gone
+    /// (archived versions once restored, tasks skipped by `--skip-failed` or by a rule):
+    /// attempts kept, so those attempted are reconciled before being written again; their
+    /// class is cleared (an open task of class `archived` is one whose restore is awaited).
+    /// Returns how many.
+    pub fn retry_skipped(&self) -> Result<usize> {
+        self.conn
+            .prepare_cached(
+                "UPDATE OR ROLLBACK task SET state = 0, error_class = NULL
+                 WHERE state >= 3 AND state = 4 AND error_class IS NOT ?1",
+            )
+            .and_then(|mut s| {
+                s.execute([super::codec::class_code(crate::s3::ErrorClass::SourceGone)])
+            })
             .map_err(|e| self.sql(e))
     }
 
@@ -511,6 +533,7 @@ fn problem_from_row(
         http_status: r.get(6)?,
         message: r.get(7)?,
         attempts: r.get(3)?,
+        dest,
     };
     match state {
         State::Failed => {

@@ -59,6 +59,15 @@ pub enum Outcome {
     },
     /// Back to pending (reconciliation found it was not copied, or the run stopped).
     Requeued,
+    /// An archived source version whose restore was asked for (by this run or an earlier
+    /// one) and is not complete: back to pending with the error class `Archived` (which
+    /// marks it "restore pending"), the attempt taken back (nothing was written). A later
+    /// run copies it once the restore is complete; until then its key's later versions to
+    /// the same destination bucket wait.
+    RestorePending {
+        /// What was done and what is awaited, shown in reports.
+        reason: String,
+    },
 }
 
 /// A change sent to the writer.
@@ -471,6 +480,19 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
         Outcome::Requeued => {
             conn.prepare_cached("UPDATE OR ROLLBACK task SET state = ?2 WHERE id = ?1")?
                 .execute(params![id, State::Pending.code()])?;
+            0
+        }
+        Outcome::RestorePending { reason } => {
+            conn.prepare_cached(
+                "UPDATE OR ROLLBACK task SET state = ?2, error_class = ?3,
+                 attempts = max(attempts - 1, 0) WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                State::Pending.code(),
+                class_code(ErrorClass::Archived)
+            ])?;
+            record_error(conn, id, None, None, reason)?;
             0
         }
     };
