@@ -35,7 +35,7 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
         .iter()
         .map(|(op, n)| format!("{op} {n}"))
         .collect();
-    format!(
+    let mut text = format!(
         "job: {} -> {}\n\
          listing: {listing}\n\
          tasks: {} total ({} delete markers): {} done, {} pending, {} in progress, {} failed, {} blocked behind a failure, {} skipped ({} archived) ({pct:.1}% finished)\n\
@@ -57,7 +57,14 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
         HumanBytes(c.bytes_total),
         c.retries,
         if requests.is_empty() { "none yet".to_string() } else { requests.join(", ") },
-    )
+    );
+    if c.restore_pending > 0 {
+        text.push_str(&format!(
+            "\nrestores pending: {} archived versions (run again once their restores complete)",
+            c.restore_pending
+        ));
+    }
+    text
 }
 
 /// The completion report as JSON: settings, counts, problems.
