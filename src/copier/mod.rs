@@ -208,6 +208,7 @@ impl<C: S3Client> Copier<C> {
         bar: ProgressBar,
     ) -> std::sync::Arc<Self> {
         let (source, dest) = clients;
+        writer.record_attempt_mode(settings.copy.stamp);
         std::sync::Arc::new(Copier {
             settings,
             source,

@@ -264,6 +264,7 @@ impl<C: S3Client> Copier<C> {
             id: t.id,
             state: t.state,
             started_at: t.started_at,
+            attempt_stamped: t.attempt_stamped,
         });
     }
 

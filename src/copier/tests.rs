@@ -1109,3 +1109,53 @@ async fn retry_skipped_copies_an_archived_newest_version_once_restored() {
     let c = all_tasks_done(&path);
     assert_eq!((c.done, c.skipped, c.archived, c.pending), (2, 1, 0, 0));
 }
+
+#[tokio::test]
+async fn an_unstamped_attempt_is_reconciled_unstamped_after_the_stamp_is_turned_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"same", &[("n", "1")]);
+    plan_with(&s, &path, &one_request_settings()).await;
+    // A run with --no-stamp was killed after its copy of k (nothing recorded).
+    let t = tasks(&path);
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    w.record_attempt_mode(false);
+    let started = Update::Started {
+        id: t[0].id,
+        at: super::now_secs(),
+    };
+    w.send_durable(started).await.unwrap();
+    w.close();
+    s.put(DST, "k", b"same", &[("n", "1")]);
+    assert_eq!(tasks(&path)[0].attempt_stamped, Some(false));
+    // The stamp is turned back on (`--change-copy-settings`).
+    let m = Manifest::open(&path, false).unwrap();
+    let mut stamped = m.settings().unwrap().unwrap();
+    stamped.copy.stamp = true;
+    m.store_settings(&stamped).unwrap();
+    drop(m);
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.reconciled), (1, 1));
+    assert_eq!(
+        s.history(DST, "k").len(),
+        1,
+        "the unstamped copy is adopted, not written twice"
+    );
+}
+
+#[tokio::test]
+async fn each_attempt_records_the_mode_it_writes_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"1", &[]);
+    plan(&s, &path).await;
+    run(&s, &path, opts()).await;
+    assert_eq!(tasks(&path)[0].attempt_stamped, Some(true));
+    let dir2 = tempfile::tempdir().unwrap();
+    let path2 = dir2.path().join("job.db");
+    plan_with(&s, &path2, &one_request_settings()).await;
+    run(&s, &path2, opts()).await;
+    assert_eq!(tasks(&path2)[0].attempt_stamped, Some(false));
+}

@@ -259,6 +259,10 @@ pub struct Task {
     pub error_class: Option<String>,
     /// The destination (`destinations.id`; 0 is the job's `--dest`).
     pub dest: i64,
+    /// The reconciliation mode of the last attempt: whether its writes carried the stamp
+    /// (None: not recorded, e.g. a manifest from before); an attempt in doubt is looked for
+    /// with the mode it wrote with, whatever the job's setting is now.
+    pub attempt_stamped: Option<bool>,
 }
 
 /// The key id of a task id (a task's id is its key's id and its place among the key's tasks).

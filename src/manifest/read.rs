@@ -92,6 +92,7 @@ fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
         version_to_learn: flags & VERSION_TO_LEARN != 0,
         error_class: class_name(r.get(13)?)?,
         dest: r.get(15)?,
+        attempt_stamped: super::codec::attempt_stamped(flags),
     })
 }
 

@@ -1215,6 +1215,7 @@ async fn claims_mark_each_keys_first_open_task_and_released_claims_restore_it() 
             id: t.id,
             state: t.state,
             started_at: t.started_at,
+            attempt_stamped: t.attempt_stamped,
         })
         .unwrap();
     }
