@@ -191,6 +191,11 @@ pub struct PlanArgs {
     /// and delete markers that appeared since (versions that vanished are counted, not copied).
     #[arg(long)]
     pub refresh: bool,
+    /// Change the copy settings (`--copy-mode`, thresholds, `--part-size`, `--storage-class`,
+    /// `--sse`, `--acl`, `--no-stamp`) of a job that has copied, or started copying, with
+    /// other ones (without it, such a change is refused and each change is printed).
+    #[arg(long)]
+    pub change_copy_settings: bool,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,

@@ -220,8 +220,43 @@ fn existing_manifest(
                 args.manifest.display()
             )));
         }
+        change_copy_settings(args, &m, stored, settings)?;
     }
     Ok(Some(m))
+}
+
+/// Copy settings other than the job's: each change said in one line; refused on a job
+/// whose tasks started or finished (their copies were made with the stored settings, and
+/// an attempt in doubt must be found as it was written) unless `--change-copy-settings`;
+/// otherwise stored, so that every later run (a `replicate` on a complete listing too)
+/// copies with them.
+fn change_copy_settings(
+    args: &PlanArgs,
+    m: &Manifest,
+    mut stored: JobSettings,
+    settings: &JobSettings,
+) -> Result<(), JobError> {
+    let changes = settings.copy.changes_from(&stored.copy);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let c = m.counts()?;
+    let worked = c.done + c.in_progress + c.failed + c.skipped;
+    if (worked > 0 || c.attempts > 0) && !args.change_copy_settings {
+        for line in &changes {
+            eprintln!("copy setting {line}");
+        }
+        return Err(JobError::Usage(format!(
+            "manifest {} has {worked} tasks started or finished with its own copy settings, and this command changes them (above); pass --change-copy-settings to change them, or give the job's settings to continue it",
+            args.manifest.display()
+        )));
+    }
+    for line in &changes {
+        eprintln!("copy setting changed: {line}");
+    }
+    stored.copy = settings.copy.clone();
+    m.store_settings(&stored)?;
+    Ok(())
 }
 
 /// Whether the manifest's listing is already complete (said in one line).
