@@ -18,7 +18,7 @@ use crate::cli::{
     PlanArgs, ReplicateArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, VerifyArgs,
 };
 use crate::config::{ConfigError, JobSettings, SideConfig};
-use crate::copier::{Copier, DestFacts, ListingState, RunSummary};
+use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunSummary};
 use crate::inputs::plan::{Supplied, SuppliedJob};
 use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
@@ -321,13 +321,37 @@ async fn plan_clients(
     others.sort();
     others.dedup();
     for b in others {
-        let f = preflight()
-            .call(&Default::default(), || dest.probe_bucket(&b))
+        let f = probe_other_dest(&dest, &settings.dest_side, &b, timeouts)
             .await
             .map_err(|e| bucket_error(Side::Dest, &b, e))?;
         facts.versioned &= f.versioned;
     }
     Ok((source, dest, facts))
+}
+
+/// Probes a destination bucket other than destination 0 with destination 0's client; a
+/// bucket in another region (S3's 301 naming it) is probed again there.
+async fn probe_other_dest(
+    dest: &SdkClient,
+    side: &SideConfig,
+    bucket: &str,
+    timeouts: Timeouts,
+) -> Result<BucketFacts, S3Error> {
+    let retrier = preflight();
+    match retrier
+        .call(&Default::default(), || dest.probe_bucket(bucket))
+        .await
+    {
+        Err(e) if e.status == Some(301) && e.bucket_region.is_some() => {
+            let mut there = side.clone();
+            there.region = e.bucket_region.clone();
+            let (client, _) = build(Side::Dest, &there, timeouts).await;
+            retrier
+                .call(&Default::default(), || client.probe_bucket(bucket))
+                .await
+        }
+        r => r,
+    }
 }
 
 /// `plan --dry-run`: lists and selects, prints the tallies, writes nothing.
@@ -635,7 +659,7 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
 async fn run_clients(
     settings: &mut JobSettings,
     timeouts: Timeouts,
-) -> Result<((SdkClient, SdkClient), DestFacts), JobError> {
+) -> Result<((SdkClient, SdkClient), DestinationFacts), JobError> {
     let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
     settings.source_side.endpoint = source_endpoint;
@@ -665,7 +689,34 @@ async fn run_clients(
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(((source, dest), facts))
+    let mut all = DestinationFacts::from(facts);
+    let mut others: Vec<String> = settings
+        .destinations
+        .iter()
+        .map(|d| d.bucket.clone())
+        .filter(|b| *b != settings.dest.bucket)
+        .collect();
+    others.sort();
+    others.dedup();
+    for b in others {
+        let f = match probe_other_dest(&dest, &settings.dest_side, &b, timeouts).await {
+            Ok(f) => DestFacts {
+                versioned: f.versioned,
+                object_lock: f.object_lock,
+            },
+            // As for destination 0: left to the tasks and the failure threshold.
+            Err(e) if e.class == ErrorClass::Fatal => {
+                eprintln!("warning: {}", bucket_error(Side::Dest, &b, e));
+                DestFacts {
+                    versioned: true,
+                    object_lock: false,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        all.buckets.insert(b, f);
+    }
+    Ok(((source, dest), all))
 }
 
 /// `run`: copies the manifest's open tasks; on an unfinished listing, it lists the rest
@@ -686,12 +737,18 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     let (clients, facts) = run_clients(&mut settings, args.exec.timeouts()).await?;
     let latest_only = settings.selection.latest_only;
     // Keys listed from here on are checked by the lister, page by page.
-    if !facts.versioned && !latest_only && m.has_multi_version_key()? {
-        return Err(JobError::Usage(format!(
-            "dest: bucket {} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it",
-            settings.dest.bucket
-        )));
+    let unversioned = std::iter::once((&settings.dest.bucket, facts.default))
+        .chain(facts.buckets.iter().map(|(b, f)| (b, *f)))
+        .find(|(_, f)| !f.versioned)
+        .map(|(b, _)| b.clone());
+    if let Some(bucket) = unversioned {
+        if !latest_only && m.has_multi_version_key()? {
+            return Err(JobError::Usage(format!(
+                "dest: bucket {bucket} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it"
+            )));
+        }
     }
+    let all_versioned = facts.default.versioned && facts.buckets.values().all(|f| f.versioned);
     let counts = m.counts()?;
     let uploads = m.open_uploads()?;
     let to_learn = m.versions_to_learn()?;
@@ -724,7 +781,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             settings: &settings,
             source: &source,
             dest: &dest,
-            dest_versioned: facts.versioned || latest_only,
+            dest_versioned: all_versioned || latest_only,
             concurrency: args.list_concurrency as usize,
             bar,
         };

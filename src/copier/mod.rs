@@ -128,6 +128,33 @@ pub struct DestFacts {
     pub object_lock: bool,
 }
 
+/// What a run knows of each destination bucket: destination 0's facts, and those of the
+/// other buckets of a replication configuration (each probed on its own: one may keep
+/// versions or have object lock and another not).
+#[derive(Clone, Debug)]
+pub struct DestinationFacts {
+    /// The facts of a bucket not listed in `buckets` (the job's `--dest`).
+    pub default: DestFacts,
+    /// Per destination bucket.
+    pub buckets: BTreeMap<String, DestFacts>,
+}
+
+impl From<DestFacts> for DestinationFacts {
+    fn from(default: DestFacts) -> Self {
+        DestinationFacts {
+            default,
+            buckets: BTreeMap::new(),
+        }
+    }
+}
+
+impl DestinationFacts {
+    /// The facts of `bucket`.
+    pub fn of(&self, bucket: &str) -> DestFacts {
+        self.buckets.get(bucket).copied().unwrap_or(self.default)
+    }
+}
+
 /// Asks a run to stop, and remembers why it stopped early.
 #[derive(Debug, Default)]
 struct Control {
@@ -176,7 +203,8 @@ pub struct Copier<C: S3Client> {
     settings: JobSettings,
     source: C,
     dest: C,
-    dest_facts: DestFacts,
+    /// Every destination bucket's facts (see [`Copier::facts`]).
+    all_facts: DestinationFacts,
     retrier: Retrier,
     part_concurrency: usize,
     key_concurrency: usize,
@@ -202,18 +230,19 @@ impl<C: S3Client> Copier<C> {
     pub fn new(
         settings: JobSettings,
         clients: (C, C),
-        dest_facts: DestFacts,
+        dest_facts: impl Into<DestinationFacts>,
         writer: Writer,
         opts: &RunOptions,
         bar: ProgressBar,
     ) -> std::sync::Arc<Self> {
         let (source, dest) = clients;
+        let all_facts: DestinationFacts = dest_facts.into();
         writer.record_attempt_mode(settings.copy.stamp);
         std::sync::Arc::new(Copier {
             settings,
             source,
             dest,
-            dest_facts,
+            all_facts,
             retrier: Retrier::new(
                 opts.policy.clone(),
                 Limiter::new(opts.concurrency, opts.max_rps),
@@ -231,6 +260,11 @@ impl<C: S3Client> Copier<C> {
             learner: learn::Learner::default(),
             restore: opts.restore.clone(),
         })
+    }
+
+    /// What the run knows of destination bucket `bucket` (versioning, object lock).
+    pub(super) fn facts(&self, bucket: &str) -> DestFacts {
+        self.all_facts.of(bucket)
     }
 
     /// Asks the run to stop taking new tasks; tasks in flight finish.

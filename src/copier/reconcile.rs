@@ -73,7 +73,7 @@ impl<C: S3Client> Copier<C> {
         since: i64,
         stamped: bool,
     ) -> Result<Option<Option<String>>, S3Error> {
-        if !self.dest_facts.versioned {
+        if !self.facts(&ctx.dest.bucket).versioned {
             // An unversioned destination is overwritten by the next attempt: nothing to adopt.
             return Ok(None);
         }
@@ -160,7 +160,7 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         answered: Option<String>,
     ) -> Result<(Option<String>, Option<ObjectHead>), S3Error> {
-        if answered.is_some() || !self.dest_facts.versioned {
+        if answered.is_some() || !self.facts(&ctx.dest.bucket).versioned {
             return Ok((answered, None));
         }
         if ctx.task.is_delete_marker {

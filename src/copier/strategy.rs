@@ -484,24 +484,22 @@ impl<C: S3Client> Copier<C> {
             },
             checksum_algorithm: head.checksum.as_ref().map(|k| k.algorithm),
             full_object_checksum: head.checksum.as_ref().is_some_and(|k| k.full_object),
-            lock: self.lock_settings(&head.lock),
+            lock: self.lock_settings(&ctx.dest.bucket, &head.lock),
             content_md5: None,
         }
     }
 
-    /// Object lock settings to send (see [`lock_to_send`]); the first version whose settings
-    /// are dropped for a destination without object lock is said, once per run.
-    fn lock_settings(&self, lock: &ObjectLock) -> ObjectLock {
-        if !lock.is_empty()
-            && !self.dest_facts.object_lock
-            && !self.lock_warned.swap(true, Ordering::Relaxed)
-        {
+    /// Object lock settings to send to destination bucket `bucket` (see [`lock_to_send`]);
+    /// the first version whose settings are dropped for a bucket without object lock is
+    /// said, naming the bucket, once per run.
+    fn lock_settings(&self, bucket: &str, lock: &ObjectLock) -> ObjectLock {
+        let locked = self.facts(bucket).object_lock;
+        if !lock.is_empty() && !locked && !self.lock_warned.swap(true, Ordering::Relaxed) {
             self.progress.say(format!(
-                "warning: bucket {} has no object lock: versions are copied without their lock settings",
-                self.settings.dest.bucket
+                "warning: bucket {bucket} has no object lock: versions are copied there without their lock settings"
             ));
         }
-        lock_to_send(lock, self.dest_facts.object_lock, now_secs())
+        lock_to_send(lock, locked, now_secs())
     }
 
     /// A write that creates the destination version, retried with reconciliation before

@@ -1159,3 +1159,113 @@ async fn each_attempt_records_the_mode_it_writes_with() {
     run(&s, &path2, opts()).await;
     assert_eq!(tasks(&path2)[0].attempt_stamped, Some(false));
 }
+
+/// A job with two destination buckets (`destinations` 0: DST, 1: `second`), every source
+/// version planned for both, the listing complete.
+async fn plan_two_destinations(server: &FakeServer, path: &Path, second: &str) {
+    use crate::config::{DestOptions, Destination};
+    let mut s = settings();
+    s.destinations = [DST, second]
+        .iter()
+        .map(|b| Destination {
+            bucket: b.to_string(),
+            prefix: String::new(),
+            options: DestOptions {
+                rule: format!("to-{b}"),
+                delete_markers: true,
+                ..DestOptions::default()
+            },
+        })
+        .collect();
+    let mut m = Manifest::open(path, true).unwrap();
+    m.store_settings(&s).unwrap();
+    let from = ListFrom {
+        bucket: SRC.into(),
+        max_keys: 1000,
+        ..ListFrom::default()
+    };
+    let page = server
+        .client(Side::Source)
+        .list_versions(&from)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    let mut pos = 0;
+    let mut last: Option<String> = None;
+    for e in page.entries {
+        if last.as_deref() != Some(e.key.as_str()) {
+            pos = 0;
+            last = Some(e.key.clone());
+        }
+        for dest in [0, 1] {
+            tasks.push(NewTask {
+                entry: e.clone(),
+                history_pos: pos,
+                dest,
+            });
+        }
+        pos += 1;
+    }
+    let done = Listing {
+        complete: true,
+        ..Listing::default()
+    };
+    m.insert_page(&tasks, &done).unwrap();
+}
+
+#[tokio::test]
+async fn lock_settings_go_to_the_locked_destination_bucket_only() {
+    use super::{DestFacts, DestinationFacts};
+    use crate::s3::ObjectLock;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.create_bucket("locked", true);
+    let v1 = s.put(SRC, "k", b"held", &[]);
+    let lock = ObjectLock {
+        mode: Some("GOVERNANCE".into()),
+        retain_until: Some(super::now_secs() + 86_400),
+        legal_hold: true,
+    };
+    s.set_version_lock(SRC, "k", &v1, lock.clone());
+    plan_two_destinations(&s, &path, "locked").await;
+    // Destination 0 (DST) has no object lock; the second bucket has.
+    let unlocked = DestFacts {
+        versioned: true,
+        object_lock: false,
+    };
+    let mut facts = DestinationFacts::from(unlocked);
+    facts.buckets.insert(
+        "locked".into(),
+        DestFacts {
+            versioned: true,
+            object_lock: true,
+        },
+    );
+    let m = Manifest::open(&path, false).unwrap();
+    let stored = m.settings().unwrap().unwrap();
+    let clients = (s.client(Side::Source), s.client(Side::Dest));
+    let c = Copier::new(
+        stored,
+        clients,
+        facts,
+        m.into_writer(),
+        &opts(),
+        ProgressBar::hidden(),
+    );
+    let summary = Arc::clone(&c).run().await;
+    c.flush().await;
+    drop(c);
+    assert_eq!((summary.done, summary.failed), (2, 0), "{summary:?}");
+    let at = |b: &str| s.history(b, "k")[0].head.lock.clone();
+    assert_eq!(
+        at("locked"),
+        lock,
+        "retention and legal hold kept where the bucket has object lock"
+    );
+    assert_eq!(
+        at(DST),
+        ObjectLock::default(),
+        "none sent to a bucket without object lock"
+    );
+}

@@ -46,6 +46,8 @@ pub struct FakeVersion {
 #[derive(Debug, Default)]
 struct Bucket {
     versioned: bool,
+    /// Object lock enabled (said by HeadBucket's probe).
+    object_lock: bool,
     /// Each key's history, oldest first.
     keys: BTreeMap<String, Vec<FakeVersion>>,
     uploads: BTreeMap<String, Upload>,
@@ -300,6 +302,28 @@ impl FakeServer {
     /// Makes CopyObject answers omit the new version id (as RGW does).
     pub fn omit_copy_version_ids(&self, on: bool) {
         self.omit_copy_version.store(on, Ordering::Relaxed);
+    }
+
+    /// Enables object lock on a bucket (its probe says so).
+    pub fn enable_object_lock(&self, bucket: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(b) = s.buckets.get_mut(bucket) {
+            b.object_lock = true;
+        }
+    }
+
+    /// Sets the object lock settings of one stored version.
+    pub fn set_version_lock(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: &str,
+        lock: super::types::ObjectLock,
+    ) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(v) = s.find_mut(bucket, key, Some(version)) {
+            v.head.lock = lock;
+        }
     }
 
     /// The restores asked for so far, in order.
@@ -859,7 +883,7 @@ impl S3Client for FakeS3 {
             Ok(BucketFacts {
                 region: None,
                 versioned: b.versioned,
-                object_lock: false,
+                object_lock: b.object_lock,
             })
         })
     }
