@@ -316,7 +316,8 @@ impl<C: S3Client> Copier<C> {
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
                 last_open: !group.tasks[i + 1..].iter().any(|t| {
-                    t.dest == task.dest && matches!(t.state, State::Pending | State::InProgress)
+                    self.settings.destination(t.dest).0 == bucket
+                        && matches!(t.state, State::Pending | State::InProgress)
                 }),
                 learn_later: AtomicBool::new(false),
                 claimed: group.claimed == Some(task.id),

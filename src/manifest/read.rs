@@ -108,9 +108,24 @@ pub(super) const LISTING_PROGRESS_SQL: &str =
 pub(super) const REQUESTS_SQL: &str = "SELECT op, count FROM requests";
 pub(super) const FAILED_SQL: &str = "SELECT id, dest, refresh, history_pos FROM task
     WHERE state >= 3 AND state = 3 ORDER BY id";
+/// Open tasks of a key newer than a failed one, to the failed task's destination bucket
+/// (several rules may send a key to one bucket, each its own destination id).
 pub(super) const WAITING_SQL: &str = "SELECT count(*) FROM task
-    WHERE id BETWEEN ?1 AND ?2 AND dest = ?3 AND state < 2
+    WHERE id BETWEEN ?1 AND ?2 AND state < 2
+    AND (dest = ?3 OR dest IN (SELECT id FROM destinations
+        WHERE bucket = (SELECT bucket FROM destinations WHERE id = ?3)))
     AND (refresh > ?4 OR (refresh = ?4 AND history_pos < ?5))";
+
+/// Each destination id's bucket group: the smallest destination id with the same bucket
+/// (a key's history in one bucket is one history, whichever rule sent each version).
+pub(super) fn bucket_groups(conn: &Connection) -> rusqlite::Result<BTreeMap<i64, i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT d1.id, min(d2.id) FROM destinations d1 JOIN destinations d2
+         ON d2.bucket = d1.bucket GROUP BY d1.id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
 /// The statements `next_key_groups()` runs to find keys.
 pub(super) const OPEN_BLOCKS_SQL: &str =
     "SELECT block FROM open_blocks WHERE block >= ?1 AND open > 0 ORDER BY block";
@@ -363,6 +378,7 @@ impl Manifest {
             .prepare_cached("SELECT key FROM keys WHERE id = ?1")
             .and_then(|mut s| s.query_row([key_id], |r| r.get(0)))
             .map_err(sql)?;
+        let groups = bucket_groups(&self.conn).map_err(sql)?;
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
@@ -377,7 +393,8 @@ impl Manifest {
         // Per destination: the oldest failed version, which later open tasks wait for.
         let mut failed: BTreeMap<i64, String> = BTreeMap::new();
         while let Some(r) = rows.next().map_err(sql)? {
-            let problem = problem_from_row(r, &key, &mut failed).map_err(|e| self.row_error(e))?;
+            let problem =
+                problem_from_row(r, &key, &groups, &mut failed).map_err(|e| self.row_error(e))?;
             let Some(p) = problem else { continue };
             let go_on = f(p).map_err(|source| ManifestError::Io {
                 path: self.path.clone(),
@@ -475,7 +492,8 @@ impl Manifest {
 fn blocked(conn: &Connection) -> rusqlite::Result<u64> {
     let mut failed = conn.prepare_cached(FAILED_SQL)?;
     let mut rows = failed.query([])?;
-    // The oldest failed task per (key, destination) of the current key.
+    let groups = bucket_groups(conn)?;
+    // The oldest failed task per (key, destination bucket) of the current key.
     let mut oldest: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
     let mut key: Option<i64> = None;
     let mut total = 0;
@@ -489,7 +507,8 @@ fn blocked(conn: &Connection) -> rusqlite::Result<u64> {
             oldest.clear();
             key = Some(key_of(id));
         }
-        let e = oldest.entry(dest).or_insert((refresh, pos));
+        let group = groups.get(&dest).copied().unwrap_or(dest);
+        let e = oldest.entry(group).or_insert((refresh, pos));
         if (refresh, -pos) < (e.0, -e.1) {
             *e = (refresh, pos);
         }
@@ -520,11 +539,14 @@ fn waiting(
 fn problem_from_row(
     r: &Row<'_>,
     key: &str,
+    groups: &BTreeMap<i64, i64>,
     failed: &mut BTreeMap<i64, String>,
 ) -> std::result::Result<Option<Problem>, RowError> {
     let state = state_of(r.get(1)?)?;
     let version_id: String = r.get(0)?;
     let dest: i64 = r.get(4)?;
+    // A failed version blocks the later ones to its bucket, whichever rule sent them.
+    let group = groups.get(&dest).copied().unwrap_or(dest);
     let mut p = Problem {
         key: key.to_string(),
         version_id: version_id.clone(),
@@ -538,12 +560,12 @@ fn problem_from_row(
     };
     match state {
         State::Failed => {
-            failed.entry(dest).or_insert(version_id);
+            failed.entry(group).or_insert(version_id);
         }
         State::Skipped => {}
         State::Done => return Ok(None),
         State::Pending | State::InProgress => {
-            let Some(v) = failed.get(&dest) else {
+            let Some(v) = failed.get(&group) else {
                 return Ok(None);
             };
             p.state = "blocked".into();

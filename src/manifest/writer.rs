@@ -398,14 +398,18 @@ fn claim(
     at: i64,
     mode: Option<bool>,
 ) -> rusqlite::Result<()> {
+    // Blocking is per destination bucket, as the key worker's: several rules may send one
+    // key to the same bucket, each with its own destination id.
+    let buckets = super::read::bucket_groups(conn)?;
+    let bucket = |dest: i64| buckets.get(&dest).copied().unwrap_or(dest);
     for g in groups.iter_mut().filter(|g| !g.listing_open) {
         let mut blocked = Vec::new();
         let first = g.tasks.iter().find(|t| match t.state {
             State::Failed => {
-                blocked.push(t.dest);
+                blocked.push(bucket(t.dest));
                 false
             }
-            State::Pending | State::InProgress => !blocked.contains(&t.dest),
+            State::Pending | State::InProgress => !blocked.contains(&bucket(t.dest)),
             State::Done | State::Skipped => false,
         });
         if let Some(t) = first {
