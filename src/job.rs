@@ -321,7 +321,7 @@ async fn plan_clients(
     others.sort();
     others.dedup();
     for b in others {
-        let f = probe_other_dest(&dest, &settings.dest_side, &b, timeouts)
+        let (f, _) = probe_other_dest(&dest, &settings.dest_side, &b, timeouts)
             .await
             .map_err(|e| bucket_error(Side::Dest, &b, e))?;
         facts.versioned &= f.versioned;
@@ -330,13 +330,14 @@ async fn plan_clients(
 }
 
 /// Probes a destination bucket other than destination 0 with destination 0's client; a
-/// bucket in another region (S3's 301 naming it) is probed again there.
+/// bucket in another region (S3's 301 naming it) is probed again there, and the client of
+/// that region is returned too (counting its requests with `dest`'s).
 async fn probe_other_dest(
     dest: &SdkClient,
     side: &SideConfig,
     bucket: &str,
     timeouts: Timeouts,
-) -> Result<BucketFacts, S3Error> {
+) -> Result<(BucketFacts, Option<SdkClient>), S3Error> {
     let retrier = preflight();
     match retrier
         .call(&Default::default(), || dest.probe_bucket(bucket))
@@ -346,11 +347,13 @@ async fn probe_other_dest(
             let mut there = side.clone();
             there.region = e.bucket_region.clone();
             let (client, _) = build(Side::Dest, &there, timeouts).await;
-            retrier
+            let client = client.counting_in(dest.counts());
+            let facts = retrier
                 .call(&Default::default(), || client.probe_bucket(bucket))
-                .await
+                .await?;
+            Ok((facts, Some(client)))
         }
-        r => r,
+        r => r.map(|f| (f, None)),
     }
 }
 
@@ -617,6 +620,155 @@ async fn plan_supplied(
     Ok(())
 }
 
+/// The clients of one side of a run: the side's client, and for each destination bucket in
+/// another region than destination 0's (S3's 301 at the probe) a client in that bucket's
+/// region; each request goes to its bucket's client. All count their requests together.
+#[derive(Clone, Debug)]
+pub struct RoutedClient {
+    main: SdkClient,
+    by_bucket: Arc<std::collections::BTreeMap<String, SdkClient>>,
+}
+
+impl RoutedClient {
+    fn single(main: SdkClient) -> RoutedClient {
+        RoutedClient {
+            main,
+            by_bucket: Arc::default(),
+        }
+    }
+
+    fn of(&self, bucket: &str) -> &SdkClient {
+        self.by_bucket.get(bucket).unwrap_or(&self.main)
+    }
+}
+
+impl S3Client for RoutedClient {
+    fn side(&self) -> Side {
+        self.main.side()
+    }
+    fn requests(&self) -> &crate::s3::RequestCounts {
+        self.main.requests()
+    }
+    async fn list_versions(
+        &self,
+        from: &crate::s3::ListFrom,
+    ) -> Result<crate::s3::VersionPage, S3Error> {
+        self.of(&from.bucket).list_versions(from).await
+    }
+    async fn head_object(
+        &self,
+        obj: &crate::s3::ObjectRef,
+        part: Option<i32>,
+    ) -> Result<crate::s3::ObjectHead, S3Error> {
+        self.of(&obj.bucket).head_object(obj, part).await
+    }
+    async fn get_object(
+        &self,
+        obj: &crate::s3::ObjectRef,
+        range: Option<(u64, u64)>,
+    ) -> Result<bytes::Bytes, S3Error> {
+        self.of(&obj.bucket).get_object(obj, range).await
+    }
+    async fn get_tagging(&self, obj: &crate::s3::ObjectRef) -> Result<String, S3Error> {
+        self.of(&obj.bucket).get_tagging(obj).await
+    }
+    async fn copy_object(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        src: &crate::s3::ObjectRef,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket).copy_object(dest, src, attrs).await
+    }
+    async fn put_object(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        body: bytes::Bytes,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket).put_object(dest, body, attrs).await
+    }
+    async fn delete_object(
+        &self,
+        dest: &crate::s3::ObjectRef,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket).delete_object(dest).await
+    }
+    async fn put_tagging(&self, obj: &crate::s3::ObjectRef, tagging: &str) -> Result<(), S3Error> {
+        self.of(&obj.bucket).put_tagging(obj, tagging).await
+    }
+    async fn create_multipart(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<String, S3Error> {
+        self.of(&dest.bucket).create_multipart(dest, attrs).await
+    }
+    async fn upload_part_copy(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        n: i32,
+        src: &crate::s3::ObjectRef,
+        range: (u64, u64),
+    ) -> Result<crate::s3::PartResult, S3Error> {
+        self.of(&dest.bucket)
+            .upload_part_copy(dest, upload_id, n, src, range)
+            .await
+    }
+    async fn upload_part(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: bytes::Bytes,
+        md5: &str,
+        algorithm: Option<crate::s3::ChecksumAlgorithm>,
+    ) -> Result<crate::s3::PartResult, S3Error> {
+        self.of(&dest.bucket)
+            .upload_part(dest, upload_id, n, body, md5, algorithm)
+            .await
+    }
+    async fn complete_multipart(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        parts: &[crate::s3::PartResult],
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket)
+            .complete_multipart(dest, upload_id, parts)
+            .await
+    }
+    async fn abort_multipart(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+    ) -> Result<(), S3Error> {
+        self.of(&dest.bucket).abort_multipart(dest, upload_id).await
+    }
+    async fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, S3Error> {
+        self.of(bucket).list_uploads(bucket, prefix).await
+    }
+    async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
+        self.of(bucket).probe_bucket(bucket).await
+    }
+    async fn object_lock_enabled(&self, bucket: &str) -> Result<bool, S3Error> {
+        self.of(bucket).object_lock_enabled(bucket).await
+    }
+    async fn restore_object(
+        &self,
+        obj: &crate::s3::ObjectRef,
+        days: u32,
+        tier: &str,
+    ) -> Result<crate::s3::Restore, S3Error> {
+        self.of(&obj.bucket).restore_object(obj, days, tier).await
+    }
+}
+
 /// The stored settings with this run's overrides of endpoints and profiles.
 fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
     let mut settings = m.require_settings()?;
@@ -659,7 +811,7 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
 async fn run_clients(
     settings: &mut JobSettings,
     timeouts: Timeouts,
-) -> Result<((SdkClient, SdkClient), DestinationFacts), JobError> {
+) -> Result<((RoutedClient, RoutedClient), DestinationFacts), JobError> {
     let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
     settings.source_side.endpoint = source_endpoint;
@@ -698,12 +850,18 @@ async fn run_clients(
         .collect();
     others.sort();
     others.dedup();
+    let mut regional = std::collections::BTreeMap::new();
     for b in others {
         let f = match probe_other_dest(&dest, &settings.dest_side, &b, timeouts).await {
-            Ok(f) => DestFacts {
-                versioned: f.versioned,
-                object_lock: f.object_lock,
-            },
+            Ok((f, there)) => {
+                if let Some(c) = there {
+                    regional.insert(b.clone(), c);
+                }
+                DestFacts {
+                    versioned: f.versioned,
+                    object_lock: f.object_lock,
+                }
+            }
             // As for destination 0: left to the tasks and the failure threshold.
             Err(e) if e.class == ErrorClass::Fatal => {
                 eprintln!("warning: {}", bucket_error(Side::Dest, &b, e));
@@ -716,7 +874,11 @@ async fn run_clients(
         };
         all.buckets.insert(b, f);
     }
-    Ok(((source, dest), all))
+    let dest = RoutedClient {
+        main: dest,
+        by_bucket: Arc::new(regional),
+    };
+    Ok(((RoutedClient::single(source), dest), all))
 }
 
 /// `run`: copies the manifest's open tasks; on an unfinished listing, it lists the rest

@@ -141,3 +141,74 @@ async fn changing_copy_settings_of_a_started_job_is_refused_unless_asked() {
     expect_code(&o, 0);
     assert!(!stderr_of(&o).contains("copy setting"), "{}", stderr_of(&o));
 }
+
+/// Two rules, two destination buckets; the second bucket lives in another region (the proxy
+/// answers S3's 301 to a request signed for us-east-1): both receive their versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_destination_in_another_region_is_written_there() {
+    use support::fault_proxy::{FaultConfig, FaultProxy};
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, a, b) = (bucket("src"), bucket("dsta"), bucket("dstb"));
+    for name in [&src, &a, &b] {
+        create_bucket(&c, name, true).await;
+    }
+    seed(
+        &c,
+        &src,
+        vec![
+            vec![Op::put("x/1", "x one"), Op::put("y/1", "y one")],
+            vec![Op::put("x/1", "x two"), Op::put("y/1", "y two")],
+        ],
+    )
+    .await;
+    let upstream = ep.trim_start_matches("http://").parse().unwrap();
+    let proxy = FaultProxy::start(upstream, FaultConfig::default())
+        .await
+        .unwrap();
+    proxy.set_bucket_region(&b, "eu-west-1");
+    let cfg = format!(
+        r#"{{"Role": "arn:aws:iam::123456789012:role/replication",
+  "Rules": [
+    {{"ID": "x", "Priority": 1, "Status": "Enabled", "Filter": {{"Prefix": "x/"}},
+      "DeleteMarkerReplication": {{"Status": "Disabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{a}"}}}},
+    {{"ID": "y", "Priority": 2, "Status": "Enabled", "Filter": {{"Prefix": "y/"}},
+      "DeleteMarkerReplication": {{"Status": "Disabled"}},
+      "Destination": {{"Bucket": "arn:aws:s3:::{b}"}}}}
+  ]}}"#
+    );
+    let (d, m) = manifest();
+    let cfg_path = d.path().join("replication.json");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let o = run(&[
+        "replicate",
+        "--source",
+        &format!("s3://{src}"),
+        "--manifest",
+        m.to_str().unwrap(),
+        "--source-endpoint",
+        &ep,
+        "--dest-endpoint",
+        &proxy.endpoint(),
+        "--path-style",
+        "--no-progress",
+        "--replication-config",
+        cfg_path.to_str().unwrap(),
+    ]);
+    expect_code(&o, 0);
+    let redirects = proxy.stats().redirects();
+    assert!(
+        redirects >= 1,
+        "the second bucket was first asked in us-east-1"
+    );
+    let (ha, hb) = (histories(&c, &a, "").await, histories(&c, &b, "").await);
+    assert_eq!(ha.keys().collect::<Vec<_>>(), ["x/1"]);
+    assert_eq!(hb.keys().collect::<Vec<_>>(), ["y/1"]);
+    assert_eq!((ha["x/1"].len(), hb["y/1"].len()), (2, 2));
+    assert_replica(&c, &src, &c, &b, "", "y/", all).await;
+    // A later run writes nothing more and is not redirected but for its probe.
+    let again = run(&["run", "--manifest", m.to_str().unwrap(), "--no-progress"]);
+    expect_code(&again, 0);
+    assert!(proxy.stats().redirects() <= redirects + 1);
+}

@@ -1174,6 +1174,18 @@ impl S3Client for SdkClient {
 }
 
 impl SdkClient {
+    /// This client counting its requests in `counts` (shared with another client: several
+    /// clients of one side, e.g. one per region, count as one).
+    pub fn counting_in(mut self, counts: Arc<RequestCounts>) -> SdkClient {
+        self.counts = counts;
+        self
+    }
+
+    /// The counts this client adds to (see [`SdkClient::counting_in`]).
+    pub fn counts(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
+    }
+
     /// The bucket's replication configuration as the server sent it (XML), for
     /// `plan --replication-config source`.
     pub async fn get_bucket_replication(&self, bucket: &str) -> Result<Vec<u8>, S3Error> {
