@@ -138,7 +138,7 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
     let mut actions = Vec::new();
     if c.archived > 0 {
         actions.push(format!(
-            "{} skipped as archived: restore them and run `run --retry-skipped` (or `run --restore-archived DAYS`)",
+            "{} skipped as archived: restore them and run `run --retry-skipped` (or `run --retry-skipped --restore-archived DAYS` to have them restored)",
             c.archived
         ));
     }
