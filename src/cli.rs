@@ -12,7 +12,7 @@ use crate::config::{
     ChecksumCalculation, ConfigError, CopyMode, CopyOptions, JobSettings, LargeCopy, Location,
     Selection, SideConfig, Sse,
 };
-use crate::copier::{FailureThreshold, RunOptions};
+use crate::copier::{FailureThreshold, RestoreAsk, RunOptions};
 use crate::filters::{self, Filters};
 use crate::rules::ReplicationConfig;
 use crate::s3::{RetryPolicy, Timeouts};
@@ -198,6 +198,11 @@ pub struct PlanArgs {
     /// and delete markers that appeared since (versions that vanished are counted, not copied).
     #[arg(long)]
     pub refresh: bool,
+    /// Change the copy settings (`--copy-mode`, thresholds, `--part-size`, `--storage-class`,
+    /// `--sse`, `--acl`, `--no-stamp`) of a job that has copied, or started copying, with
+    /// other ones (without it, such a change is refused and each change is printed).
+    #[arg(long)]
+    pub change_copy_settings: bool,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -452,6 +457,39 @@ pub struct ExecArgs {
     /// made smaller to fit). At least 56MiB.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_memory)]
     pub max_memory: u64,
+    /// Restore archived source versions (GLACIER, DEEP_ARCHIVE) for this many days: a
+    /// `RestoreObject` each; the run does not wait, a later run copies them once restored
+    /// (their keys' later versions wait until then).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub restore_archived: Option<u32>,
+    /// The retrieval tier of `--restore-archived`.
+    #[arg(long, value_enum, default_value_t = RestoreTier::Standard, requires = "restore_archived")]
+    pub restore_tier: RestoreTier,
+}
+
+/// A retrieval tier of `RestoreObject`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreTier {
+    /// Cheapest, slowest.
+    #[value(name = "Bulk", alias = "bulk")]
+    Bulk,
+    /// The default.
+    #[value(name = "Standard", alias = "standard")]
+    Standard,
+    /// Fastest (GLACIER only).
+    #[value(name = "Expedited", alias = "expedited")]
+    Expedited,
+}
+
+impl RestoreTier {
+    /// The tier's name in S3's API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreTier::Bulk => "Bulk",
+            RestoreTier::Standard => "Standard",
+            RestoreTier::Expedited => "Expedited",
+        }
+    }
 }
 
 /// A `--max-memory` size: the program's reserve and one smallest part (5 MiB) at least.
@@ -484,6 +522,10 @@ impl ExecArgs {
                 min_tasks: self.failure_threshold_min_tasks,
                 percent: self.failure_threshold_percent,
             },
+            restore: self.restore_archived.map(|days| RestoreAsk {
+                days,
+                tier: self.restore_tier.as_str().to_string(),
+            }),
         }
     }
 
@@ -510,6 +552,11 @@ pub struct RunArgs {
     /// keys' later versions are copied.
     #[arg(long)]
     pub skip_failed: bool,
+    /// Put skipped tasks back in the queue first (e.g. archived versions once restored),
+    /// all but those whose source version is gone; each is checked against the destination
+    /// before it is written.
+    #[arg(long, conflicts_with = "skip_failed")]
+    pub retry_skipped: bool,
     /// Reach the source through another endpoint than the one planned (e.g. a proxy).
     #[arg(long, value_name = "URL")]
     pub source_endpoint: Option<String>,
@@ -543,6 +590,9 @@ pub struct ReplicateArgs {
     /// Put failed tasks back in the queue first.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Put skipped tasks back in the queue first (see `run --retry-skipped`).
+    #[arg(long)]
+    pub retry_skipped: bool,
     /// Copy-stage knobs.
     #[command(flatten)]
     pub exec: ExecArgs,
@@ -555,6 +605,7 @@ impl ReplicateArgs {
             manifest: self.plan.manifest.clone(),
             retry_failed: self.retry_failed,
             skip_failed: false,
+            retry_skipped: self.retry_skipped,
             source_endpoint: None,
             dest_endpoint: None,
             source_profile: None,

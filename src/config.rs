@@ -270,6 +270,51 @@ impl Default for CopyOptions {
 }
 
 impl CopyOptions {
+    /// One line per copy setting that differs between the job's `stored` settings and these
+    /// (`--flag: old → new`); empty when they are the same.
+    pub fn changes_from(&self, stored: &CopyOptions) -> Vec<String> {
+        fn show<T: Serialize>(v: &T) -> String {
+            match serde_json::to_value(v) {
+                Ok(serde_json::Value::Null) => "none".into(),
+                Ok(serde_json::Value::String(s)) => s,
+                Ok(v) => v.to_string(),
+                Err(_) => "?".into(),
+            }
+        }
+        let stamp = |on: bool| if on { "on" } else { "off (--no-stamp)" }.to_string();
+        let pairs = [
+            ("--copy-mode", show(&stored.mode), show(&self.mode)),
+            (
+                "--multipart-threshold",
+                show(&stored.multipart_threshold),
+                show(&self.multipart_threshold),
+            ),
+            (
+                "--part-size",
+                show(&stored.part_size),
+                show(&self.part_size),
+            ),
+            (
+                "--storage-class",
+                show(&stored.storage_class),
+                show(&self.storage_class),
+            ),
+            ("--sse", show(&stored.sse), show(&self.sse)),
+            (
+                "--sse-kms-key-id",
+                show(&stored.sse_kms_key_id),
+                show(&self.sse_kms_key_id),
+            ),
+            ("--acl", show(&stored.acl), show(&self.acl)),
+            ("the stamp", stamp(stored.stamp), stamp(self.stamp)),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, old, new)| old != new)
+            .map(|(what, old, new)| format!("{what}: {old} → {new}"))
+            .collect()
+    }
+
     /// Checks the values against S3's limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.part_size < MIN_PART || self.part_size > MAX_PART {
@@ -474,6 +519,28 @@ impl JobSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_setting_changes_are_said_one_per_line() {
+        let stored = CopyOptions {
+            stamp: false,
+            ..CopyOptions::default()
+        };
+        let new = CopyOptions {
+            sse: Some(Sse::Aes256),
+            part_size: 8 * 1024 * 1024,
+            ..CopyOptions::default()
+        };
+        assert_eq!(
+            new.changes_from(&stored),
+            [
+                "--part-size: 16777216 → 8388608",
+                "--sse: none → AES256",
+                "the stamp: off (--no-stamp) → on"
+            ]
+        );
+        assert!(new.changes_from(&new).is_empty());
+    }
 
     #[test]
     fn parses_locations() {

@@ -18,7 +18,7 @@ use crate::cli::{
     PlanArgs, ReplicateArgs, ReportArgs, ReportFormat, RunArgs, StatusArgs, VerifyArgs,
 };
 use crate::config::{ConfigError, JobSettings, SideConfig};
-use crate::copier::{Copier, DestFacts, ListingState, RunSummary};
+use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunSummary};
 use crate::inputs::plan::{Supplied, SuppliedJob};
 use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
@@ -220,8 +220,43 @@ fn existing_manifest(
                 args.manifest.display()
             )));
         }
+        change_copy_settings(args, &m, stored, settings)?;
     }
     Ok(Some(m))
+}
+
+/// Copy settings other than the job's: each change said in one line; refused on a job
+/// whose tasks started or finished (their copies were made with the stored settings, and
+/// an attempt in doubt must be found as it was written) unless `--change-copy-settings`;
+/// otherwise stored, so that every later run (a `replicate` on a complete listing too)
+/// copies with them.
+fn change_copy_settings(
+    args: &PlanArgs,
+    m: &Manifest,
+    mut stored: JobSettings,
+    settings: &JobSettings,
+) -> Result<(), JobError> {
+    let changes = settings.copy.changes_from(&stored.copy);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let c = m.counts()?;
+    let worked = c.done + c.in_progress + c.failed + c.skipped;
+    if (worked > 0 || c.attempts > 0) && !args.change_copy_settings {
+        for line in &changes {
+            eprintln!("copy setting {line}");
+        }
+        return Err(JobError::Usage(format!(
+            "manifest {} has {worked} tasks started or finished with its own copy settings, and this command changes them (above); pass --change-copy-settings to change them, or give the job's settings to continue it",
+            args.manifest.display()
+        )));
+    }
+    for line in &changes {
+        eprintln!("copy setting changed: {line}");
+    }
+    stored.copy = settings.copy.clone();
+    m.store_settings(&stored)?;
+    Ok(())
 }
 
 /// Whether the manifest's listing is already complete (said in one line).
@@ -286,13 +321,40 @@ async fn plan_clients(
     others.sort();
     others.dedup();
     for b in others {
-        let f = preflight()
-            .call(&Default::default(), || dest.probe_bucket(&b))
+        let (f, _) = probe_other_dest(&dest, &settings.dest_side, &b, timeouts)
             .await
             .map_err(|e| bucket_error(Side::Dest, &b, e))?;
         facts.versioned &= f.versioned;
     }
     Ok((source, dest, facts))
+}
+
+/// Probes a destination bucket other than destination 0 with destination 0's client; a
+/// bucket in another region (S3's 301 naming it) is probed again there, and the client of
+/// that region is returned too (counting its requests with `dest`'s).
+async fn probe_other_dest(
+    dest: &SdkClient,
+    side: &SideConfig,
+    bucket: &str,
+    timeouts: Timeouts,
+) -> Result<(BucketFacts, Option<SdkClient>), S3Error> {
+    let retrier = preflight();
+    match retrier
+        .call(&Default::default(), || dest.probe_bucket(bucket))
+        .await
+    {
+        Err(e) if e.status == Some(301) && e.bucket_region.is_some() => {
+            let mut there = side.clone();
+            there.region = e.bucket_region.clone();
+            let (client, _) = build(Side::Dest, &there, timeouts).await;
+            let client = client.counting_in(dest.counts());
+            let facts = retrier
+                .call(&Default::default(), || client.probe_bucket(bucket))
+                .await?;
+            Ok((facts, Some(client)))
+        }
+        r => r.map(|f| (f, None)),
+    }
 }
 
 /// `plan --dry-run`: lists and selects, prints the tallies, writes nothing.
@@ -575,6 +637,155 @@ async fn plan_supplied(
     Ok(())
 }
 
+/// The clients of one side of a run: the side's client, and for each destination bucket in
+/// another region than destination 0's (S3's 301 at the probe) a client in that bucket's
+/// region; each request goes to its bucket's client. All count their requests together.
+#[derive(Clone, Debug)]
+pub struct RoutedClient {
+    main: SdkClient,
+    by_bucket: Arc<std::collections::BTreeMap<String, SdkClient>>,
+}
+
+impl RoutedClient {
+    fn single(main: SdkClient) -> RoutedClient {
+        RoutedClient {
+            main,
+            by_bucket: Arc::default(),
+        }
+    }
+
+    fn of(&self, bucket: &str) -> &SdkClient {
+        self.by_bucket.get(bucket).unwrap_or(&self.main)
+    }
+}
+
+impl S3Client for RoutedClient {
+    fn side(&self) -> Side {
+        self.main.side()
+    }
+    fn requests(&self) -> &crate::s3::RequestCounts {
+        self.main.requests()
+    }
+    async fn list_versions(
+        &self,
+        from: &crate::s3::ListFrom,
+    ) -> Result<crate::s3::VersionPage, S3Error> {
+        self.of(&from.bucket).list_versions(from).await
+    }
+    async fn head_object(
+        &self,
+        obj: &crate::s3::ObjectRef,
+        part: Option<i32>,
+    ) -> Result<crate::s3::ObjectHead, S3Error> {
+        self.of(&obj.bucket).head_object(obj, part).await
+    }
+    async fn get_object(
+        &self,
+        obj: &crate::s3::ObjectRef,
+        range: Option<(u64, u64)>,
+    ) -> Result<bytes::Bytes, S3Error> {
+        self.of(&obj.bucket).get_object(obj, range).await
+    }
+    async fn get_tagging(&self, obj: &crate::s3::ObjectRef) -> Result<String, S3Error> {
+        self.of(&obj.bucket).get_tagging(obj).await
+    }
+    async fn copy_object(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        src: &crate::s3::ObjectRef,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket).copy_object(dest, src, attrs).await
+    }
+    async fn put_object(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        body: bytes::Bytes,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket).put_object(dest, body, attrs).await
+    }
+    async fn delete_object(
+        &self,
+        dest: &crate::s3::ObjectRef,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket).delete_object(dest).await
+    }
+    async fn put_tagging(&self, obj: &crate::s3::ObjectRef, tagging: &str) -> Result<(), S3Error> {
+        self.of(&obj.bucket).put_tagging(obj, tagging).await
+    }
+    async fn create_multipart(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<String, S3Error> {
+        self.of(&dest.bucket).create_multipart(dest, attrs).await
+    }
+    async fn upload_part_copy(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        n: i32,
+        src: &crate::s3::ObjectRef,
+        range: (u64, u64),
+    ) -> Result<crate::s3::PartResult, S3Error> {
+        self.of(&dest.bucket)
+            .upload_part_copy(dest, upload_id, n, src, range)
+            .await
+    }
+    async fn upload_part(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: bytes::Bytes,
+        md5: Option<&str>,
+        algorithm: Option<crate::s3::ChecksumAlgorithm>,
+    ) -> Result<crate::s3::PartResult, S3Error> {
+        self.of(&dest.bucket)
+            .upload_part(dest, upload_id, n, body, md5, algorithm)
+            .await
+    }
+    async fn complete_multipart(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        parts: &[crate::s3::PartResult],
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket)
+            .complete_multipart(dest, upload_id, parts)
+            .await
+    }
+    async fn abort_multipart(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+    ) -> Result<(), S3Error> {
+        self.of(&dest.bucket).abort_multipart(dest, upload_id).await
+    }
+    async fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, S3Error> {
+        self.of(bucket).list_uploads(bucket, prefix).await
+    }
+    async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
+        self.of(bucket).probe_bucket(bucket).await
+    }
+    async fn object_lock_enabled(&self, bucket: &str) -> Result<bool, S3Error> {
+        self.of(bucket).object_lock_enabled(bucket).await
+    }
+    async fn restore_object(
+        &self,
+        obj: &crate::s3::ObjectRef,
+        days: u32,
+        tier: &str,
+    ) -> Result<crate::s3::Restore, S3Error> {
+        self.of(&obj.bucket).restore_object(obj, days, tier).await
+    }
+}
+
 /// The stored settings with this run's overrides of endpoints and profiles.
 fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
     let mut settings = m.require_settings()?;
@@ -602,6 +813,12 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
             "{n} failed tasks recorded as skipped; their keys' later versions will be copied"
         );
     }
+    if args.retry_skipped {
+        let n = m.retry_skipped()?;
+        eprintln!(
+            "{n} skipped tasks put back in the queue (versions gone from the source stay skipped)"
+        );
+    }
     Ok(())
 }
 
@@ -611,7 +828,7 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
 async fn run_clients(
     settings: &mut JobSettings,
     timeouts: Timeouts,
-) -> Result<((SdkClient, SdkClient), DestFacts), JobError> {
+) -> Result<((RoutedClient, RoutedClient), DestinationFacts), JobError> {
     let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
     settings.source_side.endpoint = source_endpoint;
@@ -641,13 +858,50 @@ async fn run_clients(
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(((source, dest), facts))
+    let mut all = DestinationFacts::from(facts);
+    let mut others: Vec<String> = settings
+        .destinations
+        .iter()
+        .map(|d| d.bucket.clone())
+        .filter(|b| *b != settings.dest.bucket)
+        .collect();
+    others.sort();
+    others.dedup();
+    let mut regional = std::collections::BTreeMap::new();
+    for b in others {
+        let f = match probe_other_dest(&dest, &settings.dest_side, &b, timeouts).await {
+            Ok((f, there)) => {
+                if let Some(c) = there {
+                    regional.insert(b.clone(), c);
+                }
+                DestFacts {
+                    versioned: f.versioned,
+                    object_lock: f.object_lock,
+                }
+            }
+            // As for destination 0: left to the tasks and the failure threshold.
+            Err(e) if e.class == ErrorClass::Fatal => {
+                eprintln!("warning: {}", bucket_error(Side::Dest, &b, e));
+                DestFacts {
+                    versioned: true,
+                    object_lock: false,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        all.buckets.insert(b, f);
+    }
+    let dest = RoutedClient {
+        main: dest,
+        by_bucket: Arc::new(regional),
+    };
+    Ok(((RoutedClient::single(source), dest), all))
 }
 
 /// The source bucket's versioning, for reading `null` versions (see
 /// `Copier::set_source_facts`); when the probe fails, said, and `null` versions are read by
 /// key (pinned to their listed ETags either way).
-async fn source_facts(source: &SdkClient, bucket: &str) -> BucketFacts {
+async fn source_facts<C: S3Client>(source: &C, bucket: &str) -> BucketFacts {
     match preflight()
         .call(&Default::default(), || source.probe_bucket(bucket))
         .await
@@ -681,12 +935,18 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     let (clients, facts) = run_clients(&mut settings, args.exec.timeouts()).await?;
     let latest_only = settings.selection.latest_only;
     // Keys listed from here on are checked by the lister, page by page.
-    if !facts.versioned && !latest_only && m.has_multi_version_key()? {
-        return Err(JobError::Usage(format!(
-            "dest: bucket {} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it",
-            settings.dest.bucket
-        )));
+    let unversioned = std::iter::once((&settings.dest.bucket, facts.default))
+        .chain(facts.buckets.iter().map(|(b, f)| (b, *f)))
+        .find(|(_, f)| !f.versioned)
+        .map(|(b, _)| b.clone());
+    if let Some(bucket) = unversioned {
+        if !latest_only && m.has_multi_version_key()? {
+            return Err(JobError::Usage(format!(
+                "dest: bucket {bucket} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it"
+            )));
+        }
     }
+    let all_versioned = facts.default.versioned && facts.buckets.values().all(|f| f.versioned);
     let counts = m.counts()?;
     let uploads = m.open_uploads()?;
     let to_learn = m.versions_to_learn()?;
@@ -720,7 +980,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             settings: &settings,
             source: &source,
             dest: &dest,
-            dest_versioned: facts.versioned || latest_only,
+            dest_versioned: all_versioned || latest_only,
             concurrency: args.list_concurrency as usize,
             bar,
         };
@@ -1100,11 +1360,7 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     match args.format {
         ReportFormat::Json => {
             let problems = m.problems(usize::MAX >> 1)?;
-            let r = report::Report {
-                job: &settings,
-                counts: &counts,
-                problems: &problems,
-            };
+            let r = report::Report::new(&settings, &counts, &problems);
             serde_json::to_writer_pretty(&mut out, &r)
                 .map_err(|e| JobError::Other(e.to_string()))?;
             writeln!(out).map_err(io)?;

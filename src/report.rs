@@ -35,7 +35,7 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
         .iter()
         .map(|(op, n)| format!("{op} {n}"))
         .collect();
-    format!(
+    let mut text = format!(
         "job: {} -> {}\n\
          listing: {listing}\n\
          tasks: {} total ({} delete markers): {} done, {} pending, {} in progress, {} failed, {} blocked behind a failure, {} skipped ({} archived) ({pct:.1}% finished)\n\
@@ -59,7 +59,14 @@ pub fn status_text(settings: &JobSettings, c: &Counts) -> String {
         etag_line(c),
         c.retries,
         if requests.is_empty() { "none yet".to_string() } else { requests.join(", ") },
-    )
+    );
+    if c.restore_pending > 0 {
+        text.push_str(&format!(
+            "\nrestores pending: {} archived versions (run again once their restores complete)",
+            c.restore_pending
+        ));
+    }
+    text
 }
 
 /// What happened to the ETags that were at stake (multipart sources, copies in parts): how
@@ -82,12 +89,42 @@ pub struct Report<'a> {
     pub job: &'a JobSettings,
     /// The counts.
     pub counts: &'a Counts,
-    /// Failed, skipped and blocked tasks.
-    pub problems: &'a [Problem],
+    /// Failed, skipped and blocked tasks, each with its destination bucket.
+    pub problems: Vec<ProblemRow<'a>>,
+}
+
+/// A problem with the destination bucket it is for (a job with several destinations can be
+/// fed back per bucket).
+#[derive(Debug, Serialize)]
+pub struct ProblemRow<'a> {
+    /// The destination bucket.
+    pub dest_bucket: &'a str,
+    /// The task.
+    #[serde(flatten)]
+    pub problem: &'a Problem,
+}
+
+impl<'a> Report<'a> {
+    /// The report of `problems`.
+    pub fn new(job: &'a JobSettings, counts: &'a Counts, problems: &'a [Problem]) -> Self {
+        let problems = problems
+            .iter()
+            .map(|problem| ProblemRow {
+                dest_bucket: job.destination(problem.dest).0,
+                problem,
+            })
+            .collect();
+        Report {
+            job,
+            counts,
+            problems,
+        }
+    }
 }
 
 /// Writes CSV: a header, then one line per failed, skipped or blocked task (bucket, key,
-/// version id, state, error class, code, HTTP status, attempts, message). Rows come from
+/// version id, state, error class, code, HTTP status, attempts, message, destination
+/// bucket). Rows come from
 /// `rows`, which calls back once per problem, so the report streams.
 pub fn write_csv<W: Write>(
     out: W,
@@ -106,6 +143,7 @@ pub fn write_csv<W: Write>(
         "http_status",
         "attempts",
         "message",
+        "dest_bucket",
     ])
     .map_err(io)?;
     let bucket = settings.source.bucket.as_str();
@@ -120,6 +158,7 @@ pub fn write_csv<W: Write>(
             &p.http_status.map(|s| s.to_string()).unwrap_or_default(),
             &p.attempts.to_string(),
             p.message.as_deref().unwrap_or(""),
+            settings.destination(p.dest).0,
         ])
         .map_err(io)
     })?;
@@ -140,9 +179,26 @@ pub enum AwsReportError {
 /// The error code of a task that blocks behind a failed older version of its key.
 pub const BLOCKED_CODE: &str = "BlockedByFailedOlderVersion";
 
+/// The AWS-shaped rows' message for a task to destination bucket `dest` (None: the job has
+/// one destination): AWS's shape has no column for it, so the message names it
+/// (`Successful: destination BUCKET`, `destination BUCKET: ...`).
+fn with_dest(dest: Option<&str>, message: &str) -> String {
+    match (dest, message) {
+        (None, m) => m.to_string(),
+        (Some(d), "") => format!("Successful: destination {d}"),
+        (Some(d), m) => format!("destination {d}: {m}"),
+    }
+}
+
+/// The destination bucket a report row names (None for a job with one destination).
+fn row_dest(settings: &JobSettings, dest: i64) -> Option<&str> {
+    (settings.destinations.len() > 1).then(|| settings.destination(dest).0)
+}
+
 /// The report row of a failed, skipped or blocked task: a failure whose code is S3
-/// replication's reason where one fits (see `aws_report::error_code`).
-pub fn problem_row(bucket: &str, p: &Problem) -> ReportRow {
+/// replication's reason where one fits (see `aws_report::error_code`); its message names
+/// the destination bucket `dest` when there is one to name.
+pub fn problem_row(bucket: &str, dest: Option<&str>, p: &Problem) -> ReportRow {
     let status = p.http_status.and_then(|s| u16::try_from(s).ok());
     let message = p.message.as_deref().unwrap_or("");
     let code = if p.state == "blocked" {
@@ -163,7 +219,7 @@ pub fn problem_row(bucket: &str, p: &Problem) -> ReportRow {
         task_status: TaskStatus::Failed,
         error_code: Some(code),
         http_status: status,
-        message: message.to_string(),
+        message: with_dest(dest, message),
     }
 }
 
@@ -188,7 +244,7 @@ pub fn write_aws(
             })
         };
         let read = match spec.scope {
-            ReportScope::All => m.for_each_in_state(State::Done, |key, version| {
+            ReportScope::All => m.for_each_in_state(State::Done, |key, version, dest| {
                 push(ReportRow {
                     bucket: bucket.to_string(),
                     key: key.to_string(),
@@ -196,12 +252,14 @@ pub fn write_aws(
                     task_status: TaskStatus::Succeeded,
                     error_code: None,
                     http_status: None,
-                    message: String::new(),
+                    message: with_dest(row_dest(settings, dest), ""),
                 })
             }),
             ReportScope::Failed => Ok(()),
         }
-        .and_then(|()| m.for_each_problem(|p| push(problem_row(bucket, &p))));
+        .and_then(|()| {
+            m.for_each_problem(|p| push(problem_row(bucket, row_dest(settings, p.dest), &p)))
+        });
         match (read, failed) {
             (_, Some(e)) => Err(AwsReportError::Write(e)),
             (r, None) => r.map_err(AwsReportError::Manifest),
@@ -234,17 +292,47 @@ mod tests {
                 http_status: Some(403),
                 message: Some("line".into()),
                 attempts: 2,
+                dest: 0,
             })
         })
         .unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(
-            text.contains("b,\"a,b \"\"c\"\"\",v1,failed,fatal,AccessDenied,403,2,line"),
+            text.contains("b,\"a,b \"\"c\"\"\",v1,failed,fatal,AccessDenied,403,2,line,d"),
             "{text}"
         );
         assert!(
             settings.copy.stamp,
             "old settings without the field keep the stamp on"
+        );
+    }
+
+    #[test]
+    fn aws_rows_of_a_job_with_several_destinations_name_the_bucket() {
+        let p = Problem {
+            key: "k".into(),
+            version_id: "v1".into(),
+            state: "skipped".into(),
+            error_class: Some("archived".into()),
+            error_code: None,
+            http_status: None,
+            message: Some("archived: restore first".into()),
+            attempts: 1,
+            dest: 1,
+        };
+        let row = problem_row("src", Some("second"), &p);
+        assert_eq!(
+            row.bucket, "src",
+            "AWS's Bucket column is the source bucket"
+        );
+        assert_eq!(row.message, "destination second: archived: restore first");
+        assert_eq!(
+            problem_row("src", None, &p).message,
+            "archived: restore first"
+        );
+        assert_eq!(
+            with_dest(Some("second"), ""),
+            "Successful: destination second"
         );
     }
 }

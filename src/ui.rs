@@ -145,7 +145,9 @@ pub fn verify_spinner(show: bool) -> ProgressBar {
 }
 
 /// Prints a run's one-line summary to standard error and returns the exit code: 0 every
-/// task done; 1 some failed, blocked or still open, or stopped early; 130 interrupted.
+/// task done (or skipped for good: the source version is gone); 1 some failed, blocked,
+/// still open (restores pending included) or skipped for a reason the user can act on
+/// (archived), or stopped early; 130 interrupted.
 pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
     let job = counts
         .map(|c| {
@@ -178,16 +180,34 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
         eprintln!("run interrupted: {line}; run again to continue");
         return 130;
     }
-    eprintln!("run finished: {line}");
-    match counts {
-        Some(c) if c.failed > 0 || c.pending + c.in_progress > 0 => {
-            if c.failed > 0 {
-                eprintln!("see `s3-backfill report` for the failed tasks; then `run --retry-failed` (or `--skip-failed`)");
-            }
-            1
-        }
-        Some(_) => 0,
-        None => 3,
+    let Some(c) = counts else {
+        eprintln!("run finished: {line}");
+        return 3;
+    };
+    let mut actions = Vec::new();
+    if c.archived > 0 {
+        actions.push(format!(
+            "{} skipped as archived: restore them and run `run --retry-skipped` (or `run --retry-skipped --restore-archived DAYS` to have them restored)",
+            c.archived
+        ));
+    }
+    if c.restore_pending > 0 {
+        actions.push(format!(
+            "{} restores pending: run again once they complete (their keys' later versions wait)",
+            c.restore_pending
+        ));
+    }
+    match actions.is_empty() {
+        true => eprintln!("run finished: {line}"),
+        false => eprintln!("run finished: {line}; {}", actions.join("; ")),
+    }
+    if c.failed > 0 {
+        eprintln!("see `s3-backfill report` for the failed tasks; then `run --retry-failed` (or `--skip-failed`)");
+    }
+    if c.failed > 0 || c.pending + c.in_progress > 0 || c.archived > 0 {
+        1
+    } else {
+        0
     }
 }
 
@@ -270,5 +290,42 @@ pub fn checksum_hint(e: &S3Error) -> Option<&'static str> {
         Some("the server may not accept the SDK's streaming checksums: try --source-checksum-calculation when-required / --dest-checksum-calculation when-required")
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(c: Counts) -> i32 {
+        finish_run(&RunSummary::default(), Some(&c))
+    }
+
+    #[test]
+    fn a_run_with_archived_versions_skipped_or_restores_pending_exits_1() {
+        let all_done = Counts {
+            total: 3,
+            done: 2,
+            skipped: 1,
+            ..Counts::default()
+        };
+        assert_eq!(
+            finished(all_done.clone()),
+            0,
+            "skipped as gone: nothing to do"
+        );
+        let archived = Counts {
+            archived: 1,
+            ..all_done.clone()
+        };
+        assert_eq!(finished(archived), 1, "an archived version is not copied");
+        let restoring = Counts {
+            done: 1,
+            skipped: 0,
+            pending: 2,
+            restore_pending: 1,
+            ..all_done
+        };
+        assert_eq!(finished(restoring), 1);
     }
 }

@@ -681,6 +681,7 @@ mod tests {
             version_to_learn: false,
             error_class: class.map(str::to_string),
             dest: 0,
+            attempt_stamped: None,
         }
     }
 

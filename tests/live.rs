@@ -462,7 +462,6 @@ async fn body_histories(c: &Client, bucket: &str) -> BTreeMap<String, Vec<Option
 /// between, the replica's first version has the newer bytes (seen on RGW: k01, k11 and k31
 /// got "r3 kNN" in place of "null kNN"; every other history was equal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs issue 17 item 2 (null versions read by key at copy time, branch reads)"]
 async fn a_writer_during_replicate_then_a_refresh_leaves_the_same_histories() {
     if unsupported_on(
         Server::Moto,

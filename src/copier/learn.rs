@@ -72,7 +72,7 @@ impl<C: S3Client> Copier<C> {
     /// Whether this task's new version id may be learned later instead of by a HEAD now
     /// (see the module header).
     pub(super) fn may_learn_later(&self, ctx: &TaskCtx<'_>) -> bool {
-        self.dest_facts.versioned && ctx.last_open && !ctx.task.is_delete_marker
+        self.facts(&ctx.dest.bucket).versioned && ctx.last_open && !ctx.task.is_delete_marker
     }
 
     /// Queues a flagged task; a full batch is learned in the background.

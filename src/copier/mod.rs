@@ -91,6 +91,17 @@ pub struct RunOptions {
     pub failure_threshold: FailureThreshold,
     /// Bytes held between GET and upload at most when streaming (see `strategy::Budget`).
     pub max_memory: u64,
+    /// Restore archived source versions (`--restore-archived`): None skips them.
+    pub restore: Option<RestoreAsk>,
+}
+
+/// What `--restore-archived DAYS --restore-tier TIER` asks of each archived source version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreAsk {
+    /// Days the restored copy is kept.
+    pub days: u32,
+    /// `Bulk`, `Standard` or `Expedited`.
+    pub tier: String,
 }
 
 /// Default `--max-memory`: 256 MiB.
@@ -105,6 +116,7 @@ impl Default for RunOptions {
             max_rps: None,
             failure_threshold: FailureThreshold::default(),
             max_memory: DEFAULT_MAX_MEMORY,
+            restore: None,
         }
     }
 }
@@ -117,6 +129,33 @@ pub struct DestFacts {
     pub versioned: bool,
     /// Object lock is enabled (else lock settings are dropped, said once).
     pub object_lock: bool,
+}
+
+/// What a run knows of each destination bucket: destination 0's facts, and those of the
+/// other buckets of a replication configuration (each probed on its own: one may keep
+/// versions or have object lock and another not).
+#[derive(Clone, Debug)]
+pub struct DestinationFacts {
+    /// The facts of a bucket not listed in `buckets` (the job's `--dest`).
+    pub default: DestFacts,
+    /// Per destination bucket.
+    pub buckets: BTreeMap<String, DestFacts>,
+}
+
+impl From<DestFacts> for DestinationFacts {
+    fn from(default: DestFacts) -> Self {
+        DestinationFacts {
+            default,
+            buckets: BTreeMap::new(),
+        }
+    }
+}
+
+impl DestinationFacts {
+    /// The facts of `bucket`.
+    pub fn of(&self, bucket: &str) -> DestFacts {
+        self.buckets.get(bucket).copied().unwrap_or(self.default)
+    }
 }
 
 /// Asks a run to stop, and remembers why it stopped early.
@@ -167,7 +206,8 @@ pub struct Copier<C: S3Client> {
     settings: JobSettings,
     source: C,
     dest: C,
-    dest_facts: DestFacts,
+    /// Every destination bucket's facts (see [`Copier::facts`]).
+    all_facts: DestinationFacts,
     retrier: Retrier,
     part_concurrency: usize,
     key_concurrency: usize,
@@ -188,6 +228,8 @@ pub struct Copier<C: S3Client> {
     memory: strategy::Budget,
     /// Destination version ids to learn from listings (see [`learn`]).
     learner: learn::Learner,
+    /// `--restore-archived`.
+    restore: Option<RestoreAsk>,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -196,17 +238,19 @@ impl<C: S3Client> Copier<C> {
     pub fn new(
         settings: JobSettings,
         clients: (C, C),
-        dest_facts: DestFacts,
+        dest_facts: impl Into<DestinationFacts>,
         writer: Writer,
         opts: &RunOptions,
         bar: ProgressBar,
     ) -> std::sync::Arc<Self> {
         let (source, dest) = clients;
+        let all_facts: DestinationFacts = dest_facts.into();
+        writer.record_attempt_mode(settings.copy.stamp);
         std::sync::Arc::new(Copier {
             settings,
             source,
             dest,
-            dest_facts,
+            all_facts,
             retrier: Retrier::new(
                 opts.policy.clone(),
                 Limiter::new(opts.concurrency, opts.max_rps),
@@ -224,6 +268,7 @@ impl<C: S3Client> Copier<C> {
             source_lock: tokio::sync::OnceCell::new(),
             memory: strategy::Budget::new(opts.max_memory),
             learner: learn::Learner::default(),
+            restore: opts.restore.clone(),
         })
     }
 
@@ -233,6 +278,11 @@ impl<C: S3Client> Copier<C> {
     pub fn set_source_facts(&self, facts: &crate::s3::BucketFacts) {
         self.source_null_by_id
             .store(facts.versioned || facts.suspended, Ordering::Relaxed);
+    }
+
+    /// What the run knows of destination bucket `bucket` (versioning, object lock).
+    pub(super) fn facts(&self, bucket: &str) -> DestFacts {
+        self.all_facts.of(bucket)
     }
 
     /// Asks the run to stop taking new tasks; tasks in flight finish.

@@ -36,6 +36,9 @@ pub struct RunSummary {
     pub throttles: u64,
     /// Requests sent in this run.
     pub requests: u64,
+    /// Archived versions whose restore is pending (asked for by this run or an earlier one):
+    /// a later run copies them once restored.
+    pub restores_pending: u64,
     /// Stopped by a signal before the end.
     pub interrupted: bool,
     /// Stopped by the failure threshold or a job-wide error: why.
@@ -51,6 +54,7 @@ pub(super) struct Progress {
     skipped: AtomicU64,
     reconciled: AtomicU64,
     blocked: AtomicU64,
+    restores: AtomicU64,
     bytes: AtomicU64,
     retries: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -66,6 +70,7 @@ impl Progress {
             skipped: AtomicU64::new(0),
             reconciled: AtomicU64::new(0),
             blocked: AtomicU64::new(0),
+            restores: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -125,6 +130,10 @@ impl Progress {
                 self.skipped.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Requeued => return None,
+            Outcome::RestorePending { .. } => {
+                self.restores.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
         }
         self.tick();
         self.over_threshold()
@@ -172,6 +181,7 @@ impl Progress {
             skipped: self.skipped.load(Ordering::Relaxed),
             reconciled: self.reconciled.load(Ordering::Relaxed),
             blocked: self.blocked.load(Ordering::Relaxed),
+            restores_pending: self.restores.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             ..RunSummary::default()

@@ -43,7 +43,9 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
     ) -> Result<Option<Option<String>>, S3Error> {
         let since = ctx.task.started_at.unwrap_or(0);
-        if let Some(v) = self.find_written(ctx, since).await? {
+        // The mode the earlier attempt wrote with (the job's setting may have changed since).
+        let stamped = ctx.task.attempt_stamped.unwrap_or(self.settings.copy.stamp);
+        if let Some(v) = self.find_written_as(ctx, since, stamped).await? {
             return Ok(Some(v));
         }
         if !ctx.task.is_delete_marker {
@@ -59,7 +61,19 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         since: i64,
     ) -> Result<Option<Option<String>>, S3Error> {
-        if !self.dest_facts.versioned {
+        self.find_written_as(ctx, since, self.settings.copy.stamp)
+            .await
+    }
+
+    /// [`Copier::find_written`] for an attempt that wrote with the stamp (`stamped`) or
+    /// without it.
+    async fn find_written_as(
+        &self,
+        ctx: &TaskCtx<'_>,
+        since: i64,
+        stamped: bool,
+    ) -> Result<Option<Option<String>>, S3Error> {
+        if !self.facts(&ctx.dest.bucket).versioned {
             // An unversioned destination is overwritten by the next attempt: nothing to adopt.
             return Ok(None);
         }
@@ -81,7 +95,7 @@ impl<C: S3Client> Copier<C> {
             return Ok(found.map(|e| Some(e.version_id.clone())));
         }
         let versions = candidates.iter().filter(|e| !e.is_delete_marker);
-        if self.settings.copy.stamp {
+        if stamped {
             for e in versions.take(MAX_STAMP_CANDIDATES) {
                 let head = self.dest_head(ctx, Some(&e.version_id)).await?;
                 if stamped_for(&head, &ctx.task.version_id) {
@@ -146,7 +160,7 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         answered: Option<String>,
     ) -> Result<(Option<String>, Option<ObjectHead>), S3Error> {
-        if answered.is_some() || !self.dest_facts.versioned {
+        if answered.is_some() || !self.facts(&ctx.dest.bucket).versioned {
             return Ok((answered, None));
         }
         if ctx.task.is_delete_marker {

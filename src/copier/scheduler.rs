@@ -25,7 +25,7 @@ use super::learn::Pending;
 use super::strategy::Copied;
 use super::{now_secs, Copier, RunSummary};
 use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update};
-use crate::s3::{show_key, ErrorClass, ObjectRef, S3Client, S3Error};
+use crate::s3::{show_key, ErrorClass, ObjectRef, Restore, S3Client, S3Error};
 
 /// Keys read from the manifest at a time.
 const KEY_BATCH: usize = 256;
@@ -273,6 +273,7 @@ impl<C: S3Client> Copier<C> {
             id: t.id,
             state: t.state,
             started_at: t.started_at,
+            attempt_stamped: t.attempt_stamped,
         });
     }
 
@@ -324,7 +325,8 @@ impl<C: S3Client> Copier<C> {
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
                 last_open: !group.tasks[i + 1..].iter().any(|t| {
-                    t.dest == task.dest && matches!(t.state, State::Pending | State::InProgress)
+                    self.settings.destination(t.dest).0 == bucket
+                        && matches!(t.state, State::Pending | State::InProgress)
                 }),
                 learn_later: AtomicBool::new(false),
                 claimed: group.claimed == Some(task.id),
@@ -343,7 +345,12 @@ impl<C: S3Client> Copier<C> {
                     return;
                 }
             };
-            let failed = matches!(outcome, Outcome::Failed { .. });
+            // A version waiting for its restore holds back the key's later versions to the
+            // same bucket, as a failed one does: the history is never written out of order.
+            let failed = matches!(
+                outcome,
+                Outcome::Failed { .. } | Outcome::RestorePending { .. }
+            );
             let learn = matches!(outcome, Outcome::Done { to_learn: true, .. })
                 .then(|| Pending::of(task, bucket, ctx.dest.key.clone()));
             drop(ctx);
@@ -404,8 +411,53 @@ impl<C: S3Client> Copier<C> {
         }
         Step::Finished(match self.copy_task(ctx).await {
             Ok(c) => c.into_outcome(ctx.learn_later.load(Ordering::Relaxed)),
+            Err(e)
+                if e.class == ErrorClass::Archived
+                    && e.code.as_deref() != Some(super::strategy::NOT_REPLICATED) =>
+            {
+                self.archived(ctx, e).await
+            }
             Err(e) => outcome_of_error(e),
         })
+    }
+
+    /// An archived source version: its restore asked for (`--restore-archived`), or still
+    /// awaited (asked for by an earlier run: the task is open with the class `archived`),
+    /// or else skipped as archived (the run's summary says how to restore it).
+    async fn archived(&self, ctx: &TaskCtx<'_>, error: S3Error) -> Outcome {
+        let asked_before = ctx.task.error_class.as_deref() == Some(ErrorClass::Archived.as_str());
+        let Some(ask) = &self.restore else {
+            if asked_before {
+                return Outcome::RestorePending {
+                    reason: format!("archived, restore asked for by an earlier run and not complete yet ({error}); run again once it is"),
+                };
+            }
+            return outcome_of_error(error);
+        };
+        let src = ctx.source(&self.settings.source.bucket);
+        let r = self
+            .retrier
+            .call(&ctx.retries, || {
+                self.source.restore_object(&src, ask.days, &ask.tier)
+            })
+            .await;
+        match r {
+            Ok(Restore::Requested) => Outcome::RestorePending {
+                reason: format!(
+                    "archived ({error}): restore asked for ({} days, tier {}); run again once it is complete",
+                    ask.days, ask.tier
+                ),
+            },
+            Ok(Restore::InProgress) => Outcome::RestorePending {
+                reason: format!(
+                    "archived ({error}): a restore is in progress; run again once it is complete"
+                ),
+            },
+            Err(e) => Outcome::Failed {
+                error: e,
+                retries: 0,
+            },
+        }
     }
 
     /// Records a finished task and applies the failure threshold.
@@ -498,7 +550,7 @@ fn with_retries(mut o: Outcome, n: u64) -> Outcome {
         Outcome::Done { retries, .. }
         | Outcome::Failed { retries, .. }
         | Outcome::Skipped { retries, .. } => *retries = n,
-        Outcome::Requeued => {}
+        Outcome::Requeued | Outcome::RestorePending { .. } => {}
     }
     o
 }

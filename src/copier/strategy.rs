@@ -609,7 +609,7 @@ impl<C: S3Client> Copier<C> {
         // Copied again in parts, in place of the copy whose ETag changed: on a versioned
         // destination that version is removed first (where it cannot be, e.g. under object
         // lock, it is kept and counted as changed); an unversioned one is overwritten.
-        if self.dest_facts.versioned {
+        if self.facts(&ctx.dest.bucket).versioned {
             let Some(v) = copied.dest_version_id.clone() else {
                 return Ok(copied);
             };
@@ -846,25 +846,23 @@ impl<C: S3Client> Copier<C> {
             },
             checksum_algorithm: head.checksum.as_ref().map(|k| k.algorithm),
             full_object_checksum: head.checksum.as_ref().is_some_and(|k| k.full_object),
-            lock: self.lock_settings(&head.lock),
+            lock: self.lock_settings(&ctx.dest.bucket, &head.lock),
             content_md5: None,
             website_redirect: head.website_redirect.clone(),
         }
     }
 
-    /// Object lock settings to send (see [`lock_to_send`]); the first version whose settings
-    /// are dropped for a destination without object lock is said, once per run.
-    fn lock_settings(&self, lock: &ObjectLock) -> ObjectLock {
-        if !lock.is_empty()
-            && !self.dest_facts.object_lock
-            && !self.lock_warned.swap(true, Ordering::Relaxed)
-        {
+    /// Object lock settings to send to destination bucket `bucket` (see [`lock_to_send`]);
+    /// the first version whose settings are dropped for a bucket without object lock is
+    /// said, naming the bucket, once per run.
+    fn lock_settings(&self, bucket: &str, lock: &ObjectLock) -> ObjectLock {
+        let locked = self.facts(bucket).object_lock;
+        if !lock.is_empty() && !locked && !self.lock_warned.swap(true, Ordering::Relaxed) {
             self.progress.say(format!(
-                "warning: bucket {} has no object lock: versions are copied without their lock settings",
-                self.settings.dest.bucket
+                "warning: bucket {bucket} has no object lock: versions are copied there without their lock settings"
             ));
         }
-        lock_to_send(lock, self.dest_facts.object_lock, now_secs())
+        lock_to_send(lock, locked, now_secs())
     }
 
     /// A write that creates the destination version, retried with reconciliation before

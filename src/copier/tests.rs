@@ -1006,3 +1006,268 @@ async fn a_version_id_left_to_learn_by_a_stopped_run_is_learned_before_the_key_g
 
 #[path = "tests_reads.rs"]
 mod reads;
+/// Options of a run with `--restore-archived 7 --restore-tier Bulk`.
+fn restoring() -> RunOptions {
+    RunOptions {
+        restore: Some(super::RestoreAsk {
+            days: 7,
+            tier: "Bulk".into(),
+        }),
+        ..opts()
+    }
+}
+
+#[tokio::test]
+async fn restore_archived_asks_once_holds_the_key_and_copies_once_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    let v2 = s.put(SRC, "k", b"new", &[]);
+    s.set_storage_class(SRC, "k", &v1, "GLACIER");
+    plan(&s, &path).await;
+
+    let (first, _) = run(&s, &path, restoring()).await;
+    assert_eq!(
+        (first.done, first.skipped, first.restores_pending),
+        (0, 0, 1)
+    );
+    let asked = s.restores();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        (
+            asked[0].version_id.as_deref(),
+            asked[0].days,
+            asked[0].tier.as_str()
+        ),
+        (Some(v1.as_str()), 7, "Bulk")
+    );
+    assert!(
+        s.history(DST, "k").is_empty(),
+        "the newer version waits: copying it first would put the history out of order"
+    );
+    let c = all_tasks_done(&path);
+    assert_eq!(
+        (c.pending, c.restore_pending, c.skipped, c.archived),
+        (2, 1, 0, 0)
+    );
+    assert_eq!(c.requests.get("RestoreObject"), Some(&1));
+
+    // A later run without the flag: the restore is still under way; nothing is asked again.
+    let (second, _) = run(&s, &path, opts()).await;
+    assert_eq!((second.done, second.restores_pending), (0, 1));
+    assert_eq!(s.restores().len(), 1);
+    assert!(s.history(DST, "k").is_empty());
+
+    // With the flag again while in progress: RestoreAlreadyInProgress, still one restore.
+    let (third, _) = run(&s, &path, restoring()).await;
+    assert_eq!((third.done, third.restores_pending), (0, 1));
+    assert_eq!(s.restores().len(), 1);
+
+    s.finish_restore(SRC, "k", &v1);
+    let (last, _) = run(&s, &path, opts()).await;
+    assert_eq!((last.done, last.restores_pending), (2, 0));
+    assert_eq!(dest_stamps(&s, "k"), [v1, v2]);
+    let c = all_tasks_done(&path);
+    assert_eq!((c.done, c.pending, c.restore_pending), (2, 0, 0));
+}
+
+#[tokio::test]
+async fn retry_skipped_copies_an_archived_newest_version_once_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    let v2 = s.put(SRC, "k", b"new", &[]);
+    s.put(SRC, "g", b"gone", &[]);
+    s.set_storage_class(SRC, "k", &v2, "GLACIER");
+    plan(&s, &path).await;
+    // A version deleted after the listing: skipped for good.
+    for op in ["HeadObject", "CopyObject"] {
+        let gone = FaultKind::Before(ErrorClass::SourceGone, 404);
+        s.fail(op, Some("g"), 100, gone);
+    }
+    let (first, _) = run(&s, &path, opts()).await;
+    assert_eq!((first.done, first.skipped), (1, 2));
+    assert_eq!(
+        dest_stamps(&s, "k").first(),
+        Some(&v1),
+        "only the older version: the destination's current version is not the source's"
+    );
+    assert_eq!(dest_stamps(&s, "k").len(), 1);
+    assert_eq!(all_tasks_done(&path).archived, 1);
+
+    s.finish_restore(SRC, "k", &v2);
+    let m = Manifest::open(&path, false).unwrap();
+    assert_eq!(
+        m.retry_skipped().unwrap(),
+        1,
+        "the gone version stays skipped"
+    );
+    drop(m);
+    let (second, _) = run(&s, &path, opts()).await;
+    assert_eq!((second.done, second.skipped), (1, 0));
+    assert_eq!(dest_stamps(&s, "k"), [v1, v2]);
+    let c = all_tasks_done(&path);
+    assert_eq!((c.done, c.skipped, c.archived, c.pending), (2, 1, 0, 0));
+}
+
+#[tokio::test]
+async fn an_unstamped_attempt_is_reconciled_unstamped_after_the_stamp_is_turned_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"same", &[("n", "1")]);
+    plan_with(&s, &path, &one_request_settings()).await;
+    // A run with --no-stamp was killed after its copy of k (nothing recorded).
+    let t = tasks(&path);
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    w.record_attempt_mode(false);
+    let started = Update::Started {
+        id: t[0].id,
+        at: super::now_secs(),
+    };
+    w.send_durable(started).await.unwrap();
+    w.close();
+    s.put(DST, "k", b"same", &[("n", "1")]);
+    assert_eq!(tasks(&path)[0].attempt_stamped, Some(false));
+    // The stamp is turned back on (`--change-copy-settings`).
+    let m = Manifest::open(&path, false).unwrap();
+    let mut stamped = m.settings().unwrap().unwrap();
+    stamped.copy.stamp = true;
+    m.store_settings(&stamped).unwrap();
+    drop(m);
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!((summary.done, summary.reconciled), (1, 1));
+    assert_eq!(
+        s.history(DST, "k").len(),
+        1,
+        "the unstamped copy is adopted, not written twice"
+    );
+}
+
+#[tokio::test]
+async fn each_attempt_records_the_mode_it_writes_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.put(SRC, "k", b"1", &[]);
+    plan(&s, &path).await;
+    run(&s, &path, opts()).await;
+    assert_eq!(tasks(&path)[0].attempt_stamped, Some(true));
+    let dir2 = tempfile::tempdir().unwrap();
+    let path2 = dir2.path().join("job.db");
+    plan_with(&s, &path2, &one_request_settings()).await;
+    run(&s, &path2, opts()).await;
+    assert_eq!(tasks(&path2)[0].attempt_stamped, Some(false));
+}
+
+/// A job with two destination buckets (`destinations` 0: DST, 1: `second`), every source
+/// version planned for both, the listing complete.
+async fn plan_two_destinations(server: &FakeServer, path: &Path, second: &str) {
+    use crate::config::{DestOptions, Destination};
+    let mut s = settings();
+    s.destinations = [DST, second]
+        .iter()
+        .map(|b| Destination {
+            bucket: b.to_string(),
+            prefix: String::new(),
+            options: DestOptions {
+                rule: format!("to-{b}"),
+                delete_markers: true,
+                ..DestOptions::default()
+            },
+        })
+        .collect();
+    let mut m = Manifest::open(path, true).unwrap();
+    m.store_settings(&s).unwrap();
+    let from = ListFrom {
+        bucket: SRC.into(),
+        max_keys: 1000,
+        ..ListFrom::default()
+    };
+    let page = server
+        .client(Side::Source)
+        .list_versions(&from)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    let mut pos = 0;
+    let mut last: Option<String> = None;
+    for e in page.entries {
+        if last.as_deref() != Some(e.key.as_str()) {
+            pos = 0;
+            last = Some(e.key.clone());
+        }
+        for dest in [0, 1] {
+            tasks.push(NewTask {
+                entry: e.clone(),
+                history_pos: pos,
+                dest,
+            });
+        }
+        pos += 1;
+    }
+    let done = Listing {
+        complete: true,
+        ..Listing::default()
+    };
+    m.insert_page(&tasks, &done).unwrap();
+}
+
+#[tokio::test]
+async fn lock_settings_go_to_the_locked_destination_bucket_only() {
+    use super::{DestFacts, DestinationFacts};
+    use crate::s3::ObjectLock;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    s.create_bucket("locked", true);
+    let v1 = s.put(SRC, "k", b"held", &[]);
+    let lock = ObjectLock {
+        mode: Some("GOVERNANCE".into()),
+        retain_until: Some(super::now_secs() + 86_400),
+        legal_hold: true,
+    };
+    s.set_version_lock(SRC, "k", &v1, lock.clone());
+    plan_two_destinations(&s, &path, "locked").await;
+    // Destination 0 (DST) has no object lock; the second bucket has.
+    let unlocked = DestFacts {
+        versioned: true,
+        object_lock: false,
+    };
+    let mut facts = DestinationFacts::from(unlocked);
+    facts.buckets.insert(
+        "locked".into(),
+        DestFacts {
+            versioned: true,
+            object_lock: true,
+        },
+    );
+    let m = Manifest::open(&path, false).unwrap();
+    let stored = m.settings().unwrap().unwrap();
+    let clients = (s.client(Side::Source), s.client(Side::Dest));
+    let c = Copier::new(
+        stored,
+        clients,
+        facts,
+        m.into_writer(),
+        &opts(),
+        ProgressBar::hidden(),
+    );
+    let summary = Arc::clone(&c).run().await;
+    c.flush().await;
+    drop(c);
+    assert_eq!((summary.done, summary.failed), (2, 0), "{summary:?}");
+    let at = |b: &str| s.history(b, "k")[0].head.lock.clone();
+    assert_eq!(
+        at("locked"),
+        lock,
+        "retention and legal hold kept where the bucket has object lock"
+    );
+    assert_eq!(
+        at(DST),
+        ObjectLock::default(),
+        "none sent to a bucket without object lock"
+    );
+}

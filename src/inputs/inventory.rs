@@ -609,17 +609,15 @@ pub fn last_modified_millis(entry: &VersionEntry) -> Option<i64> {
 }
 
 /// History order of ONE key's entries, as a listing gives them: the latest first, then by
-/// last-modified, newest first (ties: by version id, so the order is stable).
+/// last-modified, newest first. Ties are left equal: a stable sort keeps them in the order
+/// the inventory gave them (newest first, as a listing), which a version id cannot tell.
 pub fn history_cmp(a: &VersionEntry, b: &VersionEntry) -> Ordering {
-    b.is_latest
-        .cmp(&a.is_latest)
-        .then_with(
-            || match (last_modified_millis(a), last_modified_millis(b)) {
-                (Some(x), Some(y)) => y.cmp(&x),
-                _ => b.last_modified.cmp(&a.last_modified),
-            },
-        )
-        .then_with(|| a.version_id.cmp(&b.version_id))
+    b.is_latest.cmp(&a.is_latest).then_with(|| {
+        match (last_modified_millis(a), last_modified_millis(b)) {
+            (Some(x), Some(y)) => y.cmp(&x),
+            _ => b.last_modified.cmp(&a.last_modified),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! supplied rows wait to be put in order. CSV rows are grouped by key; inventory entries,
 //! which come in any order, are read back key by key in history order (the order of
 //! [`super::inventory::history_cmp`]: the latest first, then newest last-modified first, then
-//! version id). SQLite sorts on disk, so memory stays bounded however large the input.
+//! the order the inventory gave them in: an inventory lists each key's versions as a listing
+//! does, newest first, and a version id says nothing of age). SQLite sorts on disk, so memory
+//! stays bounded however large the input.
 //!
 //! May call: `s3::types` (the listing record), `inputs::inventory` (time parsing).
 
@@ -99,7 +101,8 @@ impl Scratch {
         rows.collect()
     }
 
-    /// Stages one inventory entry; false when the same version was staged already.
+    /// Stages one inventory entry; false when the same version was staged already. Entries
+    /// are read back in the order they were staged where their times tie (the rowid).
     pub fn add_entry(&self, e: &VersionEntry) -> rusqlite::Result<bool> {
         let n = self
             .conn
@@ -133,7 +136,7 @@ impl Scratch {
             "SELECT key, version_id, latest, lm_text, dm, size, etag, storage_class, checksum
              FROM entries WHERE key IN (SELECT DISTINCT key FROM entries
                  WHERE ?1 IS NULL OR key > ?1 ORDER BY key LIMIT ?2)
-             ORDER BY key, latest DESC, lm DESC, lm_text DESC, version_id",
+             ORDER BY key, latest DESC, lm DESC, lm_text DESC, rowid",
         )?;
         let mut rows = stmt.query(params![after, n as i64])?;
         let mut out: Vec<Vec<VersionEntry>> = Vec::new();
@@ -213,6 +216,28 @@ mod tests {
         assert_eq!(got, [["b3", "b2", "b1"]]);
         assert!(s.histories_after(Some("b"), 1).unwrap().is_empty());
         assert_eq!(s.entries().unwrap(), 6);
+    }
+
+    #[test]
+    fn same_time_versions_keep_the_inventory_order_not_the_version_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Scratch::new(dir.path()).unwrap();
+        s.begin().unwrap();
+        // The inventory gives them newest first; their ids sort the other way.
+        for e in [
+            entry("k", "zz-current", true, "2024-01-01T00:00:05.000Z"),
+            entry("k", "b-newer", false, "2024-01-01T00:00:01.000Z"),
+            entry("k", "a-middle", false, "2024-01-01T00:00:01.000Z"),
+            entry("k", "c-oldest", false, "2024-01-01T00:00:01.000Z"),
+        ] {
+            assert!(s.add_entry(&e).unwrap());
+        }
+        s.commit().unwrap();
+        let got: Vec<String> = s.histories_after(None, 10).unwrap()[0]
+            .iter()
+            .map(|e| e.version_id.clone())
+            .collect();
+        assert_eq!(got, ["zz-current", "b-newer", "a-middle", "c-oldest"]);
     }
 
     #[test]

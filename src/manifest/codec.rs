@@ -45,6 +45,21 @@ pub(super) const ETAG_PRESERVED: i64 = 16;
 /// Task flag: done, and its destination version id is still to be learned from a listing
 /// (the write's answer named none). `schema::LEARN_INDEX` indexes it by this value.
 pub(super) const VERSION_TO_LEARN: i64 = 32;
+/// Task flag: the reconciliation mode of the last attempt is recorded (the next flag says
+/// which). Manifests from before have neither: the job's current setting is used.
+pub(super) const ATTEMPT_MODE: i64 = 1024;
+/// Task flag: the last attempt wrote without the stamp (`--no-stamp`).
+pub(super) const ATTEMPT_UNSTAMPED: i64 = 2048;
+
+/// The mode flags of an attempt: None records nothing (the flags are kept).
+pub(super) fn attempt_flags(stamped: Option<bool>) -> Option<i64> {
+    stamped.map(|s| ATTEMPT_MODE | if s { 0 } else { ATTEMPT_UNSTAMPED })
+}
+
+/// The recorded mode of a task's last attempt: whether its write carried the stamp.
+pub(super) fn attempt_stamped(flags: i64) -> Option<bool> {
+    (flags & ATTEMPT_MODE != 0).then_some(flags & ATTEMPT_UNSTAMPED == 0)
+}
 
 /// The flags of a finished copy's ETag comparison.
 pub(super) fn etag_flags(preserved: Option<bool>) -> i64 {

@@ -261,6 +261,10 @@ pub struct Task {
     pub error_class: Option<String>,
     /// The destination (`destinations.id`; 0 is the job's `--dest`).
     pub dest: i64,
+    /// The reconciliation mode of the last attempt: whether its writes carried the stamp
+    /// (None: not recorded, e.g. a manifest from before); an attempt in doubt is looked for
+    /// with the mode it wrote with, whatever the job's setting is now.
+    pub attempt_stamped: Option<bool>,
 }
 
 /// The key id of a task id (a task's id is its key's id and its place among the key's tasks).
@@ -337,6 +341,10 @@ pub struct Counts {
     pub blocked: u64,
     /// Skipped because the source version is archived.
     pub archived: u64,
+    /// Pending until the restore of their archived source version completes
+    /// (`run --restore-archived`).
+    #[serde(default)]
+    pub restore_pending: u64,
     /// Bytes of all object versions.
     pub bytes_total: u64,
     /// Bytes of done object versions.
@@ -398,6 +406,10 @@ pub struct Problem {
     pub message: Option<String>,
     /// Attempts made.
     pub attempts: i64,
+    /// The destination (`destinations.id`; 0 is the job's `--dest`): reports name its
+    /// bucket (`JobSettings::destination`).
+    #[serde(skip)]
+    pub dest: i64,
 }
 
 /// An open connection to a manifest file.

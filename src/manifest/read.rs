@@ -94,6 +94,7 @@ fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
         version_to_learn: flags & VERSION_TO_LEARN != 0,
         error_class: class_name(r.get(13)?)?,
         dest: r.get(15)?,
+        attempt_stamped: super::codec::attempt_stamped(flags),
     })
 }
 
@@ -126,9 +127,24 @@ pub(super) const OUT_OF_ORDER_SQL: &str = "SELECT count(*) FROM task t JOIN erro
 const NAMED_DELETED: usize = 20;
 pub(super) const FAILED_SQL: &str = "SELECT id, dest, refresh, history_pos FROM task
     WHERE state >= 3 AND state = 3 ORDER BY id";
+/// Open tasks of a key newer than a failed one, to the failed task's destination bucket
+/// (several rules may send a key to one bucket, each its own destination id).
 pub(super) const WAITING_SQL: &str = "SELECT count(*) FROM task
-    WHERE id BETWEEN ?1 AND ?2 AND dest = ?3 AND state < 2
+    WHERE id BETWEEN ?1 AND ?2 AND state < 2
+    AND (dest = ?3 OR dest IN (SELECT id FROM destinations
+        WHERE bucket = (SELECT bucket FROM destinations WHERE id = ?3)))
     AND (refresh > ?4 OR (refresh = ?4 AND history_pos < ?5))";
+
+/// Each destination id's bucket group: the smallest destination id with the same bucket
+/// (a key's history in one bucket is one history, whichever rule sent each version).
+pub(super) fn bucket_groups(conn: &Connection) -> rusqlite::Result<BTreeMap<i64, i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT d1.id, min(d2.id) FROM destinations d1 JOIN destinations d2
+         ON d2.bucket = d1.bucket GROUP BY d1.id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
 /// The statements `next_key_groups()` runs to find keys.
 pub(super) const OPEN_BLOCKS_SQL: &str =
     "SELECT block FROM open_blocks WHERE block >= ?1 AND open > 0 ORDER BY block";
@@ -321,7 +337,10 @@ impl Manifest {
             c.attempts += count(r.get(4)?);
             c.etag_preserved += count(r.get(5)?);
             match State::of_code(r.get(0)?) {
-                Some(State::Pending) => c.pending = n,
+                Some(State::Pending) => {
+                    c.pending = n;
+                    c.restore_pending = count(r.get(6)?);
+                }
                 Some(State::InProgress) => c.in_progress = n,
                 Some(State::Done) => {
                     c.done = n;
@@ -410,6 +429,7 @@ impl Manifest {
             .prepare_cached("SELECT key FROM keys WHERE id = ?1")
             .and_then(|mut s| s.query_row([key_id], |r| r.get(0)))
             .map_err(sql)?;
+        let groups = bucket_groups(&self.conn).map_err(sql)?;
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
@@ -424,7 +444,8 @@ impl Manifest {
         // Per destination: the oldest failed version, which later open tasks wait for.
         let mut failed: BTreeMap<i64, String> = BTreeMap::new();
         while let Some(r) = rows.next().map_err(sql)? {
-            let problem = problem_from_row(r, &key, &mut failed).map_err(|e| self.row_error(e))?;
+            let problem =
+                problem_from_row(r, &key, &groups, &mut failed).map_err(|e| self.row_error(e))?;
             let Some(p) = problem else { continue };
             let go_on = f(p).map_err(|source| ManifestError::Io {
                 path: self.path.clone(),
@@ -438,25 +459,27 @@ impl Manifest {
         Ok(true)
     }
 
-    /// Streams the key and version id of every task in `state`, in id order (the AWS-shaped
-    /// report's `succeeded` rows). A full scan of the tasks: for reports, not for `status`.
+    /// Streams the key, version id and destination of every task in `state`, in id order
+    /// (the AWS-shaped report's `succeeded` rows). A full scan of the tasks: for reports, not
+    /// for `status`.
     pub fn for_each_in_state(
         &self,
         state: State,
-        mut f: impl FnMut(&str, &str) -> std::io::Result<()>,
+        mut f: impl FnMut(&str, &str, i64) -> std::io::Result<()>,
     ) -> Result<()> {
         let sql = |e| self.sql(e);
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT k.key, t.version_id FROM task t JOIN keys k ON k.id = t.id >> {SEQ_BITS}
-                 WHERE t.state = ?1 ORDER BY t.id"
+                "SELECT k.key, t.version_id, t.dest FROM task t
+                 JOIN keys k ON k.id = t.id >> {SEQ_BITS} WHERE t.state = ?1 ORDER BY t.id"
             ))
             .map_err(sql)?;
         let mut rows = stmt.query([state.code()]).map_err(sql)?;
         while let Some(r) = rows.next().map_err(sql)? {
             let (key, version): (String, String) = (r.get(0).map_err(sql)?, r.get(1).map_err(sql)?);
-            f(&key, &version).map_err(|source| ManifestError::Io {
+            let dest: i64 = r.get(2).map_err(sql)?;
+            f(&key, &version, dest).map_err(|source| ManifestError::Io {
                 path: self.path.clone(),
                 what: "writing tasks out",
                 source,
@@ -471,6 +494,29 @@ impl Manifest {
         self.conn
             .prepare_cached("UPDATE OR ROLLBACK task SET state = 0 WHERE state >= 3 AND state = 3")
             .and_then(|mut s| s.execute([]))
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Puts skipped tasks back in the queue, all but those whose source version is gone
+    /// (archived versions once restored, tasks skipped by `--skip-failed` or by a rule):
+    /// attempts kept, so those attempted are reconciled before being written again; their
+    /// class is cleared (an open task of class `archived` is one whose restore is awaited).
+    /// Returns how many.
+    pub fn retry_skipped(&self) -> Result<usize> {
+        self.conn
+            .prepare_cached(
+                "UPDATE OR ROLLBACK task SET state = 0, error_class = NULL
+                 WHERE state >= 3 AND state = 4 AND error_class IS NOT ?1
+                 AND id NOT IN (SELECT task FROM errors WHERE code = ?2)",
+            )
+            .and_then(|mut s| {
+                // Entries a refresh found below newer copied versions stay skipped: copied
+                // now they would be written out of order.
+                s.execute(rusqlite::params![
+                    super::codec::class_code(crate::s3::ErrorClass::SourceGone),
+                    super::pages::OUT_OF_ORDER
+                ])
+            })
             .map_err(|e| self.sql(e))
     }
 
@@ -503,7 +549,8 @@ impl Manifest {
 fn blocked(conn: &Connection) -> rusqlite::Result<u64> {
     let mut failed = conn.prepare_cached(FAILED_SQL)?;
     let mut rows = failed.query([])?;
-    // The oldest failed task per (key, destination) of the current key.
+    let groups = bucket_groups(conn)?;
+    // The oldest failed task per (key, destination bucket) of the current key.
     let mut oldest: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
     let mut key: Option<i64> = None;
     let mut total = 0;
@@ -517,7 +564,8 @@ fn blocked(conn: &Connection) -> rusqlite::Result<u64> {
             oldest.clear();
             key = Some(key_of(id));
         }
-        let e = oldest.entry(dest).or_insert((refresh, pos));
+        let group = groups.get(&dest).copied().unwrap_or(dest);
+        let e = oldest.entry(group).or_insert((refresh, pos));
         if (refresh, -pos) < (e.0, -e.1) {
             *e = (refresh, pos);
         }
@@ -548,11 +596,14 @@ fn waiting(
 fn problem_from_row(
     r: &Row<'_>,
     key: &str,
+    groups: &BTreeMap<i64, i64>,
     failed: &mut BTreeMap<i64, String>,
 ) -> std::result::Result<Option<Problem>, RowError> {
     let state = state_of(r.get(1)?)?;
     let version_id: String = r.get(0)?;
     let dest: i64 = r.get(4)?;
+    // A failed version blocks the later ones to its bucket, whichever rule sent them.
+    let group = groups.get(&dest).copied().unwrap_or(dest);
     let mut p = Problem {
         key: key.to_string(),
         version_id: version_id.clone(),
@@ -562,15 +613,16 @@ fn problem_from_row(
         http_status: r.get(6)?,
         message: r.get(7)?,
         attempts: r.get(3)?,
+        dest,
     };
     match state {
         State::Failed => {
-            failed.entry(dest).or_insert(version_id);
+            failed.entry(group).or_insert(version_id);
         }
         State::Skipped => {}
         State::Done => return Ok(None),
         State::Pending | State::InProgress => {
-            let Some(v) = failed.get(&dest) else {
+            let Some(v) = failed.get(&group) else {
                 return Ok(None);
             };
             p.state = "blocked".into();

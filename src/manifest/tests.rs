@@ -1216,6 +1216,7 @@ async fn claims_mark_each_keys_first_open_task_and_released_claims_restore_it() 
             id: t.id,
             state: t.state,
             started_at: t.started_at,
+            attempt_stamped: t.attempt_stamped,
         })
         .unwrap();
     }
@@ -1234,4 +1235,71 @@ async fn claims_mark_each_keys_first_open_task_and_released_claims_restore_it() 
     w.close();
     let c = Manifest::open(&path, false).unwrap().counts().unwrap();
     assert_eq!((c.pending, c.in_progress, c.done), (2, 1, 1), "{c:?}");
+}
+
+#[test]
+fn two_rules_to_one_bucket_block_and_claim_per_bucket() {
+    use crate::config::{DestOptions, Destination};
+    let (_d, path, mut m) = new_manifest();
+    // Two rules send key k to bucket "same" (destination ids 0 and 1), a third to "other".
+    let mut s = settings();
+    s.destinations = [("r1", "same"), ("r2", "same"), ("r3", "other")]
+        .iter()
+        .map(|(rule, bucket)| Destination {
+            bucket: bucket.to_string(),
+            prefix: String::new(),
+            options: DestOptions {
+                rule: rule.to_string(),
+                ..DestOptions::default()
+            },
+        })
+        .collect();
+    m.store_settings(&s).unwrap();
+    let to = |v: &str, pos: u64, dest: i64| NewTask {
+        dest,
+        ..task("k", v, pos)
+    };
+    // v1 goes by rule r1, v2 by rule r2 (a tag rule, say), both to "same"; v2 also to "other".
+    let page = vec![to("v2", 0, 1), to("v2", 0, 2), to("v1", 1, 0)];
+    m.insert_page(&page, &Listing::default()).unwrap();
+    let g = all_keys(&m);
+    let v1 = g[0].tasks.iter().find(|t| t.version_id == "v1").unwrap().id;
+    write_all(
+        &path,
+        vec![
+            Update::Started { id: v1, at: 1 },
+            Update::Finished {
+                id: v1,
+                outcome: Outcome::Failed {
+                    error: error("AccessDenied", 403),
+                    retries: 0,
+                },
+            },
+        ],
+    );
+    let c = m.counts().unwrap();
+    assert_eq!(
+        (c.failed, c.blocked),
+        (1, 1),
+        "v2 to 'same' waits behind v1"
+    );
+    let blocked: Vec<(String, i64)> = m
+        .problems(10)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.state == "blocked")
+        .map(|p| (p.version_id, p.dest))
+        .collect();
+    assert_eq!(blocked, [("v2".to_string(), 1)]);
+    drop(m);
+    // A run claims v2 to "other" (not blocked), never v2 to "same".
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let g = rt.block_on(w.claim_key_groups(0, 10, 50)).unwrap();
+    let claimed = g[0].claimed.expect("a task is claimed");
+    let t = g[0].tasks.iter().find(|t| t.id == claimed).unwrap();
+    assert_eq!((t.version_id.as_str(), t.dest), ("v2", 2));
+    w.close();
 }

@@ -7,6 +7,7 @@
 //!
 //! May call: `codec`, `read` (next key groups), the types of `manifest`.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +16,8 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::codec::{
-    class_code, etag_flags, ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
+    attempt_flags, class_code, etag_flags, ATTEMPT_MODE, ATTEMPT_UNSTAMPED, ETAG_CHECKED,
+    ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
 };
 use super::{CopyMethod, KeyGroup, Manifest, ManifestError, Result, State};
 use crate::s3::{ErrorClass, S3Error};
@@ -59,6 +61,15 @@ pub enum Outcome {
     },
     /// Back to pending (reconciliation found it was not copied, or the run stopped).
     Requeued,
+    /// An archived source version whose restore was asked for (by this run or an earlier
+    /// one) and is not complete: back to pending with the error class `Archived` (which
+    /// marks it "restore pending"), the attempt taken back (nothing was written). A later
+    /// run copies it once the restore is complete; until then its key's later versions to
+    /// the same destination bucket wait.
+    RestorePending {
+        /// What was done and what is awaited, shown in reports.
+        reason: String,
+    },
 }
 
 /// A change sent to the writer.
@@ -81,6 +92,8 @@ pub enum Update {
         state: State,
         /// Its start time before the claim.
         started_at: Option<i64>,
+        /// The reconciliation mode of its attempt before the claim (`Task::attempt_stamped`).
+        attempt_stamped: Option<bool>,
     },
     /// A multipart upload was opened (Some) or closed (None) at the destination.
     Upload {
@@ -147,6 +160,9 @@ pub struct Writer {
     thread: Option<JoinHandle<()>>,
     /// Why the writer stopped, once it did.
     stopped: Arc<Mutex<Option<String>>>,
+    /// The reconciliation mode recorded with each attempt started from now on (see
+    /// [`Writer::record_attempt_mode`]): 0 none, 1 stamped, 2 unstamped.
+    mode: Arc<AtomicU8>,
 }
 
 /// Starts the writer thread for `m`.
@@ -154,14 +170,17 @@ pub(super) fn start(m: Manifest) -> Writer {
     let (tx, rx) = mpsc::channel::<Msg>();
     let stopped = Arc::new(Mutex::new(None));
     let flag = stopped.clone();
+    let mode = Arc::new(AtomicU8::new(0));
+    let run_mode = mode.clone();
     let thread = std::thread::Builder::new()
         .name("manifest-writer".into())
-        .spawn(move || writer_loop(m, rx, flag))
+        .spawn(move || writer_loop(m, rx, flag, run_mode))
         .expect("spawn the manifest writer thread");
     Writer {
         tx,
         thread: Some(thread),
         stopped,
+        mode,
     }
 }
 
@@ -182,6 +201,14 @@ impl Writer {
             return Err(ManifestError::WriterGone(why));
         }
         self.tx.send(msg).map_err(|_| self.gone())
+    }
+
+    /// Records with every attempt started from now on (`Started`, claims) whether its
+    /// writes carry the stamp, so that an attempt in doubt is reconciled with the mode it
+    /// wrote with (`Task::attempt_stamped`) even when the job's setting changed since.
+    pub fn record_attempt_mode(&self, stamped: bool) {
+        self.mode
+            .store(if stamped { 1 } else { 2 }, Ordering::SeqCst);
     }
 
     /// Queues an update; it is committed with the next group. An error once the writer has
@@ -298,8 +325,18 @@ fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
     }
 }
 
-fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<String>>>) {
+fn writer_loop(
+    m: Manifest,
+    rx: mpsc::Receiver<Msg>,
+    stopped: Arc<Mutex<Option<String>>>,
+    mode: Arc<AtomicU8>,
+) {
     while let Some(batch) = next_group(&rx) {
+        let mode = match mode.load(Ordering::SeqCst) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        };
         let mut acks = Vec::new();
         let mut reads = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
@@ -307,7 +344,7 @@ fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<S
             for msg in batch {
                 match msg {
                     Msg::Update(u, ack) => {
-                        apply(&m.conn, &u)?;
+                        apply(&m.conn, &u, mode)?;
                         acks.extend(ack);
                     }
                     Msg::Flush(ack) => acks.push(ack),
@@ -320,7 +357,7 @@ fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<S
                         let read = m.next_key_groups(after, limit);
                         let read = match (read, claim_at) {
                             (Ok(mut groups), Some(at)) => {
-                                claim(&m.conn, &mut groups, at)?;
+                                claim(&m.conn, &mut groups, at, mode)?;
                                 Ok(groups)
                             }
                             (read, _) => read,
@@ -355,48 +392,70 @@ fn writer_loop(m: Manifest, rx: mpsc::Receiver<Msg>, stopped: Arc<Mutex<Option<S
 /// Marks the first task a key worker will attempt in each listed group in progress (see
 /// [`Writer::claim_key_groups`]): the first open task whose destination no failed older
 /// task blocks.
-fn claim(conn: &Connection, groups: &mut [KeyGroup], at: i64) -> rusqlite::Result<()> {
+fn claim(
+    conn: &Connection,
+    groups: &mut [KeyGroup],
+    at: i64,
+    mode: Option<bool>,
+) -> rusqlite::Result<()> {
+    // Blocking is per destination bucket, as the key worker's: several rules may send one
+    // key to the same bucket, each with its own destination id.
+    let buckets = super::read::bucket_groups(conn)?;
+    let bucket = |dest: i64| buckets.get(&dest).copied().unwrap_or(dest);
     for g in groups.iter_mut().filter(|g| !g.listing_open) {
         let mut blocked = Vec::new();
         let first = g.tasks.iter().find(|t| match t.state {
             State::Failed => {
-                blocked.push(t.dest);
+                blocked.push(bucket(t.dest));
                 false
             }
-            State::Pending | State::InProgress => !blocked.contains(&t.dest),
+            State::Pending | State::InProgress => !blocked.contains(&bucket(t.dest)),
             State::Done | State::Skipped => false,
         });
         if let Some(t) = first {
-            apply(conn, &Update::Started { id: t.id, at })?;
+            apply(conn, &Update::Started { id: t.id, at }, mode)?;
             g.claimed = Some(t.id);
         }
     }
     Ok(())
 }
 
-fn apply(conn: &Connection, u: &Update) -> rusqlite::Result<()> {
+/// `mode`: the reconciliation mode recorded with an attempt that starts (None: none).
+fn apply(conn: &Connection, u: &Update, mode: Option<bool>) -> rusqlite::Result<()> {
+    let modes = ATTEMPT_MODE | ATTEMPT_UNSTAMPED;
     match u {
         Update::Started { id, at } => conn
             .prepare_cached(
-                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts + 1, started_at = ?3
+                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts + 1, started_at = ?3,
+                 flags = CASE WHEN ?4 IS NULL THEN flags ELSE (flags & ?5) | ?4 END
                  WHERE id = ?1",
             )?
-            .execute(params![id, State::InProgress.code(), at])
+            .execute(params![
+                id,
+                State::InProgress.code(),
+                at,
+                attempt_flags(mode),
+                !modes
+            ])
             .map(drop),
         Update::Released {
             id,
             state,
             started_at,
+            attempt_stamped,
         } => conn
             .prepare_cached(
-                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts - 1, started_at = ?3
+                "UPDATE OR ROLLBACK task SET state = ?2, attempts = attempts - 1, started_at = ?3,
+                 flags = (flags & ?5) | ?6
                  WHERE id = ?1 AND state = ?4",
             )?
             .execute(params![
                 id,
                 state.code(),
                 started_at,
-                State::InProgress.code()
+                State::InProgress.code(),
+                !modes,
+                attempt_flags(*attempt_stamped).unwrap_or(0)
             ])
             .map(drop),
         Update::Upload {
@@ -473,6 +532,19 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
                 .execute(params![id, State::Pending.code()])?;
             0
         }
+        Outcome::RestorePending { reason } => {
+            conn.prepare_cached(
+                "UPDATE OR ROLLBACK task SET state = ?2, error_class = ?3,
+                 attempts = max(attempts - 1, 0) WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                State::Pending.code(),
+                class_code(ErrorClass::Archived)
+            ])?;
+            record_error(conn, id, None, None, reason)?;
+            0
+        }
     };
     if retries > 0 {
         conn.prepare_cached("UPDATE totals SET retries = retries + ?1 WHERE id = 1")?
@@ -523,7 +595,7 @@ fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Resul
         part_size: *part_size,
         parts: *parts,
     };
-    apply(conn, &layout)
+    apply(conn, &layout, None)
 }
 
 fn set_ended(conn: &Connection, id: i64, state: State, class: ErrorClass) -> rusqlite::Result<()> {

@@ -158,10 +158,29 @@ pub trait S3Client: Send + Sync + 'static {
         let probe = self.probe_bucket(bucket);
         async move { probe.await.map(|f| f.object_lock) }
     }
+    /// Asks for a temporary copy of an archived version (GLACIER, DEEP_ARCHIVE), kept `days`
+    /// days, at `tier` (`Bulk`, `Standard`, `Expedited`). A restore already under way is
+    /// [`Restore::InProgress`], not an error; a HEAD tells when it is done.
+    fn restore_object(
+        &self,
+        obj: &ObjectRef,
+        days: u32,
+        tier: &str,
+    ) -> impl Future<Output = Result<Restore, S3Error>> + Send;
+}
+
+/// The answer to a `RestoreObject`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restore {
+    /// The restore was asked for (202), or the version was restored already (200: its
+    /// restore period is renewed).
+    Requested,
+    /// A restore of the version is already under way (409 `RestoreAlreadyInProgress`).
+    InProgress,
 }
 
 /// The operations counted, in the order `status` shows them.
-pub const OPERATIONS: [&str; 17] = [
+pub const OPERATIONS: [&str; 18] = [
     "ListObjectVersions",
     "HeadObject",
     "GetObject",
@@ -179,6 +198,7 @@ pub const OPERATIONS: [&str; 17] = [
     "HeadBucket",
     "GetBucketVersioning",
     "GetObjectLockConfiguration",
+    "RestoreObject",
 ];
 
 /// Requests sent, per operation (every attempt counts).
@@ -1159,6 +1179,45 @@ impl S3Client for SdkClient {
             .collect())
     }
 
+    async fn restore_object(
+        &self,
+        obj: &ObjectRef,
+        days: u32,
+        tier: &str,
+    ) -> Result<Restore, S3Error> {
+        use aws_sdk_s3::types::{GlacierJobParameters, RestoreRequest, Tier};
+        const OP: &str = "RestoreObject";
+        self.counts.count(OP);
+        let job = GlacierJobParameters::builder()
+            .tier(Tier::from(tier))
+            .build()
+            .map_err(|e| S3Error::other(self.side, OP, ErrorClass::Fatal, e.to_string()))?;
+        let request = RestoreRequest::builder()
+            .days(i32::try_from(days).unwrap_or(i32::MAX))
+            .glacier_job_parameters(job)
+            .build();
+        let r = self
+            .inner
+            .restore_object()
+            .bucket(&obj.bucket)
+            .key(&obj.key)
+            .set_version_id(obj.version_id.clone())
+            .restore_request(request)
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(Restore::Requested),
+            Err(e) => {
+                let e = self.err(OP, false, e);
+                if e.code.as_deref() == Some("RestoreAlreadyInProgress") {
+                    Ok(Restore::InProgress)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     async fn object_lock_enabled(&self, bucket: &str) -> Result<bool, S3Error> {
         self.counts.count("GetObjectLockConfiguration");
         self.read_object_lock(bucket).await
@@ -1184,6 +1243,18 @@ impl S3Client for SdkClient {
 }
 
 impl SdkClient {
+    /// This client counting its requests in `counts` (shared with another client: several
+    /// clients of one side, e.g. one per region, count as one).
+    pub fn counting_in(mut self, counts: Arc<RequestCounts>) -> SdkClient {
+        self.counts = counts;
+        self
+    }
+
+    /// The counts this client adds to (see [`SdkClient::counting_in`]).
+    pub fn counts(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
+    }
+
     /// The bucket's replication configuration as the server sent it (XML), for
     /// `plan --replication-config source`.
     pub async fn get_bucket_replication(&self, bucket: &str) -> Result<Vec<u8>, S3Error> {

@@ -48,6 +48,8 @@ struct Bucket {
     versioned: bool,
     /// Versioning suspended: writes make `null` versions, replacing the key's null version.
     suspended: bool,
+    /// Object lock enabled (said by HeadBucket's probe).
+    object_lock: bool,
     /// Each key's history, oldest first.
     keys: BTreeMap<String, Vec<FakeVersion>>,
     uploads: BTreeMap<String, Upload>,
@@ -109,6 +111,25 @@ pub struct FakeServer {
     calls: Arc<AtomicU64>,
     /// Listing pages: (entries at most, 0 = as asked; milliseconds each page takes).
     paging: Arc<Mutex<(usize, u64)>>,
+    /// Restores asked for (see [`FakeServer::restores`]).
+    restores: Arc<Mutex<Vec<FakeRestore>>>,
+}
+
+/// A `RestoreObject` the fake received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeRestore {
+    /// Bucket, key and version id.
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+    /// The version id asked for.
+    pub version_id: Option<String>,
+    /// Days asked for.
+    pub days: u32,
+    /// Tier asked for.
+    pub tier: String,
+    /// Finished ([`FakeServer::finish_restore`]): the version reads again.
+    pub done: bool,
 }
 
 /// A client of a [`FakeServer`] for one side.
@@ -340,6 +361,46 @@ impl FakeServer {
     /// Makes CopyObject with MetadataDirective REPLACE drop the tags (as RGW 16.2 does).
     pub fn drop_tags_on_replace(&self, on: bool) {
         self.drop_replaced_tags.store(on, Ordering::Relaxed);
+    }
+
+    /// Enables object lock on a bucket (its probe says so).
+    pub fn enable_object_lock(&self, bucket: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(b) = s.buckets.get_mut(bucket) {
+            b.object_lock = true;
+        }
+    }
+
+    /// Sets the object lock settings of one stored version.
+    pub fn set_version_lock(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: &str,
+        lock: super::types::ObjectLock,
+    ) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(v) = s.find_mut(bucket, key, Some(version)) {
+            v.head.lock = lock;
+        }
+    }
+
+    /// The restores asked for so far, in order.
+    pub fn restores(&self) -> Vec<FakeRestore> {
+        self.restores.lock().expect("fake lock").clone()
+    }
+
+    /// Completes the restores of one version: it reads again (its storage class stays).
+    pub fn finish_restore(&self, bucket: &str, key: &str, version: &str) {
+        for r in self.restores.lock().expect("fake lock").iter_mut() {
+            if r.bucket == bucket && r.key == key && r.version_id.as_deref() == Some(version) {
+                r.done = true;
+            }
+        }
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(v) = s.find_mut(bucket, key, Some(version)) {
+            v.head.archived = false;
+        }
     }
 
     /// Calls answered so far, all operations.
@@ -889,6 +950,46 @@ impl S3Client for FakeS3 {
         })
     }
 
+    async fn restore_object(
+        &self,
+        obj: &ObjectRef,
+        days: u32,
+        tier: &str,
+    ) -> Result<super::client::Restore, S3Error> {
+        const OP: &str = "RestoreObject";
+        let class = self.op(OP, &obj.key, |s| {
+            let v = s
+                .find(&obj.bucket, &obj.key, obj.version_id.as_deref())
+                .ok_or_else(|| err(self.side, OP, ErrorClass::SourceGone, 404, "NoSuchVersion"))?;
+            Ok(v.head.storage_class.clone())
+        })?;
+        if !matches!(class.as_deref(), Some("GLACIER" | "DEEP_ARCHIVE")) {
+            return Err(err(
+                self.side,
+                OP,
+                ErrorClass::Fatal,
+                403,
+                "InvalidObjectState",
+            ));
+        }
+        let mut restores = self.server.restores.lock().expect("fake lock");
+        let same = |r: &&FakeRestore| {
+            r.bucket == obj.bucket && r.key == obj.key && r.version_id == obj.version_id
+        };
+        if restores.iter().filter(same).any(|r| !r.done) {
+            return Ok(super::client::Restore::InProgress);
+        }
+        restores.push(FakeRestore {
+            bucket: obj.bucket.clone(),
+            key: obj.key.clone(),
+            version_id: obj.version_id.clone(),
+            days,
+            tier: tier.to_string(),
+            done: false,
+        });
+        Ok(super::client::Restore::Requested)
+    }
+
     async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
         self.op("HeadBucket", bucket, |s| {
             let b = s.buckets.get(bucket).ok_or_else(|| {
@@ -904,7 +1005,7 @@ impl S3Client for FakeS3 {
                 region: None,
                 versioned: b.versioned,
                 suspended: b.suspended,
-                object_lock: false,
+                object_lock: b.object_lock,
             })
         })
     }

@@ -15,7 +15,8 @@ pub mod retry;
 pub mod types;
 
 pub use client::{
-    build, copy_source, parse_tagging, tagging_string, RequestCounts, S3Client, SdkClient, Timeouts,
+    build, copy_source, parse_tagging, tagging_string, RequestCounts, Restore, S3Client, SdkClient,
+    Timeouts,
 };
 pub use error::{classify, classify_code, ErrorClass, S3Error};
 pub use list::{parse_page, Versions};
