@@ -345,8 +345,10 @@ mod tests {
             destinations: Vec::new(),
             supplied: None,
         };
-        let mut dry = DryRun::default();
-        dry.listed = 2;
+        let mut dry = DryRun {
+            listed: 2,
+            ..Default::default()
+        };
         dry.add(&settings, &entry("k", "v1", false), &[0]);
         dry.add(&settings, &entry("k", "dm", true), &[0]);
         let lines = dry.lines();
