@@ -136,10 +136,13 @@ async fn an_unversioned_object_overwritten_mid_multipart_copy_is_not_spliced() {
     s.create_bucket(SRC, false);
     s.create_bucket(DST, true);
     let old = vec![b'o'; 11 * MIB];
-    s.put(SRC, "k", &old, &[]);
+    let v = s.put(SRC, "k", &old, &[]);
+    // A multipart source (single-part ones are one CopyObject), copied in parts.
+    s.set_etag(SRC, "k", &v, "\"0123456789abcdef0123456789abcdef-3\"");
     let mut job = settings();
     job.copy.multipart_threshold = 5 * MIB as u64;
     job.copy.part_size = 5 * MIB as u64;
+    job.copy.large_copy = crate::config::LargeCopy::Parts;
     plan_with(&s, &path, &job).await;
     // Another writer replaces the object after the first part was copied.
     let new = vec![b'n'; 11 * MIB];

@@ -274,6 +274,15 @@ impl FakeServer {
         }
     }
 
+    /// Sets the ETag of one stored version (e.g. `"…-3"`: as if uploaded in 3 parts).
+    pub fn set_etag(&self, bucket: &str, key: &str, version: &str, etag: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(v) = s.find_mut(bucket, key, Some(version)) {
+            v.etag = etag.to_string();
+            v.head.etag = Some(etag.to_string());
+        }
+    }
+
     /// Sets the encryption of one stored version (e.g. SSE-C: unreadable without its key).
     pub fn set_encryption(
         &self,
