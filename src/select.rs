@@ -266,6 +266,22 @@ mod tests {
     use crate::s3::fake::FakeServer;
     use crate::s3::{Limiter, RetryPolicy, Side};
 
+    /// A job from s3://src to `dest`, every other setting the default.
+    fn job(dest: &str) -> JobSettings {
+        JobSettings {
+            source: Location::parse("s3://src").unwrap(),
+            dest: Location::parse(dest).unwrap(),
+            source_side: Default::default(),
+            dest_side: Default::default(),
+            selection: Default::default(),
+            copy: Default::default(),
+            filters: Default::default(),
+            replication: None,
+            destinations: Vec::new(),
+            supplied: None,
+        }
+    }
+
     fn entry(key: &str, version_id: &str, is_delete_marker: bool) -> VersionEntry {
         VersionEntry {
             key: key.into(),
@@ -297,18 +313,7 @@ mod tests {
              "Destination": {"Bucket": "arn:aws:s3:::a"}}]}"#,
         )
         .unwrap();
-        let mut settings = JobSettings {
-            source: Location::parse("s3://src").unwrap(),
-            dest: Location::parse("s3://unused").unwrap(),
-            source_side: Default::default(),
-            dest_side: Default::default(),
-            selection: Default::default(),
-            copy: Default::default(),
-            filters: Default::default(),
-            replication: None,
-            destinations: Vec::new(),
-            supplied: None,
-        };
+        let mut settings = job("s3://unused");
         crate::cli::use_replication_config(&mut settings, cfg, "test").unwrap();
         let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
         let sel = Selector {
@@ -333,18 +338,7 @@ mod tests {
 
     #[test]
     fn dry_run_rows_name_the_destination_with_its_prefix() {
-        let settings = JobSettings {
-            source: Location::parse("s3://src").unwrap(),
-            dest: Location::parse("s3://dst/archive/2024/").unwrap(),
-            source_side: Default::default(),
-            dest_side: Default::default(),
-            selection: Default::default(),
-            copy: Default::default(),
-            filters: Default::default(),
-            replication: None,
-            destinations: Vec::new(),
-            supplied: None,
-        };
+        let settings = job("s3://dst/archive/2024/");
         let mut dry = DryRun {
             listed: 2,
             ..Default::default()

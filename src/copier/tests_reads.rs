@@ -7,28 +7,6 @@ use crate::s3::BucketFacts;
 
 const MIB: usize = 1024 * 1024;
 
-/// Plans `s`'s source with the job `settings`.
-async fn plan_with(server: &FakeServer, path: &Path, s: &JobSettings) {
-    let mut m = Manifest::open(path, true).unwrap();
-    m.store_settings(s).unwrap();
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = server.client(Side::Source);
-    let selector = Selector {
-        settings: s,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: s,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
-    lister.list_into(&mut m, |_| {}).await.unwrap();
-}
-
 /// One run that knows the source bucket's versioning as the job's probe would.
 async fn run_probed(server: &FakeServer, path: &Path) -> RunSummary {
     let copier = copier(server, path, &opts());
