@@ -1440,7 +1440,13 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
                 VerifyError::Manifest(e) => JobError::Manifest(e),
             })
     } else {
-        verifier.run(show).await.map_err(JobError::from)
+        verifier
+            .run(Some(&manifest), show)
+            .await
+            .map_err(|e| match e {
+                VerifyError::S3(e) => JobError::from(e),
+                VerifyError::Manifest(e) => JobError::Manifest(e),
+            })
     };
     bar.finish_and_clear();
     r

@@ -225,6 +225,18 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
         for d in &r.destinations {
             println!("{}", dest_verify_line(d));
         }
+        if r.replaced_null_contents > 0 {
+            println!(
+                "{} earlier contents of overwritten or deleted null versions kept as older destination versions",
+                r.replaced_null_contents
+            );
+        }
+        if r.deleted_at_source_kept > 0 {
+            println!(
+                "{} keys deleted at the source kept at the destination (the job does not replicate deletes)",
+                r.deleted_at_source_kept
+            );
+        }
         let verdict = if r.ok() && !r.destinations.is_empty() {
             "every destination matches the source versions selected for it".to_string()
         } else if r.ok() {

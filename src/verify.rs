@@ -94,6 +94,14 @@ pub struct VerifyReport {
     /// Per destination (jobs verified against the manifest's selection; empty otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<DestReport>,
+    /// Keys deleted at the source and kept at the destination by a job that does not
+    /// replicate deletes (`status` names them): not differences.
+    #[serde(default)]
+    pub deleted_at_source_kept: u64,
+    /// Earlier contents of `null` versions that the destination keeps as older versions (an
+    /// unversioned or suspended source overwrote or deleted them in place).
+    #[serde(default)]
+    pub replaced_null_contents: u64,
 }
 
 impl VerifyReport {
@@ -280,10 +288,17 @@ pub struct Verifier<'a, C: S3Client> {
 
 impl<C: S3Client> Verifier<'_, C> {
     /// Compares the destination with the source. `progress` sees the report after each key.
+    ///
+    /// With the job's manifest, a key whose source history holds a `null` version, or that
+    /// is gone from the source, is compared with what the job planned for it instead: an
+    /// unversioned or suspended source replaces its `null` version in place, so the
+    /// destination rightly keeps the earlier contents (each a task of the manifest) as older
+    /// versions. The source's current entry must still be the last one planned.
     pub async fn run(
         &self,
+        manifest: Option<&Manifest>,
         mut progress: impl FnMut(&VerifyReport),
-    ) -> Result<VerifyReport, S3Error> {
+    ) -> Result<VerifyReport, VerifyError> {
         let s = self.settings;
         let mut src = Histories::new(
             self.source,
@@ -322,15 +337,28 @@ impl<C: S3Client> Verifier<'_, C> {
                 continue;
             }
             let d = (s.dest.bucket.as_str(), s.dest.prefix.as_str());
-            self.blank_incomparable_etags(&key, d, &mut se, &mut de)
-                .await?;
             report.keys += 1;
             report.versions += se.len() as u64;
-            progress(&report);
-            let detail = match compare(&se, &de) {
-                None => self.deep_compare(&key, d, &se, &de).await?,
-                found => found,
+            let replaced = se.iter().any(|e| e.version_id == "null") || se.is_empty();
+            let planned = match manifest {
+                Some(m) if replaced => Some(m.tasks_of_key(&key)?),
+                _ => None,
             };
+            let detail = match planned.filter(|t| !t.is_empty()) {
+                Some(tasks) => {
+                    self.compare_planned(&key, d, &se, &de, &tasks, &mut report)
+                        .await?
+                }
+                None => {
+                    self.blank_incomparable_etags(&key, d, &mut se, &mut de)
+                        .await?;
+                    match compare(&se, &de) {
+                        None => self.deep_compare(&key, d, &se, &de).await?,
+                        found => found,
+                    }
+                }
+            };
+            progress(&report);
             if let Some(detail) = detail {
                 report.mismatched_keys += 1;
                 if report.mismatches.len() < 1000 {
@@ -343,6 +371,55 @@ impl<C: S3Client> Verifier<'_, C> {
             }
         }
         Ok(report)
+    }
+
+    /// Compares a key's destination history with what the job planned for it (its tasks,
+    /// skipped ones aside), and the source's current entry with the last one planned.
+    async fn compare_planned(
+        &self,
+        key: &str,
+        d: (&str, &str),
+        se: &[VersionEntry],
+        de: &[VersionEntry],
+        tasks: &[Task],
+        report: &mut VerifyReport,
+    ) -> Result<Option<String>, S3Error> {
+        let mut expected: Vec<VersionEntry> = tasks
+            .iter()
+            .filter(|t| t.state != State::Skipped)
+            .map(planned_entry)
+            .collect();
+        if let Some(what) = source_moved_on(se, &expected, self.settings.selection.delete_markers) {
+            return Ok(Some(what));
+        }
+        if se.is_empty() && expected.last().is_some_and(|e| !e.is_delete_marker) {
+            report.deleted_at_source_kept += 1;
+        }
+        // An unversioned destination holds only the current object.
+        if de.iter().all(|e| e.version_id == "null") {
+            expected = expected.split_off(expected.len().saturating_sub(1));
+            expected.retain(|e| !e.is_delete_marker);
+        }
+        let current_null = se.iter().any(|e| e.version_id == "null");
+        let null_object = |e: &VersionEntry| e.version_id == "null" && !e.is_delete_marker;
+        let nulls = expected.iter().filter(|e| null_object(e)).count();
+        let still = usize::from(se.iter().any(null_object));
+        report.replaced_null_contents += nulls.saturating_sub(still) as u64;
+        if let Some(found) = compare(&expected, de) {
+            return Ok(Some(found));
+        }
+        if de.len() != expected.len() {
+            return Ok(None);
+        }
+        // Deep comparison of the pairs whose source version is still there to read: every
+        // versioned one, and the last planned `null` if the source still has it.
+        let last_null = expected.iter().rposition(|e| e.version_id == "null");
+        let live: Vec<usize> = (0..expected.len())
+            .filter(|&i| expected[i].version_id != "null" || (current_null && Some(i) == last_null))
+            .collect();
+        let pick = |h: &[VersionEntry]| live.iter().map(|&i| h[i].clone()).collect::<Vec<_>>();
+        let (sl, dl) = (pick(&expected), pick(de));
+        self.deep_compare(key, d, &sl, &dl).await
     }
 
     /// The destinations a job writes to: its configuration's, or `dest` (id 0).
@@ -552,6 +629,48 @@ impl<C: S3Client> Verifier<'_, C> {
     }
 }
 
+/// A planned task as the listing entry it was planned from.
+fn planned_entry(t: &Task) -> VersionEntry {
+    VersionEntry {
+        key: t.key.clone(),
+        version_id: t.version_id.clone(),
+        is_delete_marker: t.is_delete_marker,
+        is_latest: false,
+        size: t.size,
+        etag: t.etag.clone(),
+        last_modified: t.last_modified.clone(),
+        storage_class: t.storage_class.clone(),
+        checksum_algorithm: t.checksum_algorithm.clone(),
+    }
+}
+
+/// Where the source has moved on since the job last planned a key (a refresh would plan
+/// more): its current entry is not the last planned one, or a version it still holds was
+/// never planned.
+fn source_moved_on(se: &[VersionEntry], planned: &[VersionEntry], deletes: bool) -> Option<String> {
+    let refresh = "changed at the source since the last plan (plan --refresh, then run)";
+    match (se.last(), planned.last()) {
+        (Some(s), Some(p)) if !same_entry(s, p) => {
+            return Some(format!("the current entry {refresh}"));
+        }
+        (None, Some(p)) if deletes && !p.is_delete_marker => {
+            return Some(format!("deleted at the source, {refresh}"));
+        }
+        _ => {}
+    }
+    se.iter()
+        .find(|e| !planned.iter().any(|p| same_entry(p, e)))
+        .map(|e| format!("version {} {refresh}", e.version_id))
+}
+
+/// Whether a planned entry is this listed one: the same id, kind and content.
+fn same_entry(p: &VersionEntry, e: &VersionEntry) -> bool {
+    p.version_id == e.version_id
+        && p.is_delete_marker == e.is_delete_marker
+        && p.size == e.size
+        && (p.etag == e.etag || p.etag.is_none() || e.etag.is_none())
+}
+
 /// What differs between a source version's HEAD and its copy's: user metadata (the stamp
 /// aside), content headers, website redirect location.
 fn head_difference(s: &ObjectHead, d: &ObjectHead) -> Option<String> {
@@ -642,6 +761,26 @@ mod tests {
             etag: Some(etag.into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_null_version_overwritten_after_the_last_plan_is_named() {
+        let planned = [v("null", 3, "\"a\""), v("null", 4, "\"b\"")];
+        // The destination keeps both contents; the source holds the last planned one.
+        assert_eq!(
+            source_moved_on(&[v("null", 4, "\"b\"")], &planned, true),
+            None
+        );
+        let moved = source_moved_on(&[v("null", 5, "\"c\"")], &planned, true).unwrap();
+        assert!(moved.starts_with("the current entry changed"), "{moved}");
+        // Deleted at the source: a difference only where the job replicates deletes.
+        let gone = source_moved_on(&[], &planned, true).unwrap();
+        assert!(gone.starts_with("deleted at the source"), "{gone}");
+        assert_eq!(source_moved_on(&[], &planned, false), None);
+        // A version the job never planned.
+        let more = [v("v1", 1, "\"x\""), v("null", 4, "\"b\"")];
+        let unplanned = source_moved_on(&more, &planned, true).unwrap();
+        assert!(unplanned.starts_with("version v1"), "{unplanned}");
     }
 
     #[test]

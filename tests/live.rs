@@ -173,6 +173,13 @@ async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
     assert_eq!(source.len(), 8);
     assert_eq!(current_objects(&c, &dst).await, source);
     assert_eq!(deleted_at(&c, &dst).await, ["k3", "k4"]);
+    let o = job.verify();
+    expect_code(&o, 0);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("4 earlier contents of overwritten or deleted null versions kept"),
+        "{said}"
+    );
     // Nothing more to do: a second refresh finds nothing new, nothing gone.
     let o = refresh(&job, 1000, &[]).await;
     assert!(stderr_of(&o).contains(": 0 new tasks"), "{}", stderr_of(&o));
@@ -241,6 +248,16 @@ async fn suspended_source_null_overwrites_and_deletes_reach_the_destination() {
     );
     assert_eq!(current_objects(&c, &dst).await, source);
     assert_eq!(deleted_at(&c, &dst).await, ["k1", "k2"]);
+    expect_code(&job.verify(), 0);
+    // The source moves on after the last refresh: verify names the key until it is planned.
+    apply(&c, &src, put("k0", "null three k0")).await;
+    let o = job.verify();
+    expect_code(&o, 1);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("\"k0\": the current entry changed at the source"),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,6 +298,10 @@ async fn without_delete_markers_deleted_keys_stay_and_status_names_them() {
         expected.insert(k.into(), format!("one {k}").into_bytes());
     }
     assert_eq!(current_objects(&c, &dst).await, expected);
+    let o = job.verify();
+    expect_code(&o, 0);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("2 keys deleted at the source kept"), "{said}");
     let o = run(&["status", "--manifest", job.m(), "--json"]);
     expect_code(&o, 0);
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -539,4 +560,6 @@ async fn a_writer_during_replicate_then_a_refresh_leaves_the_same_histories() {
         differ.join("\n")
     );
     assert_eq!(replica.len(), source.len());
+    let o = job.verify();
+    expect_code(&o, 0);
 }
