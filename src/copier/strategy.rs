@@ -427,6 +427,11 @@ enum Wrote {
     Adopted(Option<String>),
 }
 
+/// An ETag without its quotes, if it is a plain one (not a multipart composite).
+fn plain_etag(e: Option<&str>) -> Option<&str> {
+    e.map(|e| e.trim_matches('"')).filter(|e| !e.contains('-'))
+}
+
 fn md5_b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(b))
 }
@@ -725,8 +730,51 @@ impl<C: S3Client> Copier<C> {
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
-            Wrote::New(_, v, _) => Copied::single(v, CopyMethod::Copy),
+            Wrote::New(r, v, _) => {
+                let listed = ctx.task.etag.as_deref();
+                self.copied_what_was_listed(ctx, &r, listed, v.as_deref())
+                    .await?;
+                Copied::single(v, CopyMethod::Copy)
+            }
         })
+    }
+
+    /// A `null` version is copied by key, and where the server ignores the copy's ETag
+    /// precondition (moto, RGW 16.2) an object written after the listing is copied in its
+    /// place. A copy whose plain ETag is not the listed one has the source HEADed again: if
+    /// the source changed, the version just written is deleted (it is not the listed
+    /// version) and the task fails as `SourceChanged`. (An ETag that is not an MD5, as with
+    /// SSE-KMS, differs without a change: the HEAD then finds the source as listed.)
+    async fn copied_what_was_listed(
+        &self,
+        ctx: &TaskCtx<'_>,
+        r: &WriteResult,
+        listed: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<(), S3Error> {
+        let (Some(l), Some(c)) = (plain_etag(listed), plain_etag(r.etag.as_deref())) else {
+            return Ok(());
+        };
+        if ctx.task.version_id != "null" || l == c {
+            return Ok(());
+        }
+        let Err(changed) = self.head_source(ctx, None).await else {
+            return Ok(());
+        };
+        if let Some(v) = version {
+            let wrong = crate::s3::ObjectRef::version(&ctx.dest.bucket, &ctx.dest.key, v);
+            let undone = self
+                .retrier
+                .call(&ctx.retries, || self.dest.delete_object(&wrong))
+                .await;
+            if let Err(e) = undone {
+                tracing::warn!(
+                    "could not delete {} version {v}, copied from a changed source: {e}",
+                    show_key(&ctx.dest.key)
+                );
+            }
+        }
+        Err(changed)
     }
 
     /// HEAD of the source version with the source's client; a version that cannot be copied
@@ -948,6 +996,8 @@ impl<C: S3Client> Copier<C> {
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
             Wrote::New(r, v, dest_head) => {
+                self.copied_what_was_listed(ctx, &r, head.etag.as_deref(), v.as_deref())
+                    .await?;
                 self.check_checksum(ctx, "CopyObject", head, &r)?;
                 // Also when the answer named the new version and no HEAD of it was made.
                 self.keep_tags(ctx, head, v.as_deref(), dest_head.map(|h| *h))
@@ -1193,6 +1243,12 @@ impl<C: S3Client> Copier<C> {
             if composite.as_deref().map(|e| e.trim_matches('"')) != source {
                 return Ok(None);
             }
+        }
+        if ctx.task.version_id == "null" {
+            // A `null` version is replaced in place, and not every server honours the ETag
+            // precondition on UploadPartCopy (moto, RGW): the parts are all read, so a HEAD
+            // that still answers the listed ETag means none of them came from another object.
+            self.head_source(ctx, None).await?;
         }
         let wrote = self
             .write_version(ctx, false, || {

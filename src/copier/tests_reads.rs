@@ -69,6 +69,19 @@ async fn a_null_version_behind_a_delete_marker_is_still_copied_not_skipped_as_go
 /// Plans an unversioned source, overwrites its object, runs: a named failure, nothing
 /// written at the destination.
 async fn unversioned_overwrite_fails(job: JobSettings) {
+    overwrite_fails(job, Overwritten::AfterPlan).await;
+}
+
+/// When the source object is replaced.
+enum Overwritten {
+    /// Between the plan and the run.
+    AfterPlan,
+    /// Just before the CopyObject (after any HEAD), on a server that ignores the copy's
+    /// ETag precondition.
+    BeforeCopyIgnored,
+}
+
+async fn overwrite_fails(job: JobSettings, when: Overwritten) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("job.db");
     let s = FakeServer::new();
@@ -76,7 +89,16 @@ async fn unversioned_overwrite_fails(job: JobSettings) {
     s.create_bucket(DST, true);
     s.put(SRC, "k", b"listed bytes", &[]);
     plan_with(&s, &path, &job).await;
-    s.put(SRC, "k", b"bytes written after the plan", &[]);
+    let new: &[u8] = b"bytes written after the plan";
+    match when {
+        Overwritten::AfterPlan => {
+            s.put(SRC, "k", new, &[]);
+        }
+        Overwritten::BeforeCopyIgnored => {
+            s.ignore_copy_source_if_match(true);
+            s.overwrite_before("CopyObject", 0, SRC, "k", Some(new));
+        }
+    }
     let summary = run_probed(&s, &path).await;
     assert_eq!((summary.done, summary.failed), (0, 1));
     assert!(bodies(&s, "k").is_empty(), "nothing copied in its place");
@@ -87,6 +109,14 @@ async fn unversioned_overwrite_fails(job: JobSettings) {
         msg.contains("changed since it was listed") && msg.contains("plan --refresh"),
         "{msg}"
     );
+}
+
+/// moto and RGW copy whatever the key holds: the copy's ETag gives it away, and the
+/// version written is taken back.
+#[tokio::test]
+async fn an_overwrite_just_before_the_copy_is_caught_where_the_server_ignores_the_precondition() {
+    overwrite_fails(settings(), Overwritten::BeforeCopyIgnored).await;
+    overwrite_fails(one_request_settings(), Overwritten::BeforeCopyIgnored).await;
 }
 
 #[tokio::test]
@@ -108,11 +138,22 @@ async fn an_unversioned_object_overwritten_between_streamed_reads_fails_named() 
 
 #[tokio::test]
 async fn an_unversioned_object_overwritten_mid_multipart_copy_is_not_spliced() {
+    mid_multipart_overwrite(false).await;
+}
+
+/// moto and RGW copy parts of whatever the key holds: the HEAD before completing catches it.
+#[tokio::test]
+async fn a_mid_copy_overwrite_is_caught_where_the_server_ignores_the_copy_precondition() {
+    mid_multipart_overwrite(true).await;
+}
+
+async fn mid_multipart_overwrite(ignore_if_match: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("job.db");
     let s = FakeServer::new();
     s.create_bucket(SRC, false);
     s.create_bucket(DST, true);
+    s.ignore_copy_source_if_match(ignore_if_match);
     let old = vec![b'o'; 11 * MIB];
     let v = s.put(SRC, "k", &old, &[]);
     // A multipart source (single-part ones are one CopyObject), copied in parts.

@@ -36,6 +36,44 @@ pub const OUT_OF_ORDER: &str = "OutOfOrder";
 const OUT_OF_ORDER_WHY: &str =
     "selected by a refresh after newer versions were copied: would be written out of order";
 
+/// The error code of a read that found the source version changed since its listing (the
+/// copier's `SourceChanged`).
+const SOURCE_CHANGED: &str = "SourceChanged";
+const REPLACED_WHY: &str = "replaced at the source before it was copied (a refresh planned what replaced it); its contents are no longer at the source";
+
+/// A refresh that plans what replaced a key's `null` version (new contents, or its deletion
+/// from a source without versioning) settles the failed tasks of that key's earlier `null`
+/// contents whose reads found the source changed: their contents are gone from the source,
+/// so they are skipped as gone (and block the key's later tasks no more).
+fn settle_replaced_nulls(
+    conn: &Connection,
+    key_id: i64,
+    dest: i64,
+    before: i64,
+) -> rusqlite::Result<()> {
+    let (lo, _) = key_range(key_id);
+    let failed = "SELECT t.id FROM task t JOIN errors e ON e.task = t.id
+         WHERE t.id BETWEEN ?1 AND ?2 AND t.dest = ?3 AND t.state >= 3 AND t.state = 3
+         AND t.version_id = 'null' AND e.code = ?4";
+    let ids: Vec<i64> = conn
+        .prepare_cached(failed)?
+        .query_map(params![lo, before - 1, dest, SOURCE_CHANGED], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in ids {
+        conn.prepare_cached("UPDATE errors SET message = ?2 WHERE task = ?1")?
+            .execute(params![id, REPLACED_WHY])?;
+        conn.prepare_cached(
+            "UPDATE OR ROLLBACK task SET state = ?2, error_class = ?3 WHERE id = ?1",
+        )?
+        .execute(params![
+            id,
+            State::Skipped.code(),
+            super::codec::class_code(crate::s3::ErrorClass::SourceGone)
+        ])?;
+    }
+    Ok(())
+}
+
 /// What identifies a listed entry among a key's tasks: its destination and version id, and
 /// for a `null` version also what identifies its content (ETag, size, last-modified, delete
 /// marker or not): an unversioned or suspended source replaces the `null` version in place,
@@ -485,6 +523,9 @@ fn insert_tasks(
         };
         let id = task_id(c.key_id, c.next_seq);
         insert_task(conn, id, generation, t, planned, &mut added.tally).map_err(sql)?;
+        if generation > 0 && c.existed && t.entry.version_id == "null" {
+            settle_replaced_nulls(conn, c.key_id, t.dest, id).map_err(sql)?;
+        }
         added.second += i64::from(match (generation, planned) {
             (0, _) => c.next_seq == 1,
             (_, Plan::Copy) => c.second_of_generation(conn, generation).map_err(sql)?,
@@ -660,6 +701,8 @@ fn finish_refresh(
             }
             let replicated = deletes(&key);
             for dest in objects {
+                let before = task_id(key_id, next_seq);
+                settle_replaced_nulls(conn, key_id, dest, before).map_err(sql)?;
                 if !replicated.contains(&dest) {
                     conn.prepare_cached(
                         "INSERT OR IGNORE INTO refresh_gone (generation, key_id, dest)

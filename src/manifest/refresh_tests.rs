@@ -420,3 +420,75 @@ fn an_entry_below_a_planned_one_no_longer_selected_is_out_of_order_too() {
     m.insert_listed_page(0, &other, &done_listing()).unwrap();
     assert_eq!(rows(&m, "j"), [row("w1", false, 2, State::Pending)]);
 }
+
+/// Marks a key's first task failed the way the copier does when a read finds the source
+/// changed since its listing.
+fn fail_as_changed(m: &Manifest, key: &str) {
+    let id = m.tasks_of_key(key).unwrap()[0].id;
+    m.conn
+        .execute(
+            "UPDATE task SET state = 3, error_class = ?2 WHERE id = ?1",
+            params![id, super::codec::class_code(crate::s3::ErrorClass::Fatal)],
+        )
+        .unwrap();
+    m.conn
+        .execute(
+            "INSERT INTO errors (task, code, message) VALUES (?1, 'SourceChanged', 'changed')",
+            [id],
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_refresh_settles_a_null_version_that_failed_as_changed_once_it_plans_its_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+    let plan = [null("a", "a1", 1), null("b", "b1", 1), null("c", "c1", 1)];
+    m.insert_page(&plan, &done_listing()).unwrap();
+    // `a` and `b` were overwritten while the run copied them; `c` failed the same way
+    // but is listed unchanged by the refresh (a read that will be retried).
+    for k in ["a", "b", "c"] {
+        fail_as_changed(&m, k);
+    }
+    let c = m.counts().unwrap();
+    assert_eq!((c.failed, c.blocked), (3, 0));
+    assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+    // `a` has new contents, `b` is deleted at the source (a delete is planned), `c` as it was.
+    listed(
+        &mut m,
+        0,
+        &[null("a", "a2", 5), null("c", "c1", 1)],
+        &[],
+        &done_listing(),
+        &replicated,
+    );
+    assert_eq!(
+        rows(&m, "a"),
+        [
+            row("null", false, 0, State::Skipped),
+            row("null", false, 1, State::Pending)
+        ]
+    );
+    assert_eq!(
+        rows(&m, "b"),
+        [
+            row("null", false, 0, State::Skipped),
+            row("null", true, 1, State::Pending)
+        ]
+    );
+    assert_eq!(rows(&m, "c"), [row("null", false, 0, State::Failed)]);
+    let c = m.counts().unwrap();
+    assert_eq!((c.failed, c.blocked, c.skipped, c.pending), (1, 0, 2, 2));
+    let mut reasons = Vec::new();
+    m.for_each_problem(|p| {
+        reasons.push((p.key, p.state, p.message.unwrap_or_default()));
+        Ok(())
+    })
+    .unwrap();
+    assert!(
+        reasons.iter().any(|(k, s, why)| k == "a"
+            && s == "skipped"
+            && why.starts_with("replaced at the source before it was copied")),
+        "{reasons:?}"
+    );
+}

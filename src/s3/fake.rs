@@ -107,6 +107,7 @@ pub struct FakeServer {
     state: Arc<Mutex<Server>>,
     omit_copy_version: Arc<AtomicBool>,
     drop_replaced_tags: Arc<AtomicBool>,
+    ignore_copy_if_match: Arc<AtomicBool>,
     no_markers: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
     /// Listing pages: (entries at most, 0 = as asked; milliseconds each page takes).
@@ -367,6 +368,12 @@ impl FakeServer {
         self.omit_copy_version.store(on, Ordering::Relaxed);
     }
 
+    /// Makes CopyObject and UploadPartCopy ignore `x-amz-copy-source-if-match` (as moto and
+    /// RGW 16.2 do): they copy whatever the key holds.
+    pub fn ignore_copy_source_if_match(&self, on: bool) {
+        self.ignore_copy_if_match.store(on, Ordering::Relaxed);
+    }
+
     /// Makes CopyObject with MetadataDirective REPLACE drop the tags (as RGW 16.2 does).
     pub fn drop_tags_on_replace(&self, on: bool) {
         self.drop_replaced_tags.store(on, Ordering::Relaxed);
@@ -563,7 +570,9 @@ impl FakeS3 {
         let v = s
             .find(&obj.bucket, &obj.key, obj.version_id.as_deref())
             .ok_or_else(|| err(self.side, op, ErrorClass::SourceGone, 404, "NoSuchVersion"))?;
-        if let Some(want) = &obj.if_match {
+        let ignored = matches!(op, "CopyObject" | "UploadPartCopy")
+            && self.server.ignore_copy_if_match.load(Ordering::Relaxed);
+        if let Some(want) = obj.if_match.as_ref().filter(|_| !ignored) {
             if !v.delete_marker && v.etag.trim_matches('"') != want.trim_matches('"') {
                 return Err(err(
                     self.side,
