@@ -814,10 +814,13 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
         );
     }
     if args.retry_skipped {
-        let n = m.retry_skipped()?;
+        let (n, kept) = m.retry_skipped()?;
         eprintln!(
             "{n} skipped tasks put back in the queue (versions gone from the source stay skipped)"
         );
+        if kept > 0 {
+            eprintln!("{kept} skipped tasks stay skipped: newer versions of their keys were copied since, and they would be written out of order (see `s3-backfill report`)");
+        }
     }
     Ok(())
 }

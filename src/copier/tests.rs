@@ -1101,7 +1101,7 @@ async fn retry_skipped_copies_an_archived_newest_version_once_restored() {
     let m = Manifest::open(&path, false).unwrap();
     assert_eq!(
         m.retry_skipped().unwrap(),
-        1,
+        (1, 0),
         "the gone version stays skipped"
     );
     drop(m);
@@ -1110,6 +1110,48 @@ async fn retry_skipped_copies_an_archived_newest_version_once_restored() {
     assert_eq!(dest_stamps(&s, "k"), [v1, v2]);
     let c = all_tasks_done(&path);
     assert_eq!((c.done, c.skipped, c.archived, c.pending), (2, 1, 0, 0));
+}
+
+#[tokio::test]
+async fn retry_skipped_leaves_an_archived_version_restored_after_newer_ones_were_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"old", &[]);
+    let v2 = s.put(SRC, "k", b"new", &[]);
+    s.set_storage_class(SRC, "k", &v1, "GLACIER");
+    plan(&s, &path).await;
+    let (first, _) = run(&s, &path, opts()).await;
+    assert_eq!((first.done, first.skipped), (1, 1));
+    assert_eq!(dest_stamps(&s, "k"), [v2.clone()]);
+    assert_eq!(all_tasks_done(&path).archived, 1);
+
+    s.finish_restore(SRC, "k", &v1);
+    let m = Manifest::open(&path, false).unwrap();
+    assert_eq!(
+        m.retry_skipped().unwrap(),
+        (0, 1),
+        "kept: it would go over v2"
+    );
+    let mut why = Vec::new();
+    m.for_each_problem(|p| {
+        why.push((p.version_id, p.error_code, p.message));
+        Ok(())
+    })
+    .unwrap();
+    drop(m);
+    assert_eq!(why.len(), 1);
+    assert_eq!(why[0].0, v1);
+    assert_eq!(why[0].1.as_deref(), Some("OutOfOrder"));
+    let (second, _) = run(&s, &path, opts()).await;
+    assert_eq!(second.done, 0);
+    assert_eq!(
+        dest_stamps(&s, "k"),
+        [v2],
+        "the destination's current version stays v2"
+    );
+    let c = all_tasks_done(&path);
+    assert_eq!((c.done, c.skipped, c.archived, c.pending), (1, 1, 0, 0));
 }
 
 #[tokio::test]

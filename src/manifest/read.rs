@@ -120,6 +120,9 @@ pub(super) const PARTITIONS_SQL: &str =
 pub(super) const LISTING_PROGRESS_SQL: &str =
     "SELECT complete, last_key, entries, pages FROM partitions ORDER BY id";
 pub(super) const REQUESTS_SQL: &str = "SELECT op, count FROM requests";
+/// Why a skipped task `--retry-skipped` did not put back stays skipped.
+const RETRIED_OUT_OF_ORDER_WHY: &str = "not retried: newer versions of its key were copied since it was skipped (an archived version restored late); written now it would be written out of order";
+
 /// Tasks stored skipped as out of order (see `pages::OUT_OF_ORDER`): problems only.
 pub(super) const OUT_OF_ORDER_SQL: &str = "SELECT count(*) FROM task t JOIN errors e
     ON e.task = t.id WHERE t.state >= 3 AND t.state = 4 AND e.code = 'OutOfOrder'";
@@ -501,23 +504,52 @@ impl Manifest {
     /// (archived versions once restored, tasks skipped by `--skip-failed` or by a rule):
     /// attempts kept, so those attempted are reconciled before being written again; their
     /// class is cleared (an open task of class `archived` is one whose restore is awaited).
-    /// Returns how many.
-    pub fn retry_skipped(&self) -> Result<usize> {
-        self.conn
-            .prepare_cached(
-                "UPDATE OR ROLLBACK task SET state = 0, error_class = NULL
-                 WHERE state >= 3 AND state = 4 AND error_class IS NOT ?1
-                 AND id NOT IN (SELECT task FROM errors WHERE code = ?2)",
-            )
-            .and_then(|mut s| {
-                // Entries a refresh found below newer copied versions stay skipped: copied
-                // now they would be written out of order.
-                s.execute(rusqlite::params![
-                    super::codec::class_code(crate::s3::ErrorClass::SourceGone),
-                    super::pages::OUT_OF_ORDER
-                ])
-            })
-            .map_err(|e| self.sql(e))
+    ///
+    /// A skipped task with a newer task of its key already done at the same destination
+    /// stays skipped, now as out of order (copied now, it would become the destination's
+    /// current version over the newer one): reported with that reason, no longer counted as
+    /// archived. Returns how many were put back, and how many were kept out of order.
+    pub fn retry_skipped(&self) -> Result<(usize, usize)> {
+        let gone = super::codec::class_code(crate::s3::ErrorClass::SourceGone);
+        let ooo = super::pages::OUT_OF_ORDER;
+        let candidates = "t.state >= 3 AND t.state = 4 AND t.error_class IS NOT ?1
+             AND t.id NOT IN (SELECT task FROM errors WHERE code = ?2)";
+        let newer_done = "EXISTS (SELECT 1 FROM task u
+             WHERE u.id BETWEEN (t.id >> 24) << 24 AND ((t.id >> 24) << 24) + 16777215
+             AND u.dest = t.dest AND u.state = 2
+             AND (u.refresh > t.refresh OR (u.refresh = t.refresh AND u.history_pos < t.history_pos)))";
+        debug_assert_eq!(super::codec::SEQ_BITS, 24);
+        let run = || -> rusqlite::Result<(usize, usize)> {
+            let tx = self.conn.unchecked_transaction()?;
+            let kept: Vec<i64> = tx
+                .prepare(&format!(
+                    "SELECT t.id FROM task t WHERE {candidates} AND {newer_done}"
+                ))?
+                .query_map(rusqlite::params![gone, ooo], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in &kept {
+                tx.execute(
+                    "INSERT INTO errors (task, code, message) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (task) DO UPDATE SET code = excluded.code,
+                     http_status = NULL, message = excluded.message",
+                    rusqlite::params![id, ooo, RETRIED_OUT_OF_ORDER_WHY],
+                )?;
+                tx.execute(
+                    "UPDATE OR ROLLBACK task SET error_class = NULL WHERE id = ?1",
+                    [id],
+                )?;
+            }
+            let requeued = tx.execute(
+                &format!(
+                    "UPDATE OR ROLLBACK task SET state = 0, error_class = NULL
+                     WHERE id IN (SELECT t.id FROM task t WHERE {candidates})"
+                ),
+                rusqlite::params![gone, ooo],
+            )?;
+            tx.commit()?;
+            Ok((requeued, kept.len()))
+        };
+        run().map_err(|e| self.sql(e))
     }
 
     /// Marks failed tasks skipped, with the reason "skipped by --skip-failed after: <last
