@@ -586,7 +586,7 @@ async fn a_writer_on_an_unversioned_source_during_replicate_then_a_refresh_conve
     let job = Job::new(&src, &dst, &m)
         .endpoint(&ep)
         .extra(&["--delete-markers"]);
-    let mut child = cmd(&strs(&job.replicate_args()))
+    let child = cmd(&strs(&job.replicate_args()))
         .env("S3_BACKFILL_LIST_PAGE_SIZE", "3")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
