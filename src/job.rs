@@ -498,9 +498,15 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     if let Some(why) = &stats.not_split {
         eprintln!("note: {why}");
     }
+    let generation = m.refreshes()?.last().map(|r| r.generation);
     eprintln!(
         "{}",
-        ui::listed_line("planned", &m.counts()?, stats.resumed)
+        ui::listed_line(
+            "planned",
+            &m.counts()?,
+            stats.resumed,
+            generation.filter(|g| *g > 0)
+        )
     );
     refresh_summary(&m)?;
     Ok(())
@@ -1114,7 +1120,13 @@ impl<'a> LiveBar<'a> {
     fn say_listed(&self, stats: &ListStats) {
         let Ok(c) = self.monitor.counts() else { return };
         let note = stats.not_split.as_ref().map(|why| format!("note: {why}"));
-        let line = ui::listed_line("listing complete:", &c, stats.resumed);
+        let generation = self
+            .monitor
+            .refreshes()
+            .ok()
+            .and_then(|r| r.last().map(|r| r.generation));
+        let refresh = generation.filter(|g| *g > 0);
+        let line = ui::listed_line("listing complete:", &c, stats.resumed, refresh);
         for line in note.into_iter().chain([line]) {
             match self.bar.is_hidden() {
                 true => eprintln!("{line}"),

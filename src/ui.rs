@@ -75,19 +75,29 @@ pub fn live_copy_bar(show: bool, total: u64) -> ProgressBar {
 
 /// The line that ends a listing: `what` ("planned", "listing complete:") and the tasks in
 /// the manifest.
-pub fn listed_line(what: &str, c: &Counts, resumed: bool) -> String {
-    format!(
-        "{what} {} tasks ({} delete markers, {}) from {} listed versions and delete markers{}",
-        c.total,
-        c.delete_markers,
-        HumanBytes(c.bytes_total),
-        c.listed_entries,
-        if resumed {
-            " (listing resumed from its checkpoint)"
-        } else {
-            ""
-        }
-    )
+pub fn listed_line(what: &str, c: &Counts, resumed: bool, refresh: Option<i64>) -> String {
+    let resumed = if resumed {
+        " (listing resumed from its checkpoint)"
+    } else {
+        ""
+    };
+    match refresh {
+        // A refresh lists the source again; the job's tasks are every listing's.
+        Some(g) => format!(
+            "refresh {g} listed {} versions and delete markers{resumed}; the job has {} tasks ({} delete markers, {}) in all",
+            c.listed_entries,
+            c.total,
+            c.delete_markers,
+            HumanBytes(c.bytes_total),
+        ),
+        None => format!(
+            "{what} {} tasks ({} delete markers, {}) from {} listed versions and delete markers{resumed}",
+            c.total,
+            c.delete_markers,
+            HumanBytes(c.bytes_total),
+            c.listed_entries,
+        ),
+    }
 }
 
 /// What a refresh found besides new entries, one line each (none when nothing).

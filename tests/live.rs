@@ -165,6 +165,13 @@ async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
     let said = stderr_of(&o);
     println!("{said}");
     assert!(said.contains("no longer selected or gone"), "{said}");
+    // What the refresh listed, and the job's tasks, each labelled (issue 23).
+    assert!(
+        said.contains("refresh 1 listed 8 versions and delete markers")
+            && said.contains("the job has 14 tasks (2 delete markers")
+            && !said.contains("planned "),
+        "{said}"
+    );
     let st = job.status();
     assert_eq!(st.pending, 6, "2 overwrites, 2 deletes, 2 new keys: {st:?}");
     expect_code(&job.run(&[]), 0);
