@@ -12,7 +12,7 @@ use crate::config::{
     ChecksumCalculation, ConfigError, CopyMode, CopyOptions, JobSettings, LargeCopy, Location,
     Selection, SideConfig, Sse,
 };
-use crate::copier::{FailureThreshold, RestoreAsk, RunOptions};
+use crate::copier::{FailureThreshold, Limits, RestoreAsk, RunOptions};
 use crate::filters::{self, Filters};
 use crate::rules::ReplicationConfig;
 use crate::s3::{RetryPolicy, Timeouts};
@@ -465,6 +465,59 @@ pub struct ExecArgs {
     /// The retrieval tier of `--restore-archived`.
     #[arg(long, value_enum, default_value_t = RestoreTier::Standard, requires = "restore_archived")]
     pub restore_tier: RestoreTier,
+    /// Stop once this run has made N requests (both sides, every operation): no task starts,
+    /// those in flight finish, exit 4; the next run continues.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_requests: Option<u64>,
+    /// Stop once this run has copied SIZE of object versions (e.g. 500GiB), as
+    /// `--max-requests` does.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_bytes: Option<u64>,
+    /// Stop once this run has lasted DURATION (e.g. 90s, 45m, 8h, 2d), as `--max-requests`
+    /// does.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_duration: Option<Duration>,
+}
+
+/// A duration: a number with a unit, `ms`, `s`, `m`, `h` or `d` (`90s`, `45m`, `8h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (a number and a unit: 90s, 45m, 8h, 2d)"))?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{s:?} has no known unit (ms, s, m, h or d: 90s, 45m, 8h, 2d)"
+            ))
+        }
+    };
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// A duration as `parse_duration` reads it back (the largest whole unit).
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    for (unit, n) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= n && ms % n == 0 {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// A retrieval tier of `RestoreObject`.
@@ -526,6 +579,11 @@ impl ExecArgs {
                 days,
                 tier: self.restore_tier.as_str().to_string(),
             }),
+            limits: Limits {
+                max_requests: self.max_requests,
+                max_bytes: self.max_bytes,
+                max_duration: self.max_duration,
+            },
         }
     }
 
@@ -726,6 +784,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_and_show_with_their_units() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("45m"), Ok(Duration::from_secs(2700)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("1ms"), Ok(Duration::from_millis(1)));
+        assert!(parse_duration("10").unwrap_err().contains("no known unit"));
+        assert!(parse_duration("h").unwrap_err().contains("not a duration"));
+        assert_eq!(show_duration(Duration::from_secs(2700)), "45m");
+        assert_eq!(show_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(show_duration(Duration::from_millis(1500)), "1500ms");
+    }
 
     #[test]
     fn sizes() {

@@ -983,6 +983,10 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     copier.abort_leftover_uploads(uploads).await;
     copier.learn_leftovers(to_learn);
     let grace = args.exec.grace_period;
+    let timer = {
+        let copier = copier.clone();
+        tokio::spawn(async move { copier.stop_at_max_duration().await })
+    };
     let result = if listing {
         let live = LiveListing {
             path: &args.manifest,
@@ -997,6 +1001,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     } else {
         run_until_signal(&copier, grace, async { Ok(copier.clone().run().await) }).await
     };
+    timer.abort();
     copier.flush().await;
     result.unwrap_or_else(|| {
         Ok(RunSummary {

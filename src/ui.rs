@@ -157,7 +157,8 @@ pub fn verify_spinner(show: bool) -> ProgressBar {
 /// Prints a run's one-line summary to standard error and returns the exit code: 0 every
 /// task done (or skipped for good: the source version is gone); 1 some failed, blocked,
 /// still open (restores pending included) or skipped for a reason the user can act on
-/// (archived), or stopped early; 130 interrupted.
+/// (archived), or stopped early; 4 stopped at a hard limit (`--max-requests`, `--max-bytes`,
+/// `--max-duration`); 130 interrupted.
 pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
     let job = counts
         .map(|c| {
@@ -185,6 +186,10 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
     if let Some(why) = &s.aborted {
         eprintln!("run stopped: {why} ({line})");
         return 1;
+    }
+    if let Some(why) = &s.limit {
+        eprintln!("run stopped at a limit: {why}; run again to continue ({line})");
+        return 4;
     }
     if s.interrupted {
         eprintln!("run interrupted: {line}; run again to continue");

@@ -377,3 +377,63 @@ async fn plan_and_replicate_print_the_same_listing_notes() {
         );
     }
 }
+
+/// This run's request count, from its summary line ("…, N requests, …").
+fn requests_of_run(o: &std::process::Output) -> u64 {
+    let said = stderr_of(o);
+    let line = said
+        .lines()
+        .find(|l| l.contains("this run:"))
+        .unwrap_or_else(|| panic!("no summary line: {said}"));
+    let run = line.split("this run:").nth(1).unwrap_or_default();
+    let before = run.split(" requests").next().unwrap_or_default();
+    before
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in {line:?}"))
+}
+
+/// Issue 22's hard limits: each stops a run at its limit (exit 4, the limit named, the
+/// overshoot at most what was in flight), and the next run completes the job exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hard_limit_stops_a_run_and_the_next_run_completes_the_job() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let src = bucket("limits-src");
+    create_bucket(&c, &src, true).await;
+    seed(&c, &src, corpus(24)).await;
+    let dst = bucket("limits-dst");
+    create_bucket(&c, &dst, true).await;
+    let limits: [(&str, &[&str]); 3] = [
+        ("--max-requests 12 reached", &["--max-requests", "12"]),
+        ("--max-bytes 40 B reached", &["--max-bytes", "40B"]),
+        ("--max-duration 1ms reached", &["--max-duration", "1ms"]),
+    ];
+    for (i, (said, flags)) in limits.into_iter().enumerate() {
+        let (_d, m) = manifest();
+        let job = Job::new(&src, &format!("{dst}/{i}/"), &m).endpoint(&ep);
+        expect_code(&job.plan(), 0);
+        let total = job.status().total;
+        let mut args = vec!["--concurrency", "2"];
+        args.extend_from_slice(flags);
+        let o = job.run(&args);
+        expect_code(&o, 4);
+        let err = stderr_of(&o);
+        assert!(
+            err.contains(&format!("run stopped at a limit: {said}")),
+            "{err}"
+        );
+        let st = job.status();
+        assert!(st.done < total, "{flags:?} stopped before the end: {st:?}");
+        assert_eq!(st.in_progress, 0, "in-flight tasks finished: {st:?}");
+        if flags[0] == "--max-requests" {
+            // Two keys in flight, a handful of requests each, at most.
+            let n = requests_of_run(&o);
+            assert!(n <= 12 + 2 * 6, "{n} requests: {err}");
+        }
+        expect_code(&job.run(&[]), 0);
+        assert_eq!(job.status().done, total);
+        expect_code(&job.verify(), 0);
+    }
+}

@@ -93,6 +93,21 @@ pub struct RunOptions {
     pub max_memory: u64,
     /// Restore archived source versions (`--restore-archived`): None skips them.
     pub restore: Option<RestoreAsk>,
+    /// Hard limits of this run (`--max-requests`, `--max-bytes`, `--max-duration`).
+    pub limits: Limits,
+}
+
+/// Hard limits of one run: once one is reached, no task starts, the tasks in flight finish
+/// (so the overshoot is at most their requests and bytes), and the run ends with the limit
+/// named; the next run continues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests (both sides, every operation) this run.
+    pub max_requests: Option<u64>,
+    /// Bytes of copied object versions this run.
+    pub max_bytes: Option<u64>,
+    /// Wall time of this run.
+    pub max_duration: Option<std::time::Duration>,
 }
 
 /// What `--restore-archived DAYS --restore-tier TIER` asks of each archived source version.
@@ -117,6 +132,7 @@ impl Default for RunOptions {
             failure_threshold: FailureThreshold::default(),
             max_memory: DEFAULT_MAX_MEMORY,
             restore: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -163,6 +179,8 @@ impl DestinationFacts {
 struct Control {
     stopping: AtomicBool,
     aborted: Mutex<Option<String>>,
+    /// The hard limit that stopped the run.
+    limit: Mutex<Option<String>>,
     /// Wakes those waiting for the stop (a listing beside the run, the scheduler's wait).
     stopped: tokio::sync::Notify,
 }
@@ -199,6 +217,15 @@ impl Control {
     fn aborted(&self) -> Option<String> {
         self.aborted.lock().expect("abort lock").clone()
     }
+
+    fn reach_limit(&self, why: String) {
+        self.limit.lock().expect("limit lock").get_or_insert(why);
+        self.stop();
+    }
+
+    fn limit(&self) -> Option<String> {
+        self.limit.lock().expect("limit lock").clone()
+    }
 }
 
 /// The replication engine of one run: what every key worker shares.
@@ -230,6 +257,9 @@ pub struct Copier<C: S3Client> {
     learner: learn::Learner,
     /// `--restore-archived`.
     restore: Option<RestoreAsk>,
+    /// This run's hard limits, and when it started.
+    limits: Limits,
+    started: std::time::Instant,
 }
 
 impl<C: S3Client> Copier<C> {
@@ -269,7 +299,54 @@ impl<C: S3Client> Copier<C> {
             memory: strategy::Budget::new(opts.max_memory),
             learner: learn::Learner::default(),
             restore: opts.restore.clone(),
+            limits: opts.limits,
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Whether a hard limit is reached; the first time, the run is stopped with that limit
+    /// named (see [`Limits`]). Asked before a task starts and after one finishes.
+    pub(super) fn over_limit(&self) -> bool {
+        if self.control.limit().is_some() {
+            return true;
+        }
+        let l = self.limits;
+        let requests = self.source.requests().total() + self.dest.requests().total();
+        let bytes = self.progress.bytes();
+        let elapsed = self.started.elapsed();
+        let why = if l.max_requests.is_some_and(|m| requests >= m) {
+            format!(
+                "--max-requests {} reached ({requests} requests this run)",
+                l.max_requests.unwrap_or_default()
+            )
+        } else if l.max_bytes.is_some_and(|m| bytes >= m) {
+            format!(
+                "--max-bytes {} reached ({} copied this run)",
+                indicatif::HumanBytes(l.max_bytes.unwrap_or_default()),
+                indicatif::HumanBytes(bytes)
+            )
+        } else if l.max_duration.is_some_and(|m| elapsed >= m) {
+            format!(
+                "--max-duration {} reached",
+                crate::cli::show_duration(l.max_duration.unwrap_or_default())
+            )
+        } else {
+            return false;
+        };
+        self.control.reach_limit(why);
+        true
+    }
+
+    /// Stops the run at `--max-duration` even while no task starts or ends (a long copy, a
+    /// wait for the listing): spawned by whoever drives the run.
+    pub async fn stop_at_max_duration(&self) {
+        match self.limits.max_duration {
+            Some(d) => {
+                tokio::time::sleep(d.saturating_sub(self.started.elapsed())).await;
+                self.over_limit();
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// What the job's probe learned of the source bucket, before the run starts: where it

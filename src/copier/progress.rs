@@ -43,6 +43,8 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Stopped by the failure threshold or a job-wide error: why.
     pub aborted: Option<String>,
+    /// Stopped at a hard limit (`--max-requests`, `--max-bytes`, `--max-duration`): which.
+    pub limit: Option<String>,
 }
 
 /// The counters of a run and its bar.
@@ -92,6 +94,11 @@ impl Progress {
 
     pub(super) fn add_blocked(&self, n: u64) {
         self.blocked.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes of object versions copied so far in this run.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Forgets the blocked tasks counted so far (a last walk over every key counts them

@@ -284,7 +284,8 @@ impl<C: S3Client> Copier<C> {
         s.throttles = self.retrier.limiter.throttles();
         s.requests = self.source.requests().total() + self.dest.requests().total();
         s.aborted = self.control.aborted();
-        s.interrupted = self.control.stopping() && s.aborted.is_none();
+        s.limit = self.control.limit();
+        s.interrupted = self.control.stopping() && s.aborted.is_none() && s.limit.is_none();
         s
     }
 
@@ -374,7 +375,7 @@ impl<C: S3Client> Copier<C> {
 
     /// One task: reconcile an earlier attempt, mark the start durably, copy.
     async fn step(&self, ctx: &TaskCtx<'_>) -> Step {
-        if self.control.stopping() {
+        if self.control.stopping() || self.over_limit() {
             return Step::Stopped;
         }
         if ctx.task.attempts > 0 {
@@ -469,6 +470,7 @@ impl<C: S3Client> Copier<C> {
             id: task.id,
             outcome,
         });
+        self.over_limit();
     }
 
     /// Aborts multipart uploads that a killed run left open (their ids are in the manifest).
