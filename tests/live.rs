@@ -125,20 +125,22 @@ async fn deleted_at(c: &Client, bucket: &str) -> Vec<String> {
         .collect()
 }
 
+/// An unversioned source holding "one KEY" at each key, and a versioned destination.
+async fn unversioned_source(c: &Client, tag: &str, keys: &[String]) -> (String, String) {
+    let (src, dst) = (bucket(&format!("{tag}-src")), bucket(&format!("{tag}-dst")));
+    create_bucket(c, &src, false).await;
+    create_bucket(c, &dst, true).await;
+    let objects = keys.iter().map(|k| put(k, &format!("one {k}"))).collect();
+    seed(c, &src, vec![objects]).await;
+    (src, dst)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
     let ep = endpoint();
     let c = client(&ep);
-    let (src, dst) = (bucket("live-unv-src"), bucket("live-unv-dst"));
-    create_bucket(&c, &src, false).await;
-    create_bucket(&c, &dst, true).await;
     let keys: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
-    seed(
-        &c,
-        &src,
-        vec![keys.iter().map(|k| put(k, &format!("one {k}"))).collect()],
-    )
-    .await;
+    let (src, dst) = unversioned_source(&c, "live-unv", &keys).await;
     let (_dir, m) = manifest();
     let job = Job::new(&src, &dst, &m)
         .endpoint(&ep)
@@ -579,16 +581,8 @@ async fn a_writer_during_replicate_then_a_refresh_leaves_the_same_histories() {
 async fn a_writer_on_an_unversioned_source_during_replicate_then_a_refresh_converges() {
     let ep = endpoint();
     let c = client(&ep);
-    let (src, dst) = (bucket("live-unrace-src"), bucket("live-unrace-dst"));
-    create_bucket(&c, &src, false).await;
-    create_bucket(&c, &dst, true).await;
     let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
-    seed(
-        &c,
-        &src,
-        vec![keys.iter().map(|k| put(k, &format!("one {k}"))).collect()],
-    )
-    .await;
+    let (src, dst) = unversioned_source(&c, "live-unrace", &keys).await;
     let (_dir, m) = manifest();
     let job = Job::new(&src, &dst, &m)
         .endpoint(&ep)
