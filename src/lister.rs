@@ -30,7 +30,15 @@ use crate::s3::{
     show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, VersionPage, Versions,
 };
 use crate::select::Selector;
-pub use parts::{marker_before, split_points};
+pub use parts::{marker_before, markers_exact, split_points};
+
+/// The note `plan`, `replicate` and `plan --dry-run` print when the source server cannot start a
+/// listing exactly after a key marker, so a bucket is listed in one part.
+pub fn one_part_note(bucket: &str) -> String {
+    format!(
+        "the source server does not start a listing exactly after a key marker (moto drops the first entry): bucket {bucket} is listed in one part"
+    )
+}
 
 /// Entries per listing page (S3's maximum).
 pub const PAGE_SIZE: i32 = 1000;
@@ -196,10 +204,7 @@ impl<C: S3Client> Lister<'_, C> {
         )
         .await?;
         let Some(starts) = starts else {
-            return Ok(Some(format!(
-                "the source server does not start a listing exactly after a key marker (moto drops the first entry): bucket {} is listed in one part",
-                self.settings.source.bucket
-            )));
+            return Ok(Some(one_part_note(&self.settings.source.bucket)));
         };
         if !starts.is_empty() {
             manifest.split_partitions(&starts)?;

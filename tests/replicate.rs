@@ -341,7 +341,7 @@ async fn small_listing_pages_end_inside_odd_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plan_and_replicate_print_the_same_listing_notes() {
+async fn plan_replicate_and_dry_run_print_the_same_listing_notes() {
     let ep = endpoint();
     let c = client(&ep);
     let (src, dst) = (bucket("src"), bucket("dst"));
@@ -365,7 +365,15 @@ async fn plan_and_replicate_print_the_same_listing_notes() {
         .endpoint(&ep)
         .replicate();
     expect_code(&replicated, 0);
+    let (_d3, m3) = manifest();
+    let mut dry = Job::new(&src, &format!("{dst}/c/"), &m3)
+        .endpoint(&ep)
+        .plan_args();
+    dry.push("--dry-run".into());
+    let dry = run(&strs(&dry));
+    expect_code(&dry, 0);
     assert_eq!(notes(&planned), notes(&replicated));
+    assert_eq!(notes(&planned), notes(&dry));
     if server() == Server::Moto {
         // moto cannot start a listing exactly after a key marker: both say so.
         assert!(

@@ -105,6 +105,25 @@ impl<C: S3Client> Prober<'_, C> {
     }
 }
 
+/// Whether the server starts a listing exactly after a key marker (two one-entry listings):
+/// a listing is split into parts only where it does. `plan --dry-run` asks it to print the
+/// note `plan` would print.
+pub async fn markers_exact<C: S3Client>(
+    client: &C,
+    retrier: &Retrier,
+    bucket: &str,
+    prefix: &str,
+) -> Result<bool, S3Error> {
+    let mut prober = Prober {
+        client,
+        retrier,
+        bucket,
+        probes: 0,
+        retries: AtomicU64::new(0),
+    };
+    prober.markers_exact(prefix).await
+}
+
 /// The first keys of the partitions after the first (sorted, at most `parts - 1`), for the
 /// keys under `prefix`; empty when the keys cannot be split (or `parts` is 1). None when the
 /// server cannot start a listing exactly at a key (see `markers_exact`): one part then.
