@@ -697,6 +697,23 @@ impl S3Client for RoutedClient {
     ) -> Result<bytes::Bytes, S3Error> {
         self.of(&obj.bucket).get_object(obj, range).await
     }
+    async fn get_object_stream(
+        &self,
+        obj: &crate::s3::ObjectRef,
+    ) -> Result<(aws_sdk_s3::primitives::ByteStream, u64), S3Error> {
+        self.of(&obj.bucket).get_object_stream(obj).await
+    }
+    async fn put_object_stream(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        body: aws_sdk_s3::primitives::ByteStream,
+        len: u64,
+        attrs: &crate::s3::WriteAttrs,
+    ) -> Result<crate::s3::WriteResult, S3Error> {
+        self.of(&dest.bucket)
+            .put_object_stream(dest, body, len, attrs)
+            .await
+    }
     async fn get_tagging(&self, obj: &crate::s3::ObjectRef) -> Result<String, S3Error> {
         self.of(&obj.bucket).get_tagging(obj).await
     }

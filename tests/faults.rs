@@ -41,7 +41,19 @@ fn run_through(job: &Job, proxy: &str, extra: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicates_identically_through_injected_faults() {
-    let keys: usize = env_or("S3_BACKFILL_FAULT_KEYS", 120);
+    through_faults(&[], 120).await;
+}
+
+/// Streamed copies: each single-part version's GET body is passed to its PutObject as it
+/// arrives, so a fault on either request fails both, and the pair is retried (and reconciled)
+/// together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_copies_replicate_identically_through_injected_faults() {
+    through_faults(&["--copy-mode", "stream"], 60).await;
+}
+
+async fn through_faults(plan_extra: &[&str], default_keys: usize) {
+    let keys: usize = env_or("S3_BACKFILL_FAULT_KEYS", default_keys);
     let rate: f64 = env_or("S3_BACKFILL_FAULT_RATE", 0.2);
     let seed: u64 = env_or("S3_BACKFILL_FAULT_SEED", 7);
     eprintln!("fault test: {keys} keys, rate {rate}, seed {seed}");
@@ -79,7 +91,7 @@ async fn replicates_identically_through_injected_faults() {
     seed_rounds(&c, &src, vec![r1, r2, r3]).await;
 
     let (_d, m) = manifest();
-    let job = job_of(&src, &dst, &m, &ep);
+    let job = job_of(&src, &dst, &m, &ep).extra(plan_extra);
     expect_code(&job.plan(), 0);
 
     let proxy = FaultProxy::start(

@@ -41,6 +41,10 @@ use crate::s3::{
 /// streamed bodies.
 pub const MEMORY_RESERVE: u64 = 48 * 1024 * 1024;
 
+/// What a pass-through copy (see [`Copier::pass_through`]) holds of the memory budget: the
+/// two connections' buffers, not its body.
+const PASS_THROUGH_HELD: u64 = 1024 * 1024;
+
 /// The bytes of streamed bodies held at once, between their GET and their upload: a
 /// semaphore counted in KiB, of `--max-memory` less [`MEMORY_RESERVE`] (at least one
 /// smallest part). A body larger than the whole budget (a part grown past it to stay within
@@ -175,9 +179,10 @@ pub enum Route {
 ///   `whole_multipart`, by one `CopyObject`; above 5 GiB (CopyObject's limit) parts. A
 ///   source whose ETag tells nothing ([`SourceUpload::Unknown`]) is copied in parts at or
 ///   above `--multipart-threshold`.
-/// - Streamed: a single-part source that fits the memory budget (and 5 GiB) is one
-///   `PutObject`; a multipart source is uploaded in parts; others by size (parts at or
-///   above the threshold or above one part, so memory stays within a part per request).
+/// - Streamed: a single-part source up to 5 GiB is one `PutObject` fed by its GET as the
+///   bytes arrive (its MD5 ETag is kept, and nothing is held, so the memory budget does not
+///   bound it); a multipart source is uploaded in parts; others by size (parts at or above
+///   the threshold or above one part, so memory stays within a part per request).
 ///
 /// ```
 /// use s3_backfill::config::CopyOptions;
@@ -193,7 +198,9 @@ pub enum Route {
 /// assert_eq!(choose_plan(false, 100 << 20, three, whole, &opts), CopyPlan::Copy);
 /// let stream = Route::Stream { budget: 64 << 20 };
 /// assert_eq!(choose_plan(false, 20 << 20, single, stream, &opts), CopyPlan::Stream);
-/// assert_eq!(choose_plan(false, 80 << 20, single, stream, &opts), CopyPlan::MultipartStream);
+/// assert_eq!(choose_plan(false, 80 << 20, single, stream, &opts), CopyPlan::Stream);
+/// let unknown = SourceUpload::Unknown;
+/// assert_eq!(choose_plan(false, 80 << 20, unknown, stream, &opts), CopyPlan::MultipartStream);
 /// assert_eq!(choose_plan(true, 0, single, server, &opts), CopyPlan::DeleteMarker);
 /// ```
 pub fn choose_plan(
@@ -222,7 +229,8 @@ pub fn choose_plan(
         }
         Route::Stream { budget } => {
             let parts = match source {
-                SourceUpload::Single => size > budget.min(MAX_COPY_OBJECT),
+                // Passed through (nothing held): the memory budget does not bound it.
+                SourceUpload::Single => size > MAX_COPY_OBJECT,
                 SourceUpload::Multipart(_) => true,
                 SourceUpload::Unknown => {
                     size >= c.multipart_threshold
@@ -1056,6 +1064,9 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         mut attrs: WriteAttrs,
     ) -> Result<Copied, S3Error> {
+        if let Some(md5) = md5_etag(head).then(|| etag_md5(head)).flatten() {
+            return self.pass_through(ctx, head, attrs, md5).await;
+        }
         let _held = self.memory.hold(head.size).await?;
         let body = self.get_range(ctx, None, head.size).await?;
         // End-to-end integrity: the destination checks the bytes against a Content-MD5. A
@@ -1071,6 +1082,49 @@ impl<C: S3Client> Copier<C> {
         let wrote = self
             .write_version(ctx, false, || {
                 self.dest.put_object(&ctx.dest, body.clone(), &attrs)
+            })
+            .await?;
+        Ok(match wrote {
+            Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
+            Wrote::New(r, v, _) => {
+                self.check_checksum(ctx, "PutObject", head, &r)?;
+                Copied::single(v, CopyMethod::Stream)
+            }
+        })
+    }
+
+    /// A single-part source whose ETag is the MD5 of its bytes, streamed: each attempt's GET
+    /// body is handed to the PutObject as it arrives (nothing held beyond the connections'
+    /// buffers, no copy, nothing hashed here), with the ETag as Content-MD5, so the
+    /// destination refuses bytes that differ from the source's (BadDigest) and a body cut
+    /// short fails the upload. GET and PUT are one attempt, retried together, reconciled
+    /// before each repeat like every write.
+    async fn pass_through(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        mut attrs: WriteAttrs,
+        md5: Vec<u8>,
+    ) -> Result<Copied, S3Error> {
+        let _held = self.memory.hold(PASS_THROUGH_HELD.min(head.size)).await?;
+        attrs.tagging = self.tags_for(ctx, head, false).await?;
+        attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
+        let src = ctx.source(&self.settings.source.bucket);
+        let side = self.source.side();
+        let wrote = self
+            .write_version(ctx, false, || async {
+                let (body, len) = self.source.get_object_stream(&src).await?;
+                if len != head.size {
+                    return Err(S3Error::other(
+                        side,
+                        "GetObject",
+                        ErrorClass::Retryable,
+                        format!("expected {} bytes, got {len}", head.size),
+                    ));
+                }
+                self.dest
+                    .put_object_stream(&ctx.dest, body, len, &attrs)
+                    .await
             })
             .await?;
         Ok(match wrote {
@@ -1590,7 +1644,8 @@ mod tests {
             choose_plan(false, 64 << 20, unknown, server, &c),
             CopyPlan::MultipartCopy
         );
-        // Streamed: a single-part source that fits the budget is one PutObject.
+        // Streamed: a single-part source up to 5 GiB is one PutObject (passed through, so
+        // larger than the budget too); above 5 GiB parts.
         let stream = Route::Stream { budget: 208 << 20 };
         assert_eq!(
             choose_plan(false, 10 << 20, single, stream, &c),
@@ -1602,6 +1657,10 @@ mod tests {
         );
         assert_eq!(
             choose_plan(false, 300 << 20, single, stream, &c),
+            CopyPlan::Stream
+        );
+        assert_eq!(
+            choose_plan(false, MAX_COPY_OBJECT + 1, single, stream, &c),
             CopyPlan::MultipartStream
         );
         assert_eq!(

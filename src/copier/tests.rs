@@ -848,7 +848,10 @@ async fn streamed_parts_are_cut_to_the_memory_budget() {
     let path = dir.path().join("job.db");
     let s = server();
     let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-    s.put(SRC, "k", &body, &[]);
+    let v = s.put(SRC, "k", &body, &[]);
+    // An ETag that is not an MD5 (SSE-KMS, say): the bytes are held to be hashed, so the
+    // budget bounds them. (A single-part MD5 source is passed through, see below.)
+    s.set_etag(SRC, "k", &v, "\"kms-encrypted-etag\"");
     let mut job = settings();
     job.copy.mode = CopyMode::Stream;
     job.copy.part_size = 16 * 1024 * 1024;
@@ -864,6 +867,34 @@ async fn streamed_parts_are_cut_to_the_memory_budget() {
     let t = &tasks(&path)[0];
     let (part, parts) = part_layout(&path, t.id);
     assert_eq!((part, parts), (8 * 1024 * 1024, 3), "16 MiB parts cut to 8");
+}
+
+#[tokio::test]
+async fn a_single_part_source_larger_than_the_memory_budget_is_passed_through_with_its_etag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
+    s.put(SRC, "k", &body, &[]);
+    let mut job = settings();
+    job.copy.mode = CopyMode::Stream;
+    plan_with(&s, &path, &job).await;
+    // 8 MiB for bodies, less than the 20 MiB source: it is not held, so not cut in parts.
+    let o = RunOptions {
+        max_memory: 56 * 1024 * 1024,
+        ..opts()
+    };
+    let (summary, _) = run(&s, &path, o).await;
+    assert_eq!(summary.done, 1);
+    let copied = &s.history(DST, "k")[0];
+    assert_eq!(copied.body.as_ref(), &body[..]);
+    assert_eq!(
+        copied.etag,
+        s.history(SRC, "k")[0].etag,
+        "one PutObject: ETag kept"
+    );
+    assert_eq!(requests_of(&path, "PutObject"), 1);
+    assert_eq!(requests_of(&path, "UploadPart"), 0);
 }
 
 #[tokio::test]

@@ -86,6 +86,22 @@ pub trait S3Client: Send + Sync + 'static {
         body: Bytes,
         attrs: &WriteAttrs,
     ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
+    /// The whole body of one version as a stream, with the length the answer announces: to
+    /// be handed to [`S3Client::put_object_stream`] as it arrives (a pass-through copy: the
+    /// body is neither held nor copied here).
+    fn get_object_stream(
+        &self,
+        obj: &ObjectRef,
+    ) -> impl Future<Output = Result<(ByteStream, u64), S3Error>> + Send;
+    /// Uploads one object in one request from a stream of `len` bytes (a GetObject's body).
+    /// The attempt's time limit grows with `len` (see [`Timeouts::for_body`]).
+    fn put_object_stream(
+        &self,
+        dest: &ObjectRef,
+        body: ByteStream,
+        len: u64,
+        attrs: &WriteAttrs,
+    ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
     /// Deletes the current version of `dest` (a delete marker in a versioned bucket), or,
     /// when `dest.version_id` is given, that version for good.
     fn delete_object(
@@ -236,6 +252,18 @@ pub struct Timeouts {
     pub connect: Duration,
     /// One attempt, from sending to the whole answer (bodies of GETs included).
     pub attempt: Duration,
+}
+
+/// The slowest rate a streamed body may go at before its attempt counts as stalled.
+const SLOWEST_BODY_RATE: u64 = 256 * 1024;
+
+impl Timeouts {
+    /// The time limit of an attempt that sends `len` bytes of a streamed body: the attempt's
+    /// limit plus the body at [`SLOWEST_BODY_RATE`] (a 5 GiB body gets about 6 h; a fixed
+    /// limit would fail every large body on a slow or limited link).
+    pub fn for_body(&self, len: u64) -> Duration {
+        self.attempt + Duration::from_secs(len / SLOWEST_BODY_RATE)
+    }
 }
 
 impl Default for Timeouts {
@@ -963,6 +991,78 @@ impl S3Client for SdkClient {
         .send()
         .await
         .map_err(|e| self.err(OP, false, e))?;
+        Ok(WriteResult {
+            version_id: o.version_id().map(str::to_string),
+            etag: o.e_tag().map(str::to_string),
+            checksum: Checksum::first_of(checksum_fields!(o), false),
+        })
+    }
+
+    async fn get_object_stream(&self, obj: &ObjectRef) -> Result<(ByteStream, u64), S3Error> {
+        const OP: &str = "GetObject";
+        self.counts.count(OP);
+        let out = self
+            .inner
+            .get_object()
+            .bucket(&obj.bucket)
+            .key(&obj.key)
+            .set_version_id(obj.version_id.clone())
+            .set_if_match(obj.if_match.clone())
+            .send()
+            .await
+            .map_err(|e| self.err(OP, true, e))?;
+        let len = out.content_length().unwrap_or(0).max(0) as u64;
+        Ok((out.body, len))
+    }
+
+    async fn put_object_stream(
+        &self,
+        dest: &ObjectRef,
+        body: ByteStream,
+        len: u64,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
+        const OP: &str = "PutObject";
+        self.counts.count(OP);
+        let req = self
+            .inner
+            .put_object()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .body(body)
+            .content_length(len as i64)
+            .set_content_md5(attrs.content_md5.clone());
+        let req = with_attrs!(req, self, attrs).customize();
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(self.timeouts.connect)
+            .operation_attempt_timeout(self.timeouts.for_body(len))
+            .build();
+        let o = match &attrs.content_md5 {
+            Some(_) => req
+                .config_override(
+                    self.md5_checked(attrs.checksum_algorithm)
+                        .timeout_config(timeouts),
+                )
+                .disable_payload_signing(),
+            None => {
+                req.config_override(aws_sdk_s3::config::Builder::default().timeout_config(timeouts))
+            }
+        }
+        .send()
+        .await
+        .map_err(|e| {
+            // The body is another request's answer: when it breaks off (a reset, a cut-short
+            // GET), the SDK calls the upload's failure the caller's (a "user" error, fatal
+            // for a body held here). It is a failed read of the source: retried.
+            let body_broke =
+                matches!(&e, aws_sdk_s3::error::SdkError::DispatchFailure(d) if d.is_user());
+            let mut err = self.err(OP, false, e);
+            if body_broke && err.class == ErrorClass::Fatal {
+                err.class = ErrorClass::Retryable;
+                err.message = format!("the source's body broke off: {}", err.message);
+            }
+            err
+        })?;
         Ok(WriteResult {
             version_id: o.version_id().map(str::to_string),
             etag: o.e_tag().map(str::to_string),

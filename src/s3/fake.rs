@@ -788,6 +788,42 @@ impl S3Client for FakeS3 {
         })
     }
 
+    async fn get_object_stream(
+        &self,
+        obj: &ObjectRef,
+    ) -> Result<(aws_sdk_s3::primitives::ByteStream, u64), S3Error> {
+        let body = self.get_object(obj, None).await?;
+        let len = body.len() as u64;
+        Ok((body.into(), len))
+    }
+
+    async fn put_object_stream(
+        &self,
+        dest: &ObjectRef,
+        body: aws_sdk_s3::primitives::ByteStream,
+        len: u64,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
+        let body = body.collect().await.map_err(|e| {
+            S3Error::other(
+                Side::Source,
+                "GetObject",
+                ErrorClass::Retryable,
+                e.to_string(),
+            )
+        })?;
+        let body = body.into_bytes();
+        if body.len() as u64 != len {
+            return Err(S3Error::other(
+                Side::Dest,
+                "PutObject",
+                ErrorClass::Retryable,
+                format!("body of {} bytes, {len} announced", body.len()),
+            ));
+        }
+        self.put_object(dest, body, attrs).await
+    }
+
     async fn delete_object(&self, dest: &ObjectRef) -> Result<WriteResult, S3Error> {
         self.op("DeleteObject", &dest.key, |s| {
             if let Some(v) = &dest.version_id {
