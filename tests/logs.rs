@@ -190,6 +190,7 @@ async fn the_json_log_parses_line_by_line_and_its_counts_equal_the_manifest() {
                 && e["error"].as_str().unwrap().contains("403")),
         "{failed:?}"
     );
+    println!("a failed task: {}", failed[0]);
     let skipped: Vec<_> = tasks.iter().filter(|e| e["outcome"] == "skipped").collect();
     assert_eq!(skipped[0]["key"], "gone/soon");
     assert_eq!(skipped[0]["error_class"], "source-gone");
@@ -373,6 +374,47 @@ async fn replicate_logs_progress_and_status_shows_the_eta_while_it_runs() {
         (s[0]["done"].as_u64(), s[0]["exit_code"].as_i64()),
         (Some(41), Some(0))
     );
+}
+
+/// A hard limit: one `limit` event naming it, the summary says so (exit 4), and the task
+/// events still count what the manifest holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_reached_is_an_event() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("src"), bucket("dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let round = (0..12).map(|i| Op::put(&format!("k{i:02}"), "x")).collect();
+    seed(&c, &src, vec![round]).await;
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    expect_code(&job.plan(), 0);
+    let o = job.run(&[
+        "--max-requests",
+        "4",
+        "--concurrency",
+        "1",
+        "--log-format",
+        "json",
+    ]);
+    expect_code(&o, 4);
+    let ev = events(&o.stderr);
+    let limits = of_kind(&ev, "limit");
+    assert_eq!(limits.len(), 1, "{ev:?}");
+    assert_eq!(limits[0]["limit"], "max-requests");
+    assert!(limits[0]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("--max-requests 4 reached"));
+    let s = of_kind(&ev, "summary");
+    assert_eq!(
+        (s[0]["status"].as_str(), s[0]["exit_code"].as_i64()),
+        (Some("limit"), Some(4))
+    );
+    let st = job.status();
+    assert!(st.done < 12, "{st:?}");
+    assert_eq!(count(&outcomes(&ev), "done"), st.done);
 }
 
 /// The text mode is unchanged: no JSON, and the usual summary line last.
