@@ -13,6 +13,8 @@
 //! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
 
 #![warn(missing_docs)]
+// Every line on stderr goes through `events` (`say!`), so that `--log-format json` holds.
+#![warn(clippy::print_stderr)]
 
 pub mod aws_report;
 pub mod cli;

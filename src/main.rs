@@ -2,6 +2,8 @@
 //! one place (0 all done, 1 some tasks failed, blocked or mismatched, 2 bad input or
 //! configuration, 3 other errors, 130 interrupted); errors print as one line.
 
+#![warn(clippy::print_stderr)]
+
 use clap::Parser;
 use s3_backfill::cli::{Cli, Command, LogFormat};
 use s3_backfill::events;

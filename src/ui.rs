@@ -174,7 +174,7 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
         let e = crate::events::SummaryEvent::of(s, counts, status, code, first);
         crate::events::emit(crate::events::Event::Summary(e));
     } else {
-        eprintln!("{first}");
+        crate::events::say(first);
     }
     for line in lines {
         crate::events::say(line);

@@ -289,9 +289,12 @@ async fn replicate_logs_progress_and_status_shows_the_eta_while_it_runs() {
         "json",
         "--progress-interval",
         "1",
-        // 41 tasks at 8 requests a second: several seconds, so that progress shows.
+        // 41 tasks at 8 requests a second, two at a time: several seconds, so that progress
+        // shows, at a steady pace.
         "--max-rps",
         "8",
+        "--concurrency",
+        "2",
     ]);
     let child = cmd(&strs(&job.replicate_args()))
         .stdout(std::process::Stdio::piped())
@@ -374,6 +377,29 @@ async fn replicate_logs_progress_and_status_shows_the_eta_while_it_runs() {
         (s[0]["done"].as_u64(), s[0]["exit_code"].as_i64()),
         (Some(41), Some(0))
     );
+    // For information (wall time is not asserted): each ETA from 10% on against the time the
+    // run really took from then (the summary's time), in this paced (steady) run.
+    let at = |e: &Value| {
+        time::OffsetDateTime::parse(
+            e["ts"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let end = at(s[0]);
+    for p in &progress {
+        let (Some(eta), Some(done)) = (p["eta_secs"].as_u64(), p["done"].as_u64()) else {
+            continue;
+        };
+        if done * 10 < 41 || p["remaining"] == 0 {
+            continue;
+        }
+        let truth = (end - at(p)).as_seconds_f64();
+        println!(
+            "at {done}/41 done: ETA {eta}s, took {truth:.1}s (error {:.0}%)",
+            (eta as f64 - truth).abs() / truth * 100.0
+        );
+    }
 }
 
 /// A hard limit: one `limit` event naming it, the summary says so (exit 4), and the task
@@ -437,6 +463,29 @@ async fn text_mode_prints_what_it_printed_before() {
         last.starts_with("run finished: this run: 2 done (0 reconciled), 0 failed, 0 skipped"),
         "{err}"
     );
+    // stderr is no terminal: a progress line every --progress-interval (the run is paced to
+    // last a few seconds), and still the summary last.
+    let round = (0..16).map(|i| Op::put(&format!("p{i:02}"), "x")).collect();
+    seed(&c, &src, vec![round]).await;
+    let (_d2, m2) = manifest();
+    let paced = Job::new(&src, &dst, &m2).endpoint(&ep).extra(&[
+        "--progress-interval",
+        "1",
+        "--max-rps",
+        "6",
+    ]);
+    let o = paced.replicate();
+    expect_code(&o, 0);
+    let err = stderr_of(&o);
+    let progress: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("progress: "))
+        .collect();
+    println!("{}", progress.join("\n"));
+    assert!(!progress.is_empty(), "{err}");
+    assert!(progress.iter().all(|l| l.contains(" tasks (")), "{err}");
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("run finished: this run: 18 done"), "{err}");
     // A bad log format is one usage line, exit 2.
     let o = run(&["run", "--manifest", job.m(), "--log-format", "xml"]);
     expect_code(&o, 2);

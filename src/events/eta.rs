@@ -59,6 +59,11 @@ impl Estimator {
         if self.samples.back().is_some_and(|s| at <= s.at) {
             return;
         }
+        // Until the first task ends, only the newest sample is kept: the time a run spends
+        // before its first copy (probes, the first listing page) is not its rate.
+        if self.samples.len() == 1 && self.samples[0].tasks == tasks {
+            self.samples.clear();
+        }
         self.samples.push_back(Sample { at, tasks, bytes });
         // Keep the newest sample at or before the window's start: the rate spans the whole
         // window once the run is that old.
@@ -196,10 +201,14 @@ mod tests {
         est.observe(Duration::from_secs(0), 0, 0);
         assert_eq!(est.eta(10), None, "one sample is no rate");
         est.observe(Duration::from_secs(5), 0, 0);
-        assert_eq!(est.eta(10), None, "no task ended: no ETA");
+        assert_eq!(est.eta(10), None, "no task ended: no rate yet");
         assert_eq!(est.eta(0), Some(Duration::ZERO));
+        // The start before the first task ended (5 s here) is not part of the rate.
         est.observe(Duration::from_secs(10), 10, 100);
-        assert_eq!(est.eta(10), Some(Duration::from_secs(10)));
-        assert_eq!(est.rate().unwrap().bytes_per_sec, 10.0);
+        assert_eq!(est.eta(10), Some(Duration::from_secs(5)));
+        assert_eq!(est.rate().unwrap().bytes_per_sec, 20.0);
+        // A stall later on is: the rate falls.
+        est.observe(Duration::from_secs(20), 10, 100);
+        assert_eq!(est.eta(10), Some(Duration::from_secs(15)));
     }
 }

@@ -385,6 +385,7 @@ pub fn emit(event: Event) {
 
 /// A line for a person: printed as is in text mode; in JSON a `message` event whose level is
 /// read from the line's prefix (`error: `, `warning: `; else info).
+#[allow(clippy::print_stderr)]
 pub fn say(line: String) {
     if !json() {
         eprintln!("{line}");
@@ -401,6 +402,7 @@ pub fn say(line: String) {
 }
 
 /// A `message` event at `level` (JSON mode), or the line as is (text mode).
+#[allow(clippy::print_stderr)]
 pub fn message(level: Level, text: String) {
     if json() {
         write_json(&Event::Message {

@@ -191,6 +191,10 @@ mod tests {
             eta_secs: Some(5),
         };
         assert!(fresh(Some(p.clone()), 1030).is_some());
+        assert_eq!(
+            status_line(&p, 1003),
+            "run in progress (pid 1): 1.0 tasks/s, 1 B/s, ETA 5s (as of 3s ago)"
+        );
         assert!(fresh(Some(p), 1000 + 61).is_none());
     }
 }
