@@ -13,6 +13,7 @@ use crate::config::{
     Selection, SideConfig, Sse,
 };
 use crate::copier::{FailureThreshold, Limits, RestoreAsk, RunOptions};
+pub use crate::events::LogFormat;
 use crate::filters::{self, Filters};
 use crate::rules::ReplicationConfig;
 use crate::s3::{RetryPolicy, Timeouts};
@@ -206,6 +207,9 @@ pub struct PlanArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Logs and progress lines.
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Plan from an S3 Batch Operations CSV manifest instead of listing: no header,
     /// `Bucket,Key[,VersionId]`, keys URL-encoded, every row with a version id or none (none:
     /// the key's current version); a local file or s3://BUCKET/KEY (read with the source's
@@ -637,6 +641,9 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Logs and progress lines.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Arguments of `replicate`: those of `plan`, then the copy-stage knobs.
@@ -671,6 +678,39 @@ impl ReplicateArgs {
             list_concurrency: self.plan.list_concurrency,
             exec: self.exec.clone(),
             no_progress: self.plan.no_progress,
+            log: self.plan.log.clone(),
+        }
+    }
+}
+
+/// How `plan`, `run` and `replicate` write to stderr (see `events`).
+#[derive(Debug, Args, Clone)]
+pub struct LogArgs {
+    /// `text` for a person, or `json`: every line on stderr one JSON object (task ends,
+    /// listing progress, retries, limits, progress, the summary, messages); no bar.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+    /// Seconds between progress lines (tasks, rate, ETA), printed when stderr is not a
+    /// terminal or with `--log-format json`; 0: none.
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub progress_interval: u64,
+}
+
+impl LogArgs {
+    /// The interval between progress lines (None: off).
+    pub fn interval(&self) -> Option<Duration> {
+        (self.progress_interval > 0).then(|| Duration::from_secs(self.progress_interval))
+    }
+}
+
+impl Command {
+    /// The command's log options (`plan`, `run` and `replicate` have them).
+    pub fn log(&self) -> Option<&LogArgs> {
+        match self {
+            Command::Plan(a) => Some(&a.log),
+            Command::Run(a) => Some(&a.log),
+            Command::Replicate(a) => Some(&a.plan.log),
+            _ => None,
         }
     }
 }

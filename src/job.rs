@@ -244,7 +244,7 @@ fn change_copy_settings(
     let worked = c.done + c.in_progress + c.failed + c.skipped;
     if (worked > 0 || c.attempts > 0) && !args.change_copy_settings {
         for line in &changes {
-            eprintln!("copy setting {line}");
+            crate::say!("copy setting {line}");
         }
         return Err(JobError::Usage(format!(
             "manifest {} has {worked} tasks started or finished with its own copy settings, and this command changes them (above); pass --change-copy-settings to change them, or give the job's settings to continue it",
@@ -252,7 +252,7 @@ fn change_copy_settings(
         )));
     }
     for line in &changes {
-        eprintln!("copy setting changed: {line}");
+        crate::say!("copy setting changed: {line}");
     }
     stored.copy = settings.copy.clone();
     m.store_settings(&stored)?;
@@ -266,7 +266,7 @@ fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, JobError> {
         return Ok(false);
     }
     let c = m.counts()?;
-    eprintln!(
+    crate::say!(
         "listing already complete: {} tasks in {}; nothing to do (use `run`)",
         c.total,
         path.display()
@@ -495,16 +495,22 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         selector: &selector,
         dest_versioned: dest.versioned || settings.selection.latest_only,
     };
+    let log = crate::events::ListingLog::new(args.log.interval(), ui::progress_lines());
     let stats = lister
-        .list_parallel(&mut m, concurrency, |cp| bar.set_position(cp.entries))
+        .list_parallel(&mut m, concurrency, |cp| {
+            bar.set_position(cp.entries);
+            log.page(cp.entries, cp.pages);
+        })
         .await;
     bar.finish_and_clear();
     let stats = stats?;
+    let listed = m.listing()?;
+    log.complete(listed.entries, listed.pages);
     if let Some(why) = &stats.not_split {
-        eprintln!("note: {why}");
+        crate::say!("note: {why}");
     }
     let generation = m.refreshes()?.last().map(|r| r.generation);
-    eprintln!(
+    crate::say!(
         "{}",
         ui::listed_line(
             "planned",
@@ -556,12 +562,14 @@ async fn begin_refresh(
         .await
         .map_err(|e| bucket_error(Side::Source, bucket, e))?;
     if let Some(g) = m.start_refresh_of(facts.versioned)? {
-        eprintln!("refresh {g}: listing the source again");
+        crate::say!("refresh {g}: listing the source again");
         return Ok(());
     }
     match m.refreshes()?.last().map_or(0, |r| r.generation) {
-        0 => eprintln!("the first listing is not complete: continuing it (nothing to refresh yet)"),
-        g => eprintln!("refresh {g}: continuing its listing from its checkpoint"),
+        0 => {
+            crate::say!("the first listing is not complete: continuing it (nothing to refresh yet)")
+        }
+        g => crate::say!("refresh {g}: continuing its listing from its checkpoint"),
     }
     Ok(())
 }
@@ -578,14 +586,14 @@ fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
         return Ok(());
     }
     let before: u64 = earlier.iter().map(|r| r.tasks).sum();
-    eprintln!(
+    crate::say!(
         "refresh {}: {} new tasks; {} tasks of earlier listings are no longer selected or gone (not copied again)",
         last.generation,
         last.tasks,
         before.saturating_sub(last.matched)
     );
     for line in ui::refresh_findings(last) {
-        eprintln!("refresh {}: {line}", last.generation);
+        crate::say!("refresh {}: {line}", last.generation);
     }
     Ok(())
 }
@@ -638,7 +646,7 @@ async fn plan_supplied(
         Supplied::Csv(f) => ("CSV rows", f),
         Supplied::Inventory(f) => ("inventory entries", f),
     };
-    eprintln!(
+    crate::say!(
         "planned {} tasks ({} delete markers, {}) from {} {what} of {from}",
         p.counts.total,
         p.counts.delete_markers,
@@ -833,21 +841,21 @@ fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
 fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
     if args.retry_failed {
         let n = m.retry_failed()?;
-        eprintln!("{n} failed tasks put back in the queue");
+        crate::say!("{n} failed tasks put back in the queue");
     }
     if args.skip_failed {
         let n = m.skip_failed()?;
-        eprintln!(
+        crate::say!(
             "{n} failed tasks recorded as skipped; their keys' later versions will be copied"
         );
     }
     if args.retry_skipped {
         let (n, kept) = m.retry_skipped()?;
-        eprintln!(
+        crate::say!(
             "{n} skipped tasks put back in the queue (versions gone from the source stay skipped)"
         );
         if kept > 0 {
-            eprintln!("{kept} skipped tasks stay skipped: newer versions of their keys were copied since, and they would be written out of order (see `s3-backfill report`)");
+            crate::say!("{kept} skipped tasks stay skipped: newer versions of their keys were copied since, and they would be written out of order (see `s3-backfill report`)");
         }
     }
     Ok(())
@@ -878,7 +886,7 @@ async fn run_clients(
         // A missing or unreadable destination is left to the tasks and the failure
         // threshold, which stop the job with the error.
         Err(e) if e.class == ErrorClass::Fatal => {
-            eprintln!(
+            crate::say!(
                 "warning: {}",
                 bucket_error(Side::Dest, &settings.dest.bucket, e)
             );
@@ -912,7 +920,7 @@ async fn run_clients(
             }
             // As for destination 0: left to the tasks and the failure threshold.
             Err(e) if e.class == ErrorClass::Fatal => {
-                eprintln!("warning: {}", bucket_error(Side::Dest, &b, e));
+                crate::say!("warning: {}", bucket_error(Side::Dest, &b, e));
                 DestFacts {
                     versioned: true,
                     object_lock: false,
@@ -939,7 +947,7 @@ async fn source_facts<C: S3Client>(source: &C, bucket: &str) -> BucketFacts {
     {
         Ok(f) => f,
         Err(e) => {
-            eprintln!(
+            crate::say!(
                 "warning: {}; null versions are read by key, pinned to their listed ETags",
                 bucket_error(Side::Source, bucket, e)
             );
@@ -1009,6 +1017,16 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
         let copier = copier.clone();
         tokio::spawn(async move { copier.stop_at_max_duration().await })
     };
+    let ticker = {
+        let copier = copier.clone();
+        let ticker = crate::events::ticker::Ticker {
+            manifest: args.manifest.clone(),
+            interval: args.log.interval(),
+            lines: ui::progress_lines(),
+            persist: move |p| copier.record_progress(Some(p)),
+        };
+        tokio::spawn(ticker.run())
+    };
     let result = if listing {
         let live = LiveListing {
             path: &args.manifest,
@@ -1018,12 +1036,17 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             dest_versioned: all_versioned || latest_only,
             concurrency: args.list_concurrency as usize,
             bar,
+            log_every: args.log.interval(),
         };
         run_until_signal(&copier, grace, copy_while_listing(&copier, live)).await
     } else {
         run_until_signal(&copier, grace, async { Ok(copier.clone().run().await) }).await
     };
     timer.abort();
+    ticker.abort();
+    let _ = ticker.await;
+    // The run is over: `status` shows no rate or ETA for it.
+    copier.record_progress(None);
     copier.flush().await;
     result.unwrap_or_else(|| {
         Ok(RunSummary {
@@ -1049,6 +1072,8 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) concurrency: usize,
     /// The run's bar: its length grows with each page's tasks.
     pub(crate) bar: ProgressBar,
+    /// How often a `listing` event is written (JSON; None: only at the end).
+    pub(crate) log_every: Option<Duration>,
 }
 
 /// Lists the rest of the source while the copier copies what is listed. The lister commits
@@ -1080,10 +1105,13 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
         dest_versioned: live.dest_versioned,
     };
     let mut bar = LiveBar::new(&monitor, live.bar);
+    // The run's progress lines say how far the copy is; in JSON the listing has its events.
+    let log = crate::events::ListingLog::new(live.log_every, false);
     let listed = tokio::select! {
-        r = lister.list_parallel(&mut lm, live.concurrency, |_| {
+        r = lister.list_parallel(&mut lm, live.concurrency, |cp| {
             tx.send_modify(|s| s.pages += 1);
             bar.page();
+            log.page(cp.entries, cp.pages);
         }) => Some(r),
         _ = copier.until_stopped() => None,
     };
@@ -1095,6 +1123,9 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     bar.listed(complete);
     let error = match listed {
         Some(Ok(stats)) => {
+            if let Ok(l) = lm.listing() {
+                log.complete(l.entries, l.pages);
+            }
             bar.say_listed(&stats);
             None
         }
@@ -1156,7 +1187,7 @@ impl<'a> LiveBar<'a> {
         let line = ui::listed_line("listing complete:", &c, stats.resumed, refresh);
         for line in note.into_iter().chain([line]) {
             match self.bar.is_hidden() {
-                true => eprintln!("{line}"),
+                true => crate::say!("{line}"),
                 false => self.bar.println(line),
             }
         }
@@ -1183,14 +1214,14 @@ async fn run_until_signal<C: S3Client, T>(
         let copier = copier.clone();
         tokio::spawn(async move {
             wait_signal().await;
-            eprintln!(
+            crate::say!(
                 "stopping: no new tasks; waiting up to {}s for requests in flight (press Ctrl-C again to exit now)",
                 grace.as_secs()
             );
             copier.stop();
             tokio::select! {
                 _ = wait_signal() => {
-                    eprintln!("interrupted: exiting now; the next `run` reconciles what was in flight");
+                    crate::say!("interrupted: exiting now; the next `run` reconciles what was in flight");
                     std::process::exit(130);
                 }
                 _ = tokio::time::sleep(grace) => {}
@@ -1202,7 +1233,7 @@ async fn run_until_signal<C: S3Client, T>(
     let out = tokio::select! {
         s = work => Some(s),
         _ = &mut signals => {
-            eprintln!("grace period over: abandoning requests still in flight");
+            crate::say!("grace period over: abandoning requests still in flight");
             None
         }
     };
@@ -1234,13 +1265,19 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     let mut c = m.counts()?;
     c.etag_changes = m.etag_changes()?;
     c.etag_changed = c.etag_changes.values().sum();
+    let now = crate::events::ticker::now_secs();
+    let running = crate::events::ticker::fresh(m.run_progress()?, now);
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&c).map_err(|e| JobError::Other(e.to_string()))?
-        );
+        let mut v = serde_json::to_value(&c).map_err(|e| JobError::Other(e.to_string()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.extend(running_fields(running.as_ref()));
+        }
+        println!("{v}");
     } else {
         println!("{}", report::status_text(&settings, &c));
+        if let Some(p) = &running {
+            println!("{}", crate::events::ticker::status_line(p, now));
+        }
         for r in m.refreshes()?.iter().filter(|r| r.generation > 0) {
             println!("refresh {}: {} tasks added", r.generation, r.tasks);
             for line in ui::refresh_findings(r) {
@@ -1252,6 +1289,33 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
         }
     }
     Ok(())
+}
+
+/// The fields `status --json` adds for a run in progress (null when none): `eta` (seconds),
+/// `rate` (tasks and bytes per second) and `running` (pid, when the snapshot was stored).
+fn running_fields(p: Option<&crate::manifest::RunProgress>) -> [(String, serde_json::Value); 3] {
+    use serde_json::{json, Value};
+    let rate = p.and_then(|p| Some((p.tasks_per_sec?, p.bytes_per_sec?)));
+    [
+        (
+            "eta".into(),
+            p.and_then(|p| p.eta_secs).map_or(Value::Null, Value::from),
+        ),
+        (
+            "rate".into(),
+            rate.map_or(
+                Value::Null,
+                |(t, b)| json!({"tasks_per_sec": t, "bytes_per_sec": b}),
+            ),
+        ),
+        (
+            "running".into(),
+            p.map_or(
+                Value::Null,
+                |p| json!({"pid": p.pid, "updated_at": p.updated_at}),
+            ),
+        ),
+    ]
 }
 
 /// `report --format aws`: S3 Batch Operations' completion report, written into a directory,
@@ -1301,9 +1365,10 @@ fn report_aws(args: &ReportArgs, m: &Manifest, settings: &JobSettings) -> Result
         0 => String::new(),
         n => format!(" ({n} tasks still pending are not in it)"),
     };
-    eprintln!(
+    crate::say!(
         "report {place}: {} succeeded, {} failed{left_out}",
-        written.succeeded, written.failed
+        written.succeeded,
+        written.failed
     );
     Ok(())
 }
@@ -1425,7 +1490,7 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
     }
     out.flush().map_err(io)?;
     if args.output.is_some() {
-        eprintln!(
+        crate::say!(
             "{} done, {} failed, {} blocked, {} skipped, {} pending of {} tasks",
             counts.done,
             counts.failed,

@@ -9,13 +9,18 @@
 //! (replication configurations) and [`filters`] (manifest filters), applied per listed
 //! version by [`select`]; [`inputs`] reads supplied manifests (CSV, S3 Inventory) for `plan`,
 //! and [`aws_report`] writes the completion report in AWS's shape for `report --format aws`.
+//! [`events`] is what `plan`, `run` and `replicate` write to stderr: text for a person or
+//! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
 
 #![warn(missing_docs)]
+// Every line on stderr goes through `events` (`say!`), so that `--log-format json` holds.
+#![warn(clippy::print_stderr)]
 
 pub mod aws_report;
 pub mod cli;
 pub mod config;
 pub mod copier;
+pub mod events;
 pub mod filters;
 pub mod inputs;
 pub mod job;

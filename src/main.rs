@@ -2,8 +2,11 @@
 //! one place (0 all done, 1 some tasks failed, blocked or mismatched, 2 bad input or
 //! configuration, 3 other errors, 130 interrupted); errors print as one line.
 
+#![warn(clippy::print_stderr)]
+
 use clap::Parser;
-use s3_backfill::cli::{Cli, Command};
+use s3_backfill::cli::{Cli, Command, LogFormat};
+use s3_backfill::events;
 use s3_backfill::job::{self, JobError};
 use s3_backfill::ui;
 
@@ -12,23 +15,35 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => std::process::exit(usage_error(e)),
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("S3_BACKFILL_LOG")
-                // The SDK's own warnings (e.g. every credential provider it tried) are noise
-                // next to the one-line errors this tool prints: only its errors show.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,s3_backfill=warn")),
-        )
-        .init();
+    let format = cli.command.log().map(|l| l.log_format).unwrap_or_default();
+    events::set_format(format);
+    // The SDK's own warnings (e.g. every credential provider it tried) are noise next to the
+    // one-line errors this tool prints: only its errors show.
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("S3_BACKFILL_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,s3_backfill=warn"))
+    };
+    if format == LogFormat::Json {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(filter())
+            .with(events::JsonLayer)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_env_filter(filter())
+            .init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            events::say(format!("error: cannot start the runtime: {e}"));
             std::process::exit(3);
         }
     };
@@ -41,17 +56,26 @@ fn main() {
 /// one line on stderr (exit 2), without clap's usage block and its "try --help" tip.
 fn usage_error(e: clap::Error) -> i32 {
     use clap::error::ErrorKind;
+    // The arguments did not parse, but a `--log-format json` among them is honoured.
+    let args: Vec<String> = std::env::args().collect();
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
+    if json {
+        events::set_format(LogFormat::Json);
+    }
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = e.print();
             0
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            eprintln!("error: a command is needed: plan, run, replicate, status, report or verify (s3-backfill --help lists them)");
+            events::say("error: a command is needed: plan, run, replicate, status, report or verify (s3-backfill --help lists them)".into());
             2
         }
         _ => {
-            eprintln!("{}", one_line(&e.to_string()));
+            events::say(one_line(&e.to_string()));
             2
         }
     }
@@ -81,7 +105,7 @@ fn code<T>(r: Result<T, JobError>, ok: impl FnOnce(T) -> i32) -> i32 {
     match r {
         Ok(v) => ok(v),
         Err(e) => {
-            eprintln!("{}", e.line());
+            events::say(e.line());
             e.exit_code()
         }
     }

@@ -13,9 +13,16 @@ use crate::manifest::{Counts, Refresh};
 use crate::s3::S3Error;
 use crate::verify::{DestReport, VerifyReport};
 
-/// Whether progress is drawn: asked for, and standard error is a terminal.
+/// Whether progress is drawn: asked for, standard error is a terminal, and it carries text
+/// (not `--log-format json`).
 pub fn show_progress(no_progress: bool) -> bool {
-    !no_progress && std::io::stderr().is_terminal()
+    !no_progress && std::io::stderr().is_terminal() && !crate::events::json()
+}
+
+/// Whether periodic progress lines are printed (`--progress-interval`): with `--log-format
+/// json`, or when standard error is not a terminal (no bar shows the progress there).
+pub fn progress_lines() -> bool {
+    crate::events::json() || !std::io::stderr().is_terminal()
 }
 
 fn spinner(show: bool, template: &str) -> ProgressBar {
@@ -160,6 +167,24 @@ pub fn verify_spinner(show: bool) -> ProgressBar {
 /// (archived), or stopped early; 4 stopped at a hard limit (`--max-requests`, `--max-bytes`,
 /// `--max-duration`); 130 interrupted.
 pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
+    let (status, code, lines) = run_end(s, counts);
+    let mut lines = lines.into_iter();
+    let first = lines.next().unwrap_or_default();
+    if crate::events::json() {
+        let e = crate::events::SummaryEvent::of(s, counts, status, code, first);
+        crate::events::emit(crate::events::Event::Summary(e));
+    } else {
+        crate::events::say(first);
+    }
+    for line in lines {
+        crate::events::say(line);
+    }
+    code
+}
+
+/// How a run ended (`status` of the JSON summary), its exit code and its text lines (the
+/// summary first).
+fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, i32, Vec<String>) {
     let job = counts
         .map(|c| {
             format!(
@@ -184,20 +209,26 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
         s.retries
     );
     if let Some(why) = &s.aborted {
-        eprintln!("run stopped: {why} ({line})");
-        return 1;
+        return ("stopped", 1, vec![format!("run stopped: {why} ({line})")]);
     }
     if let Some(why) = &s.limit {
-        eprintln!("run stopped at a limit: {why}; run again to continue ({line})");
-        return 4;
+        return (
+            "limit",
+            4,
+            vec![format!(
+                "run stopped at a limit: {why}; run again to continue ({line})"
+            )],
+        );
     }
     if s.interrupted {
-        eprintln!("run interrupted: {line}; run again to continue");
-        return 130;
+        return (
+            "interrupted",
+            130,
+            vec![format!("run interrupted: {line}; run again to continue")],
+        );
     }
     let Some(c) = counts else {
-        eprintln!("run finished: {line}");
-        return 3;
+        return ("finished", 3, vec![format!("run finished: {line}")]);
     };
     let mut actions = Vec::new();
     if c.archived > 0 {
@@ -212,18 +243,19 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
             c.restore_pending
         ));
     }
-    match actions.is_empty() {
-        true => eprintln!("run finished: {line}"),
-        false => eprintln!("run finished: {line}; {}", actions.join("; ")),
-    }
+    let mut lines = vec![match actions.is_empty() {
+        true => format!("run finished: {line}"),
+        false => format!("run finished: {line}; {}", actions.join("; ")),
+    }];
     if c.failed > 0 {
-        eprintln!("see `s3-backfill report` for the failed tasks; then `run --retry-failed` (or `--skip-failed`)");
+        lines.push("see `s3-backfill report` for the failed tasks; then `run --retry-failed` (or `--skip-failed`)".into());
     }
-    if c.failed > 0 || c.pending + c.in_progress > 0 || c.archived > 0 {
+    let code = if c.failed > 0 || c.pending + c.in_progress > 0 || c.archived > 0 {
         1
     } else {
         0
-    }
+    };
+    ("finished", code, lines)
 }
 
 /// Prints a verification and returns the exit code (0 match, 1 differences).

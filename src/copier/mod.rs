@@ -219,7 +219,12 @@ impl Control {
     }
 
     fn reach_limit(&self, why: String) {
-        self.limit.lock().expect("limit lock").get_or_insert(why);
+        let mut limit = self.limit.lock().expect("limit lock");
+        if limit.is_none() {
+            crate::events::limit(&why);
+            *limit = Some(why);
+        }
+        drop(limit);
         self.stop();
     }
 
@@ -406,6 +411,12 @@ impl<C: S3Client> Copier<C> {
         if !counts.is_empty() {
             self.send(Update::Requests { counts });
         }
+    }
+
+    /// Stores the run's rate and ETA for `status` (None: the run ended); see
+    /// `events::ticker`.
+    pub fn record_progress(&self, p: Option<crate::manifest::RunProgress>) {
+        self.send(Update::RunProgress(p));
     }
 
     /// Queues a manifest update; a manifest that cannot commit stops the run.

@@ -79,10 +79,11 @@ impl Progress {
         }
     }
 
-    /// Prints one line to standard error, above the progress bar when there is one.
+    /// Prints one line to standard error, above the progress bar when there is one (a
+    /// `message` event with `--log-format json`).
     pub(super) fn say(&self, line: String) {
         if self.bar.is_hidden() {
-            eprintln!("{line}");
+            crate::events::say(line);
         } else {
             self.bar.println(line);
         }
@@ -123,7 +124,9 @@ impl Progress {
             Outcome::Failed { error, .. } => {
                 let n = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
                 *self.last_error.lock().expect("last error lock") = Some(error.to_string());
-                if n <= MAX_FAILURES_SHOWN {
+                if crate::events::json() {
+                    // Every failure is a `task` event of its own.
+                } else if n <= MAX_FAILURES_SHOWN {
                     self.say(format!(
                         "failed: {} version {}: {error}",
                         show_key(&task.key),

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use super::learn::Pending;
 use super::strategy::Copied;
 use super::{now_secs, Copier, RunSummary};
+use crate::events::TaskEvent;
 use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update};
 use crate::s3::{show_key, ErrorClass, ObjectRef, Restore, S3Client, S3Error};
 
@@ -50,6 +51,8 @@ pub(super) struct TaskCtx<'a> {
     /// The source bucket has or had versioning: a `null` version is named by id (see
     /// [`ObjectRef::pinned`]).
     pub(super) null_by_id: bool,
+    /// An attempt was counted for it in this run (claimed, or `Started` sent).
+    pub(super) attempted: AtomicBool,
 }
 
 impl TaskCtx<'_> {
@@ -332,8 +335,10 @@ impl<C: S3Client> Copier<C> {
                 learn_later: AtomicBool::new(false),
                 claimed: group.claimed == Some(task.id),
                 null_by_id: self.source_null_by_id.load(Ordering::Relaxed),
+                attempted: AtomicBool::new(group.claimed == Some(task.id)),
             };
-            let step = self.step(&ctx).await;
+            let began = std::time::Instant::now();
+            let step = crate::events::in_task(&task.key, &task.version_id, self.step(&ctx)).await;
             let retries = ctx.retries.load(Ordering::Relaxed);
             self.progress.add_retries(retries);
             let outcome = match step {
@@ -354,7 +359,18 @@ impl<C: S3Client> Copier<C> {
             );
             let learn = matches!(outcome, Outcome::Done { to_learn: true, .. })
                 .then(|| Pending::of(task, bucket, ctx.dest.key.clone()));
+            let event = crate::events::json()
+                .then(|| {
+                    let attempts = task.attempts.max(0) as u64
+                        + u64::from(ctx.attempted.load(Ordering::Relaxed));
+                    let dest = (bucket, ctx.dest.key.as_str());
+                    TaskEvent::of(task, &outcome, dest, began.elapsed(), attempts)
+                })
+                .flatten();
             drop(ctx);
+            if let Some(e) = event {
+                crate::events::emit(crate::events::Event::Task(e));
+            }
             if let Outcome::Done {
                 dest_version_id: Some(v),
                 ..
@@ -409,6 +425,7 @@ impl<C: S3Client> Copier<C> {
                 self.control.abort(format!("manifest: {e}"));
                 return Step::Stopped;
             }
+            ctx.attempted.store(true, Ordering::Relaxed);
         }
         Step::Finished(match self.copy_task(ctx).await {
             Ok(c) => c.into_outcome(ctx.learn_later.load(Ordering::Relaxed)),

@@ -624,6 +624,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         dest_versioned: true,
         concurrency: 1,
         bar: ProgressBar::hidden(),
+        log_every: None,
     };
     let summary = crate::job::copy_while_listing(&copier, live).await.unwrap();
     copier.flush().await;

@@ -11,7 +11,7 @@
 //! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
 //! in sorted runs), `schema` (tables, triggers), `migrate`
 //! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
-//! `writer` (updates and the writer thread).
+//! `writer` (updates and the writer thread), `run_progress` (a running run's rate and ETA).
 //!
 //! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
 
@@ -20,6 +20,7 @@ mod keys;
 mod migrate;
 mod pages;
 mod read;
+mod run_progress;
 mod schema;
 mod writer;
 
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::JobSettings;
 
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
+pub use run_progress::RunProgress;
 pub use writer::{Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).

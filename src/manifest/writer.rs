@@ -132,6 +132,8 @@ pub enum Update {
         /// (operation, count) pairs.
         counts: Vec<(&'static str, u64)>,
     },
+    /// The running run's rate and ETA (None: the run ended), for `status`.
+    RunProgress(Option<super::RunProgress>),
 }
 
 enum Msg {
@@ -502,6 +504,7 @@ fn apply(conn: &Connection, u: &Update, mode: Option<bool>) -> rusqlite::Result<
             }
             Ok(())
         }
+        Update::RunProgress(p) => super::run_progress::store(conn, p.as_ref()),
     }
 }
 

@@ -4,7 +4,8 @@
 //! quirks, error classification and the one retry loop. Its operations return [`S3Error`];
 //! the stages above never convert errors back and forth.
 //!
-//! May call: the AWS SDK, and `config` for a side's settings. Nothing else of the crate.
+//! May call: the AWS SDK, `config` for a side's settings, and `events` (the retry loop's
+//! `retry` events). Nothing else of the crate.
 
 pub mod client;
 pub mod error;

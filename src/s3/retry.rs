@@ -250,7 +250,9 @@ impl Retrier {
         HFut: Future<Output = Result<Option<A>, S3Error>>,
     {
         let mut delays = backon::BackoffBuilder::build(self.policy.backoff());
+        let mut attempt: u32 = 0;
         loop {
+            attempt += 1;
             let r = {
                 let _permit = self.limiter.acquire().await;
                 f().await
@@ -273,6 +275,7 @@ impl Retrier {
             };
             retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("retrying in {delay:?} after: {e}");
+            crate::events::retry(&e, attempt, delay);
             tokio::time::sleep(delay).await;
             if !idempotent {
                 if let Some(a) = before_retry().await? {
