@@ -20,13 +20,15 @@
 //! The rate is read from the timetable each time the bucket is refilled, segment by
 //! segment, and waits end at the timetable's next switch to read the new rate: a schedule
 //! takes effect while the run goes on. The bucket starts empty and holds at most [`BURST`]
-//! of the rate's bytes after an idle spell. A request that fails leaves its place: the line
-//! moves past its unread bytes at the rate (a short lull, no excess).
+//! of the rate's bytes after an idle spell, and pays at most that much ahead of the bytes
+//! really read or sent: a body that stalls holds back the bodies after it (no catch-up
+//! burst). A request that fails leaves its place: the line moves past its unread bytes at
+//! the rate (a short lull, no excess).
 //!
 //! May call: nothing else of the crate (tokio's clock, the C library's local time).
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -337,7 +339,11 @@ fn local_time_of_day() -> u64 {
 struct Level {
     /// Bytes taken so far (each request's place in line is a span of them, in order).
     taken: u128,
-    /// Bytes the rate has paid so far (at most [`BURST`]'s worth above `taken`).
+    /// Bytes read or sent so far (places count their bytes as they go; see [`Place`]).
+    used: u128,
+    /// Bytes the rate has paid so far: at most [`BURST`]'s worth above `used`, so a body
+    /// that stalls (a slow server) holds the line back instead of the bodies after it
+    /// catching up at the link's speed once it goes on.
     paid: u128,
     /// When `paid` was last brought up to date.
     at: Instant,
@@ -372,6 +378,7 @@ impl Bandwidth {
         let level = || {
             Mutex::new(Level {
                 taken: 0,
+                used: 0,
                 paid: 0,
                 at: Instant::now(),
             })
@@ -395,21 +402,33 @@ impl Bandwidth {
         if bytes == 0 {
             return Duration::ZERO;
         }
-        let place = self.place(d, bytes);
-        place.wait(self, bytes).await
+        let end = {
+            let mut l = self.level(d).lock().expect("bandwidth lock");
+            self.refill(&mut l, d, Instant::now());
+            l.taken += bytes as u128 * NS as u128;
+            l.used += bytes as u128 * NS as u128;
+            l.taken
+        };
+        self.until_paid(d, end).await
     }
 
     /// A place in line for `bytes` of direction `d`, taken now: the bytes of a body read
     /// little by little (see [`Place`]). Requests are served in the order they took their
     /// places, so one body goes at the whole rate, not every body in flight at a share of it.
-    pub fn place(&self, d: Direction, bytes: u64) -> Place {
+    pub fn place(self: &Arc<Self>, d: Direction, bytes: u64) -> Place {
         let mut l = self.level(d).lock().expect("bandwidth lock");
         // Paid up to now first: what an idle spell earned is capped before these bytes join
         // the line.
         self.refill(&mut l, d, Instant::now());
         let start = l.taken;
         l.taken += bytes as u128 * NS as u128;
-        Place { d, start, bytes }
+        Place {
+            bw: self.clone(),
+            d,
+            start,
+            bytes,
+            counted: 0,
+        }
     }
 
     fn level(&self, d: Direction) -> &Mutex<Level> {
@@ -484,7 +503,7 @@ impl Bandwidth {
                 None => l.paid = l.paid.max(l.taken),
                 Some(rate) => {
                     let burst = rate as u128 * BURST.as_nanos();
-                    l.paid = (l.paid + rate as u128 * span as u128).min(l.taken + burst);
+                    l.paid = (l.paid + rate as u128 * span as u128).min(l.used + burst);
                 }
             }
             from += Duration::from_nanos(span);
@@ -494,14 +513,19 @@ impl Bandwidth {
     }
 }
 
-/// A body's place in one direction's line (see [`Bandwidth::place`]).
+/// A body's place in one direction's line (see [`Bandwidth::place`]). Its bytes count as
+/// used as they are waited for, and all of them once it is dropped (a failed request's
+/// unread bytes: the line moves past them at the rate).
 #[derive(Debug)]
 pub struct Place {
+    bw: Arc<Bandwidth>,
     d: Direction,
     /// Where its bytes start in the line (nanobytes).
     start: u128,
     /// How many bytes it holds.
     bytes: u64,
+    /// How many of them were counted as used.
+    counted: u64,
 }
 
 impl Place {
@@ -510,11 +534,30 @@ impl Place {
         self.bytes
     }
 
-    /// Waits until the first `done` bytes of this place are paid (0: until its turn comes;
-    /// at most the place's own bytes); returns the time waited.
-    pub async fn wait(&self, bw: &Bandwidth, done: u64) -> Duration {
-        let upto = self.start + done.min(self.bytes) as u128 * NS as u128;
-        bw.until_paid(self.d, upto).await
+    /// Counts the first `done` bytes of this place as read or sent (at most its own bytes),
+    /// then waits until the rate has paid them (0: until its turn comes); returns the time
+    /// waited.
+    pub async fn wait(&mut self, done: u64) -> Duration {
+        let done = done.min(self.bytes);
+        self.count(done);
+        let upto = self.start + done as u128 * NS as u128;
+        self.bw.until_paid(self.d, upto).await
+    }
+
+    fn count(&mut self, done: u64) {
+        if done > self.counted {
+            let mut l = self.bw.level(self.d).lock().expect("bandwidth lock");
+            // Paid up to now first, under the cap before these bytes.
+            self.bw.refill(&mut l, self.d, Instant::now());
+            l.used += (done - self.counted) as u128 * NS as u128;
+            self.counted = done;
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.count(self.bytes);
     }
 }
 

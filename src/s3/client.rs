@@ -818,8 +818,8 @@ impl S3Client for SdkClient {
         // its place once its length is known.
         let mut place = None;
         if let (Some(bw), Some((a, b))) = (&self.bandwidth, range) {
-            let p = bw.place(Direction::Down, (b + 1).saturating_sub(a));
-            waited += p.wait(bw, 0).await;
+            let mut p = bw.place(Direction::Down, (b + 1).saturating_sub(a));
+            waited += p.wait(0).await;
             place = Some(p);
         }
         let left = |waited: Duration| {
@@ -869,11 +869,11 @@ impl S3Client for SdkClient {
                 )
             })?;
             buf.extend_from_slice(&chunk);
-            if let (Some(bw), Some(p)) = (&self.bandwidth, &place) {
+            if let (Some(bw), Some(p)) = (&self.bandwidth, &mut place) {
                 // Paced against its place; bytes beyond what was announced queue anew.
                 let read = buf.len() as u64;
                 let beyond = read.saturating_sub(p.bytes().max(read - chunk.len() as u64));
-                waited += p.wait(bw, read).await;
+                waited += p.wait(read).await;
                 waited += bw.take(Direction::Down, beyond).await;
             }
         }
@@ -1314,7 +1314,8 @@ impl SdkClient {
     /// all it holds.
     async fn wait_to_send(&self, body: &Bytes) {
         if let Some(bw) = &self.bandwidth {
-            bw.place(Direction::Up, body.len() as u64).wait(bw, 0).await;
+            // Counted as sent once its turn comes (the place is dropped here).
+            bw.place(Direction::Up, body.len() as u64).wait(0).await;
         }
     }
 

@@ -263,13 +263,13 @@ async fn the_timetable_wraps_around_midnight() {
 
 /// Reads a body of `len` bytes in `chunk`s against its place, as the client does; returns
 /// when it took its turn and when it was read, from `t0`.
-async fn read_body(bw: &Bandwidth, place: Place, chunk: u64, t0: Instant) -> (Duration, Duration) {
-    place.wait(bw, 0).await;
+async fn read_body(mut place: Place, chunk: u64, t0: Instant) -> (Duration, Duration) {
+    place.wait(0).await;
     let turn = t0.elapsed();
     let mut read = 0;
     while read < place.bytes() {
         read = (read + chunk).min(place.bytes());
-        place.wait(bw, read).await;
+        place.wait(read).await;
     }
     (turn, t0.elapsed())
 }
@@ -286,10 +286,7 @@ async fn bodies_are_served_in_the_order_they_took_their_places() {
     let places: Vec<Place> = (0..3).map(|_| bw.place(Direction::Down, 4 * MIB)).collect();
     let tasks: Vec<_> = places
         .into_iter()
-        .map(|p| {
-            let bw = bw.clone();
-            tokio::spawn(async move { read_body(&bw, p, 64 * KIB, t0).await })
-        })
+        .map(|p| tokio::spawn(read_body(p, 64 * KIB, t0)))
         .collect();
     for (i, t) in tasks.into_iter().enumerate() {
         let (turn, done) = t.await.unwrap();
@@ -303,4 +300,51 @@ async fn bodies_are_served_in_the_order_they_took_their_places() {
             "{i}: read by {done:?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_holds_the_line_back_instead_of_a_burst_after() {
+    let bw = Arc::new(Bandwidth::starting_at(
+        Schedule::constant(parse_rate("1M").unwrap()),
+        0,
+    ));
+    let t0 = Instant::now();
+    let mut a = bw.place(Direction::Down, 4 * MIB);
+    let b = bw.place(Direction::Down, 4 * MIB);
+    let b = tokio::spawn(read_body(b, 64 * KIB, t0));
+    // A reads 1 MiB, then its server stalls for 10 s.
+    a.wait(0).await;
+    a.wait(MIB).await;
+    sleep_until(t0 + Duration::from_secs(11)).await;
+    // The 10 s were not paid ahead: A reads its other 3 MiB at the rate (less the tenth of
+    // a second the bucket kept), and B's turn comes only after them.
+    a.wait(4 * MIB).await;
+    let a_done = t0.elapsed();
+    let (b_turn, b_done) = b.await.unwrap();
+    assert!(
+        near(a_done, Duration::from_millis(13_900)),
+        "A read by {a_done:?}"
+    );
+    assert!(
+        near(b_turn, Duration::from_millis(13_900)),
+        "B's turn at {b_turn:?}"
+    );
+    assert!(
+        near(b_done, Duration::from_millis(17_900)),
+        "B read by {b_done:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_place_lets_the_line_move_past_it() {
+    let bw = Arc::new(Bandwidth::starting_at(
+        Schedule::constant(parse_rate("1M").unwrap()),
+        0,
+    ));
+    let t0 = Instant::now();
+    // A failed request: its place is given up before anything was read.
+    drop(bw.place(Direction::Down, 2 * MIB));
+    let (turn, done) = read_body(bw.place(Direction::Down, MIB), 64 * KIB, t0).await;
+    assert!(near(turn, Duration::from_secs(2)), "turn at {turn:?}");
+    assert!(near(done, Duration::from_secs(3)), "read by {done:?}");
 }
