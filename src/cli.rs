@@ -16,6 +16,7 @@ use crate::copier::{FailureThreshold, Limits, RestoreAsk, RunOptions};
 pub use crate::events::LogFormat;
 use crate::filters::{self, Filters};
 use crate::rules::ReplicationConfig;
+use crate::s3::bandwidth::{self, Bandwidth, Schedule};
 use crate::s3::{RetryPolicy, Timeouts};
 
 /// Batch replication and backfill of every S3 object version, resumable from a SQLite manifest.
@@ -481,6 +482,30 @@ pub struct ExecArgs {
     /// does.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub max_duration: Option<Duration>,
+    /// Streamed bytes per second at most, each direction as this machine's link sees them:
+    /// GET bodies from the source (down), PUT and UploadPart bodies to the destination (up);
+    /// server-side copies move no bytes here and are not limited. As rclone's --bwlimit:
+    /// `20M` (MiB/s), `512k` (KiB/s), `1.5G`, `100B`; a bare number is KiB/s; binary units;
+    /// `UP:DOWN` for two limits (`10M:off`); `off` or `0` for none.
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth, conflicts_with = "bandwidth_schedule")]
+    pub max_bandwidth: Option<Schedule>,
+    /// --max-bandwidth by local time of day, as rclone's --bwlimit timetable: entries
+    /// `HH:MM,RATE` separated by spaces or semicolons, e.g. "08:00,10M 18:00,off"; the entry
+    /// in force is the last one at or before now (before the first: the day's last one).
+    /// The limit changes while the run goes on.
+    #[arg(long, value_name = "TIMETABLE", value_parser = parse_bandwidth_schedule)]
+    pub bandwidth_schedule: Option<Schedule>,
+}
+
+/// A `--max-bandwidth` rate (see [`crate::s3::bandwidth::parse_rate`]), as a timetable of
+/// one entry.
+fn parse_bandwidth(s: &str) -> Result<Schedule, String> {
+    bandwidth::parse_rate(s).map(Schedule::constant)
+}
+
+/// A `--bandwidth-schedule` timetable (see [`Schedule::parse`]).
+fn parse_bandwidth_schedule(s: &str) -> Result<Schedule, String> {
+    Schedule::parse(s)
 }
 
 /// A duration: a number with a unit, `ms`, `s`, `m`, `h` or `d` (`90s`, `45m`, `8h`).
@@ -589,6 +614,16 @@ impl ExecArgs {
                 max_duration: self.max_duration,
             },
         }
+    }
+
+    /// The run's bandwidth limiter, shared by its clients: None when nothing is limited.
+    pub fn bandwidth(&self) -> Option<std::sync::Arc<Bandwidth>> {
+        let schedule = self
+            .bandwidth_schedule
+            .as_ref()
+            .or(self.max_bandwidth.as_ref())?
+            .clone();
+        (!schedule.is_off()).then(|| std::sync::Arc::new(Bandwidth::new(schedule)))
     }
 
     /// Per-attempt time limits.
@@ -845,6 +880,49 @@ mod tests {
         assert_eq!(parse_size("123"), Ok(123));
         assert!(parse_size("x").is_err());
         assert!(parse_size("5XB").is_err());
+    }
+
+    #[test]
+    fn bandwidth_flags_are_checked_where_they_are_given() {
+        let parse = |cmd: &str, extra: &[&str]| {
+            let mut args = vec!["s3-backfill", cmd, "--manifest", "m.db"];
+            if cmd == "replicate" {
+                args.extend(["--source", "s3://a", "--dest", "s3://b"]);
+            }
+            args.extend(extra);
+            Cli::try_parse_from(args)
+        };
+        let exec = |cmd: &str, extra: &[&str]| match parse(cmd, extra).unwrap().command {
+            Command::Run(a) => a.exec,
+            Command::Replicate(a) => a.exec,
+            _ => unreachable!(),
+        };
+        let twenty = bandwidth::parse_rate("20M").unwrap();
+        for cmd in ["run", "replicate"] {
+            let e = exec(cmd, &["--max-bandwidth", "20M"]);
+            assert_eq!(e.max_bandwidth, Some(Schedule::constant(twenty)));
+            let bw = e.bandwidth().expect("a limiter");
+            assert_eq!(bw.schedule(), &Schedule::constant(twenty));
+            let e = exec(cmd, &["--bandwidth-schedule", "08:00,10M 18:00,off"]);
+            let bw = e.bandwidth().expect("a limiter");
+            assert_eq!(bw.schedule().to_string(), "08:00,10Mi 18:00,off");
+        }
+        assert!(exec("run", &[]).bandwidth().is_none());
+        assert!(exec("run", &["--max-bandwidth", "off"])
+            .bandwidth()
+            .is_none());
+        for (extra, says) in [
+            (&["--max-bandwidth", "20X"][..], "not a rate"),
+            (&["--bandwidth-schedule", "8h,10M"][..], "not a time of day"),
+            (
+                &["--max-bandwidth", "1M", "--bandwidth-schedule", "08:00,1M"][..],
+                "cannot be used with",
+            ),
+        ] {
+            let e = parse("run", extra).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{extra:?}");
+            assert!(e.to_string().contains(says), "{extra:?}: {e}");
+        }
     }
 
     #[test]

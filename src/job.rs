@@ -22,6 +22,7 @@ use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunSummar
 use crate::inputs::plan::{Supplied, SuppliedJob};
 use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
+use crate::s3::bandwidth::Bandwidth;
 use crate::s3::{
     build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
     Side, Timeouts,
@@ -347,7 +348,9 @@ async fn probe_other_dest(
             let mut there = side.clone();
             there.region = e.bucket_region.clone();
             let (client, _) = build(Side::Dest, &there, timeouts).await;
-            let client = client.counting_in(dest.counts());
+            let client = client
+                .counting_in(dest.counts())
+                .limited_by(dest.bandwidth());
             let facts = retrier
                 .call(&Default::default(), || client.probe_bucket(bucket))
                 .await?;
@@ -867,9 +870,14 @@ fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
 async fn run_clients(
     settings: &mut JobSettings,
     timeouts: Timeouts,
+    bandwidth: Option<Arc<Bandwidth>>,
 ) -> Result<((RoutedClient, RoutedClient), DestinationFacts), JobError> {
     let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
+    let (source, dest) = (
+        source.limited_by(bandwidth.clone()),
+        dest.limited_by(bandwidth),
+    );
     settings.source_side.endpoint = source_endpoint;
     settings.dest_side.endpoint = dest_endpoint;
     let retrier = preflight();
@@ -971,7 +979,8 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let mut settings = run_settings(&m, args)?;
     requeue(&m, args)?;
-    let (clients, facts) = run_clients(&mut settings, args.exec.timeouts()).await?;
+    let (clients, facts) =
+        run_clients(&mut settings, args.exec.timeouts(), args.exec.bandwidth()).await?;
     let latest_only = settings.selection.latest_only;
     // Keys listed from here on are checked by the lister, page by page.
     let unversioned = std::iter::once((&settings.dest.bucket, facts.default))

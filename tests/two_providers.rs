@@ -236,3 +236,18 @@ async fn profiles_give_each_side_its_credentials_and_endpoint() {
     );
     expect_code(&o, 0);
 }
+
+/// A streamed job under a bandwidth limit (a different one each way, and a timetable) is
+/// still an exact replica: the limiter delays bodies, it never changes or cuts them. Nothing
+/// about time is asserted (benches/bandwidth.sh measures the rate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_limit_keeps_the_replica_exact() {
+    two_provider_job(&["--copy-mode", "stream", "--max-bandwidth", "16M:8M"]).await;
+    two_provider_job(&[
+        "--copy-mode",
+        "stream",
+        "--bandwidth-schedule",
+        "00:00,12M 06:00,10M:off 12:00,off:10M 18:00,16M",
+    ])
+    .await;
+}

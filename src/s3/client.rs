@@ -7,6 +7,11 @@
 //! GetBucketVersioning root element, servers without tagging (no tags, said once), checksum
 //! headers only when the side allows them (`when-required`), per-attempt timeouts.
 //!
+//! With a [`Bandwidth`] limiter ([`SdkClient::limited_by`]), GET bodies are read at its
+//! `Down` rate chunk by chunk, each in its turn, and PUT and UploadPart bodies wait for their
+//! turn in its `Up` line before they are sent; time spent waiting on it is not counted
+//! against the attempt's timeout.
+//!
 //! May call: the AWS SDK and config; nothing else of the crate.
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +42,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use aws_smithy_types::DateTime;
 use bytes::Bytes;
 
+use super::bandwidth::{Bandwidth, Direction};
 use super::error::{classify, ErrorClass, S3Error};
 use super::list::parse_page;
 use super::listing_body::TakeListing;
@@ -284,6 +290,8 @@ pub struct SdkClient {
     timeouts: Timeouts,
     counts: Arc<RequestCounts>,
     no_tagging: Arc<AtomicBool>,
+    /// The run's bandwidth limit of bodies, shared by every client of the run.
+    bandwidth: Option<Arc<Bandwidth>>,
 }
 
 /// Builds the client of one side from the standard AWS chain plus the side's options, and
@@ -333,6 +341,7 @@ pub async fn build(
         timeouts,
         counts: Arc::new(RequestCounts::default()),
         no_tagging: Arc::new(AtomicBool::new(false)),
+        bandwidth: None,
     };
     (client, endpoint)
 }
@@ -821,47 +830,82 @@ impl S3Client for SdkClient {
     ) -> Result<Bytes, S3Error> {
         const OP: &str = "GetObject";
         self.counts.count(OP);
-        let read = async {
-            let out = self
-                .inner
+        let timed_out = |what: &str| {
+            S3Error::other(
+                self.side,
+                OP,
+                ErrorClass::Retryable,
+                format!("timed out {what}"),
+            )
+        };
+        // One attempt's time limit, less the time spent waiting on the bandwidth limit.
+        let started = tokio::time::Instant::now();
+        let mut waited = Duration::ZERO;
+        // Under a bandwidth limit a range takes its place in line first and is asked for
+        // when its turn comes (no connection waits open meanwhile); a whole object takes
+        // its place once its length is known.
+        let mut place = None;
+        if let (Some(bw), Some((a, b))) = (&self.bandwidth, range) {
+            let mut p = bw.place(Direction::Down, (b + 1).saturating_sub(a));
+            waited += p.wait(0).await;
+            place = Some(p);
+        }
+        let left = |waited: Duration| {
+            self.timeouts
+                .attempt
+                .checked_sub(started.elapsed().saturating_sub(waited))
+        };
+        let out = tokio::time::timeout(
+            self.timeouts.attempt,
+            self.inner
                 .get_object()
                 .bucket(&obj.bucket)
                 .key(&obj.key)
                 .set_version_id(obj.version_id.clone())
                 .set_if_match(obj.if_match.clone())
                 .set_range(range.map(|(a, b)| format!("bytes={a}-{b}")))
-                .send()
+                .send(),
+        )
+        .await
+        .map_err(|_| timed_out("waiting for the answer"))?
+        .map_err(|e| self.err(OP, true, e))?;
+        // Read into one buffer of the announced length: the body is held once (collecting
+        // segments and joining them would hold it twice at the end).
+        let announced = out.content_length().unwrap_or(0).clamp(0, 1 << 33) as usize;
+        let mut buf = bytes::BytesMut::with_capacity(announced);
+        let mut body = out.body;
+        if let (Some(bw), None) = (&self.bandwidth, &place) {
+            place = Some(bw.place(Direction::Down, announced as u64));
+        }
+        loop {
+            // The SDK's attempt timeout ends with the headers: the body gets its own.
+            let Some(left) = left(waited) else {
+                return Err(timed_out("reading the body"));
+            };
+            let Some(chunk) = tokio::time::timeout(left, body.next())
                 .await
-                .map_err(|e| self.err(OP, true, e))?;
-            // Read into one buffer of the announced length: the body is held once (collecting
-            // segments and joining them would hold it twice at the end).
-            let announced = out.content_length().unwrap_or(0).clamp(0, 1 << 33) as usize;
-            let mut buf = bytes::BytesMut::with_capacity(announced);
-            let mut body = out.body;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| {
-                    S3Error::other(
-                        self.side,
-                        OP,
-                        ErrorClass::Retryable,
-                        format!("body read failed: {e}"),
-                    )
-                })?;
-                buf.extend_from_slice(&chunk);
-            }
-            Ok(buf.freeze())
-        };
-        // The SDK's attempt timeout ends with the headers: the body gets its own.
-        tokio::time::timeout(self.timeouts.attempt, read)
-            .await
-            .unwrap_or_else(|_| {
-                Err(S3Error::other(
+                .map_err(|_| timed_out("reading the body"))?
+            else {
+                break;
+            };
+            let chunk = chunk.map_err(|e| {
+                S3Error::other(
                     self.side,
                     OP,
                     ErrorClass::Retryable,
-                    "timed out reading the body".into(),
-                ))
-            })
+                    format!("body read failed: {e}"),
+                )
+            })?;
+            buf.extend_from_slice(&chunk);
+            if let (Some(bw), Some(p)) = (&self.bandwidth, &mut place) {
+                // Paced against its place; bytes beyond what was announced queue anew.
+                let read = buf.len() as u64;
+                let beyond = read.saturating_sub(p.bytes().max(read - chunk.len() as u64));
+                waited += p.wait(read).await;
+                waited += bw.take(Direction::Down, beyond).await;
+            }
+        }
+        Ok(buf.freeze())
     }
 
     async fn get_tagging(&self, obj: &ObjectRef) -> Result<String, S3Error> {
@@ -974,6 +1018,7 @@ impl S3Client for SdkClient {
     ) -> Result<WriteResult, S3Error> {
         const OP: &str = "PutObject";
         self.counts.count(OP);
+        self.wait_to_send(&body).await;
         let req = self
             .inner
             .put_object()
@@ -1160,6 +1205,7 @@ impl S3Client for SdkClient {
     ) -> Result<PartResult, S3Error> {
         const OP: &str = "UploadPart";
         self.counts.count(OP);
+        self.wait_to_send(&body).await;
         let o = self
             .inner
             .upload_part()
@@ -1348,6 +1394,29 @@ impl SdkClient {
     pub fn counting_in(mut self, counts: Arc<RequestCounts>) -> SdkClient {
         self.counts = counts;
         self
+    }
+
+    /// This client's bodies limited by `bandwidth` (shared with the run's other clients;
+    /// None: not limited).
+    pub fn limited_by(mut self, bandwidth: Option<Arc<Bandwidth>>) -> SdkClient {
+        self.bandwidth = bandwidth;
+        self
+    }
+
+    /// The bandwidth limit of this client's bodies (see [`SdkClient::limited_by`]).
+    pub fn bandwidth(&self) -> Option<Arc<Bandwidth>> {
+        self.bandwidth.clone()
+    }
+
+    /// Waits for `body`'s turn under the bandwidth limit (the bytes ahead of it in line
+    /// paid; the next body's turn comes once the rate has paid this one): before the
+    /// request, so the wait is outside the attempt's timeout, and the body (already held) is
+    /// all it holds.
+    async fn wait_to_send(&self, body: &Bytes) {
+        if let Some(bw) = &self.bandwidth {
+            // Counted as sent once its turn comes (the place is dropped here).
+            bw.place(Direction::Up, body.len() as u64).wait(0).await;
+        }
     }
 
     /// The counts this client adds to (see [`SdkClient::counting_in`]).

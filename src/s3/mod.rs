@@ -1,12 +1,13 @@
 //! s3: the S3 access layer. Everything that talks to S3 lives here: building one client per
 //! side, the operations the project uses behind one trait ([`S3Client`], the seam that tests
 //! replace with the in-process [`fake::FakeS3`]), the versions walk, bucket probes, server
-//! quirks, error classification and the one retry loop. Its operations return [`S3Error`];
+//! quirks, error classification, the one retry loop and the bandwidth limit of streamed bodies. Its operations return [`S3Error`];
 //! the stages above never convert errors back and forth.
 //!
 //! May call: the AWS SDK, `config` for a side's settings, and `events` (the retry loop's
 //! `retry` events). Nothing else of the crate.
 
+pub mod bandwidth;
 pub mod client;
 pub mod error;
 pub mod fake;
