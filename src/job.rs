@@ -374,7 +374,7 @@ async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result
     // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
     let bucket = &settings.source.bucket;
     if !crate::lister::markers_exact(&source, &retrier, bucket, &settings.selection.prefix).await? {
-        eprintln!("note: {}", crate::lister::one_part_note(bucket));
+        crate::say!("note: {}", crate::lister::one_part_note(bucket));
     }
     for line in tally.lines() {
         println!("{line}");

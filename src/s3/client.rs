@@ -42,7 +42,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use aws_smithy_types::DateTime;
 use bytes::Bytes;
 
-use super::bandwidth::{Bandwidth, Direction};
+use super::bandwidth::{Bandwidth, Direction, Place};
 use super::error::{classify, ErrorClass, S3Error};
 use super::list::parse_page;
 use super::listing_body::TakeListing;
@@ -258,6 +258,64 @@ pub struct Timeouts {
     pub connect: Duration,
     /// One attempt, from sending to the whole answer (bodies of GETs included).
     pub attempt: Duration,
+}
+
+/// `body` (of `len` bytes) paced by its place in one direction's line: each chunk goes on
+/// once the rate has paid the bytes so far. A body the SDK sends as it is read (a
+/// pass-through upload), so the limit holds per chunk, not per request.
+fn paced(body: ByteStream, len: u64, place: Place) -> ByteStream {
+    // The SDK may poll a body again after its end: fused, it says "no more" again.
+    let chunks = futures::StreamExt::fuse(futures::stream::unfold(
+        (body, place, 0u64),
+        |(mut body, mut place, read)| async move {
+            match body.next().await? {
+                Ok(chunk) => {
+                    let read = read + chunk.len() as u64;
+                    place.wait(read).await;
+                    Some((Ok(chunk), (body, place, read)))
+                }
+                Err(e) => Some((Err(BoxError::from(e)), (body, place, read))),
+            }
+        },
+    ));
+    ByteStream::from_body_1_x(PacedBody {
+        chunks: Mutex::new(Box::pin(chunks)),
+        len,
+    })
+}
+
+/// The chunks of a [`PacedBody`].
+type Chunks = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, BoxError>> + Send>>;
+
+/// The body [`paced`] hands to the SDK (which wants it `Sync`: the stream sits in a mutex
+/// that polling, through `&mut`, never locks).
+struct PacedBody {
+    chunks: Mutex<Chunks>,
+    len: u64,
+}
+
+impl http_body::Body for PacedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let chunks = self
+            .get_mut()
+            .chunks
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        chunks
+            .as_mut()
+            .poll_next(cx)
+            .map(|c| c.map(|r| r.map(http_body::Frame::data)))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len)
+    }
 }
 
 /// The slowest rate a streamed body may go at before its attempt counts as stalled.
@@ -1057,7 +1115,11 @@ impl S3Client for SdkClient {
             .await
             .map_err(|e| self.err(OP, true, e))?;
         let len = out.content_length().unwrap_or(0).max(0) as u64;
-        Ok((out.body, len))
+        Ok(match &self.bandwidth {
+            // Read at the rate, chunk by chunk, as the upload takes them.
+            Some(bw) => (paced(out.body, len, bw.place(Direction::Down, len)), len),
+            None => (out.body, len),
+        })
     }
 
     async fn put_object_stream(
@@ -1069,6 +1131,11 @@ impl S3Client for SdkClient {
     ) -> Result<WriteResult, S3Error> {
         const OP: &str = "PutObject";
         self.counts.count(OP);
+        let body = match &self.bandwidth {
+            // Sent at the rate, chunk by chunk (both directions count the same bytes).
+            Some(bw) => paced(body, len, bw.place(Direction::Up, len)),
+            None => body,
+        };
         let req = self
             .inner
             .put_object()
