@@ -9,6 +9,8 @@
 //! (replication configurations) and [`filters`] (manifest filters), applied per listed
 //! version by [`select`]; [`inputs`] reads supplied manifests (CSV, S3 Inventory) for `plan`,
 //! and [`aws_report`] writes the completion report in AWS's shape for `report --format aws`.
+//! [`estimate`] counts the requests and dollars a run will cost before it runs, and prices
+//! what a run spent (`--max-cost`).
 
 #![warn(missing_docs)]
 
@@ -16,6 +18,7 @@ pub mod aws_report;
 pub mod cli;
 pub mod config;
 pub mod copier;
+pub mod estimate;
 pub mod filters;
 pub mod inputs;
 pub mod job;
