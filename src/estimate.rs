@@ -749,6 +749,8 @@ fn dollars(d: f64) -> String {
         "$0".into()
     } else if d < 0.01 {
         format!("${d:.6}")
+    } else if d < 1.0 {
+        format!("${d:.4}")
     } else {
         format!("${d:.2}")
     }

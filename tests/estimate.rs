@@ -224,6 +224,7 @@ async fn server_side_copies_cost_what_was_estimated() {
     let o = run(&["status", "--manifest", job.m()]);
     expect_code(&o, 0);
     let text = String::from_utf8_lossy(&o.stdout);
+    println!("{text}");
     assert!(text.contains("estimate for one run of"), "{text}");
     assert!(text.contains("counted"), "{text}");
     let line = text
@@ -279,6 +280,20 @@ async fn one_request_copies_cost_what_was_estimated() {
         .as_u64()
         .unwrap();
     assert!(copies as f64 > 0.9 * tasks_of(&after) as f64, "{est}");
+}
+
+#[test]
+fn a_max_cost_that_is_not_an_amount_is_refused() {
+    for bad in ["0", "-1", "ten", "NaN"] {
+        let flag = format!("--max-cost={bad}");
+        let o = run(&["run", "--manifest", "/nonexistent.db", &flag]);
+        expect_code(&o, 2);
+        let err = stderr_of(&o);
+        assert!(
+            err.contains("is not an amount of US dollars above 0"),
+            "{bad}: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
