@@ -1295,9 +1295,6 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
         println!("{}", serde_json::to_string(&v).map_err(json)?);
     } else {
         println!("{}", report::status_text(&settings, &c));
-        for line in estimate.lines(Some(&c.requests)) {
-            println!("{line}");
-        }
         for r in m.refreshes()?.iter().filter(|r| r.generation > 0) {
             println!("refresh {}: {} tasks added", r.generation, r.tasks);
             for line in ui::refresh_findings(r) {
@@ -1305,6 +1302,9 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
             }
         }
         if let Some(line) = ui::deleted_at_source_line(&c) {
+            println!("{line}");
+        }
+        for line in estimate.lines(Some(&c.requests)) {
             println!("{line}");
         }
     }
