@@ -268,3 +268,63 @@ async fn the_model_counts_what_the_copier_sends() {
         assert_eq!(est, got, "stamp {stamp}, RGW-like answers {rgw}");
     }
 }
+
+#[test]
+fn multipart_sources_on_a_server_that_changes_their_etag_are_copied_again_once() {
+    let mut s = settings();
+    s.dest_side.endpoint = Some("http://127.0.0.1:9000".into());
+    let mp = |v: &str| task(v, 12 << 20, "\"9e107d9d372bb6826bd81d3542a419d6-3\"");
+    let timing = Timing {
+        latency_ms: 1.0,
+        from: "given".into(),
+        concurrency: 1,
+    };
+    let mut b = Builder::new(&s, Facts::default());
+    b.key("a", &[mp("v1")]);
+    b.key("b", &[mp("v1")]);
+    let e = b.finish(&Prices::builtin(), timing.clone());
+    let n = |e: &Estimate, op: &str| e.operations.get(op).map_or(0, |o| o.requests);
+    // The first: CopyObject, its HEAD, its removal, then parts; the second: parts at once.
+    assert_eq!(n(&e, "CopyObject"), 1);
+    assert_eq!(n(&e, "DeleteObject"), 1);
+    // Each: the source's HEAD and two of its parts'; the first also the copy's HEAD.
+    assert_eq!(n(&e, "HeadObject"), 2 * 3 + 1);
+    assert_eq!(n(&e, "UploadPartCopy"), 2 * 3);
+    assert_eq!(n(&e, "CreateMultipartUpload"), 2);
+    assert_eq!(n(&e, "CompleteMultipartUpload"), 2);
+    // RGW keeps the ETag: one CopyObject and its HEAD each.
+    let rgw = Facts {
+        server: Server::CephRgw,
+        ..Facts::default()
+    };
+    let mut b = Builder::new(&s, rgw);
+    b.key("a", &[mp("v1")]);
+    b.key("b", &[mp("v1")]);
+    let e = b.finish(&Prices::builtin(), timing);
+    assert_eq!((n(&e, "CopyObject"), n(&e, "UploadPartCopy")), (2, 0));
+    assert_eq!(n(&e, "HeadObject"), 2 * 2);
+}
+
+#[test]
+fn streams_between_two_endpoints_move_bytes_across_providers() {
+    let mut s = settings();
+    s.copy.mode = CopyMode::Stream;
+    s.source_side.endpoint = Some("http://a:9000".into());
+    s.dest_side.endpoint = Some("http://b:9000".into());
+    let mut b = Builder::new(&s, Facts::default());
+    b.key("a", &[task("v1", 1 << 30, MD5)]);
+    let e = b.finish(
+        &Prices::builtin(),
+        Timing {
+            latency_ms: 1.0,
+            from: "given".into(),
+            concurrency: 1,
+        },
+    );
+    let n = |op: &str| e.operations.get(op).map_or(0, |o| o.requests);
+    assert_eq!((e.bytes_across, e.bytes_within), (1 << 30, 0));
+    assert!((e.transfer_dollars - 0.09).abs() < 1e-12);
+    // 1 GiB does not fit the memory budget: parts of 16 MiB, a GET and an UploadPart each.
+    assert_eq!((n("GetObject"), n("UploadPart")), (64, 64));
+    assert_eq!(n("GetObjectTagging"), 1);
+}
