@@ -93,7 +93,8 @@ pub struct RunOptions {
     pub max_memory: u64,
     /// Restore archived source versions (`--restore-archived`): None skips them.
     pub restore: Option<RestoreAsk>,
-    /// Hard limits of this run (`--max-requests`, `--max-bytes`, `--max-duration`).
+    /// Hard limits of this run (`--max-requests`, `--max-bytes`, `--max-duration`,
+    /// `--max-cost`).
     pub limits: Limits,
 }
 
