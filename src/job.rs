@@ -528,6 +528,8 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         let probe = plan_probe(&settings, &source, &dest).await;
         let m = Manifest::open(&args.manifest, false)?;
         estimate::store_plan_facts(&m, &args.estimate, probe)?;
+        let stored = m.require_settings()?;
+        estimate::store_estimate(&m, &stored, &args.estimate, m.counts()?.total)?;
         return Ok(());
     }
     let (mut m, settings, source, dest_client, dest) =
@@ -559,6 +561,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let stats = stats?;
     let probe = plan_probe(&settings, &source, &dest).await;
     estimate::store_plan_facts(&m, &args.estimate, probe)?;
+    estimate::store_estimate(&m, &settings, &args.estimate, m.counts()?.total)?;
     if let Some(why) = &stats.not_split {
         eprintln!("note: {why}");
     }
@@ -1287,7 +1290,7 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     let mut c = m.counts()?;
     c.etag_changes = m.etag_changes()?;
     c.etag_changed = c.etag_changes.values().sum();
-    let estimate = estimate::of_manifest(&m, &settings, &args.estimate)?;
+    let estimate = estimate::of_manifest(&m, &settings, &args.estimate, c.total)?;
     if args.json {
         let json = |e: serde_json::Error| JobError::Other(e.to_string());
         let mut v = serde_json::to_value(&c).map_err(json)?;

@@ -217,7 +217,7 @@ fn estimate_of(path: &Path, server: Server) -> BTreeMap<String, u64> {
         estimate_concurrency: 32,
         ..EstimateArgs::default()
     };
-    let e = of_manifest(&m, &s, &args).unwrap();
+    let e = of_manifest(&m, &s, &args, u64::MAX).unwrap();
     e.operations
         .into_iter()
         .filter(|(op, _)| !matches!(op.as_str(), "HeadBucket" | "GetBucketVersioning"))
@@ -327,4 +327,52 @@ fn streams_between_two_endpoints_move_bytes_across_providers() {
     // 1 GiB does not fit the memory budget: parts of 16 MiB, a GET and an UploadPart each.
     assert_eq!((n("GetObject"), n("UploadPart")), (64, 64));
     assert_eq!(n("GetObjectTagging"), 1);
+}
+
+#[tokio::test]
+async fn the_estimate_stored_after_plan_is_the_scan_repriced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let server = FakeServer::new();
+    seed(&server);
+    let s = settings();
+    plan(&server, &path, &s).await;
+    let m = Manifest::open(&path, false).unwrap();
+    let total = m.counts().unwrap().total;
+    let args = EstimateArgs {
+        estimate_concurrency: 32,
+        ..EstimateArgs::default()
+    };
+    let scanned = of_manifest(&m, &s, &args, u64::MAX).unwrap();
+    store_estimate(&m, &s, &args, total).unwrap();
+    // The stored counts are used while the job has the same tasks, settings and server.
+    assert_eq!(of_manifest(&m, &s, &args, total).unwrap(), scanned);
+    let mut cheap = Prices::builtin();
+    cheap.name = "cheap".into();
+    cheap.write_per_1000 = 0.0;
+    let priced = EstimateArgs {
+        prices: Some(cheap.clone()),
+        ..args.clone()
+    };
+    let e = of_manifest(&m, &s, &priced, total).unwrap();
+    assert_eq!(
+        e.operations.keys().collect::<Vec<_>>(),
+        scanned.operations.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(e.operations["CopyObject"].dollars, 0.0);
+    assert_eq!(e.prices, "cheap (2025-01)");
+    // Another server profile, or other settings: counted again.
+    let rgw = EstimateArgs {
+        server: Some(Server::CephRgw),
+        ..args.clone()
+    };
+    assert_eq!(of_manifest(&m, &s, &rgw, total).unwrap().server, "ceph-rgw");
+    let mut other = s.clone();
+    other.copy.stamp = false;
+    other.copy.sse = Some(Sse::BucketDefault);
+    let e = of_manifest(&m, &other, &args, total).unwrap();
+    assert!(
+        e.operations.get("HeadObject").map_or(0, |o| o.requests)
+            < scanned.operations["HeadObject"].requests
+    );
 }
