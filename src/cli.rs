@@ -13,6 +13,7 @@ use crate::config::{
     Selection, SideConfig, Sse,
 };
 use crate::copier::{FailureThreshold, Limits, RestoreAsk, RunOptions};
+use crate::estimate::{Prices, Server};
 pub use crate::events::LogFormat;
 use crate::filters::{self, Filters};
 use crate::rules::ReplicationConfig;
@@ -29,6 +30,8 @@ pub struct Cli {
 }
 
 /// The commands.
+// One value per process, parsed once at start: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List every version of the source into a new (or unfinished) manifest.
@@ -211,6 +214,9 @@ pub struct PlanArgs {
     /// Logs and progress lines.
     #[command(flatten)]
     pub log: LogArgs,
+    /// What the estimate of the job's cost assumes (stored with the job).
+    #[command(flatten)]
+    pub estimate: EstimateArgs,
     /// Plan from an S3 Batch Operations CSV manifest instead of listing: no header,
     /// `Bucket,Key[,VersionId]`, keys URL-encoded, every row with a version id or none (none:
     /// the key's current version); a local file or s3://BUCKET/KEY (read with the source's
@@ -233,6 +239,43 @@ impl PlanArgs {
         use crate::config::Supplied;
         (self.from_csv.clone().map(Supplied::Csv))
             .or_else(|| self.from_inventory.clone().map(Supplied::Inventory))
+    }
+}
+
+/// What the cost estimate assumes (`plan`, where it is stored with the job, and `status`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct EstimateArgs {
+    /// A price table (JSON; see the README's "What a job will cost") instead of the built-in
+    /// one (S3 Standard, us-east-1); `plan` stores it with the job, and `run --max-cost`
+    /// uses it.
+    #[arg(long, value_name = "FILE", value_parser = parse_prices)]
+    pub prices: Option<Prices>,
+    /// How the servers answer where they differ: `s3` (AWS S3, moto) or `ceph-rgw`.
+    /// Default: the one `plan` found (Ceph RGW says so in its HeadBucket answer), else s3.
+    #[arg(long, value_enum, value_name = "SERVER")]
+    pub server: Option<Server>,
+    /// The request latency the time estimate assumes (e.g. 25ms); default: the mean of the
+    /// plan's listing requests, as measured.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub latency: Option<Duration>,
+    /// The requests in flight the time estimate assumes (run's `--concurrency`).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub estimate_concurrency: u32,
+}
+
+/// A `--prices` file, read and checked.
+fn parse_prices(s: &str) -> Result<Prices, String> {
+    Prices::from_file(s)
+}
+
+/// A `--max-cost` in US dollars: more than 0.
+fn parse_cost(s: &str) -> Result<f64, String> {
+    let t = s.trim().trim_start_matches('$');
+    match t.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not an amount of US dollars above 0 (e.g. 25 or 0.50)"
+        )),
     }
 }
 
@@ -495,6 +538,11 @@ pub struct ExecArgs {
     /// The limit changes while the run goes on.
     #[arg(long, value_name = "TIMETABLE", value_parser = parse_bandwidth_schedule)]
     pub bandwidth_schedule: Option<Schedule>,
+    /// Stop once this run's requests (and bytes streamed across providers) cost USD by the
+    /// job's price table (`--prices`, else the built-in S3 Standard us-east-1 one), as
+    /// `--max-requests` does.
+    #[arg(long, value_name = "USD", value_parser = parse_cost)]
+    pub max_cost: Option<f64>,
 }
 
 /// A `--max-bandwidth` rate (see [`crate::s3::bandwidth::parse_rate`]), as a timetable of
@@ -612,6 +660,7 @@ impl ExecArgs {
                 max_requests: self.max_requests,
                 max_bytes: self.max_bytes,
                 max_duration: self.max_duration,
+                max_cost: None,
             },
         }
     }
@@ -673,6 +722,9 @@ pub struct RunArgs {
     /// Copy-stage knobs.
     #[command(flatten)]
     pub exec: ExecArgs,
+    /// A price table for `--max-cost` instead of the job's (see `plan --prices`).
+    #[arg(long, value_name = "FILE", value_parser = parse_prices)]
+    pub prices: Option<Prices>,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -712,6 +764,7 @@ impl ReplicateArgs {
             dest_profile: None,
             list_concurrency: self.plan.list_concurrency,
             exec: self.exec.clone(),
+            prices: self.plan.estimate.prices.clone(),
             no_progress: self.plan.no_progress,
             log: self.plan.log.clone(),
         }
@@ -759,6 +812,9 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// What the estimate assumes, instead of what `plan` stored.
+    #[command(flatten)]
+    pub estimate: EstimateArgs,
 }
 
 /// Arguments of `report`.

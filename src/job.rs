@@ -29,7 +29,7 @@ use crate::s3::{
 };
 use crate::select::Selector;
 use crate::verify::{Verifier, VerifyError, VerifyReport};
-use crate::{report, ui};
+use crate::{estimate, report, ui};
 
 /// Why a command could not do its work. Each maps to an exit code and prints as one line.
 #[derive(Debug, thiserror::Error)]
@@ -360,9 +360,15 @@ async fn probe_other_dest(
     }
 }
 
-/// `plan --dry-run`: lists and selects, prints the tallies, writes nothing.
-async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result<(), JobError> {
-    let (source, dest, _) = plan_clients(&mut settings, source).await?;
+/// `plan --dry-run`: lists and selects, prints the tallies and the estimate of a run's
+/// cost, writes nothing.
+async fn dry_run(
+    args: &PlanArgs,
+    mut settings: JobSettings,
+    source: Option<SdkClient>,
+) -> Result<(), JobError> {
+    let (source, dest, facts) = plan_clients(&mut settings, source).await?;
+    let probe = plan_probe(&settings, &source, &facts).await;
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let selector = Selector {
         settings: &settings,
@@ -370,7 +376,20 @@ async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result
         dest: Some(&dest),
         retrier: &retrier,
     };
-    let tally = crate::select::dry_run(&selector, crate::lister::page_size()).await?;
+    let mut stored = std::collections::BTreeMap::new();
+    if probe.source_lock == Some(true) {
+        stored.insert("source_lock".to_string(), "true".to_string());
+    }
+    if probe.rgw {
+        stored.insert("server".to_string(), "ceph-rgw".to_string());
+    }
+    stored.insert("dest_versioned".into(), facts.versioned.to_string());
+    let (est_facts, _) = estimate::inputs_of(&stored, &args.estimate);
+    let mut feed = estimate::ListingFeed::new(estimate::Builder::new(&settings, est_facts));
+    let tally = crate::select::dry_run_each(&selector, crate::lister::page_size(), |e, d| {
+        feed.entry(e, d)
+    })
+    .await?;
     // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
     let bucket = &settings.source.bucket;
     if !crate::lister::markers_exact(&source, &retrier, bucket, &settings.selection.prefix).await? {
@@ -379,7 +398,46 @@ async fn dry_run(mut settings: JobSettings, source: Option<SdkClient>) -> Result
     for line in tally.lines() {
         println!("{line}");
     }
+    if let Some((mean, n)) = source.requests().mean_listing() {
+        stored.insert(
+            "latency_ms".into(),
+            (mean.as_secs_f64() * 1000.0).to_string(),
+        );
+        stored.insert("latency_listings".into(), n.to_string());
+    }
+    let (_, timing) = estimate::inputs_of(&stored, &args.estimate);
+    let prices = estimate::prices_of(&stored, args.estimate.prices.as_ref());
+    for line in feed.finish(&prices, timing).lines(None) {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// What the estimate needs to know of the buckets (see [`estimate::PlanProbe`]): the source's
+/// object lock is read (one request) only where a small version may be copied in one
+/// request (it then keeps the HEAD of every version).
+async fn plan_probe(
+    settings: &JobSettings,
+    source: &SdkClient,
+    dest: &BucketFacts,
+) -> estimate::PlanProbe {
+    let one_request = !settings.copy.stamp && settings.copy.sse.is_some();
+    let source_lock = match one_request {
+        true => preflight()
+            .call(&Default::default(), || {
+                source.object_lock_enabled(&settings.source.bucket)
+            })
+            .await
+            .ok()
+            .or(Some(true)),
+        false => None,
+    };
+    estimate::PlanProbe {
+        rgw: dest.rgw,
+        dest_versioned: dest.versioned,
+        source_lock,
+        listing: source.requests().mean_listing(),
+    }
 }
 
 /// `plan --dry-run --from-csv/--from-inventory`: reads and selects the supplied manifest's
@@ -457,7 +515,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         if let Some(input) = args.supplied() {
             return dry_run_supplied(args, settings, source, &input).await;
         }
-        return dry_run(settings, source).await;
+        return dry_run(args, settings, source).await;
     }
     let _lock = lock_manifest(&args.manifest)?;
     let existing = existing_manifest(args, &settings)?;
@@ -474,7 +532,13 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
             manifest: &args.manifest,
             dest_versioned: dest.versioned || settings.selection.latest_only,
         };
-        return plan_supplied(args, existing, &job, &input).await;
+        plan_supplied(args, existing, &job, &input).await?;
+        let probe = plan_probe(&settings, &source, &dest).await;
+        let m = Manifest::open(&args.manifest, false)?;
+        estimate::store_plan_facts(&m, &args.estimate, probe)?;
+        let stored = m.require_settings()?;
+        estimate::store_estimate(&m, &stored, &args.estimate, m.counts()?.total)?;
+        return Ok(());
     }
     let (mut m, settings, source, dest_client, dest) =
         prepare_listing(settings, source, existing, &args.manifest).await?;
@@ -509,6 +573,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let stats = stats?;
     let listed = m.listing()?;
     log.complete(listed.entries, listed.pages);
+    let probe = plan_probe(&settings, &source, &dest).await;
+    estimate::store_plan_facts(&m, &args.estimate, probe)?;
+    estimate::store_estimate(&m, &settings, &args.estimate, m.counts()?.total)?;
     if let Some(why) = &stats.not_split {
         crate::say!("note: {why}");
     }
@@ -621,8 +688,10 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
         None => false,
     };
     if !complete || plan.refresh {
-        let (mut m, settings, source, ..) =
+        let (mut m, settings, source, _, dest) =
             prepare_listing(settings, source, existing, &plan.manifest).await?;
+        let probe = plan_probe(&settings, &source, &dest).await;
+        estimate::store_plan_facts(&m, &plan.estimate, probe)?;
         if plan.refresh {
             begin_refresh(&mut m, &source, &settings).await?;
         }
@@ -1009,7 +1078,16 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
         m.wait_for_locks_briefly()?;
     }
     let (source, dest) = (clients.0.clone(), clients.1.clone());
-    let opts = args.exec.run_options();
+    let mut opts = args.exec.run_options();
+    if let Some(max_usd) = args.exec.max_cost {
+        let stored = m.estimate_facts()?;
+        opts.limits.max_cost = Some(estimate::CostLimit {
+            max_usd,
+            prices: estimate::prices_of(&stored, args.prices.as_ref()),
+            across: !settings.server_side()
+                && settings.source_side.endpoint != settings.dest_side.endpoint,
+        });
+    }
     let copier = Copier::new(
         settings.clone(),
         clients,
@@ -1276,12 +1354,15 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     c.etag_changed = c.etag_changes.values().sum();
     let now = crate::events::ticker::now_secs();
     let running = crate::events::ticker::fresh(m.run_progress()?, now);
+    let estimate = estimate::of_manifest(&m, &settings, &args.estimate, c.total)?;
     if args.json {
-        let mut v = serde_json::to_value(&c).map_err(|e| JobError::Other(e.to_string()))?;
+        let json = |e: serde_json::Error| JobError::Other(e.to_string());
+        let mut v = serde_json::to_value(&c).map_err(json)?;
         if let Some(o) = v.as_object_mut() {
             o.extend(running_fields(running.as_ref()));
         }
-        println!("{v}");
+        v["estimate"] = serde_json::to_value(&estimate).map_err(json)?;
+        println!("{}", serde_json::to_string(&v).map_err(json)?);
     } else {
         println!("{}", report::status_text(&settings, &c));
         if let Some(p) = &running {
@@ -1294,6 +1375,9 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
             }
         }
         if let Some(line) = ui::deleted_at_source_line(&c) {
+            println!("{line}");
+        }
+        for line in estimate.lines(Some(&c.requests)) {
             println!("{line}");
         }
     }

@@ -11,6 +11,8 @@
 //! and [`aws_report`] writes the completion report in AWS's shape for `report --format aws`.
 //! [`events`] is what `plan`, `run` and `replicate` write to stderr: text for a person or
 //! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
+//! [`estimate`] counts the requests and dollars a run will cost before it runs, and prices
+//! what a run spent (`--max-cost`).
 
 #![warn(missing_docs)]
 // Every line on stderr goes through `events` (`say!`), so that `--log-format json` holds.
@@ -20,6 +22,7 @@ pub mod aws_report;
 pub mod cli;
 pub mod config;
 pub mod copier;
+pub mod estimate;
 pub mod events;
 pub mod filters;
 pub mod inputs;

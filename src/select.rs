@@ -235,6 +235,16 @@ pub async fn dry_run<C: S3Client>(
     selector: &Selector<'_, C>,
     page_size: i32,
 ) -> Result<DryRun, S3Error> {
+    dry_run_each(selector, page_size, |_, _| {}).await
+}
+
+/// [`dry_run`], calling `each` with every listed entry and its destinations (none: not
+/// selected), in listing order.
+pub async fn dry_run_each<C: S3Client>(
+    selector: &Selector<'_, C>,
+    page_size: i32,
+    mut each: impl FnMut(&VersionEntry, &[i64]),
+) -> Result<DryRun, S3Error> {
     let s = selector.settings;
     let from = crate::s3::ListFrom {
         bucket: s.source.bucket.clone(),
@@ -251,6 +261,7 @@ pub async fn dry_run<C: S3Client>(
             out.listed += 1;
             let dests = selector.destinations(e).await?;
             out.add(s, e, &dests);
+            each(e, &dests);
         }
         if !page.truncated {
             break;

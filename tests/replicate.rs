@@ -413,10 +413,13 @@ async fn each_hard_limit_stops_a_run_and_the_next_run_completes_the_job() {
     seed(&c, &src, corpus(24)).await;
     let dst = bucket("limits-dst");
     create_bucket(&c, &dst, true).await;
-    let limits: [(&str, &[&str]); 3] = [
+    // --max-cost by the built-in prices: $0.005 per 1,000 CopyObject, $0.0004 per 1,000
+    // HEADs: $0.00003 is a handful of versions.
+    let limits: [(&str, &[&str]); 4] = [
         ("--max-requests 12 reached", &["--max-requests", "12"]),
         ("--max-bytes 40 B reached", &["--max-bytes", "40B"]),
         ("--max-duration 1ms reached", &["--max-duration", "1ms"]),
+        ("--max-cost $0.00003 reached", &["--max-cost", "0.00003"]),
     ];
     for (i, (said, flags)) in limits.into_iter().enumerate() {
         let (_d, m) = manifest();
@@ -439,6 +442,20 @@ async fn each_hard_limit_stops_a_run_and_the_next_run_completes_the_job() {
             // Two keys in flight, a handful of requests each, at most.
             let n = requests_of_run(&o);
             assert!(n <= 12 + 2 * 6, "{n} requests: {err}");
+        }
+        if flags[0] == "--max-cost" {
+            // The run's requests, priced: at the limit, past it by two tasks' requests at
+            // most (a CopyObject, HEADs and tag requests each).
+            let spent: f64 = err
+                .split("reached ($")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_else(|| panic!("the dollars spent: {err}"));
+            assert!(
+                (0.00003..=0.00003 + 2.0 * 0.000012).contains(&spent),
+                "{spent}: {err}"
+            );
         }
         expect_code(&job.run(&[]), 0);
         assert_eq!(job.status().done, total);

@@ -32,7 +32,7 @@ pub use progress::RunSummary;
 pub use scheduler::ListingState;
 pub use strategy::{
     choose_layout, choose_plan, composite_etag, infer_part_sizes, CopyPlan, Layout, Route,
-    SourceUpload, MAX_LAYOUT_TRIES,
+    SourceUpload, MAX_LAYOUT_TRIES, MEMORY_RESERVE,
 };
 
 use std::collections::BTreeMap;
@@ -93,14 +93,15 @@ pub struct RunOptions {
     pub max_memory: u64,
     /// Restore archived source versions (`--restore-archived`): None skips them.
     pub restore: Option<RestoreAsk>,
-    /// Hard limits of this run (`--max-requests`, `--max-bytes`, `--max-duration`).
+    /// Hard limits of this run (`--max-requests`, `--max-bytes`, `--max-duration`,
+    /// `--max-cost`).
     pub limits: Limits,
 }
 
 /// Hard limits of one run: once one is reached, no task starts, the tasks in flight finish
 /// (so the overshoot is at most their requests and bytes), and the run ends with the limit
 /// named; the next run continues.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Limits {
     /// Requests (both sides, every operation) this run.
     pub max_requests: Option<u64>,
@@ -108,6 +109,8 @@ pub struct Limits {
     pub max_bytes: Option<u64>,
     /// Wall time of this run.
     pub max_duration: Option<std::time::Duration>,
+    /// Dollars of this run's requests and of its bytes across providers (`--max-cost`).
+    pub max_cost: Option<crate::estimate::CostLimit>,
 }
 
 /// What `--restore-archived DAYS --restore-tier TIER` asks of each archived source version.
@@ -304,7 +307,7 @@ impl<C: S3Client> Copier<C> {
             memory: strategy::Budget::new(opts.max_memory),
             learner: learn::Learner::default(),
             restore: opts.restore.clone(),
-            limits: opts.limits,
+            limits: opts.limits.clone(),
             started: std::time::Instant::now(),
         })
     }
@@ -315,7 +318,7 @@ impl<C: S3Client> Copier<C> {
         if self.control.limit().is_some() {
             return true;
         }
-        let l = self.limits;
+        let l = &self.limits;
         let requests = self.source.requests().total() + self.dest.requests().total();
         let bytes = self.progress.bytes();
         let elapsed = self.started.elapsed();
@@ -330,6 +333,8 @@ impl<C: S3Client> Copier<C> {
                 indicatif::HumanBytes(l.max_bytes.unwrap_or_default()),
                 indicatif::HumanBytes(bytes)
             )
+        } else if let Some(why) = self.over_cost() {
+            why
         } else if l.max_duration.is_some_and(|m| elapsed >= m) {
             format!(
                 "--max-duration {} reached",
@@ -340,6 +345,27 @@ impl<C: S3Client> Copier<C> {
         };
         self.control.reach_limit(why);
         true
+    }
+
+    /// `--max-cost` reached: this run's requests (both sides) and bytes across providers,
+    /// by the limit's price table.
+    fn over_cost(&self) -> Option<String> {
+        let c = self.limits.max_cost.as_ref()?;
+        let counts = self
+            .source
+            .requests()
+            .snapshot()
+            .into_iter()
+            .chain(self.dest.requests().snapshot());
+        let across = if c.across { self.progress.bytes() } else { 0 };
+        let spent = crate::estimate::cost_of(&c.prices, counts, across);
+        (spent >= c.max_usd).then(|| {
+            format!(
+                "--max-cost ${} reached (${spent:.6} spent this run, prices {})",
+                c.max_usd,
+                c.prices.label()
+            )
+        })
     }
 
     /// Stops the run at `--max-duration` even while no task starts or ends (a long copy, a

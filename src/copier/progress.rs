@@ -43,7 +43,7 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Stopped by the failure threshold or a job-wide error: why.
     pub aborted: Option<String>,
-    /// Stopped at a hard limit (`--max-requests`, `--max-bytes`, `--max-duration`): which.
+    /// Stopped at a hard limit (`--max-requests`, `--max-bytes`, `--max-duration`, `--max-cost`): which.
     pub limit: Option<String>,
 }
 

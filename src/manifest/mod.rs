@@ -11,11 +11,14 @@
 //! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
 //! in sorted runs), `schema` (tables, triggers), `migrate`
 //! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
-//! `writer` (updates and the writer thread), `run_progress` (a running run's rate and ETA).
+//! `writer` (updates and the writer thread), `run_progress` (a running run's rate and ETA),
+//! `estimate` (every task, key by key, for the cost estimate, and the facts `plan` stores
+//! for it).
 //!
 //! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
 
 mod codec;
+mod estimate;
 mod keys;
 mod migrate;
 mod pages;

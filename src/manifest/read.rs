@@ -22,7 +22,7 @@ use super::{
 };
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
-fn task_select(cond: &str, order: &str) -> String {
+pub(super) fn task_select(cond: &str, order: &str) -> String {
     format!(
         "SELECT t.id, t.version_id, t.flags, t.size, t.etag, t.last_modified,
          t.storage_class, t.checksum_algorithm, t.state, t.attempts, t.dest_version_id,
@@ -37,7 +37,7 @@ fn task_select(cond: &str, order: &str) -> String {
 const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
 
 /// Why a row could not be read: SQLite failed, or a value this build does not know.
-enum RowError {
+pub(super) enum RowError {
     Sql(rusqlite::Error),
     Bad(String),
 }
@@ -49,7 +49,7 @@ impl From<rusqlite::Error> for RowError {
 }
 
 impl Manifest {
-    fn row_error(&self, e: RowError) -> ManifestError {
+    pub(super) fn row_error(&self, e: RowError) -> ManifestError {
         match e {
             RowError::Sql(e) => self.sql(e),
             RowError::Bad(what) => ManifestError::BadState(self.path.clone(), what),
@@ -71,7 +71,7 @@ fn class_name(code: Option<i64>) -> std::result::Result<Option<String>, RowError
 }
 
 /// A row of [`task_select`].
-fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
+pub(super) fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
     let flags: i64 = r.get(2)?;
     let bad = RowError::Bad;
     Ok(Task {

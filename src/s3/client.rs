@@ -223,9 +223,10 @@ pub const OPERATIONS: [&str; 18] = [
     "RestoreObject",
 ];
 
-/// Requests sent, per operation (every attempt counts).
+/// Requests sent, per operation (every attempt counts), and the time the successful
+/// listings took (microseconds, count) for the cost estimate's latency.
 #[derive(Debug, Default)]
-pub struct RequestCounts([AtomicU64; OPERATIONS.len()]);
+pub struct RequestCounts([AtomicU64; OPERATIONS.len()], [AtomicU64; 2]);
 
 impl RequestCounts {
     /// Counts one request of `op` (an entry of [`OPERATIONS`]; others are not counted).
@@ -248,6 +249,19 @@ impl RequestCounts {
     /// The total of all operations.
     pub fn total(&self) -> u64 {
         self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Counts the time one successful listing request took.
+    pub fn time_listing(&self, took: Duration) {
+        self.1[0].fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.1[1].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The mean time of the successful listings, and how many there were (None: none).
+    pub fn mean_listing(&self) -> Option<(Duration, u64)> {
+        let n = self.1[1].load(Ordering::Relaxed);
+        let micros = self.1[0].load(Ordering::Relaxed);
+        (n > 0).then(|| (Duration::from_micros(micros / n), n))
     }
 }
 
@@ -481,6 +495,31 @@ impl Intercept for RawBody {
             .bytes()
             .map(Bytes::copy_from_slice);
         *self.0.lock().expect("raw body lock") = body;
+        Ok(())
+    }
+}
+
+/// Whether an answer came from Ceph RGW: it has `X-RGW-Object-Count` (RGW's HeadBucket).
+#[derive(Clone, Debug, Default)]
+struct RgwHeaders(Arc<AtomicBool>);
+
+impl Intercept for RgwHeaders {
+    fn name(&self) -> &'static str {
+        "RgwHeaders"
+    }
+
+    fn read_after_deserialization(
+        &self,
+        context: &AfterDeserializationInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let rgw = context
+            .response()
+            .headers()
+            .get("x-rgw-object-count")
+            .is_some();
+        self.0.store(rgw, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -817,6 +856,7 @@ impl S3Client for SdkClient {
         const OP: &str = "ListObjectVersions";
         self.counts.count(OP);
         let raw = TakeListing::default();
+        let started = std::time::Instant::now();
         self.inner
             .list_object_versions()
             .bucket(&from.bucket)
@@ -830,6 +870,7 @@ impl S3Client for SdkClient {
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;
+        self.counts.time_listing(started.elapsed());
         let body = raw.take().ok_or_else(|| {
             S3Error::other(
                 self.side,
@@ -1438,10 +1479,13 @@ impl S3Client for SdkClient {
 
     async fn probe_bucket(&self, bucket: &str) -> Result<BucketFacts, S3Error> {
         self.counts.count("HeadBucket");
+        let rgw = RgwHeaders::default();
         let head = self
             .inner
             .head_bucket()
             .bucket(bucket)
+            .customize()
+            .interceptor(rgw.clone())
             .send()
             .await
             .map_err(|e| self.err("HeadBucket", false, e))?;
@@ -1451,6 +1495,7 @@ impl S3Client for SdkClient {
             versioned: status.as_deref() == Some("Enabled"),
             suspended: status.as_deref() == Some("Suspended"),
             object_lock: self.bucket_object_lock(bucket).await,
+            rgw: rgw.0.load(Ordering::Relaxed),
         })
     }
 }

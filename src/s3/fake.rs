@@ -1060,6 +1060,7 @@ impl S3Client for FakeS3 {
                 versioned: b.versioned,
                 suspended: b.suspended,
                 object_lock: b.object_lock,
+                rgw: false,
             })
         })
     }

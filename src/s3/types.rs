@@ -356,6 +356,9 @@ pub struct BucketFacts {
     pub suspended: bool,
     /// Object lock is enabled on the bucket.
     pub object_lock: bool,
+    /// The server is Ceph RGW: its HeadBucket answer has `X-RGW-*` headers (for the cost
+    /// estimate's server profile).
+    pub rgw: bool,
 }
 
 /// One page of a versions listing.
