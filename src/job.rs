@@ -780,8 +780,21 @@ impl S3Client for RoutedClient {
     async fn get_object_stream(
         &self,
         obj: &crate::s3::ObjectRef,
+        range: Option<(u64, u64)>,
     ) -> Result<(aws_sdk_s3::primitives::ByteStream, u64), S3Error> {
-        self.of(&obj.bucket).get_object_stream(obj).await
+        self.of(&obj.bucket).get_object_stream(obj, range).await
+    }
+    async fn upload_part_stream(
+        &self,
+        dest: &crate::s3::ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: aws_sdk_s3::primitives::ByteStream,
+        len: u64,
+    ) -> Result<crate::s3::PartResult, S3Error> {
+        self.of(&dest.bucket)
+            .upload_part_stream(dest, upload_id, n, body, len)
+            .await
     }
     async fn put_object_stream(
         &self,

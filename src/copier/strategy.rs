@@ -1113,7 +1113,7 @@ impl<C: S3Client> Copier<C> {
         let side = self.source.side();
         let wrote = self
             .write_version(ctx, false, || async {
-                let (body, len) = self.source.get_object_stream(&src).await?;
+                let (body, len) = self.source.get_object_stream(&src, None).await?;
                 if len != head.size {
                     return Err(S3Error::other(
                         side,
@@ -1359,10 +1359,34 @@ impl<C: S3Client> Copier<C> {
                 })
                 .await;
         }
-        let _held = self.memory.hold(range.1 - range.0 + 1).await?;
-        let body = self
-            .get_range(ctx, Some(range), range.1 - range.0 + 1)
-            .await?;
+        let size = range.1 - range.0 + 1;
+        if !content_md5 && head.checksum.is_none() {
+            // Checked by the parts' ETags before completing, no checksum to keep: the ranged
+            // GET's body is passed to the UploadPart as it arrives (not held, not copied), the
+            // two retried together (an UploadPart is idempotent).
+            let _held = self.memory.hold(PASS_THROUGH_HELD.min(size)).await?;
+            let src = ctx.source(&self.settings.source.bucket);
+            let side = self.source.side();
+            return self
+                .retrier
+                .call(&ctx.retries, || async {
+                    let (body, len) = self.source.get_object_stream(&src, Some(range)).await?;
+                    if len != size {
+                        return Err(S3Error::other(
+                            side,
+                            "GetObject",
+                            ErrorClass::Retryable,
+                            format!("expected {size} bytes, got {len}"),
+                        ));
+                    }
+                    self.dest
+                        .upload_part_stream(&ctx.dest, upload_id, n, body, len)
+                        .await
+                })
+                .await;
+        }
+        let _held = self.memory.hold(size).await?;
+        let body = self.get_range(ctx, Some(range), size).await?;
         let md5 = content_md5.then(|| md5_b64(&body));
         let alg = head.checksum.as_ref().map(|c| c.algorithm);
         self.retrier

@@ -92,12 +92,14 @@ pub trait S3Client: Send + Sync + 'static {
         body: Bytes,
         attrs: &WriteAttrs,
     ) -> impl Future<Output = Result<WriteResult, S3Error>> + Send;
-    /// The whole body of one version as a stream, with the length the answer announces: to
-    /// be handed to [`S3Client::put_object_stream`] as it arrives (a pass-through copy: the
+    /// The body of one version (or the inclusive byte range) as a stream, with the length the
+    /// answer announces: to be handed to [`S3Client::put_object_stream`] or
+    /// [`S3Client::upload_part_stream`] as it arrives (a pass-through copy: the
     /// body is neither held nor copied here).
     fn get_object_stream(
         &self,
         obj: &ObjectRef,
+        range: Option<(u64, u64)>,
     ) -> impl Future<Output = Result<(ByteStream, u64), S3Error>> + Send;
     /// Uploads one object in one request from a stream of `len` bytes (a GetObject's body).
     /// The attempt's time limit grows with `len` (see [`Timeouts::for_body`]).
@@ -146,6 +148,16 @@ pub trait S3Client: Send + Sync + 'static {
         body: Bytes,
         md5: Option<&str>,
         algorithm: Option<ChecksumAlgorithm>,
+    ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
+    /// Uploads part `n` from a stream of `len` bytes (a ranged GetObject's body), without a
+    /// Content-MD5: the caller checks the parts' ETags against the source's before completing.
+    fn upload_part_stream(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: ByteStream,
+        len: u64,
     ) -> impl Future<Output = Result<PartResult, S3Error>> + Send;
     /// Completes a multipart upload with its parts, in order.
     fn complete_multipart(
@@ -746,6 +758,27 @@ impl SdkClient {
         classify(self.side, op, reads_source, e)
     }
 
+    /// The error of an upload whose body is another request's answer: when that body breaks
+    /// off (a reset, a cut-short GET), the SDK calls the upload's failure the caller's (a
+    /// "user" error, fatal for a body held here). It is a failed read of the source: retried.
+    fn streamed_err<E>(
+        &self,
+        op: &'static str,
+        e: aws_sdk_s3::error::SdkError<E, aws_smithy_runtime_api::http::Response>,
+    ) -> S3Error
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let body_broke =
+            matches!(&e, aws_sdk_s3::error::SdkError::DispatchFailure(d) if d.is_user());
+        let mut err = self.err(op, false, e);
+        if body_broke && err.class == ErrorClass::Fatal {
+            err.class = ErrorClass::Retryable;
+            err.message = format!("the source's body broke off: {}", err.message);
+        }
+        err
+    }
+
     /// A checksum algorithm header, unless this side computes checksums only when required.
     fn algorithm(
         &self,
@@ -1142,7 +1175,11 @@ impl S3Client for SdkClient {
         })
     }
 
-    async fn get_object_stream(&self, obj: &ObjectRef) -> Result<(ByteStream, u64), S3Error> {
+    async fn get_object_stream(
+        &self,
+        obj: &ObjectRef,
+        range: Option<(u64, u64)>,
+    ) -> Result<(ByteStream, u64), S3Error> {
         const OP: &str = "GetObject";
         self.counts.count(OP);
         let out = self
@@ -1152,6 +1189,7 @@ impl S3Client for SdkClient {
             .key(&obj.key)
             .set_version_id(obj.version_id.clone())
             .set_if_match(obj.if_match.clone())
+            .set_range(range.map(|(a, b)| format!("bytes={a}-{b}")))
             .send()
             .await
             .map_err(|e| self.err(OP, true, e))?;
@@ -1203,19 +1241,7 @@ impl S3Client for SdkClient {
         }
         .send()
         .await
-        .map_err(|e| {
-            // The body is another request's answer: when it breaks off (a reset, a cut-short
-            // GET), the SDK calls the upload's failure the caller's (a "user" error, fatal
-            // for a body held here). It is a failed read of the source: retried.
-            let body_broke =
-                matches!(&e, aws_sdk_s3::error::SdkError::DispatchFailure(d) if d.is_user());
-            let mut err = self.err(OP, false, e);
-            if body_broke && err.class == ErrorClass::Fatal {
-                err.class = ErrorClass::Retryable;
-                err.message = format!("the source's body broke off: {}", err.message);
-            }
-            err
-        })?;
+        .map_err(|e| self.streamed_err(OP, e))?;
         Ok(WriteResult {
             version_id: o.version_id().map(str::to_string),
             etag: o.e_tag().map(str::to_string),
@@ -1330,6 +1356,42 @@ impl S3Client for SdkClient {
             .send()
             .await
             .map_err(|e| self.err(OP, false, e))?;
+        Ok(part_record(n, o.e_tag(), checksum_fields!(o)))
+    }
+
+    async fn upload_part_stream(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: ByteStream,
+        len: u64,
+    ) -> Result<PartResult, S3Error> {
+        const OP: &str = "UploadPart";
+        self.counts.count(OP);
+        let body = match &self.bandwidth {
+            Some(bw) => paced(body, len, bw.place(Direction::Up, len)),
+            None => body,
+        };
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(self.timeouts.connect)
+            .operation_attempt_timeout(self.timeouts.for_body(len))
+            .build();
+        let o = self
+            .inner
+            .upload_part()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .upload_id(upload_id)
+            .part_number(n)
+            .body(body)
+            .content_length(len as i64)
+            .customize()
+            .config_override(self.md5_checked(None).timeout_config(timeouts))
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|e| self.streamed_err(OP, e))?;
         Ok(part_record(n, o.e_tag(), checksum_fields!(o)))
     }
 

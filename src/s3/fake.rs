@@ -791,8 +791,9 @@ impl S3Client for FakeS3 {
     async fn get_object_stream(
         &self,
         obj: &ObjectRef,
+        range: Option<(u64, u64)>,
     ) -> Result<(aws_sdk_s3::primitives::ByteStream, u64), S3Error> {
-        let body = self.get_object(obj, None).await?;
+        let body = self.get_object(obj, range).await?;
         let len = body.len() as u64;
         Ok((body.into(), len))
     }
@@ -920,6 +921,34 @@ impl S3Client for FakeS3 {
         self.op("UploadPart", &dest.key, |s| {
             add_part(s, self.side, dest, upload_id, n, body)
         })
+    }
+
+    async fn upload_part_stream(
+        &self,
+        dest: &ObjectRef,
+        upload_id: &str,
+        n: i32,
+        body: aws_sdk_s3::primitives::ByteStream,
+        len: u64,
+    ) -> Result<PartResult, S3Error> {
+        let body = body.collect().await.map_err(|e| {
+            S3Error::other(
+                Side::Source,
+                "GetObject",
+                ErrorClass::Retryable,
+                e.to_string(),
+            )
+        })?;
+        let body = body.into_bytes();
+        if body.len() as u64 != len {
+            return Err(S3Error::other(
+                Side::Dest,
+                "UploadPart",
+                ErrorClass::Retryable,
+                format!("body of {} bytes, {len} announced", body.len()),
+            ));
+        }
+        self.upload_part(dest, upload_id, n, body, None, None).await
     }
 
     async fn complete_multipart(
