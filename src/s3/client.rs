@@ -344,6 +344,14 @@ impl http_body::Body for PacedBody {
     }
 }
 
+/// A passed-through upload's body goes at the pace of its GET (and of `--max-bandwidth`): the
+/// SDK's stalled-stream check (an upload at 0 B/s for 5 s fails) would fail it whenever the
+/// source pauses or the limit makes it wait its turn. Its attempt's time limit
+/// ([`Timeouts::for_body`]) bounds it instead.
+fn no_stall_check() -> aws_sdk_s3::config::StalledStreamProtectionConfig {
+    aws_sdk_s3::config::StalledStreamProtectionConfig::disabled()
+}
+
 /// The slowest rate a streamed body may go at before its attempt counts as stalled.
 const SLOWEST_BODY_RATE: u64 = 256 * 1024;
 
@@ -1232,12 +1240,15 @@ impl S3Client for SdkClient {
             Some(_) => req
                 .config_override(
                     self.md5_checked(attrs.checksum_algorithm)
-                        .timeout_config(timeouts),
+                        .timeout_config(timeouts)
+                        .stalled_stream_protection(no_stall_check()),
                 )
                 .disable_payload_signing(),
-            None => {
-                req.config_override(aws_sdk_s3::config::Builder::default().timeout_config(timeouts))
-            }
+            None => req.config_override(
+                aws_sdk_s3::config::Builder::default()
+                    .timeout_config(timeouts)
+                    .stalled_stream_protection(no_stall_check()),
+            ),
         }
         .send()
         .await
@@ -1387,7 +1398,11 @@ impl S3Client for SdkClient {
             .body(body)
             .content_length(len as i64)
             .customize()
-            .config_override(self.md5_checked(None).timeout_config(timeouts))
+            .config_override(
+                self.md5_checked(None)
+                    .timeout_config(timeouts)
+                    .stalled_stream_protection(no_stall_check()),
+            )
             .disable_payload_signing()
             .send()
             .await
