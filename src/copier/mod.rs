@@ -26,7 +26,7 @@ mod reconcile;
 mod scheduler;
 mod strategy;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use progress::RunSummary;
 pub use scheduler::ListingState;

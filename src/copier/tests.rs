@@ -16,10 +16,10 @@ use crate::s3::fake::{FakeS3, FakeServer, FaultKind};
 use crate::s3::{ErrorClass, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, Side, STAMP_KEY};
 use crate::select::Selector;
 
-const SRC: &str = "src";
-const DST: &str = "dst";
+pub(crate) const SRC: &str = "src";
+pub(crate) const DST: &str = "dst";
 
-fn settings() -> JobSettings {
+pub(crate) fn settings() -> JobSettings {
     JobSettings {
         source: Location {
             bucket: SRC.into(),
@@ -46,7 +46,7 @@ fn settings() -> JobSettings {
     }
 }
 
-fn opts() -> RunOptions {
+pub(crate) fn opts() -> RunOptions {
     RunOptions {
         concurrency: 8,
         policy: RetryPolicy {
@@ -118,7 +118,7 @@ fn copier(server: &FakeServer, path: &Path, o: &RunOptions) -> Arc<Copier<FakeS3
 
 /// One `run` over the manifest; returns its summary and the lowest bound on requests in
 /// flight it reached.
-async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, usize) {
+pub(crate) async fn run(server: &FakeServer, path: &Path, o: RunOptions) -> (RunSummary, usize) {
     let copier = copier(server, path, &o);
     let summary = Arc::clone(&copier).run().await;
     copier.flush().await;
@@ -641,7 +641,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
 }
 
 /// Plans the source into a new manifest at `path` with `s`.
-async fn plan_with(server: &FakeServer, path: &Path, s: &JobSettings) {
+pub(crate) async fn plan_with(server: &FakeServer, path: &Path, s: &JobSettings) {
     let mut m = Manifest::open(path, true).unwrap();
     m.store_settings(s).unwrap();
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));

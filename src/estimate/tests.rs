@@ -4,47 +4,11 @@
 //! do not (as RGW's), where ids are learned from listings.
 
 use std::path::Path;
-use std::time::Duration;
-
-use indicatif::ProgressBar;
 
 use super::*;
-use crate::config::{CopyMode, CopyOptions, Location, Selection, SideConfig, Sse};
-use crate::copier::{Copier, DestFacts, RunOptions};
-use crate::lister::Lister;
+use crate::config::{CopyMode, Sse};
+use crate::copier::tests::{opts, plan_with, settings, DST, SRC};
 use crate::s3::fake::FakeServer;
-use crate::s3::{Limiter, Retrier, RetryPolicy, Side};
-use crate::select::Selector;
-
-const SRC: &str = "src";
-const DST: &str = "dst";
-
-fn settings() -> JobSettings {
-    JobSettings {
-        source: Location {
-            bucket: SRC.into(),
-            prefix: String::new(),
-        },
-        dest: Location {
-            bucket: DST.into(),
-            prefix: String::new(),
-        },
-        source_side: SideConfig::default(),
-        dest_side: SideConfig::default(),
-        selection: Selection {
-            delete_markers: true,
-            ..Selection::default()
-        },
-        copy: CopyOptions {
-            mode: CopyMode::ServerSide,
-            ..CopyOptions::default()
-        },
-        filters: Default::default(),
-        replication: None,
-        destinations: Vec::new(),
-        supplied: None,
-    }
-}
 
 #[test]
 fn the_builtin_table_prices_by_class() {
@@ -148,58 +112,10 @@ fn rgw_learns_last_versions_from_listings_and_heads_the_others() {
     assert_eq!(n("ListObjectVersions"), 3 + 3 + 1);
 }
 
-/// Plans the fake's source into a new manifest with `s`.
-async fn plan(server: &FakeServer, path: &Path, s: &JobSettings) {
-    let mut m = Manifest::open(path, true).unwrap();
-    m.store_settings(s).unwrap();
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = server.client(Side::Source);
-    let selector = Selector {
-        settings: s,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: s,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
-    lister.list_into(&mut m, |_| {}).await.unwrap();
-}
-
 /// Runs the copier over the manifest; returns the counted requests (the run's bucket probes
 /// are made by `job`, not here).
 async fn run(server: &FakeServer, path: &Path) -> BTreeMap<String, u64> {
-    let m = Manifest::open(path, false).unwrap();
-    let stored = m.settings().unwrap().expect("planned");
-    let facts = DestFacts {
-        versioned: true,
-        object_lock: false,
-    };
-    let o = RunOptions {
-        concurrency: 8,
-        policy: RetryPolicy {
-            max_attempts: 6,
-            min_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(5),
-        },
-        ..RunOptions::default()
-    };
-    let clients = (server.client(Side::Source), server.client(Side::Dest));
-    let copier = Copier::new(
-        stored,
-        clients,
-        facts,
-        m.into_writer(),
-        &o,
-        ProgressBar::hidden(),
-    );
-    let summary = std::sync::Arc::clone(&copier).run().await;
-    copier.flush().await;
-    drop(copier);
+    let (summary, _) = crate::copier::tests::run(server, path, opts()).await;
     assert_eq!(summary.failed, 0);
     Manifest::open(path, false)
         .unwrap()
@@ -256,7 +172,7 @@ async fn the_model_counts_what_the_copier_sends() {
             s.copy.stamp = false;
             s.copy.sse = Some(Sse::BucketDefault);
         }
-        plan(&server, &path, &s).await;
+        plan_with(&server, &path, &s).await;
         let profile = if rgw { Server::CephRgw } else { Server::S3 };
         let est = estimate_of(&path, profile);
         let mut got = run(&server, &path).await;
@@ -337,7 +253,7 @@ async fn the_estimate_stored_after_plan_is_the_scan_repriced() {
     let server = FakeServer::new();
     seed(&server);
     let s = settings();
-    plan(&server, &path, &s).await;
+    plan_with(&server, &path, &s).await;
     let m = Manifest::open(&path, false).unwrap();
     let total = m.counts().unwrap().total;
     let args = EstimateArgs {

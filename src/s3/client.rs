@@ -766,6 +766,74 @@ impl SdkClient {
         classify(self.side, op, reads_source, e)
     }
 
+    /// One PutObject of `body`; `streamed`: its length when the body is another request's
+    /// answer passed through (see [`SdkClient::streamed`], [`SdkClient::streamed_err`]).
+    async fn put(
+        &self,
+        dest: &ObjectRef,
+        body: ByteStream,
+        streamed: Option<u64>,
+        attrs: &WriteAttrs,
+    ) -> Result<WriteResult, S3Error> {
+        const OP: &str = "PutObject";
+        self.counts.count(OP);
+        let req = self
+            .inner
+            .put_object()
+            .bucket(&dest.bucket)
+            .key(&dest.key)
+            .body(body)
+            .set_content_length(streamed.map(|l| l as i64))
+            .set_content_md5(attrs.content_md5.clone());
+        let req = with_attrs!(req, self, attrs).customize();
+        let checked = attrs.content_md5.is_some();
+        let config = match (checked, streamed) {
+            (true, _) => Some(self.md5_checked(attrs.checksum_algorithm)),
+            (false, Some(_)) => Some(aws_sdk_s3::config::Builder::default()),
+            (false, None) => None,
+        };
+        let config = match streamed {
+            Some(len) => config.map(|c| self.streamed(c, len)),
+            None => config,
+        };
+        let req = match config {
+            Some(c) => req.config_override(c),
+            None => req,
+        };
+        let req = if checked {
+            req.disable_payload_signing()
+        } else {
+            req
+        };
+        let o = req.send().await.map_err(|e| match streamed {
+            Some(_) => self.streamed_err(OP, e),
+            None => self.err(OP, false, e),
+        })?;
+        Ok(WriteResult {
+            version_id: o.version_id().map(str::to_string),
+            etag: o.e_tag().map(str::to_string),
+            checksum: Checksum::first_of(checksum_fields!(o), false),
+        })
+    }
+
+    /// `config` for an upload whose body of `len` bytes is another request's answer passed
+    /// through: its attempt's time limit grows with the body ([`Timeouts::for_body`]), and
+    /// the SDK's stalled-stream check is off (see [`no_stall_check`]).
+    fn streamed(
+        &self,
+        config: aws_sdk_s3::config::Builder,
+        len: u64,
+    ) -> aws_sdk_s3::config::Builder {
+        config
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.timeouts.connect)
+                    .operation_attempt_timeout(self.timeouts.for_body(len))
+                    .build(),
+            )
+            .stalled_stream_protection(no_stall_check())
+    }
+
     /// The error of an upload whose body is another request's answer: when that body breaks
     /// off (a reset, a cut-short GET), the SDK calls the upload's failure the caller's (a
     /// "user" error, fatal for a body held here). It is a failed read of the source: retried.
@@ -1156,31 +1224,8 @@ impl S3Client for SdkClient {
         body: Bytes,
         attrs: &WriteAttrs,
     ) -> Result<WriteResult, S3Error> {
-        const OP: &str = "PutObject";
-        self.counts.count(OP);
         self.wait_to_send(&body).await;
-        let req = self
-            .inner
-            .put_object()
-            .bucket(&dest.bucket)
-            .key(&dest.key)
-            .body(ByteStream::from(body))
-            .set_content_md5(attrs.content_md5.clone());
-        let req = with_attrs!(req, self, attrs).customize();
-        let o = match &attrs.content_md5 {
-            Some(_) => req
-                .config_override(self.md5_checked(attrs.checksum_algorithm))
-                .disable_payload_signing(),
-            None => req,
-        }
-        .send()
-        .await
-        .map_err(|e| self.err(OP, false, e))?;
-        Ok(WriteResult {
-            version_id: o.version_id().map(str::to_string),
-            etag: o.e_tag().map(str::to_string),
-            checksum: Checksum::first_of(checksum_fields!(o), false),
-        })
+        self.put(dest, ByteStream::from(body), None, attrs).await
     }
 
     async fn get_object_stream(
@@ -1216,48 +1261,12 @@ impl S3Client for SdkClient {
         len: u64,
         attrs: &WriteAttrs,
     ) -> Result<WriteResult, S3Error> {
-        const OP: &str = "PutObject";
-        self.counts.count(OP);
         let body = match &self.bandwidth {
             // Sent at the rate, chunk by chunk (both directions count the same bytes).
             Some(bw) => paced(body, len, bw.place(Direction::Up, len)),
             None => body,
         };
-        let req = self
-            .inner
-            .put_object()
-            .bucket(&dest.bucket)
-            .key(&dest.key)
-            .body(body)
-            .content_length(len as i64)
-            .set_content_md5(attrs.content_md5.clone());
-        let req = with_attrs!(req, self, attrs).customize();
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(self.timeouts.connect)
-            .operation_attempt_timeout(self.timeouts.for_body(len))
-            .build();
-        let o = match &attrs.content_md5 {
-            Some(_) => req
-                .config_override(
-                    self.md5_checked(attrs.checksum_algorithm)
-                        .timeout_config(timeouts)
-                        .stalled_stream_protection(no_stall_check()),
-                )
-                .disable_payload_signing(),
-            None => req.config_override(
-                aws_sdk_s3::config::Builder::default()
-                    .timeout_config(timeouts)
-                    .stalled_stream_protection(no_stall_check()),
-            ),
-        }
-        .send()
-        .await
-        .map_err(|e| self.streamed_err(OP, e))?;
-        Ok(WriteResult {
-            version_id: o.version_id().map(str::to_string),
-            etag: o.e_tag().map(str::to_string),
-            checksum: Checksum::first_of(checksum_fields!(o), false),
-        })
+        self.put(dest, body, Some(len), attrs).await
     }
 
     async fn delete_object(&self, dest: &ObjectRef) -> Result<WriteResult, S3Error> {
@@ -1384,10 +1393,6 @@ impl S3Client for SdkClient {
             Some(bw) => paced(body, len, bw.place(Direction::Up, len)),
             None => body,
         };
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(self.timeouts.connect)
-            .operation_attempt_timeout(self.timeouts.for_body(len))
-            .build();
         let o = self
             .inner
             .upload_part()
@@ -1398,11 +1403,7 @@ impl S3Client for SdkClient {
             .body(body)
             .content_length(len as i64)
             .customize()
-            .config_override(
-                self.md5_checked(None)
-                    .timeout_config(timeouts)
-                    .stalled_stream_protection(no_stall_check()),
-            )
+            .config_override(self.streamed(self.md5_checked(None), len))
             .disable_payload_signing()
             .send()
             .await
