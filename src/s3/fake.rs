@@ -805,23 +805,7 @@ impl S3Client for FakeS3 {
         len: u64,
         attrs: &WriteAttrs,
     ) -> Result<WriteResult, S3Error> {
-        let body = body.collect().await.map_err(|e| {
-            S3Error::other(
-                Side::Source,
-                "GetObject",
-                ErrorClass::Retryable,
-                e.to_string(),
-            )
-        })?;
-        let body = body.into_bytes();
-        if body.len() as u64 != len {
-            return Err(S3Error::other(
-                Side::Dest,
-                "PutObject",
-                ErrorClass::Retryable,
-                format!("body of {} bytes, {len} announced", body.len()),
-            ));
-        }
+        let body = collect(body, len, "PutObject").await?;
         self.put_object(dest, body, attrs).await
     }
 
@@ -931,23 +915,7 @@ impl S3Client for FakeS3 {
         body: aws_sdk_s3::primitives::ByteStream,
         len: u64,
     ) -> Result<PartResult, S3Error> {
-        let body = body.collect().await.map_err(|e| {
-            S3Error::other(
-                Side::Source,
-                "GetObject",
-                ErrorClass::Retryable,
-                e.to_string(),
-            )
-        })?;
-        let body = body.into_bytes();
-        if body.len() as u64 != len {
-            return Err(S3Error::other(
-                Side::Dest,
-                "UploadPart",
-                ErrorClass::Retryable,
-                format!("body of {} bytes, {len} announced", body.len()),
-            ));
-        }
+        let body = collect(body, len, "UploadPart").await?;
         self.upload_part(dest, upload_id, n, body, None, None).await
     }
 
@@ -1115,4 +1083,34 @@ fn add_part(
         etag: Some(etag),
         checksum: None,
     })
+}
+
+/// The bytes of a passed-through body, which must be the `len` announced (an upload `op` of
+/// a body cut short fails, as on a server).
+async fn collect(
+    body: aws_sdk_s3::primitives::ByteStream,
+    len: u64,
+    op: &'static str,
+) -> Result<Bytes, S3Error> {
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| {
+            S3Error::other(
+                Side::Source,
+                "GetObject",
+                ErrorClass::Retryable,
+                e.to_string(),
+            )
+        })?
+        .into_bytes();
+    if body.len() as u64 != len {
+        return Err(S3Error::other(
+            Side::Dest,
+            op,
+            ErrorClass::Retryable,
+            format!("body of {} bytes, {len} announced", body.len()),
+        ));
+    }
+    Ok(body)
 }
