@@ -436,6 +436,19 @@ enum Wrote {
 }
 
 /// An ETag without its quotes, if it is a plain one (not a multipart composite).
+/// A GET's body must be the length the task expects (a body cut short is read again).
+fn body_length(side: crate::s3::Side, expect: u64, got: u64) -> Result<(), S3Error> {
+    if got == expect {
+        return Ok(());
+    }
+    Err(S3Error::other(
+        side,
+        "GetObject",
+        ErrorClass::Retryable,
+        format!("expected {expect} bytes, got {got}"),
+    ))
+}
+
 fn plain_etag(e: Option<&str>) -> Option<&str> {
     e.map(|e| e.trim_matches('"')).filter(|e| !e.contains('-'))
 }
@@ -1027,14 +1040,7 @@ impl<C: S3Client> Copier<C> {
         self.retrier
             .call(&ctx.retries, || async {
                 let b = self.source.get_object(&src, range).await?;
-                if b.len() as u64 != expect {
-                    return Err(S3Error::other(
-                        side,
-                        "GetObject",
-                        ErrorClass::Retryable,
-                        format!("expected {expect} bytes, got {}", b.len()),
-                    ));
-                }
+                body_length(side, expect, b.len() as u64)?;
                 Ok(b)
             })
             .await
@@ -1084,13 +1090,7 @@ impl<C: S3Client> Copier<C> {
                 self.dest.put_object(&ctx.dest, body.clone(), &attrs)
             })
             .await?;
-        Ok(match wrote {
-            Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
-            Wrote::New(r, v, _) => {
-                self.check_checksum(ctx, "PutObject", head, &r)?;
-                Copied::single(v, CopyMethod::Stream)
-            }
-        })
+        self.streamed_copy(ctx, head, wrote)
     }
 
     /// A single-part source whose ETag is the MD5 of its bytes, streamed: each attempt's GET
@@ -1114,19 +1114,23 @@ impl<C: S3Client> Copier<C> {
         let wrote = self
             .write_version(ctx, false, || async {
                 let (body, len) = self.source.get_object_stream(&src, None).await?;
-                if len != head.size {
-                    return Err(S3Error::other(
-                        side,
-                        "GetObject",
-                        ErrorClass::Retryable,
-                        format!("expected {} bytes, got {len}", head.size),
-                    ));
-                }
+                body_length(side, head.size, len)?;
                 self.dest
                     .put_object_stream(&ctx.dest, body, len, &attrs)
                     .await
             })
             .await?;
+        self.streamed_copy(ctx, head, wrote)
+    }
+
+    /// What a streamed PutObject of the whole version made: an adopted earlier attempt, or a
+    /// new version whose checksum is compared with the source's.
+    fn streamed_copy(
+        &self,
+        ctx: &TaskCtx<'_>,
+        head: &ObjectHead,
+        wrote: Wrote,
+    ) -> Result<Copied, S3Error> {
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
             Wrote::New(r, v, _) => {
@@ -1371,14 +1375,7 @@ impl<C: S3Client> Copier<C> {
                 .retrier
                 .call(&ctx.retries, || async {
                     let (body, len) = self.source.get_object_stream(&src, Some(range)).await?;
-                    if len != size {
-                        return Err(S3Error::other(
-                            side,
-                            "GetObject",
-                            ErrorClass::Retryable,
-                            format!("expected {size} bytes, got {len}"),
-                        ));
-                    }
+                    body_length(side, size, len)?;
                     self.dest
                         .upload_part_stream(&ctx.dest, upload_id, n, body, len)
                         .await
