@@ -167,9 +167,11 @@ async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
     let said = stderr_of(&o);
     println!("{said}");
     assert!(said.contains("no longer selected or gone"), "{said}");
-    // What the refresh listed, and the job's tasks, each labelled (issue 23).
+    // What the refresh listed, and the job's tasks, each labelled (issue 23). (A kill that
+    // lands after a refresh was recorded, while the process stores its estimate, makes the
+    // last one refresh 2, which finds nothing new: the number is not asserted.)
     assert!(
-        said.contains("refresh 1 listed 8 versions and delete markers")
+        said.contains(" listed 8 versions and delete markers")
             && said.contains("the job has 14 tasks (2 delete markers")
             && !said.contains("planned "),
         "{said}"
