@@ -192,6 +192,19 @@ pub enum LargeCopy {
     Parts,
 }
 
+impl LargeCopy {
+    /// Whether a multipart source up to 5 GiB goes to `dest_endpoint` as one CopyObject:
+    /// `auto` says no on AWS, and elsewhere yes unless the server was seen to give such
+    /// copies new ETags (`changes_etags`). The copier and the estimate both ask here.
+    pub fn whole_multipart(self, dest_endpoint: Option<&str>, changes_etags: bool) -> bool {
+        match self {
+            LargeCopy::CopyObject => true,
+            LargeCopy::Parts => false,
+            LargeCopy::Auto => !is_aws_endpoint(dest_endpoint) && !changes_etags,
+        }
+    }
+}
+
 /// Whether an endpoint is AWS S3's own: none configured (the SDK's default), or a host
 /// under `amazonaws.com` (`.cn` included).
 ///

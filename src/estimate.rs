@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::EstimateArgs;
-use crate::config::{is_aws_endpoint, JobSettings, LargeCopy, MIN_PART};
+use crate::config::{JobSettings, LargeCopy, MIN_PART};
 use crate::copier::{choose_layout, choose_plan, infer_part_sizes, CopyPlan, Route, SourceUpload};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::client::OPERATIONS;
@@ -537,14 +537,11 @@ impl<'a> Builder<'a> {
 
     /// `--large-copy` for a multipart source (as `Copier::whole_multipart`).
     fn whole_multipart(&self) -> bool {
-        match self.settings.copy.large_copy {
-            LargeCopy::CopyObject => true,
-            LargeCopy::Parts => false,
-            LargeCopy::Auto => {
-                !is_aws_endpoint(self.settings.dest_side.endpoint.as_deref())
-                    && (self.rgw() || !self.whole_copy_checked)
-            }
-        }
+        // A server other than RGW is taken to change such ETags once a copy was checked.
+        self.settings.copy.large_copy.whole_multipart(
+            self.settings.dest_side.endpoint.as_deref(),
+            !self.rgw() && self.whole_copy_checked,
+        )
     }
 
     /// The one-request copy (as `Copier::one_request`, the source's object lock as probed).

@@ -26,8 +26,7 @@ use md5::{Digest, Md5};
 use super::scheduler::TaskCtx;
 use super::{now_secs, Copier};
 use crate::config::{
-    is_aws_endpoint, CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS,
-    MIN_PART,
+    CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART,
 };
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
@@ -580,14 +579,10 @@ impl<C: S3Client> Copier<C> {
     /// [`LargeCopy`]): `auto` says no on AWS, and elsewhere yes until a copy showed that the
     /// server gives such copies new ETags.
     fn whole_multipart(&self) -> bool {
-        match self.settings.copy.large_copy {
-            LargeCopy::CopyObject => true,
-            LargeCopy::Parts => false,
-            LargeCopy::Auto => {
-                !is_aws_endpoint(self.settings.dest_side.endpoint.as_deref())
-                    && self.whole_copy.0.load(Ordering::Relaxed) != WholeCopy::CHANGES
-            }
-        }
+        self.settings.copy.large_copy.whole_multipart(
+            self.settings.dest_side.endpoint.as_deref(),
+            self.whole_copy.0.load(Ordering::Relaxed) == WholeCopy::CHANGES,
+        )
     }
 
     /// After one CopyObject of a multipart source: whether its ETag was kept (read with a
