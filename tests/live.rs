@@ -100,6 +100,17 @@ async fn refresh(job: &Job, page: u32, kills: &[Duration]) -> Output {
     o
 }
 
+/// The "refresh N: M tasks added" lines of `status`, one per refresh, oldest first.
+fn refresh_lines(m: &std::path::Path) -> Vec<String> {
+    let o = run(&["status", "--manifest", m.to_str().unwrap()]);
+    expect_code(&o, 0);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.starts_with("refresh ") && l.contains(" tasks added"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// On moto, the next writes land in a later second (its listings give seconds).
 async fn next_second() {
     if server() == Server::Moto {
@@ -167,12 +178,23 @@ async fn unversioned_source_overwrites_and_deletes_reach_the_destination() {
     let said = stderr_of(&o);
     println!("{said}");
     assert!(said.contains("no longer selected or gone"), "{said}");
-    // What the refresh listed, and the job's tasks, each labelled (issue 23). (A kill that
-    // lands after a refresh was recorded, while the process stores its estimate, makes the
-    // last one refresh 2, which finds nothing new: the number is not asserted.)
+    // What the refresh listed, and the job's tasks, each labelled (issue 23). A kill that
+    // lands after refresh 1 was recorded (while the process stores its estimate) leaves the
+    // last run to be refresh 2, which finds nothing new: the line names the manifest's last.
+    let refreshes = refresh_lines(job.manifest());
+    let last = refreshes.len();
     assert!(
-        said.contains(" listed 8 versions and delete markers")
-            && said.contains("the job has 14 tasks (2 delete markers")
+        refreshes.first().map(String::as_str) == Some("refresh 1: 6 tasks added")
+            && refreshes
+                .iter()
+                .skip(1)
+                .all(|l| l.ends_with(": 0 tasks added")),
+        "{refreshes:?}"
+    );
+    assert!(
+        said.contains(&format!(
+            "refresh {last} listed 8 versions and delete markers"
+        )) && said.contains("the job has 14 tasks (2 delete markers")
             && !said.contains("planned "),
         "{said}"
     );
