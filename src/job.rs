@@ -24,8 +24,8 @@ use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::bandwidth::Bandwidth;
 use crate::s3::{
-    build, BucketFacts, ErrorClass, Limiter, Retrier, RetryPolicy, S3Client, S3Error, SdkClient,
-    Side, Timeouts,
+    build, BucketFacts, ErrorClass, RetryPolicy, S3Client, S3Error, SdkClient, Side, Sides,
+    Timeouts, S3,
 };
 use crate::select::Selector;
 use crate::verify::{Verifier, VerifyError, VerifyReport};
@@ -162,14 +162,14 @@ fn bucket_error(side: Side, bucket: &str, e: S3Error) -> JobError {
     JobError::S3(S3Error { message: what, ..e })
 }
 
-fn preflight() -> Retrier {
-    Retrier::new(
-        RetryPolicy {
-            max_attempts: 4,
-            ..RetryPolicy::default()
-        },
-        Limiter::new(4, None),
-    )
+/// A handle for the probes made before a stage starts (buckets, configuration): fewer
+/// attempts than a stage's requests, a loop of its own.
+fn preflight<C: S3Client + Clone>(client: &C) -> S3<C> {
+    let policy = RetryPolicy {
+        max_attempts: 4,
+        ..RetryPolicy::default()
+    };
+    S3::with_policy(client.clone(), policy, 4)
 }
 
 /// Builds a side's client and probes its bucket. A bucket in another region than the one
@@ -181,10 +181,8 @@ async fn open_side(
     bucket: &str,
     timeouts: Timeouts,
 ) -> Result<(SdkClient, BucketFacts), JobError> {
-    let retrier = preflight();
-    let retries = Default::default();
     let (client, _) = build(which, side, timeouts).await;
-    match retrier.call(&retries, || client.probe_bucket(bucket)).await {
+    match preflight(&client).req().probe_bucket(bucket).await {
         Ok(facts) => {
             if side.region.is_none() {
                 side.region = facts.region.clone();
@@ -194,8 +192,9 @@ async fn open_side(
         Err(e) if e.status == Some(301) && e.bucket_region.is_some() => {
             side.region = e.bucket_region.clone();
             let (client, _) = build(which, side, timeouts).await;
-            let facts = retrier
-                .call(&retries, || client.probe_bucket(bucket))
+            let facts = preflight(&client)
+                .req()
+                .probe_bucket(bucket)
                 .await
                 .map_err(|e| bucket_error(which, bucket, e))?;
             Ok((client, facts))
@@ -281,11 +280,7 @@ async fn replication_from_source(
     settings: &mut JobSettings,
 ) -> Result<(), JobError> {
     let bucket = settings.source.bucket.clone();
-    let xml = preflight()
-        .call(&Default::default(), || {
-            source.get_bucket_replication(&bucket)
-        })
-        .await?;
+    let xml = preflight(source).bucket_replication(&bucket).await?;
     let from = format!("replication configuration of bucket {bucket}");
     let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
         .map_err(|e| JobError::Usage(format!("{from}: {e}")))?;
@@ -339,11 +334,7 @@ async fn probe_other_dest(
     bucket: &str,
     timeouts: Timeouts,
 ) -> Result<(BucketFacts, Option<SdkClient>), S3Error> {
-    let retrier = preflight();
-    match retrier
-        .call(&Default::default(), || dest.probe_bucket(bucket))
-        .await
-    {
+    match preflight(dest).req().probe_bucket(bucket).await {
         Err(e) if e.status == Some(301) && e.bucket_region.is_some() => {
             let mut there = side.clone();
             there.region = e.bucket_region.clone();
@@ -351,9 +342,7 @@ async fn probe_other_dest(
             let client = client
                 .counting_in(dest.counts())
                 .limited_by(dest.bandwidth());
-            let facts = retrier
-                .call(&Default::default(), || client.probe_bucket(bucket))
-                .await?;
+            let facts = preflight(&client).req().probe_bucket(bucket).await?;
             Ok((facts, Some(client)))
         }
         r => r.map(|f| (f, None)),
@@ -369,12 +358,11 @@ async fn dry_run(
 ) -> Result<(), JobError> {
     let (source, dest, facts) = plan_clients(&mut settings, source).await?;
     let probe = plan_probe(&settings, &source, &facts).await;
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+    let sides = Sides::shared((source, dest), RetryPolicy::default(), 1, None);
     let selector = Selector {
         settings: &settings,
-        source: &source,
-        dest: Some(&dest),
-        retrier: &retrier,
+        source: &sides.source,
+        dest: Some(&sides.dest),
     };
     let mut stored = std::collections::BTreeMap::new();
     if probe.source_lock == Some(true) {
@@ -392,13 +380,13 @@ async fn dry_run(
     .await?;
     // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
     let bucket = &settings.source.bucket;
-    if !crate::lister::markers_exact(&source, &retrier, bucket, &settings.selection.prefix).await? {
+    if !crate::lister::markers_exact(&sides.source, bucket, &settings.selection.prefix).await? {
         crate::say!("note: {}", crate::lister::one_part_note(bucket));
     }
     for line in tally.lines() {
         println!("{line}");
     }
-    if let Some((mean, n)) = source.requests().mean_listing() {
+    if let Some((mean, n)) = sides.source.requests().mean_listing() {
         stored.insert(
             "latency_ms".into(),
             (mean.as_secs_f64() * 1000.0).to_string(),
@@ -423,10 +411,9 @@ async fn plan_probe(
 ) -> estimate::PlanProbe {
     let one_request = !settings.copy.stamp && settings.copy.sse.is_some();
     let source_lock = match one_request {
-        true => preflight()
-            .call(&Default::default(), || {
-                source.object_lock_enabled(&settings.source.bucket)
-            })
+        true => preflight(source)
+            .req()
+            .object_lock_enabled(&settings.source.bucket)
             .await
             .ok()
             .or(Some(true)),
@@ -449,9 +436,10 @@ async fn dry_run_supplied(
     input: &Supplied,
 ) -> Result<(), JobError> {
     let (source, dest, _) = plan_clients(&mut settings, source).await?;
+    let sides = plan_sides(source, dest);
     let job = SuppliedJob {
-        client: &source,
-        dest_client: Some(&dest),
+        source: &sides.source,
+        dest: Some(&sides.dest),
         settings: &settings,
         manifest: &args.manifest,
         // Not refused in a dry run (as when listing).
@@ -505,6 +493,13 @@ async fn prepare_listing(
     Ok((m, settings, source, dest_client, dest))
 }
 
+/// The handles of a plan from a supplied manifest: one loop for both sides, as many
+/// requests in flight as keys whose histories are read at once.
+fn plan_sides(source: SdkClient, dest: SdkClient) -> Sides<SdkClient> {
+    let in_flight = crate::inputs::plan::CONCURRENCY;
+    Sides::shared((source, dest), RetryPolicy::default(), in_flight, None)
+}
+
 /// What [`prepare_listing`] returns.
 type Prepared = (Manifest, JobSettings, SdkClient, SdkClient, BucketFacts);
 
@@ -525,9 +520,10 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     }
     if let Some(input) = args.supplied() {
         let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
+        let sides = plan_sides(source.clone(), dest_client);
         let job = SuppliedJob {
-            client: &source,
-            dest_client: Some(&dest_client),
+            source: &sides.source,
+            dest: Some(&sides.dest),
             settings: &settings,
             manifest: &args.manifest,
             dest_versioned: dest.versioned || settings.selection.latest_only,
@@ -548,20 +544,14 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
     let concurrency = args.list_concurrency as usize;
     // One request in flight per listing part.
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(concurrency, None));
-    let selector = Selector {
-        settings: &settings,
-        source: &source,
-        dest: Some(&dest_client),
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &source,
-        settings: &settings,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: dest.versioned || settings.selection.latest_only,
-    };
+    let sides = Sides::shared(
+        (source.clone(), dest_client),
+        RetryPolicy::default(),
+        concurrency,
+        None,
+    );
+    let dest_versioned = dest.versioned || settings.selection.latest_only;
+    let lister = Lister::new(&settings, &sides.source, Some(&sides.dest), dest_versioned);
     let log = crate::events::ListingLog::new(args.log.interval(), ui::progress_lines());
     let stats = lister
         .list_parallel(&mut m, concurrency, |cp| {
@@ -627,8 +617,9 @@ async fn begin_refresh(
     settings: &JobSettings,
 ) -> Result<(), JobError> {
     let bucket = &settings.source.bucket;
-    let facts = preflight()
-        .call(&Default::default(), || source.probe_bucket(bucket))
+    let facts = preflight(source)
+        .req()
+        .probe_bucket(bucket)
         .await
         .map_err(|e| bucket_error(Side::Source, bucket, e))?;
     if let Some(g) = m.start_refresh_of(facts.versioned)? {
@@ -962,11 +953,9 @@ async fn run_clients(
     );
     settings.source_side.endpoint = source_endpoint;
     settings.dest_side.endpoint = dest_endpoint;
-    let retrier = preflight();
-    let facts = match retrier
-        .call(&Default::default(), || {
-            dest.probe_bucket(&settings.dest.bucket)
-        })
+    let facts = match preflight(&dest)
+        .req()
+        .probe_bucket(&settings.dest.bucket)
         .await
     {
         Ok(f) => DestFacts {
@@ -1030,11 +1019,8 @@ async fn run_clients(
 /// The source bucket's versioning, for reading `null` versions (see
 /// `Copier::set_source_facts`); when the probe fails, said, and `null` versions are read by
 /// key (pinned to their listed ETags either way).
-async fn source_facts<C: S3Client>(source: &C, bucket: &str) -> BucketFacts {
-    match preflight()
-        .call(&Default::default(), || source.probe_bucket(bucket))
-        .await
-    {
+async fn source_facts<C: S3Client + Clone>(source: &C, bucket: &str) -> BucketFacts {
+    match preflight(source).req().probe_bucket(bucket).await {
         Ok(f) => f,
         Err(e) => {
             crate::say!(
@@ -1090,7 +1076,6 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
     if listing {
         m.wait_for_locks_briefly()?;
     }
-    let (source, dest) = (clients.0.clone(), clients.1.clone());
     let mut opts = args.exec.run_options();
     if let Some(max_usd) = args.exec.max_cost {
         let stored = m.estimate_facts()?;
@@ -1101,15 +1086,17 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
                 && settings.source_side.endpoint != settings.dest_side.endpoint,
         });
     }
+    let source_bucket = source_facts(&clients.0, &settings.source.bucket).await;
+    let sides = opts.sides(clients);
     let copier = Copier::new(
         settings.clone(),
-        clients,
+        sides.clone(),
         facts,
         m.into_writer(),
         &opts,
         bar.clone(),
     );
-    copier.set_source_facts(&source_facts(&source, &settings.source.bucket).await);
+    copier.set_source_facts(&source_bucket);
     copier.abort_leftover_uploads(uploads).await;
     copier.learn_leftovers(to_learn);
     let grace = args.exec.grace_period;
@@ -1131,8 +1118,8 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
         let live = LiveListing {
             path: &args.manifest,
             settings: &settings,
-            source: &source,
-            dest: &dest,
+            source: &sides.source,
+            dest: &sides.dest,
             dest_versioned: all_versioned || latest_only,
             concurrency: args.list_concurrency as usize,
             bar,
@@ -1162,10 +1149,10 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) path: &'a Path,
     /// The job.
     pub(crate) settings: &'a JobSettings,
-    /// Reads the source.
-    pub(crate) source: &'a C,
+    /// Reads the source (the run's handle: the listing is under the run's bound).
+    pub(crate) source: &'a S3<C>,
     /// Reads destination 0 (for `--replication-status`).
-    pub(crate) dest: &'a C,
+    pub(crate) dest: &'a S3<C>,
     /// Whether the destination keeps versions (else a key with several is refused).
     pub(crate) dest_versioned: bool,
     /// Listing parts walked at once (an unstarted listing is split into this many).
@@ -1189,21 +1176,12 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     let monitor = Manifest::open(live.path, false)?;
     let (tx, rx) = watch::channel(ListingState::default());
     let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));
-    // One request in flight per listing part.
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(live.concurrency, None));
-    let selector = Selector {
-        settings: live.settings,
-        source: live.source,
-        dest: Some(live.dest),
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: live.source,
-        settings: live.settings,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: live.dest_versioned,
-    };
+    let lister = Lister::new(
+        live.settings,
+        live.source,
+        Some(live.dest),
+        live.dest_versioned,
+    );
     let mut bar = LiveBar::new(&monitor, live.bar);
     // The run's progress lines say how far the copy is; in JSON the listing has its events.
     let log = crate::events::ListingLog::new(live.log_every, false);
@@ -1536,7 +1514,7 @@ async fn upload_report(
     keys: &[String],
 ) -> Result<(), JobError> {
     let (client, _) = build(Side::Dest, &settings.dest_side, Timeouts::default()).await;
-    let retrier = preflight();
+    let dest = preflight(&client);
     for key in keys {
         let local = dir.join(key.strip_prefix(prefix).unwrap_or(key));
         let body = std::fs::read(&local)
@@ -1544,10 +1522,10 @@ async fn upload_report(
         let obj = crate::s3::ObjectRef::key(bucket, key);
         let body = bytes::Bytes::from(body);
         let attrs = crate::s3::WriteAttrs::default();
-        retrier
-            .call(&Default::default(), || {
-                client.put_object(&obj, body.clone(), &attrs)
-            })
+        // Written again after an ambiguous failure: a report file put twice is the same file.
+        let no_reconcile = || async { Ok::<_, S3Error>(None::<()>) };
+        dest.req()
+            .write(|w| w.put_object(&obj, body.clone(), &attrs), no_reconcile)
             .await?;
     }
     Ok(())
@@ -1629,12 +1607,11 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let (source, _) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, _) = build(Side::Dest, &settings.dest_side, timeouts).await;
     let bar = ui::verify_spinner(ui::show_progress(args.no_progress));
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(2, None));
+    let sides = Sides::shared((source, dest), RetryPolicy::default(), 2, None);
     let verifier = Verifier {
         settings: &settings,
-        source: &source,
-        dest: &dest,
-        retrier: &retrier,
+        source: &sides.source,
+        dest: &sides.dest,
         deep: args.deep,
     };
     let show = |r: &VerifyReport| {

@@ -26,9 +26,7 @@ use futures::FutureExt;
 
 use crate::config::JobSettings;
 use crate::manifest::{ListedPage, Listing, Manifest, ManifestError, NewTask, Partition};
-use crate::s3::{
-    show_key, ListFrom, Retrier, S3Client, S3Error, VersionEntry, VersionPage, Versions,
-};
+use crate::s3::{show_key, ListFrom, S3Client, S3Error, VersionEntry, VersionPage, Versions, S3};
 use crate::select::Selector;
 pub use parts::{marker_before, markers_exact, split_points};
 
@@ -90,16 +88,36 @@ pub struct ListStats {
 /// The lister of one job.
 pub struct Lister<'a, C: S3Client> {
     /// Reads the source.
-    pub client: &'a C,
+    pub source: &'a S3<C>,
     /// The job.
     pub settings: &'a JobSettings,
-    /// Retries and bounds requests.
-    pub retrier: &'a Retrier,
     /// Decides which destinations each listed entry goes to.
-    pub selector: &'a Selector<'a, C>,
+    pub selector: Selector<'a, C>,
     /// Whether the destination keeps versions (when it does not, a key with several selected
     /// versions is refused).
     pub dest_versioned: bool,
+}
+
+impl<'a, C: S3Client> Lister<'a, C> {
+    /// The lister of `settings`' source through `source`, selecting with `dest` (destination
+    /// 0, read for `--replication-status`; None: not read).
+    pub fn new(
+        settings: &'a JobSettings,
+        source: &'a S3<C>,
+        dest: Option<&'a S3<C>>,
+        dest_versioned: bool,
+    ) -> Lister<'a, C> {
+        Lister {
+            source,
+            settings,
+            selector: Selector {
+                settings,
+                source,
+                dest,
+            },
+            dest_versioned,
+        }
+    }
 }
 
 /// The walk of one partition.
@@ -196,8 +214,7 @@ impl<C: S3Client> Lister<'_, C> {
         parts: usize,
     ) -> Result<Option<String>, ListError> {
         let starts = split_points(
-            self.client,
-            self.retrier,
+            self.source,
             &self.settings.source.bucket,
             &self.settings.selection.prefix,
             parts,
@@ -234,7 +251,7 @@ impl<C: S3Client> Lister<'_, C> {
             start: p.start_key,
             end: p.end_key,
             cp: p.listing,
-            walk: Versions::new(self.client, self.retrier, from),
+            walk: Versions::new(self.source, from),
             last_selected: None,
             resumed,
         }

@@ -15,7 +15,7 @@ use crate::config::{DestOptions, Destination, JobSettings};
 use crate::filters::{EncryptionFilter, HeadFacts};
 use crate::rules::{ReplicationConfig, VersionFacts};
 use crate::s3::{
-    parse_tagging, Encryption, ObjectHead, ObjectRef, Retrier, S3Client, S3Error, VersionEntry,
+    parse_tagging, Encryption, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry, S3,
     STAMP_KEY,
 };
 
@@ -44,11 +44,9 @@ pub struct Selector<'a, C: S3Client> {
     /// The job.
     pub settings: &'a JobSettings,
     /// Reads the source (tags, HEADs).
-    pub source: &'a C,
+    pub source: &'a S3<C>,
     /// Reads destination 0 (the stamp, for `--replication-status` without S3's header).
-    pub dest: Option<&'a C>,
-    /// Retries those requests.
-    pub retrier: &'a Retrier,
+    pub dest: Option<&'a S3<C>>,
 }
 
 /// The source version of a listed entry (see [`ObjectRef::listed`]).
@@ -65,11 +63,7 @@ impl<C: S3Client> Selector<'_, C> {
         }
         let head = if s.filters.needs_head() && !e.is_delete_marker {
             let src = source_ref(&s.source.bucket, e);
-            let retries = Default::default();
-            let h = self
-                .retrier
-                .call(&retries, || self.source.head_object(&src, None))
-                .await?;
+            let h = self.source.req().head_object(&src, None).await?;
             if !self.matches_head(e, &h).await? {
                 return Ok(Vec::new());
             }
@@ -119,12 +113,7 @@ impl<C: S3Client> Selector<'_, C> {
         };
         let key = self.settings.dest_key(&e.key);
         let obj = ObjectRef::key(&self.settings.dest.bucket, &key);
-        let retries = Default::default();
-        match self
-            .retrier
-            .call(&retries, || dest.head_object(&obj, None))
-            .await
-        {
+        match dest.req().head_object(&obj, None).await {
             Ok(h) => Ok(h.metadata.get(STAMP_KEY) == Some(&e.version_id)),
             Err(err) if err.status == Some(404) => Ok(false),
             Err(err) => Err(err),
@@ -141,11 +130,7 @@ impl<C: S3Client> Selector<'_, C> {
     ) -> Result<Vec<i64>, S3Error> {
         let tags = if !e.is_delete_marker && cfg.needs_tags_for(&e.key) {
             let src = source_ref(&self.settings.source.bucket, e);
-            let retries = Default::default();
-            let t = self
-                .retrier
-                .call(&retries, || self.source.get_tagging(&src))
-                .await?;
+            let t = self.source.req().get_tagging(&src).await?;
             Some(parse_tagging(&t))
         } else {
             None
@@ -253,7 +238,7 @@ pub async fn dry_run_each<C: S3Client>(
         version_marker: None,
         max_keys: page_size,
     };
-    let mut walk = crate::s3::Versions::new(selector.source, selector.retrier, from);
+    let mut walk = crate::s3::Versions::new(selector.source, from);
     let retries = Default::default();
     let mut out = DryRun::default();
     while let Some(page) = walk.next_page(&retries).await? {
@@ -275,7 +260,7 @@ mod tests {
     use super::*;
     use crate::config::Location;
     use crate::s3::fake::FakeServer;
-    use crate::s3::{Limiter, RetryPolicy, Side};
+    use crate::s3::{Side, S3};
 
     /// A job from s3://src to `dest`, every other setting the default.
     fn job(dest: &str) -> JobSettings {
@@ -326,12 +311,11 @@ mod tests {
         .unwrap();
         let mut settings = job("s3://unused");
         crate::cli::use_replication_config(&mut settings, cfg, "test").unwrap();
-        let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
+        let source = S3::alone(client.clone(), 1);
         let sel = Selector {
             settings: &settings,
-            source: &client,
+            source: &source,
             dest: None,
-            retrier: &retrier,
         };
         let sel = &sel;
         let get = |e: VersionEntry| async move { sel.destinations(&e).await.unwrap() };

@@ -29,8 +29,8 @@ use serde::Serialize;
 use crate::config::{JobSettings, Sse};
 use crate::manifest::{Manifest, ManifestError, State, Task};
 use crate::s3::{
-    parse_tagging, Encryption, ListFrom, ObjectHead, ObjectRef, Retrier, S3Client, S3Error,
-    VersionEntry, Versions, STAMP_KEY,
+    parse_tagging, Encryption, ListFrom, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry,
+    Versions, S3, STAMP_KEY,
 };
 
 /// One key whose histories differ.
@@ -121,13 +121,7 @@ struct Histories<'a, C: S3Client> {
 }
 
 impl<'a, C: S3Client> Histories<'a, C> {
-    fn new(
-        client: &'a C,
-        retrier: &'a Retrier,
-        bucket: &str,
-        prefix: String,
-        strip: usize,
-    ) -> Self {
+    fn new(s3: &'a S3<C>, bucket: &str, prefix: String, strip: usize) -> Self {
         let from = ListFrom {
             bucket: bucket.to_string(),
             prefix,
@@ -135,7 +129,7 @@ impl<'a, C: S3Client> Histories<'a, C> {
             ..Default::default()
         };
         Histories {
-            walk: Versions::new(client, retrier, from),
+            walk: Versions::new(s3, from),
             strip,
             buf: VecDeque::new(),
             retries: AtomicU64::new(0),
@@ -277,11 +271,9 @@ pub struct Verifier<'a, C: S3Client> {
     /// The job.
     pub settings: &'a JobSettings,
     /// Reads the source.
-    pub source: &'a C,
+    pub source: &'a S3<C>,
     /// Reads the destination.
-    pub dest: &'a C,
-    /// Retries and bounds requests.
-    pub retrier: &'a Retrier,
+    pub dest: &'a S3<C>,
     /// Also compare metadata, content headers and tags of each pair of versions.
     pub deep: bool,
 }
@@ -300,21 +292,9 @@ impl<C: S3Client> Verifier<'_, C> {
         mut progress: impl FnMut(&VerifyReport),
     ) -> Result<VerifyReport, VerifyError> {
         let s = self.settings;
-        let mut src = Histories::new(
-            self.source,
-            self.retrier,
-            &s.source.bucket,
-            s.selection.prefix.clone(),
-            0,
-        );
+        let mut src = Histories::new(self.source, &s.source.bucket, s.selection.prefix.clone(), 0);
         let dest_prefix = format!("{}{}", s.dest.prefix, s.selection.prefix);
-        let mut dst = Histories::new(
-            self.dest,
-            self.retrier,
-            &s.dest.bucket,
-            dest_prefix,
-            s.dest.prefix.len(),
-        );
+        let mut dst = Histories::new(self.dest, &s.dest.bucket, dest_prefix, s.dest.prefix.len());
         let mut report = VerifyReport::default();
         loop {
             let (sk, dk) = (src.peek_key().await?, dst.peek_key().await?);
@@ -459,20 +439,13 @@ impl<C: S3Client> Verifier<'_, C> {
             destinations: self.targets(),
             ..Default::default()
         };
-        let (source, retrier) = (self.source, self.retrier);
-        let mut src = Histories::new(
-            source,
-            retrier,
-            &s.source.bucket,
-            s.selection.prefix.clone(),
-            0,
-        );
+        let mut src = Histories::new(self.source, &s.source.bucket, s.selection.prefix.clone(), 0);
         let mut dsts: Vec<Histories<'_, C>> = report
             .destinations
             .iter()
             .map(|t| {
                 let prefix = format!("{}{}", t.prefix, s.selection.prefix);
-                Histories::new(self.dest, retrier, &t.bucket, prefix, t.prefix.len())
+                Histories::new(self.dest, &t.bucket, prefix, t.prefix.len())
             })
             .collect();
         while let Some(key) = next_key(&mut src, &mut dsts).await? {
@@ -556,7 +529,6 @@ impl<C: S3Client> Verifier<'_, C> {
         if !self.deep {
             return Ok(None);
         }
-        let retries = AtomicU64::new(0);
         let objects = |h: &[VersionEntry]| -> Vec<VersionEntry> {
             h.iter().filter(|e| !e.is_delete_marker).cloned().collect()
         };
@@ -564,15 +536,11 @@ impl<C: S3Client> Verifier<'_, C> {
         for (a, b) in objects(se).iter().zip(objects(de).iter()) {
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
             let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
-            let r = self.retrier;
-            let sh = r
-                .call(&retries, || self.source.head_object(&sref, None))
-                .await?;
-            let dh = r
-                .call(&retries, || self.dest.head_object(&dref, None))
-                .await?;
-            let st = r.call(&retries, || self.source.get_tagging(&sref)).await?;
-            let dt = r.call(&retries, || self.dest.get_tagging(&dref)).await?;
+            let (source, dest) = (self.source.req(), self.dest.req());
+            let sh = source.head_object(&sref, None).await?;
+            let dh = dest.head_object(&dref, None).await?;
+            let st = source.get_tagging(&sref).await?;
+            let dt = dest.get_tagging(&dref).await?;
             if let Some(what) = head_difference(&sh, &dh).or_else(|| tag_difference(&st, &dt)) {
                 return Ok(Some(format!(
                     "version {} (destination {}): {what}",
@@ -598,7 +566,6 @@ impl<C: S3Client> Verifier<'_, C> {
         if se.len() != de.len() {
             return Ok(());
         }
-        let retries = AtomicU64::new(0);
         for (a, b) in se.iter_mut().zip(de.iter_mut()) {
             if a.is_delete_marker
                 || b.is_delete_marker
@@ -610,14 +577,8 @@ impl<C: S3Client> Verifier<'_, C> {
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
             let dkey = format!("{prefix}{key}");
             let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
-            let sh = self
-                .retrier
-                .call(&retries, || self.source.head_object(&sref, None))
-                .await?;
-            let dh = self
-                .retrier
-                .call(&retries, || self.dest.head_object(&dref, None))
-                .await?;
+            let sh = self.source.req().head_object(&sref, None).await?;
+            let dh = self.dest.req().head_object(&dref, None).await?;
             if !Encryption::keeps_md5_etag(sh.encryption.as_ref())
                 || !Encryption::keeps_md5_etag(dh.encryption.as_ref())
             {

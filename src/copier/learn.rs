@@ -166,7 +166,7 @@ impl<C: S3Client> Copier<C> {
             version_marker: None,
             max_keys: 1000,
         };
-        let mut walk = Versions::new(&self.dest, &self.retrier, from);
+        let mut walk = Versions::new(&self.dest, from);
         let mut found: HashMap<String, VersionEntry> = HashMap::new();
         let mut budget = SLACK * run.len() + 1000;
         'pages: while let Some(page) = walk.next_page(retries).await? {

@@ -43,7 +43,7 @@ use indicatif::ProgressBar;
 
 use crate::config::JobSettings;
 use crate::manifest::{Update, Writer};
-use crate::s3::{Limiter, Retrier, RetryPolicy, S3Client};
+use crate::s3::{RetryPolicy, S3Client, Sides, S3};
 
 /// Seconds of clock difference tolerated between this machine and the destination when
 /// deciding whether a destination delete marker was written by an attempt (reconciliation).
@@ -124,6 +124,16 @@ pub struct RestoreAsk {
 
 /// Default `--max-memory`: 256 MiB.
 pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
+
+impl RunOptions {
+    /// The run's two handles. The one decision about what shares a bound is made here: both
+    /// sides, and a listing that runs beside the copy (`replicate`), share one retry loop
+    /// whose bound is `--concurrency` (lowered on throttling) and whose pacer is `--max-rps`,
+    /// so the flag holds for every request of the job.
+    pub fn sides<C: S3Client>(&self, clients: (C, C)) -> Sides<C> {
+        Sides::shared(clients, self.policy.clone(), self.concurrency, self.max_rps)
+    }
+}
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -239,11 +249,10 @@ impl Control {
 /// The replication engine of one run: what every key worker shares.
 pub struct Copier<C: S3Client> {
     settings: JobSettings,
-    source: C,
-    dest: C,
+    source: S3<C>,
+    dest: S3<C>,
     /// Every destination bucket's facts (see [`Copier::facts`]).
     all_facts: DestinationFacts,
-    retrier: Retrier,
     part_concurrency: usize,
     key_concurrency: usize,
     writer: Writer,
@@ -271,17 +280,17 @@ pub struct Copier<C: S3Client> {
 }
 
 impl<C: S3Client> Copier<C> {
-    /// Sets up a run: `source` reads the source, `dest` writes the destination (and reads
-    /// the source in server-side copies).
+    /// Sets up a run: `sides.source` reads the source, `sides.dest` writes the destination
+    /// (and reads the source in server-side copies); see [`RunOptions::sides`].
     pub fn new(
         settings: JobSettings,
-        clients: (C, C),
+        sides: Sides<C>,
         dest_facts: impl Into<DestinationFacts>,
         writer: Writer,
         opts: &RunOptions,
         bar: ProgressBar,
     ) -> std::sync::Arc<Self> {
-        let (source, dest) = clients;
+        let Sides { source, dest } = sides;
         let all_facts: DestinationFacts = dest_facts.into();
         writer.record_attempt_mode(settings.copy.stamp);
         std::sync::Arc::new(Copier {
@@ -289,10 +298,6 @@ impl<C: S3Client> Copier<C> {
             source,
             dest,
             all_facts,
-            retrier: Retrier::new(
-                opts.policy.clone(),
-                Limiter::new(opts.concurrency, opts.max_rps),
-            ),
             part_concurrency: opts.part_concurrency.max(1),
             key_concurrency: opts.concurrency.max(1),
             writer,
@@ -411,7 +416,7 @@ impl<C: S3Client> Copier<C> {
 
     /// The lowest bound on requests in flight this run reached (it halves on throttling).
     pub fn lowest_limit(&self) -> usize {
-        self.retrier.limiter.lowest_limit()
+        self.dest.limiter().lowest_limit()
     }
 
     /// Sends the requests made since the last call to the manifest's per-operation totals.

@@ -131,7 +131,7 @@ impl<C: S3Client> Copier<C> {
             max_keys: 1000,
             ..Default::default()
         };
-        Versions::new(&self.dest, &self.retrier, from)
+        Versions::new(&self.dest, from)
             .history_of(key, retries)
             .await
     }
@@ -146,8 +146,9 @@ impl<C: S3Client> Copier<C> {
             version_id: version.map(str::to_string),
             ..ctx.dest.clone()
         };
-        self.retrier
-            .call(&ctx.retries, || self.dest.head_object(&obj, None))
+        self.dest
+            .counting(&ctx.retries)
+            .head_object(&obj, None)
             .await
     }
 
@@ -192,15 +193,15 @@ impl<C: S3Client> Copier<C> {
     /// attempt may have opened one whose id never reached the manifest).
     pub(super) async fn abort_uploads_of_key(&self, ctx: &TaskCtx<'_>) -> Result<(), S3Error> {
         let uploads = self
-            .retrier
-            .call(&ctx.retries, || {
-                self.dest.list_uploads(&ctx.dest.bucket, &ctx.dest.key)
-            })
+            .dest
+            .counting(&ctx.retries)
+            .list_uploads(&ctx.dest.bucket, &ctx.dest.key)
             .await?;
         for (key, id) in uploads.into_iter().filter(|(k, _)| *k == ctx.dest.key) {
             let obj = ObjectRef::key(&ctx.dest.bucket, &key);
-            self.retrier
-                .call(&ctx.retries, || self.dest.abort_multipart(&obj, &id))
+            self.dest
+                .counting(&ctx.retries)
+                .abort_multipart(&obj, &id)
                 .await?;
         }
         Ok(())

@@ -284,7 +284,7 @@ impl<C: S3Client> Copier<C> {
     fn summary(&self) -> RunSummary {
         self.record_requests();
         let mut s = self.progress.summary();
-        s.throttles = self.retrier.limiter.throttles();
+        s.throttles = self.dest.limiter().throttles();
         s.requests = self.source.requests().total() + self.dest.requests().total();
         s.aborted = self.control.aborted();
         s.limit = self.control.limit();
@@ -454,10 +454,9 @@ impl<C: S3Client> Copier<C> {
         };
         let src = ctx.source(&self.settings.source.bucket);
         let r = self
-            .retrier
-            .call(&ctx.retries, || {
-                self.source.restore_object(&src, ask.days, &ask.tier)
-            })
+            .source
+            .counting(&ctx.retries)
+            .restore_object(&src, ask.days, &ask.tier)
             .await;
         match r {
             Ok(Restore::Requested) => Outcome::RestorePending {
@@ -497,10 +496,7 @@ impl<C: S3Client> Copier<C> {
             let (bucket, prefix, _) = self.settings.destination(t.dest);
             let dest = ObjectRef::key(bucket, &format!("{prefix}{}", t.key));
             let retries = AtomicU64::new(0);
-            let r = self
-                .retrier
-                .call(&retries, || self.dest.abort_multipart(&dest, u))
-                .await;
+            let r = self.dest.counting(&retries).abort_multipart(&dest, u).await;
             if let Err(e) = r {
                 tracing::warn!("could not abort upload {u} of {}: {e}", show_key(&dest.key));
                 continue;

@@ -31,7 +31,7 @@ use crate::config::{
 use crate::manifest::{CopyMethod, Outcome, Update};
 use crate::s3::{
     show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
-    S3Client, S3Error, WriteAttrs, WriteResult, Written, STAMP_KEY,
+    S3Client, S3Error, WriteAttrs, WriteResult, Writes, Written, STAMP_KEY,
 };
 
 /// Of `--max-memory`, what the program itself keeps (code, runtime, SDK, manifest cache,
@@ -638,10 +638,7 @@ impl<C: S3Client> Copier<C> {
                 version_id: Some(v),
                 ..ctx.dest.clone()
             };
-            let removed = self
-                .retrier
-                .call(&ctx.retries, || self.dest.delete_object(&obj))
-                .await;
+            let removed = self.dest.counting(&ctx.retries).delete_version(&obj).await;
             if let Err(e) = removed {
                 tracing::warn!(
                     "{}: the copy whose ETag changed could not be removed ({e}); it is kept",
@@ -707,8 +704,9 @@ impl<C: S3Client> Copier<C> {
             let retries = std::sync::atomic::AtomicU64::new(0);
             let bucket = &self.settings.source.bucket;
             match self
-                .retrier
-                .call(&retries, || self.source.object_lock_enabled(bucket))
+                .source
+                .counting(&retries)
+                .object_lock_enabled(bucket)
                 .await
             {
                 Ok(on) => on,
@@ -742,7 +740,7 @@ impl<C: S3Client> Copier<C> {
         };
         let src = ctx.source(&self.settings.source.bucket);
         let wrote = self
-            .write_version(ctx, true, || self.dest.copy_object(&ctx.dest, &src, &attrs))
+            .write_version(ctx, true, |w| w.copy_object(&ctx.dest, &src, &attrs))
             .await?;
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
@@ -780,8 +778,9 @@ impl<C: S3Client> Copier<C> {
         if let Some(v) = version {
             let wrong = crate::s3::ObjectRef::version(&ctx.dest.bucket, &ctx.dest.key, v);
             let undone = self
-                .retrier
-                .call(&ctx.retries, || self.dest.delete_object(&wrong))
+                .dest
+                .counting(&ctx.retries)
+                .delete_version(&wrong)
                 .await;
             if let Err(e) = undone {
                 tracing::warn!(
@@ -802,8 +801,9 @@ impl<C: S3Client> Copier<C> {
     ) -> Result<ObjectHead, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let head = self
-            .retrier
-            .call(&ctx.retries, || self.source.head_object(&src, part))
+            .source
+            .counting(&ctx.retries)
+            .head_object(&src, part)
             .await?;
         let side = self.source.side();
         if head.delete_marker {
@@ -932,18 +932,18 @@ impl<C: S3Client> Copier<C> {
     /// A write that creates the destination version, retried with reconciliation before
     /// each repeat; learns the new version's id when the answer omits it, now, or later from
     /// a listing when `later` (the caller needs no HEAD of it) and the task allows it.
-    async fn write_version<F, Fut>(
-        &self,
-        ctx: &TaskCtx<'_>,
+    async fn write_version<'s, F, Fut>(
+        &'s self,
+        ctx: &'s TaskCtx<'_>,
         later: bool,
         f: F,
     ) -> Result<Wrote, S3Error>
     where
-        F: Fn() -> Fut,
+        F: Fn(Writes<'s, C>) -> Fut,
         Fut: Future<Output = Result<WriteResult, S3Error>>,
     {
         let hook = || self.find_written(ctx, ctx.started_at);
-        match self.retrier.write(&ctx.retries, f, hook).await? {
+        match self.dest.counting(&ctx.retries).write(f, hook).await? {
             Written::Done(r) if r.version_id.is_none() && later && self.may_learn_later(ctx) => {
                 ctx.learn_later.store(true, Ordering::Relaxed);
                 Ok(Wrote::New(r, None, None))
@@ -988,7 +988,7 @@ impl<C: S3Client> Copier<C> {
     async fn delete_marker(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
         Ok(
             match self
-                .write_version(ctx, false, || self.dest.delete_object(&ctx.dest))
+                .write_version(ctx, false, |w| w.delete_object(&ctx.dest))
                 .await?
             {
                 Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
@@ -1005,8 +1005,8 @@ impl<C: S3Client> Copier<C> {
     ) -> Result<Copied, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let wrote = self
-            .write_version(ctx, head.tag_count == 0, || {
-                self.dest.copy_object(&ctx.dest, &src, attrs)
+            .write_version(ctx, head.tag_count == 0, |w| {
+                w.copy_object(&ctx.dest, &src, attrs)
             })
             .await?;
         Ok(match wrote {
@@ -1032,9 +1032,11 @@ impl<C: S3Client> Copier<C> {
     ) -> Result<Bytes, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let side = self.source.side();
-        self.retrier
-            .call(&ctx.retries, || async {
-                let b = self.source.get_object(&src, range).await?;
+        let source = self.source.once();
+        self.source
+            .counting(&ctx.retries)
+            .retry(|| async {
+                let b = source.get_object(&src, range).await?;
                 body_length(side, expect, b.len() as u64)?;
                 Ok(b)
             })
@@ -1052,10 +1054,7 @@ impl<C: S3Client> Copier<C> {
             return Ok(None);
         }
         let src = ctx.source(&self.settings.source.bucket);
-        let tags = self
-            .retrier
-            .call(&ctx.retries, || self.source.get_tagging(&src))
-            .await?;
+        let tags = self.source.counting(&ctx.retries).get_tagging(&src).await?;
         Ok(Some(tags).filter(|t| !t.is_empty()))
     }
 
@@ -1081,8 +1080,8 @@ impl<C: S3Client> Copier<C> {
         attrs.tagging = self.tags_for(ctx, head, false).await?;
         attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let wrote = self
-            .write_version(ctx, false, || {
-                self.dest.put_object(&ctx.dest, body.clone(), &attrs)
+            .write_version(ctx, false, |w| {
+                w.put_object(&ctx.dest, body.clone(), &attrs)
             })
             .await?;
         self.streamed_copy(ctx, head, wrote)
@@ -1107,12 +1106,13 @@ impl<C: S3Client> Copier<C> {
         let src = ctx.source(&self.settings.source.bucket);
         let side = self.source.side();
         let wrote = self
-            .write_version(ctx, false, || async {
-                let (body, len) = self.source.get_object_stream(&src, None).await?;
-                body_length(side, head.size, len)?;
-                self.dest
-                    .put_object_stream(&ctx.dest, body, len, &attrs)
-                    .await
+            .write_version(ctx, false, |w| {
+                let (source, src, attrs) = (self.source.once(), &src, &attrs);
+                async move {
+                    let (body, len) = source.get_object_stream(src, None).await?;
+                    body_length(side, head.size, len)?;
+                    w.put_object_stream(&ctx.dest, body, len, attrs).await
+                }
             })
             .await?;
         self.streamed_copy(ctx, head, wrote)
@@ -1240,10 +1240,9 @@ impl<C: S3Client> Copier<C> {
         checked: bool,
     ) -> Result<Option<Copied>, S3Error> {
         let upload_id = self
-            .retrier
-            .call(&ctx.retries, || {
-                self.dest.create_multipart(&ctx.dest, attrs)
-            })
+            .dest
+            .counting(&ctx.retries)
+            .create_multipart(&ctx.dest, attrs)
             .await?;
         self.record_upload(ctx, Some(upload_id.clone()), Some(layout))
             .await?;
@@ -1252,10 +1251,9 @@ impl<C: S3Client> Copier<C> {
             .await;
         if !matches!(result, Ok(Some(_))) {
             let aborted = self
-                .retrier
-                .call(&ctx.retries, || {
-                    self.dest.abort_multipart(&ctx.dest, &upload_id)
-                })
+                .dest
+                .counting(&ctx.retries)
+                .abort_multipart(&ctx.dest, &upload_id)
                 .await;
             if let Err(e) = aborted {
                 tracing::warn!(
@@ -1304,8 +1302,8 @@ impl<C: S3Client> Copier<C> {
             self.head_source(ctx, None).await?;
         }
         let wrote = self
-            .write_version(ctx, false, || {
-                self.dest.complete_multipart(&ctx.dest, upload_id, &parts)
+            .write_version(ctx, false, |w| {
+                w.complete_multipart(&ctx.dest, upload_id, &parts)
             })
             .await?;
         let (version, mut etag) = match wrote {
@@ -1351,11 +1349,9 @@ impl<C: S3Client> Copier<C> {
         if server_side {
             let src = ctx.source(&self.settings.source.bucket);
             return self
-                .retrier
-                .call(&ctx.retries, || {
-                    self.dest
-                        .upload_part_copy(&ctx.dest, upload_id, n, &src, range)
-                })
+                .dest
+                .counting(&ctx.retries)
+                .upload_part_copy(&ctx.dest, upload_id, n, &src, range)
                 .await;
         }
         let size = range.1 - range.0 + 1;
@@ -1366,13 +1362,14 @@ impl<C: S3Client> Copier<C> {
             let _held = self.memory.hold(PASS_THROUGH_HELD.min(size)).await?;
             let src = ctx.source(&self.settings.source.bucket);
             let side = self.source.side();
+            let (source, dest) = (self.source.once(), self.dest.once());
             return self
-                .retrier
-                .call(&ctx.retries, || async {
-                    let (body, len) = self.source.get_object_stream(&src, Some(range)).await?;
+                .dest
+                .counting(&ctx.retries)
+                .retry(|| async {
+                    let (body, len) = source.get_object_stream(&src, Some(range)).await?;
                     body_length(side, size, len)?;
-                    self.dest
-                        .upload_part_stream(&ctx.dest, upload_id, n, body, len)
+                    dest.upload_part_stream(&ctx.dest, upload_id, n, body, len)
                         .await
                 })
                 .await;
@@ -1381,11 +1378,9 @@ impl<C: S3Client> Copier<C> {
         let body = self.get_range(ctx, Some(range), size).await?;
         let md5 = content_md5.then(|| md5_b64(&body));
         let alg = head.checksum.as_ref().map(|c| c.algorithm);
-        self.retrier
-            .call(&ctx.retries, || {
-                self.dest
-                    .upload_part(&ctx.dest, upload_id, n, body.clone(), md5.as_deref(), alg)
-            })
+        self.dest
+            .counting(&ctx.retries)
+            .upload_part(&ctx.dest, upload_id, n, &body, md5.as_deref(), alg)
             .await
     }
 
@@ -1411,22 +1406,21 @@ impl<C: S3Client> Copier<C> {
     async fn same_tags(&self, ctx: &TaskCtx<'_>, version: Option<&str>) -> Result<(), S3Error> {
         let source = ctx.source(&self.settings.source.bucket);
         let want = self
-            .retrier
-            .call(&ctx.retries, || self.source.get_tagging(&source))
+            .source
+            .counting(&ctx.retries)
+            .get_tagging(&source)
             .await?;
         let obj = crate::s3::ObjectRef {
             version_id: version.map(str::to_string),
             ..ctx.dest.clone()
         };
-        let have = self
-            .retrier
-            .call(&ctx.retries, || self.dest.get_tagging(&obj))
-            .await?;
+        let have = self.dest.counting(&ctx.retries).get_tagging(&obj).await?;
         if same_tag_set(&want, &have) {
             return Ok(());
         }
-        self.retrier
-            .call(&ctx.retries, || self.dest.put_tagging(&obj, &want))
+        self.dest
+            .counting(&ctx.retries)
+            .put_tagging(&obj, &want)
             .await
     }
 
@@ -1476,8 +1470,9 @@ impl<C: S3Client> Copier<C> {
             ..ctx.dest.clone()
         };
         let h = self
-            .retrier
-            .call(&ctx.retries, || self.dest.head_object(&dest, None))
+            .dest
+            .counting(&ctx.retries)
+            .head_object(&dest, None)
             .await?;
         let Some(d) = &h.checksum else {
             return Ok(());

@@ -13,8 +13,7 @@ use crate::config::{CopyMode, CopyOptions, JobSettings, Location, Selection, Sid
 use crate::lister::Lister;
 use crate::manifest::{Listing, Manifest, NewTask, State, Update};
 use crate::s3::fake::{FakeS3, FakeServer, FaultKind};
-use crate::s3::{ErrorClass, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, Side, STAMP_KEY};
-use crate::select::Selector;
+use crate::s3::{ErrorClass, ListFrom, RetryPolicy, S3Client, Side, S3, STAMP_KEY};
 
 pub(crate) const SRC: &str = "src";
 pub(crate) const DST: &str = "dst";
@@ -79,21 +78,8 @@ async fn plan(server: &FakeServer, path: &Path) {
     let mut m = Manifest::open(path, true).unwrap();
     let s = settings();
     m.store_settings(&s).unwrap();
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = server.client(Side::Source);
-    let selector = Selector {
-        settings: &s,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: &s,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
+    let source = S3::alone(server.client(Side::Source), 1);
+    let lister = Lister::new(&s, &source, None, true);
     lister.list_into(&mut m, |_| {}).await.unwrap();
 }
 
@@ -108,7 +94,7 @@ fn copier(server: &FakeServer, path: &Path, o: &RunOptions) -> Arc<Copier<FakeS3
     let stored = m.settings().unwrap().expect("planned");
     Copier::new(
         stored,
-        clients,
+        o.sides(clients),
         facts,
         m.into_writer(),
         o,
@@ -363,21 +349,8 @@ async fn plan_refuses_destination_keys_longer_than_s3_allows() {
     let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
     let mut settings = settings();
     settings.dest.prefix = "a-rather-long-archive-prefix/".into();
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = s.client(Side::Source);
-    let selector = Selector {
-        settings: &settings,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: &settings,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
+    let source = S3::alone(s.client(Side::Source), 1);
+    let lister = Lister::new(&settings, &source, None, true);
     let e = lister
         .list_into(&mut m, |_| {})
         .await
@@ -404,22 +377,9 @@ async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
     s.truncate_without_markers(true);
     let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
     std::env::set_var("S3_BACKFILL_LIST_PAGE_SIZE", "2");
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = s.client(Side::Source);
     let settings = settings();
-    let selector = Selector {
-        settings: &settings,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: &settings,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
+    let source = S3::alone(s.client(Side::Source), 1);
+    let lister = Lister::new(&settings, &source, None, true);
     let e = lister
         .list_into(&mut m, |_| {})
         .await
@@ -615,12 +575,14 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         })
     };
     let copier = copier(&s, &path, &opts());
-    let (job, source, dest) = (settings(), s.client(Side::Source), s.client(Side::Dest));
+    let job = settings();
+    let sides = opts().sides((s.client(Side::Source), s.client(Side::Dest)));
+    let (source, dest) = (&sides.source, &sides.dest);
     let live = crate::job::LiveListing {
         path: &path,
         settings: &job,
-        source: &source,
-        dest: &dest,
+        source,
+        dest,
         dest_versioned: true,
         concurrency: 1,
         bar: ProgressBar::hidden(),
@@ -644,21 +606,8 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
 pub(crate) async fn plan_with(server: &FakeServer, path: &Path, s: &JobSettings) {
     let mut m = Manifest::open(path, true).unwrap();
     m.store_settings(s).unwrap();
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = server.client(Side::Source);
-    let selector = Selector {
-        settings: s,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: s,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
+    let source = S3::alone(server.client(Side::Source), 1);
+    let lister = Lister::new(s, &source, None, true);
     lister.list_into(&mut m, |_| {}).await.unwrap();
 }
 
@@ -696,7 +645,7 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     let clients = (s.client(Side::Source), s.client(Side::Dest));
     let copier = Copier::new(
         st,
-        clients,
+        opts().sides(clients),
         facts,
         m.into_writer(),
         &opts(),
@@ -1323,7 +1272,7 @@ async fn lock_settings_go_to_the_locked_destination_bucket_only() {
     let clients = (s.client(Side::Source), s.client(Side::Dest));
     let c = Copier::new(
         stored,
-        clients,
+        opts().sides(clients),
         facts,
         m.into_writer(),
         &opts(),

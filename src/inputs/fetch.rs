@@ -1,20 +1,19 @@
 //! inputs::fetch: supplied files that live in S3 (`s3://BUCKET/KEY`) brought to the local disk
 //! through the s3 layer: a HEAD for the size, then ranged GETs of [`CHUNK`] bytes written to a
-//! file (memory stays bounded whatever the size), every request through the [`Retrier`]. The
+//! file (memory stays bounded whatever the size), every request through the source's handle (retried). The
 //! version the HEAD answered is the one read, so a file replaced meanwhile is not mixed.
 //! Also the [`Fetch`] of an inventory whose data files were downloaded this way.
 //!
-//! May call: `s3` (client, retrier, types), `inputs` (errors, the inventory's `Fetch`).
+//! May call: `s3` (handles, types), `inputs` (errors, the inventory's `Fetch`).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 
 use super::inventory::Fetch;
 use super::InputError;
-use crate::s3::{ObjectRef, Retrier, S3Client, S3Error};
+use crate::s3::{ObjectRef, S3Client, S3Error, S3};
 
 /// Bytes per ranged GET.
 pub const CHUNK: u64 = 8 << 20;
@@ -65,28 +64,19 @@ pub enum FetchError {
 }
 
 /// Downloads `url` into `to` (created); returns its size.
-pub async fn download<C: S3Client>(
-    client: &C,
-    retrier: &Retrier,
-    url: &S3Url,
-    to: &Path,
-) -> Result<u64, FetchError> {
+pub async fn download<C: S3Client>(s3: &S3<C>, url: &S3Url, to: &Path) -> Result<u64, FetchError> {
     let local = |e: io::Error| {
         FetchError::Local(InputError::file(&to.display().to_string(), e.to_string()))
     };
-    let retries = AtomicU64::new(0);
+    let s3 = s3.req();
     let mut obj = ObjectRef::key(&url.bucket, &url.key);
-    let head = retrier
-        .call(&retries, || client.head_object(&obj, None))
-        .await?;
+    let head = s3.head_object(&obj, None).await?;
     obj.version_id = head.version_id.filter(|v| v != "null");
     let mut file = File::create(to).map_err(local)?;
     let mut at = 0;
     while at < head.size {
         let last = (at + CHUNK).min(head.size) - 1;
-        let bytes = retrier
-            .call(&retries, || client.get_object(&obj, Some((at, last))))
-            .await?;
+        let bytes = s3.get_object(&obj, Some((at, last))).await?;
         file.write_all(&bytes).map_err(local)?;
         at += bytes.len().max(1) as u64;
     }
@@ -97,17 +87,12 @@ pub async fn download<C: S3Client>(
 /// The whole body of a small object (an inventory's `manifest.json`); None when it does not
 /// exist and `optional` (its `manifest.checksum`).
 pub async fn small_object<C: S3Client>(
-    client: &C,
-    retrier: &Retrier,
+    s3: &S3<C>,
     url: &S3Url,
     optional: bool,
 ) -> Result<Option<Vec<u8>>, S3Error> {
-    let retries = AtomicU64::new(0);
     let obj = ObjectRef::key(&url.bucket, &url.key);
-    match retrier
-        .call(&retries, || client.get_object(&obj, None))
-        .await
-    {
+    match s3.req().get_object(&obj, None).await {
         Ok(b) => Ok(Some(b.to_vec())),
         Err(e) if optional && (e.status == Some(404) || e.code.as_deref() == Some("NoSuchKey")) => {
             Ok(None)

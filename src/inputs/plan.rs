@@ -7,7 +7,7 @@
 //!
 //! - CSV (`Bucket,Key[,VersionId]`): rows are staged (bucket checked, line kept), then each
 //!   distinct key's history is read with one `ListObjectVersions` (prefix = the key; more
-//!   pages only past 1,000 versions), [`CONCURRENCY`] keys at a time through the Retrier. A
+//!   pages only past 1,000 versions), [`CONCURRENCY`] keys at a time through the source's handle. A
 //!   row picks its version (without a version id: the key's current entry); a version that
 //!   the source does not have stops the plan naming the line. HEAD would not do: it tells
 //!   neither whether a version is the latest nor its place in the history, and it cannot
@@ -36,9 +36,7 @@ use super::InputError;
 use crate::config::JobSettings;
 use crate::lister::{ListError, MAX_KEY_BYTES};
 use crate::manifest::{Counts, Listing, Manifest, NewTask};
-use crate::s3::{
-    show_key, Limiter, ListFrom, Retrier, RetryPolicy, S3Client, VersionEntry, Versions,
-};
+use crate::s3::{show_key, ListFrom, S3Client, VersionEntry, Versions, S3};
 use crate::select::{DryRun, Selector};
 
 /// Keys whose history is read at once (CSV manifests).
@@ -53,9 +51,9 @@ pub use crate::config::Supplied;
 pub struct SuppliedJob<'a, C: S3Client> {
     /// Reads the source (histories of CSV keys, HEADs and tags the selection needs) and the
     /// supplied files in S3.
-    pub client: &'a C,
+    pub source: &'a S3<C>,
     /// Reads destination 0 (the selection's `--replication-status` check); None: not read.
-    pub dest_client: Option<&'a C>,
+    pub dest: Option<&'a S3<C>>,
     /// The job.
     pub settings: &'a JobSettings,
     /// The manifest to create (it must not exist).
@@ -183,8 +181,7 @@ async fn emit<C: S3Client>(
     scratch: &Scratch,
     manifest: Option<&mut Manifest>,
 ) -> Result<(u64, DryRun), ListError> {
-    let retrier = retrier();
-    let mut em = Emitter::new(manifest, job, &retrier);
+    let mut em = Emitter::new(manifest, job);
     let rows = match input {
         Supplied::Csv(src) => plan_csv(job, src, scratch, &mut em).await?,
         Supplied::Inventory(src) => plan_inventory(job, src, scratch, &mut em).await?,
@@ -205,20 +202,15 @@ struct Emitter<'a, 'j, C: S3Client> {
 }
 
 impl<'a, 'j, C: S3Client> Emitter<'a, 'j, C> {
-    fn new(
-        manifest: Option<&'a mut Manifest>,
-        job: &'a SuppliedJob<'j, C>,
-        retrier: &'a Retrier,
-    ) -> Self {
+    fn new(manifest: Option<&'a mut Manifest>, job: &'a SuppliedJob<'j, C>) -> Self {
         Emitter {
             manifest,
             tally: DryRun::default(),
             job,
             selector: Selector {
                 settings: job.settings,
-                source: job.client,
-                dest: job.dest_client,
-                retrier,
+                source: job.source,
+                dest: job.dest,
             },
             cp: Listing::default(),
             page: Vec::new(),
@@ -298,21 +290,16 @@ async fn open_input<C: S3Client>(
     job: &SuppliedJob<'_, C>,
     src: &str,
     scratch: &Scratch,
-    retrier: &Retrier,
 ) -> Result<File, ListError> {
     let local = match S3Url::parse(src) {
         Some(url) => {
             let to = scratch.dir().join("input");
-            download(job.client, retrier, &url, &to).await?;
+            download(job.source, &url, &to).await?;
             to
         }
         None => PathBuf::from(src),
     };
     File::open(&local).map_err(|e| refused(InputError::file(src, e.to_string())))
-}
-
-fn retrier() -> Retrier {
-    Retrier::new(RetryPolicy::default(), Limiter::new(CONCURRENCY, None))
 }
 
 /// `--from-csv`: stages the rows, then reads each key's history and picks the rows' versions.
@@ -322,8 +309,7 @@ async fn plan_csv<C: S3Client>(
     scratch: &Scratch,
     em: &mut Emitter<'_, '_, C>,
 ) -> Result<u64, ListError> {
-    let retrier = retrier();
-    let file = open_input(job, src, scratch, &retrier).await?;
+    let file = open_input(job, src, scratch).await?;
     let rows = stage_csv(job, src, file, scratch)?;
     let retries = AtomicU64::new(0);
     let mut after: Option<String> = None;
@@ -335,7 +321,7 @@ async fn plan_csv<C: S3Client>(
             break;
         };
         let histories: Vec<_> = stream::iter(keys.iter())
-            .map(|k| history(job, &retrier, &retries, k))
+            .map(|k| history(job, &retries, k))
             .buffered(CONCURRENCY)
             .collect()
             .await;
@@ -381,7 +367,6 @@ fn stage_csv<C: S3Client>(
 /// Every entry of exactly `key`, newest first.
 async fn history<C: S3Client>(
     job: &SuppliedJob<'_, C>,
-    retrier: &Retrier,
     retries: &AtomicU64,
     key: &str,
 ) -> Result<Vec<VersionEntry>, ListError> {
@@ -392,7 +377,7 @@ async fn history<C: S3Client>(
         version_marker: None,
         max_keys: crate::lister::PAGE_SIZE,
     };
-    let mut h = Versions::new(job.client, retrier, from)
+    let mut h = Versions::new(job.source, from)
         .history_of(key, retries)
         .await?;
     h.reverse();
@@ -474,16 +459,15 @@ async fn download_inventory<C: S3Client>(
     url: &S3Url,
     scratch: &Scratch,
 ) -> Result<Inventory<Downloaded>, ListError> {
-    let retrier = retrier();
     let name = url.to_string();
-    let bytes = small_object(job.client, &retrier, url, false)
+    let bytes = small_object(job.source, url, false)
         .await?
         .unwrap_or_default();
     let checksum_key = match url.key.rsplit_once('/') {
         Some((dir, _)) => format!("{dir}/manifest.checksum"),
         None => "manifest.checksum".into(),
     };
-    let checksum = small_object(job.client, &retrier, &url.sibling(&checksum_key), true).await?;
+    let checksum = small_object(job.source, &url.sibling(&checksum_key), true).await?;
     let checksum = checksum.map(|c| String::from_utf8_lossy(&c).into_owned());
     let manifest = InventoryManifest::parse(&name, &bytes, checksum.as_deref()).map_err(refused)?;
     let mut fetch = Downloaded {
@@ -492,7 +476,7 @@ async fn download_inventory<C: S3Client>(
     };
     for (i, f) in manifest.files.iter().enumerate() {
         let to = scratch.dir().join(format!("data-{i}"));
-        download(job.client, &retrier, &url.sibling(&f.key), &to).await?;
+        download(job.source, &url.sibling(&f.key), &to).await?;
         fetch.files.insert(f.key.clone(), to);
     }
     Ok(Inventory::new(manifest, fetch))

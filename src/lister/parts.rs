@@ -16,9 +16,8 @@
 //! May call: the s3 layer.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicU64;
 
-use crate::s3::{ListFrom, Retrier, S3Client, S3Error};
+use crate::s3::{ListFrom, S3Client, S3Error, S3};
 
 /// Probes (one-entry listings) spent at most on finding the split.
 const MAX_PROBES: usize = 128;
@@ -30,11 +29,9 @@ const MAX_CHAR: char = '\u{10FFFF}';
 
 /// Where a probe walk is.
 struct Prober<'a, C: S3Client> {
-    client: &'a C,
-    retrier: &'a Retrier,
+    s3: &'a S3<C>,
     bucket: &'a str,
     probes: usize,
-    retries: AtomicU64,
 }
 
 impl<C: S3Client> Prober<'_, C> {
@@ -62,10 +59,7 @@ impl<C: S3Client> Prober<'_, C> {
             version_marker: None,
             max_keys: 1,
         };
-        let page = self
-            .retrier
-            .call(&self.retries, || self.client.list_versions(&from))
-            .await?;
+        let page = self.s3.req().list_versions(&from).await?;
         Ok(page
             .entries
             .into_iter()
@@ -109,17 +103,14 @@ impl<C: S3Client> Prober<'_, C> {
 /// a listing is split into parts only where it does. `plan --dry-run` asks it to print the
 /// note `plan` would print.
 pub async fn markers_exact<C: S3Client>(
-    client: &C,
-    retrier: &Retrier,
+    s3: &S3<C>,
     bucket: &str,
     prefix: &str,
 ) -> Result<bool, S3Error> {
     let mut prober = Prober {
-        client,
-        retrier,
+        s3,
         bucket,
         probes: 0,
-        retries: AtomicU64::new(0),
     };
     prober.markers_exact(prefix).await
 }
@@ -128,8 +119,7 @@ pub async fn markers_exact<C: S3Client>(
 /// keys under `prefix`; empty when the keys cannot be split (or `parts` is 1). None when the
 /// server cannot start a listing exactly at a key (see `markers_exact`): one part then.
 pub async fn split_points<C: S3Client>(
-    client: &C,
-    retrier: &Retrier,
+    s3: &S3<C>,
     bucket: &str,
     prefix: &str,
     parts: usize,
@@ -138,11 +128,9 @@ pub async fn split_points<C: S3Client>(
         return Ok(Some(Vec::new()));
     }
     let mut prober = Prober {
-        client,
-        retrier,
+        s3,
         bucket,
         probes: 0,
-        retries: AtomicU64::new(0),
     };
     if !prober.markers_exact(prefix).await? {
         return Ok(None);

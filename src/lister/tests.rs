@@ -7,8 +7,7 @@ use super::Lister;
 use crate::config::{CopyOptions, JobSettings, Location, Selection, SideConfig};
 use crate::manifest::Manifest;
 use crate::s3::fake::FakeServer;
-use crate::s3::{Limiter, Retrier, RetryPolicy, Side};
-use crate::select::Selector;
+use crate::s3::{Side, S3};
 
 const SRC: &str = "src";
 
@@ -73,21 +72,8 @@ async fn plan(s: &FakeServer, path: &Path, prefix: &str, concurrency: usize) {
     let mut m = Manifest::open(path, true).unwrap();
     let job = settings(prefix);
     m.store_settings(&job).unwrap();
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(8, None));
-    let client = s.client(Side::Source);
-    let selector = Selector {
-        settings: &job,
-        source: &client,
-        dest: None,
-        retrier: &retrier,
-    };
-    let lister = Lister {
-        client: &client,
-        settings: &job,
-        retrier: &retrier,
-        selector: &selector,
-        dest_versioned: true,
-    };
+    let source = S3::alone(s.client(Side::Source), 8);
+    let lister = Lister::new(&job, &source, None, true);
     lister
         .list_parallel(&mut m, concurrency, |_| {})
         .await
@@ -237,15 +223,14 @@ async fn split_points_go_deeper_than_one_character() {
     for k in ["p", "p03", "a b", "odd/back\\slash", "zz"] {
         s.put(SRC, k, b"1", &[]);
     }
-    let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
-    let client = s.client(Side::Source);
-    let four = super::split_points(&client, &retrier, SRC, "", 4)
+    let source = S3::alone(s.client(Side::Source), 1);
+    let four = super::split_points(&source, SRC, "", 4)
         .await
         .unwrap()
         .expect("the fake starts listings exactly");
     // The first characters (a, o, p, z) give four parts: no deeper probes.
     assert_eq!(four, ["o", "p", "z"]);
-    let starts = super::split_points(&client, &retrier, SRC, "", 8)
+    let starts = super::split_points(&source, SRC, "", 8)
         .await
         .unwrap()
         .expect("the fake starts listings exactly");

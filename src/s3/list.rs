@@ -11,7 +11,7 @@ use quick_xml::Reader;
 
 use super::client::S3Client;
 use super::error::{ErrorClass, S3Error};
-use super::retry::Retrier;
+use super::handle::S3;
 use super::types::{ListFrom, VersionEntry, VersionPage};
 
 fn url_decode(s: &str) -> String {
@@ -179,8 +179,7 @@ fn order_histories(entries: &mut [VersionEntry]) {
 /// retries. A page that says it is truncated but names no next marker, or a marker that does
 /// not advance, is an error (a server bug that would otherwise loop forever).
 pub struct Versions<'a, C: S3Client> {
-    client: &'a C,
-    retrier: &'a Retrier,
+    s3: &'a S3<C>,
     from: ListFrom,
     done: bool,
     /// Pages read so far.
@@ -189,10 +188,9 @@ pub struct Versions<'a, C: S3Client> {
 
 impl<'a, C: S3Client> Versions<'a, C> {
     /// A walk starting at `from` (its markers, if any, are where a checkpoint left off).
-    pub fn new(client: &'a C, retrier: &'a Retrier, from: ListFrom) -> Self {
+    pub fn new(s3: &'a S3<C>, from: ListFrom) -> Self {
         Versions {
-            client,
-            retrier,
+            s3,
             from,
             done: false,
             pages: 0,
@@ -210,10 +208,7 @@ impl<'a, C: S3Client> Versions<'a, C> {
             return Ok(None);
         }
         let from = self.from.clone();
-        let page = self
-            .retrier
-            .call(retries, || self.client.list_versions(&from))
-            .await?;
+        let page = self.s3.counting(retries).list_versions(&from).await?;
         self.pages += 1;
         if !page.truncated {
             self.done = true;
@@ -221,7 +216,7 @@ impl<'a, C: S3Client> Versions<'a, C> {
         }
         let stuck = |why: String| {
             S3Error::other(
-                self.client.side(),
+                self.s3.side(),
                 "ListObjectVersions",
                 ErrorClass::Fatal,
                 format!("the server's listing of bucket {} {why}", self.from.bucket),

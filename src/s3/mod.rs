@@ -11,6 +11,7 @@ pub mod bandwidth;
 pub mod client;
 pub mod error;
 pub mod fake;
+pub mod handle;
 pub mod list;
 mod listing_body;
 pub mod retry;
@@ -21,6 +22,7 @@ pub use client::{
     Timeouts,
 };
 pub use error::{classify, classify_code, ErrorClass, S3Error};
+pub use handle::{Counted, Once, Sides, Writes, S3};
 pub use list::{parse_page, Versions};
 pub use retry::{Limiter, Permit, Retrier, RetryPolicy, Written};
 pub use types::{

@@ -207,7 +207,7 @@ impl Retrier {
     }
 
     /// An idempotent request (reads, part uploads, aborts): simply repeated.
-    pub async fn call<T, F, Fut>(&self, retries: &AtomicU64, f: F) -> Result<T, S3Error>
+    pub(super) async fn call<T, F, Fut>(&self, retries: &AtomicU64, f: F) -> Result<T, S3Error>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
@@ -221,7 +221,7 @@ impl Retrier {
 
     /// A write that is not idempotent: `before_retry` runs before every repeat and may adopt
     /// what an ambiguous failure created.
-    pub async fn write<T, A, F, Fut, H, HFut>(
+    pub(super) async fn write<T, A, F, Fut, H, HFut>(
         &self,
         retries: &AtomicU64,
         f: F,
