@@ -578,7 +578,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
     let job = settings();
     let sides = opts().sides((s.client(Side::Source), s.client(Side::Dest)));
     let (source, dest) = (&sides.source, &sides.dest);
-    let live = crate::job::LiveListing {
+    let live = crate::job::run::LiveListing {
         path: &path,
         settings: &job,
         source,
@@ -588,7 +588,9 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         bar: ProgressBar::hidden(),
         log_every: None,
     };
-    let summary = crate::job::copy_while_listing(&copier, live).await.unwrap();
+    let summary = crate::job::run::copy_while_listing(&copier, live)
+        .await
+        .unwrap();
     copier.flush().await;
     assert!(
         !first_copy.await.unwrap(),

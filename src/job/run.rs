@@ -1,0 +1,455 @@
+//! job::run: the `run` command: the stored settings with this run's overrides, put-back
+//! tasks, the run's clients and handles, the copier, the listing that runs beside it when
+//! the listing is unfinished, and SIGINT/SIGTERM.
+//!
+//! May call: every stage.
+
+use super::open::probe_other_dest;
+use super::routed::RoutedClient;
+use super::{bucket_error, lock_manifest, preflight, JobError};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::ProgressBar;
+use tokio::sync::watch;
+
+use crate::cli::RunArgs;
+use crate::config::JobSettings;
+use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunSummary};
+use crate::lister::{ListStats, Lister};
+use crate::manifest::Manifest;
+use crate::s3::bandwidth::Bandwidth;
+use crate::s3::{build, BucketFacts, ErrorClass, S3Client, Side, Timeouts, S3};
+use crate::{estimate, ui};
+
+/// The stored settings with this run's overrides of endpoints and profiles.
+pub(super) fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
+    let mut settings = m.require_settings()?;
+    let set = |slot: &mut Option<String>, v: &Option<String>| {
+        if v.is_some() {
+            slot.clone_from(v);
+        }
+    };
+    set(&mut settings.source_side.endpoint, &args.source_endpoint);
+    set(&mut settings.dest_side.endpoint, &args.dest_endpoint);
+    set(&mut settings.source_side.profile, &args.source_profile);
+    set(&mut settings.dest_side.profile, &args.dest_profile);
+    Ok(settings)
+}
+
+/// Puts failed tasks back, or gives up on them, as the run's flags ask.
+pub(super) fn requeue(m: &Manifest, args: &RunArgs) -> Result<(), JobError> {
+    if args.retry_failed {
+        let n = m.retry_failed()?;
+        crate::say!("{n} failed tasks put back in the queue");
+    }
+    if args.skip_failed {
+        let n = m.skip_failed()?;
+        crate::say!(
+            "{n} failed tasks recorded as skipped; their keys' later versions will be copied"
+        );
+    }
+    if args.retry_skipped {
+        let (n, kept) = m.retry_skipped()?;
+        crate::say!(
+            "{n} skipped tasks put back in the queue (versions gone from the source stay skipped)"
+        );
+        if kept > 0 {
+            crate::say!("{kept} skipped tasks stay skipped: newer versions of their keys were copied since, and they would be written out of order (see `s3-backfill report`)");
+        }
+    }
+    Ok(())
+}
+
+/// Both clients of a run, and what it knows of the destination. `auto` compares the
+/// endpoints the clients really reach: two profiles that each set their own `endpoint_url`
+/// are two providers, even though no endpoint option was given.
+pub(super) async fn run_clients(
+    settings: &mut JobSettings,
+    timeouts: Timeouts,
+    bandwidth: Option<Arc<Bandwidth>>,
+) -> Result<((RoutedClient, RoutedClient), DestinationFacts), JobError> {
+    let (source, source_endpoint) = build(Side::Source, &settings.source_side, timeouts).await;
+    let (dest, dest_endpoint) = build(Side::Dest, &settings.dest_side, timeouts).await;
+    let (source, dest) = (
+        source.limited_by(bandwidth.clone()),
+        dest.limited_by(bandwidth),
+    );
+    settings.source_side.endpoint = source_endpoint;
+    settings.dest_side.endpoint = dest_endpoint;
+    let facts = match preflight(&dest)
+        .req()
+        .probe_bucket(&settings.dest.bucket)
+        .await
+    {
+        Ok(f) => DestFacts {
+            versioned: f.versioned,
+            object_lock: f.object_lock,
+        },
+        // A missing or unreadable destination is left to the tasks and the failure
+        // threshold, which stop the job with the error.
+        Err(e) if e.class == ErrorClass::Fatal => {
+            crate::say!(
+                "warning: {}",
+                bucket_error(Side::Dest, &settings.dest.bucket, e)
+            );
+            DestFacts {
+                versioned: true,
+                object_lock: false,
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut all = DestinationFacts::from(facts);
+    let mut others: Vec<String> = settings
+        .destinations
+        .iter()
+        .map(|d| d.bucket.clone())
+        .filter(|b| *b != settings.dest.bucket)
+        .collect();
+    others.sort();
+    others.dedup();
+    let mut regional = std::collections::BTreeMap::new();
+    for b in others {
+        let f = match probe_other_dest(&dest, &settings.dest_side, &b, timeouts).await {
+            Ok((f, there)) => {
+                if let Some(c) = there {
+                    regional.insert(b.clone(), c);
+                }
+                DestFacts {
+                    versioned: f.versioned,
+                    object_lock: f.object_lock,
+                }
+            }
+            // As for destination 0: left to the tasks and the failure threshold.
+            Err(e) if e.class == ErrorClass::Fatal => {
+                crate::say!("warning: {}", bucket_error(Side::Dest, &b, e));
+                DestFacts {
+                    versioned: true,
+                    object_lock: false,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        all.buckets.insert(b, f);
+    }
+    let dest = RoutedClient {
+        main: dest,
+        by_bucket: Arc::new(regional),
+    };
+    Ok(((RoutedClient::single(source), dest), all))
+}
+
+/// The source bucket's versioning, for reading `null` versions (see
+/// `Copier::set_source_facts`); when the probe fails, said, and `null` versions are read by
+/// key (pinned to their listed ETags either way).
+pub(super) async fn source_facts<C: S3Client + Clone>(source: &C, bucket: &str) -> BucketFacts {
+    match preflight(source).req().probe_bucket(bucket).await {
+        Ok(f) => f,
+        Err(e) => {
+            crate::say!(
+                "warning: {}; null versions are read by key, pinned to their listed ETags",
+                bucket_error(Side::Source, bucket, e)
+            );
+            BucketFacts::default()
+        }
+    }
+}
+
+/// `run`: copies the manifest's open tasks; on an unfinished listing, it lists the rest
+/// too (with the job's stored settings), copying while it lists. Handles SIGINT/SIGTERM:
+/// the first stops taking new tasks (and stops the listing) and lets requests in flight
+/// finish (bounded by the grace period); the second exits at once (the next run reconciles
+/// what was in flight).
+pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
+    let _lock = lock_manifest(&args.manifest)?;
+    run_locked(args).await
+}
+
+/// `run` once the manifest is locked.
+pub(super) async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
+    let m = Manifest::open(&args.manifest, false)?;
+    let mut settings = run_settings(&m, args)?;
+    requeue(&m, args)?;
+    let (clients, facts) =
+        run_clients(&mut settings, args.exec.timeouts(), args.exec.bandwidth()).await?;
+    let latest_only = settings.selection.latest_only;
+    // Keys listed from here on are checked by the lister, page by page.
+    let unversioned = std::iter::once((&settings.dest.bucket, facts.default))
+        .chain(facts.buckets.iter().map(|(b, f)| (b, *f)))
+        .find(|(_, f)| !f.versioned)
+        .map(|(b, _)| b.clone());
+    if let Some(bucket) = unversioned {
+        if !latest_only && m.has_multi_version_key()? {
+            return Err(JobError::Usage(format!(
+                "dest: bucket {bucket} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it"
+            )));
+        }
+    }
+    let all_versioned = facts.default.versioned && facts.buckets.values().all(|f| f.versioned);
+    let counts = m.counts()?;
+    let uploads = m.open_uploads()?;
+    let to_learn = m.versions_to_learn()?;
+    let listing = !m.listing_progress()?.complete;
+    let show = ui::show_progress(args.no_progress);
+    let open = counts.pending + counts.in_progress;
+    let bar = match listing {
+        true => ui::live_copy_bar(show, open),
+        false => ui::copy_bar(show, open),
+    };
+    if listing {
+        m.wait_for_locks_briefly()?;
+    }
+    let mut opts = args.exec.run_options();
+    if let Some(max_usd) = args.exec.max_cost {
+        let stored = m.estimate_facts()?;
+        opts.limits.max_cost = Some(estimate::CostLimit {
+            max_usd,
+            prices: estimate::prices_of(&stored, args.prices.as_ref()),
+            across: !settings.server_side()
+                && settings.source_side.endpoint != settings.dest_side.endpoint,
+        });
+    }
+    let source_bucket = source_facts(&clients.0, &settings.source.bucket).await;
+    let sides = opts.sides(clients);
+    let copier = Copier::new(
+        settings.clone(),
+        sides.clone(),
+        facts,
+        m.into_writer(),
+        &opts,
+        bar.clone(),
+    );
+    copier.set_source_facts(&source_bucket);
+    copier.abort_leftover_uploads(uploads).await;
+    copier.learn_leftovers(to_learn);
+    let grace = args.exec.grace_period;
+    let timer = {
+        let copier = copier.clone();
+        tokio::spawn(async move { copier.stop_at_max_duration().await })
+    };
+    let ticker = {
+        let copier = copier.clone();
+        let ticker = crate::events::ticker::Ticker {
+            manifest: args.manifest.clone(),
+            interval: args.log.interval(),
+            lines: ui::progress_lines(),
+            persist: move |p| copier.record_progress(Some(p)),
+        };
+        tokio::spawn(ticker.run())
+    };
+    let result = if listing {
+        let live = LiveListing {
+            path: &args.manifest,
+            settings: &settings,
+            source: &sides.source,
+            dest: &sides.dest,
+            dest_versioned: all_versioned || latest_only,
+            concurrency: args.list_concurrency as usize,
+            bar,
+            log_every: args.log.interval(),
+        };
+        run_until_signal(&copier, grace, copy_while_listing(&copier, live)).await
+    } else {
+        run_until_signal(&copier, grace, async { Ok(copier.clone().run().await) }).await
+    };
+    timer.abort();
+    ticker.abort();
+    let _ = ticker.await;
+    // The run is over: `status` shows no rate or ETA for it.
+    copier.record_progress(None);
+    copier.flush().await;
+    result.unwrap_or_else(|| {
+        Ok(RunSummary {
+            interrupted: true,
+            ..RunSummary::default()
+        })
+    })
+}
+
+/// What a listing beside a run needs, and the bar that shows both.
+pub(crate) struct LiveListing<'a, C> {
+    /// The manifest (the lister commits its pages through a connection of its own).
+    pub(crate) path: &'a Path,
+    /// The job.
+    pub(crate) settings: &'a JobSettings,
+    /// Reads the source (the run's handle: the listing is under the run's bound).
+    pub(crate) source: &'a S3<C>,
+    /// Reads destination 0 (for `--replication-status`).
+    pub(crate) dest: &'a S3<C>,
+    /// Whether the destination keeps versions (else a key with several is refused).
+    pub(crate) dest_versioned: bool,
+    /// Listing parts walked at once (an unstarted listing is split into this many).
+    pub(crate) concurrency: usize,
+    /// The run's bar: its length grows with each page's tasks.
+    pub(crate) bar: ProgressBar,
+    /// How often a `listing` event is written (JSON; None: only at the end).
+    pub(crate) log_every: Option<Duration>,
+}
+
+/// Lists the rest of the source while the copier copies what is listed. The lister commits
+/// each page with its checkpoint on its own connection (SQLite serializes it with the
+/// copier's writer); each commit wakes the scheduler. A stop of the run stops the listing;
+/// a listing error stops the run and is returned.
+pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
+    copier: &Arc<Copier<C>>,
+    live: LiveListing<'_, C>,
+) -> Result<RunSummary, JobError> {
+    let mut lm = Manifest::open(live.path, false)?;
+    lm.wait_for_locks_briefly()?;
+    let monitor = Manifest::open(live.path, false)?;
+    let (tx, rx) = watch::channel(ListingState::default());
+    let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));
+    let lister = Lister::new(
+        live.settings,
+        live.source,
+        Some(live.dest),
+        live.dest_versioned,
+    );
+    let mut bar = LiveBar::new(&monitor, live.bar);
+    // The run's progress lines say how far the copy is; in JSON the listing has its events.
+    let log = crate::events::ListingLog::new(live.log_every, false);
+    let listed = tokio::select! {
+        r = lister.list_parallel(&mut lm, live.concurrency, |cp| {
+            tx.send_modify(|s| s.pages += 1);
+            bar.page();
+            log.page(cp.entries, cp.pages);
+        }) => Some(r),
+        _ = copier.until_stopped() => None,
+    };
+    let complete = matches!(listed, Some(Ok(_))) && lm.listing_progress().is_ok_and(|p| p.complete);
+    tx.send_modify(|s| {
+        s.finished = true;
+        s.complete = complete;
+    });
+    bar.listed(complete);
+    let error = match listed {
+        Some(Ok(stats)) => {
+            if let Ok(l) = lm.listing() {
+                log.complete(l.entries, l.pages);
+            }
+            bar.say_listed(&stats);
+            None
+        }
+        Some(Err(e)) => {
+            let e = JobError::from(e);
+            copier.abort(format!("listing: {e}"));
+            Some(e)
+        }
+        _ => None,
+    };
+    let summary = scheduler
+        .await
+        .map_err(|e| JobError::Other(format!("the copy scheduler failed: {e}")))?;
+    error.map_or(Ok(summary), Err)
+}
+
+/// The copy bar while listing: its length grows with the tasks each page adds, its prefix
+/// says how far the listing is. Reads the manifest's counters only when the bar is drawn.
+pub(super) struct LiveBar<'a> {
+    monitor: &'a Manifest,
+    bar: ProgressBar,
+    total: Option<u64>,
+}
+
+impl<'a> LiveBar<'a> {
+    fn new(monitor: &'a Manifest, bar: ProgressBar) -> LiveBar<'a> {
+        let mut b = LiveBar {
+            monitor,
+            bar,
+            total: None,
+        };
+        b.page();
+        b
+    }
+
+    /// After a committed page.
+    fn page(&mut self) {
+        if self.bar.is_hidden() {
+            return;
+        }
+        let Ok(c) = self.monitor.counts() else { return };
+        if let Some(before) = self.total {
+            self.bar.inc_length(c.total.saturating_sub(before));
+        }
+        self.total = Some(c.total);
+        self.bar.set_prefix(format!("{} listed", c.listed_entries));
+    }
+
+    /// The line said once the listing is complete (above the bar when there is one).
+    fn say_listed(&self, stats: &ListStats) {
+        let Ok(c) = self.monitor.counts() else { return };
+        let note = stats.not_split.as_ref().map(|why| format!("note: {why}"));
+        let generation = self
+            .monitor
+            .refreshes()
+            .ok()
+            .and_then(|r| r.last().map(|r| r.generation));
+        let refresh = generation.filter(|g| *g > 0);
+        let line = ui::listed_line("listing complete:", &c, stats.resumed, refresh);
+        for line in note.into_iter().chain([line]) {
+            match self.bar.is_hidden() {
+                true => crate::say!("{line}"),
+                false => self.bar.println(line),
+            }
+        }
+    }
+
+    /// Once the lister stopped.
+    fn listed(&mut self, complete: bool) {
+        self.page();
+        if complete {
+            self.bar.set_prefix("complete");
+        }
+    }
+}
+
+/// Runs `work` (the copier's run) until it ends, or until a signal asked it to stop and
+/// the grace period ran out (None). The first signal stops new tasks.
+pub(super) async fn run_until_signal<C: S3Client, T>(
+    copier: &Arc<Copier<C>>,
+    grace: u64,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let grace = Duration::from_secs(grace);
+    let mut signals = {
+        let copier = copier.clone();
+        tokio::spawn(async move {
+            wait_signal().await;
+            crate::say!(
+                "stopping: no new tasks; waiting up to {}s for requests in flight (press Ctrl-C again to exit now)",
+                grace.as_secs()
+            );
+            copier.stop();
+            tokio::select! {
+                _ = wait_signal() => {
+                    crate::say!("interrupted: exiting now; the next `run` reconciles what was in flight");
+                    std::process::exit(130);
+                }
+                _ = tokio::time::sleep(grace) => {}
+            }
+        })
+    };
+    let work = std::pin::pin!(work);
+    // The signal task ends only when a signal arrived and the grace period ran out.
+    let out = tokio::select! {
+        s = work => Some(s),
+        _ = &mut signals => {
+            crate::say!("grace period over: abandoning requests still in flight");
+            None
+        }
+    };
+    signals.abort();
+    let _ = signals.await;
+    out
+}
+
+pub(super) async fn wait_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
