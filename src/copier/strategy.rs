@@ -775,7 +775,19 @@ impl<C: S3Client> Copier<C> {
         let Err(changed) = self.head_source(ctx, None).await else {
             return Ok(());
         };
-        if let Some(v) = version {
+        // The answer may not have named the version written (RGW), its learning put off:
+        // it is learned now, to be taken back.
+        let version = match version {
+            Some(v) => Some(v.to_string()),
+            None => {
+                ctx.learn_later.store(false, Ordering::Relaxed);
+                self.learn_version(ctx, None)
+                    .await
+                    .ok()
+                    .and_then(|(v, _)| v)
+            }
+        };
+        if let Some(v) = version.as_deref() {
             let wrong = crate::s3::ObjectRef::version(&ctx.dest.bucket, &ctx.dest.key, v);
             let undone = self
                 .dest

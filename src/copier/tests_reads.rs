@@ -73,12 +73,15 @@ async fn unversioned_overwrite_fails(job: JobSettings) {
 }
 
 /// When the source object is replaced.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Overwritten {
     /// Between the plan and the run.
     AfterPlan,
     /// Just before the CopyObject (after any HEAD), on a server that ignores the copy's
     /// ETag precondition.
     BeforeCopyIgnored,
+    /// The same, and the copy's answer does not name the version it wrote (RGW).
+    BeforeCopyIgnoredUnnamed,
 }
 
 async fn overwrite_fails(job: JobSettings, when: Overwritten) {
@@ -94,8 +97,9 @@ async fn overwrite_fails(job: JobSettings, when: Overwritten) {
         Overwritten::AfterPlan => {
             s.put(SRC, "k", new, &[]);
         }
-        Overwritten::BeforeCopyIgnored => {
+        Overwritten::BeforeCopyIgnored | Overwritten::BeforeCopyIgnoredUnnamed => {
             s.ignore_copy_source_if_match(true);
+            s.omit_copy_version_ids(when == Overwritten::BeforeCopyIgnoredUnnamed);
             s.overwrite_before("CopyObject", 0, SRC, "k", Some(new));
         }
     }
@@ -117,6 +121,18 @@ async fn overwrite_fails(job: JobSettings, when: Overwritten) {
 async fn an_overwrite_just_before_the_copy_is_caught_where_the_server_ignores_the_precondition() {
     overwrite_fails(settings(), Overwritten::BeforeCopyIgnored).await;
     overwrite_fails(one_request_settings(), Overwritten::BeforeCopyIgnored).await;
+}
+
+/// The same where the copy's answer does not name the version it wrote (RGW): the version
+/// is learned then, and taken back all the same.
+#[tokio::test]
+async fn an_overwrite_before_a_copy_whose_answer_names_no_version_is_taken_back() {
+    overwrite_fails(settings(), Overwritten::BeforeCopyIgnoredUnnamed).await;
+    overwrite_fails(
+        one_request_settings(),
+        Overwritten::BeforeCopyIgnoredUnnamed,
+    )
+    .await;
 }
 
 #[tokio::test]
