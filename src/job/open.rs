@@ -2,21 +2,26 @@
 //! `--replication-config source`, the source's own rules), the existing manifest checked
 //! against them, every bucket probed, the handles made, the manifest created.
 //!
+//! [`PlanJob::open`] runs settings → lock → manifest checks; [`PlanJob::reach`] the clients
+//! and probes; the [`Job`] it gives hands out the stages (lister, selector, a supplied
+//! manifest's planner) and the manifest.
+//!
 //! May call: every stage.
 
-use super::{bucket_error, open_side, preflight, JobError};
+use super::{bucket_error, lock_manifest, open_side, preflight, JobError, ManifestLock};
+use crate::inputs::plan::SuppliedJob;
+use crate::lister::Lister;
+use crate::select::Selector;
 use std::path::Path;
 
 use crate::cli::PlanArgs;
 use crate::config::{JobSettings, SideConfig};
 use crate::estimate;
 use crate::manifest::Manifest;
-use crate::s3::{
-    build, BucketFacts, RetryPolicy, S3Client, S3Error, SdkClient, Side, Sides, Timeouts,
-};
+use crate::s3::{build, BucketFacts, RetryPolicy, S3Error, SdkClient, Side, Sides, Timeouts, S3};
 
 /// An existing manifest of this job, checked: None when there is none yet.
-pub(super) fn existing_manifest(
+fn existing_manifest(
     args: &PlanArgs,
     settings: &JobSettings,
 ) -> Result<Option<Manifest>, JobError> {
@@ -42,7 +47,7 @@ pub(super) fn existing_manifest(
 /// an attempt in doubt must be found as it was written) unless `--change-copy-settings`;
 /// otherwise stored, so that every later run (a `replicate` on a complete listing too)
 /// copies with them.
-pub(super) fn change_copy_settings(
+fn change_copy_settings(
     args: &PlanArgs,
     m: &Manifest,
     mut stored: JobSettings,
@@ -87,7 +92,7 @@ pub(super) fn listing_done(m: Option<&Manifest>, path: &Path) -> Result<bool, Jo
 }
 
 /// `--replication-config source`: the source bucket's own configuration.
-pub(super) async fn replication_from_source(
+async fn replication_from_source(
     source: &SdkClient,
     settings: &mut JobSettings,
 ) -> Result<(), JobError> {
@@ -103,7 +108,7 @@ pub(super) async fn replication_from_source(
 /// The source's client, and destination 0's client and facts; every other destination bucket
 /// of a replication configuration is probed too (the job's destinations are versioned only
 /// when all are).
-pub(super) async fn plan_clients(
+async fn plan_clients(
     settings: &mut JobSettings,
     source: Option<SdkClient>,
 ) -> Result<(SdkClient, SdkClient, BucketFacts), JobError> {
@@ -164,14 +169,14 @@ pub(super) async fn probe_other_dest(
 /// What the estimate needs to know of the buckets (see [`estimate::PlanProbe`]): the source's
 /// object lock is read (one request) only where a small version may be copied in one
 /// request (it then keeps the HEAD of every version).
-pub(super) async fn plan_probe(
+async fn plan_probe(
     settings: &JobSettings,
-    source: &SdkClient,
+    source: &S3<SdkClient>,
     dest: &BucketFacts,
 ) -> estimate::PlanProbe {
     let one_request = !settings.copy.stamp && settings.copy.sse.is_some();
     let source_lock = match one_request {
-        true => preflight(source)
+        true => source
             .req()
             .object_lock_enabled(&settings.source.bucket)
             .await
@@ -189,9 +194,7 @@ pub(super) async fn plan_probe(
 
 /// The job's settings; with `--replication-config source` also the source's client (the
 /// source bucket's configuration is needed before the job is known).
-pub(super) async fn plan_settings(
-    args: &PlanArgs,
-) -> Result<(JobSettings, Option<SdkClient>), JobError> {
+async fn plan_settings(args: &PlanArgs) -> Result<(JobSettings, Option<SdkClient>), JobError> {
     let mut settings = args.settings()?;
     if args.replication_config.as_deref() != Some("source") {
         return Ok((settings, None));
@@ -208,41 +211,9 @@ pub(super) async fn plan_settings(
     Ok((settings, Some(c)))
 }
 
-/// Before a listing: every bucket probed (a new manifest is only created once they
-/// answered, so a mistyped bucket leaves no manifest behind), then the manifest opened or
-/// created with the job's settings stored. Returns it, the settings (with the regions
-/// found), the source client, destination 0's client and what the destinations are.
-pub(super) async fn prepare_listing(
-    mut settings: JobSettings,
-    source: Option<SdkClient>,
-    existing: Option<Manifest>,
-    path: &Path,
-) -> Result<Prepared, JobError> {
-    let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
-    let m = match existing {
-        Some(m) => m,
-        None => Manifest::open(path, true)?,
-    };
-    if m.settings()?.as_ref() != Some(&settings) {
-        // New, or the same job with other side or copy options (e.g. a moved endpoint).
-        m.store_settings(&settings)?;
-    }
-    Ok((m, settings, source, dest_client, dest))
-}
-
-/// The handles of a plan from a supplied manifest: one loop for both sides, as many
-/// requests in flight as keys whose histories are read at once.
-pub(super) fn plan_sides(source: SdkClient, dest: SdkClient) -> Sides<SdkClient> {
-    let in_flight = crate::inputs::plan::CONCURRENCY;
-    Sides::shared((source, dest), RetryPolicy::default(), in_flight, None)
-}
-
-/// What [`prepare_listing`] returns.
-pub(super) type Prepared = (Manifest, JobSettings, SdkClient, SdkClient, BucketFacts);
-
 /// Refuses a `--refresh` that cannot be done: no job yet, or a job planned from a supplied
 /// manifest (there is no listing to repeat).
-pub(super) fn check_refresh(
+fn check_refresh(
     args: &PlanArgs,
     existing: Option<&Manifest>,
     settings: &JobSettings,
@@ -262,4 +233,152 @@ pub(super) fn check_refresh(
         ));
     }
     Ok(())
+}
+
+/// A plan's job, opened: its settings and, for a plan that writes, the manifest's lock held
+/// and the existing manifest checked against the settings.
+pub(super) struct PlanJob<'a> {
+    args: &'a PlanArgs,
+    settings: JobSettings,
+    /// The source's client when `--replication-config source` needed it already.
+    source: Option<SdkClient>,
+    existing: Option<Manifest>,
+    lock: Option<ManifestLock>,
+}
+
+impl<'a> PlanJob<'a> {
+    /// For `--dry-run`: the settings only (nothing is locked, nothing written).
+    pub(super) async fn open_dry(args: &'a PlanArgs) -> Result<PlanJob<'a>, JobError> {
+        let (settings, source) = plan_settings(args).await?;
+        Ok(PlanJob {
+            args,
+            settings,
+            source,
+            existing: None,
+            lock: None,
+        })
+    }
+
+    /// Settings → lock → the existing manifest checked (another job's is refused; changed
+    /// copy settings said and stored) → `--refresh` checked.
+    pub(super) async fn open(args: &'a PlanArgs) -> Result<PlanJob<'a>, JobError> {
+        let (settings, source) = plan_settings(args).await?;
+        let lock = lock_manifest(&args.manifest)?;
+        let existing = existing_manifest(args, &settings)?;
+        check_refresh(args, existing.as_ref(), &settings)?;
+        Ok(PlanJob {
+            args,
+            settings,
+            source,
+            existing,
+            lock: Some(lock),
+        })
+    }
+
+    /// The existing manifest, if any.
+    pub(super) fn existing(&self) -> Option<&Manifest> {
+        self.existing.as_ref()
+    }
+
+    /// The manifest's lock, kept by a command that goes on without this job.
+    pub(super) fn into_lock(self) -> Option<ManifestLock> {
+        self.lock
+    }
+
+    /// Every bucket reached and probed (a new manifest is only created once they answered,
+    /// so a mistyped bucket leaves no manifest behind), and the handles made: both sides
+    /// under one loop with at most `in_flight` requests in flight.
+    pub(super) async fn reach(self, in_flight: usize) -> Result<Job<'a>, JobError> {
+        let mut settings = self.settings;
+        let (source, dest, facts) = plan_clients(&mut settings, self.source).await?;
+        let sides = Sides::shared((source, dest), RetryPolicy::default(), in_flight, None);
+        Ok(Job {
+            args: self.args,
+            settings,
+            sides,
+            dest: facts,
+            existing: self.existing,
+            _lock: self.lock,
+        })
+    }
+}
+
+/// A plan's job with its buckets reached (see [`PlanJob::reach`]): it hands out the stages.
+pub(super) struct Job<'a> {
+    /// The command's arguments.
+    pub(super) args: &'a PlanArgs,
+    /// The job's settings, with the regions found.
+    pub(super) settings: JobSettings,
+    /// The source's and destination 0's handles.
+    pub(super) sides: Sides<SdkClient>,
+    /// What the destinations are (versioned only when all are).
+    pub(super) dest: BucketFacts,
+    existing: Option<Manifest>,
+    _lock: Option<ManifestLock>,
+}
+
+impl Job<'_> {
+    /// Whether the destination keeps versions (else a key with several is refused).
+    pub(super) fn dest_versioned(&self) -> bool {
+        self.dest.versioned || self.settings.selection.latest_only
+    }
+
+    /// The lister of the source, with its selector.
+    pub(super) fn lister(&self) -> Lister<'_, SdkClient> {
+        let sides = &self.sides;
+        Lister::new(
+            &self.settings,
+            &sides.source,
+            Some(&sides.dest),
+            self.dest_versioned(),
+        )
+    }
+
+    /// The selector alone (a dry run selects without a manifest).
+    pub(super) fn selector(&self) -> Selector<'_, SdkClient> {
+        Selector {
+            settings: &self.settings,
+            source: &self.sides.source,
+            dest: Some(&self.sides.dest),
+        }
+    }
+
+    /// The planner of a supplied manifest (`--from-csv`, `--from-inventory`).
+    pub(super) fn supplied(&self, dest_versioned: bool) -> SuppliedJob<'_, SdkClient> {
+        SuppliedJob {
+            source: &self.sides.source,
+            dest: Some(&self.sides.dest),
+            settings: &self.settings,
+            manifest: &self.args.manifest,
+            dest_versioned,
+        }
+    }
+
+    /// The manifest's lock, kept by a command that goes on without this job.
+    pub(super) fn into_lock(self) -> Option<ManifestLock> {
+        self._lock
+    }
+
+    /// Whether a manifest of this job exists already.
+    pub(super) fn has_manifest(&self) -> bool {
+        self.existing.is_some()
+    }
+
+    /// The manifest: the existing one, or a new one; the job's settings stored in it when
+    /// they are new or changed (e.g. a moved endpoint).
+    pub(super) fn manifest(&mut self) -> Result<Manifest, JobError> {
+        let m = match self.existing.take() {
+            Some(m) => m,
+            None => Manifest::open(&self.args.manifest, true)?,
+        };
+        if m.settings()?.as_ref() != Some(&self.settings) {
+            m.store_settings(&self.settings)?;
+        }
+        Ok(m)
+    }
+
+    /// What the estimate needs to know of the buckets.
+    pub(super) async fn estimate_probe(&self) -> estimate::PlanProbe {
+        plan_probe(&self.settings, &self.sides.source, &self.dest).await
+    }
 }

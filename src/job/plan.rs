@@ -3,37 +3,21 @@
 //!
 //! May call: every stage.
 
-use super::open::{
-    check_refresh, existing_manifest, listing_done, plan_clients, plan_probe, plan_settings,
-    plan_sides, prepare_listing,
-};
+use super::open::{listing_done, Job, PlanJob};
 use super::run::run_locked;
-use super::{bucket_error, lock_manifest, preflight, JobError};
+use super::{bucket_error, lock_manifest, JobError};
 use crate::cli::{PlanArgs, ReplicateArgs};
-use crate::config::JobSettings;
 use crate::copier::RunSummary;
-use crate::inputs::plan::{Supplied, SuppliedJob};
-use crate::lister::Lister;
+use crate::inputs::plan::Supplied;
 use crate::manifest::Manifest;
-use crate::s3::{RetryPolicy, SdkClient, Side, Sides};
-use crate::select::Selector;
+use crate::s3::Side;
 use crate::{estimate, ui};
 
 /// `plan --dry-run`: lists and selects, prints the tallies and the estimate of a run's
 /// cost, writes nothing.
-pub(super) async fn dry_run(
-    args: &PlanArgs,
-    mut settings: JobSettings,
-    source: Option<SdkClient>,
-) -> Result<(), JobError> {
-    let (source, dest, facts) = plan_clients(&mut settings, source).await?;
-    let probe = plan_probe(&settings, &source, &facts).await;
-    let sides = Sides::shared((source, dest), RetryPolicy::default(), 1, None);
-    let selector = Selector {
-        settings: &settings,
-        source: &sides.source,
-        dest: Some(&sides.dest),
-    };
+async fn dry_run(job: Job<'_>) -> Result<(), JobError> {
+    let (args, settings) = (job.args, &job.settings);
+    let probe = job.estimate_probe().await;
     let mut stored = std::collections::BTreeMap::new();
     if probe.source_lock == Some(true) {
         stored.insert("source_lock".to_string(), "true".to_string());
@@ -41,22 +25,21 @@ pub(super) async fn dry_run(
     if probe.rgw {
         stored.insert("server".to_string(), "ceph-rgw".to_string());
     }
-    stored.insert("dest_versioned".into(), facts.versioned.to_string());
+    stored.insert("dest_versioned".into(), job.dest.versioned.to_string());
     let (est_facts, _) = estimate::inputs_of(&stored, &args.estimate);
-    let mut feed = estimate::ListingFeed::new(estimate::Builder::new(&settings, est_facts));
-    let tally = crate::select::dry_run_each(&selector, crate::lister::page_size(), |e, d| {
-        feed.entry(e, d)
-    })
-    .await?;
+    let mut feed = estimate::ListingFeed::new(estimate::Builder::new(settings, est_facts));
+    let page_size = crate::lister::page_size();
+    let tally =
+        crate::select::dry_run_each(&job.selector(), page_size, |e, d| feed.entry(e, d)).await?;
     // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
-    let bucket = &settings.source.bucket;
-    if !crate::lister::markers_exact(&sides.source, bucket, &settings.selection.prefix).await? {
+    let (source, bucket) = (&job.sides.source, &settings.source.bucket);
+    if !crate::lister::markers_exact(source, bucket, &settings.selection.prefix).await? {
         crate::say!("note: {}", crate::lister::one_part_note(bucket));
     }
     for line in tally.lines() {
         println!("{line}");
     }
-    if let Some((mean, n)) = sides.source.requests().mean_listing() {
+    if let Some((mean, n)) = source.requests().mean_listing() {
         stored.insert(
             "latency_ms".into(),
             (mean.as_secs_f64() * 1000.0).to_string(),
@@ -73,23 +56,9 @@ pub(super) async fn dry_run(
 
 /// `plan --dry-run --from-csv/--from-inventory`: reads and selects the supplied manifest's
 /// entries, prints the tallies, writes nothing.
-pub(super) async fn dry_run_supplied(
-    args: &PlanArgs,
-    mut settings: JobSettings,
-    source: Option<SdkClient>,
-    input: &Supplied,
-) -> Result<(), JobError> {
-    let (source, dest, _) = plan_clients(&mut settings, source).await?;
-    let sides = plan_sides(source, dest);
-    let job = SuppliedJob {
-        source: &sides.source,
-        dest: Some(&sides.dest),
-        settings: &settings,
-        manifest: &args.manifest,
-        // Not refused in a dry run (as when listing).
-        dest_versioned: true,
-    };
-    let tally = crate::inputs::plan::dry_run_supplied(&job, input).await?;
+async fn dry_run_supplied(job: Job<'_>, input: &Supplied) -> Result<(), JobError> {
+    // Not refused in a dry run (as when listing).
+    let tally = crate::inputs::plan::dry_run_supplied(&job.supplied(true), input).await?;
     for line in tally.lines() {
         println!("{line}");
     }
@@ -98,56 +67,48 @@ pub(super) async fn dry_run_supplied(
 
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let (mut settings, source) = plan_settings(args).await?;
+    // One request in flight per listing part; a supplied manifest's keys are read
+    // CONCURRENCY at a time.
+    let in_flight = match args.supplied() {
+        Some(_) => crate::inputs::plan::CONCURRENCY,
+        None => args.list_concurrency as usize,
+    };
     if args.dry_run {
-        if let Some(input) = args.supplied() {
-            return dry_run_supplied(args, settings, source, &input).await;
-        }
-        return dry_run(args, settings, source).await;
+        let job = PlanJob::open_dry(args).await?.reach(in_flight).await?;
+        return match args.supplied() {
+            Some(input) => dry_run_supplied(job, &input).await,
+            None => dry_run(job).await,
+        };
     }
-    let _lock = lock_manifest(&args.manifest)?;
-    let existing = existing_manifest(args, &settings)?;
-    check_refresh(args, existing.as_ref(), &settings)?;
-    if !args.refresh && listing_done(existing.as_ref(), &args.manifest)? {
+    let opened = PlanJob::open(args).await?;
+    if !args.refresh && listing_done(opened.existing(), &args.manifest)? {
         return Ok(());
     }
+    let mut job = opened.reach(in_flight).await?;
     if let Some(input) = args.supplied() {
-        let (source, dest_client, dest) = plan_clients(&mut settings, source).await?;
-        let sides = plan_sides(source.clone(), dest_client);
-        let job = SuppliedJob {
-            source: &sides.source,
-            dest: Some(&sides.dest),
-            settings: &settings,
-            manifest: &args.manifest,
-            dest_versioned: dest.versioned || settings.selection.latest_only,
-        };
-        plan_supplied(args, existing, &job, &input).await?;
-        let probe = plan_probe(&settings, &source, &dest).await;
+        if job.has_manifest() {
+            return Err(JobError::Usage(format!(
+                "manifest {} exists with an unfinished listing; plan from a supplied manifest into a new --manifest",
+                args.manifest.display()
+            )));
+        }
+        plan_supplied(&job, &input).await?;
+        let probe = job.estimate_probe().await;
         let m = Manifest::open(&args.manifest, false)?;
         estimate::store_plan_facts(&m, &args.estimate, probe)?;
         let stored = m.require_settings()?;
         estimate::store_estimate(&m, &stored, &args.estimate, m.counts()?.total)?;
         return Ok(());
     }
-    let (mut m, settings, source, dest_client, dest) =
-        prepare_listing(settings, source, existing, &args.manifest).await?;
+    let mut m = job.manifest()?;
     if args.refresh {
-        begin_refresh(&mut m, &source, &settings).await?;
+        begin_refresh(&mut m, &job).await?;
     }
     let bar = ui::list_spinner(ui::show_progress(args.no_progress), m.listing()?.entries);
-    let concurrency = args.list_concurrency as usize;
-    // One request in flight per listing part.
-    let sides = Sides::shared(
-        (source.clone(), dest_client),
-        RetryPolicy::default(),
-        concurrency,
-        None,
-    );
-    let dest_versioned = dest.versioned || settings.selection.latest_only;
-    let lister = Lister::new(&settings, &sides.source, Some(&sides.dest), dest_versioned);
     let log = crate::events::ListingLog::new(args.log.interval(), ui::progress_lines());
-    let stats = lister
-        .list_parallel(&mut m, concurrency, |cp| {
+    let stats = job
+        .lister()
+        .list_parallel(&mut m, in_flight, |cp| {
             bar.set_position(cp.entries);
             log.page(cp.entries, cp.pages);
         })
@@ -156,9 +117,9 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     let stats = stats?;
     let listed = m.listing()?;
     log.complete(listed.entries, listed.pages);
-    let probe = plan_probe(&settings, &source, &dest).await;
+    let probe = job.estimate_probe().await;
     estimate::store_plan_facts(&m, &args.estimate, probe)?;
-    estimate::store_estimate(&m, &settings, &args.estimate, m.counts()?.total)?;
+    estimate::store_estimate(&m, &job.settings, &args.estimate, m.counts()?.total)?;
     if let Some(why) = &stats.not_split {
         crate::say!("note: {why}");
     }
@@ -180,13 +141,11 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
 /// the unfinished one (a killed refresh, or a first listing not finished yet). Whether the
 /// source's versioning is enabled now decides how a key that is no longer listed is taken
 /// (see [`Manifest::start_refresh_of`]).
-pub(super) async fn begin_refresh(
-    m: &mut Manifest,
-    source: &SdkClient,
-    settings: &JobSettings,
-) -> Result<(), JobError> {
-    let bucket = &settings.source.bucket;
-    let facts = preflight(source)
+async fn begin_refresh(m: &mut Manifest, job: &Job<'_>) -> Result<(), JobError> {
+    let bucket = &job.settings.source.bucket;
+    let facts = job
+        .sides
+        .source
         .req()
         .probe_bucket(bucket)
         .await
@@ -207,7 +166,7 @@ pub(super) async fn begin_refresh(
 /// After a complete refresh: what it added, how many tasks' versions are no longer selected
 /// or gone, what it found deleted at a source without versioning, and what it kept from
 /// being written out of order.
-pub(super) fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
+fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
     let all = m.refreshes()?;
     let Some((last, earlier)) = all.split_last() else {
         return Ok(());
@@ -239,41 +198,31 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
         let _lock = lock_manifest(&plan.manifest)?;
         return run_locked(&args.run()).await;
     }
-    let (settings, source) = plan_settings(plan).await?;
-    let _lock = lock_manifest(&plan.manifest)?;
-    let existing = existing_manifest(plan, &settings)?;
-    check_refresh(plan, existing.as_ref(), &settings)?;
-    let complete = match &existing {
+    let opened = PlanJob::open(plan).await?;
+    let complete = match opened.existing() {
         Some(m) => m.listing_progress()?.complete,
         None => false,
     };
-    if !complete || plan.refresh {
-        let (mut m, settings, source, _, dest) =
-            prepare_listing(settings, source, existing, &plan.manifest).await?;
-        let probe = plan_probe(&settings, &source, &dest).await;
+    // The lock is held until the run ends.
+    let _lock = if !complete || plan.refresh {
+        let mut job = opened.reach(plan.list_concurrency as usize).await?;
+        let mut m = job.manifest()?;
+        let probe = job.estimate_probe().await;
         estimate::store_plan_facts(&m, &plan.estimate, probe)?;
         if plan.refresh {
-            begin_refresh(&mut m, &source, &settings).await?;
+            begin_refresh(&mut m, &job).await?;
         }
-    }
+        job.into_lock()
+    } else {
+        opened.into_lock()
+    };
     run_locked(&args.run()).await
 }
 
 /// `plan --from-csv/--from-inventory`: the tasks come from the supplied manifest; the
 /// manifest appears only once complete (see `inputs::plan`).
-pub(super) async fn plan_supplied(
-    args: &PlanArgs,
-    existing: Option<Manifest>,
-    job: &SuppliedJob<'_, SdkClient>,
-    input: &Supplied,
-) -> Result<(), JobError> {
-    if existing.is_some() {
-        return Err(JobError::Usage(format!(
-            "manifest {} exists with an unfinished listing; plan from a supplied manifest into a new --manifest",
-            args.manifest.display()
-        )));
-    }
-    let p = crate::inputs::plan::plan_supplied(job, input).await?;
+async fn plan_supplied(job: &Job<'_>, input: &Supplied) -> Result<(), JobError> {
+    let p = crate::inputs::plan::plan_supplied(&job.supplied(job.dest_versioned()), input).await?;
     let (what, from) = match input {
         Supplied::Csv(f) => ("CSV rows", f),
         Supplied::Inventory(f) => ("inventory entries", f),
