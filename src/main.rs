@@ -1,19 +1,22 @@
-//! The s3-backfill command: parses arguments, runs one command, and decides the exit code in
-//! one place (0 all done, 1 some tasks failed, blocked or mismatched, 2 bad input or
-//! configuration, 3 other errors, 130 interrupted); errors print as one line.
+//! The s3-backfill command: parses arguments, runs one command, and exits with the status
+//! `job::exit` decides (0 all done, 1 some tasks failed, blocked or mismatched, 2 bad input
+//! or configuration, 3 other errors, 4 a hard limit reached, 130 interrupted); errors print
+//! as one line. The only place the process exits.
 
 #![warn(clippy::print_stderr)]
 
 use clap::Parser;
 use s3_backfill::cli::{Cli, Command, LogFormat};
+use s3_backfill::copier::RunSummary;
 use s3_backfill::events;
+use s3_backfill::job::exit::{Ended, Exit};
 use s3_backfill::job::{self, JobError};
 use s3_backfill::ui;
 
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => std::process::exit(usage_error(e)),
+        Err(e) => std::process::exit(usage_error(e).code()),
     };
     let format = cli.command.log().map(|l| l.log_format).unwrap_or_default();
     events::set_format(format);
@@ -44,17 +47,18 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => {
             events::say(format!("error: cannot start the runtime: {e}"));
-            std::process::exit(3);
+            std::process::exit(Exit::of(Ended::NotStarted).code());
         }
     };
-    let code = rt.block_on(dispatch(cli.command));
-    drop(rt);
-    std::process::exit(code);
+    let exit = rt.block_on(dispatch(cli.command));
+    // Tasks a stopped run abandoned are not waited for.
+    rt.shutdown_background();
+    std::process::exit(exit.code());
 }
 
 /// A clap error: help and version print as clap prints them (exit 0); every usage error is
 /// one line on stderr (exit 2), without clap's usage block and its "try --help" tip.
-fn usage_error(e: clap::Error) -> i32 {
+fn usage_error(e: clap::Error) -> Exit {
     use clap::error::ErrorKind;
     // The arguments did not parse, but a `--log-format json` among them is honoured.
     let args: Vec<String> = std::env::args().collect();
@@ -68,15 +72,15 @@ fn usage_error(e: clap::Error) -> i32 {
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = e.print();
-            0
+            Exit::of(Ended::Done)
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             events::say("error: a command is needed: plan, run, replicate, status, report or verify (s3-backfill --help lists them)".into());
-            2
+            Exit::of(Ended::Usage)
         }
         _ => {
             events::say(one_line(&e.to_string()));
-            2
+            Exit::of(Ended::Usage)
         }
     }
 }
@@ -101,29 +105,46 @@ fn one_line(rendered: &str) -> String {
     }
 }
 
-fn code<T>(r: Result<T, JobError>, ok: impl FnOnce(T) -> i32) -> i32 {
+/// The exit status of a command's result: an error is printed as its one line; `ok` prints
+/// a success and says how it ended.
+fn exit<'a, T>(r: &'a Result<T, JobError>, ok: impl FnOnce(&'a T) -> Ended<'a>) -> Exit {
     match r {
-        Ok(v) => ok(v),
+        Ok(v) => Exit::of(ok(v)),
         Err(e) => {
             events::say(e.line());
-            e.exit_code()
+            Exit::of(Ended::Error(e))
         }
     }
 }
 
-async fn dispatch(cmd: Command) -> i32 {
+async fn dispatch(cmd: Command) -> Exit {
     match cmd {
-        Command::Plan(a) => code(job::plan(&a).await, |_| 0),
-        Command::Run(a) => code(job::run(&a).await, |s| {
-            ui::finish_run(&s, job::counts_after(&a.manifest).as_ref())
-        }),
+        Command::Plan(a) => exit(&job::plan(&a).await, |_| Ended::Done),
+        Command::Run(a) => {
+            let r = job::run(&a, job::signals()).await;
+            ran(r, &a.manifest)
+        }
         // A dry run plans nothing and copies nothing.
-        Command::Replicate(a) if a.plan.dry_run => code(job::plan(&a.plan).await, |_| 0),
-        Command::Replicate(a) => code(job::replicate(&a).await, |s| {
-            ui::finish_run(&s, job::counts_after(&a.plan.manifest).as_ref())
+        Command::Replicate(a) if a.plan.dry_run => exit(&job::plan(&a.plan).await, |_| Ended::Done),
+        Command::Replicate(a) => {
+            let r = job::replicate(&a, job::signals()).await;
+            ran(r, &a.plan.manifest)
+        }
+        Command::Status(a) => exit(&job::status(&a), |_| Ended::Done),
+        Command::Report(a) => exit(&job::report(&a), |_| Ended::Done),
+        Command::Verify(a) => exit(&job::verify(&a).await, |r| {
+            ui::print_verify(r, a.json);
+            Ended::Verified(r)
         }),
-        Command::Status(a) => code(job::status(&a), |_| 0),
-        Command::Report(a) => code(job::report(&a), |_| 0),
-        Command::Verify(a) => code(job::verify(&a).await, |r| ui::print_verify(&r, a.json)),
     }
+}
+
+/// A run's end: its summary printed (with the job's counts after it) and its exit status.
+fn ran(r: Result<RunSummary, JobError>, manifest: &std::path::Path) -> Exit {
+    let counts = job::counts_after(manifest);
+    exit(&r, |s| {
+        let code = Exit::of(Ended::Run(s, counts.as_ref())).code();
+        ui::finish_run(s, counts.as_ref(), code);
+        Ended::Run(s, counts.as_ref())
+    })
 }

@@ -161,13 +161,10 @@ pub fn verify_spinner(show: bool) -> ProgressBar {
     )
 }
 
-/// Prints a run's one-line summary to standard error and returns the exit code: 0 every
-/// task done (or skipped for good: the source version is gone); 1 some failed, blocked,
-/// still open (restores pending included) or skipped for a reason the user can act on
-/// (archived), or stopped early; 4 stopped at a hard limit (`--max-requests`, `--max-bytes`,
-/// `--max-duration`); 130 interrupted.
-pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
-    let (status, code, lines) = run_end(s, counts);
+/// Prints a run's one-line summary to standard error (and what to do next); `code` is the
+/// exit status decided for it (`job::exit`), given in the JSON summary.
+pub fn finish_run(s: &RunSummary, counts: Option<&Counts>, code: i32) {
+    let (status, lines) = run_end(s, counts);
     let mut lines = lines.into_iter();
     let first = lines.next().unwrap_or_default();
     if crate::events::json() {
@@ -179,12 +176,10 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>) -> i32 {
     for line in lines {
         crate::events::say(line);
     }
-    code
 }
 
-/// How a run ended (`status` of the JSON summary), its exit code and its text lines (the
-/// summary first).
-fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, i32, Vec<String>) {
+/// How a run ended (`status` of the JSON summary) and its text lines (the summary first).
+fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, Vec<String>) {
     let job = counts
         .map(|c| {
             format!(
@@ -209,12 +204,11 @@ fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, i32, Vec<S
         s.retries
     );
     if let Some(why) = &s.aborted {
-        return ("stopped", 1, vec![format!("run stopped: {why} ({line})")]);
+        return ("stopped", vec![format!("run stopped: {why} ({line})")]);
     }
     if let Some(why) = &s.limit {
         return (
             "limit",
-            4,
             vec![format!(
                 "run stopped at a limit: {why}; run again to continue ({line})"
             )],
@@ -223,12 +217,11 @@ fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, i32, Vec<S
     if s.interrupted {
         return (
             "interrupted",
-            130,
             vec![format!("run interrupted: {line}; run again to continue")],
         );
     }
     let Some(c) = counts else {
-        return ("finished", 3, vec![format!("run finished: {line}")]);
+        return ("finished", vec![format!("run finished: {line}")]);
     };
     let mut actions = Vec::new();
     if c.archived > 0 {
@@ -250,16 +243,11 @@ fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, i32, Vec<S
     if c.failed > 0 {
         lines.push("see `s3-backfill report` for the failed tasks; then `run --retry-failed` (or `--skip-failed`)".into());
     }
-    let code = if c.failed > 0 || c.pending + c.in_progress > 0 || c.archived > 0 {
-        1
-    } else {
-        0
-    };
-    ("finished", code, lines)
+    ("finished", lines)
 }
 
-/// Prints a verification and returns the exit code (0 match, 1 differences).
-pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
+/// Prints a verification.
+pub fn print_verify(r: &VerifyReport, json: bool) {
     if json {
         println!("{}", serde_json::to_string(r).unwrap_or_default());
     } else {
@@ -295,11 +283,6 @@ pub fn print_verify(r: &VerifyReport, json: bool) -> i32 {
             "verified {} keys, {} versions: {verdict}",
             r.keys, r.versions
         );
-    }
-    if r.ok() {
-        0
-    } else {
-        1
     }
 }
 
@@ -349,42 +332,5 @@ pub fn checksum_hint(e: &S3Error) -> Option<&'static str> {
         Some("the server may not accept the SDK's streaming checksums: try --source-checksum-calculation when-required / --dest-checksum-calculation when-required")
     } else {
         None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn finished(c: Counts) -> i32 {
-        finish_run(&RunSummary::default(), Some(&c))
-    }
-
-    #[test]
-    fn a_run_with_archived_versions_skipped_or_restores_pending_exits_1() {
-        let all_done = Counts {
-            total: 3,
-            done: 2,
-            skipped: 1,
-            ..Counts::default()
-        };
-        assert_eq!(
-            finished(all_done.clone()),
-            0,
-            "skipped as gone: nothing to do"
-        );
-        let archived = Counts {
-            archived: 1,
-            ..all_done.clone()
-        };
-        assert_eq!(finished(archived), 1, "an archived version is not copied");
-        let restoring = Counts {
-            done: 1,
-            skipped: 0,
-            pending: 2,
-            restore_pending: 1,
-            ..all_done
-        };
-        assert_eq!(finished(restoring), 1);
     }
 }

@@ -19,10 +19,11 @@ use crate::config::{ConfigError, SideConfig};
 use crate::lister::ListError;
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::{
-    build, BucketFacts, ErrorClass, RetryPolicy, S3Client, S3Error, SdkClient, Side, Timeouts, S3,
+    build, BucketFacts, RetryPolicy, S3Client, S3Error, SdkClient, Side, Timeouts, S3,
 };
 use crate::ui;
 
+pub mod exit;
 mod open;
 mod plan;
 mod report;
@@ -34,7 +35,7 @@ mod verify;
 pub use plan::{plan, replicate};
 pub use report::report;
 pub use routed::RoutedClient;
-pub use run::run;
+pub use run::{run, signals, Shutdown};
 pub use status::status;
 pub use verify::verify;
 
@@ -59,17 +60,6 @@ pub enum JobError {
 }
 
 impl JobError {
-    /// The process exit code for this error.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            JobError::Usage(_) | JobError::Config(_) => 2,
-            JobError::Manifest(ManifestError::Sql { .. } | ManifestError::WriterGone(_)) => 3,
-            JobError::Manifest(_) => 2,
-            JobError::S3(e) if e.class == ErrorClass::Fatal => 2,
-            _ => 3,
-        }
-    }
-
     /// The one line printed for this error, with a hint where one helps.
     pub fn line(&self) -> String {
         match self {
@@ -233,7 +223,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "key names are private: lock {mode:o}");
         let second = lock_manifest(&m).err().expect("a second holder is refused");
-        assert_eq!(second.exit_code(), 2);
+        assert_eq!(exit::Exit::of(exit::Ended::Error(&second)).code(), 2);
         drop(lock);
     }
 }

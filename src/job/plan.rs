@@ -4,7 +4,7 @@
 //! May call: every stage.
 
 use super::open::{listing_done, Job, PlanJob};
-use super::run::run_locked;
+use super::run::{run_locked, Shutdown};
 use super::{bucket_error, lock_manifest, JobError};
 use crate::cli::{PlanArgs, ReplicateArgs};
 use crate::copier::RunSummary;
@@ -190,13 +190,13 @@ fn refresh_summary(m: &Manifest) -> Result<(), JobError> {
 /// `replicate`: `plan`'s checks and manifest, then a `run` that copies while the listing
 /// goes on (a key once its whole history is listed), under one lock. Killed anywhere, the
 /// next `replicate` (or `run`) continues both.
-pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
+pub async fn replicate(args: &ReplicateArgs, shutdown: Shutdown) -> Result<RunSummary, JobError> {
     let plan = &args.plan;
     if plan.supplied().is_some() {
         // A supplied manifest is planned whole (no listing to copy beside), then copied.
         self::plan(plan).await?;
         let _lock = lock_manifest(&plan.manifest)?;
-        return run_locked(&args.run()).await;
+        return run_locked(&args.run(), shutdown).await;
     }
     let opened = PlanJob::open(plan).await?;
     let complete = match opened.existing() {
@@ -216,7 +216,7 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
     } else {
         opened.into_lock()
     };
-    run_locked(&args.run()).await
+    run_locked(&args.run(), shutdown).await
 }
 
 /// `plan --from-csv/--from-inventory`: the tasks come from the supplied manifest; the

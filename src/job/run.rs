@@ -157,18 +157,37 @@ pub(super) async fn source_facts<C: S3Client + Clone>(source: &C, bucket: &str) 
     }
 }
 
+/// What stops a run from outside, an input of the run (main passes [`signals`], a test a
+/// channel of its own): the first message stops taking new tasks (and stops the listing)
+/// and lets requests in flight finish, bounded by the grace period; the second abandons
+/// them at once (the next run reconciles what was in flight). Either way the run returns
+/// its summary, marked interrupted.
+pub type Shutdown = tokio::sync::mpsc::UnboundedReceiver<()>;
+
+/// SIGINT and SIGTERM, each a message of a [`Shutdown`].
+pub fn signals() -> Shutdown {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            wait_signal().await;
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// `run`: copies the manifest's open tasks; on an unfinished listing, it lists the rest
-/// too (with the job's stored settings), copying while it lists. Handles SIGINT/SIGTERM:
-/// the first stops taking new tasks (and stops the listing) and lets requests in flight
-/// finish (bounded by the grace period); the second exits at once (the next run reconciles
-/// what was in flight).
-pub async fn run(args: &RunArgs) -> Result<RunSummary, JobError> {
+/// too (with the job's stored settings), copying while it lists, until done or stopped by
+/// `shutdown`.
+pub async fn run(args: &RunArgs, shutdown: Shutdown) -> Result<RunSummary, JobError> {
     let _lock = lock_manifest(&args.manifest)?;
-    run_locked(args).await
+    run_locked(args, shutdown).await
 }
 
 /// `run` once the manifest is locked.
-pub(super) async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
+pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<RunSummary, JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let mut settings = run_settings(&m, args)?;
     requeue(&m, args)?;
@@ -250,9 +269,10 @@ pub(super) async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             bar,
             log_every: args.log.interval(),
         };
-        run_until_signal(&copier, grace, copy_while_listing(&copier, live)).await
+        run_until_stopped(&copier, grace, shutdown, copy_while_listing(&copier, live)).await
     } else {
-        run_until_signal(&copier, grace, async { Ok(copier.clone().run().await) }).await
+        let work = async { Ok(copier.clone().run().await) };
+        run_until_stopped(&copier, grace, shutdown, work).await
     };
     timer.abort();
     ticker.abort();
@@ -405,47 +425,42 @@ impl<'a> LiveBar<'a> {
     }
 }
 
-/// Runs `work` (the copier's run) until it ends, or until a signal asked it to stop and
-/// the grace period ran out (None). The first signal stops new tasks.
-pub(super) async fn run_until_signal<C: S3Client, T>(
+/// Runs `work` until it ends or `shutdown` stops it: the first message stops the copier
+/// taking tasks, and `work` gets the grace period to finish what is in flight; a second
+/// message, or the grace period running out, abandons it (None).
+async fn run_until_stopped<C: S3Client, T>(
     copier: &Arc<Copier<C>>,
     grace: u64,
+    mut shutdown: Shutdown,
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     let grace = Duration::from_secs(grace);
-    let mut signals = {
-        let copier = copier.clone();
-        tokio::spawn(async move {
-            wait_signal().await;
-            crate::say!(
-                "stopping: no new tasks; waiting up to {}s for requests in flight (press Ctrl-C again to exit now)",
-                grace.as_secs()
-            );
-            copier.stop();
-            tokio::select! {
-                _ = wait_signal() => {
-                    crate::say!("interrupted: exiting now; the next `run` reconciles what was in flight");
-                    std::process::exit(130);
-                }
-                _ = tokio::time::sleep(grace) => {}
+    let stopped = async {
+        if shutdown.recv().await.is_none() {
+            // No one can stop this run.
+            return std::future::pending().await;
+        }
+        crate::say!(
+            "stopping: no new tasks; waiting up to {}s for requests in flight (press Ctrl-C again to stop now)",
+            grace.as_secs()
+        );
+        copier.stop();
+        tokio::select! {
+            Some(()) = shutdown.recv() => {
+                crate::say!("stopping now: abandoning requests in flight; the next `run` reconciles them");
             }
-        })
-    };
-    let work = std::pin::pin!(work);
-    // The signal task ends only when a signal arrived and the grace period ran out.
-    let out = tokio::select! {
-        s = work => Some(s),
-        _ = &mut signals => {
-            crate::say!("grace period over: abandoning requests still in flight");
-            None
+            _ = tokio::time::sleep(grace) => {
+                crate::say!("grace period over: abandoning requests still in flight");
+            }
         }
     };
-    signals.abort();
-    let _ = signals.await;
-    out
+    tokio::select! {
+        s = work => Some(s),
+        _ = stopped => None,
+    }
 }
 
-pub(super) async fn wait_signal() {
+async fn wait_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
