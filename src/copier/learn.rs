@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
-use super::scheduler::TaskCtx;
+use super::task::TaskCtx;
 use super::Copier;
 use crate::manifest::{KeyGroup, State, Task, Update};
 use crate::s3::{show_key, ListFrom, S3Client, S3Error, VersionEntry, Versions};

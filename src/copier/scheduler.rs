@@ -22,52 +22,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::learn::Pending;
-use super::strategy::Copied;
+use super::task::{adopted, TaskCtx};
 use super::{now_secs, Copier, RunSummary};
 use crate::events::TaskEvent;
-use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update};
+use crate::manifest::{KeyGroup, Outcome, State, Task, Update};
 use crate::s3::{show_key, ErrorClass, ObjectRef, Restore, S3Client, S3Error};
 
 /// Keys read from the manifest at a time.
 const KEY_BATCH: usize = 256;
-
-/// One task being copied, with what reconciliation needs.
-pub(super) struct TaskCtx<'a> {
-    pub(super) task: &'a Task,
-    /// The destination key (current version: no version id).
-    pub(super) dest: ObjectRef,
-    /// Destination version ids recorded for this key's done tasks.
-    pub(super) recorded: &'a HashSet<String>,
-    /// Retries spent on this task in this run.
-    pub(super) retries: AtomicU64,
-    /// Unix seconds when this run's first attempt at the task started.
-    pub(super) started_at: i64,
-    /// No open task of the key to the same destination comes after this one in this run.
-    pub(super) last_open: bool,
-    /// The new version's id is left to be learned later (see `learn`).
-    pub(super) learn_later: AtomicBool,
-    /// Marked in progress when its key was read (`KeyGroup::claimed`): no `Started` needed.
-    pub(super) claimed: bool,
-    /// The source bucket has or had versioning: a `null` version is named by id (see
-    /// [`ObjectRef::pinned`]).
-    pub(super) null_by_id: bool,
-    /// An attempt was counted for it in this run (claimed, or `Started` sent).
-    pub(super) attempted: AtomicBool,
-}
-
-impl TaskCtx<'_> {
-    /// The source version to read, pinned to what was listed (see [`ObjectRef::pinned`]).
-    pub(super) fn source(&self, bucket: &str) -> ObjectRef {
-        let t = self.task;
-        ObjectRef::pinned(
-            bucket,
-            &t.key,
-            &t.version_id,
-            t.etag.as_deref(),
-            self.null_by_id,
-        )
-    }
-}
 
 /// What became of one task in this run.
 enum Step {
@@ -332,7 +294,7 @@ impl<C: S3Client> Copier<C> {
                     self.settings.destination(t.dest).0 == bucket
                         && matches!(t.state, State::Pending | State::InProgress)
                 }),
-                learn_later: AtomicBool::new(false),
+                id_to_learn: AtomicBool::new(false),
                 claimed: group.claimed == Some(task.id),
                 null_by_id: self.source_null_by_id.load(Ordering::Relaxed),
                 attempted: AtomicBool::new(group.claimed == Some(task.id)),
@@ -428,7 +390,7 @@ impl<C: S3Client> Copier<C> {
             ctx.attempted.store(true, Ordering::Relaxed);
         }
         Step::Finished(match self.copy_task(ctx).await {
-            Ok(c) => c.into_outcome(ctx.learn_later.load(Ordering::Relaxed)),
+            Ok(c) => c.into_outcome(ctx.id_to_learn.load(Ordering::Relaxed)),
             Err(e)
                 if e.class == ErrorClass::Archived
                     && e.code.as_deref() != Some(super::strategy::NOT_REPLICATED) =>
@@ -522,17 +484,6 @@ impl<C: S3Client> Copier<C> {
             .filter(|t| self.settings.destination(t.dest).0 == bucket)
             .count() as u64
     }
-}
-
-fn adopted(dest_version_id: Option<String>) -> Outcome {
-    Copied {
-        dest_version_id,
-        method: CopyMethod::Reconciled,
-        part_size: None,
-        parts: None,
-        etag_preserved: None,
-    }
-    .into_outcome(false)
 }
 
 /// Skipped for what cannot be copied (gone, archived), failed for the rest.

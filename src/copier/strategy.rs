@@ -23,12 +23,12 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
-use super::scheduler::TaskCtx;
+use super::task::{Copied, TaskCtx};
 use super::{now_secs, Copier};
 use crate::config::{
     CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART,
 };
-use crate::manifest::{CopyMethod, Outcome, Update};
+use crate::manifest::{CopyMethod, Update};
 use crate::s3::{
     show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
     S3Client, S3Error, WriteAttrs, WriteResult, Writes, Written, STAMP_KEY,
@@ -390,41 +390,6 @@ pub fn choose_layout(size: u64, preferred: u64, source_layout: Option<(u64, u64)
     }
 }
 
-/// The result of one task's copy.
-#[derive(Clone, Debug)]
-pub(super) struct Copied {
-    pub(super) dest_version_id: Option<String>,
-    pub(super) method: CopyMethod,
-    pub(super) part_size: Option<u64>,
-    pub(super) parts: Option<u64>,
-    pub(super) etag_preserved: Option<bool>,
-}
-
-impl Copied {
-    fn single(dest_version_id: Option<String>, method: CopyMethod) -> Copied {
-        Copied {
-            dest_version_id,
-            method,
-            part_size: None,
-            parts: None,
-            etag_preserved: None,
-        }
-    }
-
-    /// Done; `to_learn`: its destination version id is learned later (see `learn`).
-    pub(super) fn into_outcome(self, to_learn: bool) -> Outcome {
-        Outcome::Done {
-            to_learn,
-            dest_version_id: self.dest_version_id,
-            method: self.method,
-            part_size: self.part_size,
-            parts: self.parts,
-            etag_preserved: self.etag_preserved,
-            retries: 0,
-        }
-    }
-}
-
 /// What a version-creating write ended with.
 enum Wrote {
     /// This run's write: the answer, the new version's id, and its HEAD when one was needed
@@ -780,7 +745,7 @@ impl<C: S3Client> Copier<C> {
         let version = match version {
             Some(v) => Some(v.to_string()),
             None => {
-                ctx.learn_later.store(false, Ordering::Relaxed);
+                ctx.id_to_learn.store(false, Ordering::Relaxed);
                 self.learn_version(ctx, None)
                     .await
                     .ok()
@@ -957,7 +922,7 @@ impl<C: S3Client> Copier<C> {
         let hook = || self.find_written(ctx, ctx.started_at);
         match self.dest.counting(&ctx.retries).write(f, hook).await? {
             Written::Done(r) if r.version_id.is_none() && later && self.may_learn_later(ctx) => {
-                ctx.learn_later.store(true, Ordering::Relaxed);
+                ctx.id_to_learn.store(true, Ordering::Relaxed);
                 Ok(Wrote::New(r, None, None))
             }
             Written::Done(r) => {

@@ -1,0 +1,91 @@
+//! copier::task: the vocabulary of one task being copied, shared by the scheduler, the
+//! strategies, reconciliation and learning: what a task carries while it runs ([`TaskCtx`])
+//! and what its copy made ([`Copied`]). It imports nothing from the other copier modules,
+//! so they all import it and none of them has to import another for its words.
+//!
+//! May call: the manifest's types, the s3 layer's types.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use crate::manifest::{CopyMethod, Outcome, Task};
+use crate::s3::ObjectRef;
+
+/// One task being copied, with what reconciliation needs.
+pub(super) struct TaskCtx<'a> {
+    pub(super) task: &'a Task,
+    /// The destination key (current version: no version id).
+    pub(super) dest: ObjectRef,
+    /// Destination version ids recorded for this key's done tasks.
+    pub(super) recorded: &'a HashSet<String>,
+    /// Retries spent on this task in this run.
+    pub(super) retries: AtomicU64,
+    /// Unix seconds when this run's first attempt at the task started.
+    pub(super) started_at: i64,
+    /// No open task of the key to the same destination comes after this one in this run.
+    pub(super) last_open: bool,
+    /// The new version's id is left to be learned later from a listing (see `learn`).
+    pub(super) id_to_learn: AtomicBool,
+    /// Marked in progress when its key was read (`KeyGroup::claimed`): no `Started` needed.
+    pub(super) claimed: bool,
+    /// The source bucket has or had versioning: a `null` version is named by id (see
+    /// [`ObjectRef::pinned`]).
+    pub(super) null_by_id: bool,
+    /// An attempt was counted for it in this run (claimed, or `Started` sent).
+    pub(super) attempted: AtomicBool,
+}
+
+impl TaskCtx<'_> {
+    /// The source version to read, pinned to what was listed (see [`ObjectRef::pinned`]).
+    pub(super) fn source(&self, bucket: &str) -> ObjectRef {
+        let t = self.task;
+        ObjectRef::pinned(
+            bucket,
+            &t.key,
+            &t.version_id,
+            t.etag.as_deref(),
+            self.null_by_id,
+        )
+    }
+}
+
+/// The result of one task's copy.
+#[derive(Clone, Debug)]
+pub(super) struct Copied {
+    pub(super) dest_version_id: Option<String>,
+    pub(super) method: CopyMethod,
+    pub(super) part_size: Option<u64>,
+    pub(super) parts: Option<u64>,
+    pub(super) etag_preserved: Option<bool>,
+}
+
+impl Copied {
+    /// A copy in one request (no parts).
+    pub(super) fn single(dest_version_id: Option<String>, method: CopyMethod) -> Copied {
+        Copied {
+            dest_version_id,
+            method,
+            part_size: None,
+            parts: None,
+            etag_preserved: None,
+        }
+    }
+
+    /// Done; `to_learn`: its destination version id is learned later (see `learn`).
+    pub(super) fn into_outcome(self, to_learn: bool) -> Outcome {
+        Outcome::Done {
+            to_learn,
+            dest_version_id: self.dest_version_id,
+            method: self.method,
+            part_size: self.part_size,
+            parts: self.parts,
+            etag_preserved: self.etag_preserved,
+            retries: 0,
+        }
+    }
+}
+
+/// The outcome of a task whose copy an earlier attempt made (found by reconciliation).
+pub(super) fn adopted(dest_version_id: Option<String>) -> Outcome {
+    Copied::single(dest_version_id, CopyMethod::Reconciled).into_outcome(false)
+}
