@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::learn::Pending;
-use super::task::{adopted, TaskCtx};
+use super::task::{adopted, CopyError, TaskCtx};
 use super::{now_secs, Copier, RunSummary};
 use crate::events::TaskEvent;
 use crate::manifest::{KeyGroup, Outcome, State, Task, Update};
@@ -391,13 +391,8 @@ impl<C: S3Client> Copier<C> {
         }
         Step::Finished(match self.copy_task(ctx).await {
             Ok(c) => c.into_outcome(ctx.id_to_learn.load(Ordering::Relaxed)),
-            Err(e)
-                if e.class == ErrorClass::Archived
-                    && e.code.as_deref() != Some(super::strategy::NOT_REPLICATED) =>
-            {
-                self.archived(ctx, e).await
-            }
-            Err(e) => outcome_of_error(e),
+            Err(CopyError::S3(e)) if e.class == ErrorClass::Archived => self.archived(ctx, e).await,
+            Err(e) => e.into_outcome(),
         })
     }
 
@@ -412,7 +407,7 @@ impl<C: S3Client> Copier<C> {
                     reason: format!("archived, restore asked for by an earlier run and not complete yet ({error}); run again once it is"),
                 };
             }
-            return outcome_of_error(error);
+            return CopyError::S3(error).into_outcome();
         };
         let src = ctx.source(&self.settings.source.bucket);
         let r = self
@@ -483,30 +478,6 @@ impl<C: S3Client> Copier<C> {
             .filter(|t| matches!(t.state, State::Pending | State::InProgress))
             .filter(|t| self.settings.destination(t.dest).0 == bucket)
             .count() as u64
-    }
-}
-
-/// Skipped for what cannot be copied (gone, archived), failed for the rest.
-fn outcome_of_error(error: S3Error) -> Outcome {
-    if error.code.as_deref() == Some(super::strategy::NOT_REPLICATED) {
-        return Outcome::Skipped {
-            class: error.class,
-            reason: error.message,
-            retries: 0,
-        };
-    }
-    match error.class {
-        ErrorClass::SourceGone => Outcome::Skipped {
-            class: ErrorClass::SourceGone,
-            reason: format!("source version is gone: {error}"),
-            retries: 0,
-        },
-        ErrorClass::Archived => Outcome::Skipped {
-            class: ErrorClass::Archived,
-            reason: format!("archived: restore first ({error})"),
-            retries: 0,
-        },
-        _ => Outcome::Failed { error, retries: 0 },
     }
 }
 

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
-use super::task::{Copied, TaskCtx};
+use super::task::{Copied, CopyError, TaskCtx};
 use super::{now_secs, Copier};
 use crate::config::{
     CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART,
@@ -455,10 +455,6 @@ fn changed_since_listed(ctx: &TaskCtx<'_>, e: S3Error) -> S3Error {
     }
 }
 
-/// The error code of a version its replication rule leaves out (an SSE-KMS object without
-/// `SseKmsEncryptedObjects` enabled): the task is skipped with that reason.
-pub(super) const NOT_REPLICATED: &str = "NotReplicatedByRule";
-
 fn fatal(side: crate::s3::Side, op: &'static str, message: String) -> S3Error {
     S3Error::other(side, op, ErrorClass::Fatal, message)
 }
@@ -467,18 +463,21 @@ impl<C: S3Client> Copier<C> {
     /// Copies one task by its plan; in `auto` mode a server-side copy that the destination's
     /// credentials may not do is streamed instead, for this task only (remembered in the
     /// manifest, so later runs stream it at once).
-    pub(super) async fn copy_task(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
+    pub(super) async fn copy_task(&self, ctx: &TaskCtx<'_>) -> Result<Copied, CopyError> {
         if ctx.task.is_delete_marker {
-            return self.delete_marker(ctx).await;
+            return Ok(self.delete_marker(ctx).await?);
         }
         let server_side = self.settings.server_side() && !ctx.task.stream_only;
         match self.copy_version(ctx, server_side).await {
-            Err(e) if server_side && self.falls_back_to_stream(ctx, &e) => {
+            Err(CopyError::S3(e)) if server_side && self.falls_back_to_stream(ctx, &e) => {
                 self.copy_version(ctx, false).await
             }
             r => r,
         }
-        .map_err(|e| changed_since_listed(ctx, e))
+        .map_err(|e| match e {
+            CopyError::S3(e) => CopyError::S3(changed_since_listed(ctx, e)),
+            e => e,
+        })
     }
 
     fn falls_back_to_stream(&self, ctx: &TaskCtx<'_>, e: &S3Error) -> bool {
@@ -498,9 +497,13 @@ impl<C: S3Client> Copier<C> {
         true
     }
 
-    async fn copy_version(&self, ctx: &TaskCtx<'_>, server_side: bool) -> Result<Copied, S3Error> {
+    async fn copy_version(
+        &self,
+        ctx: &TaskCtx<'_>,
+        server_side: bool,
+    ) -> Result<Copied, CopyError> {
         if server_side && self.one_request(ctx).await {
-            return self.copy_listed(ctx).await;
+            return Ok(self.copy_listed(ctx).await?);
         }
         let head = self.head_source(ctx, None).await?;
         self.rule_takes(ctx, &head)?;
@@ -525,7 +528,7 @@ impl<C: S3Client> Copier<C> {
                 budget: self.memory.bytes(),
             }
         };
-        match choose_plan(false, head.size, source, route, c) {
+        let copied = match choose_plan(false, head.size, source, route, c) {
             CopyPlan::Copy => {
                 let copied = self.copy_object(ctx, &head, &attrs).await?;
                 match source {
@@ -537,7 +540,8 @@ impl<C: S3Client> Copier<C> {
             CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, true).await,
             CopyPlan::MultipartStream => self.multipart(ctx, &head, attrs, false).await,
             CopyPlan::DeleteMarker => self.delete_marker(ctx).await,
-        }
+        };
+        Ok(copied?)
     }
 
     /// Whether a multipart source up to 5 GiB is copied with one CopyObject (see
@@ -830,7 +834,7 @@ impl<C: S3Client> Copier<C> {
 
     /// Refuses an SSE-KMS version that the task's replication rule leaves out (known only
     /// now, from the source HEAD).
-    fn rule_takes(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> Result<(), S3Error> {
+    fn rule_takes(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> Result<(), CopyError> {
         let Some(rule) = self.settings.destination(ctx.task.dest).2 else {
             return Ok(());
         };
@@ -839,14 +843,8 @@ impl<C: S3Client> Copier<C> {
             Some(Encryption::SseKms(_) | Encryption::DsseKms(_))
         );
         if kms && !rule.sse_kms_allowed {
-            let why = format!(
-                "not replicated: SSE-KMS object, and rule {} does not enable SseKmsEncryptedObjects",
-                rule.rule
-            );
-            let e = fatal(self.source.side(), "HeadObject", why);
-            return Err(S3Error {
-                code: Some(NOT_REPLICATED.into()),
-                ..e
+            return Err(CopyError::NotReplicated {
+                rule: rule.rule.clone(),
             });
         }
         Ok(())

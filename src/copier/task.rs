@@ -1,6 +1,6 @@
 //! copier::task: the vocabulary of one task being copied, shared by the scheduler, the
 //! strategies, reconciliation and learning: what a task carries while it runs ([`TaskCtx`])
-//! and what its copy made ([`Copied`]). It imports nothing from the other copier modules,
+//! what its copy made ([`Copied`]) and why it made none ([`CopyError`]). It imports nothing from the other copier modules,
 //! so they all import it and none of them has to import another for its words.
 //!
 //! May call: the manifest's types, the s3 layer's types.
@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use crate::manifest::{CopyMethod, Outcome, Task};
-use crate::s3::ObjectRef;
+use crate::s3::{ErrorClass, ObjectRef, S3Error};
 
 /// One task being copied, with what reconciliation needs.
 pub(super) struct TaskCtx<'a> {
@@ -88,4 +88,55 @@ impl Copied {
 /// The outcome of a task whose copy an earlier attempt made (found by reconciliation).
 pub(super) fn adopted(dest_version_id: Option<String>) -> Outcome {
     Copied::single(dest_version_id, CopyMethod::Reconciled).into_outcome(false)
+}
+
+/// Why a task's copy made no destination version.
+#[derive(Debug)]
+pub(super) enum CopyError {
+    /// A request failed (after its retries), or what it answered stops the copy.
+    S3(S3Error),
+    /// The task's replication rule leaves the version out: an SSE-KMS object, and the rule
+    /// does not enable `SseKmsEncryptedObjects` (known only from the source's HEAD).
+    NotReplicated {
+        /// The rule (its ID, or `#n` by position).
+        rule: String,
+    },
+}
+
+impl From<S3Error> for CopyError {
+    fn from(e: S3Error) -> Self {
+        CopyError::S3(e)
+    }
+}
+
+impl CopyError {
+    /// Skipped for what is not to be copied (left out by its rule) or cannot be (gone,
+    /// archived), failed for the rest.
+    pub(super) fn into_outcome(self) -> Outcome {
+        let error = match self {
+            CopyError::NotReplicated { rule } => {
+                return Outcome::Skipped {
+                    class: ErrorClass::Fatal,
+                    reason: format!(
+                        "not replicated: SSE-KMS object, and rule {rule} does not enable SseKmsEncryptedObjects"
+                    ),
+                    retries: 0,
+                }
+            }
+            CopyError::S3(e) => e,
+        };
+        match error.class {
+            ErrorClass::SourceGone => Outcome::Skipped {
+                class: ErrorClass::SourceGone,
+                reason: format!("source version is gone: {error}"),
+                retries: 0,
+            },
+            ErrorClass::Archived => Outcome::Skipped {
+                class: ErrorClass::Archived,
+                reason: format!("archived: restore first ({error})"),
+                retries: 0,
+            },
+            _ => Outcome::Failed { error, retries: 0 },
+        }
+    }
 }
