@@ -170,6 +170,46 @@ pub enum Route {
     },
 }
 
+/// Where a multipart copy's parts come from, as [`choose_plan`] decided (carried to each part
+/// instead of asked again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PartSource {
+    /// `UploadPartCopy`: the destination's server reads each part from the source.
+    Server,
+    /// Ranged GETs with the source's client, `UploadPart` with the destination's; a part
+    /// held here is at most `budget` bytes (`--max-memory`, see [`Budget`]).
+    Stream {
+        /// Bytes one part may hold.
+        budget: u64,
+    },
+}
+
+impl PartSource {
+    /// Whether parts of `part_size` bytes may be used (a streamed part is held whole).
+    fn fits(self, part_size: u64) -> bool {
+        match self {
+            PartSource::Server => true,
+            PartSource::Stream { budget } => part_size <= budget,
+        }
+    }
+
+    /// The part size asked for (`--part-size`; streamed, no larger than the budget).
+    fn preferred_part_size(self, c: &CopyOptions) -> u64 {
+        match self {
+            PartSource::Server => c.part_size,
+            PartSource::Stream { budget } => capped_for_stream(c, budget).part_size,
+        }
+    }
+
+    /// How the manifest names a copy made this way.
+    fn method(self) -> CopyMethod {
+        match self {
+            PartSource::Server => CopyMethod::MultipartCopy,
+            PartSource::Stream { .. } => CopyMethod::MultipartStream,
+        }
+    }
+}
+
 /// Chooses the plan, fidelity first: the source's ETag is kept wherever a plan can keep it.
 ///
 /// - Server-side: a single-part source up to 5 GiB is one `CopyObject` (its MD5 ETag is
@@ -537,8 +577,12 @@ impl<C: S3Client> Copier<C> {
                 }
             }
             CopyPlan::Stream => self.stream_put(ctx, &head, attrs).await,
-            CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, true).await,
-            CopyPlan::MultipartStream => self.multipart(ctx, &head, attrs, false).await,
+            CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, PartSource::Server).await,
+            CopyPlan::MultipartStream => {
+                let budget = self.memory.bytes();
+                self.multipart(ctx, &head, attrs, PartSource::Stream { budget })
+                    .await
+            }
             CopyPlan::DeleteMarker => self.delete_marker(ctx).await,
         };
         Ok(copied?)
@@ -617,7 +661,7 @@ impl<C: S3Client> Copier<C> {
             }
         }
         let attrs = self.write_attrs(ctx, head);
-        self.multipart(ctx, head, attrs, true).await
+        self.multipart(ctx, head, attrs, PartSource::Server).await
     }
 
     /// Whether this task is copied by one `CopyObject` and no HEAD of the source: nothing a
@@ -1018,16 +1062,8 @@ impl<C: S3Client> Copier<C> {
             .await
     }
 
-    /// The source's tags, when it has some or the server does not say how many.
-    async fn tags_for(
-        &self,
-        ctx: &TaskCtx<'_>,
-        head: &ObjectHead,
-        server_side: bool,
-    ) -> Result<Option<String>, S3Error> {
-        if server_side && head.tag_count == 0 {
-            return Ok(None);
-        }
+    /// The source's tags (None: it has none).
+    async fn tags_for(&self, ctx: &TaskCtx<'_>) -> Result<Option<String>, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let tags = self.source.counting(&ctx.retries).get_tagging(&src).await?;
         Ok(Some(tags).filter(|t| !t.is_empty()))
@@ -1052,7 +1088,7 @@ impl<C: S3Client> Copier<C> {
             Some(md5) => md5,
             None => Md5::digest(&body).to_vec(),
         };
-        attrs.tagging = self.tags_for(ctx, head, false).await?;
+        attrs.tagging = self.tags_for(ctx).await?;
         attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let wrote = self
             .write_version(ctx, false, |w| {
@@ -1076,7 +1112,7 @@ impl<C: S3Client> Copier<C> {
         md5: Vec<u8>,
     ) -> Result<Copied, S3Error> {
         let _held = self.memory.hold(PASS_THROUGH_HELD.min(head.size)).await?;
-        attrs.tagging = self.tags_for(ctx, head, false).await?;
+        attrs.tagging = self.tags_for(ctx).await?;
         attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let src = ctx.source(&self.settings.source.bucket);
         let side = self.source.side();
@@ -1141,20 +1177,14 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         head: &ObjectHead,
         mut attrs: WriteAttrs,
-        server_side: bool,
+        source: PartSource,
     ) -> Result<Copied, S3Error> {
         // Streamed parts are held in memory: none larger than the budget.
-        let budget = self.memory.bytes();
-        let fits = |part: u64| server_side || part <= budget;
-        let preferred = if server_side {
-            self.settings.copy.part_size
-        } else {
-            capped_for_stream(&self.settings.copy, budget).part_size
-        };
+        let preferred = source.preferred_part_size(&self.settings.copy);
         let fallback = choose_layout(head.size, preferred, None);
         let mut tries: Vec<(Layout, bool)> = Vec::new();
         match self.source_layout(ctx, head).await {
-            Some(own) if fits(own.0) => {
+            Some(own) if source.fits(own.0) => {
                 tries.push((choose_layout(head.size, preferred, Some(own)), false))
             }
             Some(_) => {}
@@ -1163,7 +1193,7 @@ impl<C: S3Client> Copier<C> {
                 if let Some(n) = n.filter(|_| Encryption::keeps_md5_etag(head.encryption.as_ref()))
                 {
                     let sizes = infer_part_sizes(head.size, n);
-                    for part_size in sizes.into_iter().filter(|p| fits(*p)) {
+                    for part_size in sizes.into_iter().filter(|p| source.fits(*p)) {
                         if tries.len() == MAX_LAYOUT_TRIES {
                             break;
                         }
@@ -1180,10 +1210,14 @@ impl<C: S3Client> Copier<C> {
         if tries.iter().all(|(_, checked)| *checked) {
             tries.push((fallback, false));
         }
-        attrs.tagging = self.tags_for(ctx, head, server_side).await?;
+        // Server-side, a source whose HEAD counts no tag has none to read.
+        attrs.tagging = match source {
+            PartSource::Server if head.tag_count == 0 => None,
+            _ => self.tags_for(ctx).await?,
+        };
         for (layout, checked) in tries {
             let done = self
-                .upload(ctx, head, &attrs, layout, server_side, checked)
+                .upload(ctx, head, &attrs, layout, source, checked)
                 .await?;
             if let Some(copied) = done {
                 return Ok(copied);
@@ -1211,7 +1245,7 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         attrs: &WriteAttrs,
         layout: Layout,
-        server_side: bool,
+        source: PartSource,
         checked: bool,
     ) -> Result<Option<Copied>, S3Error> {
         let upload_id = self
@@ -1222,7 +1256,7 @@ impl<C: S3Client> Copier<C> {
         self.record_upload(ctx, Some(upload_id.clone()), Some(layout))
             .await?;
         let result = self
-            .parts_and_complete(ctx, head, layout, &upload_id, server_side, checked)
+            .parts_and_complete(ctx, head, layout, &upload_id, source, checked)
             .await;
         if !matches!(result, Ok(Some(_))) {
             let aborted = self
@@ -1248,7 +1282,7 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         layout: Layout,
         upload_id: &str,
-        server_side: bool,
+        source: PartSource,
         checked: bool,
     ) -> Result<Option<Copied>, S3Error> {
         let parts: Vec<PartResult> = stream::iter(1..=layout.parts)
@@ -1258,7 +1292,7 @@ impl<C: S3Client> Copier<C> {
                 let part = (n as i32, (first, last));
                 // Parts of a checked layout are not hashed here: the server's MD5s of what
                 // it received must compose the source's ETag before the upload completes.
-                self.part(ctx, head, upload_id, part, server_side, !checked)
+                self.part(ctx, head, upload_id, part, source, !checked)
             })
             .buffered(self.part_concurrency)
             .try_collect()
@@ -1301,11 +1335,7 @@ impl<C: S3Client> Copier<C> {
             .await?;
         Ok(Some(Copied {
             dest_version_id: version,
-            method: if server_side {
-                CopyMethod::MultipartCopy
-            } else {
-                CopyMethod::MultipartStream
-            },
+            method: source.method(),
             part_size: Some(layout.part_size),
             parts: Some(layout.parts),
             etag_preserved,
@@ -1318,10 +1348,10 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         upload_id: &str,
         (n, range): (i32, (u64, u64)),
-        server_side: bool,
+        source: PartSource,
         content_md5: bool,
     ) -> Result<PartResult, S3Error> {
-        if server_side {
+        if source == PartSource::Server {
             let src = ctx.source(&self.settings.source.bucket);
             return self
                 .dest
