@@ -333,12 +333,10 @@ impl<C: S3Client> Copier<C> {
             if let Some(e) = event {
                 crate::events::emit(crate::events::Event::Task(e));
             }
-            if let Outcome::Done {
-                dest_version_id: Some(v),
-                ..
-            } = &outcome
-            {
-                recorded.insert(v.clone());
+            if let Outcome::Done { copied, .. } = &outcome {
+                if let Some(v) = &copied.dest_version_id {
+                    recorded.insert(v.clone());
+                }
             }
             self.finish(task, outcome);
             if let Some(p) = learn {

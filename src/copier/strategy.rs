@@ -23,12 +23,12 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
-use super::task::{Copied, CopyError, TaskCtx};
+use super::task::{CopyError, TaskCtx};
 use super::{now_secs, Copier};
 use crate::config::{
     CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART,
 };
-use crate::manifest::{CopyMethod, Update};
+use crate::manifest::{Copied, CopyMethod, Update};
 use crate::s3::{
     show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
     S3Client, S3Error, WriteAttrs, WriteResult, Writes, Written, STAMP_KEY,

@@ -1,6 +1,7 @@
 //! copier::task: the vocabulary of one task being copied, shared by the scheduler, the
 //! strategies, reconciliation and learning: what a task carries while it runs ([`TaskCtx`])
-//! what its copy made ([`Copied`]) and why it made none ([`CopyError`]). It imports nothing from the other copier modules,
+//! and why its copy made no destination version ([`CopyError`]). What a copy made is the
+//! manifest's [`Copied`] (kept by `Outcome::Done`). It imports nothing from the other copier modules,
 //! so they all import it and none of them has to import another for its words.
 //!
 //! May call: the manifest's types, the s3 layer's types.
@@ -8,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
-use crate::manifest::{CopyMethod, Outcome, Task};
+use crate::manifest::{Copied, CopyMethod, Outcome, Task};
 use crate::s3::{ErrorClass, ObjectRef, S3Error};
 
 /// One task being copied, with what reconciliation needs.
@@ -46,42 +47,6 @@ impl TaskCtx<'_> {
             t.etag.as_deref(),
             self.null_by_id,
         )
-    }
-}
-
-/// The result of one task's copy.
-#[derive(Clone, Debug)]
-pub(super) struct Copied {
-    pub(super) dest_version_id: Option<String>,
-    pub(super) method: CopyMethod,
-    pub(super) part_size: Option<u64>,
-    pub(super) parts: Option<u64>,
-    pub(super) etag_preserved: Option<bool>,
-}
-
-impl Copied {
-    /// A copy in one request (no parts).
-    pub(super) fn single(dest_version_id: Option<String>, method: CopyMethod) -> Copied {
-        Copied {
-            dest_version_id,
-            method,
-            part_size: None,
-            parts: None,
-            etag_preserved: None,
-        }
-    }
-
-    /// Done; `to_learn`: its destination version id is learned later (see `learn`).
-    pub(super) fn into_outcome(self, to_learn: bool) -> Outcome {
-        Outcome::Done {
-            to_learn,
-            dest_version_id: self.dest_version_id,
-            method: self.method,
-            part_size: self.part_size,
-            parts: self.parts,
-            etag_preserved: self.etag_preserved,
-            retries: 0,
-        }
     }
 }
 

@@ -968,15 +968,8 @@ async fn a_version_id_left_to_learn_by_a_stopped_run_is_learned_before_the_key_g
     for id in [k[0].id, j[0].id] {
         w.send(Update::Finished {
             id,
-            outcome: crate::manifest::Outcome::Done {
-                dest_version_id: None,
-                method: crate::manifest::CopyMethod::Copy,
-                part_size: None,
-                parts: None,
-                etag_preserved: None,
-                retries: 0,
-                to_learn: true,
-            },
+            outcome: crate::manifest::Copied::single(None, crate::manifest::CopyMethod::Copy)
+                .into_outcome(true),
         })
         .unwrap();
     }
