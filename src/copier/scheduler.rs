@@ -26,7 +26,7 @@ use super::task::{adopted, CopyError, TaskCtx};
 use super::{now_secs, Copier, RunSummary};
 use crate::events::TaskEvent;
 use crate::manifest::{KeyGroup, Outcome, State, Task, Update};
-use crate::s3::{show_key, ErrorClass, ObjectRef, Restore, S3Client, S3Error};
+use crate::s3::{show_key, ErrorClass, Restore, S3Client, S3Error};
 
 /// Keys read from the manifest at a time.
 const KEY_BATCH: usize = 256;
@@ -270,7 +270,8 @@ impl<C: S3Client> Copier<C> {
         // Destination buckets whose history of this key waits behind a failed version.
         let mut blocked: HashSet<&str> = HashSet::new();
         for (i, task) in group.tasks.iter().enumerate() {
-            let (bucket, prefix, _) = self.settings.destination(task.dest);
+            let dest = self.settings.destination(task.dest);
+            let bucket = dest.bucket;
             if blocked.contains(bucket) {
                 continue;
             }
@@ -286,12 +287,12 @@ impl<C: S3Client> Copier<C> {
             }
             let ctx = TaskCtx {
                 task,
-                dest: ObjectRef::key(bucket, &format!("{prefix}{}", group.key)),
+                dest: dest.object(&group.key),
                 recorded: &recorded,
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
                 last_open: !group.tasks[i + 1..].iter().any(|t| {
-                    self.settings.destination(t.dest).0 == bucket
+                    self.settings.destination(t.dest).bucket == bucket
                         && matches!(t.state, State::Pending | State::InProgress)
                 }),
                 id_to_learn: AtomicBool::new(false),
@@ -448,8 +449,7 @@ impl<C: S3Client> Copier<C> {
     pub async fn abort_leftover_uploads(&self, tasks: Vec<Task>) {
         for t in tasks {
             let Some(u) = &t.upload_id else { continue };
-            let (bucket, prefix, _) = self.settings.destination(t.dest);
-            let dest = ObjectRef::key(bucket, &format!("{prefix}{}", t.key));
+            let dest = self.settings.dest_object(t.dest, &t.key);
             let retries = AtomicU64::new(0);
             let r = self.dest.counting(&retries).abort_multipart(&dest, u).await;
             if let Err(e) = r {
@@ -470,11 +470,11 @@ impl<C: S3Client> Copier<C> {
     /// Open tasks after position `i` of a key's tasks to the same destination bucket (they
     /// wait behind a failed one).
     fn open_after(&self, tasks: &[Task], i: usize) -> u64 {
-        let bucket = self.settings.destination(tasks[i].dest).0;
+        let bucket = self.settings.destination(tasks[i].dest).bucket;
         tasks[i + 1..]
             .iter()
             .filter(|t| matches!(t.state, State::Pending | State::InProgress))
-            .filter(|t| self.settings.destination(t.dest).0 == bucket)
+            .filter(|t| self.settings.destination(t.dest).bucket == bucket)
             .count() as u64
     }
 }

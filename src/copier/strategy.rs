@@ -684,7 +684,7 @@ impl<C: S3Client> Copier<C> {
         let listed = ctx.task.storage_class.as_deref();
         // A replication rule decides by the source's encryption (SSE-KMS only when it opts
         // in, its own KMS key): that needs the HEAD.
-        let ruled = self.settings.destination(ctx.task.dest).2.is_some();
+        let ruled = self.settings.destination(ctx.task.dest).rule.is_some();
         // A `null` version can change under its id: the copy's x-amz-copy-source-if-match
         // alone would guard it, and moto and RGW 16.2 ignore that header; the HEAD compares.
         let null = ctx.task.version_id == "null";
@@ -879,7 +879,7 @@ impl<C: S3Client> Copier<C> {
     /// Refuses an SSE-KMS version that the task's replication rule leaves out (known only
     /// now, from the source HEAD).
     fn rule_takes(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> Result<(), CopyError> {
-        let Some(rule) = self.settings.destination(ctx.task.dest).2 else {
+        let Some(rule) = self.settings.destination(ctx.task.dest).rule else {
             return Ok(());
         };
         let kms = matches!(
@@ -898,7 +898,7 @@ impl<C: S3Client> Copier<C> {
     /// rule's storage class, owner override and KMS key come before the job's options.
     fn write_attrs(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> WriteAttrs {
         let c = &self.settings.copy;
-        let rule = self.settings.destination(ctx.task.dest).2;
+        let rule = self.settings.destination(ctx.task.dest).rule;
         let mut metadata: BTreeMap<String, String> = head.metadata.clone();
         if c.stamp {
             metadata.insert(STAMP_KEY.to_string(), ctx.task.version_id.clone());
