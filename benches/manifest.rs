@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use s3_backfill::manifest::{CopyMethod, Listing, Manifest, NewTask, Outcome, Update};
+use s3_backfill::manifest::{Copied, CopyMethod, Listing, Manifest, NewTask, Update};
 use s3_backfill::s3::VersionEntry;
 
 /// A small deterministic generator (xorshift64*), so every run lists the same bucket.
@@ -154,15 +154,8 @@ fn run(path: &Path, rt: &tokio::runtime::Runtime) -> (usize, Duration) {
             after = last.key_id;
             for t in groups.iter().flat_map(|g| &g.tasks) {
                 w.send(Update::Started { id: t.id, at: 1 }).expect("send");
-                let outcome = Outcome::Done {
-                    dest_version_id: Some(rng.text(32, VERSION_CHARS)),
-                    method: CopyMethod::Copy,
-                    part_size: None,
-                    parts: None,
-                    etag_preserved: None,
-                    retries: 0,
-                    to_learn: false,
-                };
+                let version = Some(rng.text(32, VERSION_CHARS));
+                let outcome = Copied::single(version, CopyMethod::Copy).into_outcome(false);
                 w.send(Update::Finished { id: t.id, outcome })
                     .expect("send");
                 updates += 2;

@@ -414,6 +414,36 @@ pub struct Destination {
     pub options: DestOptions,
 }
 
+/// Where one destination of a job writes (see [`JobSettings::destination`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestRef<'a> {
+    /// Bucket name.
+    pub bucket: &'a str,
+    /// Key prefix at the destination (may be empty).
+    pub prefix: &'a str,
+    /// What its replication rule decides (None: the job's `dest`, no rule).
+    pub rule: Option<&'a DestOptions>,
+}
+
+impl DestRef<'_> {
+    /// The destination key of source key `key`: the prefix, then the key. The one place
+    /// where a destination key is made.
+    ///
+    /// ```
+    /// use s3_backfill::config::DestRef;
+    /// let d = DestRef { bucket: "dst", prefix: "backup/", rule: None };
+    /// assert_eq!(d.key("a/b"), "backup/a/b");
+    /// ```
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// The current version of source key `key` here.
+    pub fn object(&self, key: &str) -> crate::s3::ObjectRef {
+        crate::s3::ObjectRef::key(self.bucket, &self.key(key))
+    }
+}
+
 /// What a replication rule decides for its destination's replicas.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestOptions {
@@ -453,16 +483,33 @@ impl JobSettings {
         format!("{} (replication rules)", buckets.join(", "))
     }
 
-    /// The bucket, prefix and rule options of destination `id` (0 and unknown ids without a
-    /// configuration: the job's `dest`).
-    pub fn destination(&self, id: i64) -> (&str, &str, Option<&DestOptions>) {
+    /// Destination `id` (0 and unknown ids without a configuration: the job's `dest`).
+    pub fn destination(&self, id: i64) -> DestRef<'_> {
         match usize::try_from(id)
             .ok()
             .and_then(|i| self.destinations.get(i))
         {
-            Some(d) => (&d.bucket, &d.prefix, Some(&d.options)),
-            None => (&self.dest.bucket, &self.dest.prefix, None),
+            Some(d) => DestRef {
+                bucket: &d.bucket,
+                prefix: &d.prefix,
+                rule: Some(&d.options),
+            },
+            None => self.dest_ref(),
         }
+    }
+
+    /// The job's `dest` (`--dest`), with no rule.
+    pub fn dest_ref(&self) -> DestRef<'_> {
+        DestRef {
+            bucket: &self.dest.bucket,
+            prefix: &self.dest.prefix,
+            rule: None,
+        }
+    }
+
+    /// The current version of source key `key` at destination `id`.
+    pub fn dest_object(&self, id: i64, key: &str) -> crate::s3::ObjectRef {
+        self.destination(id).object(key)
     }
 
     /// The parts of the job that define its tasks: a manifest planned with other values
@@ -510,11 +557,6 @@ impl JobSettings {
     /// `--from-inventory`) rather than a listing: such a job cannot be refreshed by listing.
     pub fn planned_from_supplied(&self) -> bool {
         self.supplied.is_some()
-    }
-
-    /// The destination key of a source key: the destination prefix followed by the key.
-    pub fn dest_key(&self, key: &str) -> String {
-        format!("{}{}", self.dest.prefix, key)
     }
 
     /// Whether copies start server-side (the destination reads the source itself).

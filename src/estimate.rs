@@ -414,8 +414,8 @@ impl<'a> Builder<'a> {
     pub fn key(&mut self, key: &str, tasks: &[EstTask]) {
         let mut entries: BTreeMap<&str, (u64, bool)> = BTreeMap::new();
         for (i, t) in tasks.iter().enumerate() {
-            let bucket = self.settings.destination(t.dest).0;
-            let same = |u: &EstTask| self.settings.destination(u.dest).0 == bucket;
+            let bucket = self.settings.destination(t.dest).bucket;
+            let same = |u: &EstTask| self.settings.destination(u.dest).bucket == bucket;
             let last_open = !tasks[i + 1..].iter().any(same);
             let after_marker = tasks[..i]
                 .iter()
@@ -547,7 +547,7 @@ impl<'a> Builder<'a> {
     /// The one-request copy (as `Copier::one_request`, the source's object lock as probed).
     fn one_request(&self, t: &EstTask) -> bool {
         let c = &self.settings.copy;
-        let ruled = self.settings.destination(t.dest).2.is_some();
+        let ruled = self.settings.destination(t.dest).rule.is_some();
         let plan = choose_plan(
             false,
             t.size,

@@ -110,7 +110,7 @@ impl<'a> Report<'a> {
         let problems = problems
             .iter()
             .map(|problem| ProblemRow {
-                dest_bucket: job.destination(problem.dest).0,
+                dest_bucket: job.destination(problem.dest).bucket,
                 problem,
             })
             .collect();
@@ -158,7 +158,7 @@ pub fn write_csv<W: Write>(
             &p.http_status.map(|s| s.to_string()).unwrap_or_default(),
             &p.attempts.to_string(),
             p.message.as_deref().unwrap_or(""),
-            settings.destination(p.dest).0,
+            settings.destination(p.dest).bucket,
         ])
         .map_err(io)
     })?;
@@ -192,7 +192,7 @@ fn with_dest(dest: Option<&str>, message: &str) -> String {
 
 /// The destination bucket a report row names (None for a job with one destination).
 fn row_dest(settings: &JobSettings, dest: i64) -> Option<&str> {
-    (settings.destinations.len() > 1).then(|| settings.destination(dest).0)
+    (settings.destinations.len() > 1).then(|| settings.destination(dest).bucket)
 }
 
 /// The report row of a failed, skipped or blocked task: a failure whose code is S3

@@ -111,8 +111,7 @@ impl<C: S3Client> Selector<'_, C> {
         let Some(dest) = self.dest else {
             return Ok(false);
         };
-        let key = self.settings.dest_key(&e.key);
-        let obj = ObjectRef::key(&self.settings.dest.bucket, &key);
+        let obj = self.settings.dest_ref().object(&e.key);
         match dest.req().head_object(&obj, None).await {
             Ok(h) => Ok(h.metadata.get(STAMP_KEY) == Some(&e.version_id)),
             Err(err) if err.status == Some(404) => Ok(false),
@@ -175,7 +174,11 @@ impl DryRun {
     /// Counts one selected version for each of its destinations.
     pub fn add(&mut self, settings: &JobSettings, e: &VersionEntry, dests: &[i64]) {
         for d in dests {
-            let (bucket, prefix, opts) = settings.destination(*d);
+            let crate::config::DestRef {
+                bucket,
+                prefix,
+                rule: opts,
+            } = settings.destination(*d);
             let class = if e.is_delete_marker {
                 "(marker)".to_string()
             } else {

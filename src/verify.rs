@@ -26,7 +26,7 @@ use std::sync::atomic::AtomicU64;
 
 use serde::Serialize;
 
-use crate::config::{JobSettings, Sse};
+use crate::config::{DestRef, JobSettings, Sse};
 use crate::manifest::{Manifest, ManifestError, State, Task};
 use crate::s3::{
     parse_tagging, Encryption, ListFrom, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry,
@@ -293,7 +293,8 @@ impl<C: S3Client> Verifier<'_, C> {
     ) -> Result<VerifyReport, VerifyError> {
         let s = self.settings;
         let mut src = Histories::new(self.source, &s.source.bucket, s.selection.prefix.clone(), 0);
-        let dest_prefix = format!("{}{}", s.dest.prefix, s.selection.prefix);
+        // Where the selected keys land.
+        let dest_prefix = s.dest_ref().key(&s.selection.prefix);
         let mut dst = Histories::new(self.dest, &s.dest.bucket, dest_prefix, s.dest.prefix.len());
         let mut report = VerifyReport::default();
         loop {
@@ -316,7 +317,7 @@ impl<C: S3Client> Verifier<'_, C> {
             if se.is_empty() && de.is_empty() {
                 continue;
             }
-            let d = (s.dest.bucket.as_str(), s.dest.prefix.as_str());
+            let d = s.dest_ref();
             report.keys += 1;
             report.versions += se.len() as u64;
             let replaced = se.iter().any(|e| e.version_id == "null") || se.is_empty();
@@ -358,7 +359,7 @@ impl<C: S3Client> Verifier<'_, C> {
     async fn compare_planned(
         &self,
         key: &str,
-        d: (&str, &str),
+        d: DestRef<'_>,
         se: &[VersionEntry],
         de: &[VersionEntry],
         tasks: &[Task],
@@ -444,7 +445,12 @@ impl<C: S3Client> Verifier<'_, C> {
             .destinations
             .iter()
             .map(|t| {
-                let prefix = format!("{}{}", t.prefix, s.selection.prefix);
+                let at = DestRef {
+                    bucket: &t.bucket,
+                    prefix: &t.prefix,
+                    rule: None,
+                };
+                let prefix = at.key(&s.selection.prefix);
                 Histories::new(self.dest, &t.bucket, prefix, t.prefix.len())
             })
             .collect();
@@ -493,7 +499,11 @@ impl<C: S3Client> Verifier<'_, C> {
         let detail = match gone {
             Some(g) => Some(g),
             None => {
-                let d = (bucket.as_str(), prefix.as_str());
+                let d = DestRef {
+                    bucket: &bucket,
+                    prefix: &prefix,
+                    rule: None,
+                };
                 self.blank_incomparable_etags(key, d, &mut expected, &mut de)
                     .await?;
                 match compare(&expected, &de) {
@@ -522,7 +532,7 @@ impl<C: S3Client> Verifier<'_, C> {
     async fn deep_compare(
         &self,
         key: &str,
-        (bucket, prefix): (&str, &str),
+        d: DestRef<'_>,
         se: &[VersionEntry],
         de: &[VersionEntry],
     ) -> Result<Option<String>, S3Error> {
@@ -532,10 +542,10 @@ impl<C: S3Client> Verifier<'_, C> {
         let objects = |h: &[VersionEntry]| -> Vec<VersionEntry> {
             h.iter().filter(|e| !e.is_delete_marker).cloned().collect()
         };
-        let dkey = format!("{prefix}{key}");
+        let dkey = d.key(key);
         for (a, b) in objects(se).iter().zip(objects(de).iter()) {
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
-            let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
+            let dref = ObjectRef::version(d.bucket, &dkey, &b.version_id);
             let (source, dest) = (self.source.req(), self.dest.req());
             let sh = source.head_object(&sref, None).await?;
             let dh = dest.head_object(&dref, None).await?;
@@ -556,7 +566,7 @@ impl<C: S3Client> Verifier<'_, C> {
     async fn blank_incomparable_etags(
         &self,
         key: &str,
-        (bucket, prefix): (&str, &str),
+        d: DestRef<'_>,
         se: &mut [VersionEntry],
         de: &mut [VersionEntry],
     ) -> Result<(), S3Error> {
@@ -575,8 +585,8 @@ impl<C: S3Client> Verifier<'_, C> {
                 continue;
             }
             let sref = ObjectRef::version(&self.settings.source.bucket, key, &a.version_id);
-            let dkey = format!("{prefix}{key}");
-            let dref = ObjectRef::version(bucket, &dkey, &b.version_id);
+            let dkey = d.key(key);
+            let dref = ObjectRef::version(d.bucket, &dkey, &b.version_id);
             let sh = self.source.req().head_object(&sref, None).await?;
             let dh = self.dest.req().head_object(&dref, None).await?;
             if !Encryption::keeps_md5_etag(sh.encryption.as_ref())

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
-use super::scheduler::TaskCtx;
+use super::task::TaskCtx;
 use super::Copier;
 use crate::manifest::{KeyGroup, State, Task, Update};
 use crate::s3::{show_key, ListFrom, S3Client, S3Error, VersionEntry, Versions};
@@ -92,9 +92,8 @@ impl<C: S3Client> Copier<C> {
     /// Flagged tasks a stopped run left (read from the manifest before the run).
     pub fn learn_leftovers(self: &Arc<Self>, tasks: Vec<Task>) {
         for t in tasks {
-            let (bucket, prefix, _) = self.settings.destination(t.dest);
-            let key = format!("{prefix}{}", t.key);
-            self.learn_later(Pending::of(&t, bucket, key));
+            let d = self.settings.destination(t.dest);
+            self.learn_later(Pending::of(&t, d.bucket, d.key(&t.key)));
         }
     }
 
@@ -228,9 +227,9 @@ impl<C: S3Client> Copier<C> {
             .retain(|p| !ids.contains(&p.task));
         let retries = AtomicU64::new(0);
         for t in flagged {
-            let (bucket, prefix, _) = self.settings.destination(t.dest);
-            let p = Pending::of(t, bucket, format!("{prefix}{}", group.key));
-            match self.dest_key_history(bucket, &p.key, &retries).await {
+            let d = self.settings.destination(t.dest);
+            let p = Pending::of(t, d.bucket, d.key(&group.key));
+            match self.dest_key_history(d.bucket, &p.key, &retries).await {
                 Ok(h) => {
                     if let Some(v) = self.record_learned(&p, h.last()) {
                         recorded.insert(v);

@@ -11,6 +11,8 @@
 //! - [`learn`]: destination version ids a write's answer left out, learned from listings
 //!   in batches instead of a HEAD per write.
 //! - [`progress`]: counters, the progress bar and the lines printed during a run.
+//! - [`task`]: the words of one task in flight (`TaskCtx`, what a copy made), shared by
+//!   the others; it imports none of them.
 //!
 //! Crash safety: a task is marked `in_progress` (durably) before its first write request.
 //! A task with an earlier attempt (left in progress by a killed run, or failed and put back
@@ -25,6 +27,7 @@ mod progress;
 mod reconcile;
 mod scheduler;
 mod strategy;
+mod task;
 #[cfg(test)]
 pub(crate) mod tests;
 

@@ -112,9 +112,9 @@ impl Progress {
     /// is crossed.
     pub(super) fn finished(&self, task: &Task, outcome: &Outcome) -> Option<String> {
         match outcome {
-            Outcome::Done { method, .. } => {
+            Outcome::Done { copied, .. } => {
                 self.done.fetch_add(1, Ordering::Relaxed);
-                if *method == CopyMethod::Reconciled {
+                if copied.method == CopyMethod::Reconciled {
                     self.reconciled.fetch_add(1, Ordering::Relaxed);
                 }
                 if !task.is_delete_marker {

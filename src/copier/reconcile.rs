@@ -18,7 +18,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use super::scheduler::TaskCtx;
+use super::task::TaskCtx;
 use super::{Copier, CLOCK_SKEW_SECS};
 use crate::s3::{
     show_key, ListFrom, ObjectHead, ObjectRef, S3Client, S3Error, VersionEntry, Versions, STAMP_KEY,

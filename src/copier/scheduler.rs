@@ -22,52 +22,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::learn::Pending;
-use super::strategy::Copied;
+use super::task::{adopted, CopyError, TaskCtx};
 use super::{now_secs, Copier, RunSummary};
 use crate::events::TaskEvent;
-use crate::manifest::{CopyMethod, KeyGroup, Outcome, State, Task, Update};
-use crate::s3::{show_key, ErrorClass, ObjectRef, Restore, S3Client, S3Error};
+use crate::manifest::{KeyGroup, Outcome, State, Task, Update};
+use crate::s3::{show_key, ErrorClass, Restore, S3Client, S3Error};
 
 /// Keys read from the manifest at a time.
 const KEY_BATCH: usize = 256;
-
-/// One task being copied, with what reconciliation needs.
-pub(super) struct TaskCtx<'a> {
-    pub(super) task: &'a Task,
-    /// The destination key (current version: no version id).
-    pub(super) dest: ObjectRef,
-    /// Destination version ids recorded for this key's done tasks.
-    pub(super) recorded: &'a HashSet<String>,
-    /// Retries spent on this task in this run.
-    pub(super) retries: AtomicU64,
-    /// Unix seconds when this run's first attempt at the task started.
-    pub(super) started_at: i64,
-    /// No open task of the key to the same destination comes after this one in this run.
-    pub(super) last_open: bool,
-    /// The new version's id is left to be learned later (see `learn`).
-    pub(super) learn_later: AtomicBool,
-    /// Marked in progress when its key was read (`KeyGroup::claimed`): no `Started` needed.
-    pub(super) claimed: bool,
-    /// The source bucket has or had versioning: a `null` version is named by id (see
-    /// [`ObjectRef::pinned`]).
-    pub(super) null_by_id: bool,
-    /// An attempt was counted for it in this run (claimed, or `Started` sent).
-    pub(super) attempted: AtomicBool,
-}
-
-impl TaskCtx<'_> {
-    /// The source version to read, pinned to what was listed (see [`ObjectRef::pinned`]).
-    pub(super) fn source(&self, bucket: &str) -> ObjectRef {
-        let t = self.task;
-        ObjectRef::pinned(
-            bucket,
-            &t.key,
-            &t.version_id,
-            t.etag.as_deref(),
-            self.null_by_id,
-        )
-    }
-}
 
 /// What became of one task in this run.
 enum Step {
@@ -308,7 +270,8 @@ impl<C: S3Client> Copier<C> {
         // Destination buckets whose history of this key waits behind a failed version.
         let mut blocked: HashSet<&str> = HashSet::new();
         for (i, task) in group.tasks.iter().enumerate() {
-            let (bucket, prefix, _) = self.settings.destination(task.dest);
+            let dest = self.settings.destination(task.dest);
+            let bucket = dest.bucket;
             if blocked.contains(bucket) {
                 continue;
             }
@@ -324,15 +287,15 @@ impl<C: S3Client> Copier<C> {
             }
             let ctx = TaskCtx {
                 task,
-                dest: ObjectRef::key(bucket, &format!("{prefix}{}", group.key)),
+                dest: dest.object(&group.key),
                 recorded: &recorded,
                 retries: AtomicU64::new(0),
                 started_at: now_secs(),
                 last_open: !group.tasks[i + 1..].iter().any(|t| {
-                    self.settings.destination(t.dest).0 == bucket
+                    self.settings.destination(t.dest).bucket == bucket
                         && matches!(t.state, State::Pending | State::InProgress)
                 }),
-                learn_later: AtomicBool::new(false),
+                id_to_learn: AtomicBool::new(false),
                 claimed: group.claimed == Some(task.id),
                 null_by_id: self.source_null_by_id.load(Ordering::Relaxed),
                 attempted: AtomicBool::new(group.claimed == Some(task.id)),
@@ -371,12 +334,10 @@ impl<C: S3Client> Copier<C> {
             if let Some(e) = event {
                 crate::events::emit(crate::events::Event::Task(e));
             }
-            if let Outcome::Done {
-                dest_version_id: Some(v),
-                ..
-            } = &outcome
-            {
-                recorded.insert(v.clone());
+            if let Outcome::Done { copied, .. } = &outcome {
+                if let Some(v) = &copied.dest_version_id {
+                    recorded.insert(v.clone());
+                }
             }
             self.finish(task, outcome);
             if let Some(p) = learn {
@@ -428,14 +389,9 @@ impl<C: S3Client> Copier<C> {
             ctx.attempted.store(true, Ordering::Relaxed);
         }
         Step::Finished(match self.copy_task(ctx).await {
-            Ok(c) => c.into_outcome(ctx.learn_later.load(Ordering::Relaxed)),
-            Err(e)
-                if e.class == ErrorClass::Archived
-                    && e.code.as_deref() != Some(super::strategy::NOT_REPLICATED) =>
-            {
-                self.archived(ctx, e).await
-            }
-            Err(e) => outcome_of_error(e),
+            Ok(c) => c.into_outcome(ctx.id_to_learn.load(Ordering::Relaxed)),
+            Err(CopyError::S3(e)) if e.class == ErrorClass::Archived => self.archived(ctx, e).await,
+            Err(e) => e.into_outcome(),
         })
     }
 
@@ -450,7 +406,7 @@ impl<C: S3Client> Copier<C> {
                     reason: format!("archived, restore asked for by an earlier run and not complete yet ({error}); run again once it is"),
                 };
             }
-            return outcome_of_error(error);
+            return CopyError::S3(error).into_outcome();
         };
         let src = ctx.source(&self.settings.source.bucket);
         let r = self
@@ -493,8 +449,7 @@ impl<C: S3Client> Copier<C> {
     pub async fn abort_leftover_uploads(&self, tasks: Vec<Task>) {
         for t in tasks {
             let Some(u) = &t.upload_id else { continue };
-            let (bucket, prefix, _) = self.settings.destination(t.dest);
-            let dest = ObjectRef::key(bucket, &format!("{prefix}{}", t.key));
+            let dest = self.settings.dest_object(t.dest, &t.key);
             let retries = AtomicU64::new(0);
             let r = self.dest.counting(&retries).abort_multipart(&dest, u).await;
             if let Err(e) = r {
@@ -515,47 +470,12 @@ impl<C: S3Client> Copier<C> {
     /// Open tasks after position `i` of a key's tasks to the same destination bucket (they
     /// wait behind a failed one).
     fn open_after(&self, tasks: &[Task], i: usize) -> u64 {
-        let bucket = self.settings.destination(tasks[i].dest).0;
+        let bucket = self.settings.destination(tasks[i].dest).bucket;
         tasks[i + 1..]
             .iter()
             .filter(|t| matches!(t.state, State::Pending | State::InProgress))
-            .filter(|t| self.settings.destination(t.dest).0 == bucket)
+            .filter(|t| self.settings.destination(t.dest).bucket == bucket)
             .count() as u64
-    }
-}
-
-fn adopted(dest_version_id: Option<String>) -> Outcome {
-    Copied {
-        dest_version_id,
-        method: CopyMethod::Reconciled,
-        part_size: None,
-        parts: None,
-        etag_preserved: None,
-    }
-    .into_outcome(false)
-}
-
-/// Skipped for what cannot be copied (gone, archived), failed for the rest.
-fn outcome_of_error(error: S3Error) -> Outcome {
-    if error.code.as_deref() == Some(super::strategy::NOT_REPLICATED) {
-        return Outcome::Skipped {
-            class: error.class,
-            reason: error.message,
-            retries: 0,
-        };
-    }
-    match error.class {
-        ErrorClass::SourceGone => Outcome::Skipped {
-            class: ErrorClass::SourceGone,
-            reason: format!("source version is gone: {error}"),
-            retries: 0,
-        },
-        ErrorClass::Archived => Outcome::Skipped {
-            class: ErrorClass::Archived,
-            reason: format!("archived: restore first ({error})"),
-            retries: 0,
-        },
-        _ => Outcome::Failed { error, retries: 0 },
     }
 }
 

@@ -23,12 +23,12 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
-use super::scheduler::TaskCtx;
+use super::task::{CopyError, TaskCtx};
 use super::{now_secs, Copier};
 use crate::config::{
     CopyMode, CopyOptions, LargeCopy, Sse, MAX_COPY_OBJECT, MAX_PART, MAX_PARTS, MIN_PART,
 };
-use crate::manifest::{CopyMethod, Outcome, Update};
+use crate::manifest::{Copied, CopyMethod, Update};
 use crate::s3::{
     show_key, ChecksumAlgorithm, Encryption, ErrorClass, ObjectHead, ObjectLock, PartResult,
     S3Client, S3Error, WriteAttrs, WriteResult, Writes, Written, STAMP_KEY,
@@ -168,6 +168,46 @@ pub enum Route {
         /// Bytes one body may hold.
         budget: u64,
     },
+}
+
+/// Where a multipart copy's parts come from, as [`choose_plan`] decided (carried to each part
+/// instead of asked again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PartSource {
+    /// `UploadPartCopy`: the destination's server reads each part from the source.
+    Server,
+    /// Ranged GETs with the source's client, `UploadPart` with the destination's; a part
+    /// held here is at most `budget` bytes (`--max-memory`, see [`Budget`]).
+    Stream {
+        /// Bytes one part may hold.
+        budget: u64,
+    },
+}
+
+impl PartSource {
+    /// Whether parts of `part_size` bytes may be used (a streamed part is held whole).
+    fn fits(self, part_size: u64) -> bool {
+        match self {
+            PartSource::Server => true,
+            PartSource::Stream { budget } => part_size <= budget,
+        }
+    }
+
+    /// The part size asked for (`--part-size`; streamed, no larger than the budget).
+    fn preferred_part_size(self, c: &CopyOptions) -> u64 {
+        match self {
+            PartSource::Server => c.part_size,
+            PartSource::Stream { budget } => capped_for_stream(c, budget).part_size,
+        }
+    }
+
+    /// How the manifest names a copy made this way.
+    fn method(self) -> CopyMethod {
+        match self {
+            PartSource::Server => CopyMethod::MultipartCopy,
+            PartSource::Stream { .. } => CopyMethod::MultipartStream,
+        }
+    }
 }
 
 /// Chooses the plan, fidelity first: the source's ETag is kept wherever a plan can keep it.
@@ -390,41 +430,6 @@ pub fn choose_layout(size: u64, preferred: u64, source_layout: Option<(u64, u64)
     }
 }
 
-/// The result of one task's copy.
-#[derive(Clone, Debug)]
-pub(super) struct Copied {
-    pub(super) dest_version_id: Option<String>,
-    pub(super) method: CopyMethod,
-    pub(super) part_size: Option<u64>,
-    pub(super) parts: Option<u64>,
-    pub(super) etag_preserved: Option<bool>,
-}
-
-impl Copied {
-    fn single(dest_version_id: Option<String>, method: CopyMethod) -> Copied {
-        Copied {
-            dest_version_id,
-            method,
-            part_size: None,
-            parts: None,
-            etag_preserved: None,
-        }
-    }
-
-    /// Done; `to_learn`: its destination version id is learned later (see `learn`).
-    pub(super) fn into_outcome(self, to_learn: bool) -> Outcome {
-        Outcome::Done {
-            to_learn,
-            dest_version_id: self.dest_version_id,
-            method: self.method,
-            part_size: self.part_size,
-            parts: self.parts,
-            etag_preserved: self.etag_preserved,
-            retries: 0,
-        }
-    }
-}
-
 /// What a version-creating write ended with.
 enum Wrote {
     /// This run's write: the answer, the new version's id, and its HEAD when one was needed
@@ -490,10 +495,6 @@ fn changed_since_listed(ctx: &TaskCtx<'_>, e: S3Error) -> S3Error {
     }
 }
 
-/// The error code of a version its replication rule leaves out (an SSE-KMS object without
-/// `SseKmsEncryptedObjects` enabled): the task is skipped with that reason.
-pub(super) const NOT_REPLICATED: &str = "NotReplicatedByRule";
-
 fn fatal(side: crate::s3::Side, op: &'static str, message: String) -> S3Error {
     S3Error::other(side, op, ErrorClass::Fatal, message)
 }
@@ -502,18 +503,21 @@ impl<C: S3Client> Copier<C> {
     /// Copies one task by its plan; in `auto` mode a server-side copy that the destination's
     /// credentials may not do is streamed instead, for this task only (remembered in the
     /// manifest, so later runs stream it at once).
-    pub(super) async fn copy_task(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
+    pub(super) async fn copy_task(&self, ctx: &TaskCtx<'_>) -> Result<Copied, CopyError> {
         if ctx.task.is_delete_marker {
-            return self.delete_marker(ctx).await;
+            return Ok(self.delete_marker(ctx).await?);
         }
         let server_side = self.settings.server_side() && !ctx.task.stream_only;
         match self.copy_version(ctx, server_side).await {
-            Err(e) if server_side && self.falls_back_to_stream(ctx, &e) => {
+            Err(CopyError::S3(e)) if server_side && self.falls_back_to_stream(ctx, &e) => {
                 self.copy_version(ctx, false).await
             }
             r => r,
         }
-        .map_err(|e| changed_since_listed(ctx, e))
+        .map_err(|e| match e {
+            CopyError::S3(e) => CopyError::S3(changed_since_listed(ctx, e)),
+            e => e,
+        })
     }
 
     fn falls_back_to_stream(&self, ctx: &TaskCtx<'_>, e: &S3Error) -> bool {
@@ -533,9 +537,13 @@ impl<C: S3Client> Copier<C> {
         true
     }
 
-    async fn copy_version(&self, ctx: &TaskCtx<'_>, server_side: bool) -> Result<Copied, S3Error> {
+    async fn copy_version(
+        &self,
+        ctx: &TaskCtx<'_>,
+        server_side: bool,
+    ) -> Result<Copied, CopyError> {
         if server_side && self.one_request(ctx).await {
-            return self.copy_listed(ctx).await;
+            return Ok(self.copy_listed(ctx).await?);
         }
         let head = self.head_source(ctx, None).await?;
         self.rule_takes(ctx, &head)?;
@@ -560,7 +568,7 @@ impl<C: S3Client> Copier<C> {
                 budget: self.memory.bytes(),
             }
         };
-        match choose_plan(false, head.size, source, route, c) {
+        let copied = match choose_plan(false, head.size, source, route, c) {
             CopyPlan::Copy => {
                 let copied = self.copy_object(ctx, &head, &attrs).await?;
                 match source {
@@ -569,10 +577,15 @@ impl<C: S3Client> Copier<C> {
                 }
             }
             CopyPlan::Stream => self.stream_put(ctx, &head, attrs).await,
-            CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, true).await,
-            CopyPlan::MultipartStream => self.multipart(ctx, &head, attrs, false).await,
+            CopyPlan::MultipartCopy => self.multipart(ctx, &head, attrs, PartSource::Server).await,
+            CopyPlan::MultipartStream => {
+                let budget = self.memory.bytes();
+                self.multipart(ctx, &head, attrs, PartSource::Stream { budget })
+                    .await
+            }
             CopyPlan::DeleteMarker => self.delete_marker(ctx).await,
-        }
+        };
+        Ok(copied?)
     }
 
     /// Whether a multipart source up to 5 GiB is copied with one CopyObject (see
@@ -648,7 +661,7 @@ impl<C: S3Client> Copier<C> {
             }
         }
         let attrs = self.write_attrs(ctx, head);
-        self.multipart(ctx, head, attrs, true).await
+        self.multipart(ctx, head, attrs, PartSource::Server).await
     }
 
     /// Whether this task is copied by one `CopyObject` and no HEAD of the source: nothing a
@@ -671,7 +684,7 @@ impl<C: S3Client> Copier<C> {
         let listed = ctx.task.storage_class.as_deref();
         // A replication rule decides by the source's encryption (SSE-KMS only when it opts
         // in, its own KMS key): that needs the HEAD.
-        let ruled = self.settings.destination(ctx.task.dest).2.is_some();
+        let ruled = self.settings.destination(ctx.task.dest).rule.is_some();
         // A `null` version can change under its id: the copy's x-amz-copy-source-if-match
         // alone would guard it, and moto and RGW 16.2 ignore that header; the HEAD compares.
         let null = ctx.task.version_id == "null";
@@ -780,7 +793,7 @@ impl<C: S3Client> Copier<C> {
         let version = match version {
             Some(v) => Some(v.to_string()),
             None => {
-                ctx.learn_later.store(false, Ordering::Relaxed);
+                ctx.id_to_learn.store(false, Ordering::Relaxed);
                 self.learn_version(ctx, None)
                     .await
                     .ok()
@@ -865,8 +878,8 @@ impl<C: S3Client> Copier<C> {
 
     /// Refuses an SSE-KMS version that the task's replication rule leaves out (known only
     /// now, from the source HEAD).
-    fn rule_takes(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> Result<(), S3Error> {
-        let Some(rule) = self.settings.destination(ctx.task.dest).2 else {
+    fn rule_takes(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> Result<(), CopyError> {
+        let Some(rule) = self.settings.destination(ctx.task.dest).rule else {
             return Ok(());
         };
         let kms = matches!(
@@ -874,14 +887,8 @@ impl<C: S3Client> Copier<C> {
             Some(Encryption::SseKms(_) | Encryption::DsseKms(_))
         );
         if kms && !rule.sse_kms_allowed {
-            let why = format!(
-                "not replicated: SSE-KMS object, and rule {} does not enable SseKmsEncryptedObjects",
-                rule.rule
-            );
-            let e = fatal(self.source.side(), "HeadObject", why);
-            return Err(S3Error {
-                code: Some(NOT_REPLICATED.into()),
-                ..e
+            return Err(CopyError::NotReplicated {
+                rule: rule.rule.clone(),
             });
         }
         Ok(())
@@ -891,7 +898,7 @@ impl<C: S3Client> Copier<C> {
     /// rule's storage class, owner override and KMS key come before the job's options.
     fn write_attrs(&self, ctx: &TaskCtx<'_>, head: &ObjectHead) -> WriteAttrs {
         let c = &self.settings.copy;
-        let rule = self.settings.destination(ctx.task.dest).2;
+        let rule = self.settings.destination(ctx.task.dest).rule;
         let mut metadata: BTreeMap<String, String> = head.metadata.clone();
         if c.stamp {
             metadata.insert(STAMP_KEY.to_string(), ctx.task.version_id.clone());
@@ -957,7 +964,7 @@ impl<C: S3Client> Copier<C> {
         let hook = || self.find_written(ctx, ctx.started_at);
         match self.dest.counting(&ctx.retries).write(f, hook).await? {
             Written::Done(r) if r.version_id.is_none() && later && self.may_learn_later(ctx) => {
-                ctx.learn_later.store(true, Ordering::Relaxed);
+                ctx.id_to_learn.store(true, Ordering::Relaxed);
                 Ok(Wrote::New(r, None, None))
             }
             Written::Done(r) => {
@@ -1055,16 +1062,8 @@ impl<C: S3Client> Copier<C> {
             .await
     }
 
-    /// The source's tags, when it has some or the server does not say how many.
-    async fn tags_for(
-        &self,
-        ctx: &TaskCtx<'_>,
-        head: &ObjectHead,
-        server_side: bool,
-    ) -> Result<Option<String>, S3Error> {
-        if server_side && head.tag_count == 0 {
-            return Ok(None);
-        }
+    /// The source's tags (None: it has none).
+    async fn tags_for(&self, ctx: &TaskCtx<'_>) -> Result<Option<String>, S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let tags = self.source.counting(&ctx.retries).get_tagging(&src).await?;
         Ok(Some(tags).filter(|t| !t.is_empty()))
@@ -1089,7 +1088,7 @@ impl<C: S3Client> Copier<C> {
             Some(md5) => md5,
             None => Md5::digest(&body).to_vec(),
         };
-        attrs.tagging = self.tags_for(ctx, head, false).await?;
+        attrs.tagging = self.tags_for(ctx).await?;
         attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let wrote = self
             .write_version(ctx, false, |w| {
@@ -1113,7 +1112,7 @@ impl<C: S3Client> Copier<C> {
         md5: Vec<u8>,
     ) -> Result<Copied, S3Error> {
         let _held = self.memory.hold(PASS_THROUGH_HELD.min(head.size)).await?;
-        attrs.tagging = self.tags_for(ctx, head, false).await?;
+        attrs.tagging = self.tags_for(ctx).await?;
         attrs.content_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         let src = ctx.source(&self.settings.source.bucket);
         let side = self.source.side();
@@ -1178,20 +1177,14 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         head: &ObjectHead,
         mut attrs: WriteAttrs,
-        server_side: bool,
+        source: PartSource,
     ) -> Result<Copied, S3Error> {
         // Streamed parts are held in memory: none larger than the budget.
-        let budget = self.memory.bytes();
-        let fits = |part: u64| server_side || part <= budget;
-        let preferred = if server_side {
-            self.settings.copy.part_size
-        } else {
-            capped_for_stream(&self.settings.copy, budget).part_size
-        };
+        let preferred = source.preferred_part_size(&self.settings.copy);
         let fallback = choose_layout(head.size, preferred, None);
         let mut tries: Vec<(Layout, bool)> = Vec::new();
         match self.source_layout(ctx, head).await {
-            Some(own) if fits(own.0) => {
+            Some(own) if source.fits(own.0) => {
                 tries.push((choose_layout(head.size, preferred, Some(own)), false))
             }
             Some(_) => {}
@@ -1200,7 +1193,7 @@ impl<C: S3Client> Copier<C> {
                 if let Some(n) = n.filter(|_| Encryption::keeps_md5_etag(head.encryption.as_ref()))
                 {
                     let sizes = infer_part_sizes(head.size, n);
-                    for part_size in sizes.into_iter().filter(|p| fits(*p)) {
+                    for part_size in sizes.into_iter().filter(|p| source.fits(*p)) {
                         if tries.len() == MAX_LAYOUT_TRIES {
                             break;
                         }
@@ -1217,10 +1210,14 @@ impl<C: S3Client> Copier<C> {
         if tries.iter().all(|(_, checked)| *checked) {
             tries.push((fallback, false));
         }
-        attrs.tagging = self.tags_for(ctx, head, server_side).await?;
+        // Server-side, a source whose HEAD counts no tag has none to read.
+        attrs.tagging = match source {
+            PartSource::Server if head.tag_count == 0 => None,
+            _ => self.tags_for(ctx).await?,
+        };
         for (layout, checked) in tries {
             let done = self
-                .upload(ctx, head, &attrs, layout, server_side, checked)
+                .upload(ctx, head, &attrs, layout, source, checked)
                 .await?;
             if let Some(copied) = done {
                 return Ok(copied);
@@ -1248,7 +1245,7 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         attrs: &WriteAttrs,
         layout: Layout,
-        server_side: bool,
+        source: PartSource,
         checked: bool,
     ) -> Result<Option<Copied>, S3Error> {
         let upload_id = self
@@ -1259,7 +1256,7 @@ impl<C: S3Client> Copier<C> {
         self.record_upload(ctx, Some(upload_id.clone()), Some(layout))
             .await?;
         let result = self
-            .parts_and_complete(ctx, head, layout, &upload_id, server_side, checked)
+            .parts_and_complete(ctx, head, layout, &upload_id, source, checked)
             .await;
         if !matches!(result, Ok(Some(_))) {
             let aborted = self
@@ -1285,7 +1282,7 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         layout: Layout,
         upload_id: &str,
-        server_side: bool,
+        source: PartSource,
         checked: bool,
     ) -> Result<Option<Copied>, S3Error> {
         let parts: Vec<PartResult> = stream::iter(1..=layout.parts)
@@ -1295,7 +1292,7 @@ impl<C: S3Client> Copier<C> {
                 let part = (n as i32, (first, last));
                 // Parts of a checked layout are not hashed here: the server's MD5s of what
                 // it received must compose the source's ETag before the upload completes.
-                self.part(ctx, head, upload_id, part, server_side, !checked)
+                self.part(ctx, head, upload_id, part, source, !checked)
             })
             .buffered(self.part_concurrency)
             .try_collect()
@@ -1338,11 +1335,7 @@ impl<C: S3Client> Copier<C> {
             .await?;
         Ok(Some(Copied {
             dest_version_id: version,
-            method: if server_side {
-                CopyMethod::MultipartCopy
-            } else {
-                CopyMethod::MultipartStream
-            },
+            method: source.method(),
             part_size: Some(layout.part_size),
             parts: Some(layout.parts),
             etag_preserved,
@@ -1355,10 +1348,10 @@ impl<C: S3Client> Copier<C> {
         head: &ObjectHead,
         upload_id: &str,
         (n, range): (i32, (u64, u64)),
-        server_side: bool,
+        source: PartSource,
         content_md5: bool,
     ) -> Result<PartResult, S3Error> {
-        if server_side {
+        if source == PartSource::Server {
             let src = ctx.source(&self.settings.source.bucket);
             return self
                 .dest

@@ -673,7 +673,7 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     );
     assert!(s.history(DST, "docs/k").is_empty());
     let in_dst2: Vec<String> = stamps("dst2", "logs/k").into_iter().map(|x| x.0).collect();
-    assert_eq!(in_dst2, vec![v1, v2]);
+    assert_eq!(in_dst2, vec![v1, v2.clone()]);
     let kms = s.history("dst2", "logs/k")[1].head.encryption.clone();
     assert_eq!(
         kms,
@@ -683,6 +683,22 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     assert_eq!(stamps("dst2", "docs/k")[0].0, w);
     let c = all_tasks_done(&path);
     assert_eq!((c.total, c.done, c.skipped), (5, 4, 1), "{c:?}");
+    // Skipped by its rule, which the reason names; no S3 error code is made up for it.
+    let p = Manifest::open(&path, false).unwrap().problems(10).unwrap();
+    let skipped: Vec<_> = p
+        .iter()
+        .map(|p| {
+            (
+                p.version_id.as_str(),
+                p.state.as_str(),
+                p.error_code.as_deref(),
+                p.message.as_deref(),
+            )
+        })
+        .collect();
+    let why =
+        "not replicated: SSE-KMS object, and rule logs does not enable SseKmsEncryptedObjects";
+    assert_eq!(skipped, vec![(v2.as_str(), "skipped", None, Some(why))]);
 }
 
 /// Requests of `op` the manifest recorded.
@@ -952,15 +968,8 @@ async fn a_version_id_left_to_learn_by_a_stopped_run_is_learned_before_the_key_g
     for id in [k[0].id, j[0].id] {
         w.send(Update::Finished {
             id,
-            outcome: crate::manifest::Outcome::Done {
-                dest_version_id: None,
-                method: crate::manifest::CopyMethod::Copy,
-                part_size: None,
-                parts: None,
-                etag_preserved: None,
-                retries: 0,
-                to_learn: true,
-            },
+            outcome: crate::manifest::Copied::single(None, crate::manifest::CopyMethod::Copy)
+                .into_outcome(true),
         })
         .unwrap();
     }

@@ -191,13 +191,10 @@ impl TaskEvent {
         };
         match outcome {
             Outcome::Done {
-                dest_version_id,
-                method,
-                retries,
-                ..
+                copied, retries, ..
             } => {
-                e.method = Some(method.as_str());
-                e.dest_version_id.clone_from(dest_version_id);
+                e.method = Some(copied.method.as_str());
+                e.dest_version_id.clone_from(&copied.dest_version_id);
                 e.retries = *retries;
             }
             Outcome::Failed { error, retries } => {

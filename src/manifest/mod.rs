@@ -42,7 +42,7 @@ use crate::config::JobSettings;
 
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use run_progress::RunProgress;
-pub use writer::{Outcome, Update, Writer};
+pub use writer::{Copied, Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 2;

@@ -75,11 +75,7 @@ fn error(code: &str, status: u16) -> S3Error {
 
 fn done(retries: u64) -> Outcome {
     Outcome::Done {
-        dest_version_id: Some("d".into()),
-        method: CopyMethod::Copy,
-        part_size: None,
-        parts: None,
-        etag_preserved: None,
+        copied: Copied::single(Some("d".into()), CopyMethod::Copy),
         retries,
         to_learn: false,
     }
@@ -382,11 +378,13 @@ async fn writer_commits_updates() {
     w.send(Update::Finished {
         id: ids[0],
         outcome: Outcome::Done {
-            dest_version_id: None,
-            method: CopyMethod::MultipartCopy,
-            part_size: Some(5),
-            parts: Some(2),
-            etag_preserved: Some(true),
+            copied: Copied {
+                dest_version_id: None,
+                method: CopyMethod::MultipartCopy,
+                part_size: Some(5),
+                parts: Some(2),
+                etag_preserved: Some(true),
+            },
             retries: 2,
             to_learn: false,
         },

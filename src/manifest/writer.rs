@@ -22,21 +22,51 @@ use super::codec::{
 use super::{CopyMethod, KeyGroup, Manifest, ManifestError, Result, State};
 use crate::s3::{ErrorClass, S3Error};
 
+/// What one task's copy made at the destination (made by the copier, kept by
+/// [`Outcome::Done`]).
+#[derive(Clone, Debug)]
+pub struct Copied {
+    /// The destination's version id (None for an unversioned destination, or unknown).
+    pub dest_version_id: Option<String>,
+    /// How it was copied.
+    pub method: CopyMethod,
+    /// Part size of a multipart copy.
+    pub part_size: Option<u64>,
+    /// Part count of a multipart copy.
+    pub parts: Option<u64>,
+    /// Whether the destination ETag equals the source's (multipart).
+    pub etag_preserved: Option<bool>,
+}
+
+impl Copied {
+    /// A copy in one request (no parts).
+    pub fn single(dest_version_id: Option<String>, method: CopyMethod) -> Copied {
+        Copied {
+            dest_version_id,
+            method,
+            part_size: None,
+            parts: None,
+            etag_preserved: None,
+        }
+    }
+
+    /// Done; `to_learn`: its destination version id is learned later (see [`Outcome::Done`]).
+    pub fn into_outcome(self, to_learn: bool) -> Outcome {
+        Outcome::Done {
+            copied: self,
+            retries: 0,
+            to_learn,
+        }
+    }
+}
+
 /// How a finished task ended.
 #[derive(Clone, Debug)]
 pub enum Outcome {
     /// Copied (or found copied by reconciliation).
     Done {
-        /// The destination's version id (None for an unversioned destination, or unknown).
-        dest_version_id: Option<String>,
-        /// How it was copied.
-        method: CopyMethod,
-        /// Part size of a multipart copy.
-        part_size: Option<u64>,
-        /// Part count of a multipart copy.
-        parts: Option<u64>,
-        /// Whether the destination ETag equals the source's (multipart).
-        etag_preserved: Option<bool>,
+        /// What the copy made.
+        copied: Copied,
         /// Retries spent.
         retries: u64,
         /// The write's answer named no version id and its HEAD was left out: the id is
@@ -560,11 +590,14 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
 /// (the layout of a multipart copy kept).
 fn finish_done(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()> {
     let Outcome::Done {
-        dest_version_id,
-        method,
-        part_size,
-        parts,
-        etag_preserved,
+        copied:
+            Copied {
+                dest_version_id,
+                method,
+                part_size,
+                parts,
+                etag_preserved,
+            },
         to_learn,
         ..
     } = outcome
