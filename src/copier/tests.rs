@@ -84,7 +84,7 @@ async fn plan(server: &FakeServer, path: &Path) {
 }
 
 /// A copier over the manifest at `path` (its writer thread holds a connection).
-fn copier(server: &FakeServer, path: &Path, o: &RunOptions) -> Arc<Copier<FakeS3>> {
+pub(crate) fn copier(server: &FakeServer, path: &Path, o: &RunOptions) -> Arc<Copier<FakeS3>> {
     let m = Manifest::open(path, false).unwrap();
     let facts = DestFacts {
         versioned: true,

@@ -468,3 +468,63 @@ async fn wait_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copier::tests::{copier, opts, plan_with, settings, DST, SRC};
+    use crate::s3::fake::FakeServer;
+
+    /// A copier over a planned job of one key (nothing of it runs in these tests: the work
+    /// stands for the run).
+    async fn planned() -> (tempfile::TempDir, Arc<Copier<crate::s3::fake::FakeS3>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.db");
+        let s = FakeServer::new();
+        s.create_bucket(SRC, true);
+        s.create_bucket(DST, true);
+        s.put(SRC, "k", b"1", &[]);
+        plan_with(&s, &path, &settings()).await;
+        let c = copier(&s, &path, &opts());
+        (dir, c)
+    }
+
+    #[tokio::test]
+    async fn a_second_stop_abandons_what_is_in_flight_at_once() {
+        let (_dir, c) = planned().await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        // Work that never ends by itself, and an hour of grace: only the second stop ends it.
+        let work = std::future::pending::<()>();
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            run_until_stopped(&c, 3600, rx, work),
+        )
+        .await
+        .expect("returned without waiting for the grace period");
+        assert!(out.is_none(), "abandoned");
+        c.flush().await;
+    }
+
+    #[tokio::test]
+    async fn a_first_stop_lets_the_work_finish_within_the_grace_period() {
+        let (_dir, c) = planned().await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(()).unwrap();
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            "finished"
+        };
+        assert_eq!(
+            run_until_stopped(&c, 3600, rx, work).await,
+            Some("finished")
+        );
+        // No one can stop a run whose sender is gone: it runs to its end.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        drop(tx);
+        let work = async { "ran" };
+        assert_eq!(run_until_stopped(&c, 0, rx, work).await, Some("ran"));
+        c.flush().await;
+    }
+}
