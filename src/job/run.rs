@@ -16,11 +16,11 @@ use tokio::sync::watch;
 
 use crate::cli::RunArgs;
 use crate::config::JobSettings;
-use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunSummary};
+use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunOptions, RunSummary};
 use crate::lister::{ListStats, Lister};
 use crate::manifest::Manifest;
 use crate::s3::bandwidth::Bandwidth;
-use crate::s3::{build, BucketFacts, ErrorClass, S3Client, Side, Timeouts, S3};
+use crate::s3::{build, BucketFacts, ErrorClass, S3Client, Side, Sides, Timeouts, S3};
 use crate::{estimate, ui};
 
 /// The stored settings with this run's overrides of endpoints and profiles.
@@ -186,31 +186,102 @@ pub async fn run(args: &RunArgs, shutdown: Shutdown) -> Result<RunSummary, JobEr
     run_locked(args, shutdown).await
 }
 
+/// A run's job, opened (see [`RunJob::open`]); [`RunJob::copier`] hands out its copier.
+struct RunJob<'a> {
+    args: &'a RunArgs,
+    manifest: Manifest,
+    /// The stored settings with this run's overrides, the endpoints reached.
+    settings: JobSettings,
+    clients: (RoutedClient, RoutedClient),
+    facts: DestinationFacts,
+}
+
+impl<'a> RunJob<'a> {
+    /// The manifest (locked by the caller), its settings with this run's overrides, the
+    /// tasks put back as asked, the run's clients with every destination probed; a job
+    /// copying several versions of a key into an unversioned bucket is refused.
+    async fn open(args: &'a RunArgs) -> Result<RunJob<'a>, JobError> {
+        let manifest = Manifest::open(&args.manifest, false)?;
+        let mut settings = run_settings(&manifest, args)?;
+        requeue(&manifest, args)?;
+        let (clients, facts) =
+            run_clients(&mut settings, args.exec.timeouts(), args.exec.bandwidth()).await?;
+        // Keys listed from here on are checked by the lister, page by page.
+        let unversioned = std::iter::once((&settings.dest.bucket, facts.default))
+            .chain(facts.buckets.iter().map(|(b, f)| (b, *f)))
+            .find(|(_, f)| !f.versioned)
+            .map(|(b, _)| b.clone());
+        if let Some(bucket) = unversioned {
+            if !settings.selection.latest_only && manifest.has_multi_version_key()? {
+                return Err(JobError::Usage(format!(
+                    "dest: bucket {bucket} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it"
+                )));
+            }
+        }
+        Ok(RunJob {
+            args,
+            manifest,
+            settings,
+            clients,
+            facts,
+        })
+    }
+
+    /// Whether every destination keeps versions (else a listed key with several is refused).
+    fn dest_versioned(&self) -> bool {
+        let f = &self.facts;
+        let all = f.default.versioned && f.buckets.values().all(|f| f.versioned);
+        all || self.settings.selection.latest_only
+    }
+
+    /// The run's options: the flags, and `--max-cost` priced with the plan's stored facts.
+    fn options(&self) -> Result<RunOptions, JobError> {
+        let (args, settings) = (self.args, &self.settings);
+        let mut opts = args.exec.run_options();
+        if let Some(max_usd) = args.exec.max_cost {
+            let stored = self.manifest.estimate_facts()?;
+            opts.limits.max_cost = Some(estimate::CostLimit {
+                max_usd,
+                prices: estimate::prices_of(&stored, args.prices.as_ref()),
+                across: !settings.server_side()
+                    && settings.source_side.endpoint != settings.dest_side.endpoint,
+            });
+        }
+        Ok(opts)
+    }
+
+    /// The copier, with the leftovers of earlier runs taken up (uploads aborted, version
+    /// ids to learn), and the run's handles (a listing beside the copy shares them).
+    async fn copier(
+        self,
+        opts: &RunOptions,
+        bar: ProgressBar,
+    ) -> Result<(Arc<Copier<RoutedClient>>, Sides<RoutedClient>), JobError> {
+        let m = self.manifest;
+        let uploads = m.open_uploads()?;
+        let to_learn = m.versions_to_learn()?;
+        let source_bucket = source_facts(&self.clients.0, &self.settings.source.bucket).await;
+        let sides = opts.sides(self.clients);
+        let copier = Copier::new(
+            self.settings,
+            sides.clone(),
+            self.facts,
+            m.into_writer(),
+            opts,
+            bar,
+        );
+        copier.set_source_facts(&source_bucket);
+        copier.abort_leftover_uploads(uploads).await;
+        copier.learn_leftovers(to_learn);
+        Ok((copier, sides))
+    }
+}
+
 /// `run` once the manifest is locked.
 pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<RunSummary, JobError> {
-    let m = Manifest::open(&args.manifest, false)?;
-    let mut settings = run_settings(&m, args)?;
-    requeue(&m, args)?;
-    let (clients, facts) =
-        run_clients(&mut settings, args.exec.timeouts(), args.exec.bandwidth()).await?;
-    let latest_only = settings.selection.latest_only;
-    // Keys listed from here on are checked by the lister, page by page.
-    let unversioned = std::iter::once((&settings.dest.bucket, facts.default))
-        .chain(facts.buckets.iter().map(|(b, f)| (b, *f)))
-        .find(|(_, f)| !f.versioned)
-        .map(|(b, _)| b.clone());
-    if let Some(bucket) = unversioned {
-        if !latest_only && m.has_multi_version_key()? {
-            return Err(JobError::Usage(format!(
-                "dest: bucket {bucket} does not have versioning enabled, but the job copies several versions of some keys; enable versioning on it"
-            )));
-        }
-    }
-    let all_versioned = facts.default.versioned && facts.buckets.values().all(|f| f.versioned);
-    let counts = m.counts()?;
-    let uploads = m.open_uploads()?;
-    let to_learn = m.versions_to_learn()?;
-    let listing = !m.listing_progress()?.complete;
+    let job = RunJob::open(args).await?;
+    let counts = job.manifest.counts()?;
+    let listing = !job.manifest.listing_progress()?.complete;
     let show = ui::show_progress(args.no_progress);
     let open = counts.pending + counts.in_progress;
     let bar = match listing {
@@ -218,31 +289,11 @@ pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<Run
         false => ui::copy_bar(show, open),
     };
     if listing {
-        m.wait_for_locks_briefly()?;
+        job.manifest.wait_for_locks_briefly()?;
     }
-    let mut opts = args.exec.run_options();
-    if let Some(max_usd) = args.exec.max_cost {
-        let stored = m.estimate_facts()?;
-        opts.limits.max_cost = Some(estimate::CostLimit {
-            max_usd,
-            prices: estimate::prices_of(&stored, args.prices.as_ref()),
-            across: !settings.server_side()
-                && settings.source_side.endpoint != settings.dest_side.endpoint,
-        });
-    }
-    let source_bucket = source_facts(&clients.0, &settings.source.bucket).await;
-    let sides = opts.sides(clients);
-    let copier = Copier::new(
-        settings.clone(),
-        sides.clone(),
-        facts,
-        m.into_writer(),
-        &opts,
-        bar.clone(),
-    );
-    copier.set_source_facts(&source_bucket);
-    copier.abort_leftover_uploads(uploads).await;
-    copier.learn_leftovers(to_learn);
+    let opts = job.options()?;
+    let (settings, dest_versioned) = (job.settings.clone(), job.dest_versioned());
+    let (copier, sides) = job.copier(&opts, bar.clone()).await?;
     let grace = args.exec.grace_period;
     let timer = {
         let copier = copier.clone();
@@ -264,7 +315,7 @@ pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<Run
             settings: &settings,
             source: &sides.source,
             dest: &sides.dest,
-            dest_versioned: all_versioned || latest_only,
+            dest_versioned,
             concurrency: args.list_concurrency as usize,
             bar,
             log_every: args.log.interval(),
