@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use rusqlite::params;
 
 use super::codec::SEQ_BITS;
-use super::read::{task_from_row, task_select, RowError};
-use super::{Manifest, Result, Task};
+use super::read::{task_from_row, task_select};
+use super::{DbError, Manifest, Result, Task};
 
 /// The facts table (name, value).
 const FACTS_TABLE: &str = "estimate_facts";
@@ -22,7 +22,7 @@ impl Manifest {
     pub fn for_each_key(&self, mut f: impl FnMut(&str, &[Task])) -> Result<()> {
         let order =
             format!("ORDER BY t.id >> {SEQ_BITS}, t.refresh, t.history_pos DESC, t.dest, t.id");
-        let run = |f: &mut dyn FnMut(&str, &[Task])| -> std::result::Result<(), RowError> {
+        let run = |f: &mut dyn FnMut(&str, &[Task])| -> std::result::Result<(), DbError> {
             let mut stmt = self.conn.prepare(&task_select("1", &order))?;
             let mut rows = stmt.query([])?;
             let mut key_id = None;
@@ -42,7 +42,7 @@ impl Manifest {
             }
             Ok(())
         };
-        run(&mut f).map_err(|e| self.row_error(e))
+        run(&mut f).map_err(|e| self.named(e))
     }
 
     /// Stores one fact for the estimate (replacing an earlier value).

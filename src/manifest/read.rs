@@ -17,8 +17,8 @@ use super::codec::{
     VERSION_TO_LEARN,
 };
 use super::{
-    CopyMethod, Counts, KeyGroup, ListingProgress, Manifest, ManifestError, Problem, Result, State,
-    Task,
+    CopyMethod, Counts, DbError, KeyGroup, ListingProgress, Manifest, ManifestError, Problem,
+    Result, State, Task,
 };
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
@@ -36,44 +36,23 @@ pub(super) fn task_select(cond: &str, order: &str) -> String {
 /// Oldest first: earlier listings first, then the end of each key's history first.
 const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
 
-/// Why a row could not be read: SQLite failed, or a value this build does not know.
-pub(super) enum RowError {
-    Sql(rusqlite::Error),
-    Bad(String),
+fn state_of(code: i64) -> std::result::Result<State, DbError> {
+    State::of_code(code).ok_or_else(|| DbError::Bad(format!("state {code}")))
 }
 
-impl From<rusqlite::Error> for RowError {
-    fn from(e: rusqlite::Error) -> RowError {
-        RowError::Sql(e)
-    }
-}
-
-impl Manifest {
-    pub(super) fn row_error(&self, e: RowError) -> ManifestError {
-        match e {
-            RowError::Sql(e) => self.sql(e),
-            RowError::Bad(what) => ManifestError::BadState(self.path.clone(), what),
-        }
-    }
-}
-
-fn state_of(code: i64) -> std::result::Result<State, RowError> {
-    State::of_code(code).ok_or_else(|| RowError::Bad(format!("state {code}")))
-}
-
-fn class_name(code: Option<i64>) -> std::result::Result<Option<String>, RowError> {
+fn class_name(code: Option<i64>) -> std::result::Result<Option<String>, DbError> {
     code.map(|c| {
         class_of(c)
             .map(|c| c.as_str().to_string())
-            .ok_or_else(|| RowError::Bad(format!("error class {c}")))
+            .ok_or_else(|| DbError::Bad(format!("error class {c}")))
     })
     .transpose()
 }
 
 /// A row of [`task_select`].
-pub(super) fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
+pub(super) fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, DbError> {
     let flags: i64 = r.get(2)?;
-    let bad = RowError::Bad;
+    let bad = DbError::Bad;
     Ok(Task {
         id: r.get(0)?,
         key: r.get(14)?,
@@ -161,7 +140,7 @@ fn count(v: i64) -> u64 {
 impl Manifest {
     /// Runs a task query and decodes its rows; an unknown value is [`ManifestError::BadState`].
     fn tasks_where(&self, cond: &str, order: &str, args: &[i64]) -> Result<Vec<Task>> {
-        let run = || -> std::result::Result<Vec<Task>, RowError> {
+        let run = || -> std::result::Result<Vec<Task>, DbError> {
             let mut stmt = self.conn.prepare_cached(&task_select(cond, order))?;
             let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
             let mut out = Vec::new();
@@ -170,7 +149,7 @@ impl Manifest {
             }
             Ok(out)
         };
-        run().map_err(|e| self.row_error(e))
+        run().map_err(|e| self.named(e))
     }
 
     /// Every task of one key, oldest first (empty for a key the manifest does not hold).
@@ -448,7 +427,7 @@ impl Manifest {
         let mut failed: BTreeMap<i64, String> = BTreeMap::new();
         while let Some(r) = rows.next().map_err(sql)? {
             let problem =
-                problem_from_row(r, &key, &groups, &mut failed).map_err(|e| self.row_error(e))?;
+                problem_from_row(r, &key, &groups, &mut failed).map_err(|e| self.named(e))?;
             let Some(p) = problem else { continue };
             let go_on = f(p).map_err(|source| ManifestError::Io {
                 path: self.path.clone(),
@@ -519,8 +498,7 @@ impl Manifest {
              AND u.dest = t.dest AND u.state = 2
              AND (u.refresh > t.refresh OR (u.refresh = t.refresh AND u.history_pos < t.history_pos)))";
         debug_assert_eq!(super::codec::SEQ_BITS, 24);
-        let run = || -> rusqlite::Result<(usize, usize)> {
-            let tx = self.conn.unchecked_transaction()?;
+        self.write_tx(|tx| {
             let kept: Vec<i64> = tx
                 .prepare(&format!(
                     "SELECT t.id FROM task t WHERE {candidates} AND {newer_done}"
@@ -546,17 +524,14 @@ impl Manifest {
                 ),
                 rusqlite::params![gone, ooo],
             )?;
-            tx.commit()?;
             Ok((requeued, kept.len()))
-        };
-        run().map_err(|e| self.sql(e))
+        })
     }
 
     /// Marks failed tasks skipped, with the reason "skipped by --skip-failed after: <last
     /// error>"; the keys they blocked continue. Returns how many.
     pub fn skip_failed(&self) -> Result<usize> {
-        let run = || -> rusqlite::Result<usize> {
-            let tx = self.conn.unchecked_transaction()?;
+        self.write_tx(|tx| {
             tx.execute(
                 "INSERT INTO errors (task, message)
                  SELECT id, 'skipped by --skip-failed (no error was recorded)' FROM task
@@ -565,14 +540,11 @@ impl Manifest {
                  SET message = 'skipped by --skip-failed after: ' || coalesce(message, '?')",
                 [],
             )?;
-            let n = tx.execute(
+            Ok(tx.execute(
                 "UPDATE OR ROLLBACK task SET state = 4 WHERE state >= 3 AND state = 3",
                 [],
-            )?;
-            tx.commit()?;
-            Ok(n)
-        };
-        run().map_err(|e| self.sql(e))
+            )?)
+        })
     }
 }
 
@@ -630,7 +602,7 @@ fn problem_from_row(
     key: &str,
     groups: &BTreeMap<i64, i64>,
     failed: &mut BTreeMap<i64, String>,
-) -> std::result::Result<Option<Problem>, RowError> {
+) -> std::result::Result<Option<Problem>, DbError> {
     let state = state_of(r.get(1)?)?;
     let version_id: String = r.get(0)?;
     let dest: i64 = r.get(4)?;

@@ -341,12 +341,11 @@ fn writer_loop(
         };
         let mut acks = Vec::new();
         let mut reads = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            m.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = m.write_tx(|tx| {
             for msg in batch {
                 match msg {
                     Msg::Update(u, ack) => {
-                        apply(&m.conn, &u, mode)?;
+                        apply(tx, &u, mode)?;
                         acks.extend(ack);
                     }
                     Msg::Flush(ack) => acks.push(ack),
@@ -359,7 +358,7 @@ fn writer_loop(
                         let read = m.next_key_groups(after, limit);
                         let read = match (read, claim_at) {
                             (Ok(mut groups), Some(at)) => {
-                                claim(&m.conn, &mut groups, at, mode)?;
+                                claim(tx, &mut groups, at, mode)?;
                                 Ok(groups)
                             }
                             (read, _) => read,
@@ -368,13 +367,13 @@ fn writer_loop(
                     }
                 }
             }
-            m.conn.execute_batch("COMMIT")
-        })();
+            Ok(())
+        });
         if let Err(e) = result {
-            // Nothing of the group is kept: stop, so that no later update is applied on top
-            // of lost ones. Dropped acks and the closed channel tell every caller.
-            let _ = m.conn.execute_batch("ROLLBACK");
-            let why = format!("manifest {}: {e}", m.path);
+            // Nothing of the group is kept (rolled back): stop, so that no later update is
+            // applied on top of lost ones. Dropped acks and the closed channel tell every
+            // caller.
+            let why = e.to_string();
             tracing::error!("{why}");
             *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
             for (reply, _) in reads {
