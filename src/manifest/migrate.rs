@@ -1,7 +1,12 @@
-//! manifest::migrate: turns a v1 manifest (one wide `tasks` row per version, text states,
-//! keys repeated) into schema v2, in one transaction: either the whole file is migrated or
-//! it is left exactly as it was. A value v1 could not have written (an unknown state,
-//! method or error class) stops the migration with a one-line reason.
+//! manifest::migrate: brings an older manifest to the current schema, in one transaction:
+//! either the whole file is migrated or it is left exactly as it was.
+//!
+//! - v1 (one wide `tasks` row per version, text states, keys repeated): rebuilt in the
+//!   current schema. A value v1 could not have written (an unknown state, method or error
+//!   class) stops the migration with a one-line reason.
+//! - v2: `errors` gains the side and operation of an S3 error (`side`, `op`); the rows
+//!   already there keep NULL in them (reports read their side and operation from the
+//!   message, as v2 did), and the `tasks` view shows the two columns.
 //!
 //! May call: `codec`, `schema`, `keys`, the types of `manifest`.
 
@@ -68,6 +73,22 @@ fn v1_task(r: &Row<'_>) -> rusqlite::Result<V1Task> {
         copy_method: r.get(18)?,
         upload: (r.get(19)?, r.get(20)?, r.get(21)?),
         started_at: r.get(23)?,
+    })
+}
+
+/// Migrates a v2 file to the current schema (v3) in one transaction.
+pub(super) fn from_v2(conn: &Connection, path: &str) -> Result<()> {
+    super::transaction(conn, path, |tx| {
+        tx.execute_batch(
+            "ALTER TABLE errors ADD COLUMN side INTEGER;
+             ALTER TABLE errors ADD COLUMN op TEXT;
+             DROP VIEW IF EXISTS tasks;",
+        )
+        .map_err(|e| DbError::Migration(format!("not a v2 manifest ({e})")))?;
+        tx.execute_batch(&schema::view_sql())?;
+        schema::store_side_names(tx)?;
+        tx.pragma_update(None, "user_version", super::SCHEMA_VERSION)?;
+        Ok(())
     })
 }
 

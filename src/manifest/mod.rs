@@ -10,7 +10,7 @@
 //!
 //! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
 //! in sorted runs), `schema` (tables, triggers), `migrate`
-//! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
+//! (v1 and v2 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
 //! `writer` (updates and the writer thread), `run_progress` (a running run's rate and ETA),
 //! `estimate` (every task, key by key, for the cost estimate, and the facts `plan` stores
 //! for it).
@@ -47,7 +47,7 @@ pub use run_progress::RunProgress;
 pub use writer::{Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A manifest that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -461,6 +461,13 @@ pub struct Problem {
     pub error_code: Option<String>,
     /// HTTP status.
     pub http_status: Option<i64>,
+    /// Which side's request failed, as recorded from the S3 error (None: no S3 error, or a
+    /// row recorded before schema v3, whose side only its message tells).
+    #[serde(skip)]
+    pub error_side: Option<crate::s3::Side>,
+    /// The S3 operation that failed (`GetObject`, ...), as recorded (None as for the side).
+    #[serde(skip)]
+    pub error_op: Option<String>,
     /// The message (for a blocked task: which failed version it waits for).
     pub message: Option<String>,
     /// Attempts made.
@@ -523,7 +530,7 @@ fn make_private(path: &Path) {
 }
 
 impl Manifest {
-    /// Opens an existing manifest (migrating a v1 file), or creates it (mode 0600) when
+    /// Opens an existing manifest (migrating a v1 or v2 file), or creates it (mode 0600) when
     /// `create` is true.
     pub fn open(path: &Path, create: bool) -> Result<Manifest> {
         let p = path.display().to_string();
@@ -563,7 +570,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Creates the schema in a new file, migrates a v1 file, refuses newer or foreign ones.
+    /// Creates the schema in a new file, migrates a v1 or v2 file, refuses newer or foreign
+    /// ones.
     fn prepare_schema(&mut self, path: &Path, create: bool) -> Result<()> {
         let version: i64 = self
             .conn
@@ -577,6 +585,7 @@ impl Manifest {
                 make_private(path);
                 Ok(())
             }
+            2 => migrate::from_v2(&self.conn, &self.path),
             0 => {
                 let tables: i64 = self
                     .conn

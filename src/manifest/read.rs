@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, Row};
 
 use super::codec::{
-    class_of, etag_text, key_of, key_range, name_text, time_text, BLOCK_BITS, CHECKSUMS,
+    class_of, etag_text, key_of, key_range, name_text, side_of, time_text, BLOCK_BITS, CHECKSUMS,
     DELETE_MARKER, ETAG_CHECKED, ETAG_PRESERVED, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY,
     VERSION_TO_LEARN,
 };
@@ -416,7 +416,7 @@ impl Manifest {
             .conn
             .prepare_cached(&format!(
                 "SELECT t.version_id, t.state, t.error_class, t.attempts, t.dest, e.code,
-                 e.http_status, e.message
+                 e.http_status, e.message, e.side, e.op
                  FROM task t LEFT JOIN errors e ON e.task = t.id
                  WHERE t.id BETWEEN ?1 AND ?2 {OLDEST_FIRST}"
             ))
@@ -509,7 +509,7 @@ impl Manifest {
                 tx.execute(
                     "INSERT INTO errors (task, code, message) VALUES (?1, ?2, ?3)
                      ON CONFLICT (task) DO UPDATE SET code = excluded.code,
-                     http_status = NULL, message = excluded.message",
+                     http_status = NULL, message = excluded.message, side = NULL, op = NULL",
                     rusqlite::params![id, ooo, RETRIED_OUT_OF_ORDER_WHY],
                 )?;
                 tx.execute(
@@ -537,7 +537,8 @@ impl Manifest {
                  SELECT id, 'skipped by --skip-failed (no error was recorded)' FROM task
                  WHERE state >= 3 AND state = 3
                  ON CONFLICT (task) DO UPDATE
-                 SET message = 'skipped by --skip-failed after: ' || coalesce(message, '?')",
+                 SET message = 'skipped by --skip-failed after: ' || coalesce(message, '?'),
+                 side = NULL, op = NULL",
                 [],
             )?;
             Ok(tx.execute(
@@ -616,6 +617,11 @@ fn problem_from_row(
         error_code: r.get(5)?,
         http_status: r.get(6)?,
         message: r.get(7)?,
+        error_side: match r.get::<_, Option<i64>>(8)? {
+            None => None,
+            Some(c) => Some(side_of(c).ok_or_else(|| DbError::Bad(format!("error side {c}")))?),
+        },
+        error_op: r.get(9)?,
         attempts: r.get(3)?,
         dest,
     };
@@ -631,6 +637,7 @@ fn problem_from_row(
             };
             p.state = "blocked".into();
             (p.error_class, p.error_code, p.http_status) = (None, None, None);
+            (p.error_side, p.error_op) = (None, None);
             p.message = Some(format!(
                 "waits for the older version {v} of this key, which failed; resolve it with `run --retry-failed` or `run --skip-failed`"
             ));

@@ -1,7 +1,7 @@
 //! manifest::tests: the manifest's behaviour as its users see it: pages and replays, task
 //! fields read back as listed, counters against a recount, blocked keys, problems, the two
-//! ways to resolve failures, the writer (and its stop after a failed commit), v1 migration,
-//! file modes, and that `status` reads no task rows.
+//! ways to resolve failures, the writer (and its stop after a failed commit), v1 and v2
+//! migration, file modes, and that `status` reads no task rows.
 
 use std::path::{Path, PathBuf};
 
@@ -1121,6 +1121,147 @@ fn a_v1_file_that_cannot_be_migrated_is_left_as_it_was() {
         .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
         .unwrap();
     assert_eq!((version, n), (1, 7));
+}
+
+/// Turns a current manifest into the file a v2 build wrote: `errors` without `side` and
+/// `op`, the v2 `tasks` view, no side names, `user_version` 2 (v3 added only those).
+fn as_v2(path: &Path) {
+    let v3_columns = "\n    (SELECT name FROM names WHERE kind = 'side' AND code = e.side) AS error_side,\n    e.op AS error_op,";
+    let view = schema::view_sql();
+    assert!(view.contains(v3_columns));
+    let v2_view = view.replace(v3_columns, "");
+    let c = Connection::open(path).unwrap();
+    c.execute_batch(&format!(
+        "BEGIN; DROP VIEW tasks; ALTER TABLE errors DROP COLUMN side;
+         ALTER TABLE errors DROP COLUMN op; DELETE FROM names WHERE kind = 'side';
+         {v2_view} PRAGMA user_version = 2; COMMIT;"
+    ))
+    .unwrap();
+}
+
+fn side_and_op_in_view(m: &Manifest, version: &str) -> (Option<String>, Option<String>) {
+    m.conn
+        .query_row(
+            "SELECT error_side, error_op FROM tasks WHERE version_id = ?1",
+            [version],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+/// A v2 manifest is migrated on open: its error rows keep what v2 recorded (no side or
+/// operation: reports read those from the message), and failures recorded from then on keep
+/// the S3 error's side and operation, in `problems` and in the `tasks` view.
+#[test]
+fn v2_manifests_are_migrated_and_then_record_error_sides() {
+    let (_d, path, m, ids) = key_with_a_failed_version();
+    drop(m);
+    as_v2(&path);
+    let v2 = Connection::open(&path).unwrap();
+    let columns: i64 = v2
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('errors') WHERE name IN ('side', 'op')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(columns, 0, "the v2 file has no side or op");
+    drop(v2);
+
+    let m = Manifest::open(&path, false).unwrap();
+    let version: i64 = m
+        .conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let p = m.problems(10).unwrap();
+    assert_eq!(
+        (p[0].version_id.as_str(), p[0].state.as_str()),
+        ("v2", "failed")
+    );
+    assert_eq!(
+        (p[0].error_code.as_deref(), p[0].http_status),
+        (Some("AccessDenied"), Some(403))
+    );
+    assert_eq!((p[0].error_side, p[0].error_op.as_deref()), (None, None));
+    assert_eq!(
+        p[0].message.as_deref(),
+        Some("dest: CopyObject failed (AccessDenied, HTTP 403): no")
+    );
+    assert_eq!(side_and_op_in_view(&m, "v2"), (None, None));
+    check_recount(&m);
+    drop(m);
+
+    let source_denied = S3Error {
+        side: Side::Source,
+        op: "GetObject",
+        ..error("AccessDenied", 403)
+    };
+    write_all(
+        &path,
+        vec![
+            Update::Started { id: ids[2], at: 2 },
+            Update::Finished {
+                id: ids[2],
+                outcome: Outcome::Failed {
+                    error: source_denied,
+                    retries: 0,
+                },
+            },
+        ],
+    );
+    let m = Manifest::open(&path, false).unwrap();
+    let p = m.problems(10).unwrap();
+    let v3 = p.iter().find(|p| p.version_id == "v3").unwrap();
+    assert_eq!(v3.state, "failed");
+    assert_eq!(
+        (v3.error_side, v3.error_op.as_deref()),
+        (Some(Side::Source), Some("GetObject"))
+    );
+    assert_eq!(
+        side_and_op_in_view(&m, "v3"),
+        (Some("source".into()), Some("GetObject".into()))
+    );
+    let blocked = p.iter().find(|p| p.version_id == "v4").unwrap();
+    assert_eq!(
+        (
+            blocked.state.as_str(),
+            blocked.error_side,
+            blocked.error_op.as_deref()
+        ),
+        ("blocked", None, None)
+    );
+}
+
+/// A v2 file that cannot be migrated is left as it was (one transaction).
+#[test]
+fn a_v2_file_that_cannot_be_migrated_is_left_as_it_was() {
+    let (_d, path, m, _ids) = key_with_a_failed_version();
+    drop(m);
+    as_v2(&path);
+    // A column in the way of the migration's.
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch("ALTER TABLE errors ADD COLUMN op TEXT")
+        .unwrap();
+    drop(c);
+    match Manifest::open(&path, false) {
+        Err(ManifestError::Migration(_, why)) => {
+            assert!(why.contains("not a v2 manifest"), "{why}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let c = Connection::open(&path).unwrap();
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    let side: i64 = c
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('errors') WHERE name = 'side'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!((version, side), (2, 0));
 }
 
 /// After a failed commit the writer stops: every later call says so, and the file keeps
