@@ -8,14 +8,20 @@
 //! updates into one transaction; once a commit fails the writer stops and every later call
 //! says so ([`ManifestError::WriterGone`]). Files are created readable by their owner only.
 //!
-//! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
-//! in sorted runs), `schema` (tables, triggers), `migrate`
-//! (v1 and v2 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
-//! `writer` (updates and the writer thread), `run_progress` (a running run's rate and ETA),
-//! `estimate` (every task, key by key, for the cost estimate, and the facts `plan` stores
-//! for it).
+//! The surface the stages use is written down as traits in `store` ([`PlanStore`],
+//! [`RunStore`], [`ResumeStore`], [`ReportStore`]; a second backend implements them): read
+//! that first. Every write is one transaction (`Manifest::write_tx`): an operation says its
+//! SQL, and errors name the file once.
 //!
-//! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
+//! Layout: `store` (the traits, by stage), `codec` (compact encodings, task ids), `keys`
+//! (keys stored once, found by search in sorted runs), `schema` (tables, triggers),
+//! `migrate` (v1 and v2 files), `pages` (plan: pages and checkpoints), `read` (tasks,
+//! counts, problems), `writer` (updates and the writer thread), `run_progress` (a running
+//! run's rate and ETA), `estimate` (every task, key by key, for the cost estimate, and the
+//! facts `plan` stores for it).
+//!
+//! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass, Side}`,
+//! `crate::config::JobSettings`.
 
 mod codec;
 mod estimate;
@@ -25,6 +31,7 @@ mod pages;
 mod read;
 mod run_progress;
 mod schema;
+mod store;
 mod writer;
 
 #[cfg(test)]
@@ -44,6 +51,7 @@ use crate::config::JobSettings;
 
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use run_progress::RunProgress;
+pub use store::{PlanStore, ReportStore, ResumeStore, RunStore};
 pub use writer::{Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).

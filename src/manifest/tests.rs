@@ -11,7 +11,7 @@ use super::*;
 use crate::config::{CopyOptions, Location, Selection, SideConfig};
 use crate::s3::{ErrorClass, S3Error, Side, VersionEntry};
 
-fn task(key: &str, v: &str, pos: u64) -> NewTask {
+pub(super) fn task(key: &str, v: &str, pos: u64) -> NewTask {
     NewTask {
         entry: VersionEntry {
             key: key.into(),
@@ -29,7 +29,7 @@ fn task(key: &str, v: &str, pos: u64) -> NewTask {
     }
 }
 
-fn settings() -> JobSettings {
+pub(super) fn settings() -> JobSettings {
     JobSettings {
         source: Location::parse("s3://src/in/").unwrap(),
         dest: Location::parse("s3://dst/out/").unwrap(),
@@ -61,7 +61,7 @@ fn ids_of(m: &Manifest, key: &str) -> Vec<i64> {
     g.tasks.iter().map(|t| t.id).collect()
 }
 
-fn error(code: &str, status: u16) -> S3Error {
+pub(super) fn error(code: &str, status: u16) -> S3Error {
     S3Error {
         side: Side::Dest,
         op: "CopyObject",
@@ -73,7 +73,7 @@ fn error(code: &str, status: u16) -> S3Error {
     }
 }
 
-fn done(retries: u64) -> Outcome {
+pub(super) fn done(retries: u64) -> Outcome {
     Outcome::Done {
         dest_version_id: Some("d".into()),
         method: CopyMethod::Copy,
