@@ -465,22 +465,10 @@ fn side_and_op_come_from_the_stored_message() {
 /// A manifest with two failed tasks: `put` (a destination PutObject denied) and `old` (a
 /// source GetObject denied), recorded by the writer as a run records them.
 fn manifest_with_two_failures(dir: &Path) -> (PathBuf, crate::config::JobSettings, Vec<i64>) {
-    use crate::config::{CopyOptions, JobSettings, Location, Selection, SideConfig};
     use crate::manifest::{Manifest, NewTask, Outcome, Update};
     use crate::s3::{S3Error, VersionEntry};
 
-    let settings = JobSettings {
-        source: Location::parse("s3://src-bucket/").unwrap(),
-        dest: Location::parse("s3://dst-bucket/").unwrap(),
-        source_side: SideConfig::default(),
-        dest_side: SideConfig::default(),
-        selection: Selection::default(),
-        copy: CopyOptions::default(),
-        filters: Default::default(),
-        replication: None,
-        destinations: Vec::new(),
-        supplied: None,
-    };
+    let settings = crate::manifest::tests::settings();
     let path = dir.join("job.db");
     let mut m = Manifest::open(&path, true).unwrap();
     m.store_settings(&settings).unwrap();
@@ -551,9 +539,9 @@ fn report_rows_come_from_the_recorded_side_and_operation() {
     assert_eq!(
         csv.lines().collect::<Vec<_>>(),
         [
-            "src-bucket,old,old-v1,failed,403,SrcGetObjectNotPermitted,\
+            "src,old,old-v1,failed,403,SrcGetObjectNotPermitted,\
              \"source: GetObject failed (AccessDenied, HTTP 403): denied\"",
-            "src-bucket,put,put-v1,failed,403,DstPutObjectNotPermitted,\
+            "src,put,put-v1,failed,403,DstPutObjectNotPermitted,\
              the destination refused the write",
         ]
     );

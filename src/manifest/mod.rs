@@ -37,7 +37,7 @@ mod writer;
 #[cfg(test)]
 mod refresh_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::Path;
 use std::time::Duration;

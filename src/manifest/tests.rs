@@ -29,7 +29,7 @@ pub(super) fn task(key: &str, v: &str, pos: u64) -> NewTask {
     }
 }
 
-pub(super) fn settings() -> JobSettings {
+pub(crate) fn settings() -> JobSettings {
     JobSettings {
         source: Location::parse("s3://src/in/").unwrap(),
         dest: Location::parse("s3://dst/out/").unwrap(),
@@ -936,16 +936,22 @@ fn v1_file(dir: &Path, rows: &str) -> PathBuf {
     path
 }
 
-#[test]
-fn v1_manifests_are_migrated_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = v1_file(dir.path(), V1_ROWS);
-    let m = Manifest::open(&path, false).unwrap();
+/// Opens an older file, which is migrated to the current schema version.
+fn open_migrated(path: &Path) -> Manifest {
+    let m = Manifest::open(path, false).unwrap();
     let version: i64 = m
         .conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
+    m
+}
+
+#[test]
+fn v1_manifests_are_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = v1_file(dir.path(), V1_ROWS);
+    let m = open_migrated(&path);
     assert_eq!(m.require_settings().unwrap(), settings());
     assert_eq!(
         m.listing().unwrap(),
@@ -1100,6 +1106,20 @@ fn check_migrated_problems(m: &Manifest) {
     assert_eq!(p[2].message.as_deref(), Some("source version is gone"));
 }
 
+/// Opening `path` fails with a migration error whose reason contains `why`; the file's
+/// schema version after, and a connection to it.
+fn migration_refused(path: &Path, why: &str) -> (i64, Connection) {
+    match Manifest::open(path, false) {
+        Err(ManifestError::Migration(_, reason)) => assert!(reason.contains(why), "{reason}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let c = Connection::open(path).unwrap();
+    let version = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    (version, c)
+}
+
 #[test]
 fn a_v1_file_that_cannot_be_migrated_is_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
@@ -1109,14 +1129,7 @@ fn a_v1_file_that_cannot_be_migrated_is_left_as_it_was() {
     );
     assert_ne!(rows, V1_ROWS);
     let path = v1_file(dir.path(), &rows);
-    match Manifest::open(&path, false) {
-        Err(ManifestError::Migration(_, why)) => assert!(why.contains("\"paused\""), "{why}"),
-        other => panic!("{:?}", other.map(|_| ())),
-    }
-    let c = Connection::open(&path).unwrap();
-    let version: i64 = c
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
+    let (version, c) = migration_refused(&path, "\"paused\"");
     let n: i64 = c
         .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
         .unwrap();
@@ -1139,6 +1152,24 @@ fn as_v2(path: &Path) {
     .unwrap();
 }
 
+/// A v2 file with the tasks of [`key_with_a_failed_version`] (its v2 task failed).
+fn v2_file() -> (tempfile::TempDir, PathBuf, Vec<i64>) {
+    let (d, path, m, ids) = key_with_a_failed_version();
+    drop(m);
+    as_v2(&path);
+    (d, path, ids)
+}
+
+/// How many of the columns named in `names` (an SQL list) the `errors` table has.
+fn error_columns(c: &Connection, names: &str) -> i64 {
+    c.query_row(
+        &format!("SELECT count(*) FROM pragma_table_info('errors') WHERE name IN ({names})"),
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
 fn side_and_op_in_view(m: &Manifest, version: &str) -> (Option<String>, Option<String>) {
     m.conn
         .query_row(
@@ -1154,26 +1185,16 @@ fn side_and_op_in_view(m: &Manifest, version: &str) -> (Option<String>, Option<S
 /// the S3 error's side and operation, in `problems` and in the `tasks` view.
 #[test]
 fn v2_manifests_are_migrated_and_then_record_error_sides() {
-    let (_d, path, m, ids) = key_with_a_failed_version();
-    drop(m);
-    as_v2(&path);
+    let (_d, path, ids) = v2_file();
     let v2 = Connection::open(&path).unwrap();
-    let columns: i64 = v2
-        .query_row(
-            "SELECT count(*) FROM pragma_table_info('errors') WHERE name IN ('side', 'op')",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(columns, 0, "the v2 file has no side or op");
+    assert_eq!(
+        error_columns(&v2, "'side', 'op'"),
+        0,
+        "v2 has no side or op"
+    );
     drop(v2);
 
-    let m = Manifest::open(&path, false).unwrap();
-    let version: i64 = m
-        .conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
+    let m = open_migrated(&path);
     let p = m.problems(10).unwrap();
     assert_eq!(
         (p[0].version_id.as_str(), p[0].state.as_str()),
@@ -1236,32 +1257,14 @@ fn v2_manifests_are_migrated_and_then_record_error_sides() {
 /// A v2 file that cannot be migrated is left as it was (one transaction).
 #[test]
 fn a_v2_file_that_cannot_be_migrated_is_left_as_it_was() {
-    let (_d, path, m, _ids) = key_with_a_failed_version();
-    drop(m);
-    as_v2(&path);
+    let (_d, path, _ids) = v2_file();
     // A column in the way of the migration's.
     let c = Connection::open(&path).unwrap();
     c.execute_batch("ALTER TABLE errors ADD COLUMN op TEXT")
         .unwrap();
     drop(c);
-    match Manifest::open(&path, false) {
-        Err(ManifestError::Migration(_, why)) => {
-            assert!(why.contains("not a v2 manifest"), "{why}")
-        }
-        other => panic!("{:?}", other.map(|_| ())),
-    }
-    let c = Connection::open(&path).unwrap();
-    let version: i64 = c
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    let side: i64 = c
-        .query_row(
-            "SELECT count(*) FROM pragma_table_info('errors') WHERE name = 'side'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!((version, side), (2, 0));
+    let (version, c) = migration_refused(&path, "not a v2 manifest");
+    assert_eq!((version, error_columns(&c, "'side'")), (2, 0));
 }
 
 /// After a failed commit the writer stops: every later call says so, and the file keeps
