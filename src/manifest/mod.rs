@@ -123,6 +123,8 @@ pub(super) enum DbError {
     Limit(String),
     /// An older manifest cannot be migrated ([`ManifestError::Migration`]).
     Migration(String),
+    /// A caller's stream failed while rows were handed to it ([`ManifestError::Io`]).
+    Io(&'static str, std::io::Error),
 }
 
 impl From<rusqlite::Error> for DbError {
@@ -140,6 +142,7 @@ impl DbError {
             DbError::Bad(what) => ManifestError::BadState(path, what),
             DbError::Limit(why) => ManifestError::Limit(path, why),
             DbError::Migration(why) => ManifestError::Migration(path, why),
+            DbError::Io(what, source) => ManifestError::Io { path, what, source },
         }
     }
 }
@@ -623,6 +626,15 @@ impl Manifest {
     /// `e`, naming this manifest's file.
     pub(super) fn named(&self, e: DbError) -> ManifestError {
         e.at(&self.path)
+    }
+
+    /// `f`'s reads of this manifest (outside a transaction of this call's own); errors name
+    /// the file.
+    pub(super) fn read_with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> std::result::Result<T, DbError>,
+    ) -> Result<T> {
+        f(&self.conn).map_err(|e| self.named(e))
     }
 
     /// `f` in one IMMEDIATE transaction of this manifest: committed on Ok, rolled back on

@@ -997,17 +997,15 @@ impl Manifest {
         } else {
             "NULL, NULL, NULL FROM refreshes r"
         };
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare(&format!(
                 "SELECT r.generation, r.started_at, r.tasks, coalesce({matched}, 0), {outcome}
                  ORDER BY r.generation"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let n =
-            |r: &rusqlite::Row<'_>, i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
-        let rows = stmt
-            .query_map([], |r| {
+            ))?;
+            let n = |r: &rusqlite::Row<'_>, i| {
+                r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64)
+            };
+            let rows = stmt.query_map([], |r| {
                 Ok(Refresh {
                     generation: r.get(0)?,
                     started_at: r.get(1)?,
@@ -1017,10 +1015,9 @@ impl Manifest {
                     not_deleted: n(r, 5)?,
                     out_of_order: n(r, 6)?,
                 })
-            })
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql(e))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     /// The keys the last finished refresh found deleted at an unversioned source whose
@@ -1030,19 +1027,17 @@ impl Manifest {
         if !self.has_schema_object("refresh_outcome")? {
             return Ok((0, Vec::new()));
         }
-        let read = || -> rusqlite::Result<(u64, Vec<String>)> {
-            let last: Option<i64> = self
-                .conn
+        self.read_with(|conn| {
+            let last: Option<i64> = conn
                 .prepare_cached("SELECT max(generation) FROM refresh_outcome WHERE finished = 1")?
                 .query_row([], |r| r.get(0))?;
             let Some(g) = last else {
                 return Ok((0, Vec::new()));
             };
-            let n: i64 = self
-                .conn
+            let n: i64 = conn
                 .prepare_cached("SELECT count(*) FROM refresh_gone WHERE generation = ?1")?
                 .query_row([g], |r| r.get(0))?;
-            let mut stmt = self.conn.prepare_cached(
+            let mut stmt = conn.prepare_cached(
                 "SELECT DISTINCT k.key FROM refresh_gone g JOIN keys k ON k.id = g.key_id
                  WHERE g.generation = ?1 ORDER BY k.key LIMIT ?2",
             )?;
@@ -1050,8 +1045,7 @@ impl Manifest {
                 .query_map(params![g, limit as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok((n as u64, names))
-        };
-        read().map_err(|e| self.sql(e))
+        })
     }
 
     /// How many tasks a key has.

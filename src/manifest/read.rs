@@ -17,8 +17,7 @@ use super::codec::{
     VERSION_TO_LEARN,
 };
 use super::{
-    CopyMethod, Counts, DbError, KeyGroup, ListingProgress, Manifest, ManifestError, Problem,
-    Result, State, Task,
+    CopyMethod, Counts, DbError, KeyGroup, ListingProgress, Manifest, Problem, Result, State, Task,
 };
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
@@ -140,16 +139,15 @@ fn count(v: i64) -> u64 {
 impl Manifest {
     /// Runs a task query and decodes its rows; an unknown value is [`ManifestError::BadState`].
     fn tasks_where(&self, cond: &str, order: &str, args: &[i64]) -> Result<Vec<Task>> {
-        let run = || -> std::result::Result<Vec<Task>, DbError> {
-            let mut stmt = self.conn.prepare_cached(&task_select(cond, order))?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(&task_select(cond, order))?;
             let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
             let mut out = Vec::new();
             while let Some(r) = rows.next()? {
                 out.push(task_from_row(r)?);
             }
             Ok(out)
-        };
-        run().map_err(|e| self.named(e))
+        })
     }
 
     /// Every task of one key, oldest first (empty for a key the manifest does not hold).
@@ -217,8 +215,8 @@ impl Manifest {
     /// every part is; the last key of each unfinished part is open (its older versions may
     /// come on the part's next page, so it must not be copied yet).
     pub fn listing_progress(&self) -> Result<ListingProgress> {
-        let read = || -> rusqlite::Result<ListingProgress> {
-            let mut stmt = self.conn.prepare_cached(LISTING_PROGRESS_SQL)?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(LISTING_PROGRESS_SQL)?;
             let mut rows = stmt.query([])?;
             let mut p = ListingProgress {
                 complete: true,
@@ -238,8 +236,7 @@ impl Manifest {
             // A manifest without any part has not started listing.
             p.complete &= parts > 0;
             Ok(p)
-        };
-        read().map_err(|e| self.sql(e))
+        })
     }
 
     /// Ids of the next keys with open tasks: blocks of keys without open tasks are skipped
@@ -276,8 +273,8 @@ impl Manifest {
     /// Done tasks whose ETag changed at the destination, by reason (the reason follows from
     /// how the task was copied); a scan of the tasks, for `status` and `report`.
     pub fn etag_changes(&self) -> Result<BTreeMap<String, u64>> {
-        let run = || -> rusqlite::Result<BTreeMap<String, u64>> {
-            let mut stmt = self.conn.prepare_cached(ETAG_CHANGES_SQL)?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(ETAG_CHANGES_SQL)?;
             let mut rows = stmt.query([
                 State::Done.code(),
                 ETAG_CHECKED | ETAG_PRESERVED,
@@ -295,8 +292,7 @@ impl Manifest {
                 *out.entry(why.to_string()).or_insert(0) += n;
             }
             Ok(out)
-        };
-        run().map_err(|e| self.sql(e))
+        })
     }
 
     /// Counts for `status`, from the kept counters (no scan of tasks).
@@ -383,62 +379,18 @@ impl Manifest {
 
     /// Walks the problems until `f` returns false.
     fn walk_problems(&self, mut f: impl FnMut(Problem) -> std::io::Result<bool>) -> Result<()> {
-        let mut keys = self
-            .conn
-            .prepare_cached(&format!(
+        self.read_with(|conn| {
+            let mut keys = conn.prepare_cached(&format!(
                 "SELECT DISTINCT id >> {SEQ_BITS} FROM task WHERE state >= 3 ORDER BY 1"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let mut rows = keys.query([]).map_err(|e| self.sql(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.sql(e))? {
-            let key_id: i64 = r.get(0).map_err(|e| self.sql(e))?;
-            if !self.key_problems(key_id, &mut f)? {
-                break;
+            ))?;
+            let mut rows = keys.query([])?;
+            while let Some(r) = rows.next()? {
+                if !key_problems(conn, r.get(0)?, &mut f)? {
+                    break;
+                }
             }
-        }
-        Ok(())
-    }
-
-    /// The problems of one key, oldest first, streamed; false when `f` asked to stop.
-    fn key_problems(
-        &self,
-        key_id: i64,
-        f: &mut impl FnMut(Problem) -> std::io::Result<bool>,
-    ) -> Result<bool> {
-        let sql = |e| self.sql(e);
-        let key: String = self
-            .conn
-            .prepare_cached("SELECT key FROM keys WHERE id = ?1")
-            .and_then(|mut s| s.query_row([key_id], |r| r.get(0)))
-            .map_err(sql)?;
-        let groups = bucket_groups(&self.conn).map_err(sql)?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT t.version_id, t.state, t.error_class, t.attempts, t.dest, e.code,
-                 e.http_status, e.message, e.side, e.op
-                 FROM task t LEFT JOIN errors e ON e.task = t.id
-                 WHERE t.id BETWEEN ?1 AND ?2 {OLDEST_FIRST}"
-            ))
-            .map_err(sql)?;
-        let (lo, hi) = key_range(key_id);
-        let mut rows = stmt.query([lo, hi]).map_err(sql)?;
-        // Per destination: the oldest failed version, which later open tasks wait for.
-        let mut failed: BTreeMap<i64, String> = BTreeMap::new();
-        while let Some(r) = rows.next().map_err(sql)? {
-            let problem =
-                problem_from_row(r, &key, &groups, &mut failed).map_err(|e| self.named(e))?;
-            let Some(p) = problem else { continue };
-            let go_on = f(p).map_err(|source| ManifestError::Io {
-                path: self.path.clone(),
-                what: "writing problems out",
-                source,
-            })?;
-            if !go_on {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+            Ok(())
+        })
     }
 
     /// Streams the key, version id and destination of every task in `state`, in id order
@@ -449,25 +401,19 @@ impl Manifest {
         state: State,
         mut f: impl FnMut(&str, &str, i64) -> std::io::Result<()>,
     ) -> Result<()> {
-        let sql = |e| self.sql(e);
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
                 "SELECT k.key, t.version_id, t.dest FROM task t
                  JOIN keys k ON k.id = t.id >> {SEQ_BITS} WHERE t.state = ?1 ORDER BY t.id"
-            ))
-            .map_err(sql)?;
-        let mut rows = stmt.query([state.code()]).map_err(sql)?;
-        while let Some(r) = rows.next().map_err(sql)? {
-            let (key, version): (String, String) = (r.get(0).map_err(sql)?, r.get(1).map_err(sql)?);
-            let dest: i64 = r.get(2).map_err(sql)?;
-            f(&key, &version, dest).map_err(|source| ManifestError::Io {
-                path: self.path.clone(),
-                what: "writing tasks out",
-                source,
-            })?;
-        }
-        Ok(())
+            ))?;
+            let mut rows = stmt.query([state.code()])?;
+            while let Some(r) = rows.next()? {
+                let (key, version): (String, String) = (r.get(0)?, r.get(1)?);
+                f(&key, &version, r.get(2)?)
+                    .map_err(|source| DbError::Io("writing tasks out", source))?;
+            }
+            Ok(())
+        })
     }
 
     /// Puts failed tasks back in the queue (attempts kept, so they are reconciled before
@@ -594,6 +540,37 @@ fn waiting(
         n += stmt.query_row([lo, hi, *dest, *refresh, *pos], |r| r.get(0).map(count))?;
     }
     Ok(n)
+}
+
+/// The problems of one key, oldest first, streamed; false when `f` asked to stop.
+fn key_problems(
+    conn: &Connection,
+    key_id: i64,
+    f: &mut impl FnMut(Problem) -> std::io::Result<bool>,
+) -> std::result::Result<bool, DbError> {
+    let key: String = conn
+        .prepare_cached("SELECT key FROM keys WHERE id = ?1")?
+        .query_row([key_id], |r| r.get(0))?;
+    let groups = bucket_groups(conn)?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT t.version_id, t.state, t.error_class, t.attempts, t.dest, e.code,
+         e.http_status, e.message, e.side, e.op
+         FROM task t LEFT JOIN errors e ON e.task = t.id
+         WHERE t.id BETWEEN ?1 AND ?2 {OLDEST_FIRST}"
+    ))?;
+    let (lo, hi) = key_range(key_id);
+    let mut rows = stmt.query([lo, hi])?;
+    // Per destination: the oldest failed version, which later open tasks wait for.
+    let mut failed: BTreeMap<i64, String> = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        let Some(p) = problem_from_row(r, &key, &groups, &mut failed)? else {
+            continue;
+        };
+        if !f(p).map_err(|source| DbError::Io("writing problems out", source))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The problem a task row of one key shows, if any: failed, skipped, or blocked (open and
