@@ -421,8 +421,34 @@ pub struct FailureFacts<'a> {
 }
 
 impl<'a> FailureFacts<'a> {
-    /// Facts from what the manifest stores: class, code, status and the last error's text,
-    /// whose start (`source: GetObject failed ...`, as `S3Error` prints) gives side and op.
+    /// Facts from what the manifest records of a task's last error: side and operation as
+    /// recorded from the S3 error's fields, with its class, code, status and message. A row
+    /// without them (recorded before the manifest kept them: `side` None) falls back to
+    /// [`FailureFacts::from_stored`], which reads them from the message.
+    pub fn recorded(
+        side: Option<Side>,
+        op: Option<&'a str>,
+        class: Option<&'a str>,
+        code: Option<&'a str>,
+        status: Option<u16>,
+        message: &'a str,
+    ) -> FailureFacts<'a> {
+        match side {
+            Some(side) => FailureFacts {
+                side: Some(side),
+                op,
+                class,
+                code,
+                status,
+                message,
+            },
+            None => FailureFacts::from_stored(class, code, status, message),
+        }
+    }
+
+    /// Facts from a row recorded without side and operation (schema v2 and older): class,
+    /// code, status and the last error's text, whose start (`source: GetObject failed ...`,
+    /// as `S3Error` prints) gives side and op.
     pub fn from_stored(
         class: Option<&'a str>,
         code: Option<&'a str>,

@@ -204,7 +204,9 @@ pub fn problem_row(bucket: &str, dest: Option<&str>, p: &Problem) -> ReportRow {
     let code = if p.state == "blocked" {
         BLOCKED_CODE.to_string()
     } else {
-        let facts = FailureFacts::from_stored(
+        let facts = FailureFacts::recorded(
+            p.error_side,
+            p.error_op.as_deref(),
             p.error_class.as_deref(),
             p.error_code.as_deref(),
             status,
@@ -290,6 +292,8 @@ mod tests {
                 error_class: Some("fatal".into()),
                 error_code: Some("AccessDenied".into()),
                 http_status: Some(403),
+                error_side: None,
+                error_op: None,
                 message: Some("line".into()),
                 attempts: 2,
                 dest: 0,
@@ -316,6 +320,8 @@ mod tests {
             error_class: Some("archived".into()),
             error_code: None,
             http_status: None,
+            error_side: None,
+            error_op: None,
             message: Some("archived: restore first".into()),
             attempts: 1,
             dest: 1,

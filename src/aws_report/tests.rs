@@ -1,4 +1,5 @@
-//! AWS-shaped report tests: golden files, file rolling, scope, the failure-reason mapping and
+//! AWS-shaped report tests: golden files, file rolling, scope, the failure-reason mapping
+//! (from the side and operation a manifest records, and from an older row's message), and
 //! the round trip failed-tasks report → CSV manifest reader.
 
 use std::collections::BTreeSet;
@@ -459,4 +460,89 @@ fn side_and_op_come_from_the_stored_message() {
         (Some(Side::Source), Some("GetObject"))
     );
     assert_eq!(side_and_op("integrity: etag mismatch"), (None, None));
+}
+
+/// A manifest with two failed tasks: `put` (a destination PutObject denied) and `old` (a
+/// source GetObject denied), recorded by the writer as a run records them.
+fn manifest_with_two_failures(dir: &Path) -> (PathBuf, crate::config::JobSettings, Vec<i64>) {
+    use crate::manifest::{Manifest, NewTask, Outcome, Update};
+    use crate::s3::{S3Error, VersionEntry};
+
+    let settings = crate::manifest::tests::settings();
+    let path = dir.join("job.db");
+    let mut m = Manifest::open(&path, true).unwrap();
+    m.store_settings(&settings).unwrap();
+    let task = |key: &str| NewTask {
+        entry: VersionEntry {
+            key: key.into(),
+            version_id: format!("{key}-v1"),
+            is_latest: true,
+            size: 1,
+            ..VersionEntry::default()
+        },
+        history_pos: 0,
+        dest: 0,
+    };
+    let listed = crate::manifest::Listing::default();
+    m.insert_page(&[task("old"), task("put")], &listed).unwrap();
+    let groups = m.next_key_groups(0, 10).unwrap();
+    let ids: Vec<i64> = groups.iter().map(|g| g.tasks[0].id).collect();
+    let denied = |side, op| S3Error {
+        side,
+        op,
+        class: ErrorClass::Fatal,
+        code: Some("AccessDenied".into()),
+        status: Some(403),
+        message: "denied".into(),
+        bucket_region: None,
+    };
+    let w = m.into_writer();
+    for (id, error) in ids.iter().zip([
+        denied(Side::Source, "GetObject"),
+        denied(Side::Dest, "PutObject"),
+    ]) {
+        let outcome = Outcome::Failed { error, retries: 0 };
+        w.send(Update::Finished { id: *id, outcome }).unwrap();
+    }
+    w.close();
+    (path, settings, ids)
+}
+
+/// The AWS-shaped report of a manifest maps a failure from the side and operation recorded
+/// with it, not from its message: the row of `put` keeps S3 replication's reason after its
+/// message is reworded. A row recorded before the manifest kept them (both NULL, as a
+/// migrated v2 row) is still mapped from its message.
+#[test]
+fn report_rows_come_from_the_recorded_side_and_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, settings, ids) = manifest_with_two_failures(dir.path());
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute(
+        "UPDATE errors SET message = 'the destination refused the write' WHERE task = ?1",
+        [ids[1]],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE errors SET side = NULL, op = NULL WHERE task = ?1",
+        [ids[0]],
+    )
+    .unwrap();
+    drop(db);
+
+    let m = crate::manifest::Manifest::open(&path, false).unwrap();
+    let out = dir.path().join("reports");
+    std::fs::create_dir(&out).unwrap();
+    let written =
+        crate::report::write_aws(&m, &settings, &out, &spec(ReportScope::Failed)).unwrap();
+    assert_eq!((written.succeeded, written.failed), (0, 2));
+    let csv = read(&written.dir.join("results/1.csv"));
+    assert_eq!(
+        csv.lines().collect::<Vec<_>>(),
+        [
+            "src,old,old-v1,failed,403,SrcGetObjectNotPermitted,\
+             \"source: GetObject failed (AccessDenied, HTTP 403): denied\"",
+            "src,put,put-v1,failed,403,DstPutObjectNotPermitted,\
+             the destination refused the write",
+        ]
+    );
 }

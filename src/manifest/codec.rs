@@ -1,14 +1,14 @@
 //! manifest::codec: how values are stored compactly and read back exactly. Task ids (a key's
 //! tasks are one id range), the small integer codes (states, copy methods,
-//! error classes, storage classes, checksum algorithms), MD5 ETags as 16 bytes and listing
+//! error classes, error sides, storage classes, checksum algorithms), MD5 ETags as 16 bytes and listing
 //! times as unix seconds. Every encoding falls back to the text as given, so nothing listed
 //! is ever changed by storing it.
 //!
-//! May call: `crate::s3::ErrorClass` only.
+//! May call: `crate::s3::{ErrorClass, Side}` only.
 
 use rusqlite::types::{Value, ValueRef};
 
-use crate::s3::ErrorClass;
+use crate::s3::{ErrorClass, Side};
 
 /// Bits of a task id that number the tasks of one key (16,777,216 tasks per key).
 pub(super) const SEQ_BITS: u32 = 24;
@@ -250,6 +250,22 @@ pub(super) fn class_of(code: i64) -> Option<ErrorClass> {
         .map(|(_, c)| *c)
 }
 
+/// The codes of the sides an error is recorded with (`errors.side`).
+pub(super) const SIDES: [(i64, Side); 2] = [(1, Side::Source), (2, Side::Dest)];
+
+/// The code of a side.
+pub(super) fn side_code(side: Side) -> i64 {
+    SIDES
+        .iter()
+        .find(|(_, s)| *s == side)
+        .map_or(0, |(n, _)| *n)
+}
+
+/// The side of a code, if it is one.
+pub(super) fn side_of(code: i64) -> Option<Side> {
+    SIDES.iter().find(|(n, _)| *n == code).map(|(_, s)| *s)
+}
+
 /// The code of an error class named as in v1 manifests (`ErrorClass::as_str`).
 pub(super) fn class_code_of_name(name: &str) -> Option<i64> {
     ERROR_CLASSES
@@ -319,6 +335,10 @@ mod tests {
             assert_eq!(class_of(class_code(class)), Some(class));
             assert_eq!(class_code_of_name(class.as_str()), Some(code));
         }
+        for (code, side) in SIDES {
+            assert_eq!((side_code(side), side_of(code)), (code, Some(side)));
+        }
+        assert_eq!(side_of(0), None);
     }
 
     #[test]

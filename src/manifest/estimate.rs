@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use rusqlite::params;
 
 use super::codec::SEQ_BITS;
-use super::read::{task_from_row, task_select, RowError};
+use super::read::{task_from_row, task_select};
 use super::{Manifest, Result, Task};
 
 /// The facts table (name, value).
@@ -22,8 +22,8 @@ impl Manifest {
     pub fn for_each_key(&self, mut f: impl FnMut(&str, &[Task])) -> Result<()> {
         let order =
             format!("ORDER BY t.id >> {SEQ_BITS}, t.refresh, t.history_pos DESC, t.dest, t.id");
-        let run = |f: &mut dyn FnMut(&str, &[Task])| -> std::result::Result<(), RowError> {
-            let mut stmt = self.conn.prepare(&task_select("1", &order))?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare(&task_select("1", &order))?;
             let mut rows = stmt.query([])?;
             let mut key_id = None;
             let mut tasks: Vec<Task> = Vec::new();
@@ -41,27 +41,24 @@ impl Manifest {
                 f(&tasks[0].key.clone(), &tasks);
             }
             Ok(())
-        };
-        run(&mut f).map_err(|e| self.row_error(e))
+        })
     }
 
     /// Stores one fact for the estimate (replacing an earlier value).
     pub fn store_estimate_fact(&self, name: &str, value: &str) -> Result<()> {
-        self.conn
-            .execute_batch(&format!(
+        self.write_tx(|tx| {
+            tx.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {FACTS_TABLE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            ))
-            .map_err(|e| self.sql(e))?;
-        self.conn
-            .execute(
+            ))?;
+            tx.execute(
                 &format!(
                     "INSERT INTO {FACTS_TABLE} (name, value) VALUES (?1, ?2)
                      ON CONFLICT (name) DO UPDATE SET value = excluded.value"
                 ),
                 params![name, value],
-            )
-            .map_err(|e| self.sql(e))?;
-        Ok(())
+            )?;
+            Ok(())
+        })
     }
 
     /// The facts stored for the estimate (none before a `plan` stored them).
@@ -69,14 +66,10 @@ impl Manifest {
         if !self.has_schema_object(FACTS_TABLE)? {
             return Ok(BTreeMap::new());
         }
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT name, value FROM {FACTS_TABLE}"))
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.sql(e))
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare(&format!("SELECT name, value FROM {FACTS_TABLE}"))?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
     }
 }

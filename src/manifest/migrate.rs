@@ -1,11 +1,16 @@
-//! manifest::migrate: turns a v1 manifest (one wide `tasks` row per version, text states,
-//! keys repeated) into schema v2, in one transaction: either the whole file is migrated or
-//! it is left exactly as it was. A value v1 could not have written (an unknown state,
-//! method or error class) stops the migration with a one-line reason.
+//! manifest::migrate: brings an older manifest to the current schema, in one transaction:
+//! either the whole file is migrated or it is left exactly as it was.
+//!
+//! - v1 (one wide `tasks` row per version, text states, keys repeated): rebuilt in the
+//!   current schema. A value v1 could not have written (an unknown state, method or error
+//!   class) stops the migration with a one-line reason.
+//! - v2: `errors` gains the side and operation of an S3 error (`side`, `op`); the rows
+//!   already there keep NULL in them (reports read their side and operation from the
+//!   message, as v2 did), and the `tasks` view shows the two columns.
 //!
 //! May call: `codec`, `schema`, `keys`, the types of `manifest`.
 
-use rusqlite::{params, Connection, Row, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::codec::{
     class_code_of_name, etag_flags, etag_value, name_value, task_id, time_value, DELETE_MARKER,
@@ -13,7 +18,7 @@ use super::codec::{
 };
 use super::keys::Keys;
 use super::schema::{Counted, Tally};
-use super::{schema, CopyMethod, ManifestError, Result, State};
+use super::{schema, CopyMethod, DbError, Result, State};
 use crate::config::JobSettings;
 
 /// One v1 task row.
@@ -71,92 +76,90 @@ fn v1_task(r: &Row<'_>) -> rusqlite::Result<V1Task> {
     })
 }
 
-/// Migrates a v1 file to v2 in one transaction.
-pub(super) fn from_v1(conn: &mut Connection, path: &str) -> Result<()> {
-    let sql = |source| ManifestError::Sql {
-        path: path.to_string(),
-        source,
-    };
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql)?;
-    tx.execute_batch(
-        "ALTER TABLE job RENAME TO v1_job;
-         ALTER TABLE listing RENAME TO v1_listing;
-         ALTER TABLE tasks RENAME TO v1_tasks;",
-    )
-    .map_err(|e| ManifestError::Migration(path.to_string(), format!("not a v1 manifest ({e})")))?;
-    schema::create(&tx).map_err(sql)?;
-    tx.execute_batch(
-        "INSERT INTO job (id, settings, created_at) SELECT id, settings, created_at FROM v1_job;
-         INSERT OR REPLACE INTO partitions (id, key_marker, version_marker, complete, pages,
-             entries, last_key, last_key_seen)
-         SELECT 0, key_marker, version_marker, complete, pages, entries, last_key, last_key_seen
-         FROM v1_listing WHERE id = 1;",
-    )
-    .map_err(sql)?;
-    let settings: Option<String> = tx
-        .query_row("SELECT settings FROM job WHERE id = 1", [], |r| r.get(0))
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })
-        .map_err(sql)?;
-    // Unreadable settings are reported when they are read, as for any manifest.
-    if let Some(s) = settings.and_then(|s| serde_json::from_str::<JobSettings>(&s).ok()) {
-        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix, None).map_err(sql)?;
-    }
-    copy_tasks(&tx, path)?;
-    tx.execute_batch("DROP TABLE v1_tasks; DROP TABLE v1_listing; DROP TABLE v1_job;")
-        .map_err(sql)?;
-    tx.commit().map_err(sql)
+/// Migrates a v2 file to the current schema (v3) in one transaction.
+pub(super) fn from_v2(conn: &Connection, path: &str) -> Result<()> {
+    super::transaction(conn, path, |tx| {
+        tx.execute_batch(
+            "ALTER TABLE errors ADD COLUMN side INTEGER;
+             ALTER TABLE errors ADD COLUMN op TEXT;
+             DROP VIEW IF EXISTS tasks;",
+        )
+        .map_err(|e| DbError::Migration(format!("not a v2 manifest ({e})")))?;
+        tx.execute_batch(&schema::view_sql())?;
+        schema::store_side_names(tx)?;
+        tx.pragma_update(None, "user_version", super::SCHEMA_VERSION)?;
+        Ok(())
+    })
+}
+
+/// Migrates a v1 file to the current schema in one transaction.
+pub(super) fn from_v1(conn: &Connection, path: &str) -> Result<()> {
+    super::transaction(conn, path, |tx| {
+        tx.execute_batch(
+            "ALTER TABLE job RENAME TO v1_job;
+             ALTER TABLE listing RENAME TO v1_listing;
+             ALTER TABLE tasks RENAME TO v1_tasks;",
+        )
+        .map_err(|e| DbError::Migration(format!("not a v1 manifest ({e})")))?;
+        schema::create(tx)?;
+        tx.execute_batch(
+            "INSERT INTO job (id, settings, created_at) SELECT id, settings, created_at FROM v1_job;
+             INSERT OR REPLACE INTO partitions (id, key_marker, version_marker, complete, pages,
+                 entries, last_key, last_key_seen)
+             SELECT 0, key_marker, version_marker, complete, pages, entries, last_key, last_key_seen
+             FROM v1_listing WHERE id = 1;",
+        )?;
+        let settings: Option<String> = tx
+            .query_row("SELECT settings FROM job WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        // Unreadable settings are reported when they are read, as for any manifest.
+        if let Some(s) = settings.and_then(|s| serde_json::from_str::<JobSettings>(&s).ok()) {
+            schema::store_destination(tx, 0, &s.dest.bucket, &s.dest.prefix, None)?;
+        }
+        copy_tasks(tx)?;
+        tx.execute_batch("DROP TABLE v1_tasks; DROP TABLE v1_listing; DROP TABLE v1_job;")?;
+        Ok(())
+    })
 }
 
 /// Copies every v1 task, key by key; the tasks of a key keep their listing order.
-fn copy_tasks(conn: &Connection, path: &str) -> Result<()> {
-    let sql = |source| ManifestError::Sql {
-        path: path.to_string(),
-        source,
-    };
-    let mut stmt = conn.prepare(V1_SELECT).map_err(sql)?;
-    let mut rows = stmt.query([]).map_err(sql)?;
+fn copy_tasks(conn: &Connection) -> std::result::Result<(), DbError> {
+    let mut stmt = conn.prepare(V1_SELECT)?;
+    let mut rows = stmt.query([])?;
     let mut key: Option<(String, i64)> = None;
     let mut seq = 0;
     let (mut tasks, mut retries, mut multi) = (0i64, 0i64, 0i64);
     let mut tally = Tally::default();
-    let mut keys = Keys::load(conn).map_err(sql)?;
-    while let Some(r) = rows.next().map_err(sql)? {
-        let t = v1_task(r).map_err(sql)?;
+    let mut keys = Keys::load(conn)?;
+    while let Some(r) = rows.next()? {
+        let t = v1_task(r)?;
         match &key {
             Some((k, _)) if *k == t.key => seq += 1,
             _ => {
-                let id = keys.add(conn, &t.key, None).map_err(sql)?;
+                let id = keys.add(conn, &t.key, None)?;
                 key = Some((t.key.clone(), id));
                 seq = 0;
             }
         }
         if seq > SEQ_MASK {
             let why = format!("key {:?} has more than {SEQ_MASK} tasks", t.key);
-            return Err(ManifestError::Migration(path.to_string(), why));
+            return Err(DbError::Migration(why));
         }
         let key_id = key.as_ref().map_or(0, |(_, id)| *id);
-        insert_v1_task(conn, task_id(key_id, seq), &t, &mut tally)
-            .map_err(|why| ManifestError::Migration(path.to_string(), why))?;
+        insert_v1_task(conn, task_id(key_id, seq), &t, &mut tally).map_err(DbError::Migration)?;
         tasks += 1;
         retries += t.retries;
         multi += i64::from(seq == 1);
     }
-    tally.store(conn).map_err(sql)?;
+    tally.store(conn)?;
     conn.execute(
         "UPDATE totals SET retries = ?1, multi_task_keys = ?2 WHERE id = 1",
         params![retries, multi],
-    )
-    .map_err(sql)?;
+    )?;
     conn.execute(
         "UPDATE refreshes SET tasks = ?1 WHERE generation = 0",
         [tasks],
-    )
-    .map_err(sql)?;
+    )?;
     Ok(())
 }
 

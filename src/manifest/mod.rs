@@ -8,14 +8,20 @@
 //! updates into one transaction; once a commit fails the writer stops and every later call
 //! says so ([`ManifestError::WriterGone`]). Files are created readable by their owner only.
 //!
-//! Layout: `codec` (compact encodings, task ids), `keys` (keys stored once, found by search
-//! in sorted runs), `schema` (tables, triggers), `migrate`
-//! (v1 files), `pages` (plan: pages and checkpoints), `read` (tasks, counts, problems),
-//! `writer` (updates and the writer thread), `run_progress` (a running run's rate and ETA),
-//! `estimate` (every task, key by key, for the cost estimate, and the facts `plan` stores
-//! for it).
+//! The surface the stages use is written down as traits in `store` ([`PlanStore`],
+//! [`RunStore`], [`ResumeStore`], [`ReportStore`]; a second backend implements them): read
+//! that first. Every write is one transaction (`Manifest::write_tx`): an operation says its
+//! SQL, and errors name the file once.
 //!
-//! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass}`, `crate::config::JobSettings`.
+//! Layout: `store` (the traits, by stage), `codec` (compact encodings, task ids), `keys`
+//! (keys stored once, found by search in sorted runs), `schema` (tables, triggers),
+//! `migrate` (v1 and v2 files), `pages` (plan: pages and checkpoints), `read` (tasks,
+//! counts, problems), `writer` (updates and the writer thread), `run_progress` (a running
+//! run's rate and ETA), `estimate` (every task, key by key, for the cost estimate, and the
+//! facts `plan` stores for it).
+//!
+//! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass, Side}`,
+//! `crate::config::JobSettings`.
 
 mod codec;
 mod estimate;
@@ -25,27 +31,31 @@ mod pages;
 mod read;
 mod run_progress;
 mod schema;
+mod store;
 mod writer;
 
 #[cfg(test)]
 mod refresh_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use run_progress::RunProgress;
+pub use store::{PlanStore, ReportStore, ResumeStore, RunStore};
 pub use writer::{Copied, Outcome, Update, Writer};
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A manifest that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +109,61 @@ pub enum ManifestError {
 }
 
 type Result<T> = std::result::Result<T, ManifestError>;
+
+/// An error inside one manifest operation, before the file is named: SQLite's (`?` converts
+/// a `rusqlite::Error`), or one of the manifest's own. [`transaction`] and
+/// [`Manifest::named`] turn it into a [`ManifestError`] that names the file, so the code of
+/// an operation says only its SQL.
+pub(super) enum DbError {
+    /// SQLite failed.
+    Sql(rusqlite::Error),
+    /// A row holds a value this build does not know ([`ManifestError::BadState`]).
+    Bad(String),
+    /// A limit of the file's layout was reached ([`ManifestError::Limit`]).
+    Limit(String),
+    /// An older manifest cannot be migrated ([`ManifestError::Migration`]).
+    Migration(String),
+    /// A caller's stream failed while rows were handed to it ([`ManifestError::Io`]).
+    Io(&'static str, std::io::Error),
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        DbError::Sql(e)
+    }
+}
+
+impl DbError {
+    /// The error, naming the manifest file `path`.
+    fn at(self, path: &str) -> ManifestError {
+        let path = path.to_string();
+        match self {
+            DbError::Sql(source) => ManifestError::Sql { path, source },
+            DbError::Bad(what) => ManifestError::BadState(path, what),
+            DbError::Limit(why) => ManifestError::Limit(path, why),
+            DbError::Migration(why) => ManifestError::Migration(path, why),
+            DbError::Io(what, source) => ManifestError::Io { path, what, source },
+        }
+    }
+}
+
+/// Runs `f` in one IMMEDIATE transaction of `conn` (the write lock taken at its start, so it
+/// never fails half-way for a lock): committed when `f` returns Ok, rolled back when it
+/// returns Err (the transaction is dropped). Errors name the manifest file `path`.
+///
+/// `conn` is shared (`&Connection`): a transaction opened inside another is an SQLite error,
+/// reported like any other.
+pub(super) fn transaction<T>(
+    conn: &Connection,
+    path: &str,
+    f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, DbError>,
+) -> Result<T> {
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+        .map_err(|e| DbError::from(e).at(path))?;
+    let out = f(&tx).map_err(|e| e.at(path))?;
+    tx.commit().map_err(|e| DbError::from(e).at(path))?;
+    Ok(out)
+}
 
 /// A task's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -407,6 +472,13 @@ pub struct Problem {
     pub error_code: Option<String>,
     /// HTTP status.
     pub http_status: Option<i64>,
+    /// Which side's request failed, as recorded from the S3 error (None: no S3 error, or a
+    /// row recorded before schema v3, whose side only its message tells).
+    #[serde(skip)]
+    pub error_side: Option<crate::s3::Side>,
+    /// The S3 operation that failed (`GetObject`, ...), as recorded (None as for the side).
+    #[serde(skip)]
+    pub error_op: Option<String>,
     /// The message (for a blocked task: which failed version it waits for).
     pub message: Option<String>,
     /// Attempts made.
@@ -469,7 +541,7 @@ fn make_private(path: &Path) {
 }
 
 impl Manifest {
-    /// Opens an existing manifest (migrating a v1 file), or creates it (mode 0600) when
+    /// Opens an existing manifest (migrating a v1 or v2 file), or creates it (mode 0600) when
     /// `create` is true.
     pub fn open(path: &Path, create: bool) -> Result<Manifest> {
         let p = path.display().to_string();
@@ -509,7 +581,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Creates the schema in a new file, migrates a v1 file, refuses newer or foreign ones.
+    /// Creates the schema in a new file, migrates a v1 or v2 file, refuses newer or foreign
+    /// ones.
     fn prepare_schema(&mut self, path: &Path, create: bool) -> Result<()> {
         let version: i64 = self
             .conn
@@ -519,10 +592,11 @@ impl Manifest {
             SCHEMA_VERSION => Ok(()),
             v if v > SCHEMA_VERSION => Err(ManifestError::TooNew(self.path.clone(), v)),
             1 => {
-                migrate::from_v1(&mut self.conn, &self.path)?;
+                migrate::from_v1(&self.conn, &self.path)?;
                 make_private(path);
                 Ok(())
             }
+            2 => migrate::from_v2(&self.conn, &self.path),
             0 => {
                 let tables: i64 = self
                     .conn
@@ -531,14 +605,7 @@ impl Manifest {
                 if tables > 0 || !create {
                     return Err(ManifestError::NotAManifest(self.path.clone()));
                 }
-                let p = self.path.clone();
-                let sql = |source| ManifestError::Sql {
-                    path: p.clone(),
-                    source,
-                };
-                let tx = self.conn.transaction().map_err(sql)?;
-                schema::create(&tx).map_err(sql)?;
-                tx.commit().map_err(sql)?;
+                self.write_tx(|tx| Ok(schema::create(tx)?))?;
                 make_private(path);
                 Ok(())
             }
@@ -554,6 +621,29 @@ impl Manifest {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// `e`, naming this manifest's file.
+    pub(super) fn named(&self, e: DbError) -> ManifestError {
+        e.at(&self.path)
+    }
+
+    /// `f`'s reads of this manifest (outside a transaction of this call's own); errors name
+    /// the file.
+    pub(super) fn read_with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> std::result::Result<T, DbError>,
+    ) -> Result<T> {
+        f(&self.conn).map_err(|e| self.named(e))
+    }
+
+    /// `f` in one IMMEDIATE transaction of this manifest: committed on Ok, rolled back on
+    /// Err; errors name the file (see [`transaction`]).
+    pub(super) fn write_tx<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, DbError>,
+    ) -> Result<T> {
+        transaction(&self.conn, &self.path, f)
     }
 
     /// Whether the schema has a table or index of this name (those created after the
@@ -596,24 +686,27 @@ impl Manifest {
 
     /// Stores (or replaces) the job settings, and the job's destination as destination 0.
     pub fn store_settings(&self, s: &JobSettings) -> Result<()> {
-        let json = serde_json::to_string(s)
-            .map_err(|e| ManifestError::BadSettings(self.path.clone(), e.to_string()))?;
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
-        tx.execute(
-            "INSERT INTO job (id, settings, created_at) VALUES (1, ?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET settings = excluded.settings",
-            params![json, now_secs()],
-        )
-        .map_err(|e| self.sql(e))?;
-        schema::store_destination(&tx, 0, &s.dest.bucket, &s.dest.prefix, None)
-            .map_err(|e| self.sql(e))?;
-        for (id, d) in s.destinations.iter().enumerate() {
-            let options = serde_json::to_string(&d.options)
-                .map_err(|e| ManifestError::BadSettings(self.path.clone(), e.to_string()))?;
-            schema::store_destination(&tx, id as i64, &d.bucket, &d.prefix, Some(&options))
-                .map_err(|e| self.sql(e))?;
-        }
-        tx.commit().map_err(|e| self.sql(e))
+        let bad =
+            |e: serde_json::Error| ManifestError::BadSettings(self.path.clone(), e.to_string());
+        let json = serde_json::to_string(s).map_err(bad)?;
+        let options = s
+            .destinations
+            .iter()
+            .map(|d| serde_json::to_string(&d.options))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        self.write_tx(|tx| {
+            tx.execute(
+                "INSERT INTO job (id, settings, created_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET settings = excluded.settings",
+                params![json, now_secs()],
+            )?;
+            schema::store_destination(tx, 0, &s.dest.bucket, &s.dest.prefix, None)?;
+            for (id, (d, options)) in s.destinations.iter().zip(&options).enumerate() {
+                schema::store_destination(tx, id as i64, &d.bucket, &d.prefix, Some(options))?;
+            }
+            Ok(())
+        })
     }
 
     /// Waits for a lock held by another connection in short steps (1 ms, for 30 s at most)

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::codec::{
     etag_text, etag_value, key_range, name_value, task_id, time_text, time_value, CHECKSUMS,
@@ -24,7 +24,7 @@ use super::codec::{
 };
 use super::keys::{find_key, Keys};
 use super::schema::{Counted, Tally};
-use super::{Listing, Manifest, ManifestError, NewTask, Result, State};
+use super::{DbError, Listing, Manifest, NewTask, Result, State};
 
 /// The largest key id whose task ids fit in 63 bits.
 const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
@@ -139,17 +139,11 @@ impl KeyCursor {
         keys: &mut Keys,
         key: &str,
         floor: Option<&str>,
-        path: &str,
-    ) -> Result<KeyCursor> {
-        let sql = |source| ManifestError::Sql {
-            path: path.to_string(),
-            source,
-        };
-        let Some(key_id) = keys.find(conn, key).map_err(sql)? else {
-            let key_id = keys.add(conn, key, floor).map_err(sql)?;
+    ) -> std::result::Result<KeyCursor, DbError> {
+        let Some(key_id) = keys.find(conn, key)? else {
+            let key_id = keys.add(conn, key, floor)?;
             if key_id > MAX_KEY_ID {
-                let why = format!("more than {MAX_KEY_ID} keys");
-                return Err(ManifestError::Limit(path.to_string(), why));
+                return Err(DbError::Limit(format!("more than {MAX_KEY_ID} keys")));
             }
             return Ok(KeyCursor::new(key, key_id, 0, None));
         };
@@ -162,8 +156,7 @@ impl KeyCursor {
             .and_then(|mut s| {
                 s.query_row([lo, hi], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()
-            })
-            .map_err(sql)?;
+            })?;
         let next_seq = last.map_or(0, |(id, _, _)| (id & SEQ_MASK) + 1);
         Ok(KeyCursor::new(
             key,
@@ -467,26 +460,21 @@ fn insert_tasks(
     generation: i64,
     floor: Option<&str>,
     partition: i64,
-    path: &str,
-) -> Result<Added> {
-    let sql = |source| ManifestError::Sql {
-        path: path.to_string(),
-        source,
-    };
+) -> std::result::Result<Added, DbError> {
     let mut added = Added::default();
     let mut above: HashMap<String, Planned> = HashMap::new();
     if generation > 0 {
-        if let Some((k, planned)) = open_key_state(conn, partition).map_err(sql)? {
+        if let Some((k, planned)) = open_key_state(conn, partition)? {
             above.insert(k, planned);
         }
         let mut cur: Option<KeyCursor> = None;
         for (e, pos) in page.others {
             let c = match cur.take() {
                 Some(c) if c.key == e.key => Some(c),
-                _ => KeyCursor::existing(conn, keys, &e.key).map_err(sql)?,
+                _ => KeyCursor::existing(conn, keys, &e.key)?,
             };
             let Some(mut c) = c else { continue };
-            for dest in c.planned_for(conn, e, generation).map_err(sql)? {
+            for dest in c.planned_for(conn, e, generation)? {
                 note_planned(&mut above, &e.key, dest, *pos as i64);
             }
             cur = Some(c);
@@ -496,10 +484,10 @@ fn insert_tasks(
     for t in page.tasks {
         let c = match cur.take() {
             Some(c) if c.key == t.entry.key => cur.insert(c),
-            _ => cur.insert(KeyCursor::open(conn, keys, &t.entry.key, floor, path)?),
+            _ => cur.insert(KeyCursor::open(conn, keys, &t.entry.key, floor)?),
         };
         let pos = t.history_pos as i64;
-        if let Some(g) = c.task_of(conn, t, generation).map_err(sql)? {
+        if let Some(g) = c.task_of(conn, t, generation)? {
             added.matched += 1;
             if g < generation {
                 note_planned(&mut above, &c.key, t.dest, pos);
@@ -507,10 +495,8 @@ fn insert_tasks(
             continue;
         }
         if c.next_seq > SEQ_MASK {
-            return Err(ManifestError::Limit(
-                path.to_string(),
-                format!("key {:?} has more than {SEQ_MASK} tasks", c.key),
-            ));
+            let why = format!("key {:?} has more than {SEQ_MASK} tasks", c.key);
+            return Err(DbError::Limit(why));
         }
         let out_of_order = generation > 0
             && above
@@ -522,13 +508,13 @@ fn insert_tasks(
             false => Plan::Copy,
         };
         let id = task_id(c.key_id, c.next_seq);
-        insert_task(conn, id, generation, t, planned, &mut added.tally).map_err(sql)?;
+        insert_task(conn, id, generation, t, planned, &mut added.tally)?;
         if generation > 0 && c.existed && t.entry.version_id == "null" {
-            settle_replaced_nulls(conn, c.key_id, t.dest, id).map_err(sql)?;
+            settle_replaced_nulls(conn, c.key_id, t.dest, id)?;
         }
         added.second += i64::from(match (generation, planned) {
             (0, _) => c.next_seq == 1,
-            (_, Plan::Copy) => c.second_of_generation(conn, generation).map_err(sql)?,
+            (_, Plan::Copy) => c.second_of_generation(conn, generation)?,
             (_, Plan::OutOfOrder) => false,
         });
         added.out_of_order += i64::from(out_of_order);
@@ -540,7 +526,7 @@ fn insert_tasks(
     let last = page.keys.last().or(page.tasks.last().map(|t| &t.entry.key));
     if let Some(k) = last.filter(|_| generation > 0) {
         let planned = above.remove(k).unwrap_or_default();
-        store_open_key_state(conn, partition, k, &planned).map_err(sql)?;
+        store_open_key_state(conn, partition, k, &planned)?;
     }
     Ok(added)
 }
@@ -670,12 +656,7 @@ fn finish_refresh(
     generation: i64,
     tracks_deletions: bool,
     deletes: &dyn Fn(&str) -> Vec<i64>,
-    path: &str,
-) -> Result<()> {
-    let sql = |source| ManifestError::Sql {
-        path: path.to_string(),
-        source,
-    };
+) -> std::result::Result<(), DbError> {
     if tracks_deletions {
         let unlisted: Vec<(i64, String)> = conn
             .prepare(
@@ -685,12 +666,11 @@ fn finish_refresh(
             .and_then(|mut s| {
                 s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(sql)?;
+            })?;
         let mut added = Added::default();
         let (mut deleted, mut not_deleted) = (0i64, 0i64);
         for (key_id, key) in unlisted {
-            let (newest, mut next_seq) = newest_per_dest(conn, key_id).map_err(sql)?;
+            let (newest, mut next_seq) = newest_per_dest(conn, key_id)?;
             let objects: Vec<i64> = newest
                 .into_iter()
                 .filter(|(_, o)| *o)
@@ -702,22 +682,19 @@ fn finish_refresh(
             let replicated = deletes(&key);
             for dest in objects {
                 let before = task_id(key_id, next_seq);
-                settle_replaced_nulls(conn, key_id, dest, before).map_err(sql)?;
+                settle_replaced_nulls(conn, key_id, dest, before)?;
                 if !replicated.contains(&dest) {
                     conn.prepare_cached(
                         "INSERT OR IGNORE INTO refresh_gone (generation, key_id, dest)
                          VALUES (?1, ?2, ?3)",
                     )
-                    .and_then(|mut s| s.execute([generation, key_id, dest]))
-                    .map_err(sql)?;
+                    .and_then(|mut s| s.execute([generation, key_id, dest]))?;
                     not_deleted += 1;
                     continue;
                 }
                 if next_seq > SEQ_MASK {
-                    return Err(ManifestError::Limit(
-                        path.to_string(),
-                        format!("key {key:?} has more than {SEQ_MASK} tasks"),
-                    ));
+                    let why = format!("key {key:?} has more than {SEQ_MASK} tasks");
+                    return Err(DbError::Limit(why));
                 }
                 let t = NewTask {
                     entry: crate::s3::VersionEntry {
@@ -731,27 +708,24 @@ fn finish_refresh(
                     dest,
                 };
                 let id = task_id(key_id, next_seq);
-                insert_task(conn, id, generation, &t, Plan::Copy, &mut added.tally).map_err(sql)?;
+                insert_task(conn, id, generation, &t, Plan::Copy, &mut added.tally)?;
                 next_seq += 1;
                 added.tasks += 1;
                 deleted += 1;
             }
         }
-        added.store(conn, generation).map_err(sql)?;
+        added.store(conn, generation)?;
         conn.execute(
             "UPDATE refresh_outcome SET deleted = deleted + ?1, not_deleted = not_deleted + ?2
              WHERE generation = ?3",
             [deleted, not_deleted, generation],
-        )
-        .map_err(sql)?;
+        )?;
     }
-    conn.execute_batch("DELETE FROM refresh_seen; DELETE FROM refresh_open_key;")
-        .map_err(sql)?;
+    conn.execute_batch("DELETE FROM refresh_seen; DELETE FROM refresh_open_key;")?;
     conn.execute(
         "UPDATE refresh_outcome SET finished = 1 WHERE generation = ?1",
         [generation],
-    )
-    .map_err(sql)?;
+    )?;
     Ok(())
 }
 
@@ -865,39 +839,29 @@ impl Manifest {
     /// one has no end. Returns false (and changes nothing) when the listing already started
     /// or was already split: a resumed plan keeps its partitions.
     pub fn split_partitions(&mut self, starts: &[String]) -> Result<bool> {
-        let path = self.path.clone();
-        let sql = |source| ManifestError::Sql {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let untouched: bool = tx
-            .query_row(
+        self.write_tx(|tx| {
+            let untouched: bool = tx.query_row(
                 "SELECT count(*) = 1 AND max(pages) = 0 AND max(complete) = 0
                  AND max(end_key) IS NULL AND max(start_key) IS NULL FROM partitions",
                 [],
                 |r| r.get(0),
-            )
-            .map_err(sql)?;
-        if !untouched || starts.is_empty() || !starts.windows(2).all(|w| w[0] < w[1]) {
-            return Ok(false);
-        }
-        let mut bounds: Vec<Option<&str>> = vec![None];
-        bounds.extend(starts.iter().map(|s| Some(s.as_str())));
-        bounds.push(None);
-        tx.execute("DELETE FROM partitions", []).map_err(sql)?;
-        for (i, w) in bounds.windows(2).enumerate() {
-            tx.execute(
-                "INSERT INTO partitions (id, start_key, end_key) VALUES (?1, ?2, ?3)",
-                params![i as i64, w[0], w[1]],
-            )
-            .map_err(sql)?;
-        }
-        tx.commit().map_err(sql)?;
-        Ok(true)
+            )?;
+            if !untouched || starts.is_empty() || !starts.windows(2).all(|w| w[0] < w[1]) {
+                // Nothing was written: the commit ends the read.
+                return Ok(false);
+            }
+            let mut bounds: Vec<Option<&str>> = vec![None];
+            bounds.extend(starts.iter().map(|s| Some(s.as_str())));
+            bounds.push(None);
+            tx.execute("DELETE FROM partitions", [])?;
+            for (i, w) in bounds.windows(2).enumerate() {
+                tx.execute(
+                    "INSERT INTO partitions (id, start_key, end_key) VALUES (?1, ?2, ?3)",
+                    params![i as i64, w[0], w[1]],
+                )?;
+            }
+            Ok(true)
+        })
     }
 
     /// Writes one listed page and the checkpoint after it, in one transaction (the only
@@ -934,59 +898,43 @@ impl Manifest {
         page: &ListedPage<'_>,
         checkpoint: &Listing,
     ) -> Result<()> {
-        let path = self.path.clone();
-        let sql = |source| ManifestError::Sql {
-            path: path.clone(),
-            source,
-        };
         // Taken out: a page that fails leaves no cache behind (its keys were rolled back).
         let cached = self.keys_cache.take();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let (generation, floor, version): (i64, Option<String>, i64) = tx
-            .prepare_cached(
-                "SELECT (SELECT max(generation) FROM refreshes),
-                 (SELECT start_key FROM partitions WHERE id = ?1),
-                 (SELECT data_version FROM pragma_data_version)",
-            )
-            .and_then(|mut s| s.query_row([partition], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
-            .map_err(sql)?;
-        // The runs read for the last page stay right while no other connection committed
-        // (`data_version` changes only then): reading them again per page grew with the
-        // number of runs, one per page and partition.
-        let mut keys = match cached {
-            Some((keys, v)) if v == version => keys,
-            _ => Keys::load(&tx).map_err(sql)?,
-        };
-        let outcome = match generation {
-            0 => None,
-            g => refresh_outcome(&tx, g).map_err(sql)?,
-        };
-        let added = insert_tasks(
-            &tx,
-            &mut keys,
-            page,
-            generation,
-            floor.as_deref(),
-            partition,
-            &path,
-        )?;
-        if outcome.is_some_and(|o| o.tracks_deletions && !o.finished) {
-            mark_listed(&tx, &mut keys, page.keys).map_err(sql)?;
-        }
-        store_checkpoint(&tx, partition, checkpoint).map_err(sql)?;
-        added.store(&tx, generation).map_err(sql)?;
-        if let Some(o) = outcome.filter(|o| !o.finished) {
-            let complete: bool = tx
-                .query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))
-                .map_err(sql)?;
-            if complete {
-                finish_refresh(&tx, generation, o.tracks_deletions, page.deletes, &path)?;
+        let (keys, version) = self.write_tx(|tx| {
+            let (generation, floor, version): (i64, Option<String>, i64) = tx
+                .prepare_cached(
+                    "SELECT (SELECT max(generation) FROM refreshes),
+                     (SELECT start_key FROM partitions WHERE id = ?1),
+                     (SELECT data_version FROM pragma_data_version)",
+                )?
+                .query_row([partition], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            // The runs read for the last page stay right while no other connection committed
+            // (`data_version` changes only then): reading them again per page grew with the
+            // number of runs, one per page and partition.
+            let mut keys = match cached {
+                Some((keys, v)) if v == version => keys,
+                _ => Keys::load(tx)?,
+            };
+            let outcome = match generation {
+                0 => None,
+                g => refresh_outcome(tx, g)?,
+            };
+            let floor = floor.as_deref();
+            let added = insert_tasks(tx, &mut keys, page, generation, floor, partition)?;
+            if outcome.is_some_and(|o| o.tracks_deletions && !o.finished) {
+                mark_listed(tx, &mut keys, page.keys)?;
             }
-        }
-        tx.commit().map_err(sql)?;
+            store_checkpoint(tx, partition, checkpoint)?;
+            added.store(tx, generation)?;
+            if let Some(o) = outcome.filter(|o| !o.finished) {
+                let complete: bool =
+                    tx.query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))?;
+                if complete {
+                    finish_refresh(tx, generation, o.tracks_deletions, page.deletes)?;
+                }
+            }
+            Ok((keys, version))
+        })?;
         self.keys_cache = Some((keys, version));
         Ok(())
     }
@@ -1007,46 +955,33 @@ impl Manifest {
     /// as deleted at the source only. (On a versioned source a delete is a listed delete
     /// marker; versions that vanish were deleted for good, and stay copied.)
     pub fn start_refresh_of(&mut self, source_versioned: bool) -> Result<Option<i64>> {
-        let path = self.path.clone();
-        let sql = |source| ManifestError::Sql {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let complete: bool = tx
-            .query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))
-            .map_err(sql)?;
-        if !complete {
-            return Ok(None);
-        }
-        let generation: i64 = tx
-            .query_row("SELECT max(generation) + 1 FROM refreshes", [], |r| {
-                r.get(0)
-            })
-            .map_err(sql)?;
-        tx.execute_batch(REFRESH_TABLES).map_err(sql)?;
-        tx.execute_batch(
-            "DELETE FROM refresh_seen;
-             DELETE FROM refresh_open_key;
-             UPDATE partitions SET key_marker = NULL, version_marker = NULL, complete = 0,
-                 pages = 0, entries = 0, last_key = NULL, last_key_seen = 0;",
-        )
-        .map_err(sql)?;
-        tx.execute(
-            "INSERT INTO refreshes (generation, started_at, tasks) VALUES (?1, ?2, 0)",
-            params![generation, super::now_secs()],
-        )
-        .map_err(sql)?;
-        tx.execute(
-            "INSERT INTO refresh_outcome (generation, tracks_deletions) VALUES (?1, ?2)",
-            params![generation, !source_versioned],
-        )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)?;
-        Ok(Some(generation))
+        self.write_tx(|tx| {
+            let complete: bool =
+                tx.query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))?;
+            if !complete {
+                return Ok(None);
+            }
+            let generation: i64 =
+                tx.query_row("SELECT max(generation) + 1 FROM refreshes", [], |r| {
+                    r.get(0)
+                })?;
+            tx.execute_batch(REFRESH_TABLES)?;
+            tx.execute_batch(
+                "DELETE FROM refresh_seen;
+                 DELETE FROM refresh_open_key;
+                 UPDATE partitions SET key_marker = NULL, version_marker = NULL, complete = 0,
+                     pages = 0, entries = 0, last_key = NULL, last_key_seen = 0;",
+            )?;
+            tx.execute(
+                "INSERT INTO refreshes (generation, started_at, tasks) VALUES (?1, ?2, 0)",
+                params![generation, super::now_secs()],
+            )?;
+            tx.execute(
+                "INSERT INTO refresh_outcome (generation, tracks_deletions) VALUES (?1, ?2)",
+                params![generation, !source_versioned],
+            )?;
+            Ok(Some(generation))
+        })
     }
 
     /// Every listing generation (0 is `plan`, then one per refresh), oldest first.
@@ -1062,17 +997,15 @@ impl Manifest {
         } else {
             "NULL, NULL, NULL FROM refreshes r"
         };
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare(&format!(
                 "SELECT r.generation, r.started_at, r.tasks, coalesce({matched}, 0), {outcome}
                  ORDER BY r.generation"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let n =
-            |r: &rusqlite::Row<'_>, i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
-        let rows = stmt
-            .query_map([], |r| {
+            ))?;
+            let n = |r: &rusqlite::Row<'_>, i| {
+                r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64)
+            };
+            let rows = stmt.query_map([], |r| {
                 Ok(Refresh {
                     generation: r.get(0)?,
                     started_at: r.get(1)?,
@@ -1082,10 +1015,9 @@ impl Manifest {
                     not_deleted: n(r, 5)?,
                     out_of_order: n(r, 6)?,
                 })
-            })
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql(e))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     /// The keys the last finished refresh found deleted at an unversioned source whose
@@ -1095,19 +1027,17 @@ impl Manifest {
         if !self.has_schema_object("refresh_outcome")? {
             return Ok((0, Vec::new()));
         }
-        let read = || -> rusqlite::Result<(u64, Vec<String>)> {
-            let last: Option<i64> = self
-                .conn
+        self.read_with(|conn| {
+            let last: Option<i64> = conn
                 .prepare_cached("SELECT max(generation) FROM refresh_outcome WHERE finished = 1")?
                 .query_row([], |r| r.get(0))?;
             let Some(g) = last else {
                 return Ok((0, Vec::new()));
             };
-            let n: i64 = self
-                .conn
+            let n: i64 = conn
                 .prepare_cached("SELECT count(*) FROM refresh_gone WHERE generation = ?1")?
                 .query_row([g], |r| r.get(0))?;
-            let mut stmt = self.conn.prepare_cached(
+            let mut stmt = conn.prepare_cached(
                 "SELECT DISTINCT k.key FROM refresh_gone g JOIN keys k ON k.id = g.key_id
                  WHERE g.generation = ?1 ORDER BY k.key LIMIT ?2",
             )?;
@@ -1115,8 +1045,7 @@ impl Manifest {
                 .query_map(params![g, limit as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok((n as u64, names))
-        };
-        read().map_err(|e| self.sql(e))
+        })
     }
 
     /// How many tasks a key has.

@@ -12,13 +12,12 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, Row};
 
 use super::codec::{
-    class_of, etag_text, key_of, key_range, name_text, time_text, BLOCK_BITS, CHECKSUMS,
+    class_of, etag_text, key_of, key_range, name_text, side_of, time_text, BLOCK_BITS, CHECKSUMS,
     DELETE_MARKER, ETAG_CHECKED, ETAG_PRESERVED, LATEST, SEQ_BITS, STORAGE_CLASSES, STREAM_ONLY,
     VERSION_TO_LEARN,
 };
 use super::{
-    CopyMethod, Counts, KeyGroup, ListingProgress, Manifest, ManifestError, Problem, Result, State,
-    Task,
+    CopyMethod, Counts, DbError, KeyGroup, ListingProgress, Manifest, Problem, Result, State, Task,
 };
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
@@ -36,44 +35,23 @@ pub(super) fn task_select(cond: &str, order: &str) -> String {
 /// Oldest first: earlier listings first, then the end of each key's history first.
 const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
 
-/// Why a row could not be read: SQLite failed, or a value this build does not know.
-pub(super) enum RowError {
-    Sql(rusqlite::Error),
-    Bad(String),
+fn state_of(code: i64) -> std::result::Result<State, DbError> {
+    State::of_code(code).ok_or_else(|| DbError::Bad(format!("state {code}")))
 }
 
-impl From<rusqlite::Error> for RowError {
-    fn from(e: rusqlite::Error) -> RowError {
-        RowError::Sql(e)
-    }
-}
-
-impl Manifest {
-    pub(super) fn row_error(&self, e: RowError) -> ManifestError {
-        match e {
-            RowError::Sql(e) => self.sql(e),
-            RowError::Bad(what) => ManifestError::BadState(self.path.clone(), what),
-        }
-    }
-}
-
-fn state_of(code: i64) -> std::result::Result<State, RowError> {
-    State::of_code(code).ok_or_else(|| RowError::Bad(format!("state {code}")))
-}
-
-fn class_name(code: Option<i64>) -> std::result::Result<Option<String>, RowError> {
+fn class_name(code: Option<i64>) -> std::result::Result<Option<String>, DbError> {
     code.map(|c| {
         class_of(c)
             .map(|c| c.as_str().to_string())
-            .ok_or_else(|| RowError::Bad(format!("error class {c}")))
+            .ok_or_else(|| DbError::Bad(format!("error class {c}")))
     })
     .transpose()
 }
 
 /// A row of [`task_select`].
-pub(super) fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, RowError> {
+pub(super) fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, DbError> {
     let flags: i64 = r.get(2)?;
-    let bad = RowError::Bad;
+    let bad = DbError::Bad;
     Ok(Task {
         id: r.get(0)?,
         key: r.get(14)?,
@@ -161,16 +139,15 @@ fn count(v: i64) -> u64 {
 impl Manifest {
     /// Runs a task query and decodes its rows; an unknown value is [`ManifestError::BadState`].
     fn tasks_where(&self, cond: &str, order: &str, args: &[i64]) -> Result<Vec<Task>> {
-        let run = || -> std::result::Result<Vec<Task>, RowError> {
-            let mut stmt = self.conn.prepare_cached(&task_select(cond, order))?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(&task_select(cond, order))?;
             let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
             let mut out = Vec::new();
             while let Some(r) = rows.next()? {
                 out.push(task_from_row(r)?);
             }
             Ok(out)
-        };
-        run().map_err(|e| self.row_error(e))
+        })
     }
 
     /// Every task of one key, oldest first (empty for a key the manifest does not hold).
@@ -238,8 +215,8 @@ impl Manifest {
     /// every part is; the last key of each unfinished part is open (its older versions may
     /// come on the part's next page, so it must not be copied yet).
     pub fn listing_progress(&self) -> Result<ListingProgress> {
-        let read = || -> rusqlite::Result<ListingProgress> {
-            let mut stmt = self.conn.prepare_cached(LISTING_PROGRESS_SQL)?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(LISTING_PROGRESS_SQL)?;
             let mut rows = stmt.query([])?;
             let mut p = ListingProgress {
                 complete: true,
@@ -259,8 +236,7 @@ impl Manifest {
             // A manifest without any part has not started listing.
             p.complete &= parts > 0;
             Ok(p)
-        };
-        read().map_err(|e| self.sql(e))
+        })
     }
 
     /// Ids of the next keys with open tasks: blocks of keys without open tasks are skipped
@@ -297,8 +273,8 @@ impl Manifest {
     /// Done tasks whose ETag changed at the destination, by reason (the reason follows from
     /// how the task was copied); a scan of the tasks, for `status` and `report`.
     pub fn etag_changes(&self) -> Result<BTreeMap<String, u64>> {
-        let run = || -> rusqlite::Result<BTreeMap<String, u64>> {
-            let mut stmt = self.conn.prepare_cached(ETAG_CHANGES_SQL)?;
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(ETAG_CHANGES_SQL)?;
             let mut rows = stmt.query([
                 State::Done.code(),
                 ETAG_CHECKED | ETAG_PRESERVED,
@@ -316,8 +292,7 @@ impl Manifest {
                 *out.entry(why.to_string()).or_insert(0) += n;
             }
             Ok(out)
-        };
-        run().map_err(|e| self.sql(e))
+        })
     }
 
     /// Counts for `status`, from the kept counters (no scan of tasks).
@@ -404,62 +379,18 @@ impl Manifest {
 
     /// Walks the problems until `f` returns false.
     fn walk_problems(&self, mut f: impl FnMut(Problem) -> std::io::Result<bool>) -> Result<()> {
-        let mut keys = self
-            .conn
-            .prepare_cached(&format!(
+        self.read_with(|conn| {
+            let mut keys = conn.prepare_cached(&format!(
                 "SELECT DISTINCT id >> {SEQ_BITS} FROM task WHERE state >= 3 ORDER BY 1"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let mut rows = keys.query([]).map_err(|e| self.sql(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.sql(e))? {
-            let key_id: i64 = r.get(0).map_err(|e| self.sql(e))?;
-            if !self.key_problems(key_id, &mut f)? {
-                break;
+            ))?;
+            let mut rows = keys.query([])?;
+            while let Some(r) = rows.next()? {
+                if !key_problems(conn, r.get(0)?, &mut f)? {
+                    break;
+                }
             }
-        }
-        Ok(())
-    }
-
-    /// The problems of one key, oldest first, streamed; false when `f` asked to stop.
-    fn key_problems(
-        &self,
-        key_id: i64,
-        f: &mut impl FnMut(Problem) -> std::io::Result<bool>,
-    ) -> Result<bool> {
-        let sql = |e| self.sql(e);
-        let key: String = self
-            .conn
-            .prepare_cached("SELECT key FROM keys WHERE id = ?1")
-            .and_then(|mut s| s.query_row([key_id], |r| r.get(0)))
-            .map_err(sql)?;
-        let groups = bucket_groups(&self.conn).map_err(sql)?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT t.version_id, t.state, t.error_class, t.attempts, t.dest, e.code,
-                 e.http_status, e.message
-                 FROM task t LEFT JOIN errors e ON e.task = t.id
-                 WHERE t.id BETWEEN ?1 AND ?2 {OLDEST_FIRST}"
-            ))
-            .map_err(sql)?;
-        let (lo, hi) = key_range(key_id);
-        let mut rows = stmt.query([lo, hi]).map_err(sql)?;
-        // Per destination: the oldest failed version, which later open tasks wait for.
-        let mut failed: BTreeMap<i64, String> = BTreeMap::new();
-        while let Some(r) = rows.next().map_err(sql)? {
-            let problem =
-                problem_from_row(r, &key, &groups, &mut failed).map_err(|e| self.row_error(e))?;
-            let Some(p) = problem else { continue };
-            let go_on = f(p).map_err(|source| ManifestError::Io {
-                path: self.path.clone(),
-                what: "writing problems out",
-                source,
-            })?;
-            if !go_on {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+            Ok(())
+        })
     }
 
     /// Streams the key, version id and destination of every task in `state`, in id order
@@ -470,25 +401,19 @@ impl Manifest {
         state: State,
         mut f: impl FnMut(&str, &str, i64) -> std::io::Result<()>,
     ) -> Result<()> {
-        let sql = |e| self.sql(e);
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        self.read_with(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
                 "SELECT k.key, t.version_id, t.dest FROM task t
                  JOIN keys k ON k.id = t.id >> {SEQ_BITS} WHERE t.state = ?1 ORDER BY t.id"
-            ))
-            .map_err(sql)?;
-        let mut rows = stmt.query([state.code()]).map_err(sql)?;
-        while let Some(r) = rows.next().map_err(sql)? {
-            let (key, version): (String, String) = (r.get(0).map_err(sql)?, r.get(1).map_err(sql)?);
-            let dest: i64 = r.get(2).map_err(sql)?;
-            f(&key, &version, dest).map_err(|source| ManifestError::Io {
-                path: self.path.clone(),
-                what: "writing tasks out",
-                source,
-            })?;
-        }
-        Ok(())
+            ))?;
+            let mut rows = stmt.query([state.code()])?;
+            while let Some(r) = rows.next()? {
+                let (key, version): (String, String) = (r.get(0)?, r.get(1)?);
+                f(&key, &version, r.get(2)?)
+                    .map_err(|source| DbError::Io("writing tasks out", source))?;
+            }
+            Ok(())
+        })
     }
 
     /// Puts failed tasks back in the queue (attempts kept, so they are reconciled before
@@ -519,8 +444,7 @@ impl Manifest {
              AND u.dest = t.dest AND u.state = 2
              AND (u.refresh > t.refresh OR (u.refresh = t.refresh AND u.history_pos < t.history_pos)))";
         debug_assert_eq!(super::codec::SEQ_BITS, 24);
-        let run = || -> rusqlite::Result<(usize, usize)> {
-            let tx = self.conn.unchecked_transaction()?;
+        self.write_tx(|tx| {
             let kept: Vec<i64> = tx
                 .prepare(&format!(
                     "SELECT t.id FROM task t WHERE {candidates} AND {newer_done}"
@@ -531,7 +455,7 @@ impl Manifest {
                 tx.execute(
                     "INSERT INTO errors (task, code, message) VALUES (?1, ?2, ?3)
                      ON CONFLICT (task) DO UPDATE SET code = excluded.code,
-                     http_status = NULL, message = excluded.message",
+                     http_status = NULL, message = excluded.message, side = NULL, op = NULL",
                     rusqlite::params![id, ooo, RETRIED_OUT_OF_ORDER_WHY],
                 )?;
                 tx.execute(
@@ -546,33 +470,28 @@ impl Manifest {
                 ),
                 rusqlite::params![gone, ooo],
             )?;
-            tx.commit()?;
             Ok((requeued, kept.len()))
-        };
-        run().map_err(|e| self.sql(e))
+        })
     }
 
     /// Marks failed tasks skipped, with the reason "skipped by --skip-failed after: <last
     /// error>"; the keys they blocked continue. Returns how many.
     pub fn skip_failed(&self) -> Result<usize> {
-        let run = || -> rusqlite::Result<usize> {
-            let tx = self.conn.unchecked_transaction()?;
+        self.write_tx(|tx| {
             tx.execute(
                 "INSERT INTO errors (task, message)
                  SELECT id, 'skipped by --skip-failed (no error was recorded)' FROM task
                  WHERE state >= 3 AND state = 3
                  ON CONFLICT (task) DO UPDATE
-                 SET message = 'skipped by --skip-failed after: ' || coalesce(message, '?')",
+                 SET message = 'skipped by --skip-failed after: ' || coalesce(message, '?'),
+                 side = NULL, op = NULL",
                 [],
             )?;
-            let n = tx.execute(
+            Ok(tx.execute(
                 "UPDATE OR ROLLBACK task SET state = 4 WHERE state >= 3 AND state = 3",
                 [],
-            )?;
-            tx.commit()?;
-            Ok(n)
-        };
-        run().map_err(|e| self.sql(e))
+            )?)
+        })
     }
 }
 
@@ -623,6 +542,37 @@ fn waiting(
     Ok(n)
 }
 
+/// The problems of one key, oldest first, streamed; false when `f` asked to stop.
+fn key_problems(
+    conn: &Connection,
+    key_id: i64,
+    f: &mut impl FnMut(Problem) -> std::io::Result<bool>,
+) -> std::result::Result<bool, DbError> {
+    let key: String = conn
+        .prepare_cached("SELECT key FROM keys WHERE id = ?1")?
+        .query_row([key_id], |r| r.get(0))?;
+    let groups = bucket_groups(conn)?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT t.version_id, t.state, t.error_class, t.attempts, t.dest, e.code,
+         e.http_status, e.message, e.side, e.op
+         FROM task t LEFT JOIN errors e ON e.task = t.id
+         WHERE t.id BETWEEN ?1 AND ?2 {OLDEST_FIRST}"
+    ))?;
+    let (lo, hi) = key_range(key_id);
+    let mut rows = stmt.query([lo, hi])?;
+    // Per destination: the oldest failed version, which later open tasks wait for.
+    let mut failed: BTreeMap<i64, String> = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        let Some(p) = problem_from_row(r, &key, &groups, &mut failed)? else {
+            continue;
+        };
+        if !f(p).map_err(|source| DbError::Io("writing problems out", source))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// The problem a task row of one key shows, if any: failed, skipped, or blocked (open and
 /// newer than the oldest failed task of its destination, recorded in `failed`).
 fn problem_from_row(
@@ -630,7 +580,7 @@ fn problem_from_row(
     key: &str,
     groups: &BTreeMap<i64, i64>,
     failed: &mut BTreeMap<i64, String>,
-) -> std::result::Result<Option<Problem>, RowError> {
+) -> std::result::Result<Option<Problem>, DbError> {
     let state = state_of(r.get(1)?)?;
     let version_id: String = r.get(0)?;
     let dest: i64 = r.get(4)?;
@@ -644,6 +594,11 @@ fn problem_from_row(
         error_code: r.get(5)?,
         http_status: r.get(6)?,
         message: r.get(7)?,
+        error_side: match r.get::<_, Option<i64>>(8)? {
+            None => None,
+            Some(c) => Some(side_of(c).ok_or_else(|| DbError::Bad(format!("error side {c}")))?),
+        },
+        error_op: r.get(9)?,
         attempts: r.get(3)?,
         dest,
     };
@@ -659,6 +614,7 @@ fn problem_from_row(
             };
             p.state = "blocked".into();
             (p.error_class, p.error_code, p.http_status) = (None, None, None);
+            (p.error_side, p.error_op) = (None, None);
             p.message = Some(format!(
                 "waits for the older version {v} of this key, which failed; resolve it with `run --retry-failed` or `run --skip-failed`"
             ));

@@ -1,4 +1,4 @@
-//! manifest::schema: the v2 tables, indexes, triggers and the readable `tasks` view, and the
+//! manifest::schema: the v3 tables, indexes, triggers and the readable `tasks` view, and the
 //! code that creates them in an empty file (or in a v1 file being migrated).
 //!
 //! Size: each key is stored once (`keys`), found by a search in its sorted run (`key_runs`,
@@ -15,7 +15,7 @@ use rusqlite::{params, Connection};
 
 use super::codec::{
     class_code, BLOCK_BITS, CHECKSUMS, DELETE_MARKER, ERROR_CLASSES, ETAG_CHECKED, ETAG_PRESERVED,
-    SEQ_BITS, STORAGE_CLASSES,
+    SEQ_BITS, SIDES, STORAGE_CLASSES,
 };
 use super::{CopyMethod, State};
 use crate::s3::ErrorClass;
@@ -98,12 +98,16 @@ CREATE TABLE uploads (
     part_size INTEGER,
     parts INTEGER
 );
--- The last error of a task (failed, skipped, or retried).
+-- The last error of a task (failed, skipped, or retried). An S3 error keeps its fields:
+-- side and operation (NULL for a reason that is no S3 error, and in rows written before v3),
+-- code, HTTP status; its class is the task's `error_class`.
 CREATE TABLE errors (
     task INTEGER PRIMARY KEY REFERENCES task (id) DEFERRABLE INITIALLY DEFERRED,
     code TEXT,
     http_status INTEGER,
-    message TEXT
+    message TEXT,
+    side INTEGER, -- names(side)
+    op TEXT -- the S3 operation, e.g. GetObject
 );
 -- Kept by the triggers and by the code that inserts tasks: one row per state.
 CREATE TABLE counters (
@@ -195,6 +199,8 @@ SELECT t.id AS id, k.key AS key, t.dest AS dest, t.refresh AS refresh,
     t.attempts AS attempts,
     (SELECT name FROM names WHERE kind = 'error_class' AND code = t.error_class) AS error_class,
     e.code AS error_code, e.http_status AS http_status, e.message AS last_error,
+    (SELECT name FROM names WHERE kind = 'side' AND code = e.side) AS error_side,
+    e.op AS error_op,
     t.started_at AS started_at, t.dest_version_id AS dest_version_id,
     (SELECT name FROM names WHERE kind = 'method' AND code = t.method) AS copy_method,
     CASE WHEN t.flags & 8 THEN (t.flags >> 4) & 1 END AS etag_preserved,
@@ -203,7 +209,12 @@ FROM task t JOIN keys k ON k.id = t.id >> {SEQ}
 LEFT JOIN uploads u ON u.task = t.id LEFT JOIN errors e ON e.task = t.id;
 ";
 
-/// The full v2 schema text, with the id layout filled in.
+/// The `tasks` view's text, with the id layout filled in (a migration makes it again).
+pub(super) fn view_sql() -> String {
+    VIEW.replace("{SEQ}", &SEQ_BITS.to_string())
+}
+
+/// The full schema text, with the id layout filled in.
 pub(super) fn schema_sql() -> String {
     let counted = |sign: &str, row: &str| {
         COUNTED
@@ -221,7 +232,7 @@ pub(super) fn schema_sql() -> String {
         .replace("{SEQ}", &SEQ_BITS.to_string())
 }
 
-/// Creates the v2 schema and its fixed rows in `conn` (inside the caller's transaction).
+/// Creates the current schema and its fixed rows in `conn` (inside the caller's transaction).
 pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(&schema_sql())?;
     conn.execute_batch(
@@ -243,12 +254,22 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
     for (code, c) in ERROR_CLASSES {
         name.execute(params!["error_class", code, c.as_str()])?;
     }
+    store_side_names(conn)?;
     for (kind, table) in [("storage_class", STORAGE_CLASSES), ("checksum", CHECKSUMS)] {
         for (i, n) in table.iter().enumerate() {
             name.execute(params![kind, i as i64 + 1, n])?;
         }
     }
     conn.pragma_update(None, "user_version", super::SCHEMA_VERSION)
+}
+
+/// The names of the side codes (`names` rows of kind `side`, added by schema v3).
+pub(super) fn store_side_names(conn: &Connection) -> rusqlite::Result<()> {
+    let mut name = conn.prepare("INSERT INTO names (kind, code, name) VALUES ('side', ?1, ?2)")?;
+    for (code, side) in SIDES {
+        name.execute(params![code, side.to_string()])?;
+    }
+    Ok(())
 }
 
 /// Records (or updates) destination `id`'s bucket and prefix.

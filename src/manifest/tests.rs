@@ -1,7 +1,7 @@
 //! manifest::tests: the manifest's behaviour as its users see it: pages and replays, task
 //! fields read back as listed, counters against a recount, blocked keys, problems, the two
-//! ways to resolve failures, the writer (and its stop after a failed commit), v1 migration,
-//! file modes, and that `status` reads no task rows.
+//! ways to resolve failures, the writer (and its stop after a failed commit), v1 and v2
+//! migration, file modes, and that `status` reads no task rows.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use super::*;
 use crate::config::{CopyOptions, Location, Selection, SideConfig};
 use crate::s3::{ErrorClass, S3Error, Side, VersionEntry};
 
-fn task(key: &str, v: &str, pos: u64) -> NewTask {
+pub(super) fn task(key: &str, v: &str, pos: u64) -> NewTask {
     NewTask {
         entry: VersionEntry {
             key: key.into(),
@@ -29,7 +29,7 @@ fn task(key: &str, v: &str, pos: u64) -> NewTask {
     }
 }
 
-fn settings() -> JobSettings {
+pub(crate) fn settings() -> JobSettings {
     JobSettings {
         source: Location::parse("s3://src/in/").unwrap(),
         dest: Location::parse("s3://dst/out/").unwrap(),
@@ -61,7 +61,7 @@ fn ids_of(m: &Manifest, key: &str) -> Vec<i64> {
     g.tasks.iter().map(|t| t.id).collect()
 }
 
-fn error(code: &str, status: u16) -> S3Error {
+pub(super) fn error(code: &str, status: u16) -> S3Error {
     S3Error {
         side: Side::Dest,
         op: "CopyObject",
@@ -73,7 +73,7 @@ fn error(code: &str, status: u16) -> S3Error {
     }
 }
 
-fn done(retries: u64) -> Outcome {
+pub(super) fn done(retries: u64) -> Outcome {
     Outcome::Done {
         copied: Copied::single(Some("d".into()), CopyMethod::Copy),
         retries,
@@ -934,16 +934,22 @@ fn v1_file(dir: &Path, rows: &str) -> PathBuf {
     path
 }
 
-#[test]
-fn v1_manifests_are_migrated_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = v1_file(dir.path(), V1_ROWS);
-    let m = Manifest::open(&path, false).unwrap();
+/// Opens an older file, which is migrated to the current schema version.
+fn open_migrated(path: &Path) -> Manifest {
+    let m = Manifest::open(path, false).unwrap();
     let version: i64 = m
         .conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
+    m
+}
+
+#[test]
+fn v1_manifests_are_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = v1_file(dir.path(), V1_ROWS);
+    let m = open_migrated(&path);
     assert_eq!(m.require_settings().unwrap(), settings());
     assert_eq!(
         m.listing().unwrap(),
@@ -1098,6 +1104,20 @@ fn check_migrated_problems(m: &Manifest) {
     assert_eq!(p[2].message.as_deref(), Some("source version is gone"));
 }
 
+/// Opening `path` fails with a migration error whose reason contains `why`; the file's
+/// schema version after, and a connection to it.
+fn migration_refused(path: &Path, why: &str) -> (i64, Connection) {
+    match Manifest::open(path, false) {
+        Err(ManifestError::Migration(_, reason)) => assert!(reason.contains(why), "{reason}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let c = Connection::open(path).unwrap();
+    let version = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    (version, c)
+}
+
 #[test]
 fn a_v1_file_that_cannot_be_migrated_is_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
@@ -1107,18 +1127,142 @@ fn a_v1_file_that_cannot_be_migrated_is_left_as_it_was() {
     );
     assert_ne!(rows, V1_ROWS);
     let path = v1_file(dir.path(), &rows);
-    match Manifest::open(&path, false) {
-        Err(ManifestError::Migration(_, why)) => assert!(why.contains("\"paused\""), "{why}"),
-        other => panic!("{:?}", other.map(|_| ())),
-    }
-    let c = Connection::open(&path).unwrap();
-    let version: i64 = c
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
+    let (version, c) = migration_refused(&path, "\"paused\"");
     let n: i64 = c
         .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
         .unwrap();
     assert_eq!((version, n), (1, 7));
+}
+
+/// Turns a current manifest into the file a v2 build wrote: `errors` without `side` and
+/// `op`, the v2 `tasks` view, no side names, `user_version` 2 (v3 added only those).
+fn as_v2(path: &Path) {
+    let v3_columns = "\n    (SELECT name FROM names WHERE kind = 'side' AND code = e.side) AS error_side,\n    e.op AS error_op,";
+    let view = schema::view_sql();
+    assert!(view.contains(v3_columns));
+    let v2_view = view.replace(v3_columns, "");
+    let c = Connection::open(path).unwrap();
+    c.execute_batch(&format!(
+        "BEGIN; DROP VIEW tasks; ALTER TABLE errors DROP COLUMN side;
+         ALTER TABLE errors DROP COLUMN op; DELETE FROM names WHERE kind = 'side';
+         {v2_view} PRAGMA user_version = 2; COMMIT;"
+    ))
+    .unwrap();
+}
+
+/// A v2 file with the tasks of [`key_with_a_failed_version`] (its v2 task failed).
+fn v2_file() -> (tempfile::TempDir, PathBuf, Vec<i64>) {
+    let (d, path, m, ids) = key_with_a_failed_version();
+    drop(m);
+    as_v2(&path);
+    (d, path, ids)
+}
+
+/// How many of the columns named in `names` (an SQL list) the `errors` table has.
+fn error_columns(c: &Connection, names: &str) -> i64 {
+    c.query_row(
+        &format!("SELECT count(*) FROM pragma_table_info('errors') WHERE name IN ({names})"),
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn side_and_op_in_view(m: &Manifest, version: &str) -> (Option<String>, Option<String>) {
+    m.conn
+        .query_row(
+            "SELECT error_side, error_op FROM tasks WHERE version_id = ?1",
+            [version],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+/// A v2 manifest is migrated on open: its error rows keep what v2 recorded (no side or
+/// operation: reports read those from the message), and failures recorded from then on keep
+/// the S3 error's side and operation, in `problems` and in the `tasks` view.
+#[test]
+fn v2_manifests_are_migrated_and_then_record_error_sides() {
+    let (_d, path, ids) = v2_file();
+    let v2 = Connection::open(&path).unwrap();
+    assert_eq!(
+        error_columns(&v2, "'side', 'op'"),
+        0,
+        "v2 has no side or op"
+    );
+    drop(v2);
+
+    let m = open_migrated(&path);
+    let p = m.problems(10).unwrap();
+    assert_eq!(
+        (p[0].version_id.as_str(), p[0].state.as_str()),
+        ("v2", "failed")
+    );
+    assert_eq!(
+        (p[0].error_code.as_deref(), p[0].http_status),
+        (Some("AccessDenied"), Some(403))
+    );
+    assert_eq!((p[0].error_side, p[0].error_op.as_deref()), (None, None));
+    assert_eq!(
+        p[0].message.as_deref(),
+        Some("dest: CopyObject failed (AccessDenied, HTTP 403): no")
+    );
+    assert_eq!(side_and_op_in_view(&m, "v2"), (None, None));
+    check_recount(&m);
+    drop(m);
+
+    let source_denied = S3Error {
+        side: Side::Source,
+        op: "GetObject",
+        ..error("AccessDenied", 403)
+    };
+    write_all(
+        &path,
+        vec![
+            Update::Started { id: ids[2], at: 2 },
+            Update::Finished {
+                id: ids[2],
+                outcome: Outcome::Failed {
+                    error: source_denied,
+                    retries: 0,
+                },
+            },
+        ],
+    );
+    let m = Manifest::open(&path, false).unwrap();
+    let p = m.problems(10).unwrap();
+    let v3 = p.iter().find(|p| p.version_id == "v3").unwrap();
+    assert_eq!(v3.state, "failed");
+    assert_eq!(
+        (v3.error_side, v3.error_op.as_deref()),
+        (Some(Side::Source), Some("GetObject"))
+    );
+    assert_eq!(
+        side_and_op_in_view(&m, "v3"),
+        (Some("source".into()), Some("GetObject".into()))
+    );
+    let blocked = p.iter().find(|p| p.version_id == "v4").unwrap();
+    assert_eq!(
+        (
+            blocked.state.as_str(),
+            blocked.error_side,
+            blocked.error_op.as_deref()
+        ),
+        ("blocked", None, None)
+    );
+}
+
+/// A v2 file that cannot be migrated is left as it was (one transaction).
+#[test]
+fn a_v2_file_that_cannot_be_migrated_is_left_as_it_was() {
+    let (_d, path, _ids) = v2_file();
+    // A column in the way of the migration's.
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch("ALTER TABLE errors ADD COLUMN op TEXT")
+        .unwrap();
+    drop(c);
+    let (version, c) = migration_refused(&path, "not a v2 manifest");
+    assert_eq!((version, error_columns(&c, "'side'")), (2, 0));
 }
 
 /// After a failed commit the writer stops: every later call says so, and the file keeps

@@ -16,8 +16,8 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::codec::{
-    attempt_flags, class_code, etag_flags, ATTEMPT_MODE, ATTEMPT_UNSTAMPED, ETAG_CHECKED,
-    ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
+    attempt_flags, class_code, etag_flags, side_code, ATTEMPT_MODE, ATTEMPT_UNSTAMPED,
+    ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
 };
 use super::{CopyMethod, KeyGroup, Manifest, ManifestError, Result, State};
 use crate::s3::{ErrorClass, S3Error};
@@ -371,12 +371,11 @@ fn writer_loop(
         };
         let mut acks = Vec::new();
         let mut reads = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            m.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = m.write_tx(|tx| {
             for msg in batch {
                 match msg {
                     Msg::Update(u, ack) => {
-                        apply(&m.conn, &u, mode)?;
+                        apply(tx, &u, mode)?;
                         acks.extend(ack);
                     }
                     Msg::Flush(ack) => acks.push(ack),
@@ -389,7 +388,7 @@ fn writer_loop(
                         let read = m.next_key_groups(after, limit);
                         let read = match (read, claim_at) {
                             (Ok(mut groups), Some(at)) => {
-                                claim(&m.conn, &mut groups, at, mode)?;
+                                claim(tx, &mut groups, at, mode)?;
                                 Ok(groups)
                             }
                             (read, _) => read,
@@ -398,13 +397,13 @@ fn writer_loop(
                     }
                 }
             }
-            m.conn.execute_batch("COMMIT")
-        })();
+            Ok(())
+        });
         if let Err(e) = result {
-            // Nothing of the group is kept: stop, so that no later update is applied on top
-            // of lost ones. Dropped acks and the closed channel tell every caller.
-            let _ = m.conn.execute_batch("ROLLBACK");
-            let why = format!("manifest {}: {e}", m.path);
+            // Nothing of the group is kept (rolled back): stop, so that no later update is
+            // applied on top of lost ones. Dropped acks and the closed channel tell every
+            // caller.
+            let why = e.to_string();
             tracing::error!("{why}");
             *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
             for (reply, _) in reads {
@@ -546,9 +545,8 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
             *retries
         }
         Outcome::Failed { error, retries } => {
-            let status = error.status.map(i64::from);
             set_ended(conn, id, State::Failed, error.class)?;
-            record_error(conn, id, error.code.as_deref(), status, &error.to_string())?;
+            record_error(conn, id, Some(error), &error.to_string())?;
             *retries
         }
         Outcome::Skipped {
@@ -557,7 +555,7 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
             retries,
         } => {
             set_ended(conn, id, State::Skipped, *class)?;
-            record_error(conn, id, None, None, reason)?;
+            record_error(conn, id, None, reason)?;
             *retries
         }
         Outcome::Requeued => {
@@ -575,7 +573,7 @@ fn finish(conn: &Connection, id: i64, outcome: &Outcome) -> rusqlite::Result<()>
                 State::Pending.code(),
                 class_code(ErrorClass::Archived)
             ])?;
-            record_error(conn, id, None, None, reason)?;
+            record_error(conn, id, None, reason)?;
             0
         }
     };
@@ -648,18 +646,29 @@ fn close_upload(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     .map(drop)
 }
 
+/// Records a task's last error: an S3 error's fields as they are (side, operation, code,
+/// HTTP status: reports read them, never parse them back out of `message`), or, for a
+/// reason that is no S3 error (`error` None), only the message.
 fn record_error(
     conn: &Connection,
     id: i64,
-    code: Option<&str>,
-    status: Option<i64>,
+    error: Option<&S3Error>,
     message: &str,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO errors (task, code, http_status, message) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO errors (task, code, http_status, message, side, op)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (task) DO UPDATE SET code = excluded.code,
-         http_status = excluded.http_status, message = excluded.message",
+         http_status = excluded.http_status, message = excluded.message,
+         side = excluded.side, op = excluded.op",
     )?
-    .execute(params![id, code, status, message])
+    .execute(params![
+        id,
+        error.and_then(|e| e.code.as_deref()),
+        error.and_then(|e| e.status).map(i64::from),
+        message,
+        error.map(|e| side_code(e.side)),
+        error.map(|e| e.op),
+    ])
     .map(drop)
 }
