@@ -237,12 +237,12 @@ pub struct EstTask {
 impl From<&crate::manifest::Task> for EstTask {
     fn from(t: &crate::manifest::Task) -> EstTask {
         EstTask {
-            version_id: t.version_id.clone(),
-            is_delete_marker: t.is_delete_marker,
-            size: t.size,
-            etag: t.etag.clone(),
-            storage_class: t.storage_class.clone(),
-            checksum_algorithm: t.checksum_algorithm.clone(),
+            version_id: t.entry.version_id.clone(),
+            is_delete_marker: t.entry.is_delete_marker,
+            size: t.entry.size,
+            etag: t.entry.etag.clone(),
+            storage_class: t.entry.storage_class.clone(),
+            checksum_algorithm: t.entry.checksum_algorithm.clone(),
             dest: t.dest,
             stream_only: t.stream_only,
         }

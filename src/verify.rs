@@ -603,15 +603,8 @@ impl<C: S3Client> Verifier<'_, C> {
 /// A planned task as the listing entry it was planned from.
 fn planned_entry(t: &Task) -> VersionEntry {
     VersionEntry {
-        key: t.key.clone(),
-        version_id: t.version_id.clone(),
-        is_delete_marker: t.is_delete_marker,
         is_latest: false,
-        size: t.size,
-        etag: t.etag.clone(),
-        last_modified: t.last_modified.clone(),
-        storage_class: t.storage_class.clone(),
-        checksum_algorithm: t.checksum_algorithm.clone(),
+        ..t.entry.clone()
     }
 }
 
@@ -689,7 +682,7 @@ fn expected_at(
             let class = x.error_class.clone().unwrap_or_else(|| "skipped".into());
             *t.skipped.entry(class).or_default() += 1;
         } else {
-            wanted.insert(x.version_id.as_str());
+            wanted.insert(x.entry.version_id.as_str());
         }
     }
     let expected = se
@@ -773,15 +766,12 @@ mod tests {
     fn task(version: &str, state: State, class: Option<&str>) -> Task {
         Task {
             id: 0,
-            key: "k".into(),
-            version_id: version.into(),
-            is_delete_marker: false,
-            is_latest: false,
-            size: 1,
-            etag: None,
-            last_modified: None,
-            storage_class: None,
-            checksum_algorithm: None,
+            entry: VersionEntry {
+                key: "k".into(),
+                version_id: version.into(),
+                size: 1,
+                ..VersionEntry::default()
+            },
             state,
             attempts: 0,
             dest_version_id: None,

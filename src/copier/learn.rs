@@ -63,7 +63,7 @@ impl Pending {
             key_id: crate::manifest::key_id_of_task(task.id),
             bucket: bucket.to_string(),
             key,
-            size: task.size,
+            size: task.entry.size,
         }
     }
 }
@@ -72,7 +72,7 @@ impl<C: S3Client> Copier<C> {
     /// Whether this task's new version id may be learned later instead of by a HEAD now
     /// (see the module header).
     pub(super) fn may_learn_later(&self, ctx: &TaskCtx<'_>) -> bool {
-        self.facts(&ctx.dest.bucket).versioned && ctx.last_open && !ctx.task.is_delete_marker
+        self.facts(&ctx.dest.bucket).versioned && ctx.last_open && !ctx.task.entry.is_delete_marker
     }
 
     /// Queues a flagged task; a full batch is learned in the background.
@@ -93,7 +93,7 @@ impl<C: S3Client> Copier<C> {
     pub fn learn_leftovers(self: &Arc<Self>, tasks: Vec<Task>) {
         for t in tasks {
             let d = self.settings.destination(t.dest);
-            self.learn_later(Pending::of(&t, d.bucket, d.key(&t.key)));
+            self.learn_later(Pending::of(&t, d.bucket, d.key(&t.entry.key)));
         }
     }
 

@@ -117,8 +117,8 @@ impl Progress {
                 if copied.method == CopyMethod::Reconciled {
                     self.reconciled.fetch_add(1, Ordering::Relaxed);
                 }
-                if !task.is_delete_marker {
-                    self.bytes.fetch_add(task.size, Ordering::Relaxed);
+                if !task.entry.is_delete_marker {
+                    self.bytes.fetch_add(task.entry.size, Ordering::Relaxed);
                 }
             }
             Outcome::Failed { error, .. } => {
@@ -129,8 +129,8 @@ impl Progress {
                 } else if n <= MAX_FAILURES_SHOWN {
                     self.say(format!(
                         "failed: {} version {}: {error}",
-                        show_key(&task.key),
-                        task.version_id
+                        show_key(&task.entry.key),
+                        task.entry.version_id
                     ));
                 } else if n == MAX_FAILURES_SHOWN + 1 {
                     self.say("more tasks failed: see `s3-backfill report` for all of them".into());

@@ -48,7 +48,7 @@ impl<C: S3Client> Copier<C> {
         if let Some(v) = self.find_written_as(ctx, since, stamped).await? {
             return Ok(Some(v));
         }
-        if !ctx.task.is_delete_marker {
+        if !ctx.task.entry.is_delete_marker {
             self.abort_uploads_of_key(ctx).await?;
         }
         Ok(None)
@@ -88,7 +88,7 @@ impl<C: S3Client> Copier<C> {
                 .and_then(parse_s3_time)
                 .is_none_or(|lm| lm >= since - CLOCK_SKEW_SECS)
         };
-        if ctx.task.is_delete_marker {
+        if ctx.task.entry.is_delete_marker {
             let found = candidates
                 .iter()
                 .find(|e| e.is_delete_marker && (newest_recorded.is_some() || recent(e)));
@@ -98,7 +98,7 @@ impl<C: S3Client> Copier<C> {
         if stamped {
             for e in versions.take(MAX_STAMP_CANDIDATES) {
                 let head = self.dest_head(ctx, Some(&e.version_id)).await?;
-                if stamped_for(&head, &ctx.task.version_id) {
+                if stamped_for(&head, &ctx.task.entry.version_id) {
                     return Ok(Some(Some(e.version_id.clone())));
                 }
             }
@@ -108,7 +108,7 @@ impl<C: S3Client> Copier<C> {
         // copy's ETag is not the source's, and the position after the last recorded version
         // already tells the attempts of this task apart from the key's other versions.
         let mut versions = versions;
-        let found = versions.find(|e| recent(e) && e.size == ctx.task.size);
+        let found = versions.find(|e| recent(e) && e.size == ctx.task.entry.size);
         Ok(found.map(|e| Some(e.version_id.clone())))
     }
 
@@ -164,7 +164,7 @@ impl<C: S3Client> Copier<C> {
         if answered.is_some() || !self.facts(&ctx.dest.bucket).versioned {
             return Ok((answered, None));
         }
-        if ctx.task.is_delete_marker {
+        if ctx.task.entry.is_delete_marker {
             // RGW writes no delete marker over a delete marker (its answer names none): a
             // run of markers becomes one, whose id the tasks of the run share.
             let history = self.dest_history(ctx).await?;
@@ -175,7 +175,7 @@ impl<C: S3Client> Copier<C> {
             return Ok((id, None));
         }
         let head = self.dest_head(ctx, None).await?;
-        if self.settings.copy.stamp && !stamped_for(&head, &ctx.task.version_id) {
+        if self.settings.copy.stamp && !stamped_for(&head, &ctx.task.entry.version_id) {
             return Err(S3Error::other(
                 self.dest.side(),
                 "HeadObject",

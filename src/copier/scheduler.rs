@@ -301,7 +301,9 @@ impl<C: S3Client> Copier<C> {
                 attempted: AtomicBool::new(group.claimed == Some(task.id)),
             };
             let began = std::time::Instant::now();
-            let step = crate::events::in_task(&task.key, &task.version_id, self.step(&ctx)).await;
+            let step =
+                crate::events::in_task(&task.entry.key, &task.entry.version_id, self.step(&ctx))
+                    .await;
             let retries = ctx.retries.load(Ordering::Relaxed);
             self.progress.add_retries(retries);
             let outcome = match step {
@@ -370,8 +372,8 @@ impl<C: S3Client> Copier<C> {
                     // Cannot tell whether it was copied; writing now could make a duplicate.
                     self.progress.say(format!(
                         "in doubt, left for the next run: {} version {}: {e}",
-                        show_key(&ctx.task.key),
-                        ctx.task.version_id
+                        show_key(&ctx.task.entry.key),
+                        ctx.task.entry.version_id
                     ));
                     return Step::InDoubt;
                 }
@@ -449,7 +451,7 @@ impl<C: S3Client> Copier<C> {
     pub async fn abort_leftover_uploads(&self, tasks: Vec<Task>) {
         for t in tasks {
             let Some(u) = &t.upload_id else { continue };
-            let dest = self.settings.dest_object(t.dest, &t.key);
+            let dest = self.settings.dest_object(t.dest, &t.entry.key);
             let retries = AtomicU64::new(0);
             let r = self.dest.counting(&retries).abort_multipart(&dest, u).await;
             if let Err(e) = r {

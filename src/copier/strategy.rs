@@ -469,9 +469,9 @@ fn changed_message(ctx: &TaskCtx<'_>, now: &str) -> String {
     let t = ctx.task;
     format!(
         "{} version {} changed since it was listed (listed ETag {}, now {now}); not copied: run plan --refresh, then run",
-        show_key(&t.key),
-        t.version_id,
-        t.etag.as_deref().unwrap_or("?"),
+        show_key(&t.entry.key),
+        t.entry.version_id,
+        t.entry.etag.as_deref().unwrap_or("?"),
     )
 }
 
@@ -504,7 +504,7 @@ impl<C: S3Client> Copier<C> {
     /// credentials may not do is streamed instead, for this task only (remembered in the
     /// manifest, so later runs stream it at once).
     pub(super) async fn copy_task(&self, ctx: &TaskCtx<'_>) -> Result<Copied, CopyError> {
-        if ctx.task.is_delete_marker {
+        if ctx.task.entry.is_delete_marker {
             return Ok(self.delete_marker(ctx).await?);
         }
         let server_side = self.settings.server_side() && !ctx.task.stream_only;
@@ -529,8 +529,8 @@ impl<C: S3Client> Copier<C> {
         if !self.stream_said.swap(true, Ordering::Relaxed) {
             self.progress.say(format!(
                 "server-side copy was denied ({e}); streaming through this machine each task it is denied for (first: {} version {}; decided per task and kept in the manifest)",
-                show_key(&ctx.task.key),
-                ctx.task.version_id
+                show_key(&ctx.task.entry.key),
+                ctx.task.entry.version_id
             ));
         }
         self.send(Update::StreamOnly { id: ctx.task.id });
@@ -634,8 +634,8 @@ impl<C: S3Client> Copier<C> {
         if before != WholeCopy::CHANGES {
             self.progress.say(format!(
                 "the destination server gave a multipart source copied with CopyObject a new ETag ({} version {}: {} became {}): multipart sources are copied in parts in their own layout for the rest of this run (--large-copy parts says so at once)",
-                show_key(&ctx.task.key),
-                ctx.task.version_id,
+                show_key(&ctx.task.entry.key),
+                ctx.task.entry.version_id,
                 head.etag.as_deref().unwrap_or("-"),
                 dest.etag.as_deref().unwrap_or("-"),
             ));
@@ -681,21 +681,21 @@ impl<C: S3Client> Copier<C> {
     /// listing; a version gone since the listing answers 404 (skipped as gone).
     async fn one_request(&self, ctx: &TaskCtx<'_>) -> bool {
         let c = &self.settings.copy;
-        let listed = ctx.task.storage_class.as_deref();
+        let listed = ctx.task.entry.storage_class.as_deref();
         // A replication rule decides by the source's encryption (SSE-KMS only when it opts
         // in, its own KMS key): that needs the HEAD.
         let ruled = self.settings.destination(ctx.task.dest).rule.is_some();
         // A `null` version can change under its id: the copy's x-amz-copy-source-if-match
         // alone would guard it, and moto and RGW 16.2 ignore that header; the HEAD compares.
-        let null = ctx.task.version_id == "null";
+        let null = ctx.task.entry.version_id == "null";
         if c.stamp
             || ruled
             || null
             || c.sse.is_none()
             || choose_plan(
                 false,
-                ctx.task.size,
-                SourceUpload::of(ctx.task.etag.as_deref(), true),
+                ctx.task.entry.size,
+                SourceUpload::of(ctx.task.entry.etag.as_deref(), true),
                 Route::ServerSide {
                     whole_multipart: false,
                 },
@@ -735,7 +735,7 @@ impl<C: S3Client> Copier<C> {
     /// One `CopyObject` from what the listing said (see `Copier::one_request`).
     async fn copy_listed(&self, ctx: &TaskCtx<'_>) -> Result<Copied, S3Error> {
         let c = &self.settings.copy;
-        let listed = ctx.task.storage_class.clone();
+        let listed = ctx.task.entry.storage_class.clone();
         let attrs = WriteAttrs {
             replace_metadata: false,
             storage_class: c
@@ -746,6 +746,7 @@ impl<C: S3Client> Copier<C> {
             acl: c.acl.clone(),
             checksum_algorithm: ctx
                 .task
+                .entry
                 .checksum_algorithm
                 .as_deref()
                 .and_then(ChecksumAlgorithm::parse),
@@ -758,7 +759,7 @@ impl<C: S3Client> Copier<C> {
         Ok(match wrote {
             Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
             Wrote::New(r, v, _) => {
-                let listed = ctx.task.etag.as_deref();
+                let listed = ctx.task.entry.etag.as_deref();
                 self.copied_what_was_listed(ctx, &r, listed, v.as_deref())
                     .await?;
                 Copied::single(v, CopyMethod::Copy)
@@ -782,7 +783,7 @@ impl<C: S3Client> Copier<C> {
         let (Some(l), Some(c)) = (plain_etag(listed), plain_etag(r.etag.as_deref())) else {
             return Ok(());
         };
-        if ctx.task.version_id != "null" || l == c {
+        if ctx.task.entry.version_id != "null" || l == c {
             return Ok(());
         }
         let Err(changed) = self.head_source(ctx, None).await else {
@@ -856,9 +857,12 @@ impl<C: S3Client> Copier<C> {
         // What the HEAD answers must be what was listed (the If-Match sent already asks
         // that of the ETag; not every server honours it).
         let t = ctx.task;
-        let other_version = head.version_id.as_deref().filter(|v| *v != t.version_id);
-        let other_etag = match (&t.etag, &head.etag) {
-            (Some(l), Some(h)) if t.version_id == "null" && part.is_none() => {
+        let other_version = head
+            .version_id
+            .as_deref()
+            .filter(|v| *v != t.entry.version_id);
+        let other_etag = match (&t.entry.etag, &head.etag) {
+            (Some(l), Some(h)) if t.entry.version_id == "null" && part.is_none() => {
                 l.trim_matches('"') != h.trim_matches('"')
             }
             _ => false,
@@ -901,7 +905,7 @@ impl<C: S3Client> Copier<C> {
         let rule = self.settings.destination(ctx.task.dest).rule;
         let mut metadata: BTreeMap<String, String> = head.metadata.clone();
         if c.stamp {
-            metadata.insert(STAMP_KEY.to_string(), ctx.task.version_id.clone());
+            metadata.insert(STAMP_KEY.to_string(), ctx.task.entry.version_id.clone());
         }
         let rule_kms = rule.and_then(|r| r.kms_key.clone());
         let encryption = match chosen_encryption(c) {
@@ -988,15 +992,15 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         version: Option<&str>,
     ) -> Result<(), S3Error> {
-        if ctx.task.is_delete_marker || version.is_none() {
+        if ctx.task.entry.is_delete_marker || version.is_none() {
             return Ok(());
         }
         match self.same_tags(ctx, version).await {
             Err(e) if e.class == ErrorClass::SourceGone && e.side == self.source.side() => {
                 tracing::warn!(
                     "{} version {}: adopted its copy, but the source version is gone: its tags were not compared ({e})",
-                    show_key(&ctx.task.key),
-                    ctx.task.version_id
+                    show_key(&ctx.task.entry.key),
+                    ctx.task.entry.version_id
                 );
                 Ok(())
             }
@@ -1224,8 +1228,8 @@ impl<C: S3Client> Copier<C> {
             }
             tracing::info!(
                 "{} version {}: {} parts of {} bytes do not compose its ETag; the next layout is tried",
-                show_key(&ctx.task.key),
-                ctx.task.version_id,
+                show_key(&ctx.task.entry.key),
+                ctx.task.entry.version_id,
                 layout.parts,
                 layout.part_size
             );
@@ -1304,7 +1308,7 @@ impl<C: S3Client> Copier<C> {
                 return Ok(None);
             }
         }
-        if ctx.task.version_id == "null" {
+        if ctx.task.entry.version_id == "null" {
             // A `null` version is replaced in place, and not every server honours the ETag
             // precondition on UploadPartCopy (moto, RGW): the parts are all read, so a HEAD
             // that still answers the listed ETag means none of them came from another object.
@@ -1445,8 +1449,8 @@ impl<C: S3Client> Copier<C> {
                     op,
                     format!(
                         "checksum mismatch for {} version {}: source {} {}, destination {}",
-                        show_key(&ctx.task.key),
-                        ctx.task.version_id,
+                        show_key(&ctx.task.entry.key),
+                        ctx.task.entry.version_id,
                         s.algorithm.as_str(),
                         s.value,
                         d.value

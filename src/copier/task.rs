@@ -42,9 +42,9 @@ impl TaskCtx<'_> {
         let t = self.task;
         ObjectRef::pinned(
             bucket,
-            &t.key,
-            &t.version_id,
-            t.etag.as_deref(),
+            &t.entry.key,
+            &t.entry.version_id,
+            t.entry.etag.as_deref(),
             self.null_by_id,
         )
     }

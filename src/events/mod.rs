@@ -175,12 +175,16 @@ impl TaskEvent {
     ) -> Option<TaskEvent> {
         let mut e = TaskEvent {
             outcome: "done",
-            key: task.key.clone(),
-            version_id: task.version_id.clone(),
-            delete_marker: task.is_delete_marker,
+            key: task.entry.key.clone(),
+            version_id: task.entry.version_id.clone(),
+            delete_marker: task.entry.is_delete_marker,
             dest_bucket: dest.0.to_string(),
             dest_key: dest.1.to_string(),
-            bytes: if task.is_delete_marker { 0 } else { task.size },
+            bytes: if task.entry.is_delete_marker {
+                0
+            } else {
+                task.entry.size
+            },
             duration_ms: took.as_millis() as u64,
             attempts,
             retries: 0,

@@ -86,7 +86,10 @@ fn manifest_histories(path: &Path, keys: &[String]) -> Vec<(String, Vec<String>)
     keys.iter()
         .map(|k| {
             let v = m.tasks_of_key(k).unwrap();
-            (k.clone(), v.into_iter().map(|t| t.version_id).collect())
+            (
+                k.clone(),
+                v.into_iter().map(|t| t.entry.version_id).collect(),
+            )
         })
         .collect()
 }
@@ -204,7 +207,7 @@ fn a_refresh_across_pages_adds_only_new_entries() {
         .tasks_of_key("k")
         .unwrap()
         .into_iter()
-        .map(|t| t.version_id)
+        .map(|t| t.entry.version_id)
         .collect();
     assert_eq!(ids, ["1", "2", "3", "4"], "oldest first, each once");
     let r = m.refreshes().unwrap();
@@ -263,7 +266,7 @@ async fn a_refresh_of_an_unversioned_source_plans_null_versions_changed_in_place
         m.tasks_of_key(k)
             .unwrap()
             .into_iter()
-            .map(|t| (t.version_id, t.is_delete_marker, t.etag))
+            .map(|t| (t.entry.version_id, t.entry.is_delete_marker, t.entry.etag))
             .collect()
     };
     let etag = |k: &str| s.history(SRC, k).last().map(|v| v.etag.clone());

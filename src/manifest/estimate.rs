@@ -31,14 +31,14 @@ impl Manifest {
                 let t = task_from_row(r)?;
                 let id = t.id >> SEQ_BITS;
                 if key_id != Some(id) && !tasks.is_empty() {
-                    f(&tasks[0].key.clone(), &tasks);
+                    f(&tasks[0].entry.key.clone(), &tasks);
                     tasks.clear();
                 }
                 key_id = Some(id);
                 tasks.push(t);
             }
             if !tasks.is_empty() {
-                f(&tasks[0].key.clone(), &tasks);
+                f(&tasks[0].entry.key.clone(), &tasks);
             }
             Ok(())
         })

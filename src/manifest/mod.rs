@@ -295,24 +295,8 @@ pub struct NewTask {
 pub struct Task {
     /// Task id (a key's tasks share one id range; see `codec`).
     pub id: i64,
-    /// The source key.
-    pub key: String,
-    /// The source version id.
-    pub version_id: String,
-    /// A delete marker.
-    pub is_delete_marker: bool,
-    /// The key's current entry when listed.
-    pub is_latest: bool,
-    /// Size in bytes.
-    pub size: u64,
-    /// Source ETag, as listed.
-    pub etag: Option<String>,
-    /// Last-modified, as listed (ISO 8601).
-    pub last_modified: Option<String>,
-    /// Source storage class, as listed.
-    pub storage_class: Option<String>,
-    /// Source checksum algorithm, as listed.
-    pub checksum_algorithm: Option<String>,
+    /// The source version (or delete marker) as listed.
+    pub entry: crate::s3::VersionEntry,
     /// Current state.
     pub state: State,
     /// Attempts so far (one per start).

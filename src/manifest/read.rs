@@ -54,15 +54,18 @@ pub(super) fn task_from_row(r: &Row<'_>) -> std::result::Result<Task, DbError> {
     let bad = DbError::Bad;
     Ok(Task {
         id: r.get(0)?,
-        key: r.get(14)?,
-        version_id: r.get(1)?,
-        is_delete_marker: flags & DELETE_MARKER != 0,
-        is_latest: flags & LATEST != 0,
-        size: r.get::<_, i64>(3)? as u64,
-        etag: etag_text(r.get_ref(4)?).map_err(bad)?,
-        last_modified: time_text(r.get_ref(5)?).map_err(bad)?,
-        storage_class: name_text(STORAGE_CLASSES, "storage class", r.get_ref(6)?).map_err(bad)?,
-        checksum_algorithm: name_text(CHECKSUMS, "checksum", r.get_ref(7)?).map_err(bad)?,
+        entry: crate::s3::VersionEntry {
+            key: r.get(14)?,
+            version_id: r.get(1)?,
+            is_delete_marker: flags & DELETE_MARKER != 0,
+            is_latest: flags & LATEST != 0,
+            size: r.get::<_, i64>(3)? as u64,
+            etag: etag_text(r.get_ref(4)?).map_err(bad)?,
+            last_modified: time_text(r.get_ref(5)?).map_err(bad)?,
+            storage_class: name_text(STORAGE_CLASSES, "storage class", r.get_ref(6)?)
+                .map_err(bad)?,
+            checksum_algorithm: name_text(CHECKSUMS, "checksum", r.get_ref(7)?).map_err(bad)?,
+        },
         state: state_of(r.get(8)?)?,
         attempts: r.get(9)?,
         dest_version_id: r.get(10)?,
@@ -193,7 +196,7 @@ impl Manifest {
             let (lo, hi) = key_range(key_id);
             let tasks = self.tasks_where("t.id BETWEEN ?1 AND ?2", OLDEST_FIRST, &[lo, hi])?;
             let key = match tasks.first() {
-                Some(t) => t.key.clone(),
+                Some(t) => t.entry.key.clone(),
                 None => continue,
             };
             let listing_open = open_keys.contains(&key);

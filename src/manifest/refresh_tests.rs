@@ -74,7 +74,12 @@ fn rows(m: &Manifest, key: &str) -> Vec<(String, bool, i64, State)> {
                     r.get(0)
                 })
                 .unwrap();
-            (t.version_id, t.is_delete_marker, refresh, t.state)
+            (
+                t.entry.version_id,
+                t.entry.is_delete_marker,
+                refresh,
+                t.state,
+            )
         })
         .collect()
 }
@@ -141,8 +146,8 @@ fn an_overwritten_null_version_is_planned_again_and_an_unchanged_one_is_not() {
     assert_eq!(rows(&m, "c").len(), 2, "a new write is a new task");
     // The new task carries the new content, and is the key's last (copied last).
     let a = m.tasks_of_key("a").unwrap();
-    assert_eq!(a[1].etag.as_deref(), Some("\"AAAA\""));
-    assert_eq!(a[1].size, 4);
+    assert_eq!(a[1].entry.etag.as_deref(), Some("\"AAAA\""));
+    assert_eq!(a[1].entry.size, 4);
     let r = m.refreshes().unwrap();
     assert_eq!((r[1].tasks, r[1].matched, r[1].deleted), (2, 1, 0));
     // One new version per key per refresh replaces the last: no versioned destination needed.

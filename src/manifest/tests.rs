@@ -117,8 +117,8 @@ fn pages_groups_and_states() {
     let g = all_keys(&m);
     assert_eq!(g.len(), 2);
     assert_eq!((g[0].key.as_str(), g[1].key.as_str()), ("a", "b\t?"));
-    assert_eq!(g[0].tasks[0].version_id, "1", "oldest first");
-    assert!(g[0].tasks[1].is_latest && !g[0].tasks[0].is_latest);
+    assert_eq!(g[0].tasks[0].entry.version_id, "1", "oldest first");
+    assert!(g[0].tasks[1].entry.is_latest && !g[0].tasks[0].entry.is_latest);
     assert_eq!(m.next_key_groups(g[0].key_id, 10).unwrap().len(), 1);
     assert!(m.has_multi_version_key().unwrap());
     assert_eq!(m.count_key("a").unwrap(), 2);
@@ -140,7 +140,11 @@ fn a_key_continued_on_the_next_page_keeps_its_order_and_replays_are_ignored() {
     assert_eq!(m.count_key("k").unwrap(), 4);
     assert_eq!(m.count_key("l").unwrap(), 2);
     let g = all_keys(&m);
-    let versions: Vec<&str> = g[0].tasks.iter().map(|t| t.version_id.as_str()).collect();
+    let versions: Vec<&str> = g[0]
+        .tasks
+        .iter()
+        .map(|t| t.entry.version_id.as_str())
+        .collect();
     assert_eq!(versions, ["v2", "v3", "v4", "v5"]);
     assert_eq!(m.counts().unwrap().total, 6);
 }
@@ -258,18 +262,7 @@ fn listed_fields_read_back_exactly() {
     let g = all_keys(&m);
     for (t, n) in g.iter().map(|g| &g.tasks[0]).zip(&entries) {
         let e = &n.entry;
-        let back = VersionEntry {
-            key: t.key.clone(),
-            version_id: t.version_id.clone(),
-            is_delete_marker: t.is_delete_marker,
-            is_latest: t.is_latest,
-            size: t.size,
-            etag: t.etag.clone(),
-            last_modified: t.last_modified.clone(),
-            storage_class: t.storage_class.clone(),
-            checksum_algorithm: t.checksum_algorithm.clone(),
-        };
-        assert_eq!(&back, e);
+        assert_eq!(&t.entry, e, "the task keeps its listing entry as listed");
         assert_eq!(
             (t.state, t.attempts, t.stream_only),
             (State::Pending, 0, false)
@@ -454,7 +447,7 @@ fn open_uploads_are_listed_until_closed() {
     let up = m.open_uploads().unwrap();
     assert_eq!(up.len(), 1);
     assert_eq!(
-        (up[0].key.as_str(), up[0].upload_id.as_deref()),
+        (up[0].entry.key.as_str(), up[0].upload_id.as_deref()),
         ("k", Some("u1"))
     );
     write_all(
@@ -1007,7 +1000,7 @@ fn check_migrated_tasks(m: &Manifest) {
     let b: Vec<(&str, State)> = g[0]
         .tasks
         .iter()
-        .map(|t| (t.version_id.as_str(), t.state))
+        .map(|t| (t.entry.version_id.as_str(), t.state))
         .collect();
     assert_eq!(
         b,
@@ -1024,14 +1017,14 @@ fn check_migrated_tasks(m: &Manifest) {
     );
     assert_eq!(g[0].tasks[1].error_class.as_deref(), Some("fatal"));
     let dm = &g[1].tasks[0];
-    assert!(dm.is_delete_marker && dm.is_latest);
+    assert!(dm.entry.is_delete_marker && dm.entry.is_latest);
     assert_eq!(
-        dm.last_modified.as_deref(),
+        dm.entry.last_modified.as_deref(),
         Some("2024-01-02T03:04:05.123Z")
     );
     let up = m.open_uploads().unwrap();
     assert_eq!(up.len(), 1);
-    assert_eq!(up[0].version_id, "b1");
+    assert_eq!(up[0].entry.version_id, "b1");
     let row: (String, String, String, String, i64, i64, i64) = m
         .conn
         .query_row(
@@ -1405,7 +1398,12 @@ fn two_rules_to_one_bucket_block_and_claim_per_bucket() {
     let page = vec![to("v2", 0, 1), to("v2", 0, 2), to("v1", 1, 0)];
     m.insert_page(&page, &Listing::default()).unwrap();
     let g = all_keys(&m);
-    let v1 = g[0].tasks.iter().find(|t| t.version_id == "v1").unwrap().id;
+    let v1 = g[0]
+        .tasks
+        .iter()
+        .find(|t| t.entry.version_id == "v1")
+        .unwrap()
+        .id;
     write_all(
         &path,
         vec![
@@ -1442,6 +1440,6 @@ fn two_rules_to_one_bucket_block_and_claim_per_bucket() {
     let g = rt.block_on(w.claim_key_groups(0, 10, 50)).unwrap();
     let claimed = g[0].claimed.expect("a task is claimed");
     let t = g[0].tasks.iter().find(|t| t.id == claimed).unwrap();
-    assert_eq!((t.version_id.as_str(), t.dest), ("v2", 2));
+    assert_eq!((t.entry.version_id.as_str(), t.dest), ("v2", 2));
     w.close();
 }
