@@ -19,8 +19,6 @@ mod parts;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::AtomicU64;
-
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 
@@ -173,13 +171,9 @@ impl<C: S3Client> Lister<'_, C> {
             .into_iter()
             .filter(|p| !p.listing.complete)
             .map(|p| self.part_walk(p));
-        let retries = AtomicU64::new(0);
-        let fetch = |mut w: PartWalk<'s, C>| {
-            let retries = &retries;
-            async move {
-                let page = w.walk.next_page(retries).await;
-                (w, page)
-            }
+        let fetch = |mut w: PartWalk<'s, C>| async move {
+            let page = w.walk.next_page().await;
+            (w, page)
         };
         let mut running = FuturesUnordered::new();
         for w in waiting.by_ref().take(concurrency.max(1)) {

@@ -242,9 +242,8 @@ pub async fn dry_run_each<C: S3Client>(
         max_keys: page_size,
     };
     let mut walk = crate::s3::Versions::new(selector.source, from);
-    let retries = Default::default();
     let mut out = DryRun::default();
-    while let Some(page) = walk.next_page(&retries).await? {
+    while let Some(page) = walk.next_page().await? {
         for e in &page.entries {
             out.listed += 1;
             let dests = selector.destinations(e).await?;

@@ -22,7 +22,6 @@
 //! May call: the s3 layer; the manifest's tasks of one key.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::AtomicU64;
 
 use serde::Serialize;
 
@@ -117,7 +116,6 @@ struct Histories<'a, C: S3Client> {
     walk: Versions<'a, C>,
     strip: usize,
     buf: VecDeque<VersionEntry>,
-    retries: AtomicU64,
 }
 
 impl<'a, C: S3Client> Histories<'a, C> {
@@ -132,13 +130,12 @@ impl<'a, C: S3Client> Histories<'a, C> {
             walk: Versions::new(s3, from),
             strip,
             buf: VecDeque::new(),
-            retries: AtomicU64::new(0),
         }
     }
 
     async fn peek_key(&mut self) -> Result<Option<String>, S3Error> {
         while self.buf.is_empty() {
-            let Some(page) = self.walk.next_page(&self.retries).await? else {
+            let Some(page) = self.walk.next_page().await? else {
                 break;
             };
             let strip = self.strip;

@@ -18,7 +18,6 @@
 //! May call: the s3 layer, the manifest's writer (through the copier).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
@@ -126,8 +125,7 @@ impl<C: S3Client> Copier<C> {
 
     /// Learns the ids of a run of rising keys in one bucket.
     async fn learn_run(&self, run: &[Pending]) {
-        let retries = AtomicU64::new(0);
-        let mut found = match self.walk_run(run, &retries).await {
+        let mut found = match self.walk_run(run).await {
             Ok(f) => f,
             Err(e) => {
                 // Left flagged for the next run.
@@ -138,7 +136,7 @@ impl<C: S3Client> Copier<C> {
         for p in run {
             let newest = match found.remove(p.key.as_str()) {
                 Some(e) => Some(e),
-                None => match self.dest_key_history(&p.bucket, &p.key, &retries).await {
+                None => match self.dest_key_history(&p.bucket, &p.key, None).await {
                     Ok(h) => h.last().cloned(),
                     Err(e) => {
                         tracing::warn!("destination version id not learned now: {e}");
@@ -151,11 +149,7 @@ impl<C: S3Client> Copier<C> {
     }
 
     /// One walk over the run's keys: the newest destination entry of each key it reaches.
-    async fn walk_run(
-        &self,
-        run: &[Pending],
-        retries: &AtomicU64,
-    ) -> Result<HashMap<String, VersionEntry>, S3Error> {
+    async fn walk_run(&self, run: &[Pending]) -> Result<HashMap<String, VersionEntry>, S3Error> {
         let (first, last) = (&run[0].key, &run[run.len() - 1].key);
         let wanted: HashSet<&str> = run.iter().map(|p| p.key.as_str()).collect();
         let from = ListFrom {
@@ -168,7 +162,7 @@ impl<C: S3Client> Copier<C> {
         let mut walk = Versions::new(&self.dest, from);
         let mut found: HashMap<String, VersionEntry> = HashMap::new();
         let mut budget = SLACK * run.len() + 1000;
-        'pages: while let Some(page) = walk.next_page(retries).await? {
+        'pages: while let Some(page) = walk.next_page().await? {
             for e in page.entries {
                 if e.key.as_str() > last.as_str() || budget == 0 {
                     break 'pages;
@@ -225,11 +219,10 @@ impl<C: S3Client> Copier<C> {
             .lock()
             .expect("learner lock")
             .retain(|p| !ids.contains(&p.task));
-        let retries = AtomicU64::new(0);
         for t in flagged {
             let d = self.settings.destination(t.dest);
             let p = Pending::of(t, d.bucket, d.key(&group.key));
-            match self.dest_key_history(d.bucket, &p.key, &retries).await {
+            match self.dest_key_history(d.bucket, &p.key, None).await {
                 Ok(h) => {
                     if let Some(v) = self.record_learned(&p, h.last()) {
                         recorded.insert(v);

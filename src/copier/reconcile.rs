@@ -114,7 +114,7 @@ impl<C: S3Client> Copier<C> {
 
     /// The destination's entries of exactly this task's key, oldest first.
     async fn dest_history(&self, ctx: &TaskCtx<'_>) -> Result<Vec<VersionEntry>, S3Error> {
-        self.dest_key_history(&ctx.dest.bucket, &ctx.dest.key, &ctx.retries)
+        self.dest_key_history(&ctx.dest.bucket, &ctx.dest.key, Some(&ctx.retries))
             .await
     }
 
@@ -123,7 +123,7 @@ impl<C: S3Client> Copier<C> {
         &self,
         bucket: &str,
         key: &str,
-        retries: &AtomicU64,
+        retries: Option<&AtomicU64>,
     ) -> Result<Vec<VersionEntry>, S3Error> {
         let from = ListFrom {
             bucket: bucket.to_string(),
@@ -131,9 +131,13 @@ impl<C: S3Client> Copier<C> {
             max_keys: 1000,
             ..Default::default()
         };
-        Versions::new(&self.dest, from)
-            .history_of(key, retries)
-            .await
+        let walk = Versions::new(&self.dest, from);
+        match retries {
+            Some(n) => walk.counting(n),
+            None => walk,
+        }
+        .history_of(key)
+        .await
     }
 
     /// The HEAD of one destination version of this task's key (None: the current one).

@@ -452,8 +452,7 @@ impl<C: S3Client> Copier<C> {
         for t in tasks {
             let Some(u) = &t.upload_id else { continue };
             let dest = self.settings.dest_object(t.dest, &t.entry.key);
-            let retries = AtomicU64::new(0);
-            let r = self.dest.counting(&retries).abort_multipart(&dest, u).await;
+            let r = self.dest.req().abort_multipart(&dest, u).await;
             if let Err(e) = r {
                 tracing::warn!("could not abort upload {u} of {}: {e}", show_key(&dest.key));
                 continue;

@@ -714,14 +714,8 @@ impl<C: S3Client> Copier<C> {
     /// Whether the source bucket has object lock (or cannot tell), read once per run.
     async fn source_has_lock(&self) -> bool {
         let probe = || async {
-            let retries = std::sync::atomic::AtomicU64::new(0);
             let bucket = &self.settings.source.bucket;
-            match self
-                .source
-                .counting(&retries)
-                .object_lock_enabled(bucket)
-                .await
-            {
+            match self.source.req().object_lock_enabled(bucket).await {
                 Ok(on) => on,
                 Err(e) => {
                     tracing::warn!("object lock of source bucket {bucket} unknown ({e}): every version is HEADed for its lock settings");

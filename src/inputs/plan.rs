@@ -24,7 +24,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 
 use futures::stream::{self, StreamExt};
 
@@ -311,7 +310,6 @@ async fn plan_csv<C: S3Client>(
 ) -> Result<u64, ListError> {
     let file = open_input(job, src, scratch).await?;
     let rows = stage_csv(job, src, file, scratch)?;
-    let retries = AtomicU64::new(0);
     let mut after: Option<String> = None;
     loop {
         let keys = scratch
@@ -321,7 +319,7 @@ async fn plan_csv<C: S3Client>(
             break;
         };
         let histories: Vec<_> = stream::iter(keys.iter())
-            .map(|k| history(job, &retries, k))
+            .map(|k| history(job, k))
             .buffered(CONCURRENCY)
             .collect()
             .await;
@@ -367,7 +365,6 @@ fn stage_csv<C: S3Client>(
 /// Every entry of exactly `key`, newest first.
 async fn history<C: S3Client>(
     job: &SuppliedJob<'_, C>,
-    retries: &AtomicU64,
     key: &str,
 ) -> Result<Vec<VersionEntry>, ListError> {
     let from = ListFrom {
@@ -377,9 +374,7 @@ async fn history<C: S3Client>(
         version_marker: None,
         max_keys: crate::lister::PAGE_SIZE,
     };
-    let mut h = Versions::new(job.source, from)
-        .history_of(key, retries)
-        .await?;
+    let mut h = Versions::new(job.source, from).history_of(key).await?;
     h.reverse();
     Ok(h)
 }

@@ -180,6 +180,8 @@ fn order_histories(entries: &mut [VersionEntry]) {
 /// not advance, is an error (a server bug that would otherwise loop forever).
 pub struct Versions<'a, C: S3Client> {
     s3: &'a S3<C>,
+    /// A task's retry counter; None: the side's own.
+    retries: Option<&'a AtomicU64>,
     from: ListFrom,
     done: bool,
     /// Pages read so far.
@@ -191,9 +193,18 @@ impl<'a, C: S3Client> Versions<'a, C> {
     pub fn new(s3: &'a S3<C>, from: ListFrom) -> Self {
         Versions {
             s3,
+            retries: None,
             from,
             done: false,
             pages: 0,
+        }
+    }
+
+    /// This walk, counting its retries into `n` (a task's counter) instead of the side's.
+    pub fn counting(self, n: &'a AtomicU64) -> Self {
+        Versions {
+            retries: Some(n),
+            ..self
         }
     }
 
@@ -202,13 +213,16 @@ impl<'a, C: S3Client> Versions<'a, C> {
         (&self.from.key_marker, &self.from.version_marker)
     }
 
-    /// The next page, or None at the end. `retries` counts retries spent.
-    pub async fn next_page(&mut self, retries: &AtomicU64) -> Result<Option<VersionPage>, S3Error> {
+    /// The next page, or None at the end.
+    pub async fn next_page(&mut self) -> Result<Option<VersionPage>, S3Error> {
         if self.done {
             return Ok(None);
         }
         let from = self.from.clone();
-        let page = self.s3.counting(retries).list_versions(&from).await?;
+        let page = match self.retries {
+            Some(n) => self.s3.counting(n).list_versions(&from).await?,
+            None => self.s3.req().list_versions(&from).await?,
+        };
         self.pages += 1;
         if !page.truncated {
             self.done = true;
@@ -239,13 +253,9 @@ impl<'a, C: S3Client> Versions<'a, C> {
 
     /// Every version and delete marker of exactly `key` (under a prefix walk of that key),
     /// oldest first.
-    pub async fn history_of(
-        mut self,
-        key: &str,
-        retries: &AtomicU64,
-    ) -> Result<Vec<VersionEntry>, S3Error> {
+    pub async fn history_of(mut self, key: &str) -> Result<Vec<VersionEntry>, S3Error> {
         let mut out = Vec::new();
-        while let Some(page) = self.next_page(retries).await? {
+        while let Some(page) = self.next_page().await? {
             let mut past = false;
             for e in page.entries {
                 if e.key == key {
