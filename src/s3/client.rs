@@ -44,12 +44,12 @@ use bytes::Bytes;
 
 use super::bandwidth::{Bandwidth, Direction, Place};
 use super::error::{classify, ErrorClass, S3Error};
-use super::list::parse_page;
 use super::listing_body::TakeListing;
 use super::types::{
     BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom, ObjectHead,
     ObjectLock, ObjectRef, PartResult, Side, VersionPage, WriteAttrs, WriteResult,
 };
+use super::xml::parse_page;
 use crate::config::{ChecksumCalculation, SideConfig};
 
 /// The S3 operations the project uses. Each returns a classified [`S3Error`]; none retries

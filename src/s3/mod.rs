@@ -15,19 +15,21 @@ pub mod list;
 mod listing_body;
 pub mod retry;
 pub mod types;
+pub mod xml;
 
 pub use client::{
     build, copy_source, parse_tagging, tagging_string, RequestCounts, Restore, S3Client, SdkClient,
     Timeouts,
 };
 pub use error::{classify, classify_code, ErrorClass, S3Error};
-pub use list::{parse_page, Versions};
+pub use list::Versions;
 pub use retry::{Limiter, Permit, Retrier, RetryPolicy, Written};
 pub use types::{
     show_key, BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom,
     ObjectHead, ObjectLock, ObjectRef, PartResult, Side, VersionEntry, VersionPage, WriteAttrs,
     WriteResult,
 };
+pub use xml::parse_page;
 
 /// The user-metadata key of the destination stamp: the source version id a destination
 /// version was copied from (header `x-amz-meta-s3-backfill-source-version`).
