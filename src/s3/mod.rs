@@ -1,11 +1,12 @@
 //! s3: the S3 access layer. Everything that talks to S3 lives here: building one client per
 //! side, the operations the project uses behind one trait ([`S3Client`], the seam that tests
-//! replace with the in-process [`fake::FakeS3`]), the versions walk, bucket probes, server
-//! quirks, error classification, the one retry loop and the bandwidth limit of streamed bodies. Its operations return [`S3Error`];
-//! the stages above never convert errors back and forth.
+//! replace with the in-process [`fake::FakeS3`]), the versions walk and its XML, bucket
+//! probes, server quirks, error classification, the one retry loop and the bandwidth limit of
+//! streamed bodies. Its operations return [`S3Error`]; the stages above never convert errors
+//! back and forth.
 //!
-//! May call: the AWS SDK, `config` for a side's settings, and `events` (the retry loop's
-//! `retry` events). Nothing else of the crate.
+//! May call: the AWS SDK, and `events` (the retry loop's `retry` events). Nothing else of the
+//! crate: how a side is reached is the layer's own configuration ([`side`]).
 
 pub mod bandwidth;
 pub mod client;
@@ -14,6 +15,7 @@ pub mod fake;
 pub mod list;
 mod listing_body;
 pub mod retry;
+pub mod side;
 pub mod types;
 pub mod xml;
 
