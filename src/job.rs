@@ -19,7 +19,7 @@ use crate::cli::{
 };
 use crate::config::{ConfigError, JobSettings, SideConfig};
 use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunSummary};
-use crate::inputs::plan::{Supplied, SuppliedJob};
+use crate::lister::supplied::{Supplied, SuppliedJob};
 use crate::lister::{ListError, ListStats, Lister};
 use crate::manifest::{Manifest, ManifestError};
 use crate::s3::bandwidth::Bandwidth;
@@ -457,7 +457,7 @@ async fn dry_run_supplied(
         // Not refused in a dry run (as when listing).
         dest_versioned: true,
     };
-    let tally = crate::inputs::plan::dry_run_supplied(&job, input).await?;
+    let tally = crate::lister::supplied::dry_run_supplied(&job, input).await?;
     for line in tally.lines() {
         println!("{line}");
     }
@@ -700,7 +700,7 @@ pub async fn replicate(args: &ReplicateArgs) -> Result<RunSummary, JobError> {
 }
 
 /// `plan --from-csv/--from-inventory`: the tasks come from the supplied manifest; the
-/// manifest appears only once complete (see `inputs::plan`).
+/// manifest appears only once complete (see `lister::supplied`).
 async fn plan_supplied(
     args: &PlanArgs,
     existing: Option<Manifest>,
@@ -713,7 +713,7 @@ async fn plan_supplied(
             args.manifest.display()
         )));
     }
-    let p = crate::inputs::plan::plan_supplied(job, input).await?;
+    let p = crate::lister::supplied::plan_supplied(job, input).await?;
     let (what, from) = match input {
         Supplied::Csv(f) => ("CSV rows", f),
         Supplied::Inventory(f) => ("inventory entries", f),

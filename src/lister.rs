@@ -13,9 +13,14 @@
 //! It refuses, before writing anything of a page: a destination key longer than S3 allows,
 //! and several versions of one key for an unversioned destination.
 //!
-//! May call: the s3 layer and the manifest.
+//! [`supplied`] plans from a manifest the user supplies (`plan --from-csv`,
+//! `--from-inventory`) instead of a listing, with the same selection and refusals.
+//!
+//! May call: the s3 layer, the manifest, config and `select`; [`supplied`] also the `inputs`
+//! readers.
 
 mod parts;
+pub mod supplied;
 #[cfg(test)]
 mod tests;
 
