@@ -397,30 +397,6 @@ pub fn read_replication_config(path: &str) -> Result<ReplicationConfig, ConfigEr
     cfg.map_err(|e| ConfigError::Invalid(format!("{path}: {e}")))
 }
 
-/// Makes a validated replication configuration the job's: its rules' destinations become the
-/// job's (destination 0 is also `dest`).
-pub fn use_replication_config(
-    settings: &mut JobSettings,
-    cfg: ReplicationConfig,
-    from: &str,
-) -> Result<(), ConfigError> {
-    cfg.validate()
-        .map_err(|e| ConfigError::Invalid(format!("{from}: {e}")))?;
-    let dests = crate::select::destinations_of(&cfg);
-    let Some(first) = dests.first() else {
-        return Err(ConfigError::Invalid(format!(
-            "{from}: replication configuration: no enabled rule with a destination bucket"
-        )));
-    };
-    settings.dest = Location {
-        bucket: first.bucket.clone(),
-        prefix: String::new(),
-    };
-    settings.destinations = dests;
-    settings.replication = Some(cfg);
-    Ok(())
-}
-
 impl PlanArgs {
     /// The job settings these arguments describe (`--replication-config source` is read
     /// later, from the source bucket).
@@ -460,7 +436,7 @@ impl PlanArgs {
             None | Some("source") => {}
             Some(path) => {
                 let cfg = read_replication_config(path)?;
-                use_replication_config(&mut settings, cfg, path)?;
+                crate::select::use_replication_config(&mut settings, cfg, path)?;
             }
         }
         Ok(settings)

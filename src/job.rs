@@ -289,7 +289,7 @@ async fn replication_from_source(
     let from = format!("replication configuration of bucket {bucket}");
     let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
         .map_err(|e| JobError::Usage(format!("{from}: {e}")))?;
-    crate::cli::use_replication_config(settings, cfg, &from)?;
+    crate::select::use_replication_config(settings, cfg, &from)?;
     Ok(())
 }
 

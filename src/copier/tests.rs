@@ -686,7 +686,7 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     )
     .unwrap();
     let mut st = settings();
-    crate::cli::use_replication_config(&mut st, cfg, "test").unwrap();
+    crate::select::use_replication_config(&mut st, cfg, "test").unwrap();
     plan_with(&s, &path, &st).await;
     let m = Manifest::open(&path, false).unwrap();
     let facts = DestFacts {
