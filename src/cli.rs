@@ -660,6 +660,39 @@ impl ExecArgs {
     }
 }
 
+/// How `run` and `verify` reach a side otherwise than the job planned (e.g. through a
+/// proxy); the stored settings are not changed.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SideOverrides {
+    /// Reach the source through another endpoint than the one planned (e.g. a proxy).
+    #[arg(long, value_name = "URL")]
+    pub source_endpoint: Option<String>,
+    /// Reach the destination through another endpoint than the one planned.
+    #[arg(long, value_name = "URL")]
+    pub dest_endpoint: Option<String>,
+    /// Use another profile for the source than the one planned.
+    #[arg(long, value_name = "NAME")]
+    pub source_profile: Option<String>,
+    /// Use another profile for the destination than the one planned.
+    #[arg(long, value_name = "NAME")]
+    pub dest_profile: Option<String>,
+}
+
+impl SideOverrides {
+    /// The job's stored settings with these endpoints and profiles in place of theirs.
+    pub fn apply(&self, settings: &mut JobSettings) {
+        let set = |slot: &mut Option<String>, v: &Option<String>| {
+            if v.is_some() {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut settings.source_side.endpoint, &self.source_endpoint);
+        set(&mut settings.dest_side.endpoint, &self.dest_endpoint);
+        set(&mut settings.source_side.profile, &self.source_profile);
+        set(&mut settings.dest_side.profile, &self.dest_profile);
+    }
+}
+
 /// Arguments of `run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
@@ -679,18 +712,9 @@ pub struct RunArgs {
     /// before it is written.
     #[arg(long, conflicts_with = "skip_failed")]
     pub retry_skipped: bool,
-    /// Reach the source through another endpoint than the one planned (e.g. a proxy).
-    #[arg(long, value_name = "URL")]
-    pub source_endpoint: Option<String>,
-    /// Reach the destination through another endpoint than the one planned.
-    #[arg(long, value_name = "URL")]
-    pub dest_endpoint: Option<String>,
-    /// Use another profile for the source than the one planned.
-    #[arg(long, value_name = "NAME")]
-    pub source_profile: Option<String>,
-    /// Use another profile for the destination than the one planned.
-    #[arg(long, value_name = "NAME")]
-    pub dest_profile: Option<String>,
+    /// Endpoints and profiles other than the planned ones.
+    #[command(flatten)]
+    pub overrides: SideOverrides,
     /// Listings in flight at once when the manifest's listing is unfinished (see `plan
     /// --list-concurrency`; a listing that already started keeps its parts).
     #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -734,10 +758,7 @@ impl ReplicateArgs {
             retry_failed: self.retry_failed,
             skip_failed: false,
             retry_skipped: self.retry_skipped,
-            source_endpoint: None,
-            dest_endpoint: None,
-            source_profile: None,
-            dest_profile: None,
+            overrides: SideOverrides::default(),
             list_concurrency: self.plan.list_concurrency,
             exec: self.exec.clone(),
             prices: self.plan.estimate.prices.clone(),
@@ -844,12 +865,9 @@ pub struct VerifyArgs {
     /// The manifest (its job says what to compare).
     #[arg(long, value_name = "FILE")]
     pub manifest: PathBuf,
-    /// Reach the source through another endpoint than the one planned.
-    #[arg(long, value_name = "URL")]
-    pub source_endpoint: Option<String>,
-    /// Reach the destination through another endpoint than the one planned.
-    #[arg(long, value_name = "URL")]
-    pub dest_endpoint: Option<String>,
+    /// Endpoints and profiles other than the planned ones.
+    #[command(flatten)]
+    pub overrides: SideOverrides,
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,

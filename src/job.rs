@@ -910,15 +910,7 @@ impl S3Client for RoutedClient {
 /// The stored settings with this run's overrides of endpoints and profiles.
 fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
     let mut settings = m.require_settings()?;
-    let set = |slot: &mut Option<String>, v: &Option<String>| {
-        if v.is_some() {
-            slot.clone_from(v);
-        }
-    };
-    set(&mut settings.source_side.endpoint, &args.source_endpoint);
-    set(&mut settings.dest_side.endpoint, &args.dest_endpoint);
-    set(&mut settings.source_side.profile, &args.source_profile);
-    set(&mut settings.dest_side.profile, &args.dest_profile);
+    args.overrides.apply(&mut settings);
     Ok(settings)
 }
 
@@ -1619,12 +1611,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let selected = settings.replication.is_some()
         || !settings.filters.is_empty()
         || settings.planned_from_supplied();
-    if let Some(e) = &args.source_endpoint {
-        settings.source_side.endpoint = Some(e.clone());
-    }
-    if let Some(e) = &args.dest_endpoint {
-        settings.dest_side.endpoint = Some(e.clone());
-    }
+    args.overrides.apply(&mut settings);
     let timeouts = Timeouts::default();
     let (source, _) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, _) = build(Side::Dest, &settings.dest_side, timeouts).await;
