@@ -1,7 +1,9 @@
 //! cli: the command-line arguments, validated into settings next to the flags that give
 //! them (a bad value is one line and exit 2, before anything runs).
 //!
-//! May call: config (the settings it builds) and the s3 layer's option types.
+//! May call: config (the settings it builds), `select` (a replication configuration made the
+//! job's), and the option types of what it configures: `copier`, `lister` (the page size),
+//! `estimate`, `events`, `filters`, `rules` and the s3 layer.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -199,6 +201,9 @@ pub struct PlanArgs {
     /// checkpointed on its own. Chosen when the listing starts; a resumed plan keeps its parts.
     #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub list_concurrency: u32,
+    /// Entries per listing page (1..=1000): for tests, and servers that page less.
+    #[arg(long, hide = true, default_value_t = crate::lister::PAGE_SIZE, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=i64::from(crate::lister::PAGE_SIZE)))]
+    pub list_page_size: i32,
     /// Catch up a job whose listing is complete: list the source again and add the versions
     /// and delete markers that appeared since (versions that vanished are counted, not copied).
     #[arg(long)]
@@ -719,6 +724,9 @@ pub struct RunArgs {
     /// --list-concurrency`; a listing that already started keeps its parts).
     #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub list_concurrency: u32,
+    /// Entries per listing page (1..=1000): for tests, and servers that page less.
+    #[arg(long, hide = true, default_value_t = crate::lister::PAGE_SIZE, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=i64::from(crate::lister::PAGE_SIZE)))]
+    pub list_page_size: i32,
     /// Copy-stage knobs.
     #[command(flatten)]
     pub exec: ExecArgs,
@@ -760,6 +768,7 @@ impl ReplicateArgs {
             retry_skipped: self.retry_skipped,
             overrides: SideOverrides::default(),
             list_concurrency: self.plan.list_concurrency,
+            list_page_size: self.plan.list_page_size,
             exec: self.exec.clone(),
             prices: self.plan.estimate.prices.clone(),
             no_progress: self.plan.no_progress,
@@ -973,6 +982,61 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{extra:?}");
             assert!(e.to_string().contains(says), "{extra:?}: {e}");
         }
+    }
+
+    #[test]
+    fn page_size_and_side_overrides_reach_the_settings() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["s3-backfill"], args].concat());
+        let plan = [
+            "plan",
+            "--source",
+            "s3://a",
+            "--dest",
+            "s3://b",
+            "--manifest",
+            "m.db",
+        ];
+        let Command::Replicate(r) =
+            parse(&[&["replicate"], &plan[1..], &["--list-page-size", "3"]].concat())
+                .unwrap()
+                .command
+        else {
+            unreachable!()
+        };
+        assert_eq!((r.plan.list_page_size, r.run().list_page_size), (3, 3));
+        let Command::Plan(p) = parse(&plan).unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(p.list_page_size, 1000);
+        for bad in ["0", "1001", "x"] {
+            let e = parse(&[&plan[..], &["--list-page-size", bad]].concat()).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
+        let Command::Verify(v) = parse(&[
+            "verify",
+            "--manifest",
+            "m.db",
+            "--dest-endpoint",
+            "http://proxy",
+            "--source-profile",
+            "p",
+        ])
+        .unwrap()
+        .command
+        else {
+            unreachable!()
+        };
+        let mut s = p.settings().unwrap();
+        s.dest_side.profile = Some("kept".into());
+        v.overrides.apply(&mut s);
+        assert_eq!(s.dest_side.endpoint.as_deref(), Some("http://proxy"));
+        assert_eq!(s.source_side.profile.as_deref(), Some("p"));
+        assert_eq!(
+            s.dest_side.profile.as_deref(),
+            Some("kept"),
+            "not overridden"
+        );
+        assert_eq!(s.source_side.endpoint, None);
     }
 
     #[test]

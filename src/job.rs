@@ -386,10 +386,9 @@ async fn dry_run(
     stored.insert("dest_versioned".into(), facts.versioned.to_string());
     let (est_facts, _) = estimate::inputs_of(&stored, &args.estimate);
     let mut feed = estimate::ListingFeed::new(estimate::Builder::new(&settings, est_facts));
-    let tally = crate::select::dry_run_each(&selector, crate::lister::page_size(), |e, d| {
-        feed.entry(e, d)
-    })
-    .await?;
+    let tally =
+        crate::select::dry_run_each(&selector, args.list_page_size, |e, d| feed.entry(e, d))
+            .await?;
     // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
     let bucket = &settings.source.bucket;
     if !crate::lister::markers_exact(&source, &retrier, bucket, &settings.selection.prefix).await? {
@@ -561,6 +560,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
         retrier: &retrier,
         selector: &selector,
         dest_versioned: dest.versioned || settings.selection.latest_only,
+        page_size: args.list_page_size,
     };
     let log = crate::events::ListingLog::new(args.log.interval(), ui::progress_lines());
     let stats = lister
@@ -1127,6 +1127,7 @@ async fn run_locked(args: &RunArgs) -> Result<RunSummary, JobError> {
             dest: &dest,
             dest_versioned: all_versioned || latest_only,
             concurrency: args.list_concurrency as usize,
+            page_size: args.list_page_size,
             bar,
             log_every: args.log.interval(),
         };
@@ -1162,6 +1163,8 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) dest_versioned: bool,
     /// Listing parts walked at once (an unstarted listing is split into this many).
     pub(crate) concurrency: usize,
+    /// Entries per listing page (`--list-page-size`).
+    pub(crate) page_size: i32,
     /// The run's bar: its length grows with each page's tasks.
     pub(crate) bar: ProgressBar,
     /// How often a `listing` event is written (JSON; None: only at the end).
@@ -1195,6 +1198,7 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
         retrier: &retrier,
         selector: &selector,
         dest_versioned: live.dest_versioned,
+        page_size: live.page_size,
     };
     let mut bar = LiveBar::new(&monitor, live.bar);
     // The run's progress lines say how far the copy is; in JSON the listing has its events.

@@ -93,6 +93,7 @@ async fn plan(server: &FakeServer, path: &Path) {
         retrier: &retrier,
         selector: &selector,
         dest_versioned: true,
+        page_size: crate::lister::PAGE_SIZE,
     };
     lister.list_into(&mut m, |_| {}).await.unwrap();
 }
@@ -377,6 +378,7 @@ async fn plan_refuses_destination_keys_longer_than_s3_allows() {
         retrier: &retrier,
         selector: &selector,
         dest_versioned: true,
+        page_size: crate::lister::PAGE_SIZE,
     };
     let e = lister
         .list_into(&mut m, |_| {})
@@ -403,7 +405,6 @@ async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
     }
     s.truncate_without_markers(true);
     let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
-    std::env::set_var("S3_BACKFILL_LIST_PAGE_SIZE", "2");
     let retrier = Retrier::new(RetryPolicy::default(), Limiter::new(1, None));
     let client = s.client(Side::Source);
     let settings = settings();
@@ -419,13 +420,13 @@ async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
         retrier: &retrier,
         selector: &selector,
         dest_versioned: true,
+        page_size: 2,
     };
     let e = lister
         .list_into(&mut m, |_| {})
         .await
         .unwrap_err()
         .to_string();
-    std::env::remove_var("S3_BACKFILL_LIST_PAGE_SIZE");
     assert!(e.contains("names no next key marker"), "{e}");
 }
 
@@ -623,6 +624,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         dest: &dest,
         dest_versioned: true,
         concurrency: 1,
+        page_size: crate::lister::PAGE_SIZE,
         bar: ProgressBar::hidden(),
         log_every: None,
     };
@@ -658,6 +660,7 @@ pub(crate) async fn plan_with(server: &FakeServer, path: &Path, s: &JobSettings)
         retrier: &retrier,
         selector: &selector,
         dest_versioned: true,
+        page_size: crate::lister::PAGE_SIZE,
     };
     lister.list_into(&mut m, |_| {}).await.unwrap();
 }

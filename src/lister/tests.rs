@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::Lister;
+use super::{Lister, PAGE_SIZE};
 use crate::config::{CopyOptions, JobSettings, Location, Selection, SideConfig};
 use crate::manifest::Manifest;
 use crate::s3::fake::FakeServer;
@@ -87,6 +87,7 @@ async fn plan(s: &FakeServer, path: &Path, prefix: &str, concurrency: usize) {
         retrier: &retrier,
         selector: &selector,
         dest_versioned: true,
+        page_size: PAGE_SIZE,
     };
     lister
         .list_parallel(&mut m, concurrency, |_| {})
