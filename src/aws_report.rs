@@ -15,7 +15,7 @@
 //! The report is built in `.job-<id>.partial` and renamed into place, `manifest.json` last, so
 //! a reader never sees a half-written report; an earlier report of the same job is replaced.
 //!
-//! May call: `inputs` (key encoding), `s3` (side and error class names).
+//! May call: `s3` (key encoding, side and error class names).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -25,7 +25,7 @@ use md5::{Digest, Md5};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::inputs::encode_key;
+use crate::s3::types::encode_key;
 use crate::s3::{ErrorClass, Side};
 
 /// The report format name AWS uses.

@@ -1,7 +1,9 @@
 //! cli: the command-line arguments, validated into settings next to the flags that give
 //! them (a bad value is one line and exit 2, before anything runs).
 //!
-//! May call: config (the settings it builds) and the s3 layer's option types.
+//! May call: config (the settings it builds), `select` (a replication configuration made the
+//! job's), and the option types of what it configures: `copier`, `lister` (the page size),
+//! `estimate`, `events`, `filters`, `rules` and the s3 layer.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -199,6 +201,9 @@ pub struct PlanArgs {
     /// checkpointed on its own. Chosen when the listing starts; a resumed plan keeps its parts.
     #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub list_concurrency: u32,
+    /// Entries per listing page (1..=1000): for tests, and servers that page less.
+    #[arg(long, hide = true, default_value_t = crate::lister::PAGE_SIZE, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=i64::from(crate::lister::PAGE_SIZE)))]
+    pub list_page_size: i32,
     /// Catch up a job whose listing is complete: list the source again and add the versions
     /// and delete markers that appeared since (versions that vanished are counted, not copied).
     #[arg(long)]
@@ -397,30 +402,6 @@ pub fn read_replication_config(path: &str) -> Result<ReplicationConfig, ConfigEr
     cfg.map_err(|e| ConfigError::Invalid(format!("{path}: {e}")))
 }
 
-/// Makes a validated replication configuration the job's: its rules' destinations become the
-/// job's (destination 0 is also `dest`).
-pub fn use_replication_config(
-    settings: &mut JobSettings,
-    cfg: ReplicationConfig,
-    from: &str,
-) -> Result<(), ConfigError> {
-    cfg.validate()
-        .map_err(|e| ConfigError::Invalid(format!("{from}: {e}")))?;
-    let dests = crate::select::destinations_of(&cfg);
-    let Some(first) = dests.first() else {
-        return Err(ConfigError::Invalid(format!(
-            "{from}: replication configuration: no enabled rule with a destination bucket"
-        )));
-    };
-    settings.dest = Location {
-        bucket: first.bucket.clone(),
-        prefix: String::new(),
-    };
-    settings.destinations = dests;
-    settings.replication = Some(cfg);
-    Ok(())
-}
-
 impl PlanArgs {
     /// The job settings these arguments describe (`--replication-config source` is read
     /// later, from the source bucket).
@@ -460,7 +441,7 @@ impl PlanArgs {
             None | Some("source") => {}
             Some(path) => {
                 let cfg = read_replication_config(path)?;
-                use_replication_config(&mut settings, cfg, path)?;
+                crate::select::use_replication_config(&mut settings, cfg, path)?;
             }
         }
         Ok(settings)
@@ -684,6 +665,39 @@ impl ExecArgs {
     }
 }
 
+/// How `run` and `verify` reach a side otherwise than the job planned (e.g. through a
+/// proxy); the stored settings are not changed.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SideOverrides {
+    /// Reach the source through another endpoint than the one planned (e.g. a proxy).
+    #[arg(long, value_name = "URL")]
+    pub source_endpoint: Option<String>,
+    /// Reach the destination through another endpoint than the one planned.
+    #[arg(long, value_name = "URL")]
+    pub dest_endpoint: Option<String>,
+    /// Use another profile for the source than the one planned.
+    #[arg(long, value_name = "NAME")]
+    pub source_profile: Option<String>,
+    /// Use another profile for the destination than the one planned.
+    #[arg(long, value_name = "NAME")]
+    pub dest_profile: Option<String>,
+}
+
+impl SideOverrides {
+    /// The job's stored settings with these endpoints and profiles in place of theirs.
+    pub fn apply(&self, settings: &mut JobSettings) {
+        let set = |slot: &mut Option<String>, v: &Option<String>| {
+            if v.is_some() {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut settings.source_side.endpoint, &self.source_endpoint);
+        set(&mut settings.dest_side.endpoint, &self.dest_endpoint);
+        set(&mut settings.source_side.profile, &self.source_profile);
+        set(&mut settings.dest_side.profile, &self.dest_profile);
+    }
+}
+
 /// Arguments of `run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
@@ -703,22 +717,16 @@ pub struct RunArgs {
     /// before it is written.
     #[arg(long, conflicts_with = "skip_failed")]
     pub retry_skipped: bool,
-    /// Reach the source through another endpoint than the one planned (e.g. a proxy).
-    #[arg(long, value_name = "URL")]
-    pub source_endpoint: Option<String>,
-    /// Reach the destination through another endpoint than the one planned.
-    #[arg(long, value_name = "URL")]
-    pub dest_endpoint: Option<String>,
-    /// Use another profile for the source than the one planned.
-    #[arg(long, value_name = "NAME")]
-    pub source_profile: Option<String>,
-    /// Use another profile for the destination than the one planned.
-    #[arg(long, value_name = "NAME")]
-    pub dest_profile: Option<String>,
+    /// Endpoints and profiles other than the planned ones.
+    #[command(flatten)]
+    pub overrides: SideOverrides,
     /// Listings in flight at once when the manifest's listing is unfinished (see `plan
     /// --list-concurrency`; a listing that already started keeps its parts).
     #[arg(long, default_value_t = DEFAULT_LIST_CONCURRENCY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub list_concurrency: u32,
+    /// Entries per listing page (1..=1000): for tests, and servers that page less.
+    #[arg(long, hide = true, default_value_t = crate::lister::PAGE_SIZE, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=i64::from(crate::lister::PAGE_SIZE)))]
+    pub list_page_size: i32,
     /// Copy-stage knobs.
     #[command(flatten)]
     pub exec: ExecArgs,
@@ -758,11 +766,9 @@ impl ReplicateArgs {
             retry_failed: self.retry_failed,
             skip_failed: false,
             retry_skipped: self.retry_skipped,
-            source_endpoint: None,
-            dest_endpoint: None,
-            source_profile: None,
-            dest_profile: None,
+            overrides: SideOverrides::default(),
             list_concurrency: self.plan.list_concurrency,
+            list_page_size: self.plan.list_page_size,
             exec: self.exec.clone(),
             prices: self.plan.estimate.prices.clone(),
             no_progress: self.plan.no_progress,
@@ -868,12 +874,9 @@ pub struct VerifyArgs {
     /// The manifest (its job says what to compare).
     #[arg(long, value_name = "FILE")]
     pub manifest: PathBuf,
-    /// Reach the source through another endpoint than the one planned.
-    #[arg(long, value_name = "URL")]
-    pub source_endpoint: Option<String>,
-    /// Reach the destination through another endpoint than the one planned.
-    #[arg(long, value_name = "URL")]
-    pub dest_endpoint: Option<String>,
+    /// Endpoints and profiles other than the planned ones.
+    #[command(flatten)]
+    pub overrides: SideOverrides,
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -979,6 +982,61 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{extra:?}");
             assert!(e.to_string().contains(says), "{extra:?}: {e}");
         }
+    }
+
+    #[test]
+    fn page_size_and_side_overrides_reach_the_settings() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["s3-backfill"], args].concat());
+        let plan = [
+            "plan",
+            "--source",
+            "s3://a",
+            "--dest",
+            "s3://b",
+            "--manifest",
+            "m.db",
+        ];
+        let Command::Replicate(r) =
+            parse(&[&["replicate"], &plan[1..], &["--list-page-size", "3"]].concat())
+                .unwrap()
+                .command
+        else {
+            unreachable!()
+        };
+        assert_eq!((r.plan.list_page_size, r.run().list_page_size), (3, 3));
+        let Command::Plan(p) = parse(&plan).unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(p.list_page_size, 1000);
+        for bad in ["0", "1001", "x"] {
+            let e = parse(&[&plan[..], &["--list-page-size", bad]].concat()).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
+        let Command::Verify(v) = parse(&[
+            "verify",
+            "--manifest",
+            "m.db",
+            "--dest-endpoint",
+            "http://proxy",
+            "--source-profile",
+            "p",
+        ])
+        .unwrap()
+        .command
+        else {
+            unreachable!()
+        };
+        let mut s = p.settings().unwrap();
+        s.dest_side.profile = Some("kept".into());
+        v.overrides.apply(&mut s);
+        assert_eq!(s.dest_side.endpoint.as_deref(), Some("http://proxy"));
+        assert_eq!(s.source_side.profile.as_deref(), Some("p"));
+        assert_eq!(
+            s.dest_side.profile.as_deref(),
+            Some("kept"),
+            "not overridden"
+        );
+        assert_eq!(s.source_side.endpoint, None);
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! config: the job's settings (stored in the manifest) and one S3 client per side.
+//! config: the job's settings (stored in the manifest).
 //!
 //! Each side (source, destination) has its own endpoint, region, profile and checksum
-//! settings. Credentials are never stored: they come from the standard AWS chain of each side
+//! settings: [`SideConfig`], which the s3 layer owns (`s3::side`) and the settings hold.
+//! Credentials are never stored: they come from the standard AWS chain of each side
 //! (environment, shared config and credentials files, profiles, assume-role), via aws-config.
+//!
+//! May call: the s3 layer (its records and side configuration), `filters` and `rules` (the
+//! stored filters and replication configuration).
 
 use std::fmt;
 
@@ -23,6 +27,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+pub use crate::s3::side::{ChecksumCalculation, SideConfig};
 pub use crate::s3::Side;
 
 /// A bucket and an optional key prefix: `s3://BUCKET[/PREFIX]`.
@@ -70,34 +75,6 @@ impl fmt::Display for Location {
         }
         Ok(())
     }
-}
-
-/// When the SDK computes request checksums (many S3-compatible servers reject the default
-/// aws-chunked uploads with trailing checksums; `when-required` avoids them).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum ChecksumCalculation {
-    /// The SDK default: compute a checksum whenever the operation supports one.
-    #[default]
-    WhenSupported,
-    /// Only when the operation requires one.
-    WhenRequired,
-}
-
-/// How one side is reached. Stored in the manifest (no secrets in here).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SideConfig {
-    /// Custom endpoint URL (S3-compatible stores, local emulators).
-    pub endpoint: Option<String>,
-    /// Region; falls back to the profile's or the environment's, then `us-east-1`.
-    pub region: Option<String>,
-    /// AWS config profile name.
-    pub profile: Option<String>,
-    /// Path-style addressing.
-    pub path_style: bool,
-    /// Request checksum calculation.
-    #[serde(default)]
-    pub checksum_calculation: ChecksumCalculation,
 }
 
 /// Which versions the job replicates.

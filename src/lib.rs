@@ -7,12 +7,20 @@
 //! trait, error classification, the one retry loop); [`ui`] is what a person sees; [`job`]
 //! wires the stages into commands. S3 Batch Replication's own inputs and outputs: [`rules`]
 //! (replication configurations) and [`filters`] (manifest filters), applied per listed
-//! version by [`select`]; [`inputs`] reads supplied manifests (CSV, S3 Inventory) for `plan`,
-//! and [`aws_report`] writes the completion report in AWS's shape for `report --format aws`.
+//! version by [`select`]; [`inputs`] reads supplied manifests (CSV, S3 Inventory), which
+//! `lister::supplied` plans from (`plan --from-csv`, `--from-inventory`), and [`aws_report`]
+//! writes the completion report in AWS's shape for `report --format aws`.
 //! [`events`] is what `plan`, `run` and `replicate` write to stderr: text for a person or
 //! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
 //! [`estimate`] counts the requests and dollars a run will cost before it runs, and prices
 //! what a run spent (`--max-cost`).
+//!
+//! Imports point down, from the top: `main`; [`job`]; [`cli`] and [`ui`]; the stages
+//! ([`copier`], [`lister`], [`verify`], [`report`]); [`manifest`] and [`select`]; [`config`];
+//! [`inputs`], [`filters`], [`aws_report`] and [`rules`]; and [`s3`], which calls nothing of
+//! the crate but [`events`] (the retry loop's `retry` events). Arrows that still run up:
+//! `events` reads `copier`'s and `manifest`'s records, `estimate` reads `cli::EstimateArgs` and
+//! the copier's choices, and `copier` borrows `cli::show_duration`.
 
 #![warn(missing_docs)]
 // Every line on stderr goes through `events` (`say!`), so that `--log-format json` holds.

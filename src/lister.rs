@@ -13,9 +13,14 @@
 //! It refuses, before writing anything of a page: a destination key longer than S3 allows,
 //! and several versions of one key for an unversioned destination.
 //!
-//! May call: the s3 layer and the manifest.
+//! [`supplied`] plans from a manifest the user supplies (`plan --from-csv`,
+//! `--from-inventory`) instead of a listing, with the same selection and refusals.
+//!
+//! May call: the s3 layer, the manifest, config and `select`; [`supplied`] also the `inputs`
+//! readers.
 
 mod parts;
+pub mod supplied;
 #[cfg(test)]
 mod tests;
 
@@ -41,16 +46,6 @@ pub const PAGE_SIZE: i32 = 1000;
 
 /// The longest key S3 accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
-
-/// Entries per page that `plan` asks for: [`PAGE_SIZE`], or `S3_BACKFILL_LIST_PAGE_SIZE`
-/// (1 to 1000) for tests and for servers that page less.
-pub fn page_size() -> i32 {
-    std::env::var("S3_BACKFILL_LIST_PAGE_SIZE")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .filter(|n| (1..=PAGE_SIZE).contains(n))
-        .unwrap_or(PAGE_SIZE)
-}
 
 /// Why listing stopped.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +89,9 @@ pub struct Lister<'a, C: S3Client> {
     /// Whether the destination keeps versions (when it does not, a key with several selected
     /// versions is refused).
     pub dest_versioned: bool,
+    /// Entries per listing page: [`PAGE_SIZE`], or fewer (`--list-page-size`, for tests and
+    /// servers that page less).
+    pub page_size: i32,
 }
 
 impl<'a, C: S3Client> Lister<'a, C> {
@@ -114,6 +112,7 @@ impl<'a, C: S3Client> Lister<'a, C> {
                 dest,
             },
             dest_versioned,
+            page_size: PAGE_SIZE,
         }
     }
 }
@@ -238,7 +237,7 @@ impl<C: S3Client> Lister<'_, C> {
             prefix: self.settings.selection.prefix.clone(),
             key_marker,
             version_marker,
-            max_keys: page_size(),
+            max_keys: self.page_size,
         };
         PartWalk {
             id: p.id,

@@ -117,22 +117,26 @@ fn exit<'a, T>(r: &'a Result<T, JobError>, ok: impl FnOnce(&'a T) -> Ended<'a>) 
     }
 }
 
+/// Runs one command. Each command's future is boxed: nested in one, their layouts exceed
+/// the compiler's query depth in release builds.
 async fn dispatch(cmd: Command) -> Exit {
     match cmd {
-        Command::Plan(a) => exit(&job::plan(&a).await, |_| Ended::Done),
+        Command::Plan(a) => exit(&Box::pin(job::plan(&a)).await, |_| Ended::Done),
         Command::Run(a) => {
-            let r = job::run(&a, job::signals()).await;
+            let r = Box::pin(job::run(&a, job::signals())).await;
             ran(r, &a.manifest)
         }
         // A dry run plans nothing and copies nothing.
-        Command::Replicate(a) if a.plan.dry_run => exit(&job::plan(&a.plan).await, |_| Ended::Done),
+        Command::Replicate(a) if a.plan.dry_run => {
+            exit(&Box::pin(job::plan(&a.plan)).await, |_| Ended::Done)
+        }
         Command::Replicate(a) => {
-            let r = job::replicate(&a, job::signals()).await;
+            let r = Box::pin(job::replicate(&a, job::signals())).await;
             ran(r, &a.plan.manifest)
         }
         Command::Status(a) => exit(&job::status(&a), |_| Ended::Done),
         Command::Report(a) => exit(&job::report(&a), |_| Ended::Done),
-        Command::Verify(a) => exit(&job::verify(&a).await, |r| {
+        Command::Verify(a) => exit(&Box::pin(job::verify(&a)).await, |r| {
             ui::print_verify(r, a.json);
             Ended::Verified(r)
         }),

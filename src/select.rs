@@ -5,13 +5,14 @@
 //! encryption or replication-status filter is set, plus a destination HEAD for the
 //! replication status of versions without S3's header), then the replication rules (one
 //! `GetObjectTagging` per object version whose key a tag rule covers). It also turns rule
-//! decisions into the job's destinations at plan, and tallies a dry run.
+//! decisions into the job's destinations at plan ([`use_replication_config`]), and tallies a
+//! dry run.
 //!
 //! May call: config, filters, rules, the s3 layer.
 
 use std::collections::BTreeMap;
 
-use crate::config::{DestOptions, Destination, JobSettings};
+use crate::config::{ConfigError, DestOptions, Destination, JobSettings, Location};
 use crate::filters::{EncryptionFilter, HeadFacts};
 use crate::rules::{ReplicationConfig, VersionFacts};
 use crate::s3::{
@@ -37,6 +38,30 @@ pub fn destinations_of(cfg: &ReplicationConfig) -> Vec<Destination> {
             },
         })
         .collect()
+}
+
+/// Makes a validated replication configuration the job's: its rules' destinations become the
+/// job's (destination 0 is also `dest`).
+pub fn use_replication_config(
+    settings: &mut JobSettings,
+    cfg: ReplicationConfig,
+    from: &str,
+) -> Result<(), ConfigError> {
+    cfg.validate()
+        .map_err(|e| ConfigError::Invalid(format!("{from}: {e}")))?;
+    let dests = destinations_of(&cfg);
+    let Some(first) = dests.first() else {
+        return Err(ConfigError::Invalid(format!(
+            "{from}: replication configuration: no enabled rule with a destination bucket"
+        )));
+    };
+    settings.dest = Location {
+        bucket: first.bucket.clone(),
+        prefix: String::new(),
+    };
+    settings.destinations = dests;
+    settings.replication = Some(cfg);
+    Ok(())
 }
 
 /// Decides, per listed version, which destinations it goes to.
@@ -312,7 +337,7 @@ mod tests {
         )
         .unwrap();
         let mut settings = job("s3://unused");
-        crate::cli::use_replication_config(&mut settings, cfg, "test").unwrap();
+        use_replication_config(&mut settings, cfg, "test").unwrap();
         let source = S3::alone(client.clone(), 1);
         let sel = Selector {
             settings: &settings,

@@ -20,7 +20,7 @@ use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DataType, Int64Type
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::{SerializedColumnWriter, SerializedFileWriter};
 use parquet::schema::parser::parse_message_type;
-use s3_backfill::inputs::encode_key;
+use s3_backfill::s3::types::encode_key;
 use support::*;
 
 /// The planned tasks a user compares: key, version id, place in the key's history, delete

@@ -62,7 +62,7 @@ fn corpus(keys: &[String]) -> Vec<Vec<Op>> {
 /// Starts the binary with listing pages of `page` entries.
 fn spawn(args: &[String], page: u32) -> Child {
     cmd(&strs(args))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", page.to_string())
+        .args(["--list-page-size", &page.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

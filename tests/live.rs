@@ -78,7 +78,7 @@ async fn refresh(job: &Job, page: u32, kills: &[Duration]) -> Output {
     args.push("--refresh".into());
     let spawn = || {
         cmd(&strs(&args))
-            .env("S3_BACKFILL_LIST_PAGE_SIZE", page.to_string())
+            .args(["--list-page-size", &page.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -549,7 +549,7 @@ async fn a_writer_during_replicate_then_a_refresh_leaves_the_same_histories() {
         .endpoint(&ep)
         .extra(&["--delete-markers"]);
     let mut child = cmd(&strs(&job.replicate_args()))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", "3")
+        .args(["--list-page-size", "3"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -612,7 +612,7 @@ async fn a_writer_on_an_unversioned_source_during_replicate_then_a_refresh_conve
         .endpoint(&ep)
         .extra(&["--delete-markers"]);
     let child = cmd(&strs(&job.replicate_args()))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", "3")
+        .args(["--list-page-size", "3"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

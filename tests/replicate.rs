@@ -329,7 +329,7 @@ async fn small_listing_pages_end_inside_odd_keys() {
         .endpoint(&ep)
         .extra(&["--delete-markers"]);
     let o = cmd(&strs(&job.plan_args()))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", "2")
+        .args(["--list-page-size", "2"])
         .output()
         .expect("run plan");
     expect_code(&o, 0);

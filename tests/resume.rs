@@ -107,7 +107,7 @@ fn spawn(args: &[String]) -> Child {
 /// [`spawn`] with `page` entries per listing page.
 fn spawn_paged(args: &[String], page: u32) -> Child {
     cmd(&strs(args))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", page.to_string())
+        .args(["--list-page-size", &page.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -495,7 +495,7 @@ async fn killed_plan_resumes_from_its_checkpoint() {
     let job = job_of(&src, &dst, &m, &ep);
     let plan = job.plan_args();
     let mut child = cmd(&strs(&plan))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
+        .args(["--list-page-size", "5"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -524,7 +524,7 @@ async fn killed_plan_resumes_from_its_checkpoint() {
     assert!(st.total < source_entries as u64, "{st:?}");
 
     let o = cmd(&strs(&plan))
-        .env("S3_BACKFILL_LIST_PAGE_SIZE", "5")
+        .args(["--list-page-size", "5"])
         .output()
         .unwrap();
     expect_code(&o, 0);

@@ -376,16 +376,15 @@ async fn a_truncated_page_without_markers_is_an_error_not_a_loop() {
     }
     s.truncate_without_markers(true);
     let mut m = Manifest::open(&dir.path().join("job.db"), true).unwrap();
-    std::env::set_var("S3_BACKFILL_LIST_PAGE_SIZE", "2");
     let settings = settings();
     let source = S3::alone(s.client(Side::Source), 1);
-    let lister = Lister::new(&settings, &source, None, true);
+    let mut lister = Lister::new(&settings, &source, None, true);
+    lister.page_size = 2;
     let e = lister
         .list_into(&mut m, |_| {})
         .await
         .unwrap_err()
         .to_string();
-    std::env::remove_var("S3_BACKFILL_LIST_PAGE_SIZE");
     assert!(e.contains("names no next key marker"), "{e}");
 }
 
@@ -585,6 +584,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         dest,
         dest_versioned: true,
         concurrency: 1,
+        page_size: crate::lister::PAGE_SIZE,
         bar: ProgressBar::hidden(),
         log_every: None,
     };
@@ -637,7 +637,7 @@ async fn rules_send_each_version_to_its_destinations_with_their_options() {
     )
     .unwrap();
     let mut st = settings();
-    crate::cli::use_replication_config(&mut st, cfg, "test").unwrap();
+    crate::select::use_replication_config(&mut st, cfg, "test").unwrap();
     plan_with(&s, &path, &st).await;
     let m = Manifest::open(&path, false).unwrap();
     let facts = DestFacts {

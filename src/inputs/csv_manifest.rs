@@ -5,13 +5,14 @@
 //! completion report (`Bucket,Key,VersionId,TaskStatus,...`, seven fields with the status
 //! `succeeded` or `failed` fourth) are read as manifests too: their first three fields.
 //!
-//! May call: `inputs` (errors, key decoding). Nothing else of the crate.
+//! May call: `inputs` (errors), `s3::types` (key decoding). Nothing else of the crate.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use super::{decode_key, InputError};
+use super::InputError;
+use crate::s3::types::decode_key;
 
 /// One object of a CSV manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

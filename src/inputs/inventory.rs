@@ -12,7 +12,7 @@
 //! Only inventories of all versions are accepted (they have `VersionId`, `IsLatest` and
 //! `IsDeleteMarker`): a current-versions-only inventory cannot say which version to copy.
 //!
-//! May call: `inputs` (errors, key decoding), `s3::types` (the listing record).
+//! May call: `inputs` (errors), `s3::types` (key decoding, the listing record).
 
 use std::cmp::Ordering;
 use std::fs::File;
@@ -29,8 +29,8 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::{decode_key, InputError};
-use crate::s3::types::VersionEntry;
+use super::InputError;
+use crate::s3::types::{decode_key, VersionEntry};
 
 /// Where data files come from: a key of the inventory's destination bucket → a readable file.
 pub trait Fetch {

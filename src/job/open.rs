@@ -9,7 +9,7 @@
 //! May call: every stage.
 
 use super::{bucket_error, lock_manifest, open_side, preflight, JobError, ManifestLock};
-use crate::inputs::plan::SuppliedJob;
+use crate::lister::supplied::SuppliedJob;
 use crate::lister::Lister;
 use crate::select::Selector;
 use std::path::Path;
@@ -101,7 +101,7 @@ async fn replication_from_source(
     let from = format!("replication configuration of bucket {bucket}");
     let cfg = crate::rules::ReplicationConfig::from_xml(&xml)
         .map_err(|e| JobError::Usage(format!("{from}: {e}")))?;
-    crate::cli::use_replication_config(settings, cfg, &from)?;
+    crate::select::use_replication_config(settings, cfg, &from)?;
     Ok(())
 }
 
@@ -326,12 +326,14 @@ impl Job<'_> {
     /// The lister of the source, with its selector.
     pub(super) fn lister(&self) -> Lister<'_, SdkClient> {
         let sides = &self.sides;
-        Lister::new(
+        let mut lister = Lister::new(
             &self.settings,
             &sides.source,
             Some(&sides.dest),
             self.dest_versioned(),
-        )
+        );
+        lister.page_size = self.args.list_page_size;
+        lister
     }
 
     /// The selector alone (a dry run selects without a manifest).

@@ -8,7 +8,7 @@ use super::run::{run_locked, Shutdown};
 use super::{bucket_error, lock_manifest, JobError};
 use crate::cli::{PlanArgs, ReplicateArgs};
 use crate::copier::RunSummary;
-use crate::inputs::plan::Supplied;
+use crate::lister::supplied::Supplied;
 use crate::manifest::Manifest;
 use crate::s3::Side;
 use crate::{estimate, ui};
@@ -28,7 +28,7 @@ async fn dry_run(job: Job<'_>) -> Result<(), JobError> {
     stored.insert("dest_versioned".into(), job.dest.versioned.to_string());
     let (est_facts, _) = estimate::inputs_of(&stored, &args.estimate);
     let mut feed = estimate::ListingFeed::new(estimate::Builder::new(settings, est_facts));
-    let page_size = crate::lister::page_size();
+    let page_size = args.list_page_size;
     let tally =
         crate::select::dry_run_each(&job.selector(), page_size, |e, d| feed.entry(e, d)).await?;
     // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
@@ -58,7 +58,7 @@ async fn dry_run(job: Job<'_>) -> Result<(), JobError> {
 /// entries, prints the tallies, writes nothing.
 async fn dry_run_supplied(job: Job<'_>, input: &Supplied) -> Result<(), JobError> {
     // Not refused in a dry run (as when listing).
-    let tally = crate::inputs::plan::dry_run_supplied(&job.supplied(true), input).await?;
+    let tally = crate::lister::supplied::dry_run_supplied(&job.supplied(true), input).await?;
     for line in tally.lines() {
         println!("{line}");
     }
@@ -70,7 +70,7 @@ pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
     // One request in flight per listing part; a supplied manifest's keys are read
     // CONCURRENCY at a time.
     let in_flight = match args.supplied() {
-        Some(_) => crate::inputs::plan::CONCURRENCY,
+        Some(_) => crate::lister::supplied::CONCURRENCY,
         None => args.list_concurrency as usize,
     };
     if args.dry_run {
@@ -220,9 +220,10 @@ pub async fn replicate(args: &ReplicateArgs, shutdown: Shutdown) -> Result<RunSu
 }
 
 /// `plan --from-csv/--from-inventory`: the tasks come from the supplied manifest; the
-/// manifest appears only once complete (see `inputs::plan`).
+/// manifest appears only once complete (see `lister::supplied`).
 async fn plan_supplied(job: &Job<'_>, input: &Supplied) -> Result<(), JobError> {
-    let p = crate::inputs::plan::plan_supplied(&job.supplied(job.dest_versioned()), input).await?;
+    let p =
+        crate::lister::supplied::plan_supplied(&job.supplied(job.dest_versioned()), input).await?;
     let (what, from) = match input {
         Supplied::Csv(f) => ("CSV rows", f),
         Supplied::Inventory(f) => ("inventory entries", f),

@@ -26,15 +26,7 @@ use crate::{estimate, ui};
 /// The stored settings with this run's overrides of endpoints and profiles.
 pub(super) fn run_settings(m: &Manifest, args: &RunArgs) -> Result<JobSettings, JobError> {
     let mut settings = m.require_settings()?;
-    let set = |slot: &mut Option<String>, v: &Option<String>| {
-        if v.is_some() {
-            slot.clone_from(v);
-        }
-    };
-    set(&mut settings.source_side.endpoint, &args.source_endpoint);
-    set(&mut settings.dest_side.endpoint, &args.dest_endpoint);
-    set(&mut settings.source_side.profile, &args.source_profile);
-    set(&mut settings.dest_side.profile, &args.dest_profile);
+    args.overrides.apply(&mut settings);
     Ok(settings)
 }
 
@@ -317,6 +309,7 @@ pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<Run
             dest: &sides.dest,
             dest_versioned,
             concurrency: args.list_concurrency as usize,
+            page_size: args.list_page_size,
             bar,
             log_every: args.log.interval(),
         };
@@ -353,6 +346,8 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) dest_versioned: bool,
     /// Listing parts walked at once (an unstarted listing is split into this many).
     pub(crate) concurrency: usize,
+    /// Entries per listing page (`--list-page-size`).
+    pub(crate) page_size: i32,
     /// The run's bar: its length grows with each page's tasks.
     pub(crate) bar: ProgressBar,
     /// How often a `listing` event is written (JSON; None: only at the end).
@@ -372,12 +367,13 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
     let monitor = Manifest::open(live.path, false)?;
     let (tx, rx) = watch::channel(ListingState::default());
     let scheduler = tokio::spawn(copier.clone().run_beside_listing(rx));
-    let lister = Lister::new(
+    let mut lister = Lister::new(
         live.settings,
         live.source,
         Some(live.dest),
         live.dest_versioned,
     );
+    lister.page_size = live.page_size;
     let mut bar = LiveBar::new(&monitor, live.bar);
     // The run's progress lines say how far the copy is; in JSON the listing has its events.
     let log = crate::events::ListingLog::new(live.log_every, false);

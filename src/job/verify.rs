@@ -19,12 +19,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<VerifyReport, JobError> {
     let selected = settings.replication.is_some()
         || !settings.filters.is_empty()
         || settings.planned_from_supplied();
-    if let Some(e) = &args.source_endpoint {
-        settings.source_side.endpoint = Some(e.clone());
-    }
-    if let Some(e) = &args.dest_endpoint {
-        settings.dest_side.endpoint = Some(e.clone());
-    }
+    args.overrides.apply(&mut settings);
     let timeouts = Timeouts::default();
     let (source, _) = build(Side::Source, &settings.source_side, timeouts).await;
     let (dest, _) = build(Side::Dest, &settings.dest_side, timeouts).await;

@@ -5,7 +5,7 @@
 //!
 //! | trait | used by | what it holds |
 //! |---|---|---|
-//! | [`PlanStore`] | `lister` (pages, parts), `inputs::plan` (supplied jobs), `job`'s plan and replicate, `estimate` (its facts) | the job's settings, listing checkpoints per part, listed pages (tasks added once, replays ignored), refresh records |
+//! | [`PlanStore`] | `lister` (pages, parts), `lister::supplied` (supplied jobs), `job`'s plan and replicate, `estimate` (its facts) | the job's settings, listing checkpoints per part, listed pages (tasks added once, replays ignored), refresh records |
 //! | [`RunStore`] | `copier` (scheduler, strategy, learn) | claims of key batches, every state transition and outcome ([`Update`]), request counters; committed in order, durably when asked |
 //! | [`ResumeStore`] | `job` before a run | the work a run resumes (open uploads, versions to learn) and the user's resolution of failures (`--retry-failed`, `--retry-skipped`, `--skip-failed`); hands the store to the run ([`ResumeStore::into_run`]) |
 //! | [`ReportStore`] | `status`, `report`, `verify`, `estimate`, `events::ticker` | counters (never a scan), where the listing stands, the running run's rate, refreshes, problems and done tasks streamed |

@@ -12,7 +12,7 @@
 //! turn in its `Up` line before they are sent; time spent waiting on it is not counted
 //! against the attempt's timeout.
 //!
-//! May call: the AWS SDK and config; nothing else of the crate.
+//! May call: the AWS SDK; nothing else of the crate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -44,13 +44,13 @@ use bytes::Bytes;
 
 use super::bandwidth::{Bandwidth, Direction, Place};
 use super::error::{classify, ErrorClass, S3Error};
-use super::list::parse_page;
 use super::listing_body::TakeListing;
+use super::side::{ChecksumCalculation, SideConfig};
 use super::types::{
     BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom, ObjectHead,
     ObjectLock, ObjectRef, PartResult, Side, VersionPage, WriteAttrs, WriteResult,
 };
-use crate::config::{ChecksumCalculation, SideConfig};
+use super::xml::parse_page;
 
 /// The S3 operations the project uses. Each returns a classified [`S3Error`]; none retries
 /// (the caller's [`super::retry::Retrier`] does).

@@ -1,6 +1,6 @@
 //! s3::listing_body: keeps the SDK from parsing a `ListObjectVersions` page that the project
 //! parses itself. The SDK would build a full output (every version and delete marker, its
-//! strings and dates) that the project throws away: `s3::list::parse_page` reads the raw body,
+//! strings and dates) that the project throws away: `s3::xml::parse_page` reads the raw body,
 //! because only it has the interleaving of versions and delete markers. Measured: the SDK's
 //! XML decoding was ~40% of `plan`'s CPU.
 //!

@@ -1,11 +1,12 @@
 //! s3: the S3 access layer. Everything that talks to S3 lives here: building one client per
 //! side, the operations the project uses behind one trait ([`S3Client`], the seam that tests
-//! replace with the in-process [`fake::FakeS3`]), the versions walk, bucket probes, server
-//! quirks, error classification, the one retry loop and the bandwidth limit of streamed bodies. Its operations return [`S3Error`];
-//! the stages above never convert errors back and forth.
+//! replace with the in-process [`fake::FakeS3`]), the versions walk and its XML, bucket
+//! probes, server quirks, error classification, the one retry loop and the bandwidth limit of
+//! streamed bodies. Its operations return [`S3Error`]; the stages above never convert errors
+//! back and forth.
 //!
-//! May call: the AWS SDK, `config` for a side's settings, and `events` (the retry loop's
-//! `retry` events). Nothing else of the crate.
+//! May call: the AWS SDK, and `events` (the retry loop's `retry` events). Nothing else of the
+//! crate: how a side is reached is the layer's own configuration ([`side`]).
 
 pub mod bandwidth;
 pub mod client;
@@ -15,7 +16,9 @@ pub mod handle;
 pub mod list;
 mod listing_body;
 pub mod retry;
+pub mod side;
 pub mod types;
+pub mod xml;
 
 pub use client::{
     build, copy_source, parse_tagging, tagging_string, RequestCounts, Restore, S3Client, SdkClient,
@@ -23,13 +26,14 @@ pub use client::{
 };
 pub use error::{classify, classify_code, ErrorClass, S3Error};
 pub use handle::{Counted, Once, Sides, Writes, S3};
-pub use list::{parse_page, Versions};
+pub use list::Versions;
 pub use retry::{Limiter, Permit, Retrier, RetryPolicy, Written};
 pub use types::{
     show_key, BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom,
     ObjectHead, ObjectLock, ObjectRef, PartResult, Side, VersionEntry, VersionPage, WriteAttrs,
     WriteResult,
 };
+pub use xml::parse_page;
 
 /// The user-metadata key of the destination stamp: the source version id a destination
 /// version was copied from (header `x-amz-meta-s3-backfill-source-version`).

@@ -1,5 +1,6 @@
 //! s3::types: the records the access layer hands to the stages above it, independent of the
-//! SDK: which side a request is for, one listed version, and what a write carries.
+//! SDK: which side a request is for, one listed version, and what a write carries; and the URL
+//! encoding of keys in the CSV files users supply and the reports written for them.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -399,5 +400,90 @@ pub fn show_key(key: &str) -> Cow<'_, str> {
         Cow::Owned(format!("{s:?}"))
     } else {
         Cow::Borrowed(key)
+    }
+}
+
+/// Bytes kept as they are when a key is encoded: unreserved characters and `/`.
+const KEY_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// URL-encodes a key for a CSV manifest or report: every byte but `A-Z a-z 0-9 - _ . ~ /` as
+/// `%XX` (a space is `%20`, a `+` is `%2B`), so decoders that read `+` as a space and those
+/// that do not both get the key back.
+///
+/// ```
+/// use s3_backfill::s3::types::{decode_key, encode_key};
+/// assert_eq!(encode_key("a b+c/é"), "a%20b%2Bc/%C3%A9");
+/// assert_eq!(decode_key(&encode_key("a b+c/é")).unwrap(), "a b+c/é");
+/// ```
+pub fn encode_key(key: &str) -> String {
+    percent_encoding::utf8_percent_encode(key, KEY_KEEP).to_string()
+}
+
+/// Decodes a URL-encoded key as S3 writes them in inventories and Batch Operations manifests:
+/// `+` is a space, `%XX` a byte; the result must be UTF-8. A `%` not followed by two hex
+/// digits is an error (S3 would not find such a key either).
+pub fn decode_key(encoded: &str) -> Result<String, String> {
+    let bytes = encoded.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad URL encoding at byte {} of {encoded:?}", i + 1))?;
+                out.push(hex);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| format!("{encoded:?} does not decode to UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_the_encoding() {
+        for key in [
+            "plain/key.txt",
+            "with space",
+            "a+b",
+            "100%",
+            "quote\"comma,semi;",
+            "ünïcødé/日本語",
+            "line\nbreak",
+            "~tilde_dash-dot.",
+        ] {
+            let enc = encode_key(key);
+            assert!(
+                !enc.contains([' ', '+', ',', '"', '\n']),
+                "{key:?} -> {enc}"
+            );
+            assert_eq!(decode_key(&enc).as_deref(), Ok(key));
+        }
+    }
+
+    #[test]
+    fn decoding_reads_plus_as_space_and_refuses_bad_escapes() {
+        assert_eq!(
+            decode_key("my+key%2Bplus%20x").as_deref(),
+            Ok("my key+plus x")
+        );
+        assert_eq!(decode_key("caf%C3%A9").as_deref(), Ok("café"));
+        assert!(decode_key("bad%2").is_err());
+        assert!(decode_key("bad%zz").is_err());
+        assert!(decode_key("%FF").is_err(), "not UTF-8");
     }
 }

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::*;
-use crate::inputs::encode_key;
+use crate::s3::types::encode_key;
 
 const BUCKET: &str = "source-bucket";
 const PREFIX: &str = "inv/source-bucket/all-versions";

@@ -1,4 +1,4 @@
-//! inputs::plan: `plan --from-csv` and `plan --from-inventory`. Instead of listing the source,
+//! lister::supplied: `plan --from-csv` and `plan --from-inventory`. Instead of listing the source,
 //! the tasks come from a manifest the user supplies; they take the lister's path from there:
 //! the job's selection (the lister's `Selector::destinations`: prefix, filters, replication
 //! rules; a task per destination), the same refusals (key too long,
@@ -20,20 +20,20 @@
 //! row, a refusal or an error leaves no manifest (and no `.tmp`).
 //!
 //! May call: `inputs` (readers, staging, fetch), the manifest, config, the s3 layer, `select`,
-//! and the lister's refusal type and key limit.
+//! and the lister's refusal type, page size and key limit.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use futures::stream::{self, StreamExt};
 
-use super::csv_manifest::CsvManifest;
-use super::fetch::{download, small_object, Downloaded, FetchError, S3Url};
-use super::inventory::{Fetch, Inventory, InventoryManifest};
-use super::stage::{Scratch, StagedRow};
-use super::InputError;
+use super::{ListError, MAX_KEY_BYTES};
 use crate::config::JobSettings;
-use crate::lister::{ListError, MAX_KEY_BYTES};
+use crate::inputs::csv_manifest::CsvManifest;
+use crate::inputs::fetch::{download, small_object, Downloaded, FetchError, S3Url};
+use crate::inputs::inventory::{Fetch, Inventory, InventoryManifest};
+use crate::inputs::stage::{Scratch, StagedRow};
+use crate::inputs::InputError;
 use crate::manifest::{Counts, Listing, Manifest, NewTask};
 use crate::s3::{show_key, ListFrom, S3Client, VersionEntry, Versions, S3};
 use crate::select::{DryRun, Selector};
@@ -372,7 +372,7 @@ async fn history<C: S3Client>(
         prefix: key.to_string(),
         key_marker: None,
         version_marker: None,
-        max_keys: crate::lister::PAGE_SIZE,
+        max_keys: super::PAGE_SIZE,
     };
     let mut h = Versions::new(job.source, from).history_of(key).await?;
     h.reverse();
