@@ -562,22 +562,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too long"))
 }
 
-/// A duration as `parse_duration` reads it back (the largest whole unit).
-pub fn show_duration(d: Duration) -> String {
-    let ms = d.as_millis() as u64;
-    for (unit, n) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
-        if ms >= n && ms.is_multiple_of(n) {
-            return format!("{}{unit}", ms / n);
-        }
-    }
-    format!("{ms}ms")
-}
-
 /// A retrieval tier of `RestoreObject`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RestoreTier {
@@ -927,9 +911,15 @@ mod tests {
         assert_eq!(parse_duration("1ms"), Ok(Duration::from_millis(1)));
         assert!(parse_duration("10").unwrap_err().contains("no known unit"));
         assert!(parse_duration("h").unwrap_err().contains("not a duration"));
-        assert_eq!(show_duration(Duration::from_secs(2700)), "45m");
-        assert_eq!(show_duration(Duration::from_secs(90)), "90s");
-        assert_eq!(show_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(
+            crate::events::show_duration(Duration::from_secs(2700)),
+            "45m"
+        );
+        assert_eq!(crate::events::show_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(
+            crate::events::show_duration(Duration::from_millis(1500)),
+            "1500ms"
+        );
     }
 
     #[test]

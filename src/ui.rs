@@ -168,7 +168,7 @@ pub fn finish_run(s: &RunSummary, counts: Option<&Counts>, code: i32) {
     let mut lines = lines.into_iter();
     let first = lines.next().unwrap_or_default();
     if crate::events::json() {
-        let e = crate::events::SummaryEvent::of(s, counts, status, code, first);
+        let e = summary_event(s, counts, status, code, first);
         crate::events::emit(crate::events::Event::Summary(e));
     } else {
         crate::events::say(first);
@@ -332,5 +332,37 @@ pub fn checksum_hint(e: &S3Error) -> Option<&'static str> {
         Some("the server may not accept the SDK's streaming checksums: try --source-checksum-calculation when-required / --dest-checksum-calculation when-required")
     } else {
         None
+    }
+}
+
+/// The `summary` event of run `s` that ended with `exit_code` (`status` as
+/// [`SummaryEvent`] says), the job's `counts` after it, and the text line.
+fn summary_event(
+    s: &RunSummary,
+    counts: Option<&Counts>,
+    status: &'static str,
+    exit_code: i32,
+    message: String,
+) -> crate::events::SummaryEvent {
+    crate::events::SummaryEvent {
+        status,
+        exit_code,
+        done: s.done,
+        reconciled: s.reconciled,
+        failed: s.failed,
+        skipped: s.skipped,
+        bytes: s.bytes,
+        requests: s.requests,
+        retries: s.retries,
+        reason: s.aborted.clone().or_else(|| s.limit.clone()),
+        job: counts.map(|c| crate::events::JobCounts {
+            total: c.total,
+            done: c.done,
+            failed: c.failed,
+            blocked: c.blocked,
+            skipped: c.skipped,
+            open: c.pending + c.in_progress,
+        }),
+        message,
     }
 }

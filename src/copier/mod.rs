@@ -346,7 +346,7 @@ impl<C: S3Client> Copier<C> {
         } else if l.max_duration.is_some_and(|m| elapsed >= m) {
             format!(
                 "--max-duration {} reached",
-                crate::cli::show_duration(l.max_duration.unwrap_or_default())
+                crate::events::show_duration(l.max_duration.unwrap_or_default())
             )
         } else {
             return false;

@@ -24,8 +24,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::copier::RunSummary;
-use crate::manifest::{Counts, Outcome, Task};
+use crate::manifest::{Outcome, Task};
 use crate::s3::S3Error;
 
 /// The version of the JSON field set (`"v"` of every line). A field added keeps it; a field
@@ -48,6 +47,23 @@ pub enum LogFormat {
 /// Sets the process's log format.
 pub fn set_format(f: LogFormat) {
     JSON.store(f == LogFormat::Json, Ordering::SeqCst);
+    crate::s3::observe_retries(retry);
+}
+
+/// A duration as a flag takes it: the largest whole unit (`45m`, `90s`, `2h`), else ms.
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    for (unit, n) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= n && ms.is_multiple_of(n) {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// Whether stderr carries JSON lines.
@@ -301,40 +317,6 @@ pub struct JobCounts {
     pub skipped: u64,
     /// Pending or in progress.
     pub open: u64,
-}
-
-impl SummaryEvent {
-    /// The summary of run `s` that ended with `exit_code` (`status` as [`SummaryEvent`]
-    /// says), the job's `counts` after it, and the text line.
-    pub fn of(
-        s: &RunSummary,
-        counts: Option<&Counts>,
-        status: &'static str,
-        exit_code: i32,
-        message: String,
-    ) -> SummaryEvent {
-        SummaryEvent {
-            status,
-            exit_code,
-            done: s.done,
-            reconciled: s.reconciled,
-            failed: s.failed,
-            skipped: s.skipped,
-            bytes: s.bytes,
-            requests: s.requests,
-            retries: s.retries,
-            reason: s.aborted.clone().or_else(|| s.limit.clone()),
-            job: counts.map(|c| JobCounts {
-                total: c.total,
-                done: c.done,
-                failed: c.failed,
-                blocked: c.blocked,
-                skipped: c.skipped,
-                open: c.pending + c.in_progress,
-            }),
-            message,
-        }
-    }
 }
 
 /// One JSON line: the version, the time, the event.

@@ -5,8 +5,9 @@
 //! streamed bodies. Its operations return [`S3Error`]; the stages above never convert errors
 //! back and forth.
 //!
-//! May call: the AWS SDK, and `events` (the retry loop's `retry` events). Nothing else of the
-//! crate: how a side is reached is the layer's own configuration ([`side`]).
+//! May call: the AWS SDK. Nothing of the crate: how a side is reached is the layer's own
+//! configuration ([`side`]); retries are told to an observer the reporting layer sets
+//! ([`observe_retries`]).
 
 pub mod bandwidth;
 pub mod client;
@@ -27,7 +28,7 @@ pub use client::{
 pub use error::{classify, classify_code, ErrorClass, S3Error};
 pub use handle::{Counted, Once, Sides, Writes, S3};
 pub use list::Versions;
-pub use retry::{Limiter, Permit, Retrier, RetryPolicy, Written};
+pub use retry::{observe_retries, Limiter, Permit, Retrier, RetryPolicy, Written};
 pub use types::{
     show_key, BucketFacts, Checksum, ChecksumAlgorithm, ContentHeaders, Encryption, ListFrom,
     ObjectHead, ObjectLock, ObjectRef, PartResult, Side, VersionEntry, VersionPage, WriteAttrs,

@@ -14,6 +14,16 @@ use tokio::sync::Notify;
 
 use super::error::{ErrorClass, S3Error};
 
+/// Told of every retry (the error, the attempt that failed, the delay before the next): set
+/// once by the layer that reports them (`events`), so that this layer calls nothing above it.
+static RETRY_OBSERVER: std::sync::OnceLock<fn(&S3Error, u32, Duration)> =
+    std::sync::OnceLock::new();
+
+/// Sets the one [`RETRY_OBSERVER`] of the process (a second call is ignored).
+pub fn observe_retries(f: fn(&S3Error, u32, Duration)) {
+    let _ = RETRY_OBSERVER.set(f);
+}
+
 /// The retry schedule: exponential backoff with jitter, a cap and a maximum of attempts.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -275,7 +285,9 @@ impl Retrier {
             };
             retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("retrying in {delay:?} after: {e}");
-            crate::events::retry(&e, attempt, delay);
+            if let Some(observe) = RETRY_OBSERVER.get() {
+                observe(&e, attempt, delay);
+            }
             tokio::time::sleep(delay).await;
             if !idempotent {
                 if let Some(a) = before_retry().await? {
