@@ -76,11 +76,30 @@ pub struct SideArgs {
     pub path_style: bool,
     /// When the SDK computes request checksums on the source side.
     #[arg(long, value_enum, value_name = "WHEN")]
-    pub source_checksum_calculation: Option<ChecksumCalculation>,
+    pub source_checksum_calculation: Option<ChecksumArg>,
     /// When the SDK computes request checksums on the destination side (`when-required` for
     /// servers that reject aws-chunked uploads with trailing checksums).
     #[arg(long, value_enum, value_name = "WHEN")]
-    pub dest_checksum_calculation: Option<ChecksumCalculation>,
+    pub dest_checksum_calculation: Option<ChecksumArg>,
+}
+
+/// The values of `--source-checksum-calculation` and `--dest-checksum-calculation`: the
+/// s3 layer's [`ChecksumCalculation`] as the flags name it (the layer does not know clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChecksumArg {
+    /// The SDK default: compute a checksum whenever the operation supports one.
+    WhenSupported,
+    /// Only when the operation requires one.
+    WhenRequired,
+}
+
+impl From<ChecksumArg> for ChecksumCalculation {
+    fn from(a: ChecksumArg) -> Self {
+        match a {
+            ChecksumArg::WhenSupported => ChecksumCalculation::WhenSupported,
+            ChecksumArg::WhenRequired => ChecksumCalculation::WhenRequired,
+        }
+    }
 }
 
 /// Which versions to replicate.
@@ -302,7 +321,7 @@ impl SideArgs {
             } else {
                 self.dest_checksum_calculation
             }
-            .unwrap_or_default(),
+            .map_or_else(ChecksumCalculation::default, Into::into),
         }
     }
 }
@@ -1027,6 +1046,35 @@ mod tests {
             "not overridden"
         );
         assert_eq!(s.source_side.endpoint, None);
+    }
+
+    #[test]
+    fn checksum_flags_reach_each_side() {
+        let cli = Cli::try_parse_from([
+            "s3-backfill",
+            "plan",
+            "--source",
+            "s3://a",
+            "--dest",
+            "s3://b",
+            "--manifest",
+            "m.db",
+            "--dest-checksum-calculation",
+            "when-required",
+        ])
+        .unwrap();
+        let Command::Plan(p) = cli.command else {
+            unreachable!()
+        };
+        let s = p.settings().unwrap();
+        assert_eq!(
+            s.dest_side.checksum_calculation,
+            ChecksumCalculation::WhenRequired
+        );
+        assert_eq!(
+            s.source_side.checksum_calculation,
+            ChecksumCalculation::WhenSupported
+        );
     }
 
     #[test]

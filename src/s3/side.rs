@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// When the SDK computes request checksums (many S3-compatible servers reject the default
 /// aws-chunked uploads with trailing checksums; `when-required` avoids them).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ChecksumCalculation {
     /// The SDK default: compute a checksum whenever the operation supports one.
