@@ -15,9 +15,9 @@ use crate::config::{
     Selection, SideConfig, Sse,
 };
 use crate::copier::{FailureThreshold, Limits, RestoreAsk, RunOptions};
-use crate::estimate::{Prices, Server};
 pub use crate::events::LogFormat;
 use crate::filters::{self, Filters};
+use crate::pricing::{Prices, Server};
 use crate::rules::ReplicationConfig;
 use crate::s3::bandwidth::{self, Bandwidth, Schedule};
 use crate::s3::{RetryPolicy, Timeouts};

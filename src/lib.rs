@@ -12,15 +12,16 @@
 //! writes the completion report in AWS's shape for `report --format aws`.
 //! [`events`] is what `plan`, `run` and `replicate` write to stderr: text for a person or
 //! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
-//! [`estimate`] counts the requests and dollars a run will cost before it runs, and prices
-//! what a run spent (`--max-cost`).
+//! [`estimate`] counts the requests and dollars a run will cost before it runs; [`pricing`]
+//! holds the price tables and server profiles it and `--max-cost` use.
 //!
 //! Imports point down, from the top: `main`; [`job`]; [`cli`] and [`ui`]; the stages
-//! ([`copier`], [`lister`], [`verify`], [`report`]); [`manifest`] and [`select`]; [`config`];
-//! [`inputs`], [`filters`], [`aws_report`] and [`rules`]; and [`s3`], which calls nothing of
-//! the crate but [`events`] (the retry loop's `retry` events). Arrows that still run up:
-//! `events` reads `copier`'s and `manifest`'s records, `estimate` reads `cli::EstimateArgs` and
-//! the copier's choices, and `copier` borrows `cli::show_duration`.
+//! ([`copier`], [`lister`], [`verify`], [`report`], [`estimate`]); [`events`]; [`manifest`]
+//! and [`select`]; [`config`]; [`inputs`], [`filters`], [`aws_report`], [`rules`] and
+//! [`pricing`]; and [`s3`], which calls nothing of the crate (its retry loop tells an
+//! observer that `events` sets). No two modules import each other, directly or around a
+//! circle. One arrow still runs up without closing a circle: `estimate` reads
+//! `cli::EstimateArgs` (its flags).
 
 #![warn(missing_docs)]
 // Every line on stderr goes through `events` (`say!`), so that `--log-format json` holds.
@@ -37,6 +38,7 @@ pub mod inputs;
 pub mod job;
 pub mod lister;
 pub mod manifest;
+pub mod pricing;
 pub mod report;
 pub mod rules;
 pub mod s3;

@@ -113,7 +113,7 @@ pub struct Limits {
     /// Wall time of this run.
     pub max_duration: Option<std::time::Duration>,
     /// Dollars of this run's requests and of its bytes across providers (`--max-cost`).
-    pub max_cost: Option<crate::estimate::CostLimit>,
+    pub max_cost: Option<crate::pricing::CostLimit>,
 }
 
 /// What `--restore-archived DAYS --restore-tier TIER` asks of each archived source version.
@@ -366,7 +366,7 @@ impl<C: S3Client> Copier<C> {
             .into_iter()
             .chain(self.dest.requests().snapshot());
         let across = if c.across { self.progress.bytes() } else { 0 };
-        let spent = crate::estimate::cost_of(&c.prices, counts, across);
+        let spent = crate::pricing::cost_of(&c.prices, counts, across);
         (spent >= c.max_usd).then(|| {
             format!(
                 "--max-cost ${} reached (${spent:.6} spent this run, prices {})",

@@ -232,7 +232,7 @@ impl<'a> RunJob<'a> {
         let mut opts = args.exec.run_options();
         if let Some(max_usd) = args.exec.max_cost {
             let stored = self.manifest.estimate_facts()?;
-            opts.limits.max_cost = Some(estimate::CostLimit {
+            opts.limits.max_cost = Some(crate::pricing::CostLimit {
                 max_usd,
                 prices: estimate::prices_of(&stored, args.prices.as_ref()),
                 across: !settings.server_side()
