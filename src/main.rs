@@ -135,7 +135,7 @@ async fn dispatch(cmd: Command) -> Exit {
             ran(r, &a.plan.manifest)
         }
         Command::Status(a) => exit(&job::status(&a), |_| Ended::Done),
-        Command::Report(a) => exit(&job::report(&a), |_| Ended::Done),
+        Command::Report(a) => exit(&Box::pin(job::report(&a)).await, |_| Ended::Done),
         Command::Verify(a) => exit(&Box::pin(job::verify(&a)).await, |r| {
             ui::print_verify(r, a.json);
             Ended::Verified(r)

@@ -16,7 +16,7 @@ use crate::s3::{build, S3Error, Side, Timeouts};
 /// `report --format aws`: S3 Batch Operations' completion report, written into a directory,
 /// or built in a scratch directory and uploaded (results first, `manifest.json` last) with the
 /// destination's credentials.
-pub(super) fn report_aws(
+pub(super) async fn report_aws(
     args: &ReportArgs,
     m: &Manifest,
     settings: &JobSettings,
@@ -46,18 +46,7 @@ pub(super) fn report_aws(
     if target.is_some() {
         let mut keys: Vec<String> = written.files.iter().map(|f| f.key.clone()).collect();
         keys.push(format!("{prefix}job-{}/manifest.json", spec.job_id));
-        // Its own thread and runtime: `report` is synchronous, whatever runtime calls it.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| JobError::Other(format!("cannot start the runtime: {e}")))?
-                    .block_on(upload_report(settings, &bucket, &prefix, &dir, &keys))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(JobError::Other("the upload thread failed".into())))
-        })?;
+        upload_report(settings, &bucket, &prefix, &dir, &keys).await?;
         place = format!("s3://{bucket}/{prefix}job-{}/", spec.job_id);
     }
     let c = m.counts()?;
@@ -149,11 +138,11 @@ pub(super) async fn upload_report(
 }
 
 /// `report`: the completion report (CSV, JSON or AWS-shaped), streamed from the manifest.
-pub fn report(args: &ReportArgs) -> Result<(), JobError> {
+pub async fn report(args: &ReportArgs) -> Result<(), JobError> {
     let m = Manifest::open(&args.manifest, false)?;
     let settings = m.require_settings()?;
     if args.format == ReportFormat::Aws {
-        return report_aws(args, &m, &settings);
+        return report_aws(args, &m, &settings).await;
     }
     let mut counts = m.counts()?;
     counts.etag_changes = m.etag_changes()?;
@@ -173,7 +162,7 @@ pub fn report(args: &ReportArgs) -> Result<(), JobError> {
                 .map_err(|e| JobError::Other(e.to_string()))?;
             writeln!(out).map_err(io)?;
         }
-        ReportFormat::Aws => return report_aws(args, &m, &settings),
+        ReportFormat::Aws => return report_aws(args, &m, &settings).await,
         ReportFormat::Csv => {
             let mut failed: Option<ManifestError> = None;
             crate::report::write_csv(&mut out, &settings, |row| {
