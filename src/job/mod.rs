@@ -1,11 +1,13 @@
 //! job: the commands (`plan`, `run`, `replicate`, `status`, `report`, `verify`), one file
 //! each, as short scripts of stages: arguments → settings → clients → lister → manifest →
 //! copier → report/verify. This file owns what every command shares: [`JobError`] (one
-//! line, one exit code), the manifest lock and the probes of a bucket before work starts.
+//! line), the manifest lock and the probes of a bucket before work starts.
 //!
-//! - [`open`]: a plan's job opened: settings, the lock's checks, clients, probes.
+//! - [`open`]: a plan's job opened once (settings → lock → manifest checks → clients →
+//!   probes), handing out the lister, selector and manifest.
 //! - [`plan`]: `plan` (and `--dry-run`, `--refresh`) and `replicate`.
-//! - [`run`]: `run`, the listing beside a run, signals.
+//! - [`run`]: `run` (a run's job opened, its copier), the listing beside a run, shutdown.
+//! - [`exit`]: the exit status, decided in one function from how a command ended.
 //! - [`status`], [`report`], [`verify`]: the reading commands.
 //! - [`routed`]: a side's client routing each request to its bucket's region.
 //!
