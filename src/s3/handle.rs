@@ -493,3 +493,57 @@ impl<C: S3Client> Sides<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::fake::{FakeServer, FaultKind};
+    use crate::s3::ErrorClass;
+
+    #[tokio::test]
+    async fn both_sides_share_one_bound_and_count_their_own_retries() {
+        let s = FakeServer::new();
+        s.create_bucket("b", true);
+        s.put("b", "k", b"1", &[]);
+        let policy = RetryPolicy {
+            min_delay: std::time::Duration::from_millis(1),
+            max_delay: std::time::Duration::from_millis(2),
+            ..RetryPolicy::default()
+        };
+        let sides = Sides::shared(
+            (s.client(Side::Source), s.client(Side::Dest)),
+            policy,
+            3,
+            None,
+        );
+        assert!(std::ptr::eq(sides.source.limiter(), sides.dest.limiter()));
+        assert_eq!(sides.source.limiter().current_limit(), 3);
+        // An idempotent read is retried by the handle itself, into the side's own count.
+        s.fail(
+            "HeadObject",
+            Some("k"),
+            2,
+            FaultKind::Before(ErrorClass::Retryable, 503),
+        );
+        let head = sides
+            .source
+            .req()
+            .head_object(&ObjectRef::key("b", "k"), None)
+            .await;
+        assert_eq!(head.unwrap().size, 1);
+        assert_eq!((sides.source.retries(), sides.dest.retries()), (2, 0));
+        // A task's counter takes them instead.
+        s.fail(
+            "HeadObject",
+            Some("k"),
+            1,
+            FaultKind::Before(ErrorClass::Retryable, 503),
+        );
+        let n = AtomicU64::new(0);
+        let dest = sides.dest.counting(&n);
+        dest.head_object(&ObjectRef::key("b", "k"), None)
+            .await
+            .unwrap();
+        assert_eq!((n.load(Ordering::Relaxed), sides.dest.retries()), (1, 0));
+    }
+}
