@@ -121,7 +121,15 @@ impl<'a, C: S3Client> Counted<'a, C> {
 
     /// A write that creates a destination version (copy, put, delete by key, complete),
     /// made by `f` through the [`Writes`] it is handed: `reconcile` runs before every repeat
-    /// and may adopt what an ambiguous failure created.
+    /// and may adopt what an ambiguous failure created. There is no other way to such a
+    /// write: a handle has no `copy_object` of its own.
+    ///
+    /// ```compile_fail
+    /// # use s3_backfill::s3::{fake::FakeS3, ObjectRef, WriteAttrs, S3};
+    /// # async fn f(s: &S3<FakeS3>, o: &ObjectRef, a: &WriteAttrs) {
+    /// s.req().copy_object(o, o, a).await;
+    /// # }
+    /// ```
     pub async fn write<T, A, F, Fut, H, HFut>(
         &self,
         f: F,
