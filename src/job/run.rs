@@ -20,7 +20,7 @@ use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunOption
 use crate::lister::{ListStats, Lister};
 use crate::manifest::Manifest;
 use crate::s3::bandwidth::Bandwidth;
-use crate::s3::{build, BucketFacts, ErrorClass, S3Client, Side, Sides, Timeouts, S3};
+use crate::s3::{build, BucketFacts, ErrorClass, S3Client, S3Error, Side, Sides, Timeouts, S3};
 use crate::{estimate, ui};
 
 /// The stored settings with this run's overrides of endpoints and profiles.
@@ -70,29 +70,11 @@ pub(super) async fn run_clients(
     );
     settings.source_side.endpoint = source_endpoint;
     settings.dest_side.endpoint = dest_endpoint;
-    let facts = match preflight(&dest)
+    let probed = preflight(&dest)
         .req()
         .probe_bucket(&settings.dest.bucket)
-        .await
-    {
-        Ok(f) => DestFacts {
-            versioned: f.versioned,
-            object_lock: f.object_lock,
-        },
-        // A missing or unreadable destination is left to the tasks and the failure
-        // threshold, which stop the job with the error.
-        Err(e) if e.class == ErrorClass::Fatal => {
-            crate::say!(
-                "warning: {}",
-                bucket_error(Side::Dest, &settings.dest.bucket, e)
-            );
-            DestFacts {
-                versioned: true,
-                object_lock: false,
-            }
-        }
-        Err(e) => return Err(e.into()),
-    };
+        .await;
+    let facts = dest_facts(&settings.dest.bucket, probed)?;
     let mut all = DestinationFacts::from(facts);
     let mut others: Vec<String> = settings
         .destinations
@@ -104,26 +86,14 @@ pub(super) async fn run_clients(
     others.dedup();
     let mut regional = std::collections::BTreeMap::new();
     for b in others {
-        let f = match probe_other_dest(&dest, &settings.dest_side, &b, timeouts).await {
-            Ok((f, there)) => {
-                if let Some(c) = there {
-                    regional.insert(b.clone(), c);
-                }
-                DestFacts {
-                    versioned: f.versioned,
-                    object_lock: f.object_lock,
-                }
+        let probed = probe_other_dest(&dest, &settings.dest_side, &b, timeouts).await;
+        let probed = probed.map(|(f, there)| {
+            if let Some(c) = there {
+                regional.insert(b.clone(), c);
             }
-            // As for destination 0: left to the tasks and the failure threshold.
-            Err(e) if e.class == ErrorClass::Fatal => {
-                crate::say!("warning: {}", bucket_error(Side::Dest, &b, e));
-                DestFacts {
-                    versioned: true,
-                    object_lock: false,
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
+            f
+        });
+        let f = dest_facts(&b, probed)?;
         all.buckets.insert(b, f);
     }
     let dest = RoutedClient {
@@ -131,6 +101,26 @@ pub(super) async fn run_clients(
         by_bucket: Arc::new(regional),
     };
     Ok(((RoutedClient::single(source), dest), all))
+}
+
+/// What a run knows of a destination bucket from its probe. A missing or unreadable bucket
+/// is said and left to the tasks and the failure threshold, which stop the job with the
+/// error; any other failure stops the run now.
+fn dest_facts(bucket: &str, probed: Result<BucketFacts, S3Error>) -> Result<DestFacts, JobError> {
+    match probed {
+        Ok(f) => Ok(DestFacts {
+            versioned: f.versioned,
+            object_lock: f.object_lock,
+        }),
+        Err(e) if e.class == ErrorClass::Fatal => {
+            crate::say!("warning: {}", bucket_error(Side::Dest, bucket, e));
+            Ok(DestFacts {
+                versioned: true,
+                object_lock: false,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The source bucket's versioning, for reading `null` versions (see
