@@ -143,12 +143,14 @@ async fn dispatch(cmd: Command) -> Exit {
     }
 }
 
-/// A run's end: its summary printed (with the job's counts after it) and its exit status.
+/// A run's end: its summary printed (with the job's counts after it, read only when the run
+/// returned one) and its exit status.
 fn ran(r: Result<RunSummary, JobError>, manifest: &std::path::Path) -> Exit {
-    let counts = job::counts_after(manifest);
+    let counts = std::cell::OnceCell::new();
     exit(&r, |s| {
-        let code = Exit::of(Ended::Run(s, counts.as_ref())).code();
-        ui::finish_run(s, counts.as_ref(), code);
-        Ended::Run(s, counts.as_ref())
+        let counts = counts.get_or_init(|| job::counts_after(manifest)).as_ref();
+        let ended = Ended::Run(s, counts);
+        ui::finish_run(s, counts, Exit::of(ended).code());
+        ended
     })
 }

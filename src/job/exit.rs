@@ -31,6 +31,7 @@ pub enum Exit {
 }
 
 /// How a command ended.
+#[derive(Clone, Copy)]
 pub enum Ended<'a> {
     /// It did its work (plan, status, report; help and version).
     Done,
