@@ -131,13 +131,11 @@ impl<C: S3Client> Copier<C> {
             max_keys: 1000,
             ..Default::default()
         };
-        let walk = Versions::new(&self.dest, from);
-        match retries {
-            Some(n) => walk.counting(n),
-            None => walk,
+        let mut walk = Versions::new(&self.dest, from);
+        if let Some(n) = retries {
+            walk = walk.counting(n);
         }
-        .history_of(key)
-        .await
+        walk.history_of(key).await
     }
 
     /// The HEAD of one destination version of this task's key (None: the current one).

@@ -83,6 +83,11 @@ impl<C: S3Client> S3<C> {
         Counted { s3: self, n }
     }
 
+    /// The side's own retry counter (what [`S3::req`] counts into).
+    pub(super) fn own_retries(&self) -> &AtomicU64 {
+        &self.retries
+    }
+
     /// This handle, counting retries into the side's own counter.
     pub fn req(&self) -> Counted<'_, C> {
         self.counting(&self.retries)

@@ -15,8 +15,8 @@ use super::types::{ListFrom, VersionEntry, VersionPage};
 /// not advance, is an error (a server bug that would otherwise loop forever).
 pub struct Versions<'a, C: S3Client> {
     s3: &'a S3<C>,
-    /// A task's retry counter; None: the side's own.
-    retries: Option<&'a AtomicU64>,
+    /// Where retries are counted: the side's own counter, or a task's.
+    retries: &'a AtomicU64,
     from: ListFrom,
     done: bool,
     /// Pages read so far.
@@ -28,7 +28,7 @@ impl<'a, C: S3Client> Versions<'a, C> {
     pub fn new(s3: &'a S3<C>, from: ListFrom) -> Self {
         Versions {
             s3,
-            retries: None,
+            retries: s3.own_retries(),
             from,
             done: false,
             pages: 0,
@@ -37,10 +37,7 @@ impl<'a, C: S3Client> Versions<'a, C> {
 
     /// This walk, counting its retries into `n` (a task's counter) instead of the side's.
     pub fn counting(self, n: &'a AtomicU64) -> Self {
-        Versions {
-            retries: Some(n),
-            ..self
-        }
+        Versions { retries: n, ..self }
     }
 
     /// Where the next page starts (for checkpoints).
@@ -54,10 +51,7 @@ impl<'a, C: S3Client> Versions<'a, C> {
             return Ok(None);
         }
         let from = self.from.clone();
-        let page = match self.retries {
-            Some(n) => self.s3.counting(n).list_versions(&from).await?,
-            None => self.s3.req().list_versions(&from).await?,
-        };
+        let page = self.s3.counting(self.retries).list_versions(&from).await?;
         self.pages += 1;
         if !page.truncated {
             self.done = true;
