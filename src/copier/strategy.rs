@@ -789,10 +789,16 @@ impl<C: S3Client> Copier<C> {
             Some(v) => Some(v.to_string()),
             None => {
                 ctx.id_to_learn.store(false, Ordering::Relaxed);
-                self.learn_version(ctx, None)
-                    .await
-                    .ok()
-                    .and_then(|(v, _)| v)
+                match self.learn_version(ctx, None).await {
+                    Ok((v, _)) => v,
+                    Err(e) => {
+                        tracing::warn!(
+                            "could not find the version of {} copied from a changed source: {e}",
+                            show_key(&ctx.dest.key)
+                        );
+                        None
+                    }
+                }
             }
         };
         if let Some(v) = version.as_deref() {
