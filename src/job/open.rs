@@ -262,17 +262,11 @@ impl<'a> PlanJob<'a> {
     /// Settings → lock → the existing manifest checked (another job's is refused; changed
     /// copy settings said and stored) → `--refresh` checked.
     pub(super) async fn open(args: &'a PlanArgs) -> Result<PlanJob<'a>, JobError> {
-        let (settings, source) = plan_settings(args).await?;
-        let lock = lock_manifest(&args.manifest)?;
-        let existing = existing_manifest(args, &settings)?;
-        check_refresh(args, existing.as_ref(), &settings)?;
-        Ok(PlanJob {
-            args,
-            settings,
-            source,
-            existing,
-            lock: Some(lock),
-        })
+        let mut job = PlanJob::open_dry(args).await?;
+        job.lock = Some(lock_manifest(&args.manifest)?);
+        job.existing = existing_manifest(args, &job.settings)?;
+        check_refresh(args, job.existing(), &job.settings)?;
+        Ok(job)
     }
 
     /// The existing manifest, if any.
