@@ -26,6 +26,7 @@
 mod codec;
 mod estimate;
 mod keys;
+mod metrics_read;
 mod migrate;
 mod pages;
 mod read;
@@ -49,6 +50,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
+pub use metrics_read::BucketStateCount;
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use run_progress::RunProgress;
 pub use store::{PlanStore, ReportStore, ResumeStore, RunStore};

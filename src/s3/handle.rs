@@ -73,6 +73,11 @@ impl<C: S3Client> S3<C> {
         &self.retry.limiter
     }
 
+    /// The failed attempts and retries of the loop this handle shares.
+    pub fn outcomes(&self) -> &super::outcomes::Outcomes {
+        &self.retry.outcomes
+    }
+
     /// Retries counted into the side's own counter so far.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)

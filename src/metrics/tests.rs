@@ -1,0 +1,270 @@
+//! metrics::tests: the encoding of a snapshot (every line a comment, a sample or `# EOF`;
+//! the histogram's buckets cumulative; labels), the live counters of a run's handles, and
+//! the endpoint answering over TCP.
+
+use super::*;
+use crate::manifest::State;
+use crate::s3::fake::{FakeServer, FaultKind};
+use crate::s3::{ErrorClass, ObjectRef, RetryPolicy};
+
+fn snapshot() -> Snapshot {
+    let row = |bucket: &str, state, tasks, bytes| BucketStateCount {
+        bucket: bucket.into(),
+        state,
+        tasks,
+        bytes,
+    };
+    Snapshot {
+        job: "nightly".into(),
+        states: vec![
+            row("dst", State::Pending, 4, 400),
+            row("dst", State::Done, 3, 300),
+            row("dst", State::Failed, 1, 7),
+        ],
+        blocked: 2,
+        job_requests: [("PutObject".to_string(), 9)].into(),
+        listed_entries: 8,
+        listed_pages: 1,
+        listing_complete: true,
+        refresh_generation: 2,
+        lag: Lag {
+            // 1 at 0.1 s, 3 at 0.25 s, ... 5 within the hour, 6 in all.
+            cumulative: [1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 5].to_vec(),
+            sum_secs: 5000.5,
+            count: 6,
+        },
+        ..Snapshot::default()
+    }
+}
+
+/// The samples of a scrape, `name{labels}` → value; panics on a line that is neither a
+/// comment, a sample nor the final `# EOF`.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "ends with # EOF:\n{text}");
+    let mut out = BTreeMap::new();
+    for line in &lines[..lines.len() - 1] {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") || line.starts_with("# UNIT ")
+        {
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+        assert!(
+            name.starts_with("s3_backfill_") && !name.contains(' ') || name.contains('{'),
+            "bad name in {line:?}"
+        );
+        assert!(out.insert(name.to_string(), v).is_none(), "twice: {line:?}");
+    }
+    out
+}
+
+#[test]
+fn a_snapshot_is_openmetrics_text_with_its_labels() {
+    let text = encode(&snapshot());
+    let s = samples(&text);
+    let get = |k: &str| *s.get(k).unwrap_or_else(|| panic!("no {k} in:\n{text}"));
+    assert_eq!(
+        get(r#"s3_backfill_tasks{job="nightly",bucket="dst",state="done"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"s3_backfill_object_bytes{job="nightly",bucket="dst",state="pending"}"#),
+        400.0
+    );
+    assert_eq!(get(r#"s3_backfill_tasks_blocked{job="nightly"}"#), 2.0);
+    assert_eq!(
+        get(r#"s3_backfill_job_requests_total{job="nightly",operation="PutObject"}"#),
+        9.0
+    );
+    assert_eq!(get(r#"s3_backfill_listing_complete{job="nightly"}"#), 1.0);
+    assert_eq!(get(r#"s3_backfill_refresh_generation{job="nightly"}"#), 2.0);
+    assert!(text.contains("# TYPE s3_backfill_tasks gauge"), "{text}");
+    assert!(
+        text.contains("# TYPE s3_backfill_task_retries counter"),
+        "{text}"
+    );
+    // Before the run's handles are attached there is no live family.
+    assert!(!text.contains("s3_backfill_requests_total"), "{text}");
+}
+
+#[test]
+fn the_latency_histogram_keeps_its_cumulative_counts() {
+    let text = encode(&snapshot());
+    let s = samples(&text);
+    let bucket = |le: &str| {
+        let k =
+            format!(r#"s3_backfill_replication_latency_seconds_bucket{{le="{le}",job="nightly"}}"#);
+        *s.get(&k).unwrap_or_else(|| panic!("no {k} in:\n{text}"))
+    };
+    assert_eq!(bucket("0.1"), 1.0);
+    assert_eq!(bucket("0.25"), 3.0);
+    assert_eq!(bucket("900.0"), 4.0);
+    assert_eq!(bucket("3600.0"), 5.0);
+    assert_eq!(bucket("+Inf"), 6.0);
+    assert_eq!(
+        s[r#"s3_backfill_replication_latency_seconds_count{job="nightly"}"#],
+        6.0
+    );
+    assert_eq!(
+        s[r#"s3_backfill_replication_latency_seconds_sum{job="nightly"}"#],
+        5000.5
+    );
+    assert!(text.contains("# TYPE s3_backfill_replication_latency_seconds histogram"));
+    // An empty histogram still has every bucket (dashboards divide by its count).
+    let empty = encode(&Snapshot {
+        job: "j".into(),
+        lag: read_lag_empty(),
+        ..Snapshot::default()
+    });
+    let s = samples(&empty);
+    assert_eq!(
+        s[r#"s3_backfill_replication_latency_seconds_bucket{le="+Inf",job="j"}"#],
+        0.0
+    );
+}
+
+fn read_lag_empty() -> Lag {
+    Lag {
+        cumulative: vec![0; LAG_BOUNDS_SECS.len()],
+        ..Lag::default()
+    }
+}
+
+#[test]
+fn a_label_value_is_escaped() {
+    let text = encode(&Snapshot {
+        job: "a \"quoted\" job\\".into(),
+        ..Snapshot::default()
+    });
+    assert!(
+        text.contains(r#"s3_backfill_tasks_blocked{job="a \"quoted\" job\\"} 0"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn live_counts_split_requests_into_ok_and_the_failed_attempts_classes() {
+    let s = FakeServer::new();
+    s.create_bucket("b", true);
+    s.put("b", "k", b"1", &[]);
+    let policy = RetryPolicy {
+        min_delay: std::time::Duration::from_millis(1),
+        max_delay: std::time::Duration::from_millis(2),
+        max_attempts: 3,
+    };
+    let sides = Sides::shared(
+        (s.client(Side::Source), s.client(Side::Dest)),
+        policy,
+        4,
+        None,
+    );
+    s.fail(
+        "HeadObject",
+        Some("k"),
+        2,
+        FaultKind::Before(ErrorClass::Throttled, 503),
+    );
+    let obj = ObjectRef::key("b", "k");
+    sides.source.req().head_object(&obj, None).await.unwrap();
+    sides.dest.req().head_object(&obj, None).await.unwrap();
+    s.fail(
+        "HeadObject",
+        Some("k"),
+        1,
+        FaultKind::Before(ErrorClass::Fatal, 403),
+    );
+    assert!(sides.dest.req().head_object(&obj, None).await.is_err());
+    let live = Live::of(&sides);
+    let c = (live.0)();
+    let n = |side, outcome| {
+        c.requests
+            .iter()
+            .find(|r| r.side == side && r.op == "HeadObject" && r.outcome == outcome)
+            .map_or(0, |r| r.count)
+    };
+    assert_eq!(n(Side::Source, "throttled"), 2, "{c:?}");
+    assert_eq!(n(Side::Source, "ok"), 1, "{c:?}");
+    assert_eq!(n(Side::Dest, "ok"), 1, "{c:?}");
+    assert_eq!(n(Side::Dest, "fatal"), 1, "{c:?}");
+    assert_eq!(c.retries, [2, 0]);
+    assert_eq!(c.throttles, [2, 0]);
+    assert!(c.in_flight_limit >= 1);
+    // Attached, the scrape carries them.
+    let text = encode(&Snapshot {
+        job: "j".into(),
+        live: Some(c),
+        ..Snapshot::default()
+    });
+    let s = samples(&text);
+    assert_eq!(
+        s[r#"s3_backfill_requests_total{job="j",side="source",operation="HeadObject",outcome="throttled"}"#],
+        2.0
+    );
+    assert_eq!(
+        s[r#"s3_backfill_throttles_total{job="j",side="source"}"#],
+        2.0
+    );
+    assert_eq!(s[r#"s3_backfill_retries_total{job="j",side="dest"}"#], 0.0);
+}
+
+/// One HTTP/1.0 request to `addr`; the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_endpoint_serves_the_manifest_and_stops_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nightly.db");
+    let s = FakeServer::new();
+    s.create_bucket(crate::copier::tests::SRC, true);
+    s.create_bucket(crate::copier::tests::DST, true);
+    s.put(crate::copier::tests::SRC, "k", b"12345", &[]);
+    crate::copier::tests::plan_with(&s, &path, &crate::copier::tests::settings()).await;
+    let server = serve("127.0.0.1:0".parse().unwrap(), &path, &job_name(&path)).unwrap();
+    let addr = server.addr();
+    assert_ne!(addr.port(), 0);
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    let m = samples(&body);
+    let bucket = crate::copier::tests::DST;
+    assert_eq!(
+        m[&format!(r#"s3_backfill_tasks{{job="nightly",bucket="{bucket}",state="pending"}}"#)],
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        m[&format!(
+            r#"s3_backfill_object_bytes{{job="nightly",bucket="{bucket}",state="pending"}}"#
+        )],
+        5.0
+    );
+    assert_eq!(get(addr, "/").await.0, 404);
+    // The port is taken: a second endpoint on it is one line, naming the flag.
+    let e = serve(addr, &path, "x").err().expect("the port is in use");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("--metrics {addr}: cannot listen: ")),
+        "{e}"
+    );
+    drop(server);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "stopped"
+    );
+}
