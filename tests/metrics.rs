@@ -1,0 +1,343 @@
+//! The `--metrics` endpoint (issue 21), as a monitoring system sees it: `run` of a planned job
+//! is scraped while it copies (slowed by `--max-rps`), and the job is scraped again once the
+//! run ended. Every scrape parses as OpenMetrics text; the counts by state agree with
+//! `status --json` read between two identical scrapes, and exactly with `status --json` and
+//! the manifest's rows after the run; the requests of the operations used are counted. A
+//! port in use is refused before any work.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One sample: its metric name, labels and value.
+#[derive(Clone, Debug, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The samples of a scrape; panics on a line that is neither a comment (`# HELP`, `# TYPE`,
+/// `# UNIT`), a sample, nor the final `# EOF`.
+fn parse(text: &str) -> Vec<Sample> {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "no final # EOF:\n{text}");
+    let mut out = Vec::new();
+    for line in &lines[..lines.len() - 1] {
+        if ["# HELP ", "# TYPE ", "# UNIT "]
+            .iter()
+            .any(|p| line.starts_with(p))
+        {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment {line:?}");
+        out.push(sample(line).unwrap_or_else(|| panic!("not a sample: {line:?}\n{text}")));
+    }
+    out
+}
+
+/// `name{k="v",...} value` (labels optional).
+fn sample(line: &str) -> Option<Sample> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let value: f64 = match value {
+        "+Inf" => f64::INFINITY,
+        v => v.parse().ok()?,
+    };
+    let (name, labels) = match head.split_once('{') {
+        None => (head, BTreeMap::new()),
+        Some((name, rest)) => (name, labels(rest.strip_suffix('}')?)?),
+    };
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+    ok.then(|| Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+/// `k="v",k2="v2"` with `\"`, `\\` and `\n` escapes in values.
+fn labels(s: &str) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        let (k, after) = rest.split_once("=\"")?;
+        let mut v = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => v.push('\n'),
+                    c => v.push(c),
+                },
+                (i, '"') => break i,
+                (_, c) => v.push(c),
+            }
+        };
+        out.insert(k.to_string(), v);
+        rest = after[end + 1..]
+            .strip_prefix(',')
+            .unwrap_or(&after[end + 1..]);
+    }
+    Some(out)
+}
+
+/// GET /metrics (HTTP/1.0); the body of a 200, else None (not listening, or an error).
+async fn scrape(addr: SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| {
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text"),
+            "{head}"
+        );
+        body.to_string()
+    })
+}
+
+/// The value of the one sample of `name` whose labels include `with`, or 0 when none.
+fn value(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
+    let hits: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            with.iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect();
+    assert!(hits.len() <= 1, "{name} {with:?} matches {hits:?}");
+    hits.first().map_or(0.0, |s| s.value)
+}
+
+/// Tasks (or bytes) by state, summed over buckets.
+fn by_state(samples: &[Sample], name: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.name == name) {
+        *out.entry(s.labels["state"].clone()).or_default() += s.value as u64;
+    }
+    out
+}
+
+/// `status --json`'s counts by state, as the metrics name them.
+fn status_states(s: &Status) -> BTreeMap<String, u64> {
+    [
+        ("pending", s.pending),
+        ("in_progress", s.in_progress),
+        ("done", s.done),
+        ("failed", s.failed),
+        ("skipped", s.skipped),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// `status --json`'s requests by operation (all runs).
+fn status_requests(m: &Path) -> BTreeMap<String, u64> {
+    let o = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
+    expect_code(&o, 0);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    serde_json::from_value(v["requests"].clone()).unwrap()
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_manifest() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("metrics-src"), bucket("metrics-dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    // 300 keys; every tenth has a second version.
+    let first: Vec<Op> = (0..300)
+        .map(|i| Op::put(&format!("k/{i:04}"), format!("v1 {i}")))
+        .collect();
+    let second: Vec<Op> = (0..300)
+        .step_by(10)
+        .map(|i| Op::put(&format!("k/{i:04}"), format!("second {i}")))
+        .collect();
+    seed(&c, &src, vec![first, second]).await;
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    expect_code(&job.plan(), 0);
+    let planned = job.status();
+    assert_eq!(planned.total, 330);
+
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let a = addr.to_string();
+    let args = job.run_args(&["--metrics", &a, "--max-rps", "30", "--concurrency", "4"]);
+    let mut child = cmd(&strs(&args))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start run");
+    let start = Instant::now();
+    let (mut scrapes, mut mid_run, mut agreed) = (0, 0, 0);
+    let mut last: Option<Vec<Sample>> = None;
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(600), "run hangs");
+        if let Some(text) = scrape(addr).await {
+            let before = parse(&text);
+            scrapes += 1;
+            let states = by_state(&before, "s3_backfill_tasks");
+            if states.get("done") > Some(&0) && states.get("pending") > Some(&0) {
+                mid_run += 1;
+            }
+            // `status` read between two scrapes that show the same counts agrees with them.
+            if let Some(status) = try_status(&m) {
+                if let Some(after) = scrape(addr).await.map(|t| parse(&t)) {
+                    if by_state(&after, "s3_backfill_tasks") == states {
+                        assert_eq!(states, status_states(&status), "mid-run:\n{text}");
+                        agreed += 1;
+                    }
+                }
+            }
+            last = Some(before);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    expect_code(&out, 0);
+    assert!(
+        stderr_of(&out).contains(&format!("metrics at http://{addr}/metrics")),
+        "{}",
+        stderr_of(&out)
+    );
+    println!(
+        "{scrapes} scrapes during the run, {mid_run} mid-copy, {agreed} checked against status"
+    );
+    assert!(mid_run >= 1, "no scrape while the copy was under way");
+    assert!(agreed >= 1, "no scrape pair was checked against status");
+    // The run's own requests, by side, operation and outcome: its writes went to the
+    // destination (a server-side copy on one endpoint), and none of it failed.
+    let live = last.expect("scraped");
+    let writes = value(
+        &live,
+        "s3_backfill_requests_total",
+        &[
+            ("side", "dest"),
+            ("operation", "CopyObject"),
+            ("outcome", "ok"),
+        ],
+    ) + value(
+        &live,
+        "s3_backfill_requests_total",
+        &[
+            ("side", "dest"),
+            ("operation", "PutObject"),
+            ("outcome", "ok"),
+        ],
+    );
+    assert!(writes > 0.0, "no write counted: {live:?}");
+    assert!(live
+        .iter()
+        .filter(|s| s.name == "s3_backfill_requests_total")
+        .all(|s| s.labels["outcome"] == "ok" || s.value == 0.0));
+    // What the manifest recorded of all runs covers what this process counted.
+    let recorded = status_requests(&m);
+    for s in live
+        .iter()
+        .filter(|s| s.name == "s3_backfill_requests_total")
+    {
+        let op = &s.labels["operation"];
+        assert!(
+            s.value <= recorded.get(op).copied().unwrap_or(0) as f64,
+            "{op}: {} counted, {recorded:?} recorded",
+            s.value
+        );
+    }
+
+    // After the run: the manifest's numbers, exactly as `status --json` and the rows say.
+    let server =
+        s3_backfill::metrics::serve("127.0.0.1:0".parse().unwrap(), &m, "after").expect("serve");
+    let text = scrape(server.addr()).await.expect("scrape after the run");
+    let after = parse(&text);
+    let status = job.status();
+    assert_eq!(status.done, 330);
+    assert_eq!(
+        by_state(&after, "s3_backfill_tasks"),
+        status_states(&status)
+    );
+    let bytes = by_state(&after, "s3_backfill_object_bytes");
+    assert_eq!(bytes["done"], status.bytes_done);
+    assert_eq!(bytes.values().sum::<u64>(), status.bytes_total);
+    let mut rows: BTreeMap<String, u64> = BTreeMap::new();
+    for t in job.tasks() {
+        *rows.entry(t.state).or_default() += 1;
+    }
+    let nonzero: BTreeMap<String, u64> = by_state(&after, "s3_backfill_tasks")
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(nonzero, rows, "the manifest's rows");
+    for s in after.iter().filter(|s| s.name == "s3_backfill_tasks") {
+        assert_eq!(s.labels["bucket"], dst);
+        assert_eq!(s.labels["job"], "after");
+    }
+    assert_eq!(value(&after, "s3_backfill_listing_complete", &[]), 1.0);
+    assert_eq!(
+        value(&after, "s3_backfill_listed_entries", &[]),
+        status.listed_entries as f64
+    );
+    assert_eq!(
+        value(&after, "s3_backfill_task_retries_total", &[]),
+        status.retries as f64
+    );
+    for (op, n) in status_requests(&m) {
+        let got = value(
+            &after,
+            "s3_backfill_job_requests_total",
+            &[("operation", &op)],
+        );
+        assert_eq!(got, n as f64, "{op}");
+    }
+}
+
+#[test]
+fn a_port_in_use_is_refused_before_any_work() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (_d, m) = manifest();
+    for verb in ["run", "replicate"] {
+        let mut args = vec![verb, "--manifest", m.to_str().unwrap(), "--metrics", &addr];
+        if verb == "replicate" {
+            args.extend(["--source", "s3://a", "--dest", "s3://b"]);
+        }
+        let o = run(&args);
+        expect_code(&o, 2);
+        let err = stderr_of(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    }
+    assert!(!m.exists(), "nothing was done");
+    let o = run(&["run", "--manifest", "x.db", "--metrics", "nowhere"]);
+    expect_code(&o, 2);
+    assert!(
+        stderr_of(&o).contains("is not an ADDR:PORT"),
+        "{}",
+        stderr_of(&o)
+    );
+}
