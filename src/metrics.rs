@@ -22,7 +22,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-use crate::manifest::{BucketStateCount, Manifest, ManifestError};
+use crate::manifest::{BucketStateCount, LagHistogram, Manifest, ManifestError};
 use crate::s3::{S3Client, Side, Sides};
 
 /// The upper bounds (seconds) of the replication latency histogram's buckets: 0.1 s to 1 h
@@ -42,18 +42,6 @@ pub struct MetricsError {
     addr: SocketAddr,
     #[source]
     source: std::io::Error,
-}
-
-/// The replication latency histogram: cumulative counts at [`LAG_BOUNDS_SECS`] (then the
-/// total), the sum of the latencies and their number.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Lag {
-    /// Observations at or under each bound, in the order of the bounds.
-    pub cumulative: Vec<u64>,
-    /// The sum of the latencies (seconds).
-    pub sum_secs: f64,
-    /// The number of latencies.
-    pub count: u64,
 }
 
 /// Requests of one side and operation with one outcome.
@@ -181,8 +169,8 @@ pub struct Snapshot {
     pub listing_complete: bool,
     /// The last refresh generation (0: the plan's listing).
     pub refresh_generation: i64,
-    /// The replication latency histogram.
-    pub lag: Lag,
+    /// The replication latency histogram (`follow`'s lag table) over [`LAG_BOUNDS_SECS`].
+    pub lag: LagHistogram,
     /// This process's counters (None before the run's handles exist).
     pub live: Option<LiveCounts>,
 }
@@ -205,23 +193,15 @@ impl Snapshot {
             listed_pages: listing.pages,
             listing_complete: c.listing_complete,
             refresh_generation: m.refreshes()?.last().map_or(0, |r| r.generation),
-            lag: read_lag(m)?,
+            lag: m.lag_histogram(&LAG_BOUNDS_SECS)?,
             live: None,
         })
     }
 }
 
-/// The lag histogram of the manifest (empty until the job has a lag table).
-fn read_lag(_m: &Manifest) -> Result<Lag, ManifestError> {
-    Ok(Lag {
-        cumulative: vec![0; LAG_BOUNDS_SECS.len()],
-        ..Lag::default()
-    })
-}
-
 /// A histogram given by its cumulative counts.
 #[derive(Debug)]
-struct ConstHistogram<'a>(&'a Lag);
+struct ConstHistogram<'a>(&'a LagHistogram);
 
 impl EncodeMetric for ConstHistogram<'_> {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -283,7 +263,7 @@ fn e_counter(mut e: MetricEncoder, v: u64) -> Result<(), std::fmt::Error> {
 enum Sample<'a> {
     Gauge(i64),
     Counter(u64),
-    Histogram(&'a Lag),
+    Histogram(&'a LagHistogram),
 }
 
 fn gauge(v: u64) -> Sample<'static> {

@@ -27,7 +27,7 @@ fn snapshot() -> Snapshot {
         listed_pages: 1,
         listing_complete: true,
         refresh_generation: 2,
-        lag: Lag {
+        lag: LagHistogram {
             // 1 at 0.1 s, 3 at 0.25 s, ... 5 within the hour, 6 in all.
             cumulative: [1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 5].to_vec(),
             sum_secs: 5000.5,
@@ -118,7 +118,6 @@ fn the_latency_histogram_keeps_its_cumulative_counts() {
     // An empty histogram still has every bucket (dashboards divide by its count).
     let empty = encode(&Snapshot {
         job: "j".into(),
-        lag: read_lag_empty(),
         ..Snapshot::default()
     });
     let s = samples(&empty);
@@ -126,13 +125,6 @@ fn the_latency_histogram_keeps_its_cumulative_counts() {
         s[r#"s3_backfill_replication_latency_seconds_bucket{le="+Inf",job="j"}"#],
         0.0
     );
-}
-
-fn read_lag_empty() -> Lag {
-    Lag {
-        cumulative: vec![0; LAG_BOUNDS_SECS.len()],
-        ..Lag::default()
-    }
 }
 
 #[test]
@@ -267,4 +259,51 @@ async fn the_endpoint_serves_the_manifest_and_stops_when_dropped() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "stopped"
     );
+}
+
+#[tokio::test]
+async fn the_latency_histogram_is_read_from_the_lag_table_and_agrees_with_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = FakeServer::new();
+    s.create_bucket(crate::copier::tests::SRC, true);
+    s.create_bucket(crate::copier::tests::DST, true);
+    crate::copier::tests::plan_with(&s, &path, &crate::copier::tests::settings()).await;
+    let m = Manifest::open(&path, false).unwrap();
+    // Without follow, no lag table: an empty histogram.
+    let before = Snapshot::read(&m, "j").unwrap();
+    assert_eq!((before.lag.count, before.lag.sum_secs), (0, 0.0));
+    m.start_following().unwrap();
+    let lags_ms = [50, 80, 400, 1_500, 70_000, 901_000, 7_200_000];
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for (task, lag) in lags_ms.iter().enumerate() {
+        conn.execute(
+            "INSERT INTO follow_lag (task, dest, done_ms, lag_ms) VALUES (?1, 0, ?2, ?3)",
+            rusqlite::params![task as i64, 1_000 + task as i64, lag],
+        )
+        .unwrap();
+    }
+    let snap = Snapshot::read(&m, "j").unwrap();
+    assert_eq!(snap.lag.count, 7);
+    assert!(
+        (snap.lag.sum_secs - 8_173.03).abs() < 1e-6,
+        "{:?}",
+        snap.lag
+    );
+    let text = encode(&snap);
+    let got = samples(&text);
+    let bucket = |le: &str| {
+        got[&format!(r#"s3_backfill_replication_latency_seconds_bucket{{le="{le}",job="j"}}"#)]
+    };
+    assert_eq!(bucket("0.1"), 2.0);
+    assert_eq!(bucket("0.5"), 3.0);
+    assert_eq!(bucket("2.5"), 4.0);
+    assert_eq!(bucket("120.0"), 5.0);
+    assert_eq!(bucket("900.0"), 5.0);
+    assert_eq!(bucket("1800.0"), 6.0);
+    assert_eq!(bucket("3600.0"), 6.0);
+    assert_eq!(bucket("+Inf"), 7.0);
+    // The dashboard's share within 15 minutes is status's `within_15m`.
+    let stats = m.lag_stats(None).unwrap();
+    assert_eq!(Some(bucket("900.0") / bucket("+Inf")), stats.within_15m);
 }
