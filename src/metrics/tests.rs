@@ -307,3 +307,73 @@ async fn the_latency_histogram_is_read_from_the_lag_table_and_agrees_with_status
     let stats = m.lag_stats(None).unwrap();
     assert_eq!(Some(bucket("900.0") / bucket("+Inf")), stats.within_15m);
 }
+
+/// Every string of the dashboard that holds a query (targets' `expr`, variables' `query`
+/// and `definition`).
+fn queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("expr" | "definition" | "query", serde_json::Value::String(s)) => {
+                        out.push(s.clone())
+                    }
+                    _ => queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| queries(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_a_scrape_has() {
+    let text = include_str!("../../deploy/grafana/s3-backfill.json");
+    let dash: serde_json::Value = serde_json::from_str(text).expect("the dashboard is JSON");
+    let mut found = Vec::new();
+    queries(&dash, &mut found);
+    let names: std::collections::BTreeSet<String> = found
+        .iter()
+        .flat_map(|q| {
+            q.match_indices("s3_backfill_").map(move |(i, _)| {
+                q[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    assert!(names.len() >= 12, "{names:?}");
+    let scrape = encode(&Snapshot {
+        live: Some(LiveCounts {
+            requests: vec![RequestCount {
+                side: Side::Dest,
+                op: "CopyObject",
+                outcome: "ok",
+                count: 1,
+            }],
+            ..LiveCounts::default()
+        }),
+        ..snapshot()
+    });
+    let scraped: std::collections::BTreeSet<String> = samples(&scrape)
+        .keys()
+        .map(|k| k.split('{').next().unwrap().to_string())
+        .collect();
+    for n in &names {
+        assert!(
+            scraped.contains(n),
+            "the dashboard queries {n}, which no scrape has: {scraped:?}"
+        );
+    }
+    // Its share within 15 minutes picks the 900 s bucket as the encoder writes it.
+    assert!(scrape.contains(r#"le="900.0""#));
+    assert!(text.contains(r#"le=~\"900(\\\\.0)?\""#));
+    // Every panel that is not a row has a query.
+    for p in dash["panels"].as_array().unwrap() {
+        if p["type"] != "row" {
+            assert!(p["targets"][0]["expr"].is_string(), "{p}");
+        }
+    }
+}
