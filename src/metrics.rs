@@ -23,7 +23,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
 use crate::manifest::{BucketStateCount, LagHistogram, Manifest, ManifestError};
-use crate::s3::{S3Client, Side, Sides};
+use crate::s3::{ErrorClass, S3Client, Side, Sides};
 
 /// The upper bounds (seconds) of the replication latency histogram's buckets: 0.1 s to 1 h
 /// (`+Inf` is added).
@@ -76,8 +76,8 @@ pub struct LiveCounts {
 pub struct Live(Arc<dyn Fn() -> LiveCounts + Send + Sync>);
 
 impl Live {
-    /// The counters of a run's two handles (requests of each side's client, failures and
-    /// retries of the retry loop they share, its bound).
+    /// The counters of a run's two handles: each side's requests, failed attempts and
+    /// retries (counted by its client), and the bound on requests in flight they share.
     pub fn of<C: S3Client + Clone + Send + Sync + 'static>(sides: &Sides<C>) -> Live {
         let sides = sides.clone();
         Live(Arc::new(move || live_counts(&sides)))
@@ -101,34 +101,26 @@ fn live_counts<C: S3Client>(sides: &Sides<C>) -> LiveCounts {
         in_flight_limit: sides.dest.limiter().current_limit() as u64,
         ..LiveCounts::default()
     };
-    // Both handles share one retry loop in a run; a second loop is read too.
-    let mut loops = vec![sides.source.outcomes()];
-    if !std::ptr::eq(sides.source.outcomes(), sides.dest.outcomes()) {
-        loops.push(sides.dest.outcomes());
-    }
-    let mut failed: BTreeMap<(usize, &'static str), u64> = BTreeMap::new();
-    for o in &loops {
-        for side in [Side::Source, Side::Dest] {
-            out.retries[side_index(side)] += o.retries(side);
-        }
-        for f in o.failures() {
-            let i = side_index(f.side);
-            *failed.entry((i, f.op)).or_default() += f.count;
-            if f.class == "throttled" {
-                out.throttles[i] += f.count;
+    for handle in [&sides.source, &sides.dest] {
+        let (side, counts) = (handle.side(), handle.requests());
+        let i = side_index(side);
+        let outcomes = counts.outcomes();
+        out.retries[i] += outcomes.retries();
+        let mut failed: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (op, class, count) in outcomes.failures() {
+            *failed.entry(op).or_default() += count;
+            if class == ErrorClass::Throttled.as_str() {
+                out.throttles[i] += count;
             }
             out.requests.push(RequestCount {
-                side: f.side,
-                op: f.op,
-                outcome: f.class,
-                count: f.count,
+                side,
+                op,
+                outcome: class,
+                count,
             });
         }
-    }
-    for handle in [&sides.source, &sides.dest] {
-        let side = handle.side();
-        for (op, n) in handle.requests().snapshot() {
-            let bad = failed.get(&(side_index(side), op)).copied().unwrap_or(0);
+        for (op, n) in counts.snapshot() {
+            let bad = failed.get(op).copied().unwrap_or(0);
             out.requests.push(RequestCount {
                 side,
                 op,

@@ -14,7 +14,7 @@
 //! May call: the rest of `s3`.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -73,11 +73,6 @@ impl<C: S3Client> S3<C> {
         &self.retry.limiter
     }
 
-    /// The failed attempts and retries of the loop this handle shares.
-    pub fn outcomes(&self) -> &super::outcomes::Outcomes {
-        &self.retry.outcomes
-    }
-
     /// Retries counted into the side's own counter so far.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
@@ -126,7 +121,10 @@ impl<'a, C: S3Client> Counted<'a, C> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
-        self.s3.retry.call(self.n, f).await
+        // Each attempt's failure, and each repeat, counted for the side (`--metrics`).
+        let (tally, first) = (self.s3.requests().outcomes(), AtomicBool::new(true));
+        let attempt = || tally.attempt(&first, f());
+        self.s3.retry.call(self.n, attempt).await
     }
 
     /// A write that creates a destination version (copy, put, delete by key, complete),
@@ -152,7 +150,9 @@ impl<'a, C: S3Client> Counted<'a, C> {
         HFut: Future<Output = Result<Option<A>, S3Error>>,
     {
         let w = Writes(&self.s3.client);
-        self.s3.retry.write(self.n, || f(w), reconcile).await
+        let (tally, first) = (self.s3.requests().outcomes(), AtomicBool::new(true));
+        let attempt = || tally.attempt(&first, f(w));
+        self.s3.retry.write(self.n, attempt, reconcile).await
     }
 
     fn once(&self) -> Once<'a, C> {

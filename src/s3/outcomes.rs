@@ -1,51 +1,31 @@
-//! s3::outcomes: what the retry loop saw of its requests' answers, for the metrics endpoint:
-//! failed attempts by side, operation and error class, and retries by side. (Requests sent
-//! are counted by the clients, [`super::RequestCounts`]; a request that did not fail
-//! succeeded.)
+//! s3::outcomes: what became of one client's requests, for the metrics endpoint: its failed
+//! attempts by operation and error class, and its retries (attempts repeated by the retry
+//! loop). Kept beside the client's request counts ([`super::RequestCounts::outcomes`]) and
+//! counted by the handle around each attempt, so every handle of the client (a run's, a
+//! probe's) counts into it; a request that did not fail succeeded.
 //!
-//! May call: the rest of `s3` (its error and side types).
+//! May call: the rest of `s3` (its error type).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::error::{ErrorClass, S3Error};
-use super::types::Side;
+use super::error::S3Error;
 
-/// The failures and retries of one retry loop (so of the handles that share it).
+/// The failures and retries of one client's requests.
 #[derive(Debug, Default)]
 pub struct Outcomes {
-    /// Failed attempts: (side, operation, class) → count. Failures are few: one lock.
-    failed: Mutex<BTreeMap<(u8, &'static str, &'static str), u64>>,
-    /// Retries (attempts repeated after a retryable failure), source then destination.
-    retried: [AtomicU64; 2],
-}
-
-/// One row of [`Outcomes::failures`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failures {
-    /// The side whose request failed.
-    pub side: Side,
-    /// The S3 operation.
-    pub op: &'static str,
-    /// The error class (`ErrorClass::as_str`).
-    pub class: &'static str,
-    /// Failed attempts.
-    pub count: u64,
-}
-
-fn index(side: Side) -> u8 {
-    match side {
-        Side::Source => 0,
-        Side::Dest => 1,
-    }
+    /// Failed attempts: (operation, class) → count. Failures are few: one lock.
+    failed: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Attempts repeated after a failure.
+    retried: AtomicU64,
 }
 
 impl Outcomes {
     /// Counts one failed attempt.
     pub fn failed(&self, e: &S3Error) {
-        let class: ErrorClass = e.class;
-        let key = (index(e.side), e.op, class.as_str());
+        let key = (e.op, e.class.as_str());
         *self
             .failed
             .lock()
@@ -54,51 +34,66 @@ impl Outcomes {
             .or_default() += 1;
     }
 
-    /// Counts one retry of a request of `side`.
-    pub fn retried(&self, side: Side) {
-        self.retried[index(side) as usize].fetch_add(1, Ordering::Relaxed);
+    /// One attempt of a request the retry loop may repeat: counted a retry unless it is the
+    /// first (`first` is the call's own flag), and counted failed when it fails.
+    pub(super) async fn attempt<T>(
+        &self,
+        first: &AtomicBool,
+        attempt: impl Future<Output = Result<T, S3Error>>,
+    ) -> Result<T, S3Error> {
+        if !first.swap(false, Ordering::Relaxed) {
+            self.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        let r = attempt.await;
+        if let Err(e) = &r {
+            self.failed(e);
+        }
+        r
     }
 
-    /// The failed attempts so far, by side, operation and class.
-    pub fn failures(&self) -> Vec<Failures> {
+    /// The failed attempts so far: (operation, error class as `ErrorClass::as_str`, count).
+    pub fn failures(&self) -> Vec<(&'static str, &'static str, u64)> {
         let failed = self.failed.lock().expect("outcomes lock");
         failed
             .iter()
-            .map(|(&(side, op, class), &count)| Failures {
-                side: if side == 0 { Side::Source } else { Side::Dest },
-                op,
-                class,
-                count,
-            })
+            .map(|(&(op, class), &n)| (op, class, n))
             .collect()
     }
 
-    /// The retries of `side`'s requests so far.
-    pub fn retries(&self, side: Side) -> u64 {
-        self.retried[index(side) as usize].load(Ordering::Relaxed)
+    /// The retries so far.
+    pub fn retries(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::s3::{ErrorClass, Side};
 
-    #[test]
-    fn failures_are_counted_by_side_operation_and_class() {
+    #[tokio::test]
+    async fn attempts_after_the_first_are_retries_and_failures_are_counted_by_class() {
         let o = Outcomes::default();
-        let e = |side, op, class| S3Error::other(side, op, class, String::new());
-        o.failed(&e(Side::Dest, "PutObject", ErrorClass::Throttled));
-        o.failed(&e(Side::Dest, "PutObject", ErrorClass::Throttled));
-        o.failed(&e(Side::Source, "GetObject", ErrorClass::Fatal));
-        o.retried(Side::Dest);
-        let rows = o.failures();
-        assert_eq!(rows.len(), 2);
-        assert!(rows.contains(&Failures {
-            side: Side::Dest,
-            op: "PutObject",
-            class: "throttled",
-            count: 2
-        }));
-        assert_eq!((o.retries(Side::Source), o.retries(Side::Dest)), (0, 1));
+        let e = |op, class| S3Error::other(Side::Dest, op, class, String::new());
+        let first = AtomicBool::new(true);
+        let fail = |class| async move { Err::<(), _>(e("PutObject", class)) };
+        assert!(o
+            .attempt(&first, fail(ErrorClass::Throttled))
+            .await
+            .is_err());
+        assert!(o
+            .attempt(&first, fail(ErrorClass::Throttled))
+            .await
+            .is_err());
+        assert!(o.attempt(&first, async { Ok(()) }).await.is_ok());
+        assert!(o
+            .attempt(&AtomicBool::new(true), fail(ErrorClass::Fatal))
+            .await
+            .is_err());
+        assert_eq!(
+            o.failures(),
+            vec![("PutObject", "fatal", 1), ("PutObject", "throttled", 2)]
+        );
+        assert_eq!(o.retries(), 2);
     }
 }

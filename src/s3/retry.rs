@@ -208,18 +208,12 @@ pub struct Retrier {
     pub policy: RetryPolicy,
     /// The bound on requests in flight.
     pub limiter: Limiter,
-    /// The failed attempts and retries seen (for `--metrics`).
-    pub outcomes: super::outcomes::Outcomes,
 }
 
 impl Retrier {
     /// A retrier with this schedule and bound.
     pub fn new(policy: RetryPolicy, limiter: Limiter) -> Retrier {
-        Retrier {
-            policy,
-            limiter,
-            outcomes: Default::default(),
-        }
+        Retrier { policy, limiter }
     }
 
     /// An idempotent request (reads, part uploads, aborts): simply repeated.
@@ -280,7 +274,6 @@ impl Retrier {
                 }
                 Err(e) => e,
             };
-            self.outcomes.failed(&e);
             if e.class == ErrorClass::Throttled {
                 self.limiter.on_throttle();
             }
@@ -291,7 +284,6 @@ impl Retrier {
                 return Err(e);
             };
             retries.fetch_add(1, Ordering::Relaxed);
-            self.outcomes.retried(e.side);
             tracing::debug!("retrying in {delay:?} after: {e}");
             if let Some(observe) = RETRY_OBSERVER.get() {
                 observe(&e, attempt, delay);
