@@ -155,6 +155,40 @@ fn status_requests(m: &Path) -> BTreeMap<String, u64> {
     serde_json::from_value(v["requests"].clone()).unwrap()
 }
 
+/// Scrapes `addr` every 150 ms until the child exits. Each scrape must parse; `status
+/// --json` read between two scrapes that show the same counts by state must show them too.
+/// Returns the scrapes, how many were taken mid-copy (some tasks done, some pending) and how
+/// many were checked against `status`.
+async fn scrape_while_running(
+    child: &mut std::process::Child,
+    addr: SocketAddr,
+    m: &Path,
+) -> (Vec<Vec<Sample>>, usize, usize) {
+    let start = Instant::now();
+    let (mut scrapes, mut mid_run, mut agreed) = (Vec::new(), 0, 0);
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(600), "run hangs");
+        if let Some(text) = scrape(addr).await {
+            let before = parse(&text);
+            let states = by_state(&before, "s3_backfill_tasks");
+            if states.get("done") > Some(&0) && states.get("pending") > Some(&0) {
+                mid_run += 1;
+            }
+            if let Some(status) = try_status(m) {
+                if let Some(after) = scrape(addr).await.map(|t| parse(&t)) {
+                    if by_state(&after, "s3_backfill_tasks") == states {
+                        assert_eq!(states, status_states(&status), "mid-run:\n{text}");
+                        agreed += 1;
+                    }
+                }
+            }
+            scrapes.push(before);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    (scrapes, mid_run, agreed)
+}
+
 /// A port nothing listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -194,31 +228,8 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         .stderr(Stdio::piped())
         .spawn()
         .expect("start run");
-    let start = Instant::now();
-    let (mut scrapes, mut mid_run, mut agreed) = (0, 0, 0);
-    let mut last: Option<Vec<Sample>> = None;
-    while child.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(600), "run hangs");
-        if let Some(text) = scrape(addr).await {
-            let before = parse(&text);
-            scrapes += 1;
-            let states = by_state(&before, "s3_backfill_tasks");
-            if states.get("done") > Some(&0) && states.get("pending") > Some(&0) {
-                mid_run += 1;
-            }
-            // `status` read between two scrapes that show the same counts agrees with them.
-            if let Some(status) = try_status(&m) {
-                if let Some(after) = scrape(addr).await.map(|t| parse(&t)) {
-                    if by_state(&after, "s3_backfill_tasks") == states {
-                        assert_eq!(states, status_states(&status), "mid-run:\n{text}");
-                        agreed += 1;
-                    }
-                }
-            }
-            last = Some(before);
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let (scrapes, mid_run, agreed) = scrape_while_running(&mut child, addr, &m).await;
+    let last = scrapes.last().cloned();
     let out = child.wait_with_output().unwrap();
     expect_code(&out, 0);
     assert!(
@@ -227,7 +238,8 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         stderr_of(&out)
     );
     println!(
-        "{scrapes} scrapes during the run, {mid_run} mid-copy, {agreed} checked against status"
+        "{} scrapes during the run, {mid_run} mid-copy, {agreed} checked against status",
+        scrapes.len()
     );
     assert!(mid_run >= 1, "no scrape while the copy was under way");
     assert!(agreed >= 1, "no scrape pair was checked against status");
@@ -314,6 +326,120 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         );
         assert_eq!(got, n as f64, "{op}");
     }
+}
+
+/// The sum of `name`'s samples whose labels include `with`.
+fn total(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            with.iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_show_as_outcomes_retries_and_throttles() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("metrics-faults-src"), bucket("metrics-faults-dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let keys: Vec<Op> = (0..60)
+        .map(|i| Op::put(&format!("f/{i:03}"), format!("body {i}")))
+        .collect();
+    seed(&c, &src, vec![keys]).await;
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    expect_code(&job.plan(), 0);
+    // The run reaches both sides through a proxy that answers 30% of requests with 503
+    // SlowDown or 500 InternalError.
+    let proxy = fault_proxy::FaultProxy::start(
+        ep.trim_start_matches("http://").parse().unwrap(),
+        fault_proxy::FaultConfig {
+            seed: 21,
+            rate: 0.3,
+            faults: vec![
+                fault_proxy::Fault::SlowDown,
+                fault_proxy::Fault::InternalError,
+            ],
+            ..fault_proxy::FaultConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (p, addr) = (proxy.endpoint(), format!("127.0.0.1:{}", free_port()));
+    let args = job.run_args(&[
+        "--source-endpoint",
+        &p,
+        "--dest-endpoint",
+        &p,
+        "--metrics",
+        &addr,
+        "--max-rps",
+        "15",
+        "--concurrency",
+        "4",
+        "--retry-min-delay-ms",
+        "10",
+        "--retry-max-delay-ms",
+        "50",
+        "--max-attempts",
+        "20",
+    ]);
+    let mut child = cmd(&strs(&args))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start run");
+    let (scrapes, _, _) = scrape_while_running(&mut child, addr.parse().unwrap(), &m).await;
+    let out = child.wait_with_output().unwrap();
+    expect_code(&out, 0);
+    assert_eq!(job.status().done, 60);
+    let last = scrapes.last().expect("scraped during the run");
+    let stats = proxy.stats();
+    let throttled = total(
+        last,
+        "s3_backfill_requests_total",
+        &[("outcome", "throttled")],
+    );
+    let retryable = total(
+        last,
+        "s3_backfill_requests_total",
+        &[("outcome", "retryable")],
+    );
+    let throttles = total(last, "s3_backfill_throttles_total", &[]);
+    let retries = total(last, "s3_backfill_retries_total", &[]);
+    let requests = total(last, "s3_backfill_requests_total", &[]);
+    println!(
+        "last scrape: {requests} requests, {throttled} throttled, {retryable} retryable, \
+         {retries} retries; proxy: {} requests, {} SlowDown, {} InternalError",
+        stats.requests(),
+        stats.injected_of(fault_proxy::Fault::SlowDown),
+        stats.injected_of(fault_proxy::Fault::InternalError)
+    );
+    assert!(throttled > 0.0 && retryable > 0.0, "{last:?}");
+    assert_eq!(throttles, throttled, "throttles are the throttled answers");
+    // Every failure here was retried: retries cover them (a retry may still be waiting at
+    // the scrape), and none is more than the proxy injected.
+    assert!(
+        retries > 0.0 && retries <= throttled + retryable,
+        "{retries}"
+    );
+    assert!(throttled <= stats.injected_of(fault_proxy::Fault::SlowDown) as f64);
+    assert!(retryable <= stats.injected_of(fault_proxy::Fault::InternalError) as f64);
+    assert!(
+        requests <= stats.requests() as f64,
+        "{requests} > {}",
+        stats.requests()
+    );
+    assert_eq!(
+        total(last, "s3_backfill_requests_total", &[("outcome", "fatal")]),
+        0.0
+    );
 }
 
 #[test]
