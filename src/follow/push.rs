@@ -246,3 +246,109 @@ async fn answer(
         Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, "not taken; send it again"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const EVENT: &str = r#"{"Records":[{"eventSource":"ceph:s3","eventTime":"2026-12-03T14:35:27.056900Z","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"a b","versionId":"v1"}}}]}"#;
+
+    /// POSTs `body` and returns the answer's status code and body (one connection each).
+    async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /any/path HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let text = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        (status, text)
+    }
+
+    async fn endpoint() -> Endpoint {
+        Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_post_is_answered_200_only_once_acknowledged() {
+        let mut e = endpoint().await;
+        let addr = e.local_addr();
+        let poster = tokio::spawn(post(addr, EVENT));
+        let got = e.receive(Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].changes[0].key, "a b");
+        assert_eq!(got[0].changes[0].version_id.as_deref(), Some("v1"));
+        assert_eq!(e.backlog(), 1, "the POST waits for its answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!poster.is_finished(), "answered before the ack");
+        for d in got {
+            let Handle::Http(r) = d.handle else {
+                unreachable!()
+            };
+            r.ok();
+        }
+        assert_eq!(poster.await.unwrap(), (200, "ok\n".into()));
+        assert_eq!(e.backlog(), 0);
+        assert!(e.receive(Duration::from_millis(50)).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_delivery_or_a_stopped_endpoint_answers_503() {
+        let mut e = endpoint().await;
+        let addr = e.local_addr();
+        let first = tokio::spawn(post(addr, EVENT));
+        let got = e.receive(Duration::from_secs(10)).await;
+        drop(got);
+        assert_eq!(first.await.unwrap().0, 503);
+        let second = tokio::spawn(post(addr, EVENT));
+        let got = e.receive(Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1);
+        drop(e);
+        drop(got);
+        assert_eq!(second.await.unwrap().0, 503);
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the port is closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_without_changes_are_answered_at_once() {
+        let mut e = endpoint().await;
+        let addr = e.local_addr();
+        let (status, text) = post(addr, "key=a&b").await;
+        assert_eq!(status, 400);
+        assert!(text.starts_with("not JSON"), "{text}");
+        let test = r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"b"}"#;
+        assert_eq!(post(addr, test).await, (200, "no changes\n".into()));
+        let (status, text) = post(addr, r#"{"hello":1}"#).await;
+        assert_eq!(status, 200);
+        assert!(text.starts_with("ignored: not an S3 event body"), "{text}");
+        assert!(e.receive(Duration::from_millis(50)).await.is_empty());
+        assert_eq!(e.backlog(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_one_line_at_bind() {
+        let e = endpoint().await;
+        let err = Endpoint::bind(e.local_addr())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "--events http://{}: cannot listen: ",
+                e.local_addr()
+            )),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
