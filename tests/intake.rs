@@ -7,6 +7,9 @@
 //!   (`scripts/events.py rgw-topic`); puts, an overwrite and a delete marker arrive as their
 //!   keys, raw (RGW does not URL-encode them), and each POST is answered once acknowledged.
 //!
+//! - moto: `scripts/events.py moto-queue` (what the end-to-end tests wire moto with) makes a
+//!   queue the bucket's puts reach.
+//!
 //! RGW 16.2 has no SQS and moto pushes nothing over HTTP: each test runs on its server and
 //! says so on the other.
 
@@ -37,6 +40,15 @@ fn credentials() {
         std::env::remove_var("AWS_PROFILE");
         std::env::remove_var("AWS_ENDPOINT_URL");
     });
+}
+
+/// A new versioned source bucket (and the credentials the intake reads).
+async fn source_bucket(tag: &str) -> (aws_sdk_s3::Client, String) {
+    credentials();
+    let c = client(&endpoint());
+    let b = bucket(tag);
+    create_bucket(&c, &b, true).await;
+    (c, b)
 }
 
 /// The source side as a job stores it.
@@ -97,10 +109,7 @@ async fn sqs_queue_hands_over_changes_until_acknowledged() {
     ) {
         return;
     }
-    credentials();
-    let c = client(&endpoint());
-    let b = bucket("intake-sqs");
-    create_bucket(&c, &b, true).await;
+    let (c, b) = source_bucket("intake-sqs").await;
     let sqs = sqs_client();
     let queue = format!("{b}-q");
     let url = sqs
@@ -266,24 +275,60 @@ fn python() -> std::path::PathBuf {
     }
 }
 
-/// `scripts/events.py rgw-topic`: the bucket's writes are POSTed to `push`.
-fn rgw_topic(bucket: &str, push: SocketAddr) {
+/// Runs `scripts/events.py SUBCOMMAND --endpoint E --bucket B ARGS...` with the test
+/// account's keys and returns its last stdout line.
+fn events_py(subcommand: &str, bucket: &str, args: &[&str]) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/events.py");
     let o = Command::new(python())
         .arg(script)
-        .args(["rgw-topic", "--endpoint", &endpoint(), "--bucket", bucket])
-        .args(["--push", &format!("http://{push}")])
+        .args([subcommand, "--endpoint", &endpoint(), "--bucket", bucket])
+        .args(args)
         .args(["--access-key", KEY_ID, "--secret-key", SECRET])
         .output()
         .expect("run scripts/events.py");
     assert!(
         o.status.success(),
-        "events.py rgw-topic: {}{}",
+        "events.py {subcommand}: {}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let arn = String::from_utf8_lossy(&o.stdout);
-    assert!(arn.trim().starts_with("arn:aws:sns:"), "{arn}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.lines().last().unwrap_or_default().trim().to_string()
+}
+
+/// `scripts/events.py rgw-topic`: the bucket's writes are POSTed to `push`.
+fn rgw_topic(bucket: &str, push: SocketAddr) {
+    let arn = events_py("rgw-topic", bucket, &["--push", &format!("http://{push}")]);
+    assert!(arn.starts_with("arn:aws:sns:"), "{arn}");
+}
+
+#[tokio::test]
+async fn events_script_wires_a_moto_queue() {
+    if unsupported_on(Server::Rgw, "RGW 16.2 has no SQS") {
+        return;
+    }
+    let (c, b) = source_bucket("intake-script").await;
+    let url = events_py("moto-queue", &b, &["--queue", &format!("{b}-q")]);
+    assert!(
+        url.starts_with("http://") && url.ends_with(&format!("/{b}-q")),
+        "{url}"
+    );
+    let mut intake = Intake::open(&EventSource::Sqs(url), &source_side(), Timeouts::default())
+        .await
+        .expect("open the queue by URL");
+    c.put_object()
+        .bucket(&b)
+        .key("k")
+        .body(b"1".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let (changes, _) = collect(&mut intake, 1, true).await;
+    assert_eq!(
+        keys_and_events(&changes),
+        BTreeSet::from([("k".to_string(), "ObjectCreated:Put".to_string())])
+    );
+    assert_eq!(intake.backlog().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -294,10 +339,7 @@ async fn rgw_topic_pushes_to_the_endpoint() {
     ) {
         return;
     }
-    credentials();
-    let c = client(&endpoint());
-    let b = bucket("intake-push");
-    create_bucket(&c, &b, true).await;
+    let (c, b) = source_bucket("intake-push").await;
     let mut intake = Intake::open(
         &EventSource::Http("127.0.0.1:0".parse().unwrap()),
         &source_side(),
