@@ -324,4 +324,25 @@ mod tests {
             assert!(!e.contains('\n'), "{s:?}: {e}");
         }
     }
+
+    #[test]
+    fn parse_events_is_a_clap_value_parser() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[arg(long, value_parser = parse_events)]
+            events: EventSource,
+        }
+        use clap::Parser;
+        let a = Args::try_parse_from(["follow", "--events", "sqs:q"]).unwrap();
+        assert_eq!(a.events, EventSource::Sqs("q".into()));
+        let e = Args::try_parse_from(["follow", "--events", "bogus"])
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), 2);
+        let first = e.to_string().lines().next().unwrap().to_string();
+        assert!(
+            first.contains("--events") && first.contains("expected sqs:QUEUE"),
+            "{first}"
+        );
+    }
 }
