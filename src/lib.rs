@@ -13,9 +13,10 @@
 //! [`events`] is what `plan`, `run` and `replicate` write to stderr: text for a person or
 //! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
 //! [`estimate`] counts the requests and dollars a run will cost before it runs; [`pricing`]
-//! holds the price tables and server profiles it and `--max-cost` use. [`metrics`] is the
-//! `--metrics` endpoint of `run`, `replicate` and `follow` (OpenMetrics text read from the
-//! manifest at each scrape, with the run's live request counters).
+//! holds the price tables and server profiles it and `--max-cost` use.
+//! [`follow`] is where `follow` hears of changes (SQS, an HTTP push endpoint; S3 event records).
+//! [`metrics`] is the `--metrics` endpoint of `run`, `replicate` and `follow` (OpenMetrics
+//! text read from the manifest at each scrape, with the run's live request counters).
 //!
 //! Imports point down, from the top: `main`; [`job`]; [`cli`] and [`ui`]; the stages
 //! ([`copier`], [`lister`], [`verify`], [`report`], [`estimate`], [`metrics`]); [`events`];
@@ -36,6 +37,7 @@ pub mod copier;
 pub mod estimate;
 pub mod events;
 pub mod filters;
+pub mod follow;
 pub mod inputs;
 pub mod job;
 pub mod lister;
