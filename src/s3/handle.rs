@@ -14,7 +14,7 @@
 //! May call: the rest of `s3`.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use super::client::{RequestCounts, Restore, S3Client, SdkClient};
 use super::error::S3Error;
-use super::retry::{Limiter, Retrier, RetryPolicy, Written};
+use super::retry::{Limiter, Retrier, RetryPolicy, Tally, Written};
 use super::types::{
     BucketFacts, ChecksumAlgorithm, ListFrom, ObjectHead, ObjectRef, PartResult, Side, VersionPage,
     WriteAttrs, WriteResult,
@@ -121,10 +121,7 @@ impl<'a, C: S3Client> Counted<'a, C> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
-        // Each attempt's failure, and each repeat, counted for the side (`--metrics`).
-        let (tally, first) = (self.s3.requests().outcomes(), AtomicBool::new(true));
-        let attempt = || tally.attempt(&first, f());
-        self.s3.retry.call(self.n, attempt).await
+        self.s3.retry.call(self.tally(), f).await
     }
 
     /// A write that creates a destination version (copy, put, delete by key, complete),
@@ -150,9 +147,16 @@ impl<'a, C: S3Client> Counted<'a, C> {
         HFut: Future<Output = Result<Option<A>, S3Error>>,
     {
         let w = Writes(&self.s3.client);
-        let (tally, first) = (self.s3.requests().outcomes(), AtomicBool::new(true));
-        let attempt = || tally.attempt(&first, f(w));
-        self.s3.retry.write(self.n, attempt, reconcile).await
+        self.s3.retry.write(self.tally(), || f(w), reconcile).await
+    }
+
+    /// Where the retry loop counts this handle's retries, and its client's failed attempts
+    /// and retries (`--metrics`).
+    fn tally(&self) -> Tally<'_> {
+        Tally {
+            retries: self.n,
+            outcomes: self.s3.requests().outcomes(),
+        }
     }
 
     fn once(&self) -> Once<'a, C> {

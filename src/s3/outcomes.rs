@@ -1,14 +1,13 @@
 //! s3::outcomes: what became of one client's requests, for the metrics endpoint: its failed
 //! attempts by operation and error class, and its retries (attempts repeated by the retry
 //! loop). Kept beside the client's request counts ([`super::RequestCounts::outcomes`]) and
-//! counted by the handle around each attempt, so every handle of the client (a run's, a
-//! probe's) counts into it; a request that did not fail succeeded.
+//! counted by the retry loop, which every handle of the client (a run's, a probe's) hands
+//! it; a request that did not fail succeeded.
 //!
 //! May call: the rest of `s3` (its error type).
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::error::S3Error;
@@ -34,21 +33,9 @@ impl Outcomes {
             .or_default() += 1;
     }
 
-    /// One attempt of a request the retry loop may repeat: counted a retry unless it is the
-    /// first (`first` is the call's own flag), and counted failed when it fails.
-    pub(super) async fn attempt<T>(
-        &self,
-        first: &AtomicBool,
-        attempt: impl Future<Output = Result<T, S3Error>>,
-    ) -> Result<T, S3Error> {
-        if !first.swap(false, Ordering::Relaxed) {
-            self.retried.fetch_add(1, Ordering::Relaxed);
-        }
-        let r = attempt.await;
-        if let Err(e) = &r {
-            self.failed(e);
-        }
-        r
+    /// Counts one retry (an attempt repeated after a failure).
+    pub fn retried(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The failed attempts so far: (operation, error class as `ErrorClass::as_str`, count).
@@ -71,29 +58,18 @@ mod tests {
     use super::*;
     use crate::s3::{ErrorClass, Side};
 
-    #[tokio::test]
-    async fn attempts_after_the_first_are_retries_and_failures_are_counted_by_class() {
+    #[test]
+    fn failures_are_counted_by_operation_and_class() {
         let o = Outcomes::default();
         let e = |op, class| S3Error::other(Side::Dest, op, class, String::new());
-        let first = AtomicBool::new(true);
-        let fail = |class| async move { Err::<(), _>(e("PutObject", class)) };
-        assert!(o
-            .attempt(&first, fail(ErrorClass::Throttled))
-            .await
-            .is_err());
-        assert!(o
-            .attempt(&first, fail(ErrorClass::Throttled))
-            .await
-            .is_err());
-        assert!(o.attempt(&first, async { Ok(()) }).await.is_ok());
-        assert!(o
-            .attempt(&AtomicBool::new(true), fail(ErrorClass::Fatal))
-            .await
-            .is_err());
+        o.failed(&e("PutObject", ErrorClass::Throttled));
+        o.failed(&e("PutObject", ErrorClass::Throttled));
+        o.failed(&e("PutObject", ErrorClass::Fatal));
+        o.retried();
         assert_eq!(
             o.failures(),
             vec![("PutObject", "fatal", 1), ("PutObject", "throttled", 2)]
         );
-        assert_eq!(o.retries(), 2);
+        assert_eq!(o.retries(), 1);
     }
 }
