@@ -442,6 +442,115 @@ async fn throttling_and_server_errors_show_as_outcomes_retries_and_throttles() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_serves_the_latency_of_the_versions_it_writes() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("metrics-follow-src"), bucket("metrics-follow-dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let before: Vec<Op> = (0..5).map(|i| Op::put(&format!("b/{i}"), "old")).collect();
+    seed(&c, &src, vec![before]).await;
+    let (_d, m) = manifest();
+    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    expect_code(&job.replicate(), 0);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let a = addr.to_string();
+    let args = [
+        "follow",
+        "--manifest",
+        job.m(),
+        "--poll-interval",
+        "1",
+        "--reconcile-interval",
+        "0",
+        "--no-progress",
+        "--metrics",
+        &a,
+    ];
+    let mut child = cmd(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start follow");
+    // Written while `follow` runs: each is copied with its lag recorded.
+    let after: Vec<Op> = (0..6).map(|i| Op::put(&format!("a/{i}"), "new")).collect();
+    seed(&c, &src, vec![after]).await;
+    let start = Instant::now();
+    let (text, count) = loop {
+        assert!(child.try_wait().unwrap().is_none(), "follow ended");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no lag after 2 minutes"
+        );
+        if let Some(text) = scrape(addr).await {
+            let s = parse(&text);
+            let n = value(&s, "s3_backfill_replication_latency_seconds_count", &[]);
+            if n >= 6.0 {
+                break (text, n);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let s = parse(&text);
+    let lag_status = {
+        let o = run(&["status", "--manifest", job.m(), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["lag"]["since_start"].clone()
+    };
+    // Nothing is written any more: the scrape and `status` count the same versions.
+    let again = parse(&scrape(addr).await.expect("scrape"));
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(count, 6.0, "{text}");
+    assert_eq!(
+        value(&again, "s3_backfill_replication_latency_seconds_count", &[]),
+        count
+    );
+    assert_eq!(lag_status["count"], 6, "{lag_status}");
+    // Buckets are cumulative, end with every version at +Inf, and all were written within
+    // 15 minutes, as `status` says.
+    let mut buckets: Vec<(f64, f64)> = s
+        .iter()
+        .filter(|x| x.name == "s3_backfill_replication_latency_seconds_bucket")
+        .map(|x| {
+            let le = &x.labels["le"];
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            (le, x.value)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(buckets.first().map(|b| b.0), Some(0.1));
+    assert_eq!(buckets.last(), Some(&(f64::INFINITY, 6.0)));
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
+    let within = value(
+        &s,
+        "s3_backfill_replication_latency_seconds_bucket",
+        &[("le", "900.0")],
+    ) / count;
+    assert_eq!(Some(within), lag_status["within_15m"].as_f64());
+    assert!(
+        value(&s, "s3_backfill_refresh_generation", &[]) >= 1.0,
+        "polling refreshes"
+    );
+    assert_eq!(
+        by_state(&s, "s3_backfill_tasks").get("done"),
+        Some(&11),
+        "{text}"
+    );
+    assert!(
+        total(
+            &s,
+            "s3_backfill_requests_total",
+            &[("operation", "ListObjectVersions")]
+        ) > 0.0
+    );
+}
+
 #[test]
 fn a_port_in_use_is_refused_before_any_work() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

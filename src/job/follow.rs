@@ -56,12 +56,16 @@ pub(crate) struct Changes {
 pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followed, JobError> {
     let _lock = lock_manifest(&args.run.manifest)?;
     let run = &args.run;
+    let metrics = super::run::serve_metrics(run)?;
     let job = RunJob::open(run).await?;
     job.manifest.start_following()?;
     let opts = job.options()?;
     let (settings, dest_versioned) = (job.settings.clone(), job.dest_versioned());
     let bar = indicatif::ProgressBar::hidden();
     let (copier, sides) = job.copier(&opts, bar.clone()).await?;
+    if let Some(m) = &metrics {
+        m.attach(crate::metrics::Live::of(&sides));
+    }
     copier.record_lag();
     let changes = Changes::default();
     let intake = match &args.events {
