@@ -112,14 +112,7 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
 
 /// The value of the one sample of `name` whose labels include `with`, or 0 when none.
 fn value(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
-    let hits: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            with.iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .collect();
+    let hits: Vec<&Sample> = matching(samples, name, with).collect();
     assert!(hits.len() <= 1, "{name} {with:?} matches {hits:?}");
     hits.first().map_or(0.0, |s| s.value)
 }
@@ -189,6 +182,36 @@ async fn scrape_while_running(
     (scrapes, mid_run, agreed)
 }
 
+/// A versioned source seeded with `rounds`, an empty versioned destination, and the job
+/// between them (not planned yet).
+struct Seeded {
+    src: String,
+    dst: String,
+    m: std::path::PathBuf,
+    job: Job,
+    _dir: tempfile::TempDir,
+}
+
+impl Seeded {
+    async fn new(tag: &str, rounds: Vec<Vec<Op>>) -> Seeded {
+        let ep = endpoint();
+        let c = client(&ep);
+        let (src, dst) = (bucket(&format!("{tag}-src")), bucket(&format!("{tag}-dst")));
+        create_bucket(&c, &src, true).await;
+        create_bucket(&c, &dst, true).await;
+        seed(&c, &src, rounds).await;
+        let (_dir, m) = manifest();
+        let job = Job::new(&src, &dst, &m).endpoint(&ep);
+        Seeded {
+            src,
+            dst,
+            m,
+            job,
+            _dir,
+        }
+    }
+}
+
 /// A port nothing listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -200,11 +223,6 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_manifest() {
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst) = (bucket("metrics-src"), bucket("metrics-dst"));
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
     // 300 keys; every tenth has a second version.
     let first: Vec<Op> = (0..300)
         .map(|i| Op::put(&format!("k/{i:04}"), format!("v1 {i}")))
@@ -213,9 +231,8 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         .step_by(10)
         .map(|i| Op::put(&format!("k/{i:04}"), format!("second {i}")))
         .collect();
-    seed(&c, &src, vec![first, second]).await;
-    let (_d, m) = manifest();
-    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    let t = Seeded::new("metrics", vec![first, second]).await;
+    let (m, dst, job) = (&t.m, &t.dst, &t.job);
     expect_code(&job.plan(), 0);
     let planned = job.status();
     assert_eq!(planned.total, 330);
@@ -228,7 +245,7 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         .stderr(Stdio::piped())
         .spawn()
         .expect("start run");
-    let (scrapes, mid_run, agreed) = scrape_while_running(&mut child, addr, &m).await;
+    let (scrapes, mid_run, agreed) = scrape_while_running(&mut child, addr, m).await;
     let last = scrapes.last().cloned();
     let out = child.wait_with_output().unwrap();
     expect_code(&out, 0);
@@ -269,7 +286,7 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         .filter(|s| s.name == "s3_backfill_requests_total")
         .all(|s| s.labels["outcome"] == "ok" || s.value == 0.0));
     // What the manifest recorded of all runs covers what this process counted.
-    let recorded = status_requests(&m);
+    let recorded = status_requests(m);
     for s in live
         .iter()
         .filter(|s| s.name == "s3_backfill_requests_total")
@@ -284,7 +301,7 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
 
     // After the run: the manifest's numbers, exactly as `status --json` and the rows say.
     let server =
-        s3_backfill::metrics::serve("127.0.0.1:0".parse().unwrap(), &m, "after").expect("serve");
+        s3_backfill::metrics::serve("127.0.0.1:0".parse().unwrap(), m, "after").expect("serve");
     let text = scrape(server.addr()).await.expect("scrape after the run");
     let after = parse(&text);
     let status = job.status();
@@ -306,7 +323,7 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         .collect();
     assert_eq!(nonzero, rows, "the manifest's rows");
     for s in after.iter().filter(|s| s.name == "s3_backfill_tasks") {
-        assert_eq!(s.labels["bucket"], dst);
+        assert_eq!(&s.labels["bucket"], dst);
         assert_eq!(s.labels["job"], "after");
     }
     assert_eq!(value(&after, "s3_backfill_listing_complete", &[]), 1.0);
@@ -318,7 +335,7 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
         value(&after, "s3_backfill_task_retries_total", &[]),
         status.retries as f64
     );
-    for (op, n) in status_requests(&m) {
+    for (op, n) in status_requests(m) {
         let got = value(
             &after,
             "s3_backfill_job_requests_total",
@@ -330,30 +347,30 @@ async fn a_run_scraped_while_it_copies_and_after_agrees_with_status_and_the_mani
 
 /// The sum of `name`'s samples whose labels include `with`.
 fn total(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            with.iter()
+    matching(samples, name, with).map(|s| s.value).sum()
+}
+
+/// The samples of `name` whose labels include `with`.
+fn matching<'a>(
+    samples: &'a [Sample],
+    name: &'a str,
+    with: &'a [(&str, &str)],
+) -> impl Iterator<Item = &'a Sample> {
+    samples.iter().filter(move |s| {
+        s.name == name
+            && with
+                .iter()
                 .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_and_server_errors_show_as_outcomes_retries_and_throttles() {
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst) = (bucket("metrics-faults-src"), bucket("metrics-faults-dst"));
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
     let keys: Vec<Op> = (0..60)
         .map(|i| Op::put(&format!("f/{i:03}"), format!("body {i}")))
         .collect();
-    seed(&c, &src, vec![keys]).await;
-    let (_d, m) = manifest();
-    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    let t = Seeded::new("metrics-faults", vec![keys]).await;
+    let (ep, m, job) = (endpoint(), &t.m, &t.job);
     expect_code(&job.plan(), 0);
     // The run reaches both sides through a proxy that answers 30% of requests with 503
     // SlowDown or 500 InternalError.
@@ -395,7 +412,7 @@ async fn throttling_and_server_errors_show_as_outcomes_retries_and_throttles() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start run");
-    let (scrapes, _, _) = scrape_while_running(&mut child, addr.parse().unwrap(), &m).await;
+    let (scrapes, _, _) = scrape_while_running(&mut child, addr.parse().unwrap(), m).await;
     let out = child.wait_with_output().unwrap();
     expect_code(&out, 0);
     assert_eq!(job.status().done, 60);
@@ -444,15 +461,9 @@ async fn throttling_and_server_errors_show_as_outcomes_retries_and_throttles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_serves_the_latency_of_the_versions_it_writes() {
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst) = (bucket("metrics-follow-src"), bucket("metrics-follow-dst"));
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
     let before: Vec<Op> = (0..5).map(|i| Op::put(&format!("b/{i}"), "old")).collect();
-    seed(&c, &src, vec![before]).await;
-    let (_d, m) = manifest();
-    let job = Job::new(&src, &dst, &m).endpoint(&ep);
+    let t = Seeded::new("metrics-follow", vec![before]).await;
+    let job = &t.job;
     expect_code(&job.replicate(), 0);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let a = addr.to_string();
@@ -475,7 +486,7 @@ async fn follow_serves_the_latency_of_the_versions_it_writes() {
         .expect("start follow");
     // Written while `follow` runs: each is copied with its lag recorded.
     let after: Vec<Op> = (0..6).map(|i| Op::put(&format!("a/{i}"), "new")).collect();
-    seed(&c, &src, vec![after]).await;
+    seed(&client(&endpoint()), &t.src, vec![after]).await;
     let start = Instant::now();
     let (text, count) = loop {
         assert!(child.try_wait().unwrap().is_none(), "follow ended");

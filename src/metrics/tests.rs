@@ -141,20 +141,19 @@ fn a_label_value_is_escaped() {
 
 #[tokio::test]
 async fn live_counts_split_requests_into_ok_and_the_failed_attempts_classes() {
+    // Three attempts a request, a millisecond apart.
+    let ms = std::time::Duration::from_millis(1);
+    let (min_delay, max_delay, max_attempts) = (ms, 2 * ms, 3);
     let s = FakeServer::new();
+    let clients = (s.client(Side::Source), s.client(Side::Dest));
+    let policy = RetryPolicy {
+        min_delay,
+        max_delay,
+        max_attempts,
+    };
+    let sides = Sides::shared(clients, policy, 4, None);
     s.create_bucket("b", true);
     s.put("b", "k", b"1", &[]);
-    let policy = RetryPolicy {
-        min_delay: std::time::Duration::from_millis(1),
-        max_delay: std::time::Duration::from_millis(2),
-        max_attempts: 3,
-    };
-    let sides = Sides::shared(
-        (s.client(Side::Source), s.client(Side::Dest)),
-        policy,
-        4,
-        None,
-    );
     s.fail(
         "HeadObject",
         Some("k"),
@@ -218,15 +217,24 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A manifest named `name` planned (on the fake server) from a source holding `objects`.
+async fn planned(name: &str, objects: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+    use crate::copier::tests::{plan_with, settings, DST, SRC};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    let s = FakeServer::new();
+    s.create_bucket(SRC, true);
+    s.create_bucket(DST, true);
+    for (key, body) in objects {
+        s.put(SRC, key, body, &[]);
+    }
+    plan_with(&s, &path, &settings()).await;
+    (dir, path)
+}
+
 #[tokio::test]
 async fn the_endpoint_serves_the_manifest_and_stops_when_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nightly.db");
-    let s = FakeServer::new();
-    s.create_bucket(crate::copier::tests::SRC, true);
-    s.create_bucket(crate::copier::tests::DST, true);
-    s.put(crate::copier::tests::SRC, "k", b"12345", &[]);
-    crate::copier::tests::plan_with(&s, &path, &crate::copier::tests::settings()).await;
+    let (_dir, path) = planned("nightly.db", &[("k", b"12345")]).await;
     let server = serve("127.0.0.1:0".parse().unwrap(), &path, &job_name(&path)).unwrap();
     let addr = server.addr();
     assert_ne!(addr.port(), 0);
@@ -263,12 +271,7 @@ async fn the_endpoint_serves_the_manifest_and_stops_when_dropped() {
 
 #[tokio::test]
 async fn the_latency_histogram_is_read_from_the_lag_table_and_agrees_with_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("job.db");
-    let s = FakeServer::new();
-    s.create_bucket(crate::copier::tests::SRC, true);
-    s.create_bucket(crate::copier::tests::DST, true);
-    crate::copier::tests::plan_with(&s, &path, &crate::copier::tests::settings()).await;
+    let (_dir, path) = planned("job.db", &[]).await;
     let m = Manifest::open(&path, false).unwrap();
     // Without follow, no lag table: an empty histogram.
     let before = Snapshot::read(&m, "j").unwrap();
