@@ -82,11 +82,6 @@ impl Live {
         let sides = sides.clone();
         Live(Arc::new(move || live_counts(&sides)))
     }
-
-    /// Fixed counts (tests).
-    pub fn fixed(c: LiveCounts) -> Live {
-        Live(Arc::new(move || c.clone()))
-    }
 }
 
 fn side_index(side: Side) -> usize {
