@@ -1,6 +1,6 @@
 //! job::run: the `run` command: the stored settings with this run's overrides, put-back
 //! tasks, the run's clients and handles, the copier, the listing that runs beside it when
-//! the listing is unfinished, and SIGINT/SIGTERM.
+//! the listing is unfinished, the `--metrics` endpoint, and SIGINT/SIGTERM.
 //!
 //! May call: every stage.
 
