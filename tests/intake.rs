@@ -81,8 +81,17 @@ async fn collect(intake: &mut Intake, n: usize, ack: bool) -> (Vec<Change>, Vec<
     let mut kept = Vec::new();
     while changes.len() < n && tokio::time::Instant::now() < deadline {
         let got = intake.receive(Duration::from_secs(2)).await.unwrap();
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         for d in &got {
             assert!(!d.changes.is_empty(), "a delivery without changes");
+            for ch in &d.changes {
+                // A figure for the issue (event time → handed over), not a check.
+                let after = ch.event_time_ms.map(|t| now_ms as i64 - t);
+                println!(
+                    "{} {:?}: received {after:?} ms after its event",
+                    ch.event_name, ch.key
+                );
+            }
             changes.extend(d.changes.iter().cloned());
         }
         if ack {
