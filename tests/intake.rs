@@ -6,6 +6,7 @@
 //! - Ceph RGW: a topic with an HTTP push-endpoint at an `Intake` endpoint
 //!   (`scripts/events.py rgw-topic`); puts, an overwrite and a delete marker arrive as their
 //!   keys, raw (RGW does not URL-encode them), and each POST is answered once acknowledged.
+//!   A persistent topic: a POST not acknowledged (503) is sent again.
 //!
 //! - moto: `scripts/events.py moto-queue` (what the end-to-end tests wire moto with) makes a
 //!   queue the bucket's puts reach.
@@ -305,9 +306,13 @@ fn events_py(subcommand: &str, bucket: &str, args: &[&str]) -> String {
     out.lines().last().unwrap_or_default().trim().to_string()
 }
 
-/// `scripts/events.py rgw-topic`: the bucket's writes are POSTed to `push`.
-fn rgw_topic(bucket: &str, push: SocketAddr) {
-    let arn = events_py("rgw-topic", bucket, &["--push", &format!("http://{push}")]);
+/// `scripts/events.py rgw-topic`: the bucket's writes are POSTed to `push` (with `extra`
+/// flags, e.g. `--persistent`).
+fn rgw_topic(bucket: &str, push: SocketAddr, extra: &[&str]) {
+    let push = format!("http://{push}");
+    let mut args = vec!["--push", &push];
+    args.extend_from_slice(extra);
+    let arn = events_py("rgw-topic", bucket, &args);
     assert!(arn.starts_with("arn:aws:sns:"), "{arn}");
 }
 
@@ -357,7 +362,7 @@ async fn rgw_topic_pushes_to_the_endpoint() {
     .await
     .expect("serve the push endpoint");
     let addr = intake.local_addr().unwrap();
-    rgw_topic(&b, addr);
+    rgw_topic(&b, addr, &[]);
 
     // RGW 16.2 sends a non-persistent topic's notification before it answers the write:
     // each write waits for the POST's answer, so the writer runs beside the receiver.
@@ -420,4 +425,56 @@ async fn rgw_topic_pushes_to_the_endpoint() {
         .await
         .unwrap()
         .is_empty());
+}
+
+#[tokio::test]
+async fn rgw_persistent_topic_sends_again_what_was_not_acknowledged() {
+    if unsupported_on(Server::Moto, "moto pushes no notifications over HTTP") {
+        return;
+    }
+    let (c, b) = source_bucket("intake-persist").await;
+    let mut intake = Intake::open(
+        &EventSource::Http("127.0.0.1:0".parse().unwrap()),
+        &source_side(),
+        Timeouts::default(),
+    )
+    .await
+    .expect("serve the push endpoint");
+    rgw_topic(&b, intake.local_addr().unwrap(), &["--persistent"]);
+    // A persistent topic: the write does not wait for the endpoint.
+    c.put_object()
+        .bucket(&b)
+        .key("p")
+        .body(b"1".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let (first, kept) = collect(&mut intake, 1, false).await;
+    assert_eq!(
+        keys_and_events(&first),
+        BTreeSet::from([("p".into(), "ObjectCreated:Put".into())])
+    );
+    // Not acknowledged: answered 503, and RGW sends it again.
+    drop(kept);
+    let (again, _) = collect(&mut intake, 1, true).await;
+    assert_eq!(again, first);
+    // Once the topic's queue runs, the next event comes at once (printed).
+    c.put_object()
+        .bucket(&b)
+        .key("q")
+        .body(b"2".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let (next, _) = collect(&mut intake, 1, true).await;
+    assert_eq!(
+        keys_and_events(&next),
+        BTreeSet::from([("q".into(), "ObjectCreated:Put".into())])
+    );
+    assert!(intake
+        .receive(Duration::from_secs(2))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(intake.backlog().await.unwrap(), 0);
 }
