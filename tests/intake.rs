@@ -213,8 +213,9 @@ async fn sqs_queue_hands_over_changes_until_acknowledged() {
     );
     drop(kept);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let probe = intake.backlog_probe();
     assert!(
-        intake.backlog().await.unwrap() > 0,
+        probe.backlog().await.unwrap() > 0,
         "dropped deliveries wait again"
     );
 
@@ -453,6 +454,12 @@ async fn rgw_persistent_topic_sends_again_what_was_not_acknowledged() {
     assert_eq!(
         keys_and_events(&first),
         BTreeSet::from([("p".into(), "ObjectCreated:Put".into())])
+    );
+    let probe = intake.backlog_probe();
+    assert_eq!(
+        probe.backlog().await.unwrap(),
+        1,
+        "the POST waits for its answer"
     );
     // Not acknowledged: answered 503, and RGW sends it again.
     drop(kept);

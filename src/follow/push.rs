@@ -133,6 +133,11 @@ impl Endpoint {
     pub(super) fn backlog(&self) -> u64 {
         self.waiting.load(Ordering::SeqCst)
     }
+
+    /// The count behind [`Endpoint::backlog`], shared.
+    pub(super) fn waiting(&self) -> Arc<AtomicU64> {
+        self.waiting.clone()
+    }
 }
 
 impl From<Posted> for Delivery {

@@ -36,8 +36,9 @@ const BATCH: usize = 10;
 /// in batches of up to this many times [`BATCH`] messages.
 const DRAIN_CALLS: usize = 10;
 
-/// An open queue.
-#[derive(Debug)]
+/// An open queue. A clone shares the client and the count of held messages (a
+/// [`super::intake::BacklogProbe`] reads the backlog through one).
+#[derive(Clone, Debug)]
 pub(super) struct Queue {
     client: aws_sdk_sqs::Client,
     /// The queue as given (URL or name), for messages.
