@@ -176,7 +176,7 @@ impl Queue {
             } else {
                 Duration::ZERO
             };
-            let page = self
+            let page = match self
                 .client
                 .receive_message()
                 .queue_url(&self.url)
@@ -184,7 +184,12 @@ impl Queue {
                 .wait_time_seconds(poll.as_secs() as i32)
                 .send()
                 .await
-                .map_err(|e| self.error("ReceiveMessage", reason(&e)))?;
+            {
+                Ok(page) => page,
+                // What came before is handed over; the error, if it lasts, comes next time.
+                Err(_) if !out.is_empty() => return Ok(out),
+                Err(e) => return Err(self.error("ReceiveMessage", reason(&e))),
+            };
             calls += 1;
             let messages = page.messages();
             let full = messages.len() == BATCH;
@@ -213,7 +218,13 @@ impl Queue {
                     }
                 }
             }
-            self.delete(empty).await?;
+            if let Err(e) = self.delete(empty).await {
+                if out.is_empty() {
+                    return Err(e);
+                }
+                // Not deleted, they come again (and are deleted then).
+                return Ok(out);
+            }
             let more = if out.is_empty() {
                 // A poll waits whole seconds: less than one left is the end.
                 deadline.saturating_duration_since(Instant::now()) >= Duration::from_secs(1)
