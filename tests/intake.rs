@@ -104,6 +104,11 @@ async fn collect(intake: &mut Intake, n: usize, ack: bool) -> (Vec<Change>, Vec<
     (changes, kept)
 }
 
+/// The set of one key's one event.
+fn one(key: &str, event: &str) -> BTreeSet<(String, String)> {
+    BTreeSet::from([(key.to_string(), event.to_string())])
+}
+
 fn keys_and_events(changes: &[Change]) -> BTreeSet<(String, String)> {
     changes
         .iter()
@@ -172,20 +177,8 @@ async fn sqs_queue_hands_over_changes_until_acknowledged() {
     assert!(intake.describe().contains(&url), "{}", intake.describe());
 
     let odd = "a b+c%d/é?x&y=z";
-    c.put_object()
-        .bucket(&b)
-        .key(odd)
-        .body(b"1".to_vec().into())
-        .send()
-        .await
-        .unwrap();
-    c.put_object()
-        .bucket(&b)
-        .key(odd)
-        .body(b"2".to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    apply(&c, &b, Op::put(odd, "1")).await;
+    apply(&c, &b, Op::put(odd, "2")).await;
     let gone = c
         .put_object()
         .bucket(&b)
@@ -331,19 +324,25 @@ async fn events_script_wires_a_moto_queue() {
     let mut intake = Intake::open(&EventSource::Sqs(url), &source_side(), Timeouts::default())
         .await
         .expect("open the queue by URL");
-    c.put_object()
-        .bucket(&b)
-        .key("k")
-        .body(b"1".to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    apply(&c, &b, Op::put("k", "1")).await;
     let (changes, _) = collect(&mut intake, 1, true).await;
-    assert_eq!(
-        keys_and_events(&changes),
-        BTreeSet::from([("k".to_string(), "ObjectCreated:Put".to_string())])
-    );
+    assert_eq!(keys_and_events(&changes), one("k", "ObjectCreated:Put"));
     assert_eq!(intake.backlog().await.unwrap(), 0);
+}
+
+/// A new source bucket whose writes an RGW topic (`scripts/events.py rgw-topic` with
+/// `extra` flags) pushes to a new intake endpoint.
+async fn pushed_bucket(tag: &str, extra: &[&str]) -> (aws_sdk_s3::Client, String, Intake) {
+    let (c, b) = source_bucket(tag).await;
+    let intake = Intake::open(
+        &EventSource::Http("127.0.0.1:0".parse().unwrap()),
+        &source_side(),
+        Timeouts::default(),
+    )
+    .await
+    .expect("serve the push endpoint");
+    rgw_topic(&b, intake.local_addr().unwrap(), extra);
+    (c, b, intake)
 }
 
 #[tokio::test]
@@ -354,16 +353,7 @@ async fn rgw_topic_pushes_to_the_endpoint() {
     ) {
         return;
     }
-    let (c, b) = source_bucket("intake-push").await;
-    let mut intake = Intake::open(
-        &EventSource::Http("127.0.0.1:0".parse().unwrap()),
-        &source_side(),
-        Timeouts::default(),
-    )
-    .await
-    .expect("serve the push endpoint");
-    let addr = intake.local_addr().unwrap();
-    rgw_topic(&b, addr, &[]);
+    let (c, b, mut intake) = pushed_bucket("intake-push", &[]).await;
 
     // RGW 16.2 sends a non-persistent topic's notification before it answers the write:
     // each write waits for the POST's answer, so the writer runs beside the receiver.
@@ -372,23 +362,14 @@ async fn rgw_topic_pushes_to_the_endpoint() {
         let c = c.clone();
         let b = b.clone();
         tokio::spawn(async move {
-            for body in ["1", "2"] {
-                c.put_object()
-                    .bucket(&b)
-                    .key(odd)
-                    .body(body.as_bytes().to_vec().into())
-                    .send()
-                    .await
-                    .unwrap();
+            for op in [
+                Op::put(odd, "1"),
+                Op::put(odd, "2"),
+                Op::Delete { key: odd.into() },
+                Op::put("dir/x", "3"),
+            ] {
+                apply(&c, &b, op).await;
             }
-            c.delete_object().bucket(&b).key(odd).send().await.unwrap();
-            c.put_object()
-                .bucket(&b)
-                .key("dir/x")
-                .body(b"3".to_vec().into())
-                .send()
-                .await
-                .unwrap();
         })
     };
     let (changes, _) = collect(&mut intake, 4, true).await;
@@ -433,28 +414,11 @@ async fn rgw_persistent_topic_sends_again_what_was_not_acknowledged() {
     if unsupported_on(Server::Moto, "moto pushes no notifications over HTTP") {
         return;
     }
-    let (c, b) = source_bucket("intake-persist").await;
-    let mut intake = Intake::open(
-        &EventSource::Http("127.0.0.1:0".parse().unwrap()),
-        &source_side(),
-        Timeouts::default(),
-    )
-    .await
-    .expect("serve the push endpoint");
-    rgw_topic(&b, intake.local_addr().unwrap(), &["--persistent"]);
+    let (c, b, mut intake) = pushed_bucket("intake-persist", &["--persistent"]).await;
     // A persistent topic: the write does not wait for the endpoint.
-    c.put_object()
-        .bucket(&b)
-        .key("p")
-        .body(b"1".to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    apply(&c, &b, Op::put("p", "1")).await;
     let (first, kept) = collect(&mut intake, 1, false).await;
-    assert_eq!(
-        keys_and_events(&first),
-        BTreeSet::from([("p".into(), "ObjectCreated:Put".into())])
-    );
+    assert_eq!(keys_and_events(&first), one("p", "ObjectCreated:Put"));
     let probe = intake.backlog_probe();
     assert_eq!(
         probe.backlog().await.unwrap(),
@@ -466,18 +430,9 @@ async fn rgw_persistent_topic_sends_again_what_was_not_acknowledged() {
     let (again, _) = collect(&mut intake, 1, true).await;
     assert_eq!(again, first);
     // Once the topic's queue runs, the next event comes at once (printed).
-    c.put_object()
-        .bucket(&b)
-        .key("q")
-        .body(b"2".to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    apply(&c, &b, Op::put("q", "2")).await;
     let (next, _) = collect(&mut intake, 1, true).await;
-    assert_eq!(
-        keys_and_events(&next),
-        BTreeSet::from([("q".into(), "ObjectCreated:Put".into())])
-    );
+    assert_eq!(keys_and_events(&next), one("q", "ObjectCreated:Put"));
     assert!(intake
         .receive(Duration::from_secs(2))
         .await
