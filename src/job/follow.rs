@@ -408,7 +408,7 @@ async fn start_intake(
     use crate::follow::intake::Intake;
     let mut intake = Intake::open(source, &settings.source_side, timeouts)
         .await
-        .map_err(|e| JobError::Usage(format!("--events {source}: {e}")))?;
+        .map_err(|e| JobError::Usage(e.to_string()))?;
     crate::say!("follow: listening to {}", intake.describe());
     let m = Manifest::open(manifest, false)?;
     m.wait_for_locks_briefly()?;
