@@ -34,7 +34,8 @@ pub struct Writer {
     pub rate: f64,
     /// New keys are `{prefix}w{N}`.
     pub prefix: String,
-    /// Keys that exist before it starts (overwritten and deleted like its own).
+    /// Keys that exist before it starts (overwritten and deleted like its own; on moto not
+    /// before the next second).
     pub existing: Vec<String>,
     /// The source is versioned (a delete leaves a marker) or not (a delete removes).
     pub versioned: bool,
@@ -77,8 +78,13 @@ impl Writer {
         let mut live: HashMap<String, bool> =
             self.existing.iter().map(|k| (k.clone(), true)).collect();
         let mut keys: Vec<String> = self.existing.clone();
-        // The second (system clock) each key was last written in (moto only).
-        let mut last_second: HashMap<String, u64> = HashMap::new();
+        // The second (system clock) each key was last written in (moto only); the existing
+        // keys may have been written in this one.
+        let mut last_second: HashMap<String, u64> = self
+            .existing
+            .iter()
+            .map(|k| (k.clone(), unix_second()))
+            .collect();
         let start = Instant::now();
         let period = Duration::from_secs_f64(1.0 / self.rate.max(0.001));
         let mut tick = tokio::time::interval(period);
