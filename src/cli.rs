@@ -48,6 +48,9 @@ pub enum Command {
     Report(ReportArgs),
     /// Compare the destination with the source, version by version.
     Verify(VerifyArgs),
+    /// Keep the destination in step with the source after (or during) the backfill, until
+    /// SIGINT/SIGTERM: changed keys from events or polling, a reconcile now and then.
+    Follow(FollowArgs),
 }
 
 /// How each side is reached.
@@ -780,6 +783,69 @@ impl ReplicateArgs {
     }
 }
 
+/// Arguments of `follow`: the changes' intake, the reconciler, then `run`'s.
+#[derive(Debug, Args, Clone)]
+pub struct FollowArgs {
+    /// Where changes come from: `sqs:QUEUE` (a queue URL or name, read with the source's
+    /// profile, region and endpoint) or `http://ADDR:PORT` (an endpoint served here that
+    /// accepts S3 event records: Ceph RGW topics, MinIO webhooks). Without it, polling.
+    #[arg(long, value_name = "SOURCE", value_parser = parse_events_arg)]
+    pub events: Option<String>,
+    /// Seconds between full listings of what changed (default 60 without --events; off with
+    /// --events unless given).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400 * 7))]
+    pub poll_interval: Option<u64>,
+    /// Seconds between reconciles: a full listing in the background that catches what
+    /// events missed (counted as found by reconcile); 0: never.
+    #[arg(long, default_value_t = 3600, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86400 * 30))]
+    pub reconcile_interval: u64,
+    /// Exit 0 once caught up: nothing pending (no open task, no changed key unlisted, no
+    /// queued event) and a reconcile started after that found nothing new.
+    #[arg(long)]
+    pub until_caught_up: bool,
+    /// `run`'s options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl FollowArgs {
+    /// Seconds between polls (None: no polling).
+    pub fn poll_every(&self) -> Option<Duration> {
+        match (self.poll_interval, &self.events) {
+            (Some(s), _) => Some(Duration::from_secs(s)),
+            (None, None) => Some(Duration::from_secs(60)),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Seconds between reconciles (None: never).
+    pub fn reconcile_every(&self) -> Option<Duration> {
+        (self.reconcile_interval > 0).then(|| Duration::from_secs(self.reconcile_interval))
+    }
+}
+
+/// `--events`: checked here, read by the intake.
+fn parse_events_arg(s: &str) -> Result<String, String> {
+    if let Some(q) = s.strip_prefix("sqs:") {
+        if q.is_empty() {
+            return Err("sqs: needs a queue URL or name, e.g. sqs:my-queue".into());
+        }
+        return Ok(s.to_string());
+    }
+    if let Some(addr) = s.strip_prefix("http://") {
+        let addr = addr.trim_end_matches('/');
+        return match addr.parse::<std::net::SocketAddr>() {
+            Ok(_) => Ok(s.to_string()),
+            Err(_) => Err(format!(
+                "http:// needs an address and port to listen on, e.g. http://127.0.0.1:8099 (got {addr:?})"
+            )),
+        };
+    }
+    Err(format!(
+        "unknown event source {s:?}: use sqs:QUEUE-URL-OR-NAME or http://ADDR:PORT"
+    ))
+}
+
 /// How `plan`, `run` and `replicate` write to stderr (see `events`).
 #[derive(Debug, Args, Clone)]
 pub struct LogArgs {
@@ -807,6 +873,7 @@ impl Command {
             Command::Plan(a) => Some(&a.log),
             Command::Run(a) => Some(&a.log),
             Command::Replicate(a) => Some(&a.plan.log),
+            Command::Follow(a) => Some(&a.run.log),
             _ => None,
         }
     }

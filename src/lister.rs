@@ -28,7 +28,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 
 use crate::config::JobSettings;
-use crate::manifest::{ListedPage, Listing, Manifest, ManifestError, NewTask, Partition};
+use crate::manifest::{
+    one_key_end, ListedPage, Listing, Manifest, ManifestError, NewTask, Partition,
+};
 use crate::s3::{show_key, ListFrom, S3Client, S3Error, VersionEntry, VersionPage, Versions, S3};
 use crate::select::Selector;
 pub use parts::{marker_before, markers_exact, split_points};
@@ -225,16 +227,22 @@ impl<C: S3Client> Lister<'_, C> {
     /// The walk of a partition, from its checkpoint (or from just before its start).
     fn part_walk<'a>(&'a self, p: Partition) -> PartWalk<'a, C> {
         let resumed = p.listing.pages > 0;
-        let (key_marker, version_marker) = match &p.listing.key_marker {
-            Some(_) => (
+        // A partition of one key (`follow`'s scoped refresh) lists with the key as prefix.
+        let job_prefix = &self.settings.selection.prefix;
+        let one_key = p.start_key.as_ref().filter(|k| {
+            p.end_key.as_deref() == Some(one_key_end(k).as_str()) && k.starts_with(job_prefix)
+        });
+        let (key_marker, version_marker) = match (&p.listing.key_marker, one_key) {
+            (Some(_), _) => (
                 p.listing.key_marker.clone(),
                 p.listing.version_marker.clone(),
             ),
-            None => (p.start_key.as_deref().and_then(marker_before), None),
+            (None, Some(_)) => (None, None),
+            (None, None) => (p.start_key.as_deref().and_then(marker_before), None),
         };
         let from = ListFrom {
             bucket: self.settings.source.bucket.clone(),
-            prefix: self.settings.selection.prefix.clone(),
+            prefix: one_key.cloned().unwrap_or_else(|| job_prefix.clone()),
             key_marker,
             version_marker,
             max_keys: self.page_size,

@@ -134,6 +134,10 @@ async fn dispatch(cmd: Command) -> Exit {
             let r = Box::pin(job::replicate(&a, job::signals())).await;
             ran(r, &a.plan.manifest)
         }
+        Command::Follow(a) => {
+            let r = Box::pin(job::follow(&a, job::signals())).await;
+            ran(r.map(|f| f.summary), &a.run.manifest)
+        }
         Command::Status(a) => exit(&job::status(&a), |_| Ended::Done),
         Command::Report(a) => exit(&Box::pin(job::report(&a)).await, |_| Ended::Done),
         Command::Verify(a) => exit(&Box::pin(job::verify(&a)).await, |r| {

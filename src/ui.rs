@@ -107,6 +107,28 @@ pub fn listed_line(what: &str, c: &Counts, resumed: bool, refresh: Option<i64>) 
     }
 }
 
+/// The lag of versions `follow` wrote, in one line: count, percentiles, share within 15
+/// minutes.
+pub fn lag_line(l: &crate::manifest::LagStats) -> String {
+    let ms = |v: Option<i64>| match v {
+        Some(v) if v < 10_000 => format!("{v}ms"),
+        Some(v) => crate::events::show_duration(std::time::Duration::from_millis(v as u64)),
+        None => "-".into(),
+    };
+    match l.count {
+        0 => "lag: no version written by follow yet".into(),
+        n => format!(
+            "lag over {n} versions: p50 {} p90 {} p99 {} p99.9 {} max {}; {:.2}% within 15 min",
+            ms(l.p50_ms),
+            ms(l.p90_ms),
+            ms(l.p99_ms),
+            ms(l.p999_ms),
+            ms(l.max_ms),
+            l.within_15m.unwrap_or(0.0) * 100.0
+        ),
+    }
+}
+
 /// What a refresh found besides new entries, one line each (none when nothing).
 pub fn refresh_findings(r: &Refresh) -> Vec<String> {
     let mut out = Vec::new();

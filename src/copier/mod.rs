@@ -412,6 +412,17 @@ impl<C: S3Client> Copier<C> {
         self.control.abort(why);
     }
 
+    /// Whether the run was asked to stop (a signal, an abort, a limit, the failure
+    /// threshold): it takes no new tasks.
+    pub fn stopping(&self) -> bool {
+        self.control.stopping()
+    }
+
+    /// Records the lag of every task done from now on (`follow`; see `Writer::record_lag`).
+    pub fn record_lag(&self) {
+        self.writer.record_lag(true);
+    }
+
     /// Returns once the run is asked to stop (a signal, an abort, the failure threshold).
     pub async fn until_stopped(&self) {
         self.control.until_stopped().await;

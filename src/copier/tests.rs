@@ -587,6 +587,7 @@ async fn copying_starts_while_a_slow_listing_goes_on_and_keeps_every_history() {
         page_size: crate::lister::PAGE_SIZE,
         bar: ProgressBar::hidden(),
         log_every: None,
+        quiet: false,
     };
     let summary = crate::job::run::copy_while_listing(&copier, live)
         .await

@@ -26,6 +26,7 @@ use crate::s3::{
 use crate::ui;
 
 pub mod exit;
+mod follow;
 mod open;
 mod plan;
 mod report;
@@ -34,6 +35,7 @@ pub(crate) mod run;
 mod status;
 mod verify;
 
+pub use follow::{follow, Followed};
 pub use plan::{plan, replicate};
 pub use report::report;
 pub use routed::RoutedClient;

@@ -169,11 +169,11 @@ pub async fn run(args: &RunArgs, shutdown: Shutdown) -> Result<RunSummary, JobEr
 }
 
 /// A run's job, opened (see [`RunJob::open`]); [`RunJob::copier`] hands out its copier.
-struct RunJob<'a> {
+pub(super) struct RunJob<'a> {
     args: &'a RunArgs,
-    manifest: Manifest,
+    pub(super) manifest: Manifest,
     /// The stored settings with this run's overrides, the endpoints reached.
-    settings: JobSettings,
+    pub(super) settings: JobSettings,
     clients: (RoutedClient, RoutedClient),
     facts: DestinationFacts,
 }
@@ -182,7 +182,7 @@ impl<'a> RunJob<'a> {
     /// The manifest (locked by the caller), its settings with this run's overrides, the
     /// tasks put back as asked, the run's clients with every destination probed; a job
     /// copying several versions of a key into an unversioned bucket is refused.
-    async fn open(args: &'a RunArgs) -> Result<RunJob<'a>, JobError> {
+    pub(super) async fn open(args: &'a RunArgs) -> Result<RunJob<'a>, JobError> {
         let manifest = Manifest::open(&args.manifest, false)?;
         let mut settings = run_settings(&manifest, args)?;
         requeue(&manifest, args)?;
@@ -210,14 +210,14 @@ impl<'a> RunJob<'a> {
     }
 
     /// Whether every destination keeps versions (else a listed key with several is refused).
-    fn dest_versioned(&self) -> bool {
+    pub(super) fn dest_versioned(&self) -> bool {
         let f = &self.facts;
         let all = f.default.versioned && f.buckets.values().all(|f| f.versioned);
         all || self.settings.selection.latest_only
     }
 
     /// The run's options: the flags, and `--max-cost` priced with the plan's stored facts.
-    fn options(&self) -> Result<RunOptions, JobError> {
+    pub(super) fn options(&self) -> Result<RunOptions, JobError> {
         let (args, settings) = (self.args, &self.settings);
         let mut opts = args.exec.run_options();
         if let Some(max_usd) = args.exec.max_cost {
@@ -234,7 +234,7 @@ impl<'a> RunJob<'a> {
 
     /// The copier, with the leftovers of earlier runs taken up (uploads aborted, version
     /// ids to learn), and the run's handles (a listing beside the copy shares them).
-    async fn copier(
+    pub(super) async fn copier(
         self,
         opts: &RunOptions,
         bar: ProgressBar,
@@ -260,7 +260,10 @@ impl<'a> RunJob<'a> {
 }
 
 /// `run` once the manifest is locked.
-pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<RunSummary, JobError> {
+pub(super) async fn run_locked(
+    args: &RunArgs,
+    mut shutdown: Shutdown,
+) -> Result<RunSummary, JobError> {
     let job = RunJob::open(args).await?;
     let counts = job.manifest.counts()?;
     let listing = !job.manifest.listing_progress()?.complete;
@@ -302,11 +305,18 @@ pub(super) async fn run_locked(args: &RunArgs, shutdown: Shutdown) -> Result<Run
             page_size: args.list_page_size,
             bar,
             log_every: args.log.interval(),
+            quiet: false,
         };
-        run_until_stopped(&copier, grace, shutdown, copy_while_listing(&copier, live)).await
+        run_until_stopped(
+            &copier,
+            grace,
+            &mut shutdown,
+            copy_while_listing(&copier, live),
+        )
+        .await
     } else {
         let work = async { Ok(copier.clone().run().await) };
-        run_until_stopped(&copier, grace, shutdown, work).await
+        run_until_stopped(&copier, grace, &mut shutdown, work).await
     };
     timer.abort();
     ticker.abort();
@@ -342,6 +352,8 @@ pub(crate) struct LiveListing<'a, C> {
     pub(crate) bar: ProgressBar,
     /// How often a `listing` event is written (JSON; None: only at the end).
     pub(crate) log_every: Option<Duration>,
+    /// Nothing said when the listing completes (`follow` says its rounds its own way).
+    pub(crate) quiet: bool,
 }
 
 /// Lists the rest of the source while the copier copies what is listed. The lister commits
@@ -386,7 +398,9 @@ pub(crate) async fn copy_while_listing<C: S3Client + Clone>(
             if let Ok(l) = lm.listing() {
                 log.complete(l.entries, l.pages);
             }
-            bar.say_listed(&stats);
+            if !live.quiet {
+                bar.say_listed(&stats);
+            }
             None
         }
         Some(Err(e)) => {
@@ -465,10 +479,10 @@ impl<'a> LiveBar<'a> {
 /// Runs `work` until it ends or `shutdown` stops it: the first message stops the copier
 /// taking tasks, and `work` gets the grace period to finish what is in flight; a second
 /// message, or the grace period running out, abandons it (None).
-async fn run_until_stopped<C: S3Client, T>(
+pub(super) async fn run_until_stopped<C: S3Client, T>(
     copier: &Arc<Copier<C>>,
     grace: u64,
-    mut shutdown: Shutdown,
+    shutdown: &mut Shutdown,
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     let grace = Duration::from_secs(grace);
@@ -529,14 +543,14 @@ mod tests {
     #[tokio::test]
     async fn a_second_stop_abandons_what_is_in_flight_at_once() {
         let (_dir, c) = planned().await;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send(()).unwrap();
         tx.send(()).unwrap();
         // Work that never ends by itself, and an hour of grace: only the second stop ends it.
         let work = std::future::pending::<()>();
         let out = tokio::time::timeout(
             Duration::from_secs(10),
-            run_until_stopped(&c, 3600, rx, work),
+            run_until_stopped(&c, 3600, &mut rx, work),
         )
         .await
         .expect("returned without waiting for the grace period");
@@ -547,21 +561,21 @@ mod tests {
     #[tokio::test]
     async fn a_first_stop_lets_the_work_finish_within_the_grace_period() {
         let (_dir, c) = planned().await;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send(()).unwrap();
         let work = async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             "finished"
         };
         assert_eq!(
-            run_until_stopped(&c, 3600, rx, work).await,
+            run_until_stopped(&c, 3600, &mut rx, work).await,
             Some("finished")
         );
         // No one can stop a run whose sender is gone: it runs to its end.
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         drop(tx);
         let work = async { "ran" };
-        assert_eq!(run_until_stopped(&c, 0, rx, work).await, Some("ran"));
+        assert_eq!(run_until_stopped(&c, 0, &mut rx, work).await, Some("ran"));
         c.flush().await;
     }
 }

@@ -18,6 +18,7 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
     let now = crate::events::ticker::now_secs();
     let running = crate::events::ticker::fresh(m.run_progress()?, now);
     let estimate = estimate::of_manifest(&m, &settings, &args.estimate, c.total)?;
+    let follow = follow_status(&m)?;
     if args.json {
         let json = |e: serde_json::Error| JobError::Other(e.to_string());
         let mut v = serde_json::to_value(&c).map_err(json)?;
@@ -25,17 +26,33 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
             o.extend(running_fields(running.as_ref()));
         }
         v["estimate"] = serde_json::to_value(&estimate).map_err(json)?;
+        if let Some(f) = &follow {
+            v["follow"] = f.json.clone();
+            v["lag"] = f.lag_json.clone();
+        }
         println!("{}", serde_json::to_string(&v).map_err(json)?);
     } else {
         println!("{}", crate::report::status_text(&settings, &c));
         if let Some(p) = &running {
             println!("{}", crate::events::ticker::status_line(p, now));
         }
-        for r in m.refreshes()?.iter().filter(|r| r.generation > 0) {
+        let followed: std::collections::BTreeSet<i64> = m
+            .follow_generations()?
+            .into_iter()
+            .map(|(g, _, _)| g)
+            .collect();
+        for r in m
+            .refreshes()?
+            .iter()
+            .filter(|r| r.generation > 0 && !followed.contains(&r.generation))
+        {
             println!("refresh {}: {} tasks added", r.generation, r.tasks);
             for line in ui::refresh_findings(r) {
                 println!("refresh {}: {line}", r.generation);
             }
+        }
+        for line in follow.iter().flat_map(|f| &f.lines) {
+            println!("{line}");
         }
         if let Some(line) = ui::deleted_at_source_line(&c) {
             println!("{line}");
@@ -74,4 +91,73 @@ pub(super) fn running_fields(
             ),
         ),
     ]
+}
+
+/// What `status` says of `follow` (None when it never ran on the job).
+struct FollowStatus {
+    lines: Vec<String>,
+    json: serde_json::Value,
+    lag_json: serde_json::Value,
+}
+
+fn follow_status(m: &Manifest) -> Result<Option<FollowStatus>, JobError> {
+    use serde_json::json;
+    let f = m.follow_facts()?;
+    if !f.followed {
+        return Ok(None);
+    }
+    let now_ms = crate::events::ticker::now_secs() * 1000;
+    let hour = m.lag_stats(Some(now_ms - 3_600_000))?;
+    let all = m.lag_stats(None)?;
+    let mut rounds: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for (_, kind, tasks) in m.follow_generations()? {
+        let r = rounds.entry(kind).or_default();
+        r.0 += 1;
+        r.1 += tasks;
+    }
+    let oldest_age = f.oldest_pending_ms.map(|t| ((now_ms - t).max(0)) / 1000);
+    let round_text: Vec<String> = rounds
+        .iter()
+        .map(|(k, (n, t))| format!("{n} {k} rounds ({t} tasks)"))
+        .collect();
+    let mut lines = vec![format!(
+        "follow: {} changes received, {} keys pending{}; {}; {} tasks found by reconcile",
+        f.events,
+        f.pending_keys,
+        oldest_age.map_or(String::new(), |a| format!(" (oldest {a}s)")),
+        match round_text.is_empty() {
+            true => "no rounds yet".to_string(),
+            false => round_text.join(", "),
+        },
+        f.found_by_reconcile
+    )];
+    if let Some((g, started, tasks, finished)) = f.last_reconcile {
+        let state = if finished { "finished" } else { "under way" };
+        lines.push(format!(
+            "follow: last reconcile (refresh {g}, started {}s ago) {state}, {tasks} tasks found",
+            (now_ms / 1000 - started).max(0)
+        ));
+    }
+    lines.push(format!("follow: last hour: {}", ui::lag_line(&hour)));
+    lines.push(format!("follow: since start: {}", ui::lag_line(&all)));
+    let rounds_json: serde_json::Map<String, serde_json::Value> = rounds
+        .iter()
+        .map(|(k, (n, t))| (k.clone(), json!({"rounds": n, "tasks": t})))
+        .collect();
+    let json = json!({
+        "events": f.events,
+        "pending_keys": f.pending_keys,
+        "oldest_pending_age_secs": oldest_age,
+        "found_by_reconcile": f.found_by_reconcile,
+        "rounds": rounds_json,
+        "last_reconcile": f.last_reconcile.map(|(g, started, tasks, finished)| json!({
+            "generation": g, "started_at": started, "tasks": tasks, "finished": finished
+        })),
+    });
+    let lag_json = json!({"last_hour": hour, "since_start": all});
+    Ok(Some(FollowStatus {
+        lines,
+        json,
+        lag_json,
+    }))
 }

@@ -18,13 +18,14 @@
 //! `migrate` (v1 and v2 files), `pages` (plan: pages and checkpoints), `read` (tasks,
 //! counts, problems), `writer` (updates and the writer thread), `run_progress` (a running
 //! run's rate and ETA), `estimate` (every task, key by key, for the cost estimate, and the
-//! facts `plan` stores for it).
+//! facts `plan` stores for it), `follow` (pending events, scoped refreshes, lag).
 //!
 //! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass, Side}`,
 //! `crate::config::JobSettings`.
 
 mod codec;
 mod estimate;
+mod follow;
 mod keys;
 mod migrate;
 mod pages;
@@ -49,6 +50,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
+pub use follow::{
+    lag_stats_of, one_key_end, FollowFacts, LagHistogram, LagStats, PendingChange, PendingKeys,
+    RefreshKind,
+};
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use run_progress::RunProgress;
 pub use store::{PlanStore, ReportStore, ResumeStore, RunStore};

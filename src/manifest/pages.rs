@@ -653,20 +653,26 @@ fn newest_per_dest(
 /// recorded as deleted at the source elsewhere.
 fn finish_refresh(
     conn: &Connection,
+    keys: &mut Keys,
     generation: i64,
     tracks_deletions: bool,
     deletes: &dyn Fn(&str) -> Vec<i64>,
 ) -> std::result::Result<(), DbError> {
+    // A scoped refresh (`follow`'s events) looked only for its own keys.
+    let scoped = super::follow::finish_scoped(conn, keys, generation)?;
     if tracks_deletions {
-        let unlisted: Vec<(i64, String)> = conn
-            .prepare(
-                "SELECT id, key FROM keys WHERE id NOT IN (SELECT key_id FROM refresh_seen)
-                 ORDER BY id",
-            )
-            .and_then(|mut s| {
-                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })?;
+        let unlisted: Vec<(i64, String)> = match scoped {
+            Some(unlisted) => unlisted,
+            None => conn
+                .prepare(
+                    "SELECT id, key FROM keys WHERE id NOT IN (SELECT key_id FROM refresh_seen)
+                     ORDER BY id",
+                )
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })?,
+        };
         let mut added = Added::default();
         let (mut deleted, mut not_deleted) = (0i64, 0i64);
         for (key_id, key) in unlisted {
@@ -930,7 +936,7 @@ impl Manifest {
                 let complete: bool =
                     tx.query_row("SELECT min(complete) FROM partitions", [], |r| r.get(0))?;
                 if complete {
-                    finish_refresh(tx, generation, o.tracks_deletions, page.deletes)?;
+                    finish_refresh(tx, &mut keys, generation, o.tracks_deletions, page.deletes)?;
                 }
             }
             Ok((keys, version))

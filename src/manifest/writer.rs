@@ -7,7 +7,7 @@
 //!
 //! May call: `codec`, `read` (next key groups), the types of `manifest`.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -195,6 +195,9 @@ pub struct Writer {
     /// The reconciliation mode recorded with each attempt started from now on (see
     /// [`Writer::record_attempt_mode`]): 0 none, 1 stamped, 2 unstamped.
     mode: Arc<AtomicU8>,
+    /// Whether each task done from now on gets its lag recorded (see
+    /// [`Writer::record_lag`]).
+    lag: Arc<AtomicBool>,
 }
 
 /// Starts the writer thread for `m`.
@@ -204,15 +207,18 @@ pub(super) fn start(m: Manifest) -> Writer {
     let flag = stopped.clone();
     let mode = Arc::new(AtomicU8::new(0));
     let run_mode = mode.clone();
+    let lag = Arc::new(AtomicBool::new(false));
+    let run_lag = lag.clone();
     let thread = std::thread::Builder::new()
         .name("manifest-writer".into())
-        .spawn(move || writer_loop(m, rx, flag, run_mode))
+        .spawn(move || writer_loop(m, rx, flag, run_mode, run_lag))
         .expect("spawn the manifest writer thread");
     Writer {
         tx,
         thread: Some(thread),
         stopped,
         mode,
+        lag,
     }
 }
 
@@ -241,6 +247,12 @@ impl Writer {
     pub fn record_attempt_mode(&self, stamped: bool) {
         self.mode
             .store(if stamped { 1 } else { 2 }, Ordering::SeqCst);
+    }
+
+    /// Records, for every task done from now on, its lag (the commit's time − the source
+    /// version's last-modified), in the transaction of its `Done`: `follow` does.
+    pub fn record_lag(&self, on: bool) {
+        self.lag.store(on, Ordering::SeqCst);
     }
 
     /// Queues an update; it is committed with the next group. An error once the writer has
@@ -362,8 +374,10 @@ fn writer_loop(
     rx: mpsc::Receiver<Msg>,
     stopped: Arc<Mutex<Option<String>>>,
     mode: Arc<AtomicU8>,
+    lag: Arc<AtomicBool>,
 ) {
     while let Some(batch) = next_group(&rx) {
+        let lag = lag.load(Ordering::SeqCst);
         let mode = match mode.load(Ordering::SeqCst) {
             1 => Some(true),
             2 => Some(false),
@@ -376,6 +390,15 @@ fn writer_loop(
                 match msg {
                     Msg::Update(u, ack) => {
                         apply(tx, &u, mode)?;
+                        if let Update::Finished {
+                            id,
+                            outcome: Outcome::Done { .. },
+                        } = &u
+                        {
+                            if lag {
+                                super::follow::record_lag(tx, *id)?;
+                            }
+                        }
                         acks.extend(ack);
                     }
                     Msg::Flush(ack) => acks.push(ack),
