@@ -369,9 +369,17 @@ async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u6
     let mut cpu = 0.0;
     let mut follow = Follow::start(&job, &wiring.flags, &log);
     let duration = Duration::from_secs(secs);
+    // The seed keys whose current entry is an object (a delete of the deleted ones would
+    // leave no second marker on RGW).
+    let live: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 1)
+        .map(|(_, k)| k.clone())
+        .collect();
     let writer = tokio::spawn(
         Writer::new(duration, rate)
-            .existing(&keys)
+            .existing(&live)
             .run(c.clone(), src.clone()),
     );
     // SIGKILL spread over the writing time, restarted after a short pause (events keep
@@ -464,6 +472,8 @@ async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u6
         backfilled + written.writes(),
         "one task per write: {st:?}"
     );
+    let text = run(&["status", "--manifest", job.m()]);
+    println!("status:\n{}", String::from_utf8_lossy(&text.stdout));
     let lag = lag_of(&m);
     println!("lag since start: {}", lag.since_start.line());
     println!("lag last hour:   {}", lag.last_hour.line());

@@ -34,8 +34,9 @@ pub struct Writer {
     pub rate: f64,
     /// New keys are `{prefix}w{N}`.
     pub prefix: String,
-    /// Keys that exist before it starts (overwritten and deleted like its own; on moto not
-    /// before the next second).
+    /// Keys whose current entry is an object before it starts (overwritten and deleted like
+    /// its own; on moto not before the next second). A key whose current entry is a delete
+    /// marker does not belong here: RGW writes no second marker for a delete of it.
     pub existing: Vec<String>,
     /// The source is versioned (a delete leaves a marker) or not (a delete removes).
     pub versioned: bool,
