@@ -305,23 +305,40 @@ impl Window {
     }
 }
 
-/// `status --json`'s lag object; panics when it is missing.
-fn lag_of(m: &Path) -> Lag {
+/// The `follow` object of `status --json`.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct FollowFacts {
+    /// Changes received from events.
+    events: u64,
+    /// Keys changed and not listed yet.
+    pending_keys: u64,
+    /// Tasks that reconciles found (what events missed).
+    found_by_reconcile: u64,
+}
+
+/// `status --json`'s `lag` and `follow` objects; panics when one is missing.
+fn follow_status(m: &Path) -> (Lag, FollowFacts) {
     let o = run(&["status", "--manifest", m.to_str().unwrap(), "--json"]);
     expect_code(&o, 0);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status --json");
-    serde_json::from_value(
-        v.get("lag")
-            .unwrap_or_else(|| panic!("no lag object in status --json: {v}"))
-            .clone(),
-    )
-    .unwrap_or_else(|e| panic!("lag object does not parse ({e}): {v}"))
+    let field = |name: &str| {
+        v.get(name)
+            .unwrap_or_else(|| panic!("no {name} object in status --json: {v}"))
+            .clone()
+    };
+    let lag = serde_json::from_value(field("lag"))
+        .unwrap_or_else(|e| panic!("lag object does not parse ({e}): {v}"));
+    let facts = serde_json::from_value(field("follow"))
+        .unwrap_or_else(|e| panic!("follow object does not parse ({e}): {v}"));
+    (lag, facts)
 }
 
 /// What one scenario measured.
 struct Outcome {
     written: Written,
     lag: Lag,
+    facts: FollowFacts,
     /// Tasks done by `follow` (after the backfill).
     copies: u64,
     /// From the first `follow` start to the end of `--until-caught-up`.
@@ -474,12 +491,18 @@ async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u6
     );
     let text = run(&["status", "--manifest", job.m()]);
     println!("status:\n{}", String::from_utf8_lossy(&text.stdout));
-    let lag = lag_of(&m);
+    let (lag, facts) = follow_status(&m);
     println!("lag since start: {}", lag.since_start.line());
     println!("lag last hour:   {}", lag.last_hour.line());
+    println!("follow: {facts:?}");
+    assert_eq!(facts.pending_keys, 0, "no key left pending: {facts:?}");
+    if intake == Intake::Events {
+        assert!(facts.events > 0, "follow received events: {facts:?}");
+    }
     Outcome {
         written,
         lag,
+        facts,
         copies: st.done - backfilled,
         follow_secs,
         cpu_secs: cpu,
@@ -716,7 +739,7 @@ async fn bench_steady_write() {
     println!(
         "BENCH server={} mode={mode} secs={secs} writes={} write_rate={:.1}/s copies={} copies_per_s={:.1} \
          lag_p50_ms={} lag_p99_ms={} lag_p999_ms={} lag_max_ms={} within_15m={} catchup_s={:.1} \
-         follow_cpu_s={:.2} follow_cpu_pct={:.1} dropped={}",
+         follow_cpu_s={:.2} follow_cpu_pct={:.1} dropped={} found_by_reconcile={}",
         server().name(),
         o.written.writes(),
         o.written.rate(),
@@ -731,5 +754,6 @@ async fn bench_steady_write() {
         o.cpu_secs,
         100.0 * o.cpu_secs / o.follow_secs,
         o.relay.map_or(0, |r| r.dropped),
+        o.facts.found_by_reconcile,
     );
 }
