@@ -116,7 +116,7 @@ async fn wire(ep: &str, src: &str, intake: Intake) -> Wiring {
     }
     match server() {
         Server::Moto => {
-            let sqs = sqs_client(ep);
+            let sqs = sqs_client(ep).await;
             let (a, b) = (bucket("notified"), bucket("follow"));
             events_script(&[
                 "moto-queue",
@@ -589,7 +589,7 @@ async fn the_writer_and_the_relay_do_what_they_say() {
     let sink = relay::Sink::start();
     let (wiring, queue_b) = match server() {
         Server::Moto => {
-            let sqs = sqs_client(&ep);
+            let sqs = sqs_client(&ep).await;
             let a = bucket("kit-notified");
             events_script(&[
                 "moto-queue",
@@ -685,7 +685,7 @@ async fn the_writer_and_the_relay_do_what_they_say() {
     // What came out at the other end: exactly what the relay passed on.
     let passed = match &queue_b {
         Some(url) => {
-            let sqs = sqs_client(&ep);
+            let sqs = sqs_client(&ep).await;
             let mut n = 0u64;
             loop {
                 let r = sqs

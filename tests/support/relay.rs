@@ -220,17 +220,19 @@ async fn forward(
     Ok(resp.status())
 }
 
-/// An SQS client for `endpoint` with the test credentials (region us-east-1).
-pub fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
-    let conf = aws_sdk_sqs::config::Builder::new()
-        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+/// An SQS client for `endpoint` with the test credentials (region us-east-1). Built from
+/// aws-config's shared settings, so it has aws-config's HTTP client whatever features the
+/// SQS crate is built with.
+pub async fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_sqs::config::Credentials::new(
             KEY_ID, SECRET, None, None, "test",
         ))
-        .build();
-    aws_sdk_sqs::Client::from_conf(conf)
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&conf)
 }
 
 /// Creates a queue and returns its URL.
@@ -264,7 +266,7 @@ impl QueueRelay {
             to.to_string(),
         );
         let stop = on_own_thread("queue-relay", async move {
-            let sqs = sqs_client(&endpoint);
+            let sqs = sqs_client(&endpoint).await;
             loop {
                 let got = match sqs
                     .receive_message()
