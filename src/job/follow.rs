@@ -183,9 +183,10 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
     if summary.aborted.is_none() && summary.limit.is_none() && !caught_up {
         summary.interrupted = true;
     }
-    if caught_up {
-        let lag = m.lag_stats(None)?;
-        crate::say!("caught up: {}", crate::ui::lag_line(&lag));
+    let lag = crate::ui::lag_line(&m.lag_stats(None)?);
+    match caught_up {
+        true => crate::say!("caught up: {lag}"),
+        false => crate::say!("follow stopped: {lag}"),
     }
     Ok(Followed { summary, caught_up })
 }
