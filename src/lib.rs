@@ -14,6 +14,7 @@
 //! JSON lines for a machine (`--log-format`), with the periodic progress line and its ETA.
 //! [`estimate`] counts the requests and dollars a run will cost before it runs; [`pricing`]
 //! holds the price tables and server profiles it and `--max-cost` use.
+//! [`follow`] is where `follow` hears of changes (SQS, an HTTP push endpoint; S3 event records).
 //!
 //! Imports point down, from the top: `main`; [`job`]; [`cli`] and [`ui`]; the stages
 //! ([`copier`], [`lister`], [`verify`], [`report`], [`estimate`]); [`events`]; [`manifest`]
@@ -34,6 +35,7 @@ pub mod copier;
 pub mod estimate;
 pub mod events;
 pub mod filters;
+pub mod follow;
 pub mod inputs;
 pub mod job;
 pub mod lister;

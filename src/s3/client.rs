@@ -396,17 +396,7 @@ pub async fn build(
     cfg: &SideConfig,
     timeouts: Timeouts,
 ) -> (SdkClient, Option<String>) {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(profile) = &cfg.profile {
-        loader = loader.profile_name(profile);
-    }
-    if let Some(region) = &cfg.region {
-        loader = loader.region(Region::new(region.clone()));
-    }
-    if let Some(endpoint) = &cfg.endpoint {
-        loader = loader.endpoint_url(endpoint);
-    }
-    let sdk = loader.load().await;
+    let sdk = sdk_config(cfg).await;
     let endpoint = effective_endpoint(&sdk);
     let mut b = aws_sdk_s3::config::Builder::from(&sdk)
         .retry_config(RetryConfig::disabled())
@@ -436,6 +426,23 @@ pub async fn build(
         bandwidth: None,
     };
     (client, endpoint)
+}
+
+/// The AWS configuration of one side: the standard chain (credentials, region, endpoint
+/// from the environment and the profile) with the side's profile, region and endpoint
+/// over it. Other services' clients of the side (`follow`'s SQS queue) start from it too.
+pub async fn sdk_config(cfg: &SideConfig) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(profile) = &cfg.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(region) = &cfg.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &cfg.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
 }
 
 /// The endpoint URL the SDK will use: the same precedence as

@@ -9,8 +9,9 @@ use quick_xml::Reader;
 
 use super::types::{VersionEntry, VersionPage};
 
-fn url_decode(s: &str) -> String {
-    // S3's `encoding-type=url` is form encoding: '+' is a space, '%2B' a plus.
+/// A key as S3 URL-encodes it (listings with `encoding-type=url`, event records) decoded
+/// once: form encoding, '+' is a space and '%2B' a plus.
+pub fn url_decode(s: &str) -> String {
     let plus = s.replace('+', " ");
     percent_encoding::percent_decode_str(&plus)
         .decode_utf8_lossy()
