@@ -789,8 +789,8 @@ pub struct FollowArgs {
     /// Where changes come from: `sqs:QUEUE` (a queue URL or name, read with the source's
     /// profile, region and endpoint) or `http://ADDR:PORT` (an endpoint served here that
     /// accepts S3 event records: Ceph RGW topics, MinIO webhooks). Without it, polling.
-    #[arg(long, value_name = "SOURCE", value_parser = parse_events_arg)]
-    pub events: Option<String>,
+    #[arg(long, value_name = "SOURCE", value_parser = crate::follow::intake::parse_events)]
+    pub events: Option<crate::follow::intake::EventSource>,
     /// Seconds between full listings of what changed (default 60 without --events; off with
     /// --events unless given).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400 * 7))]
@@ -822,28 +822,6 @@ impl FollowArgs {
     pub fn reconcile_every(&self) -> Option<Duration> {
         (self.reconcile_interval > 0).then(|| Duration::from_secs(self.reconcile_interval))
     }
-}
-
-/// `--events`: checked here, read by the intake.
-fn parse_events_arg(s: &str) -> Result<String, String> {
-    if let Some(q) = s.strip_prefix("sqs:") {
-        if q.is_empty() {
-            return Err("sqs: needs a queue URL or name, e.g. sqs:my-queue".into());
-        }
-        return Ok(s.to_string());
-    }
-    if let Some(addr) = s.strip_prefix("http://") {
-        let addr = addr.trim_end_matches('/');
-        return match addr.parse::<std::net::SocketAddr>() {
-            Ok(_) => Ok(s.to_string()),
-            Err(_) => Err(format!(
-                "http:// needs an address and port to listen on, e.g. http://127.0.0.1:8099 (got {addr:?})"
-            )),
-        };
-    }
-    Err(format!(
-        "unknown event source {s:?}: use sqs:QUEUE-URL-OR-NAME or http://ADDR:PORT"
-    ))
 }
 
 /// How `plan`, `run` and `replicate` write to stderr (see `events`).

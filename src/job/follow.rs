@@ -28,7 +28,7 @@ use super::run::{copy_while_listing, run_until_stopped, LiveListing, RunJob, Shu
 use super::{lock_manifest, JobError};
 use crate::cli::FollowArgs;
 use crate::copier::{Copier, RunSummary};
-use crate::manifest::{Manifest, PendingKeys, RefreshKind};
+use crate::manifest::{Manifest, PendingChange, PendingKeys, RefreshKind};
 use crate::s3::{S3Client, Side};
 
 /// Keys listed per scoped round at most.
@@ -65,7 +65,10 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
     copier.record_lag();
     let changes = Changes::default();
     let intake = match &args.events {
-        Some(spec) => Some(start_intake(spec, &run.manifest, &settings, &changes).await?),
+        Some(spec) => {
+            let timeouts = run.exec.timeouts();
+            Some(start_intake(spec, &run.manifest, &settings, timeouts, &changes).await?)
+        }
         None => None,
     };
     let ticker = {
@@ -390,15 +393,79 @@ impl Drop for IntakeTask {
     }
 }
 
+/// Opens `--events` (a port in use, a queue that does not exist: an error now) and starts
+/// its task: each batch received is filtered to the job's bucket and prefix, stored as
+/// pending keys (durable), then acknowledged, and the rounds are woken. A batch that
+/// cannot be stored is not acknowledged (the queue sends it again; a POST gets 503).
 async fn start_intake(
-    spec: &str,
-    _manifest: &std::path::Path,
-    _settings: &crate::config::JobSettings,
-    _changes: &Changes,
+    source: &crate::follow::intake::EventSource,
+    manifest: &std::path::Path,
+    settings: &crate::config::JobSettings,
+    timeouts: crate::s3::Timeouts,
+    changes: &Changes,
 ) -> Result<IntakeTask, JobError> {
-    Err(JobError::Usage(format!(
-        "--events {spec}: not available in this build"
-    )))
+    use crate::follow::intake::Intake;
+    let mut intake = Intake::open(source, &settings.source_side, timeouts)
+        .await
+        .map_err(|e| JobError::Usage(format!("--events {source}: {e}")))?;
+    crate::say!("follow: listening to {}", intake.describe());
+    let m = Manifest::open(manifest, false)?;
+    m.wait_for_locks_briefly()?;
+    let bucket = settings.source.bucket.clone();
+    let prefix = settings.selection.prefix.clone();
+    let changes = changes.clone();
+    let task = tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let got = match intake.receive(Duration::from_secs(1)).await {
+                Ok(got) => got,
+                Err(e) => {
+                    if !failing {
+                        crate::say!("warning: events: {e} (trying again)");
+                    }
+                    failing = true;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if got.is_empty() {
+                match intake.backlog().await {
+                    Ok(n) => changes
+                        .backlog
+                        .store(n, std::sync::atomic::Ordering::SeqCst),
+                    Err(_) => changes
+                        .backlog
+                        .store(1, std::sync::atomic::Ordering::SeqCst),
+                }
+                continue;
+            }
+            let pending: Vec<PendingChange> = got
+                .iter()
+                .flat_map(|d| &d.changes)
+                .filter(|c| c.bucket == bucket && c.key.starts_with(&prefix))
+                .map(|c| PendingChange {
+                    key: c.key.clone(),
+                    event_ms: c.event_time_ms,
+                })
+                .collect();
+            if let Err(e) = m.add_pending(&pending) {
+                crate::say!(
+                    "warning: events: could not store {} changes: {e}",
+                    pending.len()
+                );
+                drop(got);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            if let Err(e) = intake.ack(got).await {
+                // Stored: a message received again is only listed once more.
+                crate::say!("warning: events: acknowledging: {e}");
+            }
+            failing = false;
+            changes.stored.notify_one();
+        }
+    });
+    Ok(IntakeTask(task))
 }
 
 #[cfg(test)]
