@@ -24,7 +24,7 @@
 mod support;
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -44,8 +44,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// Runs `scripts/events.py` (the project's notification set-up) with the moto venv's
-/// Python (boto3).
-fn events_script(args: &[&str]) {
+/// Python (boto3); the last line it prints (the queue URL or the topic ARN).
+fn events_script(args: &[&str]) -> String {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
     let o = std::process::Command::new(&python)
@@ -66,15 +66,26 @@ fn events_script(args: &[&str]) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    print!("{}", String::from_utf8_lossy(&o.stdout));
+    let out = String::from_utf8_lossy(&o.stdout);
+    print!("{out}");
+    out.lines().last().unwrap_or_default().trim().to_string()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
+/// On moto: a queue the source bucket notifies (wired by `scripts/events.py`), a second
+/// queue, and a relay from the first to the second that drops 5%; the second's URL.
+async fn notified_queue(ep: &str, src: &str) -> (QueueRelay, String) {
+    let notified = events_script(&[
+        "moto-queue",
+        "--endpoint",
+        ep,
+        "--bucket",
+        src,
+        "--queue",
+        &bucket("notified"),
+    ]);
+    assert!(notified.starts_with("http"), "a queue URL: {notified:?}");
+    let relayed = create_queue(&sqs_client(ep).await, &bucket("relayed")).await;
+    (QueueRelay::start(ep, &notified, &relayed), relayed)
 }
 
 /// How changes reach `follow`.
@@ -116,30 +127,9 @@ async fn wire(ep: &str, src: &str, intake: Intake) -> Wiring {
     }
     match server() {
         Server::Moto => {
-            let sqs = sqs_client(ep).await;
-            let (a, b) = (bucket("notified"), bucket("follow"));
-            events_script(&[
-                "moto-queue",
-                "--endpoint",
-                ep,
-                "--bucket",
-                src,
-                "--queue",
-                &a,
-            ]);
-            let a_url = sqs
-                .get_queue_url()
-                .queue_name(&a)
-                .send()
-                .await
-                .expect("the notified queue exists")
-                .queue_url()
-                .expect("a queue url")
-                .to_string();
-            let b_url = create_queue(&sqs, &b).await;
-            let relay = QueueRelay::start(ep, &a_url, &b_url);
+            let (relay, relayed) = notified_queue(ep, src).await;
             Wiring {
-                flags: vec!["--events".into(), format!("sqs:{b_url}")],
+                flags: vec!["--events".into(), format!("sqs:{relayed}")],
                 queue: Some(relay),
                 http: None,
             }
@@ -589,34 +579,14 @@ async fn the_writer_and_the_relay_do_what_they_say() {
     let sink = relay::Sink::start();
     let (wiring, queue_b) = match server() {
         Server::Moto => {
-            let sqs = sqs_client(&ep).await;
-            let a = bucket("kit-notified");
-            events_script(&[
-                "moto-queue",
-                "--endpoint",
-                &ep,
-                "--bucket",
-                &src,
-                "--queue",
-                &a,
-            ]);
-            let a_url = sqs
-                .get_queue_url()
-                .queue_name(&a)
-                .send()
-                .await
-                .expect("the notified queue exists")
-                .queue_url()
-                .unwrap()
-                .to_string();
-            let b_url = create_queue(&sqs, &bucket("kit-follow")).await;
+            let (relay, relayed) = notified_queue(&ep, &src).await;
             (
                 Wiring {
                     flags: Vec::new(),
-                    queue: Some(QueueRelay::start(&ep, &a_url, &b_url)),
+                    queue: Some(relay),
                     http: None,
                 },
-                Some(b_url),
+                Some(relayed),
             )
         }
         Server::Rgw => {

@@ -114,6 +114,33 @@ where
     stop
 }
 
+/// Serves HTTP/1.1 on a free port of 127.0.0.1 with `handle` for every request, on a thread
+/// of its own (see [`on_own_thread`]); its address and the sender that stops it.
+fn serve<H, F>(name: &str, handle: H) -> (SocketAddr, oneshot::Sender<()>)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<Full<Bytes>>, hyper::Error>> + Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("local address");
+    let stop = on_own_thread(name, async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(handle))
+                    .await;
+            });
+        }
+    });
+    (addr, stop)
+}
+
 /// An HTTP relay in front of `follow`'s push endpoint (see the module header).
 pub struct HttpRelay {
     /// Where the server pushes to.
@@ -127,26 +154,9 @@ impl HttpRelay {
     /// Listens on a free port of 127.0.0.1 and forwards to `target` (`ADDR:PORT` of
     /// `follow --events http://ADDR:PORT`).
     pub fn start(target: SocketAddr) -> HttpRelay {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("relay address");
         let counts = Arc::new(RelayCounts::default());
         let c = counts.clone();
-        let stop = on_own_thread("http-relay", async move {
-            let listener = TcpListener::from_std(listener).expect("relay listener");
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| relay_post(req, target, c.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let (addr, stop) = serve("http-relay", move |req| relay_post(req, target, c.clone()));
         HttpRelay {
             addr,
             counts,
@@ -332,33 +342,16 @@ pub struct Sink {
 impl Sink {
     /// Listens on a free port of 127.0.0.1.
     pub fn start() -> Sink {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the sink");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("sink address");
         let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = bodies.clone();
-        let stop = on_own_thread("sink", async move {
-            let listener = TcpListener::from_std(listener).expect("sink listener");
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let kept = kept.clone();
-                        async move {
-                            let body = req.into_body().collect().await?.to_bytes();
-                            kept.lock()
-                                .expect("sink bodies")
-                                .push(String::from_utf8_lossy(&body).into_owned());
-                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let (addr, stop) = serve("sink", move |req: Request<Incoming>| {
+            let kept = kept.clone();
+            async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                kept.lock()
+                    .expect("sink bodies")
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                Ok(Response::new(Full::new(Bytes::new())))
             }
         });
         Sink {
