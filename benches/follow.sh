@@ -7,8 +7,12 @@
 # Settings (environment):
 #   FOLLOW_BENCH_SERVERS="rgw moto"   servers to run on: rgw (events: an RGW topic pushing to
 #                                     follow's HTTP endpoint), moto (events: S3 -> SQS)
-#   FOLLOW_BENCH_MODES="events poll"  events (5% dropped by the relay, as in the tests) and/or
-#                                     polling (--poll-interval 2)
+#   FOLLOW_BENCH_MODES="events events-drop5 poll"
+#                                     events: every event reaches follow (the event path's
+#                                     own lag); events-drop5: the relay drops 5% as in the
+#                                     tests and a reconcile every FOLLOW_BENCH_RECONCILE
+#                                     seconds (default 15) finds what they missed; poll:
+#                                     --poll-interval 2
 #   FOLLOW_TEST_SECS=60               how long the writer writes
 #   FOLLOW_TEST_RATE=20               writes per second (puts of new keys, overwrites, deletes)
 #   FOLLOW_BENCH_PROFILE=release      cargo profile of the test binary and of s3-backfill
@@ -30,7 +34,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SERVERS="${FOLLOW_BENCH_SERVERS:-rgw moto}"
-MODES="${FOLLOW_BENCH_MODES:-events poll}"
+MODES="${FOLLOW_BENCH_MODES:-events events-drop5 poll}"
 SECS="${FOLLOW_TEST_SECS:-60}"
 RATE="${FOLLOW_TEST_RATE:-20}"
 PROFILE="${FOLLOW_BENCH_PROFILE:-release}"
@@ -52,8 +56,7 @@ echo "follow bench: building the test binary ($PROFILE)" >&2
 cargo test --profile "$PROFILE" --test follow --no-run >&2
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/follow-bench.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-printf '%-5s %-7s %9s %9s %9s %9s %9s %8s %10s %9s %9s\n' server mode "p50 ms" "p99 ms" \
+printf '%-5s %-12s %9s %9s %9s %9s %9s %8s %10s %9s %9s\n' server mode "p50 ms" "p99 ms" \
   "p99.9 ms" "max ms" "copies/s" "writes/s" "cpu s" "cpu %" "catch-up"
 failed=0
 for server in $SERVERS; do
@@ -76,10 +79,15 @@ for server in $SERVERS; do
     fi
     # key=value fields of the BENCH line.
     get() { tr ' ' '\n' <<<"$line" | sed -n "s/^$1=//p"; }
-    printf '%-5s %-7s %9s %9s %9s %9s %9s %8s %10s %9s %8ss\n' "$server" "$mode" \
+    printf '%-5s %-12s %9s %9s %9s %9s %9s %8s %10s %9s %8ss\n' "$server" "$mode" \
       "$(get lag_p50_ms)" "$(get lag_p99_ms)" "$(get lag_p999_ms)" "$(get lag_max_ms)" \
       "$(get copies_per_s)" "$(get write_rate | tr -d /s)" "$(get follow_cpu_s)" \
       "$(get follow_cpu_pct)" "$(get catchup_s)"
   done
 done
+if [ "$failed" = 0 ]; then
+  rm -rf "$WORK"
+else
+  echo "follow bench: the runs' output is in $WORK" >&2
+fi
 exit "$failed"

@@ -13,13 +13,15 @@
 //! - The writer and the relays alone: what the writer says it did is what the source holds,
 //!   the relay passes on 95% of the server's events and drops 5%.
 //! - A bench (ignored; `benches/follow.sh` runs it): the scenario without kills, printing
-//!   lag percentiles, copies/s and the CPU time of `follow`.
+//!   lag percentiles, copies/s and the CPU time of `follow`, with events (none dropped, or
+//!   5% dropped and a reconcile every 15 s) and with polling.
 //!
 //! Environment: `FOLLOW_TEST_SECS` (how long the writer writes, default 25),
 //! `FOLLOW_TEST_RATE` (writes per second, default 10), `FOLLOW_TEST_KILLS` (SIGKILLs of
 //! `follow` while the writer writes, default 3), `FOLLOW_CATCHUP_LIMIT` (seconds
 //! `follow --until-caught-up` may take before the test fails, default 300), and for the
-//! bench `FOLLOW_BENCH_MODE` (`events` or `poll`).
+//! bench `FOLLOW_BENCH_MODE` (`events`, `events-drop5` or `poll`) and
+//! `FOLLOW_BENCH_RECONCILE`.
 
 mod support;
 
@@ -72,8 +74,9 @@ fn events_script(args: &[&str]) -> String {
 }
 
 /// On moto: a queue the source bucket notifies (wired by `scripts/events.py`), a second
-/// queue, and a relay from the first to the second that drops 5%; the second's URL.
-async fn notified_queue(ep: &str, src: &str) -> (QueueRelay, String) {
+/// queue, and a relay from the first to the second that drops every `drop_every`th
+/// message; the second's URL.
+async fn notified_queue(ep: &str, src: &str, drop_every: u64) -> (QueueRelay, String) {
     let notified = events_script(&[
         "moto-queue",
         "--endpoint",
@@ -85,14 +88,17 @@ async fn notified_queue(ep: &str, src: &str) -> (QueueRelay, String) {
     ]);
     assert!(notified.starts_with("http"), "a queue URL: {notified:?}");
     let relayed = create_queue(&sqs_client(ep).await, &bucket("relayed")).await;
-    (QueueRelay::start(ep, &notified, &relayed), relayed)
+    (
+        QueueRelay::start(ep, &notified, &relayed, drop_every),
+        relayed,
+    )
 }
 
 /// How changes reach `follow`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Intake {
-    /// The server's notifications, through a relay that drops 5%.
-    Events,
+    /// The server's notifications, through a relay that drops every Nth (0: none).
+    Events(u64),
     /// `--poll-interval 2`.
     Poll,
 }
@@ -118,16 +124,19 @@ impl Wiring {
 /// relay: on moto, queue A (notified) → relay → queue B (`follow` reads it); on RGW, a
 /// topic pushing to the HTTP relay, which forwards to `follow`'s endpoint.
 async fn wire(ep: &str, src: &str, intake: Intake) -> Wiring {
-    if intake == Intake::Poll {
-        return Wiring {
-            flags: vec!["--poll-interval".into(), "2".into()],
-            queue: None,
-            http: None,
-        };
-    }
+    let drop_every = match intake {
+        Intake::Poll => {
+            return Wiring {
+                flags: vec!["--poll-interval".into(), "2".into()],
+                queue: None,
+                http: None,
+            }
+        }
+        Intake::Events(n) => n,
+    };
     match server() {
         Server::Moto => {
-            let (relay, relayed) = notified_queue(ep, src).await;
+            let (relay, relayed) = notified_queue(ep, src, drop_every).await;
             Wiring {
                 flags: vec!["--events".into(), format!("sqs:{relayed}")],
                 queue: Some(relay),
@@ -136,7 +145,7 @@ async fn wire(ep: &str, src: &str, intake: Intake) -> Wiring {
         }
         Server::Rgw => {
             let follow_at: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let relay = HttpRelay::start(follow_at);
+            let relay = HttpRelay::start(follow_at, drop_every);
             events_script(&[
                 "rgw-topic",
                 "--endpoint",
@@ -340,9 +349,31 @@ struct Outcome {
     relay: Option<relay::Counts>,
 }
 
+/// How one scenario runs.
+#[derive(Clone, Debug)]
+struct Scenario {
+    /// How changes reach `follow`.
+    intake: Intake,
+    /// More flags of `follow` (e.g. `--reconcile-interval`).
+    flags: Vec<String>,
+    /// Seconds the writer writes.
+    secs: u64,
+    /// Writes per second.
+    rate: f64,
+    /// SIGKILLs of `follow` while the writer writes.
+    kills: u64,
+}
+
 /// The scenario of this file: backfill, `follow` under a steady writer killed `kills`
 /// times, the writer stops, `follow --until-caught-up` exits 0, equal histories.
-async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u64) -> Outcome {
+async fn steady_write(tag: &str, sc: Scenario) -> Outcome {
+    let Scenario {
+        intake,
+        flags,
+        secs,
+        rate,
+        kills,
+    } = sc;
     let ep = endpoint();
     let c = client(&ep);
     let (src, dst) = (bucket(&format!("{tag}-src")), bucket(&format!("{tag}-dst")));
@@ -370,7 +401,8 @@ async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u6
     let backfilled = job.status().done;
     assert_eq!(backfilled, 30 + 20, "the backfill copies every entry");
 
-    let wiring = wire(&ep, &src, intake).await;
+    let mut wiring = wire(&ep, &src, intake).await;
+    wiring.flags.extend(flags);
     let log = dir.path().join("follow.log");
     let started = Instant::now();
     let mut cpu = 0.0;
@@ -446,21 +478,25 @@ async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u6
     assert_eq!(code, 0, "follow --until-caught-up\n{}", tail(&log));
     println!("follow --until-caught-up took {catchup_secs:.1}s after the writer stopped");
     let relay = wiring.counts();
-    if let Some(r) = relay {
+    if let (Some(r), Intake::Events(every)) = (relay, intake) {
         println!("relay: {r:?}");
-        assert_eq!(
-            r.dropped,
-            r.received / DROP_EVERY,
-            "the relay dropped every {DROP_EVERY}th event"
-        );
-        assert!(r.dropped > 0, "no event was dropped: nothing was tested");
+        if let Some(expected) = r.received.checked_div(every) {
+            assert_eq!(
+                r.dropped, expected,
+                "the relay dropped every {every}th event"
+            );
+            assert!(r.dropped > 0, "no event was dropped: nothing was tested");
+        }
     }
 
+    let st = job.status();
+    println!("status: {st:?}");
+    for t in job.tasks().iter().filter(|t| t.state != "done") {
+        println!("task not done: {:?} {} {}", t.key, t.version_id, t.state);
+    }
     // Every key's history, versions and delete markers in order, with the same content.
     let compared = assert_replica(&c, &src, &c, &dst, "", "", all).await;
     println!("{compared} versions compared");
-    let st = job.status();
-    println!("status: {st:?}");
     assert_eq!(
         (
             st.pending,
@@ -486,7 +522,7 @@ async fn steady_write(tag: &str, intake: Intake, secs: u64, rate: f64, kills: u6
     println!("lag last hour:   {}", lag.last_hour.line());
     println!("follow: {facts:?}");
     assert_eq!(facts.pending_keys, 0, "no key left pending: {facts:?}");
-    if intake == Intake::Events {
+    if let Intake::Events(_) = intake {
         assert!(facts.events > 0, "follow received events: {facts:?}");
     }
     Outcome {
@@ -514,30 +550,23 @@ fn check_lag(o: &Outcome) {
     );
 }
 
-fn suite_secs() -> u64 {
-    env_u64("FOLLOW_TEST_SECS", 25)
-}
-
-fn suite_rate() -> f64 {
-    env_u64("FOLLOW_TEST_RATE", 10) as f64
-}
-
-fn suite_kills() -> u64 {
-    env_u64("FOLLOW_TEST_KILLS", 3)
+/// The suite's scenario: `FOLLOW_TEST_SECS` (25) at `FOLLOW_TEST_RATE` (10/s) with
+/// `FOLLOW_TEST_KILLS` (3) kills.
+fn suite(intake: Intake) -> Scenario {
+    Scenario {
+        intake,
+        flags: Vec::new(),
+        secs: env_u64("FOLLOW_TEST_SECS", 25),
+        rate: env_u64("FOLLOW_TEST_RATE", 10) as f64,
+        kills: env_u64("FOLLOW_TEST_KILLS", 3),
+    }
 }
 
 /// Events (SQS on moto, an RGW topic's push on RGW), 5% dropped, `follow` killed three
 /// times: caught up, equal histories, every task done, lag shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_with_five_percent_dropped_and_three_kills_end_in_equal_histories() {
-    let o = steady_write(
-        "fol-ev",
-        Intake::Events,
-        suite_secs(),
-        suite_rate(),
-        suite_kills(),
-    )
-    .await;
+    let o = steady_write("fol-ev", suite(Intake::Events(DROP_EVERY))).await;
     check_lag(&o);
     let r = o.relay.expect("a relay");
     assert!(r.forwarded > 0, "no event reached follow: {r:?}");
@@ -546,14 +575,7 @@ async fn events_with_five_percent_dropped_and_three_kills_end_in_equal_histories
 /// Polling every 2 s, no events, `follow` killed three times: the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_with_three_kills_ends_in_equal_histories() {
-    let o = steady_write(
-        "fol-poll",
-        Intake::Poll,
-        suite_secs(),
-        suite_rate(),
-        suite_kills(),
-    )
-    .await;
+    let o = steady_write("fol-poll", suite(Intake::Poll)).await;
     check_lag(&o);
 }
 
@@ -579,7 +601,7 @@ async fn the_writer_and_the_relay_do_what_they_say() {
     let sink = relay::Sink::start();
     let (wiring, queue_b) = match server() {
         Server::Moto => {
-            let (relay, relayed) = notified_queue(&ep, &src).await;
+            let (relay, relayed) = notified_queue(&ep, &src, DROP_EVERY).await;
             (
                 Wiring {
                     flags: Vec::new(),
@@ -590,7 +612,7 @@ async fn the_writer_and_the_relay_do_what_they_say() {
             )
         }
         Server::Rgw => {
-            let relay = HttpRelay::start(sink.addr);
+            let relay = HttpRelay::start(sink.addr, DROP_EVERY);
             events_script(&[
                 "rgw-topic",
                 "--endpoint",
@@ -688,21 +710,33 @@ async fn the_writer_and_the_relay_do_what_they_say() {
 }
 
 /// The steady-write scenario without kills, for `benches/follow.sh`: prints one line of
-/// figures (lag percentiles, copies/s, CPU of `follow`). Mode from `FOLLOW_BENCH_MODE`
-/// (`events` or `poll`), time and rate from `FOLLOW_TEST_SECS` / `FOLLOW_TEST_RATE`.
+/// figures (lag percentiles, copies/s, CPU of `follow`). Mode from `FOLLOW_BENCH_MODE`:
+/// `events` (no event dropped: the lag of the event path itself), `events-drop5` (5%
+/// dropped, `--reconcile-interval` `FOLLOW_BENCH_RECONCILE`, default 15 s, catches them) or
+/// `poll`; time and rate from `FOLLOW_TEST_SECS` (60) / `FOLLOW_TEST_RATE` (20/s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a bench: benches/follow.sh runs it"]
 async fn bench_steady_write() {
     let mode = std::env::var("FOLLOW_BENCH_MODE").unwrap_or_else(|_| "events".into());
-    let intake = match mode.as_str() {
-        "events" => Intake::Events,
-        "poll" => Intake::Poll,
-        other => panic!("FOLLOW_BENCH_MODE={other:?}: expected events or poll"),
+    let reconcile = env_u64("FOLLOW_BENCH_RECONCILE", 15).to_string();
+    let (intake, flags) = match mode.as_str() {
+        "events" => (Intake::Events(0), Vec::new()),
+        "events-drop5" => (
+            Intake::Events(DROP_EVERY),
+            vec!["--reconcile-interval".to_string(), reconcile],
+        ),
+        "poll" => (Intake::Poll, Vec::new()),
+        other => panic!("FOLLOW_BENCH_MODE={other:?}: expected events, events-drop5 or poll"),
     };
-    let secs = env_u64("FOLLOW_TEST_SECS", 60);
-    let rate = env_u64("FOLLOW_TEST_RATE", 20) as f64;
-    let kills = env_u64("FOLLOW_TEST_KILLS", 0);
-    let o = steady_write("fol-bench", intake, secs, rate, kills).await;
+    let sc = Scenario {
+        intake,
+        flags,
+        secs: env_u64("FOLLOW_TEST_SECS", 60),
+        rate: env_u64("FOLLOW_TEST_RATE", 20) as f64,
+        kills: env_u64("FOLLOW_TEST_KILLS", 0),
+    };
+    let secs = sc.secs;
+    let o = steady_write("fol-bench", sc).await;
     check_lag(&o);
     let l = &o.lag.since_start;
     let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));

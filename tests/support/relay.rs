@@ -1,11 +1,11 @@
 //! relay: event relays that lose events on purpose, between a server's notifications and
 //! `follow`, so the tests can check that lost events do not matter.
 //! - [`HttpRelay`]: the push endpoint of an RGW topic. Every POST is answered 200 at once;
-//!   every [`DROP_EVERY`]th one is dropped (counted), the others are forwarded to `follow`'s
+//!   every Nth one is dropped (counted; the tests' N is [`DROP_EVERY`], 0 drops none), the others are forwarded to `follow`'s
 //!   endpoint, retried while `follow` is down or answers anything but 200 (it is killed and
 //!   restarted during the tests), for up to [`FORWARD_LIMIT`].
 //! - [`QueueRelay`]: from the queue a bucket notifies to the queue `follow` reads (SQS on
-//!   moto): every [`DROP_EVERY`]th message is deleted without being passed on; the others are
+//!   moto): every Nth message is deleted without being passed on; the others are
 //!   sent to the second queue, then deleted from the first.
 //!
 //! Dropping is deterministic (a counter), so a run drops the same share every time. Each
@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use super::server::{KEY_ID, SECRET};
 
-/// One event in this many is dropped (5%).
+/// One event in this many is dropped in the tests (5%).
 pub const DROP_EVERY: u64 = 20;
 /// How long the HTTP relay keeps retrying one event while `follow` does not take it.
 pub const FORWARD_LIMIT: Duration = Duration::from_secs(120);
@@ -49,6 +49,8 @@ pub struct RelayCounts {
     pub lost: AtomicU64,
     /// Forward attempts that `follow` refused or that found it down (then retried).
     pub refused: AtomicU64,
+    /// Every this many events one is dropped (0: none).
+    pub drop_every: u64,
 }
 
 /// A copy of [`RelayCounts`] at one moment.
@@ -78,10 +80,18 @@ impl RelayCounts {
         }
     }
 
-    /// Counts one received event; true when it is to be dropped (every [`DROP_EVERY`]th).
+    /// Counts that drop every `drop_every`th event (0: none).
+    fn dropping(drop_every: u64) -> Arc<RelayCounts> {
+        Arc::new(RelayCounts {
+            drop_every,
+            ..RelayCounts::default()
+        })
+    }
+
+    /// Counts one received event; true when it is to be dropped.
     fn arrive(&self) -> bool {
         let n = self.received.fetch_add(1, Ordering::Relaxed) + 1;
-        let drop = n.is_multiple_of(DROP_EVERY);
+        let drop = self.drop_every > 0 && n.is_multiple_of(self.drop_every);
         if drop {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -152,9 +162,9 @@ pub struct HttpRelay {
 
 impl HttpRelay {
     /// Listens on a free port of 127.0.0.1 and forwards to `target` (`ADDR:PORT` of
-    /// `follow --events http://ADDR:PORT`).
-    pub fn start(target: SocketAddr) -> HttpRelay {
-        let counts = Arc::new(RelayCounts::default());
+    /// `follow --events http://ADDR:PORT`), dropping every `drop_every`th POST (0: none).
+    pub fn start(target: SocketAddr, drop_every: u64) -> HttpRelay {
+        let counts = RelayCounts::dropping(drop_every);
         let c = counts.clone();
         let (addr, stop) = serve("http-relay", move |req| relay_post(req, target, c.clone()));
         HttpRelay {
@@ -266,9 +276,9 @@ pub struct QueueRelay {
 
 impl QueueRelay {
     /// Moves the messages of queue `from` to queue `to` (URLs) on `endpoint`, dropping
-    /// every [`DROP_EVERY`]th.
-    pub fn start(endpoint: &str, from: &str, to: &str) -> QueueRelay {
-        let counts = Arc::new(RelayCounts::default());
+    /// every `drop_every`th (0: none).
+    pub fn start(endpoint: &str, from: &str, to: &str, drop_every: u64) -> QueueRelay {
+        let counts = RelayCounts::dropping(drop_every);
         let (c, endpoint, from, to) = (
             counts.clone(),
             endpoint.to_string(),
