@@ -3,8 +3,8 @@
 //! pages of 1,000, then every task started and finished through the writer. Prints, for
 //! each N: bytes per task row after plan (pending) and after the run (done, with a 32-char
 //! destination version id), the plan insert rate, the writer's update rate, the latency of
-//! `counts()`, of one `next_key_groups` batch and of the estimate's scan of every task
-//! (`for_each_key`), and the peak RSS. Figures are printed,
+//! `counts()`, of one `next_key_groups` batch, of the estimate's scan of every task
+//! (`for_each_key`) and of one `--metrics` scrape, and the peak RSS. Figures are printed,
 //! never asserted.
 //!
 //! Run with `cargo bench --bench manifest`; N defaults to 100,000, and
@@ -233,6 +233,16 @@ fn bench_run(path: &Path, rows: usize, rt: &tokio::runtime::Runtime) {
         done as f64 / rows as f64
     );
     println!("  counts() when done: {:.3} ms", ms(counts));
+    // What one `--metrics` scrape reads and writes (a connection of its own, as the endpoint).
+    let mut size = 0;
+    let scrape = median(11, || {
+        let snap = s3_backfill::metrics::Snapshot::read(&m, "bench").expect("scrape");
+        size = s3_backfill::metrics::encode(&snap).len();
+    });
+    println!(
+        "  one --metrics scrape (read + encode, {size} bytes): {:.3} ms",
+        ms(scrape)
+    );
     println!("  peak RSS so far: {:.1} MiB", peak_rss_mib());
 }
 

@@ -546,6 +546,30 @@ pub struct ExecArgs {
     /// `--max-requests` does.
     #[arg(long, value_name = "USD", value_parser = parse_cost)]
     pub max_cost: Option<f64>,
+    /// Serve OpenMetrics text at http://ADDR:PORT/metrics while the command runs (e.g.
+    /// 127.0.0.1:9100; port 0 picks a free one, said at the start): tasks and bytes by
+    /// state, the listing, latency, requests by operation and outcome, retries, throttling.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// A `--metrics` address: `IP:PORT` (or `localhost:PORT`), checked free by binding it once
+/// (a port in use is refused here, before any work; the command binds it again to serve).
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let addr = match s.parse() {
+        Ok(a) => a,
+        Err(_) => s
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                format!("{s:?} is not an ADDR:PORT to listen on (e.g. 127.0.0.1:9100)")
+            })?,
+    };
+    std::net::TcpListener::bind(addr)
+        .map(|_| addr)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
 /// A `--max-bandwidth` rate (see [`crate::s3::bandwidth::parse_rate`]), as a timetable of

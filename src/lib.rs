@@ -15,11 +15,13 @@
 //! [`estimate`] counts the requests and dollars a run will cost before it runs; [`pricing`]
 //! holds the price tables and server profiles it and `--max-cost` use.
 //! [`follow`] is where `follow` hears of changes (SQS, an HTTP push endpoint; S3 event records).
+//! [`metrics`] is the `--metrics` endpoint of `run`, `replicate` and `follow` (OpenMetrics
+//! text read from the manifest at each scrape, with the run's live request counters).
 //!
 //! Imports point down, from the top: `main`; [`job`]; [`cli`] and [`ui`]; the stages
-//! ([`copier`], [`lister`], [`verify`], [`report`], [`estimate`]); [`events`]; [`manifest`]
-//! and [`select`]; [`config`]; [`inputs`], [`filters`], [`aws_report`], [`rules`] and
-//! [`pricing`]; and [`s3`], which calls nothing of the crate (its retry loop tells an
+//! ([`copier`], [`lister`], [`verify`], [`report`], [`estimate`], [`metrics`]); [`events`];
+//! [`manifest`] and [`select`]; [`config`]; [`inputs`], [`filters`], [`aws_report`], [`rules`]
+//! and [`pricing`]; and [`s3`], which calls nothing of the crate (its retry loop tells an
 //! observer that `events` sets). No two modules import each other, directly or around a
 //! circle. One arrow still runs up without closing a circle: `estimate` reads
 //! `cli::EstimateArgs` (its flags).
@@ -40,6 +42,7 @@ pub mod inputs;
 pub mod job;
 pub mod lister;
 pub mod manifest;
+pub mod metrics;
 pub mod pricing;
 pub mod report;
 pub mod rules;

@@ -75,7 +75,7 @@ fn usage_error(e: clap::Error) -> Exit {
             Exit::of(Ended::Done)
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            events::say("error: a command is needed: plan, run, replicate, status, report or verify (s3-backfill --help lists them)".into());
+            events::say("error: a command is needed: plan, run, replicate, follow, status, report or verify (s3-backfill --help lists them)".into());
             Exit::of(Ended::Usage)
         }
         _ => {

@@ -48,6 +48,24 @@ fn usage_errors_are_one_line_and_exit_2() {
     );
     // An unknown command.
     assert_one_line(&["copy"], "copy");
+    // follow's intake, polling and reconcile flags.
+    assert_one_line(
+        &["follow", "--manifest", "job.db", "--events", "kafka:topic"],
+        "--events",
+    );
+    assert_one_line(
+        &["follow", "--manifest", "job.db", "--events", "http://127.0.0.1"],
+        "ADDR:PORT",
+    );
+    assert_one_line(
+        &["follow", "--manifest", "job.db", "--poll-interval", "0"],
+        "--poll-interval",
+    );
+    // A job that does not exist: nothing is created, one line.
+    assert_one_line(
+        &["follow", "--manifest", "no-such-job.db", "--poll-interval", "5"],
+        "no-such-job.db",
+    );
     // No command at all: one line naming the commands, not the whole help.
     assert_one_line(&[], "plan, run, replicate");
 }

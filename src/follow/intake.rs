@@ -253,6 +253,37 @@ impl Intake {
             Inner::Http(e) => Ok(e.backlog()),
         }
     }
+
+    /// A handle that reads [`Intake::backlog`] from another task while this intake
+    /// receives in its own (an RGW topic without `persistent` holds every write to the
+    /// bucket until its POST is answered, so receiving and acknowledging never pause).
+    pub fn backlog_probe(&self) -> BacklogProbe {
+        BacklogProbe(match &self.inner {
+            Inner::Sqs(q) => Probe::Sqs(q.clone()),
+            Inner::Http(e) => Probe::Http(e.waiting()),
+        })
+    }
+}
+
+/// Reads an [`Intake`]'s backlog from anywhere (cloned freely; it lives on after the intake
+/// and then says what the queue still holds, or 0 for HTTP).
+#[derive(Clone, Debug)]
+pub struct BacklogProbe(Probe);
+
+#[derive(Clone, Debug)]
+enum Probe {
+    Sqs(sqs::Queue),
+    Http(Arc<AtomicU64>),
+}
+
+impl BacklogProbe {
+    /// The same count as [`Intake::backlog`].
+    pub async fn backlog(&self) -> Result<u64, IntakeError> {
+        match &self.0 {
+            Probe::Sqs(q) => q.backlog().await,
+            Probe::Http(waiting) => Ok(waiting.load(Ordering::SeqCst)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +354,21 @@ mod tests {
             assert!(e.contains(says), "{s:?}: {e}");
             assert!(!e.contains('\n'), "{s:?}: {e}");
         }
+    }
+
+    /// Compiles only if an intake, its deliveries and its futures may move to a task of
+    /// their own.
+    #[allow(dead_code)]
+    fn intake_runs_in_a_task_of_its_own(mut intake: Intake) -> tokio::task::JoinHandle<()> {
+        let probe = intake.backlog_probe();
+        tokio::spawn(async move {
+            probe.backlog().await.unwrap();
+        });
+        tokio::spawn(async move {
+            let got = intake.receive(Duration::ZERO).await.unwrap();
+            intake.ack(got).await.unwrap();
+            intake.backlog().await.unwrap();
+        })
     }
 
     #[test]

@@ -13,5 +13,5 @@ pub mod push;
 pub mod records;
 pub mod sqs;
 
-pub use intake::{parse_events, Delivery, EventSource, Intake, IntakeError};
+pub use intake::{parse_events, BacklogProbe, Delivery, EventSource, Intake, IntakeError};
 pub use records::Change;

@@ -133,6 +133,11 @@ impl Endpoint {
     pub(super) fn backlog(&self) -> u64 {
         self.waiting.load(Ordering::SeqCst)
     }
+
+    /// The count behind [`Endpoint::backlog`], shared.
+    pub(super) fn waiting(&self) -> Arc<AtomicU64> {
+        self.waiting.clone()
+    }
 }
 
 impl From<Posted> for Delivery {
@@ -333,6 +338,28 @@ mod tests {
         assert!(text.starts_with("ignored: not an S3 event body"), "{text}");
         assert!(e.receive(Duration::from_millis(50)).await.is_empty());
         assert_eq!(e.backlog(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_413() {
+        let mut e = endpoint().await;
+        let mut s = tokio::net::TcpStream::connect(e.local_addr())
+            .await
+            .unwrap();
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1024
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // One byte over the limit is enough; the rest is never sent.
+        s.write_all(&vec![b' '; MAX_BODY + 1]).await.unwrap();
+        let mut answer = vec![0u8; 12];
+        tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut answer))
+            .await
+            .expect("answered before the whole body came")
+            .unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 413");
+        assert!(e.receive(Duration::from_millis(50)).await.is_empty());
     }
 
     #[tokio::test]

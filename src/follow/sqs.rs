@@ -36,8 +36,9 @@ const BATCH: usize = 10;
 /// in batches of up to this many times [`BATCH`] messages.
 const DRAIN_CALLS: usize = 10;
 
-/// An open queue.
-#[derive(Debug)]
+/// An open queue. A clone shares the client and the count of held messages (a
+/// [`super::intake::BacklogProbe`] reads the backlog through one).
+#[derive(Clone, Debug)]
 pub(super) struct Queue {
     client: aws_sdk_sqs::Client,
     /// The queue as given (URL or name), for messages.
@@ -175,7 +176,7 @@ impl Queue {
             } else {
                 Duration::ZERO
             };
-            let page = self
+            let page = match self
                 .client
                 .receive_message()
                 .queue_url(&self.url)
@@ -183,7 +184,12 @@ impl Queue {
                 .wait_time_seconds(poll.as_secs() as i32)
                 .send()
                 .await
-                .map_err(|e| self.error("ReceiveMessage", reason(&e)))?;
+            {
+                Ok(page) => page,
+                // What came before is handed over; the error, if it lasts, comes next time.
+                Err(_) if !out.is_empty() => return Ok(out),
+                Err(e) => return Err(self.error("ReceiveMessage", reason(&e))),
+            };
             calls += 1;
             let messages = page.messages();
             let full = messages.len() == BATCH;
@@ -212,7 +218,13 @@ impl Queue {
                     }
                 }
             }
-            self.delete(empty).await?;
+            if let Err(e) = self.delete(empty).await {
+                if out.is_empty() {
+                    return Err(e);
+                }
+                // Not deleted, they come again (and are deleted then).
+                return Ok(out);
+            }
             let more = if out.is_empty() {
                 // A poll waits whole seconds: less than one left is the end.
                 deadline.saturating_duration_since(Instant::now()) >= Duration::from_secs(1)

@@ -56,12 +56,16 @@ pub(crate) struct Changes {
 pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followed, JobError> {
     let _lock = lock_manifest(&args.run.manifest)?;
     let run = &args.run;
+    let metrics = super::run::serve_metrics(run)?;
     let job = RunJob::open(run).await?;
     job.manifest.start_following()?;
     let opts = job.options()?;
     let (settings, dest_versioned) = (job.settings.clone(), job.dest_versioned());
     let bar = indicatif::ProgressBar::hidden();
     let (copier, sides) = job.copier(&opts, bar.clone()).await?;
+    if let Some(m) = &metrics {
+        m.attach(crate::metrics::Live::of(&sides));
+    }
     copier.record_lag();
     let changes = Changes::default();
     let intake = match &args.events {
@@ -124,6 +128,13 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
         let counts = m.counts()?;
         let open = counts.pending + counts.in_progress;
         if listing || open > 0 {
+            // A scoped round (or one resumed after a kill) lists one key per request.
+            let scoped = round.kind == Some(RefreshKind::Events)
+                || (round.kind.is_none() && m.partitions()?.len() > 1);
+            let listings = match scoped {
+                true => opts.concurrency.clamp(1, 64),
+                false => 1,
+            };
             let work = async {
                 if listing {
                     let live = LiveListing {
@@ -132,8 +143,7 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
                         source: &sides.source,
                         dest: &sides.dest,
                         dest_versioned,
-                        concurrency: (run.list_concurrency as usize)
-                            .max(round_listings(&opts, round.kind)),
+                        concurrency: (run.list_concurrency as usize).max(listings),
                         page_size: run.list_page_size,
                         bar: bar.clone(),
                         log_every: None,
@@ -216,15 +226,6 @@ async fn stop_ticker<C: S3Client>(ticker: tokio::task::JoinHandle<()>, copier: &
     let _ = ticker.await;
     copier.record_progress(None);
     copier.flush().await;
-}
-
-/// Listings in flight for a round: a scoped round lists one key per request, as many at
-/// once as the run copies.
-fn round_listings(opts: &crate::copier::RunOptions, kind: Option<RefreshKind>) -> usize {
-    match kind {
-        Some(RefreshKind::Events) => opts.concurrency.clamp(1, 64),
-        _ => 1,
-    }
 }
 
 /// What the next round lists.
@@ -407,7 +408,7 @@ async fn start_intake(
     use crate::follow::intake::Intake;
     let mut intake = Intake::open(source, &settings.source_side, timeouts)
         .await
-        .map_err(|e| JobError::Usage(format!("--events {source}: {e}")))?;
+        .map_err(|e| JobError::Usage(e.to_string()))?;
     crate::say!("follow: listening to {}", intake.describe());
     let m = Manifest::open(manifest, false)?;
     m.wait_for_locks_briefly()?;

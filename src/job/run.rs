@@ -1,6 +1,6 @@
 //! job::run: the `run` command: the stored settings with this run's overrides, put-back
 //! tasks, the run's clients and handles, the copier, the listing that runs beside it when
-//! the listing is unfinished, and SIGINT/SIGTERM.
+//! the listing is unfinished, the `--metrics` endpoint, and SIGINT/SIGTERM.
 //!
 //! May call: every stage.
 
@@ -19,6 +19,7 @@ use crate::config::JobSettings;
 use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunOptions, RunSummary};
 use crate::lister::{ListStats, Lister};
 use crate::manifest::Manifest;
+use crate::metrics::{self, MetricsServer};
 use crate::s3::bandwidth::Bandwidth;
 use crate::s3::{build, BucketFacts, ErrorClass, S3Client, S3Error, Side, Sides, Timeouts, S3};
 use crate::{estimate, ui};
@@ -259,11 +260,25 @@ impl<'a> RunJob<'a> {
     }
 }
 
+/// The `--metrics` endpoint of a run (None without the flag): bound before any work, so a
+/// port in use stops the command (exit 2); it serves until dropped.
+pub(crate) fn serve_metrics(args: &RunArgs) -> Result<Option<MetricsServer>, JobError> {
+    let Some(addr) = args.exec.metrics else {
+        return Ok(None);
+    };
+    let job = metrics::job_name(&args.manifest);
+    let server =
+        metrics::serve(addr, &args.manifest, &job).map_err(|e| JobError::Usage(e.to_string()))?;
+    crate::say!("metrics at http://{}/metrics", server.addr());
+    Ok(Some(server))
+}
+
 /// `run` once the manifest is locked.
 pub(super) async fn run_locked(
     args: &RunArgs,
     mut shutdown: Shutdown,
 ) -> Result<RunSummary, JobError> {
+    let metrics = serve_metrics(args)?;
     let job = RunJob::open(args).await?;
     let counts = job.manifest.counts()?;
     let listing = !job.manifest.listing_progress()?.complete;
@@ -279,6 +294,9 @@ pub(super) async fn run_locked(
     let opts = job.options()?;
     let (settings, dest_versioned) = (job.settings.clone(), job.dest_versioned());
     let (copier, sides) = job.copier(&opts, bar.clone()).await?;
+    if let Some(m) = &metrics {
+        m.attach(metrics::Live::of(&sides));
+    }
     let grace = args.exec.grace_period;
     let timer = {
         let copier = copier.clone();

@@ -27,6 +27,7 @@ mod codec;
 mod estimate;
 mod follow;
 mod keys;
+mod metrics_read;
 mod migrate;
 mod pages;
 mod read;
@@ -54,6 +55,7 @@ pub use follow::{
     lag_stats_of, one_key_end, FollowFacts, LagHistogram, LagStats, PendingChange, PendingKeys,
     RefreshKind,
 };
+pub use metrics_read::BucketStateCount;
 pub use pages::{ListedPage, Partition, Refresh, OUT_OF_ORDER};
 pub use run_progress::RunProgress;
 pub use store::{PlanStore, ReportStore, ResumeStore, RunStore};

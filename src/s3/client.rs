@@ -238,7 +238,11 @@ pub const OPERATIONS: [&str; 18] = [
 /// Requests sent, per operation (every attempt counts), and the time the successful
 /// listings took (microseconds, count) for the cost estimate's latency.
 #[derive(Debug, Default)]
-pub struct RequestCounts([AtomicU64; OPERATIONS.len()], [AtomicU64; 2]);
+pub struct RequestCounts(
+    [AtomicU64; OPERATIONS.len()],
+    [AtomicU64; 2],
+    super::outcomes::Outcomes,
+);
 
 impl RequestCounts {
     /// Counts one request of `op` (an entry of [`OPERATIONS`]; others are not counted).
@@ -261,6 +265,12 @@ impl RequestCounts {
     /// The total of all operations.
     pub fn total(&self) -> u64 {
         self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The failed attempts and the retries among these requests (see
+    /// [`super::outcomes`]).
+    pub fn outcomes(&self) -> &super::outcomes::Outcomes {
+        &self.2
     }
 
     /// Counts the time one successful listing request took.

@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use super::client::{RequestCounts, Restore, S3Client, SdkClient};
 use super::error::S3Error;
-use super::retry::{Limiter, Retrier, RetryPolicy, Written};
+use super::retry::{Limiter, Retrier, RetryPolicy, Tally, Written};
 use super::types::{
     BucketFacts, ChecksumAlgorithm, ListFrom, ObjectHead, ObjectRef, PartResult, Side, VersionPage,
     WriteAttrs, WriteResult,
@@ -121,7 +121,7 @@ impl<'a, C: S3Client> Counted<'a, C> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
-        self.s3.retry.call(self.n, f).await
+        self.s3.retry.call(self.tally(), f).await
     }
 
     /// A write that creates a destination version (copy, put, delete by key, complete),
@@ -147,7 +147,16 @@ impl<'a, C: S3Client> Counted<'a, C> {
         HFut: Future<Output = Result<Option<A>, S3Error>>,
     {
         let w = Writes(&self.s3.client);
-        self.s3.retry.write(self.n, || f(w), reconcile).await
+        self.s3.retry.write(self.tally(), || f(w), reconcile).await
+    }
+
+    /// Where the retry loop counts this handle's retries, and its client's failed attempts
+    /// and retries (`--metrics`).
+    fn tally(&self) -> Tally<'_> {
+        Tally {
+            retries: self.n,
+            outcomes: self.s3.requests().outcomes(),
+        }
     }
 
     fn once(&self) -> Once<'a, C> {

@@ -16,6 +16,7 @@ pub mod fake;
 pub mod handle;
 pub mod list;
 mod listing_body;
+pub mod outcomes;
 pub mod retry;
 pub mod side;
 pub mod types;

@@ -187,6 +187,16 @@ impl Limiter {
     }
 }
 
+/// Where one call of the retry loop counts: its retries (a task's counter or the side's
+/// own), and the failed attempts and retries of the client it calls.
+#[derive(Clone, Copy)]
+pub(super) struct Tally<'a> {
+    /// The call's retries.
+    pub(super) retries: &'a AtomicU64,
+    /// The client's outcomes.
+    pub(super) outcomes: &'a super::outcomes::Outcomes,
+}
+
 /// The result of a write retried by [`Retrier::write`].
 #[derive(Debug)]
 pub enum Written<T, A> {
@@ -217,13 +227,13 @@ impl Retrier {
     }
 
     /// An idempotent request (reads, part uploads, aborts): simply repeated.
-    pub(super) async fn call<T, F, Fut>(&self, retries: &AtomicU64, f: F) -> Result<T, S3Error>
+    pub(super) async fn call<T, F, Fut>(&self, tally: Tally<'_>, f: F) -> Result<T, S3Error>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
         let no_hook = || async { Ok::<Option<()>, S3Error>(None) };
-        match self.run(retries, true, f, no_hook).await? {
+        match self.run(tally, true, f, no_hook).await? {
             Written::Done(v) => Ok(v),
             Written::Adopted(()) => unreachable!("idempotent calls have no reconcile hook"),
         }
@@ -233,7 +243,7 @@ impl Retrier {
     /// what an ambiguous failure created.
     pub(super) async fn write<T, A, F, Fut, H, HFut>(
         &self,
-        retries: &AtomicU64,
+        tally: Tally<'_>,
         f: F,
         before_retry: H,
     ) -> Result<Written<T, A>, S3Error>
@@ -243,12 +253,12 @@ impl Retrier {
         H: FnMut() -> HFut,
         HFut: Future<Output = Result<Option<A>, S3Error>>,
     {
-        self.run(retries, false, f, before_retry).await
+        self.run(tally, false, f, before_retry).await
     }
 
     async fn run<T, A, F, Fut, H, HFut>(
         &self,
-        retries: &AtomicU64,
+        tally: Tally<'_>,
         idempotent: bool,
         f: F,
         mut before_retry: H,
@@ -274,6 +284,7 @@ impl Retrier {
                 }
                 Err(e) => e,
             };
+            tally.outcomes.failed(&e);
             if e.class == ErrorClass::Throttled {
                 self.limiter.on_throttle();
             }
@@ -283,7 +294,8 @@ impl Retrier {
             let Some(delay) = delays.next() else {
                 return Err(e);
             };
-            retries.fetch_add(1, Ordering::Relaxed);
+            tally.retries.fetch_add(1, Ordering::Relaxed);
+            tally.outcomes.retried();
             tracing::debug!("retrying in {delay:?} after: {e}");
             if let Some(observe) = RETRY_OBSERVER.get() {
                 observe(&e, attempt, delay);
@@ -301,6 +313,7 @@ impl Retrier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::s3::outcomes::Outcomes;
     use crate::s3::Side;
 
     #[tokio::test]
@@ -311,10 +324,14 @@ mod tests {
             max_delay: Duration::from_millis(2),
         };
         let r4 = Retrier::new(policy, Limiter::new(4, None));
-        let retries = AtomicU64::new(0);
+        let (retries, outcomes) = (AtomicU64::new(0), Outcomes::default());
+        let tally = Tally {
+            retries: &retries,
+            outcomes: &outcomes,
+        };
         let calls = AtomicU64::new(0);
         let r = r4
-            .call(&retries, || async {
+            .call(tally, || async {
                 let n = calls.fetch_add(1, Ordering::Relaxed);
                 if n < 2 {
                     Err(S3Error::other(
@@ -332,16 +349,23 @@ mod tests {
         assert_eq!(retries.load(Ordering::Relaxed), 2);
         assert_eq!(r4.limiter.throttles(), 2);
         assert!(r4.limiter.current_limit() < 4);
+        // The client's tally: each failed attempt by class, each repeat.
+        assert_eq!(outcomes.failures(), vec![("GetObject", "throttled", 2)]);
+        assert_eq!(outcomes.retries(), 2);
     }
 
     #[tokio::test]
     async fn fatal_is_not_retried() {
         let policy = RetryPolicy::default();
         let r2 = Retrier::new(policy, Limiter::new(2, None));
-        let retries = AtomicU64::new(0);
+        let (retries, outcomes) = (AtomicU64::new(0), Outcomes::default());
+        let tally = Tally {
+            retries: &retries,
+            outcomes: &outcomes,
+        };
         let calls = AtomicU64::new(0);
         let r: Result<(), _> = r2
-            .call(&retries, || async {
+            .call(tally, || async {
                 calls.fetch_add(1, Ordering::Relaxed);
                 Err(S3Error::other(
                     Side::Dest,
@@ -354,6 +378,8 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         assert_eq!(retries.load(Ordering::Relaxed), 0);
+        assert_eq!(outcomes.failures(), vec![("CopyObject", "fatal", 1)]);
+        assert_eq!(outcomes.retries(), 0);
     }
 
     #[test]
