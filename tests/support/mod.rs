@@ -1,14 +1,17 @@
 //! Test support, shared by every test binary and bench: the S3 server under test (moto or
 //! Ceph RGW, `server`), S3 clients and accounts, unique bucket names, corpus seeding, the
 //! readers of version histories and the replica assertion (`history`), and the one job
-//! builder with the typed status (`job`). Each test binary starts its own server; tests give
+//! builder with the typed status (`job`); for `follow`, a steady writer (`writer`) and event
+//! relays that drop 5% (`relay`). Each test binary starts its own server; tests give
 //! every bucket a unique name, so they run in parallel on one server.
 #![allow(dead_code)]
 
 pub mod fault_proxy;
 mod history;
 mod job;
+pub mod relay;
 mod server;
+pub mod writer;
 
 // Each test binary and bench uses a different part of the kit.
 #[allow(unused_imports)]

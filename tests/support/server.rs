@@ -82,7 +82,8 @@ fn moto_binary() -> PathBuf {
     PathBuf::from("moto_server")
 }
 
-fn free_port() -> u16 {
+/// A port of 127.0.0.1 that nothing listens on (now).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
         .local_addr()
