@@ -54,7 +54,13 @@ fn usage_errors_are_one_line_and_exit_2() {
         "--events",
     );
     assert_one_line(
-        &["follow", "--manifest", "job.db", "--events", "http://127.0.0.1"],
+        &[
+            "follow",
+            "--manifest",
+            "job.db",
+            "--events",
+            "http://127.0.0.1",
+        ],
         "ADDR:PORT",
     );
     assert_one_line(
@@ -63,7 +69,13 @@ fn usage_errors_are_one_line_and_exit_2() {
     );
     // A job that does not exist: nothing is created, one line.
     assert_one_line(
-        &["follow", "--manifest", "no-such-job.db", "--poll-interval", "5"],
+        &[
+            "follow",
+            "--manifest",
+            "no-such-job.db",
+            "--poll-interval",
+            "5",
+        ],
         "no-such-job.db",
     );
     // No command at all: one line naming the commands, not the whole help.
