@@ -91,11 +91,13 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
     crate::say!("{}", plan.describe(args));
     let mut caught_up = false;
     let mut source_versioned: Option<bool> = None;
+    let mut stalled = false;
     let mut summary = RunSummary::default();
     loop {
         let round = plan.next_round(&mut m, &changes, args.until_caught_up)?;
         let mut listed = None;
         if let Some(kind) = round.kind {
+            stalled = false;
             // Whether keys no longer listed are deletions: probed again by full listings.
             if kind != RefreshKind::Events || source_versioned.is_none() {
                 let probe = sides
@@ -126,8 +128,11 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
         }
         let listing = !m.listing_progress()?.complete;
         let counts = m.counts()?;
-        let open = counts.pending + counts.in_progress;
-        if listing || open > 0 {
+        // Tasks a copy can take now (not those behind a failure or waiting for a restore).
+        let open = (counts.pending + counts.in_progress)
+            .saturating_sub(counts.blocked + counts.restore_pending);
+        let settled = counts.done + counts.failed + counts.skipped;
+        if listing || (open > 0 && !stalled) {
             // A scoped round (or one resumed after a kill) lists one key per request.
             let scoped = round.kind == Some(RefreshKind::Events)
                 || (round.kind.is_none() && m.partitions()?.len() > 1);
@@ -172,7 +177,13 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
             if let Some((kind, g, keys)) = listed {
                 say_round(&m, kind, g, keys)?;
             }
-            continue;
+            // A copy that settled nothing (its tasks wait for something else) is not run
+            // again until a change, a poll or a reconcile comes.
+            let c = m.counts()?;
+            stalled = !listing && c.done + c.failed + c.skipped == settled;
+            if !stalled {
+                continue;
+            }
         }
         // Nothing to list or copy now.
         if args.until_caught_up && plan.caught_up(&m, &changes)? {
@@ -181,7 +192,7 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
         }
         let wake = plan.next_due(args.until_caught_up);
         tokio::select! {
-            _ = changes.stored.notified() => {}
+            _ = changes.stored.notified() => stalled = false,
             _ = tokio::time::sleep_until(wake) => {}
             r = shutdown.recv() => {
                 if r.is_some() {
