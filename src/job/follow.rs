@@ -94,9 +94,9 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
     let mut stalled = false;
     let mut summary = RunSummary::default();
     loop {
-        let round = plan.next_round(&mut m, &changes, args.until_caught_up)?;
+        let round = plan.next_round(&m)?;
         let mut listed = None;
-        if let Some(kind) = round.kind {
+        if let Some(kind) = round {
             stalled = false;
             // Whether keys no longer listed are deletions: probed again by full listings.
             if kind != RefreshKind::Events || source_versioned.is_none() {
@@ -134,8 +134,8 @@ pub async fn follow(args: &FollowArgs, mut shutdown: Shutdown) -> Result<Followe
         let settled = counts.done + counts.failed + counts.skipped;
         if listing || (open > 0 && !stalled) {
             // A scoped round (or one resumed after a kill) lists one key per request.
-            let scoped = round.kind == Some(RefreshKind::Events)
-                || (round.kind.is_none() && m.partitions()?.len() > 1);
+            let scoped = round == Some(RefreshKind::Events)
+                || (round.is_none() && m.partitions()?.len() > 1);
             let listings = match scoped {
                 true => opts.concurrency.clamp(1, 64),
                 false => 1,
@@ -239,11 +239,6 @@ async fn stop_ticker<C: S3Client>(ticker: tokio::task::JoinHandle<()>, copier: &
     copier.flush().await;
 }
 
-/// What the next round lists.
-struct Round {
-    kind: Option<RefreshKind>,
-}
-
 /// When polls and reconciles are due, and what `--until-caught-up` has seen.
 struct Schedule {
     poll_every: Option<Duration>,
@@ -268,9 +263,9 @@ impl Schedule {
         let since = facts
             .last_reconcile
             .map(|(_, started, _, _)| started)
-            .unwrap_or_else(now_secs);
+            .unwrap_or_else(crate::events::ticker::now_secs);
         let next_reconcile = reconcile_every.map(|every| {
-            let age = (now_secs() - since).max(0) as u64;
+            let age = (crate::events::ticker::now_secs() - since).max(0) as u64;
             now + every.saturating_sub(Duration::from_secs(age))
         });
         Ok(Schedule {
@@ -300,14 +295,9 @@ impl Schedule {
     /// The round to run now: an unfinished listing is continued first (its kind is what
     /// started it); else a due reconcile, a due poll, pending keys, or nothing (copy what
     /// is open, or wait).
-    fn next_round(
-        &mut self,
-        m: &mut Manifest,
-        _changes: &Changes,
-        _until_caught_up: bool,
-    ) -> Result<Round, JobError> {
+    fn next_round(&self, m: &Manifest) -> Result<Option<RefreshKind>, JobError> {
         if !m.listing_progress()?.complete {
-            return Ok(Round { kind: None });
+            return Ok(None);
         }
         let now = Instant::now();
         let kind = if self.next_reconcile.is_some_and(|t| t <= now) {
@@ -319,7 +309,7 @@ impl Schedule {
         } else {
             None
         };
-        Ok(Round { kind })
+        Ok(kind)
     }
 
     /// A refresh of `kind` started as generation `g`.
@@ -388,12 +378,6 @@ impl Schedule {
         }
         at
     }
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The intake of `--events`, running beside the rounds until dropped.

@@ -170,7 +170,8 @@ pub(super) fn record_lag(conn: &Connection, task: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+/// Whether the schema has a table or index of this name.
+pub(super) fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE name = ?1",
         [name],

@@ -640,13 +640,7 @@ impl Manifest {
     /// Whether the schema has a table or index of this name (those created after the
     /// schema's first version, when first needed: `refresh_matched`, `task_to_learn`).
     fn has_schema_object(&self, name: &str) -> Result<bool> {
-        self.conn
-            .query_row(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.sql(e))
+        follow::has_table(&self.conn, name).map_err(|e| self.sql(e))
     }
 
     /// The manifest's path as given.
