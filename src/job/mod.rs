@@ -95,8 +95,10 @@ impl From<S3Error> for JobError {
 /// An exclusive lock on a manifest, held by a file lock beside it (`JOB.db.lock`, mode
 /// 0600). The operating system releases it when the process dies, so a stale lock never
 /// blocks.
+/// A PostgreSQL manifest has none: any number of processes share it (runs claim leased
+/// units of work).
 pub struct ManifestLock {
-    _file: File,
+    _file: Option<File>,
     lock_path: PathBuf,
     manifest: PathBuf,
 }
@@ -104,7 +106,7 @@ pub struct ManifestLock {
 impl Drop for ManifestLock {
     fn drop(&mut self) {
         // A plan that failed before creating its manifest leaves nothing behind.
-        if !self.manifest.exists() {
+        if self._file.is_some() && !self.manifest.exists() {
             let _ = std::fs::remove_file(&self.lock_path);
         }
     }
@@ -112,6 +114,15 @@ impl Drop for ManifestLock {
 
 /// Takes the manifest's lock or explains who holds it.
 pub fn lock_manifest(path: &Path) -> Result<ManifestLock, JobError> {
+    if let crate::manifest::Location::Postgres(_) =
+        crate::manifest::Location::of(path).map_err(JobError::Usage)?
+    {
+        return Ok(ManifestLock {
+            _file: None,
+            lock_path: PathBuf::new(),
+            manifest: path.to_path_buf(),
+        });
+    }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -127,7 +138,7 @@ pub fn lock_manifest(path: &Path) -> Result<ManifestLock, JobError> {
             let _ = f.set_len(0);
             let _ = writeln!(f, "{}", std::process::id());
             Ok(ManifestLock {
-                _file: f,
+                _file: Some(f),
                 lock_path,
                 manifest: path.to_path_buf(),
             })

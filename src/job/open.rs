@@ -25,7 +25,8 @@ fn existing_manifest(
     args: &PlanArgs,
     settings: &JobSettings,
 ) -> Result<Option<Manifest>, JobError> {
-    if !args.manifest.exists() {
+    let location = crate::manifest::Location::of(&args.manifest).map_err(JobError::Usage)?;
+    if !location.exists()? {
         return Ok(None);
     }
     // `create`: a plan killed while creating the file left it empty; this plan creates it.

@@ -11,12 +11,12 @@ use rusqlite::params;
 
 use super::codec::SEQ_BITS;
 use super::read::{task_from_row, task_select};
-use super::{Manifest, Result, Task};
+use super::{Result, SqliteManifest, Task};
 
 /// The facts table (name, value).
 const FACTS_TABLE: &str = "estimate_facts";
 
-impl Manifest {
+impl SqliteManifest {
     /// Calls `f` with each key and all of its tasks, oldest first, in key-id order (the
     /// order the scheduler walks keys in), reading the tasks once.
     pub fn for_each_key(&self, mut f: impl FnMut(&str, &[Task])) -> Result<()> {

@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::codec::time_text;
 use super::keys::Keys;
-use super::{DbError, Manifest, Result};
+use super::{DbError, Result, SqliteManifest};
 
 /// The tables of `follow`, created when it first starts (older manifests lack them).
 pub(super) const FOLLOW_TABLES: &str = "
@@ -255,7 +255,7 @@ pub fn one_key_end(key: &str) -> String {
     format!("{key}\u{0}")
 }
 
-impl Manifest {
+impl SqliteManifest {
     /// Creates `follow`'s tables (once) and records its first start.
     pub fn start_following(&self) -> Result<()> {
         self.write_tx(|tx| {

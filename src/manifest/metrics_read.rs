@@ -6,7 +6,7 @@
 //!
 //! May call: `rusqlite`, the rest of `manifest`.
 
-use super::{DbError, Manifest, Result, State};
+use super::{DbError, Result, SqliteManifest, State};
 
 /// Tasks and bytes of one destination bucket in one state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,7 +30,7 @@ fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-impl Manifest {
+impl SqliteManifest {
     /// Tasks and bytes by destination bucket and state, every state of every bucket present
     /// (zeros included), buckets in name order.
     pub fn counts_by_bucket(&self) -> Result<Vec<BucketStateCount>> {
@@ -88,9 +88,9 @@ mod tests {
     use crate::manifest::tests::{settings, task};
     use crate::manifest::Listing;
 
-    fn planned() -> (tempfile::TempDir, Manifest) {
+    fn planned() -> (tempfile::TempDir, SqliteManifest) {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+        let mut m = SqliteManifest::open(&dir.path().join("m.db"), true).unwrap();
         m.store_settings(&settings()).unwrap();
         let mut other = task("c", "1", 0);
         other.dest = 1;

@@ -23,6 +23,7 @@
 //! May call: `crate::s3::{VersionEntry, S3Error, ErrorClass, Side}`,
 //! `crate::config::JobSettings`.
 
+mod backend;
 mod codec;
 mod estimate;
 mod follow;
@@ -30,6 +31,7 @@ mod keys;
 mod metrics_read;
 mod migrate;
 mod pages;
+pub mod pg;
 mod read;
 mod run_progress;
 mod schema;
@@ -51,6 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
+pub use backend::{Location, Manifest};
 pub use follow::{
     lag_stats_of, one_key_end, FollowFacts, LagHistogram, LagStats, PendingChange, PendingKeys,
     RefreshKind,
@@ -102,6 +105,23 @@ pub enum ManifestError {
     /// A limit of the file's layout was reached.
     #[error("manifest {0}: {1}")]
     Limit(String, String),
+    /// PostgreSQL failed (a `postgres://` manifest).
+    #[error("manifest {path}: PostgreSQL: {source}")]
+    Pg {
+        /// The manifest's URL (without its password) and job.
+        path: String,
+        /// The PostgreSQL error (its own message, with the server's detail when it sent one).
+        #[source]
+        source: postgres::Error,
+    },
+    /// This manifest's backend does not do this (yet).
+    #[error("manifest {0}: {1} is not supported with a PostgreSQL manifest in this version; use a SQLite manifest (a file) for it")]
+    Unsupported(String, &'static str),
+    /// This process's lease on a unit of work was taken over (it was paused or cut off for
+    /// longer than the lease): its results are not recorded; the unit's new owner
+    /// reconciles what it wrote.
+    #[error("manifest {0}: lease lost: {1}")]
+    LeaseLost(String, String),
     /// A file operation failed (creating the manifest, writing problems out).
     #[error("manifest {path}: {what}: {source}")]
     Io {
@@ -480,8 +500,9 @@ pub struct Problem {
     pub dest: i64,
 }
 
-/// An open connection to a manifest file.
-pub struct Manifest {
+/// An open connection to a manifest file (the SQLite backend; [`Manifest`] is either
+/// backend).
+pub struct SqliteManifest {
     conn: Connection,
     path: String,
     /// The key runs as of this connection's last committed page, and the `data_version` they
@@ -531,10 +552,10 @@ fn make_private(path: &Path) {
     let _ = path;
 }
 
-impl Manifest {
+impl SqliteManifest {
     /// Opens an existing manifest (migrating a v1 or v2 file), or creates it (mode 0600) when
     /// `create` is true.
-    pub fn open(path: &Path, create: bool) -> Result<Manifest> {
+    pub fn open(path: &Path, create: bool) -> Result<SqliteManifest> {
         let p = path.display().to_string();
         if !path.exists() {
             if !create {
@@ -563,7 +584,7 @@ impl Manifest {
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(sql)?;
         conn.set_prepared_statement_cache_capacity(64);
-        let mut m = Manifest {
+        let mut m = SqliteManifest {
             conn,
             path: p,
             keys_cache: None,

@@ -24,7 +24,7 @@ use super::codec::{
 };
 use super::keys::{find_key, Keys};
 use super::schema::{Counted, Tally};
-use super::{DbError, Listing, Manifest, NewTask, Result, State};
+use super::{DbError, Listing, NewTask, Result, SqliteManifest, State};
 
 /// The largest key id whose task ids fit in 63 bits.
 const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
@@ -820,7 +820,7 @@ fn aggregate(parts: &[Partition]) -> Listing {
     all
 }
 
-impl Manifest {
+impl SqliteManifest {
     /// The listing checkpoint of the whole job (all partitions together, see [`Partition`]).
     pub fn listing(&self) -> Result<Listing> {
         Ok(aggregate(&self.partitions()?))

@@ -17,7 +17,8 @@ use super::codec::{
     VERSION_TO_LEARN,
 };
 use super::{
-    CopyMethod, Counts, DbError, KeyGroup, ListingProgress, Manifest, Problem, Result, State, Task,
+    CopyMethod, Counts, DbError, KeyGroup, ListingProgress, Problem, Result, SqliteManifest, State,
+    Task,
 };
 
 /// Task rows with their key and open upload, decoded by [`task_from_row`].
@@ -139,7 +140,7 @@ fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-impl Manifest {
+impl SqliteManifest {
     /// Runs a task query and decodes its rows; an unknown value is [`ManifestError::BadState`].
     fn tasks_where(&self, cond: &str, order: &str, args: &[i64]) -> Result<Vec<Task>> {
         self.read_with(|conn| {

@@ -63,7 +63,7 @@ fn keys_of(tasks: &[NewTask]) -> Vec<String> {
 }
 
 /// Every task of `key`, oldest first: (version id, delete marker, refresh, state).
-fn rows(m: &Manifest, key: &str) -> Vec<(String, bool, i64, State)> {
+fn rows(m: &SqliteManifest, key: &str) -> Vec<(String, bool, i64, State)> {
     m.tasks_of_key(key)
         .unwrap()
         .into_iter()
@@ -97,7 +97,7 @@ fn not_replicated(_: &str) -> Vec<i64> {
 }
 
 fn listed(
-    m: &mut Manifest,
+    m: &mut SqliteManifest,
     partition: i64,
     tasks: &[NewTask],
     also: &[&str],
@@ -119,7 +119,7 @@ fn listed(
 #[test]
 fn an_overwritten_null_version_is_planned_again_and_an_unchanged_one_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+    let mut m = SqliteManifest::open(&dir.path().join("m.db"), true).unwrap();
     let plan = [
         null("a", "aaa", 1),
         null("b", "bbb", 1),
@@ -160,7 +160,7 @@ fn an_overwritten_null_version_is_planned_again_and_an_unchanged_one_is_not() {
 #[test]
 fn versioned_entries_still_match_by_version_id() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+    let mut m = SqliteManifest::open(&dir.path().join("m.db"), true).unwrap();
     m.insert_page(&[version("k", "v1", 0)], &done_listing())
         .unwrap();
     assert_eq!(m.start_refresh_of(true).unwrap(), Some(1));
@@ -175,7 +175,7 @@ fn versioned_entries_still_match_by_version_id() {
 #[test]
 fn keys_gone_from_an_unversioned_source_get_one_delete_each() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+    let mut m = SqliteManifest::open(&dir.path().join("m.db"), true).unwrap();
     let plan = [null("a", "a", 1), null("b", "b", 1), null("c", "c", 1)];
     m.insert_page(&plan, &done_listing()).unwrap();
     assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
@@ -212,7 +212,7 @@ fn keys_gone_from_an_unversioned_source_get_one_delete_each() {
 #[test]
 fn without_replicated_deletes_gone_keys_are_counted_and_named() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+    let mut m = SqliteManifest::open(&dir.path().join("m.db"), true).unwrap();
     let plan = [null("a", "a", 1), null("b b", "b", 1), null("c", "c", 1)];
     m.insert_page(&plan, &done_listing()).unwrap();
     assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
@@ -245,7 +245,7 @@ fn without_replicated_deletes_gone_keys_are_counted_and_named() {
 fn an_older_entry_selected_later_is_stored_skipped_not_written_out_of_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
-    let mut m = Manifest::open(&path, true).unwrap();
+    let mut m = SqliteManifest::open(&path, true).unwrap();
     // Plan selected v3 and v1 of `k` (v2 was not selected then, e.g. by its tags).
     m.insert_page(
         &[version("k", "v3", 0), version("k", "v1", 2)],
@@ -258,7 +258,7 @@ fn an_older_entry_selected_later_is_stored_skipped_not_written_out_of_order() {
     let first = [version("k", "v4", 0), version("k", "v3", 1)];
     listed(&mut m, 0, &first, &[], &page_listing(), &replicated);
     drop(m);
-    let mut m = Manifest::open(&path, false).unwrap();
+    let mut m = SqliteManifest::open(&path, false).unwrap();
     let second = [version("k", "v2", 2), version("k", "v1", 3)];
     listed(&mut m, 0, &second, &[], &done_listing(), &replicated);
     assert_eq!(
@@ -317,7 +317,7 @@ fn refresh_killed_after(
     kill_after: Option<usize>,
 ) -> Vec<Vec<(String, bool, i64, State)>> {
     let path = dir.join("m.db");
-    let mut m = Manifest::open(&path, true).unwrap();
+    let mut m = SqliteManifest::open(&path, true).unwrap();
     assert!(m.split_partitions(&["m".to_string()]).unwrap());
     let first = ["a", "b", "c", "d"].map(|k| null(k, k, 1));
     let second = ["m", "n", "o", "p"].map(|k| null(k, k, 1));
@@ -338,7 +338,7 @@ fn refresh_killed_after(
         if Some(i) == kill_after && !killed {
             killed = true;
             drop(m);
-            m = Manifest::open(&path, false).unwrap();
+            m = SqliteManifest::open(&path, false).unwrap();
             continue; // the same page again
         }
         i += 1;
@@ -368,7 +368,7 @@ fn a_refresh_with_deletions_killed_anywhere_plans_the_same() {
         let dir = tempfile::tempdir().unwrap();
         let resumed = refresh_killed_after(dir.path(), Some(kill));
         assert_eq!(resumed, whole, "killed after page {kill}");
-        let m = Manifest::open(&dir.path().join("m.db"), false).unwrap();
+        let m = SqliteManifest::open(&dir.path().join("m.db"), false).unwrap();
         let r = m.refreshes().unwrap();
         assert_eq!(
             (r[1].deleted, r[1].tasks),
@@ -382,7 +382,7 @@ fn a_refresh_with_deletions_killed_anywhere_plans_the_same() {
 fn an_entry_below_a_planned_one_no_longer_selected_is_out_of_order_too() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
-    let mut m = Manifest::open(&path, true).unwrap();
+    let mut m = SqliteManifest::open(&path, true).unwrap();
     // Plan selected v3 (then in the filtered storage class, say) and not v2.
     m.insert_page(&[version("k", "v3", 0)], &done_listing())
         .unwrap();
@@ -398,7 +398,7 @@ fn an_entry_below_a_planned_one_no_longer_selected_is_out_of_order_too() {
     };
     m.insert_listed_page(0, &first, &page_listing()).unwrap();
     drop(m);
-    let mut m = Manifest::open(&path, false).unwrap();
+    let mut m = SqliteManifest::open(&path, false).unwrap();
     listed(
         &mut m,
         0,
@@ -428,7 +428,7 @@ fn an_entry_below_a_planned_one_no_longer_selected_is_out_of_order_too() {
 
 /// Marks a key's first task failed the way the copier does when a read finds the source
 /// changed since its listing.
-fn fail_as_changed(m: &Manifest, key: &str) {
+fn fail_as_changed(m: &SqliteManifest, key: &str) {
     let id = m.tasks_of_key(key).unwrap()[0].id;
     m.conn
         .execute(
@@ -447,7 +447,7 @@ fn fail_as_changed(m: &Manifest, key: &str) {
 #[test]
 fn a_refresh_settles_a_null_version_that_failed_as_changed_once_it_plans_its_replacement() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Manifest::open(&dir.path().join("m.db"), true).unwrap();
+    let mut m = SqliteManifest::open(&dir.path().join("m.db"), true).unwrap();
     let plan = [null("a", "a1", 1), null("b", "b1", 1), null("c", "c1", 1)];
     m.insert_page(&plan, &done_listing()).unwrap();
     // `a` and `b` were overwritten while the run copied them; `c` failed the same way

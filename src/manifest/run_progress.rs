@@ -8,7 +8,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Manifest, Result};
+use super::{Result, SqliteManifest};
 
 /// A running run's progress, as last stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,7 +59,7 @@ pub(super) fn store(conn: &Connection, p: Option<&RunProgress>) -> rusqlite::Res
     }
 }
 
-impl Manifest {
+impl SqliteManifest {
     /// The last snapshot of a running run, if one is stored (fresh or not).
     pub fn run_progress(&self) -> Result<Option<RunProgress>> {
         if !self.has_schema_object("run_progress")? {

@@ -358,4 +358,26 @@ mod tests {
         let m = Manifest::open(&path, true).unwrap();
         a_job_through_the_traits(m, || Manifest::open(&path, false).unwrap()).await;
     }
+
+    /// The PostgreSQL job named by `S3_BACKFILL_TEST_PG` (a server's URL; a job of its own
+    /// per test), or None when it is not set (`scripts/test.sh` sets it, with a throwaway
+    /// server of its own).
+    pub(crate) fn pg_job(tag: &str) -> Option<std::path::PathBuf> {
+        let url = std::env::var("S3_BACKFILL_TEST_PG").ok()?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Some(format!("{url}{sep}job={tag}-{}-{nanos}", std::process::id()).into())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_postgres_manifest_keeps_the_stores_contract() {
+        let Some(job) = pg_job("contract") else {
+            return;
+        };
+        let m = Manifest::open(&job, true).unwrap();
+        a_job_through_the_traits(m, || Manifest::open(&job, false).unwrap()).await;
+    }
 }

@@ -44,18 +44,18 @@ pub(crate) fn settings() -> JobSettings {
     }
 }
 
-fn new_manifest() -> (tempfile::TempDir, PathBuf, Manifest) {
+fn new_manifest() -> (tempfile::TempDir, PathBuf, SqliteManifest) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
-    let m = Manifest::open(&path, true).unwrap();
+    let m = SqliteManifest::open(&path, true).unwrap();
     (dir, path, m)
 }
 
-fn all_keys(m: &Manifest) -> Vec<KeyGroup> {
+fn all_keys(m: &SqliteManifest) -> Vec<KeyGroup> {
     m.next_key_groups(0, usize::MAX).unwrap()
 }
 
-fn ids_of(m: &Manifest, key: &str) -> Vec<i64> {
+fn ids_of(m: &SqliteManifest, key: &str) -> Vec<i64> {
     let g = all_keys(m);
     let g = g.iter().find(|g| g.key == key).expect("key has open tasks");
     g.tasks.iter().map(|t| t.id).collect()
@@ -86,7 +86,7 @@ fn write_all(path: &Path, updates: Vec<Update>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let w = Manifest::open(path, false).unwrap().into_writer();
+    let w = SqliteManifest::open(path, false).unwrap().into_writer();
     for u in updates {
         w.send(u).unwrap();
     }
@@ -188,7 +188,7 @@ fn pages_from_two_connections_store_each_key_once() {
     // A connection that keeps the key runs between its pages must see keys that another
     // connection stored meanwhile (as two listers on one manifest would).
     let (_d, path, mut a) = new_manifest();
-    let mut b = Manifest::open(&path, false).unwrap();
+    let mut b = SqliteManifest::open(&path, false).unwrap();
     let cp = Listing::default();
     a.insert_page(&[task("b", "1", 0), task("d", "1", 0)], &cp)
         .unwrap();
@@ -291,7 +291,7 @@ fn refuses_newer_schema() {
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
     assert!(matches!(
-        Manifest::open(&path, false),
+        SqliteManifest::open(&path, false),
         Err(ManifestError::TooNew(_, 99))
     ));
 }
@@ -302,7 +302,7 @@ fn refuses_files_that_are_not_manifests() {
     let path = dir.path().join("notes.txt");
     std::fs::write(&path, "this is not a database, just some text ".repeat(200)).unwrap();
     assert!(matches!(
-        Manifest::open(&path, false),
+        SqliteManifest::open(&path, false),
         Err(ManifestError::NotAManifest(_))
     ));
     let other = dir.path().join("other.db");
@@ -311,11 +311,11 @@ fn refuses_files_that_are_not_manifests() {
         .execute_batch("CREATE TABLE t (x)")
         .unwrap();
     assert!(matches!(
-        Manifest::open(&other, true),
+        SqliteManifest::open(&other, true),
         Err(ManifestError::NotAManifest(_))
     ));
     assert!(matches!(
-        Manifest::open(&dir.path().join("none.db"), false),
+        SqliteManifest::open(&dir.path().join("none.db"), false),
         Err(ManifestError::Missing(_))
     ));
 }
@@ -401,7 +401,7 @@ async fn writer_commits_updates() {
     assert_eq!(g[0].tasks[0].dest_version_id.as_deref(), Some("d1"));
     assert!(g[0].tasks[1].stream_only);
     w.close();
-    let m = Manifest::open(&path, false).unwrap();
+    let m = SqliteManifest::open(&path, false).unwrap();
     let c = m.counts().unwrap();
     assert_eq!(
         (c.done, c.retries, c.attempts, c.etag_preserved),
@@ -538,7 +538,7 @@ fn counters_match_a_recount() {
     check_recount(&m);
 }
 
-fn check_recount(m: &Manifest) {
+fn check_recount(m: &SqliteManifest) {
     let c = m.counts().unwrap();
     let mut stmt = m
         .conn
@@ -600,7 +600,7 @@ fn check_recount(m: &Manifest) {
 }
 
 /// Key `k` with v1 done, v2 failed (AccessDenied), v3 and v4 pending; key `other` pending.
-fn key_with_a_failed_version() -> (tempfile::TempDir, PathBuf, Manifest, Vec<i64>) {
+fn key_with_a_failed_version() -> (tempfile::TempDir, PathBuf, SqliteManifest, Vec<i64>) {
     let (d, path, mut m) = new_manifest();
     let page = vec![
         task("k", "v4", 0),
@@ -928,8 +928,8 @@ fn v1_file(dir: &Path, rows: &str) -> PathBuf {
 }
 
 /// Opens an older file, which is migrated to the current schema version.
-fn open_migrated(path: &Path) -> Manifest {
-    let m = Manifest::open(path, false).unwrap();
+fn open_migrated(path: &Path) -> SqliteManifest {
+    let m = SqliteManifest::open(path, false).unwrap();
     let version: i64 = m
         .conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -986,14 +986,17 @@ fn v1_manifests_are_migrated_on_open() {
     // Opening again does nothing more.
     drop(m);
     assert_eq!(
-        Manifest::open(&path, false).unwrap().counts().unwrap(),
+        SqliteManifest::open(&path, false)
+            .unwrap()
+            .counts()
+            .unwrap(),
         want
     );
 }
 
 // Every kind of v1 value, checked one by one.
 // Long on purpose: a test that reads as one scenario from set-up to the checks.
-fn check_migrated_tasks(m: &Manifest) {
+fn check_migrated_tasks(m: &SqliteManifest) {
     let g = all_keys(m);
     let keys: Vec<&str> = g.iter().map(|g| g.key.as_str()).collect();
     assert_eq!(keys, ["b", "d\tx"]);
@@ -1072,7 +1075,7 @@ fn check_migrated_tasks(m: &Manifest) {
     assert_eq!(a2.1, "d2");
 }
 
-fn check_migrated_problems(m: &Manifest) {
+fn check_migrated_problems(m: &SqliteManifest) {
     let p = m.problems(100).unwrap();
     let rows: Vec<(&str, &str, Option<&str>)> = p
         .iter()
@@ -1100,7 +1103,7 @@ fn check_migrated_problems(m: &Manifest) {
 /// Opening `path` fails with a migration error whose reason contains `why`; the file's
 /// schema version after, and a connection to it.
 fn migration_refused(path: &Path, why: &str) -> (i64, Connection) {
-    match Manifest::open(path, false) {
+    match SqliteManifest::open(path, false) {
         Err(ManifestError::Migration(_, reason)) => assert!(reason.contains(why), "{reason}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
@@ -1161,7 +1164,7 @@ fn error_columns(c: &Connection, names: &str) -> i64 {
     .unwrap()
 }
 
-fn side_and_op_in_view(m: &Manifest, version: &str) -> (Option<String>, Option<String>) {
+fn side_and_op_in_view(m: &SqliteManifest, version: &str) -> (Option<String>, Option<String>) {
     m.conn
         .query_row(
             "SELECT error_side, error_op FROM tasks WHERE version_id = ?1",
@@ -1222,7 +1225,7 @@ fn v2_manifests_are_migrated_and_then_record_error_sides() {
             },
         ],
     );
-    let m = Manifest::open(&path, false).unwrap();
+    let m = SqliteManifest::open(&path, false).unwrap();
     let p = m.problems(10).unwrap();
     let v3 = p.iter().find(|p| p.version_id == "v3").unwrap();
     assert_eq!(v3.state, "failed");
@@ -1300,7 +1303,7 @@ async fn writer_stops_after_a_failed_commit() {
         Err(ManifestError::WriterGone(_))
     ));
     w.close();
-    let m = Manifest::open(&path, false).unwrap();
+    let m = SqliteManifest::open(&path, false).unwrap();
     let c = m.counts().unwrap();
     assert_eq!(
         (c.in_progress, c.done),
@@ -1368,7 +1371,10 @@ async fn claims_mark_each_keys_first_open_task_and_released_claims_restore_it() 
         .collect();
     assert_eq!(now, before, "every task as it was before the claim");
     w.close();
-    let c = Manifest::open(&path, false).unwrap().counts().unwrap();
+    let c = SqliteManifest::open(&path, false)
+        .unwrap()
+        .counts()
+        .unwrap();
     assert_eq!((c.pending, c.in_progress, c.done), (2, 1, 1), "{c:?}");
 }
 
@@ -1433,7 +1439,7 @@ fn two_rules_to_one_bucket_block_and_claim_per_bucket() {
     assert_eq!(blocked, [("v2".to_string(), 1)]);
     drop(m);
     // A run claims v2 to "other" (not blocked), never v2 to "same".
-    let w = Manifest::open(&path, false).unwrap().into_writer();
+    let w = SqliteManifest::open(&path, false).unwrap().into_writer();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

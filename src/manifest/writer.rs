@@ -19,7 +19,7 @@ use super::codec::{
     attempt_flags, class_code, etag_flags, side_code, ATTEMPT_MODE, ATTEMPT_UNSTAMPED,
     ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
 };
-use super::{CopyMethod, KeyGroup, Manifest, ManifestError, Result, State};
+use super::{CopyMethod, KeyGroup, ManifestError, Result, SqliteManifest, State};
 use crate::s3::{ErrorClass, S3Error};
 
 /// What one task's copy made at the destination (made by the copier, kept by
@@ -166,7 +166,7 @@ pub enum Update {
     RunProgress(Option<super::RunProgress>),
 }
 
-enum Msg {
+pub(crate) enum Msg {
     Update(Update, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
     NextKeys {
@@ -201,17 +201,50 @@ pub struct Writer {
 }
 
 /// Starts the writer thread for `m`.
-pub(super) fn start(m: Manifest) -> Writer {
+pub(super) fn start(m: SqliteManifest) -> Writer {
+    spawn("manifest-writer", move |shared| writer_loop(m, shared))
+}
+
+/// What a writer thread shares with its [`Writer`]: the queue, why it stopped, the attempt
+/// mode and the lag switch (see [`Writer::record_attempt_mode`], [`Writer::record_lag`]).
+pub(crate) struct Shared {
+    pub(crate) rx: mpsc::Receiver<Msg>,
+    pub(crate) stopped: Arc<Mutex<Option<String>>>,
+    pub(crate) mode: Arc<AtomicU8>,
+    pub(crate) lag: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// The reconciliation mode recorded with an attempt that starts now (None: none).
+    pub(crate) fn mode(&self) -> Option<bool> {
+        match self.mode.load(Ordering::SeqCst) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Records why the writer stopped: every later call on the [`Writer`] returns it.
+    pub(crate) fn stop(&self, why: &str) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    }
+}
+
+/// Starts a writer thread named `name` running `body` (a backend's loop over the queue).
+pub(crate) fn spawn(name: &str, body: impl FnOnce(Shared) + Send + 'static) -> Writer {
     let (tx, rx) = mpsc::channel::<Msg>();
     let stopped = Arc::new(Mutex::new(None));
-    let flag = stopped.clone();
     let mode = Arc::new(AtomicU8::new(0));
-    let run_mode = mode.clone();
     let lag = Arc::new(AtomicBool::new(false));
-    let run_lag = lag.clone();
+    let shared = Shared {
+        rx,
+        stopped: stopped.clone(),
+        mode: mode.clone(),
+        lag: lag.clone(),
+    };
     let thread = std::thread::Builder::new()
-        .name("manifest-writer".into())
-        .spawn(move || writer_loop(m, rx, flag, run_mode, run_lag))
+        .name(name.into())
+        .spawn(move || body(shared))
         .expect("spawn the manifest writer thread");
     Writer {
         tx,
@@ -346,7 +379,7 @@ const POLL: Duration = Duration::from_millis(1);
 
 /// The next group: what is queued, and, while nobody waits for any of it, what comes
 /// within [`LINGER`].
-fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
+pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
     let first = rx.recv().ok()?;
     let mut awaited = first.awaited();
     let mut batch = vec![first];
@@ -369,20 +402,10 @@ fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
     }
 }
 
-fn writer_loop(
-    m: Manifest,
-    rx: mpsc::Receiver<Msg>,
-    stopped: Arc<Mutex<Option<String>>>,
-    mode: Arc<AtomicU8>,
-    lag: Arc<AtomicBool>,
-) {
-    while let Some(batch) = next_group(&rx) {
-        let lag = lag.load(Ordering::SeqCst);
-        let mode = match mode.load(Ordering::SeqCst) {
-            1 => Some(true),
-            2 => Some(false),
-            _ => None,
-        };
+fn writer_loop(m: SqliteManifest, shared: Shared) {
+    while let Some(batch) = next_group(&shared.rx) {
+        let lag = shared.lag.load(Ordering::SeqCst);
+        let mode = shared.mode();
         let mut acks = Vec::new();
         let mut reads = Vec::new();
         let result = m.write_tx(|tx| {
@@ -428,7 +451,7 @@ fn writer_loop(
             // caller.
             let why = e.to_string();
             tracing::error!("{why}");
-            *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+            shared.stop(&why);
             for (reply, _) in reads {
                 let _ = reply.send(Err(ManifestError::WriterGone(why.clone())));
             }

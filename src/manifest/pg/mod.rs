@@ -1,0 +1,318 @@
+//! manifest::pg: the manifest in PostgreSQL (`--manifest postgres://...?job=NAME`), shared
+//! by any number of processes on any hosts. The same contract as the SQLite file (the
+//! methods of [`PgManifest`] are `SqliteManifest`'s), plus leased units of work for runs
+//! (see `run`).
+//!
+//! Each connection lives on a thread of its own (`Db`): the manifest's calls are
+//! synchronous, as SQLite's are, and may come from async code, where blocking on a runtime
+//! of the client's own is not allowed; a call sends a closure to the thread and waits for
+//! its answer. A job is a schema (`s3b_<job>`) with SQLite's tables (`schema`); the jobs of
+//! a database are listed in `public.s3b_jobs`.
+//!
+//! Layout: `schema` (tables), `plan` (settings, parts, pages, units made as pages are
+//! listed), `read` (counts, tasks, problems, reports), `run` (claims of units, the run's
+//! writer, leases, heartbeats, fencing), `unsupported` (what a PostgreSQL job does not do
+//! yet, each with one clear error).
+//!
+//! May call: `manifest::codec`, the types of `manifest`, `crate::config::JobSettings`.
+
+mod plan;
+mod read;
+pub(crate) mod run;
+mod schema;
+mod unsupported;
+
+use std::sync::mpsc;
+
+use postgres::{Client, NoTls};
+
+use super::backend::PgLocation;
+use super::{ManifestError, Result, Writer};
+use crate::config::JobSettings;
+
+/// A closure run on a connection's thread.
+type Call = Box<dyn FnOnce(&mut Client) + Send>;
+
+/// One connection, owned by a thread of its own (see the module header).
+pub(crate) struct Db {
+    tx: mpsc::Sender<Call>,
+    shown: String,
+}
+
+impl Db {
+    /// Connects to `l`'s database, with the job's schema first on the search path when
+    /// `schema` is given.
+    pub(crate) fn connect(l: &PgLocation, schema: Option<&str>) -> Result<Db> {
+        let (tx, rx) = mpsc::channel::<Call>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let url = l.url.clone();
+        let search_path = schema.map(|s| format!("SET search_path TO {s}, public"));
+        std::thread::Builder::new()
+            .name("manifest-pg".into())
+            .spawn(move || {
+                let connected = Client::connect(&url, NoTls).and_then(|mut c| {
+                    if let Some(sql) = &search_path {
+                        c.batch_execute(sql)?;
+                    }
+                    Ok(c)
+                });
+                let mut client = match connected {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(call) = rx.recv() {
+                    call(&mut client);
+                }
+            })
+            .map_err(|e| ManifestError::Io {
+                path: l.shown.clone(),
+                what: "cannot start the connection's thread",
+                source: e,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Db {
+                tx,
+                shown: l.shown.clone(),
+            }),
+            Ok(Err(source)) => Err(ManifestError::Pg {
+                path: l.shown.clone(),
+                source,
+            }),
+            Err(_) => Err(ManifestError::WriterGone(format!(
+                "{}: the connection's thread stopped",
+                l.shown
+            ))),
+        }
+    }
+
+    /// Runs `f` on the connection and returns its answer; errors name the manifest.
+    pub(crate) fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T> {
+        self.call_with(move |c| f(c).map_err(PgError::Pg))
+    }
+
+    /// [`Db::call`] for a closure with errors of its own ([`PgError`]).
+    pub(crate) fn call_with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> std::result::Result<T, PgError> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let call: Call = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        let gone = || ManifestError::WriterGone(format!("{}: the connection closed", self.shown));
+        self.tx.send(call).map_err(|_| gone())?;
+        match rx.recv() {
+            Ok(r) => r.map_err(|e| e.at(&self.shown)),
+            Err(_) => Err(gone()),
+        }
+    }
+
+    /// The manifest's name for messages.
+    #[allow(dead_code)] // the run writer names the manifest with it
+    pub(crate) fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+/// An error inside one PostgreSQL operation, before the manifest is named.
+#[derive(Debug)]
+#[allow(dead_code)] // Io: streamed reports; LeaseLost: the run writer
+pub(crate) enum PgError {
+    /// PostgreSQL failed.
+    Pg(postgres::Error),
+    /// A row holds a value this build does not know.
+    Bad(String),
+    /// A caller's stream failed.
+    Io(&'static str, std::io::Error),
+    /// The lease the write was made under is gone.
+    LeaseLost(String),
+}
+
+impl From<postgres::Error> for PgError {
+    fn from(e: postgres::Error) -> PgError {
+        PgError::Pg(e)
+    }
+}
+
+impl PgError {
+    fn at(self, shown: &str) -> ManifestError {
+        let path = shown.to_string();
+        match self {
+            PgError::Pg(source) => ManifestError::Pg { path, source },
+            PgError::Bad(v) => ManifestError::BadState(path, v),
+            PgError::Io(what, source) => ManifestError::Io { path, what, source },
+            PgError::LeaseLost(why) => ManifestError::LeaseLost(path, why),
+        }
+    }
+}
+
+/// A job's manifest in PostgreSQL (see the module header).
+pub struct PgManifest {
+    db: Db,
+    location: PgLocation,
+}
+
+fn now_secs() -> i64 {
+    super::now_secs()
+}
+
+impl PgManifest {
+    /// Whether the job exists in its database.
+    pub fn job_exists(l: &PgLocation) -> Result<bool> {
+        let db = Db::connect(l, None)?;
+        let job = l.job.clone();
+        db.call(move |c| {
+            let registry = c
+                .query_one("SELECT to_regclass('public.s3b_jobs') IS NOT NULL", &[])?
+                .get::<_, bool>(0);
+            if !registry {
+                return Ok(false);
+            }
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM public.s3b_jobs WHERE name = $1",
+                    &[&job],
+                )?
+                .get(0);
+            Ok(n > 0)
+        })
+    }
+
+    /// Opens the job, or creates its schema and tables when `create` is true (several
+    /// processes creating it at once are serialized by an advisory lock).
+    pub fn open(l: &PgLocation, create: bool) -> Result<PgManifest> {
+        let schema = schema::schema_of(&l.job);
+        let db = Db::connect(l, None)?;
+        let job = l.job.clone();
+        let shown = l.shown.clone();
+        let made = db.call_with(move |c| {
+            let mut tx = c.transaction()?;
+            // One creator at a time, database-wide (released at commit).
+            tx.execute("SELECT pg_advisory_xact_lock(7310471301)", &[])?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS public.s3b_jobs (
+                    name TEXT PRIMARY KEY, created_at BIGINT NOT NULL,
+                    schema_version BIGINT NOT NULL)",
+            )?;
+            let exists = tx
+                .query_opt("SELECT schema_version FROM public.s3b_jobs WHERE name = $1", &[&job])?
+                .map(|r| r.get::<_, i64>(0));
+            match exists {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(PgError::Bad(format!(
+                        "job schema version {v}, newer than this s3-backfill understands ({SCHEMA_VERSION}); use a newer s3-backfill"
+                    )))
+                }
+                Some(_) => {}
+                None if !create => return Ok(false),
+                None => {
+                    tx.batch_execute(&format!(
+                        "CREATE SCHEMA {schema}; SET LOCAL search_path TO {schema};"
+                    ))?;
+                    tx.batch_execute(&schema::tables())?;
+                    tx.execute(
+                        "INSERT INTO public.s3b_jobs (name, created_at, schema_version)
+                         VALUES ($1, $2, $3)",
+                        &[&job, &now_secs(), &SCHEMA_VERSION],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(true)
+        })?;
+        if !made {
+            return Err(ManifestError::Missing(shown));
+        }
+        drop(db);
+        let db = Db::connect(l, Some(&schema::schema_of(&l.job)))?;
+        Ok(PgManifest {
+            db,
+            location: l.clone(),
+        })
+    }
+
+    /// The manifest's name as given (the URL without its password, and the job).
+    pub fn path(&self) -> &str {
+        &self.location.shown
+    }
+
+    /// Where the job is.
+    #[allow(dead_code)] // the heartbeat connects with it
+    pub(crate) fn location(&self) -> &PgLocation {
+        &self.location
+    }
+
+    /// The stored job settings, if `plan` stored them.
+    pub fn settings(&self) -> Result<Option<JobSettings>> {
+        let s: Option<String> = self.db.call(|c| {
+            Ok(c.query_opt("SELECT settings FROM job WHERE id = 1", &[])?
+                .map(|r| r.get(0)))
+        })?;
+        match s {
+            None => Ok(None),
+            Some(s) => serde_json::from_str(&s)
+                .map(Some)
+                .map_err(|e| ManifestError::BadSettings(self.path().to_string(), e.to_string())),
+        }
+    }
+
+    /// The stored settings; an error when there are none.
+    pub fn require_settings(&self) -> Result<JobSettings> {
+        self.settings()?
+            .ok_or_else(|| ManifestError::NotAManifest(self.path().to_string()))
+    }
+
+    /// Stores (or replaces) the job settings, and the job's destination as destination 0.
+    pub fn store_settings(&self, s: &JobSettings) -> Result<()> {
+        let bad = |e: serde_json::Error| {
+            ManifestError::BadSettings(self.path().to_string(), e.to_string())
+        };
+        let json = serde_json::to_string(s).map_err(bad)?;
+        let mut dests = vec![(0i64, s.dest.bucket.clone(), s.dest.prefix.clone(), None)];
+        for (id, d) in s.destinations.iter().enumerate() {
+            let options = serde_json::to_string(&d.options).map_err(bad)?;
+            dests.push((id as i64, d.bucket.clone(), d.prefix.clone(), Some(options)));
+        }
+        self.db.call(move |c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO job (id, settings, created_at) VALUES (1, $1, $2)
+                 ON CONFLICT (id) DO UPDATE SET settings = excluded.settings",
+                &[&json, &now_secs()],
+            )?;
+            for (id, bucket, prefix, options) in &dests {
+                tx.execute(
+                    "INSERT INTO destinations (id, bucket, prefix, options)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET bucket = excluded.bucket,
+                     prefix = excluded.prefix, options = excluded.options",
+                    &[id, bucket, prefix, options],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Nothing to do: PostgreSQL waits for row locks by itself.
+    pub fn wait_for_locks_briefly(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Starts this process's run writer: it claims leased units, heartbeats, and writes
+    /// results under its leases (see `run`).
+    pub fn into_writer(self) -> Writer {
+        run::start(self)
+    }
+}
+
+/// The version of a job's tables this build writes and reads.
+pub const SCHEMA_VERSION: i64 = 1;

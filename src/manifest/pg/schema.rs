@@ -1,0 +1,186 @@
+//! manifest::pg::schema: a job's tables in PostgreSQL. Each job has a schema of its own
+//! (`s3b_<job>`), so its tables are SQLite's, by the same names, plus what sharing needs:
+//! units of work (`units`) with their leases, and the processes that work on the job
+//! (`workers`). Columns keep SQLite's codes (states, flags, methods, classes, sides) and its
+//! task ids (key id << 24 | sequence), so decoding is shared; values SQLite stores compactly
+//! (ETags, timestamps, storage classes) are stored as their text. Every text compared by key
+//! order uses the "C" collation: S3 lists keys in byte order.
+//!
+//! May call: `manifest::codec` (constants).
+
+/// The tables of one job (inside its schema). `{CLASS_ARCHIVED}` etc. are filled in by
+/// [`tables`].
+const TABLES: &str = r#"
+CREATE TABLE job (
+    id INT PRIMARY KEY CHECK (id = 1),
+    settings TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE destinations (
+    id BIGINT PRIMARY KEY,
+    bucket TEXT NOT NULL,
+    prefix TEXT NOT NULL DEFAULT '',
+    options TEXT
+);
+-- Listing parts: a part is also a unit of listing work, leased like `units`.
+CREATE TABLE partitions (
+    id BIGINT PRIMARY KEY,
+    start_key TEXT COLLATE "C",
+    end_key TEXT COLLATE "C",
+    key_marker TEXT COLLATE "C",
+    version_marker TEXT,
+    complete BOOLEAN NOT NULL DEFAULT false,
+    pages BIGINT NOT NULL DEFAULT 0,
+    entries BIGINT NOT NULL DEFAULT 0,
+    last_key TEXT COLLATE "C",
+    last_key_seen BIGINT NOT NULL DEFAULT 0,
+    lease BIGINT,
+    lease_expires BIGINT,
+    worker BIGINT
+);
+CREATE TABLE refreshes (
+    generation BIGINT PRIMARY KEY,
+    started_at BIGINT,
+    tasks BIGINT NOT NULL DEFAULT 0
+);
+-- Every source key once. Ids come from `key_ids`; a key's tasks are one id range.
+CREATE SEQUENCE key_ids;
+CREATE TABLE keys (
+    id BIGINT PRIMARY KEY,
+    key TEXT COLLATE "C" NOT NULL UNIQUE,
+    unit BIGINT NOT NULL,
+    tasks BIGINT NOT NULL DEFAULT 0
+);
+-- Units of work: whole keys, about a listed page of versions each. state: 0 open (to be
+-- claimed), 1 leased, 2 done (nothing open), 3 held back (a failed task blocks the rest;
+-- reopened by --retry-failed or --skip-failed). `lease` is the epoch of the claim that
+-- holds it (from `lease_epochs`); a result is written only under the unit's current epoch.
+CREATE TABLE units (
+    id BIGSERIAL PRIMARY KEY,
+    partition BIGINT NOT NULL,
+    last_key TEXT COLLATE "C" NOT NULL,
+    tasks BIGINT NOT NULL DEFAULT 0,
+    state SMALLINT NOT NULL DEFAULT 0,
+    lease BIGINT,
+    lease_expires BIGINT,
+    worker BIGINT,
+    claims BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX units_open ON units (id) WHERE state IN (0, 1);
+CREATE SEQUENCE lease_epochs;
+CREATE TABLE task (
+    id BIGINT PRIMARY KEY,
+    unit BIGINT NOT NULL,
+    dest BIGINT NOT NULL DEFAULT 0,
+    refresh BIGINT NOT NULL DEFAULT 0,
+    history_pos BIGINT NOT NULL,
+    version_id TEXT NOT NULL,
+    flags BIGINT NOT NULL DEFAULT 0,
+    size BIGINT NOT NULL,
+    etag TEXT,
+    last_modified TEXT,
+    storage_class TEXT,
+    checksum_algorithm TEXT,
+    state SMALLINT NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    error_class SMALLINT,
+    started_at BIGINT,
+    dest_version_id TEXT,
+    method SMALLINT
+) WITH (fillfactor = 70);
+CREATE INDEX task_unit ON task (unit);
+CREATE INDEX task_problems ON task (state) WHERE state >= 3;
+CREATE INDEX task_to_learn ON task (id) WHERE flags & 32 <> 0;
+CREATE TABLE uploads (
+    task BIGINT PRIMARY KEY,
+    upload_id TEXT,
+    part_size BIGINT,
+    parts BIGINT
+);
+CREATE TABLE errors (
+    task BIGINT PRIMARY KEY,
+    code TEXT,
+    http_status BIGINT,
+    message TEXT,
+    side SMALLINT,
+    op TEXT
+);
+CREATE TABLE counters (
+    state SMALLINT PRIMARY KEY,
+    tasks BIGINT NOT NULL DEFAULT 0,
+    bytes BIGINT NOT NULL DEFAULT 0,
+    delete_markers BIGINT NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    etag_preserved BIGINT NOT NULL DEFAULT 0,
+    archived BIGINT NOT NULL DEFAULT 0,
+    no_dest_version BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE totals (
+    id INT PRIMARY KEY CHECK (id = 1),
+    retries BIGINT NOT NULL DEFAULT 0,
+    multi_task_keys BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE requests (
+    op TEXT PRIMARY KEY,
+    count BIGINT NOT NULL
+);
+CREATE TABLE estimate_facts (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Processes working on the job: `status` shows the fleet from here.
+CREATE TABLE workers (
+    id BIGSERIAL PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    command TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,
+    stopped_at BIGINT,
+    units BIGINT NOT NULL DEFAULT 0,
+    tasks_done BIGINT NOT NULL DEFAULT 0,
+    tasks_per_sec DOUBLE PRECISION NOT NULL DEFAULT 0,
+    bytes_per_sec DOUBLE PRECISION NOT NULL DEFAULT 0
+);
+-- Counters kept as tasks change (inserted tasks are counted by the code that inserts).
+CREATE FUNCTION count_task() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE counters SET tasks = tasks - 1, bytes = bytes - OLD.size,
+            delete_markers = delete_markers - (OLD.flags & 1),
+            attempts = attempts - OLD.attempts,
+            etag_preserved = etag_preserved - (CASE WHEN OLD.flags & 24 = 24 THEN 1 ELSE 0 END),
+            archived = archived - (CASE WHEN OLD.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END),
+            no_dest_version = no_dest_version - (CASE WHEN OLD.dest_version_id IS NULL THEN 1 ELSE 0 END)
+        WHERE state = OLD.state;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE counters SET tasks = tasks + 1, bytes = bytes + NEW.size,
+            delete_markers = delete_markers + (NEW.flags & 1),
+            attempts = attempts + NEW.attempts,
+            etag_preserved = etag_preserved + (CASE WHEN NEW.flags & 24 = 24 THEN 1 ELSE 0 END),
+            archived = archived + (CASE WHEN NEW.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END),
+            no_dest_version = no_dest_version + (CASE WHEN NEW.dest_version_id IS NULL THEN 1 ELSE 0 END)
+        WHERE state = NEW.state;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER task_changed AFTER UPDATE OF state, attempts, size, flags, error_class,
+    dest_version_id ON task FOR EACH ROW EXECUTE FUNCTION count_task();
+CREATE TRIGGER task_removed AFTER DELETE ON task FOR EACH ROW EXECUTE FUNCTION count_task();
+INSERT INTO partitions (id) VALUES (0);
+INSERT INTO refreshes (generation, started_at, tasks) VALUES (0, NULL, 0);
+INSERT INTO totals (id) VALUES (1);
+INSERT INTO counters (state) VALUES (0), (1), (2), (3), (4);
+"#;
+
+/// The SQL that creates a job's tables (run inside the job's new schema).
+pub(super) fn tables() -> String {
+    let archived = super::super::codec::class_code(crate::s3::ErrorClass::Archived);
+    TABLES.replace("{ARCHIVED}", &archived.to_string())
+}
+
+/// The schema (namespace) of job `job`, quoted for SQL.
+pub(super) fn schema_of(job: &str) -> String {
+    format!("\"s3b_{job}\"")
+}
