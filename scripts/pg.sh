@@ -4,7 +4,9 @@
 #   bash scripts/pg.sh install                        apt packages when missing (postgresql-15)
 #   bash scripts/pg.sh start DIR [PORT] [--owner PID] a cluster in DIR; prints its DSN (one stdout line)
 #   bash scripts/pg.sh stop DIR                       stops it (fast shutdown); fine if not running
-#   bash scripts/pg.sh restart DIR                    stops and starts it again, same port and data
+#   bash scripts/pg.sh restart DIR [fast|immediate]   stops and starts it again, same port and data;
+#                                                     immediate: as a crash (no checkpoint; the
+#                                                     server recovers from its WAL on start)
 #   bash scripts/pg.sh status DIR                     exit 0 and the DSN when running, 3 when not
 #
 # The cluster: initdb with trust authentication for everyone (nothing listens beyond
@@ -242,17 +244,21 @@ cmd_stop() {
 }
 
 cmd_restart() {
-  local dir="${1:?usage: pg.sh restart DIR}"
+  local dir="${1:?usage: pg.sh restart DIR [fast|immediate]}" mode="${2:-fast}"
+  case "$mode" in
+    fast | immediate) ;;
+    *) die "restart mode $mode: expected fast or immediate" ;;
+  esac
   dir="$(absolute "$dir")"
   [ -e "$dir/data/PG_VERSION" ] || die "no cluster in $dir (start one first)"
   BIN="$(bin_dir)" || die "no pg_ctl ($DEBIAN_BIN or PATH)"
   # Every setting is in postgresql.conf, so the port and socket stay what they were.
-  if ! as_owner "$dir" "$BIN/pg_ctl" restart -D "$dir/data" -m fast -l "$dir/log" -w \
+  if ! as_owner "$dir" "$BIN/pg_ctl" restart -D "$dir/data" -m "$mode" -l "$dir/log" -w \
     -t "$WAIT_LIMIT" >/dev/null 2>&1; then
     tail -n 20 "$dir/log" >&2
     die "the server did not restart; its log is $dir/log"
   fi
-  say "restarted the cluster in $dir"
+  say "restarted the cluster in $dir ($mode)"
   cat "$dir/dsn"
 }
 
@@ -276,7 +282,7 @@ case "${1:-}" in
     cmd_start "$@"
     ;;
   stop) cmd_stop "${2:-}" ;;
-  restart) cmd_restart "${2:-}" ;;
+  restart) cmd_restart "${2:-}" "${3:-fast}" ;;
   status) cmd_status "${2:-}" ;;
-  *) die "usage: pg.sh install | start DIR [PORT] [--owner PID] | stop DIR | restart DIR | status DIR" ;;
+  *) die "usage: pg.sh install | start DIR [PORT] [--owner PID] | stop DIR | restart DIR [fast|immediate] | status DIR" ;;
 esac

@@ -1,6 +1,7 @@
 //! Checks of the PostgreSQL test kit and `scripts/pg.sh`, with no S3: fresh databases are
 //! separate, the cluster is durable and local (fsync on, 127.0.0.1 only), a restart in place
-//! keeps what was committed and drops what was not, a port can be given, and the watchdog
+//! keeps what was committed and drops what was not, so does a crash-like restart (WAL
+//! replay), a port can be given, and the watchdog
 //! stops a cluster whose owner is gone. These tests need PostgreSQL (`bash scripts/pg.sh
 //! install`) and fail without it.
 
@@ -105,6 +106,24 @@ fn fresh_databases_are_separate_and_a_restart_keeps_what_was_committed() {
     // And the server takes writes again.
     psql(&a, "INSERT INTO kept VALUES ('after', 3)");
     assert_eq!(psql(&a, "SELECT count(*) FROM kept"), "2");
+
+    // As after a crash: what was committed since the last checkpoint comes back from the WAL.
+    let recoveries = |log: &str| log.matches("database system was interrupted").count();
+    let before = recoveries(&pg::pg_log().unwrap());
+    pg::pg_crash_restart();
+    assert_eq!(
+        recoveries(&pg::pg_log().unwrap()),
+        before + 1,
+        "the immediate restart should end in a crash recovery"
+    );
+    assert_eq!(
+        psql(
+            &a,
+            "SELECT string_agg(k || '=' || n, ',' ORDER BY k) FROM kept"
+        ),
+        "after=3,before=1"
+    );
+    assert_eq!(port_of(&pg_dsn()), port, "same port");
 }
 
 #[test]

@@ -168,13 +168,31 @@ pub fn fresh_database(tag: &str) -> String {
     with_database(&pg_dsn(), &name)
 }
 
+fn own_dir(what: &str) -> &'static Path {
+    cluster().dir.as_deref().unwrap_or_else(|| {
+        panic!("{what}: the server is S3_BACKFILL_TEST_PG's, not this test's to restart")
+    })
+}
+
 /// Restarts this binary's cluster in place (fast shutdown: sessions are cut, committed data
 /// stays; same port). Panics when the server was given by `S3_BACKFILL_TEST_PG`.
 pub fn pg_restart() {
-    let dir = cluster().dir.as_ref().unwrap_or_else(|| {
-        panic!("pg_restart: the server is S3_BACKFILL_TEST_PG's, not this test's to restart")
-    });
+    let dir = own_dir("pg_restart");
     pg_sh(&["restart".as_ref(), dir.as_os_str()]);
+}
+
+/// Restarts this binary's cluster as after a crash (immediate shutdown: no checkpoint, the
+/// server replays its WAL on start; same port). Panics when the server was given by
+/// `S3_BACKFILL_TEST_PG`.
+pub fn pg_crash_restart() {
+    let dir = own_dir("pg_crash_restart");
+    pg_sh(&["restart".as_ref(), dir.as_os_str(), "immediate".as_ref()]);
+}
+
+/// The server log of this binary's cluster so far (None when the server was given).
+pub fn pg_log() -> Option<String> {
+    let dir = cluster().dir.as_ref()?;
+    Some(std::fs::read_to_string(dir.join("log")).unwrap_or_default())
 }
 
 /// Runs SQL with `psql` against `dsn` (stopping at the first error) and returns its rows,
