@@ -56,15 +56,8 @@ bin_dir() {
 
 cmd_install() {
   [ -x "$DEBIAN_BIN/initdb" ] && return 0
-  local sudo=()
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || die "installing ${PACKAGES[*]} needs root (or sudo)"
-    sudo=(sudo)
-  fi
   say "installing ${PACKAGES[*]} with apt"
-  "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${PACKAGES[@]}" >/dev/null
+  bash "$(dirname "$SELF")/apt-install.sh" "${PACKAGES[@]}"
   [ -x "$DEBIAN_BIN/initdb" ] || die "still no $DEBIAN_BIN/initdb after apt"
   say "installed $("$DEBIAN_BIN/postgres" --version)"
 }

@@ -5,15 +5,13 @@
 //! stops a cluster whose owner is gone. These tests need PostgreSQL (`bash scripts/pg.sh
 //! install`) and fail without it.
 
-#[allow(dead_code)]
-#[path = "support/pg.rs"]
-mod pg;
+mod support;
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pg::{fresh_database, pg_dsn, pg_restart, psql, psql_output, with_database};
+use support::pg::{self, fresh_database, pg_dsn, pg_restart, psql, psql_output, with_database};
 
 fn need_pg() {
     assert!(

@@ -8,7 +8,8 @@
 //!   tests create databases) instead of a cluster of this binary's own; `pg_restart` then
 //!   refuses (it cannot restart someone else's server).
 //!
-//! May call: `scripts/pg.sh` and `psql` (Debian's PostgreSQL 15 client, else the one on PATH).
+//! May call: `scripts/pg.sh`, `psql` (Debian's PostgreSQL 15 client, else the one on PATH), and
+//! the kit's `bucket` for unique names.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -143,27 +144,15 @@ pub fn with_database(dsn: &str, db: &str) -> String {
     format!("{}/{db}{query}", &base[..authority_end])
 }
 
-/// Creates a database that no other test uses (named from `tag`, the pid and a counter) and
-/// returns its DSN.
+/// Creates a database that no other test uses (named as [`super::bucket`] names buckets,
+/// from `tag`) and returns its DSN.
 pub fn fresh_database(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
     let clean: String = tag
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
         .take(30)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let name = format!("t_{clean}_{}_{n}_{nanos:x}", std::process::id());
+    let name = format!("t_{}", super::bucket(&clean).replace('-', "_"));
     psql(&pg_dsn(), &format!("CREATE DATABASE \"{name}\""));
     with_database(&pg_dsn(), &name)
 }
