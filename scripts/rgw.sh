@@ -46,15 +46,8 @@ cmd_install() {
   if [ -z "$(missing_binaries)" ]; then
     return 0
   fi
-  local sudo=()
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || die "installing ${PACKAGES[*]} needs root (or sudo)"
-    sudo=(sudo)
-  fi
   say "installing ${PACKAGES[*]} with apt (about 20-45 s the first time)"
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-    "${PACKAGES[@]}" >/dev/null
+  bash "$(dirname "$SELF")/apt-install.sh" "${PACKAGES[@]}"
   [ -z "$(missing_binaries)" ] || die "still missing after apt: $(missing_binaries | tr '\n' ' ')"
   say "installed $(ceph --version | awk '{print $1, $2, $3}')"
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test against moto, then the integration suites again against Ceph RGW (unit and
 # doc tests do not touch a server, so they run once). Installs what each server needs first:
-# moto into .venv (scripts/setup-moto.sh), Ceph's apt packages when missing (scripts/rgw.sh).
+# moto into .venv (scripts/setup-moto.sh), Ceph's apt packages when missing (scripts/rgw.sh),
+# and PostgreSQL 15's for the PostgreSQL manifest's tests, which run in both passes (scripts/pg.sh).
 # The tests start their servers themselves (one per test binary) and stop them when they end.
 # Every pass runs to its end (--no-fail-fast); the exit status is non-zero if any test failed.
 #
 #   S3_BACKFILL_TEST_SERVERS="moto rgw"   which passes to run (default both, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/pg.sh install
 failed=()
 for server in ${S3_BACKFILL_TEST_SERVERS:-moto rgw}; do
   case "$server" in

@@ -3,12 +3,14 @@
 //! readers of version histories and the replica assertion (`history`), and the one job
 //! builder with the typed status (`job`); for `follow`, a steady writer (`writer`) and event
 //! relays that drop 5% (`relay`). Each test binary starts its own server; tests give
-//! every bucket a unique name, so they run in parallel on one server.
+//! every bucket a unique name, so they run in parallel on one server. For the PostgreSQL
+//! manifest, a throwaway cluster per test binary and a fresh database per test (`pg`).
 #![allow(dead_code)]
 
 pub mod fault_proxy;
 mod history;
 mod job;
+pub mod pg;
 pub mod relay;
 mod server;
 pub mod writer;
