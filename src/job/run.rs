@@ -333,7 +333,8 @@ pub(super) async fn run_locked(
         )
         .await
     } else {
-        let work = async { Ok(copier.clone().run().await) };
+        let poll = Duration::from_secs(2);
+        let work = async { Ok(copier.clone().run_shared(poll).await) };
         run_until_stopped(&copier, grace, &mut shutdown, work).await
     };
     timer.abort();
