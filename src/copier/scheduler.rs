@@ -91,6 +91,18 @@ impl<C: S3Client> Copier<C> {
         self.summary()
     }
 
+    /// Whether other processes sharing the manifest still hold work or may still make some
+    /// (see `Writer::work_left`); false on a manifest error (said, and the run stops).
+    pub async fn work_left(&self) -> bool {
+        match self.writer.work_left().await {
+            Ok(left) => left,
+            Err(e) => {
+                self.control.abort(format!("manifest: {e}"));
+                false
+            }
+        }
+    }
+
     /// Runs the open tasks as [`Copier::run`] does, again and again while other processes
     /// sharing the manifest (PostgreSQL) still hold work or may still make some: units
     /// leased to them come back to be claimed when their owner dies (its lease expires),
