@@ -83,12 +83,13 @@ const KEYS_OF_PAGE: &str = "SELECT k.id, k.key, k.unit, k.tasks, t.history_pos
     FROM keys k LEFT JOIN task t ON t.id = (k.id << 24) | (k.tasks - 1)
     WHERE k.key = ANY($1::text[]) ORDER BY k.key FOR UPDATE OF k";
 
-/// Stores new keys, in page order, all in one new unit (its id taken now; its row is
-/// written once its task count is known).
+/// Stores new keys with their task counts, in page order, all in one new unit (its id
+/// taken now; its row is written once its task count is known).
 const NEW_KEYS: &str = "WITH u AS (SELECT nextval('units_id_seq') AS id)
     INSERT INTO keys (id, key, unit, tasks)
-    SELECT nextval('key_ids'), n.key, u.id, 0
-    FROM unnest($1::text[]) WITH ORDINALITY AS n(key, ord), u ORDER BY n.ord
+    SELECT nextval('key_ids'), n.key, u.id, n.tasks
+    FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS n(key, tasks, ord), u
+    ORDER BY n.ord
     ON CONFLICT (key) DO NOTHING RETURNING id, key, unit";
 
 /// What identifies the stored tasks of some keys (see `pages::Identity`).
@@ -106,6 +107,7 @@ const INSERT_TASKS: &str = "INSERT INTO task (id, unit, dest, refresh, history_p
     AS n(id, unit, dest, pos, version_id, flags, size, etag, last_modified, storage_class,
         checksum_algorithm)";
 
+/// The task counts of keys stored before the page.
 const KEY_TASKS: &str = "UPDATE keys SET tasks = n.tasks
     FROM unnest($1::bigint[], $2::bigint[]) AS n(id, tasks) WHERE keys.id = n.id";
 
@@ -154,6 +156,8 @@ struct Cursor {
     next_seq: i64,
     /// The tasks it had before this page.
     stored: i64,
+    /// Stored by this page, with its task count.
+    fresh: bool,
     /// The history position of its newest task before this page.
     last_pos: Option<i64>,
     /// Entries known to have a task: stored ones (when loaded) and this page's.
@@ -168,6 +172,7 @@ impl Cursor {
             unit: r.get(2),
             next_seq: tasks,
             stored: tasks,
+            fresh: false,
             last_pos: r.get(4),
             seen: HashSet::new(),
         };
@@ -324,11 +329,21 @@ fn insert_tasks(
         .filter(|k| !cursors.contains_key(*k))
         .cloned()
         .collect();
+    // A new key gets a task per distinct entry of the page: its row is stored with them.
+    let mut distinct: HashMap<&str, HashSet<Identity>> = HashMap::new();
+    for t in tasks.iter().filter(|t| !cursors.contains_key(&t.entry.key)) {
+        let ids = distinct.entry(&t.entry.key).or_default();
+        ids.insert(Identity::of(t.dest, &t.entry));
+    }
+    let counts: Vec<i64> = missing
+        .iter()
+        .map(|k| distinct.get(k.as_str()).map_or(0, |ids| ids.len() as i64))
+        .collect();
     // The page's new keys (those this transaction stored), and their unit.
     let mut new_unit: Option<(i64, String)> = None;
     if !missing.is_empty() {
         let s = prepared(tx, NEW_KEYS)?;
-        for r in tx.query(&s, &[&missing])? {
+        for r in tx.query(&s, &[&missing, &counts])? {
             let (key_id, key, unit): (i64, String, i64) = (r.get(0), r.get(1), r.get(2));
             if key_id > MAX_KEY_ID {
                 return Ok(Err(format!("more than {MAX_KEY_ID} keys")));
@@ -343,6 +358,7 @@ fn insert_tasks(
                 unit,
                 next_seq: 0,
                 stored: 0,
+                fresh: true,
                 last_pos: None,
                 seen: HashSet::new(),
             };
@@ -408,11 +424,13 @@ fn insert_tasks(
     )?;
     let (key_ids, counts): (Vec<i64>, Vec<i64>) = cursors
         .values()
-        .filter(|c| c.next_seq > c.stored)
+        .filter(|c| !c.fresh && c.next_seq > c.stored)
         .map(|c| (c.key_id, c.next_seq))
         .unzip();
-    let s = prepared(tx, KEY_TASKS)?;
-    tx.execute(&s, &[&key_ids, &counts])?;
+    if !key_ids.is_empty() {
+        let s = prepared(tx, KEY_TASKS)?;
+        tx.execute(&s, &[&key_ids, &counts])?;
+    }
     if let Some((unit, last_key)) = new_unit {
         let added = per_unit.remove(&unit).unwrap_or(0);
         let s = prepared(tx, NEW_UNIT)?;
@@ -682,6 +700,17 @@ mod tests {
              GROUP BY state ORDER BY state",
         );
         assert_eq!(stored, recount);
+        // Keys' and units' task counts, and each task in its key's unit.
+        let wrong = one(
+            m,
+            "SELECT (SELECT count(*) FROM keys k
+                 WHERE k.tasks <> (SELECT count(*) FROM task t WHERE t.id >> 24 = k.id))
+             + (SELECT count(*) FROM units u
+                 WHERE u.tasks <> (SELECT count(*) FROM task t WHERE t.unit = u.id))
+             + (SELECT count(*) FROM task t JOIN keys k ON k.id = t.id >> 24
+                 WHERE t.unit <> k.unit)",
+        );
+        assert_eq!(wrong, 0, "keys' and units' task counts");
     }
 
     /// The key's version ids by history position, oldest first.
