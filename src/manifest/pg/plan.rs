@@ -1172,4 +1172,77 @@ mod tests {
         let e = m.start_refresh_of(false).unwrap_err();
         assert!(matches!(e, ManifestError::Unsupported(_, "refresh")), "{e}");
     }
+
+    /// The real lister (four parts, pages of 7 entries) against the s3 layer's fake, into
+    /// a PostgreSQL job: every version once, in order, in units of whole keys of its part.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_lister_plans_a_postgres_job_in_parts() {
+        use crate::lister::Lister;
+        use crate::manifest::Manifest;
+        use crate::s3::fake::FakeServer;
+        use crate::s3::{Side, S3};
+
+        let Some(url) = pg_job("plan-lister") else {
+            return;
+        };
+        let server = FakeServer::new();
+        server.create_bucket("src", true);
+        let mut keys: Vec<String> = Vec::new();
+        for p in ["a/", "b/", "c/", "d/", "e/", "f/"] {
+            keys.extend((0..8).map(|i| format!("{p}{i:02}")));
+        }
+        for (i, k) in keys.iter().enumerate() {
+            server.put("src", k, b"v1", &[]);
+            if i % 3 == 0 {
+                server.delete("src", k);
+            }
+            for _ in 0..i % 5 {
+                server.put("src", k, b"v3", &[]);
+            }
+        }
+        let mut job = crate::manifest::tests::settings();
+        job.source.bucket = "src".into();
+        job.selection.delete_markers = true;
+        let mut m = Manifest::open(&url, true).unwrap();
+        m.store_settings(&job).unwrap();
+        let source = S3::alone(server.client(Side::Source), 8);
+        let mut lister = Lister::new(&job, &source, None, true);
+        lister.page_size = 7;
+        lister.list_parallel(&mut m, 4, |_| {}).await.unwrap();
+        let Manifest::Pg(m) = m else {
+            panic!("not a PostgreSQL job");
+        };
+        assert!(m.listing().unwrap().complete);
+        let parts = m.partitions().unwrap().len() as i64;
+        assert!(parts > 1, "{parts} parts");
+        for k in &keys {
+            let source: Vec<String> = server.history("src", k).into_iter().map(|v| v.id).collect();
+            assert_eq!(versions(&m, k), source, "{k}");
+        }
+        let entries: i64 = keys
+            .iter()
+            .map(|k| server.history("src", k).len() as i64)
+            .sum();
+        assert_eq!(pending_counters(&m).0, entries);
+        check_recount(&m);
+        // Units: of one part each, every key's last version listed, all claimable now.
+        assert_eq!(
+            one(&m, "SELECT count(DISTINCT partition) FROM units"),
+            parts
+        );
+        let units = one(&m, "SELECT count(*) FROM units");
+        assert!(units >= parts, "{units} units");
+        assert_eq!(claimable(&m).len() as i64, units);
+        assert_eq!(
+            one(
+                &m,
+                "SELECT count(*) FROM keys k JOIN units u ON u.id = k.unit
+                 JOIN partitions p ON p.id = u.partition
+                 WHERE k.key > u.last_key OR k.key < coalesce(p.start_key, '')
+                 OR k.key >= coalesce(p.end_key, k.key || 'x')"
+            ),
+            0,
+            "each key in a unit of its own part, at or before the unit's last key"
+        );
+    }
 }
