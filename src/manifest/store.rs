@@ -268,7 +268,7 @@ impl ReportStore for Manifest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::manifest::tests::{done, error, settings, task};
     use crate::manifest::Outcome;
