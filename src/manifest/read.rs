@@ -34,7 +34,7 @@ pub(super) fn task_select(cond: &str, order: &str) -> String {
 }
 
 /// Oldest first: earlier listings first, then the end of each key's history first.
-const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
+pub(super) const OLDEST_FIRST: &str = "ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id";
 
 fn state_of(code: i64) -> std::result::Result<State, DbError> {
     State::of_code(code).ok_or_else(|| DbError::Bad(format!("state {code}")))
@@ -88,7 +88,7 @@ pub(super) const ETAG_CHANGES_SQL: &str = "SELECT method, count(*) FROM task
     WHERE state = ?1 AND flags & ?2 = ?3 GROUP BY method";
 
 /// Why a task copied this way has another ETag than its source.
-fn etag_change_reason(method: Option<CopyMethod>) -> &'static str {
+pub(super) fn etag_change_reason(method: Option<CopyMethod>) -> &'static str {
     match method {
         Some(CopyMethod::Copy) => "the server gave a multipart source copied with CopyObject a new ETag (--large-copy parts keeps it)",
         Some(CopyMethod::MultipartCopy | CopyMethod::MultipartStream) => "copied in parts of --part-size: the source's part layout could not be read or inferred (parts not of one size), or is larger than the memory budget",
@@ -103,7 +103,7 @@ pub(super) const LISTING_PROGRESS_SQL: &str =
     "SELECT complete, last_key, entries, pages FROM partitions ORDER BY id";
 pub(super) const REQUESTS_SQL: &str = "SELECT op, count FROM requests";
 /// Why a skipped task `--retry-skipped` did not put back stays skipped.
-const RETRIED_OUT_OF_ORDER_WHY: &str = "not retried: newer versions of its key were copied since it was skipped (an archived version restored late); written now it would be written out of order";
+pub(super) const RETRIED_OUT_OF_ORDER_WHY: &str = "not retried: newer versions of its key were copied since it was skipped (an archived version restored late); written now it would be written out of order";
 
 /// Tasks stored skipped as out of order (see `pages::OUT_OF_ORDER`): problems only.
 pub(super) const OUT_OF_ORDER_SQL: &str = "SELECT count(*) FROM task t JOIN errors e
@@ -311,31 +311,11 @@ impl SqliteManifest {
         let mut stmt = self.conn.prepare_cached(COUNTERS_SQL)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let n = count(r.get(1)?);
-            let bytes = count(r.get(2)?);
-            c.total += n;
-            c.bytes_total += bytes;
-            c.delete_markers += count(r.get(3)?);
-            c.attempts += count(r.get(4)?);
-            c.etag_preserved += count(r.get(5)?);
-            match State::of_code(r.get(0)?) {
-                Some(State::Pending) => {
-                    c.pending = n;
-                    c.restore_pending = count(r.get(6)?);
-                }
-                Some(State::InProgress) => c.in_progress = n,
-                Some(State::Done) => {
-                    c.done = n;
-                    c.bytes_done = bytes;
-                    c.done_without_dest_version = count(r.get(7)?);
-                }
-                Some(State::Failed) => c.failed = n,
-                Some(State::Skipped) => {
-                    c.skipped = n;
-                    c.archived = count(r.get(6)?);
-                }
-                None => {}
+            let mut row = [0i64; 7];
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = r.get(i + 1)?;
             }
+            add_counters(&mut c, r.get(0)?, row);
         }
         c.retries = self
             .conn
@@ -499,6 +479,35 @@ impl SqliteManifest {
     }
 }
 
+/// Adds one row of `counters` (`COUNTERS_SQL`: the state's code, then tasks, bytes, delete
+/// markers, attempts, ETags preserved, archived, without a destination version) to `c`.
+pub(super) fn add_counters(c: &mut Counts, state: i64, row: [i64; 7]) {
+    let [n, bytes, markers, attempts, preserved, archived, no_dest] = row.map(count);
+    c.total += n;
+    c.bytes_total += bytes;
+    c.delete_markers += markers;
+    c.attempts += attempts;
+    c.etag_preserved += preserved;
+    match State::of_code(state) {
+        Some(State::Pending) => {
+            c.pending = n;
+            c.restore_pending = archived;
+        }
+        Some(State::InProgress) => c.in_progress = n,
+        Some(State::Done) => {
+            c.done = n;
+            c.bytes_done = bytes;
+            c.done_without_dest_version = no_dest;
+        }
+        Some(State::Failed) => c.failed = n,
+        Some(State::Skipped) => {
+            c.skipped = n;
+            c.archived = archived;
+        }
+        None => {}
+    }
+}
+
 /// Open tasks of keys whose older task failed (per destination), derived from the failed
 /// tasks (few, indexed): for each key, those newer than its oldest failed task.
 fn blocked(conn: &Connection) -> rusqlite::Result<u64> {
@@ -586,13 +595,12 @@ fn problem_from_row(
     failed: &mut BTreeMap<i64, String>,
 ) -> std::result::Result<Option<Problem>, DbError> {
     let state = state_of(r.get(1)?)?;
-    let version_id: String = r.get(0)?;
     let dest: i64 = r.get(4)?;
     // A failed version blocks the later ones to its bucket, whichever rule sent them.
     let group = groups.get(&dest).copied().unwrap_or(dest);
-    let mut p = Problem {
+    let p = Problem {
         key: key.to_string(),
-        version_id: version_id.clone(),
+        version_id: r.get(0)?,
         state: state.as_str().to_string(),
         error_class: class_name(r.get(2)?)?,
         error_code: r.get(5)?,
@@ -606,16 +614,27 @@ fn problem_from_row(
         attempts: r.get(3)?,
         dest,
     };
+    Ok(shown_problem(p, state, group, failed))
+}
+
+/// What a report shows of task `p` (in `state`, to destination bucket group `group`), read
+/// in its key's order (oldest first): failed and skipped tasks as they are, open tasks
+/// newer than a failed one to the same bucket (recorded in `failed`) as blocked, no other.
+pub(super) fn shown_problem(
+    mut p: Problem,
+    state: State,
+    group: i64,
+    failed: &mut BTreeMap<i64, String>,
+) -> Option<Problem> {
+    let version_id = p.version_id.clone();
     match state {
         State::Failed => {
             failed.entry(group).or_insert(version_id);
         }
         State::Skipped => {}
-        State::Done => return Ok(None),
+        State::Done => return None,
         State::Pending | State::InProgress => {
-            let Some(v) = failed.get(&group) else {
-                return Ok(None);
-            };
+            let v = failed.get(&group)?;
             p.state = "blocked".into();
             (p.error_class, p.error_code, p.http_status) = (None, None, None);
             (p.error_side, p.error_op) = (None, None);
@@ -624,5 +643,5 @@ fn problem_from_row(
             ));
         }
     }
-    Ok(Some(p))
+    Some(p)
 }
