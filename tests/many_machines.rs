@@ -127,7 +127,11 @@ async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database
     }
 
     let s = job.status();
-    assert_eq!((s.done, s.pending, s.in_progress, s.failed), (total, 0, 0, 0), "{s:?}");
+    assert_eq!(
+        (s.done, s.pending, s.in_progress, s.failed),
+        (total, 0, 0, 0),
+        "{s:?}"
+    );
     assert_replica(&c, &src, &c, &dst, "", "", all).await;
     expect_code(&job.verify(), 0);
 }

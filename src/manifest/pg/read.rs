@@ -1548,12 +1548,3 @@ mod tests {
         assert_eq!(m.run_progress().unwrap().unwrap().eta_secs, Some(0));
     }
 }
-
-// TEMPORARY (lead): stand-ins until the read slice lands; replaced by its decoder.
-/// The select list of a task row.
-pub(super) const TASK_COLUMNS: &str = "t.id FROM task t";
-/// A task row decoded.
-pub(super) fn task_of_row(row: &postgres::Row) -> std::result::Result<Task, super::PgError> {
-    let _ = row;
-    Err(super::PgError::Bad("not built".into()))
-}

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use super::read::{task_of_row, TASK_COLUMNS};
+use super::read::{task_of_row, task_select};
 use super::{PgError, PgManifest};
 use crate::manifest::backend::PgLocation;
 use crate::manifest::codec::{
@@ -370,9 +370,9 @@ impl Work {
         }
         let rows = tx
             .query(
-                &format!(
-                    "SELECT {TASK_COLUMNS} WHERE t.id >> 24 = ANY($1)
-                     ORDER BY t.id >> 24, t.refresh, t.history_pos DESC, t.dest, t.id"
+                &task_select(
+                    "t.id >> 24 = ANY($1)",
+                    "ORDER BY t.id >> 24, t.refresh, t.history_pos DESC, t.dest, t.id",
                 ),
                 &[&ids],
             )
