@@ -422,7 +422,8 @@ pub async fn build(
             ChecksumCalculation::WhenSupported => RequestChecksumCalculation::WhenSupported,
             ChecksumCalculation::WhenRequired => RequestChecksumCalculation::WhenRequired,
         })
-        .interceptor(ZeroLengthBody);
+        .interceptor(ZeroLengthBody)
+        .interceptor(LeaseGate);
     if sdk.region().is_none() {
         b = b.region(Region::new("us-east-1"));
     }
@@ -501,6 +502,27 @@ impl Intercept for ZeroLengthBody {
             req.headers_mut().insert("content-length", "0");
         }
         Ok(())
+    }
+}
+
+/// Asks the lease gate (`s3::gate`) once more right before the request goes out, after
+/// signing: a process paused between the retry loop's check and the send (SIGSTOP, a
+/// frozen VM) sends nothing once its leases may be gone.
+#[derive(Debug)]
+struct LeaseGate;
+
+impl Intercept for LeaseGate {
+    fn name(&self) -> &'static str {
+        "LeaseGate"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        super::gate::check(super::Side::Dest).map_err(|e| e.message.into())
     }
 }
 
