@@ -119,7 +119,23 @@ struct Snapshot {
 }
 
 fn pg(shown: &str, e: tokio_postgres::Error) -> String {
-    format!("manifest {shown}: PostgreSQL: {e}")
+    match e.as_db_error() {
+        Some(db) => format!(
+            "manifest {shown}: PostgreSQL: {} ({})",
+            db.message(),
+            db.code().code()
+        ),
+        None => format!("manifest {shown}: PostgreSQL: {e}"),
+    }
+}
+
+/// Whether PostgreSQL asks for the transaction to be tried again (a deadlock's victim, or
+/// a serialization failure).
+fn transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
 }
 
 async fn connect(l: &PgLocation) -> Result<Client, String> {
@@ -204,6 +220,12 @@ impl Run {
                             self.client = c;
                         }
                     }
+                    Err(Failure::Db(e)) if transient(&e) => {
+                        // Chosen as a deadlock's victim: nothing was kept; again.
+                        self.work.restore(before);
+                        tracing::debug!("{}; trying the group again", pg(&shown, e));
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                     Err(Failure::Db(e)) => break Err(pg(&shown, e)),
                     Err(Failure::Bad(why)) => break Err(why),
                 }
@@ -260,6 +282,11 @@ impl Run {
         let work = &mut self.work;
         let held = work.held_now();
         let tx = self.client.transaction().await?;
+        // The counters' rows, locked in one order first: every writer's group changes
+        // several of them (through the task trigger), and taken in any other order two
+        // groups could deadlock.
+        tx.execute("SELECT 1 FROM counters ORDER BY state FOR UPDATE", &[])
+            .await?;
         fence(&tx, &held).await?;
         let mut ops = Ops::default();
         let mut reads = Vec::new();
@@ -368,13 +395,21 @@ impl Work {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        // The keys' units: the index the tasks are found by.
+        let mut units: Vec<i64> = ids
+            .iter()
+            .filter_map(|k| self.key_unit.get(k))
+            .copied()
+            .collect();
+        units.sort_unstable();
+        units.dedup();
         let rows = tx
             .query(
                 &task_select(
-                    "t.id >> 24 = ANY($1)",
+                    "t.unit = ANY($2) AND t.id >> 24 = ANY($1)",
                     "ORDER BY t.id >> 24, t.refresh, t.history_pos DESC, t.dest, t.id",
                 ),
-                &[&ids],
+                &[&ids, &units],
             )
             .await?;
         let mut groups: Vec<KeyGroup> = Vec::with_capacity(ids.len());
@@ -428,9 +463,9 @@ impl Work {
         }
         let keys = tx
             .query(
-                "SELECT k.id, k.unit,
-                    (SELECT count(*) FROM task t WHERE t.id >> 24 = k.id AND t.state < 2)
-                 FROM keys k WHERE k.unit = ANY($1) ORDER BY k.id",
+                "SELECT k.id, k.unit, count(t.id) FILTER (WHERE t.state < 2)
+                 FROM keys k JOIN task t ON t.unit = k.unit AND t.id >> 24 = k.id
+                 WHERE k.unit = ANY($1) GROUP BY k.id, k.unit ORDER BY k.id",
                 &[&units],
             )
             .await?;
@@ -929,7 +964,7 @@ fn beat(
             .collect();
         let renewed = renew(&location, &mut client, worker, lease, &units);
         match renewed {
-            Ok(kept) if kept == units.len() => {
+            Ok(0) => {
                 gate.open_until(sent + half);
                 renewals.fetch_add(1, Ordering::Relaxed);
                 next = sent + period;
@@ -949,8 +984,9 @@ fn beat(
     }
 }
 
-/// One renewal: every held unit's lease extended on the database's clock; how many were
-/// still this process's.
+/// One renewal: every held unit's lease extended on the database's clock; how many of
+/// them another process took over meanwhile (a unit this process finished or gave back
+/// since is not renewed, and not lost either).
 fn renew(
     location: &PgLocation,
     client: &mut Option<postgres::Client>,
@@ -966,16 +1002,23 @@ fn renew(
     }
     let c = client.as_mut().expect("connected above");
     let (ids, epochs): (Vec<i64>, Vec<i64>) = units.iter().copied().unzip();
-    let kept = c.execute(
-        "UPDATE units u SET lease_expires = extract(epoch FROM clock_timestamp())::bigint + $3
-         FROM unnest($1::bigint[], $2::bigint[]) AS h(id, lease)
-         WHERE u.id = h.id AND u.lease = h.lease AND u.state = 1",
-        &[&ids, &epochs, &lease],
-    )?;
+    let lost: i64 = c
+        .query_one(
+            "WITH h AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS h(id, lease)),
+             renewed AS (
+                UPDATE units u
+                SET lease_expires = extract(epoch FROM clock_timestamp())::bigint + $3
+                FROM h WHERE u.id = h.id AND u.lease = h.lease AND u.state = 1
+                RETURNING u.id)
+             SELECT count(*) FROM units u JOIN h ON u.id = h.id
+             WHERE u.lease IS NOT NULL AND u.lease <> h.lease",
+            &[&ids, &epochs, &lease],
+        )?
+        .get(0);
     c.execute(
         "UPDATE workers SET heartbeat_at = extract(epoch FROM now())::bigint, units = $2
          WHERE id = $1",
         &[&worker, &(units.len() as i64)],
     )?;
-    Ok(kept as usize)
+    Ok(lost as usize)
 }

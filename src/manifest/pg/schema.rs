@@ -67,6 +67,7 @@ CREATE TABLE units (
     claims BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX units_open ON units (id) WHERE state IN (0, 1);
+CREATE INDEX keys_unit ON keys (unit);
 CREATE SEQUENCE lease_epochs;
 CREATE TABLE task (
     id BIGINT PRIMARY KEY,
