@@ -1309,4 +1309,54 @@ mod tests {
         );
         check_recount(&m);
     }
+
+    /// A new key that another transaction stores while the page stores it too (two
+    /// listers of one part, its lease moved): the page waits for it, then adds its tasks to
+    /// that key and its unit.
+    #[test]
+    fn a_key_stored_meanwhile_by_another_lister_is_shared() {
+        let Some((mut m, l)) = job("plan-raced") else {
+            return;
+        };
+        let pid =
+            m.db.call(|c| {
+                Ok(c.query_one("SELECT pg_backend_pid()", &[])?
+                    .get::<_, i32>(0))
+            })
+            .unwrap();
+        let mut other = postgres::Client::connect(&l.url, postgres::NoTls).unwrap();
+        let schema = super::super::schema::schema_of(&l.job);
+        other
+            .batch_execute(&format!("SET search_path TO {schema}, public"))
+            .unwrap();
+        let mut watch = postgres::Client::connect(&l.url, postgres::NoTls).unwrap();
+        let mut lister = other.transaction().unwrap();
+        lister
+            .batch_execute(
+                "INSERT INTO units (id, partition, last_key, tasks) VALUES (77, 0, 'k', 0);
+                 INSERT INTO keys (id, key, unit, tasks) VALUES (nextval('key_ids'), 'k', 77, 0)",
+            )
+            .unwrap();
+        let page = std::thread::spawn(move || {
+            let page = [task("j", "1", 0), task("k", "2", 0), task("k", "1", 1)];
+            let r = m.insert_page(&page, &Listing::default());
+            (m, r)
+        });
+        let waiting = "SELECT count(*) FROM pg_stat_activity
+            WHERE pid = $1 AND wait_event_type = 'Lock' AND query LIKE '%key_ids%'";
+        while watch.query_one(waiting, &[&pid]).unwrap().get::<_, i64>(0) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        lister.commit().unwrap();
+        let (m, r) = page.join().unwrap();
+        r.unwrap();
+        assert_eq!(one(&m, "SELECT count(*) FROM keys"), 2);
+        assert_eq!(m.count_key("k").unwrap(), 2);
+        assert_eq!(one(&m, "SELECT unit FROM keys WHERE key = 'k'"), 77);
+        let s = |v: &str| Some(v.to_string());
+        let u = units(&m);
+        assert_eq!(u[0][1..], [s("0"), s("j"), s("1"), s("0"), s("j")]);
+        assert_eq!(u[1][1..], [s("0"), s("k"), s("2"), s("0"), s("k")]);
+        check_recount(&m);
+    }
 }
