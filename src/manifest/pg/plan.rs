@@ -1245,4 +1245,118 @@ mod tests {
             "each key in a unit of its own part, at or before the unit's last key"
         );
     }
+
+    /// A page whose transaction PostgreSQL picks as a deadlock's victim (here against a
+    /// stand-in for a run's writer that holds the counters and then wants the page's unit)
+    /// is tried again, and stored once.
+    #[test]
+    fn a_page_caught_in_a_deadlock_is_tried_again() {
+        let Some((mut m, l)) = job("plan-deadlock") else {
+            return;
+        };
+        m.insert_page(&[task("k", "2", 0)], &Listing::default())
+            .unwrap();
+        let unit = one(&m, "SELECT unit FROM keys WHERE key = 'k'");
+        // The page looks for a deadlock once it has waited 3 s, the writer after 60 s: the
+        // page is the victim, whatever the machine's load.
+        let pid =
+            m.db.call(|c| {
+                c.batch_execute("SET deadlock_timeout = '3s'")?;
+                Ok(c.query_one("SELECT pg_backend_pid()", &[])?
+                    .get::<_, i32>(0))
+            })
+            .unwrap();
+        let connect = |sql: String| {
+            let mut c = postgres::Client::connect(&l.url, postgres::NoTls).unwrap();
+            c.batch_execute(&sql).unwrap();
+            c
+        };
+        let schema = super::super::schema::schema_of(&l.job);
+        let mut other = connect(format!(
+            "SET search_path TO {schema}, public; SET deadlock_timeout = '60s'"
+        ));
+        // Watched from outside the writer's transaction, which sees one snapshot of the view.
+        let mut watch = connect(String::new());
+        let mut writer = other.transaction().unwrap();
+        writer
+            .execute("UPDATE counters SET tasks = tasks WHERE state = 0", &[])
+            .unwrap();
+        let page = std::thread::spawn(move || {
+            let r = m.insert_page(&[task("k", "1", 1)], &Listing::default());
+            (m, r)
+        });
+        // Once the page waits for the counters, the writer wants the page's unit.
+        let waiting = "SELECT count(*) FROM pg_stat_activity
+            WHERE pid = $1 AND wait_event_type = 'Lock' AND query LIKE '%multi_task_keys%'";
+        while watch.query_one(waiting, &[&pid]).unwrap().get::<_, i64>(0) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        writer
+            .execute(
+                "UPDATE units SET claims = claims + 1 WHERE id = $1",
+                &[&unit],
+            )
+            .unwrap();
+        writer.commit().unwrap();
+        let (m, r) = page.join().unwrap();
+        r.unwrap();
+        assert_eq!(m.count_key("k").unwrap(), 2);
+        assert_eq!(pending_counters(&m).0, 2);
+        assert_eq!(
+            one(&m, "SELECT claims FROM units"),
+            1,
+            "the writer's update stands"
+        );
+        check_recount(&m);
+    }
+
+    /// A new key that another transaction stores while the page stores it too (two
+    /// listers of one part, its lease moved): the page waits for it, then adds its tasks to
+    /// that key and its unit.
+    #[test]
+    fn a_key_stored_meanwhile_by_another_lister_is_shared() {
+        let Some((mut m, l)) = job("plan-raced") else {
+            return;
+        };
+        let pid =
+            m.db.call(|c| {
+                Ok(c.query_one("SELECT pg_backend_pid()", &[])?
+                    .get::<_, i32>(0))
+            })
+            .unwrap();
+        let mut other = postgres::Client::connect(&l.url, postgres::NoTls).unwrap();
+        let schema = super::super::schema::schema_of(&l.job);
+        other
+            .batch_execute(&format!("SET search_path TO {schema}, public"))
+            .unwrap();
+        let mut watch = postgres::Client::connect(&l.url, postgres::NoTls).unwrap();
+        let mut lister = other.transaction().unwrap();
+        lister
+            .batch_execute(
+                "INSERT INTO units (id, partition, last_key, tasks) VALUES (77, 0, 'k', 0);
+                 INSERT INTO keys (id, key, unit, tasks) VALUES (nextval('key_ids'), 'k', 77, 0)",
+            )
+            .unwrap();
+        let page = std::thread::spawn(move || {
+            let page = [task("j", "1", 0), task("k", "2", 0), task("k", "1", 1)];
+            let r = m.insert_page(&page, &Listing::default());
+            (m, r)
+        });
+        let waiting = "SELECT count(*) FROM pg_stat_activity
+            WHERE pid = $1 AND wait_event_type = 'Lock' AND query LIKE '%key_ids%'";
+        while watch.query_one(waiting, &[&pid]).unwrap().get::<_, i64>(0) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        lister.commit().unwrap();
+        let (m, r) = page.join().unwrap();
+        r.unwrap();
+        assert_eq!(one(&m, "SELECT count(*) FROM keys"), 2);
+        assert_eq!(m.count_key("k").unwrap(), 2);
+        assert_eq!(one(&m, "SELECT unit FROM keys WHERE key = 'k'"), 77);
+        let s = |v: &str| Some(v.to_string());
+        let u = units(&m);
+        assert_eq!(u[0][1..], [s("0"), s("j"), s("1"), s("0"), s("j")]);
+        assert_eq!(u[1][1..], [s("0"), s("k"), s("2"), s("0"), s("k")]);
+        check_recount(&m);
+    }
 }
