@@ -22,7 +22,8 @@ use crate::manifest::codec::{
     STREAM_ONLY, VERSION_TO_LEARN,
 };
 use crate::manifest::read::{
-    add_counters, etag_change_reason, shown_problem, OLDEST_FIRST, RETRIED_OUT_OF_ORDER_WHY,
+    add_counters, etag_change_reason, shown_problem, COUNTERS_SQL, OLDEST_FIRST, OUT_OF_ORDER_SQL,
+    REQUESTS_SQL, RETRIED_OUT_OF_ORDER_WHY, TOTALS_SQL,
 };
 use crate::manifest::{
     CopyMethod, Counts, KeyGroup, ListingProgress, ManifestError, Problem, Result, RunProgress,
@@ -68,6 +69,10 @@ const BLOCKED_SQL: &str = "oldest AS (SELECT DISTINCT ON (t.id >> 24, coalesce(g
     LEFT JOIN g ON g.id = t.dest
     WHERE t.state < 2 AND coalesce(g.grp, t.dest) = o.grp
     AND (t.refresh > o.refresh OR (t.refresh = o.refresh AND t.history_pos < o.history_pos))";
+
+/// Whether every listing part is complete, and the entries listed (`counts()`).
+const PARTITIONS_SQL: &str = "SELECT coalesce(bool_and(complete), false),
+    coalesce(sum(entries), 0)::bigint FROM partitions";
 
 /// The next keys with open tasks after a task id (`$1`), at most `$2`: one index seek per
 /// key, as SQLite's `NEXT_OPEN_SQL`.
@@ -360,41 +365,24 @@ impl PgManifest {
         self.db.call_with(|c| {
             let mut t = snapshot(c)?;
             let mut counts = Counts::default();
-            for r in t.query(
-                "SELECT state, tasks, bytes, delete_markers, attempts, etag_preserved,
-                 archived, no_dest_version FROM counters",
-                &[],
-            )? {
+            // The statements SQLite's `counts()` runs, where they read the same here.
+            for r in t.query(COUNTERS_SQL, &[])? {
                 let mut row = [0i64; 7];
                 for (i, v) in row.iter_mut().enumerate() {
                     *v = r.try_get(i + 1)?;
                 }
                 add_counters(&mut counts, i64::from(r.try_get::<_, i16>(0)?), row);
             }
-            counts.retries = count(
-                t.query_one("SELECT retries FROM totals WHERE id = 1", &[])?
-                    .try_get(0)?,
-            );
-            let parts = t.query_one(
-                "SELECT coalesce(bool_and(complete), false), coalesce(sum(entries), 0)::bigint
-                 FROM partitions",
-                &[],
-            )?;
+            counts.retries = count(t.query_one(TOTALS_SQL, &[])?.try_get(0)?);
+            let parts = t.query_one(PARTITIONS_SQL, &[])?;
             counts.listing_complete = parts.try_get(0)?;
             counts.listed_entries = count(parts.try_get(1)?);
-            for r in t.query("SELECT op, count FROM requests", &[])? {
+            for r in t.query(REQUESTS_SQL, &[])? {
                 counts.requests.insert(r.try_get(0)?, count(r.try_get(1)?));
             }
             let blocked = format!("WITH {GROUPS_CTE}, {BLOCKED_SQL}");
             counts.blocked = count(t.query_one(&blocked, &[])?.try_get(0)?);
-            counts.out_of_order = count(
-                t.query_one(
-                    "SELECT count(*) FROM task t JOIN errors e ON e.task = t.id
-                     WHERE t.state >= 3 AND t.state = 4 AND e.code = $1",
-                    &[&OUT_OF_ORDER],
-                )?
-                .try_get(0)?,
-            );
+            counts.out_of_order = count(t.query_one(OUT_OF_ORDER_SQL, &[])?.try_get(0)?);
             t.commit()?;
             Ok(counts)
         })
@@ -1481,6 +1469,42 @@ mod tests {
         .into();
         assert_eq!(changes, want);
         assert_eq!(m.counts().unwrap().etag_preserved, 1);
+    }
+
+    /// `status` reads kept counters: with sequential scans priced out, none of the
+    /// statements of `counts()` reads the tasks but by an index, nor does the search for the
+    /// next keys with open tasks.
+    #[test]
+    fn counts_and_key_search_read_no_task_scan() {
+        let Some((m, _ids)) = key_with_a_failed_version("read-plans") else {
+            return;
+        };
+        let blocked = format!("WITH {GROUPS_CTE}, {BLOCKED_SQL}");
+        let open = OPEN_KEYS_SQL.replace("$1", "1").replace("$2", "10");
+        for sql in [
+            COUNTERS_SQL,
+            TOTALS_SQL,
+            PARTITIONS_SQL,
+            REQUESTS_SQL,
+            OUT_OF_ORDER_SQL,
+            &blocked,
+            &open,
+        ] {
+            let explain = format!("EXPLAIN {sql}");
+            let plan: Vec<String> =
+                m.db.call(move |c| {
+                    c.batch_execute("SET enable_seqscan = off")?;
+                    let rows = c.query(&explain, &[])?;
+                    c.batch_execute("RESET enable_seqscan")?;
+                    rows.iter().map(|r| r.try_get(0)).collect()
+                })
+                .unwrap();
+            let plan = plan.join("\n");
+            assert!(!plan.contains("Seq Scan on task"), "{sql}: {plan}");
+            if sql.contains("FROM task") {
+                assert!(plan.contains("Index Scan"), "{sql}: {plan}");
+            }
+        }
     }
 
     #[test]
