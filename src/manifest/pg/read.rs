@@ -89,6 +89,34 @@ const OPEN_KEYS_SQL: &str = "WITH RECURSIVE ks(kid, n) AS (
 /// unit has open work again.
 const REOPEN_UNITS_SQL: &str = "UPDATE units SET state = 0 WHERE id = ANY($1) AND state IN (2, 3)";
 
+/// One process working on the job, as `status` shows the fleet.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct WorkerRow {
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id there.
+    pub pid: i64,
+    /// Its command (`run`, `replicate`).
+    pub command: String,
+    /// When it started (unix seconds).
+    pub started_at: i64,
+    /// Its last heartbeat (unix seconds, the database's clock).
+    pub heartbeat_at: i64,
+    /// Seconds since that heartbeat, by the database's clock.
+    pub heartbeat_age_secs: i64,
+    /// Its heartbeat is fresh (within 30 s): it is running; else it is silent (stalled or
+    /// dead, its units to be taken over when their leases expire).
+    pub running: bool,
+    /// Units of work it holds, as its last heartbeat said.
+    pub units: i64,
+    /// Tasks it ended.
+    pub tasks_done: i64,
+    /// Tasks ended per second, recently.
+    pub tasks_per_sec: f64,
+    /// Bytes copied per second, recently.
+    pub bytes_per_sec: f64,
+}
+
 fn bad(what: String) -> PgError {
     PgError::Bad(what)
 }
@@ -599,6 +627,38 @@ impl PgManifest {
             c.query("SELECT name, value FROM estimate_facts", &[])?
                 .iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+
+    /// The processes working on the job (not stopped), longest running first: each with its
+    /// units, tasks, rate and heartbeat.
+    pub fn workers(&self) -> Result<Vec<WorkerRow>> {
+        self.db.call(|c| {
+            let rows = c.query(
+                "SELECT host, pid, command, started_at, heartbeat_at,
+                 extract(epoch FROM now())::bigint - heartbeat_at, units, tasks_done,
+                 tasks_per_sec, bytes_per_sec FROM workers
+                 WHERE stopped_at IS NULL ORDER BY started_at, id",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    let age: i64 = r.try_get(5)?;
+                    Ok(WorkerRow {
+                        host: r.try_get(0)?,
+                        pid: r.try_get(1)?,
+                        command: r.try_get(2)?,
+                        started_at: r.try_get(3)?,
+                        heartbeat_at: r.try_get(4)?,
+                        heartbeat_age_secs: age.max(0),
+                        running: age <= RUNNING_FOR,
+                        units: r.try_get(6)?,
+                        tasks_done: r.try_get(7)?,
+                        tasks_per_sec: r.try_get(8)?,
+                        bytes_per_sec: r.try_get(9)?,
+                    })
+                })
                 .collect()
         })
     }
@@ -1570,5 +1630,30 @@ mod tests {
             did(&m, *id, Did::Done);
         }
         assert_eq!(m.run_progress().unwrap().unwrap().eta_secs, Some(0));
+        // The fleet: every process not stopped, the silent one too.
+        sql(
+            &m,
+            "UPDATE workers SET units = pid * 10, tasks_done = pid",
+            &[],
+        );
+        let fleet = m.workers().unwrap();
+        let seen: Vec<(i64, bool, i64, i64, f64)> = fleet
+            .iter()
+            .map(|w| (w.pid, w.running, w.units, w.tasks_done, w.tasks_per_sec))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, false, 10, 1, 50.0),
+                (3, true, 30, 3, 1.0),
+                (4, true, 40, 4, 2.0)
+            ]
+        );
+        assert!(fleet[0].heartbeat_age_secs >= 300);
+        assert_eq!(
+            (fleet[2].host.as_str(), fleet[2].command.as_str()),
+            ("h", "run")
+        );
+        assert_eq!(fleet[2].heartbeat_at, now - 1);
     }
 }
