@@ -40,6 +40,10 @@ pub(super) const TASK_COLUMNS: &str = "t.id, t.version_id, t.flags, t.size, t.et
 pub(super) const TASK_FROM: &str =
     "task t JOIN keys k ON k.id = t.id >> 24 LEFT JOIN uploads u ON u.task = t.id";
 
+// The SQL here writes a task's key as `id >> 24` and its range as `kid << 24` to
+// `(kid << 24) + 16777215`.
+const _: () = assert!(SEQ_BITS == 24);
+
 /// A select of task rows for [`task_of_row`]: `cond` filters, `order` orders (or is empty).
 pub(super) fn task_select(cond: &str, order: &str) -> String {
     format!("SELECT {TASK_COLUMNS} FROM {TASK_FROM} WHERE {cond} {order}")
@@ -251,7 +255,8 @@ fn changed(rows: &[Row]) -> std::result::Result<Vec<i64>, PgError> {
 impl PgManifest {
     /// Runs `sql` (int parameters `args`) and hands the items `decode` makes of its rows to
     /// `take`, on this thread, while the connection's thread fetches the next batch; stops
-    /// when `take` returns false. `what` names a failure of `take`.
+    /// when `take` returns false. `what` names a failure of `take`. The connection is busy
+    /// until the stream ends: `take` must not call this manifest.
     fn stream<T: Send + 'static>(
         &self,
         sql: String,
