@@ -119,6 +119,23 @@ impl<'a, C: S3Client> Lister<'a, C> {
     }
 }
 
+/// The next part to list: the next unfinished one (a manifest of one process), or one
+/// claimed from a shared manifest (its lease epoch kept in `epochs`).
+fn next_part(
+    manifest: &Manifest,
+    unshared: &mut std::collections::VecDeque<Partition>,
+    epochs: &mut std::collections::HashMap<i64, i64>,
+) -> Result<Option<Partition>, ListError> {
+    if !manifest.is_shared() {
+        return Ok(unshared.pop_front());
+    }
+    let Some((id, epoch)) = manifest.claim_partition()? else {
+        return Ok(None);
+    };
+    epochs.insert(id, epoch);
+    Ok(manifest.partitions()?.into_iter().find(|p| p.id == id))
+}
+
 /// The walk of one partition.
 struct PartWalk<'a, C: S3Client> {
     id: i64,
@@ -166,22 +183,39 @@ impl<C: S3Client> Lister<'_, C> {
         if concurrency > 1 && before.pages == 0 && manifest.partitions()?.len() == 1 {
             stats.not_split = self.split(manifest, concurrency).await?;
         }
-        let parts = manifest.partitions()?;
+        // A shared manifest (PostgreSQL) hands its parts out one claim at a time: other
+        // processes list the others (see `Manifest::claim_partition`).
+        let shared = manifest.is_shared();
+        let mut unshared: std::collections::VecDeque<Partition> = match shared {
+            true => Default::default(),
+            false => manifest
+                .partitions()?
+                .into_iter()
+                .filter(|p| !p.listing.complete)
+                .collect(),
+        };
+        let mut epochs = std::collections::HashMap::new();
         let mut total = before;
-        let mut waiting = parts
-            .into_iter()
-            .filter(|p| !p.listing.complete)
-            .map(|p| self.part_walk(p));
         let fetch = |mut w: PartWalk<'s, C>| async move {
             let page = w.walk.next_page().await;
             (w, page)
         };
         let mut running = FuturesUnordered::new();
-        for w in waiting.by_ref().take(concurrency.max(1)) {
-            running.push(fetch(w));
+        for _ in 0..concurrency.max(1) {
+            match next_part(manifest, &mut unshared, &mut epochs)? {
+                Some(p) => running.push(fetch(self.part_walk(p))),
+                None => break,
+            }
         }
         while let Some((mut w, page)) = running.next().await {
+            let held = match epochs.get(&w.id) {
+                Some(epoch) => manifest.renew_partition(w.id, *epoch)?,
+                None => true,
+            };
             let more = match page? {
+                // Taken over by another process (this one was paused past its lease): its
+                // new lister goes on from the checkpoint.
+                Some(_) if !held => false,
                 Some(page) => {
                     let seen = w.cp.entries;
                     self.take_page(manifest, &mut w, page, &mut stats).await?;
@@ -194,8 +228,8 @@ impl<C: S3Client> Lister<'_, C> {
             };
             if more {
                 running.push(fetch(w));
-            } else {
-                running.extend(waiting.next().map(fetch));
+            } else if let Some(p) = next_part(manifest, &mut unshared, &mut epochs)? {
+                running.push(fetch(self.part_walk(p)));
             }
         }
         Ok(stats)

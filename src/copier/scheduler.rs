@@ -91,6 +91,43 @@ impl<C: S3Client> Copier<C> {
         self.summary()
     }
 
+    /// Whether other processes sharing the manifest still hold work or may still make some
+    /// (see `Writer::work_left`); false on a manifest error (said, and the run stops).
+    pub async fn work_left(&self) -> bool {
+        match self.writer.work_left().await {
+            Ok(left) => left,
+            Err(e) => {
+                self.control.abort(format!("manifest: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Runs the open tasks as [`Copier::run`] does, again and again while other processes
+    /// sharing the manifest (PostgreSQL) still hold work or may still make some: units
+    /// leased to them come back to be claimed when their owner dies (its lease expires),
+    /// and a listing in progress elsewhere makes more. With a SQLite manifest, one pass.
+    pub async fn run_shared(self: Arc<Self>, poll: std::time::Duration) -> RunSummary {
+        loop {
+            let summary = self.clone().run().await;
+            if self.stopping() {
+                return summary;
+            }
+            match self.writer.work_left().await {
+                Ok(true) => {}
+                Ok(false) => return summary,
+                Err(e) => {
+                    self.control.abort(format!("manifest: {e}"));
+                    return self.summary();
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = self.until_stopped() => return self.summary(),
+            }
+        }
+    }
+
     /// Runs the open tasks while a listing goes on beside it (`listing` says when pages are
     /// committed), then, once the listing is complete, walks once more from the first key.
     /// Ends when everything listed is done, or the run stops; keys still open when the

@@ -280,6 +280,7 @@ pub(super) async fn run_locked(
 ) -> Result<RunSummary, JobError> {
     let metrics = serve_metrics(args)?;
     let job = RunJob::open(args).await?;
+    let shared = job.manifest.is_shared();
     let counts = job.manifest.counts()?;
     let listing = !job.manifest.listing_progress()?.complete;
     let show = ui::show_progress(args.no_progress);
@@ -312,24 +313,46 @@ pub(super) async fn run_locked(
         };
         tokio::spawn(ticker.run())
     };
-    let result = if listing {
-        let live = LiveListing {
-            path: &args.manifest,
-            settings: &settings,
-            source: &sides.source,
-            dest: &sides.dest,
-            dest_versioned,
-            concurrency: args.list_concurrency as usize,
-            page_size: args.list_page_size,
-            bar,
-            log_every: args.log.interval(),
-            quiet: false,
+    let live = || LiveListing {
+        path: &args.manifest,
+        settings: &settings,
+        source: &sides.source,
+        dest: &sides.dest,
+        dest_versioned,
+        concurrency: args.list_concurrency as usize,
+        page_size: args.list_page_size,
+        bar: bar.clone(),
+        log_every: args.log.interval(),
+        quiet: false,
+    };
+    let result = if shared {
+        // A shared manifest: list the parts no one lists, copy the units no one holds, and
+        // again while other processes hold work (a dead one's comes back when its leases
+        // expire) or still list.
+        let work = async {
+            let poll = Duration::from_secs(2);
+            loop {
+                let open = Manifest::open(&args.manifest, false)?.listing_progress()?;
+                let summary = match open.complete {
+                    false => copy_while_listing(&copier, live()).await?,
+                    true => copier.clone().run_shared(poll).await,
+                };
+                if copier.stopping() || !copier.work_left().await {
+                    return Ok(summary);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = copier.until_stopped() => return Ok(summary),
+                }
+            }
         };
+        run_until_stopped(&copier, grace, &mut shutdown, work).await
+    } else if listing {
         run_until_stopped(
             &copier,
             grace,
             &mut shutdown,
-            copy_while_listing(&copier, live),
+            copy_while_listing(&copier, live()),
         )
         .await
     } else {

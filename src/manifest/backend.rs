@@ -165,6 +165,32 @@ impl Manifest {
         matches!(self, Manifest::Pg(_))
     }
 
+    /// The next listing part to list, claimed (shared manifests): its id and lease epoch;
+    /// None when every part is complete or listed by a live process. A SQLite manifest has
+    /// one lister: None (it lists every unfinished part itself).
+    pub fn claim_partition(&self) -> Result<Option<(i64, i64)>> {
+        match self {
+            Manifest::Sqlite(_) => Ok(None),
+            Manifest::Pg(m) => m.claim_partition(),
+        }
+    }
+
+    /// Renews a claimed part's lease: false when it was taken over.
+    pub fn renew_partition(&self, id: i64, epoch: i64) -> Result<bool> {
+        match self {
+            Manifest::Sqlite(_) => Ok(true),
+            Manifest::Pg(m) => m.renew_partition(id, epoch),
+        }
+    }
+
+    /// Gives a claimed part back.
+    pub fn release_partition(&self, id: i64, epoch: i64) -> Result<()> {
+        match self {
+            Manifest::Sqlite(_) => Ok(()),
+            Manifest::Pg(m) => m.release_partition(id, epoch),
+        }
+    }
+
     /// The manifest's name as given (a URL without its password).
     pub fn path(&self) -> &str {
         match self {

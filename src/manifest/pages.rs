@@ -27,7 +27,7 @@ use super::schema::{Counted, Tally};
 use super::{DbError, Listing, NewTask, Result, SqliteManifest, State};
 
 /// The largest key id whose task ids fit in 63 bits.
-const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
+pub(super) const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
 
 /// The error code (and the reason) of an entry selected by a refresh below a version of its
 /// key that already has a task: written now, it would become the destination's current
@@ -79,14 +79,14 @@ fn settle_replaced_nulls(
 /// marker or not): an unversioned or suspended source replaces the `null` version in place,
 /// keeping its id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Identity {
+pub(super) struct Identity {
     dest: i64,
     version_id: String,
     content: Option<(Option<String>, i64, Option<String>, bool)>,
 }
 
 impl Identity {
-    fn of(dest: i64, e: &crate::s3::VersionEntry) -> Identity {
+    pub(super) fn of(dest: i64, e: &crate::s3::VersionEntry) -> Identity {
         Identity::new(
             dest,
             &e.version_id,
@@ -97,7 +97,7 @@ impl Identity {
         )
     }
 
-    fn new(
+    pub(super) fn new(
         dest: i64,
         version_id: &str,
         etag: Option<String>,
@@ -805,7 +805,7 @@ pub struct Refresh {
 
 /// The listing of all partitions together: complete when each is, pages and entries summed,
 /// markers of the first incomplete one (of the only one, when there is one).
-fn aggregate(parts: &[Partition]) -> Listing {
+pub(super) fn aggregate(parts: &[Partition]) -> Listing {
     if let [only] = parts {
         return only.listing.clone();
     }

@@ -169,6 +169,9 @@ pub enum Update {
 pub(crate) enum Msg {
     Update(Update, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
+    /// Whether other processes hold or may still make work of this job (a shared
+    /// manifest; a SQLite file has no others: false).
+    WorkLeft(oneshot::Sender<Result<bool>>),
     NextKeys {
         after: i64,
         limit: usize,
@@ -337,6 +340,16 @@ impl Writer {
         rx.await.map_err(|_| self.gone())?
     }
 
+    /// Whether work of this job is still held by other processes, or may still be made
+    /// (units leased to others, or listed parts not yet past them): a run on a shared
+    /// manifest that found nothing to claim waits and claims again while this is true. A
+    /// SQLite manifest has one process: false.
+    pub async fn work_left(&self) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Msg::WorkLeft(tx))?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
     /// Waits until everything queued before this call is committed.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -425,6 +438,9 @@ fn writer_loop(m: SqliteManifest, shared: Shared) {
                         acks.extend(ack);
                     }
                     Msg::Flush(ack) => acks.push(ack),
+                    Msg::WorkLeft(reply) => {
+                        let _ = reply.send(Ok(false));
+                    }
                     Msg::NextKeys {
                         after,
                         limit,

@@ -156,6 +156,7 @@ impl<'a, C: S3Client> Counted<'a, C> {
         Tally {
             retries: self.n,
             outcomes: self.s3.requests().outcomes(),
+            side: self.s3.side(),
         }
     }
 

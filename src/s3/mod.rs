@@ -13,6 +13,7 @@ pub mod bandwidth;
 pub mod client;
 pub mod error;
 pub mod fake;
+pub mod gate;
 pub mod handle;
 pub mod list;
 mod listing_body;

@@ -195,6 +195,8 @@ pub(super) struct Tally<'a> {
     pub(super) retries: &'a AtomicU64,
     /// The client's outcomes.
     pub(super) outcomes: &'a super::outcomes::Outcomes,
+    /// The side the requests go to (named by the lease gate's refusal).
+    pub(super) side: super::Side,
 }
 
 /// The result of a write retried by [`Retrier::write`].
@@ -275,7 +277,11 @@ impl Retrier {
             attempt += 1;
             let r = {
                 let _permit = self.limiter.acquire().await;
-                f().await
+                // A run on a shared manifest sends nothing once its leases may be gone.
+                match super::gate::check(tally.side) {
+                    Ok(()) => f().await,
+                    Err(e) => Err(e),
+                }
             };
             let e = match r {
                 Ok(v) => {
@@ -326,6 +332,7 @@ mod tests {
         let r4 = Retrier::new(policy, Limiter::new(4, None));
         let (retries, outcomes) = (AtomicU64::new(0), Outcomes::default());
         let tally = Tally {
+            side: Side::Dest,
             retries: &retries,
             outcomes: &outcomes,
         };
@@ -360,6 +367,7 @@ mod tests {
         let r2 = Retrier::new(policy, Limiter::new(2, None));
         let (retries, outcomes) = (AtomicU64::new(0), Outcomes::default());
         let tally = Tally {
+            side: Side::Dest,
             retries: &retries,
             outcomes: &outcomes,
         };

@@ -314,5 +314,55 @@ impl PgManifest {
     }
 }
 
+impl PgManifest {
+    /// Claims the next listing part that no live process lists (unfinished, and not leased,
+    /// or its lease expired: its lister died); its id and lease epoch. Its listing goes on
+    /// from its checkpoint.
+    pub fn claim_partition(&self) -> Result<Option<(i64, i64)>> {
+        let lease = run::lease_secs();
+        self.db.call(move |c| {
+            let row = c.query_opt(
+                "UPDATE partitions p SET lease = nextval('lease_epochs'),
+                    lease_expires = extract(epoch FROM clock_timestamp())::bigint + $1
+                 WHERE p.id = (SELECT id FROM partitions WHERE NOT complete
+                        AND (lease_expires IS NULL
+                             OR lease_expires < extract(epoch FROM clock_timestamp()))
+                        ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING p.id, p.lease",
+                &[&lease],
+            )?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    /// Renews the lease of a part this process lists (before each page it commits): false
+    /// when another process took it over (this one was paused past its lease).
+    pub fn renew_partition(&self, id: i64, epoch: i64) -> Result<bool> {
+        let lease = run::lease_secs();
+        self.db.call(move |c| {
+            let n = c.execute(
+                "UPDATE partitions SET
+                    lease_expires = extract(epoch FROM clock_timestamp())::bigint + $3
+                 WHERE id = $1 AND lease = $2",
+                &[&id, &epoch, &lease],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Gives a part back (its listing stopped before the end: another process, or a later
+    /// run, continues it from its checkpoint).
+    pub fn release_partition(&self, id: i64, epoch: i64) -> Result<()> {
+        self.db.call(move |c| {
+            c.execute(
+                "UPDATE partitions SET lease = NULL, lease_expires = NULL
+                 WHERE id = $1 AND lease = $2",
+                &[&id, &epoch],
+            )
+            .map(drop)
+        })
+    }
+}
+
 /// The version of a job's tables this build writes and reads.
 pub const SCHEMA_VERSION: i64 = 1;

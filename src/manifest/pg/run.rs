@@ -1,16 +1,981 @@
-//! manifest::pg::run: a run on a PostgreSQL job: claims of leased units, the writer that
-//! records results under its leases, the heartbeat.
+//! manifest::pg::run: a run on a PostgreSQL job, shared with any number of other
+//! processes. Work is handed out in **units** (whole keys, about a listed page of versions
+//! each, made by `plan`), each claimed with `FOR UPDATE SKIP LOCKED` under a new **lease**
+//! epoch that expires unless renewed.
 //!
-//! May call: `pg::schema`, `manifest::writer` (the queue), the types of `manifest`.
+//! - The writer (one thread, as SQLite's) answers the scheduler's reads of the next keys
+//!   from the units it holds, claiming more when they run out, and commits the run's
+//!   updates in groups: one transaction per group, its statements pipelined (one round
+//!   trip), never one per version.
+//! - **Fencing**: each group's transaction first locks the units this process holds and
+//!   checks that each still carries this process's epoch; if one was taken over, nothing
+//!   of the group is written and the writer stops (the run ends; the unit's new owner
+//!   reconciles what this process wrote, as after a kill).
+//! - **Heartbeat**: a thread renews every lease each quarter of the lease time, on the
+//!   database's clock, and opens the process's S3 gate (`s3::gate`) until half the lease
+//!   time after the renewal was sent; a process that cannot renew (paused, or cut off from
+//!   the database) starts no S3 request after that, long before another process may take
+//!   its units.
+//! - A unit is done when each of its keys was handed out and none of its tasks is open;
+//!   at the end of the run the units still held go back: open, or held back when a failed
+//!   task blocks the rest (`--retry-failed` / `--skip-failed` reopen them).
+//! - A connection lost mid-group (the database restarted) is made again and the group
+//!   retried, for as long as the leases last.
+//!
+//! May call: `pg::read` (task rows), `manifest::writer` (the queue), `s3::gate`, the types
+//! of `manifest`.
 
-use super::PgManifest;
-use crate::manifest::writer::spawn;
-use crate::manifest::Writer;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Starts the run's writer on `m`.
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Transaction};
+
+use super::read::{task_of_row, task_select};
+use super::{PgError, PgManifest};
+use crate::manifest::backend::PgLocation;
+use crate::manifest::codec::{
+    attempt_flags, class_code, etag_flags, side_code, ATTEMPT_MODE, ATTEMPT_UNSTAMPED,
+    ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
+};
+use crate::manifest::writer::{next_group, spawn, Msg, Shared};
+use crate::manifest::{Copied, KeyGroup, ManifestError, Outcome, State, Update, Writer};
+use crate::s3::{ErrorClass, S3Error};
+
+/// The lease time, in seconds (`S3_BACKFILL_LEASE_SECS`, default 60): a unit whose owner
+/// has not renewed for this long may be claimed by another process.
+pub fn lease_secs() -> i64 {
+    std::env::var("S3_BACKFILL_LEASE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|v| *v >= 2)
+        .unwrap_or(60)
+}
+
+/// Units claimed at a time.
+const CLAIM: i64 = 2;
+
+/// Starts the run's writer on `m` (see the module header).
 pub(crate) fn start(m: PgManifest) -> Writer {
+    let location = m.location().clone();
+    drop(m);
     spawn("manifest-pg-writer", move |shared| {
-        let _ = m;
-        shared.stop("runs on a PostgreSQL manifest are not built yet");
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return shared.stop(&format!("manifest {}: {e}", location.shown)),
+        };
+        match rt.block_on(Run::start(location.clone())) {
+            Ok(run) => run.serve(&rt, &shared),
+            Err(e) => shared.stop(&e.to_string()),
+        }
     })
+}
+
+/// What this process holds: unit → its lease epoch. Shared with the heartbeat.
+type Held = Arc<Mutex<BTreeMap<i64, i64>>>;
+
+/// The writer: its connection, and what it holds (see the module header).
+struct Run {
+    client: Client,
+    work: Work,
+    heartbeat: Heartbeat,
+}
+
+/// What the writer holds and hands out.
+struct Work {
+    location: PgLocation,
+    worker: i64,
+    lease: i64,
+    held: Held,
+    /// Keys of held units not handed out yet, in order.
+    queue: VecDeque<i64>,
+    /// The unit of each key of a held unit.
+    key_unit: HashMap<i64, i64>,
+    /// Per held unit: keys not handed out yet, tasks open (as last read or since).
+    units: BTreeMap<i64, UnitCount>,
+    /// Each destination's bucket group (the lowest destination id with its bucket).
+    buckets: BTreeMap<i64, i64>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct UnitCount {
+    unhanded: usize,
+    open: i64,
+    failed: i64,
+}
+
+/// What survives a group that was rolled back: the in-memory state before it.
+#[derive(Clone)]
+struct Snapshot {
+    held: BTreeMap<i64, i64>,
+    queue: VecDeque<i64>,
+    key_unit: HashMap<i64, i64>,
+    units: BTreeMap<i64, UnitCount>,
+}
+
+fn pg(shown: &str, e: tokio_postgres::Error) -> String {
+    format!("manifest {shown}: PostgreSQL: {e}")
+}
+
+async fn connect(l: &PgLocation) -> Result<Client, String> {
+    let (client, conn) = tokio_postgres::connect(&l.url, NoTls)
+        .await
+        .map_err(|e| pg(&l.shown, e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let schema = super::schema::schema_of(&l.job);
+    client
+        .batch_execute(&format!("SET search_path TO {schema}, public"))
+        .await
+        .map_err(|e| pg(&l.shown, e))?;
+    Ok(client)
+}
+
+impl Run {
+    async fn start(location: PgLocation) -> Result<Run, String> {
+        let client = connect(&location).await?;
+        let host = hostname();
+        let pid = i64::from(std::process::id());
+        let row = client
+            .query_one(
+                "INSERT INTO workers (host, pid, command, started_at, heartbeat_at)
+                 VALUES ($1, $2, 'run', extract(epoch FROM now())::bigint,
+                         extract(epoch FROM now())::bigint) RETURNING id",
+                &[&host, &pid],
+            )
+            .await
+            .map_err(|e| pg(&location.shown, e))?;
+        let worker: i64 = row.get(0);
+        let buckets = client
+            .query(
+                "SELECT d1.id, min(d2.id) FROM destinations d1 JOIN destinations d2
+                 ON d2.bucket = d1.bucket GROUP BY d1.id",
+                &[],
+            )
+            .await
+            .map_err(|e| pg(&location.shown, e))?
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .collect();
+        let lease = lease_secs();
+        let held: Held = Arc::default();
+        let heartbeat = Heartbeat::start(location.clone(), worker, lease, held.clone());
+        Ok(Run {
+            client,
+            work: Work {
+                location,
+                worker,
+                lease,
+                held,
+                queue: VecDeque::new(),
+                key_unit: HashMap::new(),
+                units: BTreeMap::new(),
+                buckets,
+            },
+            heartbeat,
+        })
+    }
+
+    fn serve(mut self, rt: &tokio::runtime::Runtime, shared: &Shared) {
+        while let Some(batch) = next_group(&shared.rx) {
+            let mode = shared.mode();
+            let outcome = loop {
+                if let Err(why) = self.heartbeat.gate_open() {
+                    break Err(why);
+                }
+                let before = self.work.snapshot();
+                let shown = self.work.location.shown.clone();
+                match rt.block_on(self.apply(&batch, mode)) {
+                    Ok(reads) => break Ok(reads),
+                    Err(Failure::Lost(why)) => break Err(why),
+                    Err(Failure::Db(e)) if e.is_closed() || self.client.is_closed() => {
+                        // The database went away (a restart): the group was not kept;
+                        // connect again and apply it again, while the leases last.
+                        self.work.restore(before);
+                        tracing::warn!("{}; reconnecting", pg(&shown, e));
+                        std::thread::sleep(Duration::from_millis(500));
+                        if let Ok(c) = rt.block_on(connect(&self.work.location)) {
+                            self.client = c;
+                        }
+                    }
+                    Err(Failure::Db(e)) => break Err(pg(&shown, e)),
+                    Err(Failure::Bad(why)) => break Err(why),
+                }
+            };
+            match outcome {
+                Ok(mut reads) => {
+                    for msg in batch {
+                        match msg {
+                            Msg::Update(_, ack) => {
+                                if let Some(a) = ack {
+                                    let _ = a.send(());
+                                }
+                            }
+                            Msg::Flush(a) => {
+                                let _ = a.send(());
+                            }
+                            Msg::WorkLeft(reply) => {
+                                let left = rt.block_on(self.work.work_left(&self.client));
+                                let _ = reply.send(left.map_err(ManifestError::WriterGone));
+                            }
+                            Msg::NextKeys { reply, .. } => {
+                                let _ = reply.send(Ok(reads.remove(0)));
+                            }
+                        }
+                    }
+                }
+                Err(why) => {
+                    tracing::error!("{why}");
+                    self.heartbeat.shut(&why);
+                    shared.stop(&why);
+                    for msg in batch {
+                        if let Msg::NextKeys { reply, .. } = msg {
+                            let _ = reply.send(Err(ManifestError::WriterGone(why.clone())));
+                        }
+                    }
+                    self.heartbeat.stop();
+                    return;
+                }
+            }
+        }
+        // The run is over: give the units back (see the module header).
+        if let Err(e) = rt.block_on(self.work.release_all(&self.client)) {
+            tracing::warn!("{}", pg(&self.work.location.shown, e));
+        }
+        self.heartbeat.stop();
+    }
+
+    /// Applies one group in one transaction (fenced); the reads of the next keys in it.
+    async fn apply(
+        &mut self,
+        batch: &[Msg],
+        mode: Option<bool>,
+    ) -> Result<Vec<Vec<KeyGroup>>, Failure> {
+        let work = &mut self.work;
+        let held = work.held_now();
+        let tx = self.client.transaction().await?;
+        fence(&tx, &held).await?;
+        let mut ops = Ops::default();
+        let mut reads = Vec::new();
+        for msg in batch {
+            match msg {
+                Msg::Update(u, _) => {
+                    work.count(u);
+                    ops.update(u, mode);
+                }
+                Msg::Flush(_) | Msg::WorkLeft(_) => {}
+                Msg::NextKeys {
+                    after,
+                    limit,
+                    claim_at,
+                    ..
+                } => {
+                    ops.run(&tx).await?;
+                    let groups = work.next_keys(&tx, *after, *limit).await?;
+                    let groups = match claim_at {
+                        Some(at) => work.claim_first(groups, *at, mode, &mut ops),
+                        None => groups,
+                    };
+                    reads.push(groups);
+                }
+            }
+        }
+        ops.run(&tx).await?;
+        work.finish_units(&tx).await?;
+        tx.commit().await?;
+        Ok(reads)
+    }
+}
+
+impl Work {
+    fn held_now(&self) -> Vec<(i64, i64)> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(u, e)| (*u, *e))
+            .collect()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            held: self.held.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            queue: self.queue.clone(),
+            key_unit: self.key_unit.clone(),
+            units: self.units.clone(),
+        }
+    }
+
+    fn restore(&mut self, s: Snapshot) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = s.held;
+        self.queue = s.queue;
+        self.key_unit = s.key_unit;
+        self.units = s.units;
+    }
+
+    /// Counts a finished task against its unit.
+    fn count(&mut self, u: &Update) {
+        let Update::Finished { id, outcome } = u else {
+            return;
+        };
+        let Some(unit) = self.key_unit.get(&crate::manifest::key_id_of_task(*id)) else {
+            return;
+        };
+        let Some(c) = self.units.get_mut(unit) else {
+            return;
+        };
+        match outcome {
+            Outcome::Done { .. } | Outcome::Skipped { .. } => c.open -= 1,
+            Outcome::Failed { .. } => {
+                c.open -= 1;
+                c.failed += 1;
+            }
+            Outcome::Requeued | Outcome::RestorePending { .. } => {}
+        }
+    }
+
+    /// The next key groups for the scheduler: a deferred key read again (`limit` 1, a key
+    /// of a held unit), else the next keys not handed out yet, claiming units as needed.
+    async fn next_keys(
+        &mut self,
+        tx: &Transaction<'_>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<KeyGroup>, Failure> {
+        let ids: Vec<i64> = if limit == 1 && self.key_unit.contains_key(&(after + 1)) {
+            vec![after + 1]
+        } else {
+            while self.queue.len() < limit {
+                if self.claim_units(tx).await? == 0 {
+                    break;
+                }
+            }
+            let n = limit.min(self.queue.len());
+            let ids: Vec<i64> = self.queue.drain(..n).collect();
+            for id in &ids {
+                if let Some(c) = self.key_unit.get(id).and_then(|u| self.units.get_mut(u)) {
+                    c.unhanded = c.unhanded.saturating_sub(1);
+                }
+            }
+            ids
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = tx
+            .query(
+                &task_select(
+                    "t.id >> 24 = ANY($1)",
+                    "ORDER BY t.id >> 24, t.refresh, t.history_pos DESC, t.dest, t.id",
+                ),
+                &[&ids],
+            )
+            .await?;
+        let mut groups: Vec<KeyGroup> = Vec::with_capacity(ids.len());
+        for row in &rows {
+            let task = task_of_row(row).map_err(|e| match e {
+                PgError::Pg(e) => Failure::Db(e),
+                other => Failure::Bad(format!("manifest {}: {other:?}", self.location.shown)),
+            })?;
+            let key_id = crate::manifest::key_id_of_task(task.id);
+            match groups.last_mut() {
+                Some(g) if g.key_id == key_id => g.tasks.push(task),
+                _ => groups.push(KeyGroup {
+                    key_id,
+                    key: task.entry.key.clone(),
+                    tasks: vec![task],
+                    listing_open: false,
+                    claimed: None,
+                }),
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Claims up to [`CLAIM`] units (open, or leased and expired, and listed past); their
+    /// keys join the queue. How many were claimed.
+    async fn claim_units(&mut self, tx: &Transaction<'_>) -> Result<usize, Failure> {
+        let rows = tx
+            .query(
+                "WITH c AS (
+                    SELECT u.id FROM units u JOIN partitions p ON p.id = u.partition
+                    WHERE (u.state = 0 OR (u.state = 1
+                           AND u.lease_expires < extract(epoch FROM clock_timestamp())))
+                      AND (p.complete OR u.last_key < p.last_key)
+                    ORDER BY u.id LIMIT $1 FOR UPDATE OF u SKIP LOCKED)
+                 UPDATE units u SET state = 1, lease = nextval('lease_epochs'),
+                    lease_expires = extract(epoch FROM clock_timestamp())::bigint + $2,
+                    worker = $3, claims = u.claims + 1
+                 FROM c WHERE u.id = c.id RETURNING u.id, u.lease",
+                &[&CLAIM, &self.lease, &self.worker],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let units: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &rows {
+                held.insert(r.get(0), r.get(1));
+            }
+        }
+        let keys = tx
+            .query(
+                "SELECT k.id, k.unit,
+                    (SELECT count(*) FROM task t WHERE t.id >> 24 = k.id AND t.state < 2)
+                 FROM keys k WHERE k.unit = ANY($1) ORDER BY k.id",
+                &[&units],
+            )
+            .await?;
+        for u in &units {
+            self.units.insert(*u, UnitCount::default());
+        }
+        for r in &keys {
+            let (key, unit, open): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            self.queue.push_back(key);
+            self.key_unit.insert(key, unit);
+            let c = self.units.entry(unit).or_default();
+            c.unhanded += 1;
+            c.open += open;
+        }
+        Ok(units.len())
+    }
+
+    /// Marks the first task a key worker will attempt in each group in progress (as the
+    /// SQLite writer's claim: the first open task no failed older task of the same
+    /// destination bucket blocks).
+    fn claim_first(
+        &self,
+        mut groups: Vec<KeyGroup>,
+        at: i64,
+        mode: Option<bool>,
+        ops: &mut Ops,
+    ) -> Vec<KeyGroup> {
+        let bucket = |dest: i64| self.buckets.get(&dest).copied().unwrap_or(dest);
+        for g in groups.iter_mut().filter(|g| !g.listing_open) {
+            let mut blocked = Vec::new();
+            let first = g.tasks.iter().find(|t| match t.state {
+                State::Failed => {
+                    blocked.push(bucket(t.dest));
+                    false
+                }
+                State::Pending | State::InProgress => !blocked.contains(&bucket(t.dest)),
+                State::Done | State::Skipped => false,
+            });
+            if let Some(t) = first {
+                ops.update(&Update::Started { id: t.id, at }, mode);
+                g.claimed = Some(t.id);
+            }
+        }
+        groups
+    }
+
+    /// Units whose keys were all handed out and have nothing open: done, lease dropped.
+    async fn finish_units(&mut self, tx: &Transaction<'_>) -> Result<(), Failure> {
+        let done: Vec<i64> = self
+            .units
+            .iter()
+            .filter(|(_, c)| c.unhanded == 0 && c.open <= 0)
+            .map(|(u, _)| *u)
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        let epochs: Vec<i64> = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            done.iter()
+                .map(|u| held.get(u).copied().unwrap_or(0))
+                .collect()
+        };
+        // Only what is really finished: a task added by a listing since counts too.
+        tx.execute(
+            "UPDATE units u SET state = 2, lease = NULL, lease_expires = NULL, worker = NULL
+             FROM unnest($1::bigint[], $2::bigint[]) AS h(id, lease)
+             WHERE u.id = h.id AND u.lease = h.lease
+               AND NOT EXISTS (SELECT 1 FROM task t WHERE t.unit = u.id AND t.state < 2)",
+            &[&done, &epochs],
+        )
+        .await?;
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for u in &done {
+            held.remove(u);
+            self.units.remove(u);
+        }
+        self.key_unit.retain(|_, u| !done.contains(u));
+        Ok(())
+    }
+
+    /// Whether work is left elsewhere: units open but not claimable yet (their part is
+    /// still being listed), units leased to other live processes, or parts unlisted.
+    async fn work_left(&self, client: &Client) -> Result<bool, String> {
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM units WHERE state = 0
+                        OR (state = 1 AND worker IS DISTINCT FROM $1))
+                     OR EXISTS (SELECT 1 FROM partitions WHERE NOT complete)",
+                &[&self.worker],
+            )
+            .await
+            .map_err(|e| pg(&self.location.shown, e))?;
+        Ok(row.get(0))
+    }
+
+    /// Gives every held unit back at the end of the run.
+    async fn release_all(&mut self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let held: Vec<(i64, i64)> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(u, e)| (*u, *e))
+            .collect();
+        let (units, epochs): (Vec<i64>, Vec<i64>) = held.into_iter().unzip();
+        client
+            .execute(
+                "UPDATE units u SET lease = NULL, lease_expires = NULL, worker = NULL,
+                    state = CASE
+                        WHEN NOT EXISTS (SELECT 1 FROM task t WHERE t.unit = u.id AND t.state < 2)
+                            THEN 2
+                        WHEN EXISTS (SELECT 1 FROM task t WHERE t.unit = u.id AND t.state = 3)
+                            THEN 3
+                        ELSE 0 END
+                 FROM unnest($1::bigint[], $2::bigint[]) AS h(id, lease)
+                 WHERE u.id = h.id AND u.lease = h.lease",
+                &[&units, &epochs],
+            )
+            .await?;
+        client
+            .execute(
+                "UPDATE workers SET stopped_at = extract(epoch FROM now())::bigint,
+                    tasks_per_sec = 0, bytes_per_sec = 0 WHERE id = $1",
+                &[&self.worker],
+            )
+            .await?;
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
+    }
+}
+
+/// Why a group was not applied.
+enum Failure {
+    Db(tokio_postgres::Error),
+    Lost(String),
+    Bad(String),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Failure {
+        Failure::Db(e)
+    }
+}
+
+/// Locks the held units and checks that each still carries this process's epoch.
+async fn fence(tx: &Transaction<'_>, held: &[(i64, i64)]) -> Result<(), Failure> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    let (units, epochs): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    let rows = tx
+        .query(
+            "SELECT u.id FROM units u JOIN unnest($1::bigint[], $2::bigint[]) AS h(id, lease)
+             ON u.id = h.id WHERE u.lease = h.lease AND u.state = 1 FOR UPDATE OF u",
+            &[&units, &epochs],
+        )
+        .await?;
+    if rows.len() == held.len() {
+        return Ok(());
+    }
+    let kept: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let lost: Vec<String> = units
+        .iter()
+        .filter(|u| !kept.contains(u))
+        .map(|u| u.to_string())
+        .collect();
+    Err(Failure::Lost(format!(
+        "lease lost: unit(s) {} were taken over by another process (this one was paused or cut off for longer than the lease); their results are not recorded here, and their new owner reconciles them",
+        lost.join(", ")
+    )))
+}
+
+/// A statement and its parameters, run pipelined with the others of the group.
+type Op = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
+
+/// The statements of a group, in order.
+#[derive(Default)]
+struct Ops(Vec<Op>);
+
+macro_rules! op {
+    ($ops:expr, $sql:expr, $($p:expr),* $(,)?) => {
+        $ops.0.push(($sql, vec![$(Box::new($p) as Box<dyn ToSql + Sync + Send>),*]))
+    };
+}
+
+fn code(s: State) -> i16 {
+    s.code() as i16
+}
+
+impl Ops {
+    /// Runs the statements queued so far, pipelined, in order.
+    async fn run(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        let ops = std::mem::take(&mut self.0);
+        let futures = ops.iter().map(|(sql, params)| {
+            let p: Vec<&(dyn ToSql + Sync)> = params
+                .iter()
+                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            async move { tx.execute(*sql, &p).await }
+        });
+        futures::future::try_join_all(futures).await.map(drop)
+    }
+
+    fn update(&mut self, u: &Update, mode: Option<bool>) {
+        let modes = ATTEMPT_MODE | ATTEMPT_UNSTAMPED;
+        match u {
+            Update::Started { id, at } => op!(
+                self,
+                "UPDATE task SET state = $2, attempts = attempts + 1, started_at = $3,
+                 flags = CASE WHEN $4::bigint IS NULL THEN flags ELSE (flags & $5) | $4 END
+                 WHERE id = $1",
+                *id,
+                code(State::InProgress),
+                *at,
+                attempt_flags(mode),
+                !modes
+            ),
+            Update::Released {
+                id,
+                state,
+                started_at,
+                attempt_stamped,
+            } => op!(
+                self,
+                "UPDATE task SET state = $2, attempts = attempts - 1, started_at = $3,
+                 flags = (flags & $5) | $6 WHERE id = $1 AND state = $4",
+                *id,
+                code(*state),
+                *started_at,
+                code(State::InProgress),
+                !modes,
+                attempt_flags(*attempt_stamped).unwrap_or(0)
+            ),
+            Update::Upload {
+                id,
+                upload_id,
+                part_size,
+                parts,
+            } => self.upload(*id, upload_id.clone(), *part_size, *parts),
+            Update::Finished { id, outcome } => self.finish(*id, outcome),
+            Update::StreamOnly { id } => op!(
+                self,
+                "UPDATE task SET flags = flags | $2 WHERE id = $1",
+                *id,
+                STREAM_ONLY
+            ),
+            Update::DestVersion {
+                id,
+                dest_version_id,
+            } => op!(
+                self,
+                "UPDATE task SET dest_version_id = coalesce($2, dest_version_id),
+                 flags = flags & $3 WHERE id = $1",
+                *id,
+                dest_version_id.clone(),
+                !VERSION_TO_LEARN
+            ),
+            Update::Requests { counts } => {
+                for (op, n) in counts {
+                    op!(
+                        self,
+                        "INSERT INTO requests (op, count) VALUES ($1, $2)
+                         ON CONFLICT (op) DO UPDATE SET count = requests.count + excluded.count",
+                        op.to_string(),
+                        *n as i64
+                    );
+                }
+            }
+            Update::RunProgress(p) => {
+                let (tps, bps) = p.as_ref().map_or((0.0, 0.0), |p| {
+                    (
+                        p.tasks_per_sec.unwrap_or(0.0),
+                        p.bytes_per_sec.unwrap_or(0.0),
+                    )
+                });
+                op!(
+                    self,
+                    "UPDATE workers SET tasks_per_sec = $1, bytes_per_sec = $2,
+                     heartbeat_at = extract(epoch FROM now())::bigint
+                     WHERE pid = $3 AND stopped_at IS NULL AND host = $4",
+                    tps,
+                    bps,
+                    i64::from(std::process::id()),
+                    hostname()
+                );
+            }
+        }
+    }
+
+    fn upload(
+        &mut self,
+        id: i64,
+        upload_id: Option<String>,
+        part_size: Option<u64>,
+        parts: Option<u64>,
+    ) {
+        op!(
+            self,
+            "INSERT INTO uploads (task, upload_id, part_size, parts) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (task) DO UPDATE SET upload_id = excluded.upload_id,
+             part_size = coalesce(excluded.part_size, uploads.part_size),
+             parts = coalesce(excluded.parts, uploads.parts)",
+            id,
+            upload_id,
+            part_size.map(|v| v as i64),
+            parts.map(|v| v as i64)
+        );
+    }
+
+    fn close_upload(&mut self, id: i64) {
+        op!(
+            self,
+            "UPDATE uploads SET upload_id = NULL WHERE task = $1 AND upload_id IS NOT NULL",
+            id
+        );
+    }
+
+    fn ended(&mut self, id: i64, state: State, class: ErrorClass) {
+        op!(
+            self,
+            "UPDATE task SET state = $2, error_class = $3 WHERE id = $1",
+            id,
+            code(state),
+            class_code(class) as i16
+        );
+        self.close_upload(id);
+    }
+
+    fn error(&mut self, id: i64, error: Option<&S3Error>, message: &str) {
+        op!(
+            self,
+            "INSERT INTO errors (task, code, http_status, message, side, op)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (task) DO UPDATE SET code = excluded.code,
+             http_status = excluded.http_status, message = excluded.message,
+             side = excluded.side, op = excluded.op",
+            id,
+            error.and_then(|e| e.code.clone()),
+            error.and_then(|e| e.status).map(i64::from),
+            message.to_string(),
+            error.map(|e| side_code(e.side) as i16),
+            error.map(|e| e.op.to_string())
+        );
+    }
+
+    fn finish(&mut self, id: i64, outcome: &Outcome) {
+        let retries = match outcome {
+            Outcome::Done {
+                copied,
+                retries,
+                to_learn,
+            } => {
+                self.done(id, copied, *to_learn);
+                *retries
+            }
+            Outcome::Failed { error, retries } => {
+                self.ended(id, State::Failed, error.class);
+                self.error(id, Some(error), &error.to_string());
+                *retries
+            }
+            Outcome::Skipped {
+                class,
+                reason,
+                retries,
+            } => {
+                self.ended(id, State::Skipped, *class);
+                self.error(id, None, reason);
+                *retries
+            }
+            Outcome::Requeued => {
+                op!(
+                    self,
+                    "UPDATE task SET state = $2 WHERE id = $1",
+                    id,
+                    code(State::Pending)
+                );
+                0
+            }
+            Outcome::RestorePending { reason } => {
+                op!(
+                    self,
+                    "UPDATE task SET state = $2, error_class = $3,
+                     attempts = greatest(attempts - 1, 0) WHERE id = $1",
+                    id,
+                    code(State::Pending),
+                    class_code(ErrorClass::Archived) as i16
+                );
+                self.error(id, None, reason);
+                0
+            }
+        };
+        if retries > 0 {
+            op!(
+                self,
+                "UPDATE totals SET retries = retries + $1 WHERE id = 1",
+                retries as i64
+            );
+        }
+    }
+
+    fn done(&mut self, id: i64, c: &Copied, to_learn: bool) {
+        op!(
+            self,
+            "UPDATE task SET state = $2, dest_version_id = $3, method = $4,
+             flags = (flags & $5) | $6, error_class = NULL WHERE id = $1",
+            id,
+            code(State::Done),
+            c.dest_version_id.clone(),
+            c.method.code() as i16,
+            !(ETAG_CHECKED | ETAG_PRESERVED | VERSION_TO_LEARN),
+            etag_flags(c.etag_preserved) | if to_learn { VERSION_TO_LEARN } else { 0 }
+        );
+        op!(self, "DELETE FROM errors WHERE task = $1", id);
+        if c.part_size.is_none() && c.parts.is_none() {
+            self.close_upload(id);
+        } else {
+            self.upload(id, None, c.part_size, c.parts);
+        }
+    }
+}
+
+/// This host's name (for `status`).
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The lease heartbeat: a thread with a connection of its own (see the module header).
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    gate: &'static crate::s3::gate::Gate,
+}
+
+impl Heartbeat {
+    fn start(location: PgLocation, worker: i64, lease: i64, held: Held) -> Heartbeat {
+        let half = Duration::from_secs(lease as u64) / 2;
+        let gate = crate::s3::gate::install(Instant::now() + half);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let renewals = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::Builder::new()
+            .name("manifest-pg-heartbeat".into())
+            .spawn(move || beat(location, worker, lease, held, flag, gate, renewals))
+            .ok();
+        Heartbeat { stop, thread, gate }
+    }
+
+    fn gate_open(&self) -> Result<(), String> {
+        self.gate.allows()
+    }
+
+    fn shut(&self, why: &str) {
+        self.gate.shut(why);
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Renews this worker's leases every quarter of the lease time (every second while a
+/// renewal fails), opening the gate until half the lease time after each renewal was sent.
+fn beat(
+    location: PgLocation,
+    worker: i64,
+    lease: i64,
+    held: Held,
+    stop: Arc<AtomicBool>,
+    gate: &'static crate::s3::gate::Gate,
+    renewals: Arc<AtomicU64>,
+) {
+    let period = Duration::from_millis((lease as u64 * 1000) / 4);
+    let half = Duration::from_secs(lease as u64) / 2;
+    let mut client: Option<postgres::Client> = None;
+    let mut next = Instant::now() + period;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() < next {
+            continue;
+        }
+        let sent = Instant::now();
+        let units: Vec<(i64, i64)> = held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(u, e)| (*u, *e))
+            .collect();
+        let renewed = renew(&location, &mut client, worker, lease, &units);
+        match renewed {
+            Ok(kept) if kept == units.len() => {
+                gate.open_until(sent + half);
+                renewals.fetch_add(1, Ordering::Relaxed);
+                next = sent + period;
+            }
+            Ok(_) => {
+                gate.shut(
+                    "lease lost: some of this process's units were taken over by another process",
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("manifest {}: lease renewal failed: {e}", location.shown);
+                client = None;
+                next = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+}
+
+/// One renewal: every held unit's lease extended on the database's clock; how many were
+/// still this process's.
+fn renew(
+    location: &PgLocation,
+    client: &mut Option<postgres::Client>,
+    worker: i64,
+    lease: i64,
+    units: &[(i64, i64)],
+) -> Result<usize, postgres::Error> {
+    if client.is_none() {
+        let mut c = postgres::Client::connect(&location.url, postgres::NoTls)?;
+        let schema = super::schema::schema_of(&location.job);
+        c.batch_execute(&format!("SET search_path TO {schema}, public"))?;
+        *client = Some(c);
+    }
+    let c = client.as_mut().expect("connected above");
+    let (ids, epochs): (Vec<i64>, Vec<i64>) = units.iter().copied().unzip();
+    let kept = c.execute(
+        "UPDATE units u SET lease_expires = extract(epoch FROM clock_timestamp())::bigint + $3
+         FROM unnest($1::bigint[], $2::bigint[]) AS h(id, lease)
+         WHERE u.id = h.id AND u.lease = h.lease AND u.state = 1",
+        &[&ids, &epochs, &lease],
+    )?;
+    c.execute(
+        "UPDATE workers SET heartbeat_at = extract(epoch FROM now())::bigint, units = $2
+         WHERE id = $1",
+        &[&worker, &(units.len() as i64)],
+    )?;
+    Ok(kept as usize)
 }

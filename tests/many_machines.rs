@@ -1,0 +1,137 @@
+//! Many machines, one job (issue 20): `run` processes sharing a job whose manifest is in
+//! PostgreSQL. Four workers copy a few thousand keys of several versions each while one
+//! is SIGKILLed mid-unit, one is SIGSTOPped past its lease and then resumed, and
+//! PostgreSQL itself is restarted once: every key's destination history equals the
+//! source's, every task is done once, and each process's exit code says what became of it.
+//!
+//! Knobs: `S3_BACKFILL_MANY_KEYS` (keys in the corpus; default 1,500 on RGW, 300 on moto).
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::pg::{fresh_database, pg_restart};
+use support::*;
+
+/// The lease of the test's workers, in seconds (short, so a stopped worker loses it soon).
+const LEASE: u64 = 4;
+
+fn keys() -> usize {
+    match std::env::var("S3_BACKFILL_MANY_KEYS") {
+        Ok(v) => v.parse().expect("S3_BACKFILL_MANY_KEYS is a number"),
+        Err(_) if server() == Server::Rgw => 1500,
+        Err(_) => 300,
+    }
+}
+
+/// Three versions of every key, a delete marker on every fifth, a fourth version on every
+/// other key.
+fn corpus(n: usize) -> Vec<Vec<Op>> {
+    let mut rounds = vec![Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..n {
+        let k = format!("part-{}/key-{i:05}", i % 7);
+        rounds[0].push(Op::put(&k, format!("v1 {k}")));
+        rounds[1].push(Op::put(&k, format!("v2 {k} {}", "x".repeat(i % 50))));
+        rounds[2].push(Op::put(&k, format!("v3 {k}")));
+        if i % 5 == 0 {
+            rounds[3].push(Op::Delete { key: k.clone() });
+        }
+        if i % 2 == 0 {
+            rounds[4].push(Op::put(&k, format!("v4 {k}")));
+        }
+    }
+    rounds
+}
+
+fn worker(job: &Job, n: usize, dir: &Path) -> Child {
+    let args = job.run_args(&["--concurrency", "6"]);
+    let out = std::fs::File::create(dir.join(format!("worker-{n}.out"))).unwrap();
+    let err = std::fs::File::create(dir.join(format!("worker-{n}.err"))).unwrap();
+    Command::new(bin())
+        .args(&args)
+        .env("S3_BACKFILL_LEASE_SECS", LEASE.to_string())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .expect("start a worker")
+}
+
+fn signal(child: &Child, sig: i32) {
+    let rc = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "signal {sig} to worker {}", child.id());
+}
+
+/// Waits until `status` shows at least `done` tasks done (or every worker exited).
+fn wait_done(job: &Job, done: u64, workers: &mut [Child], limit: Duration) -> u64 {
+    let until = Instant::now() + limit;
+    loop {
+        let now = try_status(job.manifest()).map_or(0, |s| s.done);
+        let all_exited = workers.iter_mut().all(|c| c.try_wait().unwrap().is_some());
+        if now >= done || all_exited || Instant::now() > until {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database_restart() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("many-src"), bucket("many-dst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    seed(&c, &src, corpus(keys())).await;
+    let db = fresh_database("many");
+    let m = format!("{db}?job=e2e");
+    let job = Job::new(&src, &dst, Path::new(&m)).endpoint(&ep);
+    expect_code(&job.plan(), 0);
+    let total = job.status().total;
+    assert!(total as usize >= keys() * 3, "planned {total} tasks");
+
+    let logs = tempfile::tempdir().unwrap();
+    let mut workers: Vec<Child> = (0..4).map(|n| worker(&job, n, logs.path())).collect();
+
+    // One worker killed mid-unit: its units come back when their leases expire.
+    wait_done(&job, total / 10, &mut workers, Duration::from_secs(300));
+    signal(&workers[0], libc::SIGKILL);
+    // One paused past its lease, then resumed: its units were taken over meanwhile.
+    signal(&workers[1], libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(LEASE * 2 + 2));
+    signal(&workers[1], libc::SIGCONT);
+    // The database restarted once, mid-run.
+    wait_done(&job, total / 2, &mut workers, Duration::from_secs(300));
+    pg_restart();
+
+    let mut codes = Vec::new();
+    for (n, w) in workers.iter_mut().enumerate() {
+        let status = wait_until(w, Duration::from_secs(600))
+            .await
+            .unwrap_or_else(|| panic!("worker {n} did not finish"));
+        let err = std::fs::read_to_string(logs.path().join(format!("worker-{n}.err"))).unwrap();
+        codes.push((n, status.code(), err));
+    }
+    for (n, code, err) in &codes {
+        match n {
+            0 => assert_eq!(*code, None, "worker 0 was killed: {err}"),
+            // Resumed after its lease was taken: it stops (1, saying so) or, if it held
+            // nothing when paused, goes on and ends well (0).
+            1 => assert!(
+                *code == Some(0) || (*code == Some(1) && err.contains("lease")),
+                "worker 1 exited {code:?}: {err}"
+            ),
+            _ => assert_eq!(*code, Some(0), "worker {n}: {err}"),
+        }
+    }
+
+    let s = job.status();
+    assert_eq!(
+        (s.done, s.pending, s.in_progress, s.failed),
+        (total, 0, 0, 0),
+        "{s:?}"
+    );
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    expect_code(&job.verify(), 0);
+}
