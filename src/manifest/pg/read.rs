@@ -22,7 +22,8 @@ use crate::manifest::codec::{
     STREAM_ONLY, VERSION_TO_LEARN,
 };
 use crate::manifest::read::{
-    add_counters, etag_change_reason, shown_problem, OLDEST_FIRST, RETRIED_OUT_OF_ORDER_WHY,
+    add_counters, etag_change_reason, shown_problem, COUNTERS_SQL, OLDEST_FIRST, OUT_OF_ORDER_SQL,
+    REQUESTS_SQL, RETRIED_OUT_OF_ORDER_WHY, TOTALS_SQL,
 };
 use crate::manifest::{
     CopyMethod, Counts, KeyGroup, ListingProgress, ManifestError, Problem, Result, RunProgress,
@@ -38,6 +39,10 @@ pub(super) const TASK_COLUMNS: &str = "t.id, t.version_id, t.flags, t.size, t.et
 /// The tables [`TASK_COLUMNS`] reads: each task with its key and its upload, if any.
 pub(super) const TASK_FROM: &str =
     "task t JOIN keys k ON k.id = t.id >> 24 LEFT JOIN uploads u ON u.task = t.id";
+
+// The SQL here writes a task's key as `id >> 24` and its range as `kid << 24` to
+// `(kid << 24) + 16777215`.
+const _: () = assert!(SEQ_BITS == 24);
 
 /// A select of task rows for [`task_of_row`]: `cond` filters, `order` orders (or is empty).
 pub(super) fn task_select(cond: &str, order: &str) -> String {
@@ -69,6 +74,10 @@ const BLOCKED_SQL: &str = "oldest AS (SELECT DISTINCT ON (t.id >> 24, coalesce(g
     WHERE t.state < 2 AND coalesce(g.grp, t.dest) = o.grp
     AND (t.refresh > o.refresh OR (t.refresh = o.refresh AND t.history_pos < o.history_pos))";
 
+/// Whether every listing part is complete, and the entries listed (`counts()`).
+const PARTITIONS_SQL: &str = "SELECT coalesce(bool_and(complete), false),
+    coalesce(sum(entries), 0)::bigint FROM partitions";
+
 /// The next keys with open tasks after a task id (`$1`), at most `$2`: one index seek per
 /// key, as SQLite's `NEXT_OPEN_SQL`.
 const OPEN_KEYS_SQL: &str = "WITH RECURSIVE ks(kid, n) AS (
@@ -83,6 +92,34 @@ const OPEN_KEYS_SQL: &str = "WITH RECURSIVE ks(kid, n) AS (
 /// Reopens the units of the tasks a resolution changed (ids in `$1`): a done or held-back
 /// unit has open work again.
 const REOPEN_UNITS_SQL: &str = "UPDATE units SET state = 0 WHERE id = ANY($1) AND state IN (2, 3)";
+
+/// One process working on the job, as `status` shows the fleet.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct WorkerRow {
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id there.
+    pub pid: i64,
+    /// Its command (`run`, `replicate`).
+    pub command: String,
+    /// When it started (unix seconds).
+    pub started_at: i64,
+    /// Its last heartbeat (unix seconds, the database's clock).
+    pub heartbeat_at: i64,
+    /// Seconds since that heartbeat, by the database's clock.
+    pub heartbeat_age_secs: i64,
+    /// Its heartbeat is fresh (within 30 s): it is running; else it is silent (stalled or
+    /// dead, its units to be taken over when their leases expire).
+    pub running: bool,
+    /// Units of work it holds, as its last heartbeat said.
+    pub units: i64,
+    /// Tasks it ended.
+    pub tasks_done: i64,
+    /// Tasks ended per second, recently.
+    pub tasks_per_sec: f64,
+    /// Bytes copied per second, recently.
+    pub bytes_per_sec: f64,
+}
 
 fn bad(what: String) -> PgError {
     PgError::Bad(what)
@@ -218,7 +255,8 @@ fn changed(rows: &[Row]) -> std::result::Result<Vec<i64>, PgError> {
 impl PgManifest {
     /// Runs `sql` (int parameters `args`) and hands the items `decode` makes of its rows to
     /// `take`, on this thread, while the connection's thread fetches the next batch; stops
-    /// when `take` returns false. `what` names a failure of `take`.
+    /// when `take` returns false. `what` names a failure of `take`. The connection is busy
+    /// until the stream ends: `take` must not call this manifest.
     fn stream<T: Send + 'static>(
         &self,
         sql: String,
@@ -360,41 +398,24 @@ impl PgManifest {
         self.db.call_with(|c| {
             let mut t = snapshot(c)?;
             let mut counts = Counts::default();
-            for r in t.query(
-                "SELECT state, tasks, bytes, delete_markers, attempts, etag_preserved,
-                 archived, no_dest_version FROM counters",
-                &[],
-            )? {
+            // The statements SQLite's `counts()` runs, where they read the same here.
+            for r in t.query(COUNTERS_SQL, &[])? {
                 let mut row = [0i64; 7];
                 for (i, v) in row.iter_mut().enumerate() {
                     *v = r.try_get(i + 1)?;
                 }
                 add_counters(&mut counts, i64::from(r.try_get::<_, i16>(0)?), row);
             }
-            counts.retries = count(
-                t.query_one("SELECT retries FROM totals WHERE id = 1", &[])?
-                    .try_get(0)?,
-            );
-            let parts = t.query_one(
-                "SELECT coalesce(bool_and(complete), false), coalesce(sum(entries), 0)::bigint
-                 FROM partitions",
-                &[],
-            )?;
+            counts.retries = count(t.query_one(TOTALS_SQL, &[])?.try_get(0)?);
+            let parts = t.query_one(PARTITIONS_SQL, &[])?;
             counts.listing_complete = parts.try_get(0)?;
             counts.listed_entries = count(parts.try_get(1)?);
-            for r in t.query("SELECT op, count FROM requests", &[])? {
+            for r in t.query(REQUESTS_SQL, &[])? {
                 counts.requests.insert(r.try_get(0)?, count(r.try_get(1)?));
             }
             let blocked = format!("WITH {GROUPS_CTE}, {BLOCKED_SQL}");
             counts.blocked = count(t.query_one(&blocked, &[])?.try_get(0)?);
-            counts.out_of_order = count(
-                t.query_one(
-                    "SELECT count(*) FROM task t JOIN errors e ON e.task = t.id
-                     WHERE t.state >= 3 AND t.state = 4 AND e.code = $1",
-                    &[&OUT_OF_ORDER],
-                )?
-                .try_get(0)?,
-            );
+            counts.out_of_order = count(t.query_one(OUT_OF_ORDER_SQL, &[])?.try_get(0)?);
             t.commit()?;
             Ok(counts)
         })
@@ -611,6 +632,38 @@ impl PgManifest {
             c.query("SELECT name, value FROM estimate_facts", &[])?
                 .iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+
+    /// The processes working on the job (not stopped), longest running first: each with its
+    /// units, tasks, rate and heartbeat.
+    pub fn workers(&self) -> Result<Vec<WorkerRow>> {
+        self.db.call(|c| {
+            let rows = c.query(
+                "SELECT host, pid, command, started_at, heartbeat_at,
+                 extract(epoch FROM now())::bigint - heartbeat_at, units, tasks_done,
+                 tasks_per_sec, bytes_per_sec FROM workers
+                 WHERE stopped_at IS NULL ORDER BY started_at, id",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    let age: i64 = r.try_get(5)?;
+                    Ok(WorkerRow {
+                        host: r.try_get(0)?,
+                        pid: r.try_get(1)?,
+                        command: r.try_get(2)?,
+                        started_at: r.try_get(3)?,
+                        heartbeat_at: r.try_get(4)?,
+                        heartbeat_age_secs: age.max(0),
+                        running: age <= RUNNING_FOR,
+                        units: r.try_get(6)?,
+                        tasks_done: r.try_get(7)?,
+                        tasks_per_sec: r.try_get(8)?,
+                        bytes_per_sec: r.try_get(9)?,
+                    })
+                })
                 .collect()
         })
     }
@@ -1483,6 +1536,42 @@ mod tests {
         assert_eq!(m.counts().unwrap().etag_preserved, 1);
     }
 
+    /// `status` reads kept counters: with sequential scans priced out, none of the
+    /// statements of `counts()` reads the tasks but by an index, nor does the search for the
+    /// next keys with open tasks.
+    #[test]
+    fn counts_and_key_search_read_no_task_scan() {
+        let Some((m, _ids)) = key_with_a_failed_version("read-plans") else {
+            return;
+        };
+        let blocked = format!("WITH {GROUPS_CTE}, {BLOCKED_SQL}");
+        let open = OPEN_KEYS_SQL.replace("$1", "1").replace("$2", "10");
+        for sql in [
+            COUNTERS_SQL,
+            TOTALS_SQL,
+            PARTITIONS_SQL,
+            REQUESTS_SQL,
+            OUT_OF_ORDER_SQL,
+            &blocked,
+            &open,
+        ] {
+            let explain = format!("EXPLAIN {sql}");
+            let plan: Vec<String> =
+                m.db.call(move |c| {
+                    c.batch_execute("SET enable_seqscan = off")?;
+                    let rows = c.query(&explain, &[])?;
+                    c.batch_execute("RESET enable_seqscan")?;
+                    rows.iter().map(|r| r.try_get(0)).collect()
+                })
+                .unwrap();
+            let plan = plan.join("\n");
+            assert!(!plan.contains("Seq Scan on task"), "{sql}: {plan}");
+            if sql.contains("FROM task") {
+                assert!(plan.contains("Index Scan"), "{sql}: {plan}");
+            }
+        }
+    }
+
     #[test]
     fn estimate_facts_read_back() {
         let Some(m) = job("read-facts") else { return };
@@ -1546,5 +1635,30 @@ mod tests {
             did(&m, *id, Did::Done);
         }
         assert_eq!(m.run_progress().unwrap().unwrap().eta_secs, Some(0));
+        // The fleet: every process not stopped, the silent one too.
+        sql(
+            &m,
+            "UPDATE workers SET units = pid * 10, tasks_done = pid",
+            &[],
+        );
+        let fleet = m.workers().unwrap();
+        let seen: Vec<(i64, bool, i64, i64, f64)> = fleet
+            .iter()
+            .map(|w| (w.pid, w.running, w.units, w.tasks_done, w.tasks_per_sec))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, false, 10, 1, 50.0),
+                (3, true, 30, 3, 1.0),
+                (4, true, 40, 4, 2.0)
+            ]
+        );
+        assert!(fleet[0].heartbeat_age_secs >= 300);
+        assert_eq!(
+            (fleet[2].host.as_str(), fleet[2].command.as_str()),
+            ("h", "run")
+        );
+        assert_eq!(fleet[2].heartbeat_at, now - 1);
     }
 }
