@@ -359,17 +359,50 @@ pub(crate) mod tests {
         a_job_through_the_traits(m, || Manifest::open(&path, false).unwrap()).await;
     }
 
-    /// The PostgreSQL job named by `S3_BACKFILL_TEST_PG` (a server's URL; a job of its own
-    /// per test), or None when it is not set (`scripts/test.sh` sets it, with a throwaway
-    /// server of its own).
+    /// A PostgreSQL job of its own for one test (Some always: the Option lets a test say
+    /// where it needs the server). The server is `S3_BACKFILL_TEST_PG`'s (a URL) when it is
+    /// set, else a throwaway cluster this test process starts once with `scripts/pg.sh`
+    /// (stopped and dropped when the process ends, however it ends). Without PostgreSQL 15
+    /// (`bash scripts/pg.sh install`) the test fails and says so.
     pub(crate) fn pg_job(tag: &str) -> Option<std::path::PathBuf> {
-        let url = std::env::var("S3_BACKFILL_TEST_PG").ok()?;
+        let url = pg_server();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
         let sep = if url.contains('?') { '&' } else { '?' };
         Some(format!("{url}{sep}job={tag}-{}-{nanos}", std::process::id()).into())
+    }
+
+    /// The test server's URL (see [`pg_job`]).
+    fn pg_server() -> String {
+        static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        URL.get_or_init(|| {
+            if let Ok(url) = std::env::var("S3_BACKFILL_TEST_PG") {
+                return url;
+            }
+            let dir = tempfile::Builder::new()
+                .prefix("s3-backfill-lib-pg-")
+                .tempdir_in("/tmp")
+                .expect("a directory for the test cluster")
+                .keep();
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg.sh");
+            let out = std::process::Command::new("bash")
+                .arg(script)
+                .arg("start")
+                .arg(&dir)
+                .arg("--owner")
+                .arg(std::process::id().to_string())
+                .output()
+                .expect("run scripts/pg.sh");
+            assert!(
+                out.status.success(),
+                "the PostgreSQL tests need PostgreSQL 15 (bash scripts/pg.sh install): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .clone()
     }
 
     #[tokio::test(flavor = "multi_thread")]
