@@ -35,7 +35,7 @@ fn existing_manifest(
         if let Some(diff) = settings.identity_differs(&stored) {
             return Err(JobError::Usage(format!(
                 "manifest {} belongs to another job: this plan has {diff}; use a new --manifest, or the same arguments to continue it",
-                args.manifest.display()
+                crate::manifest::shown(&args.manifest)
             )));
         }
         change_copy_settings(args, &m, stored, settings)?;
@@ -66,7 +66,7 @@ fn change_copy_settings(
         }
         return Err(JobError::Usage(format!(
             "manifest {} has {worked} tasks started or finished with its own copy settings, and this command changes them (above); pass --change-copy-settings to change them, or give the job's settings to continue it",
-            args.manifest.display()
+            crate::manifest::shown(&args.manifest)
         )));
     }
     for line in &changes {
@@ -225,7 +225,7 @@ fn check_refresh(
     if existing.is_none() {
         return Err(JobError::Usage(format!(
             "--refresh catches up an existing job, but {} does not exist; plan it first",
-            args.manifest.display()
+            crate::manifest::shown(&args.manifest)
         )));
     }
     if settings.planned_from_supplied() {

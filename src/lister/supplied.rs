@@ -149,7 +149,7 @@ pub async fn plan_supplied<C: S3Client>(
         ListError::Refused(format!(
             "cannot rename {} to {}: {e}",
             tmp.path.display(),
-            job.manifest.display()
+            crate::manifest::shown(job.manifest)
         ))
     })?;
     tmp.kept = true;

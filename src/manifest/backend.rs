@@ -97,6 +97,11 @@ impl Location {
     }
 }
 
+/// `--manifest` as messages show it: a file's path, or a URL without its password.
+pub fn shown(path: &Path) -> String {
+    Location::of(path).map_or_else(|_| path.display().to_string(), |l| l.shown())
+}
+
 /// `postgres://user:secret@host/db` without `:secret`.
 fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

@@ -308,7 +308,13 @@ impl PgManifest {
 
     /// Tasks with an open multipart upload recorded (left by a killed run).
     pub fn open_uploads(&self) -> Result<Vec<Task>> {
-        let sql = task_select("u.upload_id IS NOT NULL", "ORDER BY t.id");
+        // Not those of a unit another live process holds: its upload is in use.
+        let sql = task_select(
+            "u.upload_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM units un
+                WHERE un.id = t.unit AND un.state = 1
+                AND un.lease_expires >= extract(epoch FROM clock_timestamp()))",
+            "ORDER BY t.id",
+        );
         self.db.call_with(move |c| tasks(c, &sql, &[]))
     }
 

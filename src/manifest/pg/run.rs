@@ -54,6 +54,13 @@ pub fn lease_secs() -> i64 {
         .unwrap_or(60)
 }
 
+/// Queues a statement of a group: `op!(ops, SQL, params...)`.
+macro_rules! op {
+    ($ops:expr, $sql:expr, $($p:expr),* $(,)?) => {
+        $ops.0.push(($sql, vec![$(Box::new($p) as Box<dyn ToSql + Sync + Send>),*]))
+    };
+}
+
 /// Units claimed at a time.
 const CLAIM: i64 = 2;
 
@@ -290,9 +297,32 @@ impl Run {
         fence(&tx, &held).await?;
         let mut ops = Ops::default();
         let mut reads = Vec::new();
+        let mut done = 0i64;
         for msg in batch {
             match msg {
+                Msg::Update(Update::RunProgress(p), _) => {
+                    let (tps, bps) = p.as_ref().map_or((0.0, 0.0), |p| {
+                        (
+                            p.tasks_per_sec.unwrap_or(0.0),
+                            p.bytes_per_sec.unwrap_or(0.0),
+                        )
+                    });
+                    op!(
+                        ops,
+                        "UPDATE workers SET tasks_per_sec = $2, bytes_per_sec = $3 WHERE id = $1",
+                        work.worker,
+                        tps,
+                        bps
+                    );
+                }
                 Msg::Update(u, _) => {
+                    if let Update::Finished {
+                        outcome: Outcome::Done { .. },
+                        ..
+                    } = u
+                    {
+                        done += 1;
+                    }
                     work.count(u);
                     ops.update(u, mode);
                 }
@@ -312,6 +342,14 @@ impl Run {
                     reads.push(groups);
                 }
             }
+        }
+        if done > 0 {
+            op!(
+                ops,
+                "UPDATE workers SET tasks_done = tasks_done + $2 WHERE id = $1",
+                work.worker,
+                done
+            );
         }
         ops.run(&tx).await?;
         work.finish_units(&tx).await?;
@@ -646,12 +684,6 @@ type Op = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
 #[derive(Default)]
 struct Ops(Vec<Op>);
 
-macro_rules! op {
-    ($ops:expr, $sql:expr, $($p:expr),* $(,)?) => {
-        $ops.0.push(($sql, vec![$(Box::new($p) as Box<dyn ToSql + Sync + Send>),*]))
-    };
-}
-
 fn code(s: State) -> i16 {
     s.code() as i16
 }
@@ -735,24 +767,8 @@ impl Ops {
                     );
                 }
             }
-            Update::RunProgress(p) => {
-                let (tps, bps) = p.as_ref().map_or((0.0, 0.0), |p| {
-                    (
-                        p.tasks_per_sec.unwrap_or(0.0),
-                        p.bytes_per_sec.unwrap_or(0.0),
-                    )
-                });
-                op!(
-                    self,
-                    "UPDATE workers SET tasks_per_sec = $1, bytes_per_sec = $2,
-                     heartbeat_at = extract(epoch FROM now())::bigint
-                     WHERE pid = $3 AND stopped_at IS NULL AND host = $4",
-                    tps,
-                    bps,
-                    i64::from(std::process::id()),
-                    hostname()
-                );
-            }
+            // Written by the group, with this process's worker id (see `Run::apply`).
+            Update::RunProgress(_) => {}
         }
     }
 
