@@ -1278,8 +1278,12 @@ mod tests {
         // Watched from outside the writer's transaction, which sees one snapshot of the view.
         let mut watch = connect(String::new());
         let mut writer = other.transaction().unwrap();
+        // The page's own counter shard (the counters are sharded by connection).
         writer
-            .execute("UPDATE counters SET tasks = tasks WHERE state = 0", &[])
+            .execute(
+                "UPDATE counter_shards SET tasks = tasks WHERE state = 0 AND shard = $1::int % $2",
+                &[&pid, &(super::super::schema::COUNTER_SHARDS as i32)],
+            )
             .unwrap();
         let page = std::thread::spawn(move || {
             let r = m.insert_page(&[task("k", "1", 1)], &Listing::default());

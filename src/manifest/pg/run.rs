@@ -289,11 +289,15 @@ impl Run {
         let work = &mut self.work;
         let held = work.held_now();
         let tx = self.client.transaction().await?;
-        // The counters' rows, locked in one order first: every writer's group changes
-        // several of them (through the task trigger), and taken in any other order two
-        // groups could deadlock.
-        tx.execute("SELECT 1 FROM counters ORDER BY state FOR UPDATE", &[])
-            .await?;
+        // This connection's counter shard, locked in one order first: a group changes
+        // several of its rows (through the task trigger), and another connection of the
+        // same shard taking them in another order could deadlock with it.
+        tx.execute(
+            "SELECT 1 FROM counter_shards WHERE shard = pg_backend_pid() % $1
+             ORDER BY state FOR UPDATE",
+            &[&(super::schema::COUNTER_SHARDS as i16)],
+        )
+        .await?;
         fence(&tx, &held).await?;
         let mut ops = Ops::default();
         let mut reads = Vec::new();
@@ -760,8 +764,7 @@ impl Ops {
                 for (op, n) in counts {
                     op!(
                         self,
-                        "INSERT INTO requests (op, count) VALUES ($1, $2)
-                         ON CONFLICT (op) DO UPDATE SET count = requests.count + excluded.count",
+                        "INSERT INTO requests (op, count) VALUES ($1, $2)",
                         op.to_string(),
                         *n as i64
                     );

@@ -106,25 +106,62 @@ CREATE TABLE errors (
     side SMALLINT,
     op TEXT
 );
-CREATE TABLE counters (
-    state SMALLINT PRIMARY KEY,
+-- Counters in shards: each connection adds to the rows of its own shard (its backend pid
+-- modulo {SHARDS}), so processes writing at once do not wait for each other's counter rows;
+-- `counters` sums them (SQLite's table, as a view: readers are the same), and an UPDATE of
+-- `counters` adds its change to the writer's shard.
+CREATE TABLE counter_shards (
+    state SMALLINT NOT NULL,
+    shard SMALLINT NOT NULL,
     tasks BIGINT NOT NULL DEFAULT 0,
     bytes BIGINT NOT NULL DEFAULT 0,
     delete_markers BIGINT NOT NULL DEFAULT 0,
     attempts BIGINT NOT NULL DEFAULT 0,
     etag_preserved BIGINT NOT NULL DEFAULT 0,
     archived BIGINT NOT NULL DEFAULT 0,
-    no_dest_version BIGINT NOT NULL DEFAULT 0
+    no_dest_version BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (state, shard)
 );
+CREATE VIEW counters AS SELECT state, sum(tasks)::bigint AS tasks, sum(bytes)::bigint AS bytes,
+    sum(delete_markers)::bigint AS delete_markers, sum(attempts)::bigint AS attempts,
+    sum(etag_preserved)::bigint AS etag_preserved, sum(archived)::bigint AS archived,
+    sum(no_dest_version)::bigint AS no_dest_version
+    FROM counter_shards GROUP BY state;
+CREATE FUNCTION counters_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE counter_shards SET tasks = tasks + NEW.tasks - OLD.tasks,
+        bytes = bytes + NEW.bytes - OLD.bytes,
+        delete_markers = delete_markers + NEW.delete_markers - OLD.delete_markers,
+        attempts = attempts + NEW.attempts - OLD.attempts,
+        etag_preserved = etag_preserved + NEW.etag_preserved - OLD.etag_preserved,
+        archived = archived + NEW.archived - OLD.archived,
+        no_dest_version = no_dest_version + NEW.no_dest_version - OLD.no_dest_version
+    WHERE state = OLD.state AND shard = pg_backend_pid() % {SHARDS};
+    RETURN NEW;
+END $$;
+CREATE TRIGGER counters_update INSTEAD OF UPDATE ON counters
+    FOR EACH ROW EXECUTE FUNCTION counters_changed();
 CREATE TABLE totals (
     id INT PRIMARY KEY CHECK (id = 1),
     retries BIGINT NOT NULL DEFAULT 0,
     multi_task_keys BIGINT NOT NULL DEFAULT 0
 );
-CREATE TABLE requests (
-    op TEXT PRIMARY KEY,
-    count BIGINT NOT NULL
+-- Requests per operation, in shards as the counters (`requests` sums them).
+CREATE TABLE request_shards (
+    op TEXT NOT NULL,
+    shard SMALLINT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (op, shard)
 );
+CREATE VIEW requests AS SELECT op, sum(count)::bigint AS count FROM request_shards GROUP BY op;
+CREATE FUNCTION requests_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO request_shards (op, shard, count) VALUES (NEW.op, pg_backend_pid() % {SHARDS}, NEW.count)
+    ON CONFLICT (op, shard) DO UPDATE SET count = request_shards.count + excluded.count;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER requests_insert INSTEAD OF INSERT ON requests
+    FOR EACH ROW EXECUTE FUNCTION requests_added();
 CREATE TABLE estimate_facts (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -147,22 +184,22 @@ CREATE TABLE workers (
 CREATE FUNCTION count_task() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE counters SET tasks = tasks - 1, bytes = bytes - OLD.size,
+        UPDATE counter_shards SET tasks = tasks - 1, bytes = bytes - OLD.size,
             delete_markers = delete_markers - (OLD.flags & 1),
             attempts = attempts - OLD.attempts,
             etag_preserved = etag_preserved - (CASE WHEN OLD.flags & 24 = 24 THEN 1 ELSE 0 END),
             archived = archived - (CASE WHEN OLD.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END),
             no_dest_version = no_dest_version - (CASE WHEN OLD.dest_version_id IS NULL THEN 1 ELSE 0 END)
-        WHERE state = OLD.state;
+        WHERE state = OLD.state AND shard = pg_backend_pid() % {SHARDS};
     END IF;
     IF TG_OP = 'UPDATE' THEN
-        UPDATE counters SET tasks = tasks + 1, bytes = bytes + NEW.size,
+        UPDATE counter_shards SET tasks = tasks + 1, bytes = bytes + NEW.size,
             delete_markers = delete_markers + (NEW.flags & 1),
             attempts = attempts + NEW.attempts,
             etag_preserved = etag_preserved + (CASE WHEN NEW.flags & 24 = 24 THEN 1 ELSE 0 END),
             archived = archived + (CASE WHEN NEW.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END),
             no_dest_version = no_dest_version + (CASE WHEN NEW.dest_version_id IS NULL THEN 1 ELSE 0 END)
-        WHERE state = NEW.state;
+        WHERE state = NEW.state AND shard = pg_backend_pid() % {SHARDS};
     END IF;
     RETURN NULL;
 END $$;
@@ -172,13 +209,19 @@ CREATE TRIGGER task_removed AFTER DELETE ON task FOR EACH ROW EXECUTE FUNCTION c
 INSERT INTO partitions (id) VALUES (0);
 INSERT INTO refreshes (generation, started_at, tasks) VALUES (0, NULL, 0);
 INSERT INTO totals (id) VALUES (1);
-INSERT INTO counters (state) VALUES (0), (1), (2), (3), (4);
+INSERT INTO counter_shards (state, shard)
+    SELECT s, h FROM generate_series(0, 4) s, generate_series(0, {SHARDS} - 1) h;
 "#;
+
+/// Shards of the counters and request totals (see the tables).
+pub(super) const COUNTER_SHARDS: i64 = 16;
 
 /// The SQL that creates a job's tables (run inside the job's new schema).
 pub(super) fn tables() -> String {
     let archived = super::super::codec::class_code(crate::s3::ErrorClass::Archived);
-    TABLES.replace("{ARCHIVED}", &archived.to_string())
+    TABLES
+        .replace("{ARCHIVED}", &archived.to_string())
+        .replace("{SHARDS}", &COUNTER_SHARDS.to_string())
 }
 
 /// The schema (namespace) of job `job`, quoted for SQL.
