@@ -68,6 +68,7 @@ pub struct Limiter {
     paced: AtomicBool,
     pacer: Mutex<Pacer>,
     throttles: AtomicU64,
+    started: AtomicU64,
 }
 
 /// The pacer: the next request's start (tokio's clock), one interval after the last one's.
@@ -130,6 +131,7 @@ impl Limiter {
                 interval,
             }),
             throttles: AtomicU64::new(0),
+            started: AtomicU64::new(0),
         }
     }
 
@@ -180,6 +182,7 @@ impl Limiter {
             };
             tokio::time::sleep_until(at).await;
         }
+        self.started.fetch_add(1, Ordering::Relaxed);
         Permit { limiter: self }
     }
 
@@ -221,6 +224,11 @@ impl Limiter {
     /// How many throttling answers were seen.
     pub fn throttles(&self) -> u64 {
         self.throttles.load(Ordering::Relaxed)
+    }
+
+    /// How many requests were let go so far (slots handed out, after the pacer).
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 }
 
@@ -446,6 +454,7 @@ mod tests {
         // A hundred more at 100 a second: about one second more.
         let second = start.elapsed().as_secs_f64() - first;
         assert!((second - 1.0).abs() < 0.02, "{second}");
+        assert_eq!(l.started(), 110);
         // Off: no wait at all.
         l.set_max_rps(0.0);
         assert_eq!(l.max_rps(), None);

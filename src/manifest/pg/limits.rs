@@ -8,15 +8,25 @@
 //! throttling answer since its last tick, at most once per [`CUT_PERIOD`] for the whole
 //! job, grown back by [`RISE_PER_SEC`] a second otherwise, kept in
 //! [`MIN_FACTOR`]`..=1`. The step is written by compare-and-set on the state's revision, so
-//! a cut or a growth is made once whoever makes it. Then it paces its requests at
-//! [`share`]: `--max-rps × factor / live`, and takes `1 / live` of `--max-bandwidth`
-//! (bytes are not what a throttling answer is about: the factor is for requests only).
+//! a cut or a growth is made once whoever makes it.
+//!
+//! The job's budget, `--max-rps × factor`, is split among the live processes by what each
+//! wants ([`want`], written in its row): a process that used most of its pace last second
+//! wants as much as it can get; one that used less (waiting for work, or bound by its
+//! requests in flight) wants twice what it used, at least a tenth of an equal share. The
+//! split ([`split`]) fills the smaller wants and shares the rest equally among the others
+//! (max-min fairness); what nobody wants is spread equally on top, so the shares always add
+//! up to the budget: with every process busy, `--max-rps × factor / live` each. A process
+//! that gets work again uses its small share up and wants more at its next tick. The
+//! bandwidth is split equally (`1 / live` of `--max-bandwidth`; bytes are not what a
+//! throttling answer is about: the factor is for requests only).
 //! A process that stops deletes its row; one that dies or is paused stops being counted
 //! after [`LIVE_SECS`], and the others take its share at their next tick.
 //!
-//! Equal shares: a process with less work than its share leaves the rest unused (the job
-//! then stays under the limit, never over it). Every process of a job is expected to be
-//! given the same limits; each divides its own. When the database cannot be reached, a
+//! Every process of a job is expected to be given the same limits; each splits its own.
+//! Each computes its own share from the others' rows as they were at their last tick, so
+//! for up to a tick after a process joins or starts wanting more, the shares may add up to
+//! more than the budget by that process's share. When the database cannot be reached, a
 //! process keeps the share it last set and tries again at the next tick.
 //!
 //! May call: `s3::retry` (the pacer), `s3::bandwidth` (the share), `pg::schema`.
@@ -45,6 +55,14 @@ pub(crate) const MIN_FACTOR: f64 = 0.05;
 const FORGET_SECS: f64 = 300.0;
 /// Attempts at the compare-and-set of one tick before it gives up until the next.
 const RACES: usize = 3;
+/// What a process used is measured over this many seconds at least.
+const MEASURE_SECS: f64 = 0.5;
+/// A process that used this much of its pace is busy: it wants as much as it can get.
+pub(crate) const BUSY: f64 = 0.8;
+/// A process that is not busy wants this many times what it used ...
+pub(crate) const HEADROOM: f64 = 2.0;
+/// ... and at least this much of an equal share.
+pub(crate) const FLOOR: f64 = 0.1;
 
 /// The job's shared AIMD state (`rate_state`), times on the database's clock in seconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,6 +107,48 @@ pub(crate) fn share(max_rps: f64, factor: f64, live: i64) -> f64 {
     max_rps * factor.clamp(MIN_FACTOR, 1.0) / live.max(1) as f64
 }
 
+/// What a process wants, in requests per second, having `used` that many over its last
+/// tick under the pace `pace` (None: not known yet), an equal share being `equal`: as much
+/// as it can get ([`f64::INFINITY`]) when it used [`BUSY`] of its pace or more (or on its
+/// first tick), else [`HEADROOM`] times what it used, at least [`FLOOR`] of `equal`.
+pub(crate) fn want(used: f64, pace: Option<f64>, equal: f64) -> f64 {
+    match pace {
+        Some(p) if used < BUSY * p => (used * HEADROOM).max(FLOOR * equal),
+        _ => f64::INFINITY,
+    }
+}
+
+/// This process's part of `budget` when it wants `mine` and the other live processes want
+/// `others` (max-min fairness: the smaller wants are met, the others share the rest
+/// equally; what no one wants is spread equally on top, so the parts add up to `budget`).
+pub(crate) fn split(budget: f64, mine: f64, others: &[f64]) -> f64 {
+    let clean = |w: f64| {
+        if w.is_nan() {
+            f64::INFINITY
+        } else {
+            w.max(0.0)
+        }
+    };
+    let mine = clean(mine);
+    let mut wants: Vec<f64> = others.iter().map(|w| clean(*w)).collect();
+    wants.push(mine);
+    wants.sort_by(f64::total_cmp);
+    let n = wants.len() as f64;
+    let (mut left, mut unmet) = (budget, wants.len());
+    let mut level = f64::INFINITY;
+    for w in &wants {
+        let fair = left / unmet as f64;
+        if *w > fair {
+            level = fair;
+            break;
+        }
+        left -= w;
+        unmet -= 1;
+    }
+    let spare = if level.is_infinite() { left / n } else { 0.0 };
+    mine.min(level) + spare
+}
+
 /// What a process's last tick saw and set.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Seen {
@@ -112,23 +172,28 @@ struct Share {
     retriers: Vec<Arc<Retrier>>,
     /// Throttling answers seen up to the last tick that counted them.
     reported: u64,
+    /// Requests started as of the last measure, and when (to measure what was used).
+    started: (u64, std::time::Instant),
+    /// What it wants (see [`want`]), as last measured.
+    want: f64,
     seen: Seen,
 }
 
-/// Renews this process's row, reads the live processes (others, then this one) and the
-/// job's state, on the database's clock. $1 id, $2 host, $3 pid, $4 throttles so far, $5 the
-/// pace set, $6 [`LIVE_SECS`], $7 [`FORGET_SECS`].
+/// Renews this process's row, reads what the other live processes want and the job's
+/// state, on the database's clock. $1 id, $2 host, $3 pid, $4 throttles so far, $5 the pace
+/// set, $6 what it wants, $7 [`LIVE_SECS`], $8 [`FORGET_SECS`].
 const TICK_SQL: &str = "
 WITH now AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS t),
 me AS (
-    INSERT INTO rate_shares (id, host, pid, seen_at, throttled, rps)
-    SELECT $1, $2, $3, now.t, $4, $5 FROM now
+    INSERT INTO rate_shares (id, host, pid, seen_at, throttled, rps, want)
+    SELECT $1, $2, $3, now.t, $4, $5, $6 FROM now
     ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at,
-        throttled = excluded.throttled, rps = excluded.rps
+        throttled = excluded.throttled, rps = excluded.rps, want = excluded.want
     RETURNING id),
-gone AS (DELETE FROM rate_shares USING now WHERE seen_at < now.t - $7 AND id <> $1)
+gone AS (DELETE FROM rate_shares USING now WHERE seen_at < now.t - $8 AND id <> $1)
 SELECT now.t, s.factor, s.cut_at, s.grown_at, s.rev,
-    (SELECT count(*) FROM rate_shares r WHERE r.id <> $1 AND r.seen_at > now.t - $6) + 1
+    (SELECT coalesce(array_agg(r.want), '{}') FROM rate_shares r
+     WHERE r.id <> $1 AND r.seen_at > now.t - $7)
 FROM now, rate_state s WHERE s.id = 1";
 
 /// Writes a step of the AIMD unless someone else wrote one since it was read.
@@ -170,6 +235,10 @@ impl Share {
             .map_err(|e| pg(location, e))?
             .get(0);
         let reported = retriers.iter().map(|r| r.limiter.throttles()).sum();
+        let started = (
+            retriers.iter().map(|r| r.limiter.started()).sum(),
+            std::time::Instant::now(),
+        );
         Ok(Share {
             location: location.clone(),
             client: Some(client),
@@ -178,6 +247,8 @@ impl Share {
             bandwidth,
             retriers,
             reported,
+            started,
+            want: f64::INFINITY,
             seen: Seen::default(),
         })
     }
@@ -200,6 +271,19 @@ impl Share {
         let l = &self.location;
         let throttles: u64 = self.retriers.iter().map(|r| r.limiter.throttles()).sum();
         let throttled = throttles > self.reported;
+        // What was used is measured over half a second at least (a tick made sooner
+        // keeps the last measure).
+        let started: u64 = self.retriers.iter().map(|r| r.limiter.started()).sum();
+        let since = self.started.1.elapsed().as_secs_f64();
+        if since >= MEASURE_SECS {
+            let used = started.saturating_sub(self.started.0) as f64 / since;
+            self.started = (started, std::time::Instant::now());
+            let equal = self
+                .max_rps
+                .map_or(0.0, |m| share(m, self.seen.factor, self.seen.live));
+            self.want = want(used, self.seen.rps, equal);
+        }
+        let mine = self.want;
         let host = super::run::hostname();
         let pid = i64::from(std::process::id());
         let mut state = None;
@@ -213,6 +297,7 @@ impl Share {
                         &pid,
                         &(throttles as i64),
                         &self.seen.rps,
+                        &mine,
                         &LIVE_SECS,
                         &FORGET_SECS,
                     ],
@@ -225,9 +310,9 @@ impl Share {
                 cut_at: row.get(2),
                 grown_at: row.get(3),
             };
-            let (rev, live): (i64, i64) = (row.get(4), row.get(5));
+            let (rev, others): (i64, Vec<f64>) = (row.get(4), row.get(5));
             let Some(next) = aimd(read, now, throttled) else {
-                state = Some((read.factor, live, true));
+                state = Some((read.factor, others, true));
                 break;
             };
             let written = c
@@ -238,25 +323,29 @@ impl Share {
                 .await
                 .map_err(|e| pg(l, e))?;
             // Lost a race: read again (a cut made meanwhile answers this throttle too).
-            state = Some((read.factor, live, false));
             if written == 1 {
-                state = Some((next.factor, live, true));
+                state = Some((next.factor, others, true));
                 break;
             }
+            state = Some((read.factor, others, false));
         }
-        let (factor, live, counted) = state.expect("at least one attempt");
+        let (factor, others, counted) = state.expect("at least one attempt");
         if counted {
             self.reported = throttles;
         }
-        Ok(self.apply(factor, live))
+        Ok(self.apply(factor, mine, &others))
     }
 
-    /// Sets the pacers and the bandwidth to this process's share.
-    fn apply(&mut self, factor: f64, live: i64) -> Seen {
-        let rps = self.max_rps.map(|max| share(max, factor, live));
+    /// Sets the pacers and the bandwidth to this process's share (the pace divided among
+    /// its retry loops, when it has several).
+    fn apply(&mut self, factor: f64, mine: f64, others: &[f64]) -> Seen {
+        let live = others.len() as i64 + 1;
+        let budget = |max: f64| max * factor.clamp(MIN_FACTOR, 1.0);
+        let rps = self.max_rps.map(|max| split(budget(max), mine, others));
         if let Some(rps) = rps {
+            let loops = self.retriers.len().max(1) as f64;
             for r in &self.retriers {
-                r.limiter.set_max_rps(rps);
+                r.limiter.set_max_rps(rps / loops);
             }
         }
         let bandwidth_share = 1.0 / live.max(1) as f64;
@@ -465,6 +554,62 @@ mod tests {
         assert!((total - 350.0).abs() < 1e-9);
     }
 
+    #[test]
+    fn a_busy_process_wants_all_it_can_get_an_idle_one_a_little_more_than_it_used() {
+        // First tick (no pace yet), or 80% of the pace used: as much as it can get.
+        assert_eq!(want(0.0, None, 50.0), f64::INFINITY);
+        assert_eq!(want(40.0, Some(50.0), 50.0), f64::INFINITY);
+        assert_eq!(want(50.0, Some(50.0), 50.0), f64::INFINITY);
+        // Less: twice what it used ...
+        assert_eq!(want(10.0, Some(50.0), 50.0), 20.0);
+        // ... at least a tenth of an equal share (an idle process can start again).
+        assert_eq!(want(0.0, Some(50.0), 50.0), 5.0);
+        assert_eq!(want(1.0, Some(50.0), 50.0), 5.0);
+    }
+
+    #[test]
+    fn the_budget_is_split_by_what_each_wants() {
+        let sum = |budget: f64, wants: &[f64]| -> f64 {
+            (0..wants.len())
+                .map(|i| {
+                    let others: Vec<f64> = (0..wants.len())
+                        .filter(|j| *j != i)
+                        .map(|j| wants[j])
+                        .collect();
+                    split(budget, wants[i], &others)
+                })
+                .sum()
+        };
+        let inf = f64::INFINITY;
+        // All busy: equal shares.
+        assert_eq!(split(100.0, inf, &[inf, inf, inf]), 25.0);
+        // One wants little: it gets that, the others share the rest.
+        assert_eq!(split(100.0, 10.0, &[inf, inf]), 10.0);
+        assert_eq!(split(100.0, inf, &[10.0, inf]), 45.0);
+        // Max-min: a want above the level is capped at it.
+        assert_eq!(split(90.0, 40.0, &[10.0, inf]), 40.0);
+        assert_eq!(split(90.0, inf, &[10.0, 40.0]), 40.0);
+        assert_eq!(split(100.0, 60.0, &[10.0, inf]), 45.0);
+        // Nobody wants it all: the rest is spread equally on top.
+        assert_eq!(split(100.0, 10.0, &[20.0]), 10.0 + 35.0);
+        assert_eq!(split(100.0, 5.0, &[5.0]), 50.0);
+        // Alone: everything.
+        assert_eq!(split(100.0, 3.0, &[]), 100.0);
+        assert_eq!(split(100.0, inf, &[]), 100.0);
+        // Whatever the wants, the parts add up to the budget.
+        for wants in [
+            vec![inf, inf, inf],
+            vec![1.0, 2.0, inf, 500.0],
+            vec![10.0, 20.0],
+            vec![0.0, 0.0, 0.0],
+            vec![f64::NAN, 30.0, inf],
+            vec![33.0, 33.0, 34.0, inf, 1.0],
+        ] {
+            let total = sum(100.0, &wants);
+            assert!((total - 100.0).abs() < 1e-9, "{wants:?}: {total}");
+        }
+    }
+
     fn retrier(rps: f64) -> Arc<Retrier> {
         Arc::new(Retrier::new(
             RetryPolicy::default(),
@@ -497,6 +642,8 @@ mod tests {
         };
         let (ra, rb) = (retrier(100.0), retrier(100.0));
         let (bwa, bwb) = (bw(0), bw(1));
+        // Both busy: requests waiting on their pacers all along.
+        let hammers: Vec<_> = [&ra, &rb].iter().flat_map(|r| hammer(r)).collect();
         let a = JobLimits::start(&l, Some(100.0), bwa.clone(), vec![ra.clone()])
             .await
             .unwrap();
@@ -543,6 +690,7 @@ mod tests {
         );
         assert_eq!(bwa.as_ref().unwrap().share(), 1.0);
         a.stop().await;
+        hammers.iter().for_each(|h| h.abort());
         // Both rows gone.
         let c = Share::connect(&l).await.unwrap();
         let n: i64 = c
@@ -578,6 +726,66 @@ mod tests {
         let seen = a.tick().await.unwrap();
         assert_eq!(seen.live, 1);
         assert!(near(ra.limiter.max_rps().unwrap(), 60.0), "{seen:?}");
+    }
+
+    /// Four tasks taking `r`'s slots as fast as its pacer lets them.
+    fn hammer(r: &Arc<Retrier>) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..4)
+            .map(|_| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    loop {
+                        drop(r.limiter.acquire().await);
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Makes `share`'s next tick see it busy: requests started at once (no pacing) under a
+    /// pace it says was tiny.
+    async fn busy(share: &mut Share, r: &Retrier) {
+        r.limiter.set_max_rps(0.0);
+        for _ in 0..10 {
+            drop(r.limiter.acquire().await);
+        }
+        share.seen.rps = Some(1.0);
+        share.started.1 -= Duration::from_secs(1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_idle_process_leaves_its_share_to_the_busy_ones() {
+        let Some(url) = pg_job("limits-idle") else {
+            return;
+        };
+        drop(Manifest::open(&url, true).unwrap());
+        let l = location(&url);
+        let (ra, rb) = (retrier(100.0), retrier(100.0));
+        let mut a = Share::join(&l, Some(100.0), None, vec![ra.clone()])
+            .await
+            .unwrap();
+        let mut b = Share::join(&l, Some(100.0), None, vec![rb.clone()])
+            .await
+            .unwrap();
+        a.tick().await.unwrap();
+        b.tick().await.unwrap();
+        assert!(near(rb.limiter.max_rps().unwrap(), 50.0));
+        // b used nothing of its pace: it wants a tenth of an equal share; a is busy and
+        // takes the rest.
+        b.started.1 -= Duration::from_secs(1);
+        let seen_b = b.tick().await.unwrap();
+        assert!(near(seen_b.rps.unwrap(), 5.0), "{seen_b:?}");
+        busy(&mut a, &ra).await;
+        let seen_a = a.tick().await.unwrap();
+        assert!(near(seen_a.rps.unwrap(), 95.0), "{seen_a:?}");
+        assert!(near(ra.limiter.max_rps().unwrap(), 95.0));
+        // b gets work: it uses its small share up and takes an equal one at its next tick;
+        // a, busy too, comes down to it at its own.
+        busy(&mut b, &rb).await;
+        assert!(near(b.tick().await.unwrap().rps.unwrap(), 50.0));
+        busy(&mut a, &ra).await;
+        assert!(near(a.tick().await.unwrap().rps.unwrap(), 50.0));
+        assert!(near(ra.limiter.max_rps().unwrap(), 50.0));
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -176,7 +176,8 @@ INSERT INTO counters (state) VALUES (0), (1), (2), (3), (4);
 -- limits: job-wide --max-rps and --max-bandwidth (`pg::limits`). One row per process that
 -- takes a share, renewed every second (`seen_at`: the database's clock, in seconds; a row
 -- not renewed for a few seconds is not counted); `throttled`: the throttling answers it saw
--- so far; `rps`: the pace it last set itself. `rate_state`: the job's factor of --max-rps
+-- so far; `rps`: the pace it last set itself; `want`: the requests per second it wants
+-- (Infinity: as many as it gets). `rate_state`: the job's factor of --max-rps
 -- (AIMD on throttling: halved at most once per cut period, grown back slowly), when it was
 -- last cut and grown, and a revision for compare-and-set.
 CREATE TABLE rate_shares (
@@ -185,7 +186,8 @@ CREATE TABLE rate_shares (
     pid BIGINT NOT NULL,
     seen_at DOUBLE PRECISION NOT NULL,
     throttled BIGINT NOT NULL DEFAULT 0,
-    rps DOUBLE PRECISION
+    rps DOUBLE PRECISION,
+    want DOUBLE PRECISION NOT NULL DEFAULT 'Infinity'
 );
 CREATE TABLE rate_state (
     id INT PRIMARY KEY CHECK (id = 1),
