@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::manifest::backend::PgLocation;
 use crate::s3::bandwidth::Bandwidth;
@@ -205,22 +205,6 @@ fn pg(l: &PgLocation, e: tokio_postgres::Error) -> String {
 }
 
 impl Share {
-    /// Connects, with the job's schema on the search path.
-    async fn connect(l: &PgLocation) -> Result<Client, String> {
-        let (client, conn) = tokio_postgres::connect(&l.url, NoTls)
-            .await
-            .map_err(|e| pg(l, e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let schema = super::schema::schema_of(&l.job);
-        client
-            .batch_execute(&format!("SET search_path TO {schema}, public"))
-            .await
-            .map_err(|e| pg(l, e))?;
-        Ok(client)
-    }
-
     /// A new row for this process (not counted until its first tick).
     async fn join(
         location: &PgLocation,
@@ -228,7 +212,7 @@ impl Share {
         bandwidth: Option<Arc<Bandwidth>>,
         retriers: Vec<Arc<Retrier>>,
     ) -> Result<Share, String> {
-        let client = Share::connect(location).await?;
+        let client = super::run::connect(location).await?;
         let id: i64 = client
             .query_one("SELECT nextval('rate_shares_id_seq')", &[])
             .await
@@ -257,7 +241,7 @@ impl Share {
     /// next one, and the pace set last stays.
     async fn tick(&mut self) -> Result<Seen, String> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(Share::connect(&self.location).await?);
+            self.client = Some(super::run::connect(&self.location).await?);
         }
         let r = self.tick_on().await;
         if r.is_err() {
@@ -617,11 +601,25 @@ mod tests {
         ))
     }
 
-    fn location(url: &std::path::Path) -> PgLocation {
-        match crate::manifest::Location::of(url).unwrap() {
-            crate::manifest::Location::Postgres(l) => l,
+    /// A new job with its tables (None without a test server), and where it is.
+    fn job(tag: &str) -> Option<(std::path::PathBuf, PgLocation)> {
+        let url = pg_job(tag)?;
+        drop(Manifest::open(&url, true).unwrap());
+        match crate::manifest::Location::of(&url).unwrap() {
+            crate::manifest::Location::Postgres(l) => Some((url, l)),
             other => panic!("not a PostgreSQL job: {other:?}"),
         }
+    }
+
+    /// Two processes' shares of a new job's `rps`, not ticked yet, and their loops.
+    async fn two(tag: &str, rps: f64) -> Option<(PgLocation, [Arc<Retrier>; 2], Share, Share)> {
+        let (_, l) = job(tag)?;
+        let (ra, rb) = (retrier(rps), retrier(rps));
+        let a = Share::join(&l, Some(rps), None, vec![ra.clone()]);
+        let a = a.await.unwrap();
+        let b = Share::join(&l, Some(rps), None, vec![rb.clone()]);
+        let b = b.await.unwrap();
+        Some((l, [ra, rb], a, b))
     }
 
     fn near(a: f64, b: f64) -> bool {
@@ -630,11 +628,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn two_processes_share_the_rate_and_back_off_together() {
-        let Some(url) = pg_job("limits") else {
+        let Some((_, l)) = job("limits") else {
             return;
         };
-        drop(Manifest::open(&url, true).unwrap());
-        let l = location(&url);
         let bw = |_| {
             Some(Arc::new(Bandwidth::new(Schedule::constant(
                 parse_rate("8M").unwrap(),
@@ -692,7 +688,7 @@ mod tests {
         a.stop().await;
         hammers.iter().for_each(|h| h.abort());
         // Both rows gone.
-        let c = Share::connect(&l).await.unwrap();
+        let c = super::super::run::connect(&l).await.unwrap();
         let n: i64 = c
             .query_one("SELECT count(*) FROM rate_shares", &[])
             .await
@@ -703,20 +699,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_process_not_renewed_stops_being_counted() {
-        let Some(url) = pg_job("limits-gone") else {
+        let Some((l, [ra, _], mut a, mut b)) = two("limits-gone", 60.0).await else {
             return;
         };
-        drop(Manifest::open(&url, true).unwrap());
-        let l = location(&url);
-        let (ra, rb) = (retrier(60.0), retrier(60.0));
-        let mut a = Share::join(&l, Some(60.0), None, vec![ra.clone()])
-            .await
-            .unwrap();
-        let mut b = Share::join(&l, Some(60.0), None, vec![rb]).await.unwrap();
         b.tick().await.unwrap();
         assert_eq!(a.tick().await.unwrap().live, 2);
         // b stops renewing (killed, or paused): its row ages on the database's clock.
-        let c = Share::connect(&l).await.unwrap();
+        let c = super::super::run::connect(&l).await.unwrap();
         c.execute(
             "UPDATE rate_shares SET seen_at = seen_at - $1 WHERE id = $2",
             &[&(LIVE_SECS + 1.0), &b.id],
@@ -755,18 +744,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn an_idle_process_leaves_its_share_to_the_busy_ones() {
-        let Some(url) = pg_job("limits-idle") else {
+        let Some((_, [ra, rb], mut a, mut b)) = two("limits-idle", 100.0).await else {
             return;
         };
-        drop(Manifest::open(&url, true).unwrap());
-        let l = location(&url);
-        let (ra, rb) = (retrier(100.0), retrier(100.0));
-        let mut a = Share::join(&l, Some(100.0), None, vec![ra.clone()])
-            .await
-            .unwrap();
-        let mut b = Share::join(&l, Some(100.0), None, vec![rb.clone()])
-            .await
-            .unwrap();
         a.tick().await.unwrap();
         b.tick().await.unwrap();
         assert!(near(rb.limiter.max_rps().unwrap(), 50.0));
@@ -798,10 +778,9 @@ mod tests {
         )
         .await;
         assert!(none.is_none());
-        let Some(url) = pg_job("limits-none") else {
+        let Some((url, _)) = job("limits-none") else {
             return;
         };
-        drop(Manifest::open(&url, true).unwrap());
         assert!(JobLimits::for_run(&url, None, None, vec![]).await.is_none());
         let r = retrier(1.0);
         let some = JobLimits::for_run(&url, Some(40.0), None, vec![r.clone()]).await;
