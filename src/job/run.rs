@@ -300,7 +300,7 @@ pub(super) async fn run_locked(
     // On a PostgreSQL job, --max-rps and --max-bandwidth hold for all its processes
     // together, with one AIMD on throttling (until dropped at the end of the run).
     let retriers = vec![sides.dest.retrier().clone()];
-    let _limits = JobLimits::for_run(&args.manifest, opts.max_rps, bandwidth, retriers).await;
+    let limits = JobLimits::for_run(&args.manifest, opts.max_rps, bandwidth, retriers).await;
     if let Some(m) = &metrics {
         m.attach(metrics::Live::of(&sides));
     }
@@ -371,6 +371,10 @@ pub(super) async fn run_locked(
     // The run is over: `status` shows no rate or ETA for it.
     copier.record_progress(None);
     copier.flush().await;
+    // This process's share of the job's limits goes back to the others.
+    if let Some(limits) = limits {
+        limits.stop().await;
+    }
     result.unwrap_or_else(|| {
         Ok(RunSummary {
             interrupted: true,

@@ -443,14 +443,14 @@ impl JobLimits {
         *self.seen.lock().expect("limits lock")
     }
 
-    /// Stops renewing and deletes this process's row, waiting for it.
-    #[allow(dead_code)] // a run drops its limits; tests wait for the row to go
+    /// Stops renewing and deletes this process's row, waiting for it (a few seconds at
+    /// most: a row left behind stops being counted after [`LIVE_SECS`] anyway).
     pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            let _ = task.await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
     }
 }
