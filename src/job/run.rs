@@ -18,6 +18,7 @@ use crate::cli::RunArgs;
 use crate::config::JobSettings;
 use crate::copier::{Copier, DestFacts, DestinationFacts, ListingState, RunOptions, RunSummary};
 use crate::lister::{ListStats, Lister};
+use crate::manifest::pg::limits::JobLimits;
 use crate::manifest::Manifest;
 use crate::metrics::{self, MetricsServer};
 use crate::s3::bandwidth::Bandwidth;
@@ -294,7 +295,12 @@ pub(super) async fn run_locked(
     }
     let opts = job.options()?;
     let (settings, dest_versioned) = (job.settings.clone(), job.dest_versioned());
+    let bandwidth = job.clients.1.main.bandwidth();
     let (copier, sides) = job.copier(&opts, bar.clone()).await?;
+    // On a PostgreSQL job, --max-rps and --max-bandwidth hold for all its processes
+    // together, with one AIMD on throttling (until dropped at the end of the run).
+    let retriers = vec![sides.dest.retrier().clone()];
+    let limits = JobLimits::for_run(&args.manifest, opts.max_rps, bandwidth, retriers).await;
     if let Some(m) = &metrics {
         m.attach(metrics::Live::of(&sides));
     }
@@ -365,6 +371,10 @@ pub(super) async fn run_locked(
     // The run is over: `status` shows no rate or ETA for it.
     copier.record_progress(None);
     copier.flush().await;
+    // This process's share of the job's limits goes back to the others.
+    if let Some(limits) = limits {
+        limits.stop().await;
+    }
     result.unwrap_or_else(|| {
         Ok(RunSummary {
             interrupted: true,

@@ -24,10 +24,13 @@
 //! really read or sent: a body that stalls holds back the bodies after it (no catch-up
 //! burst). A request that fails leaves its place: the line moves past its unread bytes at
 //! the rate (a short lull, no excess).
+//! A process may take only a share of the timetable's rates ([`Bandwidth::set_share`]: its
+//! part of a job-wide limit shared by several processes); the share may change at any time.
 //!
 //! May call: nothing else of the crate (tokio's clock, the C library's local time).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -354,6 +357,9 @@ struct Level {
 pub struct Bandwidth {
     schedule: Schedule,
     clock: Clock,
+    /// The fraction of the timetable's rates this process takes (an f64's bits; 1 unless
+    /// set).
+    share: AtomicU64,
     up: Mutex<Level>,
     down: Mutex<Level>,
 }
@@ -386,6 +392,7 @@ impl Bandwidth {
         Bandwidth {
             schedule,
             clock,
+            share: AtomicU64::new(1f64.to_bits()),
             up: level(),
             down: level(),
         }
@@ -394,6 +401,36 @@ impl Bandwidth {
     /// The timetable followed.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
+    }
+
+    /// Takes `share` of the timetable's rates from now on (clamped to 0.001..=1; 1 unless
+    /// set): this process's part of a limit shared with others. What was earned up to now
+    /// is paid at the share in force until now.
+    pub fn set_share(&self, share: f64) {
+        let share = if share.is_finite() {
+            share.clamp(0.001, 1.0)
+        } else {
+            1.0
+        };
+        let now = Instant::now();
+        let (mut up, mut down) = (
+            self.up.lock().expect("bandwidth lock"),
+            self.down.lock().expect("bandwidth lock"),
+        );
+        self.refill(&mut up, Direction::Up, now);
+        self.refill(&mut down, Direction::Down, now);
+        self.share.store(share.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The fraction of the timetable's rates taken (see [`Bandwidth::set_share`]).
+    pub fn share(&self) -> f64 {
+        f64::from_bits(self.share.load(Ordering::Relaxed))
+    }
+
+    /// Direction `d`'s rate in force at `tod`, at this process's share (None: not limited).
+    fn rate_of(&self, tod: u64, d: Direction) -> Option<u64> {
+        let rate = self.schedule.rate_at_ns(tod).of(d)?;
+        Some(((rate as f64 * self.share()).round() as u64).max(1))
     }
 
     /// Takes `bytes` of direction `d`: returns once the rate in force has paid them (at
@@ -458,7 +495,7 @@ impl Bandwidth {
     /// still wait (None: it may go).
     fn nap(&self, l: &mut Level, d: Direction, now: Instant, mine: u128) -> Option<Duration> {
         let tod_now = self.refill(l, d, now);
-        let rate = match self.schedule.rate_at_ns(tod_now).of(d) {
+        let rate = match self.rate_of(tod_now, d) {
             None => {
                 l.paid = l.paid.max(l.taken);
                 return None;
@@ -498,7 +535,7 @@ impl Bandwidth {
                 .schedule
                 .until_switch_ns(tod)
                 .map_or(span, |s| s.min(span));
-            match self.schedule.rate_at_ns(tod).of(d) {
+            match self.rate_of(tod, d) {
                 // Not limited: whatever was taken is paid.
                 None => l.paid = l.paid.max(l.taken),
                 Some(rate) => {

@@ -73,6 +73,11 @@ impl<C: S3Client> S3<C> {
         &self.retry.limiter
     }
 
+    /// The retry loop (and bound) this handle shares: a job-wide limit sets its pace.
+    pub fn retrier(&self) -> &Arc<Retrier> {
+        &self.retry
+    }
+
     /// Retries counted into the side's own counter so far.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)

@@ -5,7 +5,7 @@
 //! so attempts never multiply.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -58,14 +58,33 @@ impl RetryPolicy {
 
 /// Bounds the requests in flight for the whole job. The bound starts at `max`, halves on
 /// throttling (at most once per window), grows back by one per bound-many successes, and
-/// never leaves `1..=max`. An optional pacer caps requests per second.
+/// never leaves `1..=max`. An optional pacer caps requests per second; its rate may be set
+/// while the run goes on ([`Limiter::set_max_rps`]: a job's share of a job-wide rate).
 #[derive(Debug)]
 pub struct Limiter {
     state: Mutex<LimitState>,
     notify: Notify,
-    pacer: Option<Mutex<Instant>>,
-    interval: Duration,
+    /// Whether the pacer paces (read without its lock on the unpaced path).
+    paced: AtomicBool,
+    pacer: Mutex<Pacer>,
     throttles: AtomicU64,
+    started: AtomicU64,
+}
+
+/// The pacer: the next request's start (tokio's clock), one interval after the last one's.
+#[derive(Debug)]
+struct Pacer {
+    next: tokio::time::Instant,
+    /// Between two request starts; zero when not pacing.
+    interval: Duration,
+}
+
+/// The pacer's interval for `max_rps` requests per second (zero: no pacing).
+fn interval_of(max_rps: Option<f64>) -> Duration {
+    match max_rps {
+        Some(r) if r > 0.0 && r.is_finite() => Duration::from_secs_f64(1.0 / r),
+        _ => Duration::ZERO,
+    }
 }
 
 #[derive(Debug)]
@@ -96,13 +115,7 @@ impl Limiter {
     /// A limiter for at most `max` requests in flight and at most `max_rps` per second.
     pub fn new(max: usize, max_rps: Option<f64>) -> Limiter {
         let max = max.max(1);
-        let (pacer, interval) = match max_rps {
-            Some(r) if r > 0.0 => (
-                Some(Mutex::new(Instant::now())),
-                Duration::from_secs_f64(1.0 / r),
-            ),
-            _ => (None, Duration::ZERO),
-        };
+        let interval = interval_of(max_rps);
         Limiter {
             state: Mutex::new(LimitState {
                 in_flight: 0,
@@ -112,10 +125,37 @@ impl Limiter {
                 lowest: max as f64,
             }),
             notify: Notify::new(),
-            pacer,
-            interval,
+            paced: AtomicBool::new(!interval.is_zero()),
+            pacer: Mutex::new(Pacer {
+                next: tokio::time::Instant::now(),
+                interval,
+            }),
             throttles: AtomicU64::new(0),
+            started: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the pacer to `max_rps` requests per second from now on (zero, negative or not
+    /// finite: no pacing). The starts already handed out ahead of now are spread again at
+    /// the new rate, so the rate over the coming seconds is the new one, neither the old
+    /// one's backlog nor a burst. A limiter whose rate is never set keeps its own.
+    pub fn set_max_rps(&self, max_rps: f64) {
+        let interval = interval_of(Some(max_rps));
+        let mut p = self.pacer.lock().expect("pacer lock");
+        let now = tokio::time::Instant::now();
+        if p.next > now && !p.interval.is_zero() {
+            let ahead = (p.next - now).as_secs_f64();
+            let ratio = interval.as_secs_f64() / p.interval.as_secs_f64();
+            p.next = now + Duration::from_secs_f64(ahead * ratio);
+        }
+        p.interval = interval;
+        self.paced.store(!interval.is_zero(), Ordering::Relaxed);
+    }
+
+    /// The pacer's rate in requests per second (None: not pacing).
+    pub fn max_rps(&self) -> Option<f64> {
+        let p = self.pacer.lock().expect("pacer lock");
+        (!p.interval.is_zero()).then(|| 1.0 / p.interval.as_secs_f64())
     }
 
     /// Waits for a request slot (and for the pacer, if any).
@@ -133,16 +173,16 @@ impl Limiter {
             }
             notified.await;
         }
-        if let Some(p) = &self.pacer {
+        if self.paced.load(Ordering::Relaxed) {
             let at = {
-                let mut next = p.lock().expect("pacer lock");
-                let now = Instant::now();
-                let at = (*next).max(now);
-                *next = at + self.interval;
+                let mut p = self.pacer.lock().expect("pacer lock");
+                let at = p.next.max(tokio::time::Instant::now());
+                p.next = at + p.interval;
                 at
             };
-            tokio::time::sleep_until(at.into()).await;
+            tokio::time::sleep_until(at).await;
         }
+        self.started.fetch_add(1, Ordering::Relaxed);
         Permit { limiter: self }
     }
 
@@ -184,6 +224,11 @@ impl Limiter {
     /// How many throttling answers were seen.
     pub fn throttles(&self) -> u64 {
         self.throttles.load(Ordering::Relaxed)
+    }
+
+    /// How many requests were let go so far (slots handed out, after the pacer).
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 }
 
@@ -388,6 +433,75 @@ mod tests {
         assert_eq!(retries.load(Ordering::Relaxed), 0);
         assert_eq!(outcomes.failures(), vec![("CopyObject", "fatal", 1)]);
         assert_eq!(outcomes.retries(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_set_while_running_paces_at_the_new_rate() {
+        let l = Limiter::new(4, Some(10.0));
+        assert_eq!(l.max_rps(), Some(10.0));
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            drop(l.acquire().await);
+        }
+        // Ten starts at 10 a second (simulated clock): the tenth at 0.9 s.
+        let first = start.elapsed().as_secs_f64();
+        assert!((first - 0.9).abs() < 0.01, "{first}");
+        l.set_max_rps(100.0);
+        assert_eq!(l.max_rps(), Some(100.0));
+        for _ in 0..100 {
+            drop(l.acquire().await);
+        }
+        // A hundred more at 100 a second: about one second more.
+        let second = start.elapsed().as_secs_f64() - first;
+        assert!((second - 1.0).abs() < 0.02, "{second}");
+        assert_eq!(l.started(), 110);
+        // Off: no wait at all.
+        l.set_max_rps(0.0);
+        assert_eq!(l.max_rps(), None);
+        let at = tokio::time::Instant::now();
+        for _ in 0..1000 {
+            drop(l.acquire().await);
+        }
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        // And a limiter made without a rate can be given one.
+        let l = Limiter::new(4, None);
+        l.set_max_rps(20.0);
+        let at = tokio::time::Instant::now();
+        for _ in 0..21 {
+            drop(l.acquire().await);
+        }
+        let took = at.elapsed().as_secs_f64();
+        assert!((took - 1.0).abs() < 0.01, "{took}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starts_handed_out_ahead_are_spread_again_at_the_new_rate() {
+        let l = std::sync::Arc::new(Limiter::new(1000, Some(10.0)));
+        let done = std::sync::Arc::new(AtomicU64::new(0));
+        let go = |n: usize| {
+            for _ in 0..n {
+                let (l, done) = (l.clone(), done.clone());
+                tokio::spawn(async move {
+                    drop(l.acquire().await);
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        };
+        let start = tokio::time::Instant::now();
+        // Twenty requests take their starts at 10 a second (until 1.9 s) ...
+        go(20);
+        tokio::task::yield_now().await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        // ... then the rate goes to 100 a second, and two hundred more come.
+        l.set_max_rps(100.0);
+        go(200);
+        tokio::time::sleep_until(start + Duration::from_millis(1950)).await;
+        // Over the two seconds, the new rate: about 200 (not 20: the old backlog first;
+        // not 216: the new rate on top of the old starts).
+        let n = done.load(Ordering::SeqCst);
+        assert!((186..=206).contains(&n), "{n}");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!
 //! May call: `manifest::codec`, the types of `manifest`, `crate::config::JobSettings`.
 
+pub(crate) mod limits;
 mod plan;
 mod read;
 pub(crate) mod run;

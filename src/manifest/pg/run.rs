@@ -145,7 +145,7 @@ fn transient(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-async fn connect(l: &PgLocation) -> Result<Client, String> {
+pub(super) async fn connect(l: &PgLocation) -> Result<Client, String> {
     let (client, conn) = tokio_postgres::connect(&l.url, NoTls)
         .await
         .map_err(|e| pg(&l.shown, e))?;

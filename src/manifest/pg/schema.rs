@@ -211,6 +211,30 @@ INSERT INTO refreshes (generation, started_at, tasks) VALUES (0, NULL, 0);
 INSERT INTO totals (id) VALUES (1);
 INSERT INTO counter_shards (state, shard)
     SELECT s, h FROM generate_series(0, 4) s, generate_series(0, {SHARDS} - 1) h;
+-- limits: job-wide --max-rps and --max-bandwidth (`pg::limits`). One row per process that
+-- takes a share, renewed every second (`seen_at`: the database's clock, in seconds; a row
+-- not renewed for a few seconds is not counted); `throttled`: the throttling answers it saw
+-- so far; `rps`: the pace it last set itself; `want`: the requests per second it wants
+-- (Infinity: as many as it gets). `rate_state`: the job's factor of --max-rps
+-- (AIMD on throttling: halved at most once per cut period, grown back slowly), when it was
+-- last cut and grown, and a revision for compare-and-set.
+CREATE TABLE rate_shares (
+    id BIGSERIAL PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    seen_at DOUBLE PRECISION NOT NULL,
+    throttled BIGINT NOT NULL DEFAULT 0,
+    rps DOUBLE PRECISION,
+    want DOUBLE PRECISION NOT NULL DEFAULT 'Infinity'
+);
+CREATE TABLE rate_state (
+    id INT PRIMARY KEY CHECK (id = 1),
+    factor DOUBLE PRECISION NOT NULL,
+    cut_at DOUBLE PRECISION NOT NULL,
+    grown_at DOUBLE PRECISION NOT NULL,
+    rev BIGINT NOT NULL
+);
+INSERT INTO rate_state (id, factor, cut_at, grown_at, rev) VALUES (1, 1, 0, 0, 0);
 "#;
 
 /// Shards of the counters and request totals (see the tables).

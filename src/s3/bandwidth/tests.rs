@@ -348,3 +348,37 @@ async fn a_dropped_place_lets_the_line_move_past_it() {
     assert!(near(turn, Duration::from_secs(2)), "turn at {turn:?}");
     assert!(near(done, Duration::from_secs(3)), "read by {done:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_share_takes_its_part_of_the_rate_from_when_it_is_set() {
+    let bw = Bandwidth::starting_at(Schedule::constant(parse_rate("1M").unwrap()), 0);
+    assert_eq!(bw.share(), 1.0);
+    // The whole rate: 1 MiB in a second.
+    let whole = bw.take(Direction::Up, MIB).await;
+    assert!(near(whole, Duration::from_secs(1)), "{whole:?}");
+    // A quarter of it: 1 MiB in four seconds, each way.
+    bw.set_share(0.25);
+    let quarter = bw.take(Direction::Up, MIB).await;
+    assert!(near(quarter, Duration::from_secs(4)), "{quarter:?}");
+    // (The idle down bucket lends a tenth of a second, at the share.)
+    let down = bw.take(Direction::Down, MIB).await;
+    assert!(near(down, Duration::from_millis(3900)), "{down:?}");
+    // Set back while a body waits: what is left goes at the new share, read at the end of
+    // the body's current nap (a second at most).
+    let bw = Arc::new(bw);
+    let waiting = tokio::spawn({
+        let bw = bw.clone();
+        async move { bw.take(Direction::Up, MIB).await }
+    });
+    sleep(Duration::from_millis(2500)).await;
+    // 640 KiB paid at a quarter in 2.5 s; the rest at the whole rate is paid by 2.875 s,
+    // read when the nap that started at 2 s ends (at a quarter: 3 s more).
+    bw.set_share(1.0);
+    let waited = waiting.await.unwrap();
+    assert!(near(waited, Duration::from_secs(3)), "{waited:?}");
+    // Out of range: clamped.
+    bw.set_share(7.0);
+    assert_eq!(bw.share(), 1.0);
+    bw.set_share(0.0);
+    assert_eq!(bw.share(), 0.001);
+}
