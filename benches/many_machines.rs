@@ -303,6 +303,7 @@ impl Cluster {
     /// Loads `pg_stat_statements` (restarts the cluster once).
     fn track_statements(&self) -> Result<(), String> {
         self.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")?;
+        self.psql("ALTER SYSTEM SET track_functions = 'pl'")?;
         let o = Command::new("bash")
             .arg(pg_script())
             .arg("restart")
@@ -317,6 +318,9 @@ impl Cluster {
             ));
         }
         self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")?;
+        // Known only once the library is loaded.
+        self.psql("ALTER SYSTEM SET pg_stat_statements.track_planning = on")?;
+        self.psql("SELECT pg_reload_conf()")?;
         Ok(())
     }
 
@@ -324,9 +328,18 @@ impl Cluster {
     fn top_statements(&self) -> Result<String, String> {
         self.psql(
             "SELECT calls, round(total_exec_time::numeric, 1) AS total_ms, \
+             round(total_plan_time::numeric, 1) AS plan_ms, \
              round(mean_exec_time::numeric, 3) AS mean_ms, rows, \
              left(regexp_replace(query, '\\s+', ' ', 'g'), 150) \
              FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 10",
+        )
+    }
+
+    /// The plpgsql functions' time since the last reset (the counters trigger).
+    fn function_times(&self) -> Result<String, String> {
+        self.psql(
+            "SELECT schemaname || '.' || funcname, calls, round(total_time::numeric, 1), \
+             round(self_time::numeric, 1) FROM pg_stat_user_functions ORDER BY total_time DESC",
         )
     }
 
@@ -466,13 +479,23 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
         if statements && pg {
             match cluster.top_statements() {
                 Ok(t) => {
-                    println!("  statements by database time during run (calls | total ms | mean ms | rows | query):");
+                    println!("  statements by database time during run (calls | exec ms | plan ms | mean exec ms | rows | query):");
                     for l in t.lines().filter(|l| !l.trim().is_empty()) {
                         println!("    {l}");
                     }
                     println!();
                 }
                 Err(e) => println!("  pg_stat_statements: {e}\n"),
+            }
+            match cluster.function_times() {
+                Ok(t) => {
+                    println!("  functions during run (name | calls | total ms | self ms):");
+                    for l in t.lines().filter(|l| !l.trim().is_empty()) {
+                        println!("    {l}");
+                    }
+                    println!();
+                }
+                Err(e) => println!("  pg_stat_user_functions: {e}\n"),
             }
         }
     }
@@ -535,7 +558,7 @@ fn config(
         return Err(format!("plan failed:\n    {}", tail(&plan_log)));
     }
     if let (true, Some(c)) = (statements, cluster) {
-        c.psql("SELECT pg_stat_statements_reset()")?;
+        c.psql("SELECT pg_stat_statements_reset(), pg_stat_reset()")?;
     }
     let c = concurrency.to_string();
     let runs: Vec<(Vec<String>, PathBuf)> = (0..workers)
