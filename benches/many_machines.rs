@@ -3,9 +3,9 @@
 //! `tests/support/mem_s3.rs` (it answers at once from memory, so the figures are the engine's
 //! and the database's own cost).
 //!
-//! The source bucket is seeded once without HTTP (the corpus of `benches/engine.rs`: 40-byte
-//! keys, 1-3 versions per key, a delete marker on top of every tenth key; `MANY_BENCH_TASKS`
-//! entries, default 20,000). Each configuration copies the same source into a fresh
+//! The source bucket is seeded once without HTTP (`benches/support/corpus.rs`, the corpus of
+//! `benches/engine.rs`: 40-byte keys, 1-3 versions per key, a delete marker on top of every
+//! tenth key; `MANY_BENCH_TASKS` entries, default 20,000). Each configuration copies the same source into a fresh
 //! destination bucket: `plan --delete-markers` into its own manifest (a SQLite file, or a
 //! PostgreSQL job `postgres://...?job=NAME` of one throwaway cluster), timed apart, then its
 //! `run` processes (`--concurrency 64` each, `MANY_BENCH_CONCURRENCY` to change: every
@@ -28,6 +28,8 @@
 //!
 //! Run with `cargo bench --bench many_machines`.
 
+#[path = "support/corpus.rs"]
+mod corpus;
 #[path = "../tests/support/mem_s3.rs"]
 mod mem_s3;
 
@@ -36,11 +38,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use mem_s3::{MemS3, Seed};
+use corpus::{own_cpu, tv};
+use mem_s3::MemS3;
 
 const SOURCE: &str = "bench-src";
-const KEY_LEN: usize = 40;
 /// The worker counts benched on PostgreSQL.
 const WORKERS: [usize; 3] = [1, 2, 4];
 
@@ -73,15 +74,7 @@ fn load() -> String {
 }
 
 fn print_machine(n: usize, concurrency: usize) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = corpus::cpu_model();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "many_machines bench: {cores} cores ({cpu}); load average {} at start; binary {}",
@@ -95,56 +88,6 @@ fn print_machine(n: usize, concurrency: usize) {
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_s3-backfill"))
-}
-
-/// A 40-byte key for key number `i` (as `benches/engine.rs`).
-fn key(i: usize) -> String {
-    let k = format!("data/{:08x}/{i:026}", splitmix(i as u64) as u32);
-    debug_assert_eq!(k.len(), KEY_LEN);
-    k
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// Seeds exactly `n` entries: 1-3 versions per key, a delete marker on top of every tenth.
-/// Returns the number of keys.
-fn seed(mem: &MemS3, n: usize) -> usize {
-    let (mut left, mut keys) = (n, 0usize);
-    while left > 0 {
-        let i = keys;
-        let versions = 1 + (splitmix(i as u64 ^ 0xABCD) % 3) as usize;
-        let mut history: Vec<Seed> = (0..versions)
-            .map(|v| Seed::Put(Bytes::from(format!("v{v} of {i}"))))
-            .collect();
-        if i % 10 == 9 {
-            history.push(Seed::DeleteMarker);
-        }
-        history.truncate(left);
-        left -= history.len();
-        mem.seed(SOURCE, &key(i), history);
-        keys += 1;
-    }
-    keys
-}
-
-/// CPU time used so far by this process: the in-process S3 server (and the bench's polling).
-fn own_cpu() -> Duration {
-    // SAFETY: plain FFI call filling a zeroed struct on the stack.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if r != 0 {
-        return Duration::ZERO;
-    }
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-fn tv(t: libc::timeval) -> Duration {
-    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
 }
 
 /// A group of child processes started together: wall time until the last exited, their CPU
@@ -164,12 +107,7 @@ impl Measured {
 fn command(args: &[String], log: &Path) -> std::io::Result<Command> {
     let out = File::create(log)?;
     let mut cmd = Command::new(binary());
-    cmd.args(args)
-        .env("AWS_ACCESS_KEY_ID", "bench")
-        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
+    corpus::bench_env(cmd.args(args))
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
@@ -242,24 +180,13 @@ fn pg_script() -> PathBuf {
 impl Cluster {
     fn start() -> Result<Cluster, String> {
         let dir = std::env::temp_dir().join(format!("s3b-many-bench-{}", std::process::id()));
-        let o = Command::new("bash")
-            .arg(pg_script())
-            .arg("start")
-            .arg(&dir)
-            .arg("--owner")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run scripts/pg.sh: {e}"))?;
-        let out = String::from_utf8_lossy(&o.stdout);
+        let mut start = Command::new("bash");
+        start.arg(pg_script()).arg("start").arg(&dir);
+        start.arg("--owner").arg(std::process::id().to_string());
+        let out = stdout_of(&mut start, "scripts/pg.sh start")?;
         let dsn = out.lines().last().unwrap_or_default().trim().to_string();
-        if !o.status.success() || !dsn.starts_with("postgres") {
-            return Err(format!(
-                "scripts/pg.sh start failed ({}): {}{}",
-                o.status,
-                out,
-                String::from_utf8_lossy(&o.stderr)
-            ));
+        if !dsn.starts_with("postgres") {
+            return Err(format!("scripts/pg.sh start printed no DSN: {out:?}"));
         }
         // SAFETY: plain FFI call.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -274,49 +201,30 @@ impl Cluster {
         } else {
             Path::new("psql")
         };
-        let o = Command::new(psql)
-            .args([
-                "-X",
-                "-A",
-                "-F",
-                " | ",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                &self.dsn,
-                "-c",
-                sql,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run psql: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "psql: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        let mut o = Command::new(psql);
+        o.args([
+            "-X",
+            "-A",
+            "-F",
+            " | ",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &self.dsn,
+            "-c",
+            sql,
+        ]);
+        stdout_of(&mut o, "psql")
     }
 
     /// Loads `pg_stat_statements` (restarts the cluster once).
     fn track_statements(&self) -> Result<(), String> {
         self.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")?;
         self.psql("ALTER SYSTEM SET track_functions = 'pl'")?;
-        let o = Command::new("bash")
-            .arg(pg_script())
-            .arg("restart")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run scripts/pg.sh: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "pg.sh restart: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
+        let mut restart = Command::new("bash");
+        restart.arg(pg_script()).arg("restart").arg(&self.dir);
+        stdout_of(&mut restart, "scripts/pg.sh restart")?;
         self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")?;
         // Known only once the library is loaded.
         self.psql("ALTER SYSTEM SET pg_stat_statements.track_planning = on")?;
@@ -393,6 +301,22 @@ impl Cluster {
     }
 }
 
+/// Runs `cmd` (no input) and returns its stdout; an error with its stderr when it fails.
+fn stdout_of(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
 /// The fields of `/proc/PID/stat` this bench reads.
 struct Stat {
     ppid: i32,
@@ -440,9 +364,11 @@ enum Backend<'a> {
 fn bench(n: usize, concurrency: usize) -> Result<(), String> {
     let mem = MemS3::start().map_err(|e| format!("cannot start mem-s3: {e}"))?;
     let t = Instant::now();
-    let keys = seed(&mem, n);
+    let seeded = corpus::seed(&mem, SOURCE, n);
     println!(
-        "seeded {n} entries ({keys} keys) in {:.2} s",
+        "seeded {n} entries ({} keys, {} delete markers) in {:.2} s",
+        seeded.keys,
+        seeded.markers,
         t.elapsed().as_secs_f64()
     );
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -477,26 +403,14 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
             }
         }
         if statements && pg {
-            match cluster.top_statements() {
-                Ok(t) => {
-                    println!("  statements by database time during run (calls | exec ms | plan ms | mean exec ms | rows | query):");
-                    for l in t.lines().filter(|l| !l.trim().is_empty()) {
-                        println!("    {l}");
-                    }
-                    println!();
-                }
-                Err(e) => println!("  pg_stat_statements: {e}\n"),
-            }
-            match cluster.function_times() {
-                Ok(t) => {
-                    println!("  functions during run (name | calls | total ms | self ms):");
-                    for l in t.lines().filter(|l| !l.trim().is_empty()) {
-                        println!("    {l}");
-                    }
-                    println!();
-                }
-                Err(e) => println!("  pg_stat_user_functions: {e}\n"),
-            }
+            print_rows(
+                "statements by database time during run (calls | exec ms | plan ms | mean exec ms | rows | query)",
+                cluster.top_statements(),
+            );
+            print_rows(
+                "functions during run (name | calls | total ms | self ms)",
+                cluster.function_times(),
+            );
         }
     }
     cluster.stop();
@@ -506,6 +420,20 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Prints `psql`'s rows under `title` (or why there are none).
+fn print_rows(title: &str, rows: Result<String, String>) {
+    match rows {
+        Ok(t) => {
+            println!("  {title}:");
+            for l in t.lines().filter(|l| !l.trim().is_empty()) {
+                println!("    {l}");
+            }
+        }
+        Err(e) => println!("  {title}: {e}"),
+    }
+    println!();
 }
 
 /// Plans and runs one configuration into a fresh destination bucket; prints its block.
