@@ -18,6 +18,8 @@
 //!
 //! Run with `cargo bench --bench engine`.
 
+#[path = "support/corpus.rs"]
+mod corpus;
 #[path = "../tests/support/mem_s3.rs"]
 mod mem_s3;
 #[path = "support/peak_rss.rs"]
@@ -29,12 +31,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use mem_s3::{MemS3, Op, Seed};
+use corpus::{key, own_cpu, tv, Seeded};
+use mem_s3::{MemS3, Op};
 
 const SOURCE: &str = "bench-src";
 const DEST: &str = "bench-dst";
-const KEY_LEN: usize = 40;
 
 fn main() {
     if let Ok(spec) = std::env::var(FLOOR_ENV) {
@@ -89,15 +90,7 @@ const MODES: [Mode; 2] = [
 ];
 
 fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = corpus::cpu_model();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "engine bench: {cores} cores ({cpu}); binary {}",
@@ -110,48 +103,9 @@ fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_s3-backfill"))
 }
 
-/// A 40-byte key for key number `i`.
-fn key(i: usize) -> String {
-    let k = format!("data/{:08x}/{i:026}", splitmix(i as u64) as u32);
-    debug_assert_eq!(k.len(), KEY_LEN);
-    k
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// What seeding put in the source.
-struct Seeded {
-    keys: usize,
-    markers: usize,
-}
-
-/// Seeds exactly `n` entries: 1-3 versions per key, a delete marker on top of every tenth.
+/// Seeds exactly `n` entries into the source (see [`corpus::seed`]).
 fn seed(mem: &MemS3, n: usize) -> Seeded {
-    let (mut left, mut keys, mut markers) = (n, 0usize, 0usize);
-    while left > 0 {
-        let i = keys;
-        let versions = 1 + (splitmix(i as u64 ^ 0xABCD) % 3) as usize;
-        let mut history: Vec<Seed> = (0..versions)
-            .map(|v| Seed::Put(Bytes::from(format!("v{v} of {i}"))))
-            .collect();
-        if i % 10 == 9 {
-            history.push(Seed::DeleteMarker);
-        }
-        history.truncate(left);
-        markers += history
-            .iter()
-            .filter(|s| matches!(s, Seed::DeleteMarker))
-            .count();
-        left -= history.len();
-        mem.seed(SOURCE, &key(i), history);
-        keys += 1;
-    }
-    Seeded { keys, markers }
+    corpus::seed(mem, SOURCE, n)
 }
 
 /// One child process's cost.
@@ -160,21 +114,6 @@ struct Measured {
     cpu: Duration,
     max_rss_kib: i64,
     code: Option<i32>,
-}
-
-/// CPU time used so far by this process (the in-process server and the bench).
-fn own_cpu() -> Duration {
-    // SAFETY: plain FFI call filling a zeroed struct on the stack.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if r != 0 {
-        return Duration::ZERO;
-    }
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-fn tv(t: libc::timeval) -> Duration {
-    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
 }
 
 /// Runs the binary with `args`, output to `log`, and measures it: CPU from `wait4`, peak RSS
@@ -189,12 +128,7 @@ fn measured(args: &[&str], log: &Path) -> std::io::Result<Measured> {
 fn measured_cmd(cmd: &mut Command, log: &Path) -> std::io::Result<Measured> {
     let out = File::create(log)?;
     let start = Instant::now();
-    let child = cmd
-        .env("AWS_ACCESS_KEY_ID", "bench")
-        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
+    let child = corpus::bench_env(cmd)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
