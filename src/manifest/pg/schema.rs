@@ -180,32 +180,51 @@ CREATE TABLE workers (
     tasks_per_sec DOUBLE PRECISION NOT NULL DEFAULT 0,
     bytes_per_sec DOUBLE PRECISION NOT NULL DEFAULT 0
 );
--- Counters kept as tasks change (inserted tasks are counted by the code that inserts).
-CREATE FUNCTION count_task() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Counters kept as tasks change (inserted tasks are counted by the code that inserts): one
+-- update of the writer's shard per statement (the rows it changed, summed by state), not one
+-- per row.
+CREATE FUNCTION counted(r task) RETURNS bigint[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY[1, r.size, r.flags & 1, r.attempts,
+        CASE WHEN r.flags & 24 = 24 THEN 1 ELSE 0 END,
+        CASE WHEN r.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END,
+        CASE WHEN r.dest_version_id IS NULL THEN 1 ELSE 0 END]
+$$;
+CREATE FUNCTION tasks_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE counter_shards SET tasks = tasks - 1, bytes = bytes - OLD.size,
-            delete_markers = delete_markers - (OLD.flags & 1),
-            attempts = attempts - OLD.attempts,
-            etag_preserved = etag_preserved - (CASE WHEN OLD.flags & 24 = 24 THEN 1 ELSE 0 END),
-            archived = archived - (CASE WHEN OLD.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END),
-            no_dest_version = no_dest_version - (CASE WHEN OLD.dest_version_id IS NULL THEN 1 ELSE 0 END)
-        WHERE state = OLD.state AND shard = pg_backend_pid() % {SHARDS};
-    END IF;
-    IF TG_OP = 'UPDATE' THEN
-        UPDATE counter_shards SET tasks = tasks + 1, bytes = bytes + NEW.size,
-            delete_markers = delete_markers + (NEW.flags & 1),
-            attempts = attempts + NEW.attempts,
-            etag_preserved = etag_preserved + (CASE WHEN NEW.flags & 24 = 24 THEN 1 ELSE 0 END),
-            archived = archived + (CASE WHEN NEW.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END),
-            no_dest_version = no_dest_version + (CASE WHEN NEW.dest_version_id IS NULL THEN 1 ELSE 0 END)
-        WHERE state = NEW.state AND shard = pg_backend_pid() % {SHARDS};
-    END IF;
+    UPDATE counter_shards c SET tasks = c.tasks + d.v[1], bytes = c.bytes + d.v[2],
+        delete_markers = c.delete_markers + d.v[3], attempts = c.attempts + d.v[4],
+        etag_preserved = c.etag_preserved + d.v[5], archived = c.archived + d.v[6],
+        no_dest_version = c.no_dest_version + d.v[7]
+    FROM (
+        SELECT state, ARRAY[sum(v[1]), sum(v[2]), sum(v[3]), sum(v[4]), sum(v[5]), sum(v[6]),
+            sum(v[7])]::bigint[] AS v
+        FROM (SELECT n.state, counted(n) AS v FROM new_rows n
+              UNION ALL
+              SELECT o.state, (SELECT array_agg(-x) FROM unnest(counted(o)) AS x) FROM old_rows o) x
+        GROUP BY state
+    ) d
+    WHERE c.state = d.state AND c.shard = pg_backend_pid() % {SHARDS};
     RETURN NULL;
 END $$;
-CREATE TRIGGER task_changed AFTER UPDATE OF state, attempts, size, flags, error_class,
-    dest_version_id ON task FOR EACH ROW EXECUTE FUNCTION count_task();
-CREATE TRIGGER task_removed AFTER DELETE ON task FOR EACH ROW EXECUTE FUNCTION count_task();
+CREATE FUNCTION tasks_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE counter_shards c SET tasks = c.tasks - d.v[1], bytes = c.bytes - d.v[2],
+        delete_markers = c.delete_markers - d.v[3], attempts = c.attempts - d.v[4],
+        etag_preserved = c.etag_preserved - d.v[5], archived = c.archived - d.v[6],
+        no_dest_version = c.no_dest_version - d.v[7]
+    FROM (
+        SELECT state, ARRAY[sum(v[1]), sum(v[2]), sum(v[3]), sum(v[4]), sum(v[5]), sum(v[6]),
+            sum(v[7])]::bigint[] AS v
+        FROM (SELECT o.state, counted(o) AS v FROM old_rows o) x GROUP BY state
+    ) d
+    WHERE c.state = d.state AND c.shard = pg_backend_pid() % {SHARDS};
+    RETURN NULL;
+END $$;
+CREATE TRIGGER task_changed AFTER UPDATE ON task
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION tasks_changed();
+CREATE TRIGGER task_removed AFTER DELETE ON task REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION tasks_removed();
 INSERT INTO partitions (id) VALUES (0);
 INSERT INTO refreshes (generation, started_at, tasks) VALUES (0, NULL, 0);
 INSERT INTO totals (id) VALUES (1);
