@@ -57,7 +57,7 @@ pub fn lease_secs() -> i64 {
 /// Queues a statement of a group: `op!(ops, SQL, params...)`.
 macro_rules! op {
     ($ops:expr, $sql:expr, $($p:expr),* $(,)?) => {
-        $ops.0.push(($sql, vec![$(Box::new($p) as Box<dyn ToSql + Sync + Send>),*]))
+        $ops.push(($sql, vec![$(Box::new($p) as Box<dyn ToSql + Sync + Send>),*]))
     };
 }
 
@@ -89,6 +89,8 @@ type Held = Arc<Mutex<BTreeMap<i64, i64>>>;
 /// The writer: its connection, and what it holds (see the module header).
 struct Run {
     client: Client,
+    /// The connection's prepared statements (made again with a new connection).
+    prepared: Prepared,
     work: Work,
     heartbeat: Heartbeat,
 }
@@ -191,6 +193,7 @@ impl Run {
         let heartbeat = Heartbeat::start(location.clone(), worker, lease, held.clone());
         Ok(Run {
             client,
+            prepared: Prepared::new(),
             work: Work {
                 location,
                 worker,
@@ -225,6 +228,7 @@ impl Run {
                         std::thread::sleep(Duration::from_millis(500));
                         if let Ok(c) = rt.block_on(connect(&self.work.location)) {
                             self.client = c;
+                            self.prepared.clear();
                         }
                     }
                     Err(Failure::Db(e)) if transient(&e) => {
@@ -337,7 +341,7 @@ impl Run {
                     claim_at,
                     ..
                 } => {
-                    ops.run(&tx).await?;
+                    ops.run(&tx, &mut self.prepared).await?;
                     let groups = work.next_keys(&tx, *after, *limit).await?;
                     let groups = match claim_at {
                         Some(at) => work.claim_first(groups, *at, mode, &mut ops),
@@ -355,7 +359,7 @@ impl Run {
                 done
             );
         }
-        ops.run(&tx).await?;
+        ops.run(&tx, &mut self.prepared).await?;
         work.finish_units(&tx).await?;
         tx.commit().await?;
         Ok(reads)
@@ -684,24 +688,109 @@ async fn fence(tx: &Transaction<'_>, held: &[(i64, i64)]) -> Result<(), Failure>
 /// A statement and its parameters, run pipelined with the others of the group.
 type Op = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
 
-/// The statements of a group, in order.
+/// The statements of a group, in order. Attempts started and tasks done, the bulk of a
+/// group, are gathered into one statement each (arrays), written where the next other
+/// statement comes or at the end: a task's start is always applied before its result.
 #[derive(Default)]
-struct Ops(Vec<Op>);
+struct Ops {
+    ordered: Vec<Op>,
+    started: Vec<i64>,
+    started_at: Vec<i64>,
+    started_flags: Option<i64>,
+    done: Vec<i64>,
+    done_version: Vec<Option<String>>,
+    done_method: Vec<i16>,
+    done_flags: Vec<i64>,
+    /// Done tasks whose upload (if any) is closed.
+    closed: Vec<i64>,
+}
+
+/// Prepared statements of a connection, by their text.
+type Prepared = HashMap<&'static str, tokio_postgres::Statement>;
 
 fn code(s: State) -> i16 {
     s.code() as i16
 }
 
 impl Ops {
-    /// Runs the statements queued so far, pipelined, in order.
-    async fn run(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        let ops = std::mem::take(&mut self.0);
+    /// Queues a statement after the gathered ones.
+    fn push(&mut self, op: Op) {
+        self.gathered();
+        self.ordered.push(op);
+    }
+
+    /// Turns what was gathered into statements.
+    fn gathered(&mut self) {
+        if !self.started.is_empty() {
+            let modes = ATTEMPT_MODE | ATTEMPT_UNSTAMPED;
+            let (ids, at) = (
+                std::mem::take(&mut self.started),
+                std::mem::take(&mut self.started_at),
+            );
+            self.ordered.push((
+                "UPDATE task t SET state = 1, attempts = t.attempts + 1, started_at = u.at,
+                 flags = CASE WHEN $3::bigint IS NULL THEN t.flags ELSE (t.flags & $4) | $3 END
+                 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, at) WHERE t.id = u.id",
+                vec![
+                    Box::new(ids),
+                    Box::new(at),
+                    Box::new(self.started_flags),
+                    Box::new(!modes),
+                ],
+            ));
+        }
+        if !self.done.is_empty() {
+            let ids = std::mem::take(&mut self.done);
+            self.ordered.push((
+                "UPDATE task t SET state = 2, dest_version_id = u.v, method = u.m,
+                 flags = (t.flags & $5) | u.f, error_class = NULL
+                 FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[])
+                    AS u(id, v, m, f)
+                 WHERE t.id = u.id",
+                vec![
+                    Box::new(ids.clone()),
+                    Box::new(std::mem::take(&mut self.done_version)),
+                    Box::new(std::mem::take(&mut self.done_method)),
+                    Box::new(std::mem::take(&mut self.done_flags)),
+                    Box::new(!(ETAG_CHECKED | ETAG_PRESERVED | VERSION_TO_LEARN)),
+                ],
+            ));
+            self.ordered.push((
+                "DELETE FROM errors WHERE task = ANY($1)",
+                vec![Box::new(ids)],
+            ));
+        }
+        if !self.closed.is_empty() {
+            self.ordered.push((
+                "UPDATE uploads SET upload_id = NULL
+                 WHERE task = ANY($1) AND upload_id IS NOT NULL",
+                vec![Box::new(std::mem::take(&mut self.closed))],
+            ));
+        }
+    }
+
+    /// Runs the statements queued so far, pipelined, in order (each prepared once per
+    /// connection).
+    async fn run(
+        &mut self,
+        tx: &Transaction<'_>,
+        prepared: &mut Prepared,
+    ) -> Result<(), tokio_postgres::Error> {
+        self.gathered();
+        let ops = std::mem::take(&mut self.ordered);
+        for (sql, _) in &ops {
+            if !prepared.contains_key(sql) {
+                let stmt = tx.prepare(sql).await?;
+                prepared.insert(sql, stmt);
+            }
+        }
         let futures = ops.iter().map(|(sql, params)| {
             let p: Vec<&(dyn ToSql + Sync)> = params
                 .iter()
                 .map(|b| b.as_ref() as &(dyn ToSql + Sync))
                 .collect();
-            async move { tx.execute(*sql, &p).await }
+            let stmt = &prepared[sql];
+            async move { tx.execute(stmt, &p).await }
         });
         futures::future::try_join_all(futures).await.map(drop)
     }
@@ -709,17 +798,11 @@ impl Ops {
     fn update(&mut self, u: &Update, mode: Option<bool>) {
         let modes = ATTEMPT_MODE | ATTEMPT_UNSTAMPED;
         match u {
-            Update::Started { id, at } => op!(
-                self,
-                "UPDATE task SET state = $2, attempts = attempts + 1, started_at = $3,
-                 flags = CASE WHEN $4::bigint IS NULL THEN flags ELSE (flags & $5) | $4 END
-                 WHERE id = $1",
-                *id,
-                code(State::InProgress),
-                *at,
-                attempt_flags(mode),
-                !modes
-            ),
+            Update::Started { id, at } => {
+                self.started.push(*id);
+                self.started_at.push(*at);
+                self.started_flags = attempt_flags(mode);
+            }
             Update::Released {
                 id,
                 state,
@@ -887,20 +970,13 @@ impl Ops {
     }
 
     fn done(&mut self, id: i64, c: &Copied, to_learn: bool) {
-        op!(
-            self,
-            "UPDATE task SET state = $2, dest_version_id = $3, method = $4,
-             flags = (flags & $5) | $6, error_class = NULL WHERE id = $1",
-            id,
-            code(State::Done),
-            c.dest_version_id.clone(),
-            c.method.code() as i16,
-            !(ETAG_CHECKED | ETAG_PRESERVED | VERSION_TO_LEARN),
-            etag_flags(c.etag_preserved) | if to_learn { VERSION_TO_LEARN } else { 0 }
-        );
-        op!(self, "DELETE FROM errors WHERE task = $1", id);
+        self.done.push(id);
+        self.done_version.push(c.dest_version_id.clone());
+        self.done_method.push(c.method.code() as i16);
+        self.done_flags
+            .push(etag_flags(c.etag_preserved) | if to_learn { VERSION_TO_LEARN } else { 0 });
         if c.part_size.is_none() && c.parts.is_none() {
-            self.close_upload(id);
+            self.closed.push(id);
         } else {
             self.upload(id, None, c.part_size, c.parts);
         }
