@@ -134,7 +134,10 @@ fn pg(shown: &str, e: tokio_postgres::Error) -> String {
             db.message(),
             db.code().code()
         ),
-        None => format!("manifest {shown}: PostgreSQL: {e}"),
+        None => match std::error::Error::source(&e) {
+            Some(cause) => format!("manifest {shown}: PostgreSQL: {e}: {cause}"),
+            None => format!("manifest {shown}: PostgreSQL: {e}"),
+        },
     }
 }
 
@@ -299,7 +302,7 @@ impl Run {
         tx.execute(
             "SELECT 1 FROM counter_shards WHERE shard = pg_backend_pid() % $1
              ORDER BY state FOR UPDATE",
-            &[&(super::schema::COUNTER_SHARDS as i16)],
+            &[&(super::schema::COUNTER_SHARDS as i32)],
         )
         .await?;
         fence(&tx, &held).await?;
