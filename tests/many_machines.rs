@@ -4,7 +4,9 @@
 //! PostgreSQL itself is restarted once: every key's destination history equals the
 //! source's, every task is done once, and each process's exit code says what became of it.
 //!
-//! Knobs: `S3_BACKFILL_MANY_KEYS` (keys in the corpus; default 1,500 on RGW, 300 on moto).
+//! Knobs: `S3_BACKFILL_MANY_KEYS` (keys in the corpus; default 1,500 on RGW, 300 on moto);
+//! `S3_BACKFILL_MANY_SKIP` (a list of `kill`, `stop`, `restart`: leaves those events out,
+//! to tell which one a failure comes with).
 
 mod support;
 
