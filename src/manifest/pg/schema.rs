@@ -183,39 +183,43 @@ CREATE TABLE workers (
 -- Counters kept as tasks change (inserted tasks are counted by the code that inserts): one
 -- update of the writer's shard per statement (the rows it changed, summed by state), not one
 -- per row.
-CREATE FUNCTION counted(r task) RETURNS bigint[] LANGUAGE sql IMMUTABLE AS $$
-    SELECT ARRAY[1, r.size, r.flags & 1, r.attempts,
-        CASE WHEN r.flags & 24 = 24 THEN 1 ELSE 0 END,
-        CASE WHEN r.error_class IS NOT DISTINCT FROM {ARCHIVED} THEN 1 ELSE 0 END,
-        CASE WHEN r.dest_version_id IS NULL THEN 1 ELSE 0 END]
-$$;
 CREATE FUNCTION tasks_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE counter_shards c SET tasks = c.tasks + d.v[1], bytes = c.bytes + d.v[2],
-        delete_markers = c.delete_markers + d.v[3], attempts = c.attempts + d.v[4],
-        etag_preserved = c.etag_preserved + d.v[5], archived = c.archived + d.v[6],
-        no_dest_version = c.no_dest_version + d.v[7]
+    UPDATE counter_shards c SET tasks = c.tasks + d.n, bytes = c.bytes + d.b,
+        delete_markers = c.delete_markers + d.dm, attempts = c.attempts + d.a,
+        etag_preserved = c.etag_preserved + d.ep, archived = c.archived + d.ar,
+        no_dest_version = c.no_dest_version + d.nd
     FROM (
-        SELECT state, ARRAY[sum(v[1]), sum(v[2]), sum(v[3]), sum(v[4]), sum(v[5]), sum(v[6]),
-            sum(v[7])]::bigint[] AS v
-        FROM (SELECT n.state, counted(n) AS v FROM new_rows n
+        SELECT state, sum(n) AS n, sum(b) AS b, sum(dm) AS dm, sum(a) AS a, sum(ep) AS ep,
+            sum(ar) AS ar, sum(nd) AS nd
+        FROM (SELECT state, 1 AS n, size AS b, flags & 1 AS dm, attempts AS a,
+                (flags & 24 = 24)::int AS ep,
+                (error_class IS NOT DISTINCT FROM {ARCHIVED})::int AS ar,
+                (dest_version_id IS NULL)::int AS nd
+              FROM new_rows
               UNION ALL
-              SELECT o.state, (SELECT array_agg(-x) FROM unnest(counted(o)) AS x) FROM old_rows o) x
+              SELECT state, -1, -size, -(flags & 1), -attempts, -((flags & 24 = 24)::int),
+                -((error_class IS NOT DISTINCT FROM {ARCHIVED})::int),
+                -((dest_version_id IS NULL)::int)
+              FROM old_rows) x
         GROUP BY state
     ) d
-    WHERE c.state = d.state AND c.shard = pg_backend_pid() % {SHARDS};
+    WHERE c.state = d.state AND c.shard = pg_backend_pid() % {SHARDS}
+      AND (d.n, d.b, d.dm, d.a, d.ep, d.ar, d.nd) <> (0, 0, 0, 0, 0, 0, 0);
     RETURN NULL;
 END $$;
 CREATE FUNCTION tasks_removed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE counter_shards c SET tasks = c.tasks - d.v[1], bytes = c.bytes - d.v[2],
-        delete_markers = c.delete_markers - d.v[3], attempts = c.attempts - d.v[4],
-        etag_preserved = c.etag_preserved - d.v[5], archived = c.archived - d.v[6],
-        no_dest_version = c.no_dest_version - d.v[7]
+    UPDATE counter_shards c SET tasks = c.tasks - d.n, bytes = c.bytes - d.b,
+        delete_markers = c.delete_markers - d.dm, attempts = c.attempts - d.a,
+        etag_preserved = c.etag_preserved - d.ep, archived = c.archived - d.ar,
+        no_dest_version = c.no_dest_version - d.nd
     FROM (
-        SELECT state, ARRAY[sum(v[1]), sum(v[2]), sum(v[3]), sum(v[4]), sum(v[5]), sum(v[6]),
-            sum(v[7])]::bigint[] AS v
-        FROM (SELECT o.state, counted(o) AS v FROM old_rows o) x GROUP BY state
+        SELECT state, count(*) AS n, sum(size) AS b, sum(flags & 1) AS dm,
+            sum(attempts) AS a, sum((flags & 24 = 24)::int) AS ep,
+            sum((error_class IS NOT DISTINCT FROM {ARCHIVED})::int) AS ar,
+            sum((dest_version_id IS NULL)::int) AS nd
+        FROM old_rows GROUP BY state
     ) d
     WHERE c.state = d.state AND c.shard = pg_backend_pid() % {SHARDS};
     RETURN NULL;
