@@ -141,6 +141,14 @@ fn pg(shown: &str, e: tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether the connection is gone or going: closed, or the server shutting down or
+/// restarting (SQLSTATE classes 57 operator intervention and 08 connection exception).
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
+}
+
 /// Whether PostgreSQL asks for the transaction to be tried again (a deadlock's victim, or
 /// a serialization failure).
 fn transient(e: &tokio_postgres::Error) -> bool {
@@ -223,7 +231,7 @@ impl Run {
                 match rt.block_on(self.apply(&batch, mode)) {
                     Ok(reads) => break Ok(reads),
                     Err(Failure::Lost(why)) => break Err(why),
-                    Err(Failure::Db(e)) if e.is_closed() || self.client.is_closed() => {
+                    Err(Failure::Db(e)) if connection_lost(&e) || self.client.is_closed() => {
                         // The database went away (a restart): the group was not kept;
                         // connect again and apply it again, while the leases last.
                         self.work.restore(before);
