@@ -494,23 +494,39 @@ fn claim(
     // Blocking is per destination bucket, as the key worker's: several rules may send one
     // key to the same bucket, each with its own destination id.
     let buckets = super::read::bucket_groups(conn)?;
+    for g in groups.iter_mut() {
+        if let Some(id) = first_to_claim(g, &buckets) {
+            apply(conn, &Update::Started { id, at }, mode)?;
+            g.claimed = Some(id);
+        }
+    }
+    Ok(())
+}
+
+/// The task a key worker will attempt first in `g` (None while its history may go on on
+/// an unlisted page): the first open task whose destination bucket no failed older task
+/// blocks. `buckets`: each destination's bucket group (`read::bucket_groups`). Both
+/// backends' writers claim with it.
+pub(crate) fn first_to_claim(
+    g: &KeyGroup,
+    buckets: &std::collections::BTreeMap<i64, i64>,
+) -> Option<i64> {
+    if g.listing_open {
+        return None;
+    }
     let bucket = |dest: i64| buckets.get(&dest).copied().unwrap_or(dest);
-    for g in groups.iter_mut().filter(|g| !g.listing_open) {
-        let mut blocked = Vec::new();
-        let first = g.tasks.iter().find(|t| match t.state {
+    let mut blocked = Vec::new();
+    g.tasks
+        .iter()
+        .find(|t| match t.state {
             State::Failed => {
                 blocked.push(bucket(t.dest));
                 false
             }
             State::Pending | State::InProgress => !blocked.contains(&bucket(t.dest)),
             State::Done | State::Skipped => false,
-        });
-        if let Some(t) = first {
-            apply(conn, &Update::Started { id: t.id, at }, mode)?;
-            g.claimed = Some(t.id);
-        }
-    }
-    Ok(())
+        })
+        .map(|t| t.id)
 }
 
 /// `mode`: the reconciliation mode recorded with an attempt that starts (None: none).

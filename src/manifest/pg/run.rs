@@ -40,7 +40,7 @@ use crate::manifest::codec::{
     attempt_flags, class_code, etag_flags, side_code, ATTEMPT_MODE, ATTEMPT_UNSTAMPED,
     ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
 };
-use crate::manifest::writer::{next_group, spawn, Msg, Shared};
+use crate::manifest::writer::{first_to_claim, next_group, spawn, Msg, Shared};
 use crate::manifest::{Copied, KeyGroup, ManifestError, Outcome, State, Update, Writer};
 use crate::s3::{ErrorClass, S3Error};
 
@@ -550,20 +550,10 @@ impl Work {
         mode: Option<bool>,
         ops: &mut Ops,
     ) -> Vec<KeyGroup> {
-        let bucket = |dest: i64| self.buckets.get(&dest).copied().unwrap_or(dest);
-        for g in groups.iter_mut().filter(|g| !g.listing_open) {
-            let mut blocked = Vec::new();
-            let first = g.tasks.iter().find(|t| match t.state {
-                State::Failed => {
-                    blocked.push(bucket(t.dest));
-                    false
-                }
-                State::Pending | State::InProgress => !blocked.contains(&bucket(t.dest)),
-                State::Done | State::Skipped => false,
-            });
-            if let Some(t) = first {
-                ops.update(&Update::Started { id: t.id, at }, mode);
-                g.claimed = Some(t.id);
+        for g in groups.iter_mut() {
+            if let Some(id) = first_to_claim(g, &self.buckets) {
+                ops.update(&Update::Started { id, at }, mode);
+                g.claimed = Some(id);
             }
         }
         groups
