@@ -26,7 +26,7 @@
 //! of `manifest`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1007,10 +1007,9 @@ impl Heartbeat {
         let gate = crate::s3::gate::install(Instant::now() + half);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let renewals = Arc::new(AtomicU64::new(0));
         let thread = std::thread::Builder::new()
             .name("manifest-pg-heartbeat".into())
-            .spawn(move || beat(location, worker, lease, held, flag, gate, renewals))
+            .spawn(move || beat(location, worker, lease, held, flag, gate))
             .ok();
         Heartbeat { stop, thread, gate }
     }
@@ -1040,7 +1039,6 @@ fn beat(
     held: Held,
     stop: Arc<AtomicBool>,
     gate: &'static crate::s3::gate::Gate,
-    renewals: Arc<AtomicU64>,
 ) {
     let period = Duration::from_millis((lease as u64 * 1000) / 4);
     let half = Duration::from_secs(lease as u64) / 2;
@@ -1062,7 +1060,6 @@ fn beat(
         match renewed {
             Ok(0) => {
                 gate.open_until(sent + half);
-                renewals.fetch_add(1, Ordering::Relaxed);
                 next = sent + period;
             }
             Ok(_) => {
