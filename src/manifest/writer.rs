@@ -391,9 +391,18 @@ const LINGER: Duration = Duration::from_millis(20);
 const POLL: Duration = Duration::from_millis(1);
 
 /// The next group: what is queued, and, while nobody waits for any of it, what comes
-/// within [`LINGER`].
-pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
-    let first = rx.recv().ok()?;
+/// within [`LINGER`]. Without `durable_starts` an attempt's start is answered on arrival
+/// and committed with the group (a backend whose re-claimed work is in doubt as a whole:
+/// PostgreSQL's units).
+pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>, durable_starts: bool) -> Option<Vec<Msg>> {
+    let take = |msg: Msg| match msg {
+        Msg::Update(u @ Update::Started { .. }, Some(ack)) if !durable_starts => {
+            let _ = ack.send(());
+            Msg::Update(u, None)
+        }
+        other => other,
+    };
+    let first = take(rx.recv().ok()?);
     let mut awaited = first.awaited();
     let mut batch = vec![first];
     let until = Instant::now() + LINGER;
@@ -401,6 +410,7 @@ pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
         while batch.len() < GROUP {
             match rx.try_recv() {
                 Ok(msg) => {
+                    let msg = take(msg);
                     awaited |= msg.awaited();
                     batch.push(msg);
                 }
@@ -416,7 +426,7 @@ pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>) -> Option<Vec<Msg>> {
 }
 
 fn writer_loop(m: SqliteManifest, shared: Shared) {
-    while let Some(batch) = next_group(&shared.rx) {
+    while let Some(batch) = next_group(&shared.rx, true) {
         let lag = shared.lag.load(Ordering::SeqCst);
         let mode = shared.mode();
         let mut acks = Vec::new();

@@ -109,6 +109,35 @@ struct Work {
     units: BTreeMap<i64, UnitCount>,
     /// Each destination's bucket group (the lowest destination id with its bucket).
     buckets: BTreeMap<i64, i64>,
+    /// Held units that were claimed before this process's claim: their open tasks are in
+    /// doubt (see [`Doubt`]).
+    doubt: HashMap<i64, Doubt>,
+    /// Starts of the tasks claimed by the last group's reads (id, start time): written with
+    /// the next group, where each is folded into its task's result when that is there.
+    carry: Vec<(i64, i64)>,
+}
+
+/// What is known of the earlier attempts at a re-claimed unit's tasks. A run does not wait
+/// for an attempt's start to be committed (a group lingers; see `Run::serve`), so every
+/// task still open in a unit that an earlier claim held may have been written by its
+/// owner, and is reconciled as an attempt in doubt: since the unit's first claim, in the
+/// mode its owners wrote with.
+#[derive(Clone, Copy, Debug)]
+struct Doubt {
+    /// When the unit was first claimed (unix seconds).
+    since: i64,
+    /// Whether its owners wrote with the stamp (Some(false) if any wrote without it; None:
+    /// not known, the job's setting decides).
+    stamped: Option<bool>,
+}
+
+/// A claim's attempt mode as a bit of `units.modes`.
+fn mode_bit(mode: Option<bool>) -> i16 {
+    match mode {
+        Some(true) => 1,
+        Some(false) => 2,
+        None => 0,
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -125,6 +154,8 @@ struct Snapshot {
     queue: VecDeque<i64>,
     key_unit: HashMap<i64, i64>,
     units: BTreeMap<i64, UnitCount>,
+    doubt: HashMap<i64, Doubt>,
+    carry: Vec<(i64, i64)>,
 }
 
 fn pg(shown: &str, e: tokio_postgres::Error) -> String {
@@ -214,13 +245,15 @@ impl Run {
                 key_unit: HashMap::new(),
                 units: BTreeMap::new(),
                 buckets,
+                doubt: HashMap::new(),
+                carry: Vec::new(),
             },
             heartbeat,
         })
     }
 
     fn serve(mut self, rt: &tokio::runtime::Runtime, shared: &Shared) {
-        while let Some(batch) = next_group(&shared.rx) {
+        while let Some(batch) = next_group(&shared.rx, false) {
             let mode = shared.mode();
             let outcome = loop {
                 if let Err(why) = self.heartbeat.gate_open() {
@@ -315,6 +348,9 @@ impl Run {
         .await?;
         fence(&tx, &held).await?;
         let mut ops = Ops::default();
+        for (id, at) in std::mem::take(&mut work.carry) {
+            ops.update(&Update::Started { id, at }, mode);
+        }
         let mut reads = Vec::new();
         let mut done = 0i64;
         for msg in batch {
@@ -353,9 +389,9 @@ impl Run {
                     ..
                 } => {
                     ops.run(&tx, &mut self.prepared).await?;
-                    let groups = work.next_keys(&tx, *after, *limit).await?;
+                    let groups = work.next_keys(&tx, *after, *limit, mode).await?;
                     let groups = match claim_at {
-                        Some(at) => work.claim_first(groups, *at, mode, &mut ops),
+                        Some(at) => work.claim_first(groups, *at),
                         None => groups,
                     };
                     reads.push(groups);
@@ -393,6 +429,8 @@ impl Work {
             queue: self.queue.clone(),
             key_unit: self.key_unit.clone(),
             units: self.units.clone(),
+            doubt: self.doubt.clone(),
+            carry: self.carry.clone(),
         }
     }
 
@@ -401,6 +439,8 @@ impl Work {
         self.queue = s.queue;
         self.key_unit = s.key_unit;
         self.units = s.units;
+        self.doubt = s.doubt;
+        self.carry = s.carry;
     }
 
     /// Counts a finished task against its unit.
@@ -431,12 +471,13 @@ impl Work {
         tx: &Transaction<'_>,
         after: i64,
         limit: usize,
+        mode: Option<bool>,
     ) -> Result<Vec<KeyGroup>, Failure> {
         let ids: Vec<i64> = if limit == 1 && self.key_unit.contains_key(&(after + 1)) {
             vec![after + 1]
         } else {
             while self.queue.len() < limit {
-                if self.claim_units(tx).await? == 0 {
+                if self.claim_units(tx, mode).await? == 0 {
                     break;
                 }
             }
@@ -471,11 +512,14 @@ impl Work {
             .await?;
         let mut groups: Vec<KeyGroup> = Vec::with_capacity(ids.len());
         for row in &rows {
-            let task = task_of_row(row).map_err(|e| match e {
+            let mut task = task_of_row(row).map_err(|e| match e {
                 PgError::Pg(e) => Failure::Db(e),
                 other => Failure::Bad(format!("manifest {}: {other:?}", self.location.shown)),
             })?;
             let key_id = crate::manifest::key_id_of_task(task.id);
+            if let Some(d) = self.key_unit.get(&key_id).and_then(|u| self.doubt.get(u)) {
+                in_doubt(&mut task, d);
+            }
             match groups.last_mut() {
                 Some(g) if g.key_id == key_id => g.tasks.push(task),
                 _ => groups.push(KeyGroup {
@@ -491,21 +535,30 @@ impl Work {
     }
 
     /// Claims up to [`CLAIM`] units (open, or leased and expired, and listed past); their
-    /// keys join the queue. How many were claimed.
-    async fn claim_units(&mut self, tx: &Transaction<'_>) -> Result<usize, Failure> {
+    /// keys join the queue. A unit claimed before is in doubt (see [`Doubt`]); each claim
+    /// adds this run's attempt mode to the unit's. How many were claimed.
+    async fn claim_units(
+        &mut self,
+        tx: &Transaction<'_>,
+        mode: Option<bool>,
+    ) -> Result<usize, Failure> {
         let rows = tx
             .query(
                 "WITH c AS (
-                    SELECT u.id FROM units u JOIN partitions p ON p.id = u.partition
+                    SELECT u.id, u.claims, u.first_claimed_at, u.modes
+                    FROM units u JOIN partitions p ON p.id = u.partition
                     WHERE (u.state = 0 OR (u.state = 1
                            AND u.lease_expires < extract(epoch FROM clock_timestamp())))
                       AND (p.complete OR u.last_key < p.last_key)
                     ORDER BY u.id LIMIT $1 FOR UPDATE OF u SKIP LOCKED)
                  UPDATE units u SET state = 1, lease = nextval('lease_epochs'),
                     lease_expires = extract(epoch FROM clock_timestamp())::bigint + $2,
-                    worker = $3, claims = u.claims + 1
-                 FROM c WHERE u.id = c.id RETURNING u.id, u.lease",
-                &[&CLAIM, &self.lease, &self.worker],
+                    worker = $3, claims = u.claims + 1, modes = u.modes | $4,
+                    first_claimed_at = coalesce(u.first_claimed_at,
+                        extract(epoch FROM clock_timestamp())::bigint)
+                 FROM c WHERE u.id = c.id
+                 RETURNING u.id, u.lease, c.claims, u.first_claimed_at, c.modes",
+                &[&CLAIM, &self.lease, &self.worker, &mode_bit(mode)],
             )
             .await?;
         if rows.is_empty() {
@@ -516,6 +569,19 @@ impl Work {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             for r in &rows {
                 held.insert(r.get(0), r.get(1));
+            }
+        }
+        for r in &rows {
+            let (unit, claims, since, modes): (i64, i64, Option<i64>, i16) =
+                (r.get(0), r.get(2), r.get(3), r.get(4));
+            if claims > 0 {
+                let stamped = match modes {
+                    m if m & 2 != 0 => Some(false),
+                    m if m & 1 != 0 => Some(true),
+                    _ => None,
+                };
+                let since = since.unwrap_or(0);
+                self.doubt.insert(unit, Doubt { since, stamped });
             }
         }
         let keys = tx
@@ -540,19 +606,14 @@ impl Work {
         Ok(units.len())
     }
 
-    /// Marks the first task a key worker will attempt in each group in progress (as the
-    /// SQLite writer's claim: the first open task no failed older task of the same
-    /// destination bucket blocks).
-    fn claim_first(
-        &self,
-        mut groups: Vec<KeyGroup>,
-        at: i64,
-        mode: Option<bool>,
-        ops: &mut Ops,
-    ) -> Vec<KeyGroup> {
+    /// Claims the first task a key worker will attempt in each group (as the SQLite
+    /// writer's claim: the first open task no failed older task of the same destination
+    /// bucket blocks). Its start is written with the next group (`carry`), not waited for:
+    /// the tasks of a unit claimed again are in doubt as a whole (see [`Doubt`]).
+    fn claim_first(&mut self, mut groups: Vec<KeyGroup>, at: i64) -> Vec<KeyGroup> {
         for g in groups.iter_mut() {
             if let Some(id) = first_to_claim(g, &self.buckets) {
-                ops.update(&Update::Started { id, at }, mode);
+                self.carry.push((id, at));
                 g.claimed = Some(id);
             }
         }
@@ -589,6 +650,7 @@ impl Work {
         for u in &done {
             held.remove(u);
             self.units.remove(u);
+            self.doubt.remove(u);
         }
         self.key_unit.retain(|_, u| !done.contains(u));
         Ok(())
@@ -658,6 +720,19 @@ impl From<tokio_postgres::Error> for Failure {
     }
 }
 
+/// Marks an open task of a re-claimed unit as an attempt in doubt (see [`Doubt`]): the
+/// earliest time and the mode any earlier owner may have written it with.
+fn in_doubt(task: &mut crate::manifest::Task, d: &Doubt) {
+    if !matches!(task.state, State::Pending | State::InProgress) {
+        return;
+    }
+    task.attempts = task.attempts.max(1);
+    task.started_at = Some(task.started_at.map_or(d.since, |t| t.min(d.since)));
+    if d.stamped == Some(false) || task.attempt_stamped.is_none() {
+        task.attempt_stamped = d.stamped.or(task.attempt_stamped);
+    }
+}
+
 /// Locks the held units and checks that each still carries this process's epoch.
 async fn fence(tx: &Transaction<'_>, held: &[(i64, i64)]) -> Result<(), Failure> {
     if held.is_empty() {
@@ -722,6 +797,22 @@ impl Ops {
 
     /// Turns what was gathered into statements.
     fn gathered(&mut self) {
+        // A start whose result is in the same statements is written with the result.
+        let mut folded: HashMap<i64, i64> = HashMap::new();
+        if !self.started.is_empty() && !self.done.is_empty() {
+            let done: std::collections::HashSet<i64> = self.done.iter().copied().collect();
+            let (mut ids, mut at) = (Vec::new(), Vec::new());
+            for (id, t) in self.started.drain(..).zip(self.started_at.drain(..)) {
+                if done.contains(&id) {
+                    folded.insert(id, t);
+                } else {
+                    ids.push(id);
+                    at.push(t);
+                }
+            }
+            self.started = ids;
+            self.started_at = at;
+        }
         if !self.started.is_empty() {
             let modes = ATTEMPT_MODE | ATTEMPT_UNSTAMPED;
             let (ids, at) = (
@@ -742,11 +833,17 @@ impl Ops {
         }
         if !self.done.is_empty() {
             let ids = std::mem::take(&mut self.done);
+            let at: Vec<Option<i64>> = ids.iter().map(|id| folded.get(id).copied()).collect();
+            let modes = ATTEMPT_MODE | ATTEMPT_UNSTAMPED;
             self.ordered.push((
                 "UPDATE task t SET state = 2, dest_version_id = u.v, method = u.m,
-                 flags = (t.flags & $5) | u.f, error_class = NULL
-                 FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[])
-                    AS u(id, v, m, f)
+                 flags = (CASE WHEN u.at IS NULL OR $6::bigint IS NULL THEN t.flags
+                          ELSE (t.flags & $7) | $6 END & $5) | u.f,
+                 error_class = NULL,
+                 attempts = t.attempts + (u.at IS NOT NULL)::int,
+                 started_at = coalesce(u.at, t.started_at)
+                 FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[],
+                             $8::bigint[]) AS u(id, v, m, f, at)
                  WHERE t.id = u.id",
                 vec![
                     Box::new(ids.clone()),
@@ -754,6 +851,9 @@ impl Ops {
                     Box::new(std::mem::take(&mut self.done_method)),
                     Box::new(std::mem::take(&mut self.done_flags)),
                     Box::new(!(ETAG_CHECKED | ETAG_PRESERVED | VERSION_TO_LEARN)),
+                    Box::new(self.started_flags),
+                    Box::new(!modes),
+                    Box::new(at),
                 ],
             ));
             self.ordered.push((
@@ -1114,4 +1214,77 @@ fn renew(
         &[&worker, &(units.len() as i64)],
     )?;
     Ok(lost as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::manifest::store::tests::pg_job;
+    use crate::manifest::tests::{done, settings, task};
+    use crate::manifest::{Listing, Manifest, State, Update};
+
+    /// Starts are not waited for on PostgreSQL, so a unit claimed again after its owner
+    /// died hands out each open task as an attempt in doubt: since the unit's first claim,
+    /// in the mode its owner wrote with. The first claim's tasks are not in doubt, and a
+    /// task done meanwhile stays done with its one attempt.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_unit_claimed_again_hands_out_its_open_tasks_in_doubt() {
+        let Some(job) = pg_job("doubt") else {
+            return;
+        };
+        let mut m = Manifest::open(&job, true).unwrap();
+        m.store_settings(&settings()).unwrap();
+        let listed = Listing {
+            complete: true,
+            pages: 1,
+            entries: 3,
+            ..Listing::default()
+        };
+        let page = [task("a", "v1", 0), task("b", "v2", 0), task("b", "v1", 1)];
+        m.insert_page(&page, &listed).unwrap();
+        let Manifest::Pg(pg) = Manifest::open(&job, false).unwrap() else {
+            panic!("a PostgreSQL job");
+        };
+
+        let first = Manifest::open(&job, false).unwrap().into_writer();
+        first.record_attempt_mode(false);
+        let groups = first.claim_key_groups(0, 10, 100).await.unwrap();
+        let tasks: Vec<_> = groups.iter().flat_map(|g| &g.tasks).collect();
+        assert_eq!(tasks.len(), 3);
+        assert!(tasks.iter().all(|t| t.attempts == 0), "{tasks:?}");
+        let (a, b_v1) = (groups[0].tasks[0].id, groups[1].tasks[0].id);
+        assert_eq!(groups[1].claimed, Some(b_v1), "the oldest version first");
+        first
+            .send(Update::Finished {
+                id: a,
+                outcome: done(0),
+            })
+            .unwrap();
+        first.flush().await.unwrap();
+        // The owner dies: its lease runs out with nothing given back.
+        pg.db
+            .call(|c| c.execute("UPDATE units SET lease_expires = 0", &[]))
+            .unwrap();
+
+        let second = Manifest::open(&job, false).unwrap().into_writer();
+        second.record_attempt_mode(true);
+        let again = second.claim_key_groups(0, 10, 200).await.unwrap();
+        drop(first);
+        assert_eq!(again.len(), 2);
+        let a_task = &again[0].tasks[0];
+        assert_eq!((a_task.state, a_task.attempts), (State::Done, 1));
+        let (v1, v2) = (&again[1].tasks[0], &again[1].tasks[1]);
+        assert_eq!(v1.entry.version_id, "v1");
+        assert_eq!((v1.attempts, v1.started_at), (1, Some(100)), "{v1:?}");
+        assert_eq!(v1.attempt_stamped, Some(false));
+        assert_eq!(v2.attempts, 1, "never started here, yet in doubt: {v2:?}");
+        assert_eq!(v2.attempt_stamped, Some(false), "the first owner's mode");
+        let first_claim = pg
+            .db
+            .call(|c| c.query_one("SELECT first_claimed_at FROM units", &[]))
+            .unwrap()
+            .get::<_, Option<i64>>(0);
+        assert_eq!(v2.started_at, first_claim);
+        assert!(first_claim.is_some());
+        drop(second);
+    }
 }

@@ -55,6 +55,9 @@ CREATE TABLE keys (
 -- claimed), 1 leased, 2 done (nothing open), 3 held back (a failed task blocks the rest;
 -- reopened by --retry-failed or --skip-failed). `lease` is the epoch of the claim that
 -- holds it (from `lease_epochs`); a result is written only under the unit's current epoch.
+-- A run does not wait for an attempt's start to be committed: every task still open in a
+-- unit claimed before (`claims` > 0) counts as in doubt, attempted since `first_claimed_at`
+-- in the `modes` its owners wrote with (1 stamped, 2 unstamped), and is reconciled.
 CREATE TABLE units (
     id BIGSERIAL PRIMARY KEY,
     partition BIGINT NOT NULL,
@@ -64,7 +67,9 @@ CREATE TABLE units (
     lease BIGINT,
     lease_expires BIGINT,
     worker BIGINT,
-    claims BIGINT NOT NULL DEFAULT 0
+    claims BIGINT NOT NULL DEFAULT 0,
+    first_claimed_at BIGINT,
+    modes SMALLINT NOT NULL DEFAULT 0
 );
 CREATE INDEX units_open ON units (id) WHERE state IN (0, 1);
 CREATE INDEX keys_unit ON keys (unit);
