@@ -13,16 +13,26 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use md5::{Digest, Md5};
 use s3_backfill::s3::types::encode_key;
 use support::pg::{fresh_database, psql};
 use support::*;
 
-/// A planned task as a user compares it: key, version id, place in the key's history, delete
-/// marker, latest, size.
-type Task = (String, String, i64, i64, i64, i64);
+/// A planned task as a user compares it, as text: key, version id, place in the key's
+/// history, delete marker (0/1), latest (0/1), size.
+type Task = Vec<String>;
+
+/// A job's source and destination (both versioned) on the server under test: the endpoint,
+/// a client, and the two buckets' names.
+async fn two_buckets(tag: &str) -> (String, Client, String, String) {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket(&format!("{tag}-src")), bucket(&format!("{tag}-dst")));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    (ep, c, src, dst)
+}
 
 /// A job from `src` to `dst` (with `--delete-markers`) whose manifest is job `name` in a new
 /// database; the job and the database's DSN.
@@ -53,23 +63,10 @@ fn pg_tasks(db: &str, name: &str) -> Vec<Task> {
              ORDER BY k.key COLLATE \"C\", t.history_pos"
         ),
     );
-    let num = |f: &str| f.parse::<i64>().unwrap();
+    // No key here holds a `|`.
     rows.lines()
         .filter(|l| !l.is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split('|').collect();
-            let n = f.len();
-            // A key holds no `|` here; read the numbers from the end all the same.
-            let key = f[..n - 5].join("|");
-            (
-                key,
-                f[n - 5].into(),
-                num(f[n - 4]),
-                num(f[n - 3]),
-                num(f[n - 2]),
-                num(f[n - 1]),
-            )
-        })
+        .map(|l| l.split('|').map(String::from).collect())
         .collect()
 }
 
@@ -83,17 +80,13 @@ fn file_tasks(m: &Path) -> Vec<Task> {
              FROM tasks ORDER BY key, history_pos",
         )
         .unwrap();
+    let text = |v: rusqlite::types::Value| match v {
+        rusqlite::types::Value::Integer(n) => n.to_string(),
+        rusqlite::types::Value::Text(t) => t,
+        other => panic!("unexpected column {other:?}"),
+    };
     let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })
+        .query_map([], |r| (0..6).map(|i| r.get(i).map(text)).collect())
         .unwrap();
     rows.map(Result::unwrap).collect()
 }
@@ -132,12 +125,15 @@ fn assert_no_job(job: &Job, db: &str) {
     assert_eq!(schemas(db), (Vec::new(), false), "no job, no scratch job");
 }
 
-/// The line `plan` prints about what it planned.
-fn planned_line(o: &Output) -> String {
+/// Asserts that `plan` succeeded and printed what it planned starting with `start`; that
+/// line.
+fn expect_planned(o: &Output, start: &str) -> String {
+    expect_code(o, 0);
     let err = stderr_of(o);
     let line = err.lines().find(|l| l.starts_with("planned "));
-    line.unwrap_or_else(|| panic!("no `planned` line: {err}"))
-        .to_string()
+    let line = line.unwrap_or_else(|| panic!("no `planned` line: {err}"));
+    assert!(line.starts_with(start), "{line}");
+    line.to_string()
 }
 
 /// A CSV manifest (Bucket,Key[,VersionId]) of `rows` in `dir`; its path.
@@ -157,11 +153,7 @@ fn write_csv(dir: &Path, name: &str, src: &str, rows: &[(&str, Option<&str>)]) -
 
 #[tokio::test]
 async fn a_csv_manifest_plans_a_postgres_job_that_runs_reports_and_verifies() {
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst) = (bucket("pgcsv-src"), bucket("pgcsv-dst"));
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
+    let (ep, c, src, dst) = two_buckets("pgcsv").await;
     let (a, b, u, left) = ("cs/a", "cs/b b", "cs/ünï/日本", "cs/left-out");
     let del = |k: &str| Op::Delete { key: k.into() };
     let rounds = vec![
@@ -210,13 +202,14 @@ async fn a_csv_manifest_plans_a_postgres_job_that_runs_reports_and_verifies() {
     assert_eq!(expected.len(), 6, "{expected:#?}");
 
     let (job, db) = pg_job("csvjob", &src, &dst, &ep);
-    let o = plan_with(&job, &["--from-csv", &csv]);
-    expect_code(&o, 0);
-    assert_eq!(planned_line(&o), planned_line(&of_file));
-    assert!(
-        planned_line(&o).starts_with("planned 6 tasks (1 delete markers"),
-        "{}",
-        planned_line(&o)
+    let line = expect_planned(
+        &plan_with(&job, &["--from-csv", &csv]),
+        "planned 6 tasks (1 delete markers",
+    );
+    assert_eq!(
+        line,
+        expect_planned(&of_file, "planned 6 tasks"),
+        "as a file"
     );
     assert_eq!(pg_tasks(&db, "csvjob"), expected, "the tasks a file gets");
     assert_eq!(schemas(&db), (vec!["s3b_csvjob".to_string()], true));
@@ -289,16 +282,6 @@ fn inventory_line(src: &str, key: &str, v: &Ver, millis: i64) -> String {
 const FILE_SCHEMA: &str =
     "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag";
 
-async fn put(c: &Client, bucket: &str, key: &str, body: Vec<u8>) {
-    c.put_object()
-        .bucket(bucket)
-        .key(key)
-        .body(ByteStream::from(body))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
-}
-
 /// An inventory of every version of `src` (one gzipped CSV data file, rows newest key first)
 /// uploaded to bucket `inv` with its manifest.json and manifest.checksum; the manifest's URL.
 async fn upload_inventory(c: &Client, src: &str, inv: &str) -> String {
@@ -318,25 +301,18 @@ async fn upload_inventory(c: &Client, src: &str, inv: &str) -> String {
         "files": [{"key": data_key, "size": data.len(),
                    "MD5checksum": hex::encode(Md5::digest(&data))}],
     });
-    put(c, inv, data_key, data).await;
+    apply(c, inv, Op::put(data_key, data)).await;
     let manifest = serde_json::to_vec(&manifest).unwrap();
     let sum = hex::encode(Md5::digest(&manifest)).into_bytes();
-    put(c, inv, "inv/day/manifest.checksum", sum).await;
-    put(c, inv, "inv/day/manifest.json", manifest).await;
+    apply(c, inv, Op::put("inv/day/manifest.checksum", sum)).await;
+    apply(c, inv, Op::put("inv/day/manifest.json", manifest)).await;
     format!("s3://{inv}/inv/day/manifest.json")
 }
 
 #[tokio::test]
 async fn an_inventory_of_over_a_thousand_keys_plans_units_that_run_claims() {
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst, inv) = (
-        bucket("pginv-src"),
-        bucket("pginv-dst"),
-        bucket("pginv-inv"),
-    );
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
+    let (ep, c, src, dst) = two_buckets("pginv").await;
+    let inv = bucket("pginv-inv");
     create_bucket(&c, &inv, false).await;
     // Over a thousand tasks: the plan writes more than one page, so more than one unit.
     let keys: Vec<String> = (0..1040).map(|i| format!("inv/k-{i:04}")).collect();
@@ -356,12 +332,9 @@ async fn an_inventory_of_over_a_thousand_keys_plans_units_that_run_claims() {
     let url = upload_inventory(&c, &src, &inv).await;
 
     let (job, db) = pg_job("invjob", &src, &dst, &ep);
-    let o = plan_with(&job, &["--from-inventory", &url]);
-    expect_code(&o, 0);
-    assert!(
-        planned_line(&o).starts_with("planned 1043 tasks (1 delete markers"),
-        "{}",
-        planned_line(&o)
+    expect_planned(
+        &plan_with(&job, &["--from-inventory", &url]),
+        "planned 1043 tasks (1 delete markers",
     );
     let units: u64 = psql(&db, "SELECT count(*) FROM \"s3b_invjob\".units")
         .parse()
@@ -370,14 +343,14 @@ async fn an_inventory_of_over_a_thousand_keys_plans_units_that_run_claims() {
     let s = job.status();
     assert!(s.listing_complete && s.total == 1043, "{s:?}");
     let tasks = pg_tasks(&db, "invjob");
-    let seven: Vec<(i64, i64, i64)> = tasks
+    let seven: Vec<String> = tasks
         .iter()
-        .filter(|t| t.0 == keys[7])
-        .map(|t| (t.2, t.3, t.4))
+        .filter(|t| t[0] == keys[7])
+        .map(|t| t[2..5].join(" "))
         .collect();
     assert_eq!(
         seven,
-        [(0, 1, 1), (1, 0, 0), (2, 0, 0)],
+        ["0 1 1", "1 0 0", "2 0 0"],
         "the marker on top (latest), then the two versions, newest first"
     );
 
@@ -392,11 +365,7 @@ async fn an_inventory_of_over_a_thousand_keys_plans_units_that_run_claims() {
 
 #[tokio::test]
 async fn a_bad_row_leaves_no_postgres_job_and_a_later_plan_makes_it() {
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst) = (bucket("pgbad-src"), bucket("pgbad-dst"));
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
+    let (ep, c, src, dst) = two_buckets("pgbad").await;
     let rounds = vec![
         vec![Op::put("b/one", "one"), Op::put("b/two", "two")],
         vec![Op::put("b/one", "one again")],
@@ -444,12 +413,9 @@ async fn a_bad_row_leaves_no_postgres_job_and_a_later_plan_makes_it() {
         "CREATE SCHEMA \"s3b_badjob~planning\"; CREATE TABLE \"s3b_badjob~planning\".task (x INT)",
     );
     let csv = write_csv(dir.path(), "good.csv", &src, &good);
-    let o = plan_with(&job, &["--from-csv", &csv]);
-    expect_code(&o, 0);
-    assert!(
-        planned_line(&o).starts_with("planned 2 tasks (0 delete markers"),
-        "{}",
-        planned_line(&o)
+    expect_planned(
+        &plan_with(&job, &["--from-csv", &csv]),
+        "planned 2 tasks (0 delete markers",
     );
     assert_eq!(schemas(&db), (vec!["s3b_badjob".to_string()], true));
     let s = job.status();
@@ -474,11 +440,7 @@ async fn a_bad_row_leaves_no_postgres_job_and_a_later_plan_makes_it() {
 #[tokio::test]
 async fn a_dry_run_of_a_csv_manifest_writes_nothing_to_postgres() {
     // --min-size is strict (as S3): 4- and 5-byte versions go, 40-byte ones stay.
-    let ep = endpoint();
-    let c = client(&ep);
-    let (src, dst) = (bucket("pgdry-src"), bucket("pgdry-dst"));
-    create_bucket(&c, &src, true).await;
-    create_bucket(&c, &dst, true).await;
+    let (ep, c, src, dst) = two_buckets("pgdry").await;
     let big = "a body of forty bytes, larger than ten..";
     let rounds = vec![
         vec![Op::put("sz/a", "tiny"), Op::put("sz/b", big)],
@@ -511,11 +473,8 @@ async fn a_dry_run_of_a_csv_manifest_writes_nothing_to_postgres() {
     // The plan itself, then the copy: each key's larger version only.
     expect_code(&plan_with(&job, &args), 0);
     expect_code(&job.run(&[]), 0);
-    let copied: Vec<i64> = histories(&c, &dst, "")
-        .await
-        .into_values()
-        .map(|h| h.iter().map(|v| v.size).sum())
-        .collect();
-    assert_eq!(copied, [40, 40], "each key's larger version only");
+    let larger = |h: &[Ver]| -> Vec<Ver> { h.iter().filter(|v| v.size > 10).cloned().collect() };
+    let compared = assert_replica(&c, &src, &c, &dst, "", "", larger).await;
+    assert_eq!(compared, 2, "each key's larger version only");
     expect_code(&job.verify(), 0);
 }

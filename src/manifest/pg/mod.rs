@@ -222,11 +222,7 @@ impl PgManifest {
                         "CREATE SCHEMA {schema}; SET LOCAL search_path TO {schema};"
                     ))?;
                     tx.batch_execute(&schema::tables())?;
-                    tx.execute(
-                        "INSERT INTO public.s3b_jobs (name, created_at, schema_version)
-                         VALUES ($1, $2, $3)",
-                        &[&job, &now_secs(), &SCHEMA_VERSION],
-                    )?;
+                    list_job(&mut tx, &job)?;
                 }
             }
             tx.commit()?;
@@ -376,3 +372,16 @@ const JOBS_REGISTRY: &str = "SELECT pg_advisory_xact_lock(7310471301);
     CREATE TABLE IF NOT EXISTS public.s3b_jobs (
         name TEXT PRIMARY KEY, created_at BIGINT NOT NULL,
         schema_version BIGINT NOT NULL)";
+
+/// Lists job `job` in `public.s3b_jobs` (in a transaction that began with
+/// [`JOBS_REGISTRY`]).
+fn list_job(
+    tx: &mut postgres::Transaction<'_>,
+    job: &str,
+) -> std::result::Result<(), postgres::Error> {
+    tx.execute(
+        "INSERT INTO public.s3b_jobs (name, created_at, schema_version) VALUES ($1, $2, $3)",
+        &[&job, &now_secs(), &SCHEMA_VERSION],
+    )
+    .map(drop)
+}

@@ -9,7 +9,7 @@
 //!
 //! May call: `pg::schema`, the connection (`Db`) and the registry of jobs of `pg`.
 
-use super::{now_secs, schema, Db, PgManifest, JOBS_REGISTRY, SCHEMA_VERSION};
+use super::{list_job, schema, Db, PgManifest, JOBS_REGISTRY};
 use crate::manifest::backend::PgLocation;
 use crate::manifest::Result;
 
@@ -105,11 +105,7 @@ impl Staged {
                 )));
             }
             tx.batch_execute(&format!("ALTER SCHEMA {from} RENAME TO {to}"))?;
-            tx.execute(
-                "INSERT INTO public.s3b_jobs (name, created_at, schema_version)
-                 VALUES ($1, $2, $3)",
-                &[&job, &now_secs(), &SCHEMA_VERSION],
-            )?;
+            list_job(&mut tx, &job)?;
             tx.commit()?;
             Ok(Ok(()))
         })?;
