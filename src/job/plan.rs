@@ -67,13 +67,6 @@ async fn dry_run_supplied(job: Job<'_>, input: &Supplied) -> Result<(), JobError
 
 /// `plan`: lists the source into the manifest (resuming an unfinished listing).
 pub async fn plan(args: &PlanArgs) -> Result<(), JobError> {
-    let location = crate::manifest::Location::of(&args.manifest).map_err(JobError::Usage)?;
-    if matches!(location, crate::manifest::Location::Postgres(_)) && args.supplied().is_some() {
-        return Err(JobError::Usage(format!(
-            "--from-csv/--from-inventory plan into a SQLite manifest (a file), not {}: plan into a file, or list the source into PostgreSQL",
-            location.shown()
-        )));
-    }
     // One request in flight per listing part; a supplied manifest's keys are read
     // CONCURRENCY at a time.
     let in_flight = match args.supplied() {

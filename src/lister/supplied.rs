@@ -17,7 +17,9 @@
 //!   (HEAD filters, tag rules: as when listing).
 //!
 //! The manifest is built as `JOB.db.tmp` and renamed to `JOB.db` only once complete: a bad
-//! row, a refusal or an error leaves no manifest (and no `.tmp`).
+//! row, a refusal or an error leaves no manifest (and no `.tmp`). A PostgreSQL job is built
+//! the same way under its scratch name and given its own once complete
+//! (`manifest::pg::staged`); the scratch sort then goes in the system's temp directory.
 //!
 //! May call: `inputs` (readers, staging, fetch), the manifest, config, the s3 layer, `select`,
 //! and the lister's refusal type, page size and key limit.
@@ -34,7 +36,8 @@ use crate::inputs::fetch::{download, small_object, Downloaded, FetchError, S3Url
 use crate::inputs::inventory::{Fetch, Inventory, InventoryManifest};
 use crate::inputs::stage::{Scratch, StagedRow};
 use crate::inputs::InputError;
-use crate::manifest::{Counts, Listing, Manifest, NewTask};
+use crate::manifest::pg::staged::Staged;
+use crate::manifest::{Counts, Listing, Location, Manifest, NewTask, PgLocation};
 use crate::s3::{show_key, ListFrom, S3Client, VersionEntry, Versions, S3};
 use crate::select::{DryRun, Selector};
 
@@ -55,7 +58,7 @@ pub struct SuppliedJob<'a, C: S3Client> {
     pub dest: Option<&'a S3<C>>,
     /// The job.
     pub settings: &'a JobSettings,
-    /// The manifest to create (it must not exist).
+    /// The manifest to create (it must not exist): a file, or a PostgreSQL job's URL.
     pub manifest: &'a Path,
     /// Whether the destination keeps versions (else a key with several selected versions is
     /// refused, as the lister does).
@@ -126,6 +129,9 @@ pub async fn plan_supplied<C: S3Client>(
     job: &SuppliedJob<'_, C>,
     input: &Supplied,
 ) -> Result<Planned, ListError> {
+    if let Ok(Location::Postgres(l)) = Location::of(job.manifest) {
+        return plan_supplied_pg(job, input, &l).await;
+    }
     let mut tmp = job.manifest.as_os_str().to_owned();
     tmp.push(".tmp");
     let mut tmp = TempManifest {
@@ -133,7 +139,7 @@ pub async fn plan_supplied<C: S3Client>(
         kept: false,
     };
     tmp.remove(); // a leftover of a killed plan
-    let scratch = Scratch::new(scratch_near(job.manifest)).map_err(scratch_err)?;
+    let scratch = Scratch::new(&scratch_near(job.manifest)).map_err(scratch_err)?;
     let mut m = Manifest::open(&tmp.path, true)?;
     m.store_settings(job.settings)?;
     let (rows, _) = emit(job, input, &scratch, Some(&mut m)).await?;
@@ -156,20 +162,42 @@ pub async fn plan_supplied<C: S3Client>(
     Ok(Planned { counts, rows })
 }
 
+/// [`plan_supplied`] into a PostgreSQL job: built as its scratch job, which becomes the job
+/// only once complete (dropped otherwise).
+async fn plan_supplied_pg<C: S3Client>(
+    job: &SuppliedJob<'_, C>,
+    input: &Supplied,
+    l: &PgLocation,
+) -> Result<Planned, ListError> {
+    let scratch = Scratch::new(&scratch_near(job.manifest)).map_err(scratch_err)?;
+    let staged = Staged::begin(l)?.map_err(ListError::Refused)?;
+    let mut m = Manifest::Pg(staged.open()?);
+    m.store_settings(job.settings)?;
+    let (rows, _) = emit(job, input, &scratch, Some(&mut m)).await?;
+    let counts = m.counts()?;
+    drop(m);
+    staged.publish()?.map_err(ListError::Refused)?;
+    Ok(Planned { counts, rows })
+}
+
 /// `plan --dry-run` from a supplied manifest: what would be copied (the entries read count as
 /// listed); no manifest is written (`job.manifest` only places the scratch directory).
 pub async fn dry_run_supplied<C: S3Client>(
     job: &SuppliedJob<'_, C>,
     input: &Supplied,
 ) -> Result<DryRun, ListError> {
-    let scratch = Scratch::new(scratch_near(job.manifest)).map_err(scratch_err)?;
+    let scratch = Scratch::new(&scratch_near(job.manifest)).map_err(scratch_err)?;
     Ok(emit(job, input, &scratch, None).await?.1)
 }
 
-/// The directory the scratch sort goes in: the manifest's.
-fn scratch_near(manifest: &Path) -> &Path {
+/// The directory the scratch sort goes in: a file manifest's, or the system's temp directory
+/// (`TMPDIR`) for a manifest named by a URL.
+fn scratch_near(manifest: &Path) -> PathBuf {
+    if !matches!(Location::of(manifest), Ok(Location::File(_))) {
+        return std::env::temp_dir();
+    }
     let dir = manifest.parent().filter(|d| !d.as_os_str().is_empty());
-    dir.unwrap_or(Path::new("."))
+    dir.unwrap_or(Path::new(".")).to_path_buf()
 }
 
 /// Reads the supplied manifest and emits its selected entries into `manifest` (None: a dry

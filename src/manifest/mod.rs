@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
-pub use backend::{shown, Location, Manifest};
+pub use backend::{shown, Location, Manifest, PgLocation};
 pub use follow::{
     lag_stats_of, one_key_end, FollowFacts, LagHistogram, LagStats, PendingChange, PendingKeys,
     RefreshKind,

@@ -9,10 +9,16 @@
 //! its answer. A job is a schema (`s3b_<job>`) with SQLite's tables (`schema`); the jobs of
 //! a database are listed in `public.s3b_jobs`.
 //!
+//! Scratch jobs: a job planned from a supplied manifest is built in the schema
+//! `s3b_<job>~planning` (`~` is not allowed in a job name, so no job has it), not listed in
+//! `public.s3b_jobs`, and renamed to `s3b_<job>` and listed there in one transaction once
+//! complete (`staged`).
+//!
 //! Layout: `schema` (tables), `plan` (settings, parts, pages, units made as pages are
 //! listed), `read` (counts, tasks, problems, reports), `run` (claims of units, the run's
-//! writer, leases, heartbeats, fencing), `unsupported` (what a PostgreSQL job does not do
-//! yet, each with one clear error).
+//! writer, leases, heartbeats, fencing), `staged` (a job built whole under its scratch name,
+//! then given its own), `unsupported` (what a PostgreSQL job does not do yet, each with one
+//! clear error).
 //!
 //! May call: `manifest::codec`, the types of `manifest`, `crate::config::JobSettings`.
 
@@ -21,6 +27,7 @@ mod plan;
 mod read;
 pub(crate) mod run;
 mod schema;
+pub mod staged;
 mod unsupported;
 
 use std::sync::mpsc;
@@ -198,12 +205,7 @@ impl PgManifest {
         let made = db.call_with(move |c| {
             let mut tx = c.transaction()?;
             // One creator at a time, database-wide (released at commit).
-            tx.execute("SELECT pg_advisory_xact_lock(7310471301)", &[])?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS public.s3b_jobs (
-                    name TEXT PRIMARY KEY, created_at BIGINT NOT NULL,
-                    schema_version BIGINT NOT NULL)",
-            )?;
+            tx.batch_execute(JOBS_REGISTRY)?;
             let exists = tx
                 .query_opt("SELECT schema_version FROM public.s3b_jobs WHERE name = $1", &[&job])?
                 .map(|r| r.get::<_, i64>(0));
@@ -220,11 +222,7 @@ impl PgManifest {
                         "CREATE SCHEMA {schema}; SET LOCAL search_path TO {schema};"
                     ))?;
                     tx.batch_execute(&schema::tables())?;
-                    tx.execute(
-                        "INSERT INTO public.s3b_jobs (name, created_at, schema_version)
-                         VALUES ($1, $2, $3)",
-                        &[&job, &now_secs(), &SCHEMA_VERSION],
-                    )?;
+                    list_job(&mut tx, &job)?;
                 }
             }
             tx.commit()?;
@@ -367,3 +365,23 @@ impl PgManifest {
 
 /// The version of a job's tables this build writes and reads.
 pub const SCHEMA_VERSION: i64 = 1;
+
+/// The first statements of a transaction that creates a job: one creator at a time,
+/// database-wide (the lock is released at commit), and the list of jobs made if missing.
+const JOBS_REGISTRY: &str = "SELECT pg_advisory_xact_lock(7310471301);
+    CREATE TABLE IF NOT EXISTS public.s3b_jobs (
+        name TEXT PRIMARY KEY, created_at BIGINT NOT NULL,
+        schema_version BIGINT NOT NULL)";
+
+/// Lists job `job` in `public.s3b_jobs` (in a transaction that began with
+/// [`JOBS_REGISTRY`]).
+fn list_job(
+    tx: &mut postgres::Transaction<'_>,
+    job: &str,
+) -> std::result::Result<(), postgres::Error> {
+    tx.execute(
+        "INSERT INTO public.s3b_jobs (name, created_at, schema_version) VALUES ($1, $2, $3)",
+        &[&job, &now_secs(), &SCHEMA_VERSION],
+    )
+    .map(drop)
+}
