@@ -215,6 +215,14 @@ async fn versions_and_delete_markers_make_an_exact_replica(b: Backend) {
     drop_times(&mut json);
     // The fleet (PostgreSQL only: a SQLite job has one process): none left after the run.
     let workers = json.as_object_mut().unwrap().remove("workers");
+    // On RGW, whose CopyObject answer names no version, run learns the destination's version
+    // ids with listings batched in the order copies finish: their number varies from run to
+    // run (every id learned is checked: done_without_dest_version). The estimate counts them.
+    json.as_object_mut().unwrap().remove("estimate");
+    if let Some(r) = json["requests"].as_object_mut() {
+        r.remove("ListObjectVersions");
+    }
+    assert_eq!(json["done_without_dest_version"], 0, "{json}");
     match b {
         Backend::Sqlite => assert_eq!(workers, None),
         Backend::Postgres => assert_eq!(workers, Some(serde_json::json!([]))),
@@ -516,22 +524,12 @@ async fn failed_and_skipped_tasks_are_reported_retried_and_skipped_alike(b: Back
     let gone = histories(&c, &src, "gone/").await["gone/soon"][0]
         .version_id
         .clone();
-    c.delete_object()
-        .bucket(&src)
-        .key("gone/soon")
-        .version_id(&gone)
-        .send()
-        .await
-        .unwrap();
+    delete_version(&c, &src, "gone/soon", &gone).await;
     let proxy = FaultProxy::start(
         upstream(&ep),
         FaultConfig {
-            seed: 1,
-            rate: 0.0,
-            faults: vec![],
-            delay: Duration::ZERO,
             deny_path_prefix: Some(format!("/{src}/shut/")),
-            deny_key_id: None,
+            ..FaultConfig::default()
         },
     )
     .await
@@ -751,15 +749,18 @@ async fn a_missing_job_and_a_bad_manifest_are_one_line_each(b: Backend) {
             std::fs::write(&f, "not a manifest").unwrap();
             f.to_str().unwrap().to_string()
         }
-        Backend::Postgres => {
-            let db = p.db.as_deref().unwrap();
-            let (scheme, rest) = db.split_once("://").unwrap();
-            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-            let sep = if rest.contains('?') { '&' } else { '?' };
-            format!("{scheme}://nobody:s3cret@{rest}{sep}bogus=1")
-        }
+        Backend::Postgres => bad_url(p.db.as_deref().unwrap()),
     };
     one_line_2(&bad, "a bad manifest");
+}
+
+/// The database `db` as user `nobody` with password `s3cret`, and a parameter that no
+/// PostgreSQL client knows: a URL that does not parse.
+fn bad_url(db: &str) -> String {
+    let (scheme, rest) = db.split_once("://").unwrap();
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let sep = if rest.contains('?') { '&' } else { '?' };
+    format!("{scheme}://nobody:s3cret@{rest}{sep}bogus=1")
 }
 
 /// A `--manifest` URL that does not parse is named without its password, and said to be a
@@ -768,11 +769,7 @@ async fn a_missing_job_and_a_bad_manifest_are_one_line_each(b: Backend) {
 #[ignore = "finding: Manifest::open (src/manifest/backend.rs) wraps Location::of's error in ManifestError::BadSettings with the raw --manifest text: the password is printed and the line says 'stored job settings are unreadable'"]
 fn postgres_a_bad_url_is_named_without_its_password() {
     let p = Backend::Postgres.place("badurl");
-    let db = p.db.as_deref().unwrap();
-    let (scheme, rest) = db.split_once("://").unwrap();
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let sep = if rest.contains('?') { '&' } else { '?' };
-    let url = format!("{scheme}://nobody:s3cret@{rest}{sep}bogus=1");
+    let url = bad_url(p.db.as_deref().unwrap());
     let o = run(&["status", "--manifest", &url, "--json"]);
     expect_code(&o, 2);
     let err = stderr_of(&o);
