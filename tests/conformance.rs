@@ -1,9 +1,9 @@
 //! Conformance (issue 20): every command behaves the same on both manifest backends, a SQLite
 //! file and a job in PostgreSQL. Each scenario is written once, as a function of the
-//! [`Backend`], and [`both!`] makes it two tests (`sqlite_X`, `postgres_X`) that make the same
+//! [`Backend`], and [`both!`] makes it two tests (`sqlite::X`, `postgres::X`) that make the same
 //! assertions: the destination's version histories, bodies and metadata, `status --json`
 //! counts, report contents, exit codes. Where a scenario's printed output must be the same
-//! on both (a dry run's selection, the reports), each test hands its normalised output to
+//! on both (a dry run's selection, `status --json`, `verify --json`, the reports), each test hands its normalised output to
 //! [`agree`], and whichever of the pair finishes second compares it with the other's.
 //!
 //! One S3 server and one PostgreSQL cluster for the binary; a fresh database per test and
