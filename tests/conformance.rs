@@ -3,8 +3,9 @@
 //! [`Backend`], and [`both!`] makes it two tests (`sqlite::X`, `postgres::X`) that make the same
 //! assertions: the destination's version histories, bodies and metadata, `status --json`
 //! counts, report contents, exit codes. Where a scenario's printed output must be the same
-//! on both (a dry run's selection, `status --json`, `verify --json`, the reports), each test hands its normalised output to
-//! [`agree`], and whichever of the pair finishes second compares it with the other's.
+//! on both (a dry run's selection, `status --json`, `verify --json`, the reports), each test
+//! hands its normalised output to [`agree`], and whichever of the pair finishes second
+//! compares it with the other's.
 //!
 //! One S3 server and one PostgreSQL cluster for the binary; a fresh database per test and
 //! unique bucket names, so the tests run in parallel.
