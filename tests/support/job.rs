@@ -314,8 +314,15 @@ pub struct TaskRow {
 }
 
 /// Every task of a manifest, read-only, in id order. The one place the tests read the
-/// manifest's tables: a schema change is followed here.
+/// manifest's tables: a schema change is followed here. SQLite files only: a job whose
+/// `--manifest` is a `postgres://` URL (which [`Job::new`] takes as its path) is read with
+/// `status --json`, `report`, or `pg::psql`.
 pub fn manifest_tasks(path: &Path) -> Vec<TaskRow> {
+    assert!(
+        !path.to_string_lossy().starts_with("postgres"),
+        "manifest_tasks reads SQLite files; read {} with status --json, report or psql",
+        path.display()
+    );
     let conn =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("open the manifest read-only");

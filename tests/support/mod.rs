@@ -157,6 +157,18 @@ fn to_next_second() -> Duration {
         + Duration::from_millis(10)
 }
 
+/// Removes one version of a key for good (not a delete marker): a version gone from the
+/// source between `plan` and `run`.
+pub async fn delete_version(c: &Client, bucket: &str, key: &str, version: &str) {
+    c.delete_object()
+        .bucket(bucket)
+        .key(key)
+        .version_id(version)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("delete {key:?} {version}: {e:?}"));
+}
+
 /// One write of a corpus.
 pub async fn apply(c: &Client, bucket: &str, op: Op) {
     match op {
