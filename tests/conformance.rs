@@ -10,9 +10,8 @@
 //! One S3 server and one PostgreSQL cluster for the binary; a fresh database per test and
 //! unique bucket names, so the tests run in parallel.
 //!
-//! Not here yet (made to work on PostgreSQL on another branch; added after the merge):
-//! - supplied manifests: `plan --from-csv` (and `--from-inventory`), then `run`;
-//! - `plan --refresh` of a job whose listing is complete (versions added since, versions gone).
+//! Not here: `plan --refresh` (refused on PostgreSQL in this version). Inventories on
+//! PostgreSQL are in `tests/pg_supplied.rs`.
 
 mod support;
 
@@ -118,6 +117,7 @@ both!(
     failed_and_skipped_tasks_are_reported_retried_and_skipped_alike,
     a_killed_run_resumes_to_an_exact_replica,
     a_missing_job_and_a_bad_manifest_are_one_line_each,
+    a_csv_manifest_plans_exactly_the_versions_it_names,
 );
 
 /// Compares a scenario's normalised output between the backends: the first test of the pair
@@ -767,7 +767,6 @@ fn bad_url(db: &str) -> String {
 /// A `--manifest` URL that does not parse is named without its password, and said to be a
 /// bad URL (not "stored job settings are unreadable").
 #[test]
-#[ignore = "finding: Manifest::open (src/manifest/backend.rs) wraps Location::of's error in ManifestError::BadSettings with the raw --manifest text: the password is printed and the line says 'stored job settings are unreadable'"]
 fn postgres_a_bad_url_is_named_without_its_password() {
     let p = Backend::Postgres.place("badurl");
     let url = bad_url(p.db.as_deref().unwrap());
@@ -776,4 +775,70 @@ fn postgres_a_bad_url_is_named_without_its_password() {
     let err = stderr_of(&o);
     assert!(!err.contains("s3cret"), "the password is shown: {err}");
     assert!(!err.contains("stored job settings"), "{err}");
+}
+
+/// Scenario 9: a supplied CSV manifest (`plan --from-csv`) names some versions and a delete
+/// marker; `run` copies exactly those, in their order; the plan's line and `status` agree.
+async fn a_csv_manifest_plans_exactly_the_versions_it_names(b: Backend) {
+    let (c, src, dst) = buckets("cf-csv").await;
+    let (a, k) = ("s/a", "s/b b");
+    seed(
+        &c,
+        &src,
+        vec![
+            vec![Op::put(a, "a one"), Op::put(k, "b one")],
+            vec![Op::put(a, "a two, longer"), Op::put(k, "b two")],
+            vec![Op::put(a, "a three"), Op::Delete { key: k.into() }],
+        ],
+    )
+    .await;
+    let h = histories(&c, &src, "").await;
+    assert!(h[k][2].delete_marker);
+    let chosen: Vec<(&str, String)> = [(a, 2), (k, 0), (a, 0), (k, 2)]
+        .into_iter()
+        .map(|(key, i)| (key, h[key][i].version_id.clone()))
+        .collect();
+    let p = b.place("csv");
+    let csv = p.dir.path().join("keys.csv");
+    let rows: String = chosen
+        .iter()
+        .map(|(key, v)| format!("{src},{},{v}\n", s3_backfill::s3::types::encode_key(key)))
+        .collect();
+    std::fs::write(&csv, rows).unwrap();
+    let csv = csv.display().to_string();
+    let job = Job::new(&src, &dst, p.path())
+        .endpoint(&endpoint())
+        .extra(&["--delete-markers"]);
+    let mut args = job.plan_args();
+    args.extend(["--from-csv".to_string(), csv.clone()]);
+    let o = run(&strs(&args));
+    expect_code(&o, 0);
+    let err = stderr_of(&o);
+    let planned = err.lines().find(|l| l.starts_with("planned "));
+    let planned = planned.unwrap_or_else(|| panic!("no planned line: {err}"));
+    assert!(
+        planned.starts_with("planned 4 tasks (1 delete markers"),
+        "{planned}"
+    );
+    agree("csv planned", b, normalise(planned, &[(&csv, "CSV")]));
+    let s = job.status();
+    assert!(s.listing_complete, "{s:?}");
+    assert_eq!((s.total, s.pending, s.delete_markers), (4, 4, 1), "{s:?}");
+
+    expect_code(&job.run(&[]), 0);
+    let s = job.status();
+    assert_eq!(
+        (s.total, s.done, s.pending, s.failed),
+        (4, 4, 0, 0),
+        "{s:?}"
+    );
+    let named: std::collections::BTreeSet<String> = chosen.iter().map(|(_, v)| v.clone()).collect();
+    let select = |h: &[Ver]| -> Vec<Ver> {
+        h.iter()
+            .filter(|v| named.contains(&v.version_id))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(assert_replica(&c, &src, &c, &dst, "", "", select).await, 3);
+    expect_code(&job.verify(), 0);
 }

@@ -99,7 +99,10 @@ impl Location {
 
 /// `--manifest` as messages show it: a file's path, or a URL without its password.
 pub fn shown(path: &Path) -> String {
-    Location::of(path).map_or_else(|_| path.display().to_string(), |l| l.shown())
+    Location::of(path).map_or_else(
+        |_| without_password(&path.display().to_string()),
+        |l| l.shown(),
+    )
 }
 
 /// `postgres://user:secret@host/db` without `:secret`.
@@ -151,8 +154,8 @@ impl Manifest {
     /// Opens the manifest `--manifest` names (a file or a `postgres://` URL), creating it
     /// when `create` is true.
     pub fn open(path: &Path, create: bool) -> Result<Manifest> {
-        let location = Location::of(path)
-            .map_err(|why| ManifestError::BadSettings(path.display().to_string(), why))?;
+        let location =
+            Location::of(path).map_err(|why| ManifestError::BadLocation(shown(path), why))?;
         Manifest::open_at(&location, create)
     }
 

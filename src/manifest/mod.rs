@@ -88,6 +88,10 @@ pub enum ManifestError {
     /// The manifest does not exist.
     #[error("manifest {0} does not exist; create it with `s3-backfill plan`")]
     Missing(String),
+    /// `--manifest` is neither a file nor a PostgreSQL URL this build reads (shown without
+    /// its password).
+    #[error("{1} ({0})")]
+    BadLocation(String, String),
     /// The stored settings do not parse.
     #[error("manifest {0}: stored job settings are unreadable: {1}")]
     BadSettings(String, String),
@@ -106,7 +110,7 @@ pub enum ManifestError {
     #[error("manifest {0}: {1}")]
     Limit(String, String),
     /// PostgreSQL failed (a `postgres://` manifest).
-    #[error("manifest {path}: PostgreSQL: {source}")]
+    #[error("manifest {path}: PostgreSQL: {}", pg_detail(source))]
     Pg {
         /// The manifest's URL (without its password) and job.
         path: String,
@@ -730,5 +734,14 @@ impl SqliteManifest {
     /// Starts the writer thread that owns this connection for the rest of a run.
     pub fn into_writer(self) -> Writer {
         writer::start(self)
+    }
+}
+
+/// A PostgreSQL error in one line: its own text, then its cause where the driver keeps the
+/// cause apart (a refused connection says only "error connecting to server" itself).
+fn pg_detail(e: &postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) if e.as_db_error().is_none() => format!("{e}: {cause}"),
+        _ => e.to_string(),
     }
 }
