@@ -112,10 +112,14 @@ struct Work {
     /// Held units that were claimed before this process's claim: their open tasks are in
     /// doubt (see [`Doubt`]).
     doubt: HashMap<i64, Doubt>,
-    /// Starts of the tasks claimed by the last group's reads (id, start time): written with
-    /// the next group, where each is folded into its task's result when that is there.
-    carry: Vec<(i64, i64)>,
+    /// Starts not written yet: task id → (start time, when it came). A start is written
+    /// with its task's result, in the same row update; alone only once it is older than
+    /// [`START_KEPT`] (so `status` shows a long copy in progress).
+    starts: HashMap<i64, (i64, Instant)>,
 }
+
+/// How long a start waits for its task's result before it is written alone.
+const START_KEPT: Duration = Duration::from_secs(1);
 
 /// What is known of the earlier attempts at a re-claimed unit's tasks. A run does not wait
 /// for an attempt's start to be committed (a group lingers; see `Run::serve`), so every
@@ -155,7 +159,7 @@ struct Snapshot {
     key_unit: HashMap<i64, i64>,
     units: BTreeMap<i64, UnitCount>,
     doubt: HashMap<i64, Doubt>,
-    carry: Vec<(i64, i64)>,
+    starts: HashMap<i64, (i64, Instant)>,
 }
 
 fn pg(shown: &str, e: tokio_postgres::Error) -> String {
@@ -246,7 +250,7 @@ impl Run {
                 units: BTreeMap::new(),
                 buckets,
                 doubt: HashMap::new(),
-                carry: Vec::new(),
+                starts: HashMap::new(),
             },
             heartbeat,
         })
@@ -348,8 +352,17 @@ impl Run {
         .await?;
         fence(&tx, &held).await?;
         let mut ops = Ops::default();
-        for (id, at) in std::mem::take(&mut work.carry) {
-            ops.update(&Update::Started { id, at }, mode);
+        let now = Instant::now();
+        let old: Vec<i64> = work
+            .starts
+            .iter()
+            .filter(|(_, (_, came))| now.duration_since(*came) >= START_KEPT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            if let Some((at, _)) = work.starts.remove(&id) {
+                ops.update(&Update::Started { id, at }, mode);
+            }
         }
         let mut reads = Vec::new();
         let mut done = 0i64;
@@ -370,13 +383,21 @@ impl Run {
                         bps
                     );
                 }
+                Msg::Update(Update::Started { id, at }, _) => {
+                    work.starts.insert(*id, (*at, now));
+                }
+                // A start never written needs no undoing.
+                Msg::Update(Update::Released { id, .. }, _) if work.starts.remove(id).is_some() => {
+                }
                 Msg::Update(u, _) => {
-                    if let Update::Finished {
-                        outcome: Outcome::Done { .. },
-                        ..
-                    } = u
-                    {
-                        done += 1;
+                    if let Update::Finished { id, outcome } = u {
+                        if matches!(outcome, Outcome::Done { .. }) {
+                            done += 1;
+                        }
+                        if let Some((at, _)) = work.starts.remove(id) {
+                            // Folded into the result's statement when that is `Done`.
+                            ops.update(&Update::Started { id: *id, at }, mode);
+                        }
                     }
                     work.count(u);
                     ops.update(u, mode);
@@ -430,7 +451,7 @@ impl Work {
             key_unit: self.key_unit.clone(),
             units: self.units.clone(),
             doubt: self.doubt.clone(),
-            carry: self.carry.clone(),
+            starts: self.starts.clone(),
         }
     }
 
@@ -440,7 +461,7 @@ impl Work {
         self.key_unit = s.key_unit;
         self.units = s.units;
         self.doubt = s.doubt;
-        self.carry = s.carry;
+        self.starts = s.starts;
     }
 
     /// Counts a finished task against its unit.
@@ -608,12 +629,12 @@ impl Work {
 
     /// Claims the first task a key worker will attempt in each group (as the SQLite
     /// writer's claim: the first open task no failed older task of the same destination
-    /// bucket blocks). Its start is written with the next group (`carry`), not waited for:
+    /// bucket blocks). Its start is kept with the others (`starts`), not waited for:
     /// the tasks of a unit claimed again are in doubt as a whole (see [`Doubt`]).
     fn claim_first(&mut self, mut groups: Vec<KeyGroup>, at: i64) -> Vec<KeyGroup> {
         for g in groups.iter_mut() {
             if let Some(id) = first_to_claim(g, &self.buckets) {
-                self.carry.push((id, at));
+                self.starts.insert(id, (at, Instant::now()));
                 g.claimed = Some(id);
             }
         }
@@ -1274,8 +1295,10 @@ mod tests {
         assert_eq!((a_task.state, a_task.attempts), (State::Done, 1));
         let (v1, v2) = (&again[1].tasks[0], &again[1].tasks[1]);
         assert_eq!(v1.entry.version_id, "v1");
-        assert_eq!((v1.attempts, v1.started_at), (1, Some(100)), "{v1:?}");
+        // v1's claim (a start, kept for its result) was never written; v2 never started.
+        assert_eq!(v1.attempts, 1, "in doubt: {v1:?}");
         assert_eq!(v1.attempt_stamped, Some(false));
+        assert_eq!(v1.started_at, v2.started_at);
         assert_eq!(v2.attempts, 1, "never started here, yet in doubt: {v2:?}");
         assert_eq!(v2.attempt_stamped, Some(false), "the first owner's mode");
         let first_claim = pg
