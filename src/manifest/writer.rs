@@ -385,6 +385,9 @@ const GROUP: usize = 2000;
 /// process is killed (those tasks are reconciled by the next run).
 const LINGER: Duration = Duration::from_millis(20);
 
+/// [`LINGER`] where starts are not durable (see [`next_group`]): fewer commits.
+const LINGER_UNITS: Duration = Duration::from_millis(100);
+
 /// While a group lingers, the queue is read every `POLL`: the thread sleeps instead of
 /// waiting on the channel, so senders do not wake it for every update, and an update that
 /// is waited for is committed within `POLL`.
@@ -393,7 +396,8 @@ const POLL: Duration = Duration::from_millis(1);
 /// The next group: what is queued, and, while nobody waits for any of it, what comes
 /// within [`LINGER`]. Without `durable_starts` an attempt's start is answered on arrival
 /// and committed with the group (a backend whose re-claimed work is in doubt as a whole:
-/// PostgreSQL's units).
+/// PostgreSQL's units), and a group lingers [`LINGER_UNITS`]: a result lost with the process
+/// costs a reconciliation there, not a durable start.
 pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>, durable_starts: bool) -> Option<Vec<Msg>> {
     let take = |msg: Msg| match msg {
         Msg::Update(u @ Update::Started { .. }, Some(ack)) if !durable_starts => {
@@ -405,7 +409,7 @@ pub(crate) fn next_group(rx: &mpsc::Receiver<Msg>, durable_starts: bool) -> Opti
     let first = take(rx.recv().ok()?);
     let mut awaited = first.awaited();
     let mut batch = vec![first];
-    let until = Instant::now() + LINGER;
+    let until = Instant::now() + if durable_starts { LINGER } else { LINGER_UNITS };
     loop {
         while batch.len() < GROUP {
             match rx.try_recv() {
