@@ -1686,9 +1686,11 @@ mod tests {
         );
     }
 
-    /// Every task of `key`, oldest first: (version id, delete marker, refresh, state), as
-    /// `refresh_tests` reads them.
-    fn key_rows(m: &PgManifest, key: &str) -> Vec<(String, bool, i64, State)> {
+    /// A task as `refresh_tests` reads it: (version id, delete marker, refresh, state).
+    type KeyRow = (String, bool, i64, State);
+
+    /// Every task of `key`, oldest first (see [`KeyRow`]).
+    fn key_rows(m: &PgManifest, key: &str) -> Vec<KeyRow> {
         let key = key.to_string();
         m.db.call(move |c| {
             let rows = c.query(
@@ -1987,9 +1989,7 @@ mod tests {
 
     /// `refresh_tests`' refresh of two parts, killed (the manifest closed) after page
     /// `kill_after` and resumed by listing that page again.
-    fn refresh_killed_after(
-        kill_after: Option<usize>,
-    ) -> Option<Vec<Vec<(String, bool, i64, State)>>> {
+    fn refresh_killed_after(kill_after: Option<usize>) -> Option<Vec<Vec<KeyRow>>> {
         let (mut m, l) = job("refresh-killed")?;
         assert!(m.split_partitions(&["m".to_string()]).unwrap());
         let first = ["a", "b", "c", "d"].map(|k| null(k, k, 1));
