@@ -865,6 +865,28 @@ fn status_refresh_lines(manifest: &str, names: &[(&str, &str)]) -> String {
     normalise(&lines.join("\n"), names)
 }
 
+/// A job of `src` to `dst` (delete markers, listing pages of 2 entries), planned and run.
+fn planned_and_run(b: Backend, tag: &str, src: &str, dst: &str) -> (Place, Job) {
+    let p = b.place(tag);
+    let job = Job::new(src, dst, p.path()).endpoint(&endpoint()).extra(&[
+        "--delete-markers",
+        "--list-page-size",
+        "2",
+    ]);
+    expect_code(&job.plan(), 0);
+    expect_code(&job.run(&["--concurrency", "4"]), 0);
+    (p, job)
+}
+
+/// `plan --refresh` of the job, which succeeds.
+fn plan_refresh(job: &Job) -> Output {
+    let mut args = job.plan_args();
+    args.push("--refresh".into());
+    let o = run(&strs(&args));
+    expect_code(&o, 0);
+    o
+}
+
 /// Scenario 11: `plan --refresh` of a versioned source after a run: new versions, an
 /// overwrite, a deletion and a new key are planned (nothing else), and a run makes the
 /// replica exact again; the refresh's lines and `status` read the same on both backends.
@@ -880,12 +902,7 @@ async fn a_refresh_plans_what_is_new_and_a_run_catches_up(b: Backend) {
         ],
     )
     .await;
-    let p = b.place("refresh");
-    let job = Job::new(&src, &dst, p.path())
-        .endpoint(&endpoint())
-        .extra(&["--delete-markers", "--list-page-size", "2"]);
-    expect_code(&job.plan(), 0);
-    expect_code(&job.run(&["--concurrency", "4"]), 0);
+    let (p, job) = planned_and_run(b, "refresh", &src, &dst);
     assert_eq!(job.status().done, 8);
     // The source moves on: a new version, an overwrite, a deletion, a new key.
     seed(
@@ -899,15 +916,8 @@ async fn a_refresh_plans_what_is_new_and_a_run_catches_up(b: Backend) {
         ]],
     )
     .await;
-    let mut args = job.plan_args();
-    args.push("--refresh".into());
-    let o = run(&strs(&args));
-    expect_code(&o, 0);
-    let names = [
-        (src.as_str(), "SRC"),
-        (dst.as_str(), "DST"),
-        (p.manifest.as_str(), "M"),
-    ];
+    let o = plan_refresh(&job);
+    let names = [(&*src, "SRC"), (&*dst, "DST"), (&*p.manifest, "M")];
     let said = refresh_said(&o, &names);
     assert!(
         said.contains("refresh 1: 4 new tasks; 0 tasks of earlier listings"),
@@ -936,8 +946,7 @@ async fn a_refresh_plans_what_is_new_and_a_run_catches_up(b: Backend) {
     assert_eq!(assert_replica(&c, &src, &c, &dst, "", "", all).await, 11);
     expect_code(&job.verify(), 0);
     // Nothing new: a second refresh adds nothing.
-    let o = run(&strs(&args));
-    expect_code(&o, 0);
+    let o = plan_refresh(&job);
     assert!(refresh_said(&o, &names).contains("refresh 2: 0 new tasks"));
     assert_eq!(job.status().total, 12);
 }
@@ -960,12 +969,7 @@ async fn a_refresh_of_an_unversioned_source_plans_overwrites_and_deletions(b: Ba
             .collect()],
     )
     .await;
-    let p = b.place("unversioned");
-    let job = Job::new(&src, &dst, p.path())
-        .endpoint(&endpoint())
-        .extra(&["--delete-markers", "--list-page-size", "2"]);
-    expect_code(&job.plan(), 0);
-    expect_code(&job.run(&[]), 0);
+    let (p, job) = planned_and_run(b, "unversioned", &src, &dst);
     assert_eq!(job.status().done, 5);
     seed(
         &c,
@@ -977,15 +981,8 @@ async fn a_refresh_of_an_unversioned_source_plans_overwrites_and_deletions(b: Ba
         ]],
     )
     .await;
-    let mut args = job.plan_args();
-    args.push("--refresh".into());
-    let o = run(&strs(&args));
-    expect_code(&o, 0);
-    let names = [
-        (src.as_str(), "SRC"),
-        (dst.as_str(), "DST"),
-        (p.manifest.as_str(), "M"),
-    ];
+    let o = plan_refresh(&job);
+    let names = [(&*src, "SRC"), (&*dst, "DST"), (&*p.manifest, "M")];
     let said = refresh_said(&o, &names);
     assert!(said.contains("refresh 1: 3 new tasks"), "{said}");
     assert!(said.contains("(1 delete tasks)"), "{said}");

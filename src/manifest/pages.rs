@@ -647,6 +647,22 @@ fn newest_per_dest(
     Ok((newest, next_seq))
 }
 
+/// The delete a refresh plans for key `key`, gone from a source without versioning, at
+/// destination `dest`.
+pub(super) fn delete_task(key: &str, dest: i64) -> NewTask {
+    NewTask {
+        entry: crate::s3::VersionEntry {
+            key: key.to_string(),
+            version_id: "null".into(),
+            is_delete_marker: true,
+            is_latest: true,
+            ..Default::default()
+        },
+        history_pos: 0,
+        dest,
+    }
+}
+
 /// Ends a refresh whose listing just completed (in the transaction of its last page): when
 /// it tracks deletions, each key it did not list whose newest task (per destination) is an
 /// object version gets a delete task where `deletes` says the delete is replicated, and is
@@ -702,17 +718,7 @@ fn finish_refresh(
                     let why = format!("key {key:?} has more than {SEQ_MASK} tasks");
                     return Err(DbError::Limit(why));
                 }
-                let t = NewTask {
-                    entry: crate::s3::VersionEntry {
-                        key: key.clone(),
-                        version_id: "null".into(),
-                        is_delete_marker: true,
-                        is_latest: true,
-                        ..Default::default()
-                    },
-                    history_pos: 0,
-                    dest,
-                };
+                let t = delete_task(&key, dest);
                 let id = task_id(key_id, next_seq);
                 insert_task(conn, id, generation, &t, Plan::Copy, &mut added.tally)?;
                 next_seq += 1;

@@ -31,8 +31,8 @@ use postgres::{GenericClient, Statement, Transaction};
 use super::{now_secs, PgError, PgManifest};
 use crate::manifest::codec::{class_code, task_id, DELETE_MARKER, LATEST, SEQ_BITS, SEQ_MASK};
 use crate::manifest::pages::{
-    aggregate, note_planned, Identity, Planned, MAX_KEY_ID, OUT_OF_ORDER_WHY, REPLACED_WHY,
-    SOURCE_CHANGED,
+    aggregate, delete_task, note_planned, Identity, Planned, MAX_KEY_ID, OUT_OF_ORDER_WHY,
+    REPLACED_WHY, SOURCE_CHANGED,
 };
 use crate::manifest::{
     ListedPage, Listing, ManifestError, NewTask, Partition, Refresh, Result, State, OUT_OF_ORDER,
@@ -820,17 +820,7 @@ fn finish_refresh(
                         "key {key:?} has more than {SEQ_MASK} tasks"
                     ))));
                 }
-                let t = NewTask {
-                    entry: VersionEntry {
-                        key: key.clone(),
-                        version_id: "null".into(),
-                        is_delete_marker: true,
-                        is_latest: true,
-                        ..Default::default()
-                    },
-                    history_pos: 0,
-                    dest,
-                };
+                let t = delete_task(&key, dest);
                 rows.push(task_id(key_id, next_seq), unit, &t, State::Pending);
                 next_seq += 1;
                 deleted += 1;
