@@ -2098,24 +2098,40 @@ mod tests {
         check_recount(&m);
     }
 
+    /// The s3 layer's fake with an empty versioned bucket `src`, keys of `per_prefix` under
+    /// each of `prefixes` (to be written), and a job from `src` with delete markers.
+    fn fake_source(
+        prefixes: &[&str],
+        per_prefix: usize,
+    ) -> (
+        crate::s3::fake::FakeServer,
+        Vec<String>,
+        crate::config::JobSettings,
+    ) {
+        let server = crate::s3::fake::FakeServer::new();
+        server.create_bucket("src", true);
+        let keys = prefixes
+            .iter()
+            .flat_map(|p| (0..per_prefix).map(move |i| format!("{p}{i:02}")))
+            .collect();
+        let mut job = crate::manifest::tests::settings();
+        job.source.bucket = "src".into();
+        job.selection.delete_markers = true;
+        (server, keys, job)
+    }
+
     /// The real lister (four parts, pages of 7 entries) against the s3 layer's fake, into
     /// a PostgreSQL job: every version once, in order, in units of whole keys of its part.
     #[tokio::test(flavor = "multi_thread")]
     async fn the_lister_plans_a_postgres_job_in_parts() {
         use crate::lister::Lister;
         use crate::manifest::Manifest;
-        use crate::s3::fake::FakeServer;
         use crate::s3::{Side, S3};
 
         let Some(url) = pg_job("plan-lister") else {
             return;
         };
-        let server = FakeServer::new();
-        server.create_bucket("src", true);
-        let mut keys: Vec<String> = Vec::new();
-        for p in ["a/", "b/", "c/", "d/", "e/", "f/"] {
-            keys.extend((0..8).map(|i| format!("{p}{i:02}")));
-        }
+        let (server, keys, job) = fake_source(&["a/", "b/", "c/", "d/", "e/", "f/"], 8);
         for (i, k) in keys.iter().enumerate() {
             server.put("src", k, b"v1", &[]);
             if i % 3 == 0 {
@@ -2125,9 +2141,6 @@ mod tests {
                 server.put("src", k, b"v3", &[]);
             }
         }
-        let mut job = crate::manifest::tests::settings();
-        job.source.bucket = "src".into();
-        job.selection.delete_markers = true;
         let mut m = Manifest::open(&url, true).unwrap();
         m.store_settings(&job).unwrap();
         let source = S3::alone(server.client(Side::Source), 8);
@@ -2179,24 +2192,15 @@ mod tests {
     async fn the_lister_refreshes_a_postgres_job_in_parts() {
         use crate::lister::Lister;
         use crate::manifest::Manifest;
-        use crate::s3::fake::FakeServer;
         use crate::s3::{Side, S3};
 
         let Some(url) = pg_job("refresh-lister") else {
             return;
         };
-        let server = FakeServer::new();
-        server.create_bucket("src", true);
-        let mut keys: Vec<String> = Vec::new();
-        for p in ["a/", "b/", "c/", "d/"] {
-            keys.extend((0..6).map(|i| format!("{p}{i:02}")));
-        }
+        let (server, keys, job) = fake_source(&["a/", "b/", "c/", "d/"], 6);
         for k in &keys {
             server.put("src", k, b"v1", &[]);
         }
-        let mut job = crate::manifest::tests::settings();
-        job.source.bucket = "src".into();
-        job.selection.delete_markers = true;
         let mut m = Manifest::open(&url, true).unwrap();
         m.store_settings(&job).unwrap();
         let source = S3::alone(server.client(Side::Source), 8);
