@@ -10,8 +10,8 @@
 //! One S3 server and one PostgreSQL cluster for the binary; a fresh database per test and
 //! unique bucket names, so the tests run in parallel.
 //!
-//! Not here: `plan --refresh` (refused on PostgreSQL in this version). Inventories on
-//! PostgreSQL are in `tests/pg_supplied.rs`.
+//! Not here: `follow` (refused on PostgreSQL in this version). Inventories on PostgreSQL
+//! are in `tests/pg_supplied.rs`.
 
 mod support;
 
@@ -118,6 +118,8 @@ both!(
     a_killed_run_resumes_to_an_exact_replica,
     a_missing_job_and_a_bad_manifest_are_one_line_each,
     a_csv_manifest_plans_exactly_the_versions_it_names,
+    a_refresh_plans_what_is_new_and_a_run_catches_up,
+    a_refresh_of_an_unversioned_source_plans_overwrites_and_deletions,
 );
 
 /// Compares a scenario's normalised output between the backends: the first test of the pair
@@ -841,4 +843,166 @@ async fn a_csv_manifest_plans_exactly_the_versions_it_names(b: Backend) {
     };
     assert_eq!(assert_replica(&c, &src, &c, &dst, "", "", select).await, 3);
     expect_code(&job.verify(), 0);
+}
+
+/// The lines a `plan --refresh` printed about the refresh, with the test's names replaced.
+fn refresh_said(o: &Output, names: &[(&str, &str)]) -> String {
+    let said = stderr_of(o);
+    let lines: Vec<&str> = said.lines().filter(|l| l.starts_with("refresh ")).collect();
+    assert!(!lines.is_empty(), "no refresh line: {said}");
+    normalise(&lines.join("\n"), names)
+}
+
+/// `status` (text): its lines about refreshes and keys deleted at the source.
+fn status_refresh_lines(manifest: &str, names: &[(&str, &str)]) -> String {
+    let o = run(&["status", "--manifest", manifest]);
+    expect_code(&o, 0);
+    let text = out(&o);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("refresh ") || l.contains("deleted at the source"))
+        .collect();
+    normalise(&lines.join("\n"), names)
+}
+
+/// A job of `src` to `dst` (delete markers, listing pages of 2 entries), planned and run.
+fn planned_and_run(b: Backend, tag: &str, src: &str, dst: &str) -> (Place, Job) {
+    let p = b.place(tag);
+    let job = Job::new(src, dst, p.path()).endpoint(&endpoint()).extra(&[
+        "--delete-markers",
+        "--list-page-size",
+        "2",
+    ]);
+    expect_code(&job.plan(), 0);
+    expect_code(&job.run(&["--concurrency", "4"]), 0);
+    (p, job)
+}
+
+/// `plan --refresh` of the job, which succeeds.
+fn plan_refresh(job: &Job) -> Output {
+    let mut args = job.plan_args();
+    args.push("--refresh".into());
+    let o = run(&strs(&args));
+    expect_code(&o, 0);
+    o
+}
+
+/// Scenario 11: `plan --refresh` of a versioned source after a run: new versions, an
+/// overwrite, a deletion and a new key are planned (nothing else), and a run makes the
+/// replica exact again; the refresh's lines and `status` read the same on both backends.
+async fn a_refresh_plans_what_is_new_and_a_run_catches_up(b: Backend) {
+    let (c, src, dst) = buckets("cf-refr").await;
+    let keys: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    seed(
+        &c,
+        &src,
+        vec![
+            keys.iter().map(|k| Op::put(k, format!("v1 {k}"))).collect(),
+            vec![Op::put("k0", "v2 k0"), Op::put("k1", "v2 k1")],
+        ],
+    )
+    .await;
+    let (p, job) = planned_and_run(b, "refresh", &src, &dst);
+    assert_eq!(job.status().done, 8);
+    // The source moves on: a new version, an overwrite, a deletion, a new key.
+    seed(
+        &c,
+        &src,
+        vec![vec![
+            Op::put("k0", "v3 k0"),
+            Op::put("k2", "v2 k2, longer"),
+            Op::Delete { key: "k3".into() },
+            Op::put("n/new", "new"),
+        ]],
+    )
+    .await;
+    let o = plan_refresh(&job);
+    let names = [(&*src, "SRC"), (&*dst, "DST"), (&*p.manifest, "M")];
+    let said = refresh_said(&o, &names);
+    assert!(
+        said.contains("refresh 1: 4 new tasks; 0 tasks of earlier listings"),
+        "{said}"
+    );
+    agree("refresh said", b, said);
+    let s = job.status();
+    assert_eq!(
+        (s.total, s.pending, s.done, s.delete_markers),
+        (12, 4, 8, 1),
+        "{s:?}"
+    );
+    assert!(s.listing_complete, "{s:?}");
+    agree(
+        "refresh status",
+        b,
+        status_refresh_lines(&p.manifest, &names),
+    );
+    expect_code(&job.run(&["--concurrency", "4"]), 0);
+    let s = job.status();
+    assert_eq!(
+        (s.done, s.pending, s.failed, s.skipped),
+        (12, 0, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(assert_replica(&c, &src, &c, &dst, "", "", all).await, 11);
+    expect_code(&job.verify(), 0);
+    // Nothing new: a second refresh adds nothing.
+    let o = plan_refresh(&job);
+    assert!(refresh_said(&o, &names).contains("refresh 2: 0 new tasks"));
+    assert_eq!(job.status().total, 12);
+}
+
+/// Scenario 12: `plan --refresh` of a source without versioning: a key overwritten in place
+/// is copied again, a key no longer listed gets a delete, a new key is copied; the
+/// destination's current entries are the source's again.
+async fn a_refresh_of_an_unversioned_source_plans_overwrites_and_deletions(b: Backend) {
+    let c = client(&endpoint());
+    let (src, dst) = (bucket("cf-unv-s"), bucket("cf-unv-d"));
+    create_bucket(&c, &src, false).await;
+    create_bucket(&c, &dst, true).await;
+    let keys: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
+    seed(
+        &c,
+        &src,
+        vec![keys
+            .iter()
+            .map(|k| Op::put(k, format!("one {k}")))
+            .collect()],
+    )
+    .await;
+    let (p, job) = planned_and_run(b, "unversioned", &src, &dst);
+    assert_eq!(job.status().done, 5);
+    seed(
+        &c,
+        &src,
+        vec![vec![
+            Op::put("u1", "two u1, longer"),
+            Op::Delete { key: "u2".into() },
+            Op::put("u5", "new"),
+        ]],
+    )
+    .await;
+    let o = plan_refresh(&job);
+    let names = [(&*src, "SRC"), (&*dst, "DST"), (&*p.manifest, "M")];
+    let said = refresh_said(&o, &names);
+    assert!(said.contains("refresh 1: 3 new tasks"), "{said}");
+    assert!(said.contains("(1 delete tasks)"), "{said}");
+    agree("unversioned refresh said", b, said);
+    let s = job.status();
+    assert_eq!((s.total, s.pending, s.delete_markers), (8, 3, 1), "{s:?}");
+    expect_code(&job.run(&[]), 0);
+    assert_eq!(job.status().done, 8);
+    // Each source key's current contents are the destination's; u2 is deleted there.
+    let sh = histories(&c, &src, "").await;
+    let dh = histories(&c, &dst, "").await;
+    let current = |h: &[Ver]| h.last().map(|v| (v.delete_marker, v.etag.clone(), v.size));
+    for (k, h) in &sh {
+        assert_eq!(current(dh[k].as_slice()), current(h.as_slice()), "{k}");
+    }
+    assert_eq!(dh.len(), 6);
+    assert!(dh["u2"].last().unwrap().delete_marker, "{:?}", dh["u2"]);
+    agree(
+        "unversioned refresh status",
+        b,
+        status_refresh_lines(&p.manifest, &names),
+    );
 }

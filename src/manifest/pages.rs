@@ -33,13 +33,13 @@ pub(super) const MAX_KEY_ID: i64 = i64::MAX >> SEQ_BITS;
 /// key that already has a task: written now, it would become the destination's current
 /// version over newer ones.
 pub const OUT_OF_ORDER: &str = "OutOfOrder";
-const OUT_OF_ORDER_WHY: &str =
+pub(super) const OUT_OF_ORDER_WHY: &str =
     "selected by a refresh after newer versions were copied: would be written out of order";
 
 /// The error code of a read that found the source version changed since its listing (the
 /// copier's `SourceChanged`).
-const SOURCE_CHANGED: &str = "SourceChanged";
-const REPLACED_WHY: &str = "replaced at the source before it was copied (a refresh planned what replaced it); its contents are no longer at the source";
+pub(super) const SOURCE_CHANGED: &str = "SourceChanged";
+pub(super) const REPLACED_WHY: &str = "replaced at the source before it was copied (a refresh planned what replaced it); its contents are no longer at the source";
 
 /// A refresh that plans what replaced a key's `null` version (new contents, or its deletion
 /// from a source without versioning) settles the failed tasks of that key's earlier `null`
@@ -80,7 +80,7 @@ fn settle_replaced_nulls(
 /// keeping its id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct Identity {
-    dest: i64,
+    pub(super) dest: i64,
     version_id: String,
     content: Option<(Option<String>, i64, Option<String>, bool)>,
 }
@@ -400,7 +400,7 @@ impl Added {
 /// Per destination, the highest place (smallest history position) in a key's history of
 /// this listing at which an entry with a task of an earlier listing was met: a new entry
 /// below it (a larger position) is older than a version already planned.
-type Planned = BTreeMap<i64, i64>;
+pub(super) type Planned = BTreeMap<i64, i64>;
 
 /// Where a partition's refresh stands within its last listed key (its history may go on on
 /// the next page): what was met of it so far (see [`Planned`]).
@@ -440,7 +440,7 @@ fn store_open_key_state(
 }
 
 /// Records that key `key`'s entry at `pos` has a task of an earlier listing for `dest`.
-fn note_planned(above: &mut HashMap<String, Planned>, key: &str, dest: i64, pos: i64) {
+pub(super) fn note_planned(above: &mut HashMap<String, Planned>, key: &str, dest: i64, pos: i64) {
     let p = above
         .entry(key.to_string())
         .or_default()
@@ -647,6 +647,22 @@ fn newest_per_dest(
     Ok((newest, next_seq))
 }
 
+/// The delete a refresh plans for key `key`, gone from a source without versioning, at
+/// destination `dest`.
+pub(super) fn delete_task(key: &str, dest: i64) -> NewTask {
+    NewTask {
+        entry: crate::s3::VersionEntry {
+            key: key.to_string(),
+            version_id: "null".into(),
+            is_delete_marker: true,
+            is_latest: true,
+            ..Default::default()
+        },
+        history_pos: 0,
+        dest,
+    }
+}
+
 /// Ends a refresh whose listing just completed (in the transaction of its last page): when
 /// it tracks deletions, each key it did not list whose newest task (per destination) is an
 /// object version gets a delete task where `deletes` says the delete is replicated, and is
@@ -702,17 +718,7 @@ fn finish_refresh(
                     let why = format!("key {key:?} has more than {SEQ_MASK} tasks");
                     return Err(DbError::Limit(why));
                 }
-                let t = NewTask {
-                    entry: crate::s3::VersionEntry {
-                        key: key.clone(),
-                        version_id: "null".into(),
-                        is_delete_marker: true,
-                        is_latest: true,
-                        ..Default::default()
-                    },
-                    history_pos: 0,
-                    dest,
-                };
+                let t = delete_task(&key, dest);
                 let id = task_id(key_id, next_seq);
                 insert_task(conn, id, generation, &t, Plan::Copy, &mut added.tally)?;
                 next_seq += 1;

@@ -109,7 +109,7 @@ pub(super) const RETRIED_OUT_OF_ORDER_WHY: &str = "not retried: newer versions o
 pub(super) const OUT_OF_ORDER_SQL: &str = "SELECT count(*) FROM task t JOIN errors e
     ON e.task = t.id WHERE t.state >= 3 AND t.state = 4 AND e.code = 'OutOfOrder'";
 /// Keys deleted at the source that `status` names at most.
-const NAMED_DELETED: usize = 20;
+pub(super) const NAMED_DELETED: usize = 20;
 pub(super) const FAILED_SQL: &str = "SELECT id, dest, refresh, history_pos FROM task
     WHERE state >= 3 AND state = 3 ORDER BY id";
 /// Open tasks of a key newer than a failed one, to the failed task's destination bucket

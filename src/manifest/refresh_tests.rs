@@ -3,6 +3,7 @@
 //! source without versioning (a delete task, or named as kept), entries selected below
 //! planned ones (stored skipped, out of order), and a refresh killed between any two pages
 //! and resumed (replaying its last page) planning exactly what an uninterrupted one does.
+//! Its listed entries and pages are shared with `pg::plan`'s tests of the same cases.
 
 use std::path::Path;
 
@@ -10,7 +11,7 @@ use super::*;
 use crate::s3::VersionEntry;
 
 /// A listed `null` entry of an unversioned source.
-fn null(key: &str, etag: &str, secs: u32) -> NewTask {
+pub(super) fn null(key: &str, etag: &str, secs: u32) -> NewTask {
     NewTask {
         entry: VersionEntry {
             key: key.into(),
@@ -26,7 +27,7 @@ fn null(key: &str, etag: &str, secs: u32) -> NewTask {
     }
 }
 
-fn version(key: &str, v: &str, pos: u64) -> NewTask {
+pub(super) fn version(key: &str, v: &str, pos: u64) -> NewTask {
     NewTask {
         entry: VersionEntry {
             key: key.into(),
@@ -41,14 +42,14 @@ fn version(key: &str, v: &str, pos: u64) -> NewTask {
     }
 }
 
-fn done_listing() -> Listing {
+pub(super) fn done_listing() -> Listing {
     Listing {
         complete: true,
         ..Listing::default()
     }
 }
 
-fn page_listing() -> Listing {
+pub(super) fn page_listing() -> Listing {
     Listing {
         pages: 1,
         ..Listing::default()
@@ -84,15 +85,15 @@ fn rows(m: &SqliteManifest, key: &str) -> Vec<(String, bool, i64, State)> {
         .collect()
 }
 
-fn row(v: &str, dm: bool, refresh: i64, state: State) -> (String, bool, i64, State) {
+pub(super) fn row(v: &str, dm: bool, refresh: i64, state: State) -> (String, bool, i64, State) {
     (v.to_string(), dm, refresh, state)
 }
 
-fn replicated(_: &str) -> Vec<i64> {
+pub(super) fn replicated(_: &str) -> Vec<i64> {
     vec![0]
 }
 
-fn not_replicated(_: &str) -> Vec<i64> {
+pub(super) fn not_replicated(_: &str) -> Vec<i64> {
     Vec::new()
 }
 
@@ -295,7 +296,7 @@ fn an_older_entry_selected_later_is_stored_skipped_not_written_out_of_order() {
 
 /// The pages of a refresh of two partitions (keys before "m", and from "m"): overwrites,
 /// deletions, new keys, unselected keys.
-fn refresh_pages() -> Vec<(i64, Vec<NewTask>, Vec<&'static str>, bool)> {
+pub(super) fn refresh_pages() -> Vec<(i64, Vec<NewTask>, Vec<&'static str>, bool)> {
     vec![
         (
             0,

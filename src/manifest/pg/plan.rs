@@ -8,30 +8,36 @@
 //! units' task counts, the part's checkpoint and the counters. A key's row is locked while a
 //! page adds to it, so two listers (of different parts, or of one part after a lease moved
 //! it) never give two tasks one id; a replayed entry is recognised as SQLite does it (same
-//! destination and version id, and for a `null` version the same content). Only the first
-//! listing (generation 0) is planned here: refreshes are not supported on PostgreSQL yet.
+//! destination and version id, and for a `null` version the same content).
+//!
+//! A refresh (a later listing generation) plans what SQLite's does (see `manifest::pages`):
+//! entries known by their identity are matched, new ones added after the key's tasks (into
+//! its unit, which opens again when it was done or held back), an entry below one an earlier
+//! listing planned is stored skipped (out of order), and on a source without versioning the
+//! page that completes the listing plans a delete of each key no longer listed. Its state
+//! across pages (keys listed, each part's last key) is in tables, so a killed refresh resumes
+//! to the same result; the page that completes the last part finishes the refresh, whichever
+//! process lists it (pages that complete a part take the refresh's row lock first).
 //!
 //! May call: `pg::schema`, `manifest::codec`, `manifest::pages` (what identifies an entry,
-//! the parts summed), the types of `manifest`.
+//! the parts summed, the reasons stored), the types of `manifest`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use postgres::error::SqlState;
 use postgres::{GenericClient, Statement, Transaction};
 
-use super::unsupported::unsupported;
-use super::{PgError, PgManifest};
-use crate::manifest::codec::{task_id, DELETE_MARKER, LATEST, SEQ_BITS, SEQ_MASK};
-use crate::manifest::pages::{aggregate, Identity, MAX_KEY_ID};
-use crate::manifest::{
-    ListedPage, Listing, ManifestError, NewTask, Partition, Refresh, Result, State,
+use super::{now_secs, PgError, PgManifest};
+use crate::manifest::codec::{class_code, task_id, DELETE_MARKER, LATEST, SEQ_BITS, SEQ_MASK};
+use crate::manifest::pages::{
+    aggregate, delete_task, note_planned, Identity, Planned, MAX_KEY_ID, OUT_OF_ORDER_WHY,
+    REPLACED_WHY, SOURCE_CHANGED,
 };
-
-unsupported! { "refresh":
-    fn start_refresh(&mut self) -> Option<i64>;
-    fn start_refresh_of(&mut self, source_versioned: bool) -> Option<i64>;
-}
+use crate::manifest::{
+    ListedPage, Listing, ManifestError, NewTask, Partition, Refresh, Result, State, OUT_OF_ORDER,
+};
+use crate::s3::{ErrorClass, VersionEntry};
 
 thread_local! {
     /// Statements prepared on this thread's connection (each `Db` has a thread of its own),
@@ -94,18 +100,19 @@ const NEW_KEYS: &str = "WITH u AS (SELECT nextval('units_id_seq') AS id)
 
 /// What identifies the stored tasks of some keys (see `pages::Identity`).
 const STORED_TASKS: &str = "SELECT t.id >> 24, t.dest, t.version_id, t.etag, t.size,
-    t.last_modified, t.flags
+    t.last_modified, t.flags, t.refresh
     FROM unnest($1::bigint[]) AS k(id)
     JOIN task t ON t.id BETWEEN k.id << 24 AND (k.id << 24) | 16777215";
 
 const INSERT_TASKS: &str = "INSERT INTO task (id, unit, dest, refresh, history_pos, version_id,
     flags, size, etag, last_modified, storage_class, checksum_algorithm, state)
-    SELECT id, unit, dest, 0, pos, version_id, flags, size, etag, last_modified,
-        storage_class, checksum_algorithm, $12
+    SELECT id, unit, dest, $12::bigint, pos, version_id, flags, size, etag, last_modified,
+        storage_class, checksum_algorithm, state
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[],
-        $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[])
+        $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[],
+        $13::smallint[])
     AS n(id, unit, dest, pos, version_id, flags, size, etag, last_modified, storage_class,
-        checksum_algorithm)";
+        checksum_algorithm, state)";
 
 /// The task counts of keys stored before the page.
 const KEY_TASKS: &str = "UPDATE keys SET tasks = n.tasks
@@ -114,10 +121,12 @@ const KEY_TASKS: &str = "UPDATE keys SET tasks = n.tasks
 const NEW_UNIT: &str =
     "INSERT INTO units (id, partition, last_key, tasks, state) VALUES ($1, $2, $3, $4, 0)";
 
-/// Units whose keys got tasks: they grow, and a done one is open again.
+/// Units whose keys got tasks: they grow, and a done (or held back) one that got a task to
+/// copy is open again.
 const GROWN_UNITS: &str = "UPDATE units SET tasks = units.tasks + n.tasks,
-    state = CASE WHEN units.state = 2 THEN 0 ELSE units.state END
-    FROM unnest($1::bigint[], $2::bigint[]) AS n(id, tasks) WHERE units.id = n.id";
+    state = CASE WHEN units.state IN (2, 3) AND n.open THEN 0 ELSE units.state END
+    FROM unnest($1::bigint[], $2::bigint[], $3::bool[]) AS n(id, tasks, open)
+    WHERE units.id = n.id";
 
 const CHECKPOINT: &str = "UPDATE partitions SET key_marker = $2, version_marker = $3,
     complete = $4, pages = $5, entries = $6, last_key = $7, last_key_seen = $8 WHERE id = $1";
@@ -130,6 +139,72 @@ const ADDED: &str = "WITH c AS (
         WHERE state = $5),
     r AS (UPDATE refreshes SET tasks = tasks + $1 WHERE generation = 0)
     UPDATE totals SET multi_task_keys = multi_task_keys + $4 WHERE id = 1";
+
+/// The listing generation pages now add to (0: `plan`).
+const GENERATION: &str = "SELECT max(generation) FROM refreshes";
+
+/// What is stored of a refresh under way: whether it tracks deletions, whether it finished.
+const OUTCOME: &str =
+    "SELECT tracks_deletions, finished FROM refresh_outcome WHERE generation = $1";
+
+const OPEN_KEY: &str = "SELECT key, dests, positions FROM refresh_open_key WHERE partition = $1";
+
+const STORE_OPEN_KEY: &str = "INSERT INTO refresh_open_key (partition, key, dests, positions)
+    VALUES ($1, $2, $3, $4) ON CONFLICT (partition) DO UPDATE SET key = excluded.key,
+    dests = excluded.dests, positions = excluded.positions";
+
+/// The reason of entries stored skipped as out of order.
+const OUT_OF_ORDER_ERRORS: &str = "INSERT INTO errors (task, code, message)
+    SELECT unnest($1::bigint[]), $2, $3";
+
+/// Settles the failed tasks of keys' earlier `null` contents whose reads found the source
+/// changed, once a refresh planned what replaced them (per key, destination, and the id
+/// of the replacing task): skipped as gone, as `pages::settle_replaced_nulls`.
+const SETTLE: &str = "WITH s AS (
+        SELECT DISTINCT t.id FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
+            AS n(kid, dest, before)
+        JOIN task t ON t.id BETWEEN n.kid << 24 AND n.before - 1
+        JOIN errors e ON e.task = t.id
+        WHERE t.dest = n.dest AND t.state = 3 AND t.version_id = 'null' AND e.code = $4),
+    m AS (UPDATE errors SET message = $5 FROM s WHERE errors.task = s.id)
+    UPDATE task SET state = $6, error_class = $7 FROM s WHERE task.id = s.id";
+
+/// What a refresh page's new tasks add: pending ($1-$3) and skipped out of order ($4-$6)
+/// to the counters, keys with a second task of the generation ($7), the generation's ($8)
+/// tasks, and entries it matched ($9).
+const ADDED_REFRESH: &str = "WITH c AS (
+        UPDATE counters
+        SET tasks = tasks + CASE WHEN state = 0 THEN $1::bigint ELSE $4::bigint END,
+            bytes = bytes + CASE WHEN state = 0 THEN $2::bigint ELSE $5::bigint END,
+            delete_markers = delete_markers
+                + CASE WHEN state = 0 THEN $3::bigint ELSE $6::bigint END,
+            no_dest_version = no_dest_version
+                + CASE WHEN state = 0 THEN $1::bigint ELSE $4::bigint END
+        WHERE (state = 0 AND $1::bigint > 0) OR (state = 4 AND $4::bigint > 0)),
+    r AS (UPDATE refreshes SET tasks = tasks + $1::bigint + $4::bigint WHERE generation = $8),
+    o AS (UPDATE refresh_outcome SET matched = matched + $9::bigint,
+        out_of_order = out_of_order + $4::bigint WHERE generation = $8)
+    UPDATE totals SET multi_task_keys = multi_task_keys + $7::bigint WHERE id = 1";
+
+/// Records the page's keys (those stored) as listed by the refresh.
+const MARK_LISTED: &str = "INSERT INTO refresh_seen (key_id)
+    SELECT id FROM keys WHERE key = ANY($1::text[]) ON CONFLICT DO NOTHING";
+
+/// Per key the refresh did not list and destination: its unit, task count, and whether its
+/// newest task (out of order ones aside) is an object version.
+const UNLISTED: &str = "SELECT DISTINCT ON (k.id, t.dest) k.id, k.key, k.unit, k.tasks, t.dest,
+        t.flags & 1 = 0
+    FROM keys k JOIN task t ON t.id BETWEEN k.id << 24 AND (k.id << 24) | 16777215
+    LEFT JOIN errors e ON e.task = t.id
+    WHERE NOT EXISTS (SELECT 1 FROM refresh_seen s WHERE s.key_id = k.id)
+      AND e.code IS DISTINCT FROM $1
+    ORDER BY k.id, t.dest, t.id DESC";
+
+const GONE: &str = "INSERT INTO refresh_gone (generation, key_id, dest)
+    SELECT $1::bigint, * FROM unnest($2::bigint[], $3::bigint[]) ON CONFLICT DO NOTHING";
+
+const FINISHED: &str = "UPDATE refresh_outcome SET deleted = deleted + $2,
+    not_deleted = not_deleted + $3, finished = true WHERE generation = $1";
 
 fn partition_of(r: &postgres::Row) -> Partition {
     Partition {
@@ -160,8 +235,11 @@ struct Cursor {
     fresh: bool,
     /// The history position of its newest task before this page.
     last_pos: Option<i64>,
-    /// Entries known to have a task: stored ones (when loaded) and this page's.
-    seen: HashSet<Identity>,
+    /// Entries known to have a task (stored ones when loaded, and this page's), with the
+    /// generation of that task.
+    seen: HashMap<Identity, i64>,
+    /// Tasks of the refresh under way it has (for `multi_task_keys`, as SQLite counts them).
+    generation_tasks: i64,
 }
 
 impl Cursor {
@@ -174,16 +252,19 @@ impl Cursor {
             stored: tasks,
             fresh: false,
             last_pos: r.get(4),
-            seen: HashSet::new(),
+            seen: HashMap::new(),
+            generation_tasks: 0,
         };
         (r.get(1), c)
     }
 
     /// Whether entry `t` may be one this key has stored (else it is new without a lookup:
     /// the first listing stores a key's history newest first, so an entry further down
-    /// than its newest stored task is new).
-    fn may_have(&self, t: &NewTask) -> bool {
-        self.stored > 0 && self.last_pos.is_none_or(|p| t.history_pos as i64 <= p)
+    /// than its newest stored task is new). A refresh stores only some of a key's entries:
+    /// any of them may be stored.
+    fn may_have(&self, t: &NewTask, generation: i64) -> bool {
+        self.stored > 0
+            && (generation > 0 || self.last_pos.is_none_or(|p| t.history_pos as i64 <= p))
     }
 }
 
@@ -201,10 +282,11 @@ struct Rows {
     last_modified: Vec<Option<String>>,
     storage_class: Vec<Option<String>>,
     checksum: Vec<Option<String>>,
+    state: Vec<i16>,
 }
 
 impl Rows {
-    fn push(&mut self, id: i64, unit: i64, t: &NewTask) {
+    fn push(&mut self, id: i64, unit: i64, t: &NewTask, state: State) {
         let e = &t.entry;
         let flags = if e.is_delete_marker { DELETE_MARKER } else { 0 }
             | if e.is_latest { LATEST } else { 0 };
@@ -219,7 +301,52 @@ impl Rows {
         self.last_modified.push(e.last_modified.clone());
         self.storage_class.push(e.storage_class.clone());
         self.checksum.push(e.checksum_algorithm.clone());
+        self.state.push(state.code() as i16);
     }
+
+    /// Inserts the rows as tasks of listing `generation`.
+    fn insert(
+        &self,
+        tx: &mut Transaction<'_>,
+        generation: i64,
+    ) -> std::result::Result<(), postgres::Error> {
+        let s = prepared(tx, INSERT_TASKS)?;
+        tx.execute(
+            &s,
+            &[
+                &self.id,
+                &self.unit,
+                &self.dest,
+                &self.pos,
+                &self.version_id,
+                &self.flags,
+                &self.size,
+                &self.etag,
+                &self.last_modified,
+                &self.storage_class,
+                &self.checksum,
+                &generation,
+                &self.state,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// One listed page, owned (it is sent to the connection's thread).
+struct Page {
+    tasks: Vec<NewTask>,
+    keys: Vec<String>,
+    others: Vec<(VersionEntry, u64)>,
+}
+
+/// Why a page's transaction was given up.
+enum Stop {
+    /// A limit of the id layout (a key with too many tasks, too many keys).
+    Limit(String),
+    /// The page completes a refresh that found these keys gone: where their deletes are
+    /// replicated is asked of the lister (not on this thread), then the page is tried again.
+    NeedDeletes(Vec<String>),
 }
 
 /// Reads (and locks) the rows of `keys` into `cursors`.
@@ -236,19 +363,28 @@ fn read_keys(
     Ok(())
 }
 
-/// Loads what identifies the stored tasks of the keys whose entries may be stored.
+/// Loads what identifies the stored tasks of the keys whose entries may be stored (a
+/// refresh: every stored key of the page), with their generations.
 fn load_stored(
     tx: &mut Transaction<'_>,
     tasks: &[NewTask],
+    generation: i64,
     cursors: &mut HashMap<String, Cursor>,
 ) -> std::result::Result<(), postgres::Error> {
-    let mut ids: Vec<i64> = tasks
-        .iter()
-        .filter_map(|t| {
-            let c = cursors.get(&t.entry.key)?;
-            c.may_have(t).then_some(c.key_id)
-        })
-        .collect();
+    let mut ids: Vec<i64> = match generation {
+        0 => tasks
+            .iter()
+            .filter_map(|t| {
+                let c = cursors.get(&t.entry.key)?;
+                c.may_have(t, generation).then_some(c.key_id)
+            })
+            .collect(),
+        _ => cursors
+            .values()
+            .filter(|c| c.stored > 0)
+            .map(|c| c.key_id)
+            .collect(),
+    };
     ids.sort_unstable();
     ids.dedup();
     if ids.is_empty() {
@@ -270,26 +406,45 @@ fn load_stored(
             r.get(5),
             flags & DELETE_MARKER != 0,
         );
-        let key_id: i64 = r.get(0);
+        let (key_id, refresh): (i64, i64) = (r.get(0), r.get(7));
         if let Some(c) = by_id.get(&key_id).and_then(|k| cursors.get_mut(k)) {
-            c.seen.insert(id);
+            c.seen.insert(id, refresh);
+            if refresh == generation && generation > 0 {
+                c.generation_tasks += 1;
+            }
         }
     }
     Ok(())
 }
 
-/// Inserts one page of the first listing and `cp` in `tx`. The inner error is a limit of
-/// the id layout (a key with too many tasks, too many keys).
+/// Inserts one page and `cp` in `tx` (for a refresh, with what it records across pages,
+/// and the refresh's end when the page completes its listing; `deletes`: where the deletes
+/// of keys found gone are replicated, as far as known).
 fn insert_page_tx(
     tx: &mut Transaction<'_>,
     partition: i64,
-    tasks: &[NewTask],
+    page: &Page,
     cp: &Listing,
-) -> std::result::Result<std::result::Result<(), String>, postgres::Error> {
-    if !tasks.is_empty() {
-        if let Err(why) = insert_tasks(tx, partition, tasks)? {
-            return Ok(Err(why));
+    deletes: &HashMap<String, Vec<i64>>,
+) -> std::result::Result<std::result::Result<(), Stop>, postgres::Error> {
+    let s = prepared(tx, GENERATION)?;
+    let generation: i64 = tx.query_one(&s, &[])?.get(0);
+    // (tracks deletions, finished) of the refresh under way.
+    let outcome: Option<(bool, bool)> = match generation {
+        0 => None,
+        g => {
+            let s = prepared(tx, OUTCOME)?;
+            tx.query_opt(&s, &[&g])?.map(|r| (r.get(0), r.get(1)))
         }
+    };
+    if !page.tasks.is_empty() || generation > 0 {
+        if let Err(why) = insert_tasks(tx, partition, page, generation)? {
+            return Ok(Err(Stop::Limit(why)));
+        }
+    }
+    if outcome.is_some_and(|(tracks, finished)| tracks && !finished) && !page.keys.is_empty() {
+        let s = prepared(tx, MARK_LISTED)?;
+        tx.execute(&s, &[&page.keys])?;
     }
     let s = prepared(tx, CHECKPOINT)?;
     tx.execute(
@@ -305,16 +460,38 @@ fn insert_page_tx(
             &(cp.last_key_seen as i64),
         ],
     )?;
+    if let Some((tracks, false)) = outcome.filter(|_| cp.complete) {
+        // Pages that complete a part take the refresh's row in turn: the last one sees
+        // every other part complete, and finishes the refresh.
+        let finished: bool = tx
+            .query_one(
+                "SELECT finished FROM refresh_outcome WHERE generation = $1 FOR UPDATE",
+                &[&generation],
+            )?
+            .get(0);
+        let all: bool = tx
+            .query_one("SELECT bool_and(complete) FROM partitions", &[])?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false);
+        if all && !finished {
+            return finish_refresh(tx, generation, tracks, deletes);
+        }
+    }
     Ok(Ok(()))
 }
 
 /// Stores the page's tasks that are not stored yet, their keys and units, and what they
-/// add to the counters (see the module header).
+/// add to the counters (see the module header). In a refresh, an entry below one of its
+/// key's entries that an earlier listing planned (selected now or not: the page's others)
+/// is stored skipped, out of order; `partition` carries that across its pages.
 fn insert_tasks(
     tx: &mut Transaction<'_>,
     partition: i64,
-    tasks: &[NewTask],
+    page: &Page,
+    generation: i64,
 ) -> std::result::Result<std::result::Result<(), String>, postgres::Error> {
+    let tasks = &page.tasks;
+    let refresh = generation > 0;
     let mut names: Vec<String> = Vec::new();
     let mut listed: HashSet<&str> = HashSet::new();
     for t in tasks {
@@ -322,8 +499,19 @@ fn insert_tasks(
             names.push(t.entry.key.clone());
         }
     }
+    // A refresh reads the stored keys of the entries it did not select too.
+    let mut read: Vec<String> = names.clone();
+    if refresh {
+        for (e, _) in &page.others {
+            if listed.insert(&e.key) {
+                read.push(e.key.clone());
+            }
+        }
+    }
     let mut cursors: HashMap<String, Cursor> = HashMap::new();
-    read_keys(tx, &names, &mut cursors)?;
+    if !read.is_empty() {
+        read_keys(tx, &read, &mut cursors)?;
+    }
     let missing: Vec<String> = names
         .iter()
         .filter(|k| !cursors.contains_key(*k))
@@ -360,7 +548,8 @@ fn insert_tasks(
                 stored: 0,
                 fresh: true,
                 last_pos: None,
-                seen: HashSet::new(),
+                seen: HashMap::new(),
+                generation_tasks: 0,
             };
             cursors.insert(key, c);
         }
@@ -373,18 +562,51 @@ fn insert_tasks(
             read_keys(tx, &raced, &mut cursors)?;
         }
     }
-    load_stored(tx, tasks, &mut cursors)?;
+    load_stored(tx, tasks, generation, &mut cursors)?;
+
+    // Per key and destination, where the refresh met an entry an earlier listing planned.
+    let mut above: HashMap<String, Planned> = HashMap::new();
+    if refresh {
+        let s = prepared(tx, OPEN_KEY)?;
+        if let Some(r) = tx.query_opt(&s, &[&partition])? {
+            let (dests, positions): (Vec<i64>, Vec<i64>) = (r.get(1), r.get(2));
+            above.insert(r.get(0), dests.into_iter().zip(positions).collect());
+        }
+        for (e, pos) in &page.others {
+            let Some(c) = cursors.get(&e.key) else {
+                continue;
+            };
+            let dests: BTreeSet<i64> = c.seen.keys().map(|id| id.dest).collect();
+            for d in dests {
+                if c.seen
+                    .get(&Identity::of(d, e))
+                    .is_some_and(|g| *g < generation)
+                {
+                    note_planned(&mut above, &e.key, d, *pos as i64);
+                }
+            }
+        }
+    }
 
     let mut rows = Rows::default();
-    let mut second = 0i64;
-    let mut bytes = 0i64;
-    let mut markers = 0i64;
-    let mut per_unit: BTreeMap<i64, i64> = BTreeMap::new();
+    let (mut second, mut matched) = (0i64, 0i64);
+    // Tasks, bytes and delete markers added pending [0] and skipped out of order [1].
+    let mut added = [[0i64; 3]; 2];
+    let mut out_of_order: Vec<i64> = Vec::new();
+    let mut settle: (Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+    // Per unit: tasks added, and whether one of them is to be copied.
+    let mut per_unit: BTreeMap<i64, (i64, bool)> = BTreeMap::new();
     for t in tasks {
         let Some(c) = cursors.get_mut(&t.entry.key) else {
             continue; // cannot happen: every key of the page was read or stored
         };
-        if !c.seen.insert(Identity::of(t.dest, &t.entry)) {
+        let identity = Identity::of(t.dest, &t.entry);
+        let pos = t.history_pos as i64;
+        if let Some(g) = c.seen.get(&identity) {
+            matched += 1;
+            if *g < generation {
+                note_planned(&mut above, &t.entry.key, t.dest, pos);
+            }
             continue;
         }
         if c.next_seq > SEQ_MASK {
@@ -393,35 +615,65 @@ fn insert_tasks(
                 t.entry.key
             )));
         }
-        rows.push(task_id(c.key_id, c.next_seq), c.unit, t);
-        second += i64::from(c.next_seq == 1);
-        bytes += t.entry.size as i64;
-        markers += i64::from(t.entry.is_delete_marker);
-        *per_unit.entry(c.unit).or_default() += 1;
+        let skipped = refresh
+            && above
+                .get(&t.entry.key)
+                .and_then(|p| p.get(&t.dest))
+                .is_some_and(|p| *p < pos);
+        let id = task_id(c.key_id, c.next_seq);
+        let state = if skipped {
+            State::Skipped
+        } else {
+            State::Pending
+        };
+        rows.push(id, c.unit, t, state);
+        if skipped {
+            out_of_order.push(id);
+        }
+        if refresh && c.stored > 0 && t.entry.version_id == "null" {
+            settle.0.push(c.key_id);
+            settle.1.push(t.dest);
+            settle.2.push(id);
+        }
+        second += i64::from(match (refresh, skipped) {
+            (false, _) => c.next_seq == 1,
+            (true, false) => {
+                c.generation_tasks += 1;
+                c.generation_tasks == 2
+            }
+            (true, true) => false,
+        });
+        let a = &mut added[usize::from(skipped)];
+        a[0] += 1;
+        a[1] += t.entry.size as i64;
+        a[2] += i64::from(t.entry.is_delete_marker);
+        let u = per_unit.entry(c.unit).or_default();
+        u.0 += 1;
+        u.1 |= !skipped;
         c.next_seq += 1;
+        c.seen.insert(identity, generation);
     }
-    if rows.id.is_empty() {
+    // The page's last listed key may go on on the next page: what was met of it is kept.
+    let last = page.keys.last().or(tasks.last().map(|t| &t.entry.key));
+    if let Some(k) = last.filter(|_| refresh) {
+        let (dests, positions): (Vec<i64>, Vec<i64>) =
+            above.remove(k).unwrap_or_default().into_iter().unzip();
+        let s = prepared(tx, STORE_OPEN_KEY)?;
+        tx.execute(&s, &[&partition, k, &dests, &positions])?;
+    }
+    if rows.id.is_empty() && (!refresh || matched == 0) {
         return Ok(Ok(()));
     }
-    let n = rows.id.len() as i64;
-    let s = prepared(tx, INSERT_TASKS)?;
-    tx.execute(
-        &s,
-        &[
-            &rows.id,
-            &rows.unit,
-            &rows.dest,
-            &rows.pos,
-            &rows.version_id,
-            &rows.flags,
-            &rows.size,
-            &rows.etag,
-            &rows.last_modified,
-            &rows.storage_class,
-            &rows.checksum,
-            &(State::Pending.code() as i16),
-        ],
-    )?;
+    if !rows.id.is_empty() {
+        rows.insert(tx, generation)?;
+    }
+    if !out_of_order.is_empty() {
+        let s = prepared(tx, OUT_OF_ORDER_ERRORS)?;
+        tx.execute(&s, &[&out_of_order, &OUT_OF_ORDER, &OUT_OF_ORDER_WHY])?;
+    }
+    if !settle.0.is_empty() {
+        settle_replaced(tx, &settle)?;
+    }
     let (key_ids, counts): (Vec<i64>, Vec<i64>) = cursors
         .values()
         .filter(|c| !c.fresh && c.next_seq > c.stored)
@@ -432,26 +684,190 @@ fn insert_tasks(
         tx.execute(&s, &[&key_ids, &counts])?;
     }
     if let Some((unit, last_key)) = new_unit {
-        let added = per_unit.remove(&unit).unwrap_or(0);
+        let added = per_unit.remove(&unit).map_or(0, |u| u.0);
         let s = prepared(tx, NEW_UNIT)?;
         tx.execute(&s, &[&unit, &partition, &last_key, &added])?;
     }
-    if !per_unit.is_empty() {
-        let (units, added): (Vec<i64>, Vec<i64>) = per_unit.into_iter().unzip();
-        let s = prepared(tx, GROWN_UNITS)?;
-        tx.execute(&s, &[&units, &added])?;
+    grow_units(tx, per_unit)?;
+    let [pending, skipped] = added;
+    if refresh {
+        let s = prepared(tx, ADDED_REFRESH)?;
+        tx.execute(
+            &s,
+            &[
+                &pending[0],
+                &pending[1],
+                &pending[2],
+                &skipped[0],
+                &skipped[1],
+                &skipped[2],
+                &second,
+                &generation,
+                &matched,
+            ],
+        )?;
+        return Ok(Ok(()));
     }
     let s = prepared(tx, ADDED)?;
     tx.execute(
         &s,
         &[
-            &n,
-            &bytes,
-            &markers,
+            &pending[0],
+            &pending[1],
+            &pending[2],
             &second,
             &(State::Pending.code() as i16),
         ],
     )?;
+    Ok(Ok(()))
+}
+
+/// Adds the tasks of `per_unit` (count, and whether one is to be copied) to their units.
+fn grow_units(
+    tx: &mut Transaction<'_>,
+    per_unit: BTreeMap<i64, (i64, bool)>,
+) -> std::result::Result<(), postgres::Error> {
+    if per_unit.is_empty() {
+        return Ok(());
+    }
+    let mut units = Vec::with_capacity(per_unit.len());
+    let mut added = Vec::with_capacity(per_unit.len());
+    let mut open = Vec::with_capacity(per_unit.len());
+    for (u, (n, o)) in per_unit {
+        units.push(u);
+        added.push(n);
+        open.push(o);
+    }
+    let s = prepared(tx, GROWN_UNITS)?;
+    tx.execute(&s, &[&units, &added, &open])?;
+    Ok(())
+}
+
+/// Runs [`SETTLE`] for (key ids, destinations, replacing task ids).
+fn settle_replaced(
+    tx: &mut Transaction<'_>,
+    (keys, dests, before): &(Vec<i64>, Vec<i64>, Vec<i64>),
+) -> std::result::Result<(), postgres::Error> {
+    let gone = class_code(ErrorClass::SourceGone) as i16;
+    let s = prepared(tx, SETTLE)?;
+    tx.execute(
+        &s,
+        &[
+            keys,
+            dests,
+            before,
+            &SOURCE_CHANGED,
+            &REPLACED_WHY,
+            &(State::Skipped.code() as i16),
+            &gone,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Ends a refresh whose listing just completed (in the transaction of its last page), as
+/// `pages::finish_refresh`: when it tracks deletions, each key it did not list whose newest
+/// task (per destination) is an object version gets a delete task where `deletes` says the
+/// delete is replicated, and is recorded as deleted at the source elsewhere.
+fn finish_refresh(
+    tx: &mut Transaction<'_>,
+    generation: i64,
+    tracks_deletions: bool,
+    deletes: &HashMap<String, Vec<i64>>,
+) -> std::result::Result<std::result::Result<(), Stop>, postgres::Error> {
+    let (mut deleted, mut not_deleted) = (0i64, 0i64);
+    if tracks_deletions {
+        // Per key (by id): its name, unit, task count, and destinations whose newest task
+        // is an object version.
+        let mut gone: BTreeMap<i64, (String, i64, i64, Vec<i64>)> = BTreeMap::new();
+        for r in tx.query(UNLISTED, &[&OUT_OF_ORDER])? {
+            let k = gone
+                .entry(r.get(0))
+                .or_insert_with(|| (r.get(1), r.get(2), r.get(3), Vec::new()));
+            if r.get::<_, bool>(5) {
+                k.3.push(r.get(4));
+            }
+        }
+        gone.retain(|_, k| !k.3.is_empty());
+        let unknown: Vec<String> = gone
+            .values()
+            .filter(|k| !deletes.contains_key(&k.0))
+            .map(|k| k.0.clone())
+            .collect();
+        if !unknown.is_empty() {
+            return Ok(Err(Stop::NeedDeletes(unknown)));
+        }
+        let mut rows = Rows::default();
+        let mut settle: (Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+        let (mut gone_keys, mut gone_dests) = (Vec::new(), Vec::new());
+        let (mut key_ids, mut counts) = (Vec::new(), Vec::new());
+        let mut per_unit: BTreeMap<i64, (i64, bool)> = BTreeMap::new();
+        for (key_id, (key, unit, tasks, objects)) in gone {
+            let replicated = &deletes[&key];
+            let mut next_seq = tasks;
+            for dest in objects {
+                settle.0.push(key_id);
+                settle.1.push(dest);
+                settle.2.push(task_id(key_id, next_seq));
+                if !replicated.contains(&dest) {
+                    gone_keys.push(key_id);
+                    gone_dests.push(dest);
+                    not_deleted += 1;
+                    continue;
+                }
+                if next_seq > SEQ_MASK {
+                    return Ok(Err(Stop::Limit(format!(
+                        "key {key:?} has more than {SEQ_MASK} tasks"
+                    ))));
+                }
+                let t = delete_task(&key, dest);
+                rows.push(task_id(key_id, next_seq), unit, &t, State::Pending);
+                next_seq += 1;
+                deleted += 1;
+                let u = per_unit.entry(unit).or_default();
+                u.0 += 1;
+                u.1 = true;
+            }
+            if next_seq > tasks {
+                key_ids.push(key_id);
+                counts.push(next_seq);
+            }
+        }
+        if !rows.id.is_empty() {
+            rows.insert(tx, generation)?;
+        }
+        if !settle.0.is_empty() {
+            settle_replaced(tx, &settle)?;
+        }
+        if !gone_keys.is_empty() {
+            tx.execute(GONE, &[&generation, &gone_keys, &gone_dests])?;
+        }
+        if !key_ids.is_empty() {
+            let s = prepared(tx, KEY_TASKS)?;
+            tx.execute(&s, &[&key_ids, &counts])?;
+        }
+        grow_units(tx, per_unit)?;
+        if deleted > 0 {
+            let s = prepared(tx, ADDED_REFRESH)?;
+            let zero = 0i64;
+            tx.execute(
+                &s,
+                &[
+                    &deleted,
+                    &zero,
+                    &deleted,
+                    &zero,
+                    &zero,
+                    &zero,
+                    &zero,
+                    &generation,
+                    &zero,
+                ],
+            )?;
+        }
+    }
+    tx.batch_execute("TRUNCATE refresh_seen, refresh_open_key")?;
+    tx.execute(FINISHED, &[&generation, &deleted, &not_deleted])?;
     Ok(Ok(()))
 }
 
@@ -476,12 +892,14 @@ impl PgManifest {
         let starts = starts.to_vec();
         self.db.call(move |c| {
             let mut tx = c.transaction()?;
-            // Two planners of one job split it once.
+            // Two planners of one job split it once. A refresh keeps the parts its keys'
+            // units belong to.
             tx.batch_execute("LOCK TABLE partitions IN SHARE ROW EXCLUSIVE MODE")?;
             let untouched: bool = tx
                 .query_one(
                     "SELECT count(*) = 1 AND max(pages) = 0 AND NOT bool_or(complete)
-                     AND max(end_key) IS NULL AND max(start_key) IS NULL FROM partitions",
+                     AND max(end_key) IS NULL AND max(start_key) IS NULL
+                     AND NOT EXISTS (SELECT 1 FROM keys) FROM partitions",
                     &[],
                 )?
                 .get(0);
@@ -530,46 +948,111 @@ impl PgManifest {
 
     /// Writes one listed page of partition `partition` (its tasks, their keys and units)
     /// and the partition's checkpoint after it, in one transaction. Entries that already
-    /// have a task (a replayed page) are ignored. The first listing only: the page's other
-    /// entries and its keys matter to refreshes, which PostgreSQL jobs do not do yet.
+    /// have a task (a replayed page) are ignored. The page that completes a refresh's
+    /// listing also plans, in the same transaction, what the refresh found gone (see
+    /// [`PgManifest::start_refresh_of`]).
     pub fn insert_listed_page(
         &mut self,
         partition: i64,
         page: &ListedPage<'_>,
         checkpoint: &Listing,
     ) -> Result<()> {
-        let tasks = page.tasks.to_vec();
-        let cp = checkpoint.clone();
-        let limited = self.db.call_with(move |c| {
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                let done = (|| -> std::result::Result<_, PgError> {
-                    let mut tx = c.transaction()?;
-                    let out = insert_page_tx(&mut tx, partition, &tasks, &cp)?;
-                    if out.is_ok() {
-                        tx.commit()?;
+        let owned = std::sync::Arc::new(Page {
+            tasks: page.tasks.to_vec(),
+            keys: page.keys.to_vec(),
+            others: page.others.to_vec(),
+        });
+        let mut deletes: HashMap<String, Vec<i64>> = HashMap::new();
+        loop {
+            let (page_, cp, known) = (owned.clone(), checkpoint.clone(), deletes.clone());
+            let out = self.db.call_with(move |c| {
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    let done = (|| -> std::result::Result<_, PgError> {
+                        let mut tx = c.transaction()?;
+                        let out = insert_page_tx(&mut tx, partition, &page_, &cp, &known)?;
+                        if out.is_ok() {
+                            tx.commit()?;
+                        }
+                        Ok(out)
+                    })();
+                    match forget_on_error(done) {
+                        Err(e) if tries < PAGE_TRIES && transient(&e) => continue,
+                        other => return other,
                     }
-                    Ok(out)
-                })();
-                match forget_on_error(done) {
-                    Err(e) if tries < PAGE_TRIES && transient(&e) => continue,
-                    other => return other,
+                }
+            })?;
+            match out {
+                Ok(()) => return Ok(()),
+                Err(Stop::Limit(why)) => {
+                    return Err(ManifestError::Limit(self.path().to_string(), why))
+                }
+                // The page completes a refresh that found these keys gone: their deletes'
+                // destinations are asked here, and the page tried again with them.
+                Err(Stop::NeedDeletes(keys)) => {
+                    for k in keys {
+                        let d = (page.deletes)(k.as_str());
+                        deletes.insert(k, d);
+                    }
                 }
             }
-        })?;
-        limited.map_err(|why| ManifestError::Limit(self.path().to_string(), why))
+        }
     }
 
-    /// Every listing generation: on PostgreSQL only the first (`plan`), with the tasks it
-    /// added.
+    /// Starts a refresh: a new listing generation of a versioned source (see
+    /// [`PgManifest::start_refresh_of`]).
+    pub fn start_refresh(&mut self) -> Result<Option<i64>> {
+        self.start_refresh_of(true)
+    }
+
+    /// Starts a refresh, as `SqliteManifest::start_refresh_of`: a new listing generation
+    /// over the same parts (their checkpoints and leases cleared), whose new entries become
+    /// tasks of that generation. None when the current listing is not complete. On a
+    /// source without versioning, the keys it lists are recorded, and the page that
+    /// completes it plans a delete of each key no longer listed.
+    pub fn start_refresh_of(&mut self, source_versioned: bool) -> Result<Option<i64>> {
+        self.db.call(move |c| {
+            let mut tx = c.transaction()?;
+            // One start at a time, and none while a page is written.
+            tx.batch_execute("LOCK TABLE partitions IN SHARE ROW EXCLUSIVE MODE")?;
+            let complete: Option<bool> = tx
+                .query_one("SELECT bool_and(complete) FROM partitions", &[])?
+                .get(0);
+            if complete != Some(true) {
+                return Ok(None);
+            }
+            let generation: i64 = tx
+                .query_one("SELECT max(generation) + 1 FROM refreshes", &[])?
+                .get(0);
+            tx.batch_execute(super::schema::REFRESH_TABLES)?;
+            tx.batch_execute(
+                "TRUNCATE refresh_seen, refresh_open_key;
+                 UPDATE partitions SET key_marker = NULL, version_marker = NULL,
+                     complete = false, pages = 0, entries = 0, last_key = NULL,
+                     last_key_seen = 0, lease = NULL, lease_expires = NULL, worker = NULL;",
+            )?;
+            tx.execute(
+                "INSERT INTO refreshes (generation, started_at, tasks) VALUES ($1, $2, 0)",
+                &[&generation, &now_secs()],
+            )?;
+            tx.execute(
+                "INSERT INTO refresh_outcome (generation, tracks_deletions) VALUES ($1, $2)",
+                &[&generation, &!source_versioned],
+            )?;
+            tx.commit()?;
+            Ok(Some(generation))
+        })
+    }
+
+    /// Every listing generation (0 is `plan`, then one per refresh), oldest first.
     pub fn refreshes(&self) -> Result<Vec<Refresh>> {
         self.db.call(|c| {
             let rows = c.query(
                 "SELECT generation, started_at, tasks FROM refreshes ORDER BY generation",
                 &[],
             )?;
-            Ok(rows
+            let mut all: Vec<Refresh> = rows
                 .iter()
                 .map(|r| Refresh {
                     generation: r.get(0),
@@ -580,15 +1063,49 @@ impl PgManifest {
                     not_deleted: 0,
                     out_of_order: 0,
                 })
-                .collect())
+                .collect();
+            // A job that was never refreshed may lack the refreshes' tables.
+            if all.len() > 1 {
+                let n = |r: &postgres::Row, i: usize| r.get::<_, i64>(i) as u64;
+                for r in c.query(
+                    "SELECT generation, matched, deleted, not_deleted, out_of_order
+                     FROM refresh_outcome",
+                    &[],
+                )? {
+                    let g: i64 = r.get(0);
+                    if let Some(x) = all.iter_mut().find(|x| x.generation == g) {
+                        (x.matched, x.deleted, x.not_deleted, x.out_of_order) =
+                            (n(&r, 1), n(&r, 2), n(&r, 3), n(&r, 4));
+                    }
+                }
+            }
+            Ok(all)
         })
     }
 
-    /// Keys a finished refresh found deleted at the source: none, as PostgreSQL jobs have no
-    /// refreshes yet.
+    /// The keys the last finished refresh found deleted at an unversioned source whose
+    /// delete the job does not replicate: how many (per destination), and the first
+    /// `limit` of them by name.
     pub fn deleted_at_source(&self, limit: usize) -> Result<(u64, Vec<String>)> {
-        let _ = limit;
-        Ok((0, Vec::new()))
+        let limit = limit as i64;
+        self.db.call(move |c| {
+            let refreshed: bool = c
+                .query_one("SELECT max(generation) > 0 FROM refreshes", &[])?
+                .get::<_, Option<bool>>(0)
+                .unwrap_or(false);
+            if !refreshed {
+                return Ok((0, Vec::new()));
+            }
+            let r = c.query_one(
+                "WITH g AS (SELECT max(generation) AS g FROM refresh_outcome WHERE finished)
+                 SELECT (SELECT count(*) FROM refresh_gone r, g WHERE r.generation = g.g),
+                     ARRAY(SELECT DISTINCT k.key FROM refresh_gone r
+                         JOIN keys k ON k.id = r.key_id, g
+                         WHERE r.generation = g.g ORDER BY k.key LIMIT $1)",
+                &[&limit],
+            )?;
+            Ok((r.get::<_, i64>(0) as u64, r.get(1)))
+        })
     }
 
     /// How many tasks a key has.
@@ -641,6 +1158,9 @@ mod tests {
 
     use super::*;
     use crate::manifest::backend::Location;
+    use crate::manifest::refresh_tests::{
+        done_listing, not_replicated, null, page_listing, refresh_pages, replicated, row, version,
+    };
     use crate::manifest::store::tests::pg_job;
     use crate::manifest::tests::task;
     use crate::s3::VersionEntry;
@@ -1156,21 +1676,448 @@ mod tests {
         );
     }
 
+    /// A task as `refresh_tests` reads it: (version id, delete marker, refresh, state).
+    type KeyRow = (String, bool, i64, State);
+
+    /// Every task of `key`, oldest first (see [`KeyRow`]).
+    fn key_rows(m: &PgManifest, key: &str) -> Vec<KeyRow> {
+        let key = key.to_string();
+        m.db.call(move |c| {
+            let rows = c.query(
+                "SELECT t.version_id, t.flags & 1 = 1, t.refresh, t.state FROM task t
+                 JOIN keys k ON k.id = t.id >> 24 WHERE k.key = $1
+                 ORDER BY t.refresh, t.history_pos DESC, t.dest, t.id",
+                &[&key],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let state = State::of_code(i64::from(r.get::<_, i16>(3))).unwrap();
+                    (r.get(0), r.get(1), r.get(2), state)
+                })
+                .collect())
+        })
+        .unwrap()
+    }
+
+    /// Lists `tasks` (and the keys `also`, listed but not selected) as one page.
+    fn listed(
+        m: &mut PgManifest,
+        partition: i64,
+        tasks: &[NewTask],
+        also: &[&str],
+        cp: &Listing,
+        deletes: &dyn Fn(&str) -> Vec<i64>,
+    ) {
+        let mut keys: Vec<String> = tasks.iter().map(|t| t.entry.key.clone()).collect();
+        keys.extend(also.iter().map(|k| k.to_string()));
+        keys.sort();
+        keys.dedup();
+        let page = ListedPage {
+            tasks,
+            keys: &keys,
+            others: &[],
+            deletes,
+        };
+        m.insert_listed_page(partition, &page, cp).unwrap();
+    }
+
     #[test]
-    fn refreshes_are_not_supported_yet() {
-        let Some((mut m, _)) = job("plan-refresh") else {
+    fn a_refresh_plans_overwritten_nulls_again_and_opens_their_unit() {
+        let Some((mut m, _)) = job("refresh-null") else {
+            return;
+        };
+        let plan = [
+            null("a", "aaa", 1),
+            null("b", "bbb", 1),
+            null("c", "ccc", 1),
+        ];
+        m.insert_page(&plan, &done_listing()).unwrap();
+        // A run copied it all (the unit is done), and the lister's lease is still there.
+        m.db.call(|c| {
+            c.batch_execute(
+                "UPDATE units SET state = 2;
+                 UPDATE partitions SET lease = 1, lease_expires = 9999999999",
+            )
+        })
+        .unwrap();
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+        assert_eq!(
+            m.start_refresh_of(false).unwrap(),
+            None,
+            "listing under way"
+        );
+        assert!(m.claim_partition().unwrap().is_some(), "leases cleared");
+        let refresh = [
+            null("a", "AAAA", 5),
+            null("b", "bbb", 1),
+            null("c", "ccc", 6),
+        ];
+        listed(&mut m, 0, &refresh, &[], &done_listing(), &replicated);
+        assert_eq!(
+            key_rows(&m, "a"),
+            [
+                row("null", false, 0, State::Pending),
+                row("null", false, 1, State::Pending)
+            ]
+        );
+        assert_eq!(key_rows(&m, "b"), [row("null", false, 0, State::Pending)]);
+        assert_eq!(key_rows(&m, "c").len(), 2, "a new write is a new task");
+        let a = m.tasks_of_key("a").unwrap();
+        assert_eq!(a[1].entry.etag.as_deref(), Some("\"AAAA\""));
+        assert_eq!(a[1].entry.size, 4);
+        let r = m.refreshes().unwrap();
+        assert_eq!((r[1].tasks, r[1].matched, r[1].deleted), (2, 1, 0));
+        assert!(r[1].started_at.is_some());
+        assert!(!m.has_multi_version_key().unwrap());
+        // A replay adds nothing.
+        listed(&mut m, 0, &refresh, &[], &done_listing(), &replicated);
+        assert_eq!(m.counts().unwrap().total, 5);
+        // The keys' unit is open again, and claimable (the listing is complete).
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(units(&m)[0][3..5], [s("5"), s("0")]);
+        assert_eq!(claimable(&m).len(), 1);
+        check_recount(&m);
+    }
+
+    #[test]
+    fn a_refresh_adds_new_keys_in_a_new_unit_and_versions_by_id() {
+        let Some((mut m, _)) = job("refresh-versions") else {
+            return;
+        };
+        m.insert_page(&[version("k", "v1", 0)], &done_listing())
+            .unwrap();
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(1));
+        // v1 with another ETag spelling is the same version; v2 is new, and so is key `l`
+        // with two versions.
+        let mut again = version("k", "v1", 1);
+        again.entry.etag = Some("\"other\"".into());
+        let page = [
+            version("k", "v2", 0),
+            again,
+            version("l", "w2", 0),
+            version("l", "w1", 1),
+        ];
+        listed(&mut m, 0, &page, &[], &done_listing(), &replicated);
+        assert_eq!(m.count_key("k").unwrap(), 2);
+        assert_eq!(m.count_key("l").unwrap(), 2);
+        assert_eq!(
+            key_rows(&m, "k"),
+            [
+                row("v1", false, 0, State::Pending),
+                row("v2", false, 1, State::Pending)
+            ]
+        );
+        let u = units(&m);
+        assert_eq!(u.len(), 2, "new keys make a unit of their own");
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(u[1][2..], [s("l"), s("2"), s("0"), s("l")]);
+        // `l` has two tasks of this refresh: a versioned destination is needed.
+        assert!(m.has_multi_version_key().unwrap());
+        let r = m.refreshes().unwrap();
+        assert_eq!((r[1].tasks, r[1].matched), (3, 1));
+        check_recount(&m);
+    }
+
+    #[test]
+    fn keys_gone_from_an_unversioned_source_get_one_delete_each() {
+        let Some((mut m, _)) = job("refresh-gone") else {
+            return;
+        };
+        let plan = [null("a", "a", 1), null("b", "b", 1), null("c", "c", 1)];
+        m.insert_page(&plan, &done_listing()).unwrap();
+        m.db.call(|c| c.batch_execute("UPDATE units SET state = 2"))
+            .unwrap();
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+        let page = [null("a", "a", 1), null("d", "d", 2)];
+        listed(&mut m, 0, &page, &["c"], &done_listing(), &replicated);
+        assert_eq!(
+            key_rows(&m, "b"),
+            [
+                row("null", false, 0, State::Pending),
+                row("null", true, 1, State::Pending)
+            ]
+        );
+        assert_eq!(
+            key_rows(&m, "c").len(),
+            1,
+            "listed, not selected: not deleted"
+        );
+        let r = m.refreshes().unwrap();
+        assert_eq!((r[1].tasks, r[1].deleted, r[1].not_deleted), (2, 1, 0));
+        let c = m.counts().unwrap();
+        assert_eq!((c.delete_markers, c.deleted_at_source), (1, 0));
+        assert_eq!(units(&m)[0][4], Some("0".into()), "b's unit is open again");
+        check_recount(&m);
+        // Still gone at the next refresh: nothing more.
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(2));
+        listed(&mut m, 0, &page, &["c"], &done_listing(), &replicated);
+        assert_eq!(key_rows(&m, "b").len(), 2);
+        assert_eq!(m.refreshes().unwrap()[2].deleted, 0);
+        // Back at the source: copied again, after the delete.
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(3));
+        let back = [null("a", "a", 1), null("b", "b2", 9), null("d", "d", 2)];
+        listed(&mut m, 0, &back, &["c"], &done_listing(), &replicated);
+        assert_eq!(
+            key_rows(&m, "b").last(),
+            Some(&row("null", false, 3, State::Pending))
+        );
+        check_recount(&m);
+    }
+
+    #[test]
+    fn without_replicated_deletes_gone_keys_are_counted_and_named() {
+        let Some((mut m, _)) = job("refresh-kept") else {
+            return;
+        };
+        let plan = [null("a", "a", 1), null("b b", "b", 1), null("c", "c", 1)];
+        m.insert_page(&plan, &done_listing()).unwrap();
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+        let only_a = [null("a", "a", 1)];
+        listed(&mut m, 0, &only_a, &[], &done_listing(), &not_replicated);
+        let c = m.counts().unwrap();
+        assert_eq!(
+            c.total, 3,
+            "no task for a delete the job does not replicate"
+        );
+        assert_eq!(c.deleted_at_source, 2);
+        assert_eq!(c.deleted_at_source_keys, ["b b", "c"]);
+        assert_eq!(m.refreshes().unwrap()[1].not_deleted, 2);
+        // A versioned source: keys that vanish were deleted for good; nothing is planned.
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(2));
+        listed(&mut m, 0, &[], &[], &done_listing(), &replicated);
+        let c = m.counts().unwrap();
+        assert_eq!((c.total, c.deleted_at_source), (3, 0));
+    }
+
+    #[test]
+    fn an_older_entry_selected_later_is_stored_skipped_not_written_out_of_order() {
+        let Some((mut m, l)) = job("refresh-order") else {
             return;
         };
         m.insert_page(
-            &[task("a", "1", 0)],
-            &Listing {
-                complete: true,
-                ..Listing::default()
-            },
+            &[version("k", "v3", 0), version("k", "v1", 2)],
+            &done_listing(),
         )
         .unwrap();
-        let e = m.start_refresh_of(false).unwrap_err();
-        assert!(matches!(e, ManifestError::Unsupported(_, "refresh")), "{e}");
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(1));
+        let first = [version("k", "v4", 0), version("k", "v3", 1)];
+        listed(&mut m, 0, &first, &[], &page_listing(), &replicated);
+        drop(m);
+        let mut m = PgManifest::open(&l, false).unwrap();
+        let second = [version("k", "v2", 2), version("k", "v1", 3)];
+        listed(&mut m, 0, &second, &[], &done_listing(), &replicated);
+        assert_eq!(
+            key_rows(&m, "k"),
+            [
+                row("v1", false, 0, State::Pending),
+                row("v3", false, 0, State::Pending),
+                row("v2", false, 1, State::Skipped),
+                row("v4", false, 1, State::Pending),
+            ]
+        );
+        let c = m.counts().unwrap();
+        assert_eq!((c.skipped, c.out_of_order), (1, 1));
+        assert_eq!(m.refreshes().unwrap()[1].out_of_order, 1);
+        let p = m.problems(10).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].version_id, "v2");
+        assert_eq!(p[0].error_code.as_deref(), Some(OUT_OF_ORDER));
+        assert!(p[0].message.as_deref().unwrap().contains("out of order"));
+        check_recount(&m);
+        // Not planned again by a later refresh.
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(2));
+        let all = [
+            version("k", "v4", 0),
+            version("k", "v3", 1),
+            version("k", "v2", 2),
+            version("k", "v1", 3),
+        ];
+        listed(&mut m, 0, &all, &[], &done_listing(), &replicated);
+        assert_eq!(m.counts().unwrap().total, 4);
+    }
+
+    #[test]
+    fn an_entry_below_a_planned_one_no_longer_selected_is_out_of_order_too() {
+        let Some((mut m, l)) = job("refresh-others") else {
+            return;
+        };
+        m.insert_page(&[version("k", "v3", 0)], &done_listing())
+            .unwrap();
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(1));
+        let v3 = version("k", "v3", 0).entry;
+        let first = ListedPage {
+            tasks: &[],
+            keys: &["k".to_string()],
+            others: &[(v3, 0)],
+            deletes: &replicated,
+        };
+        m.insert_listed_page(0, &first, &page_listing()).unwrap();
+        drop(m);
+        let mut m = PgManifest::open(&l, false).unwrap();
+        let v2 = [version("k", "v2", 1)];
+        listed(&mut m, 0, &v2, &[], &done_listing(), &replicated);
+        assert_eq!(
+            key_rows(&m, "k"),
+            [
+                row("v3", false, 0, State::Pending),
+                row("v2", false, 1, State::Skipped)
+            ]
+        );
+        // An entry not selected that was never planned holds nothing back.
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(2));
+        let other = ListedPage {
+            tasks: &[version("j", "w1", 1)],
+            keys: &["j".to_string()],
+            others: &[(version("j", "w2", 0).entry, 0)],
+            deletes: &replicated,
+        };
+        m.insert_listed_page(0, &other, &done_listing()).unwrap();
+        assert_eq!(key_rows(&m, "j"), [row("w1", false, 2, State::Pending)]);
+        check_recount(&m);
+    }
+
+    /// `refresh_tests`' refresh of two parts, killed (the manifest closed) after page
+    /// `kill_after` and resumed by listing that page again.
+    fn refresh_killed_after(kill_after: Option<usize>) -> Option<Vec<Vec<KeyRow>>> {
+        let (mut m, l) = job("refresh-killed")?;
+        assert!(m.split_partitions(&["m".to_string()]).unwrap());
+        let first = ["a", "b", "c", "d"].map(|k| null(k, k, 1));
+        let second = ["m", "n", "o", "p"].map(|k| null(k, k, 1));
+        listed(&mut m, 0, &first, &[], &done_listing(), &replicated);
+        listed(&mut m, 1, &second, &[], &done_listing(), &replicated);
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+        let pages = refresh_pages();
+        let mut i = 0;
+        let mut killed = false;
+        while i < pages.len() {
+            let (part, tasks, also, last) = &pages[i];
+            let cp = Listing {
+                complete: *last,
+                pages: i as u64 + 1,
+                ..Listing::default()
+            };
+            listed(&mut m, *part, tasks, also, &cp, &replicated);
+            if Some(i) == kill_after && !killed {
+                killed = true;
+                drop(m);
+                m = PgManifest::open(&l, false).unwrap();
+                continue;
+            }
+            i += 1;
+        }
+        let r = m.refreshes().unwrap();
+        assert_eq!(
+            (r[1].deleted, r[1].tasks),
+            (3, 7),
+            "killed after {kill_after:?}"
+        );
+        check_recount(&m);
+        Some(
+            ["a", "b", "c", "ca", "d", "m", "n", "o", "p", "z"]
+                .iter()
+                .map(|k| key_rows(&m, k))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_refresh_with_deletions_killed_anywhere_plans_the_same() {
+        let Some(whole) = refresh_killed_after(None) else {
+            return;
+        };
+        let deleted: Vec<usize> = whole
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.last().is_some_and(|x| x.1))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(deleted, [2, 6, 7], "{whole:?}");
+        assert_eq!((whole[0].len(), whole[8].len(), whole[4].len()), (2, 2, 1));
+        for kill in 0..refresh_pages().len() {
+            assert_eq!(
+                refresh_killed_after(Some(kill)).unwrap(),
+                whole,
+                "killed after page {kill}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refresh_settles_a_null_version_that_failed_as_changed_once_it_plans_its_replacement() {
+        let Some((mut m, _)) = job("refresh-settle") else {
+            return;
+        };
+        let plan = [null("a", "a1", 1), null("b", "b1", 1), null("c", "c1", 1)];
+        m.insert_page(&plan, &done_listing()).unwrap();
+        // Each key's task failed as changed, and the run held its unit back.
+        let fatal = class_code(ErrorClass::Fatal) as i16;
+        m.db.call(move |c| {
+            c.execute("UPDATE task SET state = 3, error_class = $1", &[&fatal])?;
+            c.batch_execute(
+                "INSERT INTO errors (task, code, message)
+                     SELECT id, 'SourceChanged', 'changed' FROM task;
+                 UPDATE units SET state = 3",
+            )
+        })
+        .unwrap();
+        assert_eq!(m.counts().unwrap().failed, 3);
+        assert_eq!(m.start_refresh_of(false).unwrap(), Some(1));
+        let page = [null("a", "a2", 5), null("c", "c1", 1)];
+        listed(&mut m, 0, &page, &[], &done_listing(), &replicated);
+        assert_eq!(
+            key_rows(&m, "a"),
+            [
+                row("null", false, 0, State::Skipped),
+                row("null", false, 1, State::Pending)
+            ]
+        );
+        assert_eq!(
+            key_rows(&m, "b"),
+            [
+                row("null", false, 0, State::Skipped),
+                row("null", true, 1, State::Pending)
+            ]
+        );
+        assert_eq!(key_rows(&m, "c"), [row("null", false, 0, State::Failed)]);
+        let c = m.counts().unwrap();
+        assert_eq!((c.failed, c.blocked, c.skipped, c.pending), (1, 0, 2, 2));
+        let p = m.problems(10).unwrap();
+        assert!(
+            p.iter().any(|p| p.key == "a"
+                && p.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("replaced at the source before it was copied"))),
+            "{p:?}"
+        );
+        assert_eq!(
+            units(&m)[0][4],
+            Some("0".into()),
+            "open again: tasks to copy"
+        );
+        check_recount(&m);
+    }
+
+    /// The s3 layer's fake with an empty versioned bucket `src`, keys of `per_prefix` under
+    /// each of `prefixes` (to be written), and a job from `src` with delete markers.
+    fn fake_source(
+        prefixes: &[&str],
+        per_prefix: usize,
+    ) -> (
+        crate::s3::fake::FakeServer,
+        Vec<String>,
+        crate::config::JobSettings,
+    ) {
+        let server = crate::s3::fake::FakeServer::new();
+        server.create_bucket("src", true);
+        let keys = prefixes
+            .iter()
+            .flat_map(|p| (0..per_prefix).map(move |i| format!("{p}{i:02}")))
+            .collect();
+        let mut job = crate::manifest::tests::settings();
+        job.source.bucket = "src".into();
+        job.selection.delete_markers = true;
+        (server, keys, job)
     }
 
     /// The real lister (four parts, pages of 7 entries) against the s3 layer's fake, into
@@ -1179,18 +2126,12 @@ mod tests {
     async fn the_lister_plans_a_postgres_job_in_parts() {
         use crate::lister::Lister;
         use crate::manifest::Manifest;
-        use crate::s3::fake::FakeServer;
         use crate::s3::{Side, S3};
 
         let Some(url) = pg_job("plan-lister") else {
             return;
         };
-        let server = FakeServer::new();
-        server.create_bucket("src", true);
-        let mut keys: Vec<String> = Vec::new();
-        for p in ["a/", "b/", "c/", "d/", "e/", "f/"] {
-            keys.extend((0..8).map(|i| format!("{p}{i:02}")));
-        }
+        let (server, keys, job) = fake_source(&["a/", "b/", "c/", "d/", "e/", "f/"], 8);
         for (i, k) in keys.iter().enumerate() {
             server.put("src", k, b"v1", &[]);
             if i % 3 == 0 {
@@ -1200,9 +2141,6 @@ mod tests {
                 server.put("src", k, b"v3", &[]);
             }
         }
-        let mut job = crate::manifest::tests::settings();
-        job.source.bucket = "src".into();
-        job.selection.delete_markers = true;
         let mut m = Manifest::open(&url, true).unwrap();
         m.store_settings(&job).unwrap();
         let source = S3::alone(server.client(Side::Source), 8);
@@ -1244,6 +2182,91 @@ mod tests {
             0,
             "each key in a unit of its own part, at or before the unit's last key"
         );
+    }
+
+    /// The real lister refreshes a PostgreSQL job in parts (their leases cleared, the parts
+    /// kept): each key's tasks are its source history once, the earlier ones matched and
+    /// the new ones after them; the units that got tasks are open again, new keys make new
+    /// ones.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_lister_refreshes_a_postgres_job_in_parts() {
+        use crate::lister::Lister;
+        use crate::manifest::Manifest;
+        use crate::s3::{Side, S3};
+
+        let Some(url) = pg_job("refresh-lister") else {
+            return;
+        };
+        let (server, keys, job) = fake_source(&["a/", "b/", "c/", "d/"], 6);
+        for k in &keys {
+            server.put("src", k, b"v1", &[]);
+        }
+        let mut m = Manifest::open(&url, true).unwrap();
+        m.store_settings(&job).unwrap();
+        let source = S3::alone(server.client(Side::Source), 8);
+        let mut lister = Lister::new(&job, &source, None, true);
+        lister.page_size = 5;
+        lister.list_parallel(&mut m, 4, |_| {}).await.unwrap();
+        let parts = m.partitions().unwrap().len();
+        assert!(parts > 1, "{parts} parts");
+        let Manifest::Pg(pg) = &m else {
+            panic!("not a PostgreSQL job");
+        };
+        // A run copied it all.
+        pg.db
+            .call(|c| c.batch_execute("UPDATE units SET state = 2"))
+            .unwrap();
+        let units_before = one(pg, "SELECT count(*) FROM units");
+        // The source moves on: new versions, delete markers, new keys.
+        let (mut added, mut marked) = (0, 0);
+        for (i, k) in keys.iter().enumerate() {
+            if i % 3 == 0 {
+                server.put("src", k, b"v2", &[]);
+                added += 1;
+            }
+            if i % 5 == 0 {
+                server.delete("src", k);
+                marked += 1;
+            }
+        }
+        let new_keys = ["a/99", "c/50", "e/00"].map(String::from);
+        for k in &new_keys {
+            server.put("src", k, b"new", &[]);
+        }
+        assert_eq!(m.start_refresh_of(true).unwrap(), Some(1));
+        lister.list_parallel(&mut m, 4, |_| {}).await.unwrap();
+        let Manifest::Pg(pg) = m else {
+            panic!("not a PostgreSQL job");
+        };
+        assert!(pg.listing().unwrap().complete);
+        assert_eq!(pg.partitions().unwrap().len(), parts, "the parts are kept");
+        for k in keys.iter().chain(&new_keys) {
+            let source: Vec<String> = server.history("src", k).into_iter().map(|v| v.id).collect();
+            let planned: Vec<String> = key_rows(&pg, k).into_iter().map(|r| r.0).collect();
+            assert_eq!(planned, source, "{k}");
+        }
+        let r = pg.refreshes().unwrap();
+        assert_eq!(r[1].tasks, added + marked + 3);
+        assert_eq!(r[1].matched, keys.len() as u64);
+        // Units: the old ones that got tasks are open (and claimable), the others done.
+        let open_old = one(
+            &pg,
+            "SELECT count(*) FROM units u WHERE u.state = 0
+             AND EXISTS (SELECT 1 FROM task t WHERE t.unit = u.id AND t.refresh = 0)",
+        );
+        let with_new = one(
+            &pg,
+            "SELECT count(DISTINCT unit) FROM task WHERE refresh = 1",
+        );
+        let new_units = one(&pg, "SELECT count(*) FROM units") - units_before;
+        assert!(new_units >= 1, "new keys make new units");
+        assert_eq!(open_old + new_units, with_new);
+        assert_eq!(
+            one(&pg, "SELECT count(*) FROM units WHERE state = 2"),
+            units_before - open_old
+        );
+        assert_eq!(claimable(&pg).len() as i64, with_new);
+        check_recount(&pg);
     }
 
     /// A page whose transaction PostgreSQL picks as a deadlock's victim (here against a

@@ -398,9 +398,16 @@ impl PgManifest {
         Ok(out)
     }
 
-    /// Counts for `status`, from the kept counters (no scan of tasks), in one snapshot.
-    /// No key is deleted at the source: a PostgreSQL job has no refreshes.
+    /// Counts for `status`, from the kept counters (no scan of tasks), in one snapshot;
+    /// then the keys the last refresh found deleted at the source.
     pub fn counts(&self) -> Result<Counts> {
+        let mut counts = self.read_counts()?;
+        (counts.deleted_at_source, counts.deleted_at_source_keys) =
+            self.deleted_at_source(crate::manifest::read::NAMED_DELETED)?;
+        Ok(counts)
+    }
+
+    fn read_counts(&self) -> Result<Counts> {
         self.db.call_with(|c| {
             let mut t = snapshot(c)?;
             let mut counts = Counts::default();

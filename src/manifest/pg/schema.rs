@@ -265,15 +265,48 @@ CREATE TABLE rate_state (
 INSERT INTO rate_state (id, factor, cut_at, grown_at, rev) VALUES (1, 1, 0, 0, 0);
 "#;
 
+/// The tables of refreshes (later listing generations, `pg::plan`): SQLite's
+/// `refresh_matched` and `refresh_outcome` as one row per refresh, the keys the refresh under
+/// way listed, where each listing part stands in its last key, and the keys a refresh found
+/// deleted at the source whose delete the job does not replicate. Created with the job, and
+/// by the first refresh of a job made before they existed.
+pub(super) const REFRESH_TABLES: &str = r#"
+CREATE TABLE IF NOT EXISTS refresh_outcome (
+    generation BIGINT PRIMARY KEY,
+    tracks_deletions BOOLEAN NOT NULL,
+    matched BIGINT NOT NULL DEFAULT 0,
+    deleted BIGINT NOT NULL DEFAULT 0,
+    not_deleted BIGINT NOT NULL DEFAULT 0,
+    out_of_order BIGINT NOT NULL DEFAULT 0,
+    finished BOOLEAN NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS refresh_seen (key_id BIGINT PRIMARY KEY);
+-- Per listing part: its last listed key, and per destination the highest place in that
+-- key's history (smallest position) where the refresh met an entry an earlier listing planned.
+CREATE TABLE IF NOT EXISTS refresh_open_key (
+    partition BIGINT PRIMARY KEY,
+    key TEXT COLLATE "C" NOT NULL,
+    dests BIGINT[] NOT NULL,
+    positions BIGINT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refresh_gone (
+    generation BIGINT NOT NULL,
+    key_id BIGINT NOT NULL,
+    dest BIGINT NOT NULL,
+    PRIMARY KEY (generation, key_id, dest)
+);
+"#;
+
 /// Shards of the counters and request totals (see the tables).
 pub(super) const COUNTER_SHARDS: i64 = 16;
 
 /// The SQL that creates a job's tables (run inside the job's new schema).
 pub(super) fn tables() -> String {
     let archived = super::super::codec::class_code(crate::s3::ErrorClass::Archived);
-    TABLES
+    let tables = TABLES
         .replace("{ARCHIVED}", &archived.to_string())
-        .replace("{SHARDS}", &COUNTER_SHARDS.to_string())
+        .replace("{SHARDS}", &COUNTER_SHARDS.to_string());
+    tables + REFRESH_TABLES
 }
 
 /// The schema (namespace) of job `job`, quoted for SQL.

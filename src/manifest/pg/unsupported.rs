@@ -37,7 +37,6 @@ macro_rules! unsupported {
         unsupported!(@fns $what; $($rest)*);
     };
 }
-pub(super) use unsupported;
 
 unsupported! { "follow":
     fn start_following(&self) -> ();
