@@ -739,7 +739,7 @@ impl SqliteManifest {
 
 /// A PostgreSQL error in one line: its own text, then its cause where the driver keeps the
 /// cause apart (a refused connection says only "error connecting to server" itself).
-fn pg_detail(e: &postgres::Error) -> String {
+pub(crate) fn pg_detail(e: &postgres::Error) -> String {
     match std::error::Error::source(e) {
         Some(cause) if e.as_db_error().is_none() => format!("{e}: {cause}"),
         _ => e.to_string(),

@@ -169,10 +169,10 @@ fn pg(shown: &str, e: tokio_postgres::Error) -> String {
             db.message(),
             db.code().code()
         ),
-        None => match std::error::Error::source(&e) {
-            Some(cause) => format!("manifest {shown}: PostgreSQL: {e}: {cause}"),
-            None => format!("manifest {shown}: PostgreSQL: {e}"),
-        },
+        None => format!(
+            "manifest {shown}: PostgreSQL: {}",
+            crate::manifest::pg_detail(&e)
+        ),
     }
 }
 
@@ -750,7 +750,7 @@ fn in_doubt(task: &mut crate::manifest::Task, d: &Doubt) {
     task.attempts = task.attempts.max(1);
     task.started_at = Some(task.started_at.map_or(d.since, |t| t.min(d.since)));
     if d.stamped == Some(false) || task.attempt_stamped.is_none() {
-        task.attempt_stamped = d.stamped.or(task.attempt_stamped);
+        task.attempt_stamped = d.stamped;
     }
 }
 
