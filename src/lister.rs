@@ -237,18 +237,43 @@ impl<C: S3Client> Lister<'_, C> {
 
     /// Splits an unstarted listing into partitions (stored before any page is listed);
     /// says why not when the server cannot start a listing exactly at a key.
+    ///
+    /// The probes that find the split are sequential requests (about 20 for a bucket of a
+    /// few keys). Beside them goes the listing's first page: when it says the listing is
+    /// one page, the probes are dropped and the listing is not split (a whole listing in
+    /// two requests, not twenty). A longer listing loses nothing: the page ran alongside.
     async fn split(
         &self,
         manifest: &mut Manifest,
         parts: usize,
     ) -> Result<Option<String>, ListError> {
-        let starts = split_points(
+        let probes = split_points(
             self.source,
             &self.settings.source.bucket,
             &self.settings.selection.prefix,
             parts,
-        )
-        .await?;
+        );
+        let first_page = async {
+            let from = ListFrom {
+                bucket: self.settings.source.bucket.clone(),
+                prefix: self.settings.selection.prefix.clone(),
+                key_marker: None,
+                version_marker: None,
+                max_keys: self.page_size,
+            };
+            self.source.req().list_versions(&from).await
+        };
+        futures::pin_mut!(probes, first_page);
+        // The page is polled first: when both are ready, a listing of one page is not split.
+        let starts = match futures::future::select(first_page, probes).await {
+            futures::future::Either::Right((starts, _)) => starts?,
+            // One page holds the whole listing: nothing to split.
+            futures::future::Either::Left((Ok(page), _)) if !page.truncated => {
+                return Ok(None);
+            }
+            // Longer (or the page failed: the probes and the walk say what is wrong).
+            futures::future::Either::Left((_, probes)) => probes.await?,
+        };
         let Some(starts) = starts else {
             return Ok(Some(one_part_note(&self.settings.source.bucket)));
         };

@@ -191,6 +191,8 @@ impl<C: S3Client> Selector<'_, C> {
 pub struct DryRun {
     /// Listed versions and delete markers.
     pub listed: u64,
+    /// Listing pages read.
+    pub pages: u64,
     /// Tasks and bytes per (destination `s3://bucket/prefix`, storage class of the copy, rule).
     pub rows: BTreeMap<(String, String, String), (u64, u64)>,
 }
@@ -269,6 +271,7 @@ pub async fn dry_run_each<C: S3Client>(
     let mut walk = crate::s3::Versions::new(selector.source, from);
     let mut out = DryRun::default();
     while let Some(page) = walk.next_page().await? {
+        out.pages += 1;
         for e in &page.entries {
             out.listed += 1;
             let dests = selector.destinations(e).await?;

@@ -356,18 +356,23 @@ async fn plan_replicate_and_dry_run_print_the_same_listing_notes() {
             .collect()
     };
     let (_d1, m1) = manifest();
+    // Pages of 10 entries: a listing of one page is never split (nor noted).
+    let pages = ["--list-page-size", "10"];
     let planned = Job::new(&src, &format!("{dst}/a/"), &m1)
         .endpoint(&ep)
+        .extra(&pages)
         .plan();
     expect_code(&planned, 0);
     let (_d2, m2) = manifest();
     let replicated = Job::new(&src, &format!("{dst}/b/"), &m2)
         .endpoint(&ep)
+        .extra(&pages)
         .replicate();
     expect_code(&replicated, 0);
     let (_d3, m3) = manifest();
     let mut dry = Job::new(&src, &format!("{dst}/c/"), &m3)
         .endpoint(&ep)
+        .extra(&pages)
         .plan_args();
     dry.push("--dry-run".into());
     let dry = run(&strs(&dry));

@@ -31,9 +31,13 @@ async fn dry_run(job: Job<'_>) -> Result<(), JobError> {
     let page_size = args.list_page_size;
     let tally =
         crate::select::dry_run_each(&job.selector(), page_size, |e, d| feed.entry(e, d)).await?;
-    // The note `plan` prints when it cannot list in parts (the dry run itself lists in one).
+    // The note `plan` prints when it cannot list in parts (the dry run itself lists in one):
+    // a listing of one page is not split, so nothing is said of it.
     let (source, bucket) = (&job.sides.source, &settings.source.bucket);
-    if !crate::lister::markers_exact(source, bucket, &settings.selection.prefix).await? {
+    if args.list_concurrency > 1
+        && tally.pages > 1
+        && !crate::lister::markers_exact(source, bucket, &settings.selection.prefix).await?
+    {
         crate::say!("note: {}", crate::lister::one_part_note(bucket));
     }
     for line in tally.lines() {

@@ -69,11 +69,23 @@ fn seed(s: &FakeServer) -> Vec<String> {
 
 /// Plans (or continues) the job in `path` with `concurrency` parts at once.
 async fn plan(s: &FakeServer, path: &Path, prefix: &str, concurrency: usize) {
+    plan_in_pages(s, path, prefix, concurrency, 5).await
+}
+
+/// `plan` with listing pages of `page_size` entries (a listing of one page is not split).
+async fn plan_in_pages(
+    s: &FakeServer,
+    path: &Path,
+    prefix: &str,
+    concurrency: usize,
+    page_size: i32,
+) {
     let mut m = Manifest::open(path, true).unwrap();
     let job = settings(prefix);
     m.store_settings(&job).unwrap();
     let source = S3::alone(s.client(Side::Source), 8);
-    let lister = Lister::new(&job, &source, None, true);
+    let mut lister = Lister::new(&job, &source, None, true);
+    lister.page_size = page_size;
     lister
         .list_parallel(&mut m, concurrency, |_| {})
         .await
@@ -122,6 +134,30 @@ async fn four_parts_list_every_version_once_in_order() {
         manifest_histories(&path, &keys),
         source_histories(&s, &keys)
     );
+}
+
+#[tokio::test]
+async fn a_listing_of_one_page_is_not_split() {
+    let s = FakeServer::new();
+    s.create_bucket(SRC, true);
+    let keys = seed(&s);
+    let entries: usize = keys.iter().map(|k| s.history(SRC, k).len()).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    plan_in_pages(&s, &path, "", 4, entries as i32 + 1).await;
+    let m = Manifest::open(&path, false).unwrap();
+    assert_eq!(m.partitions().unwrap().len(), 1);
+    assert_eq!(m.counts().unwrap().total, entries as u64);
+    assert_eq!(
+        manifest_histories(&path, &keys),
+        source_histories(&s, &keys)
+    );
+    // One entry more than a page: split as asked.
+    let path = dir.path().join("job2.db");
+    plan_in_pages(&s, &path, "", 4, entries as i32 - 1).await;
+    let m = Manifest::open(&path, false).unwrap();
+    assert_eq!(m.partitions().unwrap().len(), 4);
+    assert_eq!(m.counts().unwrap().total, entries as u64);
 }
 
 #[tokio::test]
