@@ -570,9 +570,12 @@ impl<C: S3Client> Copier<C> {
         };
         let copied = match choose_plan(false, head.size, source, route, c) {
             CopyPlan::Copy => {
-                let copied = self.copy_object(ctx, &head, &attrs).await?;
+                let (copied, answer_etag) = self.copy_object(ctx, &head, &attrs).await?;
                 match source {
-                    SourceUpload::Multipart(_) => self.check_whole_copy(ctx, &head, copied).await,
+                    SourceUpload::Multipart(_) => {
+                        self.check_whole_copy(ctx, &head, copied, answer_etag.as_deref())
+                            .await
+                    }
                     _ => Ok(copied),
                 }
             }
@@ -598,8 +601,9 @@ impl<C: S3Client> Copier<C> {
         )
     }
 
-    /// After one CopyObject of a multipart source: whether its ETag was kept (read with a
-    /// HEAD of the new version), recorded with the task. In `auto` mode the first answer
+    /// After one CopyObject of a multipart source: whether its ETag was kept, recorded with
+    /// the task. The copy's answer (`answer_etag`) says so when it names the source's ETag
+    /// (RGW); otherwise a HEAD of the new version reads it. In `auto` mode the first answer
     /// decides the run: kept, CopyObject goes on; changed, this one is copied again in parts
     /// in place of that copy (its version removed from a versioned destination), and so are
     /// later multipart sources.
@@ -608,8 +612,18 @@ impl<C: S3Client> Copier<C> {
         ctx: &TaskCtx<'_>,
         head: &ObjectHead,
         mut copied: Copied,
+        answer_etag: Option<&str>,
     ) -> Result<Copied, S3Error> {
         if copied.method != CopyMethod::Copy {
+            return Ok(copied);
+        }
+        let unquoted = |e: &str| e.trim_matches('"').to_string();
+        let source_etag = head.etag.as_deref().map(unquoted);
+        if source_etag.is_some() && answer_etag.map(unquoted) == source_etag {
+            copied.etag_preserved = Some(true);
+            if self.settings.copy.large_copy == LargeCopy::Auto {
+                self.whole_copy.0.store(WholeCopy::KEEPS, Ordering::Relaxed);
+            }
             return Ok(copied);
         }
         let dest = self
@@ -1020,12 +1034,13 @@ impl<C: S3Client> Copier<C> {
         )
     }
 
+    /// One CopyObject of the whole version; with the ETag its answer gave (None: adopted).
     async fn copy_object(
         &self,
         ctx: &TaskCtx<'_>,
         head: &ObjectHead,
         attrs: &WriteAttrs,
-    ) -> Result<Copied, S3Error> {
+    ) -> Result<(Copied, Option<String>), S3Error> {
         let src = ctx.source(&self.settings.source.bucket);
         let wrote = self
             .write_version(ctx, head.tag_count == 0, |w| {
@@ -1033,7 +1048,7 @@ impl<C: S3Client> Copier<C> {
             })
             .await?;
         Ok(match wrote {
-            Wrote::Adopted(v) => Copied::single(v, CopyMethod::Reconciled),
+            Wrote::Adopted(v) => (Copied::single(v, CopyMethod::Reconciled), None),
             Wrote::New(r, v, dest_head) => {
                 self.copied_what_was_listed(ctx, &r, head.etag.as_deref(), v.as_deref())
                     .await?;
@@ -1041,7 +1056,7 @@ impl<C: S3Client> Copier<C> {
                 // Also when the answer named the new version and no HEAD of it was made.
                 self.keep_tags(ctx, head, v.as_deref(), dest_head.map(|h| *h))
                     .await?;
-                Copied::single(v, CopyMethod::Copy)
+                (Copied::single(v, CopyMethod::Copy), r.etag)
             }
         })
     }
