@@ -12,6 +12,11 @@
 #   PEERS_TOOLS="s3-backfill rclone s3sync"   which tools (missing ones are said and skipped);
 #                            "s3-backfill-before" runs S3_BACKFILL_BEFORE too (another build)
 #   PEERS_CASES="server-single server-multipart stream-single stream-multipart"
+#   PEERS_REPEAT=1            runs of each tool and case (each into a fresh bucket); the run
+#                            with the median wall time is printed (server-side cases take
+#                            a fraction of a second: repeat them to see past the noise)
+#   PEERS_BACKFILL=replicate  how s3-backfill runs: `replicate` (one process that lists and
+#                            copies, as the peers do) or `plan-run` (two processes)
 #   S3_BACKFILL=PATH         the s3-backfill binary (default: target/release/s3-backfill, built when missing)
 #   S3_BACKFILL_BEFORE=PATH  a second s3-backfill binary to compare with (tool s3-backfill-before)
 #   S3_BACKFILL_FLAGS="..."  extra plan flags for s3-backfill (e.g. --max-memory is a run flag:
@@ -20,8 +25,9 @@
 #   PEERS_DIR=DIR            work directory (default: a fresh temporary one, removed at the end)
 #
 # Each tool copies the same source bucket into its own fresh versioned destination bucket, under
-# GNU time (`/usr/bin/time`): wall time, user+system CPU, peak RSS. s3-backfill's `plan` and
-# `run` are two processes: times and CPU add up, the larger RSS counts. Then every destination
+# GNU time (`/usr/bin/time`): wall time, user+system CPU, peak RSS. With PEERS_BACKFILL=plan-run
+# s3-backfill's `plan` and `run` are two processes: times and CPU add up, the larger RSS
+# counts. Then every destination
 # object's ETag is compared with its source's (ListObjects): "ETags kept" counts the equal
 # ones. Peers are installed by hand (`apt-get install rclone`, `cargo install s3sync`); rclone
 # 1.60 fails when AWS_CA_BUNDLE is set, so it runs without it.
@@ -33,6 +39,8 @@ SIZE_MIB="${2:-128}"
 PART_MIB="${PEERS_PART_MIB:-8}"
 CONC="${PEERS_CONCURRENCY:-8}"
 TOOLS="${PEERS_TOOLS:-s3-backfill rclone s3sync}"
+REPEAT="${PEERS_REPEAT:-1}"
+BACKFILL="${PEERS_BACKFILL:-replicate}"
 CASES="${PEERS_CASES:-server-single server-multipart stream-single stream-multipart}"
 BIN="${S3_BACKFILL:-$ROOT/target/release/s3-backfill}"
 BEFORE="${S3_BACKFILL_BEFORE:-}"
@@ -138,40 +146,56 @@ timed() {
   fi
 }
 
-# One result line: tool, case, figures summed over its processes, ETags kept.
+# One result line: tool, case, the run (of PEERS_REPEAT) with the median wall time (figures
+# summed over its processes), and the ETags it kept. Each run's figures are in $3.<r>, its
+# destination bucket is $7-<r>.
 report() {
-  local tool="$1" case="$2" figures="$3" sep="$4" src="$5" dep="$6" dst="$7" version="$8" kept
-  kept="$(join <(etags "$sep" "$src" | sort) <(etags "$dep" "$dst" | sort) | awk '$2 == $3' | wc -l)"
-  awk -v tool="$tool" -v case="$case" -v n="$N" -v mib="$SIZE_MIB" -v kept="$kept" -v version="$version" '
+  local tool="$1" case="$2" figures="$3" sep="$4" src="$5" dep="$6" dst="$7" version="$8" kept r
+  local median
+  median="$(for r in $(seq 1 "$REPEAT"); do
+    awk -v r="$r" '{ wall += $1 } END { print wall, r }' "$figures.$r"
+  done | sort -n | awk -v n="$REPEAT" 'NR == int((n + 1) / 2) { print $2 }')"
+  kept="$(join <(etags "$sep" "$src" | sort) <(etags "$dep" "$dst-$median" | sort) | awk '$2 == $3' | wc -l)"
+  awk -v tool="$tool" -v case="$case" -v n="$N" -v mib="$SIZE_MIB" -v kept="$kept" -v version="$version" \
+    -v runs="$REPEAT" '
     { wall += $1; cpu += $2 + $3; if ($4 > rss) rss = $4; if ($5 != 0) failed = 1 }
     END {
       gib = n * mib / 1024
-      printf "%-18s %-17s %8.2f %8.1f %9.2f %10.2f %9.1f %6d/%d%s   %s\n", tool, case, wall,
+      printf "%-18s %-17s %8.2f %8.1f %9.2f %10.2f %9.1f %6d/%d%s   %s%s\n", tool, case, wall,
         (wall > 0 ? n * mib / wall : 0), cpu, cpu / gib, rss / 1024, kept, n,
-        (failed ? " (exit != 0)" : ""), version
-    }' "$figures" >>"$WORK/results"
+        (failed ? " (exit != 0)" : ""), version, (runs > 1 ? " (median of " runs " runs)" : "")
+    }' "$figures.$median" >>"$WORK/results"
 }
 
 run_backfill() {
   local tool="$1" bin="$2" case="$3" sep="$4" src="$5" dep="$6" mode="$7"
-  local out="$WORK/$tool-$case.figures" dst="d-$tool-$case"
+  local out="$WORK/$tool-$case.figures" dst="d-$tool-$case" r
   [ -x "$bin" ] || {
     echo "peers-large: $tool: no binary ($bin): skipped"
     return
   }
-  make_bucket "$dep" "$dst"
-  : >"$out"
   local common=(env AWS_ACCESS_KEY_ID="$KEY" AWS_SECRET_ACCESS_KEY="$SECRET" AWS_REGION=us-east-1
     AWS_EC2_METADATA_DISABLED=true "$bin")
-  # shellcheck disable=SC2086
-  timed "$tool-$case-plan" "$out" "${common[@]}" plan --source "s3://$src" --dest "s3://$dst" \
-    --manifest "$WORK/$tool-$case.db" --source-endpoint "$sep" --dest-endpoint "$dep" \
-    --path-style --copy-mode "$mode" ${S3_BACKFILL_FLAGS:-}
-  # shellcheck disable=SC2086
-  timed "$tool-$case-run" "$out" "${common[@]}" run --manifest "$WORK/$tool-$case.db" \
-    --concurrency "$CONC" --no-progress ${S3_BACKFILL_RUN_FLAGS:-}
+  for r in $(seq 1 "$REPEAT"); do
+    make_bucket "$dep" "$dst-$r"
+    : >"$out.$r"
+    local db="$WORK/$tool-$case-$r.db" job
+    job=(--source "s3://$src" --dest "s3://$dst-$r" --manifest "$db" --source-endpoint "$sep"
+      --dest-endpoint "$dep" --path-style --copy-mode "$mode")
+    if [ "$BACKFILL" = plan-run ]; then
+      # shellcheck disable=SC2086
+      timed "$tool-$case-$r-plan" "$out.$r" "${common[@]}" plan "${job[@]}" ${S3_BACKFILL_FLAGS:-}
+      # shellcheck disable=SC2086
+      timed "$tool-$case-$r-run" "$out.$r" "${common[@]}" run --manifest "$db" \
+        --concurrency "$CONC" --no-progress ${S3_BACKFILL_RUN_FLAGS:-}
+    else
+      # shellcheck disable=SC2086
+      timed "$tool-$case-$r" "$out.$r" "${common[@]}" replicate "${job[@]}" \
+        --concurrency "$CONC" --no-progress ${S3_BACKFILL_FLAGS:-} ${S3_BACKFILL_RUN_FLAGS:-}
+    fi
+  done
   report "$tool" "$case" "$out" "$sep" "$src" "$dep" "$dst" "$("$bin" --version 2>/dev/null | head -n 1)"
-  echo "$tool $case: $("$bin" status --manifest "$WORK/$tool-$case.db" | grep -A3 '^etags' | tr '\n' ' ')" >>"$WORK/detail"
+  echo "$tool $case: $("$bin" status --manifest "$WORK/$tool-$case-1.db" | grep -A3 '^etags' | tr '\n' ' ')" >>"$WORK/detail"
 }
 
 run_rclone() {
@@ -180,18 +204,20 @@ run_rclone() {
     echo "peers-large: rclone not installed (apt-get install rclone): skipped"
     return
   }
-  local out="$WORK/rclone-$case.figures" dst="d-rclone-$case"
-  make_bucket "$dep" "$dst"
-  : >"$out"
-  timed "rclone-$case" "$out" env -u AWS_CA_BUNDLE \
+  local out="$WORK/rclone-$case.figures" dst="d-rclone-$case" r
+  for r in $(seq 1 "$REPEAT"); do
+    make_bucket "$dep" "$dst-$r"
+    : >"$out.$r"
+    timed "rclone-$case-$r" "$out.$r" env -u AWS_CA_BUNDLE \
     RCLONE_CONFIG_A_TYPE=s3 RCLONE_CONFIG_A_PROVIDER=Ceph RCLONE_CONFIG_A_ACCESS_KEY_ID="$KEY" \
     RCLONE_CONFIG_A_SECRET_ACCESS_KEY="$SECRET" RCLONE_CONFIG_A_ENDPOINT="$sep" \
     RCLONE_CONFIG_A_REGION=us-east-1 \
     RCLONE_CONFIG_B_TYPE=s3 RCLONE_CONFIG_B_PROVIDER=Ceph RCLONE_CONFIG_B_ACCESS_KEY_ID="$KEY" \
     RCLONE_CONFIG_B_SECRET_ACCESS_KEY="$SECRET" RCLONE_CONFIG_B_ENDPOINT="$dep" \
     RCLONE_CONFIG_B_REGION=us-east-1 \
-    rclone copy "a:$src" "$([ "$sep" = "$dep" ] && echo a || echo b):$dst" --transfers "$CONC" \
+    rclone copy "a:$src" "$([ "$sep" = "$dep" ] && echo a || echo b):$dst-$r" --transfers "$CONC" \
     --s3-no-check-bucket
+  done
   report rclone "$case" "$out" "$sep" "$src" "$dep" "$dst" "$(rclone version 2>/dev/null | head -n 1)"
 }
 
@@ -201,16 +227,18 @@ run_s3sync() {
     echo "peers-large: s3sync not installed (cargo install s3sync): skipped"
     return
   }
-  local out="$WORK/s3sync-$case.figures" dst="d-s3sync-$case" server=()
+  local out="$WORK/s3sync-$case.figures" dst="d-s3sync-$case" server=() r
   [ "$sep" = "$dep" ] && server=(--server-side-copy)
-  make_bucket "$dep" "$dst"
-  : >"$out"
-  timed "s3sync-$case" "$out" s3sync --source-access-key "$KEY" --source-secret-access-key "$SECRET" \
+  for r in $(seq 1 "$REPEAT"); do
+    make_bucket "$dep" "$dst-$r"
+    : >"$out.$r"
+    timed "s3sync-$case-$r" "$out.$r" s3sync --source-access-key "$KEY" --source-secret-access-key "$SECRET" \
     --target-access-key "$KEY" --target-secret-access-key "$SECRET" \
     --source-region us-east-1 --target-region us-east-1 \
     --source-endpoint-url "$sep" --target-endpoint-url "$dep" \
     --source-force-path-style --target-force-path-style \
-    "${server[@]}" --worker-size "$CONC" "s3://$src" "s3://$dst"
+    "${server[@]}" --worker-size "$CONC" "s3://$src" "s3://$dst-$r"
+  done
   report s3sync "$case" "$out" "$sep" "$src" "$dep" "$dst" "$(s3sync --version 2>/dev/null | awk 'NR == 1 { print $1, $2 }')"
 }
 
@@ -259,7 +287,7 @@ for case in $CASES; do
 done
 
 echo
-echo "$N x $SIZE_MIB MiB ($PART_MIB MiB parts for multipart sources), $CONC in flight; server-side on one RGW, streamed between two; CPU = user+system of the tool's processes"
+echo "$N x $SIZE_MIB MiB ($PART_MIB MiB parts for multipart sources), $CONC in flight; server-side on one RGW, streamed between two; s3-backfill as $BACKFILL; CPU = user+system of the tool's processes"
 printf "%-18s %-17s %8s %8s %9s %10s %9s %8s   %s\n" tool case "wall s" "MiB/s" "CPU s" "CPU s/GiB" "peak MiB" "ETags" version
 cat "$WORK/results"
 [ ! -s "$WORK/detail" ] || { echo "s3-backfill's status (etags):"; cat "$WORK/detail"; }
