@@ -10,6 +10,8 @@
 #   PEERS_TOOLS="s3-backfill s3-backfill-1req rclone s3sync"   which tools to run (missing ones
 #                            are skipped; s3-backfill-1req: --no-stamp --sse bucket-default)
 #   S3_BACKFILL=PATH         the s3-backfill binary (default: target/release/s3-backfill, built when missing)
+#   S3_BACKFILL_BEFORE=PATH  another s3-backfill build to compare with, as tools
+#                            s3-backfill-before and s3-backfill-1req-before
 #   RGW_SH=PATH              the RGW script (default: scripts/rgw.sh of this repository)
 #   PEERS_DIR=DIR            work directory (default: a fresh temporary one, removed at the end)
 #
@@ -28,6 +30,7 @@ SIZE="${PEERS_SIZE:-1024}"
 CONC="${PEERS_CONCURRENCY:-32}"
 TOOLS="${PEERS_TOOLS:-s3-backfill s3-backfill-1req rclone s3sync}"
 BIN="${S3_BACKFILL:-$ROOT/target/release/s3-backfill}"
+BEFORE="${S3_BACKFILL_BEFORE:-}"
 RGW_SH="${RGW_SH:-$ROOT/scripts/rgw.sh}"
 KEY=testing
 SECRET=testing-secret
@@ -115,24 +118,29 @@ timed() {
   fi
 }
 
-# s3-backfill as tool $1 with plan flags $2.. (s3-backfill: the default job, HEAD + CopyObject
-# per object; s3-backfill-1req: --no-stamp --sse bucket-default, one CopyObject per object).
+# s3-backfill as tool $1, binary $2, with plan flags $3.. (s3-backfill: the default job, HEAD +
+# CopyObject per object; s3-backfill-1req: --no-stamp --sse bucket-default, one CopyObject
+# per object).
 run_backfill() {
-  local tool="$1"
-  shift
+  local tool="$1" bin="$2"
+  shift 2
+  [ -x "$bin" ] || {
+    echo "peers: $tool: no binary (${bin:-set S3_BACKFILL_BEFORE}): skipped"
+    return
+  }
   local out="$WORK/$tool.figures" dst="peers-$tool"
   make_bucket "$dst"
   : >"$out"
   local common=(env AWS_ACCESS_KEY_ID="$KEY" AWS_SECRET_ACCESS_KEY="$SECRET" AWS_REGION=us-east-1
-    AWS_EC2_METADATA_DISABLED=true "$BIN")
+    AWS_EC2_METADATA_DISABLED=true "$bin")
   timed backfill-plan "$out" "${common[@]}" plan --source "s3://$SRC" --dest "s3://$dst" \
     --manifest "$WORK/$tool.db" --source-endpoint "$EP" --dest-endpoint "$EP" --path-style "$@"
   timed backfill-run "$out" "${common[@]}" run --manifest "$WORK/$tool.db" \
     --concurrency "$CONC" --no-progress
-  report "$tool" "$out" "$dst" "$("$BIN" --version 2>/dev/null | head -n 1)"
+  report "$tool" "$out" "$dst" "$("$bin" --version 2>/dev/null | head -n 1)"
   awk -v tool="$tool" '{ printf "%s%s %.2f s wall, %.2f s CPU, %.1f MiB", (NR == 1 ? tool ": " : "; "),
     (NR == 1 ? "plan" : "run"), $1, $2 + $3, $4 / 1024 } END { print "" }' "$out" >>"$WORK/s3-backfill.detail"
-  echo "$tool requests: $("$BIN" status --manifest "$WORK/$tool.db" --json | grep -o '"requests":{[^}]*}')" >>"$WORK/s3-backfill.detail"
+  echo "$tool requests: $("$bin" status --manifest "$WORK/$tool.db" --json | grep -o '"requests":{[^}]*}')" >>"$WORK/s3-backfill.detail"
 }
 
 run_rclone() {
@@ -177,7 +185,7 @@ report() {
   awk -v tool="$tool" -v n="$N" -v copied="$copied" -v version="$version" '
     { wall += $1; cpu += $2 + $3; if ($4 > rss) rss = $4; if ($5 != 0) failed = 1 }
     END {
-      printf "%-12s %7d %8.2f %10.0f %9.2f %12.3f %11.1f %8d%s   %s\n", tool, n, wall,
+      printf "%-24s %7d %8.2f %10.0f %9.2f %12.3f %11.1f %8d%s   %s\n", tool, n, wall,
         (wall > 0 ? n / wall : 0), cpu, cpu * 1000 / n, rss / 1024, copied,
         (failed ? " (exit != 0)" : ""), version
     }' "$figures" >>"$WORK/results"
@@ -198,8 +206,12 @@ have="$(count_objects "$SRC")"
 for tool in $TOOLS; do
   echo "peers: running $tool ($CONC in flight)"
   case "$tool" in
-    s3-backfill) run_backfill s3-backfill ;;
-    s3-backfill-1req) run_backfill s3-backfill-1req --no-stamp --sse bucket-default ;;
+    s3-backfill) run_backfill s3-backfill "$BIN" ;;
+    s3-backfill-1req) run_backfill s3-backfill-1req "$BIN" --no-stamp --sse bucket-default ;;
+    s3-backfill-before) run_backfill s3-backfill-before "$BEFORE" ;;
+    s3-backfill-1req-before)
+      run_backfill s3-backfill-1req-before "$BEFORE" --no-stamp --sse bucket-default
+      ;;
     rclone) run_rclone ;;
     s3sync) run_s3sync ;;
     *) echo "peers: unknown tool $tool: skipped" ;;
@@ -208,6 +220,6 @@ done
 
 echo
 echo "server-side copy of $N x $SIZE B on one Ceph RGW, $CONC in flight; CPU = user+system of the tool's processes"
-printf "%-12s %7s %8s %10s %9s %12s %11s %8s   %s\n" tool objects "wall s" objects/s "CPU s" "CPU ms/obj" "peak MiB" copied version
+printf "%-24s %7s %8s %10s %9s %12s %11s %8s   %s\n" tool objects "wall s" objects/s "CPU s" "CPU ms/obj" "peak MiB" copied version
 cat "$WORK/results"
 [ ! -s "$WORK/s3-backfill.detail" ] || { echo "s3-backfill by step:"; cat "$WORK/s3-backfill.detail"; }
