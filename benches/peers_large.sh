@@ -24,7 +24,9 @@
 #   RGW_SH=PATH              the RGW script (default: scripts/rgw.sh of this repository)
 #   PEERS_DIR=DIR            work directory (default: a fresh temporary one, removed at the end)
 #
-# Each tool copies the same source bucket into its own fresh versioned destination bucket, under
+# Each tool copies the same source bucket into its own fresh versioned destination bucket (for
+# the streamed cases on a destination cluster started afresh for each run: a cluster slows
+# down as its in-memory store fills, which favoured whichever tool ran first), under
 # GNU time (`/usr/bin/time`): wall time, user+system CPU, peak RSS. With PEERS_BACKFILL=plan-run
 # s3-backfill's `plan` and `run` are two processes: times and CPU add up, the larger RSS
 # counts. Then every destination
@@ -146,16 +148,34 @@ timed() {
   fi
 }
 
+# A destination endpoint for one run: a streamed case's destination cluster is started
+# afresh for every run (an RGW cluster slows down as its in-memory store fills, which would
+# favour whichever tool runs first); a server-side case's is the source's.
+fresh_dest() {
+  local dep="$1"
+  if [ "$dep" = "$EP1" ]; then
+    echo "$dep"
+    return
+  fi
+  bash "$RGW_SH" stop "$WORK/rgw2" >/dev/null 2>&1 || true
+  bash "$RGW_SH" start "$WORK/rgw2" --owner $$ | tail -n 1
+}
+
+# How many of the source's objects have their ETag at the destination: appended to $1.
+count_kept() {
+  local out="$1" sep="$2" src="$3" dep="$4" dst="$5"
+  join <(etags "$sep" "$src" | sort) <(etags "$dep" "$dst" | sort) | awk '$2 == $3' | wc -l >"$out"
+}
+
 # One result line: tool, case, the run (of PEERS_REPEAT) with the median wall time (figures
-# summed over its processes), and the ETags it kept. Each run's figures are in $3.<r>, its
-# destination bucket is $7-<r>.
+# summed over its processes), and the ETags it kept. Each run's figures are in $3.<r>, the
+# ETags it kept in $3.<r>.kept.
 report() {
-  local tool="$1" case="$2" figures="$3" sep="$4" src="$5" dep="$6" dst="$7" version="$8" kept r
-  local median
+  local tool="$1" case="$2" figures="$3" version="$4" kept median
   median="$(for r in $(seq 1 "$REPEAT"); do
     awk -v r="$r" '{ wall += $1 } END { print wall, r }' "$figures.$r"
   done | sort -n | awk -v n="$REPEAT" 'NR == int((n + 1) / 2) { print $2 }')"
-  kept="$(join <(etags "$sep" "$src" | sort) <(etags "$dep" "$dst-$median" | sort) | awk '$2 == $3' | wc -l)"
+  kept="$(cat "$figures.$median.kept")"
   awk -v tool="$tool" -v case="$case" -v n="$N" -v mib="$SIZE_MIB" -v kept="$kept" -v version="$version" \
     -v runs="$REPEAT" '
     { wall += $1; cpu += $2 + $3; if ($4 > rss) rss = $4; if ($5 != 0) failed = 1 }
@@ -177,11 +197,12 @@ run_backfill() {
   local common=(env AWS_ACCESS_KEY_ID="$KEY" AWS_SECRET_ACCESS_KEY="$SECRET" AWS_REGION=us-east-1
     AWS_EC2_METADATA_DISABLED=true "$bin")
   for r in $(seq 1 "$REPEAT"); do
-    make_bucket "$dep" "$dst-$r"
+    local d db="$WORK/$tool-$case-$r.db" job
+    d="$(fresh_dest "$dep")"
+    make_bucket "$d" "$dst-$r"
     : >"$out.$r"
-    local db="$WORK/$tool-$case-$r.db" job
     job=(--source "s3://$src" --dest "s3://$dst-$r" --manifest "$db" --source-endpoint "$sep"
-      --dest-endpoint "$dep" --path-style --copy-mode "$mode")
+      --dest-endpoint "$d" --path-style --copy-mode "$mode")
     if [ "$BACKFILL" = plan-run ]; then
       # shellcheck disable=SC2086
       timed "$tool-$case-$r-plan" "$out.$r" "${common[@]}" plan "${job[@]}" ${S3_BACKFILL_FLAGS:-}
@@ -193,8 +214,9 @@ run_backfill() {
       timed "$tool-$case-$r" "$out.$r" "${common[@]}" replicate "${job[@]}" \
         --concurrency "$CONC" --no-progress ${S3_BACKFILL_FLAGS:-} ${S3_BACKFILL_RUN_FLAGS:-}
     fi
+    count_kept "$out.$r.kept" "$sep" "$src" "$d" "$dst-$r"
   done
-  report "$tool" "$case" "$out" "$sep" "$src" "$dep" "$dst" "$("$bin" --version 2>/dev/null | head -n 1)"
+  report "$tool" "$case" "$out" "$("$bin" --version 2>/dev/null | head -n 1)"
   echo "$tool $case: $("$bin" status --manifest "$WORK/$tool-$case-1.db" | grep -A3 '^etags' | tr '\n' ' ')" >>"$WORK/detail"
 }
 
@@ -206,19 +228,22 @@ run_rclone() {
   }
   local out="$WORK/rclone-$case.figures" dst="d-rclone-$case" r
   for r in $(seq 1 "$REPEAT"); do
-    make_bucket "$dep" "$dst-$r"
+    local d
+    d="$(fresh_dest "$dep")"
+    make_bucket "$d" "$dst-$r"
     : >"$out.$r"
     timed "rclone-$case-$r" "$out.$r" env -u AWS_CA_BUNDLE \
     RCLONE_CONFIG_A_TYPE=s3 RCLONE_CONFIG_A_PROVIDER=Ceph RCLONE_CONFIG_A_ACCESS_KEY_ID="$KEY" \
     RCLONE_CONFIG_A_SECRET_ACCESS_KEY="$SECRET" RCLONE_CONFIG_A_ENDPOINT="$sep" \
     RCLONE_CONFIG_A_REGION=us-east-1 \
     RCLONE_CONFIG_B_TYPE=s3 RCLONE_CONFIG_B_PROVIDER=Ceph RCLONE_CONFIG_B_ACCESS_KEY_ID="$KEY" \
-    RCLONE_CONFIG_B_SECRET_ACCESS_KEY="$SECRET" RCLONE_CONFIG_B_ENDPOINT="$dep" \
+    RCLONE_CONFIG_B_SECRET_ACCESS_KEY="$SECRET" RCLONE_CONFIG_B_ENDPOINT="$d" \
     RCLONE_CONFIG_B_REGION=us-east-1 \
     rclone copy "a:$src" "$([ "$sep" = "$dep" ] && echo a || echo b):$dst-$r" --transfers "$CONC" \
     --s3-no-check-bucket
+    count_kept "$out.$r.kept" "$sep" "$src" "$d" "$dst-$r"
   done
-  report rclone "$case" "$out" "$sep" "$src" "$dep" "$dst" "$(rclone version 2>/dev/null | head -n 1)"
+  report rclone "$case" "$out" "$(rclone version 2>/dev/null | head -n 1)"
 }
 
 run_s3sync() {
@@ -230,16 +255,19 @@ run_s3sync() {
   local out="$WORK/s3sync-$case.figures" dst="d-s3sync-$case" server=() r
   [ "$sep" = "$dep" ] && server=(--server-side-copy)
   for r in $(seq 1 "$REPEAT"); do
-    make_bucket "$dep" "$dst-$r"
+    local d
+    d="$(fresh_dest "$dep")"
+    make_bucket "$d" "$dst-$r"
     : >"$out.$r"
     timed "s3sync-$case-$r" "$out.$r" s3sync --source-access-key "$KEY" --source-secret-access-key "$SECRET" \
     --target-access-key "$KEY" --target-secret-access-key "$SECRET" \
     --source-region us-east-1 --target-region us-east-1 \
-    --source-endpoint-url "$sep" --target-endpoint-url "$dep" \
+    --source-endpoint-url "$sep" --target-endpoint-url "$d" \
     --source-force-path-style --target-force-path-style \
     "${server[@]}" --worker-size "$CONC" "s3://$src" "s3://$dst-$r"
+    count_kept "$out.$r.kept" "$sep" "$src" "$d" "$dst-$r"
   done
-  report s3sync "$case" "$out" "$sep" "$src" "$dep" "$dst" "$(s3sync --version 2>/dev/null | awk 'NR == 1 { print $1, $2 }')"
+  report s3sync "$case" "$out" "$(s3sync --version 2>/dev/null | awk 'NR == 1 { print $1, $2 }')"
 }
 
 echo "peers-large: machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)"
