@@ -1606,18 +1606,12 @@ impl S3Client for SdkClient {
             .send()
             .await
             .map_err(|e| self.err("HeadBucket", false, e))?;
-        // The bucket is there and in this region: its two settings are read at once (a
-        // probe is on every command's way to its first copy).
-        let (status, object_lock) = tokio::join!(
-            self.bucket_versioning(bucket),
-            self.bucket_object_lock(bucket)
-        );
-        let status = status?;
+        let status = self.bucket_versioning(bucket).await?;
         Ok(BucketFacts {
             region: head.bucket_region().map(str::to_string),
             versioned: status.as_deref() == Some("Enabled"),
             suspended: status.as_deref() == Some("Suspended"),
-            object_lock,
+            object_lock: self.bucket_object_lock(bucket).await,
             rgw: rgw.0.load(Ordering::Relaxed),
         })
     }
