@@ -161,7 +161,7 @@ fresh_dest() {
   bash "$RGW_SH" start "$WORK/rgw2" --owner $$ | tail -n 1
 }
 
-# How many of the source's objects have their ETag at the destination: appended to $1.
+# How many of the source's objects have their ETag at the destination: written to $1.
 count_kept() {
   local out="$1" sep="$2" src="$3" dep="$4" dst="$5"
   join <(etags "$sep" "$src" | sort) <(etags "$dep" "$dst" | sort) | awk '$2 == $3' | wc -l >"$out"
