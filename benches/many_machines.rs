@@ -243,6 +243,20 @@ impl Cluster {
         )
     }
 
+    /// Row writes per table since the last reset: updates that were HOT need no index entry.
+    fn table_writes(&self) -> Result<String, String> {
+        self.psql(
+            "SELECT schemaname || '.' || relname, n_tup_upd, n_tup_hot_upd, n_tup_ins, \
+             coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE n_tup_upd + n_tup_ins > 0 \
+             ORDER BY n_tup_upd DESC LIMIT 8",
+        )
+    }
+
+    /// The WAL written since the last reset.
+    fn wal(&self) -> Result<String, String> {
+        self.psql("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+    }
+
     /// The plpgsql functions' time since the last reset (the counters trigger).
     fn function_times(&self) -> Result<String, String> {
         self.psql(
@@ -411,6 +425,14 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
                 "functions during run (name | calls | total ms | self ms)",
                 cluster.function_times(),
             );
+            print_rows(
+                "tables during run (table | updates | HOT updates | inserts | index scans)",
+                cluster.table_writes(),
+            );
+            print_rows(
+                "WAL during run (records | full-page images | bytes)",
+                cluster.wal(),
+            );
         }
     }
     cluster.stop();
@@ -486,7 +508,7 @@ fn config(
         return Err(format!("plan failed:\n    {}", tail(&plan_log)));
     }
     if let (true, Some(c)) = (statements, cluster) {
-        c.psql("SELECT pg_stat_statements_reset(), pg_stat_reset()")?;
+        c.psql("SELECT pg_stat_statements_reset(), pg_stat_reset(), pg_stat_reset_shared('wal')")?;
     }
     let c = concurrency.to_string();
     let runs: Vec<(Vec<String>, PathBuf)> = (0..workers)
