@@ -167,6 +167,20 @@ impl PgError {
 pub struct PgManifest {
     db: Db,
     location: PgLocation,
+    /// The listing parts this handle claimed and has not given back (id, lease epoch):
+    /// given back when it is dropped, so a graceful stop or an error leaves no part leased
+    /// for a lease's length (a killed process's parts wait for their leases to run out).
+    parts: std::sync::Mutex<Vec<(i64, i64)>>,
+}
+
+impl Drop for PgManifest {
+    fn drop(&mut self) {
+        let held = std::mem::take(self.parts.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (id, epoch) in held {
+            // Nothing more to do should this fail: the lease runs out by itself.
+            let _ = self.release_partition(id, epoch);
+        }
+    }
 }
 
 fn now_secs() -> i64 {
@@ -236,6 +250,7 @@ impl PgManifest {
         Ok(PgManifest {
             db,
             location: l.clone(),
+            parts: Default::default(),
         })
     }
 
@@ -319,19 +334,30 @@ impl PgManifest {
     /// from its checkpoint.
     pub fn claim_partition(&self) -> Result<Option<(i64, i64)>> {
         let lease = run::lease_secs();
-        self.db.call(move |c| {
-            let row = c.query_opt(
-                "UPDATE partitions p SET lease = nextval('lease_epochs'),
+        self.db
+            .call(move |c| {
+                let row = c.query_opt(
+                    "UPDATE partitions p SET lease = nextval('lease_epochs'),
                     lease_expires = extract(epoch FROM clock_timestamp())::bigint + $1
                  WHERE p.id = (SELECT id FROM partitions WHERE NOT complete
                         AND (lease_expires IS NULL
                              OR lease_expires < extract(epoch FROM clock_timestamp()))
                         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
                  RETURNING p.id, p.lease",
-                &[&lease],
-            )?;
-            Ok(row.map(|r| (r.get(0), r.get(1))))
-        })
+                    &[&lease],
+                )?;
+                Ok(row.map(|r| (r.get(0), r.get(1))))
+            })
+            .inspect(|claimed| {
+                if let Some(part) = claimed {
+                    self.held_parts().push(*part);
+                }
+            })
+    }
+
+    /// The listing parts this handle holds (see `parts`).
+    fn held_parts(&self) -> std::sync::MutexGuard<'_, Vec<(i64, i64)>> {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Renews the lease of a part this process lists (before each page it commits): false
@@ -352,6 +378,7 @@ impl PgManifest {
     /// Gives a part back (its listing stopped before the end: another process, or a later
     /// run, continues it from its checkpoint).
     pub fn release_partition(&self, id: i64, epoch: i64) -> Result<()> {
+        self.held_parts().retain(|p| *p != (id, epoch));
         self.db.call(move |c| {
             c.execute(
                 "UPDATE partitions SET lease = NULL, lease_expires = NULL

@@ -1723,6 +1723,34 @@ mod tests {
     }
 
     #[test]
+    fn a_dropped_handle_gives_its_listing_parts_back() {
+        let Some((first, l)) = job("parts-back") else {
+            return;
+        };
+        let (id, epoch) = first.claim_partition().unwrap().expect("the one part");
+        let second = PgManifest::open(&l, false).unwrap();
+        assert_eq!(
+            second.claim_partition().unwrap(),
+            None,
+            "leased by the first"
+        );
+        drop(first);
+        let (again, new_epoch) = second.claim_partition().unwrap().expect("given back");
+        assert_eq!(again, id);
+        assert!(new_epoch > epoch, "a new lease: {new_epoch} after {epoch}");
+        // A part given back by hand is not given back again (over a later owner's lease).
+        second.release_partition(again, new_epoch).unwrap();
+        let third = PgManifest::open(&l, false).unwrap();
+        let (_, third_epoch) = third.claim_partition().unwrap().expect("released");
+        drop(second);
+        assert_eq!(
+            third.claim_partition().unwrap(),
+            None,
+            "still leased by the third (epoch {third_epoch})"
+        );
+    }
+
+    #[test]
     fn a_refresh_plans_overwritten_nulls_again_and_opens_their_unit() {
         let Some((mut m, _)) = job("refresh-null") else {
             return;

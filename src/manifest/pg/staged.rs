@@ -77,6 +77,7 @@ impl Staged {
         Ok(PgManifest {
             db,
             location: self.scratch.clone(),
+            parts: Default::default(),
         })
     }
 
