@@ -434,8 +434,10 @@ impl PgManifest {
         })
     }
 
-    /// Failed, skipped and blocked tasks, in key order (each key oldest first), at most
-    /// `limit`.
+    /// Failed, skipped and blocked tasks, in key-id order (each key oldest first), at most
+    /// `limit`. Key ids follow the listing: key order when it was listed as one part; with
+    /// parts listed at once, each part's keys in order, the parts' pages interleaved as they
+    /// came (so the order of keys from different parts can differ between two plans).
     pub fn problems(&self, limit: usize) -> Result<Vec<Problem>> {
         let mut out = Vec::new();
         self.walk_problems(|p| {
@@ -448,8 +450,8 @@ impl PgManifest {
         Ok(out)
     }
 
-    /// Streams every failed, skipped and blocked task to `f`, in key order (each key
-    /// oldest first). Memory does not grow with the number of problems.
+    /// Streams every failed, skipped and blocked task to `f`, in key-id order (each key
+    /// oldest first; see [`Self::problems`]). Memory does not grow with the number of problems.
     pub fn for_each_problem(
         &self,
         mut f: impl FnMut(Problem) -> std::io::Result<()>,
