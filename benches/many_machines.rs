@@ -252,9 +252,12 @@ impl Cluster {
         )
     }
 
-    /// The WAL written since the last reset.
+    /// The WAL written and the sessions (connections) opened since the last reset.
     fn wal(&self) -> Result<String, String> {
-        self.psql("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+        self.psql(
+            "SELECT wal_records, wal_fpi, wal_bytes, d.sessions, round(d.session_time) \
+             FROM pg_stat_wal, pg_stat_database d WHERE d.datname = current_database()",
+        )
     }
 
     /// The plpgsql functions' time since the last reset (the counters trigger).
@@ -430,7 +433,7 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
                 cluster.table_writes(),
             );
             print_rows(
-                "WAL during run (records | full-page images | bytes)",
+                "WAL and sessions during run (WAL records | full-page images | bytes | sessions opened | session ms)",
                 cluster.wal(),
             );
         }
