@@ -5,9 +5,10 @@
 //!
 //! The source bucket is seeded once without HTTP (`benches/support/corpus.rs`, the corpus of
 //! `benches/engine.rs`: 40-byte keys, 1-3 versions per key, a delete marker on top of every
-//! tenth key; `MANY_BENCH_TASKS` entries, default 20,000). Each configuration copies the same source into a fresh
-//! destination bucket: `plan --delete-markers` into its own manifest (a SQLite file, or a
-//! PostgreSQL job `postgres://...?job=NAME` of one throwaway cluster), timed apart, then its
+//! tenth key; `MANY_BENCH_TASKS` entries, default 20,000). Each configuration copies the same
+//! source into a fresh destination bucket: `plan --delete-markers` into its own manifest (a
+//! SQLite file, or a PostgreSQL job `postgres://...?job=NAME` of one throwaway cluster), timed
+//! apart, then its
 //! `run` processes (`--concurrency 64` each, `MANY_BENCH_CONCURRENCY` to change: every
 //! process gets the full figure, as a process on its own machine would) started together and
 //! timed until the last exits.
@@ -19,6 +20,13 @@
 //! destination holds every entry. Printed: a table with the targets beside the
 //! figures (one worker on PostgreSQL ≥ 80% of SQLite's rate, database CPU ≤ 0.05 ms per task,
 //! 4 workers ≥ 3× one worker where the cores allow); never asserted.
+//!
+//! Then, where the cores allow: the server answers every request after
+//! `MANY_BENCH_LATENCY_MS` (default 20; 0 skips this step), as a server far away would, and
+//! 1 and 4 PostgreSQL workers (`--concurrency 8` each, `MANY_BENCH_FAR_CONCURRENCY`) copy the
+//! source again. Each worker is then bound by round trips, not by CPU, so the cores no
+//! longer cap what 4 workers add (on 2 cores the instant server's rows cannot show it: one
+//! worker keeps both busy). The one-worker step takes about 2 minutes.
 //!
 //! PostgreSQL: `scripts/pg.sh start DIR --owner PID` (DIR under the temp dir; the script's
 //! watchdog stops the cluster should this process die), stopped at the end.
@@ -57,6 +65,14 @@ fn main() {
         println!("many_machines: bench failed: {e}");
         std::process::exit(1);
     }
+}
+
+/// [`env_number`] that takes 0 too (to turn a step off).
+fn env_number_or_zero(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().replace('_', "").parse().ok())
+        .unwrap_or(default)
 }
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -370,6 +386,8 @@ struct Row {
     /// CPU of this process (the in-process S3 server) during the run, in seconds.
     server_s: f64,
     copied: usize,
+    /// The server's answer delay in this configuration, in ms (None: none).
+    latency_ms: Option<u64>,
 }
 
 /// The manifest of one configuration.
@@ -412,7 +430,16 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
         };
         let pg = matches!(backend, Backend::Pg(_));
         let w = workers.unwrap_or(1);
-        match config(&mem, n, concurrency, backend, w, statements, dir.path()) {
+        match config(
+            &mem,
+            n,
+            concurrency,
+            backend,
+            w,
+            None,
+            statements,
+            dir.path(),
+        ) {
             Ok(row) => rows.push(row),
             Err(e) => {
                 println!("  failed: {e}\n");
@@ -438,6 +465,25 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
             );
         }
     }
+    // Far away: every answer waits, each worker is bound by round trips, not by the cores.
+    let far_ms = env_number_or_zero("MANY_BENCH_LATENCY_MS", 20) as u64;
+    if far_ms > 0 {
+        let far_concurrency = env_number("MANY_BENCH_FAR_CONCURRENCY", 8);
+        mem.set_latency(Duration::from_millis(far_ms));
+        println!("every answer now waits {far_ms} ms; --concurrency {far_concurrency} a worker\n");
+        for w in [1, 4] {
+            let backend = Backend::Pg(&cluster);
+            let far = Some(far_ms);
+            match config(&mem, n, far_concurrency, backend, w, far, false, dir.path()) {
+                Ok(row) => rows.push(row),
+                Err(e) => {
+                    println!("  failed: {e}\n");
+                    failed = Some(e);
+                }
+            }
+        }
+        mem.set_latency(Duration::ZERO);
+    }
     cluster.stop();
     print_summary(&rows, n);
     println!("load average at end: {}", load());
@@ -462,12 +508,14 @@ fn print_rows(title: &str, rows: Result<String, String>) {
 }
 
 /// Plans and runs one configuration into a fresh destination bucket; prints its block.
+#[allow(clippy::too_many_arguments)]
 fn config(
     mem: &MemS3,
     n: usize,
     concurrency: usize,
     backend: Backend,
     workers: usize,
+    latency_ms: Option<u64>,
     statements: bool,
     dir: &Path,
 ) -> Result<Row, String> {
@@ -478,15 +526,21 @@ fn config(
             None,
         ),
         Backend::Pg(c) => (
-            format!("PostgreSQL, {workers} run"),
-            c.job(&format!("bench{workers}")),
+            match latency_ms {
+                None => format!("PostgreSQL, {workers} run"),
+                Some(ms) => format!("PostgreSQL, {workers} run, {ms} ms"),
+            },
+            c.job(&match latency_ms {
+                None => format!("bench{workers}"),
+                Some(_) => format!("bench{workers}far"),
+            }),
             Some(c),
         ),
     };
-    let tag = if cluster.is_some() {
-        format!("pg{workers}")
-    } else {
-        "sqlite".into()
+    let tag = match (cluster.is_some(), latency_ms) {
+        (true, None) => format!("pg{workers}"),
+        (true, Some(_)) => format!("pg{workers}-far"),
+        (false, _) => "sqlite".into(),
     };
     let dest = format!("bench-dst-{tag}");
     mem.create_bucket(&dest, true);
@@ -553,6 +607,7 @@ fn config(
         db_s,
         server_s,
         copied,
+        latency_ms,
     })
 }
 
@@ -584,10 +639,16 @@ fn print_summary(rows: &[Row], n: usize) {
     let sqlite = rows.iter().find(|r| r.name.starts_with("SQLite"));
     let one_pg = rows
         .iter()
-        .find(|r| r.workers == 1 && !r.name.starts_with("SQLite"));
+        .find(|r| r.workers == 1 && r.latency_ms.is_none() && !r.name.starts_with("SQLite"));
+    // Each configuration's one-run row on PostgreSQL (the same server delay).
+    let one_like = |r: &Row| {
+        rows.iter().find(|o| {
+            o.workers == 1 && o.latency_ms == r.latency_ms && !o.name.starts_with("SQLite")
+        })
+    };
     println!("summary ({n} tasks each; client CPU = the run processes' user+system, database CPU = the cluster's)");
     println!(
-        "{:<18} | {:>10} {:>10} | {:>9} {:>14} {:>10} {:>14} {:>10} | {:>9} {:>8} | {:>4}",
+        "{:<26} | {:>10} {:>10} | {:>9} {:>14} {:>10} {:>14} {:>10} | {:>9} {:>8} | {:>4}",
         "config",
         "plan ver/s",
         "plan DB ms",
@@ -608,7 +669,7 @@ fn print_summary(rows: &[Row], n: usize) {
         };
         let ok = r.plan.all_ok() && r.run.all_ok() && r.copied == n;
         println!(
-            "{:<18} | {:>10.0} {:>10} | {:>9.0} {:>14.3} {:>10} {:>14.3} {:>10.2} | {:>9} {:>8} | {:>4}",
+            "{:<26} | {:>10.0} {:>10} | {:>9.0} {:>14.3} {:>10} {:>14.3} {:>10.2} | {:>9} {:>8} | {:>4}",
             r.name,
             rate(&r.plan),
             r.plan_db_s.map_or("-".into(), |s| format!("{:.4}", ms(s))),
@@ -622,7 +683,7 @@ fn print_summary(rows: &[Row], n: usize) {
             if r.name.starts_with("SQLite") {
                 "-".into()
             } else {
-                vs(one_pg)
+                vs(one_like(r))
             },
             if ok { "yes" } else { "NO" }
         );
@@ -638,21 +699,55 @@ fn print_summary(rows: &[Row], n: usize) {
         ratio * 100.0,
         verdict(ratio >= 0.8)
     );
-    for r in rows.iter().filter(|r| r.db_s.is_some()) {
+    for r in rows
+        .iter()
+        .filter(|r| r.db_s.is_some() && r.latency_ms.is_none())
+    {
         let d = ms(r.db_s.unwrap_or(0.0));
         println!(
-            "  database CPU <= 0.05 ms per task, {} run: {d:.4} ms {}",
-            r.workers,
+            "  database CPU <= 0.05 ms per task, {}: {d:.4} ms {}",
+            r.name,
             verdict(d <= 0.05)
         );
     }
-    if let Some(p4) = rows.iter().find(|r| r.workers == 4) {
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let busy = |r: &Row| {
+        (r.run.cpu.as_secs_f64() + r.db_s.unwrap_or(0.0) + r.server_s)
+            / r.run.wall.as_secs_f64().max(1e-9)
+    };
+    if let Some(p4) = rows
+        .iter()
+        .find(|r| r.workers == 4 && r.latency_ms.is_none())
+    {
         let x = rate(&p4.run) / rate(&p1.run);
         println!(
-            "  4 runs >= 3x one run where the cores allow: {x:.2}x {} ({cores} cores; one run's client CPU is {:.0}% of its wall time)",
+            "  4 runs >= 3x one run where the cores allow: {x:.2}x {} ({cores} cores; one run's client CPU is {:.0}% of its wall time, {:.2} cores busy in all)",
             verdict(x >= 3.0),
-            p1.run.cpu.as_secs_f64() * 100.0 / p1.run.wall.as_secs_f64().max(1e-9)
+            p1.run.cpu.as_secs_f64() * 100.0 / p1.run.wall.as_secs_f64().max(1e-9),
+            busy(p1)
+        );
+    }
+    let far = |w: usize| {
+        rows.iter()
+            .find(|r| r.workers == w && r.latency_ms.is_some())
+    };
+    for r in [far(1), far(4)].into_iter().flatten() {
+        let s = r.db_s.unwrap_or(0.0);
+        println!(
+            "  (database CPU, {}: {:.4} ms per task, {:.1} ms per second of wall time: at a few hundred tasks/s a worker's work per second and per group, heartbeats, progress rows, commits of small groups, weighs more than the tasks'; an idle cluster uses none)",
+            r.name,
+            ms(s),
+            s * 1000.0 / r.run.wall.as_secs_f64().max(1e-9)
+        );
+    }
+    if let (Some(f1), Some(f4)) = (far(1), far(4)) {
+        let x = rate(&f4.run) / rate(&f1.run);
+        println!(
+            "  4 runs >= 3x one run, each answer {} ms away (round trips, not cores, bound a run): {x:.2}x {} ({:.2} cores busy with 1 run, {:.2} with 4)",
+            f1.latency_ms.unwrap_or(0),
+            verdict(x >= 3.0),
+            busy(f1),
+            busy(f4)
         );
     }
 }

@@ -346,6 +346,8 @@ struct State {
     clock_ms: AtomicU64,
     counts: [AtomicU64; Op::ALL.len()],
     default_meta: Arc<Meta>,
+    /// How long every answer waits before it is made, in microseconds (0: none).
+    latency_us: AtomicU64,
 }
 
 impl State {
@@ -439,6 +441,7 @@ impl MemS3 {
             clock_ms: AtomicU64::new(0),
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             default_meta: Arc::new(Meta::default()),
+            latency_us: AtomicU64::new(0),
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers.max(1))
@@ -470,6 +473,14 @@ impl MemS3 {
             state,
             shutdown: Some(tx),
         })
+    }
+
+    /// Makes every later answer wait `latency` first (a server far away: a client bound by
+    /// round trips, not by its CPU).
+    #[allow(dead_code)] // not every test binary sets one
+    pub fn set_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.state.latency_us.store(us, Ordering::Relaxed);
     }
 
     /// The address the server listens on.
@@ -877,6 +888,10 @@ async fn serve(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let latency = state.latency_us.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_micros(latency)).await;
+    }
     let (parts, body) = req.into_parts();
     let head = parts.method == Method::HEAD;
     let raw = match body.collect().await {
