@@ -4,6 +4,9 @@
 //! PostgreSQL itself is restarted once: every key's destination history equals the
 //! source's, every task is done once, and each process's exit code says what became of it.
 //!
+//! Then `replicate` on three machines at once: a job that does not exist yet, made, listed
+//! in parts and copied by the three together, each task copied once.
+//!
 //! Knobs: `S3_BACKFILL_MANY_KEYS` (keys in the corpus; default 1,500 on RGW, 300 on moto);
 //! `S3_BACKFILL_MANY_SKIP` (a list of `kill`, `stop`, `restart`: leaves those events out,
 //! to tell which one a failure comes with).
@@ -14,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::pg::{fresh_database, pg_restart};
+use support::pg::{fresh_database, pg_restart, psql};
 use support::*;
 
 /// The lease of the test's workers, in seconds (short, so a stopped worker loses it soon).
@@ -143,6 +146,67 @@ async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database
         (total, 0, 0, 0),
         "{s:?}"
     );
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    expect_code(&job.verify(), 0);
+}
+
+/// `replicate` started on three machines at the same moment, on a PostgreSQL job that does
+/// not exist yet: they make the job once, split its listing once, and share its listing parts
+/// and units. Every process ends well, the destination's histories equal the source's, and
+/// every task was attempted once (no unit held by two of them).
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicate_processes_plan_and_copy_one_postgres_job_together() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("many-rsrc"), bucket("many-rdst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    let rounds = corpus(keys() / 3);
+    let entries: u64 = rounds.iter().map(|r| r.len() as u64).sum();
+    seed(&c, &src, rounds).await;
+    let db = fresh_database("many-replicate");
+    let m = format!("{db}?job=together");
+    #[rustfmt::skip]
+    let job = Job::new(&src, &dst, Path::new(&m)).endpoint(&ep).extra(&[
+        "--delete-markers", "--list-page-size", "20", "--list-concurrency", "3",
+        "--concurrency", "6",
+    ]);
+
+    let logs = tempfile::tempdir().unwrap();
+    let mut procs: Vec<Child> = (0..3)
+        .map(|n| {
+            let out = std::fs::File::create(logs.path().join(format!("r-{n}.out"))).unwrap();
+            let err = std::fs::File::create(logs.path().join(format!("r-{n}.err"))).unwrap();
+            cmd(&strs(&job.replicate_args()))
+                .stdout(Stdio::from(out))
+                .stderr(Stdio::from(err))
+                .spawn()
+                .expect("start replicate")
+        })
+        .collect();
+    for (n, p) in procs.iter_mut().enumerate() {
+        let status = wait_until(p, Duration::from_secs(600))
+            .await
+            .unwrap_or_else(|| panic!("replicate {n} did not finish"));
+        let err = std::fs::read_to_string(logs.path().join(format!("r-{n}.err"))).unwrap();
+        assert_eq!(status.code(), Some(0), "replicate {n}: {err}");
+    }
+
+    let s = job.status();
+    assert_eq!(
+        s.total, entries,
+        "every version and delete marker planned once: {s:?}"
+    );
+    assert_eq!(
+        (s.done, s.pending, s.in_progress, s.failed, s.skipped),
+        (entries, 0, 0, 0, 0),
+        "{s:?}"
+    );
+    let twice = psql(
+        &db,
+        "SELECT count(*) FROM s3b_together.task WHERE attempts <> 1",
+    );
+    assert_eq!(twice, "0", "tasks attempted other than once");
     assert_replica(&c, &src, &c, &dst, "", "", all).await;
     expect_code(&job.verify(), 0);
 }
