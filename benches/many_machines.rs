@@ -76,11 +76,10 @@ fn env_number_or_zero(name: &str, default: usize) -> usize {
 }
 
 fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().replace('_', "").parse().ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(default)
+    match env_number_or_zero(name, default) {
+        0 => default,
+        v => v,
+    }
 }
 
 fn load() -> String {
@@ -390,6 +389,15 @@ struct Row {
     latency_ms: Option<u64>,
 }
 
+impl Row {
+    /// How many cores the run kept busy: the workers', the database's and the server's CPU
+    /// over the wall time.
+    fn cores_busy(&self) -> f64 {
+        (self.run.cpu.as_secs_f64() + self.db_s.unwrap_or(0.0) + self.server_s)
+            / self.run.wall.as_secs_f64().max(1e-9)
+    }
+}
+
 /// The manifest of one configuration.
 enum Backend<'a> {
     Sqlite(&'a Path),
@@ -422,6 +430,13 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
     );
     let mut rows = Vec::new();
     let mut failed = None;
+    let mut record = |outcome: Result<Row, String>| match outcome {
+        Ok(row) => rows.push(row),
+        Err(e) => {
+            println!("  failed: {e}\n");
+            failed = Some(e);
+        }
+    };
     let configs = std::iter::once(None).chain(WORKERS.iter().map(|&w| Some(w)));
     for workers in configs {
         let backend = match workers {
@@ -430,7 +445,7 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
         };
         let pg = matches!(backend, Backend::Pg(_));
         let w = workers.unwrap_or(1);
-        match config(
+        record(config(
             &mem,
             n,
             concurrency,
@@ -439,13 +454,7 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
             None,
             statements,
             dir.path(),
-        ) {
-            Ok(row) => rows.push(row),
-            Err(e) => {
-                println!("  failed: {e}\n");
-                failed = Some(e);
-            }
-        }
+        ));
         if statements && pg {
             print_rows(
                 "statements by database time during run (calls | exec ms | plan ms | mean exec ms | rows | query)",
@@ -474,13 +483,16 @@ fn bench(n: usize, concurrency: usize) -> Result<(), String> {
         for w in [1, 4] {
             let backend = Backend::Pg(&cluster);
             let far = Some(far_ms);
-            match config(&mem, n, far_concurrency, backend, w, far, false, dir.path()) {
-                Ok(row) => rows.push(row),
-                Err(e) => {
-                    println!("  failed: {e}\n");
-                    failed = Some(e);
-                }
-            }
+            record(config(
+                &mem,
+                n,
+                far_concurrency,
+                backend,
+                w,
+                far,
+                false,
+                dir.path(),
+            ));
         }
         mem.set_latency(Duration::ZERO);
     }
@@ -677,8 +689,7 @@ fn print_summary(rows: &[Row], n: usize) {
             ms(r.run.cpu.as_secs_f64()),
             r.db_s.map_or("-".into(), |s| format!("{:.4}", ms(s))),
             ms(r.server_s),
-            (r.run.cpu.as_secs_f64() + r.db_s.unwrap_or(0.0) + r.server_s)
-                / r.run.wall.as_secs_f64().max(1e-9),
+            r.cores_busy(),
             vs(sqlite),
             if r.name.starts_with("SQLite") {
                 "-".into()
@@ -711,10 +722,6 @@ fn print_summary(rows: &[Row], n: usize) {
         );
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let busy = |r: &Row| {
-        (r.run.cpu.as_secs_f64() + r.db_s.unwrap_or(0.0) + r.server_s)
-            / r.run.wall.as_secs_f64().max(1e-9)
-    };
     if let Some(p4) = rows
         .iter()
         .find(|r| r.workers == 4 && r.latency_ms.is_none())
@@ -724,7 +731,7 @@ fn print_summary(rows: &[Row], n: usize) {
             "  4 runs >= 3x one run where the cores allow: {x:.2}x {} ({cores} cores; one run's client CPU is {:.0}% of its wall time, {:.2} cores busy in all)",
             verdict(x >= 3.0),
             p1.run.cpu.as_secs_f64() * 100.0 / p1.run.wall.as_secs_f64().max(1e-9),
-            busy(p1)
+            p1.cores_busy()
         );
     }
     let far = |w: usize| {
@@ -746,8 +753,8 @@ fn print_summary(rows: &[Row], n: usize) {
             "  4 runs >= 3x one run, each answer {} ms away (round trips, not cores, bound a run): {x:.2}x {} ({:.2} cores busy with 1 run, {:.2} with 4)",
             f1.latency_ms.unwrap_or(0),
             verdict(x >= 3.0),
-            busy(f1),
-            busy(f4)
+            f1.cores_busy(),
+            f4.cores_busy()
         );
     }
 }

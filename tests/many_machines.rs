@@ -50,21 +50,31 @@ fn corpus(n: usize) -> Vec<Vec<Op>> {
     rounds
 }
 
+/// The command line `args` with its output in `dir`, as `NAME.out` and `NAME.err`.
+fn logged(args: &[String], dir: &Path, name: &str) -> std::process::Command {
+    let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
+    let err = std::fs::File::create(dir.join(format!("{name}.err"))).unwrap();
+    let mut c = cmd(&strs(args));
+    c.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+    c
+}
+
+/// What the process logged as `NAME` in `dir` wrote to its standard error so far.
+fn errors_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default()
+}
+
 fn worker(job: &Job, n: usize, dir: &Path) -> Child {
     let args = job.run_args(&["--concurrency", "6"]);
-    let out = std::fs::File::create(dir.join(format!("worker-{n}.out"))).unwrap();
-    let err = std::fs::File::create(dir.join(format!("worker-{n}.err"))).unwrap();
-    cmd(&strs(&args))
+    logged(&args, dir, &format!("worker-{n}"))
         .env("S3_BACKFILL_LEASE_SECS", LEASE.to_string())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
         .spawn()
         .expect("start a worker")
 }
 
 fn signal(child: &Child, sig: i32, n: usize, dir: &Path) {
     let rc = unsafe { libc::kill(child.id() as i32, sig) };
-    let err = std::fs::read_to_string(dir.join(format!("worker-{n}.err"))).unwrap_or_default();
+    let err = errors_of(dir, &format!("worker-{n}"));
     assert_eq!(rc, 0, "signal {sig} to worker {n}, which ended: {err}");
 }
 
@@ -124,7 +134,7 @@ async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database
         let status = wait_until(w, Duration::from_secs(600))
             .await
             .unwrap_or_else(|| panic!("worker {n} did not finish"));
-        let err = std::fs::read_to_string(logs.path().join(format!("worker-{n}.err"))).unwrap();
+        let err = errors_of(logs.path(), &format!("worker-{n}"));
         codes.push((n, status.code(), err));
     }
     for (n, code, err) in &codes {
@@ -175,20 +185,20 @@ async fn three_replicate_processes_plan_and_copy_one_postgres_job_together() {
     let logs = tempfile::tempdir().unwrap();
     let mut procs: Vec<Child> = (0..3)
         .map(|n| {
-            let out = std::fs::File::create(logs.path().join(format!("r-{n}.out"))).unwrap();
-            let err = std::fs::File::create(logs.path().join(format!("r-{n}.err"))).unwrap();
-            cmd(&strs(&job.replicate_args()))
-                .stdout(Stdio::from(out))
-                .stderr(Stdio::from(err))
-                .spawn()
-                .expect("start replicate")
+            logged(
+                &job.replicate_args(),
+                logs.path(),
+                &format!("replicate-{n}"),
+            )
+            .spawn()
+            .expect("start replicate")
         })
         .collect();
     for (n, p) in procs.iter_mut().enumerate() {
         let status = wait_until(p, Duration::from_secs(600))
             .await
             .unwrap_or_else(|| panic!("replicate {n} did not finish"));
-        let err = std::fs::read_to_string(logs.path().join(format!("r-{n}.err"))).unwrap();
+        let err = errors_of(logs.path(), &format!("replicate-{n}"));
         assert_eq!(status.code(), Some(0), "replicate {n}: {err}");
     }
 

@@ -247,7 +247,7 @@ impl PgManifest {
             return Err(ManifestError::Missing(shown));
         }
         // The same connection goes on in the job's schema (a new one costs the database a
-        // backend's start: about a tenth of a worker's database CPU in the bench).
+        // backend's start and first statements: about 10 ms of its CPU in the bench).
         db.call(move |c| c.batch_execute(&path))?;
         Ok(PgManifest {
             db,
