@@ -385,12 +385,13 @@ const GROUP: usize = 2000;
 /// process is killed (those tasks are reconciled by the next run).
 const LINGER: Duration = Duration::from_millis(20);
 
-/// [`LINGER`] where starts are not durable (see [`next_group`]): fewer commits. Each of
-/// several workers sees only its share of the job's rate, so its groups shrink as workers
-/// are added; half a second keeps them at hundreds of results (database CPU per task with 4
-/// workers: 0.04 ms, against 0.06 ms at 100 ms, `benches/many_machines.rs`). A killed
-/// worker's last half second of results is reconciled by the unit's next owner.
-const LINGER_UNITS: Duration = Duration::from_millis(500);
+/// [`LINGER`] where starts are not durable (see [`next_group`]): fewer commits. 500 ms cut
+/// the database CPU per task with 4 workers from about 0.06 ms to 0.04 ms
+/// (`benches/many_machines.rs`), but with it the end-to-end test of a kill, a pause past the
+/// lease and a database restart once found a delete marker and a version written twice on
+/// moto (more results unwritten when a worker stops means more adoption by the next owner):
+/// kept at 100 ms until that is understood.
+const LINGER_UNITS: Duration = Duration::from_millis(100);
 
 /// While a group lingers, the queue is read every `POLL`: the thread sleeps instead of
 /// waiting on the channel, so senders do not wake it for every update, and an update that
