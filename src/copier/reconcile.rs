@@ -11,6 +11,9 @@
 //!   attempt started, less the clock skew (ETags are not compared: encryption changes them).
 //! - Delete markers carry no metadata: the first delete marker after the last recorded
 //!   version (and, for a key with nothing recorded, written after the attempt started).
+//! - "After the last recorded version" includes the unrecorded entries listed with exactly
+//!   its time: moto's whole-second times and versions-before-markers order cannot say which
+//!   of two writes in one second came first.
 //!
 //! Also learns a new version's id when the write's answer omits it (RGW's CopyObject).
 //!
@@ -81,7 +84,8 @@ impl<C: S3Client> Copier<C> {
         let newest_recorded = history
             .iter()
             .rposition(|e| ctx.recorded.contains(&e.version_id));
-        let candidates = &history[newest_recorded.map_or(0, |i| i + 1)..];
+        let candidates =
+            candidates_after(&history, newest_recorded, |id| ctx.recorded.contains(id));
         let recent = |e: &VersionEntry| {
             e.last_modified
                 .as_deref()
@@ -208,6 +212,27 @@ impl<C: S3Client> Copier<C> {
         }
         Ok(())
     }
+}
+
+/// The entries of a key's destination history (oldest first) an attempt at its first open
+/// task may have written: those after the newest recorded one (`newest_recorded`, an index),
+/// and the unrecorded ones with exactly its last-modified time. A server whose times have
+/// whole seconds and that lists delete markers after versions (moto) cannot be put back in
+/// order within one second: a delete marker written just after a version then reads as
+/// older than it.
+fn candidates_after(
+    history: &[VersionEntry],
+    newest_recorded: Option<usize>,
+    recorded: impl Fn(&str) -> bool,
+) -> Vec<&VersionEntry> {
+    let Some(i) = newest_recorded else {
+        return history.iter().collect();
+    };
+    let tie = history[i].last_modified.as_deref();
+    let tied = history[..i]
+        .iter()
+        .filter(|e| tie.is_some() && e.last_modified.as_deref() == tie && !recorded(&e.version_id));
+    tied.chain(&history[i + 1..]).collect()
 }
 
 /// Whether a destination version carries the stamp of this source version.

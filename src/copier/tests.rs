@@ -195,6 +195,61 @@ async fn reconciliation_adopts_only_the_copy_of_that_source_version() {
     assert_eq!((summary.done, summary.reconciled), (2, 1));
 }
 
+/// A worker stopped past its lease (SIGSTOP) had written v1 v2 v3, a delete marker and v4
+/// of a key within one second on a server listing like moto, and recorded v1..v3 only.
+#[tokio::test]
+async fn a_delete_marker_and_version_written_in_the_same_second_as_recorded_ones_are_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.db");
+    let s = server();
+    let v1 = s.put(SRC, "k", b"one", &[]);
+    let v2 = s.put(SRC, "k", b"two", &[]);
+    let v3 = s.put(SRC, "k", b"three", &[]);
+    s.delete(SRC, "k");
+    let v4 = s.put(SRC, "k", b"four", &[]);
+    plan(&s, &path).await;
+    let t = tasks(&path);
+    assert_eq!(t.len(), 5);
+
+    s.list_like_moto(true);
+    let written: Vec<String> = [(&v1, "one"), (&v2, "two"), (&v3, "three")]
+        .iter()
+        .map(|(v, body)| s.put(DST, "k", body.as_bytes(), &[(STAMP_KEY, v)]))
+        .collect();
+    s.delete(DST, "k");
+    s.put(DST, "k", b"four", &[(STAMP_KEY, &v4)]);
+    let w = Manifest::open(&path, false).unwrap().into_writer();
+    for (task, id) in t.iter().zip(&written) {
+        w.send_durable(Update::Started { id: task.id, at: 0 })
+            .await
+            .unwrap();
+        w.send(Update::Finished {
+            id: task.id,
+            outcome: crate::manifest::Copied::single(
+                Some(id.clone()),
+                crate::manifest::CopyMethod::Copy,
+            )
+            .into_outcome(false),
+        })
+        .unwrap();
+    }
+    for task in &t[3..] {
+        w.send_durable(Update::Started { id: task.id, at: 0 })
+            .await
+            .unwrap();
+    }
+    w.close();
+
+    let (summary, _) = run(&s, &path, opts()).await;
+    assert_eq!(
+        dest_stamps(&s, "k"),
+        [v1, v2, v3, "DM".into(), v4],
+        "the delete marker and v4 are adopted, not written again"
+    );
+    assert_eq!((summary.done, summary.reconciled), (2, 2));
+    assert_eq!(recorded_ids(&path, "k"), dest_ids(&s, "k"));
+}
+
 #[tokio::test]
 async fn throttling_halves_the_requests_in_flight() {
     let dir = tempfile::tempdir().unwrap();

@@ -85,6 +85,8 @@ struct Server {
     buckets: BTreeMap<String, Bucket>,
     next_id: u64,
     clock: i64,
+    /// Writes share one second: the clock does not move (see [`FakeServer::list_like_moto`]).
+    frozen: bool,
     faults: Vec<Fault>,
     /// Source writes made just before a matching call (see [`FakeServer::overwrite_before`]).
     overwrites: Vec<Overwrite>,
@@ -109,6 +111,7 @@ pub struct FakeServer {
     drop_replaced_tags: Arc<AtomicBool>,
     ignore_copy_if_match: Arc<AtomicBool>,
     no_markers: Arc<AtomicBool>,
+    markers_last: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
     /// Listing pages: (entries at most, 0 = as asked; milliseconds each page takes).
     paging: Arc<Mutex<(usize, u64)>>,
@@ -352,6 +355,15 @@ impl FakeServer {
         self.no_markers.store(on, Ordering::Relaxed);
     }
 
+    /// Lists like moto: each key's versions before its delete markers, as the real client
+    /// orders such a page ([`super::xml::order_histories`]); and writes from now on share one
+    /// second (moto's `LastModified` has whole seconds), so that order cannot always be
+    /// restored.
+    pub fn list_like_moto(&self, on: bool) {
+        self.markers_last.store(on, Ordering::Relaxed);
+        self.state.lock().expect("fake lock").frozen = on;
+    }
+
     /// Listing pages hold `entries` at most (0: as many as asked) and each takes `delay_ms`
     /// (a slow listing beside a fast copy).
     pub fn page_listing(&self, entries: usize, delay_ms: u64) {
@@ -477,7 +489,9 @@ impl Server {
         dm: bool,
     ) -> String {
         self.next_id += 1;
-        self.clock += 1;
+        if !self.frozen {
+            self.clock += 1;
+        }
         let (id, clock) = (format!("v{:06}", self.next_id), self.clock);
         let b = self.buckets.entry(bucket.to_string()).or_default();
         let id = if b.versioned { id } else { "null".to_string() };
@@ -643,6 +657,7 @@ impl S3Client for FakeS3 {
 
     async fn list_versions(&self, from: &ListFrom) -> Result<VersionPage, S3Error> {
         let no_markers = self.server.no_markers.load(Ordering::Relaxed);
+        let markers_last = self.server.markers_last.load(Ordering::Relaxed);
         let (most, delay) = *self.server.paging.lock().expect("fake paging lock");
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
@@ -666,8 +681,13 @@ impl S3Client for FakeS3 {
                 if !k.starts_with(&from.prefix) {
                     break;
                 }
+                let from = all.len();
                 for (i, v) in h.iter().enumerate().rev() {
                     all.push(entry(k, v, i + 1 == h.len()));
+                }
+                if markers_last {
+                    all[from..].sort_by_key(|e| e.is_delete_marker);
+                    super::xml::order_histories(&mut all[from..]);
                 }
             }
             let start = match (&from.key_marker, &from.version_marker) {

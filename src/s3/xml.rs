@@ -161,7 +161,7 @@ pub fn parse_page(xml: &[u8]) -> Result<VersionPage, String> {
 /// nothing there. Some S3-compatible servers (moto) send all versions before all delete
 /// markers; this restores the interleaving wherever last-modified (1-second resolution) and
 /// the current-version flag tell it. Keys keep the server's (binary UTF-8) order.
-fn order_histories(entries: &mut [VersionEntry]) {
+pub(crate) fn order_histories(entries: &mut [VersionEntry]) {
     entries.sort_by(|a, b| {
         a.key
             .as_bytes()
