@@ -779,6 +779,33 @@ fn postgres_a_bad_url_is_named_without_its_password() {
     assert!(!err.contains("stored job settings"), "{err}");
 }
 
+/// A database or a role the server does not have is named in the server's words, in one
+/// line (not the driver's bare "db error").
+#[test]
+fn postgres_a_missing_database_or_role_is_said_by_the_server() {
+    let p = Backend::Postgres.place("nodb");
+    let db = p.db.as_deref().unwrap();
+    let (base, _) = db.rsplit_once('/').unwrap();
+    let (scheme, rest) = db.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    for (url, said) in [
+        (
+            format!("{base}/no_such_db?job=x"),
+            "database \"no_such_db\" does not exist",
+        ),
+        (
+            format!("{scheme}://nobody_here@{host}?job=x"),
+            "role \"nobody_here\" does not exist",
+        ),
+    ] {
+        let o = run(&["status", "--manifest", &url]);
+        expect_code(&o, 2);
+        let err = stderr_of(&o);
+        assert!(err.contains(said), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
 /// Scenario 9: a supplied CSV manifest (`plan --from-csv`) names some versions and a delete
 /// marker; `run` copies exactly those, in their order; the plan's line and `status` agree.
 async fn a_csv_manifest_plans_exactly_the_versions_it_names(b: Backend) {

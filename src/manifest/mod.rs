@@ -740,8 +740,12 @@ impl SqliteManifest {
 /// A PostgreSQL error in one line: its own text, then its cause where the driver keeps the
 /// cause apart (a refused connection says only "error connecting to server" itself).
 pub(crate) fn pg_detail(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        // The error's own Display is only "db error": the server's message is the news.
+        return format!("{} ({})", db.message(), db.code().code());
+    }
     match std::error::Error::source(e) {
-        Some(cause) if e.as_db_error().is_none() => format!("{e}: {cause}"),
-        _ => e.to_string(),
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }

@@ -201,7 +201,11 @@ const STEP_SQL: &str = "UPDATE rate_state SET factor = $1, cut_at = $2, grown_at
     rev = rev + 1 WHERE id = 1 AND rev = $4";
 
 fn pg(l: &PgLocation, e: tokio_postgres::Error) -> String {
-    format!("manifest {}: PostgreSQL: {e}", l.shown)
+    format!(
+        "manifest {}: PostgreSQL: {}",
+        l.shown,
+        crate::manifest::pg_detail(&e)
+    )
 }
 
 impl Share {

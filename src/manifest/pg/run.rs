@@ -163,17 +163,10 @@ struct Snapshot {
 }
 
 fn pg(shown: &str, e: tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "manifest {shown}: PostgreSQL: {} ({})",
-            db.message(),
-            db.code().code()
-        ),
-        None => format!(
-            "manifest {shown}: PostgreSQL: {}",
-            crate::manifest::pg_detail(&e)
-        ),
-    }
+    format!(
+        "manifest {shown}: PostgreSQL: {}",
+        crate::manifest::pg_detail(&e)
+    )
 }
 
 /// Whether the connection is gone or going: closed, or the server shutting down or
