@@ -13,6 +13,34 @@ use crate::manifest::{Counts, Refresh};
 use crate::s3::S3Error;
 use crate::verify::{DestReport, VerifyReport};
 
+/// Writes one line to standard output. A reader that went away (`status | head`) ends the
+/// process quietly with exit 0, as Unix tools do (`println!` panics there); any other write
+/// error is one line on standard error and exit 1.
+pub fn out_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = writeln!(o, "{line}").and_then(|()| o.flush()) {
+        exit_on_stdout_error(&e);
+    }
+}
+
+/// Ends the process after a failed write to standard output (see [`out_line`]).
+pub fn exit_on_stdout_error(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    crate::say!("error: writing to standard output: {e}");
+    std::process::exit(1);
+}
+
+/// `println!` for what a command prints: see [`out_line`].
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::ui::out_line(format_args!($($t)*))
+    };
+}
+pub(crate) use outln;
+
 /// Whether progress is drawn: asked for, standard error is a terminal, and it carries text
 /// (not `--log-format json`).
 pub fn show_progress(no_progress: bool) -> bool {
@@ -271,25 +299,25 @@ fn run_end(s: &RunSummary, counts: Option<&Counts>) -> (&'static str, Vec<String
 /// Prints a verification.
 pub fn print_verify(r: &VerifyReport, json: bool) {
     if json {
-        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        outln!("{}", serde_json::to_string(r).unwrap_or_default());
     } else {
         for m in &r.mismatches {
             match &m.dest {
-                Some(d) => println!("mismatch: {d} {:?}: {}", m.key, m.detail),
-                None => println!("mismatch: {:?}: {}", m.key, m.detail),
+                Some(d) => outln!("mismatch: {d} {:?}: {}", m.key, m.detail),
+                None => outln!("mismatch: {:?}: {}", m.key, m.detail),
             }
         }
         for d in &r.destinations {
-            println!("{}", dest_verify_line(d));
+            outln!("{}", dest_verify_line(d));
         }
         if r.replaced_null_contents > 0 {
-            println!(
+            outln!(
                 "{} earlier contents of overwritten or deleted null versions kept as older destination versions",
                 r.replaced_null_contents
             );
         }
         if r.deleted_at_source_kept > 0 {
-            println!(
+            outln!(
                 "{} keys deleted at the source kept at the destination (the job does not replicate deletes)",
                 r.deleted_at_source_kept
             );
@@ -301,9 +329,10 @@ pub fn print_verify(r: &VerifyReport, json: bool) {
         } else {
             format!("{} keys differ", r.mismatched_keys)
         };
-        println!(
+        outln!(
             "verified {} keys, {} versions: {verdict}",
-            r.keys, r.versions
+            r.keys,
+            r.versions
         );
     }
 }

@@ -211,6 +211,15 @@ async fn versions_and_delete_markers_make_an_exact_replica(b: Backend) {
         "{s:?}"
     );
     assert_eq!(s.bytes_done, s.bytes_total, "{s:?}");
+    // A reader that goes away (`| head`) ends each printing command quietly with 0.
+    for args in [
+        &["status", "--manifest", &p.manifest][..],
+        &["status", "--manifest", &p.manifest, "--json"],
+        &["report", "--manifest", &p.manifest, "--format", "json"],
+    ] {
+        let (code, err) = run_into_closed_pipe(args);
+        assert_eq!((code, err.as_str()), (Some(0), ""), "{args:?}");
+    }
     // Everything `status --json` says but times and rates reads the same on both.
     let o = run(&["status", "--manifest", &p.manifest, "--json"]);
     expect_code(&o, 0);

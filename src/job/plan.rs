@@ -41,7 +41,7 @@ async fn dry_run(job: Job<'_>) -> Result<(), JobError> {
         crate::say!("note: {}", crate::lister::one_part_note(bucket));
     }
     for line in tally.lines() {
-        println!("{line}");
+        crate::ui::outln!("{line}");
     }
     if let Some((mean, n)) = source.requests().mean_listing() {
         stored.insert(
@@ -53,7 +53,7 @@ async fn dry_run(job: Job<'_>) -> Result<(), JobError> {
     let (_, timing) = estimate::inputs_of(&stored, &args.estimate);
     let prices = estimate::prices_of(&stored, args.estimate.prices.as_ref());
     for line in feed.finish(&prices, timing).lines(None) {
-        println!("{line}");
+        crate::ui::outln!("{line}");
     }
     Ok(())
 }
@@ -64,7 +64,7 @@ async fn dry_run_supplied(job: Job<'_>, input: &Supplied) -> Result<(), JobError
     // Not refused in a dry run (as when listing).
     let tally = crate::lister::supplied::dry_run_supplied(&job.supplied(true), input).await?;
     for line in tally.lines() {
-        println!("{line}");
+        crate::ui::outln!("{line}");
     }
     Ok(())
 }

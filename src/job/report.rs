@@ -153,13 +153,19 @@ pub async fn report(args: &ReportArgs) -> Result<(), JobError> {
         })?)),
         None => Box::new(std::io::stdout().lock()),
     };
-    let io = |e: std::io::Error| JobError::Other(format!("writing the report: {e}"));
+    let to_stdout = args.output.is_none();
+    let io = |e: std::io::Error| {
+        if to_stdout {
+            // `report | head`: the reader went away; quiet, as Unix tools are.
+            crate::ui::exit_on_stdout_error(&e);
+        }
+        JobError::Other(format!("writing the report: {e}"))
+    };
     match args.format {
         ReportFormat::Json => {
             let problems = m.problems(usize::MAX >> 1)?;
             let r = crate::report::Report::new(&settings, &counts, &problems);
-            serde_json::to_writer_pretty(&mut out, &r)
-                .map_err(|e| JobError::Other(e.to_string()))?;
+            serde_json::to_writer_pretty(&mut out, &r).map_err(|e| io(e.into()))?;
             writeln!(out).map_err(io)?;
         }
         ReportFormat::Aws => return report_aws(args, &m, &settings).await,

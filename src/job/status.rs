@@ -34,14 +34,14 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
             v["follow"] = f.json.clone();
             v["lag"] = f.lag_json.clone();
         }
-        println!("{}", serde_json::to_string(&v).map_err(json)?);
+        crate::ui::outln!("{}", serde_json::to_string(&v).map_err(json)?);
     } else {
-        println!("{}", crate::report::status_text(&settings, &c));
+        crate::ui::outln!("{}", crate::report::status_text(&settings, &c));
         if let Some(p) = &running {
-            println!("{}", crate::events::ticker::status_line(p, now));
+            crate::ui::outln!("{}", crate::events::ticker::status_line(p, now));
         }
         for line in fleet.iter().flat_map(|(_, lines)| lines) {
-            println!("{line}");
+            crate::ui::outln!("{line}");
         }
         // A shared job is never followed (not supported on PostgreSQL in this version).
         let followed: std::collections::BTreeSet<i64> = match m.is_shared() {
@@ -57,19 +57,19 @@ pub fn status(args: &StatusArgs) -> Result<(), JobError> {
             .iter()
             .filter(|r| r.generation > 0 && !followed.contains(&r.generation))
         {
-            println!("refresh {}: {} tasks added", r.generation, r.tasks);
+            crate::ui::outln!("refresh {}: {} tasks added", r.generation, r.tasks);
             for line in ui::refresh_findings(r) {
-                println!("refresh {}: {line}", r.generation);
+                crate::ui::outln!("refresh {}: {line}", r.generation);
             }
         }
         for line in follow.iter().flat_map(|f| &f.lines) {
-            println!("{line}");
+            crate::ui::outln!("{line}");
         }
         if let Some(line) = ui::deleted_at_source_line(&c) {
-            println!("{line}");
+            crate::ui::outln!("{line}");
         }
         for line in estimate.lines(Some(&c.requests)) {
-            println!("{line}");
+            crate::ui::outln!("{line}");
         }
     }
     Ok(())

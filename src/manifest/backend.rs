@@ -191,14 +191,6 @@ impl Manifest {
         }
     }
 
-    /// Gives a claimed part back.
-    pub fn release_partition(&self, id: i64, epoch: i64) -> Result<()> {
-        match self {
-            Manifest::Sqlite(_) => Ok(()),
-            Manifest::Pg(m) => m.release_partition(id, epoch),
-        }
-    }
-
     /// The manifest's name as given (a URL without its password).
     pub fn path(&self) -> &str {
         match self {

@@ -34,6 +34,25 @@ pub fn run(args: &[&str]) -> Output {
     cmd(args).output().expect("run s3-backfill")
 }
 
+/// Runs the binary with its standard output a pipe whose reader has already gone (as
+/// `s3-backfill status | head` once `head` has its line): its exit code and stderr.
+pub fn run_into_closed_pipe(args: &[&str]) -> (Option<i32>, String) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two new descriptors, each owned exactly once below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    let o = cmd(args)
+        .stdout(Stdio::from(writer))
+        .output()
+        .expect("run s3-backfill");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// `args` as the `&str` slice that [`run`] and [`cmd`] take.
 pub fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
