@@ -915,7 +915,7 @@ pub struct ReportArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub report_scope: ReportScopeArg,
     /// --format aws: the job id in `job-<id>` (default: the manifest's file name without
-    /// its extension).
+    /// its extension; a PostgreSQL job's name).
     #[arg(long, value_name = "ID")]
     pub job_id: Option<String>,
 }

@@ -459,14 +459,6 @@ pub fn encode(s: &Snapshot) -> String {
     out
 }
 
-/// The `job` label of a manifest: its file name without the extension.
-pub fn job_name(manifest: &Path) -> String {
-    manifest
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "job".into())
-}
-
 /// What the endpoint's scrapes share: the manifest (a connection of their own, opened at
 /// the first scrape), the job label, and the live counters once attached.
 struct Source {

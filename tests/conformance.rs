@@ -628,6 +628,14 @@ async fn failed_and_skipped_tasks_are_reported_retried_and_skipped_alike(b: Back
         "{results}"
     );
     agree("report aws", b, norm(&results));
+    // Without --job-id the report is named after the job: the file's stem, the job's name.
+    let o = job.report(&["--format", "aws", "--output", aws.to_str().unwrap()]);
+    expect_code(&o, 0);
+    let named = match b {
+        Backend::Sqlite => "job-job",
+        Backend::Postgres => "job-fail",
+    };
+    assert_eq!(aws_results(&aws.join(named)), results);
 
     // Retrying while the cause stands fails the same tasks again.
     expect_code(&through(&["--retry-failed"]), 1);

@@ -63,7 +63,8 @@ pub(super) async fn report_aws(
     Ok(())
 }
 
-/// The AWS-shaped report's spec: job id (`--job-id`, else the manifest's file stem), scope,
+/// The AWS-shaped report's spec: job id (`--job-id`, else the job's name: a manifest file's
+/// stem, a PostgreSQL job's name), scope,
 /// and where its manifest says the files are.
 pub(super) fn aws_spec(
     args: &ReportArgs,
@@ -73,10 +74,7 @@ pub(super) fn aws_spec(
     use crate::aws_report::{ReportScope, ReportSpec, DEFAULT_ROWS_PER_FILE};
     let job_id = match &args.job_id {
         Some(id) => id.clone(),
-        None => args
-            .manifest
-            .file_stem()
-            .map_or("job".into(), |s| s.to_string_lossy().into_owned()),
+        None => crate::manifest::job_name(&args.manifest),
     };
     let fits = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if job_id.is_empty() || job_id.starts_with('.') || !job_id.chars().all(fits) {

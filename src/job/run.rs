@@ -267,7 +267,7 @@ pub(crate) fn serve_metrics(args: &RunArgs) -> Result<Option<MetricsServer>, Job
     let Some(addr) = args.exec.metrics else {
         return Ok(None);
     };
-    let job = metrics::job_name(&args.manifest);
+    let job = crate::manifest::job_name(&args.manifest);
     let server =
         metrics::serve(addr, &args.manifest, &job).map_err(|e| JobError::Usage(e.to_string()))?;
     crate::say!("metrics at http://{}/metrics", server.addr());

@@ -97,6 +97,17 @@ impl Location {
     }
 }
 
+/// The job's short name (a metrics label, the AWS-shaped report's default job id): a file's
+/// name without its extension, or a PostgreSQL job's name.
+pub fn job_name(path: &Path) -> String {
+    match Location::of(path) {
+        Ok(Location::Postgres(l)) => l.job,
+        _ => path
+            .file_stem()
+            .map_or_else(|| "job".into(), |s| s.to_string_lossy().into_owned()),
+    }
+}
+
 /// `--manifest` as messages show it: a file's path, or a URL without its password.
 pub fn shown(path: &Path) -> String {
     Location::of(path).map_or_else(

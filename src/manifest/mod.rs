@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobSettings;
 
-pub use backend::{shown, Location, Manifest, PgLocation};
+pub use backend::{job_name, shown, Location, Manifest, PgLocation};
 pub use follow::{
     lag_stats_of, one_key_end, FollowFacts, LagHistogram, LagStats, PendingChange, PendingKeys,
     RefreshKind,

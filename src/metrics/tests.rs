@@ -235,7 +235,12 @@ async fn planned(name: &str, objects: &[(&str, &[u8])]) -> (tempfile::TempDir, P
 #[tokio::test]
 async fn the_endpoint_serves_the_manifest_and_stops_when_dropped() {
     let (_dir, path) = planned("nightly.db", &[("k", b"12345")]).await;
-    let server = serve("127.0.0.1:0".parse().unwrap(), &path, &job_name(&path)).unwrap();
+    let server = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        &path,
+        &crate::manifest::job_name(&path),
+    )
+    .unwrap();
     let addr = server.addr();
     assert_ne!(addr.port(), 0);
     let (status, body) = get(addr, "/metrics").await;
