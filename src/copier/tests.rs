@@ -141,6 +141,11 @@ fn all_tasks_done(path: &Path) -> crate::manifest::Counts {
     Manifest::open(path, false).unwrap().counts().unwrap()
 }
 
+/// Records an attempt at task `id` as started (long ago), as a stopped run leaves it.
+async fn started(w: &crate::manifest::Writer, id: i64) {
+    w.send_durable(Update::Started { id, at: 0 }).await.unwrap();
+}
+
 #[tokio::test]
 async fn lost_answer_after_the_server_acted_is_adopted_not_copied_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,12 +184,8 @@ async fn reconciliation_adopts_only_the_copy_of_that_source_version() {
     let t = tasks(&path);
     s.put(DST, "k", b"same", &[(STAMP_KEY, &v1)]);
     let w = Manifest::open(&path, false).unwrap().into_writer();
-    w.send_durable(Update::Started { id: t[0].id, at: 0 })
-        .await
-        .unwrap();
-    w.send_durable(Update::Started { id: t[1].id, at: 0 })
-        .await
-        .unwrap();
+    started(&w, t[0].id).await;
+    started(&w, t[1].id).await;
     w.close();
     let (summary, _) = run(&s, &path, opts()).await;
     assert_eq!(
@@ -220,9 +221,7 @@ async fn a_delete_marker_and_version_written_in_the_same_second_as_recorded_ones
     s.put(DST, "k", b"four", &[(STAMP_KEY, &v4)]);
     let w = Manifest::open(&path, false).unwrap().into_writer();
     for (task, id) in t.iter().zip(&written) {
-        w.send_durable(Update::Started { id: task.id, at: 0 })
-            .await
-            .unwrap();
+        started(&w, task.id).await;
         w.send(Update::Finished {
             id: task.id,
             outcome: crate::manifest::Copied::single(
@@ -234,9 +233,7 @@ async fn a_delete_marker_and_version_written_in_the_same_second_as_recorded_ones
         .unwrap();
     }
     for task in &t[3..] {
-        w.send_durable(Update::Started { id: task.id, at: 0 })
-            .await
-            .unwrap();
+        started(&w, task.id).await;
     }
     w.close();
 
