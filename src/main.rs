@@ -36,6 +36,8 @@ fn main() {
     } else {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
+            // Colours only on a terminal: a log file or a collector gets plain lines.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .with_env_filter(filter())
             .init();

@@ -5,7 +5,9 @@
 //! source's, every task is done once, and each process's exit code says what became of it.
 //!
 //! Then `replicate` on three machines at once: a job that does not exist yet, made, listed
-//! in parts and copied by the three together, each task copied once.
+//! in parts and copied by the three together, each task copied once. And a worker whose
+//! database stays away past its lease: it stops (exit 1) without failing a task, and the
+//! next run finishes the job exactly.
 //!
 //! Knobs: `S3_BACKFILL_MANY_KEYS` (keys in the corpus; default 1,500 on RGW, 300 on moto);
 //! `S3_BACKFILL_MANY_SKIP` (a list of `kill`, `stop`, `restart`: leaves those events out,
@@ -17,7 +19,9 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::pg::{fresh_database, pg_restart, psql};
+use support::pg::{
+    fresh_database, pg_restart, psql, restart_stopped_cluster, start_owned_cluster, stop_cluster,
+};
 use support::*;
 
 /// The lease of the test's workers, in seconds (short, so a stopped worker loses it soon).
@@ -142,10 +146,15 @@ async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database
             0 if !skip.contains("kill") => assert_eq!(*code, None, "worker 0 was killed: {err}"),
             // Resumed after its lease was taken: it stops (1, saying so) or, if it held
             // nothing when paused, goes on and ends well (0).
-            1 if !skip.contains("stop") => assert!(
-                *code == Some(0) || (*code == Some(1) && err.contains("lease")),
-                "worker 1 exited {code:?}: {err}"
-            ),
+            1 if !skip.contains("stop") => {
+                assert!(
+                    *code == Some(0) || (*code == Some(1) && err.contains("lease")),
+                    "worker 1 exited {code:?}: {err}"
+                );
+                // The requests its gate refused fail no task: their units' new owners
+                // reconcile them.
+                assert!(err.contains(" 0 failed,"), "worker 1: {err}");
+            }
             _ => assert_eq!(*code, Some(0), "worker {n}: {err}"),
         }
     }
@@ -217,6 +226,62 @@ async fn three_replicate_processes_plan_and_copy_one_postgres_job_together() {
         "SELECT count(*) FROM s3b_together.task WHERE attempts <> 1",
     );
     assert_eq!(twice, "0", "tasks attempted other than once");
+    assert_replica(&c, &src, &c, &dst, "", "", all).await;
+    expect_code(&job.verify(), 0);
+}
+
+/// One worker whose database goes away for longer than half its lease (on a cluster of
+/// this test's own: the other tests' server stays up). Its gate shuts, so it sends nothing
+/// more: it stops with 1, saying why, and the tasks whose requests were refused are not
+/// failed. Once the database is back, the next run reconciles what it wrote and finishes:
+/// the replica is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_cut_off_from_its_database_stops_without_failing_tasks() {
+    let ep = endpoint();
+    let c = client(&ep);
+    let (src, dst) = (bucket("many-osrc"), bucket("many-odst"));
+    create_bucket(&c, &src, true).await;
+    create_bucket(&c, &dst, true).await;
+    seed(&c, &src, corpus(60)).await;
+    let (dir, dsn) = start_owned_cluster("outage");
+    let m = format!("{dsn}?job=outage");
+    let job = Job::new(&src, &dst, Path::new(&m))
+        .endpoint(&ep)
+        .extra(&["--delete-markers"]);
+    expect_code(&job.plan(), 0);
+    let total = job.status().total;
+
+    let logs = tempfile::tempdir().unwrap();
+    // Slow enough that tasks are in flight when the database goes.
+    let args = job.run_args(&["--concurrency", "16", "--max-rps", "4"]);
+    let mut w = logged(&args, logs.path(), "worker")
+        .env("S3_BACKFILL_LEASE_SECS", LEASE.to_string())
+        .spawn()
+        .expect("start a worker");
+    wait_done(
+        &job,
+        5,
+        std::slice::from_mut(&mut w),
+        Duration::from_secs(120),
+    );
+    stop_cluster(&dir);
+    std::thread::sleep(Duration::from_secs(LEASE + 2));
+    restart_stopped_cluster(&dir);
+    let status = wait_until(&mut w, Duration::from_secs(120))
+        .await
+        .expect("the worker did not stop");
+    let err = errors_of(logs.path(), "worker");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("could not renew its leases"), "{err}");
+    assert!(err.contains(" 0 failed,"), "no task failed: {err}");
+
+    expect_code(&job.run(&[]), 0);
+    let s = job.status();
+    assert_eq!(
+        (s.done, s.pending, s.in_progress, s.failed),
+        (total, 0, 0, 0),
+        "{s:?}"
+    );
     assert_replica(&c, &src, &c, &dst, "", "", all).await;
     expect_code(&job.verify(), 0);
 }

@@ -43,13 +43,17 @@ pub fn install(until: Instant) -> &'static Gate {
     g
 }
 
+/// The error code of a request the gate refused (see [`refused`]).
+const REFUSED: &str = "NotSentLeaseExpired";
+
 /// Whether a request may start now: Err (fatal, not retried) when the process's leases may
 /// have expired.
 pub fn check(side: Side) -> Result<(), S3Error> {
     match GATE.get() {
         None => Ok(()),
-        Some(g) => g.allows().map_err(|why| {
-            S3Error::other(
+        Some(g) => g.allows().map_err(|why| S3Error {
+            code: Some(REFUSED.to_string()),
+            ..S3Error::other(
                 side,
                 "request",
                 ErrorClass::Fatal,
@@ -57,6 +61,12 @@ pub fn check(side: Side) -> Result<(), S3Error> {
             )
         }),
     }
+}
+
+/// Whether `e` is the gate's refusal: nothing was sent, and the task is not failed but left
+/// to its unit's next owner (the process stops).
+pub fn refused(e: &S3Error) -> bool {
+    e.code.as_deref() == Some(REFUSED)
 }
 
 impl Gate {

@@ -116,6 +116,16 @@ pub fn start_owned_cluster(tag: &str) -> (PathBuf, String) {
     (dir, dsn)
 }
 
+/// Stops a cluster of [`start_owned_cluster`] (fast shutdown).
+pub fn stop_cluster(dir: &Path) {
+    pg_sh(&["stop".as_ref(), dir.as_os_str()]);
+}
+
+/// Starts a cluster stopped by [`stop_cluster`] again: its data and port kept.
+pub fn restart_stopped_cluster(dir: &Path) {
+    pg_sh(&["start".as_ref(), dir.as_os_str()]);
+}
+
 fn start_cluster() -> Cluster {
     let (dir, dsn) = start_owned_cluster("test");
     Cluster {

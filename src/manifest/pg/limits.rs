@@ -388,14 +388,27 @@ impl JobLimits {
                 let mut every = tokio::time::interval(TICK);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 every.tick().await;
+                // An outage is said once when it starts (not at every tick) and when it ends.
+                let mut failing = false;
                 loop {
                     tokio::select! {
                         _ = &mut stopped => break,
                         _ = every.tick() => {}
                     }
                     match share.tick().await {
-                        Ok(s) => *seen.lock().expect("limits lock") = s,
-                        Err(e) => tracing::warn!("job-wide limits: {e}"),
+                        Ok(s) => {
+                            *seen.lock().expect("limits lock") = s;
+                            if std::mem::take(&mut failing) {
+                                tracing::warn!("job-wide limits: shared again");
+                            }
+                        }
+                        Err(e) if failing => tracing::debug!("job-wide limits: {e}"),
+                        Err(e) => {
+                            failing = true;
+                            tracing::warn!(
+                                "job-wide limits: {e} (this process keeps its last pace meanwhile)"
+                            );
+                        }
                     }
                 }
                 share.leave().await;
