@@ -95,6 +95,19 @@ fn wait_done(job: &Job, done: u64, workers: &mut [Child], limit: Duration) -> u6
     }
 }
 
+/// Every one of the job's `total` tasks is done (nothing pending, in progress or failed),
+/// every key's destination history equals the source's, and `verify` agrees.
+async fn assert_done_exactly(job: &Job, total: u64, c: &aws_sdk_s3::Client, src: &str, dst: &str) {
+    let s = job.status();
+    assert_eq!(
+        (s.done, s.pending, s.in_progress, s.failed),
+        (total, 0, 0, 0),
+        "{s:?}"
+    );
+    assert_replica(c, src, c, dst, "", "", all).await;
+    expect_code(&job.verify(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database_restart() {
     let ep = endpoint();
@@ -159,14 +172,7 @@ async fn four_workers_share_a_postgres_job_through_a_kill_a_pause_and_a_database
         }
     }
 
-    let s = job.status();
-    assert_eq!(
-        (s.done, s.pending, s.in_progress, s.failed),
-        (total, 0, 0, 0),
-        "{s:?}"
-    );
-    assert_replica(&c, &src, &c, &dst, "", "", all).await;
-    expect_code(&job.verify(), 0);
+    assert_done_exactly(&job, total, &c, &src, &dst).await;
 }
 
 /// `replicate` started on three machines at the same moment, on a PostgreSQL job that does
@@ -276,12 +282,5 @@ async fn a_worker_cut_off_from_its_database_stops_without_failing_tasks() {
     assert!(err.contains(" 0 failed,"), "no task failed: {err}");
 
     expect_code(&job.run(&[]), 0);
-    let s = job.status();
-    assert_eq!(
-        (s.done, s.pending, s.in_progress, s.failed),
-        (total, 0, 0, 0),
-        "{s:?}"
-    );
-    assert_replica(&c, &src, &c, &dst, "", "", all).await;
-    expect_code(&job.verify(), 0);
+    assert_done_exactly(&job, total, &c, &src, &dst).await;
 }

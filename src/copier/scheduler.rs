@@ -405,7 +405,7 @@ impl<C: S3Client> Copier<C> {
             match found {
                 Ok(Some(v)) => return Step::Finished(adopted(v)),
                 Ok(None) => {}
-                Err(e) if crate::s3::gate::refused(&e) => return self.lease_lost(e),
+                Err(e) if crate::s3::gate::refused(&e) => return self.lease_lost(&e),
                 Err(e) => {
                     // Cannot tell whether it was copied; writing now could make a duplicate.
                     self.progress.say(format!(
@@ -430,7 +430,7 @@ impl<C: S3Client> Copier<C> {
         }
         Step::Finished(match self.copy_task(ctx).await {
             Ok(c) => c.into_outcome(ctx.id_to_learn.load(Ordering::Relaxed)),
-            Err(CopyError::S3(e)) if crate::s3::gate::refused(&e) => return self.lease_lost(e),
+            Err(CopyError::S3(e)) if crate::s3::gate::refused(&e) => return self.lease_lost(&e),
             Err(CopyError::S3(e)) if e.class == ErrorClass::Archived => self.archived(ctx, e).await,
             Err(e) => e.into_outcome(),
         })
@@ -438,9 +438,8 @@ impl<C: S3Client> Copier<C> {
 
     /// A request the lease gate refused: the task is not failed (its unit's next owner
     /// reconciles it, as after a kill) and the run stops, saying why once.
-    fn lease_lost(&self, e: S3Error) -> Step {
-        let why = e.message.strip_prefix("not sent: ").unwrap_or(&e.message);
-        self.control.abort(why.to_string());
+    fn lease_lost(&self, e: &S3Error) -> Step {
+        self.control.abort(crate::s3::gate::reason(e).to_string());
         Step::Stopped
     }
 

@@ -148,7 +148,7 @@ mod tests {
     fn eta_of_a_steady_job_is_within_20_percent_from_10_percent_on() {
         // 20,000 tasks at 23.7 tasks/s (about 14 minutes), sampled every 5 s.
         let worst = worst_eta_error(20_000, 5, |_| 23.7);
-        crate::ui::outln!(
+        println!(
             "steady job: worst ETA error from 10% on: {:.2}%",
             worst * 100.0
         );
@@ -170,7 +170,7 @@ mod tests {
             })
             .collect();
         let worst = worst_eta_error(60_000, 5, |t| 5.0 + 40.0 * draws[t as usize]);
-        crate::ui::outln!(
+        println!(
             "noisy job: worst ETA error from 10% on: {:.2}%",
             worst * 100.0
         );

@@ -737,6 +737,11 @@ impl SqliteManifest {
     }
 }
 
+/// A PostgreSQL error of the manifest `shown` in one line (see [`pg_detail`]).
+pub(crate) fn pg_error(shown: &str, e: postgres::Error) -> String {
+    format!("manifest {shown}: PostgreSQL: {}", pg_detail(&e))
+}
+
 /// A PostgreSQL error in one line: its own text, then its cause where the driver keeps the
 /// cause apart (a refused connection says only "error connecting to server" itself).
 pub(crate) fn pg_detail(e: &postgres::Error) -> String {

@@ -46,6 +46,9 @@ pub fn install(until: Instant) -> &'static Gate {
 /// The error code of a request the gate refused (see [`refused`]).
 const REFUSED: &str = "NotSentLeaseExpired";
 
+/// What the message of a refused request starts with, before the gate's reason.
+const NOT_SENT: &str = "not sent: ";
+
 /// Whether a request may start now: Err (fatal, not retried) when the process's leases may
 /// have expired.
 pub fn check(side: Side) -> Result<(), S3Error> {
@@ -57,7 +60,7 @@ pub fn check(side: Side) -> Result<(), S3Error> {
                 side,
                 "request",
                 ErrorClass::Fatal,
-                format!("not sent: {why}"),
+                format!("{NOT_SENT}{why}"),
             )
         }),
     }
@@ -67,6 +70,11 @@ pub fn check(side: Side) -> Result<(), S3Error> {
 /// to its unit's next owner (the process stops).
 pub fn refused(e: &S3Error) -> bool {
     e.code.as_deref() == Some(REFUSED)
+}
+
+/// The gate's reason in a refused request's error (see [`refused`]).
+pub fn reason(e: &S3Error) -> &str {
+    e.message.strip_prefix(NOT_SENT).unwrap_or(&e.message)
 }
 
 impl Gate {

@@ -47,10 +47,7 @@ pub fn run_into_closed_pipe(args: &[&str]) -> (Option<i32>, String) {
         .stdout(Stdio::from(writer))
         .output()
         .expect("run s3-backfill");
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (o.status.code(), stderr_of(&o))
 }
 
 /// `args` as the `&str` slice that [`run`] and [`cmd`] take.

@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 use tokio_postgres::Client;
 
 use crate::manifest::backend::PgLocation;
+use crate::manifest::pg_error as pg;
 use crate::s3::bandwidth::Bandwidth;
 use crate::s3::Retrier;
 
@@ -200,14 +201,6 @@ FROM now, rate_state s WHERE s.id = 1";
 const STEP_SQL: &str = "UPDATE rate_state SET factor = $1, cut_at = $2, grown_at = $3,
     rev = rev + 1 WHERE id = 1 AND rev = $4";
 
-fn pg(l: &PgLocation, e: tokio_postgres::Error) -> String {
-    format!(
-        "manifest {}: PostgreSQL: {}",
-        l.shown,
-        crate::manifest::pg_detail(&e)
-    )
-}
-
 impl Share {
     /// A new row for this process (not counted until its first tick).
     async fn join(
@@ -220,7 +213,7 @@ impl Share {
         let id: i64 = client
             .query_one("SELECT nextval('rate_shares_id_seq')", &[])
             .await
-            .map_err(|e| pg(location, e))?
+            .map_err(|e| pg(&location.shown, e))?
             .get(0);
         let reported = retriers.iter().map(|r| r.limiter.throttles()).sum();
         let started = (
@@ -291,7 +284,7 @@ impl Share {
                     ],
                 )
                 .await
-                .map_err(|e| pg(l, e))?;
+                .map_err(|e| pg(&l.shown, e))?;
             let now: f64 = row.get(0);
             let read = Aimd {
                 factor: row.get(1),
@@ -309,7 +302,7 @@ impl Share {
                     &[&next.factor, &next.cut_at, &next.grown_at, &rev],
                 )
                 .await
-                .map_err(|e| pg(l, e))?;
+                .map_err(|e| pg(&l.shown, e))?;
             // Lost a race: read again (a cut made meanwhile answers this throttle too).
             if written == 1 {
                 state = Some((next.factor, others, true));

@@ -40,6 +40,7 @@ use crate::manifest::codec::{
     attempt_flags, class_code, etag_flags, side_code, ATTEMPT_MODE, ATTEMPT_UNSTAMPED,
     ETAG_CHECKED, ETAG_PRESERVED, STREAM_ONLY, VERSION_TO_LEARN,
 };
+use crate::manifest::pg_error as pg;
 use crate::manifest::writer::{first_to_claim, next_group, spawn, Msg, Shared};
 use crate::manifest::{Copied, KeyGroup, ManifestError, Outcome, State, Update, Writer};
 use crate::s3::{ErrorClass, S3Error};
@@ -160,13 +161,6 @@ struct Snapshot {
     units: BTreeMap<i64, UnitCount>,
     doubt: HashMap<i64, Doubt>,
     starts: HashMap<i64, (i64, Instant)>,
-}
-
-fn pg(shown: &str, e: tokio_postgres::Error) -> String {
-    format!(
-        "manifest {shown}: PostgreSQL: {}",
-        crate::manifest::pg_detail(&e)
-    )
 }
 
 /// Whether the connection is gone or going: closed, or the server shutting down or
